@@ -1,0 +1,314 @@
+"""Typed run configuration: dataclasses, a strict YAML loader and dotted command-line overrides.
+
+A recipe is YAML loaded into nested dataclasses. Unknown keys, wrong types and missing required fields are errors
+that name the dotted key and the file, with a close-match suggestion. Overrides (`optim.base_lr=1e-4`) are parsed with
+`yaml.safe_load` and checked just as strictly. Derived values (effective batch, absolute LR) are never written back:
+see `mae_tnt.train.setup`.
+
+References: nanoGPT `configurator.py` (reject unknown keys), litgpt `args.py` (dataclass checks in `__post_init__`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+MISSING_VALUE = "???"
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING_VALUE
+    """Registered model name, e.g. `mae_vit_base_patch16` (see `mae_tnt.list_models()`)."""
+    mask_ratio: float = 0.75
+    """Fraction of mask units hidden from the encoder."""
+    img_size: int = 224
+    """Input resolution in pixels (square)."""
+    norm_pix_loss: bool = True
+    """Normalise each target unit by its own mean and variance (MAE's best setting)."""
+    decoder_dim: int | None = None
+    """Decoder width; None keeps the registered default."""
+    decoder_depth: int | None = None
+    """Decoder blocks; None keeps the registered default."""
+    decoder_heads: int | None = None
+    """Decoder attention heads; None keeps the registered default."""
+    drop_path: float = 0.0
+    """Stochastic depth rate of the encoder (MAE pretraining uses none)."""
+    word_mask_ratio: float = 0.0
+    """TNT only, experimental: fraction of words masked inside visible sentences (0 = off)."""
+    dense_stem: bool = False
+    """SReT only: run the conv stem on the full image with masked pixels zeroed instead of per visible unit."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"model.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0.0 <= self.word_mask_ratio < 1.0:
+            raise ConfigError(f"model.word_mask_ratio must be in [0, 1), got {self.word_mask_ratio}")
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `create_model`: only what the recipe sets beyond the registered defaults."""
+        kwargs: dict[str, Any] = {"img_size": self.img_size, "norm_pix_loss": self.norm_pix_loss}
+        for key in ("decoder_dim", "decoder_depth", "decoder_heads"):
+            if getattr(self, key) is not None:
+                kwargs[key] = getattr(self, key)
+        if self.drop_path:
+            kwargs["drop_path_rate"] = self.drop_path
+        if self.word_mask_ratio:
+            kwargs["word_mask_ratio"] = self.word_mask_ratio
+        if self.dense_stem:
+            kwargs["dense_stem"] = True
+        return kwargs
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING_VALUE
+    """Shard directory holding `_info.json`, or a brace URL such as `shards/train-{000000..000099}.tar`."""
+    split: str = "train"
+    """Split of `_info.json` to read when `train` is a directory."""
+    val: str | None = None
+    """Labeled validation shards (directory or URL) for reconstructions and the kNN monitor."""
+    val_split: str = "val"
+    batch_size: int = 64
+    """Images per device per micro-step."""
+    num_workers: int = 4
+    """Data-loader worker processes per device (0 = load in the main process)."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    """RandomResizedCrop area range (MAE: 0.2-1)."""
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    shuffle_chunk: int = 512
+    """Samples read ahead and shuffled together inside each worker (seeded, so resume stays exact)."""
+    allow_pipe: bool = False
+    """Allow `pipe:` shard URLs, which run a shell command. Off unless you trust the recipe."""
+    max_image_pixels: int = 178_956_970
+    """PIL decompression-bomb limit in pixels (PIL's own default); larger images are skipped and counted."""
+    decode_device: str = "cpu"
+    """`cpu`, or `cuda` to decode JPEGs in batches on the GPU (falls back to CPU when unavailable)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ConfigError("data.batch_size must be >= 1 and data.num_workers >= 0")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"data.crop_scale must be [low, high] within (0, 1], got {self.crop_scale}")
+        if self.decode_device not in ("cpu", "cuda"):
+            raise ConfigError(f"data.decode_device must be 'cpu' or 'cuda', got {self.decode_device!r}")
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4
+    """Learning rate per 256 images; the absolute LR is base_lr * effective_batch / 256."""
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    accum_steps: int = 1
+    """Micro-steps accumulated per optimizer step."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value (None = off, as in MAE)."""
+    fused: bool = True
+    """Fused AdamW kernel when the device supports it."""
+
+    def __post_init__(self) -> None:
+        if self.accum_steps < 1:
+            raise ConfigError("optim.accum_steps must be >= 1")
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: float = 800
+    """Training length in epochs of the train split."""
+    warmup_epochs: float = 40
+    """Linear warmup length in epochs, then half-cosine to optim.min_lr."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None = the whole schedule)."""
+    log_every: int = 20
+    """Optimizer steps between metric lines."""
+    checkpoint_every: int = 1000
+    """Optimizer steps between checkpoints (one is always written at the end)."""
+    keep_checkpoints: int = 3
+    resume: str = "auto"
+    """`auto` continues from the newest checkpoint in output_dir, `none` starts fresh, or a checkpoint path."""
+    precision: str = "auto"
+    """`auto` (bf16 on GPU, fp32 on CPU), `fp32`, `bf16` or `fp16`."""
+    recon_every: int = 0
+    """Optimizer steps between reconstruction grids (0 = only at checkpoints and the end)."""
+    compile: bool = False
+    """torch.compile the model (the compile time is logged)."""
+    tf32: bool = True
+    """Allow TF32 matmuls on Ampere and newer GPUs."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"run.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.log_every < 1 or self.checkpoint_every < 1:
+            raise ConfigError("run.log_every and run.checkpoint_every must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    knn_every: float = 0
+    """Epochs between online kNN evaluations on data.val (0 = off)."""
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+
+
+def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Build a config dataclass from a YAML recipe plus dotted `key=value` overrides.
+
+    Raises:
+        ConfigError: for an unknown key (with a suggestion), a wrong type or a missing required value.
+    """
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: a recipe must be a YAML mapping at the top level")
+    for item in overrides:
+        apply_override(cls, raw, item)
+    return _build(cls, raw, prefix="", source=source)
+
+
+def apply_override(cls: type, raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in the raw mapping, checking the key against the schema of `cls`."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.base_lr=1e-4)")
+    parts = key.split(".")
+    _check_key_exists(cls, parts, source="command line")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"command line: cannot set {key!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text else None
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key the schema accepts, sections included."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        dotted = prefix + f.name
+        keys.append(dotted)
+        sub = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(sub):
+            keys += all_keys(sub, dotted + ".")
+    return keys
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (safe for YAML, JSON and `torch.load(weights_only=True)`)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _check_key_exists(cls: type, parts: list[str], source: str) -> None:
+    node = cls
+    for depth, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(node)}
+        if part not in names:
+            _unknown_key(cls, ".".join(parts[: depth + 1]), source)
+        node = _field_types(node)[part]
+        if depth < len(parts) - 1 and not dataclasses.is_dataclass(node):
+            _unknown_key(cls, ".".join(parts), source)
+
+
+def _unknown_key(cls: type, dotted: str, source: str) -> typing.NoReturn:
+    close = difflib.get_close_matches(dotted, all_keys(cls), n=1, cutoff=0.5)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    raise ConfigError(f"{source}: unknown config key `{dotted}`{hint}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str, root: type | None = None) -> Any:
+    root = root or cls
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: `{prefix.rstrip('.') or '<root>'}` must be a mapping, got {raw!r}")
+    types_ = _field_types(cls)
+    values = {}
+    for name, value in raw.items():
+        dotted = prefix + str(name)
+        if name not in types_:
+            _unknown_key(root, dotted, source)
+        expected = types_[name]
+        if dataclasses.is_dataclass(expected):
+            values[name] = _build(expected, value if value is not None else {}, dotted + ".", source, root)
+        else:
+            values[name] = _check_type(value, expected, dotted, source)
+    try:
+        built = cls(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    for f in dataclasses.fields(built):
+        if getattr(built, f.name) == MISSING_VALUE:
+            raise ConfigError(f"{source}: required key `{prefix + f.name}` is missing")
+    return built
+
+
+def _check_type(value: Any, expected: Any, dotted: str, source: str) -> Any:
+    origin = typing.get_origin(expected)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(expected)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, dotted, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: `{dotted}` must be a list, got {value!r}")
+        return [_check_type(v, item_type, f"{dotted}[{i}]", source) for i, v in enumerate(value)]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string.
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) and expected is not bool:
+        raise ConfigError(f"{source}: `{dotted}` must be {expected.__name__}, got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{source}: `{dotted}` must be {expected.__name__}, got {value!r}")
+    return value

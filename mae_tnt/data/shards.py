@@ -1,0 +1,122 @@
+"""Shard lists and raw sample reading.
+
+`resolve_shards` turns `data.train` (a directory with `_info.json`, or a brace URL) into shards with known sample
+counts, refusing `pipe:` URLs unless allowed and failing before training on a missing shard, an empty list or counts
+that disagree with the files. `read_samples` yields a shard's raw samples (bytes per field, nothing decoded) from a
+given sample index on, skipping earlier members without reading their payload when the file is seekable.
+
+References: webdataset 1.0 key rules (key = basename up to the first dot); timm `reader_wds.py` (`_info.json`).
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+import webdataset as wds
+
+from .info import count_tar_samples, load_info
+
+
+class ShardError(RuntimeError):
+    """A shard list that cannot be trained on."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    num_samples: int
+
+
+def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, verify: bool = True) -> list[Shard]:
+    """Shards of `spec` with their sample counts.
+
+    Args:
+        spec: a directory holding `_info.json` (its `split` entry is used) or a brace URL / path pattern.
+        allow_pipe: allow `pipe:` URLs, which run a shell command.
+        verify: for local files, count every shard's samples (tar headers only) and compare with `_info.json`.
+    """
+    if spec.startswith("pipe:") and not allow_pipe:
+        raise ShardError(
+            f"refusing to run the shell command in shard URL {spec!r}; set data.allow_pipe=true if you trust it"
+        )
+    path = Path(spec)
+    shards = _from_info(path, split) if path.is_dir() else _from_pattern(spec)
+    if not shards:
+        raise ShardError(f"no shards found for {spec!r} (split {split!r}); create them with tools/make_shards.py")
+    missing = [s.url for s in shards if _is_local(s.url) and not Path(s.url).exists()]
+    if missing:
+        raise ShardError(f"{len(missing)} shard(s) listed for {spec!r} do not exist, e.g. {missing[0]}")
+    if verify and path.is_dir():
+        _verify_counts(shards, spec)
+    return shards
+
+
+def _from_info(root: Path, split: str) -> list[Shard]:
+    info = load_info(root)
+    splits = info.get("splits", {})
+    if split not in splits:
+        raise ShardError(f"{root}/_info.json has no split {split!r}; it has {sorted(splits)}")
+    entry = splits[split]
+    names, lengths = entry.get("filenames", []), entry.get("shard_lengths", [])
+    if len(names) != len(lengths) or sum(lengths) != entry.get("num_samples", sum(lengths)):
+        raise ShardError(f"{root}/_info.json split {split!r}: filenames, shard_lengths and num_samples disagree")
+    return [Shard(str(root / name), int(n)) for name, n in zip(names, lengths, strict=True)]
+
+
+def _from_pattern(spec: str) -> list[Shard]:
+    urls = list(braceexpand.braceexpand(spec))
+    if not all(_is_local(url) for url in urls):
+        raise ShardError(
+            f"remote shards {spec!r} need sample counts: point data.train at a directory with _info.json instead"
+        )
+    # A missing file gets count 0 here and a clear error from resolve_shards right after.
+    return [Shard(url, count_tar_samples(url) if Path(url).exists() else 0) for url in urls]
+
+
+def _verify_counts(shards: list[Shard], spec: str) -> None:
+    for shard in shards:
+        if _is_local(shard.url):
+            actual = count_tar_samples(shard.url)
+            if actual != shard.num_samples:
+                raise ShardError(
+                    f"{shard.url} holds {actual} samples but _info.json says {shard.num_samples}; re-run "
+                    f"tools/make_shards.py or tools/inspect_shards.py {spec}"
+                )
+
+
+def _is_local(url: str) -> bool:
+    return ":" not in url.split("/")[0] or url.startswith("file:")
+
+
+def read_samples(url: str, start: int = 0) -> Iterator[dict[str, bytes]]:
+    """Raw samples of one tar from sample index `start` on: {"__key__": key, field: bytes, ...}.
+
+    Raises:
+        tarfile.ReadError: on a truncated or corrupt tar (the caller counts and skips it).
+    """
+    with _open_tar(url) as tar:
+        index, key, sample = -1, None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            member_key, _, field = os.path.basename(member.name).partition(".")
+            member_key = os.path.join(os.path.dirname(member.name), member_key)
+            if member_key != key:
+                if sample and index >= start:
+                    yield sample
+                index, key, sample = index + 1, member_key, {"__key__": member_key}
+            if index >= start:  # earlier payloads are never read: a seekable tar just skips them
+                sample[field.lower()] = tar.extractfile(member).read()
+        if sample and index >= start:
+            yield sample
+
+
+def _open_tar(url: str) -> tarfile.TarFile:
+    if _is_local(url):
+        return tarfile.open(url.removeprefix("file:"), mode="r:")
+    return tarfile.open(fileobj=wds.gopen(url), mode="r|")

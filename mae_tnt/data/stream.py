@@ -1,0 +1,238 @@
+"""The training stream: a pure function of (seed, epoch, rank, worker, position).
+
+Each epoch, the shard list is shuffled with a seed shared by every rank, and the concatenated sample sequence is cut
+into one contiguous range per global worker (rank x workers + worker). Every range holds the same whole number of
+batches, so all ranks run the same number of steps and never hang on uneven shards, and ranges are disjoint, so no
+two workers see the same sample. A worker reads its range in chunks, shuffles each chunk with a seeded permutation,
+and batches inside the worker. A corrupt image is skipped, counted, and replaced by the next sample of the stream,
+so batches stay full.
+
+Every batch carries its role (which range it came from) and the worker's stream position after it. `StreamState`
+keeps the latest position per role; a resumed loader fast-forwards each role to its position by reading raw tar
+members, never decoding what it skips, and rotates the roles so batches arrive in exactly the original order
+(PyTorch's loader serves workers round-robin).
+
+References: timm `reader_wds.py` (epoch-seeded shard shuffle before splitting by global worker, equal counts per
+worker); webdataset issues #188 and #225 (DDP hangs with uneven shards) that this design avoids.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .images import BadImageError
+from .shards import Shard, read_samples
+from .transforms import train_crop
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "img")
+
+
+@dataclass
+class StreamPlan:
+    """Geometry of one epoch: how many batches each global worker yields."""
+
+    num_samples: int
+    global_workers: int
+    batch_size: int
+
+    @property
+    def batches_per_worker(self) -> int:
+        return self.num_samples // (self.global_workers * self.batch_size)
+
+    @property
+    def samples_per_worker(self) -> int:
+        return self.batches_per_worker * self.batch_size
+
+
+@dataclass
+class StreamState:
+    """Where every worker role of this rank stands inside the current epoch."""
+
+    epoch: int = 0
+    batches: int = 0
+    """Batches this rank consumed in the epoch."""
+    positions: dict[int, int] = field(default_factory=dict)
+    """role -> raw stream position after its last consumed batch."""
+    next_role: int = 0
+    """Role that serves the next batch (PyTorch's loader cycles through workers)."""
+    skipped: int = 0
+    """Corrupt or unreadable samples skipped so far (this rank, whole run)."""
+
+    def record(self, batch: dict, num_workers: int) -> None:
+        role = int(batch["role"])
+        self.positions[role] = int(batch["position"])
+        self.next_role = (role + 1) % max(num_workers, 1)
+        self.batches += 1
+        self.skipped += int(batch["skipped"])
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches, self.positions, self.next_role = epoch, 0, {}, 0
+
+    def to_dict(self) -> dict:
+        positions = {str(role): position for role, position in self.positions.items()}  # JSON keys are strings
+        return {"epoch": self.epoch, "batches": self.batches, "positions": positions, "next_role": self.next_role,
+                "skipped": self.skipped}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StreamState:
+        positions = {int(k): int(v) for k, v in data["positions"].items()}
+        return cls(data["epoch"], data["batches"], positions, data["next_role"], data["skipped"])
+
+
+class ShardStream(IterableDataset):
+    """Batches of uint8 images [B, 3, S, S] with labels [B] (-1 when unlabeled), for one rank.
+
+    Set `state` before each `iter(DataLoader(...))`; the loader must not use persistent workers, so every epoch's
+    workers start from the state's epoch and positions.
+    """
+
+    def __init__(self, shards: list[Shard], *, batch_size: int, img_size: int, crop_scale: tuple[float, float],
+                 seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0, chunk: int = 512):
+        super().__init__()
+        self.shards, self.batch_size, self.img_size = shards, batch_size, img_size
+        self.crop_scale, self.seed, self.chunk = tuple(crop_scale), seed, chunk
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.plan = StreamPlan(sum(s.num_samples for s in shards), world_size * max(num_workers, 1), batch_size)
+        if self.plan.batches_per_worker == 0:
+            raise ValueError(
+                f"{self.plan.num_samples} samples cannot fill one batch of {batch_size} for each of "
+                f"{self.plan.global_workers} workers (processes x data.num_workers); lower data.batch_size or "
+                "data.num_workers"
+            )
+        self.state = StreamState()
+
+    def batches_per_epoch(self) -> int:
+        """Batches one rank yields per epoch."""
+        return self.plan.batches_per_worker * max(self.num_workers, 1)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        role = (worker + self.state.next_role) % max(self.num_workers, 1)
+        done = self._batches_done(role)
+        stream = RoleStream(self, self.state.epoch, role, self.state.positions.get(role, 0))
+        for _ in range(self.plan.batches_per_worker - done):
+            yield stream.next_batch()
+
+    def _batches_done(self, role: int) -> int:
+        """Batches of `role` consumed so far in the epoch, from the round-robin order."""
+        workers = max(self.num_workers, 1)
+        first = self.state.next_role - self.state.batches  # role that served batch 0, modulo workers
+        offset = (role - first) % workers
+        return self.state.batches // workers + (1 if offset < self.state.batches % workers else 0)
+
+    def shard_order(self, epoch: int) -> list[Shard]:
+        """The epoch's shard order, identical on every rank and worker."""
+        order = list(self.shards)
+        random.Random(f"{self.seed}-shards-{epoch}").shuffle(order)
+        return order
+
+
+class RoleStream:
+    """The samples of one global worker's range in one epoch, chunk-shuffled, decoded and batched."""
+
+    def __init__(self, stream: ShardStream, epoch: int, role: int, position: int):
+        self.stream, self.epoch, self.position = stream, epoch, position
+        self.global_role = stream.rank * max(stream.num_workers, 1) + role
+        self.role = role
+        order = stream.shard_order(epoch)
+        self.order = order
+        self.starts = [0]
+        for shard in order:
+            self.starts.append(self.starts[-1] + shard.num_samples)
+        self.range_start = self.global_role * stream.plan.samples_per_worker
+        self.pending: list[tuple[int, dict]] = []
+        self._reader: tuple[str, int, Iterator[dict]] = ("", -1, iter(()))
+
+    def next_batch(self) -> dict:
+        images, labels, keys, skipped = [], [], [], 0
+        while len(images) < self.stream.batch_size:
+            index, sample = self._next_raw()
+            try:
+                images.append(self._decode(sample, index))
+            except BadImageError:
+                skipped += 1
+                continue
+            labels.append(label_of(sample))
+            keys.append(sample["__key__"])
+        return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long), "keys": keys,
+                "role": self.role, "position": self.position, "skipped": skipped}
+
+    def _decode(self, sample: dict, index: int) -> torch.Tensor:
+        if sample is None:
+            raise BadImageError("sample lost to a truncated shard")
+        data = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
+        if data is None:
+            raise BadImageError(f"sample {sample['__key__']} has no image field")
+        rng = random.Random(f"{self.stream.seed}-{self.epoch}-{self.global_role}-{index}")
+        return train_crop(data, self.stream.img_size, self.stream.crop_scale, rng)
+
+    def _next_raw(self) -> tuple[int, dict | None]:
+        """Next (position, raw sample) in emission order; advances `position`."""
+        if not self.pending:
+            self._load_chunk()
+        index, sample = self.pending.pop()
+        self.position += 1
+        return index, sample
+
+    def _chunk_bounds(self, position: int) -> tuple[int, int]:
+        """Emission positions [start, end) of the chunk holding `position`; chunks never straddle the range end."""
+        quota, chunk = self.stream.plan.samples_per_worker, self.stream.chunk
+        if position < quota:
+            start = position - position % chunk
+            return start, min(start + chunk, quota)
+        start = quota + (position - quota) // chunk * chunk
+        return start, start + chunk
+
+    def _load_chunk(self) -> None:
+        start, end = self._chunk_bounds(self.position)
+        raw = self._read_range(start, end)  # [(stream index, sample or None)] in range order
+        perm = list(range(len(raw)))
+        random.Random(f"{self.stream.seed}-{self.epoch}-{self.global_role}-chunk{start}").shuffle(perm)
+        emitted = [raw[i] for i in perm][self.position - start :]
+        self.pending = emitted[::-1]  # pop() from the end yields emission order
+
+    def _read_range(self, start: int, end: int) -> list[tuple[int, dict | None]]:
+        """Raw samples at stream positions [start, end) of this role, wrapping around the epoch's samples."""
+        total = self.starts[-1]
+        out: list[tuple[int, dict | None]] = []
+        position = start
+        while position < end:
+            absolute = (self.range_start + position) % total
+            shard_index = bisect.bisect_right(self.starts, absolute) - 1
+            offset = absolute - self.starts[shard_index]
+            take = min(end - position, self.order[shard_index].num_samples - offset)
+            samples = self._read_shard(self.order[shard_index], offset, take)
+            out += [(position + i, sample) for i, sample in enumerate(samples)]
+            position += take
+        return out
+
+    def _read_shard(self, shard: Shard, offset: int, count: int) -> list[dict | None]:
+        """`count` raw samples from `offset`; samples lost to a truncated tar come back as None (then counted).
+
+        The open reader is kept when the next chunk continues the same shard, so a shard is read once per epoch
+        even from a non-seekable stream.
+        """
+        url, next_offset, reader = self._reader
+        if url != shard.url or next_offset != offset:
+            reader = read_samples(shard.url, start=offset)
+        samples: list[dict | None] = []
+        try:
+            while len(samples) < count:
+                samples.append(next(reader))
+        except (StopIteration, tarfile.ReadError, OSError, EOFError):
+            reader = iter(())
+        self._reader = (shard.url, offset + count, reader)
+        return samples + [None] * (count - len(samples))
+
+
+def label_of(sample: dict) -> int:
+    value = sample.get("cls")
+    return int(value.decode().strip()) if value else -1

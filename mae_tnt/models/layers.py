@@ -1,0 +1,36 @@
+"""The one place where timm's building blocks enter the project, plus the MAE weight initialisation.
+
+Wrapping third-party layers here means a timm API change is fixed once (MAE's `qk_scale` pin shows the failure).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+__all__ = ["Block", "DropPath", "LayerNorm", "Mlp", "init_mae_weights", "transformer_blocks", "trunc_normal_"]
+
+
+def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+    """Pre-norm ViT blocks with qkv bias and LayerNorm eps 1e-6 (MAE's), attention through SDPA."""
+    rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
+    return nn.ModuleList(
+        Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=LayerNorm) for rate in rates
+    )
+
+
+def init_mae_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform Linear weights with zero bias, LayerNorm 1/0 (use with `.apply`)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,129 @@
+"""Safe checkpoint reading and loading with an exact key check.
+
+Files are read with safetensors or `torch.load(weights_only=True)`, never as arbitrary pickles. Every load runs the
+model's `adapt_state_dict` (its family's checkpoint filter), then `load_state_dict(strict=False)`, then compares the
+missing and unexpected keys with what the caller allows and raises when they differ.
+
+References: facebookresearch/mae `main_finetune.py` (asserting the exact missing set); timm `checkpoint_filter_fn`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .mae import MaskedAutoencoder
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
+WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, or whose keys do not fit the model."""
+
+
+@dataclass
+class LoadReport:
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    """Keys deliberately left out, e.g. the decoder when an MAE checkpoint initialises a classifier."""
+
+    def summary(self) -> str:
+        return f"missing={self.missing or '[]'} unexpected={self.unexpected or '[]'} dropped={len(self.dropped)} keys"
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file or checkpoint directory, unwrapped from `{'model': ...}`-style containers."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / name for name in WEIGHT_FILES if (path / name).exists()]
+        if not candidates:
+            raise CheckpointError(f"{path} holds none of {WEIGHT_FILES}; pass a checkpoint directory or weights file")
+        path = candidates[0]
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any decoding failure means an unusable file
+        raise CheckpointError(
+            f"cannot read {path} safely ({type(err).__name__}: {err}). Only tensors and plain containers are "
+            "accepted; convert foreign checkpoints with tools/convert_checkpoint.py"
+        ) from err
+    return _unwrap(obj, path)
+
+
+def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+    while isinstance(obj, dict) and not _is_state_dict(obj):
+        inner = next((obj[key] for key in WRAPPER_KEYS if key in obj), None)
+        if inner is None:
+            raise CheckpointError(f"{path}: no state dict found under any of {WRAPPER_KEYS}")
+        obj = inner
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    return {_strip_module(key): value for key, value in obj.items()}
+
+
+def _is_state_dict(obj: dict) -> bool:
+    return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _strip_module(key: str) -> str:
+    """DDP and torch.compile wrappers add prefixes that carry no meaning for the weights."""
+    for prefix in ("module.", "_orig_mod."):
+        key = key.removeprefix(prefix)
+    return key
+
+
+def encoder_subset(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The `encoder.` part of an MAE state dict with the prefix removed, and the keys left out."""
+    encoder = {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+    dropped = [k for k in state_dict if not k.startswith("encoder.")]
+    return encoder, dropped
+
+
+def load_weights(
+    model: nn.Module,
+    source: str | Path | dict[str, torch.Tensor],
+    allow_missing: tuple[str, ...] = (),
+    allow_unexpected: tuple[str, ...] = (),
+    verbose: bool = False,
+) -> LoadReport:
+    """Load weights into `model` and assert the exact missing/unexpected key sets.
+
+    Args:
+        source: a path (see `read_state_dict`) or a state dict.
+        allow_missing: fnmatch patterns of keys the checkpoint may lack (e.g. `head.*` when fine-tuning).
+        allow_unexpected: fnmatch patterns of checkpoint keys the model may ignore.
+    """
+    state_dict = source if isinstance(source, dict) else read_state_dict(source)
+    report = LoadReport()
+    if not isinstance(model, MaskedAutoencoder) and any(k.startswith("encoder.") for k in state_dict):
+        state_dict, report.dropped = encoder_subset(state_dict)
+    if hasattr(model, "adapt_state_dict"):
+        state_dict = model.adapt_state_dict(state_dict)
+    result = model.load_state_dict(state_dict, strict=False)
+    report.missing, report.unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
+    bad_missing = [k for k in report.missing if not _matches(k, allow_missing)]
+    bad_unexpected = [k for k in report.unexpected if not _matches(k, allow_unexpected)]
+    if verbose:
+        print(f"loaded weights: {report.summary()}")
+    if bad_missing or bad_unexpected:
+        raise CheckpointError(
+            f"checkpoint keys do not fit {type(model).__name__}: missing {bad_missing[:20]}"
+            f"{' ...' if len(bad_missing) > 20 else ''}, unexpected {bad_unexpected[:20]}"
+            f"{' ...' if len(bad_unexpected) > 20 else ''}. Check that the model name matches the checkpoint, or "
+            "convert it with tools/convert_checkpoint.py"
+        )
+    return report
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(key, pattern) for pattern in patterns)

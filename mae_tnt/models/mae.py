@@ -1,0 +1,183 @@
+"""Encoder-agnostic masked autoencoder: masking by mask unit, a light ViT decoder and the norm-pix MSE loss.
+
+The wrapper reads only the encoder contract: `unit` (mask unit in pixels), `grid` (units per side), `embed_dim`,
+`num_prefix_tokens`, `forward_visible(images, ids_keep)`, `no_weight_decay()` and, for the SimMIM-style baseline,
+`forward_with_mask_tokens(images, mask, mask_token)` (with an optional `mask_token_dim`). Everything else about the
+encoder stays private to it.
+
+References: He et al., "Masked Autoencoders Are Scalable Vision Learners" (arXiv 2111.06377);
+facebookresearch/mae `models_mae.py` (semantics reproduced exactly: noise + argsort masking, sin-cos decoder
+positions with a zero cls row, loss on removed units only, unbiased per-unit variance); SimMIM (arXiv 2111.09886)
+for the baseline that keeps mask tokens in the encoder.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import LayerNorm, init_mae_weights, transformer_blocks
+from .masking import num_visible, random_masking
+from .pos_embed import sincos_2d
+
+
+class MaskedAutoencoder(nn.Module):
+    """MAE around any encoder that follows the contract above.
+
+    Args:
+        encoder: the backbone; its state-dict keys are kept under `encoder.`.
+        decoder_dim: decoder width (MAE: 512).
+        decoder_depth: decoder blocks (MAE: 8).
+        decoder_heads: decoder attention heads (MAE: 16).
+        norm_pix_loss: normalise every target unit by its own mean and variance.
+        mask_ratio: default fraction of hidden units.
+        encoder_mode: `visible` (MAE: the encoder sees visible units only) or `mask_tokens` (SimMIM-style baseline:
+            every unit enters the encoder, hidden ones replaced by a learned token; for measurement only).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        *,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = True,
+        mask_ratio: float = 0.75,
+        encoder_mode: str = "visible",
+    ):
+        super().__init__()
+        if encoder_mode not in ("visible", "mask_tokens"):
+            raise ValueError(f"encoder_mode must be 'visible' or 'mask_tokens', got {encoder_mode!r}")
+        self.encoder = encoder
+        self.unit, self.grid = encoder.unit, encoder.grid
+        self.num_prefix_tokens = encoder.num_prefix_tokens
+        self.norm_pix_loss, self.mask_ratio, self.encoder_mode = norm_pix_loss, mask_ratio, encoder_mode
+        num_units = self.grid**2
+        if encoder_mode == "mask_tokens":
+            # The width where mask tokens enter is the encoder's business (SReT: after its stem).
+            token_dim = getattr(encoder, "mask_token_dim", encoder.embed_dim)
+            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, token_dim))
+
+        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        # Fixed sin-cos table, saved in the state dict as in MAE but never trained.
+        table = sincos_2d(decoder_dim, self.grid, self.num_prefix_tokens)  # [P + L, Dd]
+        self.decoder_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)  # [1, P + L, Dd]
+        self.decoder_blocks = transformer_blocks(decoder_dim, decoder_depth, decoder_heads, mlp_ratio)
+        self.decoder_norm = LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, self.unit**2 * 3)
+        self._init_decoder(num_units)
+
+    def _init_decoder(self, num_units: int) -> None:
+        for name, module in self.named_modules():
+            if name.startswith("decoder_"):
+                module.apply(init_mae_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+        if self.encoder_mode == "mask_tokens":
+            nn.init.normal_(self.encoder_mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        encoder_names = {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+        extra = {"mask_token", "decoder_pos_embed", "encoder_mask_token"}
+        return encoder_names | extra
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, L, u * u * 3], channel-last inside each unit (MAE's target layout)."""
+        b, c, h, w = images.shape
+        u = self.unit
+        if h != w or h != self.grid * u:
+            raise ValueError(f"expected {self.grid * u}x{self.grid * u} images, got {h}x{w}")
+        x = images.reshape(b, c, h // u, u, w // u, u)  # [B, C, gh, u, gw, u]
+        x = torch.einsum("bchpwq->bhwpqc", x)  # [B, gh, gw, u, u, C]
+        return x.reshape(b, (h // u) * (w // u), u * u * c)  # [B, L, u*u*C]
+
+    def unpatchify(self, units: torch.Tensor) -> torch.Tensor:
+        """[B, L, u * u * 3] -> [B, 3, H, W]."""
+        b, g, u = units.shape[0], self.grid, self.unit
+        x = units.reshape(b, g, g, u, u, 3)  # [B, gh, gw, u, u, C]
+        x = torch.einsum("bhwpqc->bchpwq", x)  # [B, C, gh, u, gw, u]
+        return x.reshape(b, 3, g * u, g * u)  # [B, C, H, W]
+
+    def forward_encoder(
+        self, images: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mask and encode. Returns latent [B, P + K, D] (K = L in mask-token mode), mask [B, L], ids_restore [B, L]."""
+        num_units = self.grid**2
+        if noise is None:
+            noise = torch.rand(images.shape[0], num_units, device=images.device)
+        ids_keep, ids_restore, mask = random_masking(noise, num_visible(num_units, mask_ratio))
+        if self.encoder_mode == "mask_tokens":
+            return self.encoder.forward_with_mask_tokens(images, mask, self.encoder_mask_token), mask, ids_restore
+        return self.encoder.forward_visible(images, ids_keep), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Latent [B, P + K, D] -> predicted pixels [B, L, u * u * 3] for every unit, in raster order."""
+        x = self.decoder_embed(latent)  # [B, P + K, Dd]
+        prefix, units = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
+        if self.encoder_mode == "visible":
+            num_hidden = ids_restore.shape[1] - units.shape[1]
+            units = torch.cat([units, self.mask_token.expand(x.shape[0], num_hidden, -1)], dim=1)  # [B, L, Dd]
+            index = ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2])  # [B, L, Dd]
+            units = torch.gather(units, dim=1, index=index)  # unshuffle to raster order
+        x = torch.cat([prefix, units], dim=1) + self.decoder_pos_embed  # [B, P + L, Dd]
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_pred(self.decoder_norm(x))  # [B, P + L, u*u*3]
+        return x[:, self.num_prefix_tokens :]
+
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over the hidden units only (mask == 1)."""
+        target = self.target(images)
+        per_unit = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, L]
+        return (per_unit * mask).sum() / mask.sum()
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        """Reconstruction target [B, L, u * u * 3]: pixels, normalised per unit when norm_pix_loss is on."""
+        target = self.patchify(images.float())
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as in MAE
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        return target
+
+    def forward(
+        self, images: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns loss (scalar), pred [B, L, u * u * 3] and mask [B, L] (1 = hidden).
+
+        Args:
+            images: [B, 3, H, W] normalised images.
+            mask_ratio: fraction of hidden units; defaults to the model's.
+            noise: optional [B, L] noise replacing the random draw, exactly as in the reference.
+        """
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        latent, mask, ids_restore = self.forward_encoder(images, ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(images, pred, mask), pred, mask
+
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Accept our layout or a flat official-MAE one (encoder keys without the `encoder.` prefix)."""
+        if any(key.startswith("encoder.") for key in state_dict):
+            encoder_sd = {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
+            wrapper_sd = {k: v for k, v in state_dict.items() if not k.startswith("encoder.")}
+        else:
+            wrapper_keys = ("decoder_", "mask_token", "encoder_mask_token")
+            wrapper_sd = {k: v for k, v in state_dict.items() if k.startswith(wrapper_keys)}
+            encoder_sd = {k: v for k, v in state_dict.items() if not k.startswith(wrapper_keys)}
+        if hasattr(self.encoder, "adapt_state_dict"):
+            encoder_sd = self.encoder.adapt_state_dict(encoder_sd)
+        return {**{f"encoder.{k}": v for k, v in encoder_sd.items()}, **wrapper_sd}
+
+
+MAE_KWARGS = (
+    "decoder_dim", "decoder_depth", "decoder_heads", "mlp_ratio", "norm_pix_loss", "mask_ratio", "encoder_mode"
+)
+REFERENCE_DECODER = {"decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16}
+
+
+def build_mae(encoder_builder, decoder_defaults: dict, **kwargs) -> MaskedAutoencoder:
+    """Build `encoder_builder(**encoder kwargs)` and wrap it; MAE kwargs override `decoder_defaults`."""
+    mae_kwargs = {k: kwargs.pop(k) for k in MAE_KWARGS if k in kwargs}
+    return MaskedAutoencoder(encoder_builder(**kwargs), **{**decoder_defaults, **mae_kwargs})

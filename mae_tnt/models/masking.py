@@ -1,0 +1,43 @@
+"""Per-sample random masking from injected noise, exactly as in MAE.
+
+Polarity, stated once for the whole project: `mask` is 1 where a unit is HIDDEN from the encoder and 0 where it is
+visible. The lowest-noise units are kept, so passing the same `noise` reproduces the same mask.
+
+References: facebookresearch/mae `models_mae.random_masking`; hiera `get_random_mask` (injectable masks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def num_visible(num_units: int, mask_ratio: float) -> int:
+    """Units the encoder sees: int(L * (1 - r)), at least one."""
+    return max(1, int(num_units * (1 - mask_ratio)))
+
+
+def random_masking(noise: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn per-unit noise into a mask.
+
+    Args:
+        noise: [B, L] uniform noise; ascending order decides which units stay visible.
+        num_keep: visible units per sample.
+
+    Returns:
+        ids_keep: [B, K] indices of the visible units, in noise order.
+        ids_restore: [B, L] inverse permutation that puts shuffled units back in raster order.
+        mask: [B, L] float, 1 = hidden, 0 = visible, in raster order.
+    """
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :num_keep]
+    mask = torch.ones_like(noise)
+    mask[:, :num_keep] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+    return ids_keep, ids_restore, mask
+
+
+def gather_units(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Select units along dim 1: [B, L, *rest] -> [B, K, *rest]."""
+    index = ids.reshape(*ids.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])  # [B, K, *rest]
+    return torch.gather(x, dim=1, index=index)

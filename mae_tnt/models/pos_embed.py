@@ -1,0 +1,30 @@
+"""Fixed 2-D sine-cosine position embeddings, as in MAE.
+
+Half of the channels encode the column (w) coordinate and half the row (h) coordinate, in that order, because MAE's
+meshgrid puts w first; prefix tokens (cls) get all-zero rows. Matching this layout exactly keeps official MAE
+checkpoints interchangeable.
+
+References: facebookresearch/mae `util/pos_embed.py`; Vaswani et al. 2017 for the 1-D frequencies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """[N] positions -> [N, dim] embedding [sin(p * w_k), cos(p * w_k)], w_k = 10000^(-k / (dim / 2))."""
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = positions.double()[:, None] * omega[None, :]  # [N, dim / 2]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_2d(dim: int, grid: int | tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Table for a raster-ordered grid: [num_prefix_tokens + H * W, dim] float32, prefix rows zero."""
+    height, width = (grid, grid) if isinstance(grid, int) else grid
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    table = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+    prefix = torch.zeros(num_prefix_tokens, dim, dtype=table.dtype)
+    return torch.cat([prefix, table], dim=0).float()

@@ -1,0 +1,52 @@
+"""One model registry, separate from timm's: name -> builder.
+
+`register_model` raises on a duplicate name, `create_model` suggests close matches for an unknown one and can load a
+checkpoint with an exact key check, and `list_models` takes `fnmatch` patterns.
+
+References: timm `_registry.py` (register/create/list), with a hard error on duplicates instead of a warning.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register `builder` under its function name."""
+    name = builder.__name__
+    if name in _BUILDERS:
+        raise ValueError(f"model {name!r} is registered twice")
+    _BUILDERS[name] = builder
+    return builder
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted names of the registered models matching an `fnmatch` pattern, e.g. `mae_tnt_*`."""
+    return sorted(name for name in _BUILDERS if fnmatch.fnmatch(name, pattern))
+
+
+def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs) -> nn.Module:
+    """Build a registered model; kwargs override its config table.
+
+    Args:
+        name: a name from `list_models()`.
+        checkpoint_path: optional weights to load with an exact key check: a training checkpoint directory, an
+            export (`model.safetensors`), or a file written by `tools/convert_checkpoint.py`.
+    """
+    if name not in _BUILDERS:
+        close = difflib.get_close_matches(name, _BUILDERS, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else " See mae_tnt.list_models()."
+        raise ValueError(f"unknown model {name!r}.{hint}")
+    model = _BUILDERS[name](**kwargs)
+    if checkpoint_path is not None:
+        from .loading import load_weights
+
+        load_weights(model, checkpoint_path)
+    return model

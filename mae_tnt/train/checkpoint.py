@@ -1,0 +1,162 @@
+"""Atomic, self-describing training checkpoints and exact resume.
+
+A checkpoint is a directory `checkpoints/step_{step:08d}/` holding:
+- `model.safetensors` (unwrapped model weights), `optimizer.pt` and `scaler.pt` (tensors and plain containers only,
+  loaded with `weights_only=True`), or the DeepSpeed engine files under DeepSpeed;
+- `data_rank{r}.json`: the stream position of every worker role of rank r;
+- `state.json`: step, micro-step, model name, world size and the resolved config, written last.
+
+It is written to `.tmp-step_*` and renamed once every rank has finished, so a crash mid-write never leaves a
+half-written `step_*`. Resume picks the newest directory whose files all read back; a corrupted one is reported and
+the previous one is used. RNG state is not saved because every step's randomness is a pure function of
+(seed, rank, step): see `mae_tnt.train.engine.seed_step`.
+
+References: nanoGPT (checkpoints that store their own config); accelerate `save_state` (called on every rank,
+since DeepSpeed's save has barriers: accelerate #1171).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "state.json"
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed from."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict, output_dir: Path, keep: int) -> Path:
+    """Write a checkpoint atomically from every rank; returns its final path."""
+    root = checkpoint_dir(output_dir)
+    final = root / f"step_{state['step']:08d}"
+    tmp = root / f".tmp-step_{state['step']:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    _write_json(tmp / f"data_rank{accelerator.process_index}.json", data_state)
+    if _uses_deepspeed(accelerator):
+        accelerator.save_state(str(tmp / "engine"))
+    elif accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_file(_contiguous(unwrapped.state_dict()), tmp / "model.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json(tmp / STATE_FILE, state)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _rotate(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _contiguous(state_dict: dict) -> dict:
+    """safetensors stores contiguous tensors only."""
+    return {key: value.detach().contiguous() for key, value in state_dict.items()}
+
+
+def _rotate(root: Path, keep: int) -> None:
+    for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.part")
+    with open(tmp, "w") as handle:
+        json.dump(obj, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _uses_deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type.name == "DEEPSPEED"
+
+
+def find_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, newest first (by step number, never by file time)."""
+    return sorted(checkpoint_dir(output_dir).glob("step_*"), reverse=True)
+
+
+def resolve_resume(resume: str, output_dir: str | Path, log=print) -> Checkpoint | None:
+    """The checkpoint to resume from: `auto` (newest readable one, if any), `none`, or an explicit path."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        return read_checkpoint(Path(resume))
+    for path in find_checkpoints(output_dir):
+        try:
+            return read_checkpoint(path)
+        except ResumeError as err:
+            log(f"WARNING: skipping unusable checkpoint {path}: {err}; trying the previous one")
+    return None
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read and validate `state.json` and check that the weight files exist and parse."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise ResumeError(f"{path / STATE_FILE} is missing or corrupt ({err})") from err
+    if (path / "model.safetensors").exists():
+        try:
+            load_file(path / "model.safetensors")
+        except Exception as err:  # noqa: BLE001 - any parse failure means the file is corrupt
+            raise ResumeError(f"{path / 'model.safetensors'} is corrupt ({err})") from err
+    elif not (path / "engine").is_dir():
+        raise ResumeError(f"{path} holds no model weights")
+    return Checkpoint(path, state)
+
+
+def check_compatible(checkpoint: Checkpoint, model_name: str) -> None:
+    """Refuse to resume another model's run."""
+    saved = checkpoint.state.get("model")
+    if saved != model_name:
+        raise ResumeError(
+            f"{checkpoint.path} was written by model {saved!r} but this recipe builds {model_name!r}; use another "
+            "run.output_dir, or run.resume=none to start fresh"
+        )
+
+
+def load_training_state(accelerator, model, optimizer, checkpoint: Checkpoint) -> dict | None:
+    """Restore weights, optimizer and scaler in place; returns this rank's data state (None if unknown)."""
+    path = checkpoint.path
+    if (path / "engine").is_dir():
+        accelerator.load_state(str(path / "engine"))
+    else:
+        accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        if accelerator.scaler is not None and (path / "scaler.pt").exists():
+            accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    data_file = path / f"data_rank{accelerator.process_index}.json"
+    return json.loads(data_file.read_text()) if data_file.exists() else None

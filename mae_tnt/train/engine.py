@@ -1,0 +1,289 @@
+"""The pretraining loop: one code path for CPU, one GPU, DDP and DeepSpeed, with exact resume.
+
+The model returns the loss; this module alone calls backward, clips, sets the LR and steps. Every micro-step reseeds
+torch from (seed, rank, micro-step), so masking noise, drop path and SReT's permutations are reproducible after a
+resume without saving any RNG state. Host-device synchronisation happens only at log and checkpoint steps.
+
+References: facebookresearch/mae `engine_pretrain.train_one_epoch`; accelerate `complete_cv_example.py`.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from ..config import PretrainConfig, save_config, to_dict
+from ..data.loader import build_train_stream, first_images, make_loader
+from ..data.stream import StreamState
+from ..data.transforms import normalize
+from ..models import create_model
+from .checkpoint import check_compatible, load_training_state, resolve_resume, save_checkpoint
+from .metrics import MetricsLogger, progress_bar
+from .optim import build_adamw
+from .recon import write_reconstructions
+from .schedule import lr_at, set_lr
+
+RECON_IMAGES = 8
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops without overwriting good checkpoints."""
+
+
+@dataclass
+class Plan:
+    """Values derived once from the config and the data; logged and saved, never written back into the config."""
+
+    effective_batch: int
+    peak_lr: float
+    batches_per_epoch: int
+    steps_per_epoch: float
+    total_steps: int
+    warmup_steps: int
+    stop_step: int
+
+
+def derive_plan(cfg: PretrainConfig, num_processes: int, batches_per_epoch: int) -> Plan:
+    effective = cfg.data.batch_size * cfg.optim.accum_steps * num_processes
+    steps_per_epoch = batches_per_epoch / cfg.optim.accum_steps
+    total = max(1, int(cfg.schedule.epochs * steps_per_epoch))
+    stop = min(total, cfg.run.max_steps) if cfg.run.max_steps else total
+    return Plan(effective, cfg.optim.base_lr * effective / 256, batches_per_epoch, steps_per_epoch, total,
+                int(cfg.schedule.warmup_epochs * steps_per_epoch), stop)
+
+
+def seed_step(seed: int, rank: int, micro_step: int) -> None:
+    """All torch randomness of a micro-step, as a pure function of its coordinates."""
+    torch.manual_seed((seed * 1_000_003 + rank * 7_919 + micro_step) % 2**63)
+
+
+def build_accelerator(cfg: PretrainConfig) -> Accelerator:
+    precision = cfg.run.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+                              gradient_accumulation_steps=cfg.optim.accum_steps)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.run.tf32
+    return accelerator
+
+
+class Trainer:
+    """Owns the state of one pretraining run."""
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.acc = build_accelerator(cfg)
+        self.out = Path(cfg.run.output_dir)
+        self.is_main = self.acc.is_main_process
+        self.stream = build_train_stream(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed,
+                                         rank=self.acc.process_index, world_size=self.acc.num_processes)
+        self.plan = derive_plan(cfg, self.acc.num_processes, self.stream.batches_per_epoch())
+        model = create_model(cfg.model.name, **cfg.model.build_kwargs())
+        optimizer = build_adamw(model.to(self.acc.device), lr=self.plan.peak_lr,
+                                weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
+                                fused=cfg.optim.fused)
+        if cfg.run.compile:
+            model = torch.compile(model)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.step = 0
+        self.stop_requested = False
+        self._prepare_run_dir()
+        self.logger = MetricsLogger(self.out, self.is_main, to_dict(cfg))
+        self._resume()
+
+    def _prepare_run_dir(self) -> None:
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.out / "config.yaml")
+            self.log(f"run directory: {self.out}")
+            self.log(f"effective batch {self.plan.effective_batch} = {self.cfg.data.batch_size} per device x "
+                     f"{self.cfg.optim.accum_steps} accumulation x {self.acc.num_processes} processes; "
+                     f"lr = {self.cfg.optim.base_lr:g} x {self.plan.effective_batch} / 256 = {self.plan.peak_lr:.3g}; "
+                     f"{self.plan.steps_per_epoch:g} steps/epoch, {self.plan.total_steps} steps in the schedule, "
+                     f"stopping at {self.plan.stop_step}")
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    def _resume(self) -> None:
+        checkpoint = resolve_resume(self.cfg.run.resume, self.out, self.log)
+        if checkpoint is None:
+            return
+        check_compatible(checkpoint, self.cfg.model.name)
+        data_state = load_training_state(self.acc, self.model, self.optimizer, checkpoint)
+        self.step = checkpoint.state["step"]
+        if data_state is not None and checkpoint.state.get("world_size") == self.acc.num_processes:
+            self.stream.state = StreamState.from_dict(data_state)
+        else:
+            epoch = self.step * self.cfg.optim.accum_steps // self.plan.batches_per_epoch
+            self.log(f"WARNING: no data position for this rank layout; restarting epoch {epoch} from its start")
+            self.stream.state = StreamState(epoch=epoch)
+        self.log(f"resumed from {checkpoint.path} at step {self.step} (epoch {self.stream.state.epoch}, "
+                 f"batch {self.stream.state.batches})")
+
+    def micro_step(self, batch: dict, micro: int) -> torch.Tensor:
+        images = normalize(batch["images"].to(self.acc.device, non_blocking=True), self.cfg.data.mean,
+                          self.cfg.data.std)
+        seed_step(self.cfg.seed, self.acc.process_index, micro)
+        with self.acc.accumulate(self.model):
+            with self.acc.autocast():
+                loss, _, _ = self.model(images, mask_ratio=self.cfg.model.mask_ratio)
+            self.acc.backward(loss)
+            if self.acc.sync_gradients:
+                set_lr(self.optimizer, self.lr(self.step))
+                if self.cfg.optim.grad_clip:
+                    self.grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, peak_lr=self.plan.peak_lr, total_steps=self.plan.total_steps,
+                     warmup_steps=self.plan.warmup_steps, min_lr=self.cfg.optim.min_lr)
+
+    def save(self) -> Path:
+        state = {"step": self.step, "model": self.cfg.model.name, "world_size": self.acc.num_processes,
+                 "config": to_dict(self.cfg), "plan": self.plan.__dict__}
+        path = save_checkpoint(self.acc, self.model, self.optimizer, state, self.stream.state.to_dict(), self.out,
+                               self.cfg.run.keep_checkpoints)
+        self.log(f"saved checkpoint {path}")
+        self.reconstructions()
+        return path
+
+    def reconstructions(self) -> None:
+        if not self.is_main:
+            return
+        if not hasattr(self, "_recon_images"):
+            spec = self.cfg.data.val or self.cfg.data.train
+            split = self.cfg.data.val_split if self.cfg.data.val else self.cfg.data.split
+            self._recon_images = first_images(spec, split, RECON_IMAGES, self.cfg.model.img_size,
+                                              self.cfg.data.allow_pipe)
+        model = self.acc.unwrap_model(self.model)
+        with self.acc.autocast():
+            write_reconstructions(model, self._recon_images.to(self.acc.device), self.cfg.data.mean,
+                                  self.cfg.data.std, self.out / "recon" / f"step_{self.step:08d}.png", self.step,
+                                  self.cfg.seed)
+
+    def train(self) -> dict:
+        """Run until the stop step; returns a summary with the first and last logged losses."""
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        window = Window(self.acc.device)
+        history: list[dict] = []
+        bar = progress_bar(self.plan.stop_step, self.step, self.is_main)
+        micro = self.step * self.cfg.optim.accum_steps
+        last_saved = self.step
+        while self.step < self.plan.stop_step and not self.stop_requested:
+            for batch in self._epoch_batches(window):
+                loss = self.micro_step(batch, micro)
+                micro += 1
+                self.stream.state.record(batch, self.stream.num_workers)
+                window.add(loss, batch["images"].shape[0], micro)
+                if not self.acc.sync_gradients:
+                    continue
+                self.step += 1
+                bar.update(1)
+                if self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step:
+                    history.append(self._log_window(window, bar))
+                if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.plan.stop_step:
+                    self._check_finite(window)
+                    self.save()
+                    last_saved = self.step
+                elif self.cfg.run.recon_every and self.step % self.cfg.run.recon_every == 0:
+                    self.reconstructions()
+                if self.step >= self.plan.stop_step or self._should_stop():
+                    break
+            if self.stream.state.batches >= self.stream.batches_per_epoch():
+                self.stream.state.start_epoch(self.stream.state.epoch + 1)
+        bar.close()
+        self._check_finite(window)
+        if self.step != last_saved:
+            self.save()
+        self.logger.close()
+        return {"steps": self.step, "history": history, "output_dir": str(self.out)}
+
+    def _epoch_batches(self, window: Window):
+        """This epoch's remaining batches, timing how long the loop waits for each."""
+        iterator = iter(make_loader(self.stream, pin_memory=self.acc.device.type == "cuda"))
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            window.data_time += time.perf_counter() - start
+            yield batch
+
+    def _log_window(self, window: Window, bar) -> dict:
+        loss = self.acc.reduce(window.loss_sum, "sum").item() / max(1, self.acc.reduce(window.count, "sum").item())
+        elapsed = time.perf_counter() - window.start
+        metrics = {"step": self.step, "epoch": round(self.step / self.plan.steps_per_epoch, 4), "loss": loss,
+                   "lr": self.lr(self.step - 1), "img_per_s": window.images * self.acc.num_processes / elapsed,
+                   "data_wait": window.data_time / elapsed, "skipped_samples": self.stream.state.skipped}
+        if getattr(self, "grad_norm", None) is not None:
+            metrics["grad_norm"] = float(self.grad_norm)
+        if torch.cuda.is_available():
+            metrics["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self._check_finite(window)
+        self.logger.log(metrics)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{metrics['img_per_s']:.0f}")
+        window.reset()
+        return metrics
+
+    def _check_finite(self, window: Window) -> None:
+        bad = int(self.acc.reduce(window.first_bad.clone(), "max").item())
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f"non-finite loss at micro-step {bad} (optimizer step ~{bad // self.cfg.optim.accum_steps}); "
+                f"stopping without saving. The last good checkpoint in {self.out / 'checkpoints'} is intact. Try a "
+                "lower optim.base_lr, optim.grad_clip=1.0 or run.precision=fp32, then resume."
+            )
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.log("SIGTERM received: saving a checkpoint at the next step, then exiting")
+        self.stop_requested = True
+
+    def _should_stop(self) -> bool:
+        """Whether any rank got SIGTERM; ranks agree at log steps, since a collective on one rank only would hang."""
+        if self.acc.num_processes == 1:
+            return self.stop_requested
+        if self.step % self.cfg.run.log_every:
+            return False
+        flag = torch.tensor(float(self.stop_requested), device=self.acc.device)
+        self.stop_requested = bool(self.acc.reduce(flag, "max").item())
+        return self.stop_requested
+
+
+class Window:
+    """Device-side sums between log steps, so the hot path never waits for the device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.first_bad = torch.tensor(-1, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.count = torch.zeros((), device=self.device)
+        self.images, self.data_time, self.start = 0, 0.0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, images: int, micro: int) -> None:
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss.float(), 0.0)
+        self.count += 1
+        newly_bad = (~finite) & (self.first_bad < 0)
+        self.first_bad = torch.where(newly_bad, torch.tensor(micro - 1, device=self.device), self.first_bad)
+        self.images += images
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Build everything from the config and train; returns the run summary."""
+    return Trainer(cfg).train()
+

@@ -1,0 +1,66 @@
+"""Reconstruction grids: original / masked input / reconstruction / reconstruction with visible patches pasted.
+
+With norm_pix_loss the model predicts per-unit normalised pixels; to display them, each predicted unit is
+un-normalised with the mean and variance of the true unit. That uses information the model never saw, so the grid is
+for display only (MAE issues #174, #190) and its title says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..data.transforms import denormalize, normalize
+
+
+@torch.no_grad()
+def reconstruct(model, images: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    """uint8-normalised images [B, 3, H, W] -> display rows in [0, 1]: original, masked, recon, recon+visible."""
+    loss, pred, mask = model(images, noise=noise)
+    if model.norm_pix_loss:
+        target = model.patchify(images.float())  # [B, L, u*u*3]
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        pred = pred.float() * (var + 1e-6) ** 0.5 + mean
+    unit_mask = mask.unsqueeze(-1).expand(-1, -1, model.unit**2 * 3)  # [B, L, u*u*3]
+    hidden = model.unpatchify(unit_mask.float())  # [B, 3, H, W], 1 where hidden
+    recon = model.unpatchify(pred.float())
+    return {"original": images, "masked": images * (1 - hidden), "reconstruction": recon,
+            "reconstruction + visible": images * (1 - hidden) + recon * hidden, "loss": loss}
+
+
+def save_grid(rows: dict[str, torch.Tensor], mean: list[float], std: list[float], path: Path, title: str) -> None:
+    """Save a PNG with one labelled row per entry of `rows` (normalised images [B, 3, H, W])."""
+    names = [name for name in rows if name != "loss"]
+    tiles = [denormalize(rows[name].float().cpu(), mean, std) for name in names]
+    scale = max(1, 96 // tiles[0].shape[-1])  # small images are enlarged (nearest) so people can see them
+    tiles = [torch.nn.functional.interpolate(t, scale_factor=scale, mode="nearest") for t in tiles]
+    batch, _, height, width = tiles[0].shape
+    label_w, header = 150, 18
+    canvas = Image.new("RGB", (label_w + batch * (width + 2), header + len(names) * (height + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), title, fill="black")
+    for row, (name, images) in enumerate(zip(names, tiles, strict=True)):
+        top = header + row * (height + 2)
+        draw.text((4, top + height // 2 - 5), name, fill="black")
+        for col in range(batch):
+            array = (images[col].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # [H, W, 3]
+            canvas.paste(Image.fromarray(array), (label_w + col * (width + 2), top))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Path, step: int, seed: int) -> float:
+    """Reconstruct a fixed batch with a fixed mask and save the grid; returns the batch loss."""
+    images = normalize(images_uint8, mean, std)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand(images.shape[0], model.grid**2, generator=generator).to(images.device)
+    was_training = model.training
+    model.eval()
+    rows = reconstruct(model, images, noise)
+    model.train(was_training)
+    note = " (norm-pix: un-normalised with the true patch statistics, display only)" if model.norm_pix_loss else ""
+    save_grid(rows, mean, std, path, f"step {step}, loss {rows['loss'].item():.4f}{note}")
+    return rows["loss"].item()

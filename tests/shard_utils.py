@@ -1,0 +1,44 @@
+"""Synthetic shards for tests: tiny PNGs whose first pixel encodes the sample id, so tests can tell samples apart."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mae_tnt.data.info import update_split
+
+
+def encode_png(sample_id: int, size: int = 16) -> bytes:
+    """A PNG whose pixel (0, 0) stores the id in its R and G channels."""
+    array = np.full((size, size, 3), 128, dtype=np.uint8)
+    array[0, 0] = (sample_id // 256, sample_id % 256, 7)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_shards(root: Path, sizes: list[int], split: str = "train", corrupt: frozenset[int] = frozenset(),
+                 size: int = 16) -> list[int]:
+    """Write shards with `sizes` samples each (ids 0..N-1, label id % 10); ids in `corrupt` get garbage bytes."""
+    root.mkdir(parents=True, exist_ok=True)
+    names, sample_id = [], 0
+    for shard_index, count in enumerate(sizes):
+        name = f"{split}-{shard_index:06d}.tar"
+        with tarfile.open(root / name, "w") as tar:
+            for _ in range(count):
+                payload = b"not an image" if sample_id in corrupt else encode_png(sample_id, size)
+                fields = {"png": payload, "cls": str(sample_id % 10).encode(),
+                          "json": json.dumps({"id": sample_id}).encode()}
+                for field, data in fields.items():
+                    info = tarfile.TarInfo(f"s{sample_id:06d}.{field}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                sample_id += 1
+        names.append(name)
+    update_split(root, split, names, sizes, classes=[str(i) for i in range(10)])
+    return list(range(sample_id))
