@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader
@@ -16,16 +17,16 @@ from ..config import DataConfig
 from .images import BadImageError, set_max_image_pixels
 from .shards import Shard, read_samples, resolve_shards
 from .stream import IMAGE_FIELDS, ShardStream, label_of
-from .transforms import eval_resize
+from .transforms import eval_resize, train_crop
 
 
 def build_train_stream(data: DataConfig, *, img_size: int, seed: int, rank: int, world_size: int) -> ShardStream:
     """The rank's stream; raises a clear error before training when the shards are unusable."""
     set_max_image_pixels(data.max_image_pixels)
     shards = resolve_shards(data.train, data.split, allow_pipe=data.allow_pipe)
-    return ShardStream(shards, batch_size=data.batch_size, img_size=img_size, crop_scale=tuple(data.crop_scale),
-                       seed=seed, rank=rank, world_size=world_size, num_workers=data.num_workers,
-                       chunk=data.shuffle_chunk)
+    transform = partial(train_crop, size=img_size, scale=tuple(data.crop_scale))
+    return ShardStream(shards, batch_size=data.batch_size, transform=transform, seed=seed, rank=rank,
+                       world_size=world_size, num_workers=data.num_workers, chunk=data.shuffle_chunk)
 
 
 def make_loader(stream: ShardStream, pin_memory: bool = False) -> DataLoader:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import bisect
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -29,8 +29,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .images import BadImageError
 from .shards import Shard, read_samples
-from .transforms import train_crop
 
+SampleTransform = Callable[[bytes, random.Random], torch.Tensor]
+"""Encoded image bytes + the sample's own RNG -> uint8 [3, S, S]; must be picklable (loader workers)."""
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "img")
 
 
@@ -89,15 +90,18 @@ class StreamState:
 class ShardStream(IterableDataset):
     """Batches of uint8 images [B, 3, S, S] with labels [B] (-1 when unlabeled), for one rank.
 
+    `transform` decodes and augments one sample with the RNG it is given, seeded from (seed, epoch, role, position),
+    so every sample's augmentation is reproducible wherever the stream resumes.
+
     Set `state` before each `iter(DataLoader(...))`; the loader must not use persistent workers, so every epoch's
     workers start from the state's epoch and positions.
     """
 
-    def __init__(self, shards: list[Shard], *, batch_size: int, img_size: int, crop_scale: tuple[float, float],
-                 seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0, chunk: int = 512):
+    def __init__(self, shards: list[Shard], *, batch_size: int, transform: SampleTransform, seed: int, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, chunk: int = 512):
         super().__init__()
-        self.shards, self.batch_size, self.img_size = shards, batch_size, img_size
-        self.crop_scale, self.seed, self.chunk = tuple(crop_scale), seed, chunk
+        self.shards, self.batch_size, self.transform = shards, batch_size, transform
+        self.seed, self.chunk = seed, chunk
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.plan = StreamPlan(sum(s.num_samples for s in shards), world_size * max(num_workers, 1), batch_size)
         if self.plan.batches_per_worker == 0:
@@ -172,7 +176,7 @@ class RoleStream:
         if data is None:
             raise BadImageError(f"sample {sample['__key__']} has no image field")
         rng = random.Random(f"{self.stream.seed}-{self.epoch}-{self.global_role}-{index}")
-        return train_crop(data, self.stream.img_size, self.stream.crop_scale, rng)
+        return self.stream.transform(data, rng)
 
     def _next_raw(self) -> tuple[int, dict | None]:
         """Next (position, raw sample) in emission order; advances `position`."""

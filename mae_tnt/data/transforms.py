@@ -72,7 +72,7 @@ def _load_rgb(image: Image.Image) -> Image.Image:
     return to_rgb(image)
 
 
-def train_crop(data: bytes, size: int, scale: tuple[float, float], rng: random.Random) -> torch.Tensor:
+def train_crop(data: bytes, rng: random.Random, *, size: int, scale: tuple[float, float]) -> torch.Tensor:
     """Decode + random-resized crop (bicubic) + random horizontal flip -> uint8 [3, size, size]."""
     image = open_image(data)
     width, height = image.size
