@@ -260,8 +260,10 @@ def _build(cls: type, raw: Any, prefix: str, source: str, root: type | None = No
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: `{prefix.rstrip('.') or '<root>'}` must be a mapping, got {raw!r}")
     types_ = _field_types(cls)
+    # Absent sections are built from {} too, so their required keys are still checked.
+    sections = {name: {} for name, kind in types_.items() if dataclasses.is_dataclass(kind)}
     values = {}
-    for name, value in raw.items():
+    for name, value in {**sections, **raw}.items():
         dotted = prefix + str(name)
         if name not in types_:
             _unknown_key(root, dotted, source)

@@ -7,19 +7,27 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
-__all__ = ["Block", "DropPath", "LayerNorm", "Mlp", "init_mae_weights", "transformer_blocks", "trunc_normal_"]
+__all__ = [
+    "Block",
+    "DropPath",
+    "LayerNorm",
+    "Mlp",
+    "init_mae_weights",
+    "resample_abs_pos_embed",
+    "transformer_blocks",
+    "trunc_normal_",
+]
 
 
 def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
     """Pre-norm ViT blocks with qkv bias and LayerNorm eps 1e-6 (MAE's), attention through SDPA."""
-    rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
+    rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]  # stochastic depth grows linearly
     return nn.ModuleList(
         Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=LayerNorm) for rate in rates
     )

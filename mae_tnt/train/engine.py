@@ -85,6 +85,7 @@ class Trainer:
         self.stream = build_train_stream(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed,
                                          rank=self.acc.process_index, world_size=self.acc.num_processes)
         self.plan = derive_plan(cfg, self.acc.num_processes, self.stream.batches_per_epoch())
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run of this recipe
         model = create_model(cfg.model.name, **cfg.model.build_kwargs())
         optimizer = build_adamw(model.to(self.acc.device), lr=self.plan.peak_lr,
                                 weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
@@ -241,7 +242,7 @@ class Trainer:
         bad = int(self.acc.reduce(window.first_bad.clone(), "max").item())
         if bad >= 0:
             raise NonFiniteLossError(
-                f"non-finite loss at micro-step {bad} (optimizer step ~{bad // self.cfg.optim.accum_steps}); "
+                f"non-finite loss at micro-step {bad} (optimizer step {bad // self.cfg.optim.accum_steps + 1}); "
                 f"stopping without saving. The last good checkpoint in {self.out / 'checkpoints'} is intact. Try a "
                 "lower optim.base_lr, optim.grad_clip=1.0 or run.precision=fp32, then resume."
             )

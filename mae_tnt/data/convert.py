@@ -1,0 +1,503 @@
+"""Convert an image dataset into pre-shuffled webdataset shards plus a timm-style ``_info.json``.
+
+``convert(src, out, options)`` writes ``OUT/{split}-{000000..}.tar``. Sample ``i`` of the split has key
+``{split}_{i:08d}`` (no dots) and members ``.jpg`` or ``.png``, ``.cls`` (ASCII label id, labeled data only)
+and ``.json`` (source id, original width and height, label name), in sorted order with constant tar headers,
+so the same command writes byte-identical shards.
+
+Images: every one is fully decoded in a worker process to validate it. JPEG and PNG bytes are copied
+untouched unless ``max_size`` asks for a resize; resized images and other formats (BMP, TIFF, WebP, GIF, ...)
+are converted to RGB and re-encoded: JPEG sources as JPEG quality 95, everything else as PNG (lossless, so
+no second round of compression artefacts). In-memory arrays (IDX, CIFAR) are encoded as PNG. Unreadable
+files, undecodable bytes and files without an image extension are skipped and reported, nothing else.
+
+Order and resume: samples are shuffled with ``random.Random(seed)``; ``limit`` keeps the first N readable
+samples of that order. A shard closes when one more sample would pass ``shard_size`` samples or
+``shard_bytes`` payload bytes, so boundaries are a pure function of (source, options). Each shard is written
+as ``.tar.tmp`` and renamed when complete; then ``OUT/_progress_{split}.json`` records it with the order
+position it reached. Re-running an interrupted command checks the recorded shards (sample counts), keeps
+them, deletes temporary files and continues from the recorded position: no sample is duplicated or lost.
+The journal is removed once ``_info.json`` lists the split.
+
+References:
+    webdataset ``TarWriter`` (sorted members, constant mtime) and key rules; timm ``reader_wds.py``.
+    img2dataset (shard-per-file writing, resume by completed shards).
+"""
+
+import argparse
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+import re
+import sys
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from mae_tnt.data.images import BadImageError, decode, to_rgb
+from mae_tnt.data.info import INFO_NAME, ShardError, count_tar_samples, update_split, write_json_atomic
+from mae_tnt.data.readers import FORMATS, Record, Source, SourceError, detect_format, open_source
+
+PASS_THROUGH_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}  # MPO: camera JPEG with extra frames
+JPEG_QUALITY = 95
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class ConversionError(ValueError):
+    """The conversion cannot run or finish as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Settings of one conversion (everything except ``workers`` and ``progress`` shapes the output)."""
+
+    split: str = "train"
+    fmt: str = "auto"
+    shard_size: int = 1000
+    shard_bytes: int | None = None
+    max_size: int | None = None
+    seed: int = 0
+    limit: int | None = None
+    classes: tuple[str, ...] | None = None
+    workers: int = os.cpu_count() or 1
+    progress: bool = True
+
+    def __post_init__(self):
+        if not SPLIT_NAME.fullmatch(self.split):
+            raise ConversionError(f"split {self.split!r} must use only letters, digits, '_' and '-' (no dots)")
+        if self.fmt not in FORMATS:
+            raise ConversionError(f"format {self.fmt!r} is not one of {', '.join(FORMATS)}")
+        for name in ("shard_size", "shard_bytes", "max_size", "limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConversionError(f"{name} must be at least 1, got {value}")
+        if self.workers < 0:
+            raise ConversionError(f"workers must be 0 (in-process) or more, got {self.workers}")
+
+
+@dataclass
+class EncodedImage:
+    """A validated image ready for a shard: the bytes to store and what the ``.json`` member reports."""
+
+    source: str
+    data: bytes
+    extension: str
+    label: int | None
+    width: int
+    height: int
+
+
+@dataclass
+class ConvertSummary:
+    """What a conversion wrote: the split's shards and the inputs it skipped."""
+
+    split: str
+    num_samples: int
+    filenames: list[str]
+    shard_lengths: list[int]
+    skipped: list[dict]
+    resumed_shards: int
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOptions) -> ConvertSummary:
+    """Convert ``src`` into shards of ``options.split`` in ``out`` and record them in ``out/_info.json``.
+
+    Args:
+        src: Dataset directory or list file (see ``mae_tnt.data.readers``).
+        out: Shard directory; other splits already in it are kept.
+        options: Conversion settings.
+
+    Returns:
+        The split's shard names, lengths and skipped inputs.
+
+    Raises:
+        SourceError: The source cannot be listed.
+        ConversionError: ``out`` holds this split from another run, or no input was a readable image.
+    """
+    fmt = detect_format(src) if options.fmt == "auto" else options.fmt
+    source = open_source(src, fmt, options.split, options.classes)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    order = shuffled_order(len(source), options.seed)
+    job = _job_description(src, fmt, source, order, options)
+    journal = Journal.open(out, options.split, job)
+    resumed_shards = len(journal.shards)
+    pending_skips = _write_remaining(source, order, journal, options)
+    skipped = sorted(source.rejected + journal.skipped + pending_skips, key=lambda skip: skip["source"])
+    if journal.num_samples == 0:
+        journal.discard()
+        examples = "".join(f"\n  {skip['source']}: {skip['reason']}" for skip in skipped[:5])
+        raise ConversionError(f"no readable image in {src} ({len(skipped)} inputs skipped){examples}")
+    filenames = [shard["filename"] for shard in journal.shards]
+    lengths = [shard["num_samples"] for shard in journal.shards]
+    _remove_stale_shards(out, options.split, keep=set(filenames))
+    classes = source.classes if source.classes else None
+    update_split(out, options.split, filenames, lengths, classes=classes, skipped=skipped)
+    journal.discard()
+    return ConvertSummary(options.split, sum(lengths), filenames, lengths, skipped, resumed_shards)
+
+
+def shuffled_order(num_samples: int, seed: int) -> list[int]:
+    """Source indices in the seeded shuffled order that the shards store them in."""
+    order = list(range(num_samples))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def _job_description(src, fmt: str, source: Source, order: list[int], options: ConvertOptions) -> dict:
+    """Everything that determines the output; a resumed run must match it exactly."""
+    digest = hashlib.sha256("\n".join(source.source_id(i) for i in order).encode()).hexdigest()
+    return {
+        "source": str(Path(src).resolve()),
+        "format": fmt,
+        "split": options.split,
+        "seed": options.seed,
+        "shard_size": options.shard_size,
+        "shard_bytes": options.shard_bytes,
+        "max_size": options.max_size,
+        "limit": options.limit,
+        "classes": source.classes,
+        "order_sha256": digest,
+    }
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def shard_files(out: Path, split: str, suffix: str = ".tar") -> list[Path]:
+    """Files named like shards of ``split`` (exactly, so split "a" never matches shards of split "a-b")."""
+    pattern = re.compile(rf"{re.escape(split)}-\d{{6}}{re.escape(suffix)}")
+    return [path for path in out.glob(f"{split}-*{suffix}") if pattern.fullmatch(path.name)]
+
+
+class Journal:
+    """Completed shards of an unfinished conversion, in ``OUT/_progress_{split}.json``.
+
+    Each entry: ``filename``, ``num_samples``, ``end`` (first order position not consumed) and ``skipped``
+    (inputs skipped before ``end`` since the previous entry).
+    """
+
+    def __init__(self, path: Path, job: dict, shards: list[dict]):
+        self.path, self.job, self.shards = path, job, shards
+
+    @classmethod
+    def open(cls, out: Path, split: str, job: dict) -> "Journal":
+        """Resume the journal of this job, keeping the shards that still verify; or start a new one."""
+        path = out / f"_progress_{split}.json"
+        for leftover in shard_files(out, split, ".tar.tmp"):
+            leftover.unlink()
+        if path.is_file():
+            shards = cls._recorded_shards(path, job)
+        elif shard_files(out, split):
+            raise ConversionError(
+                f"{out} already holds shards of split '{split}' from a finished or foreign run. "
+                f"Delete {out}/{split}-*.tar (and the split in {INFO_NAME}) or choose another output directory."
+            )
+        else:
+            shards = []
+        # Saved before any shard is renamed into place, so a shard without a journal is never ours.
+        journal = cls(path, job, shards)
+        journal._save()
+        return journal
+
+    @staticmethod
+    def _recorded_shards(path: Path, job: dict) -> list[dict]:
+        """The journal's shards that still verify, if it was written for the same job."""
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        if recorded["job"] != job:
+            raise ConversionError(
+                f"{path} belongs to an unfinished conversion with other settings "
+                f"({_differences(recorded['job'], job)}). "
+                f"Re-run the original command to finish it, or delete {path} and the split's shards to start over."
+            )
+        return _verified_prefix(path.parent, recorded["shards"])
+
+    @property
+    def num_samples(self) -> int:
+        return sum(shard["num_samples"] for shard in self.shards)
+
+    @property
+    def next_position(self) -> int:
+        return self.shards[-1]["end"] if self.shards else 0
+
+    @property
+    def skipped(self) -> list[dict]:
+        return [skip for shard in self.shards for skip in shard["skipped"]]
+
+    def add(self, filename: str, num_samples: int, end: int, skipped: list[dict]) -> None:
+        self.shards.append({"filename": filename, "num_samples": num_samples, "end": end, "skipped": skipped})
+        self._save()
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _save(self) -> None:
+        write_json_atomic(self.path, {"job": self.job, "shards": self.shards})
+
+
+def _differences(old: dict, new: dict) -> str:
+    return ", ".join(f"{key}: {old.get(key)!r} -> {new[key]!r}" for key in new if old.get(key) != new[key])
+
+
+def _verified_prefix(out: Path, shards: list[dict]) -> list[dict]:
+    """The recorded shards up to the first one that is missing or whose sample count disagrees."""
+    for index, shard in enumerate(shards):
+        path = out / shard["filename"]
+        try:
+            intact = path.is_file() and count_tar_samples(path) == shard["num_samples"]
+        except ShardError:
+            intact = False
+        if not intact:
+            return shards[:index]
+    return shards
+
+
+def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:
+    """Delete shards of ``split`` that a crashed run renamed but never recorded."""
+    for path in shard_files(out, split):
+        if path.name not in keep:
+            path.unlink()
+
+
+def _write_remaining(source: Source, order: list[int], journal: Journal, options: ConvertOptions) -> list[dict]:
+    """Encode and write the samples after the journal's position; return skips not recorded in a shard."""
+    target = min(options.limit or len(order), len(order))
+    done, skipped_before = journal.num_samples, len(journal.skipped)
+    writer = ShardWriter(journal.path.parent, options.split, first_shard=len(journal.shards))
+    skips, end = [], journal.next_position  # end: first order position not consumed yet
+    bar = tqdm(total=target, initial=done, unit="img", desc=options.split, disable=not options.progress)
+    stream = _prepared(source, order, journal.next_position, options)
+    try:
+        for position, result in stream:
+            if done >= target:
+                break
+            end = position + 1
+            if isinstance(result, dict):
+                skips.append(result)
+                bar.set_postfix(skipped=skipped_before + len(skips))
+                continue
+            members = _sample_members(f"{options.split}_{done:08d}", result, source.classes)
+            if writer.count and _is_full(writer, members, options):
+                journal.add(*writer.close_shard(), end=position, skipped=skips)
+                skips = []
+            writer.add(members)
+            done += 1
+            bar.update()
+    finally:
+        stream.close()
+        bar.close()
+    if writer.count:
+        journal.add(*writer.close_shard(), end=end, skipped=skips)
+        skips = []
+    return skips
+
+
+def _is_full(writer: "ShardWriter", members: dict[str, bytes], options: ConvertOptions) -> bool:
+    """Whether adding ``members`` would push the open shard past the sample or byte limit."""
+    size = sum(len(data) for data in members.values())
+    too_many = writer.count + 1 > options.shard_size
+    too_big = options.shard_bytes is not None and writer.payload_bytes + size > options.shard_bytes
+    return too_many or too_big
+
+
+def _sample_members(key: str, image: EncodedImage, classes: list[str]) -> dict[str, bytes]:
+    """Tar members of one sample, named ``{key}.{extension}``."""
+    meta = {"source": image.source, "width": image.width, "height": image.height}
+    members = {f"{key}.{image.extension}": image.data}
+    if image.label is not None:
+        meta["label"] = classes[image.label]
+        members[f"{key}.cls"] = str(image.label).encode("ascii")
+    members[f"{key}.json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    return members
+
+
+class ShardWriter:
+    """Writes samples into numbered tar shards; a shard keeps a ``.tmp`` name until it is complete."""
+
+    def __init__(self, out: Path, split: str, first_shard: int):
+        self.out, self.split, self.shard_index = out, split, first_shard
+        self.count = self.payload_bytes = 0
+        self._file = self._tar = None
+
+    def add(self, members: dict[str, bytes]) -> None:
+        """Append one sample's members, in sorted order, with constant headers (reproducible tars)."""
+        if self._tar is None:
+            self._file = open(self._tmp_path(), "wb")
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        for name in sorted(members):
+            # TarInfo defaults are constant: mtime 0, mode 0o644, uid/gid 0, empty user and group names.
+            header = tarfile.TarInfo(name)
+            header.size = len(members[name])
+            self._tar.addfile(header, io.BytesIO(members[name]))
+            self.payload_bytes += header.size
+        self.count += 1
+
+    def close_shard(self) -> tuple[str, int]:
+        """Finish the open shard, flush it to disk and rename it; return its file name and sample count."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        filename, count = shard_name(self.split, self.shard_index), self.count
+        os.replace(self._tmp_path(), self.out / filename)
+        self._file = self._tar = None
+        self.shard_index, self.count, self.payload_bytes = self.shard_index + 1, 0, 0
+        return filename, count
+
+    def _tmp_path(self) -> Path:
+        return self.out / (shard_name(self.split, self.shard_index) + ".tmp")
+
+
+# Per-process state of the encoding workers, set once by _init_worker (the source can be large).
+_worker_source: Source | None = None
+_worker_max_size: int | None = None
+
+
+def _init_worker(source: Source, max_size: int | None) -> None:
+    global _worker_source, _worker_max_size
+    _worker_source, _worker_max_size = source, max_size
+
+
+def _prepare_index(index: int) -> EncodedImage | dict:
+    return prepare_sample(_worker_source, index, _worker_max_size)
+
+
+def _prepared(source: Source, order: list[int], start: int, options: ConvertOptions) -> Iterator:
+    """Yield ``(position, EncodedImage or skip record)`` for order positions from ``start``, in order."""
+    indices = order[start:]
+    if options.workers <= 1:
+        _init_worker(source, options.max_size)
+        yield from enumerate(map(_prepare_index, indices), start)
+        return
+    init_args = (source, options.max_size)
+    with multiprocessing.Pool(options.workers, initializer=_init_worker, initargs=init_args) as pool:
+        yield from enumerate(pool.imap(_prepare_index, indices, chunksize=16), start)
+
+
+def prepare_sample(source: Source, index: int, max_size: int | None) -> EncodedImage | dict:
+    """Load, validate and (if needed) re-encode sample ``index`` of ``source``.
+
+    Returns:
+        The encoded image, or a ``{"source", "reason"}`` skip record for unreadable or undecodable input.
+    """
+    try:
+        record = source.record(index)
+    except OSError as err:
+        return {"source": source.source_id(index), "reason": f"unreadable file: {err}"}
+    if isinstance(record.payload, np.ndarray):
+        return _encode_array(record, max_size)
+    try:
+        return _encode_file(record, max_size)
+    except BadImageError as err:
+        return {"source": record.source, "reason": f"not a readable image: {err}"}
+
+
+def _encode_file(record: Record, max_size: int | None) -> EncodedImage:
+    """Validate encoded bytes; keep them as they are when possible, else re-encode."""
+    img = decode(record.payload)
+    width, height = img.size
+    extension = PASS_THROUGH_EXTENSIONS.get(img.format)
+    if extension is not None and not _needs_resize(img.size, max_size):
+        data = record.payload
+    else:
+        extension = "jpg" if extension == "jpg" else "png"
+        data = _encode(_resized(to_rgb(img), max_size), extension)
+    return EncodedImage(record.source, data, extension, record.label, width, height)
+
+
+def _encode_array(record: Record, max_size: int | None) -> EncodedImage:
+    """Encode uint8 pixels ([H, W] greyscale or [H, W, 3] RGB) losslessly as PNG."""
+    img = Image.fromarray(record.payload)
+    width, height = img.size
+    return EncodedImage(record.source, _encode(_resized(img, max_size), "png"), "png", record.label, width, height)
+
+
+def _needs_resize(size: tuple[int, int], max_size: int | None) -> bool:
+    return max_size is not None and max(size) > max_size
+
+
+def _resized(img: Image.Image, max_size: int | None) -> Image.Image:
+    """Shrink so the longer side is ``max_size`` (Lanczos, aspect ratio kept); smaller images are unchanged."""
+    if not _needs_resize(img.size, max_size):
+        return img
+    scale = max_size / max(img.size)
+    size = tuple(max(1, round(side * scale)) for side in img.size)
+    return img.resize(size, Image.Resampling.LANCZOS)
+
+
+def _encode(img: Image.Image, extension: str) -> bytes:
+    buffer = io.BytesIO()
+    if extension == "jpg":
+        img.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="make_shards", description="Convert an image dataset into webdataset shards plus _info.json."
+    )
+    parser.add_argument("src", help="dataset directory, or a list file (paths, or CSV with path[,label])")
+    parser.add_argument("out", help="output directory for {split}-NNNNNN.tar and _info.json")
+    parser.add_argument("--format", dest="fmt", default="auto", choices=FORMATS, help="source layout")
+    parser.add_argument("--split", default="train", help="split name; IDX/CIFAR read train or test files by it")
+    parser.add_argument("--shard-size", type=int, default=1000, help="max samples per shard")
+    parser.add_argument("--shard-bytes", type=int, default=None, help="max payload bytes per shard")
+    parser.add_argument("--max-size", type=int, default=None, help="resize so the longer side is at most PX")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
+    parser.add_argument("--limit", type=int, default=None, help="keep the first N readable samples of the shuffle")
+    parser.add_argument(
+        "--classes", default=None, help="class names in label order: a file with one per line, or comma-separated"
+    )
+    return parser
+
+
+def _parse_classes(value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    path = Path(value)
+    names = path.read_text(encoding="utf-8").splitlines() if path.is_file() else value.split(",")
+    return tuple(name.strip() for name in names if name.strip())
+
+
+def _print_summary(summary: ConvertSummary, out: str) -> None:
+    resumed = f", {summary.resumed_shards} kept from an interrupted run" if summary.resumed_shards else ""
+    print(f"{summary.split}: {summary.num_samples} samples in {len(summary.filenames)} shards in {out}{resumed}")
+    if summary.skipped:
+        print(f"skipped {len(summary.skipped)} inputs (also listed in {INFO_NAME}):", file=sys.stderr)
+        for skip in summary.skipped:
+            print(f"  {skip['source']}: {skip['reason']}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point (``tools/make_shards.py`` and ``mae-tnt-make-shards``)."""
+    args = build_parser().parse_args(argv)
+    try:
+        options = ConvertOptions(
+            split=args.split,
+            fmt=args.fmt,
+            shard_size=args.shard_size,
+            shard_bytes=args.shard_bytes,
+            max_size=args.max_size,
+            seed=args.seed,
+            limit=args.limit,
+            classes=_parse_classes(args.classes),
+            workers=args.workers,
+        )
+        summary = convert(args.src, args.out, options)
+    except (ConversionError, SourceError, ShardError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    _print_summary(summary, args.out)
+    return 0

@@ -1,0 +1,139 @@
+"""Decode encoded image bytes into fully loaded PIL images and convert any PIL mode to 8-bit RGB.
+
+Both the shard converter (to validate every image) and the training loader (to decode samples) use these
+functions, so a file the converter accepted always decodes the same way at training time.
+
+Decoding is strict on purpose: ``ImageFile.LOAD_TRUNCATED_IMAGES`` stays False and every image is fully
+loaded, so a truncated JPEG or PNG raises instead of coming back with a grey bottom half. PIL's
+decompression-bomb guard stays on; an image over the limit is a bad image, not a crash.
+
+EXIF orientation is not applied anywhere (converter or loader): images are used in their stored orientation,
+consistently, as torchvision's ``decode_jpeg`` does by default.
+
+References:
+    Pillow image modes: https://pillow.readthedocs.io/en/stable/handbook/concepts.html#modes
+"""
+
+import io
+import struct
+import warnings
+import zlib
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+# Modes holding greyscale values wider than 8 bits (16-bit PNG/TIFF open as "I;16*", older Pillow used "I").
+WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# Modes with an alpha channel; "transparency" in img.info (palette or colour-key tRNS) is handled too.
+ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "PA"})
+WHITE = (255, 255, 255, 255)
+
+# What PIL raises on corrupt data: OSError (truncated, UnidentifiedImageError), SyntaxError (broken PNG
+# chunks), ValueError/struct.error/zlib.error/EOFError from decoders; the bomb guard raises its own error.
+DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+
+
+class BadImageError(ValueError):
+    """Bytes that are not a readable image: unknown format, truncated, corrupt or over the pixel limit."""
+
+
+def set_max_image_pixels(max_pixels: int) -> None:
+    """Set PIL's decompression-bomb limit for this process.
+
+    Args:
+        max_pixels: Largest accepted width * height. Images above it raise ``BadImageError`` in ``decode``.
+            The guard cannot be switched off here (``None``), because one hostile file would then exhaust memory.
+    """
+    if not isinstance(max_pixels, int) or max_pixels <= 0:
+        raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}; the bomb guard stays on")
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def decode(data: bytes) -> Image.Image:
+    """Decode image bytes into a fully loaded PIL image in its stored mode.
+
+    Args:
+        data: Encoded image (any format PIL reads).
+
+    Returns:
+        The loaded image; ``img.format`` names the encoded format ("JPEG", "PNG", ...).
+
+    Raises:
+        BadImageError: The bytes are not a complete, readable image within the pixel limit.
+    """
+    # A truncated file must fail here, not be silently padded, whatever other code set this global to.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            # Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns; treat that as a bomb too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except UnidentifiedImageError as err:
+        # Its message holds a memory address; keep skip reasons reproducible.
+        raise BadImageError("unknown image format") from err
+    except DECODE_ERRORS as err:
+        raise BadImageError(f"{type(err).__name__}: {err}") from err
+    return img
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode image bytes into a fully loaded 8-bit RGB image.
+
+    Args:
+        data: Encoded image (any format PIL reads).
+
+    Returns:
+        An RGB image (``to_rgb`` applied; calling ``to_rgb`` again returns it unchanged).
+
+    Raises:
+        BadImageError: The bytes are not a complete, readable image within the pixel limit.
+    """
+    return to_rgb(decode(data))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert an image of any mode to 8-bit RGB with the colours a viewer would show.
+
+    - RGB without transparency is returned as is (no copy).
+    - 16/32-bit greyscale is scaled from the full 16-bit range to 8 bits (65535 -> 255), not clipped at 255.
+    - Alpha (RGBA, LA, PA, or palette/colour-key transparency) is composited over white.
+    - Everything else (CMYK, palette, L, 1, YCbCr, ...) uses PIL's conversion; CMYK -> RGB there is
+      R = 255 * (1 - C) * (1 - K) per channel (embedded ICC profiles are not applied).
+
+    Args:
+        img: A loaded PIL image.
+
+    Returns:
+        The RGB image.
+    """
+    has_alpha = img.mode in ALPHA_MODES or "transparency" in img.info
+    if img.mode == "RGB" and not has_alpha:
+        return img
+    if img.mode in WIDE_GREY_MODES:
+        img = _wide_grey_to_l(img)
+    if has_alpha:
+        return _composite_over_white(img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def _wide_grey_to_l(img: Image.Image) -> Image.Image:
+    """Scale 16-bit greyscale (or 32-bit "I" holding 16-bit values) to 8-bit "L" with rounding."""
+    wide = np.asarray(img).astype(np.int64)  # [H, W], uint16 (any byte order) or int32
+    scaled = (np.clip(wide, 0, 65535) * 255 + 32767) // 65535
+    return Image.fromarray(scaled.astype(np.uint8))  # [H, W] uint8 -> mode "L"
+
+
+def _composite_over_white(rgba: Image.Image) -> Image.Image:
+    """Blend an RGBA image over an opaque white background, as a viewer shows transparent areas."""
+    background = Image.new("RGBA", rgba.size, WHITE)
+    return Image.alpha_composite(background, rgba).convert("RGB")

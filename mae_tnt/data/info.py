@@ -1,0 +1,179 @@
+"""Read and write a shard directory's ``_info.json`` (timm's webdataset format) and count samples in a tar.
+
+Layout of ``_info.json``::
+
+    {"name": "fashion_mnist",
+     "splits": {"train": {"name": "train", "num_samples": 2000,
+                          "filenames": ["train-000000.tar", ...], "shard_lengths": [250, ...],
+                          "skipped": [{"source": "...", "reason": "..."}]}},
+     "classes": ["T-shirt/top", ...]}
+
+``classes`` is empty for unlabeled data; ``skipped`` is written by the converter and optional for readers.
+A sample in a tar is a run of consecutive members sharing a key: the member path up to the first dot of its
+basename, directory included (webdataset's rule), so keys must contain no dots.
+
+References:
+    timm ``timm/data/readers/reader_wds.py`` (``_info.json`` splits, ``num_samples``, ``shard_lengths``).
+    webdataset ``tariterators.base_plus_ext`` (sample keys).
+"""
+
+import json
+import os
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+INFO_NAME = "_info.json"
+TAR_BLOCK = 512
+
+
+class ShardError(ValueError):
+    """A malformed ``_info.json`` or a damaged shard."""
+
+
+def load_info(root: str | os.PathLike) -> dict:
+    """Load and check ``ROOT/_info.json``.
+
+    Args:
+        root: Shard directory.
+
+    Returns:
+        The parsed info dict; every split has ``num_samples``, ``filenames`` and ``shard_lengths`` that agree.
+
+    Raises:
+        FileNotFoundError: There is no ``_info.json`` in ``root``.
+        ShardError: The file is not valid JSON or does not have timm's layout.
+    """
+    path = Path(root) / INFO_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: point to a directory made by tools/make_shards.py, or run it to create one"
+        )
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardError(f"{path} is not valid JSON ({err}); regenerate it with tools/make_shards.py") from err
+    _check_info(info, path)
+    return info
+
+
+def _check_info(info: object, path: Path) -> None:
+    """Raise ShardError naming ``path`` unless ``info`` has the timm ``_info.json`` layout."""
+    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
+        raise ShardError(f"{path}: expected an object with a 'splits' object")
+    if not isinstance(info.get("classes", []), list):
+        raise ShardError(f"{path}: 'classes' must be a list of names")
+    for split, entry in info["splits"].items():
+        where = f"{path}: split '{split}'"
+        if not isinstance(entry, dict) or not {"num_samples", "filenames", "shard_lengths"} <= entry.keys():
+            raise ShardError(f"{where} needs 'num_samples', 'filenames' and 'shard_lengths'")
+        filenames, lengths = entry["filenames"], entry["shard_lengths"]
+        if not isinstance(filenames, list) or not isinstance(lengths, list) or len(filenames) != len(lengths):
+            raise ShardError(f"{where}: 'filenames' and 'shard_lengths' must be lists of equal length")
+        if sum(lengths) != entry["num_samples"]:
+            raise ShardError(f"{where}: shard_lengths sum to {sum(lengths)} but num_samples is {entry['num_samples']}")
+
+
+def update_split(
+    root: str | os.PathLike,
+    split: str,
+    filenames: Sequence[str],
+    shard_lengths: Sequence[int],
+    classes: Sequence[str] | None = None,
+    name: str | None = None,
+    *,
+    skipped: Sequence[dict] | None = None,
+) -> dict:
+    """Add or replace one split in ``ROOT/_info.json``, keeping the other splits, and write it atomically.
+
+    Args:
+        root: Shard directory (created if missing).
+        split: Split name, e.g. "train".
+        filenames: Shard file names relative to ``root``, in order.
+        shard_lengths: Samples in each shard.
+        classes: Class names indexed by label; None keeps the existing list (empty for unlabeled data).
+        name: Dataset name; None keeps the existing one, or uses the directory name for a new file.
+        skipped: ``{"source", "reason"}`` records of inputs left out of this split.
+
+    Returns:
+        The info dict as written.
+
+    Raises:
+        ShardError: ``classes`` differ from the classes of splits already in the file (labels would disagree),
+            or the existing file is malformed.
+    """
+    root = Path(root)
+    info = load_info(root) if (root / INFO_NAME).is_file() else {"name": root.resolve().name, "splits": {}}
+    old_classes = info.get("classes", [])
+    if classes is not None:
+        classes = list(classes)
+        if old_classes and classes != old_classes:
+            raise ShardError(
+                f"{root / INFO_NAME} already has classes {old_classes}; split '{split}' has {classes}. "
+                "Labels must mean the same in every split: convert it into a separate directory."
+            )
+        info["classes"] = classes
+    info.setdefault("classes", [])
+    if name is not None:
+        info["name"] = name
+    entry = {"name": split, "num_samples": sum(shard_lengths), "filenames": list(filenames)}
+    entry["shard_lengths"] = list(shard_lengths)
+    if skipped is not None:
+        entry["skipped"] = list(skipped)
+    info["splits"][split] = entry
+    write_json_atomic(root / INFO_NAME, info)
+    return info
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    """Write ``obj`` as JSON via a ``.tmp`` file and ``os.replace``, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sample_key(member_name: str) -> str | None:
+    """Sample key of a tar member: the path up to the first dot of the basename; None without an extension."""
+    directory, _, basename = member_name.rpartition("/")
+    stem, dot, _ = basename.partition(".")
+    if not dot or not stem:
+        return None
+    return f"{directory}/{stem}" if directory else stem
+
+
+def count_tar_samples(path: str | os.PathLike) -> int:
+    """Count the samples in a tar by reading member headers only (no member data).
+
+    Consecutive regular-file members with the same key form one sample, as webdataset groups them.
+
+    Args:
+        path: A ``.tar`` shard.
+
+    Returns:
+        Number of samples.
+
+    Raises:
+        ShardError: The file is not a tar, or is truncated (a member's data or the end-of-archive block is
+            missing); re-create the shard.
+    """
+    count, previous_key = 0, None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                key = sample_key(member.name) if member.isreg() else None
+                if key is not None and key != previous_key:
+                    count, previous_key = count + 1, key
+            end_offset = tar.offset
+            tar.fileobj.seek(end_offset)
+            end_block = tar.fileobj.read(TAR_BLOCK)
+    except (tarfile.TarError, EOFError) as err:
+        raise ShardError(f"{path}: not a readable tar ({err}); it is truncated or corrupt, re-create it") from err
+    # tarfile stops quietly at a header cut short or missing; a complete archive ends with zero blocks.
+    if end_block != bytes(TAR_BLOCK):
+        raise ShardError(f"{path}: truncated tar (no end-of-archive block at byte {end_offset}); re-create it")
+    return count

@@ -1,0 +1,169 @@
+"""Verify a shard directory against its ``_info.json`` and summarise what it holds.
+
+``inspect_shards(root)`` checks that every listed shard exists, holds exactly ``shard_lengths[i]`` samples
+and that no temporary file, unfinished-conversion journal or unlisted shard is left; it then decodes every
+image and counts labels, sizes and formats. ``main`` prints the summary and exits non-zero on any problem.
+"""
+
+import argparse
+import statistics
+import sys
+import tarfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mae_tnt.data.images import BadImageError, decode
+from mae_tnt.data.info import INFO_NAME, ShardError, count_tar_samples, load_info, sample_key
+
+IMAGE_FIELDS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm"})
+MAX_PRINTED_PROBLEMS = 50
+
+
+@dataclass
+class SplitReport:
+    """What one split holds, from reading every sample."""
+
+    num_samples: int
+    num_shards: int
+    label_counts: Counter = field(default_factory=Counter)
+    formats: Counter = field(default_factory=Counter)
+    widths: list[int] = field(default_factory=list)
+    heights: list[int] = field(default_factory=list)
+
+
+@dataclass
+class InspectReport:
+    """The dataset name, classes, per-split summaries and every problem found (empty when all is well)."""
+
+    name: str
+    classes: list[str]
+    splits: dict[str, SplitReport]
+    problems: list[str]
+
+
+def inspect_shards(root: str | Path) -> InspectReport:
+    """Check every shard listed in ``root/_info.json`` and decode every image.
+
+    Raises:
+        FileNotFoundError: ``_info.json`` is missing.
+        ShardError: ``_info.json`` is malformed.
+    """
+    root = Path(root)
+    info = load_info(root)
+    classes = info.get("classes", [])
+    problems = _leftover_problems(root, info)
+    splits = {}
+    for split, entry in info["splits"].items():
+        splits[split] = SplitReport(num_samples=entry["num_samples"], num_shards=len(entry["filenames"]))
+        for filename, length in zip(entry["filenames"], entry["shard_lengths"], strict=True):
+            problems += _inspect_shard(root / filename, length, classes, splits[split])
+    return InspectReport(info.get("name", root.name), classes, splits, problems)
+
+
+def _leftover_problems(root: Path, info: dict) -> list[str]:
+    """Temporary files, unfinished-conversion journals and tars that no split lists."""
+    listed = {name for entry in info["splits"].values() for name in entry["filenames"]}
+    problems = [f"{path}: temporary file left by an interrupted write" for path in sorted(root.glob("*.tmp"))]
+    problems += [
+        f"{path}: unfinished conversion; re-run the make_shards command that wrote it"
+        for path in sorted(root.glob("_progress_*.json"))
+    ]
+    problems += [
+        f"{path}: shard not listed in {INFO_NAME}" for path in sorted(root.glob("*.tar")) if path.name not in listed
+    ]
+    return problems
+
+
+def _inspect_shard(path: Path, expected: int, classes: list[str], report: SplitReport) -> list[str]:
+    """Problems of one shard; adds its samples' labels, sizes and formats to ``report``."""
+    if not path.is_file():
+        return [f"{path}: listed in {INFO_NAME} but missing"]
+    try:
+        count = count_tar_samples(path)
+    except ShardError as err:
+        return [str(err)]
+    problems = [] if count == expected else [f"{path}: holds {count} samples but {INFO_NAME} says {expected}"]
+    for key, fields in iter_tar_samples(path):
+        problems += _inspect_sample(f"{path}:{key}", fields, classes, report)
+    return problems
+
+
+def _inspect_sample(where: str, fields: dict[str, bytes], classes: list[str], report: SplitReport) -> list[str]:
+    """Problems of one sample (image count, decodability, label); records what it holds in ``report``."""
+    images = [name for name in fields if name in IMAGE_FIELDS]
+    if len(images) != 1:
+        return [f"{where}: expected one image member, found {images or 'none'}"]
+    try:
+        img = decode(fields[images[0]])
+    except BadImageError as err:
+        return [f"{where}: {err}"]
+    report.formats[img.format] += 1
+    report.widths.append(img.width)
+    report.heights.append(img.height)
+    if "cls" not in fields:
+        return [f"{where}: no .cls label although the dataset has classes"] if classes else []
+    label = fields["cls"].decode("ascii", errors="replace").strip()
+    if not label.isdigit() or (classes and int(label) >= len(classes)):
+        return [f"{where}: label {label!r} is not an index into the {len(classes)} classes"]
+    report.label_counts[int(label)] += 1
+    return []
+
+
+def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {field: bytes})`` per sample of a tar, grouping members as webdataset does."""
+    key, fields = None, {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            member_key = sample_key(member.name) if member.isreg() else None
+            if member_key is None:
+                continue
+            if member_key != key and fields:
+                yield key, fields
+                fields = {}
+            key = member_key
+            fields[member.name[len(member_key) + 1 :].lower()] = tar.extractfile(member).read()
+    if fields:
+        yield key, fields
+
+
+def format_report(report: InspectReport) -> str:
+    """Human-readable summary: per split counts, per-class counts, image sizes and formats."""
+    lines = [f"{report.name}: {len(report.splits)} splits, {len(report.classes)} classes"]
+    for split, summary in report.splits.items():
+        lines.append(f"{split}: {summary.num_samples} samples in {summary.num_shards} shards")
+        if summary.widths:
+            lines.append(f"  width  {_min_median_max(summary.widths)}")
+            lines.append(f"  height {_min_median_max(summary.heights)}")
+        lines.append("  formats: " + ", ".join(f"{name} {count}" for name, count in sorted(summary.formats.items())))
+        if summary.label_counts:
+            names = report.classes or [str(label) for label in range(max(summary.label_counts) + 1)]
+            counts = ", ".join(f"{names[label]} {summary.label_counts[label]}" for label in range(len(names)))
+            lines.append(f"  classes: {counts}")
+    return "\n".join(lines)
+
+
+def _min_median_max(values: list[int]) -> str:
+    return f"min {min(values)} median {statistics.median(values):g} max {max(values)}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point (``tools/inspect_shards.py`` and ``mae-tnt-inspect-shards``)."""
+    parser = argparse.ArgumentParser(prog="inspect_shards", description="Verify shards against _info.json.")
+    parser.add_argument("root", help="shard directory holding _info.json")
+    args = parser.parse_args(argv)
+    try:
+        report = inspect_shards(args.root)
+    except (FileNotFoundError, ShardError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    if not report.problems:
+        print("OK: every shard matches _info.json and every image decodes")
+        return 0
+    for problem in report.problems[:MAX_PRINTED_PROBLEMS]:
+        print(f"problem: {problem}", file=sys.stderr)
+    hidden = max(0, len(report.problems) - MAX_PRINTED_PROBLEMS)
+    print(f"FAILED: {len(report.problems)} problems ({hidden} not shown)", file=sys.stderr)
+    return 1

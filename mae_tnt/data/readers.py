@@ -1,0 +1,363 @@
+"""Dataset sources for the shard converter: list the samples of a dataset on disk and load each one.
+
+A source is an indexable list of samples. ``source.record(i)`` returns a ``Record(source, payload, label)``:
+``payload`` is the encoded bytes of an image file, or an in-memory uint8 array (IDX, CIFAR) of shape
+``[H, W]`` or ``[H, W, 3]``. Listing is cheap and deterministic (sorted), and loading happens per sample, so
+the converter can shuffle the index list first and load in its worker processes.
+
+Formats (``detect_format`` picks one for ``--format auto``):
+
+- ``imagefolder``: ``ROOT/<class>/**/<image>``; classes are the sorted sub-folder names.
+- ``folder``: unlabeled images at any depth under ``ROOT``.
+- ``list``: a text file with one path per line, or a CSV with a ``path`` header and an optional ``label``
+  column (class names or integer ids); relative paths are relative to the list file.
+- ``idx``: MNIST / Fashion-MNIST ``{train,t10k}-images-idx3-ubyte[.gz]`` plus the matching labels file.
+- ``cifar``: CIFAR-10 (``data_batch_*``, ``test_batch``, ``batches.meta``) or CIFAR-100 (``train``,
+  ``test``, ``meta``; fine labels) python batches.
+
+In folders, files without an image extension (compared case-insensitively) are not loaded but reported in
+``source.rejected``, so the converter lists them as skipped instead of dropping them silently.
+
+References:
+    IDX format: http://yann.lecun.com/exdb/mnist/ ("FILE FORMATS FOR THE MNIST DATABASE").
+    CIFAR python batches: https://www.cs.toronto.edu/~kriz/cifar.html
+    torchvision ``datasets.ImageFolder`` (sorted class folders).
+"""
+
+import csv
+import gzip
+import os
+import pickle
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+FORMATS = ("auto", "imagefolder", "folder", "list", "idx", "cifar")
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+# MNIST-style file prefixes per output split.
+IDX_PREFIXES = {"train": "train", "val": "t10k", "test": "t10k"}
+IDX_UBYTE = 0x08
+
+
+class SourceError(ValueError):
+    """The source dataset cannot be listed: missing files, wrong layout or inconsistent labels."""
+
+
+class Record(NamedTuple):
+    """One input sample: where it came from, its encoded bytes or uint8 pixels, and its label id (or None)."""
+
+    source: str
+    payload: bytes | np.ndarray
+    label: int | None
+
+
+@dataclass
+class FileSource:
+    """Images stored as files; ``paths`` are relative to ``root`` (or absolute) and double as source ids."""
+
+    root: Path
+    paths: list[str]
+    labels: list[int] | None = None
+    classes: list[str] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def source_id(self, index: int) -> str:
+        return self.paths[index]
+
+    def record(self, index: int) -> Record:
+        """Read the file's bytes (raises OSError when it is missing or unreadable)."""
+        label = None if self.labels is None else self.labels[index]
+        return Record(self.paths[index], (self.root / self.paths[index]).read_bytes(), label)
+
+
+@dataclass
+class ArraySource:
+    """Images held in memory as uint8 arrays, ``images`` of shape [N, H, W] or [N, H, W, 3]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    ids: list[str]
+    rejected: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def source_id(self, index: int) -> str:
+        return self.ids[index]
+
+    def record(self, index: int) -> Record:
+        return Record(self.ids[index], np.ascontiguousarray(self.images[index]), int(self.labels[index]))
+
+
+Source = FileSource | ArraySource
+
+
+def open_source(
+    src: str | os.PathLike, fmt: str = "auto", split: str = "train", classes: Sequence[str] | None = None
+) -> Source:
+    """List a dataset.
+
+    Args:
+        src: Dataset directory, or list file for ``fmt="list"``.
+        fmt: One of ``FORMATS``; "auto" calls ``detect_format``.
+        split: Output split; selects the files for IDX ("train" or "val"/"test") and CIFAR.
+        classes: Class names in label order, to fix the class list (imagefolder, list) or to name integer
+            labels (idx, list). CIFAR names its own classes.
+
+    Returns:
+        A ``FileSource`` or ``ArraySource``.
+
+    Raises:
+        SourceError: Unknown format, or the source does not match it.
+    """
+    src = Path(src)
+    fmt = detect_format(src) if fmt == "auto" else fmt
+    classes = None if classes is None else list(classes)
+    if fmt == "imagefolder":
+        return read_imagefolder(src, classes)
+    if fmt == "folder":
+        _reject_classes(classes, fmt)
+        return read_folder(src)
+    if fmt == "list":
+        return read_list(src, classes)
+    if fmt == "idx":
+        return read_idx(src, split, classes)
+    if fmt == "cifar":
+        _reject_classes(classes, fmt)
+        return read_cifar(src, split)
+    raise SourceError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _reject_classes(classes: list[str] | None, fmt: str) -> None:
+    if classes is not None:
+        raise SourceError(f"--classes does not apply to format {fmt!r}: it is unlabeled or names its own classes")
+
+
+def detect_format(src: str | os.PathLike) -> str:
+    """Guess the format of ``src`` for ``--format auto``.
+
+    A file is a list; a directory with IDX or CIFAR files is that; a directory with sub-folders and no image
+    files at its top level is an ImageFolder; any other directory is an unlabeled folder. Pass ``--format
+    folder`` for unlabeled images that are only sorted into sub-folders.
+
+    Raises:
+        SourceError: ``src`` does not exist.
+    """
+    src = Path(src)
+    if src.is_file():
+        return "list"
+    if not src.is_dir():
+        raise SourceError(f"{src} does not exist; give a dataset directory or a list file")
+    if any(_find_idx_file(src, prefix, "images", 3) for prefix in set(IDX_PREFIXES.values())):
+        return "idx"
+    if _cifar_layout(src) is not None:
+        return "cifar"
+    entries = [entry for entry in src.iterdir() if not entry.name.startswith(".")]
+    has_dirs = any(entry.is_dir() for entry in entries)
+    has_top_images = any(entry.is_file() and _is_image_name(entry.name) for entry in entries)
+    return "imagefolder" if has_dirs and not has_top_images else "folder"
+
+
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _walk_files(root: Path) -> list[str]:
+    """All files under ``root`` at any depth, as sorted POSIX paths relative to ``root``."""
+    if not root.is_dir():
+        raise SourceError(f"{root} is not a directory")
+    found = []
+    for directory, _, files in os.walk(root):
+        rel_dir = Path(directory).relative_to(root)
+        found.extend((rel_dir / name).as_posix() for name in files)
+    return sorted(found)
+
+
+def _split_by_extension(paths: list[str]) -> tuple[list[str], list[dict]]:
+    """Keep image paths; turn the others into skip records."""
+    images = [path for path in paths if _is_image_name(path)]
+    rejected = [
+        {"source": path, "reason": f"not an image file extension ({Path(path).suffix or 'none'})"}
+        for path in paths
+        if not _is_image_name(path)
+    ]
+    return images, rejected
+
+
+def read_folder(root: Path) -> FileSource:
+    """Unlabeled images at any depth under ``root``."""
+    images, rejected = _split_by_extension(_walk_files(root))
+    return FileSource(root=root, paths=images, rejected=rejected)
+
+
+def read_imagefolder(root: Path, classes: list[str] | None = None) -> FileSource:
+    """``root/<class>/**/<image>``; labels index the sorted class folder names (or ``classes``)."""
+    all_paths = _walk_files(root)
+    outside = [path for path in all_paths if "/" not in path]
+    images, rejected = _split_by_extension([path for path in all_paths if "/" in path])
+    rejected += [{"source": path, "reason": "not inside a class folder"} for path in outside]
+    if classes is None:
+        classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    names = [path.split("/", 1)[0] for path in images]
+    labels = _label_ids(names, classes, where=str(root))
+    return FileSource(root=root, paths=images, labels=labels, classes=classes, rejected=rejected)
+
+
+def _label_ids(names: list[str], classes: list[str], where: str) -> list[int]:
+    """Map label names to their index in ``classes``."""
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(names) - index.keys())
+    if unknown:
+        raise SourceError(f"{where}: labels {unknown[:5]} are not among the classes {classes}; fix --classes")
+    return [index[name] for name in names]
+
+
+def _int_classes(labels: Sequence[int], classes: list[str] | None, where: str) -> list[str]:
+    """Class names for integer labels: ``classes`` if it covers them all, else "0".."max"."""
+    top = max(labels, default=-1)
+    if classes is None:
+        return [str(i) for i in range(top + 1)]
+    if top >= len(classes):
+        raise SourceError(f"{where}: label {top} has no name in --classes ({len(classes)} names given)")
+    return classes
+
+
+def read_list(list_file: Path, classes: list[str] | None = None) -> FileSource:
+    """A list file: plain paths, one per line (``#`` comments allowed), or CSV with ``path[,label]`` header.
+
+    Integer labels are used as ids (named by ``classes``, else "0".."max"); other labels are class names,
+    indexed in sorted order unless ``classes`` fixes the order.
+    """
+    text = list_file.read_text(encoding="utf-8")
+    if not _has_csv_header(text):
+        paths = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        return FileSource(root=list_file.parent, paths=paths)
+    rows = _parse_csv(text, list_file)
+    paths = [path for path, _ in rows]
+    names = [label for _, label in rows]
+    if all(label is None for label in names):
+        return FileSource(root=list_file.parent, paths=paths)
+    if all(label.isascii() and label.isdigit() for label in names):
+        labels = [int(label) for label in names]
+        classes = _int_classes(labels, classes, where=str(list_file))
+    else:
+        classes = sorted(set(names)) if classes is None else classes
+        labels = _label_ids(names, classes, where=str(list_file))
+    return FileSource(root=list_file.parent, paths=paths, labels=labels, classes=classes)
+
+
+def _has_csv_header(text: str) -> bool:
+    """True when the first non-empty line is a CSV header starting with the column ``path``."""
+    first_line = next((line for line in text.splitlines() if line.strip()), "")
+    return first_line.split(",")[0].strip().lower() == "path"
+
+
+def _parse_csv(text: str, list_file: Path) -> list[tuple[str, str | None]]:
+    """Rows of a CSV list with a ``path`` column and an optional ``label`` column (all or none labeled)."""
+    reader = csv.DictReader(line for line in text.splitlines() if line.strip())
+    reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
+    has_label = "label" in reader.fieldnames
+    rows = []
+    for row_number, row in enumerate(reader, start=2):
+        path = (row.get("path") or "").strip()
+        label = (row.get("label") or "").strip() if has_label else None
+        if not path or label == "":
+            raise SourceError(f"{list_file}:{row_number}: every row needs a path and, with a label column, a label")
+        rows.append((path, label))
+    return rows
+
+
+def read_idx(root: Path, split: str, classes: list[str] | None = None) -> ArraySource:
+    """MNIST-style IDX image/label pair: ``train-*`` for split "train", ``t10k-*`` for "val"/"test"."""
+    if split not in IDX_PREFIXES:
+        raise SourceError(f"IDX data has splits {sorted(IDX_PREFIXES)}, not {split!r}; pass --split train or val")
+    prefix = IDX_PREFIXES[split]
+    images_file = _find_idx_file(root, prefix, "images", 3)
+    labels_file = _find_idx_file(root, prefix, "labels", 1)
+    if images_file is None or labels_file is None:
+        raise SourceError(f"{root}: need {prefix}-images-idx3-ubyte[.gz] and {prefix}-labels-idx1-ubyte[.gz]")
+    images, labels = _read_idx_array(images_file, ndim=3), _read_idx_array(labels_file, ndim=1)
+    if len(images) != len(labels):
+        raise SourceError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels")
+    classes = _int_classes(labels.tolist(), classes, where=str(labels_file))
+    ids = [f"{images_file.name}[{i}]" for i in range(len(images))]
+    return ArraySource(images=images, labels=labels, classes=classes, ids=ids)
+
+
+def _find_idx_file(root: Path, prefix: str, kind: str, ndim: int) -> Path | None:
+    """``{prefix}-{kind}-idx{ndim}-ubyte`` (also with "." before idx, and gzipped), if present."""
+    for sep in ("-", "."):
+        for suffix in ("", ".gz"):
+            path = root / f"{prefix}-{kind}{sep}idx{ndim}-ubyte{suffix}"
+            if path.is_file():
+                return path
+    return None
+
+
+def _read_idx_array(path: Path, ndim: int) -> np.ndarray:
+    """Parse an unsigned-byte IDX file: 2 zero bytes, type 0x08, ndim, big-endian uint32 dims, then data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    zeros, type_code, file_ndim = struct.unpack(">HBB", raw[:4])
+    if zeros != 0 or type_code != IDX_UBYTE or file_ndim != ndim:
+        raise SourceError(f"{path}: not an unsigned-byte IDX file with {ndim} dimensions")
+    header_size = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", raw[4:header_size])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=header_size)
+    if data.size != int(np.prod(dims)):
+        raise SourceError(f"{path}: header says {dims} but holds {data.size} values; download it again")
+    return data.reshape(dims)  # [N, H, W] images or [N] labels
+
+
+# CIFAR layouts: meta file, class-name key, label key, train batches (glob), test batches (glob).
+CIFAR_LAYOUTS = (
+    ("batches.meta", "label_names", "labels", "data_batch_*", "test_batch"),
+    ("meta", "fine_label_names", "fine_labels", "train", "test"),
+)
+
+
+def _cifar_layout(root: Path) -> tuple[str, str, str, str, str] | None:
+    """The CIFAR-10 or CIFAR-100 layout whose meta and test files are in ``root``, if any."""
+    for layout in CIFAR_LAYOUTS:
+        meta, *_, test_pattern = layout
+        if (root / meta).is_file() and any(root.glob(test_pattern)):
+            return layout
+    return None
+
+
+def _load_cifar_pickle(path: Path) -> dict:
+    # pickle can run arbitrary code: it is used only for the fixed CIFAR batch file names, which are
+    # distributed in no other format. latin1 decodes the Python 2 pickles of the official download.
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def read_cifar(root: Path, split: str) -> ArraySource:
+    """CIFAR-10/100 python batches; "train" reads the training batches, any other split the test batch."""
+    layout = _cifar_layout(root)
+    if layout is None:
+        raise SourceError(f"{root}: no CIFAR batches (batches.meta + test_batch, or meta + test) found")
+    meta_name, names_key, labels_key, train_pattern, test_pattern = layout
+    classes = list(_load_cifar_pickle(root / meta_name)[names_key])
+    batch_files = sorted(root.glob(train_pattern if split == "train" else test_pattern))
+    if not batch_files:
+        raise SourceError(f"{root}: no {train_pattern if split == 'train' else test_pattern} files for {split!r}")
+    images, labels, ids = [], [], []
+    for batch_file in batch_files:
+        batch = _load_cifar_pickle(batch_file)
+        data = np.asarray(batch["data"], dtype=np.uint8)  # [N, 3 * 32 * 32], channel-major rows
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # [N, 3, 32, 32] -> [N, 32, 32, 3]
+        labels.extend(batch[labels_key])
+        ids.extend(f"{batch_file.name}[{i}]" for i in range(len(data)))
+    return ArraySource(images=np.concatenate(images), labels=np.asarray(labels), classes=classes, ids=ids)

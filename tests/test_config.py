@@ -1,0 +1,70 @@
+"""Strict config loading: every shipped recipe loads, unknown keys fail naming the key, overrides are typed."""
+
+from pathlib import Path
+
+import pytest
+
+from mae_tnt.config import ConfigError, PretrainConfig, load_config
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+PRETRAIN_RECIPES = sorted(p for p in RECIPES.glob("*.yaml") if not p.name.startswith(("finetune", "linprobe"))
+                          and "finetune" not in p.name and "linprobe" not in p.name and "knn" not in p.name)
+
+
+@pytest.mark.parametrize("recipe", PRETRAIN_RECIPES, ids=lambda p: p.name)
+def test_every_pretrain_recipe_loads_and_names_a_registered_model(recipe):
+    import mae_tnt
+
+    cfg = load_config(PretrainConfig, recipe)
+    assert cfg.model.name in mae_tnt.list_models()
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_names_the_key_and_suggests(tmp_path):
+    path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\noptim: {lr: 1.0}\n")
+    with pytest.raises(ConfigError, match=r"unknown config key `optim.lr`.*did you mean `optim\.\w*lr`") as err:
+        load_config(PretrainConfig, path)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_override_key_fails(tmp_path):
+    path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
+    with pytest.raises(ConfigError, match="unknown config key `data.batchsize`.*`data.batch_size`"):
+        load_config(PretrainConfig, path, ["data.batchsize=4"])
+
+
+def test_overrides_are_typed_and_applied(tmp_path):
+    path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
+    cfg = load_config(PretrainConfig, path, ["optim.base_lr=1e-4", "data.batch_size=8", "run.max_steps=3",
+                                             "optim.betas=[0.8, 0.9]"])
+    assert cfg.optim.base_lr == 1e-4 and cfg.data.batch_size == 8 and cfg.run.max_steps == 3
+    assert cfg.optim.betas == [0.8, 0.9]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=abc", "data.batch_size` must be int"),
+    ("data.batch_size=true", "data.batch_size` must be int"),
+    ("model.mask_ratio=1.5", "mask_ratio must be in"),
+    ("run.precision=fp8", "run.precision"),
+])
+def test_bad_values_fail(tmp_path, override, message):
+    path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, path, [override])
+
+
+def test_missing_required_key_fails(tmp_path):
+    path = write(tmp_path, "model: {name: mae_vit_test}\n")
+    with pytest.raises(ConfigError, match="required key `data.train`"):
+        load_config(PretrainConfig, path)
+
+
+def test_yaml_is_parsed_safely(tmp_path):
+    path = write(tmp_path, "model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(Exception, match="could not determine a constructor|ConstructorError"):
+        load_config(PretrainConfig, path)

@@ -1,0 +1,147 @@
+"""MAE semantics with the ViT encoder, checked against a straightforward reference computation."""
+
+import pytest
+import timm
+import torch
+
+import mae_tnt
+from mae_tnt.models.masking import random_masking
+from mae_tnt.models.pos_embed import sincos_2d
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return mae_tnt.create_model("mae_vit_test").eval()
+
+
+def reference_mae_loss(model, images, noise, mask_ratio=0.75):
+    """The published algorithm written out step by step with the model's weights (facebookresearch/mae)."""
+    enc = model.encoder
+    batch, num = images.shape[0], model.grid**2
+    keep = int(num * (1 - mask_ratio))
+    # patch embed + pos (no cls row), shuffle by noise, keep the first `keep`
+    x = enc.patch_embed.proj(images).flatten(2).transpose(1, 2) + enc.pos_embed[:, 1:]
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    x = torch.stack([x[b, ids_shuffle[b, :keep]] for b in range(batch)])
+    mask = torch.ones(batch, num)
+    mask[:, :keep] = 0
+    mask = torch.stack([mask[b, ids_restore[b]] for b in range(batch)])
+    cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(batch, -1, -1)
+    x = torch.cat([cls, x], 1)
+    for blk in enc.blocks:
+        x = blk(x)
+    x = enc.norm(x)
+    # decoder: embed, append mask tokens, unshuffle, add pos, blocks, predict, drop cls
+    x = model.decoder_embed(x)
+    tokens = torch.cat([x[:, 1:], model.mask_token.expand(batch, num - keep, -1)], 1)
+    tokens = torch.stack([tokens[b, ids_restore[b]] for b in range(batch)])
+    x = torch.cat([x[:, :1], tokens], 1) + model.decoder_pos_embed
+    for blk in model.decoder_blocks:
+        x = blk(x)
+    pred = model.decoder_pred(model.decoder_norm(x))[:, 1:]
+    # target: patchify channel-last, per-patch normalisation with unbiased variance
+    p = model.unit
+    h = images.shape[2] // p
+    target = images.reshape(batch, 3, h, p, h, p).permute(0, 2, 4, 3, 5, 1).reshape(batch, h * h, p * p * 3)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    loss = ((pred - target) ** 2).mean(-1)
+    return (loss * mask).sum() / mask.sum(), pred, mask
+
+
+def test_loss_matches_reference(model):
+    images = torch.randn(3, 3, 32, 32)
+    noise = torch.rand(3, model.grid**2)
+    loss, pred, mask = model(images, mask_ratio=0.75, noise=noise)
+    ref_loss, ref_pred, ref_mask = reference_mae_loss(model, images, noise)
+    torch.testing.assert_close(mask, ref_mask)
+    torch.testing.assert_close(pred, ref_pred, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
+
+
+def test_masking_polarity_and_count():
+    noise = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
+    ids_keep, ids_restore, mask = random_masking(noise, 2)
+    assert ids_keep.tolist() == [[1, 3]]  # lowest noise stays visible
+    assert mask.tolist() == [[1, 0, 1, 0]]  # 1 = hidden
+    assert torch.equal(torch.argsort(torch.argsort(noise, 1), 1), ids_restore)
+
+
+def test_all_visible_equals_full_encoder(model):
+    images = torch.randn(2, 3, 32, 32)
+    ids_all = torch.arange(model.grid**2).expand(2, -1)
+    torch.testing.assert_close(model.encoder.forward_visible(images, ids_all), model.encoder.forward_features(images))
+
+
+def test_masked_pixels_do_not_change_encoder_output(model):
+    images = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, model.grid**2)
+    latent, mask, _ = model.forward_encoder(images, 0.75, noise)
+    hidden = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, model.unit**2 * 3))
+    changed = images + hidden * torch.randn_like(images) * 10
+    latent2, _, _ = model.forward_encoder(changed, 0.75, noise)
+    torch.testing.assert_close(latent, latent2)
+    assert not torch.allclose(model.forward_encoder(images + torch.randn_like(images), 0.75, noise)[0], latent)
+
+
+def test_loss_ignores_visible_patches(model):
+    images = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, model.grid**2)
+    _, pred, mask = model(images, noise=noise)
+    target = model.target(images)
+    perfect = torch.where(mask.bool().unsqueeze(-1), target, pred + 5)
+    assert model.forward_loss(images, perfect, mask).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_sincos_table_matches_mae_layout():
+    table = sincos_2d(8, 3, num_prefix_tokens=1)
+    assert table.shape == (10, 8) and table[0].abs().sum() == 0
+    # first half encodes the column (w), second half the row (h): MAE's meshgrid puts w first
+    row0_col2, row2_col0 = table[1 + 2], table[1 + 6]
+    torch.testing.assert_close(row0_col2[:4], row2_col0[4:])
+    torch.testing.assert_close(table[1 + 0, :4], table[1 + 6, :4])  # same column, different row
+
+
+@pytest.mark.parametrize("name, timm_name", [("vit_base_patch16_224", "vit_base_patch16_224"),
+                                             ("vit_huge_patch14_224", "vit_huge_patch14_224")])
+def test_encoder_keys_match_timm(name, timm_name):
+    with torch.device("meta"):
+        ours = mae_tnt.create_model(name, num_classes=1000)
+        theirs = timm.create_model(timm_name, pretrained=False, num_classes=1000)
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert ours_shapes == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+
+
+def test_encoder_weights_load_into_timm():
+    encoder = mae_tnt.create_model("mae_vit_test").encoder
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                              num_classes=0, pretrained=False)
+    model.load_state_dict(encoder.state_dict(), strict=True)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval().forward_features(images), encoder.eval().forward_features(images))
+
+
+@pytest.mark.parametrize("name", [n for n in mae_tnt.list_models("mae_*") if n.endswith("test")])
+def test_registered_test_models_train(name):
+    torch.manual_seed(0)
+    model = mae_tnt.create_model(name)
+    size = model.grid * model.unit
+    images = torch.randn(2, 3, size, size)
+    loss, pred, mask = model(images)
+    loss.backward()
+    assert torch.isfinite(loss) and pred.shape == (2, model.grid**2, model.unit**2 * 3)
+    assert mask.sum().item() == 2 * (model.grid**2 - max(1, int(model.grid**2 * 0.25)))
+
+
+def test_mae_reference_parameter_counts():
+    with torch.device("meta"):
+        counts = {n: sum(p.numel() for p in mae_tnt.create_model(n).parameters()) / 1e6
+                  for n in ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")}
+    assert counts == pytest.approx({"mae_vit_base_patch16": 111.91, "mae_vit_large_patch16": 329.54,
+                                    "mae_vit_huge_patch14": 657.07}, abs=0.01)
+
+
+def test_unknown_model_suggests():
+    with pytest.raises(ValueError, match="mae_vit_base_patch16"):
+        mae_tnt.create_model("mae_vit_base_patch_16")

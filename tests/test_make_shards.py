@@ -1,0 +1,356 @@
+"""Tests of the shard converter, the image decoding it shares with the loader, _info.json and inspect_shards."""
+
+import gzip
+import io
+import json
+import pickle
+import re
+import runpy
+import struct
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mae_tnt.data import convert as convert_module
+from mae_tnt.data.convert import ConversionError, ConvertOptions, convert
+from mae_tnt.data.convert import main as make_shards_main
+from mae_tnt.data.images import BadImageError, decode, decode_rgb, set_max_image_pixels
+from mae_tnt.data.info import ShardError, count_tar_samples, load_info, update_split
+from mae_tnt.data.inspect import iter_tar_samples
+from mae_tnt.data.inspect import main as inspect_main
+from mae_tnt.data.readers import detect_format
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def encoded(img: Image.Image, fmt: str, **save_args) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def gradient(width: int, height: int) -> Image.Image:
+    """An RGB image with distinct pixels, so resizing and re-encoding are visible."""
+    x, y = np.meshgrid(np.arange(width), np.arange(height))
+    pixels = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], axis=-1)
+    return Image.fromarray(pixels.astype(np.uint8))  # [H, W, 3] -> RGB
+
+
+def palette_with_transparency() -> Image.Image:
+    """Left column palette index 0 (fully transparent), the rest index 1 (opaque blue)."""
+    img = Image.new("P", (6, 6), 1)
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    img.paste(0, (0, 0, 1, 6))
+    img.info["transparency"] = 0
+    return img
+
+
+def write_mixed_folder(root: Path) -> dict[str, bytes]:
+    """Good and bad files of every kind the converter must handle; returns the readable ones' bytes."""
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 128))
+    rgba.putpixel((0, 0), (0, 255, 0, 0))
+    good = {
+        "good one.jpg": encoded(gradient(20, 12), "JPEG", quality=90),
+        "photo.v2.final.JPG": encoded(gradient(9, 7), "JPEG"),
+        "sub dir/pic.png": encoded(gradient(5, 5), "PNG"),
+        "cmyk.jpg": encoded(Image.new("CMYK", (8, 8), (0, 128, 255, 64)), "JPEG", quality=95),
+        "deep16.png": encoded(Image.fromarray(np.full((4, 4), 40000, np.uint16)), "PNG"),
+        "alpha.png": encoded(rgba, "PNG"),
+        "palette.png": encoded(palette_with_transparency(), "PNG", transparency=0),
+    }
+    bad = {
+        "broken.jpg": encoded(gradient(32, 32), "JPEG")[:300],
+        "fake.jpg": b"this is a text file, not a JPEG\n",
+        "notes.txt": b"shot on a sunny day\n",
+    }
+    for name, data in {**good, **bad}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return good
+
+
+def read_split(out: Path, split: str = "train") -> list[tuple[str, dict[str, bytes]]]:
+    """All samples of a split, in shard order, from the shards _info.json lists."""
+    entry = load_info(out)["splits"][split]
+    return [sample for name in entry["filenames"] for sample in iter_tar_samples(out / name)]
+
+
+def image_of(fields: dict[str, bytes]) -> bytes:
+    return fields.get("jpg") or fields["png"]
+
+
+def by_source(out: Path, split: str = "train") -> dict[str, dict[str, bytes]]:
+    return {json.loads(fields["json"])["source"]: fields for _, fields in read_split(out, split)}
+
+
+def options(**overrides) -> ConvertOptions:
+    return ConvertOptions(**{"workers": 0, "progress": False, **overrides})
+
+
+def test_mixed_folder_keeps_every_readable_image_and_reports_the_rest(tmp_path):
+    good = write_mixed_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    assert make_shards_main([str(tmp_path / "src"), str(out), "--shard-size", "3", "--workers", "2"]) == 0
+    samples = read_split(out)
+    assert sorted(json.loads(fields["json"])["source"] for _, fields in samples) == sorted(good)
+    assert [key for key, _ in samples] == [f"train_{i:08d}" for i in range(len(good))]
+    for name in (out / "train-000000.tar", out / "train-000002.tar"):
+        with tarfile.open(name) as tar:
+            assert all(re.fullmatch(r"train_\d{8}\.(cls|jpg|json|png)", m.name) for m in tar.getmembers())
+    entry = load_info(out)["splits"]["train"]
+    assert entry["shard_lengths"] == [3, 3, 1]
+    assert [skip["source"] for skip in entry["skipped"]] == ["broken.jpg", "fake.jpg", "notes.txt"]
+    reasons = [skip["reason"] for skip in entry["skipped"]]
+    assert "truncated" in reasons[0].lower() and "unknown image format" in reasons[1] and ".txt" in reasons[2]
+    assert load_info(out)["classes"] == []
+    assert inspect_main([str(out)]) == 0
+
+
+def test_colours_of_cmyk_16bit_alpha_and_palette_images(tmp_path):
+    write_mixed_folder(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", options())
+    samples = by_source(tmp_path / "out")
+    rgb = {source: np.asarray(decode_rgb(image_of(fields))) for source, fields in samples.items()}
+    assert np.abs(rgb["cmyk.jpg"][4, 4].astype(int) - (191, 95, 0)).max() <= 6  # 255 * (1 - C) * (1 - K)
+    assert (rgb["deep16.png"] == 156).all()  # 40000 / 65535 * 255, not clipped to 255
+    assert tuple(rgb["alpha.png"][4, 4]) == (255, 127, 127)  # half-transparent red over white
+    assert tuple(rgb["alpha.png"][0, 0]) == (255, 255, 255)  # fully transparent
+    assert tuple(rgb["palette.png"][0, 0]) == (255, 255, 255) and tuple(rgb["palette.png"][0, 3]) == (0, 0, 255)
+
+
+def test_decode_rejects_truncated_images_and_decompression_bombs(monkeypatch):
+    png = encoded(gradient(16, 16), "PNG")
+    with pytest.raises(BadImageError):
+        decode(png[: len(png) // 2])
+    with pytest.raises(BadImageError, match="unknown image format"):
+        decode(b"plain text")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    set_max_image_pixels(200)
+    with pytest.raises(BadImageError):  # over 2x the limit: PIL's error
+        decode(encoded(gradient(32, 32), "PNG"))
+    with pytest.raises(BadImageError):  # between 1x and 2x: PIL only warns, we refuse
+        decode(encoded(gradient(15, 15), "PNG"))
+    with pytest.raises(ValueError, match="stays on"):
+        set_max_image_pixels(None)
+
+
+def crash_after(shards: int):
+    """A ShardWriter.close_shard that fails after ``shards`` shards, like a run killed mid-way."""
+    close_shard, left = convert_module.ShardWriter.close_shard, [shards]
+
+    def close_or_crash(writer):
+        if left[0] == 0:
+            raise KeyboardInterrupt("simulated interruption")
+        left[0] -= 1
+        return close_shard(writer)
+
+    return close_or_crash
+
+
+@pytest.mark.parametrize("limits", [{"shard_size": 3}, {"shard_size": 100, "shard_bytes": 900}])
+def test_interrupted_conversion_resumes_without_duplicates_or_losses(tmp_path, monkeypatch, limits):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(14):
+        (src / f"img{i:02d}.png").write_bytes(encoded(gradient(4 + i, 5), "PNG"))
+    (src / "bad.png").write_bytes(b"broken")
+    convert(src, tmp_path / "reference", options(**limits))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(convert_module.ShardWriter, "close_shard", crash_after(shards=2))
+        with pytest.raises(KeyboardInterrupt):
+            convert(src, tmp_path / "out", options(**limits))
+    assert (tmp_path / "out" / "train-000002.tar.tmp").exists()  # the shard being written when it stopped
+    (tmp_path / "out" / "train-000007.tar.tmp").write_bytes(b"junk from an earlier crash")
+    with pytest.raises(ConversionError, match="other settings"):
+        convert(src, tmp_path / "out", options(**limits, seed=1))
+
+    summary = convert(src, tmp_path / "out", options(**limits))
+    assert summary.resumed_shards == 2
+    sources = [json.loads(fields["json"])["source"] for _, fields in read_split(tmp_path / "out")]
+    assert sorted(sources) == sorted(f"img{i:02d}.png" for i in range(14))
+    assert [skip["source"] for skip in summary.skipped] == ["bad.png"]
+    assert load_info(tmp_path / "out") == load_info(tmp_path / "reference") | {"name": "out"}
+    for name in summary.filenames:  # byte-identical to an uninterrupted run
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(summary.filenames + ["_info.json"])
+
+
+def test_existing_shards_of_a_finished_run_are_not_overwritten(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.png").write_bytes(encoded(gradient(4, 4), "PNG"))
+    convert(tmp_path / "src", tmp_path / "out", options(split="train-extra"))
+    convert(tmp_path / "src", tmp_path / "out", options())  # "train-*" names of split "train-extra" are not its own
+    with pytest.raises(ConversionError, match="already holds shards"):
+        convert(tmp_path / "src", tmp_path / "out", options())
+    assert sorted(load_info(tmp_path / "out")["splits"]) == ["train", "train-extra"]
+    assert inspect_main([str(tmp_path / "out")]) == 0
+
+
+def test_max_size_resizes_large_images_and_passes_the_rest_through_byte_identical(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {
+        "big.jpg": encoded(gradient(64, 48), "JPEG"),
+        "big.png": encoded(gradient(30, 60), "PNG"),
+        "small.jpg": encoded(gradient(20, 10), "JPEG"),
+        "small.png": encoded(gradient(16, 16), "PNG"),
+        "small.bmp": encoded(gradient(8, 6), "BMP"),
+    }
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    convert(src, tmp_path / "out", options(max_size=32))
+    samples = by_source(tmp_path / "out")
+    assert samples["small.jpg"]["jpg"] == files["small.jpg"] and samples["small.png"]["png"] == files["small.png"]
+    assert decode(samples["big.jpg"]["jpg"]).size == (32, 24) and decode(samples["big.png"]["png"]).size == (16, 32)
+    assert json.loads(samples["big.jpg"]["json"])["width"] == 64  # the original size
+    bmp = decode(samples["small.bmp"]["png"])
+    assert bmp.size == (8, 6) and np.array_equal(np.asarray(bmp), np.asarray(gradient(8, 6)))
+
+
+def test_imagefolder_labels_and_class_map(tmp_path):
+    src = tmp_path / "src"
+    for path in ("dog/b.png", "cat/a.png", "dog/puppies/c.jpg", "bird/d.png"):
+        (src / path).parent.mkdir(parents=True, exist_ok=True)
+        (src / path).write_bytes(encoded(gradient(4, 4), "JPEG" if path.endswith("jpg") else "PNG"))
+    (src / "README.txt").write_text("labels are folder names")
+    assert detect_format(src) == "imagefolder"
+    summary = convert(src, tmp_path / "out", options())
+    assert load_info(tmp_path / "out")["classes"] == ["bird", "cat", "dog"]
+    labels = {
+        source: (int(f["cls"]), json.loads(f["json"])["label"]) for source, f in by_source(tmp_path / "out").items()
+    }
+    assert labels == {
+        "bird/d.png": (0, "bird"),
+        "cat/a.png": (1, "cat"),
+        "dog/b.png": (2, "dog"),
+        "dog/puppies/c.jpg": (2, "dog"),
+    }
+    assert summary.skipped == [{"source": "README.txt", "reason": "not inside a class folder"}]
+
+
+def test_file_lists_with_names_ints_and_no_labels(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / "imgs" / name).write_bytes(encoded(gradient(4, 4), "PNG"))
+    (tmp_path / "named.csv").write_text("path,label\nimgs/a.png,zebra\nimgs/b.png,ant\nimgs/missing.png,ant\n")
+    summary = convert(tmp_path / "named.csv", tmp_path / "named", options())
+    assert load_info(tmp_path / "named")["classes"] == ["ant", "zebra"]
+    assert {s: int(f["cls"]) for s, f in by_source(tmp_path / "named").items()} == {"imgs/a.png": 1, "imgs/b.png": 0}
+    assert summary.skipped[0]["source"] == "imgs/missing.png" and "unreadable" in summary.skipped[0]["reason"]
+
+    (tmp_path / "ints.csv").write_text("path,label\nimgs/a.png,2\nimgs/c.png,0\n")
+    convert(tmp_path / "ints.csv", tmp_path / "ints", options(classes=("x", "y", "z")))
+    assert load_info(tmp_path / "ints")["classes"] == ["x", "y", "z"]
+    assert json.loads(by_source(tmp_path / "ints")["imgs/a.png"]["json"])["label"] == "z"
+
+    (tmp_path / "plain.txt").write_text(f"# comment\nimgs/a.png\n{tmp_path / 'imgs' / 'b.png'}\n")
+    assert convert(tmp_path / "plain.txt", tmp_path / "plain", options()).num_samples == 2
+    assert all("cls" not in fields for _, fields in read_split(tmp_path / "plain"))
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An unsigned-byte IDX file: zero, type 0x08, ndim, big-endian dims, data."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_idx_files_and_a_later_split_keep_the_first(tmp_path):
+    rng = np.random.default_rng(0)
+    splits = {"train": rng.integers(0, 256, (7, 5, 4)), "t10k": rng.integers(0, 256, (3, 5, 4))}
+    for prefix, images in splits.items():
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(len(images)) % 3)
+    assert detect_format(tmp_path) == "idx"
+    out = tmp_path / "out"
+    assert make_shards_main([str(tmp_path), str(out), "--limit", "5", "--workers", "0", "--classes", "a,b,c"]) == 0
+    assert make_shards_main([str(tmp_path), str(out), "--split", "val", "--workers", "0", "--classes", "a,b,c"]) == 0
+    info = load_info(out)
+    assert {name: entry["num_samples"] for name, entry in info["splits"].items()} == {"train": 5, "val": 3}
+    assert info["classes"] == ["a", "b", "c"] and info["name"] == "out"
+    for source, fields in by_source(out, "val").items():
+        index = int(re.fullmatch(r"t10k-images-idx3-ubyte.gz\[(\d)\]", source).group(1))
+        assert np.array_equal(np.asarray(decode(fields["png"])), splits["t10k"][index])  # lossless, [H, W]
+        assert int(fields["cls"]) == index % 3
+    assert make_shards_main([str(tmp_path), str(tmp_path / "bad"), "--split", "val", "--classes", "a"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("meta_name", "meta", "batches", "label_key"),
+    [
+        ("batches.meta", {"label_names": ["cat", "dog"]}, ("data_batch_1", "test_batch"), "labels"),
+        ("meta", {"fine_label_names": ["apple", "bee"], "coarse_label_names": ["x"]}, ("train", "test"), "fine_labels"),
+    ],
+)
+def test_cifar_batches(tmp_path, meta_name, meta, batches, label_key):
+    images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    rows = images.transpose(0, 3, 1, 2).reshape(4, 3072)  # [N, H, W, 3] -> [N, 3 * H * W], channel planes
+    batch = {"data": rows, label_key: [1, 0, 1, 1], "coarse_labels": [0, 0, 0, 0]}
+    for name, content in ((meta_name, meta), (batches[0], batch), (batches[1], batch)):
+        (tmp_path / name).write_bytes(pickle.dumps(content))
+    assert detect_format(tmp_path) == "cifar"
+    convert(tmp_path, tmp_path / "out", options())
+    assert load_info(tmp_path / "out")["classes"] == list(meta.values())[0]
+    fields = by_source(tmp_path / "out")[f"{batches[0]}[2]"]
+    assert np.array_equal(np.asarray(decode(fields["png"])), images[2]) and fields["cls"] == b"1"
+
+
+def test_update_split_is_atomic_and_checks_classes(tmp_path):
+    update_split(tmp_path, "train", ["train-000000.tar"], [4], classes=["a", "b"], name="toy")
+    update_split(tmp_path, "val", ["val-000000.tar", "val-000001.tar"], [2, 1])
+    info = load_info(tmp_path)
+    assert info["name"] == "toy" and info["classes"] == ["a", "b"] and info["splits"]["val"]["num_samples"] == 3
+    assert info["splits"]["train"]["shard_lengths"] == [4]
+    with pytest.raises(ShardError, match="already has classes"):
+        update_split(tmp_path, "test", ["t.tar"], [1], classes=["b", "a"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_info.json"]
+    (tmp_path / "_info.json").write_text('{"splits": {"train": {"num_samples": 3}}}')
+    with pytest.raises(ShardError, match="_info.json: split 'train' needs"):
+        load_info(tmp_path)
+    with pytest.raises(FileNotFoundError, match="make_shards"):
+        load_info(tmp_path / "nowhere")
+
+
+def test_count_tar_samples_rejects_truncated_tars(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.png").write_bytes(encoded(gradient(20, 20), "PNG"))
+    convert(src, tmp_path / "out", options())
+    shard = (tmp_path / "out" / "train-000000.tar").read_bytes()
+    assert count_tar_samples(tmp_path / "out" / "train-000000.tar") == 3
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
+        last = tar.getmembers()[-1]
+        end_of_members = last.offset_data + -(-last.size // 512) * 512
+    for cut in (len(shard) // 2, end_of_members):  # inside a member, and exactly at a member boundary
+        (tmp_path / "cut.tar").write_bytes(shard[:cut])
+        with pytest.raises(ShardError, match="truncated"):
+            count_tar_samples(tmp_path / "cut.tar")
+
+
+def test_inspect_fails_when_a_shard_count_disagrees(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.png").write_bytes(encoded(gradient(6, 6), "PNG"))
+    convert(src, tmp_path / "out", options(shard_size=2))
+    info = load_info(tmp_path / "out")
+    info["splits"]["train"]["shard_lengths"] = [3, 1]
+    (tmp_path / "out" / "_info.json").write_text(json.dumps(info))
+    assert inspect_main([str(tmp_path / "out")]) == 1
+    assert "train-000000.tar: holds 2 samples but _info.json says 3" in capsys.readouterr().err
+
+
+def test_tool_wrappers_exit_with_the_status_of_main(tmp_path, monkeypatch):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.png").write_bytes(encoded(gradient(4, 4), "PNG"))
+    for tool, args in (("make_shards.py", ["src", "out", "--workers", "0"]), ("inspect_shards.py", ["out"])):
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "argv", [tool, *args])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(REPO / "tools" / tool), run_name="__main__")
+        assert exit_info.value.code == 0

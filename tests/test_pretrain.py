@@ -1,0 +1,143 @@
+"""The pretraining loop: run directory, exact resume, early config errors, non-finite loss, checkpoint safety."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+from mae_tnt.config import PretrainConfig, load_config
+from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
+from mae_tnt.train.engine import NonFiniteLossError, Trainer
+from shard_utils import write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; each run in this process starts from a clean slate."""
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    write_shards(root, [32, 32, 32, 32], size=20)
+    write_shards(root, [16], split="val", size=20)
+    return root
+
+
+def config(shards, out, *overrides):
+    base = [f"data.train={shards}", f"data.val={shards}", f"run.output_dir={out}", "data.batch_size=8",
+            "data.num_workers=0", "model.img_size=32", "schedule.epochs=2", "schedule.warmup_epochs=0.5",
+            "run.log_every=1", "run.checkpoint_every=4", "optim.base_lr=1e-3", "data.shuffle_chunk=16"]
+    return load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_vit.yaml", base + list(overrides))
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_the_run_directory_and_lowers_the_loss(shards, tmp_path):
+    summary = Trainer(config(shards, tmp_path, "schedule.epochs=4", "run.checkpoint_every=100")).train()
+    assert summary["steps"] == 64
+    rows = metrics(tmp_path)
+    assert {"step", "epoch", "loss", "lr", "img_per_s", "data_wait"} <= set(rows[0])
+    assert sum(r["loss"] for r in rows[-8:]) < sum(r["loss"] for r in rows[:8])
+    for name in ("config.yaml", "recon/step_00000064.png", "checkpoints/step_00000064/model.safetensors",
+                 "checkpoints/step_00000064/state.json"):
+        assert (tmp_path / name).exists(), name
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_with_identical_losses_and_lrs(shards, tmp_path, workers):
+    """Interrupted mid-epoch at step 12 (epoch = 16 steps), the resumed run matches the uninterrupted one exactly."""
+    extra = (f"data.num_workers={workers}",)
+    Trainer(config(shards, tmp_path / "full", *extra, "run.max_steps=20")).train()
+    Trainer(config(shards, tmp_path / "cut", *extra, "run.max_steps=12")).train()
+    Trainer(config(shards, tmp_path / "cut", *extra, "run.max_steps=20")).train()
+    full, cut = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == list(range(1, 21))
+    assert [(r["loss"], r["lr"]) for r in cut] == [(r["loss"], r["lr"]) for r in full]
+
+
+def test_unknown_key_fails_before_any_work(tmp_path):
+    out = tmp_path / "never"
+    result = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), str(ROOT / "recipes/demo_mae_vit.yaml"),
+                             f"run.output_dir={out}", "optim.lr=1"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "unknown config key `optim.lr`" in result.stderr and "did you mean" in result.stderr
+    assert not out.exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    trainer = Trainer(config(shards, tmp_path, "run.checkpoint_every=4", "run.log_every=100"))
+    forward = trainer.model.forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += trainer.model.training  # reconstruction grids run in eval mode and do not count
+        loss, pred, mask = forward(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 6 else loss), pred, mask
+
+    monkeypatch.setattr(trainer.model, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"micro-step 5 \(optimizer step 6\)"):
+        trainer.train()
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000004"]
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoint_usable(shards, tmp_path, monkeypatch):
+    Trainer(config(shards, tmp_path, "run.max_steps=4")).train()
+    import mae_tnt.train.checkpoint as ckpt
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        Trainer(config(shards, tmp_path, "run.max_steps=8")).train()
+    monkeypatch.undo()
+    AcceleratorState._reset_state(True)
+    trainer = Trainer(config(shards, tmp_path, "run.max_steps=8"))
+    assert trainer.step == 4
+
+
+def test_corrupted_checkpoint_falls_back_to_the_previous_one(shards, tmp_path, capsys):
+    Trainer(config(shards, tmp_path, "run.max_steps=8")).train()
+    newest = find_checkpoints(tmp_path)[0]
+    (newest / "model.safetensors").write_bytes(b"garbage")
+    AcceleratorState._reset_state(True)
+    trainer = Trainer(config(shards, tmp_path, "run.max_steps=8"))
+    assert trainer.step == 4
+    assert "skipping unusable checkpoint" in capsys.readouterr().out
+
+
+def test_resume_with_another_model_is_refused(shards, tmp_path):
+    Trainer(config(shards, tmp_path, "run.max_steps=4")).train()
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ResumeError, match="written by model 'mae_vit_test'"):
+        Trainer(config(shards, tmp_path, "model.name=mae_vit_tiny_patch16"))
+
+
+def test_two_optimizer_steps_lower_the_loss_on_a_fixed_batch():
+    import mae_tnt
+
+    torch.manual_seed(0)
+    model = mae_tnt.create_model("mae_vit_test")
+    images, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        loss, _, _ = model(images, noise=noise)
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[2] < losses[0]

@@ -1,0 +1,146 @@
+"""The training stream: disjoint and complete across ranks and workers, equal batch counts, exact resume, bad input."""
+
+import copy
+import tarfile
+from functools import partial
+
+import pytest
+import torch
+
+from mae_tnt.data.info import update_split
+from mae_tnt.data.loader import make_loader
+from mae_tnt.data.shards import ShardError, resolve_shards
+from mae_tnt.data.stream import ShardStream
+from mae_tnt.data.transforms import train_crop
+from shard_utils import write_shards
+
+
+def stream_for(shards, rank=0, world=1, workers=0, batch=4, seed=0, chunk=4):
+    transform = partial(train_crop, size=16, scale=(0.2, 1.0))
+    return ShardStream(shards, batch_size=batch, transform=transform, seed=seed, rank=rank, world_size=world,
+                       num_workers=workers, chunk=chunk)
+
+
+def consume(stream, limit=None):
+    """Run one epoch (or `limit` batches) through a real DataLoader, recording positions like the engine does."""
+    batches = []
+    for batch in make_loader(stream):
+        stream.state.record(batch, stream.num_workers)
+        batches.append(batch)
+        if limit and len(batches) == limit:
+            break
+    return batches
+
+
+def keys(batches):
+    return [k for b in batches for k in b["keys"]]
+
+
+@pytest.fixture
+def even(tmp_path):
+    write_shards(tmp_path, [8, 8, 8, 8, 8, 8, 8, 8])
+    return resolve_shards(str(tmp_path))
+
+
+def test_two_ranks_two_workers_are_disjoint_and_cover_the_epoch(even):
+    seen = [keys(consume(stream_for(even, rank, 2, workers=2))) for rank in range(2)]
+    assert not set(seen[0]) & set(seen[1])
+    assert len(set(seen[0])) == len(seen[0]) == 32
+    assert set(seen[0]) | set(seen[1]) == {f"s{i:06d}" for i in range(64)}
+
+
+def test_uneven_shards_give_every_rank_the_same_number_of_batches(tmp_path):
+    write_shards(tmp_path, [10, 10, 10, 10, 3])
+    shards = resolve_shards(str(tmp_path))
+    counts = [len(consume(stream_for(shards, rank, 2, workers=2))) for rank in range(2)]
+    assert counts[0] == counts[1] == stream_for(shards, 0, 2, workers=2).batches_per_epoch() == 4
+
+
+def test_epochs_reshuffle_but_are_reproducible(even):
+    def epoch_keys(epoch):
+        stream = stream_for(even, workers=2)
+        stream.state.start_epoch(epoch)
+        return keys(consume(stream))
+
+    assert epoch_keys(0) == epoch_keys(0)
+    assert epoch_keys(0) != epoch_keys(1)
+    assert sorted(epoch_keys(0)) == sorted(epoch_keys(1))
+
+
+@pytest.mark.parametrize("workers, stop_after", [(0, 5), (2, 3), (2, 6), (3, 4)])
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_resume_mid_epoch_reproduces_the_exact_batches(even, workers, stop_after):
+    full = consume(stream_for(even, workers=workers))
+    first = stream_for(even, workers=workers)
+    part = consume(first, limit=stop_after)
+    resumed = stream_for(even, workers=workers)
+    resumed.state = copy.deepcopy(first.state)
+    rest = consume(resumed)
+    assert keys(part + rest) == keys(full)
+    for a, b in zip(part + rest, full, strict=True):
+        assert torch.equal(a["images"], b["images"])  # augmentation is a function of the sample, not of history
+
+
+def test_resume_does_not_decode_skipped_samples(even, monkeypatch):
+    first = stream_for(even)
+    consume(first, limit=6)
+    decoded = []
+    original = first.transform
+    resumed = stream_for(even)
+    resumed.state = copy.deepcopy(first.state)
+    resumed.transform = lambda data, rng: decoded.append(1) or original(data, rng)
+    consume(resumed)
+    assert len(decoded) == 64 - 6 * 4
+
+
+def test_corrupt_images_are_skipped_counted_and_batches_stay_full(tmp_path):
+    write_shards(tmp_path, [8, 8, 8, 8], corrupt=frozenset({3, 17}))
+    stream = stream_for(resolve_shards(str(tmp_path)), batch=4)
+    batches = consume(stream)
+    assert all(len(b["keys"]) == 4 for b in batches)
+    assert stream.state.skipped == 2
+    assert {"s000003", "s000017"}.isdisjoint(keys(batches))
+
+
+def test_truncated_shard_is_skipped_and_counted(tmp_path):
+    write_shards(tmp_path, [8, 8, 8, 8])
+    shards = resolve_shards(str(tmp_path))
+    victim = shards[1].url
+    data = open(victim, "rb").read()
+    open(victim, "wb").write(data[: len(data) // 2])
+    stream = stream_for(shards, batch=4)
+    batches = consume(stream)
+    assert len(batches) == 8 and all(len(b["keys"]) == 4 for b in batches)
+    assert stream.state.skipped > 0  # the samples after the cut
+    assert stream.state.positions[0] - stream.state.skipped == 32  # every other position became a good sample
+
+
+def test_pipe_urls_are_refused_unless_allowed(tmp_path):
+    with pytest.raises(ShardError, match="data.allow_pipe=true"):
+        resolve_shards("pipe:cat /etc/passwd")
+
+
+def test_missing_shard_and_empty_split_fail_clearly(tmp_path):
+    write_shards(tmp_path, [4, 4])
+    (tmp_path / "train-000001.tar").unlink()
+    with pytest.raises(ShardError, match="do not exist"):
+        resolve_shards(str(tmp_path))
+    with pytest.raises(ShardError, match="no split 'val'"):
+        resolve_shards(str(tmp_path), split="val")
+    update_split(tmp_path, "empty", [], [])
+    with pytest.raises(ShardError, match="no shards found"):
+        resolve_shards(str(tmp_path), split="empty")
+
+
+def test_info_that_disagrees_with_shards_fails(tmp_path):
+    write_shards(tmp_path, [4, 4])
+    with tarfile.open(tmp_path / "train-000000.tar", "w"):
+        pass  # now empty, while _info.json still says 4
+    with pytest.raises(ShardError, match="holds 0 samples but _info.json says 4"):
+        resolve_shards(str(tmp_path))
+
+
+def test_too_few_samples_for_the_workers_fails_with_advice(tmp_path):
+    write_shards(tmp_path, [3])
+    with pytest.raises(ValueError, match="lower data.batch_size or data.num_workers"):
+        stream_for(resolve_shards(str(tmp_path)), workers=2, batch=4)
