@@ -23,6 +23,13 @@ from PIL import Image
 
 from .images import DECODE_ERRORS, BadImageError, to_rgb
 
+try:  # torchvision comes with timm; without it every image takes the PIL path
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2.functional import InterpolationMode
+    from torchvision.transforms.v2.functional import resize as tv_resize
+except ImportError:  # pragma: no cover
+    decode_jpeg = None
+
 
 def random_resized_crop_box(
     width: int, height: int, scale: tuple[float, float], rng: random.Random, ratio=(3 / 4, 4 / 3)
@@ -73,16 +80,36 @@ def _load_rgb(image: Image.Image) -> Image.Image:
 
 
 def train_crop(data: bytes, rng: random.Random, *, size: int, scale: tuple[float, float]) -> torch.Tensor:
-    """Decode + random-resized crop (bicubic) + random horizontal flip -> uint8 [3, size, size]."""
+    """Decode + random-resized crop (bicubic, antialiased) + random horizontal flip -> uint8 [3, size, size]."""
     image = open_image(data)
     width, height = image.size
     box = random_resized_crop_box(width, height, scale, rng)
     flip = rng.random() < 0.5
+    if _fast_jpeg(image, box, size):
+        out = _resized_crop_tensor(data, box, size)
+        return out.flip(-1) if flip else out
     image, box = _draft(image, box, size)
     out = _load_rgb(image).resize((size, size), Image.BICUBIC, box=box)
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return to_tensor(out)
+
+
+def _fast_jpeg(image: Image.Image, box: tuple[int, int, int, int], size: int) -> bool:
+    """libjpeg-turbo decode + torch's uint8 resize are about 2x faster than PIL for RGB/grey JPEGs; larger crops
+    still go through PIL, whose DCT draft decodes them at a fraction of the cost."""
+    small_crop = min(box[2] - box[0], box[3] - box[1]) < 2 * size
+    return decode_jpeg is not None and image.format == "JPEG" and image.mode in ("RGB", "L") and small_crop
+
+
+def _resized_crop_tensor(data: bytes, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    try:
+        image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        raise BadImageError(f"corrupt JPEG data: {err}") from err
+    left, top, right, bottom = box
+    crop = image[:, top:bottom, left:right]  # [3, h, w], a view
+    return tv_resize(crop, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
 
 
 def eval_resize(data: bytes, size: int, crop_fraction: float = 0.875) -> torch.Tensor:

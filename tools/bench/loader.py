@@ -1,0 +1,90 @@
+"""Images/s per loader worker: our shard stream versus torchvision ImageFolder with MAE's reference PIL transforms.
+
+    python tools/bench/loader.py [--images 300] [--size 500x375] [--repeats 3]
+
+Both read the same JPEGs (synthetic photo-like images written once to a temporary folder, then converted to shards).
+Each side runs in the main process (one worker), so the figure is per worker. The reference pipeline is MAE's:
+RandomResizedCrop(224, scale 0.2-1, bicubic) + flip + ToTensor + Normalize on float. Ours decodes with DCT draft when
+the crop allows, crops and resizes in one PIL call on uint8, and leaves normalisation to the device.
+Prints the ratio last (target >= 2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import interleaved_medians, print_table  # noqa: E402
+
+from mae_tnt.data.convert import ConvertOptions, convert  # noqa: E402
+from mae_tnt.data.shards import resolve_shards  # noqa: E402
+from mae_tnt.data.stream import ShardStream  # noqa: E402
+from mae_tnt.data.transforms import train_crop  # noqa: E402
+
+
+def write_jpegs(root: Path, count: int, width: int, height: int) -> None:
+    """Smooth gradients plus texture noise, so JPEG sizes resemble photos (tens of KB), in two classes."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    for index in range(count):
+        folder = root / f"class{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.stack([(xx * (index + 1) % 255), (yy * 2 % 255), ((xx + yy) % 255)], axis=-1)  # [H, W, 3]
+        noisy = base + rng.normal(0, 12, base.shape)
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(folder / f"img{index}.jpg", quality=90)
+
+
+def ours(shards, size: int, count: int):
+    stream = ShardStream(shards, batch_size=count, transform=partial(train_crop, size=size, scale=(0.2, 1.0)), seed=0)
+    return lambda: next(iter(stream))["images"]
+
+
+def torchvision_reference(root: Path, size: int, count: int):
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    ])
+    dataset = datasets.ImageFolder(str(root), transform=transform)
+    return lambda: [dataset[i][0] for i in range(count)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--size", default="500x375", help="source JPEG size WxH (ImageNet's mean is about 500x375)")
+    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as inside a DataLoader worker
+    width, height = map(int, args.size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, shard_dir = Path(tmp) / "images", Path(tmp) / "shards"
+        write_jpegs(folder, args.images, width, height)
+        convert(folder, shard_dir, ConvertOptions(shard_size=100, workers=1, progress=False))
+        shards = resolve_shards(str(shard_dir))
+        medians = interleaved_medians({"mae_tnt shard stream": ours(shards, args.crop, args.images),
+                                       "torchvision ImageFolder": torchvision_reference(folder, args.crop,
+                                                                                        args.images)},
+                                      args.repeats)
+    rates = {name: args.images / seconds for name, seconds in medians.items()}
+    print_table([(name, f"{rate:8.1f} img/s per worker") for name, rate in rates.items()],
+                f"{args.images} JPEGs of {width}x{height} -> {args.crop}px crops, one process, median of {args.repeats}")
+    print(f"speedup shard stream vs ImageFolder: {rates['mae_tnt shard stream'] / rates['torchvision ImageFolder']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
