@@ -57,10 +57,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"cannot read {path} safely ({type(err).__name__}: {err}). Only tensors and plain containers are "
             "accepted; convert foreign checkpoints with tools/convert_checkpoint.py"
         ) from err
-    return _unwrap(obj, path)
+    return unwrap_state_dict(obj, path)
 
 
-def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     while isinstance(obj, dict) and not _is_state_dict(obj):
         inner = next((obj[key] for key in WRAPPER_KEYS if key in obj), None)
         if inner is None:

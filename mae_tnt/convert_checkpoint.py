@@ -1,0 +1,57 @@
+"""Convert foreign checkpoints (official MAE, TNT, SReT, timm) into ours, with an exact key report.
+
+    python tools/convert_checkpoint.py SRC OUT.safetensors --model NAME [--allow-missing 'decoder_*'] [--unsafe-pickle]
+
+The layout is recognised by the target model's `adapt_state_dict` (its family's checkpoint filter): flat official
+MAE keys, the huawei-noah TNT names, SReT's duplicated recursive blocks, or timm's keys. The result loads with
+`mae_tnt.create_model(NAME, checkpoint_path=OUT)`. Keys the source lacks keep the model's fresh initialisation and
+are listed; they must be allowed explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .models import create_model, load_weights, read_state_dict
+from .models.loading import CheckpointError, unwrap_state_dict
+
+
+def read_source(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
+    """Tensors of SRC; a full unpickle only when the user opts in for a file they trust."""
+    if not unsafe_pickle:
+        return read_state_dict(path)
+    print(f"WARNING: unpickling {path} without restrictions (--unsafe-pickle); only do this for files you trust")
+    return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=False), path)
+
+
+def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] = (), unsafe_pickle: bool = False):
+    model = create_model(model_name)
+    report = load_weights(model, read_source(src, unsafe_pickle), allow_missing=tuple(allow_missing))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out), metadata={"model": model_name})
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("src", type=Path, help="foreign checkpoint (.pth, .pth.tar, .bin or .safetensors)")
+    parser.add_argument("out", type=Path, help="output .safetensors file")
+    parser.add_argument("--model", required=True, help="registered model name, e.g. mae_vit_base_patch16")
+    parser.add_argument("--allow-missing", nargs="*", default=[], metavar="PATTERN",
+                        help="fnmatch patterns of keys the source may lack (e.g. 'decoder_*' 'mask_token')")
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help="allow a full unpickle for legacy files that weights_only loading refuses")
+    args = parser.parse_args(argv)
+    try:
+        report = convert(args.src, args.out, args.model, args.allow_missing, args.unsafe_pickle)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out} for {args.model}: {report.summary()}")
+    return 0

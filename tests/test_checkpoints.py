@@ -1,0 +1,77 @@
+"""Checkpoint import and loading: official MAE layouts convert with exact keys; pickles never execute."""
+
+import pickle
+
+import pytest
+import torch
+
+import mae_tnt
+from mae_tnt.convert_checkpoint import main as convert_main
+from mae_tnt.models.loading import CheckpointError, load_weights, read_state_dict
+
+
+def official_mae_state_dict(with_decoder: bool = True) -> dict:
+    """The released layout: flat keys, encoder and decoder side by side, under {'model': ...}."""
+    model = mae_tnt.create_model("mae_vit_test")
+    flat = {k.removeprefix("encoder."): v for k, v in model.state_dict().items()}
+    if not with_decoder:
+        flat = {k: v for k, v in flat.items() if not k.startswith(("decoder_", "mask_token"))}
+    return flat
+
+
+def test_official_full_mae_converts_and_loads_exactly(tmp_path):
+    flat = official_mae_state_dict()
+    torch.save({"model": flat}, tmp_path / "mae_full.pth")
+    assert convert_main([str(tmp_path / "mae_full.pth"), str(tmp_path / "ours.safetensors"),
+                         "--model", "mae_vit_test"]) == 0
+    model = mae_tnt.create_model("mae_vit_test", checkpoint_path=tmp_path / "ours.safetensors")
+    torch.testing.assert_close(model.encoder.blocks[0].attn.qkv.weight, flat["blocks.0.attn.qkv.weight"])
+    torch.testing.assert_close(model.decoder_pred.weight, flat["decoder_pred.weight"])
+
+
+def test_official_encoder_only_mae_needs_the_decoder_allowed(tmp_path, capsys):
+    torch.save({"model": official_mae_state_dict(with_decoder=False)}, tmp_path / "enc.pth")
+    args = [str(tmp_path / "enc.pth"), str(tmp_path / "o.safetensors"), "--model", "mae_vit_test"]
+    assert convert_main(args) == 1
+    assert "decoder_pred.weight" in capsys.readouterr().err
+    assert convert_main(args + ["--allow-missing", "decoder_*", "mask_token"]) == 0
+
+
+def test_encoder_checkpoint_loads_into_classifier_with_only_the_head_missing(tmp_path):
+    mae = mae_tnt.create_model("mae_vit_test")
+    torch.save({"model": mae.state_dict()}, tmp_path / "ckpt.pth")
+    classifier = mae_tnt.create_model("vit_test_patch8_32", num_classes=10)
+    report = load_weights(classifier, tmp_path / "ckpt.pth", allow_missing=("head.*",))
+    assert report.missing == ["head.bias", "head.weight"] and report.unexpected == []
+    assert any(k.startswith("decoder_") for k in report.dropped)
+    with pytest.raises(CheckpointError, match="head.weight"):
+        load_weights(mae_tnt.create_model("vit_test_patch8_32", num_classes=10), tmp_path / "ckpt.pth")
+
+
+def test_unexpected_key_is_named(tmp_path):
+    sd = mae_tnt.create_model("mae_vit_test").state_dict()
+    sd["encoder.blocks.9.extra"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match=r"unexpected \['encoder.blocks.9.extra'\]"):
+        load_weights(mae_tnt.create_model("mae_vit_test"), sd)
+
+
+class Payload:
+    """Unpickling this runs a function: what an attacker's checkpoint would do."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path(__import__('os').environ['PWNED']).write_text('owned')",))
+
+
+def test_malicious_pickle_is_refused_without_executing(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("PWNED", str(marker))
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        pickle.dump({"model": {"w": torch.zeros(1)}, "args": Payload()}, handle)
+    torch.save({"model": {"w": torch.zeros(1)}, "args": Payload()}, tmp_path / "evil_zip.pth")
+    for candidate in (path, tmp_path / "evil_zip.pth"):
+        with pytest.raises(CheckpointError, match="cannot read .* safely"):
+            read_state_dict(candidate)
+    with pytest.raises(CheckpointError):
+        mae_tnt.create_model("mae_vit_test", checkpoint_path=tmp_path / "evil_zip.pth")
+    assert not marker.exists()
