@@ -161,13 +161,22 @@ class RoleStream:
             index, sample = self._next_raw()
             try:
                 images.append(self._decode(sample, index))
-            except BadImageError:
+            except BadImageError as err:
                 skipped += 1
+                self._check_not_all_bad(skipped, err)
                 continue
             labels.append(label_of(sample))
             keys.append(sample["__key__"])
         return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long), "keys": keys,
                 "role": self.role, "position": self.position, "skipped": skipped}
+
+    def _check_not_all_bad(self, skipped: int, err: Exception) -> None:
+        """A whole epoch's worth of bad samples in a row means the data, not a few files, is broken."""
+        if skipped > self.starts[-1]:
+            raise RuntimeError(
+                f"no readable image in {skipped} consecutive samples (last error: {err}); check the shards with "
+                "tools/inspect_shards.py, and data.max_image_pixels if the images are very large"
+            )
 
     def _decode(self, sample: dict, index: int) -> torch.Tensor:
         if sample is None:

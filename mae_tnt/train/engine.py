@@ -74,6 +74,23 @@ def build_accelerator(cfg: PretrainConfig) -> Accelerator:
     return accelerator
 
 
+def configure_deepspeed(accelerator: Accelerator, cfg: PretrainConfig) -> torch.dtype | None:
+    """Fill what DeepSpeed cannot infer without a prepared loader; returns the input dtype its engine needs.
+
+    DeepSpeed's bf16/fp16 modes store the parameters in half precision, so inputs must be cast (facts §4).
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return None
+    ds_config = plugin.deepspeed_config
+    ds_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    ds_config["gradient_accumulation_steps"] = cfg.optim.accum_steps
+    if ds_config.get("gradient_clipping") == "auto":
+        ds_config["gradient_clipping"] = cfg.optim.grad_clip or 0.0
+    precision = accelerator.mixed_precision
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 class Trainer:
     """Owns the state of one pretraining run."""
 
@@ -92,12 +109,13 @@ class Trainer:
                                 fused=cfg.optim.fused)
         if cfg.run.compile:
             model = torch.compile(model)
+        self.input_dtype = configure_deepspeed(self.acc, cfg)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.step = 0
         self.stop_requested = False
         self._prepare_run_dir()
-        self.logger = MetricsLogger(self.out, self.is_main, to_dict(cfg))
         self._resume()
+        self.logger = MetricsLogger(self.out, self.is_main, to_dict(cfg), resume_step=self.step)
 
     def _prepare_run_dir(self) -> None:
         if self.is_main:
@@ -134,14 +152,16 @@ class Trainer:
         images = normalize(batch["images"].to(self.acc.device, non_blocking=True), self.cfg.data.mean,
                           self.cfg.data.std)
         seed_step(self.cfg.seed, self.acc.process_index, micro)
+        if self.input_dtype is not None:
+            images = images.to(self.input_dtype)
         with self.acc.accumulate(self.model):
+            if self.acc.sync_gradients:  # before backward: DeepSpeed steps inside accelerator.backward
+                set_lr(self.optimizer, self.lr(self.step))
             with self.acc.autocast():
                 loss, _, _ = self.model(images, mask_ratio=self.cfg.model.mask_ratio)
             self.acc.backward(loss)
-            if self.acc.sync_gradients:
-                set_lr(self.optimizer, self.lr(self.step))
-                if self.cfg.optim.grad_clip:
-                    self.grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            if self.acc.sync_gradients and self.cfg.optim.grad_clip:
+                self.grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()

@@ -11,12 +11,13 @@ from tqdm import tqdm
 class MetricsLogger:
     """Writes one JSON line per log step to `metrics.jsonl` and the same scalars to TensorBoard (rank 0 only)."""
 
-    def __init__(self, output_dir: Path, enabled: bool, hparams: dict | None = None):
+    def __init__(self, output_dir: Path, enabled: bool, hparams: dict | None = None, resume_step: int = 0):
         self.enabled = enabled
         self.writer = None
         if not enabled:
             return
         self.path = Path(output_dir) / "metrics.jsonl"
+        self._truncate_after(resume_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -25,6 +26,22 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
             if hparams:
                 self.writer.add_text("config", "```\n" + json.dumps(hparams, indent=1) + "\n```")
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop lines logged after the checkpoint being resumed (a killed run may have logged past it, or left
+        a half-written line), so the file reads as one uninterrupted run."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                continue
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:

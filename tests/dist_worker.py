@@ -1,0 +1,57 @@
+"""Run under `accelerate launch` by tests/test_distributed.py: writes what each rank saw to OUT/rank{r}.json."""
+
+import hashlib
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from mae_tnt.data.loader import make_loader
+from mae_tnt.data.shards import resolve_shards
+from mae_tnt.data.stream import ShardStream
+from mae_tnt.data.transforms import train_crop
+
+
+def stream_epoch(shard_dir: str, out: Path) -> None:
+    """One epoch of the rank's stream with 2 workers: keys and batch count."""
+    state = Accelerator()  # honours ACCELERATE_USE_CPU, unlike a bare PartialState
+    transform = partial(train_crop, size=16, scale=(0.2, 1))
+    stream = ShardStream(resolve_shards(shard_dir), batch_size=4, transform=transform, seed=0,
+                         rank=state.process_index, world_size=state.num_processes, num_workers=2, chunk=4)
+    keys, batches = [], 0
+    for batch in make_loader(stream):
+        keys += batch["keys"]
+        batches += 1
+    write(out, state.process_index, {"keys": keys, "batches": batches, "world": state.num_processes})
+
+
+def train(out: Path, overrides: list[str]) -> None:
+    """A short pretraining run; records a hash of the final parameters of this rank."""
+    from mae_tnt.config import PretrainConfig, load_config
+    from mae_tnt.train.engine import Trainer
+
+    root = Path(__file__).resolve().parents[1]
+    trainer = Trainer(load_config(PretrainConfig, root / "recipes/demo_mae_vit.yaml", overrides))
+    summary = trainer.train()
+    digest = hashlib.sha256()
+    for value in trainer.acc.unwrap_model(trainer.model).state_dict().values():
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    write(out, trainer.acc.process_index, {"steps": summary["steps"], "params": digest.hexdigest(),
+                                            "world": trainer.acc.num_processes})
+
+
+def write(out: Path, rank: int, payload: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps(payload))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    if mode == "stream":
+        stream_epoch(sys.argv[3], out)
+    else:
+        train(out, sys.argv[3:])

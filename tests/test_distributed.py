@@ -1,0 +1,79 @@
+"""Two real processes over gloo (`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from shard_utils import write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(*args, timeout=240) -> None:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(WORKER), *map(str, args)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def ranks(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_ranks_see_disjoint_samples_covering_the_epoch(tmp_path):
+    write_shards(tmp_path / "shards", [8] * 8)
+    launch("stream", tmp_path / "out", tmp_path / "shards")
+    first, second = ranks(tmp_path / "out")
+    assert first["world"] == second["world"] == 2
+    assert not set(first["keys"]) & set(second["keys"])
+    assert set(first["keys"]) | set(second["keys"]) == {f"s{i:06d}" for i in range(64)}
+
+
+def test_uneven_shards_give_equal_steps_without_hanging(tmp_path):
+    write_shards(tmp_path / "shards", [10, 10, 10, 10, 3])
+    launch("stream", tmp_path / "out", tmp_path / "shards", timeout=120)
+    first, second = ranks(tmp_path / "out")
+    assert first["batches"] == second["batches"] == 4
+
+
+def metrics(out: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["lr"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist_shards")
+    write_shards(root, [32] * 8, size=20)
+    return root
+
+
+def train_args(shards, out, max_steps):
+    return ["train", out / "ranks", f"data.train={shards}", "data.val=null", f"run.output_dir={out}",
+            "data.batch_size=8", "data.num_workers=1", "schedule.epochs=2", "schedule.warmup_epochs=0.5",
+            "run.log_every=1", "run.checkpoint_every=3", f"run.max_steps={max_steps}", "data.shuffle_chunk=16"]
+
+
+def test_two_ranks_keep_identical_parameters_and_resume_exactly(shards, tmp_path):
+    launch(*train_args(shards, tmp_path / "full", 8))
+    first, second = ranks(tmp_path / "full" / "ranks")
+    assert first["world"] == 2 and first["steps"] == second["steps"] == 8
+    assert first["params"] == second["params"]
+
+    launch(*train_args(shards, tmp_path / "cut", 5))  # last checkpoint at step 5 (every 3 + the end)
+    launch(*train_args(shards, tmp_path / "cut", 8))
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+    assert ranks(tmp_path / "cut" / "ranks")[0]["params"] == first["params"]
