@@ -6,13 +6,13 @@ from functools import partial
 
 import pytest
 import torch
+from shard_utils import write_shards
 
 from mae_tnt.data.info import update_split
 from mae_tnt.data.loader import make_loader
 from mae_tnt.data.shards import ShardError, resolve_shards
 from mae_tnt.data.stream import ShardStream
 from mae_tnt.data.transforms import train_crop
-from shard_utils import write_shards
 
 
 def stream_for(shards, rank=0, world=1, workers=0, batch=4, seed=0, chunk=4):
@@ -144,3 +144,42 @@ def test_too_few_samples_for_the_workers_fails_with_advice(tmp_path):
     write_shards(tmp_path, [3])
     with pytest.raises(ValueError, match="lower data.batch_size or data.num_workers"):
         stream_for(resolve_shards(str(tmp_path)), workers=2, batch=4)
+
+
+def test_decompression_bomb_cap_is_configurable_and_stays_on(tmp_path):
+    from mae_tnt.data.images import set_max_image_pixels
+
+    write_shards(tmp_path, [8], size=16)  # 256-pixel images
+    shards = resolve_shards(str(tmp_path))
+    try:
+        set_max_image_pixels(300)
+        assert len(consume(stream_for(shards, batch=4))) == 2
+        set_max_image_pixels(100)  # every image is now over the cap: skipped, then a clear error
+        with pytest.raises(RuntimeError, match="data.max_image_pixels"):
+            consume(stream_for(shards, batch=4))
+        with pytest.raises(ValueError, match="stays on"):
+            set_max_image_pixels(None)
+    finally:
+        set_max_image_pixels(178_956_970)
+
+
+def test_truncated_jpeg_inside_a_shard_is_skipped(tmp_path):
+    import io
+    import tarfile as tf
+
+    import numpy as np
+    from PIL import Image
+
+    write_shards(tmp_path, [8, 7])  # + the broken JPEG = 16 samples: all of them are in the epoch
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    broken = buffer.getvalue()[:600]
+    with tf.open(tmp_path / "train-000000.tar", "a") as tar:  # a 9th sample with a cut-off JPEG
+        info = tf.TarInfo("s999999.jpg")
+        info.size = len(broken)
+        tar.addfile(info, io.BytesIO(broken))
+    update_split(tmp_path, "train", ["train-000000.tar", "train-000001.tar"], [9, 7], [str(i) for i in range(10)])
+    stream = stream_for(resolve_shards(str(tmp_path)), batch=4)
+    seen = keys(consume(stream))
+    assert stream.state.skipped == 1 and len(seen) == 16
+    assert "s999999" not in seen and len(set(seen)) == 15  # the refill borrows one sample from the next range
