@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from shard_utils import write_shards
 
 from mae_tnt.config import PretrainConfig, load_config
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
 from mae_tnt.train.engine import NonFiniteLossError, Trainer
-from shard_utils import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
