@@ -7,6 +7,7 @@ dataset: accelerate PR #2325); batches are moved to the device by the engine.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterator
 from functools import partial
 
@@ -14,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import DataConfig
+from .device_decode import DeferredCrop, gpu_decode_available
 from .images import BadImageError, set_max_image_pixels
 from .shards import Shard, read_samples, resolve_shards
 from .stream import IMAGE_FIELDS, ShardStream, label_of
@@ -25,6 +27,12 @@ def build_train_stream(data: DataConfig, *, img_size: int, seed: int, rank: int,
     set_max_image_pixels(data.max_image_pixels)
     shards = resolve_shards(data.train, data.split, allow_pipe=data.allow_pipe)
     transform = partial(train_crop, size=img_size, scale=tuple(data.crop_scale))
+    if data.decode_device == "cuda":
+        if gpu_decode_available():
+            transform = DeferredCrop(img_size, tuple(data.crop_scale))
+        else:
+            warnings.warn("data.decode_device=cuda needs CUDA and torchvision; decoding on the CPU instead",
+                          stacklevel=2)
     return ShardStream(shards, batch_size=data.batch_size, transform=transform, seed=seed, rank=rank,
                        world_size=world_size, num_workers=data.num_workers, chunk=data.shuffle_chunk)
 

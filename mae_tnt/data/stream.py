@@ -30,8 +30,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .images import BadImageError
 from .shards import Shard, read_samples
 
-SampleTransform = Callable[[bytes, random.Random], torch.Tensor]
-"""Encoded image bytes + the sample's own RNG -> uint8 [3, S, S]; must be picklable (loader workers)."""
+SampleTransform = Callable[[bytes, random.Random], object]
+"""Encoded image bytes + the sample's own RNG -> uint8 [3, S, S] (or a deferred item decoded on the device, see
+`device_decode`); must be picklable (loader workers)."""
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "img")
 
 
@@ -167,7 +168,8 @@ class RoleStream:
                 continue
             labels.append(label_of(sample))
             keys.append(sample["__key__"])
-        return {"images": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long), "keys": keys,
+        stacked = torch.stack(images) if isinstance(images[0], torch.Tensor) else images  # deferred: decoded on device
+        return {"images": stacked, "labels": torch.tensor(labels, dtype=torch.long), "keys": keys,
                 "role": self.role, "position": self.position, "skipped": skipped}
 
     def _check_not_all_bad(self, skipped: int, err: Exception) -> None:

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from ..config import PretrainConfig, save_config, to_dict
+from ..data.device_decode import decode_batch
 from ..data.loader import build_train_stream, first_images, make_loader
 from ..data.stream import StreamState
 from ..data.transforms import normalize
@@ -148,9 +149,16 @@ class Trainer:
         self.log(f"resumed from {checkpoint.path} at step {self.step} (epoch {self.stream.state.epoch}, "
                  f"batch {self.stream.state.batches})")
 
+    def device_images(self, batch: dict) -> torch.Tensor:
+        """The batch as normalised floats on the device; deferred JPEGs are decoded there in one batch."""
+        images = batch["images"]
+        if isinstance(images, list):
+            images, dropped = decode_batch(images, self.cfg.model.img_size, self.acc.device)
+            self.stream.state.skipped += dropped
+        return normalize(images.to(self.acc.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
+
     def micro_step(self, batch: dict, micro: int) -> torch.Tensor:
-        images = normalize(batch["images"].to(self.acc.device, non_blocking=True), self.cfg.data.mean,
-                          self.cfg.data.std)
+        images = self.device_images(batch)
         seed_step(self.cfg.seed, self.acc.process_index, micro)
         if self.input_dtype is not None:
             images = images.to(self.input_dtype)
@@ -206,7 +214,7 @@ class Trainer:
                 loss = self.micro_step(batch, micro)
                 micro += 1
                 self.stream.state.record(batch, self.stream.num_workers)
-                window.add(loss, batch["images"].shape[0], micro)
+                window.add(loss, len(batch["images"]), micro)
                 if not self.acc.sync_gradients:
                     continue
                 self.step += 1

@@ -1,0 +1,85 @@
+"""Batched JPEG decoding on the GPU: workers only pick the crop, the device decodes, crops, resizes and flips.
+
+With `data.decode_device: cuda`, a worker reads a JPEG's header, draws the random-resized-crop box and the flip with
+the sample's own RNG (so the augmentation is the same as on the CPU path), and hands the encoded bytes on. The main
+process decodes the batch with nvJPEG (`torchvision.io.decode_jpeg(list, device="cuda")`), then crops, resizes
+(bicubic, antialiased) and flips each image on the device. Images that are not RGB/grey JPEGs are decoded on the CPU
+in the worker as before. Without CUDA (or torchvision), the CPU path is used and a warning says so.
+
+References: torchvision PR #8496 (batched nvJPEG decoding, about 20x the CPU rate on an A100); facts §6.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .transforms import decode_jpeg, open_image, random_resized_crop_box, train_crop
+
+if decode_jpeg is not None:
+    from torchvision.io import ImageReadMode
+    from torchvision.transforms.v2.functional import InterpolationMode, resize
+
+
+@dataclass
+class EncodedCrop:
+    """A JPEG still encoded, with the crop box (left, top, right, bottom) and flip chosen in the worker."""
+
+    data: torch.Tensor
+    box: tuple[int, int, int, int]
+    flip: bool
+
+
+class DeferredCrop:
+    """Picklable per-sample transform: JPEGs become `EncodedCrop`, other images uint8 [3, S, S] as on the CPU path."""
+
+    def __init__(self, size: int, scale: tuple[float, float]):
+        self.size, self.scale = size, tuple(scale)
+
+    def __call__(self, data: bytes, rng: random.Random) -> EncodedCrop | torch.Tensor:
+        image = open_image(data)
+        if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+            return train_crop(data, rng, size=self.size, scale=self.scale)
+        box = random_resized_crop_box(*image.size, self.scale, rng)
+        flip = rng.random() < 0.5
+        return EncodedCrop(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip)
+
+
+def gpu_decode_available() -> bool:
+    return decode_jpeg is not None and torch.cuda.is_available()
+
+
+def decode_batch(items: list, size: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Items from `DeferredCrop` (any mix) -> (uint8 [B', 3, S, S] on `device`, number of JPEGs dropped).
+
+    A JPEG whose header was fine but whose data is corrupt fails the batched call; the batch is then decoded one image
+    at a time and the broken ones are dropped (B' < B) and counted, so one bad file never stops a run.
+    """
+    encoded = [item.data for item in items if isinstance(item, EncodedCrop)]
+    try:
+        decoded = iter(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device) if encoded else [])
+    except RuntimeError:
+        decoded = iter([_decode_one(data, device) for data in encoded])
+    images = []
+    for item in items:
+        if not isinstance(item, EncodedCrop):
+            images.append(item.to(device, non_blocking=True))
+        elif (image := next(decoded)) is not None:
+            images.append(_crop_resize_flip(image, item, size))
+    return torch.stack(images), len(items) - len(images)
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
+
+
+def _crop_resize_flip(image: torch.Tensor, item: EncodedCrop, size: int) -> torch.Tensor:
+    left, top, right, bottom = item.box
+    crop = image[:, top:bottom, left:right]  # [3, h, w], a view
+    out = resize(crop, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return out.flip(-1) if item.flip else out

@@ -1,0 +1,73 @@
+"""The deferred (GPU) decode path: same augmentation as the CPU path, CPU fallback, corrupt JPEGs dropped."""
+
+import io
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from shard_utils import write_shards
+
+from mae_tnt.config import DataConfig
+from mae_tnt.data.device_decode import DeferredCrop, EncodedCrop, decode_batch
+from mae_tnt.data.loader import build_train_stream
+from mae_tnt.data.transforms import train_crop
+
+
+def jpeg(seed: int, size=(64, 56)) -> bytes:
+    array = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def deferred_vs_cpu(device: str):
+    transform = DeferredCrop(48, (0.2, 1.0))
+    items = [transform(jpeg(i), random.Random(i)) for i in range(6)]
+    assert all(isinstance(item, EncodedCrop) for item in items)
+    images, dropped = decode_batch(items, 48, torch.device(device))
+    expected = torch.stack([train_crop(jpeg(i), random.Random(i), size=48, scale=(0.2, 1.0)) for i in range(6)])
+    return images.cpu(), expected, dropped
+
+
+def test_deferred_decode_reproduces_the_cpu_augmentation():
+    images, expected, dropped = deferred_vs_cpu("cpu")
+    assert dropped == 0 and torch.equal(images, expected)
+
+
+def test_non_jpeg_images_are_decoded_in_the_worker():
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (10, 20, 30)).save(buffer, "PNG")
+    item = DeferredCrop(32, (0.2, 1.0))(buffer.getvalue(), random.Random(0))
+    assert isinstance(item, torch.Tensor) and item.shape == (3, 32, 32)
+
+
+def test_corrupt_jpeg_data_is_dropped_and_counted():
+    transform = DeferredCrop(48, (0.2, 1.0))
+    good = transform(jpeg(0), random.Random(0))
+    broken = jpeg(1)
+    bad = EncodedCrop(torch.frombuffer(bytearray(broken[:300] + bytes(200)), dtype=torch.uint8), good.box, False)
+    images, dropped = decode_batch([good, bad, good], 48, torch.device("cpu"))
+    assert images.shape[0] == 2 and dropped == 1
+
+
+def test_cuda_decode_falls_back_to_the_cpu_without_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr("mae_tnt.data.loader.gpu_decode_available", lambda: False)
+    write_shards(tmp_path, [8])
+    data = DataConfig(train=str(tmp_path), batch_size=4, num_workers=0, decode_device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stream = build_train_stream(data, img_size=16, seed=0, rank=0, world_size=1)
+    assert any("decoding on the CPU" in str(w.message) for w in caught)
+    assert isinstance(next(iter(stream))["images"], torch.Tensor)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_decode_matches_the_cpu_path():
+    images, expected, dropped = deferred_vs_cpu("cuda")
+    assert dropped == 0
+    # nvJPEG's IDCT and the CUDA resize kernel may differ from libjpeg-turbo by a few grey levels
+    assert (images.int() - expected.int()).abs().float().mean() < 2.0
