@@ -151,6 +151,10 @@ class RunConfig:
     """Optimizer steps between reconstruction grids (0 = only at checkpoints and the end)."""
     compile: bool = False
     """torch.compile the model (the compile time is logged)."""
+    fused_attn: bool = True
+    """Attention through `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU)."""
+    channels_last: bool = True
+    """On GPU, keep 4-D activations channels-last (speeds up SReT's conv stem; no effect on CPU)."""
     tf32: bool = True
     """Allow TF32 matmuls on Ampere and newer GPUs."""
 

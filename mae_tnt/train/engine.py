@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from timm.layers import set_fused_attn
 
 from ..config import PretrainConfig, save_config, to_dict
 from ..data.device_decode import decode_batch
@@ -103,8 +104,12 @@ class Trainer:
         self.stream = build_train_stream(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed,
                                          rank=self.acc.process_index, world_size=self.acc.num_processes)
         self.plan = derive_plan(cfg, self.acc.num_processes, self.stream.batches_per_epoch())
+        set_fused_attn(cfg.run.fused_attn)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run of this recipe
         model = create_model(cfg.model.name, **cfg.model.build_kwargs())
+        self.memory_format = (torch.channels_last if cfg.run.channels_last and self.acc.device.type == "cuda"
+                              else torch.contiguous_format)
+        model = model.to(memory_format=self.memory_format)
         optimizer = build_adamw(model.to(self.acc.device), lr=self.plan.peak_lr,
                                 weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
                                 fused=cfg.optim.fused)
@@ -155,7 +160,8 @@ class Trainer:
         if isinstance(images, list):
             images, dropped = decode_batch(images, self.cfg.model.img_size, self.acc.device)
             self.stream.state.skipped += dropped
-        return normalize(images.to(self.acc.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
+        images = normalize(images.to(self.acc.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
+        return images.contiguous(memory_format=self.memory_format)
 
     def micro_step(self, batch: dict, micro: int) -> torch.Tensor:
         images = self.device_images(batch)
@@ -211,7 +217,11 @@ class Trainer:
         last_saved = self.step
         while self.step < self.plan.stop_step and not self.stop_requested:
             for batch in self._epoch_batches(window):
+                started = time.perf_counter()
                 loss = self.micro_step(batch, micro)
+                if self.cfg.run.compile and micro == self.step * self.cfg.optim.accum_steps:
+                    self.log(f"torch.compile: first step (compilation included) took "
+                             f"{time.perf_counter() - started:.1f} s")
                 micro += 1
                 self.stream.state.record(batch, self.stream.num_workers)
                 window.add(loss, len(batch["images"]), micro)
