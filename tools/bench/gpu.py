@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.state import AcceleratorState
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -75,6 +76,7 @@ def pipeline(name: str, batch: int, steps: int, shards: Path, decode: str, worke
     from mae_tnt.train.engine import Trainer
 
     Trainer(cfg).train()
+    AcceleratorState._reset_state(True)  # the next configuration builds its own Accelerator
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     return {"img_s": last["img_per_s"], "data_wait": last["data_wait"]}
 
