@@ -354,3 +354,22 @@ def test_tool_wrappers_exit_with_the_status_of_main(tmp_path, monkeypatch):
         with pytest.raises(SystemExit) as exit_info:
             runpy.run_path(str(REPO / "tools" / tool), run_name="__main__")
         assert exit_info.value.code == 0
+
+
+def test_compressed_shards_are_reproducible_and_stream(tmp_path):
+    from mae_tnt.data.convert import ConvertOptions, convert
+    from mae_tnt.data.inspect import inspect_shards
+    from mae_tnt.data.shards import resolve_shards
+    from shard_utils import encode_png
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"img{i}.png").write_bytes(encode_png(i))
+    for out in ("a", "b"):
+        convert(src, tmp_path / out, ConvertOptions(shard_size=5, workers=0, progress=False, compress=True))
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.tar.gz"))
+    assert names == ["train-000000.tar.gz", "train-000001.tar.gz", "train-000002.tar.gz"]
+    assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in names)
+    assert [s.num_samples for s in resolve_shards(str(tmp_path / "a"))] == [5, 5, 2]
+    assert inspect_shards(tmp_path / "a").problems == []

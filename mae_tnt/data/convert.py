@@ -25,6 +25,7 @@ References:
 """
 
 import argparse
+import gzip
 import hashlib
 import io
 import json
@@ -66,6 +67,8 @@ class ConvertOptions:
     max_size: int | None = None
     seed: int = 0
     limit: int | None = None
+    compress: bool = False
+    """gzip each shard (`.tar.gz`): tar pads every member to 512 bytes, which dominates for small images."""
     classes: tuple[str, ...] | None = None
     workers: int = os.cpu_count() or 1
     progress: bool = True
@@ -164,19 +167,21 @@ def _job_description(src, fmt: str, source: Source, order: list[int], options: C
         "shard_bytes": options.shard_bytes,
         "max_size": options.max_size,
         "limit": options.limit,
+        "compress": options.compress,
         "classes": source.classes,
         "order_sha256": digest,
     }
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
+def shard_name(split: str, index: int, compress: bool = False) -> str:
+    return f"{split}-{index:06d}.tar" + (".gz" if compress else "")
 
 
-def shard_files(out: Path, split: str, suffix: str = ".tar") -> list[Path]:
-    """Files named like shards of ``split`` (exactly, so split "a" never matches shards of split "a-b")."""
-    pattern = re.compile(rf"{re.escape(split)}-\d{{6}}{re.escape(suffix)}")
-    return [path for path in out.glob(f"{split}-*{suffix}") if pattern.fullmatch(path.name)]
+def shard_files(out: Path, split: str, temporary: bool = False) -> list[Path]:
+    """Files named like (temporary) shards of ``split``, compressed or not (exactly, so split "a" never matches
+    shards of split "a-b")."""
+    pattern = re.compile(rf"{re.escape(split)}-\d{{6}}\.tar(\.gz)?" + (r"\.tmp" if temporary else ""))
+    return [path for path in out.glob(f"{split}-*") if pattern.fullmatch(path.name)]
 
 
 class Journal:
@@ -193,7 +198,7 @@ class Journal:
     def open(cls, out: Path, split: str, job: dict) -> "Journal":
         """Resume the journal of this job, keeping the shards that still verify; or start a new one."""
         path = out / f"_progress_{split}.json"
-        for leftover in shard_files(out, split, ".tar.tmp"):
+        for leftover in shard_files(out, split, temporary=True):
             leftover.unlink()
         if path.is_file():
             shards = cls._recorded_shards(path, job)
@@ -272,7 +277,7 @@ def _write_remaining(source: Source, order: list[int], journal: Journal, options
     """Encode and write the samples after the journal's position; return skips not recorded in a shard."""
     target = min(options.limit or len(order), len(order))
     done, skipped_before = journal.num_samples, len(journal.skipped)
-    writer = ShardWriter(journal.path.parent, options.split, first_shard=len(journal.shards))
+    writer = ShardWriter(journal.path.parent, options.split, first_shard=len(journal.shards), compress=options.compress)
     skips, end = [], journal.next_position  # end: first order position not consumed yet
     bar = tqdm(total=target, initial=done, unit="img", desc=options.split, disable=not options.progress)
     stream = _prepared(source, order, journal.next_position, options)
@@ -323,16 +328,18 @@ def _sample_members(key: str, image: EncodedImage, classes: list[str]) -> dict[s
 class ShardWriter:
     """Writes samples into numbered tar shards; a shard keeps a ``.tmp`` name until it is complete."""
 
-    def __init__(self, out: Path, split: str, first_shard: int):
-        self.out, self.split, self.shard_index = out, split, first_shard
+    def __init__(self, out: Path, split: str, first_shard: int, compress: bool = False):
+        self.out, self.split, self.shard_index, self.compress = out, split, first_shard, compress
         self.count = self.payload_bytes = 0
-        self._file = self._tar = None
+        self._file = self._gzip = self._tar = None
 
     def add(self, members: dict[str, bytes]) -> None:
         """Append one sample's members, in sorted order, with constant headers (reproducible tars)."""
         if self._tar is None:
             self._file = open(self._tmp_path(), "wb")
-            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+            # gzip with mtime 0 so that compressed shards are reproducible too
+            self._gzip = gzip.GzipFile(fileobj=self._file, mode="wb", mtime=0) if self.compress else None
+            self._tar = tarfile.open(fileobj=self._gzip or self._file, mode="w", format=tarfile.USTAR_FORMAT)
         for name in sorted(members):
             # TarInfo defaults are constant: mtime 0, mode 0o644, uid/gid 0, empty user and group names.
             header = tarfile.TarInfo(name)
@@ -344,17 +351,19 @@ class ShardWriter:
     def close_shard(self) -> tuple[str, int]:
         """Finish the open shard, flush it to disk and rename it; return its file name and sample count."""
         self._tar.close()
+        if self._gzip is not None:
+            self._gzip.close()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        filename, count = shard_name(self.split, self.shard_index), self.count
+        filename, count = shard_name(self.split, self.shard_index, self.compress), self.count
         os.replace(self._tmp_path(), self.out / filename)
         self._file = self._tar = None
         self.shard_index, self.count, self.payload_bytes = self.shard_index + 1, 0, 0
         return filename, count
 
     def _tmp_path(self) -> Path:
-        return self.out / (shard_name(self.split, self.shard_index) + ".tmp")
+        return self.out / (shard_name(self.split, self.shard_index, self.compress) + ".tmp")
 
 
 # Per-process state of the encoding workers, set once by _init_worker (the source can be large).
@@ -457,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
     parser.add_argument("--limit", type=int, default=None, help="keep the first N readable samples of the shuffle")
+    parser.add_argument("--compress", action="store_true", help="write gzip-compressed .tar.gz shards")
     parser.add_argument(
         "--classes", default=None, help="class names in label order: a file with one per line, or comma-separated"
     )
@@ -492,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_size=args.max_size,
             seed=args.seed,
             limit=args.limit,
+            compress=args.compress,
             classes=_parse_classes(args.classes),
             workers=args.workers,
         )

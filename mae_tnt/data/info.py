@@ -163,7 +163,7 @@ def count_tar_samples(path: str | os.PathLike) -> int:
     """
     count, previous_key = 0, None
     try:
-        with tarfile.open(path, "r:") as tar:
+        with tarfile.open(path, "r:*") as tar:  # plain or gzip-compressed
             for member in tar:
                 key = sample_key(member.name) if member.isreg() else None
                 if key is not None and key != previous_key:

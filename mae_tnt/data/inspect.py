@@ -70,9 +70,8 @@ def _leftover_problems(root: Path, info: dict) -> list[str]:
         f"{path}: unfinished conversion; re-run the make_shards command that wrote it"
         for path in sorted(root.glob("_progress_*.json"))
     ]
-    problems += [
-        f"{path}: shard not listed in {INFO_NAME}" for path in sorted(root.glob("*.tar")) if path.name not in listed
-    ]
+    shards = [path for pattern in ("*.tar", "*.tar.gz") for path in sorted(root.glob(pattern))]
+    problems += [f"{path}: shard not listed in {INFO_NAME}" for path in shards if path.name not in listed]
     return problems
 
 
@@ -114,7 +113,7 @@ def _inspect_sample(where: str, fields: dict[str, bytes], classes: list[str], re
 def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {field: bytes})`` per sample of a tar, grouping members as webdataset does."""
     key, fields = None, {}
-    with tarfile.open(path, "r:") as tar:
+    with tarfile.open(path, "r:*") as tar:  # plain or gzip-compressed
         for member in tar:
             member_key = sample_key(member.name) if member.isreg() else None
             if member_key is None:

@@ -118,5 +118,5 @@ def read_samples(url: str, start: int = 0) -> Iterator[dict[str, bytes]]:
 
 def _open_tar(url: str) -> tarfile.TarFile:
     if _is_local(url):
-        return tarfile.open(url.removeprefix("file:"), mode="r:")
-    return tarfile.open(fileobj=wds.gopen(url), mode="r|")
+        return tarfile.open(url.removeprefix("file:"), mode="r:*")  # plain or gzip-compressed
+    return tarfile.open(fileobj=wds.gopen(url), mode="r|*")
