@@ -1,0 +1,145 @@
+"""Cost of MAE on SReT-S: visible-only vs SimMIM-style full-grid encoder, the dense-stem option, SReT-S vs DeiT-S.
+
+Prints, in one run, encoder and forward MACs per image (FlopCounterMode FLOPs / 2: matmuls, convs, attention) and the
+median train-step time (forward + backward) of each case. Repetitions are interleaved across cases, so load on a
+shared machine hits every case alike; ratios come last.
+
+    OMP_NUM_THREADS=2 python tools/bench/sret.py                       # CPU, batch 8 at 224
+    python tools/bench/sret.py --device cuda --dtype bfloat16 --batch 64 --reps 20
+
+References: docs/sret.md (design and measured numbers); timm `vit_small_patch16_224` (DeiT-S architecture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import mae_tnt
+
+
+@dataclass
+class Case:
+    """One model and how to run its training step; `encode` runs only its encoder (for MACs), if it has one."""
+
+    name: str
+    model: torch.nn.Module
+    step: Callable[[], torch.Tensor]
+    encode: Callable[[], torch.Tensor] | None = None
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8, help="images per step")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--reps", type=int, default=3, help="timed steps per case (after one warm-up step)")
+    parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="autocast dtype for the forward (float32 = no autocast)")
+    return parser.parse_args()
+
+
+def mae_case(name: str, images: torch.Tensor, ratio: float, **kwargs) -> Case:
+    model = mae_tnt.create_model("mae_sret_s", img_size=images.shape[-1], **kwargs).to(images.device).train()
+    noise = torch.rand(images.shape[0], model.grid**2, device=images.device)
+    return Case(name, model, step=lambda: model(images, ratio, noise)[0],
+                encode=lambda: model.forward_encoder(images, ratio, noise)[0])
+
+
+def classifier_case(name: str, model: torch.nn.Module, images: torch.Tensor) -> Case:
+    model = model.to(images.device).train()
+    labels = torch.randint(0, 1000, (images.shape[0],), device=images.device)
+    return Case(name, model, step=lambda: F.cross_entropy(model(images), labels))
+
+
+def build_cases(images: torch.Tensor, ratio: float) -> list[Case]:
+    size = images.shape[-1]
+    return [
+        mae_case("mae_sret_s visible (per-unit stem)", images, ratio),
+        mae_case("mae_sret_s visible (dense stem)", images, ratio, dense_stem=True),
+        mae_case("mae_sret_s mask tokens (full grid)", images, ratio, encoder_mode="mask_tokens"),
+        classifier_case("sret_s classifier", mae_tnt.create_model("sret_s", img_size=size), images),
+        classifier_case("deit_s classifier (timm vit_small)", timm.create_model("vit_small_patch16_224", img_size=size),
+                        images),
+    ]
+
+
+def gmacs_per_image(fn: Callable[[], torch.Tensor], batch: int) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops() / 2 / batch / 1e9
+
+
+def timed_step(case: Case, autocast) -> float:
+    """Seconds for one forward + backward, synchronised on accelerators."""
+    device = next(case.model.parameters()).device
+    case.model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with autocast():
+        loss = case.step()
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    cases = build_cases(images, args.mask_ratio)
+
+    def autocast():
+        return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+    encoder_macs = {c.name: gmacs_per_image(c.encode, args.batch) for c in cases if c.encode}
+    forward_macs = {c.name: gmacs_per_image(c.step, args.batch) for c in cases}
+    times: dict[str, list[float]] = {c.name: [] for c in cases}
+    for rep in range(args.reps + 1):  # rep 0 warms up every case
+        for case in cases:
+            seconds = timed_step(case, autocast)
+            if rep:
+                times[case.name].append(seconds)
+    step = {name: statistics.median(t) for name, t in times.items()}
+    print_report(args, device, cases, encoder_macs, forward_macs, step)
+
+
+def print_report(args, device, cases, encoder_macs, forward_macs, step) -> None:
+    print(f"device={device} dtype={args.dtype} batch={args.batch} img={args.img_size} mask_ratio={args.mask_ratio} "
+          f"reps={args.reps} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"{'case':40s} {'enc GMAC/img':>12s} {'fwd GMAC/img':>12s} {'step ms':>9s} {'img/s':>7s}")
+    for case in cases:
+        enc = f"{encoder_macs[case.name]:.3f}" if case.name in encoder_macs else "-"
+        seconds = step[case.name]
+        print(f"{case.name:40s} {enc:>12s} {forward_macs[case.name]:12.3f} {seconds * 1e3:9.1f} "
+              f"{args.batch / seconds:7.1f}")
+    visible, dense, full, sret, deit = (c.name for c in cases)
+    ratios = [
+        ("encoder MACs   visible / mask tokens", encoder_macs[visible] / encoder_macs[full], "(target <= 0.3)"),
+        ("MAE step time  visible / mask tokens", step[visible] / step[full], "(target <= 0.5)"),
+        ("encoder MACs   dense stem / per-unit", encoder_macs[dense] / encoder_macs[visible], ""),
+        ("MAE step time  dense stem / per-unit", step[dense] / step[visible], ""),
+        ("forward MACs   SReT-S / DeiT-S", forward_macs[sret] / forward_macs[deit], ""),
+        ("train step     SReT-S / DeiT-S", step[sret] / step[deit], ""),
+    ]
+    print("ratios:")
+    for label, value, target in ratios:
+        print(f"  {label:38s} = {value:.3f}  {target}")
+
+
+if __name__ == "__main__":
+    main()
