@@ -2,6 +2,7 @@
 
 from . import (
     sret,  # noqa: F401
+    tnt,  # noqa: F401
     vit,  # noqa: F401  (registers the ViT family)
 )
 from .loading import CheckpointError, load_weights, read_state_dict

@@ -1,0 +1,194 @@
+"""Speed of our TNT against timm's, DeiT-S and the SimMIM-style baseline; decoder sizing for MAE-TNT.
+
+Default mode prints, in one run, the median train-step time (forward + backward, no optimizer) and forward MACs per
+image of: timm `tnt_s_patch16_224`, our `tnt_s_patch16_224` (same weights), timm `vit_small_patch16_224` (DeiT-S),
+and MAE-TNT-S with the visible-only encoder vs every sentence in the encoder (`encoder_mode="mask_tokens"`).
+Repetitions are interleaved across cases, so load on a shared machine hits every case alike; the key ratios come last.
+
+`--decoders` instead compares decoder sizes for `mae_tnt_s_patch16` (`--model` for another size): encoder and decoder
+MACs per image and the step time of the whole MAE and of its encoder alone.
+
+    OMP_NUM_THREADS=2 python tools/bench/tnt.py                              # CPU, batch 16 at 224, fp32
+    OMP_NUM_THREADS=2 python tools/bench/tnt.py --decoders --batch 8
+    python tools/bench/tnt.py --device cuda --dtype bf16 --batch 128 --reps 20
+
+References: docs/tnt.md (design and measured numbers); timm `models/tnt.py`, `vit_small_patch16_224` (DeiT-S).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import mae_tnt
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DECODERS = ((8, 512, 16), (4, 512, 16), (4, 384, 12), (2, 384, 12), (4, 256, 8), (2, 256, 8))
+"""(depth, width, heads) of the decoders compared by --decoders; MAE's reference is 8 x 512."""
+
+
+@dataclass
+class Case:
+    """A named closure returning a loss; `macs` runs the part whose MACs are reported (default: `step`)."""
+
+    name: str
+    step: Callable[[], torch.Tensor]
+    model: torch.nn.Module
+    macs: Callable[[], torch.Tensor] | None = None
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=16, help="images per step")
+    parser.add_argument("--reps", type=int, default=5, help="timed steps per case, after one warm-up step")
+    parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype (fp32: none)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="wall: perf_counter; cpu: this process's CPU time (steadier on a loaded CPU machine)")
+    parser.add_argument("--decoders", action="store_true", help="compare MAE-TNT decoder sizes instead")
+    parser.add_argument("--model", default="mae_tnt_s_patch16", help="MAE-TNT model for --decoders")
+    return parser.parse_args()
+
+
+def classifier_case(name: str, model: torch.nn.Module, images: torch.Tensor) -> Case:
+    model = model.to(images.device).train()
+    labels = torch.randint(0, 1000, (images.shape[0],), device=images.device)
+    return Case(name, lambda: F.cross_entropy(model(images), labels), model)
+
+
+def mae_case(name: str, images: torch.Tensor, ratio: float, model_name: str = "mae_tnt_s_patch16", **kwargs) -> Case:
+    model = mae_tnt.create_model(model_name, **kwargs).to(images.device).train()
+    noise = torch.rand(images.shape[0], model.grid**2, device=images.device)
+    return Case(name, lambda: model(images, ratio, noise)[0], model)
+
+
+def encoder_case(name: str, mae: Case, images: torch.Tensor, ratio: float) -> Case:
+    """The MAE's encoder alone (same mask), with a stand-in loss so that backward runs through it."""
+    noise = torch.rand(images.shape[0], mae.model.grid**2, device=images.device)
+    return Case(name, lambda: mae.model.forward_encoder(images, ratio, noise)[0].float().square().mean(), mae.model)
+
+
+def speed_cases(images: torch.Tensor, ratio: float) -> list[Case]:
+    timm_tnt = timm.create_model("tnt_s_patch16_224")
+    ours = mae_tnt.create_model("tnt_s_patch16_224")
+    ours.load_state_dict(timm_tnt.state_dict())  # same weights, so the timings compare like with like
+    return [
+        classifier_case("timm tnt_s_patch16_224", timm_tnt, images),
+        classifier_case("ours tnt_s_patch16_224", ours, images),
+        classifier_case("timm vit_small_patch16_224 (DeiT-S)", timm.create_model("vit_small_patch16_224"), images),
+        mae_case("mae_tnt_s visible-only", images, ratio),
+        mae_case("mae_tnt_s mask tokens (every sentence)", images, ratio, encoder_mode="mask_tokens"),
+    ]
+
+
+def decoder_cases(images: torch.Tensor, ratio: float, model_name: str) -> list[Case]:
+    cases = []
+    for depth, width, heads in DECODERS:
+        cases.append(mae_case(f"decoder {depth}x{width}", images, ratio, model_name,
+                              decoder_depth=depth, decoder_dim=width, decoder_heads=heads))
+    cases.append(encoder_case("encoder alone (visible)", cases[0], images, ratio))
+    return cases
+
+
+def gmacs_per_image(fn: Callable[[], torch.Tensor], batch: int) -> float:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops() / 2 / batch / 1e9
+
+
+def timed_step(case: Case, autocast, clock: Callable[[], float]) -> float:
+    """Seconds for one forward + backward, synchronised on accelerators."""
+    device = next(case.model.parameters()).device
+    case.model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = clock()
+    with autocast():
+        loss = case.step()
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return clock() - start
+
+
+def median_step_times(cases: list[Case], reps: int, autocast, clock: Callable[[], float]) -> dict[str, float]:
+    times: dict[str, list[float]] = {c.name: [] for c in cases}
+    for rep in range(reps + 1):  # rep 0 warms every case up
+        for case in cases:
+            seconds = timed_step(case, autocast, clock)
+            if rep:
+                times[case.name].append(seconds)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def print_table(args, cases: list[Case], macs: dict[str, float], step: dict[str, float]) -> None:
+    print(f"device={args.device} dtype={args.dtype} batch={args.batch} img=224 mask_ratio={args.mask_ratio} "
+          f"reps={args.reps} clock={args.clock} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__} timm={timm.__version__}")
+    print(f"{'case':42s} {'fwd GMAC/img':>12s} {'step ms':>9s} {'img/s':>7s}")
+    for case in cases:
+        seconds = step[case.name]
+        print(f"{case.name:42s} {macs[case.name]:12.3f} {seconds * 1e3:9.1f} {args.batch / seconds:7.1f}")
+
+
+def print_speed_ratios(cases: list[Case], macs: dict[str, float], step: dict[str, float]) -> None:
+    timm_tnt, ours, vit, visible, full = (c.name for c in cases)
+    ratios = [
+        ("forward MACs  TNT-S / DeiT-S", macs[ours] / macs[vit], ""),
+        ("MAE step      mask tokens / visible-only", step[full] / step[visible], ""),
+        ("MAE MACs      mask tokens / visible-only", macs[full] / macs[visible], ""),
+        ("train step    timm TNT-S / DeiT-S", step[timm_tnt] / step[vit], ""),
+        ("train step    ours TNT-S / DeiT-S", step[ours] / step[vit], "(target <= 1.25)"),
+        ("speed-up      timm TNT-S / ours TNT-S", step[timm_tnt] / step[ours], "(target >= 1.3)"),
+    ]
+    print("ratios:")
+    for label, value, target in ratios:
+        print(f"  {label:42s} = {value:6.3f}  {target}")
+
+
+def print_decoder_ratios(cases: list[Case], macs: dict[str, float], step: dict[str, float]) -> None:
+    encoder = cases[-1].name
+    print(f"decoder vs encoder (encoder alone: {macs[encoder]:.3f} GMAC/img, {step[encoder] * 1e3:.1f} ms):")
+    for case in cases[:-1]:
+        dec_macs = macs[case.name] - macs[encoder]
+        dec_ms = step[case.name] - step[encoder]
+        print(f"  {case.name:16s} decoder {dec_macs:6.3f} GMAC/img = {dec_macs / macs[encoder]:5.2f}x encoder;  "
+              f"step {step[case.name] * 1e3:8.1f} ms, decoder share {dec_ms / step[case.name]:6.1%}")
+
+
+def main() -> None:
+    args = parse_args()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    torch.manual_seed(0)
+    images = torch.randn(args.batch, 3, 224, 224, device=device)
+    if args.decoders:
+        cases = decoder_cases(images, args.mask_ratio, args.model)
+    else:
+        cases = speed_cases(images, args.mask_ratio)
+
+    def autocast():
+        return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+    with autocast():
+        macs = {c.name: gmacs_per_image(c.step, args.batch) for c in cases}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    step = median_step_times(cases, args.reps, autocast, clock)
+    print_table(args, cases, macs, step)
+    if args.decoders:
+        print_decoder_ratios(cases, macs, step)
+    else:
+        print_speed_ratios(cases, macs, step)
+
+
+if __name__ == "__main__":
+    main()
