@@ -1,0 +1,28 @@
+"""Command-line front end of `finetune.py`: recipe + dotted overrides (`init=PATH mode=knn ...`), friendly errors."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import parse_args
+from .config import ConfigError, load_config
+from .finetune_config import FinetuneConfig
+
+
+def run_finetune(argv: list[str]) -> int:
+    recipe, overrides = parse_args(argv, "finetune.py")
+    try:
+        cfg = load_config(FinetuneConfig, recipe, overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from .train.finetune import finetune  # heavy imports only once the config is valid
+
+    summary = finetune(cfg)
+    if cfg.mode == "knn":
+        print(f"done: kNN top-1 {summary['knn_top1']:.2f}, top-5 {summary['knn_top5']:.2f}")
+    else:
+        best = summary["best"]
+        print(f"done: {summary['steps']} steps; best val top-1 {best['val_acc1']:.2f} ({best.get('weights', '-')} "
+              f"weights, epoch {best.get('epoch', '-')}); outputs in {summary['output_dir']}")
+    return 0

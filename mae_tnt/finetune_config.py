@@ -1,0 +1,154 @@
+"""Typed configuration of the downstream runs: fine-tuning, linear probing and kNN evaluation.
+
+Sections reuse the pretraining dataclasses of `mae_tnt.config` where they fit (`RunConfig` as is; `DataConfig`,
+`OptimConfig` and `ScheduleConfig` subclassed only to change defaults or add fields), so one strict loader
+(`load_config(FinetuneConfig, path, overrides)`) checks both kinds of recipe. Defaults are MAE's fine-tuning recipe;
+linear-probe and kNN recipes override them.
+
+References: facebookresearch/mae `main_finetune.py`, `main_linprobe.py` and FINETUNE.md (defaults); DINO
+`eval_knn.py` (k = 20, T = 0.07).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import MISSING_VALUE, ConfigError, DataConfig, OptimConfig, RunConfig, ScheduleConfig
+
+MODES = ("finetune", "linprobe", "knn")
+OPTIMIZERS = ("adamw", "lars")
+
+
+@dataclass
+class ClassifierConfig:
+    name: str = MISSING_VALUE
+    """Registered classifier name, e.g. `vit_base_patch16_224`, `tnt_s_patch16_224`, `sret_s`."""
+    num_classes: int | None = None
+    """Output classes; None reads the `classes` list of the train shards' `_info.json`."""
+    img_size: int = 224
+    """Input resolution in pixels; position embeddings of the init checkpoint are resampled to it."""
+    drop_path: float = 0.1
+    """Stochastic depth rate (MAE: 0.1 for ViT-B, 0.2 for L, 0.3 for H)."""
+    global_pool: str | None = "avg"
+    """`avg` (MAE fine-tuning: norm of the mean patch token), `token` (cls token, MAE's linear probe), or None for the
+    model's own pooling (SReT always averages)."""
+    head_init_std: float = 2e-5
+    """Std of the truncated-normal init of a head the checkpoint lacks (MAE: 2e-5 fine-tune, 0.01 linear probe)."""
+    bn_reestimate_batches: int = 0
+    """SReT only: train batches used to recompute the stem BatchNorm statistics after loading (0 = keep them)."""
+
+    def __post_init__(self) -> None:
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"model.num_classes must be >= 1, got {self.num_classes}")
+        if self.global_pool not in (None, "avg", "token"):
+            raise ConfigError(f"model.global_pool must be avg, token or null, got {self.global_pool!r}")
+
+
+@dataclass
+class FinetuneDataConfig(DataConfig):
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """RandomResizedCrop area range (MAE fine-tuning and linear probe: 0.08-1)."""
+    eval_batch_size: int | None = None
+    """Images per device per evaluation or feature batch; None = data.batch_size."""
+    knn_max_train: int | None = None
+    """kNN only: use at most this many train images for the feature bank (None = the whole split)."""
+
+
+@dataclass
+class AugmentConfig:
+    rand_augment: str | None = "rand-m9-mstd0.5-inc1"
+    """timm RandAugment spec applied per sample after the crop (None = off)."""
+    reprob: float = 0.25
+    """Random-erasing probability per image (pixel mode, one box), applied on the device after normalisation."""
+    mixup: float = 0.8
+    """Mixup alpha (0 = off)."""
+    cutmix: float = 1.0
+    """CutMix alpha (0 = off)."""
+    mixup_prob: float = 1.0
+    """Probability of mixing a batch at all."""
+    mixup_switch_prob: float = 0.5
+    """Probability of CutMix instead of Mixup when both are on."""
+    label_smoothing: float = 0.1
+
+    @property
+    def mixup_active(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rand_augment) or self.reprob > 0 or self.mixup_active or self.label_smoothing > 0
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    name: str = "adamw"
+    """`adamw` (fine-tuning) or `lars` (linear probe: timm Lars, no adaptation or decay on 1-D parameters)."""
+    base_lr: float = 1e-3
+    """Learning rate per 256 images (MAE fine-tune blr; 0.1 for the linear probe)."""
+    min_lr: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas (MAE fine-tuning keeps PyTorch's defaults)."""
+    layer_decay: float | None = 0.75
+    """Layer-wise LR decay: group i of n = depth + 1 gets decay^(n - i) (None = off)."""
+    momentum: float = 0.9
+    """LARS momentum."""
+    trust_coeff: float = 0.001
+    """LARS trust coefficient."""
+    ema_decay: float | None = None
+    """Keep an EMA of the weights with this decay (timm ModelEmaV3) and evaluate it too (None = off)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+
+
+@dataclass
+class FinetuneScheduleConfig(ScheduleConfig):
+    epochs: float = 100
+    """Training length in epochs of the train split (MAE ViT-B: 100)."""
+    warmup_epochs: float = 5
+    """Linear warmup in epochs, then half-cosine to optim.min_lr."""
+
+
+@dataclass
+class KnnConfig:
+    k: int = 20
+    """Neighbours that vote (DINO: 20)."""
+    temperature: float = 0.07
+    """Votes are weighted by exp(cosine similarity / temperature)."""
+
+
+@dataclass
+class FinetuneConfig:
+    mode: str = "finetune"
+    """`finetune` (all weights), `linprobe` (frozen encoder, BatchNorm + linear head) or `knn` (no training)."""
+    init: str | None = None
+    """Weights to start from: a pretraining checkpoint directory, an export, or an official MAE/TNT/SReT file.
+    None = random initialisation (a baseline)."""
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    schedule: FinetuneScheduleConfig = field(default_factory=FinetuneScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "linprobe" and self.augment.active:
+            raise ConfigError(
+                "the linear probe trains on random-resized crops and flips only: set augment.rand_augment=null "
+                "augment.reprob=0 augment.mixup=0 augment.cutmix=0 augment.label_smoothing=0 (see "
+                "recipes/linprobe_vit_b.yaml)"
+            )
+        if self.data.decode_device != "cpu":
+            raise ConfigError("data.decode_device must be cpu for downstream runs: RandAugment works on PIL images, "
+                              "so samples are decoded and augmented in the loader workers")
+        if self.mode == "finetune" and self.augment.mixup_active and self.data.batch_size % 2:
+            raise ConfigError(f"mixup/cutmix pair images in a batch: data.batch_size must be even, got "
+                              f"{self.data.batch_size}")

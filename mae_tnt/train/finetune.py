@@ -1,0 +1,514 @@
+"""Fine-tuning, linear probing and kNN evaluation of a pretrained encoder: one loop for CPU, GPU, DDP and DeepSpeed.
+
+Fine-tuning follows MAE's recipe: AdamW with layer-wise LR decay (timm's `param_groups_layer_decay` over the
+model's `group_matcher`), RandAugment per sample, then random erasing and mixup/cutmix on the normalised device batch,
+label smoothing, warmup + cosine by global step. The linear probe trains `BatchNorm1d(affine=False)` + Linear with
+LARS on a frozen encoder kept in eval mode (MAE #54). kNN needs no training (`mae_tnt.train.knn`).
+
+Randomness is reproducible without saved RNG state: each sample's augmentation is seeded by the stream; each
+micro-step reseeds torch (drop path, erasing noise) and Python/NumPy (timm's erasing boxes and mixup draws) from
+(seed, rank, micro-step). The engine's pieces are reused: `build_accelerator`, `derive_plan`, `seed_step`, `Window`.
+
+References: facebookresearch/mae `main_finetune.py`, `engine_finetune.py`, `main_linprobe.py`, `util/lars.py`;
+timm `train.py` (Mixup, RandomErasing, ModelEmaV3, SoftTargetCrossEntropy); accelerate `complete_cv_example.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from timm.data import Mixup
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
+from timm.layers import set_fused_attn
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import Lars
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from ..config import save_config, to_dict
+from ..data.images import set_max_image_pixels
+from ..data.info import load_info
+from ..data.loader import make_loader
+from ..data.shards import resolve_shards
+from ..data.stream import ShardStream, StreamState
+from ..data.transforms import normalize, to_tensor, train_crop
+from ..finetune_config import AugmentConfig, FinetuneConfig
+from ..models import create_model
+from .checkpoint import check_compatible, load_training_state, resolve_resume, save_checkpoint
+from .engine import NonFiniteLossError, Window, build_accelerator, configure_deepspeed, derive_plan, seed_step
+from .init import attach_probe_head, init_head, load_init, reestimate_stem_norms
+from .knn import accuracy_counts, encoder_features, eval_batches, knn_accuracy
+from .metrics import MetricsLogger, progress_bar
+from .optim import build_adamw
+from .schedule import lr_at, set_lr
+
+EMA_FILE = "ema.safetensors"
+
+
+class FinetuneTransform:
+    """Per-sample train transform: random-resized crop + flip (uint8), then RandAugment when configured.
+
+    timm's RandAugment draws from the global `random` / NumPy RNGs, so they are seeded from the sample's own RNG
+    (and restored), which keeps every sample's augmentation a function of its stream seed. Picklable.
+    """
+
+    def __init__(self, size: int, scale: list[float], rand_augment: str | None, mean: list[float]):
+        self.size, self.scale = size, tuple(scale)
+        self.rand_augment = None
+        if rand_augment:
+            # The hyper-parameters timm's create_transform passes for MAE's `rand-m9-mstd0.5-inc1`.
+            hparams = dict(translate_const=int(size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean),
+                           interpolation=Image.BICUBIC)
+            self.rand_augment = rand_augment_transform(rand_augment, hparams)
+
+    def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        """Encoded image -> uint8 [3, size, size]."""
+        image = train_crop(data, rng, size=self.size, scale=self.scale)  # [3, S, S]
+        if self.rand_augment is None:
+            return image
+        with seeded_global_rngs(rng.getrandbits(32)):
+            augmented = self.rand_augment(Image.fromarray(image.permute(1, 2, 0).numpy()))  # [S, S, 3] in
+        return to_tensor(augmented)
+
+
+@contextlib.contextmanager
+def seeded_global_rngs(seed: int):
+    """Seed Python's and NumPy's global RNGs for the block, then restore their previous states."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class BatchAugment:
+    """Device-side augmentation of a normalised batch: random erasing, then mixup/cutmix with label smoothing.
+
+    Returns (images [B, 3, S, S], targets): class indices [B], or soft targets [B, C] when mixup is on.
+    """
+
+    def __init__(self, cfg: AugmentConfig, num_classes: int, device: torch.device):
+        self.erasing = None
+        if cfg.reprob > 0:
+            self.erasing = RandomErasing(cfg.reprob, mode="pixel", max_count=1, device=device)
+        self.mixup = None
+        if cfg.mixup_active:
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                               switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing,
+                               num_classes=num_classes)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.erasing is not None:
+            images = self.erasing(images)
+        if self.mixup is not None:
+            return self.mixup(images, labels)
+        return images, labels
+
+
+def build_criterion(cfg: AugmentConfig) -> nn.Module:
+    """Soft-target CE under mixup (smoothing is inside the targets), else label-smoothing CE, else plain CE."""
+    if cfg.mixup_active:
+        return SoftTargetCrossEntropy()
+    if cfg.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(cfg.label_smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def resolve_num_classes(cfg: FinetuneConfig) -> int:
+    """`model.num_classes`, or the length of the `classes` list in the train shards' `_info.json`."""
+    if cfg.model.num_classes is not None:
+        return cfg.model.num_classes
+    classes = load_info(cfg.data.train).get("classes") if Path(cfg.data.train).is_dir() else None
+    if not classes:
+        raise ValueError(f"cannot tell the class count of {cfg.data.train}: set model.num_classes")
+    return len(classes)
+
+
+def build_classifier(cfg: FinetuneConfig, num_classes: int, load: bool = True, log=print) -> nn.Module:
+    """Create the classifier (num_classes = 0: bare encoder), load `cfg.init`, and set up its head for the mode."""
+    kwargs = dict(num_classes=num_classes, img_size=cfg.model.img_size, drop_path_rate=cfg.model.drop_path)
+    if cfg.model.global_pool is not None:
+        kwargs["global_pool"] = cfg.model.global_pool
+    torch.manual_seed(cfg.seed)  # the random parts (head, or everything for a baseline) are reproducible
+    model = create_model(cfg.model.name, **kwargs)
+    report = load_init(model, cfg.init, log) if cfg.init and load else None
+    if cfg.init is None:
+        log("init: none, training from random initialisation")
+    if report is None or "head.weight" in report.missing:
+        init_head(model.head, cfg.model.head_init_std)
+    model.requires_grad_(True)  # fine-tuning trains everything, the fixed sin-cos position table included (MAE)
+    if cfg.mode == "linprobe":
+        attach_probe_head(model, cfg.model.head_init_std)
+    return model
+
+
+def build_lars(model: nn.Module, *, lr: float, weight_decay: float, momentum: float, trust_coeff: float) -> Lars:
+    """timm LARS over the trainable parameters; as in MAE's LARS, 1-D ones get neither adaptation nor decay."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": weight_decay, "always_adapt": True},
+        {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0, "always_adapt": False},
+    ]
+    return Lars([g for g in groups if g["params"]], lr=lr, momentum=momentum, trust_coeff=trust_coeff)
+
+
+def build_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float) -> torch.optim.Optimizer:
+    """LARS or AdamW (with layer-wise decay when fine-tuning) over the trainable parameters."""
+    o = cfg.optim
+    if o.name == "lars":
+        return build_lars(model, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum, trust_coeff=o.trust_coeff)
+    layer_decay = o.layer_decay if cfg.mode == "finetune" else None
+    return build_adamw(model, lr=lr, weight_decay=o.weight_decay, betas=tuple(o.betas), fused=o.fused,
+                       layer_decay=layer_decay)
+
+
+def seed_micro_step(seed: int, rank: int, micro: int) -> int:
+    """Seed torch for the micro-step (`seed_step`) and return the same value for Python/NumPy draws."""
+    seed_step(seed, rank, micro)
+    return torch.initial_seed()
+
+
+def refit_stem_norms(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> None:
+    """SReT: recompute the stem BatchNorm statistics on `cfg.model.bn_reestimate_batches` center-cropped train
+    batches (the model's mode is kept)."""
+    data = cfg.data
+    shards = resolve_shards(data.train, data.split, allow_pipe=data.allow_pipe, verify=False)
+    batches = itertools.islice(eval_batches(shards, cfg.model.img_size, data.batch_size),
+                               cfg.model.bn_reestimate_batches)
+    reestimate_stem_norms(model, (normalize(images.to(device), data.mean, data.std) for images, _ in batches))
+
+
+class FinetuneRun:
+    """Owns the state of one fine-tuning or linear-probe run."""
+
+    def __init__(self, cfg: FinetuneConfig):
+        self.cfg = cfg
+        self.acc = build_accelerator(cfg)
+        self.out, self.is_main = Path(cfg.run.output_dir), self.acc.is_main_process
+        self.device, self.rank, self.world = self.acc.device, self.acc.process_index, self.acc.num_processes
+        self.stream = self._build_stream()
+        self.plan = derive_plan(cfg, self.world, self.stream.batches_per_epoch())
+        self.num_classes = resolve_num_classes(cfg)
+        checkpoint = resolve_resume(cfg.run.resume, self.out, self.log)
+        set_fused_attn(cfg.run.fused_attn)
+        self.memory_format = (torch.channels_last if cfg.run.channels_last and self.device.type == "cuda"
+                              else torch.contiguous_format)
+        model = build_classifier(cfg, self.num_classes, load=checkpoint is None, log=self.log)
+        model = model.to(self.device, memory_format=self.memory_format)
+        if cfg.model.bn_reestimate_batches and checkpoint is None:
+            refit_stem_norms(model, cfg, self.device)
+        optimizer = build_optimizer(model, cfg, self.plan.peak_lr)
+        self.input_dtype = configure_deepspeed(self.acc, cfg)  # DeepSpeed's half modes need half inputs
+        self.model, self.optimizer = self.acc.prepare(torch.compile(model) if cfg.run.compile else model, optimizer)
+        self.unwrapped = self.acc.unwrap_model(self.model)
+        self.ema = self._build_ema()
+        self.criterion = build_criterion(cfg.augment)
+        self.augment = BatchAugment(cfg.augment, self.num_classes, self.device)
+        self.val_shards = resolve_shards(cfg.data.val, cfg.data.val_split, cfg.data.allow_pipe) if cfg.data.val else []
+        self.step, self.best, self.stop_requested = 0, {"val_acc1": -1.0}, False
+        self._prepare_run_dir(sum(p.numel() for p in model.parameters() if p.requires_grad))
+        if checkpoint is not None:
+            self._resume(checkpoint)
+        self.logger = MetricsLogger(self.out, self.is_main, to_dict(cfg), resume_step=self.step)
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    def _build_ema(self) -> ModelEmaV3 | None:
+        if not self.cfg.optim.ema_decay:
+            return None
+        if self.acc.distributed_type.name == "DEEPSPEED":
+            raise ValueError("optim.ema_decay is not supported under DeepSpeed (its engine holds sharded or half "
+                             "weights); use DDP, or set optim.ema_decay=null")
+        return ModelEmaV3(self.unwrapped, decay=self.cfg.optim.ema_decay)
+
+    def device_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, S, S] -> normalised floats on the device, in the model's memory format."""
+        images = normalize(images.to(self.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
+        return images.contiguous(memory_format=self.memory_format)
+
+    def _build_stream(self) -> ShardStream:
+        data = self.cfg.data
+        set_max_image_pixels(data.max_image_pixels)
+        transform = FinetuneTransform(self.cfg.model.img_size, data.crop_scale, self.cfg.augment.rand_augment,
+                                      data.mean)
+        return ShardStream(resolve_shards(data.train, data.split, allow_pipe=data.allow_pipe),
+                           batch_size=data.batch_size, transform=transform, seed=self.cfg.seed, rank=self.rank,
+                           world_size=self.world, num_workers=data.num_workers, chunk=data.shuffle_chunk)
+
+    def _prepare_run_dir(self, trainable: int) -> None:
+        if not self.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.out / "config.yaml")
+        p, o = self.plan, self.cfg.optim
+        self.log(f"{self.cfg.mode} {self.cfg.model.name} ({self.num_classes} classes, {trainable / 1e6:.2f} M "
+                 f"trainable) in {self.out}")
+        self.log(f"effective batch {p.effective_batch} = {self.cfg.data.batch_size} per device x {o.accum_steps} "
+                 f"accumulation x {self.world} processes; lr = {o.base_lr:g} x {p.effective_batch} / 256 = "
+                 f"{p.peak_lr:.3g} ({o.name}, layer decay {o.layer_decay if self.cfg.mode == 'finetune' else None}); "
+                 f"{p.steps_per_epoch:g} steps/epoch, {p.total_steps} steps, stopping at {p.stop_step}")
+
+    def _resume(self, checkpoint) -> None:
+        check_compatible(checkpoint, self.cfg.model.name)
+        data_state = load_training_state(self.acc, self.model, self.optimizer, checkpoint)
+        self.step, self.best = checkpoint.state["step"], checkpoint.state.get("best", self.best)
+        if data_state is not None and checkpoint.state.get("world_size") == self.world:
+            self.stream.state = StreamState.from_dict(data_state)
+        else:
+            epoch = self.step * self.cfg.optim.accum_steps // self.plan.batches_per_epoch
+            self.log(f"WARNING: no data position for this rank layout; restarting epoch {epoch} from its start")
+            self.stream.state = StreamState(epoch=epoch)
+        if self.ema is not None:
+            if (checkpoint.path / EMA_FILE).exists():
+                self.ema.module.load_state_dict(load_file(checkpoint.path / EMA_FILE))
+            else:
+                self.log(f"WARNING: {checkpoint.path} holds no {EMA_FILE}; the EMA restarts from the weights")
+                self.ema = ModelEmaV3(self.unwrapped, decay=self.cfg.optim.ema_decay)
+        self.log(f"resumed from {checkpoint.path} at step {self.step} (epoch {self.stream.state.epoch})")
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, peak_lr=self.plan.peak_lr, total_steps=self.plan.total_steps,
+                     warmup_steps=self.plan.warmup_steps, min_lr=self.cfg.optim.min_lr)
+
+    def set_train_mode(self) -> None:
+        self.model.train()
+        if self.cfg.mode == "linprobe":
+            # The frozen encoder stays in eval mode (no drop path, fixed statistics); only the probe's BatchNorm
+            # tracks statistics (MAE #54 calls train() on everything).
+            self.model.eval()
+            self.unwrapped.head.train()
+
+    def micro_step(self, batch: dict, micro: int) -> torch.Tensor:
+        if (batch["labels"] < 0).any():
+            raise ValueError(f"unlabeled samples in {self.cfg.data.train}: fine-tuning needs .cls labels")
+        images = self.device_images(batch["images"])
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        with seeded_global_rngs(seed_micro_step(self.cfg.seed, self.rank, micro)):
+            images, targets = self.augment(images, labels)
+        if self.input_dtype is not None:
+            images = images.to(self.input_dtype)
+        with self.acc.accumulate(self.model):
+            if self.acc.sync_gradients:  # before backward: DeepSpeed steps inside accelerator.backward
+                set_lr(self.optimizer, self.lr(self.step))
+            with self.acc.autocast():
+                loss = self.criterion(self.model(images).float(), targets)
+            self.acc.backward(loss)
+            if self.acc.sync_gradients and self.cfg.optim.grad_clip:
+                self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def train(self) -> dict:
+        """Train to the stop step, evaluating after every epoch; returns a summary with the best accuracy."""
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        window, history = Window(self.device), []
+        bar = progress_bar(self.plan.stop_step, self.step, self.is_main, desc=self.cfg.mode)
+        micro = self.step * self.cfg.optim.accum_steps
+        while self.step < self.plan.stop_step and not self.stop_requested:
+            self.set_train_mode()
+            micro = self._run_batches(window, bar, micro)
+            epoch_done = self.stream.state.batches >= self.stream.batches_per_epoch()
+            if epoch_done:
+                self.stream.state.start_epoch(self.stream.state.epoch + 1)
+            if (epoch_done or self.step >= self.plan.stop_step) and self.val_shards:
+                history.append(self.evaluate_and_keep_best())
+            self.save()
+        bar.close()
+        self.logger.close()
+        return {"steps": self.step, "history": history, "best": self.best, "output_dir": str(self.out)}
+
+    def _run_batches(self, window: Window, bar, micro: int) -> int:
+        """Micro-steps until the epoch ends, the stop step is reached or a stop is requested; returns `micro`."""
+        for batch in timed(make_loader(self.stream, pin_memory=self.device.type == "cuda"), window):
+            loss = self.micro_step(batch, micro)
+            micro += 1
+            self.stream.state.record(batch, self.stream.num_workers)
+            window.add(loss, batch["images"].shape[0], micro)
+            if not self.acc.sync_gradients:
+                continue
+            self.step += 1
+            bar.update(1)
+            if self.ema is not None:
+                self.ema.update(self.unwrapped, step=self.step)
+            if self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step:
+                self._log_train(window, bar)
+            if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.plan.stop_step:
+                self.save()
+            if self.step >= self.plan.stop_step or self._should_stop():
+                break
+        return micro
+
+    def _log_train(self, window: Window, bar) -> None:
+        raise_if_nonfinite(self.acc, window, self.out)
+        loss = self.acc.reduce(window.loss_sum, "sum").item() / max(1, self.acc.reduce(window.count, "sum").item())
+        elapsed = time.perf_counter() - window.start
+        metrics = {"step": self.step, "epoch": round(self.step / self.plan.steps_per_epoch, 4), "loss": loss,
+                   "lr": self.lr(self.step - 1), "img_per_s": window.images * self.world / elapsed,
+                   "data_wait": window.data_time / elapsed}
+        self.logger.log(metrics)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{metrics['img_per_s']:.0f}")
+        window.reset()
+
+    def evaluate_and_keep_best(self) -> dict:
+        """Top-1/top-5 of the model (and its EMA) on the val shards; the best weights go to `best/`."""
+        metrics = {"step": self.step, "epoch": round(self.step / self.plan.steps_per_epoch, 4)}
+        metrics.update(self.evaluate(self.model))
+        candidates = [("model", metrics["val_acc1"])]
+        if self.ema is not None:
+            metrics.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
+            candidates.append(("ema", metrics["ema_val_acc1"]))
+        source, acc1 = max(candidates, key=lambda c: c[1])
+        if acc1 > self.best["val_acc1"]:
+            state_dict = self.acc.get_state_dict(self.model) if source == "model" else self.ema.module.state_dict()
+            self.best = {"val_acc1": acc1, "step": self.step, "epoch": metrics["epoch"], "weights": source}
+            if self.is_main:
+                self._write_best(state_dict)
+        metrics["best_val_acc1"] = self.best["val_acc1"]
+        self.logger.log(metrics)
+        ema = f" (EMA {metrics['ema_val_acc1']:.2f})" if self.ema is not None else ""
+        self.log(f"epoch {metrics['epoch']:g}: val top-1 {metrics['val_acc1']:.2f}{ema}, top-5 "
+                 f"{metrics['val_acc5']:.2f}; best {self.best['val_acc1']:.2f} at epoch {self.best['epoch']:g}")
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Accuracy (percent) and cross-entropy over the val shards, each rank scoring its share of the batches."""
+        model.eval()
+        sums = torch.zeros(4, device=self.device)  # top-1, top-5, count, loss sum
+        batch_size = self.cfg.data.eval_batch_size or self.cfg.data.batch_size
+        for images, labels in eval_batches(self.val_shards, self.cfg.model.img_size, batch_size, self.rank,
+                                           self.world):
+            images = self.device_images(images)
+            if self.input_dtype is not None and model is self.model:
+                images = images.to(self.input_dtype)
+            labels = labels.to(self.device)
+            with self.acc.autocast():
+                logits = model(images).float()  # [B, C]
+            counts = accuracy_counts(logits, labels)
+            loss = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum")
+            sums += torch.stack([counts["top1"], counts["top5"], counts["count"], loss]).float()
+        top1, top5, count, loss = self.acc.reduce(sums, "sum").tolist()
+        self.set_train_mode()
+        count = max(count, 1.0)
+        return {"val_acc1": 100 * top1 / count, "val_acc5": 100 * top5 / count, "val_loss": loss / count}
+
+    def _write_best(self, state_dict: dict) -> None:
+        """`best/`: model.safetensors + state.json, replaced atomically (a temporary directory, then a rename)."""
+        best, tmp = self.out / "best", self.out / ".tmp-best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, tmp / "model.safetensors")
+        (tmp / "state.json").write_text(json.dumps(self._state(), indent=1))
+        shutil.rmtree(best, ignore_errors=True)
+        os.replace(tmp, best)
+
+    def _state(self) -> dict:
+        """Self-description stored with every checkpoint and with `best/` (read by tools/export.py)."""
+        return {"step": self.step, "model": self.cfg.model.name, "mode": self.cfg.mode, "world_size": self.world,
+                "num_classes": self.num_classes, "img_size": self.cfg.model.img_size, "best": self.best,
+                "config": to_dict(self.cfg), "plan": self.plan.__dict__}
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.acc, self.model, self.optimizer, self._state(), self.stream.state.to_dict(),
+                               self.out, self.cfg.run.keep_checkpoints)
+        if self.ema is not None and self.is_main:
+            # Written after the checkpoint's rename; a resume without it restarts the EMA (with a warning).
+            save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()}, path / f".{EMA_FILE}")
+            os.replace(path / f".{EMA_FILE}", path / EMA_FILE)
+        self.log(f"saved checkpoint {path}")
+        return path
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.log("SIGTERM received: saving a checkpoint at the next step, then exiting")
+        self.stop_requested = True
+
+    def _should_stop(self) -> bool:
+        """Whether any rank got SIGTERM; ranks agree at log steps only (a collective on one rank would hang)."""
+        if self.world == 1:
+            return self.stop_requested
+        if self.step % self.cfg.run.log_every:
+            return False
+        flag = torch.tensor(float(self.stop_requested), device=self.device)
+        self.stop_requested = bool(self.acc.reduce(flag, "max").item())
+        return self.stop_requested
+
+
+def timed(loader, window: Window):
+    """Yield the loader's batches, adding the time spent waiting for each to `window.data_time`."""
+    iterator = iter(loader)
+    while True:
+        start = time.perf_counter()
+        batch = next(iterator, None)
+        window.data_time += time.perf_counter() - start
+        if batch is None:
+            return
+        yield batch
+
+
+def raise_if_nonfinite(acc, window: Window, out: Path) -> None:
+    """Stop every rank when any saw a non-finite loss since the last check; checkpoints stay untouched."""
+    bad = int(acc.reduce(window.first_bad.clone(), "max").item())
+    if bad >= 0:
+        raise NonFiniteLossError(
+            f"non-finite loss at micro-step {bad}; stopping without saving. The checkpoints in {out / 'checkpoints'} "
+            "are intact. Try a lower optim.base_lr, optim.grad_clip=1.0 or run.precision=fp32, then resume."
+        )
+
+
+def run_knn(cfg: FinetuneConfig) -> dict:
+    """Weighted k-NN top-1/top-5 of frozen features: bank from the train split, queries from the val split."""
+    acc = build_accelerator(cfg)
+    log = print if acc.is_main_process else (lambda message: None)
+    model = build_classifier(cfg, num_classes=0, log=log).to(acc.device).eval()
+    if cfg.model.bn_reestimate_batches:
+        refit_stem_norms(model, cfg, acc.device)
+    data, batch_size = cfg.data, cfg.data.eval_batch_size or cfg.data.batch_size
+    if data.val is None:
+        raise ValueError("kNN evaluation needs labeled validation shards: set data.val")
+    shards = [resolve_shards(spec, split, data.allow_pipe) for spec, split in
+              ((data.train, data.split), (data.val, data.val_split))]
+    train, val = (eval_batches(s, cfg.model.img_size, batch_size, acc.process_index, acc.num_processes)
+                  for s in shards)
+    if data.knn_max_train is not None:
+        per_rank = -(-data.knn_max_train // (batch_size * acc.num_processes))
+        train = itertools.islice(train, per_rank)
+    with acc.autocast():
+        result = knn_accuracy(encoder_features(model, data.mean, data.std), train, val, cfg.knn.k,
+                              cfg.knn.temperature, acc.device, acc.gather if acc.num_processes > 1 else None)
+    if acc.is_main_process:
+        out = Path(cfg.run.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        logger = MetricsLogger(out, True, to_dict(cfg))
+        logger.log({"step": 0, **result})
+        logger.close()
+    log(f"kNN (k={cfg.knn.k}, T={cfg.knn.temperature:g}) on {result['knn_val']} val images with a bank of "
+        f"{result['knn_train']}: top-1 {result['knn_top1']:.2f}, top-5 {result['knn_top5']:.2f}")
+    return {**result, "output_dir": cfg.run.output_dir}
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Run the configured mode; returns its summary."""
+    if cfg.mode == "knn":
+        return run_knn(cfg)
+    return FinetuneRun(cfg).train()

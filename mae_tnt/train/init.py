@@ -1,0 +1,143 @@
+"""Initialising a classifier from the `init=` source of a downstream run, with an exact key report.
+
+Accepted sources, told apart by their keys rather than by their file names:
+- our pretraining checkpoint directory (`runs/x/checkpoints/step_*`): `model.safetensors` of the MAE model, keys
+  `encoder.*` plus the decoder, or a DeepSpeed `engine/` folder gathered with DeepSpeed's `zero_to_fp32`;
+- our export (`tools/export.py`) or fine-tune checkpoint: encoder or classifier keys as the model has them;
+- an official MAE file, `{'model': encoder}` as released or flat with `decoder_*` / `mask_token` (`*_full.pth`);
+- official TNT and SReT files, converted by the model's own `adapt_state_dict` (which also resamples position
+  embeddings to the model's grid).
+
+The MAE decoder and any head that does not fit are dropped and listed; then `load_weights` asserts that only the head
+(and `fc_norm` under global pooling) is missing and only the unused final `norm` is unexpected.
+
+References: facebookresearch/mae `main_finetune.py` (drop a mismatched head, interpolate the position embedding,
+assert the missing keys, head init trunc_normal(2e-5)) and `main_linprobe.py` (BatchNorm1d(affine=False) + Linear
+with std 0.01); DeepSpeed `utils/zero_to_fp32.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models.layers import trunc_normal_
+from ..models.loading import CheckpointError, LoadReport, load_weights, read_state_dict
+from ..models.sret import SReT, reestimate_batchnorm
+
+MAE_WRAPPER_PREFIXES = ("decoder_", "mask_token", "encoder_mask_token")
+"""Top-level keys of an MAE checkpoint that belong to the wrapper (decoder, mask tokens), not to the encoder."""
+HEAD_KEYS = ("head.*", "fc_norm.*")
+
+
+def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights and description of a checkpoint, export or weights file.
+
+    Returns:
+        The state dict as saved, and the `state.json` / `config.json` found next to it ({} when there is none).
+    """
+    path = Path(path)
+    meta = {}
+    for name in ("state.json", "config.json"):
+        if path.is_dir() and (path / name).exists():
+            meta = json.loads((path / name).read_text())
+            break
+    if path.is_dir() and not (path / "model.safetensors").exists() and (path / "engine").is_dir():
+        return gather_zero_checkpoint(path / "engine"), meta
+    return read_state_dict(path), meta
+
+
+def gather_zero_checkpoint(engine_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a DeepSpeed (ZeRO 1-3) checkpoint written by `accelerator.save_state`."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as err:
+        raise CheckpointError(
+            f"{engine_dir} is a DeepSpeed checkpoint; install DeepSpeed (pip install 'mae_tnt[deepspeed]') to gather "
+            "its sharded weights, or run the zero_to_fp32.py script DeepSpeed saved next to it"
+        ) from err
+    return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir))
+
+
+def encoder_weights(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], str]:
+    """The encoder (or classifier) part of any accepted layout, the keys left out, and the layout's name."""
+    if any(key.startswith("encoder.") for key in state_dict):
+        kept = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
+        return kept, sorted(set(state_dict) - {f"encoder.{k}" for k in kept}), "MAE checkpoint (encoder.* kept)"
+    dropped = sorted(k for k in state_dict if k.startswith(MAE_WRAPPER_PREFIXES))
+    kept = {k: v for k, v in state_dict.items() if not k.startswith(MAE_WRAPPER_PREFIXES)}
+    return kept, dropped, "flat MAE checkpoint with decoder" if dropped else "encoder/classifier weights"
+
+
+def drop_unfit_head(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list]:
+    """Remove checkpoint head keys the model cannot take (other class count, probe head, no head)."""
+    own = model.state_dict()
+    unfit = sorted(
+        k for k, v in state_dict.items()
+        if k.startswith(("head.", "fc_norm.")) and (k not in own or own[k].shape != v.shape)
+    )
+    return {k: v for k, v in state_dict.items() if k not in unfit}, unfit
+
+
+def allowed_keys(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(may be missing, may be unexpected): the head, and the final norm that global pooling replaces by fc_norm."""
+    unexpected = ("norm.*",) if isinstance(getattr(model, "norm", None), nn.Identity) else ()
+    return HEAD_KEYS, unexpected
+
+
+def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] = print) -> LoadReport:
+    """Load `source` into `model` (a classifier or bare encoder) and print the exact key report.
+
+    Raises:
+        CheckpointError: for a missing or unexpected key beyond the head / fc_norm / final-norm allowance; the
+            message names the keys.
+    """
+    raw, _ = read_source(source)
+    state_dict, dropped, layout = encoder_weights(raw)
+    # Heads are `head.*` in every accepted layout, so this runs before the model's own key filter (in load_weights).
+    state_dict, unfit_head = drop_unfit_head(model, state_dict)
+    allow_missing, allow_unexpected = allowed_keys(model)
+    report = load_weights(model, state_dict, allow_missing=allow_missing, allow_unexpected=allow_unexpected)
+    report.dropped = dropped + unfit_head
+    log(f"init from {source} [{layout}]: {len(state_dict)} tensors loaded; missing {report.missing}; "
+        f"unexpected {report.unexpected}; dropped {len(report.dropped)} "
+        f"({', '.join(report.dropped[:4])}{', ...' if len(report.dropped) > 4 else ''})")
+    return report
+
+
+def init_head(head: nn.Module, std: float) -> None:
+    """Truncated-normal weights and zero bias for a linear head (MAE: std 2e-5 fine-tune, 0.01 probe)."""
+    if isinstance(head, nn.Linear):
+        trunc_normal_(head.weight, std=std)
+        nn.init.zeros_(head.bias)
+
+
+def attach_probe_head(model: nn.Module, std: float = 0.01) -> nn.Sequential:
+    """Replace the linear head by BatchNorm1d(affine=False) + Linear and freeze everything else.
+
+    The parameter-free BatchNorm whitens features whose scale differs a lot between encoders, so one LARS learning
+    rate fits them all (MAE linear probe). Returns the new head.
+    """
+    linear = model.head
+    if not isinstance(linear, nn.Linear):
+        raise ValueError(f"the linear probe needs a classifier with a Linear head; got {type(linear).__name__}")
+    init_head(linear, std)
+    model.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
+    model.requires_grad_(False)
+    model.head.requires_grad_(True)
+    return model.head
+
+
+def reestimate_stem_norms(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Recompute SReT's stem BatchNorm statistics on whole images ([B, 3, H, W], normalised).
+
+    MAE pretraining shows the SReT stem 32-px crops zero-padded at their borders, so its running statistics do not
+    fit whole images (see `mae_tnt.models.sret.reestimate_batchnorm`).
+    """
+    if not isinstance(model, SReT):
+        raise ValueError(f"model.bn_reestimate_batches applies to SReT only, not {type(model).__name__}")
+    reestimate_batchnorm(model, batches)

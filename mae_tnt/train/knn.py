@@ -1,0 +1,170 @@
+"""Frozen-feature evaluation: sequential eval batches split across ranks, feature extraction, weighted k-NN.
+
+The k-NN classifier is DINO's: features are L2-normalised, each query takes its k most cosine-similar train features,
+and every neighbour votes for its class with weight exp(similarity / T). `knn_monitor` is the one call the
+pretraining engine uses for its online kNN accuracy (`eval.knn_every`).
+
+Evaluation batches are the same in number on every rank (padding rows carry label -1 and are ignored), so forward
+passes that are collectives (DeepSpeed ZeRO-3) never hang, and each rank decodes only its own batches.
+
+References: Caron et al., DINO (arXiv 2104.14294) `eval_knn.py` (k = 20, T = 0.07, weighted voting); Wu et al.,
+"Unsupervised Feature Learning via Non-Parametric Instance Discrimination" (the exp(s / T) weighting).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import DataConfig
+from ..data.images import BadImageError
+from ..data.shards import Shard, read_samples, resolve_shards
+from ..data.stream import IMAGE_FIELDS, label_of
+from ..data.transforms import eval_resize, normalize
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+"""(images [B, 3, S, S], labels [B]) pairs; label -1 marks padding or an unlabeled sample."""
+
+
+def eval_batches(shards: list[Shard], img_size: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the resized, center-cropped samples: uint8 [B, 3, S, S] and labels [B].
+
+    Batch i of the shard sequence goes to rank i mod world_size. Every rank yields ceil(batches / world_size)
+    full-size batches; rows past the data (or lost to undecodable images) are zeros with label -1.
+    """
+    total = sum(shard.num_samples for shard in shards)
+    per_rank = math.ceil(math.ceil(total / batch_size) / world_size)
+    raw = (sample for shard in shards for sample in read_samples(shard.url))
+    chunks = iter(lambda: list(itertools.islice(raw, batch_size)), [])
+    mine = itertools.islice(chunks, rank, None, world_size)
+    for _ in range(per_rank):
+        yield decode_batch(next(mine, []), img_size, batch_size)
+
+
+def decode_batch(samples: list[dict], img_size: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode raw samples into exactly `batch_size` rows, padding with zero images labeled -1."""
+    images = torch.zeros(batch_size, 3, img_size, img_size, dtype=torch.uint8)
+    labels = torch.full((batch_size,), -1, dtype=torch.long)
+    row = 0
+    for sample in samples:
+        data = next((sample[key] for key in IMAGE_FIELDS if key in sample), None)
+        try:
+            if data is None:
+                raise BadImageError(f"sample {sample.get('__key__')} has no image field")
+            images[row] = eval_resize(data, img_size)
+        except BadImageError:
+            continue  # an undecodable sample is skipped, as in training
+        labels[row] = label_of(sample)
+        row += 1
+    return images, labels
+
+
+def accuracy_counts(scores: torch.Tensor, labels: torch.Tensor,
+                    ks: tuple[int, ...] = (1, 5)) -> dict[str, torch.Tensor]:
+    """Correct predictions among the top-k scores for each k, over rows with a label >= 0 (device scalars).
+
+    scores [N, C], labels [N]; k is capped at C. Returns {"top1": ..., "top5": ..., "count": ...}.
+    """
+    valid = labels >= 0
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # [N, kmax]
+    hits = (top == labels.unsqueeze(1)) & valid.unsqueeze(1)  # [N, kmax]
+    counts = {f"top{k}": hits[:, :k].any(dim=1).sum() for k in ks}
+    counts["count"] = valid.sum()
+    return counts
+
+
+@torch.no_grad()
+def extract_features(forward: Callable[[torch.Tensor], torch.Tensor], batches: Batches, device: torch.device,
+                     gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features [N, D] (float32) and labels [N] of every labeled row, gathered over ranks if asked."""
+    feats, labels = [], []
+    for images, batch_labels in batches:
+        out = forward(images.to(device, non_blocking=True)).float()  # [B, D]
+        feats.append(F.normalize(out, dim=1))
+        labels.append(batch_labels.to(device))
+    feats_t, labels_t = torch.cat(feats), torch.cat(labels)
+    if gather is not None:
+        feats_t, labels_t = gather(feats_t), gather(labels_t)
+    keep = labels_t >= 0
+    return feats_t[keep], labels_t[keep]
+
+
+def knn_scores(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, *, k: int, temperature: float,
+               num_classes: int, chunk: int = 512) -> torch.Tensor:
+    """Class votes [Q, C] of weighted k-NN: each of the k nearest bank rows adds exp(cos / T) to its class.
+
+    bank [N, D] and queries [Q, D] must be L2-normalised; queries are scored in chunks to bound memory.
+    """
+    votes = []
+    for start in range(0, queries.shape[0], chunk):
+        sim = queries[start : start + chunk] @ bank.T  # [q, N] cosine similarities
+        top_sim, top_idx = sim.topk(min(k, bank.shape[0]), dim=1)  # [q, k]
+        weights = (top_sim / temperature).exp()  # [q, k]
+        neighbours = bank_labels[top_idx]  # [q, k]
+        votes.append(torch.zeros(sim.shape[0], num_classes, device=sim.device).scatter_add_(1, neighbours, weights))
+    return torch.cat(votes)  # [Q, C]
+
+
+def knn_accuracy(encoder_forward: Callable[[torch.Tensor], torch.Tensor], train_batches: Batches,
+                 val_batches: Batches, k: int = 20, temperature: float = 0.07, device: torch.device | str = "cpu",
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Weighted k-NN top-1 / top-5 accuracy (percent) of frozen features.
+
+    Args:
+        encoder_forward: images on `device` -> features [B, D]; it normalises and pools (see `encoder_features`).
+        train_batches, val_batches: (images, labels) batches; label -1 rows are ignored.
+        gather: concatenates a tensor over ranks (`accelerator.gather`) when each rank saw part of the data.
+    """
+    device = torch.device(device)
+    bank, bank_labels = extract_features(encoder_forward, train_batches, device, gather)
+    queries, labels = extract_features(encoder_forward, val_batches, device, gather)
+    if bank.shape[0] == 0 or queries.shape[0] == 0:
+        raise ValueError("kNN needs labeled train and val samples (.cls in the shards); found none")
+    num_classes = int(max(bank_labels.max(), labels.max())) + 1
+    scores = knn_scores(bank, bank_labels, queries, k=k, temperature=temperature, num_classes=num_classes)
+    counts = accuracy_counts(scores, labels)
+    total = counts["count"].item()
+    return {"knn_top1": 100.0 * counts["top1"].item() / total, "knn_top5": 100.0 * counts["top5"].item() / total,
+            "knn_train": bank.shape[0], "knn_val": total}
+
+
+def encoder_features(encoder: nn.Module, mean: list[float], std: list[float]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 images [B, 3, S, S] -> pooled features [B, D] of a bare encoder (num_classes = 0).
+
+    The feature is the encoder's own pre-logits: the cls token after the final norm for ViT/TNT with token pooling
+    (MAE's linear-probe feature), the normed mean token for SReT.
+    """
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        return encoder.forward_head(encoder.forward_features(normalize(images, mean, std)))
+
+    return forward
+
+
+def knn_monitor(encoder: nn.Module, data: DataConfig, *, img_size: int, k: int = 20, temperature: float = 0.07,
+                device: torch.device | str = "cpu", max_train: int | None = 10_000,
+                batch_size: int | None = None) -> dict[str, float]:
+    """Online kNN accuracy of a pretraining encoder: bank from `data.train`, queries from `data.val` (both labeled).
+
+    Runs on the calling process only, in eval mode (the encoder's mode is restored), on at most `max_train` train
+    images (rounded up to whole batches).
+    """
+    if data.val is None:
+        raise ValueError("the kNN monitor needs labeled validation shards: set data.val")
+    batch_size = batch_size or data.batch_size
+    train = eval_batches(resolve_shards(data.train, data.split, data.allow_pipe, verify=False), img_size, batch_size)
+    if max_train is not None:
+        train = itertools.islice(train, math.ceil(max_train / batch_size))
+    val = eval_batches(resolve_shards(data.val, data.val_split, data.allow_pipe, verify=False), img_size, batch_size)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        return knn_accuracy(encoder_features(encoder, data.mean, data.std), train, val, k, temperature, device)
+    finally:
+        encoder.train(was_training)

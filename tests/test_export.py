@@ -1,0 +1,159 @@
+"""tools/export.py: exports load into timm with no key errors, keep fine-tuned heads, fold probe heads, gather
+DeepSpeed ZeRO-3 checkpoints, and fail clearly on those without DeepSpeed."""
+
+import importlib.util
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from shard_utils import write_shards
+
+from mae_tnt.models import CheckpointError, create_model, load_weights
+from mae_tnt.train.init import attach_probe_head
+
+ROOT = Path(__file__).resolve().parents[1]
+MEAN_STD = {"mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+@pytest.fixture(scope="module")
+def tool():
+    """tools/export.py as a module (tools/ is a script folder, not a package)."""
+    spec = importlib.util.spec_from_file_location("export_tool", ROOT / "tools" / "export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_checkpoint(path: Path, model: torch.nn.Module, state: dict) -> Path:
+    """A checkpoint directory as the engines write it: model.safetensors + state.json."""
+    path.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path / "model.safetensors")
+    (path / "state.json").write_text(json.dumps(state))
+    return path
+
+
+def pretraining_checkpoint(path: Path, name: str, img_size: int = 32):
+    mae = create_model(name, img_size=img_size)
+    state = {"step": 7, "model": name, "config": {"model": {"img_size": img_size}, "data": MEAN_STD}}
+    return write_checkpoint(path, mae, state), mae
+
+
+def finetune_checkpoint(path: Path, model, mode: str, pool: str):
+    state = {"step": 9, "model": "vit_test_patch8_32", "mode": mode, "num_classes": 10, "img_size": 32,
+             "config": {"model": {"img_size": 32, "global_pool": pool}, "data": MEAN_STD}}
+    return write_checkpoint(path, model, state)
+
+
+def assert_same_tensors(model: torch.nn.Module, path: Path):
+    exported, own = load_file(path), model.state_dict()
+    assert set(own) == set(exported)
+    assert all(torch.equal(own[k], exported[k]) for k in exported)
+
+
+def test_pretraining_export_loads_into_timm_vit(tool, tmp_path, caplog):
+    ckpt, mae = pretraining_checkpoint(tmp_path / "step_00000007", "mae_vit_test")
+    config = tool.export(ckpt, tmp_path / "out")
+    assert (config["kind"], config["num_classes"], config["img_size"], config["mean"]) == ("encoder", 0, 32, [0.5] * 3)
+    file = tmp_path / "out" / "model.safetensors"
+    with caplog.at_level(logging.INFO):
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(file)),
+                                  img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    assert "Missing keys" not in caplog.text and "Unexpected keys" not in caplog.text
+    assert_same_tensors(model, file)
+    assert torch.equal(model.blocks[1].attn.qkv.weight, mae.encoder.blocks[1].attn.qkv.weight)
+
+
+def test_tnt_export_loads_into_timm_tnt_with_the_same_output(tool, tmp_path):
+    ckpt, mae = pretraining_checkpoint(tmp_path / "ckpt", "mae_tnt_test")
+    config = tool.export(ckpt, tmp_path / "out")
+    assert config["timm_name"] == "tnt_s_patch16_224"
+    file = tmp_path / "out" / "model.safetensors"
+    model = timm.create_model(config["timm_name"], pretrained=True, pretrained_cfg_overlay=dict(file=str(file)),
+                              **config["timm_kwargs"]).eval()
+    assert_same_tensors(model, file)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(images), mae.encoder.eval()(images))
+
+
+def test_fine_tuned_classifier_keeps_its_head_in_timm(tool, tmp_path):
+    ours = create_model("vit_test_patch8_32", num_classes=10, global_pool="avg").eval()
+    config = tool.export(finetune_checkpoint(tmp_path / "best", ours, "finetune", "avg"), tmp_path / "out")
+    file = str(tmp_path / "out" / "model.safetensors")
+    model = timm.create_model(config["timm_name"], pretrained=True,
+                              pretrained_cfg_overlay=dict(file=file, num_classes=10), **config["timm_kwargs"]).eval()
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(images), ours(images))
+
+
+def test_linear_probe_export_folds_the_batchnorm_into_the_head(tool, tmp_path):
+    probe = create_model("vit_test_patch8_32", num_classes=10, global_pool="token")
+    head = attach_probe_head(probe)
+    head[0].running_mean.normal_()
+    head[0].running_var.uniform_(0.5, 2.0)
+    probe.eval()
+    tool.export(finetune_checkpoint(tmp_path / "best", probe, "linprobe", "token"), tmp_path / "out")
+    plain = create_model("vit_test_patch8_32", num_classes=10, global_pool="token").eval()
+    load_weights(plain, tmp_path / "out")  # exact: no key missing or left over
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain(images), probe(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # three ViT-B initialisations: about 5 s alone, 15 s on a shared CPU
+def test_vit_base_round_trip_at_real_size(tool, tmp_path):
+    encoder = create_model("vit_base_patch16_224", num_classes=0)
+    ckpt = write_checkpoint(tmp_path / "ckpt", encoder, {"step": 1, "mode": "finetune", "model":
+                                                         "vit_base_patch16_224", "num_classes": 0})
+    tool.export(ckpt, tmp_path / "out")
+    file = tmp_path / "out" / "model.safetensors"
+    model = timm.create_model("vit_base_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(file)),
+                              num_classes=0)
+    assert_same_tensors(model, file)
+
+
+def test_deepspeed_zero3_checkpoint_exports_its_gathered_weights(tool, tmp_path):
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")  # accelerate needs it whenever DeepSpeed is on
+    write_shards(tmp_path / "shards", [32], size=20)
+    config = tmp_path / "zero3.yaml"
+    config.write_text(f"distributed_type: DEEPSPEED\nnum_processes: 1\nnum_machines: 1\nmachine_rank: 0\n"
+                      f"deepspeed_config:\n  deepspeed_config_file: {ROOT}/recipes/deepspeed/zero3.json\n"
+                      "  zero3_init_flag: false\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
+               str(port), str(ROOT / "pretrain.py"), str(ROOT / "recipes/demo_mae_vit.yaml"),
+               f"data.train={tmp_path / 'shards'}", "data.val=null", f"run.output_dir={tmp_path / 'run'}",
+               "data.batch_size=8", "data.num_workers=0", "run.max_steps=1", "run.precision=fp32"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    assert (ckpt / "engine").is_dir() and not (ckpt / "model.safetensors").exists()
+    config = tool.export(ckpt, tmp_path / "out")  # the export loads its result back with no key left over
+    assert (config["kind"], config["model"]) == ("encoder", "vit_test_patch8_32")
+    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "out" / "model.safetensors").values())
+
+
+def test_deepspeed_checkpoint_without_deepspeed_fails_clearly(tool, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "deepspeed.utils.zero_to_fp32", None)  # as if DeepSpeed were not installed
+    (tmp_path / "ckpt" / "engine").mkdir(parents=True)
+    (tmp_path / "ckpt" / "state.json").write_text(json.dumps({"step": 1, "model": "mae_vit_test"}))
+    with pytest.raises(CheckpointError, match="install DeepSpeed"):
+        tool.export(tmp_path / "ckpt", tmp_path / "out")
+
+
+def test_weights_without_state_json_need_a_model_name(tool, tmp_path):
+    torch.save({"model": create_model("vit_test_patch8_32", num_classes=0).state_dict()}, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="--model"):
+        tool.export(tmp_path / "w.pth", tmp_path / "out")
+    config = tool.export(tmp_path / "w.pth", tmp_path / "out", model_name="vit_test_patch8_32")
+    assert (config["kind"], config["img_size"], config["timm_kwargs"]["img_size"]) == ("encoder", 32, 32)

@@ -1,0 +1,244 @@
+"""Downstream runs: recipes, layer-decay groups, init sources with exact key checks, position-embedding resampling,
+reproducible augmentation, a demo fine-tune above chance with exact resume, and a frozen linear probe."""
+
+import importlib.util
+import json
+import pickle
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file, save_file
+
+from mae_tnt.config import ConfigError, load_config
+from mae_tnt.data.shards import read_samples, resolve_shards
+from mae_tnt.finetune_config import AugmentConfig, FinetuneConfig
+from mae_tnt.models import CheckpointError, create_model
+from mae_tnt.models.sret import to_official_state_dict
+from mae_tnt.train.engine import seed_step
+from mae_tnt.train.finetune import (
+    BatchAugment,
+    FinetuneRun,
+    FinetuneTransform,
+    build_classifier,
+    build_optimizer,
+    seeded_global_rngs,
+)
+from mae_tnt.train.init import load_init
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "data" / "fashion_mnist"
+DOWNSTREAM_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml")
+                            if any(word in p.name for word in ("finetune", "linprobe", "knn")))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; each run in this process starts from a clean slate."""
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and much faster when other processes share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def export_tool():
+    """tools/export.py as a module (tools/ is a script folder, not a package)."""
+    spec = importlib.util.spec_from_file_location("export_tool", ROOT / "tools" / "export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_mae_checkpoint(path: Path, name: str = "mae_vit_test") -> dict:
+    """A pretraining checkpoint directory as the engine writes it: model.safetensors + state.json."""
+    mae = create_model(name)
+    path.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in mae.state_dict().items()}, path / "model.safetensors")
+    size = mae.grid * mae.unit
+    config = {"model": {"img_size": size}, "data": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    (path / "state.json").write_text(json.dumps({"step": 1, "model": name, "config": config}))
+    return mae.state_dict()
+
+
+def classifier(name="vit_test_patch8_32", **kwargs):
+    return create_model(name, **{"num_classes": 10, **kwargs})
+
+
+@pytest.mark.parametrize("recipe", DOWNSTREAM_RECIPES, ids=lambda p: p.name)
+def test_every_downstream_recipe_loads_and_names_a_registered_classifier(recipe):
+    import mae_tnt
+
+    cfg = load_config(FinetuneConfig, recipe)
+    assert cfg.model.name in mae_tnt.list_models() and not cfg.model.name.startswith("mae_")
+
+
+def test_linear_probe_refuses_fine_tuning_augmentation():
+    with pytest.raises(ConfigError, match="augment.rand_augment=null"):
+        load_config(FinetuneConfig, None, ["mode=linprobe", "model.name=vit_test_patch8_32", "data.train=x"])
+
+
+def test_layer_decay_scales_follow_the_depth():
+    # ViT test model, depth 2, n = 3 groups above the stem: stem 0.65^3, block i 0.65^(2 - i), head and fc_norm 1.
+    cfg = load_config(FinetuneConfig, None, ["model.name=vit_test_patch8_32", "data.train=x", "optim.layer_decay=0.65"])
+    model = build_classifier(cfg, num_classes=10)
+    optimizer = build_optimizer(model, cfg, lr=1.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    expected = {"cls_token": 0.65**3, "pos_embed": 0.65**3, "patch_embed.proj.weight": 0.65**3,
+                "blocks.0.attn.qkv.weight": 0.65**2, "blocks.1.mlp.fc2.bias": 0.65, "fc_norm.weight": 1.0,
+                "head.weight": 1.0}
+    assert {k: pytest.approx(scale[k]) for k in expected} == expected
+    assert set(scale) == set(names.values())  # the sin-cos table is trained when fine-tuning
+
+
+def assert_encoder_loaded(model, encoder_state: dict):
+    for key in ("patch_embed.proj.weight", "blocks.1.attn.qkv.weight", "pos_embed"):
+        assert torch.equal(model.state_dict()[key], encoder_state[key]), key
+
+
+def test_init_from_our_pretraining_checkpoint_and_our_export(tmp_path, export_tool):
+    mae_state = write_mae_checkpoint(tmp_path / "step_00000001")
+    encoder_state = {k.removeprefix("encoder."): v for k, v in mae_state.items() if k.startswith("encoder.")}
+    export_tool.export(tmp_path / "step_00000001", tmp_path / "export")
+    for source in (tmp_path / "step_00000001", tmp_path / "export"):
+        model = classifier(global_pool="avg")
+        report = load_init(model, source)
+        assert report.missing == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+        assert report.unexpected == ["norm.bias", "norm.weight"]  # global pooling replaces the final norm
+        assert_encoder_loaded(model, encoder_state)
+
+
+@pytest.mark.parametrize("with_decoder", [False, True])
+def test_init_from_official_mae_files(tmp_path, with_decoder):
+    mae = create_model("mae_vit_test")
+    flat = {k.removeprefix("encoder."): v for k, v in mae.state_dict().items()
+            if with_decoder or k.startswith("encoder.")}  # `*_full.pth` keeps decoder_* and mask_token flat
+    torch.save({"model": flat}, tmp_path / "mae_pretrain.pth")
+    model = classifier(global_pool="token")
+    report = load_init(model, tmp_path / "mae_pretrain.pth")
+    assert (report.missing, report.unexpected) == (["head.bias", "head.weight"], [])
+    assert ("mask_token" in report.dropped) == with_decoder
+    assert_encoder_loaded(model, flat)
+
+
+def test_a_wrong_key_fails_with_a_message_naming_it(tmp_path):
+    state = classifier(num_classes=0).state_dict()
+    state["blocks.0.attn.qkvv.weight"] = state.pop("blocks.0.attn.qkv.weight")
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"qkvv\.weight") as err:
+        load_init(classifier(), tmp_path / "bad.pth")
+    assert "blocks.0.attn.qkv.weight" in str(err.value)  # and the key the model misses
+
+
+def test_init_from_an_official_sret_file(tmp_path):
+    encoder = create_model("sret_test", num_classes=0)
+    torch.save({"model": to_official_state_dict(encoder)}, tmp_path / "sret.pth")
+    model = classifier("sret_test")
+    report = load_init(model, tmp_path / "sret.pth")
+    assert (report.missing, report.unexpected) == (["head.bias", "head.weight"], [])
+    assert torch.equal(model.stages[1].blocks[0].attn.qkv.weight, encoder.stages[1].blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize("mae_name, name, size, new_size", [
+    ("mae_vit_test", "vit_test_patch8_32", 32, 48),
+    ("mae_tnt_test", "tnt_test_patch8_32", 32, 48),
+    ("mae_sret_test", "sret_test", 64, 96),
+])
+def test_a_checkpoint_stays_usable_at_another_resolution(tmp_path, mae_name, name, size, new_size):
+    write_mae_checkpoint(tmp_path / "ckpt", mae_name)
+    model = classifier(name, img_size=new_size)
+    load_init(model, tmp_path / "ckpt")
+    assert model(torch.randn(2, 3, new_size, new_size)).shape == (2, 10)
+
+
+def test_train_transform_is_reproducible_per_sample_and_picklable():
+    data = next(read_samples(resolve_shards(str(BUNDLED), "train")[0].url))["png"] if BUNDLED.exists() else None
+    if data is None:
+        pytest.skip("bundled data missing")
+    transform = pickle.loads(pickle.dumps(FinetuneTransform(32, [0.08, 1.0], "rand-m9-mstd0.5-inc1", [0.5] * 3)))
+    first, again = transform(data, random.Random(3)), transform(data, random.Random(3))
+    assert first.shape == (3, 32, 32) and first.dtype == torch.uint8
+    assert torch.equal(first, again)
+    assert any(not torch.equal(first, transform(data, random.Random(seed))) for seed in range(4, 8))
+
+
+def test_batch_augment_is_a_function_of_the_step_seed():
+    augment = BatchAugment(AugmentConfig(), num_classes=10, device=torch.device("cpu"))
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
+
+    def run(micro):
+        seed_step(0, 0, micro)
+        with seeded_global_rngs(torch.initial_seed()):
+            return augment(images.clone(), labels)
+
+    (a, ta), (b, tb), (c, _) = run(5), run(5), run(6)
+    assert torch.equal(a, b) and torch.equal(ta, tb) and not torch.equal(a, c)
+    assert ta.shape == (8, 10) and torch.allclose(ta.sum(1), torch.ones(8))  # mixed, smoothed soft targets
+
+
+def demo_config(out: Path, *overrides: str, recipe: str = "demo_finetune_vit.yaml") -> FinetuneConfig:
+    base = [f"run.output_dir={out}", "data.num_workers=0", "schedule.epochs=2", "run.log_every=5"]
+    return load_config(FinetuneConfig, ROOT / "recipes" / recipe, base + list(overrides))
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_demo_finetune_beats_chance_and_resumes_exactly(tmp_path, one_thread):
+    full = FinetuneRun(demo_config(tmp_path / "full")).train()
+    assert full["steps"] == 62 and full["best"]["val_acc1"] > 25.0  # 10 classes: chance is 10 %
+    assert (tmp_path / "full" / "best" / "model.safetensors").exists()
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "val_acc1" in r] == [1.0, 2.0]
+
+    FinetuneRun(demo_config(tmp_path / "split", "run.max_steps=31")).train()
+    resumed = FinetuneRun(demo_config(tmp_path / "split")).train()
+    assert resumed["steps"] == 62
+    final = [load_file(p / "checkpoints" / "step_00000062" / "model.safetensors") for p in
+             (tmp_path / "full", tmp_path / "split")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_in_eval_mode(tmp_path, one_thread):
+    write_mae_checkpoint(tmp_path / "ckpt")
+    run = FinetuneRun(demo_config(tmp_path / "probe", f"init={tmp_path / 'ckpt'}", "run.max_steps=3",
+                                  recipe="demo_linprobe_vit.yaml"))
+    before = {k: v.clone() for k, v in run.unwrapped.state_dict().items()}
+    run.set_train_mode()
+    assert not run.unwrapped.blocks.training and run.unwrapped.head.training
+    run.train()
+    after = run.unwrapped.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked", "head.1.weight",
+                       "head.1.bias"}
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+@pytest.mark.parametrize("family, mae_name", [("tnt", "mae_tnt_test"), ("sret", "mae_sret_test")])
+def test_tnt_and_sret_demo_recipes_fine_tune_from_an_mae_checkpoint(tmp_path, one_thread, family, mae_name):
+    mae_state = write_mae_checkpoint(tmp_path / "ckpt", mae_name)
+    run = FinetuneRun(demo_config(tmp_path / "run", f"init={tmp_path / 'ckpt'}", "run.max_steps=2",
+                                  recipe=f"demo_finetune_{family}.yaml"))
+    if family == "sret":  # the stem statistics were refit on whole images, everything else came from the checkpoint
+        stem_mean = run.unwrapped.patch_embed.bn1.running_mean
+        assert not torch.equal(stem_mean, mae_state["encoder.patch_embed.bn1.running_mean"])
+    summary = run.train()
+    assert summary["steps"] == 2 and 0.0 <= summary["best"]["val_acc1"] <= 100.0
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_ema_weights_are_evaluated_and_checkpointed(tmp_path, one_thread):
+    summary = FinetuneRun(demo_config(tmp_path, "optim.ema_decay=0.9", "run.max_steps=2")).train()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "ema_val_acc1" in rows[-1] and summary["best"]["weights"] in ("model", "ema")
+    assert (tmp_path / "checkpoints" / "step_00000002" / "ema.safetensors").exists()

@@ -1,0 +1,93 @@
+"""Weighted kNN on hand-made features, rank-split evaluation batches, and the one-call online monitor."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from shard_utils import write_shards
+
+from mae_tnt.config import DataConfig
+from mae_tnt.data.shards import resolve_shards
+from mae_tnt.models import create_model
+from mae_tnt.train.knn import accuracy_counts, eval_batches, knn_accuracy, knn_monitor, knn_scores
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Three unit-length train features; the query sits on top of the only class-0 feature.
+BANK = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+BANK_LABELS = torch.tensor([0, 1, 1])
+QUERY = torch.tensor([[1.0, 0.0]])  # cosine similarities to the bank: 1.0, 0.0, 0.6
+
+
+def test_votes_are_exp_similarity_over_temperature():
+    scores = knn_scores(BANK, BANK_LABELS, QUERY, k=3, temperature=0.1, num_classes=2)
+    expected = torch.tensor([[math.exp(1.0 / 0.1), math.exp(0.0 / 0.1) + math.exp(0.6 / 0.1)]])
+    torch.testing.assert_close(scores, expected)
+
+
+def test_weighting_beats_majority_and_a_high_temperature_restores_it():
+    # T = 0.1: e^10 for class 0 against e^0 + e^6 for class 1. T = 1000: about one vote each, so 2 > 1.
+    assert knn_scores(BANK, BANK_LABELS, QUERY, k=3, temperature=0.1, num_classes=2).argmax().item() == 0
+    assert knn_scores(BANK, BANK_LABELS, QUERY, k=3, temperature=1000.0, num_classes=2).argmax().item() == 1
+
+
+def test_k_limits_the_voters():
+    scores = knn_scores(BANK, BANK_LABELS, QUERY, k=1, temperature=0.1, num_classes=2)
+    torch.testing.assert_close(scores, torch.tensor([[math.exp(10.0), 0.0]]))
+
+
+def test_knn_accuracy_on_hand_made_features():
+    # Identity "encoder": 2 val rows; the first is right at top-1, the second only at top-2 (padding row ignored).
+    train = [(BANK, BANK_LABELS)]
+    val = [(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 0.0]]), torch.tensor([0, 1, -1]))]
+    result = knn_accuracy(lambda x: x, train, val, k=3, temperature=0.1)
+    assert result["knn_top1"] == pytest.approx(50.0)
+    assert result["knn_top5"] == pytest.approx(100.0)
+    assert (result["knn_train"], result["knn_val"]) == (3, 2)
+
+
+def test_accuracy_counts_ignore_padding_and_cap_k():
+    scores = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.5, 0.5]])
+    counts = accuracy_counts(scores, torch.tensor([1, 1, -1]))
+    assert {k: v.item() for k, v in counts.items()} == {"top1": 1, "top5": 2, "count": 2}
+
+
+def test_eval_batches_split_ranks_evenly_and_cover_every_sample(tmp_path):
+    write_shards(tmp_path, [7, 6], split="val")
+    shards = resolve_shards(str(tmp_path), "val")
+    per_rank = [list(eval_batches(shards, 16, 4, rank, 2)) for rank in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 2  # ceil(ceil(13 / 4) / 2)
+    assert all(images.shape == (4, 3, 16, 16) for rank in per_rank for images, _ in rank)
+    labels = torch.cat([labels for rank in per_rank for _, labels in rank])
+    assert sorted(labels[labels >= 0].tolist()) == sorted(i % 10 for i in range(13))
+    assert (labels == -1).sum().item() == 3
+
+
+def test_knn_monitor_runs_on_labeled_shards_and_restores_train_mode(tmp_path):
+    write_shards(tmp_path, [40], split="train", size=32)
+    write_shards(tmp_path, [20], split="val", size=32)
+    encoder = create_model("vit_test_patch8_32", num_classes=0).train()
+    data = DataConfig(train=str(tmp_path), val=str(tmp_path), batch_size=16)
+    result = knn_monitor(encoder, data, img_size=32, k=5, max_train=32)
+    assert result["knn_train"] == 32 and result["knn_val"] == 20
+    assert 0.0 <= result["knn_top1"] <= result["knn_top5"] <= 100.0
+    assert encoder.training
+
+
+@pytest.mark.skipif(not (ROOT / "data" / "fashion_mnist").exists(), reason="bundled Fashion-MNIST sample missing")
+def test_knn_mode_of_the_downstream_runner_beats_chance_on_the_bundled_data(tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from mae_tnt.config import load_config
+    from mae_tnt.finetune_config import FinetuneConfig
+    from mae_tnt.train.finetune import finetune
+
+    cfg = load_config(FinetuneConfig, ROOT / "recipes" / "demo_knn_vit.yaml",
+                      [f"run.output_dir={tmp_path}", "data.knn_max_train=1000"])
+    result = finetune(cfg)  # random init: pixels through a random ViT already cluster Fashion-MNIST
+    assert result["knn_train"] == 1000 and result["knn_val"] == 500 and result["knn_top1"] > 30.0
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["knn_top1"] == result["knn_top1"]
+    AcceleratorState._reset_state(True)  # accelerate's process-wide singletons: leave a clean slate
+    GradientState._reset_state()

@@ -1,0 +1,147 @@
+"""Export a checkpoint's encoder or classifier as `OUT/model.safetensors` + `OUT/config.json`.
+
+    python tools/export.py runs/mae_vit_b/checkpoints/step_00100000 exports/vit_b_mae   # pretraining: the encoder
+    python tools/export.py runs/finetune_vit_b/best exports/vit_b_ft                      # fine-tune: the classifier
+    python tools/export.py mae_pretrain_vit_base.pth exports/vit_b --model vit_base_patch16_224  # no state.json
+
+From a pretraining checkpoint the MAE's `encoder.` part is kept; from a fine-tune or linear-probe checkpoint the
+classifier (a probe's BatchNorm1d(affine=False) is folded into its Linear, so the head is a plain `head.*`). A
+DeepSpeed checkpoint (`engine/` instead of `model.safetensors`) is gathered with DeepSpeed's `zero_to_fp32`. The export
+is checked by loading it into our model with no missing or unexpected key. ViT and TNT keys are timm's, so
+
+    timm.create_model(cfg["timm_name"], pretrained=True,
+                      pretrained_cfg_overlay=dict(file="OUT/model.safetensors", num_classes=cfg["num_classes"]),
+                      **cfg["timm_kwargs"])
+
+loads it (the `num_classes` overlay keeps a fine-tuned head; without it timm drops the head as "adapted").
+
+References: timm `_builder.load_pretrained` (`pretrained_cfg_overlay`), DeepSpeed `utils/zero_to_fp32.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a checkout without installing
+from mae_tnt.models import create_model, list_models, load_weights  # noqa: E402
+from mae_tnt.models.tnt import TNT  # noqa: E402
+from mae_tnt.models.vit import ViT  # noqa: E402
+from mae_tnt.train.init import encoder_weights, read_source  # noqa: E402
+
+
+def classifier_name_for(mae_name: str) -> str:
+    """The registered classifier of an MAE model: `mae_vit_base_patch16` -> `vit_base_patch16_224`."""
+    stem = mae_name.removeprefix("mae_")
+    if stem in list_models():
+        return stem
+    candidates = [name for name in list_models(f"{stem}_*") if not name.startswith("mae_")]
+    if len(candidates) != 1:
+        raise ValueError(f"cannot tell the classifier of {mae_name!r} (candidates {candidates}); pass --model")
+    return candidates[0]
+
+
+def fold_probe_head(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BatchNorm1d(affine=False) + Linear (keys head.0.*, head.1.*) -> one Linear `head.*` with the same output.
+
+    W (x - mean) / s + b = (W / s) x + (b - (W / s) mean), with s = sqrt(var + eps) per feature (eval statistics).
+    """
+    if "head.0.running_mean" not in state_dict:
+        return state_dict
+    out = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    scale = (state_dict["head.0.running_var"].double() + 1e-6).rsqrt()  # [D]; the probe's eps
+    weight = state_dict["head.1.weight"].double() * scale  # [C, D]
+    bias = state_dict["head.1.bias"].double() - weight @ state_dict["head.0.running_mean"].double()  # [C]
+    out["head.weight"], out["head.bias"] = weight.float(), bias.float()
+    return out
+
+
+def timm_spec(model: nn.Module, name: str) -> tuple[str | None, dict]:
+    """timm entrypoint and kwargs that rebuild `model` with identical keys (None for families timm lacks)."""
+    if isinstance(model, ViT):
+        kwargs = dict(patch_size=model.patch_embed.patch_size[0], embed_dim=model.embed_dim,
+                      num_heads=model.blocks[0].attn.num_heads)
+        base = "vit_base_patch16_224"
+    elif isinstance(model, TNT):
+        kwargs = dict(patch_size=model.unit, embed_dim=model.embed_dim, inner_dim=model.word_dim,
+                      num_heads_inner=model.blocks[0].attn_in.num_heads,
+                      num_heads_outer=model.blocks[0].attn_out.num_heads)
+        base = "tnt_s_patch16_224"
+    else:
+        return None, {}
+    # The architecture is spelled out even for timm's own names, so test-size models rebuild too.
+    kwargs.update(img_size=model.grid * model.unit, depth=len(model.blocks),
+                  mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim, num_classes=model.num_classes,
+                  global_pool=model.global_pool)
+    return (name if timm.is_model(name) else base), kwargs
+
+
+def describe(meta: dict, model_name: str | None) -> dict:
+    """Model name, kind, classes, size, pooling and normalisation of a checkpoint from its state.json.
+
+    `kind` is `encoder` (a pretraining checkpoint or bare weights), `finetune` or `linprobe`.
+    """
+    config = meta.get("config", {})
+    saved = meta.get("model")
+    if model_name is None and saved is None:
+        raise ValueError("the checkpoint has no state.json naming its model; pass --model NAME")
+    pretraining = "mode" not in meta and saved is not None and saved.startswith("mae_")
+    name = model_name or (classifier_name_for(saved) if pretraining else saved)
+    model_cfg, data_cfg = config.get("model", {}), config.get("data", {})
+    num_classes = 0 if pretraining else meta.get("num_classes", 0)
+    return {"model": name, "kind": meta.get("mode") or ("classifier" if num_classes else "encoder"),
+            "num_classes": num_classes,
+            "img_size": model_cfg.get("img_size"),
+            "global_pool": None if pretraining else model_cfg.get("global_pool"),
+            "mean": data_cfg.get("mean"), "std": data_cfg.get("std"), "step": meta.get("step")}
+
+
+def build_checked(info: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Our model for `info`, loaded from `state_dict` with no key left over on either side."""
+    kwargs = {"num_classes": info["num_classes"]}
+    kwargs.update({k: info[k] for k in ("img_size", "global_pool") if info[k] is not None})
+    model = create_model(info["model"], **kwargs)
+    load_weights(model, state_dict)
+    return model
+
+
+def export(checkpoint: str | Path, out: str | Path, model_name: str | None = None) -> dict:
+    """Write OUT/model.safetensors and OUT/config.json; returns the config."""
+    raw, meta = read_source(checkpoint)
+    info = describe(meta, model_name)
+    state_dict, dropped, layout = encoder_weights(raw)
+    state_dict = fold_probe_head(state_dict)
+    model = build_checked(info, state_dict)
+    timm_name, timm_kwargs = timm_spec(model, info["model"])
+    info.update(img_size=model.grid * model.unit, global_pool=getattr(model, "global_pool", info["global_pool"]))
+    state_dict = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    config = {**info, "timm_name": timm_name, "timm_kwargs": timm_kwargs, "source": str(checkpoint),
+              "source_layout": layout, "dropped_keys": len(dropped), "interpolation": "bicubic", "crop_pct": 0.875}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="checkpoint directory (pretraining, fine-tune, best/) or weights file")
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--model", default=None, help="registered classifier name (needed without state.json)")
+    args = parser.parse_args(argv)
+    config = export(args.checkpoint, args.out, args.model)
+    print(f"exported {config['kind']} {config['model']} ({config['num_classes']} classes, {config['img_size']} px) "
+          f"to {args.out}; timm: {config['timm_name'] or 'not in timm'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
