@@ -45,9 +45,12 @@ def metrics(out):
 
 
 def test_run_writes_the_run_directory_and_lowers_the_loss(shards, tmp_path):
-    summary = Trainer(config(shards, tmp_path, "schedule.epochs=4", "run.checkpoint_every=100")).train()
+    summary = Trainer(config(shards, tmp_path, "schedule.epochs=4", "run.checkpoint_every=100",
+                             "eval.knn_every=2")).train()
     assert summary["steps"] == 64
-    rows = metrics(tmp_path)
+    knn = [r for r in metrics(tmp_path) if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [32, 64] and all(0 <= r["knn_top1"] <= 100 for r in knn)
+    rows = [r for r in metrics(tmp_path) if "loss" in r]
     assert {"step", "epoch", "loss", "lr", "img_per_s", "data_wait"} <= set(rows[0])
     assert sum(r["loss"] for r in rows[-8:]) < sum(r["loss"] for r in rows[:8])
     for name in ("config.yaml", "recon/step_00000064.png", "checkpoints/step_00000064/model.safetensors",

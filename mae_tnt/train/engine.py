@@ -25,6 +25,7 @@ from ..data.stream import StreamState
 from ..data.transforms import normalize
 from ..models import create_model
 from .checkpoint import check_compatible, load_training_state, resolve_resume, save_checkpoint
+from .knn import knn_monitor
 from .metrics import MetricsLogger, progress_bar
 from .optim import build_adamw
 from .recon import write_reconstructions
@@ -237,6 +238,8 @@ class Trainer:
                     last_saved = self.step
                 elif self.cfg.run.recon_every and self.step % self.cfg.run.recon_every == 0:
                     self.reconstructions()
+                if self._knn_due():
+                    history.append(self.knn_eval())
                 if self.step >= self.plan.stop_step or self._should_stop():
                     break
             if self.stream.state.batches >= self.stream.batches_per_epoch():
@@ -274,6 +277,26 @@ class Trainer:
         self.logger.log(metrics)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{metrics['img_per_s']:.0f}")
         window.reset()
+        return metrics
+
+    def _knn_due(self) -> bool:
+        """True at the step that completes every `eval.knn_every` epochs (needs labeled data.val)."""
+        every = self.cfg.eval.knn_every
+        if not every or self.cfg.data.val is None:
+            return False
+        period = self.plan.steps_per_epoch * every
+        return int(self.step / period) > int((self.step - 1) / period)
+
+    def knn_eval(self) -> dict:
+        """Online kNN accuracy of the encoder. Every rank computes it, so ZeRO-3's collective forwards line up."""
+        encoder = self.acc.unwrap_model(self.model).encoder
+        with self.acc.autocast():
+            accuracy = knn_monitor(encoder, self.cfg.data, img_size=self.cfg.model.img_size, k=self.cfg.eval.knn_k,
+                                   temperature=self.cfg.eval.knn_temperature, device=self.acc.device)
+        metrics = {"step": self.step, "epoch": round(self.step / self.plan.steps_per_epoch, 4),
+                   **accuracy}
+        self.logger.log(metrics)
+        self.log(f"step {self.step}: kNN top-1 {accuracy['knn_top1']:.2f}%, top-5 {accuracy['knn_top5']:.2f}%")
         return metrics
 
     def _check_finite(self, window: Window) -> None:
