@@ -20,6 +20,9 @@ from .layers import LayerNorm, init_mae_weights, transformer_blocks
 from .masking import num_visible, random_masking
 from .pos_embed import sincos_2d
 
+WRAPPER_KEY_PREFIXES = ("decoder_", "mask_token", "encoder_mask_token")
+"""State-dict keys owned by the MAE wrapper rather than the encoder (flat official MAE files mix the two)."""
+
 
 class MaskedAutoencoder(nn.Module):
     """MAE around any encoder that follows the contract above.
@@ -163,9 +166,8 @@ class MaskedAutoencoder(nn.Module):
             encoder_sd = {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
             wrapper_sd = {k: v for k, v in state_dict.items() if not k.startswith("encoder.")}
         else:
-            wrapper_keys = ("decoder_", "mask_token", "encoder_mask_token")
-            wrapper_sd = {k: v for k, v in state_dict.items() if k.startswith(wrapper_keys)}
-            encoder_sd = {k: v for k, v in state_dict.items() if not k.startswith(wrapper_keys)}
+            wrapper_sd = {k: v for k, v in state_dict.items() if k.startswith(WRAPPER_KEY_PREFIXES)}
+            encoder_sd = {k: v for k, v in state_dict.items() if not k.startswith(WRAPPER_KEY_PREFIXES)}
         if hasattr(self.encoder, "adapt_state_dict"):
             encoder_sd = self.encoder.adapt_state_dict(encoder_sd)
         return {**{f"encoder.{k}": v for k, v in encoder_sd.items()}, **wrapper_sd}

@@ -43,8 +43,13 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict, output_dir: Path, keep: int) -> Path:
-    """Write a checkpoint atomically from every rank; returns its final path."""
+def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict, output_dir: Path, keep: int,
+                    extra_weights: dict[str, dict] | None = None) -> Path:
+    """Write a checkpoint atomically from every rank; returns its final path.
+
+    Args:
+        extra_weights: file name -> state dict saved (main process) inside the same atomic directory, e.g. the EMA.
+    """
     root = checkpoint_dir(output_dir)
     final = root / f"step_{state['step']:08d}"
     tmp = root / f".tmp-step_{state['step']:08d}"
@@ -61,6 +66,9 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+    if accelerator.is_main_process:
+        for name, weights in (extra_weights or {}).items():
+            save_file(_contiguous(weights), tmp / name)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(tmp / STATE_FILE, state)

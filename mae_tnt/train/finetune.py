@@ -429,12 +429,9 @@ class FinetuneRun:
                 "config": to_dict(self.cfg), "plan": self.plan.__dict__}
 
     def save(self) -> Path:
+        extra = {EMA_FILE: self.ema.module.state_dict()} if self.ema is not None else None
         path = save_checkpoint(self.acc, self.model, self.optimizer, self._state(), self.stream.state.to_dict(),
-                               self.out, self.cfg.run.keep_checkpoints)
-        if self.ema is not None and self.is_main:
-            # Written after the checkpoint's rename; a resume without it restarts the EMA (with a warning).
-            save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()}, path / f".{EMA_FILE}")
-            os.replace(path / f".{EMA_FILE}", path / EMA_FILE)
+                               self.out, self.cfg.run.keep_checkpoints, extra_weights=extra)
         self.log(f"saved checkpoint {path}")
         return path
 

@@ -27,10 +27,9 @@ from torch import nn
 
 from ..models.layers import trunc_normal_
 from ..models.loading import CheckpointError, LoadReport, load_weights, read_state_dict
+from ..models.mae import WRAPPER_KEY_PREFIXES
 from ..models.sret import SReT, reestimate_batchnorm
 
-MAE_WRAPPER_PREFIXES = ("decoder_", "mask_token", "encoder_mask_token")
-"""Top-level keys of an MAE checkpoint that belong to the wrapper (decoder, mask tokens), not to the encoder."""
 HEAD_KEYS = ("head.*", "fc_norm.*")
 
 
@@ -68,8 +67,8 @@ def encoder_weights(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torc
     if any(key.startswith("encoder.") for key in state_dict):
         kept = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
         return kept, sorted(set(state_dict) - {f"encoder.{k}" for k in kept}), "MAE checkpoint (encoder.* kept)"
-    dropped = sorted(k for k in state_dict if k.startswith(MAE_WRAPPER_PREFIXES))
-    kept = {k: v for k, v in state_dict.items() if not k.startswith(MAE_WRAPPER_PREFIXES)}
+    dropped = sorted(k for k in state_dict if k.startswith(WRAPPER_KEY_PREFIXES))
+    kept = {k: v for k, v in state_dict.items() if not k.startswith(WRAPPER_KEY_PREFIXES)}
     return kept, dropped, "flat MAE checkpoint with decoder" if dropped else "encoder/classifier weights"
 
 
