@@ -12,7 +12,8 @@ from shard_utils import write_shards
 
 from mae_tnt.config import PretrainConfig, load_config
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
-from mae_tnt.train.engine import NonFiniteLossError, Trainer
+from mae_tnt.train.engine import Trainer
+from mae_tnt.train.loop import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 

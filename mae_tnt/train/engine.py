@@ -9,7 +9,6 @@ References: facebookresearch/mae `engine_pretrain.train_one_epoch`; accelerate `
 
 from __future__ import annotations
 
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,16 +25,13 @@ from ..data.transforms import normalize
 from ..models import create_model
 from .checkpoint import check_compatible, load_training_state, resolve_resume, save_checkpoint
 from .knn import knn_monitor
+from .loop import Preemption, Window, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, progress_bar
 from .optim import build_adamw
 from .recon import write_reconstructions
 from .schedule import lr_at, set_lr
 
 RECON_IMAGES = 8
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops without overwriting good checkpoints."""
 
 
 @dataclass
@@ -119,7 +115,6 @@ class Trainer:
         self.input_dtype = configure_deepspeed(self.acc, cfg)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.step = 0
-        self.stop_requested = False
         self._prepare_run_dir()
         self._resume()
         self.logger = MetricsLogger(self.out, self.is_main, to_dict(cfg), resume_step=self.step)
@@ -210,14 +205,15 @@ class Trainer:
 
     def train(self) -> dict:
         """Run until the stop step; returns a summary with the first and last logged losses."""
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        preemption = Preemption(self.acc, self.cfg.run.log_every, self.log)
         window = Window(self.acc.device)
         history: list[dict] = []
         bar = progress_bar(self.plan.stop_step, self.step, self.is_main)
         micro = self.step * self.cfg.optim.accum_steps
         last_saved = self.step
-        while self.step < self.plan.stop_step and not self.stop_requested:
-            for batch in self._epoch_batches(window):
+        while self.step < self.plan.stop_step and not preemption.requested:
+            loader = make_loader(self.stream, pin_memory=self.acc.device.type == "cuda")
+            for batch in timed(loader, window):
                 started = time.perf_counter()
                 loss = self.micro_step(batch, micro)
                 if self.cfg.run.compile and micro == self.step * self.cfg.optim.accum_steps:
@@ -233,35 +229,23 @@ class Trainer:
                 if self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step:
                     history.append(self._log_window(window, bar))
                 if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.plan.stop_step:
-                    self._check_finite(window)
+                    raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
                     self.save()
                     last_saved = self.step
                 elif self.cfg.run.recon_every and self.step % self.cfg.run.recon_every == 0:
                     self.reconstructions()
                 if self._knn_due():
                     history.append(self.knn_eval())
-                if self.step >= self.plan.stop_step or self._should_stop():
+                if self.step >= self.plan.stop_step or preemption.should_stop(self.step):
                     break
             if self.stream.state.batches >= self.stream.batches_per_epoch():
                 self.stream.state.start_epoch(self.stream.state.epoch + 1)
         bar.close()
-        self._check_finite(window)
+        raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
         if self.step != last_saved:
             self.save()
         self.logger.close()
         return {"steps": self.step, "history": history, "output_dir": str(self.out)}
-
-    def _epoch_batches(self, window: Window):
-        """This epoch's remaining batches, timing how long the loop waits for each."""
-        iterator = iter(make_loader(self.stream, pin_memory=self.acc.device.type == "cuda"))
-        while True:
-            start = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            window.data_time += time.perf_counter() - start
-            yield batch
 
     def _log_window(self, window: Window, bar) -> dict:
         loss = self.acc.reduce(window.loss_sum, "sum").item() / max(1, self.acc.reduce(window.count, "sum").item())
@@ -273,7 +257,7 @@ class Trainer:
             metrics["grad_norm"] = float(self.grad_norm)
         if torch.cuda.is_available():
             metrics["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        self._check_finite(window)
+        raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
         self.logger.log(metrics)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{metrics['img_per_s']:.0f}")
         window.reset()
@@ -298,52 +282,6 @@ class Trainer:
         self.logger.log(metrics)
         self.log(f"step {self.step}: kNN top-1 {accuracy['knn_top1']:.2f}%, top-5 {accuracy['knn_top5']:.2f}%")
         return metrics
-
-    def _check_finite(self, window: Window) -> None:
-        bad = int(self.acc.reduce(window.first_bad.clone(), "max").item())
-        if bad >= 0:
-            raise NonFiniteLossError(
-                f"non-finite loss at micro-step {bad} (optimizer step {bad // self.cfg.optim.accum_steps + 1}); "
-                f"stopping without saving. The last good checkpoint in {self.out / 'checkpoints'} is intact. Try a "
-                "lower optim.base_lr, optim.grad_clip=1.0 or run.precision=fp32, then resume."
-            )
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self.log("SIGTERM received: saving a checkpoint at the next step, then exiting")
-        self.stop_requested = True
-
-    def _should_stop(self) -> bool:
-        """Whether any rank got SIGTERM; ranks agree at log steps, since a collective on one rank only would hang."""
-        if self.acc.num_processes == 1:
-            return self.stop_requested
-        if self.step % self.cfg.run.log_every:
-            return False
-        flag = torch.tensor(float(self.stop_requested), device=self.acc.device)
-        self.stop_requested = bool(self.acc.reduce(flag, "max").item())
-        return self.stop_requested
-
-
-class Window:
-    """Device-side sums between log steps, so the hot path never waits for the device."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.first_bad = torch.tensor(-1, device=device)
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.count = torch.zeros((), device=self.device)
-        self.images, self.data_time, self.start = 0, 0.0, time.perf_counter()
-
-    def add(self, loss: torch.Tensor, images: int, micro: int) -> None:
-        finite = torch.isfinite(loss)
-        self.loss_sum += torch.where(finite, loss.float(), 0.0)
-        self.count += 1
-        newly_bad = (~finite) & (self.first_bad < 0)
-        self.first_bad = torch.where(newly_bad, torch.tensor(micro - 1, device=self.device), self.first_bad)
-        self.images += images
-
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Build everything from the config and train; returns the run summary."""

@@ -21,7 +21,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -49,9 +48,10 @@ from ..data.transforms import normalize, to_tensor, train_crop
 from ..finetune_config import AugmentConfig, FinetuneConfig
 from ..models import create_model
 from .checkpoint import check_compatible, load_training_state, resolve_resume, save_checkpoint
-from .engine import NonFiniteLossError, Window, build_accelerator, configure_deepspeed, derive_plan, seed_step
+from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step
 from .init import attach_probe_head, init_head, load_init, reestimate_stem_norms
 from .knn import accuracy_counts, encoder_features, eval_batches, knn_accuracy
+from .loop import Preemption, Window, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, progress_bar
 from .optim import build_adamw
 from .schedule import lr_at, set_lr
@@ -222,7 +222,7 @@ class FinetuneRun:
         self.criterion = build_criterion(cfg.augment)
         self.augment = BatchAugment(cfg.augment, self.num_classes, self.device)
         self.val_shards = resolve_shards(cfg.data.val, cfg.data.val_split, cfg.data.allow_pipe) if cfg.data.val else []
-        self.step, self.best, self.stop_requested = 0, {"val_acc1": -1.0}, False
+        self.step, self.best = 0, {"val_acc1": -1.0}
         self._prepare_run_dir(sum(p.numel() for p in model.parameters() if p.requires_grad))
         if checkpoint is not None:
             self._resume(checkpoint)
@@ -320,11 +320,11 @@ class FinetuneRun:
 
     def train(self) -> dict:
         """Train to the stop step, evaluating after every epoch; returns a summary with the best accuracy."""
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.preemption = Preemption(self.acc, self.cfg.run.log_every, self.log)
         window, history = Window(self.device), []
         bar = progress_bar(self.plan.stop_step, self.step, self.is_main, desc=self.cfg.mode)
         micro = self.step * self.cfg.optim.accum_steps
-        while self.step < self.plan.stop_step and not self.stop_requested:
+        while self.step < self.plan.stop_step and not self.preemption.requested:
             self.set_train_mode()
             micro = self._run_batches(window, bar, micro)
             epoch_done = self.stream.state.batches >= self.stream.batches_per_epoch()
@@ -354,12 +354,12 @@ class FinetuneRun:
                 self._log_train(window, bar)
             if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.plan.stop_step:
                 self.save()
-            if self.step >= self.plan.stop_step or self._should_stop():
+            if self.step >= self.plan.stop_step or self.preemption.should_stop(self.step):
                 break
         return micro
 
     def _log_train(self, window: Window, bar) -> None:
-        raise_if_nonfinite(self.acc, window, self.out)
+        raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
         loss = self.acc.reduce(window.loss_sum, "sum").item() / max(1, self.acc.reduce(window.count, "sum").item())
         elapsed = time.perf_counter() - window.start
         metrics = {"step": self.step, "epoch": round(self.step / self.plan.steps_per_epoch, 4), "loss": loss,
@@ -434,42 +434,6 @@ class FinetuneRun:
                                self.out, self.cfg.run.keep_checkpoints, extra_weights=extra)
         self.log(f"saved checkpoint {path}")
         return path
-
-    def _on_sigterm(self, signum, frame) -> None:
-        self.log("SIGTERM received: saving a checkpoint at the next step, then exiting")
-        self.stop_requested = True
-
-    def _should_stop(self) -> bool:
-        """Whether any rank got SIGTERM; ranks agree at log steps only (a collective on one rank would hang)."""
-        if self.world == 1:
-            return self.stop_requested
-        if self.step % self.cfg.run.log_every:
-            return False
-        flag = torch.tensor(float(self.stop_requested), device=self.device)
-        self.stop_requested = bool(self.acc.reduce(flag, "max").item())
-        return self.stop_requested
-
-
-def timed(loader, window: Window):
-    """Yield the loader's batches, adding the time spent waiting for each to `window.data_time`."""
-    iterator = iter(loader)
-    while True:
-        start = time.perf_counter()
-        batch = next(iterator, None)
-        window.data_time += time.perf_counter() - start
-        if batch is None:
-            return
-        yield batch
-
-
-def raise_if_nonfinite(acc, window: Window, out: Path) -> None:
-    """Stop every rank when any saw a non-finite loss since the last check; checkpoints stay untouched."""
-    bad = int(acc.reduce(window.first_bad.clone(), "max").item())
-    if bad >= 0:
-        raise NonFiniteLossError(
-            f"non-finite loss at micro-step {bad}; stopping without saving. The checkpoints in {out / 'checkpoints'} "
-            "are intact. Try a lower optim.base_lr, optim.grad_clip=1.0 or run.precision=fp32, then resume."
-        )
 
 
 def run_knn(cfg: FinetuneConfig) -> dict:

@@ -1,0 +1,84 @@
+"""Pieces shared by the pretraining and fine-tuning loops: device-side log windows, data-wait timing, the non-finite
+loss guard and SIGTERM handling that all ranks agree on."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops without overwriting good checkpoints."""
+
+
+class Window:
+    """Device-side sums between log steps, so the hot path never waits for the device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.first_bad = torch.tensor(-1, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.count = torch.zeros((), device=self.device)
+        self.images, self.data_time, self.start = 0, 0.0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, images: int, micro: int) -> None:
+        """Add the loss of micro-step `micro - 1` (0-based); remember the first non-finite one."""
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss.float(), 0.0)
+        self.count += 1
+        newly_bad = (~finite) & (self.first_bad < 0)
+        self.first_bad = torch.where(newly_bad, torch.tensor(micro - 1, device=self.device), self.first_bad)
+        self.images += images
+
+
+def timed(batches: Iterable, window: Window) -> Iterator:
+    """Yield the batches, adding the time spent waiting for each to `window.data_time`."""
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        batch = next(iterator, None)
+        window.data_time += time.perf_counter() - start
+        if batch is None:
+            return
+        yield batch
+
+
+def raise_if_nonfinite(accelerator, window: Window, out: Path, accum_steps: int) -> None:
+    """Stop every rank when any saw a non-finite loss since the start; checkpoints stay untouched."""
+    bad = int(accelerator.reduce(window.first_bad.clone(), "max").item())
+    if bad >= 0:
+        raise NonFiniteLossError(
+            f"non-finite loss at micro-step {bad} (optimizer step {bad // accum_steps + 1}); stopping without "
+            f"saving. The last good checkpoint in {out / 'checkpoints'} is intact. Try a lower optim.base_lr, "
+            "optim.grad_clip=1.0 or run.precision=fp32, then resume."
+        )
+
+
+class Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint and exits at the next step all ranks agree on."""
+
+    def __init__(self, accelerator, log_every: int, log=print):
+        self.accelerator, self.log_every, self.log = accelerator, log_every, log
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.log("SIGTERM received: saving a checkpoint at the next step, then exiting")
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        """Ranks agree at log steps only: a collective that one rank skips would hang the others."""
+        if self.accelerator.num_processes == 1:
+            return self.requested
+        if step % self.log_every:
+            return False
+        flag = torch.tensor(float(self.requested), device=self.accelerator.device)
+        self.requested = bool(self.accelerator.reduce(flag, "max").item())
+        return self.requested
