@@ -357,10 +357,11 @@ def test_tool_wrappers_exit_with_the_status_of_main(tmp_path, monkeypatch):
 
 
 def test_compressed_shards_are_reproducible_and_stream(tmp_path):
+    from shard_utils import encode_png
+
     from mae_tnt.data.convert import ConvertOptions, convert
     from mae_tnt.data.inspect import inspect_shards
     from mae_tnt.data.shards import resolve_shards
-    from shard_utils import encode_png
 
     src = tmp_path / "src"
     src.mkdir()

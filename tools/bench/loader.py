@@ -81,9 +81,10 @@ def main() -> None:
                                                                                         args.images)},
                                       args.repeats)
     rates = {name: args.images / seconds for name, seconds in medians.items()}
-    print_table([(name, f"{rate:8.1f} img/s per worker") for name, rate in rates.items()],
-                f"{args.images} JPEGs of {width}x{height} -> {args.crop}px crops, one process, median of {args.repeats}")
-    print(f"speedup shard stream vs ImageFolder: {rates['mae_tnt shard stream'] / rates['torchvision ImageFolder']:.2f}x")
+    title = f"{args.images} JPEGs of {width}x{height} -> {args.crop}px crops, one process, median of {args.repeats}"
+    print_table([(name, f"{rate:8.1f} img/s per worker") for name, rate in rates.items()], title)
+    speedup = rates["mae_tnt shard stream"] / rates["torchvision ImageFolder"]
+    print(f"speedup shard stream vs ImageFolder: {speedup:.2f}x")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mae_tnt  # noqa: E402
 from common import interleaved_medians, print_table  # noqa: E402
+
+import mae_tnt  # noqa: E402
 
 
 def train_step(model, images):
