@@ -31,11 +31,11 @@ def accelerate_config(tmp_path: Path, stage: int) -> Path:
     return path
 
 
-def run(shards, out, max_steps, config: Path | None) -> None:
+def run(shards, out, max_steps, config: Path | None, precision: str = "fp32") -> None:
     args = [str(ROOT / "pretrain.py"), str(ROOT / "recipes/demo_mae_vit.yaml"), f"data.train={shards}",
             "data.val=null", f"run.output_dir={out}", "data.batch_size=8", "data.num_workers=0", "optim.accum_steps=2",
             "schedule.epochs=2", "schedule.warmup_epochs=0.5", "run.log_every=1", "run.checkpoint_every=2",
-            f"run.max_steps={max_steps}", "run.precision=fp32"]
+            f"run.max_steps={max_steps}", f"run.precision={precision}"]
     launcher = [sys.executable]
     if config is not None:
         launcher += ["-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
@@ -67,7 +67,12 @@ def test_zero2_save_resume_and_accumulation_match_the_plain_loop(shards, tmp_pat
         assert [r[column] for r in zero2] == pytest.approx([r[column] for r in plain], rel=1e-6)
 
 
-def test_zero3_trains_and_saves(shards, tmp_path):
-    run(shards, tmp_path / "zero3", 2, accelerate_config(tmp_path, 3))
-    assert (tmp_path / "zero3/checkpoints/step_00000002/engine").is_dir()
-    assert len(rows(tmp_path / "zero3")) == 2
+@pytest.mark.parametrize("stage, precision", [(1, "bf16"), (3, "fp32")])
+def test_zero1_bf16_and_zero3_train_save_and_resume(shards, tmp_path, stage, precision):
+    """bf16 under DeepSpeed stores the weights in bf16: inputs, reconstructions and resume must all cope."""
+    config, out = accelerate_config(tmp_path, stage), tmp_path / f"zero{stage}"
+    run(shards, out, 2, config, precision)
+    assert (out / "checkpoints/step_00000002/engine").is_dir() and (out / "recon/step_00000002.png").exists()
+    run(shards, out, 3, config, precision)
+    losses = [loss for _, loss, _ in rows(out)]
+    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)

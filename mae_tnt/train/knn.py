@@ -141,8 +141,10 @@ def encoder_features(encoder: nn.Module, mean: list[float], std: list[float]) ->
     (MAE's linear-probe feature), the normed mean token for SReT.
     """
 
+    dtype = next(encoder.parameters()).dtype  # half precision under DeepSpeed's bf16/fp16 modes
+
     def forward(images: torch.Tensor) -> torch.Tensor:
-        return encoder.forward_head(encoder.forward_features(normalize(images, mean, std)))
+        return encoder.forward_head(encoder.forward_features(normalize(images, mean, std).to(dtype))).float()
 
     return forward
 

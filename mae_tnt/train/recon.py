@@ -54,7 +54,8 @@ def save_grid(rows: dict[str, torch.Tensor], mean: list[float], std: list[float]
 
 def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Path, step: int, seed: int) -> float:
     """Reconstruct a fixed batch with a fixed mask and save the grid; returns the batch loss."""
-    images = normalize(images_uint8, mean, std)
+    # DeepSpeed's bf16/fp16 modes keep the weights in half precision: inputs must match them
+    images = normalize(images_uint8, mean, std).to(next(model.parameters()).dtype)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.rand(images.shape[0], model.grid**2, generator=generator).to(images.device)
     was_training = model.training
