@@ -16,9 +16,14 @@ def run_finetune(argv: list[str]) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from .models.loading import CheckpointError
     from .train.finetune import finetune  # heavy imports only once the config is valid
 
-    summary = finetune(cfg)
+    try:
+        summary = finetune(cfg)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if cfg.mode == "knn":
         print(f"done: kNN top-1 {summary['knn_top1']:.2f}, top-5 {summary['knn_top5']:.2f}")
     else:

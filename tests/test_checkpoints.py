@@ -75,3 +75,15 @@ def test_malicious_pickle_is_refused_without_executing(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError):
         mae_tnt.create_model("mae_vit_test", checkpoint_path=tmp_path / "evil_zip.pth")
     assert not marker.exists()
+
+
+def test_a_run_directory_resolves_to_its_newest_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    model = mae_tnt.create_model("mae_vit_test")
+    for step, scale in (("step_00000001", 0.0), ("step_00000002", 1.0)):
+        folder = tmp_path / "checkpoints" / step
+        folder.mkdir(parents=True)
+        save_file({k: v.contiguous() * scale for k, v in model.state_dict().items()}, folder / "model.safetensors")
+    loaded = read_state_dict(tmp_path)
+    torch.testing.assert_close(loaded["decoder_pred.weight"], model.state_dict()["decoder_pred.weight"])

@@ -39,8 +39,14 @@ class LoadReport:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file or checkpoint directory, unwrapped from `{'model': ...}`-style containers."""
+    """Tensors of a weights file, checkpoint directory or run directory (newest checkpoint), unwrapped from
+    `{'model': ...}`-style containers."""
     path = Path(path)
+    if path.is_dir() and (path / "checkpoints").is_dir():  # a run directory: its newest checkpoint
+        steps = sorted((path / "checkpoints").glob("step_*"))
+        if not steps:
+            raise CheckpointError(f"run directory {path} has no checkpoints yet")
+        path = steps[-1]
     if path.is_dir():
         candidates = [path / name for name in WEIGHT_FILES if (path / name).exists()]
         if not candidates:
