@@ -25,11 +25,11 @@ from ..data.transforms import normalize
 from ..models import create_model
 from .checkpoint import check_compatible, load_training_state, resolve_resume, save_checkpoint
 from .knn import knn_monitor
-from .loop import Preemption, Window, raise_if_nonfinite, timed
+from .loop import Preemption, Window, accumulate_step, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, progress_bar
 from .optim import build_adamw
 from .recon import write_reconstructions
-from .schedule import lr_at, set_lr
+from .schedule import lr_at
 
 RECON_IMAGES = 8
 
@@ -164,17 +164,12 @@ class Trainer:
         seed_step(self.cfg.seed, self.acc.process_index, micro)
         if self.input_dtype is not None:
             images = images.to(self.input_dtype)
-        with self.acc.accumulate(self.model):
-            if self.acc.sync_gradients:  # before backward: DeepSpeed steps inside accelerator.backward
-                set_lr(self.optimizer, self.lr(self.step))
-            with self.acc.autocast():
-                loss, _, _ = self.model(images, mask_ratio=self.cfg.model.mask_ratio)
-            self.acc.backward(loss)
-            if self.acc.sync_gradients and self.cfg.optim.grad_clip:
-                self.grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        loss, grad_norm = accumulate_step(
+            self.acc, self.model, self.optimizer, lambda: self.model(images, mask_ratio=self.cfg.model.mask_ratio)[0],
+            lr=self.lr(self.step), grad_clip=self.cfg.optim.grad_clip)
+        if grad_norm is not None:
+            self.grad_norm = grad_norm
+        return loss
 
     def lr(self, step: int) -> float:
         return lr_at(step, peak_lr=self.plan.peak_lr, total_steps=self.plan.total_steps,

@@ -51,10 +51,10 @@ from .checkpoint import check_compatible, load_training_state, resolve_resume, s
 from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step
 from .init import attach_probe_head, init_head, load_init, reestimate_stem_norms
 from .knn import accuracy_counts, encoder_features, eval_batches, knn_accuracy
-from .loop import Preemption, Window, raise_if_nonfinite, timed
+from .loop import Preemption, Window, accumulate_step, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, progress_bar
 from .optim import build_adamw
-from .schedule import lr_at, set_lr
+from .schedule import lr_at
 
 EMA_FILE = "ema.safetensors"
 
@@ -306,17 +306,10 @@ class FinetuneRun:
             images, targets = self.augment(images, labels)
         if self.input_dtype is not None:
             images = images.to(self.input_dtype)
-        with self.acc.accumulate(self.model):
-            if self.acc.sync_gradients:  # before backward: DeepSpeed steps inside accelerator.backward
-                set_lr(self.optimizer, self.lr(self.step))
-            with self.acc.autocast():
-                loss = self.criterion(self.model(images).float(), targets)
-            self.acc.backward(loss)
-            if self.acc.sync_gradients and self.cfg.optim.grad_clip:
-                self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        loss, _ = accumulate_step(self.acc, self.model, self.optimizer,
+                                  lambda: self.criterion(self.model(images).float(), targets),
+                                  lr=self.lr(self.step), grad_clip=self.cfg.optim.grad_clip)
+        return loss
 
     def train(self) -> dict:
         """Train to the stop step, evaluating after every epoch; returns a summary with the best accuracy."""

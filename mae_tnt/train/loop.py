@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
+
+from .schedule import set_lr
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,6 +61,26 @@ def raise_if_nonfinite(accelerator, window: Window, out: Path, accum_steps: int)
             f"saving. The last good checkpoint in {out / 'checkpoints'} is intact. Try a lower optim.base_lr, "
             "optim.grad_clip=1.0 or run.precision=fp32, then resume."
         )
+
+
+def accumulate_step(accelerator, model, optimizer, compute_loss: Callable[[], torch.Tensor], *, lr: float,
+                    grad_clip: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-step under accelerate's accumulation: the optimizer steps on accumulation boundaries only.
+
+    Returns the detached loss and, on a clipped boundary step, the gradient norm.
+    """
+    grad_norm = None
+    with accelerator.accumulate(model):
+        if accelerator.sync_gradients:  # before backward: DeepSpeed steps inside accelerator.backward
+            set_lr(optimizer, lr)
+        with accelerator.autocast():
+            loss = compute_loss()
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and grad_clip:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm
 
 
 class Preemption:
