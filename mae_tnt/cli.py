@@ -9,20 +9,20 @@ from .config import ConfigError, PretrainConfig, load_config
 USAGE = "usage: {prog} RECIPE.yaml [key=value ...]   (e.g. optim.base_lr=1e-4 run.output_dir=/tmp/run)"
 
 
-def parse_args(argv: list[str], prog: str) -> tuple[str, list[str]]:
+def load_recipe(cls: type, argv: list[str], prog: str):
+    """The config of `prog RECIPE.yaml [key=value ...]`; usage and config errors exit with status 2."""
     if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
         print(USAGE.format(prog=prog), file=sys.stderr)
         raise SystemExit(2)
-    return argv[0], argv[1:]
+    try:
+        return load_config(cls, argv[0], argv[1:])
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run_pretrain(argv: list[str]) -> int:
-    recipe, overrides = parse_args(argv, "pretrain.py")
-    try:
-        cfg = load_config(PretrainConfig, recipe, overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_recipe(PretrainConfig, argv, "pretrain.py")
     from .train.engine import pretrain  # heavy imports only once the config is valid
 
     summary = pretrain(cfg)

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from .cli import parse_args
-from .config import ConfigError, load_config
+from .cli import load_recipe
 from .finetune_config import FinetuneConfig
 
 
 def run_finetune(argv: list[str]) -> int:
-    recipe, overrides = parse_args(argv, "finetune.py")
-    try:
-        cfg = load_config(FinetuneConfig, recipe, overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_recipe(FinetuneConfig, argv, "finetune.py")
     from .models.loading import CheckpointError
     from .train.finetune import finetune  # heavy imports only once the config is valid
 
