@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .config import ConfigError, PretrainConfig, load_config
@@ -26,5 +27,11 @@ def run_pretrain(argv: list[str]) -> int:
     from .train.engine import pretrain  # heavy imports only once the config is valid
 
     summary = pretrain(cfg)
-    print(f"done: {summary['steps']} steps; outputs in {summary['output_dir']}")
+    if is_main_process():
+        print(f"done: {summary['steps']} steps; outputs in {summary['output_dir']}")
     return 0
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched job (or a plain single process), from the launcher's environment."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli import load_recipe
+from .cli import is_main_process, load_recipe
 from .finetune_config import FinetuneConfig
 
 
@@ -18,6 +18,8 @@ def run_finetune(argv: list[str]) -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if not is_main_process():
+        return 0
     if cfg.mode == "knn":
         print(f"done: kNN top-1 {summary['knn_top1']:.2f}, top-5 {summary['knn_top5']:.2f}")
     else:

@@ -68,3 +68,23 @@ def test_yaml_is_parsed_safely(tmp_path):
     path = write(tmp_path, "model: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(Exception, match="could not determine a constructor|ConstructorError"):
         load_config(PretrainConfig, path)
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_launcher_configs_load_in_accelerate(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1
+    if config.distributed_type.name == "DEEPSPEED":
+        assert (RECIPES.parent / config.deepspeed_config["deepspeed_config_file"]).exists()
+
+
+@pytest.mark.parametrize("path", sorted((RECIPES / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_deepspeed_bucket_sizes_are_integers(path):
+    """timm models have no `hidden_size`, so DeepSpeed cannot resolve "auto" for these."""
+    import json
+
+    zero = json.loads(path.read_text())["zero_optimization"]
+    buckets = {k: v for k, v in zero.items() if k.endswith(("bucket_size", "persistence_threshold"))}
+    assert buckets and all(isinstance(v, int) for v in buckets.values())
