@@ -42,6 +42,15 @@ DECODE_ERRORS = (
 )
 
 
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "img")
+"""Shard member extensions that hold an encoded image, in order of preference when a sample has several."""
+
+
+def image_bytes(sample: dict) -> bytes | None:
+    """The encoded image of a raw shard sample ({field: bytes}), or None when it has none."""
+    return next((sample[field] for field in IMAGE_FIELDS if field in sample), None)
+
+
 class BadImageError(ValueError):
     """Bytes that are not a readable image: unknown format, truncated, corrupt or over the pixel limit."""
 

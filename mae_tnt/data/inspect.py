@@ -14,10 +14,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mae_tnt.data.images import BadImageError, decode
+from mae_tnt.data.images import IMAGE_FIELDS, BadImageError, decode
 from mae_tnt.data.info import INFO_NAME, ShardError, count_tar_samples, load_info, sample_key
 
-IMAGE_FIELDS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm"})
 MAX_PRINTED_PROBLEMS = 50
 
 

@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader
 
 from ..config import DataConfig
 from .device_decode import DeferredCrop, gpu_decode_available
-from .images import BadImageError, set_max_image_pixels
+from .images import BadImageError, image_bytes, set_max_image_pixels
 from .shards import Shard, read_samples, resolve_shards
-from .stream import IMAGE_FIELDS, ShardStream, label_of
+from .stream import ShardStream, label_of
 from .transforms import eval_resize, train_crop
 
 
@@ -47,7 +47,7 @@ def iter_eval_samples(shards: list[Shard], img_size: int) -> Iterator[tuple[torc
     """Every decodable sample in shard order, resized and center-cropped: (uint8 [3, S, S], label or -1)."""
     for shard in shards:
         for sample in read_samples(shard.url):
-            data = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
+            data = image_bytes(sample)
             try:
                 image = eval_resize(data, img_size) if data is not None else None
             except BadImageError:

@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .images import BadImageError
+from .images import BadImageError, image_bytes
 from .shards import Shard, read_samples
 
 SampleTransform = Callable[[bytes, random.Random], object]
 """Encoded image bytes + the sample's own RNG -> uint8 [3, S, S] (or a deferred item decoded on the device, see
 `device_decode`); must be picklable (loader workers)."""
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "img")
 
 
 @dataclass
@@ -183,7 +182,7 @@ class RoleStream:
     def _decode(self, sample: dict, index: int) -> torch.Tensor:
         if sample is None:
             raise BadImageError("sample lost to a truncated shard")
-        data = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
+        data = image_bytes(sample)
         if data is None:
             raise BadImageError(f"sample {sample['__key__']} has no image field")
         rng = random.Random(f"{self.stream.seed}-{self.epoch}-{self.global_role}-{index}")

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DataConfig
-from ..data.images import BadImageError
+from ..data.images import BadImageError, image_bytes
 from ..data.shards import Shard, read_samples, resolve_shards
-from ..data.stream import IMAGE_FIELDS, label_of
+from ..data.stream import label_of
 from ..data.transforms import eval_resize, normalize
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -53,7 +53,7 @@ def decode_batch(samples: list[dict], img_size: int, batch_size: int) -> tuple[t
     labels = torch.full((batch_size,), -1, dtype=torch.long)
     row = 0
     for sample in samples:
-        data = next((sample[key] for key in IMAGE_FIELDS if key in sample), None)
+        data = image_bytes(sample)
         try:
             if data is None:
                 raise BadImageError(f"sample {sample.get('__key__')} has no image field")
