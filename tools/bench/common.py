@@ -1,24 +1,80 @@
-"""Shared benchmark helpers: interleaved timing with medians, because this machine is noisy."""
+"""Shared benchmark helpers: interleaved timing, paired ratios and MAC counts, because this machine is noisy.
+
+Cases are timed in turn within every repetition, so a slow spell of the shared machine hits all of them alike. A
+speed-up is then reported as the median of the per-repetition ratios (each pair was timed back to back) together
+with their range, which says how far one run can be trusted.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
-def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each case, alternating the cases every repetition so drift hits all alike."""
+def interleaved_times(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds of every timed call of each case, alternating the cases within each repetition."""
     for _ in range(warmup):
         for run in cases.values():
             run()
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, run in cases.items():
-            start = time.perf_counter()
+            start = clock()
             run()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
+    return times
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A ratio of two cases' times: median and range over the repetitions, each pair timed back to back."""
+
+    median: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f}x (pairs {self.low:.2f}-{self.high:.2f})"
+
+
+def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> Ratio:
+    """times[numerator] / times[denominator], repetition by repetition."""
+    ratios = [a / b for a, b in zip(times[numerator], times[denominator], strict=True)]
+    return Ratio(statistics.median(ratios), min(ratios), max(ratios))
+
+
+def train_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor],
+               autocast: Callable[[], AbstractContextManager] = nullcontext) -> Callable[[], None]:
+    """One forward + backward of `loss_fn` (no optimizer), finished on the device before it returns."""
+    device = next(model.parameters()).device
+
+    def run() -> None:
+        model.zero_grad(set_to_none=True)
+        with autocast():
+            loss = loss_fn()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return run
+
+
+def gmacs_per_image(fn: Callable[[], object], batch: int) -> float:
+    """Forward multiply-accumulates per image (FlopCounterMode FLOPs / 2: matmuls, convolutions, attention)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops() / 2 / batch / 1e9
 
 
 def print_table(rows: list[tuple[str, str]], title: str) -> None:

@@ -24,7 +24,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleaved_medians, print_table  # noqa: E402
+from common import interleaved_times, medians, paired_ratio, print_table  # noqa: E402
 
 from mae_tnt.data.convert import ConvertOptions, convert  # noqa: E402
 from mae_tnt.data.shards import resolve_shards  # noqa: E402
@@ -76,15 +76,14 @@ def main() -> None:
         write_jpegs(folder, args.images, width, height)
         convert(folder, shard_dir, ConvertOptions(shard_size=100, workers=1, progress=False))
         shards = resolve_shards(str(shard_dir))
-        medians = interleaved_medians({"mae_tnt shard stream": ours(shards, args.crop, args.images),
-                                       "torchvision ImageFolder": torchvision_reference(folder, args.crop,
-                                                                                        args.images)},
-                                      args.repeats)
-    rates = {name: args.images / seconds for name, seconds in medians.items()}
+        times = interleaved_times({"mae_tnt shard stream": ours(shards, args.crop, args.images),
+                                   "torchvision ImageFolder": torchvision_reference(folder, args.crop, args.images)},
+                                  args.repeats)
+    rates = {name: args.images / seconds for name, seconds in medians(times).items()}
     title = f"{args.images} JPEGs of {width}x{height} -> {args.crop}px crops, one process, median of {args.repeats}"
     print_table([(name, f"{rate:8.1f} img/s per worker") for name, rate in rates.items()], title)
-    speedup = rates["mae_tnt shard stream"] / rates["torchvision ImageFolder"]
-    print(f"speedup shard stream vs ImageFolder: {speedup:.2f}x")
+    speedup = paired_ratio(times, "torchvision ImageFolder", "mae_tnt shard stream")
+    print(f"speedup shard stream vs ImageFolder: {speedup}")
 
 
 if __name__ == "__main__":

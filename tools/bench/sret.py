@@ -2,7 +2,8 @@
 
 Prints, in one run, encoder and forward MACs per image (FlopCounterMode FLOPs / 2: matmuls, convs, attention) and the
 median train-step time (forward + backward) of each case. Repetitions are interleaved across cases, so load on a
-shared machine hits every case alike; ratios come last.
+shared machine hits every case alike; ratios come last, step-time ratios as the median of the back-to-back pairs'
+ratios with their range.
 
     OMP_NUM_THREADS=2 python tools/bench/sret.py                       # CPU, batch 8 at 224
     python tools/bench/sret.py --device cuda --dtype bfloat16 --batch 64 --reps 20
@@ -13,18 +14,22 @@ References: docs/sret.md (design and measured numbers); timm `vit_small_patch16_
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
-import mae_tnt
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import gmacs_per_image, interleaved_times, medians, paired_ratio, train_step  # noqa: E402
+
+import mae_tnt  # noqa: E402
 
 
 @dataclass
@@ -74,27 +79,6 @@ def build_cases(images: torch.Tensor, ratio: float) -> list[Case]:
     ]
 
 
-def gmacs_per_image(fn: Callable[[], torch.Tensor], batch: int) -> float:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        fn()
-    return counter.get_total_flops() / 2 / batch / 1e9
-
-
-def timed_step(case: Case, autocast) -> float:
-    """Seconds for one forward + backward, synchronised on accelerators."""
-    device = next(case.model.parameters()).device
-    case.model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    with autocast():
-        loss = case.step()
-    loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
@@ -108,17 +92,12 @@ def main() -> None:
 
     encoder_macs = {c.name: gmacs_per_image(c.encode, args.batch) for c in cases if c.encode}
     forward_macs = {c.name: gmacs_per_image(c.step, args.batch) for c in cases}
-    times: dict[str, list[float]] = {c.name: [] for c in cases}
-    for rep in range(args.reps + 1):  # rep 0 warms up every case
-        for case in cases:
-            seconds = timed_step(case, autocast)
-            if rep:
-                times[case.name].append(seconds)
-    step = {name: statistics.median(t) for name, t in times.items()}
-    print_report(args, device, cases, encoder_macs, forward_macs, step)
+    times = interleaved_times({c.name: train_step(c.model, c.step, autocast) for c in cases}, args.reps)
+    print_report(args, device, cases, encoder_macs, forward_macs, times)
 
 
-def print_report(args, device, cases, encoder_macs, forward_macs, step) -> None:
+def print_report(args, device, cases, encoder_macs, forward_macs, times) -> None:
+    step = medians(times)
     print(f"device={device} dtype={args.dtype} batch={args.batch} img={args.img_size} mask_ratio={args.mask_ratio} "
           f"reps={args.reps} threads={torch.get_num_threads()} torch={torch.__version__}")
     print(f"{'case':40s} {'enc GMAC/img':>12s} {'fwd GMAC/img':>12s} {'step ms':>9s} {'img/s':>7s}")
@@ -128,17 +107,18 @@ def print_report(args, device, cases, encoder_macs, forward_macs, step) -> None:
         print(f"{case.name:40s} {enc:>12s} {forward_macs[case.name]:12.3f} {seconds * 1e3:9.1f} "
               f"{args.batch / seconds:7.1f}")
     visible, dense, full, sret, deit = (c.name for c in cases)
+    encoder_ratio = encoder_macs[visible] / encoder_macs[full]
     ratios = [
-        ("encoder MACs   visible / mask tokens", encoder_macs[visible] / encoder_macs[full], "(target <= 0.3)"),
-        ("MAE step time  visible / mask tokens", step[visible] / step[full], "(target <= 0.5)"),
-        ("encoder MACs   dense stem / per-unit", encoder_macs[dense] / encoder_macs[visible], ""),
-        ("MAE step time  dense stem / per-unit", step[dense] / step[visible], ""),
-        ("forward MACs   SReT-S / DeiT-S", forward_macs[sret] / forward_macs[deit], ""),
-        ("train step     SReT-S / DeiT-S", step[sret] / step[deit], ""),
+        ("encoder MACs   visible / mask tokens", f"{encoder_ratio:.3f}", "(target <= 0.3)"),
+        ("MAE step time  visible / mask tokens", paired_ratio(times, visible, full), "(target <= 0.5)"),
+        ("encoder MACs   dense stem / per-unit", f"{encoder_macs[dense] / encoder_macs[visible]:.3f}", ""),
+        ("MAE step time  dense stem / per-unit", paired_ratio(times, dense, visible), ""),
+        ("forward MACs   SReT-S / DeiT-S", f"{forward_macs[sret] / forward_macs[deit]:.3f}", ""),
+        ("train step     SReT-S / DeiT-S", paired_ratio(times, sret, deit), ""),
     ]
     print("ratios:")
     for label, value, target in ratios:
-        print(f"  {label:38s} = {value:.3f}  {target}")
+        print(f"  {label:38s} = {value}  {target}".rstrip())
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Default mode prints, in one run, the median train-step time (forward + backward, no optimizer) and forward MACs per
 image of: timm `tnt_s_patch16_224`, our `tnt_s_patch16_224` (same weights), timm `vit_small_patch16_224` (DeiT-S),
 and MAE-TNT-S with the visible-only encoder vs every sentence in the encoder (`encoder_mode="mask_tokens"`).
-Repetitions are interleaved across cases, so load on a shared machine hits every case alike; the key ratios come last.
+Repetitions are interleaved across cases, so load on a shared machine hits every case alike; the key ratios come last,
+each the median of the back-to-back pairs' ratios with their range.
 
 `--decoders` instead compares decoder sizes for `mae_tnt_s_patch16` (`--model` for another size): encoder and decoder
 MACs per image and the step time of the whole MAE and of its encoder alone.
@@ -18,18 +19,23 @@ References: docs/tnt.md (design and measured numbers); timm `models/tnt.py`, `vi
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
-import mae_tnt
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import gmacs_per_image, interleaved_times, medians, paired_ratio, train_step  # noqa: E402
+
+import mae_tnt  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DECODERS = ((8, 512, 16), (4, 512, 16), (4, 384, 12), (2, 384, 12), (4, 256, 8), (2, 256, 8))
@@ -38,12 +44,11 @@ DECODERS = ((8, 512, 16), (4, 512, 16), (4, 384, 12), (2, 384, 12), (4, 256, 8),
 
 @dataclass
 class Case:
-    """A named closure returning a loss; `macs` runs the part whose MACs are reported (default: `step`)."""
+    """A named closure returning a loss, and the model it trains."""
 
     name: str
     step: Callable[[], torch.Tensor]
     model: torch.nn.Module
-    macs: Callable[[], torch.Tensor] | None = None
 
 
 def parse_args() -> argparse.Namespace:
@@ -100,37 +105,6 @@ def decoder_cases(images: torch.Tensor, ratio: float, model_name: str) -> list[C
     return cases
 
 
-def gmacs_per_image(fn: Callable[[], torch.Tensor], batch: int) -> float:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        fn()
-    return counter.get_total_flops() / 2 / batch / 1e9
-
-
-def timed_step(case: Case, autocast, clock: Callable[[], float]) -> float:
-    """Seconds for one forward + backward, synchronised on accelerators."""
-    device = next(case.model.parameters()).device
-    case.model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = clock()
-    with autocast():
-        loss = case.step()
-    loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return clock() - start
-
-
-def median_step_times(cases: list[Case], reps: int, autocast, clock: Callable[[], float]) -> dict[str, float]:
-    times: dict[str, list[float]] = {c.name: [] for c in cases}
-    for rep in range(reps + 1):  # rep 0 warms every case up
-        for case in cases:
-            seconds = timed_step(case, autocast, clock)
-            if rep:
-                times[case.name].append(seconds)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def print_table(args, cases: list[Case], macs: dict[str, float], step: dict[str, float]) -> None:
     print(f"device={args.device} dtype={args.dtype} batch={args.batch} img=224 mask_ratio={args.mask_ratio} "
           f"reps={args.reps} clock={args.clock} threads={torch.get_num_threads()} "
@@ -141,19 +115,19 @@ def print_table(args, cases: list[Case], macs: dict[str, float], step: dict[str,
         print(f"{case.name:42s} {macs[case.name]:12.3f} {seconds * 1e3:9.1f} {args.batch / seconds:7.1f}")
 
 
-def print_speed_ratios(cases: list[Case], macs: dict[str, float], step: dict[str, float]) -> None:
+def print_speed_ratios(cases: list[Case], macs: dict[str, float], times: dict[str, list[float]]) -> None:
     timm_tnt, ours, vit, visible, full = (c.name for c in cases)
-    ratios = [
-        ("forward MACs  TNT-S / DeiT-S", macs[ours] / macs[vit], ""),
-        ("MAE step      mask tokens / visible-only", step[full] / step[visible], ""),
-        ("MAE MACs      mask tokens / visible-only", macs[full] / macs[visible], ""),
-        ("train step    timm TNT-S / DeiT-S", step[timm_tnt] / step[vit], ""),
-        ("train step    ours TNT-S / DeiT-S", step[ours] / step[vit], "(target <= 1.25)"),
-        ("speed-up      timm TNT-S / ours TNT-S", step[timm_tnt] / step[ours], "(target >= 1.3)"),
-    ]
     print("ratios:")
-    for label, value, target in ratios:
-        print(f"  {label:42s} = {value:6.3f}  {target}")
+    print(f"  {'forward MACs  TNT-S / DeiT-S':42s} = {macs[ours] / macs[vit]:.3f}")
+    print(f"  {'MAE MACs      mask tokens / visible-only':42s} = {macs[full] / macs[visible]:.3f}")
+    step_ratios = [
+        ("MAE step      mask tokens / visible-only", full, visible, ""),
+        ("train step    timm TNT-S / DeiT-S", timm_tnt, vit, ""),
+        ("train step    ours TNT-S / DeiT-S", ours, vit, "(target <= 1.25)"),
+        ("speed-up      timm TNT-S / ours TNT-S", timm_tnt, ours, "(target >= 1.3)"),
+    ]
+    for label, numerator, denominator, target in step_ratios:
+        print(f"  {label:42s} = {paired_ratio(times, numerator, denominator)}  {target}".rstrip())
 
 
 def print_decoder_ratios(cases: list[Case], macs: dict[str, float], step: dict[str, float]) -> None:
@@ -182,12 +156,13 @@ def main() -> None:
     with autocast():
         macs = {c.name: gmacs_per_image(c.step, args.batch) for c in cases}
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    step = median_step_times(cases, args.reps, autocast, clock)
+    times = interleaved_times({c.name: train_step(c.model, c.step, autocast) for c in cases}, args.reps, clock=clock)
+    step = medians(times)
     print_table(args, cases, macs, step)
     if args.decoders:
         print_decoder_ratios(cases, macs, step)
     else:
-        print_speed_ratios(cases, macs, step)
+        print_speed_ratios(cases, macs, times)
 
 
 if __name__ == "__main__":
