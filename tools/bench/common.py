@@ -71,8 +71,11 @@ def train_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor],
 
 
 def gmacs_per_image(fn: Callable[[], object], batch: int) -> float:
-    """Forward multiply-accumulates per image (FlopCounterMode FLOPs / 2: matmuls, convolutions, attention)."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    """Forward multiply-accumulates per image (FlopCounterMode FLOPs / 2: matmuls, convolutions, attention).
+
+    Runs with autograd on: under no_grad, the counter's module hooks fail on views of leaf inputs that need grad.
+    """
+    with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() / 2 / batch / 1e9
 

@@ -9,8 +9,12 @@ each the median of the back-to-back pairs' ratios with their range.
 `--decoders` instead compares decoder sizes for `mae_tnt_s_patch16` (`--model` for another size): encoder and decoder
 MACs per image and the step time of the whole MAE and of its encoder alone.
 
+`--parts` instead times one TNT-S block part by part (inner attention, inner MLP, word -> sentence projection, outer
+transformer) beside one DeiT-S block, on the activations of `--batch` 224-px images: where TNT's extra time goes.
+
     OMP_NUM_THREADS=2 python tools/bench/tnt.py                              # CPU, batch 16 at 224, fp32
     OMP_NUM_THREADS=2 python tools/bench/tnt.py --decoders --batch 8
+    OMP_NUM_THREADS=2 python tools/bench/tnt.py --parts --reps 9
     python tools/bench/tnt.py --device cuda --dtype bf16 --batch 128 --reps 20
 
 References: docs/tnt.md (design and measured numbers); timm `models/tnt.py`, `vit_small_patch16_224` (DeiT-S).
@@ -36,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import gmacs_per_image, interleaved_times, medians, paired_ratio, train_step  # noqa: E402
 
 import mae_tnt  # noqa: E402
+from mae_tnt.models.tnt import project_words  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DECODERS = ((8, 512, 16), (4, 512, 16), (4, 384, 12), (2, 384, 12), (4, 256, 8), (2, 256, 8))
@@ -62,6 +67,7 @@ def parse_args() -> argparse.Namespace:
                         help="wall: perf_counter; cpu: this process's CPU time (steadier on a loaded CPU machine)")
     parser.add_argument("--decoders", action="store_true", help="compare MAE-TNT decoder sizes instead")
     parser.add_argument("--model", default="mae_tnt_s_patch16", help="MAE-TNT model for --decoders")
+    parser.add_argument("--parts", action="store_true", help="time one TNT-S block part by part instead")
     return parser.parse_args()
 
 
@@ -105,6 +111,28 @@ def decoder_cases(images: torch.Tensor, ratio: float, model_name: str) -> list[C
     return cases
 
 
+def part_cases(images: torch.Tensor) -> list[Case]:
+    """One TNT-S block whole and part by part, and one DeiT-S block, on random activations of the right shapes."""
+    block = mae_tnt.create_model("tnt_s_patch16_224").blocks[0].to(images.device).train()
+    vit_block = timm.create_model("vit_small_patch16_224").blocks[0].to(images.device).train()
+    batch = images.shape[0]
+    words = torch.randn(batch * 196, 16, 24, device=images.device, requires_grad=True)  # [B*K, W, c]
+    tokens = torch.randn(batch, 197, 384, device=images.device, requires_grad=True)  # [B, 1+K, D]
+
+    def outer() -> torch.Tensor:
+        x = tokens + block.attn_out(block.norm_out(tokens))
+        return (x + block.mlp(block.norm_mlp(x))).mean()
+
+    return [
+        Case("inner attention (LN, attn, add)", lambda: (words + block.attn_in(block.norm_in(words))).mean(), block),
+        Case("inner MLP (LN, MLP, add)", lambda: (words + block.mlp_in(block.norm_mlp_in(words))).mean(), block),
+        Case("words -> sentence projection", lambda: project_words(block, words, batch).mean(), block),
+        Case("outer transformer", outer, block),
+        Case("TNT-S block", lambda: sum(out.mean() for out in block(words, tokens)), block),
+        Case("DeiT-S block", lambda: vit_block(tokens).mean(), vit_block),
+    ]
+
+
 def print_table(args, cases: list[Case], macs: dict[str, float], step: dict[str, float]) -> None:
     print(f"device={args.device} dtype={args.dtype} batch={args.batch} img=224 mask_ratio={args.mask_ratio} "
           f"reps={args.reps} clock={args.clock} threads={torch.get_num_threads()} "
@@ -140,6 +168,15 @@ def print_decoder_ratios(cases: list[Case], macs: dict[str, float], step: dict[s
               f"step {step[case.name] * 1e3:8.1f} ms, decoder share {dec_ms / step[case.name]:6.1%}")
 
 
+def print_part_shares(cases: list[Case], times: dict[str, list[float]], depth: int = 12) -> None:
+    *parts, block, vit_block = (c.name for c in cases)
+    step = medians(times)
+    print(f"per train step ({depth} blocks):")
+    for name in parts:
+        print(f"  {name:40s} {step[name] * depth * 1e3:8.1f} ms  {step[name] / step[block]:6.1%} of the block")
+    print(f"  {'TNT-S block / DeiT-S block':40s} = {paired_ratio(times, block, vit_block)}")
+
+
 def main() -> None:
     args = parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -147,6 +184,8 @@ def main() -> None:
     images = torch.randn(args.batch, 3, 224, 224, device=device)
     if args.decoders:
         cases = decoder_cases(images, args.mask_ratio, args.model)
+    elif args.parts:
+        cases = part_cases(images)
     else:
         cases = speed_cases(images, args.mask_ratio)
 
@@ -161,6 +200,8 @@ def main() -> None:
     print_table(args, cases, macs, step)
     if args.decoders:
         print_decoder_ratios(cases, macs, step)
+    elif args.parts:
+        print_part_shares(cases, times)
     else:
         print_speed_ratios(cases, macs, times)
 
