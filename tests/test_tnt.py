@@ -7,7 +7,7 @@ from timm.models import group_parameters
 from timm.optim import param_groups_layer_decay
 
 import mae_tnt
-from mae_tnt.models.tnt import OFFICIAL_RENAMES, Mlp, WordMaskedAutoencoder
+from mae_tnt.models.tnt import OFFICIAL_RENAMES, WordMaskedAutoencoder
 
 MAE_TEST_KWARGS = dict(img_size=32, norm_pix_loss=True, decoder_dim=32, decoder_depth=1, decoder_heads=2,
                        drop_path_rate=0.0, mask_ratio=0.75, encoder_mode="visible")
@@ -251,25 +251,3 @@ def test_cpu_channel_first_attention_equals_sdpa_path(tiny):
     for block in tiny.blocks:
         block.attn_in.channel_first = False
     torch.testing.assert_close(tiny.forward_features(x), fast, atol=1e-5, rtol=1e-5)
-
-
-def test_cpu_chunked_inner_mlp_equals_autograd():
-    """The inner MLP's chunked CPU path, with an uneven last chunk, against plain autograd: output and all gradients."""
-    torch.manual_seed(0)
-    mlp = Mlp(8, 32, chunk_rows=5)
-    x = torch.randn(3, 7, 8, requires_grad=True)  # 21 rows: four chunks of 5 and one of 1
-    weights = torch.randn(3, 7, 8)
-    results = []
-    for chunk_rows in (5, None):
-        mlp.chunk_rows = chunk_rows
-        mlp.zero_grad()
-        x.grad = None
-        out = mlp(x)
-        assert (type(out.grad_fn.next_functions[0][0]).__name__ == "_ChunkedMlpBackward") == (chunk_rows is not None)
-        (out * weights).sum().backward()
-        results.append([out, x.grad.clone(), *(p.grad.clone() for p in mlp.parameters())])
-    for chunked, plain in zip(*results, strict=True):
-        torch.testing.assert_close(chunked, plain, atol=1e-6, rtol=1e-5)
-    with torch.no_grad():  # inference takes the plain path
-        mlp.chunk_rows = 5
-        torch.testing.assert_close(mlp(x), results[1][0])

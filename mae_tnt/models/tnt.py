@@ -30,9 +30,6 @@ from .registry import register_model
 WORD_STRIDE = 4
 """Pixels per word side: the stride of TNT's pixel-embedding convolution (a 16-px patch holds 4x4 words)."""
 
-INNER_MLP_CHUNK = 8192
-"""Words per chunk of the CPU inner MLP (`_ChunkedMlp`): 8192 x 96 floats of TNT-S hidden activations is 3 MiB."""
-
 # Official huawei-noah names -> timm names (timm `checkpoint_filter_fn`), applied to top-level and block keys alike.
 OFFICIAL_RENAMES = (
     ("outer_pos", "patch_pos"),
@@ -122,62 +119,15 @@ class _ChannelFirstAttention(torch.autograd.Function):
 
 
 class Mlp(nn.Module):
-    """fc1 -> exact GELU -> fc2, with timm's `fc1`/`fc2` keys.
+    """fc1 -> exact GELU -> fc2, with timm's `fc1`/`fc2` keys."""
 
-    Args:
-        chunk_rows: when training in fp32 on CPU, run `_ChunkedMlp` over chunks of this many tokens (None: plain
-            autograd). Used for the inner MLP, whose [B*K*16, 4c] activations dwarf its MACs.
-    """
-
-    def __init__(self, dim: int, hidden: int, *, chunk_rows: int | None = None):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.chunk_rows = chunk_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.chunk_rows and x.device.type == "cpu" and torch.is_grad_enabled() \
-                and not torch.is_autocast_enabled("cpu") and x.dtype == self.fc1.weight.dtype:
-            rows = x.reshape(-1, x.shape[-1])  # [M, C]
-            out = _ChunkedMlp.apply(rows, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
-                                    self.chunk_rows)  # [M, C]
-            return out.view(x.shape)
         return self.fc2(F.gelu(self.fc1(x)))
-
-
-class _ChunkedMlp(torch.autograd.Function):
-    """fc2(GELU(fc1(x))) for x [M, C], `chunk` rows at a time, saving only x and the pre-activation for backward.
-
-    Autograd would also keep the GELU output and stream every [M, hidden] tensor through memory several times; here a
-    chunk's hidden activations stay in cache, and backward recomputes GELU from the saved pre-activation.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, chunk: int) -> torch.Tensor:
-        pre = x.new_empty(x.shape[0], w1.shape[0])  # [M, hidden]
-        out = x.new_empty(x.shape[0], w2.shape[0])  # [M, C]
-        for start in range(0, x.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            torch.addmm(b1, x[rows], w1.t(), out=pre[rows])
-            torch.addmm(b2, F.gelu(pre[rows]), w2.t(), out=out[rows])
-        ctx.save_for_backward(x, w1, w2, pre)
-        ctx.chunk = chunk
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x, w1, w2, pre = ctx.saved_tensors
-        grad_x, grad_w1, grad_w2 = torch.empty_like(x), torch.zeros_like(w1), torch.zeros_like(w2)
-        grad_b1 = w1.new_zeros(w1.shape[0])
-        for start in range(0, x.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            grad_rows = grad_out[rows]  # [m, C]
-            grad_w2.addmm_(grad_rows.t(), F.gelu(pre[rows]))
-            grad_pre = torch.ops.aten.gelu_backward(grad_rows @ w2, pre[rows])  # [m, hidden]
-            grad_w1.addmm_(grad_pre.t(), x[rows])
-            grad_b1 += grad_pre.sum(0)
-            torch.mm(grad_pre, w1, out=grad_x[rows])
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_out.sum(0), None
 
 
 def project_words(owner: nn.Module, words: torch.Tensor, batch: int) -> torch.Tensor:
@@ -201,7 +151,7 @@ class Block(nn.Module):
         self.norm_in = nn.LayerNorm(word_dim)
         self.attn_in = Attention(word_dim, heads_inner, channel_first=True)
         self.norm_mlp_in = nn.LayerNorm(word_dim)
-        self.mlp_in = Mlp(word_dim, 4 * word_dim, chunk_rows=INNER_MLP_CHUNK)  # TNT fixes the inner MLP ratio at 4
+        self.mlp_in = Mlp(word_dim, 4 * word_dim)  # TNT fixes the inner MLP ratio at 4
         self.norm1_proj = nn.LayerNorm(num_words * word_dim)
         self.proj = nn.Linear(num_words * word_dim, dim, bias=False)
         self.norm2_proj = nn.LayerNorm(dim)
