@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DropPath, init_mae_weights, resample_abs_pos_embed, trunc_normal_
+from .layers import DropPath, Mlp, init_mae_weights, resample_abs_pos_embed, trunc_normal_
 from .mae import MAE_KWARGS, MaskedAutoencoder
 from .masking import num_visible, random_masking
 from .registry import register_model
@@ -116,18 +116,6 @@ class _ChannelFirstAttention(torch.autograd.Function):
         grad_attn = torch.bmm(grad_out.mT, v)  # dO V^T: [G, N, N]
         grad_scores = torch._softmax_backward_data(grad_attn, attn, -1, attn.dtype)
         return torch.bmm(k, grad_scores.mT), torch.bmm(q, grad_scores), grad_v  # (dS K)^T, (dS^T Q)^T
-
-
-class Mlp(nn.Module):
-    """fc1 -> exact GELU -> fc2, with timm's `fc1`/`fc2` keys."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 def project_words(owner: nn.Module, words: torch.Tensor, batch: int) -> torch.Tensor:
