@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..models.layers import trunc_normal_
-from ..models.loading import CheckpointError, LoadReport, load_weights, read_state_dict
+from ..models.loading import CheckpointError, LoadReport, encoder_subset, load_weights, read_state_dict
 from ..models.mae import WRAPPER_KEY_PREFIXES
 from ..models.sret import SReT, reestimate_batchnorm
 
@@ -65,8 +65,8 @@ def gather_zero_checkpoint(engine_dir: Path) -> dict[str, torch.Tensor]:
 def encoder_weights(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], str]:
     """The encoder (or classifier) part of any accepted layout, the keys left out, and the layout's name."""
     if any(key.startswith("encoder.") for key in state_dict):
-        kept = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
-        return kept, sorted(set(state_dict) - {f"encoder.{k}" for k in kept}), "MAE checkpoint (encoder.* kept)"
+        kept, dropped = encoder_subset(state_dict)
+        return kept, sorted(dropped), "MAE checkpoint (encoder.* kept)"
     dropped = sorted(k for k in state_dict if k.startswith(WRAPPER_KEY_PREFIXES))
     kept = {k: v for k, v in state_dict.items() if not k.startswith(WRAPPER_KEY_PREFIXES)}
     return kept, dropped, "flat MAE checkpoint with decoder" if dropped else "encoder/classifier weights"
