@@ -19,11 +19,13 @@ from pathlib import Path
 import braceexpand
 import webdataset as wds
 
+from .info import ShardError as InfoError
 from .info import count_tar_samples, load_info
 
 
-class ShardError(RuntimeError):
-    """A shard list that cannot be trained on."""
+class ShardError(InfoError, RuntimeError):
+    """A shard list that cannot be trained on. A subclass of `info.ShardError` (raised by the `_info.json` and tar
+    checks), so catching that one class catches every shard problem."""
 
 
 @dataclass(frozen=True)
@@ -61,11 +63,8 @@ def _from_info(root: Path, split: str) -> list[Shard]:
     splits = info.get("splits", {})
     if split not in splits:
         raise ShardError(f"{root}/_info.json has no split {split!r}; it has {sorted(splits)}")
-    entry = splits[split]
-    names, lengths = entry.get("filenames", []), entry.get("shard_lengths", [])
-    if len(names) != len(lengths) or sum(lengths) != entry.get("num_samples", sum(lengths)):
-        raise ShardError(f"{root}/_info.json split {split!r}: filenames, shard_lengths and num_samples disagree")
-    return [Shard(str(root / name), int(n)) for name, n in zip(names, lengths, strict=True)]
+    entry = splits[split]  # load_info has checked that its filenames, shard_lengths and num_samples agree
+    return [Shard(str(root / name), int(n)) for name, n in zip(entry["filenames"], entry["shard_lengths"], strict=True)]
 
 
 def _from_pattern(spec: str) -> list[Shard]:
