@@ -20,9 +20,9 @@ from mae_tnt.data.convert import ConversionError, ConvertOptions, convert
 from mae_tnt.data.convert import main as make_shards_main
 from mae_tnt.data.images import BadImageError, decode, decode_rgb, set_max_image_pixels
 from mae_tnt.data.info import ShardError, count_tar_samples, load_info, update_split
-from mae_tnt.data.inspect import iter_tar_samples
 from mae_tnt.data.inspect import main as inspect_main
 from mae_tnt.data.readers import detect_format
+from mae_tnt.data.shards import read_samples
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,8 @@ def write_mixed_folder(root: Path) -> dict[str, bytes]:
 def read_split(out: Path, split: str = "train") -> list[tuple[str, dict[str, bytes]]]:
     """All samples of a split, in shard order, from the shards _info.json lists."""
     entry = load_info(out)["splits"][split]
-    return [sample for name in entry["filenames"] for sample in iter_tar_samples(out / name)]
+    samples = [sample for name in entry["filenames"] for sample in read_samples(str(out / name))]
+    return [(sample.pop("__key__"), sample) for sample in samples]
 
 
 def image_of(fields: dict[str, bytes]) -> bytes:

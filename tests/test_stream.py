@@ -1,6 +1,7 @@
 """The training stream: disjoint and complete across ranks and workers, equal batch counts, exact resume, bad input."""
 
 import copy
+import io
 import tarfile
 from functools import partial
 
@@ -8,9 +9,9 @@ import pytest
 import torch
 from shard_utils import write_shards
 
-from mae_tnt.data.info import update_split
+from mae_tnt.data.info import count_tar_samples, update_split
 from mae_tnt.data.loader import make_loader
-from mae_tnt.data.shards import ShardError, resolve_shards
+from mae_tnt.data.shards import ShardError, read_samples, resolve_shards
 from mae_tnt.data.stream import ShardStream
 from mae_tnt.data.transforms import train_crop
 
@@ -183,3 +184,16 @@ def test_truncated_jpeg_inside_a_shard_is_skipped(tmp_path):
     seen = keys(consume(stream))
     assert stream.state.skipped == 1 and len(seen) == 16
     assert "s999999" not in seen and len(set(seen)) == 15  # the refill borrows one sample from the next range
+
+
+def test_members_outside_samples_are_skipped_alike_when_counting_and_reading(tmp_path):
+    """A member without an extension is no sample: counts (used to seek on resume) and reads must agree."""
+    path = tmp_path / "train-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in [("a.cls", b"0"), ("README", b"notes"), ("b.cls", b"1"), ("c.cls", b"2")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert count_tar_samples(path) == 3
+    assert [s["__key__"] for s in read_samples(str(path))] == ["a", "b", "c"]
+    assert [s["cls"] for s in read_samples(str(path), start=1)] == [b"1", b"2"]

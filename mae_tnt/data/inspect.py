@@ -8,14 +8,14 @@ image and counts labels, sizes and formats. ``main`` prints the summary and exit
 import argparse
 import statistics
 import sys
-import tarfile
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mae_tnt.data.images import IMAGE_FIELDS, BadImageError, decode
-from mae_tnt.data.info import INFO_NAME, ShardError, count_tar_samples, load_info, sample_key
+from mae_tnt.data.info import INFO_NAME, ShardError, count_tar_samples, load_info
+from mae_tnt.data.shards import read_samples
 
 MAX_PRINTED_PROBLEMS = 50
 
@@ -83,8 +83,8 @@ def _inspect_shard(path: Path, expected: int, classes: list[str], report: SplitR
     except ShardError as err:
         return [str(err)]
     problems = [] if count == expected else [f"{path}: holds {count} samples but {INFO_NAME} says {expected}"]
-    for key, fields in iter_tar_samples(path):
-        problems += _inspect_sample(f"{path}:{key}", fields, classes, report)
+    for fields in read_samples(str(path)):
+        problems += _inspect_sample(f"{path}:{fields.pop('__key__')}", fields, classes, report)
     return problems
 
 
@@ -107,23 +107,6 @@ def _inspect_sample(where: str, fields: dict[str, bytes], classes: list[str], re
         return [f"{where}: label {label!r} is not an index into the {len(classes)} classes"]
     report.label_counts[int(label)] += 1
     return []
-
-
-def iter_tar_samples(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {field: bytes})`` per sample of a tar, grouping members as webdataset does."""
-    key, fields = None, {}
-    with tarfile.open(path, "r:*") as tar:  # plain or gzip-compressed
-        for member in tar:
-            member_key = sample_key(member.name) if member.isreg() else None
-            if member_key is None:
-                continue
-            if member_key != key and fields:
-                yield key, fields
-                fields = {}
-            key = member_key
-            fields[member.name[len(member_key) + 1 :].lower()] = tar.extractfile(member).read()
-    if fields:
-        yield key, fields
 
 
 def format_report(report: InspectReport) -> str:

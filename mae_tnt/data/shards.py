@@ -10,7 +10,6 @@ References: webdataset 1.0 key rules (key = basename up to the first dot); timm 
 
 from __future__ import annotations
 
-import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import braceexpand
 import webdataset as wds
 
 from .info import ShardError as InfoError
-from .info import count_tar_samples, load_info
+from .info import count_tar_samples, load_info, sample_key
 
 
 class ShardError(InfoError, RuntimeError):
@@ -101,10 +100,10 @@ def read_samples(url: str, start: int = 0) -> Iterator[dict[str, bytes]]:
     with _open_tar(url) as tar:
         index, key, sample = -1, None, {}
         for member in tar:
-            if not member.isfile():
+            member_key = sample_key(member.name) if member.isfile() else None
+            if member_key is None:  # not part of a sample; count_tar_samples skips it too, so offsets agree
                 continue
-            member_key, _, field = os.path.basename(member.name).partition(".")
-            member_key = os.path.join(os.path.dirname(member.name), member_key)
+            field = member.name[len(member_key) + 1 :]
             if member_key != key:
                 if sample and index >= start:
                     yield sample
