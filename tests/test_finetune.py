@@ -17,6 +17,7 @@ from mae_tnt.data.shards import read_samples, resolve_shards
 from mae_tnt.finetune_config import AugmentConfig, FinetuneConfig
 from mae_tnt.models import CheckpointError, create_model
 from mae_tnt.models.sret import to_official_state_dict
+from mae_tnt.train.checkpoint import find_checkpoints
 from mae_tnt.train.engine import seed_step
 from mae_tnt.train.finetune import (
     BatchAugment,
@@ -27,6 +28,7 @@ from mae_tnt.train.finetune import (
     seeded_global_rngs,
 )
 from mae_tnt.train.init import load_init
+from mae_tnt.train.loop import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "data" / "fashion_mnist"
@@ -242,3 +244,19 @@ def test_ema_weights_are_evaluated_and_checkpointed(tmp_path, one_thread):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "ema_val_acc1" in rows[-1] and summary["best"]["weights"] in ("model", "ema")
     assert (tmp_path / "checkpoints" / "step_00000002" / "ema.safetensors").exists()
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_non_finite_loss_stops_before_the_next_checkpoint(tmp_path, one_thread):
+    run = FinetuneRun(demo_config(tmp_path, "run.checkpoint_every=4", "run.log_every=100"))
+    criterion, calls = run.criterion, {"n": 0}
+
+    def poisoned(logits, targets):
+        calls["n"] += 1
+        loss = criterion(logits, targets)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    run.criterion = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"micro-step 5 \(optimizer step 6\)"):
+        run.train()
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000004"]

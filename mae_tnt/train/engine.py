@@ -25,7 +25,7 @@ from ..data.transforms import normalize
 from ..models import create_model
 from .checkpoint import check_compatible, load_training_state, resolve_resume, save_checkpoint
 from .knn import knn_monitor
-from .loop import Preemption, Window, accumulate_step, raise_if_nonfinite, timed
+from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, progress_bar
 from .optim import build_adamw
 from .recon import write_reconstructions
@@ -243,19 +243,15 @@ class Trainer:
         return {"steps": self.step, "history": history, "output_dir": str(self.out)}
 
     def _log_window(self, window: Window, bar) -> dict:
-        loss = self.acc.reduce(window.loss_sum, "sum").item() / max(1, self.acc.reduce(window.count, "sum").item())
-        elapsed = time.perf_counter() - window.start
-        metrics = {"step": self.step, "epoch": round(self.step / self.plan.steps_per_epoch, 4), "loss": loss,
-                   "lr": self.lr(self.step - 1), "img_per_s": window.images * self.acc.num_processes / elapsed,
-                   "data_wait": window.data_time / elapsed, "skipped_samples": self.stream.state.skipped}
+        raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
+        metrics = close_window(self.acc, window, bar, self.step, self.step / self.plan.steps_per_epoch,
+                               self.lr(self.step - 1))
+        metrics["skipped_samples"] = self.stream.state.skipped
         if getattr(self, "grad_norm", None) is not None:
             metrics["grad_norm"] = float(self.grad_norm)
         if torch.cuda.is_available():
             metrics["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
         self.logger.log(metrics)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{metrics['img_per_s']:.0f}")
-        window.reset()
         return metrics
 
     def _knn_due(self) -> bool:

@@ -21,7 +21,6 @@ import json
 import os
 import random
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +50,7 @@ from .checkpoint import check_compatible, load_training_state, resolve_resume, s
 from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step
 from .init import attach_probe_head, init_head, load_init, reestimate_stem_norms
 from .knn import accuracy_counts, encoder_features, eval_batches, knn_accuracy
-from .loop import Preemption, Window, accumulate_step, raise_if_nonfinite, timed
+from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, progress_bar
 from .optim import build_adamw
 from .schedule import lr_at
@@ -325,6 +324,7 @@ class FinetuneRun:
                 self.stream.state.start_epoch(self.stream.state.epoch + 1)
             if (epoch_done or self.step >= self.plan.stop_step) and self.val_shards:
                 history.append(self.evaluate_and_keep_best())
+            raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
             self.save()
         bar.close()
         self.logger.close()
@@ -346,6 +346,7 @@ class FinetuneRun:
             if self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step:
                 self._log_train(window, bar)
             if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.plan.stop_step:
+                raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
                 self.save()
             if self.step >= self.plan.stop_step or self.preemption.should_stop(self.step):
                 break
@@ -353,14 +354,8 @@ class FinetuneRun:
 
     def _log_train(self, window: Window, bar) -> None:
         raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
-        loss = self.acc.reduce(window.loss_sum, "sum").item() / max(1, self.acc.reduce(window.count, "sum").item())
-        elapsed = time.perf_counter() - window.start
-        metrics = {"step": self.step, "epoch": round(self.step / self.plan.steps_per_epoch, 4), "loss": loss,
-                   "lr": self.lr(self.step - 1), "img_per_s": window.images * self.world / elapsed,
-                   "data_wait": window.data_time / elapsed}
-        self.logger.log(metrics)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{metrics['lr']:.2e}", img_s=f"{metrics['img_per_s']:.0f}")
-        window.reset()
+        self.logger.log(close_window(self.acc, window, bar, self.step, self.step / self.plan.steps_per_epoch,
+                                     self.lr(self.step - 1)))
 
     def evaluate_and_keep_best(self) -> dict:
         """Top-1/top-5 of the model (and its EMA) on the val shards; the best weights go to `best/`."""

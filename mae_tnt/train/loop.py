@@ -52,6 +52,18 @@ def timed(batches: Iterable, window: Window) -> Iterator:
         yield batch
 
 
+def close_window(accelerator, window: Window, bar, step: int, epoch: float, lr: float) -> dict:
+    """The log line of a window (mean loss over all ranks, lr, img/s, data-wait fraction); shows it and resets."""
+    loss = accelerator.reduce(window.loss_sum, "sum").item() / max(1, accelerator.reduce(window.count, "sum").item())
+    elapsed = time.perf_counter() - window.start
+    metrics = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
+               "img_per_s": window.images * accelerator.num_processes / elapsed,
+               "data_wait": window.data_time / elapsed}
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{metrics['img_per_s']:.0f}")
+    window.reset()
+    return metrics
+
+
 def raise_if_nonfinite(accelerator, window: Window, out: Path, accum_steps: int) -> None:
     """Stop every rank when any saw a non-finite loss since the start; checkpoints stay untouched."""
     bad = int(accelerator.reduce(window.first_bad.clone(), "max").item())
