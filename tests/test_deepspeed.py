@@ -1,13 +1,12 @@
 """DeepSpeed ZeRO through accelerate, one CPU process: save, resume and accumulation match the plain loop exactly."""
 
-import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from run_utils import free_port, logged_losses
 from shard_utils import write_shards
 
 pytest.importorskip("deepspeed")
@@ -15,12 +14,6 @@ pytest.importorskip("transformers")  # accelerate needs it whenever DeepSpeed is
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def accelerate_config(tmp_path: Path, stage: int) -> Path:
@@ -44,10 +37,6 @@ def run(shards, out, max_steps, config: Path | None, precision: str = "fp32") ->
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def rows(out: Path) -> list[tuple]:
-    return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds_shards")
@@ -61,7 +50,7 @@ def test_zero2_save_resume_and_accumulation_match_the_plain_loop(shards, tmp_pat
     run(shards, tmp_path / "zero2", 3, config)  # checkpoints at steps 2 and 3
     assert (tmp_path / "zero2/checkpoints/step_00000003/engine").is_dir()
     run(shards, tmp_path / "zero2", 4, config)
-    zero2, plain = rows(tmp_path / "zero2"), rows(tmp_path / "plain")
+    zero2, plain = logged_losses(tmp_path / "zero2"), logged_losses(tmp_path / "plain")
     assert [r[0] for r in zero2] == [r[0] for r in plain] == [1, 2, 3, 4]
     for column in (1, 2):  # loss, lr
         assert [r[column] for r in zero2] == pytest.approx([r[column] for r in plain], rel=1e-6)
@@ -74,5 +63,5 @@ def test_zero1_bf16_and_zero3_train_save_and_resume(shards, tmp_path, stage, pre
     run(shards, out, 2, config, precision)
     assert (out / "checkpoints/step_00000002/engine").is_dir() and (out / "recon/step_00000002.png").exists()
     run(shards, out, 3, config, precision)
-    losses = [loss for _, loss, _ in rows(out)]
+    losses = [loss for _, loss, _ in logged_losses(out)]
     assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)

@@ -2,22 +2,16 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from run_utils import free_port, logged_losses
 from shard_utils import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(*args, timeout=240) -> None:
@@ -49,11 +43,6 @@ def test_uneven_shards_give_equal_steps_without_hanging(tmp_path):
     assert first["batches"] == second["batches"] == 4
 
 
-def metrics(out: Path) -> list[tuple]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["lr"]) for r in rows]
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_shards")
@@ -75,5 +64,5 @@ def test_two_ranks_keep_identical_parameters_and_resume_exactly(shards, tmp_path
 
     launch(*train_args(shards, tmp_path / "cut", 5))  # last checkpoint at step 5 (every 3 + the end)
     launch(*train_args(shards, tmp_path / "cut", 8))
-    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+    assert logged_losses(tmp_path / "cut") == logged_losses(tmp_path / "full")
     assert ranks(tmp_path / "cut" / "ranks")[0]["params"] == first["params"]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file, save_file
 
 from mae_tnt.config import ConfigError, load_config
@@ -36,12 +35,7 @@ DOWNSTREAM_RECIPES = sorted(p for p in (ROOT / "recipes").glob("*.yaml")
                             if any(word in p.name for word in ("finetune", "linprobe", "knn")))
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """accelerate keeps process-wide singletons; each run in this process starts from a clean slate."""
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture

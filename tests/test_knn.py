@@ -77,9 +77,7 @@ def test_knn_monitor_runs_on_labeled_shards_and_restores_train_mode(tmp_path):
 
 
 @pytest.mark.skipif(not (ROOT / "data" / "fashion_mnist").exists(), reason="bundled Fashion-MNIST sample missing")
-def test_knn_mode_of_the_downstream_runner_beats_chance_on_the_bundled_data(tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
-
+def test_knn_mode_of_the_downstream_runner_beats_chance_on_the_bundled_data(tmp_path, fresh_accelerate_state):
     from mae_tnt.config import load_config
     from mae_tnt.finetune_config import FinetuneConfig
     from mae_tnt.train.finetune import finetune
@@ -89,5 +87,3 @@ def test_knn_mode_of_the_downstream_runner_beats_chance_on_the_bundled_data(tmp_
     result = finetune(cfg)  # random init: pixels through a random ViT already cluster Fashion-MNIST
     assert result["knn_train"] == 1000 and result["knn_val"] == 500 and result["knn_top1"] > 30.0
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["knn_top1"] == result["knn_top1"]
-    AcceleratorState._reset_state(True)  # accelerate's process-wide singletons: leave a clean slate
-    GradientState._reset_state()

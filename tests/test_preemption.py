@@ -1,6 +1,5 @@
 """Real signals against a real run: SIGKILL at a random step resumes exactly; SIGTERM saves before exiting."""
 
-import json
 import os
 import random
 import signal
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from run_utils import logged_losses
 from shard_utils import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,11 +29,6 @@ def command(shards, out, max_steps):
             "data.val=null", f"run.output_dir={out}", "data.batch_size=8", "data.num_workers=1", "schedule.epochs=2",
             "schedule.warmup_epochs=0.5", "run.log_every=1", "run.checkpoint_every=2", f"run.max_steps={max_steps}",
             "data.shuffle_chunk=16"]
-
-
-def rows(out: Path) -> list[tuple]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [(r["step"], r["loss"], r["lr"]) for r in map(json.loads, lines)]
 
 
 def logged_steps(out: Path) -> int:
@@ -59,7 +54,7 @@ def test_sigkill_at_a_random_step_resumes_exactly(shards, tmp_path):
     kill_at = random.Random(os.getpid()).randint(3, 11)
     start_and_signal(shards, tmp_path / "cut", 14, kill_at, signal.SIGKILL)
     subprocess.run(command(shards, tmp_path / "cut", 14), check=True, cwd=ROOT, capture_output=True, env=ENV)
-    assert rows(tmp_path / "cut") == rows(tmp_path / "full"), f"killed at step {kill_at}"
+    assert logged_losses(tmp_path / "cut") == logged_losses(tmp_path / "full"), f"killed at step {kill_at}"
 
 
 def test_sigterm_saves_a_checkpoint_before_exit(shards, tmp_path):
@@ -70,4 +65,4 @@ def test_sigterm_saves_a_checkpoint_before_exit(shards, tmp_path):
     steps = [int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*")]
     last = max(steps)
     assert 3 <= last < 30  # stopped early, with a checkpoint at the step where it stopped
-    assert rows(tmp_path)[-1][0] == last
+    assert logged_losses(tmp_path)[-1][0] == last
