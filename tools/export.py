@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a che
 from mae_tnt.models import create_model, list_models, load_weights  # noqa: E402
 from mae_tnt.models.tnt import TNT  # noqa: E402
 from mae_tnt.models.vit import ViT  # noqa: E402
-from mae_tnt.train.init import encoder_weights, read_source  # noqa: E402
+from mae_tnt.train.init import PROBE_BN_EPS, encoder_weights, read_source  # noqa: E402
 
 
 def classifier_name_for(mae_name: str) -> str:
@@ -56,7 +56,7 @@ def fold_probe_head(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     if "head.0.running_mean" not in state_dict:
         return state_dict
     out = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-    scale = (state_dict["head.0.running_var"].double() + 1e-6).rsqrt()  # [D]; the probe's eps
+    scale = (state_dict["head.0.running_var"].double() + PROBE_BN_EPS).rsqrt()  # [D]
     weight = state_dict["head.1.weight"].double() * scale  # [C, D]
     bias = state_dict["head.1.bias"].double() - weight @ state_dict["head.0.running_mean"].double()  # [C]
     out["head.weight"], out["head.bias"] = weight.float(), bias.float()

@@ -25,11 +25,11 @@ __all__ = [
 ]
 
 
-def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
-    """Pre-norm ViT blocks with qkv bias and LayerNorm eps 1e-6 (MAE's), attention through SDPA."""
-    rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]  # stochastic depth grows linearly
+def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0):
+    """Pre-norm ViT blocks with qkv bias and LayerNorm eps 1e-6 (MAE's), attention through SDPA, no drop path
+    (MAE's decoder)."""
     return nn.ModuleList(
-        Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=LayerNorm) for rate in rates
+        Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm) for _ in range(depth)
     )
 
 

@@ -62,6 +62,10 @@ def gather_zero_checkpoint(engine_dir: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir))
 
 
+PROBE_BN_EPS = 1e-6
+"""eps of the linear probe's parameter-free BatchNorm (MAE's); tools/export.py folds the probe with it."""
+
+
 def encoder_weights(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], str]:
     """The encoder (or classifier) part of any accepted layout, the keys left out, and the layout's name."""
     if any(key.startswith("encoder.") for key in state_dict):
@@ -125,7 +129,7 @@ def attach_probe_head(model: nn.Module, std: float = 0.01) -> nn.Sequential:
     if not isinstance(linear, nn.Linear):
         raise ValueError(f"the linear probe needs a classifier with a Linear head; got {type(linear).__name__}")
     init_head(linear, std)
-    model.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=1e-6), linear)
+    model.head = nn.Sequential(nn.BatchNorm1d(linear.in_features, affine=False, eps=PROBE_BN_EPS), linear)
     model.requires_grad_(False)
     model.head.requires_grad_(True)
     return model.head
