@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -52,6 +53,28 @@ def paired_ratio(times: dict[str, list[float]], numerator: str, denominator: str
     """times[numerator] / times[denominator], repetition by repetition."""
     ratios = [a / b for a, b in zip(times[numerator], times[denominator], strict=True)]
     return Ratio(statistics.median(ratios), min(ratios), max(ratios))
+
+
+@dataclass
+class Case:
+    """A model and a closure running its forward to a loss; `encode` runs only its encoder (for MACs), if given."""
+
+    name: str
+    model: torch.nn.Module
+    step: Callable[[], torch.Tensor]
+    encode: Callable[[], torch.Tensor] | None = None
+
+
+def classifier_case(name: str, model: torch.nn.Module, images: torch.Tensor) -> Case:
+    """A 1000-class classifier's cross-entropy on `images` with random labels, in train mode."""
+    model = model.to(images.device).train()
+    labels = torch.randint(0, 1000, (images.shape[0],), device=images.device)
+    return Case(name, model, lambda: F.cross_entropy(model(images), labels))
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype) -> Callable[[], AbstractContextManager]:
+    """A context factory: autocast to `dtype` on `device`, or nothing for float32."""
+    return lambda: nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def train_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor],

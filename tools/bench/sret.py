@@ -15,31 +15,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import gmacs_per_image, interleaved_times, medians, paired_ratio, train_step  # noqa: E402
+from common import (  # noqa: E402
+    Case,
+    autocast_for,
+    classifier_case,
+    gmacs_per_image,
+    interleaved_times,
+    medians,
+    paired_ratio,
+    train_step,
+)
 
 import mae_tnt  # noqa: E402
-
-
-@dataclass
-class Case:
-    """One model and how to run its training step; `encode` runs only its encoder (for MACs), if it has one."""
-
-    name: str
-    model: torch.nn.Module
-    step: Callable[[], torch.Tensor]
-    encode: Callable[[], torch.Tensor] | None = None
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,12 +54,6 @@ def mae_case(name: str, images: torch.Tensor, ratio: float, **kwargs) -> Case:
     noise = torch.rand(images.shape[0], model.grid**2, device=images.device)
     return Case(name, model, step=lambda: model(images, ratio, noise)[0],
                 encode=lambda: model.forward_encoder(images, ratio, noise)[0])
-
-
-def classifier_case(name: str, model: torch.nn.Module, images: torch.Tensor) -> Case:
-    model = model.to(images.device).train()
-    labels = torch.randint(0, 1000, (images.shape[0],), device=images.device)
-    return Case(name, model, step=lambda: F.cross_entropy(model(images), labels))
 
 
 def build_cases(images: torch.Tensor, ratio: float) -> list[Case]:
@@ -87,8 +76,7 @@ def main() -> None:
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     cases = build_cases(images, args.mask_ratio)
 
-    def autocast():
-        return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    autocast = autocast_for(device, dtype)
 
     encoder_macs = {c.name: gmacs_per_image(c.encode, args.batch) for c in cases if c.encode}
     forward_macs = {c.name: gmacs_per_image(c.step, args.batch) for c in cases}

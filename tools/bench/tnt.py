@@ -25,19 +25,24 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import gmacs_per_image, interleaved_times, medians, paired_ratio, train_step  # noqa: E402
+from common import (  # noqa: E402
+    Case,
+    autocast_for,
+    classifier_case,
+    gmacs_per_image,
+    interleaved_times,
+    medians,
+    paired_ratio,
+    train_step,
+)
 
 import mae_tnt  # noqa: E402
 from mae_tnt.models.tnt import project_words  # noqa: E402
@@ -45,15 +50,6 @@ from mae_tnt.models.tnt import project_words  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DECODERS = ((8, 512, 16), (4, 512, 16), (4, 384, 12), (2, 384, 12), (4, 256, 8), (2, 256, 8))
 """(depth, width, heads) of the decoders compared by --decoders; MAE's reference is 8 x 512."""
-
-
-@dataclass
-class Case:
-    """A named closure returning a loss, and the model it trains."""
-
-    name: str
-    step: Callable[[], torch.Tensor]
-    model: torch.nn.Module
 
 
 def parse_args() -> argparse.Namespace:
@@ -71,22 +67,16 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def classifier_case(name: str, model: torch.nn.Module, images: torch.Tensor) -> Case:
-    model = model.to(images.device).train()
-    labels = torch.randint(0, 1000, (images.shape[0],), device=images.device)
-    return Case(name, lambda: F.cross_entropy(model(images), labels), model)
-
-
 def mae_case(name: str, images: torch.Tensor, ratio: float, model_name: str = "mae_tnt_s_patch16", **kwargs) -> Case:
     model = mae_tnt.create_model(model_name, **kwargs).to(images.device).train()
     noise = torch.rand(images.shape[0], model.grid**2, device=images.device)
-    return Case(name, lambda: model(images, ratio, noise)[0], model)
+    return Case(name, model, lambda: model(images, ratio, noise)[0])
 
 
 def encoder_case(name: str, mae: Case, images: torch.Tensor, ratio: float) -> Case:
     """The MAE's encoder alone (same mask), with a stand-in loss so that backward runs through it."""
     noise = torch.rand(images.shape[0], mae.model.grid**2, device=images.device)
-    return Case(name, lambda: mae.model.forward_encoder(images, ratio, noise)[0].float().square().mean(), mae.model)
+    return Case(name, mae.model, lambda: mae.model.forward_encoder(images, ratio, noise)[0].float().square().mean())
 
 
 def speed_cases(images: torch.Tensor, ratio: float) -> list[Case]:
@@ -124,12 +114,12 @@ def part_cases(images: torch.Tensor) -> list[Case]:
         return (x + block.mlp(block.norm_mlp(x))).mean()
 
     return [
-        Case("inner attention (LN, attn, add)", lambda: (words + block.attn_in(block.norm_in(words))).mean(), block),
-        Case("inner MLP (LN, MLP, add)", lambda: (words + block.mlp_in(block.norm_mlp_in(words))).mean(), block),
-        Case("words -> sentence projection", lambda: project_words(block, words, batch).mean(), block),
-        Case("outer transformer", outer, block),
-        Case("TNT-S block", lambda: sum(out.mean() for out in block(words, tokens)), block),
-        Case("DeiT-S block", lambda: vit_block(tokens).mean(), vit_block),
+        Case("inner attention (LN, attn, add)", block, lambda: (words + block.attn_in(block.norm_in(words))).mean()),
+        Case("inner MLP (LN, MLP, add)", block, lambda: (words + block.mlp_in(block.norm_mlp_in(words))).mean()),
+        Case("words -> sentence projection", block, lambda: project_words(block, words, batch).mean()),
+        Case("outer transformer", block, outer),
+        Case("TNT-S block", block, lambda: sum(out.mean() for out in block(words, tokens))),
+        Case("DeiT-S block", vit_block, lambda: vit_block(tokens).mean()),
     ]
 
 
@@ -189,8 +179,7 @@ def main() -> None:
     else:
         cases = speed_cases(images, args.mask_ratio)
 
-    def autocast():
-        return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    autocast = autocast_for(device, dtype)
 
     with autocast():
         macs = {c.name: gmacs_per_image(c.step, args.batch) for c in cases}
