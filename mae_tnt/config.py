@@ -171,6 +171,8 @@ class EvalConfig:
     """Epochs between online kNN evaluations on data.val (0 = off)."""
     knn_k: int = 20
     knn_temperature: float = 0.07
+    knn_max_train: int | None = 10_000
+    """Train images in the online kNN bank, at most (null = every one); keeps the monitor cheap on big datasets."""
 
 
 @dataclass

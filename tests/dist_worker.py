@@ -14,6 +14,9 @@ from mae_tnt.data.shards import resolve_shards
 from mae_tnt.data.stream import ShardStream
 from mae_tnt.data.transforms import train_crop
 
+KNN_ARGS = {"img_size": 32, "batch_size": 64, "k": 20, "max_train": 256}
+"""The `knn` mode's evaluation, which tests/test_distributed.py repeats in one process."""
+
 
 def stream_epoch(shard_dir: str, out: Path) -> None:
     """One epoch of the rank's stream with 2 workers: keys and batch count."""
@@ -43,6 +46,23 @@ def train(out: Path, overrides: list[str]) -> None:
                                             "world": trainer.acc.num_processes})
 
 
+def knn(out: Path, shard_dir: str) -> None:
+    """kNN accuracy of a fixed random encoder, each rank encoding its share; records the images this rank encoded."""
+    from mae_tnt.config import DataConfig
+    from mae_tnt.models import create_model
+    from mae_tnt.train.knn import knn_accuracy_on_shards
+
+    state = Accelerator()
+    torch.manual_seed(0)  # the same encoder on every rank and in the test's single-process reference
+    encoder = create_model("vit_test_patch8_32", num_classes=0)
+    encoded = []
+    encoder.patch_embed.register_forward_hook(lambda module, args, output: encoded.append(args[0].shape[0]))
+    result = knn_accuracy_on_shards(encoder, DataConfig(train=shard_dir, val=shard_dir), **KNN_ARGS,
+                                    device=state.device, rank=state.process_index, world_size=state.num_processes,
+                                    gather=state.gather)
+    write(out, state.process_index, {**result, "encoded": sum(encoded)})
+
+
 def write(out: Path, rank: int, payload: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{rank}.json").write_text(json.dumps(payload))
@@ -53,5 +73,7 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     if mode == "stream":
         stream_epoch(sys.argv[3], out)
+    elif mode == "knn":
+        knn(out, sys.argv[3])
     else:
         train(out, sys.argv[3:])

@@ -7,11 +7,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from dist_worker import KNN_ARGS
 from run_utils import free_port, logged_losses
 from shard_utils import write_shards
 
+from mae_tnt.config import DataConfig
+from mae_tnt.models import create_model
+from mae_tnt.train.knn import knn_accuracy_on_shards
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+BUNDLED = ROOT / "data" / "fashion_mnist"
 
 
 def launch(*args, timeout=240) -> None:
@@ -41,6 +48,24 @@ def test_uneven_shards_give_equal_steps_without_hanging(tmp_path):
     launch("stream", tmp_path / "out", tmp_path / "shards", timeout=120)
     first, second = ranks(tmp_path / "out")
     assert first["batches"] == second["batches"] == 4
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_knn_splits_the_encoding_across_ranks_and_matches_one_process(tmp_path):
+    launch("knn", tmp_path, BUNDLED)
+    first, second = ranks(tmp_path)
+    torch.manual_seed(0)  # the workers' encoder
+    encoder = create_model("vit_test_patch8_32", num_classes=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers, so the features agree to the last bit
+    try:
+        alone = knn_accuracy_on_shards(encoder, DataConfig(train=str(BUNDLED), val=str(BUNDLED)), **KNN_ARGS)
+    finally:
+        torch.set_num_threads(threads)
+    # Bank: 4 batches of 64, 2 per rank; queries: 8 batches (the last one padded), 4 per rank.
+    assert (alone["knn_train"], alone["knn_val"]) == (256, 500)
+    assert first["encoded"] == second["encoded"] == 6 * 64
+    assert {key: first[key] for key in alone} == {key: second[key] for key in alone} == pytest.approx(alone)
 
 
 @pytest.fixture(scope="module")

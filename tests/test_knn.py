@@ -1,4 +1,4 @@
-"""Weighted kNN on hand-made features, rank-split evaluation batches, and the one-call online monitor."""
+"""Weighted kNN on hand-made features, rank-split evaluation batches, and the one call on labeled shards."""
 
 import json
 import math
@@ -11,7 +11,7 @@ from shard_utils import write_shards
 from mae_tnt.config import DataConfig
 from mae_tnt.data.shards import resolve_shards
 from mae_tnt.models import create_model
-from mae_tnt.train.knn import accuracy_counts, eval_batches, knn_accuracy, knn_monitor, knn_scores
+from mae_tnt.train.knn import accuracy_counts, eval_batches, knn_accuracy, knn_accuracy_on_shards, knn_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,12 +65,12 @@ def test_eval_batches_split_ranks_evenly_and_cover_every_sample(tmp_path):
     assert (labels == -1).sum().item() == 3
 
 
-def test_knn_monitor_runs_on_labeled_shards_and_restores_train_mode(tmp_path):
+def test_knn_on_shards_caps_the_bank_and_restores_train_mode(tmp_path):
     write_shards(tmp_path, [40], split="train", size=32)
     write_shards(tmp_path, [20], split="val", size=32)
     encoder = create_model("vit_test_patch8_32", num_classes=0).train()
     data = DataConfig(train=str(tmp_path), val=str(tmp_path), batch_size=16)
-    result = knn_monitor(encoder, data, img_size=32, k=5, max_train=32)
+    result = knn_accuracy_on_shards(encoder, data, img_size=32, batch_size=16, k=5, max_train=32)
     assert result["knn_train"] == 32 and result["knn_val"] == 20
     assert 0.0 <= result["knn_top1"] <= result["knn_top5"] <= 100.0
     assert encoder.training

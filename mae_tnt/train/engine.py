@@ -24,7 +24,7 @@ from ..data.stream import StreamState
 from ..data.transforms import normalize
 from ..models import create_model
 from .checkpoint import check_compatible, load_training_state, resolve_resume, save_checkpoint
-from .knn import knn_monitor
+from .knn import knn_accuracy_on_shards
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, progress_bar
 from .optim import build_adamw
@@ -263,16 +263,19 @@ class Trainer:
         return int(self.step / period) > int((self.step - 1) / period)
 
     def knn_eval(self) -> dict:
-        """Online kNN accuracy of the encoder. Every rank computes it, so ZeRO-3's collective forwards line up."""
-        encoder = self.acc.unwrap_model(self.model).encoder
+        """Online kNN accuracy of the encoder, each rank encoding its share (ZeRO-3's collective forwards line up)."""
+        encoder, cfg = self.acc.unwrap_model(self.model).encoder, self.cfg
         with self.acc.autocast():
-            accuracy = knn_monitor(encoder, self.cfg.data, img_size=self.cfg.model.img_size, k=self.cfg.eval.knn_k,
-                                   temperature=self.cfg.eval.knn_temperature, device=self.acc.device)
+            accuracy = knn_accuracy_on_shards(
+                encoder, cfg.data, img_size=cfg.model.img_size, batch_size=cfg.data.batch_size, k=cfg.eval.knn_k,
+                temperature=cfg.eval.knn_temperature, max_train=cfg.eval.knn_max_train, device=self.acc.device,
+                rank=self.acc.process_index, world_size=self.acc.num_processes, gather=self.acc.gather)
         metrics = {"step": self.step, "epoch": round(self.step / self.plan.steps_per_epoch, 4),
                    **accuracy}
         self.logger.log(metrics)
         self.log(f"step {self.step}: kNN top-1 {accuracy['knn_top1']:.2f}%, top-5 {accuracy['knn_top5']:.2f}%")
         return metrics
+
 
 def pretrain(cfg: PretrainConfig) -> dict:
     """Build everything from the config and train; returns the run summary."""

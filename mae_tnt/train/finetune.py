@@ -49,7 +49,7 @@ from ..models import create_model
 from .checkpoint import check_compatible, load_training_state, resolve_resume, save_checkpoint
 from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step
 from .init import attach_probe_head, init_head, load_init, reestimate_stem_norms
-from .knn import accuracy_counts, encoder_features, eval_batches, knn_accuracy
+from .knn import accuracy_counts, eval_batches, knn_accuracy_on_shards
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, progress_bar
 from .optim import build_adamw
@@ -431,19 +431,12 @@ def run_knn(cfg: FinetuneConfig) -> dict:
     model = build_classifier(cfg, num_classes=0, log=log).to(acc.device).eval()
     if cfg.model.bn_reestimate_batches:
         refit_stem_norms(model, cfg, acc.device)
-    data, batch_size = cfg.data, cfg.data.eval_batch_size or cfg.data.batch_size
-    if data.val is None:
-        raise ValueError("kNN evaluation needs labeled validation shards: set data.val")
-    shards = [resolve_shards(spec, split, data.allow_pipe) for spec, split in
-              ((data.train, data.split), (data.val, data.val_split))]
-    train, val = (eval_batches(s, cfg.model.img_size, batch_size, acc.process_index, acc.num_processes)
-                  for s in shards)
-    if data.knn_max_train is not None:
-        per_rank = -(-data.knn_max_train // (batch_size * acc.num_processes))
-        train = itertools.islice(train, per_rank)
+    data = cfg.data
     with acc.autocast():
-        result = knn_accuracy(encoder_features(model, data.mean, data.std), train, val, cfg.knn.k,
-                              cfg.knn.temperature, acc.device, acc.gather if acc.num_processes > 1 else None)
+        result = knn_accuracy_on_shards(
+            model, data, img_size=cfg.model.img_size, batch_size=data.eval_batch_size or data.batch_size, k=cfg.knn.k,
+            temperature=cfg.knn.temperature, max_train=data.knn_max_train, device=acc.device, rank=acc.process_index,
+            world_size=acc.num_processes, gather=acc.gather, verify=True)
     if acc.is_main_process:
         out = Path(cfg.run.output_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """Frozen-feature evaluation: sequential eval batches split across ranks, feature extraction, weighted k-NN.
 
 The k-NN classifier is DINO's: features are L2-normalised, each query takes its k most cosine-similar train features,
-and every neighbour votes for its class with weight exp(similarity / T). `knn_monitor` is the one call the
-pretraining engine uses for its online kNN accuracy (`eval.knn_every`).
+and every neighbour votes for its class with weight exp(similarity / T). `knn_accuracy_on_shards` is the one call
+that both fine-tuning's kNN mode and pretraining's online monitor (`eval.knn_every`) make.
 
 Evaluation batches are the same in number on every rank (padding rows carry label -1 and are ignored), so forward
 passes that are collectives (DeepSpeed ZeRO-3) never hang, and each rank decodes only its own batches.
@@ -29,6 +29,9 @@ from ..data.transforms import eval_resize, normalize
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 """(images [B, 3, S, S], labels [B]) pairs; label -1 marks padding or an unlabeled sample."""
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+"""Concatenates a tensor over ranks along dim 0 (`accelerator.gather`)."""
 
 
 def eval_batches(shards: list[Shard], img_size: int, batch_size: int, rank: int = 0,
@@ -81,7 +84,7 @@ def accuracy_counts(scores: torch.Tensor, labels: torch.Tensor,
 
 @torch.no_grad()
 def extract_features(forward: Callable[[torch.Tensor], torch.Tensor], batches: Batches, device: torch.device,
-                     gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     gather: Gather | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features [N, D] (float32) and labels [N] of every labeled row, gathered over ranks if asked."""
     feats, labels = [], []
     for images, batch_labels in batches:
@@ -113,7 +116,7 @@ def knn_scores(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Ten
 
 def knn_accuracy(encoder_forward: Callable[[torch.Tensor], torch.Tensor], train_batches: Batches,
                  val_batches: Batches, k: int = 20, temperature: float = 0.07, device: torch.device | str = "cpu",
-                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+                 gather: Gather | None = None) -> dict[str, float]:
     """Weighted k-NN top-1 / top-5 accuracy (percent) of frozen features.
 
     Args:
@@ -149,24 +152,28 @@ def encoder_features(encoder: nn.Module, mean: list[float], std: list[float]) ->
     return forward
 
 
-def knn_monitor(encoder: nn.Module, data: DataConfig, *, img_size: int, k: int = 20, temperature: float = 0.07,
-                device: torch.device | str = "cpu", max_train: int | None = 10_000,
-                batch_size: int | None = None) -> dict[str, float]:
-    """Online kNN accuracy of a pretraining encoder: bank from `data.train`, queries from `data.val` (both labeled).
+def knn_accuracy_on_shards(encoder: nn.Module, data: DataConfig, *, img_size: int, batch_size: int, k: int = 20,
+                           temperature: float = 0.07, max_train: int | None = None, device: torch.device | str = "cpu",
+                           rank: int = 0, world_size: int = 1, gather: Gather | None = None,
+                           verify: bool = False) -> dict[str, float]:
+    """Weighted k-NN accuracy of a bare encoder: bank from `data.train`, queries from `data.val` (both labeled).
 
-    Runs on the calling process only, in eval mode (the encoder's mode is restored), on at most `max_train` train
-    images (rounded up to whole batches).
+    Each rank encodes only its share of the batches (`eval_batches`) and `gather` (`accelerator.gather`, needed when
+    world_size > 1) joins the features, so every rank returns the same result. The bank holds at most `max_train`
+    train images, rounded up to whole batches over all ranks. The encoder runs in eval mode; its mode is restored.
+    Used by fine-tuning's kNN mode and by pretraining's online monitor (`eval.knn_every`).
     """
     if data.val is None:
-        raise ValueError("the kNN monitor needs labeled validation shards: set data.val")
-    batch_size = batch_size or data.batch_size
-    train = eval_batches(resolve_shards(data.train, data.split, data.allow_pipe, verify=False), img_size, batch_size)
+        raise ValueError("kNN evaluation needs labeled validation shards: set data.val")
+    train, val = (eval_batches(resolve_shards(spec, split, data.allow_pipe, verify), img_size, batch_size, rank,
+                               world_size)
+                  for spec, split in ((data.train, data.split), (data.val, data.val_split)))
     if max_train is not None:
-        train = itertools.islice(train, math.ceil(max_train / batch_size))
-    val = eval_batches(resolve_shards(data.val, data.val_split, data.allow_pipe, verify=False), img_size, batch_size)
+        train = itertools.islice(train, math.ceil(max_train / (batch_size * world_size)))
     was_training = encoder.training
     encoder.eval()
     try:
-        return knn_accuracy(encoder_features(encoder, data.mean, data.std), train, val, k, temperature, device)
+        return knn_accuracy(encoder_features(encoder, data.mean, data.std), train, val, k, temperature, device,
+                            gather if world_size > 1 else None)
     finally:
         encoder.train(was_training)
