@@ -254,3 +254,13 @@ def test_non_finite_loss_stops_before_the_next_checkpoint(tmp_path, one_thread):
     with pytest.raises(NonFiniteLossError, match=r"micro-step 5 \(optimizer step 6\)"):
         run.train()
     assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000004"]
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_an_epoch_ending_on_a_checkpoint_step_is_saved_once_with_its_evaluation(tmp_path, one_thread, capsys):
+    FinetuneRun(demo_config(tmp_path, "run.checkpoint_every=31", "run.max_steps=32",
+                             "run.keep_checkpoints=2")).train()  # 31 steps per epoch
+    saves = [line for line in capsys.readouterr().out.splitlines() if line.startswith("saved checkpoint")]
+    assert [Path(line.split()[-1]).name for line in saves] == ["step_00000031", "step_00000032"]
+    state = json.loads((tmp_path / "checkpoints" / "step_00000031" / "state.json").read_text())
+    assert state["best"]["epoch"] == 1.0  # saved after the epoch's evaluation

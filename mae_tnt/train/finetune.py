@@ -319,7 +319,7 @@ class FinetuneRun:
         while self.step < self.plan.stop_step and not self.preemption.requested:
             self.set_train_mode()
             micro = self._run_batches(window, bar, micro)
-            epoch_done = self.stream.state.batches >= self.stream.batches_per_epoch()
+            epoch_done = self._epoch_done()
             if epoch_done:
                 self.stream.state.start_epoch(self.stream.state.epoch + 1)
             if (epoch_done or self.step >= self.plan.stop_step) and self.val_shards:
@@ -345,12 +345,15 @@ class FinetuneRun:
                 self.ema.update(self.unwrapped, step=self.step)
             if self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step:
                 self._log_train(window, bar)
-            if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.plan.stop_step:
+            if self.step >= self.plan.stop_step or self.preemption.should_stop(self.step) or self._epoch_done():
+                break  # `train` evaluates at an epoch end, then saves once
+            if self.step % self.cfg.run.checkpoint_every == 0:
                 raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
                 self.save()
-            if self.step >= self.plan.stop_step or self.preemption.should_stop(self.step):
-                break
         return micro
+
+    def _epoch_done(self) -> bool:
+        return self.stream.state.batches >= self.stream.batches_per_epoch()
 
     def _log_train(self, window: Window, bar) -> None:
         raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
