@@ -118,6 +118,16 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one(shards, tmp_path, c
     assert "skipping unusable checkpoint" in capsys.readouterr().out
 
 
+def test_resume_from_another_rank_layout_restarts_the_epoch_in_progress(shards, tmp_path, capsys):
+    Trainer(config(shards, tmp_path, "run.max_steps=20")).train()  # 16 steps per epoch: stopped in epoch 1
+    state_file = find_checkpoints(tmp_path)[0] / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "world_size": 2}))
+    AcceleratorState._reset_state(True)
+    trainer = Trainer(config(shards, tmp_path, "run.max_steps=24"))
+    assert trainer.step == 20 and (trainer.stream.state.epoch, trainer.stream.state.batches) == (1, 0)
+    assert "restarting epoch 1 from its start" in capsys.readouterr().out
+
+
 def test_resume_with_another_model_is_refused(shards, tmp_path):
     Trainer(config(shards, tmp_path, "run.max_steps=4")).train()
     AcceleratorState._reset_state(True)

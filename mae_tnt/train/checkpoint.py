@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..data.stream import StreamState
+
 STATE_FILE = "state.json"
 
 
@@ -156,7 +158,24 @@ def check_compatible(checkpoint: Checkpoint, model_name: str) -> None:
         )
 
 
-def load_training_state(accelerator, model, optimizer, checkpoint: Checkpoint) -> dict | None:
+def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, model_name: str, accum_steps: int,
+                     batches_per_epoch: int, log=print) -> tuple[int, StreamState]:
+    """Restore a compatible checkpoint in place; returns its optimizer step and this rank's data position.
+
+    The position is exact when the checkpoint was written by as many ranks as there are now; otherwise the epoch in
+    progress restarts from its start, with a warning (the stream cannot re-split another layout's position).
+    """
+    check_compatible(checkpoint, model_name)
+    data_state = _load_training_state(accelerator, model, optimizer, checkpoint)
+    step = checkpoint.state["step"]
+    if data_state is not None and checkpoint.state.get("world_size") == accelerator.num_processes:
+        return step, StreamState.from_dict(data_state)
+    epoch = step * accum_steps // batches_per_epoch
+    log(f"WARNING: no data position for this rank layout; restarting epoch {epoch} from its start")
+    return step, StreamState(epoch=epoch)
+
+
+def _load_training_state(accelerator, model, optimizer, checkpoint: Checkpoint) -> dict | None:
     """Restore weights, optimizer and scaler in place; returns this rank's data state (None if unknown)."""
     path = checkpoint.path
     if (path / "engine").is_dir():

@@ -20,10 +20,9 @@ from timm.layers import set_fused_attn
 from ..config import PretrainConfig, save_config, to_dict
 from ..data.device_decode import decode_batch
 from ..data.loader import build_train_stream, first_images, make_loader
-from ..data.stream import StreamState
 from ..data.transforms import normalize
 from ..models import create_model
-from .checkpoint import check_compatible, load_training_state, resolve_resume, save_checkpoint
+from .checkpoint import resolve_resume, restore_training, save_checkpoint
 from .knn import knn_accuracy_on_shards
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, progress_bar
@@ -138,15 +137,9 @@ class Trainer:
         checkpoint = resolve_resume(self.cfg.run.resume, self.out, self.log)
         if checkpoint is None:
             return
-        check_compatible(checkpoint, self.cfg.model.name)
-        data_state = load_training_state(self.acc, self.model, self.optimizer, checkpoint)
-        self.step = checkpoint.state["step"]
-        if data_state is not None and checkpoint.state.get("world_size") == self.acc.num_processes:
-            self.stream.state = StreamState.from_dict(data_state)
-        else:
-            epoch = self.step * self.cfg.optim.accum_steps // self.plan.batches_per_epoch
-            self.log(f"WARNING: no data position for this rank layout; restarting epoch {epoch} from its start")
-            self.stream.state = StreamState(epoch=epoch)
+        self.step, self.stream.state = restore_training(
+            self.acc, self.model, self.optimizer, checkpoint, model_name=self.cfg.model.name,
+            accum_steps=self.cfg.optim.accum_steps, batches_per_epoch=self.plan.batches_per_epoch, log=self.log)
         self.log(f"resumed from {checkpoint.path} at step {self.step} (epoch {self.stream.state.epoch}, "
                  f"batch {self.stream.state.batches})")
 

@@ -42,11 +42,11 @@ from ..data.images import set_max_image_pixels
 from ..data.info import load_info
 from ..data.loader import make_loader
 from ..data.shards import resolve_shards
-from ..data.stream import ShardStream, StreamState
+from ..data.stream import ShardStream
 from ..data.transforms import normalize, to_tensor, train_crop
 from ..finetune_config import AugmentConfig, FinetuneConfig
 from ..models import create_model
-from .checkpoint import check_compatible, load_training_state, resolve_resume, save_checkpoint
+from .checkpoint import resolve_resume, restore_training, save_checkpoint
 from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step
 from .init import attach_probe_head, init_head, load_init, reestimate_stem_norms
 from .knn import accuracy_counts, eval_batches, knn_accuracy_on_shards
@@ -267,15 +267,10 @@ class FinetuneRun:
                  f"{p.steps_per_epoch:g} steps/epoch, {p.total_steps} steps, stopping at {p.stop_step}")
 
     def _resume(self, checkpoint) -> None:
-        check_compatible(checkpoint, self.cfg.model.name)
-        data_state = load_training_state(self.acc, self.model, self.optimizer, checkpoint)
-        self.step, self.best = checkpoint.state["step"], checkpoint.state.get("best", self.best)
-        if data_state is not None and checkpoint.state.get("world_size") == self.world:
-            self.stream.state = StreamState.from_dict(data_state)
-        else:
-            epoch = self.step * self.cfg.optim.accum_steps // self.plan.batches_per_epoch
-            self.log(f"WARNING: no data position for this rank layout; restarting epoch {epoch} from its start")
-            self.stream.state = StreamState(epoch=epoch)
+        self.step, self.stream.state = restore_training(
+            self.acc, self.model, self.optimizer, checkpoint, model_name=self.cfg.model.name,
+            accum_steps=self.cfg.optim.accum_steps, batches_per_epoch=self.plan.batches_per_epoch, log=self.log)
+        self.best = checkpoint.state.get("best", self.best)
         if self.ema is not None:
             if (checkpoint.path / EMA_FILE).exists():
                 self.ema.module.load_state_dict(load_file(checkpoint.path / EMA_FILE))
