@@ -9,9 +9,10 @@ import torch
 from shard_utils import write_shards
 
 from mae_tnt.config import DataConfig
+from mae_tnt.data.loader import eval_batches
 from mae_tnt.data.shards import resolve_shards
 from mae_tnt.models import create_model
-from mae_tnt.train.knn import accuracy_counts, eval_batches, knn_accuracy, knn_accuracy_on_shards, knn_scores
+from mae_tnt.train.knn import accuracy_counts, knn_accuracy, knn_accuracy_on_shards, knn_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,15 +55,15 @@ def test_accuracy_counts_ignore_padding_and_cap_k():
     assert {k: v.item() for k, v in counts.items()} == {"top1": 1, "top5": 2, "count": 2}
 
 
-def test_eval_batches_split_ranks_evenly_and_cover_every_sample(tmp_path):
-    write_shards(tmp_path, [7, 6], split="val")
+def test_eval_batches_split_ranks_evenly_and_cover_every_decodable_sample(tmp_path):
+    write_shards(tmp_path, [7, 6], split="val", corrupt=frozenset({5}))
     shards = resolve_shards(str(tmp_path), "val")
     per_rank = [list(eval_batches(shards, 16, 4, rank, 2)) for rank in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 2  # ceil(ceil(13 / 4) / 2)
     assert all(images.shape == (4, 3, 16, 16) for rank in per_rank for images, _ in rank)
     labels = torch.cat([labels for rank in per_rank for _, labels in rank])
-    assert sorted(labels[labels >= 0].tolist()) == sorted(i % 10 for i in range(13))
-    assert (labels == -1).sum().item() == 3
+    assert sorted(labels[labels >= 0].tolist()) == sorted(i % 10 for i in range(13) if i != 5)
+    assert (labels == -1).sum().item() == 4  # 3 padding rows and the undecodable sample
 
 
 def test_knn_on_shards_caps_the_bank_and_restores_train_mode(tmp_path):

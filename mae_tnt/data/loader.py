@@ -1,4 +1,4 @@
-"""Loaders built from the config: the per-rank training stream and sequential evaluation reads.
+"""Loaders built from the config: the per-rank training stream and sequential, rank-split evaluation reads.
 
 The training loader is never passed to `accelerator.prepare` (it would dispatch or double-shard an iterable
 dataset: accelerate PR #2325); batches are moved to the device by the engine.
@@ -7,6 +7,7 @@ dataset: accelerate PR #2325); batches are moved to the device by the engine.
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Iterator
 from functools import partial
@@ -43,31 +44,47 @@ def make_loader(stream: ShardStream, pin_memory: bool = False) -> DataLoader:
                       prefetch_factor=4 if stream.num_workers else None)
 
 
-def iter_eval_samples(shards: list[Shard], img_size: int) -> Iterator[tuple[torch.Tensor, int]]:
-    """Every decodable sample in shard order, resized and center-cropped: (uint8 [3, S, S], label or -1)."""
-    for shard in shards:
-        for sample in read_samples(shard.url):
-            data = image_bytes(sample)
-            try:
-                image = eval_resize(data, img_size) if data is not None else None
-            except BadImageError:
-                image = None
-            if image is not None:
-                yield image, label_of(sample)
+def eval_image(sample: dict, img_size: int) -> torch.Tensor | None:
+    """A sample's image resized and center-cropped, uint8 [3, S, S]; None when it has none or it cannot be decoded."""
+    data = image_bytes(sample)
+    try:
+        return None if data is None else eval_resize(data, img_size)
+    except BadImageError:
+        return None  # skipped, as in training
 
 
-def iter_eval_batches(
-    shards: list[Shard], img_size: int, batch_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Sequential evaluation batches: (uint8 [B, 3, S, S], labels [B])."""
-    samples = iter_eval_samples(shards, img_size)
-    while batch := list(itertools.islice(samples, batch_size)):
-        images, labels = zip(*batch, strict=True)
-        yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
+def eval_batches(shards: list[Shard], img_size: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the evaluation samples in shard order: uint8 [B, 3, S, S] and labels [B].
+
+    Batch i of the shard sequence goes to rank i mod world_size. Every rank yields ceil(batches / world_size)
+    full-size batches; rows past the data (or lost to undecodable images) are zeros with label -1.
+    """
+    total = sum(shard.num_samples for shard in shards)
+    per_rank = math.ceil(math.ceil(total / batch_size) / world_size)
+    samples = _samples_in_order(shards)
+    chunks = iter(lambda: list(itertools.islice(samples, batch_size)), [])
+    mine = itertools.islice(chunks, rank, None, world_size)
+    for _ in range(per_rank):
+        yield _padded_batch(next(mine, []), img_size, batch_size)
+
+
+def _padded_batch(samples: list[dict], img_size: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly `batch_size` rows: the decodable samples, then zero images labeled -1."""
+    images = torch.zeros(batch_size, 3, img_size, img_size, dtype=torch.uint8)
+    labels = torch.full((batch_size,), -1, dtype=torch.long)
+    decoded = [(image, label_of(sample)) for sample in samples if (image := eval_image(sample, img_size)) is not None]
+    for row, (image, label) in enumerate(decoded):
+        images[row], labels[row] = image, label
+    return images, labels
 
 
 def first_images(spec: str, split: str, count: int, img_size: int, allow_pipe: bool = False) -> torch.Tensor:
     """The first `count` decodable images of a shard set: uint8 [count, 3, S, S]."""
     shards = resolve_shards(spec, split, allow_pipe=allow_pipe, verify=False)
-    images, _ = next(iter_eval_batches(shards, img_size, count))
-    return images
+    decoded = (eval_image(sample, img_size) for sample in _samples_in_order(shards))
+    return torch.stack(list(itertools.islice((image for image in decoded if image is not None), count)))
+
+
+def _samples_in_order(shards: list[Shard]) -> Iterator[dict]:
+    return (sample for shard in shards for sample in read_samples(shard.url))

@@ -40,7 +40,7 @@ from torch import nn
 from ..config import save_config, to_dict
 from ..data.images import set_max_image_pixels
 from ..data.info import load_info
-from ..data.loader import make_loader
+from ..data.loader import eval_batches, make_loader
 from ..data.shards import resolve_shards
 from ..data.stream import ShardStream
 from ..data.transforms import normalize, to_tensor, train_crop
@@ -49,7 +49,7 @@ from ..models import create_model
 from .checkpoint import resolve_resume, restore_training, save_checkpoint
 from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step
 from .init import attach_probe_head, init_head, load_init, reestimate_stem_norms
-from .knn import accuracy_counts, eval_batches, knn_accuracy_on_shards
+from .knn import accuracy_counts, knn_accuracy_on_shards
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, progress_bar
 from .optim import build_adamw

@@ -1,11 +1,12 @@
-"""Frozen-feature evaluation: sequential eval batches split across ranks, feature extraction, weighted k-NN.
+"""Frozen-feature evaluation: top-k counts, feature extraction and weighted k-NN on rank-split eval batches.
 
 The k-NN classifier is DINO's: features are L2-normalised, each query takes its k most cosine-similar train features,
 and every neighbour votes for its class with weight exp(similarity / T). `knn_accuracy_on_shards` is the one call
 that both fine-tuning's kNN mode and pretraining's online monitor (`eval.knn_every`) make.
 
-Evaluation batches are the same in number on every rank (padding rows carry label -1 and are ignored), so forward
-passes that are collectives (DeepSpeed ZeRO-3) never hang, and each rank decodes only its own batches.
+Evaluation batches (`mae_tnt.data.loader.eval_batches`) are the same in number on every rank (padding rows carry
+label -1 and are ignored), so forward passes that are collectives (DeepSpeed ZeRO-3) never hang, and each rank decodes
+only its own batches.
 
 References: Caron et al., DINO (arXiv 2104.14294) `eval_knn.py` (k = 20, T = 0.07, weighted voting); Wu et al.,
 "Unsupervised Feature Learning via Non-Parametric Instance Discrimination" (the exp(s / T) weighting).
@@ -15,57 +16,22 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import DataConfig
-from ..data.images import BadImageError, image_bytes
-from ..data.shards import Shard, read_samples, resolve_shards
-from ..data.stream import label_of
-from ..data.transforms import eval_resize, normalize
+from ..data.loader import eval_batches
+from ..data.shards import resolve_shards
+from ..data.transforms import normalize
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 """(images [B, 3, S, S], labels [B]) pairs; label -1 marks padding or an unlabeled sample."""
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 """Concatenates a tensor over ranks along dim 0 (`accelerator.gather`)."""
-
-
-def eval_batches(shards: list[Shard], img_size: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's share of the resized, center-cropped samples: uint8 [B, 3, S, S] and labels [B].
-
-    Batch i of the shard sequence goes to rank i mod world_size. Every rank yields ceil(batches / world_size)
-    full-size batches; rows past the data (or lost to undecodable images) are zeros with label -1.
-    """
-    total = sum(shard.num_samples for shard in shards)
-    per_rank = math.ceil(math.ceil(total / batch_size) / world_size)
-    raw = (sample for shard in shards for sample in read_samples(shard.url))
-    chunks = iter(lambda: list(itertools.islice(raw, batch_size)), [])
-    mine = itertools.islice(chunks, rank, None, world_size)
-    for _ in range(per_rank):
-        yield decode_batch(next(mine, []), img_size, batch_size)
-
-
-def decode_batch(samples: list[dict], img_size: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode raw samples into exactly `batch_size` rows, padding with zero images labeled -1."""
-    images = torch.zeros(batch_size, 3, img_size, img_size, dtype=torch.uint8)
-    labels = torch.full((batch_size,), -1, dtype=torch.long)
-    row = 0
-    for sample in samples:
-        data = image_bytes(sample)
-        try:
-            if data is None:
-                raise BadImageError(f"sample {sample.get('__key__')} has no image field")
-            images[row] = eval_resize(data, img_size)
-        except BadImageError:
-            continue  # an undecodable sample is skipped, as in training
-        labels[row] = label_of(sample)
-        row += 1
-    return images, labels
 
 
 def accuracy_counts(scores: torch.Tensor, labels: torch.Tensor,
