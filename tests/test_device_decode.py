@@ -12,7 +12,7 @@ from shard_utils import write_shards
 
 from mae_tnt.config import DataConfig
 from mae_tnt.data.device_decode import DeferredCrop, EncodedCrop, decode_batch
-from mae_tnt.data.loader import build_train_stream
+from mae_tnt.data.loader import build_train_stream, mae_transform
 from mae_tnt.data.transforms import train_crop
 
 
@@ -59,7 +59,7 @@ def test_cuda_decode_falls_back_to_the_cpu_without_a_gpu(tmp_path, monkeypatch):
     data = DataConfig(train=str(tmp_path), batch_size=4, num_workers=0, decode_device="cuda")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        stream = build_train_stream(data, img_size=16, seed=0, rank=0, world_size=1)
+        stream = build_train_stream(data, mae_transform(data, 16), seed=0, rank=0, world_size=1)
     assert any("decoding on the CPU" in str(w.message) for w in caught)
     assert isinstance(next(iter(stream))["images"], torch.Tensor)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -23,19 +23,22 @@ from .stream import ShardStream, label_of
 from .transforms import eval_resize, train_crop
 
 
-def build_train_stream(data: DataConfig, *, img_size: int, seed: int, rank: int, world_size: int) -> ShardStream:
-    """The rank's stream; raises a clear error before training when the shards are unusable."""
+def build_train_stream(data: DataConfig, transform: Callable, *, seed: int, rank: int,
+                       world_size: int) -> ShardStream:
+    """The rank's stream of `transform`ed samples; raises a clear error before training when the shards are unusable."""
     set_max_image_pixels(data.max_image_pixels)
     shards = resolve_shards(data.train, data.split, allow_pipe=data.allow_pipe)
-    transform = partial(train_crop, size=img_size, scale=tuple(data.crop_scale))
-    if data.decode_device == "cuda":
-        if gpu_decode_available():
-            transform = DeferredCrop(img_size, tuple(data.crop_scale))
-        else:
-            warnings.warn("data.decode_device=cuda needs CUDA and torchvision; decoding on the CPU instead",
-                          stacklevel=2)
     return ShardStream(shards, batch_size=data.batch_size, transform=transform, seed=seed, rank=rank,
                        world_size=world_size, num_workers=data.num_workers, chunk=data.shuffle_chunk)
+
+
+def mae_transform(data: DataConfig, img_size: int) -> Callable:
+    """MAE's crop-and-flip, on the CPU or deferred to the GPU's JPEG decoder (`data.decode_device`)."""
+    if data.decode_device == "cuda":
+        if gpu_decode_available():
+            return DeferredCrop(img_size, tuple(data.crop_scale))
+        warnings.warn("data.decode_device=cuda needs CUDA and torchvision; decoding on the CPU instead", stacklevel=2)
+    return partial(train_crop, size=img_size, scale=tuple(data.crop_scale))
 
 
 def make_loader(stream: ShardStream, pin_memory: bool = False) -> DataLoader:

@@ -19,7 +19,7 @@ from timm.layers import set_fused_attn
 
 from ..config import PretrainConfig, save_config, to_dict
 from ..data.device_decode import decode_batch
-from ..data.loader import build_train_stream, first_images, make_loader
+from ..data.loader import build_train_stream, first_images, mae_transform, make_loader
 from ..data.transforms import normalize
 from ..models import create_model
 from .checkpoint import resolve_resume, restore_training, save_checkpoint
@@ -97,7 +97,7 @@ class Trainer:
         self.acc = build_accelerator(cfg)
         self.out = Path(cfg.run.output_dir)
         self.is_main = self.acc.is_main_process
-        self.stream = build_train_stream(cfg.data, img_size=cfg.model.img_size, seed=cfg.seed,
+        self.stream = build_train_stream(cfg.data, mae_transform(cfg.data, cfg.model.img_size), seed=cfg.seed,
                                          rank=self.acc.process_index, world_size=self.acc.num_processes)
         self.plan = derive_plan(cfg, self.acc.num_processes, self.stream.batches_per_epoch())
         set_fused_attn(cfg.run.fused_attn)

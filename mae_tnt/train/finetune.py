@@ -38,11 +38,9 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from ..config import save_config, to_dict
-from ..data.images import set_max_image_pixels
 from ..data.info import load_info
-from ..data.loader import eval_batches, make_loader
+from ..data.loader import build_train_stream, eval_batches, make_loader
 from ..data.shards import resolve_shards
-from ..data.stream import ShardStream
 from ..data.transforms import normalize, to_tensor, train_crop
 from ..finetune_config import AugmentConfig, FinetuneConfig
 from ..models import create_model
@@ -202,7 +200,8 @@ class FinetuneRun:
         self.acc = build_accelerator(cfg)
         self.out, self.is_main = Path(cfg.run.output_dir), self.acc.is_main_process
         self.device, self.rank, self.world = self.acc.device, self.acc.process_index, self.acc.num_processes
-        self.stream = self._build_stream()
+        transform = FinetuneTransform(cfg.model.img_size, cfg.data.crop_scale, cfg.augment.rand_augment, cfg.data.mean)
+        self.stream = build_train_stream(cfg.data, transform, seed=cfg.seed, rank=self.rank, world_size=self.world)
         self.plan = derive_plan(cfg, self.world, self.stream.batches_per_epoch())
         self.num_classes = resolve_num_classes(cfg)
         checkpoint = resolve_resume(cfg.run.resume, self.out, self.log)
@@ -243,15 +242,6 @@ class FinetuneRun:
         """uint8 [B, 3, S, S] -> normalised floats on the device, in the model's memory format."""
         images = normalize(images.to(self.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
         return images.contiguous(memory_format=self.memory_format)
-
-    def _build_stream(self) -> ShardStream:
-        data = self.cfg.data
-        set_max_image_pixels(data.max_image_pixels)
-        transform = FinetuneTransform(self.cfg.model.img_size, data.crop_scale, self.cfg.augment.rand_augment,
-                                      data.mean)
-        return ShardStream(resolve_shards(data.train, data.split, allow_pipe=data.allow_pipe),
-                           batch_size=data.batch_size, transform=transform, seed=self.cfg.seed, rank=self.rank,
-                           world_size=self.world, num_workers=data.num_workers, chunk=data.shuffle_chunk)
 
     def _prepare_run_dir(self, trainable: int) -> None:
         if not self.is_main:
