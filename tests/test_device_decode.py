@@ -37,11 +37,12 @@ def test_deferred_decode_reproduces_the_cpu_augmentation():
     assert dropped == 0 and torch.equal(images, expected)
 
 
-def test_non_jpeg_images_are_decoded_in_the_worker():
+def test_non_jpeg_images_are_decoded_in_the_worker_as_on_the_cpu_path():
     buffer = io.BytesIO()
-    Image.new("RGB", (40, 40), (10, 20, 30)).save(buffer, "PNG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buffer, "PNG")
     item = DeferredCrop(32, (0.2, 1.0))(buffer.getvalue(), random.Random(0))
     assert isinstance(item, torch.Tensor) and item.shape == (3, 32, 32)
+    assert torch.equal(item, train_crop(buffer.getvalue(), random.Random(0), size=32, scale=(0.2, 1.0)))
 
 
 def test_corrupt_jpeg_data_is_dropped_and_counted():

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .transforms import decode_jpeg, open_image, random_resized_crop_box, train_crop
+from .transforms import crop_opened, decode_jpeg, open_image, random_resized_crop_box, resize_box
 
 if decode_jpeg is not None:
     from torchvision.io import ImageReadMode
-    from torchvision.transforms.v2.functional import InterpolationMode, resize
 
 
 @dataclass
@@ -41,7 +40,7 @@ class DeferredCrop:
     def __call__(self, data: bytes, rng: random.Random) -> EncodedCrop | torch.Tensor:
         image = open_image(data)
         if image.format != "JPEG" or image.mode not in ("RGB", "L"):
-            return train_crop(data, rng, size=self.size, scale=self.scale)
+            return crop_opened(image, data, rng, size=self.size, scale=self.scale)
         box = random_resized_crop_box(*image.size, self.scale, rng)
         flip = rng.random() < 0.5
         return EncodedCrop(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip)
@@ -67,7 +66,8 @@ def decode_batch(items: list, size: int, device: torch.device) -> tuple[torch.Te
         if not isinstance(item, EncodedCrop):
             images.append(item.to(device, non_blocking=True))
         elif (image := next(decoded)) is not None:
-            images.append(_crop_resize_flip(image, item, size))
+            out = resize_box(image, item.box, size)
+            images.append(out.flip(-1) if item.flip else out)
     return torch.stack(images), len(items) - len(images)
 
 
@@ -76,10 +76,3 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
         return None
-
-
-def _crop_resize_flip(image: torch.Tensor, item: EncodedCrop, size: int) -> torch.Tensor:
-    left, top, right, bottom = item.box
-    crop = image[:, top:bottom, left:right]  # [3, h, w], a view
-    out = resize(crop, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return out.flip(-1) if item.flip else out

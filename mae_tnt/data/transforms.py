@@ -81,12 +81,16 @@ def _load_rgb(image: Image.Image) -> Image.Image:
 
 def train_crop(data: bytes, rng: random.Random, *, size: int, scale: tuple[float, float]) -> torch.Tensor:
     """Decode + random-resized crop (bicubic, antialiased) + random horizontal flip -> uint8 [3, size, size]."""
-    image = open_image(data)
-    width, height = image.size
-    box = random_resized_crop_box(width, height, scale, rng)
+    return crop_opened(open_image(data), data, rng, size=size, scale=scale)
+
+
+def crop_opened(image: Image.Image, data: bytes, rng: random.Random, *, size: int,
+                scale: tuple[float, float]) -> torch.Tensor:
+    """`train_crop` of `data` whose header `open_image` has already read into `image`."""
+    box = random_resized_crop_box(*image.size, scale, rng)
     flip = rng.random() < 0.5
     if _fast_jpeg(image, box, size):
-        out = _resized_crop_tensor(data, box, size)
+        out = resize_box(_decode_jpeg_tensor(data), box, size)
         return out.flip(-1) if flip else out
     image, box = _draft(image, box, size)
     out = _load_rgb(image).resize((size, size), Image.BICUBIC, box=box)
@@ -102,11 +106,15 @@ def _fast_jpeg(image: Image.Image, box: tuple[int, int, int, int], size: int) ->
     return decode_jpeg is not None and image.format == "JPEG" and image.mode in ("RGB", "L") and small_crop
 
 
-def _resized_crop_tensor(data: bytes, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+def _decode_jpeg_tensor(data: bytes) -> torch.Tensor:
     try:
-        image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as err:
         raise BadImageError(f"corrupt JPEG data: {err}") from err
+
+
+def resize_box(image: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """uint8 [3, H, W] on any device, cropped to `box` and resized (bicubic, antialiased) -> [3, size, size]."""
     left, top, right, bottom = box
     crop = image[:, top:bottom, left:right]  # [3, h, w], a view
     return tv_resize(crop, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
