@@ -94,6 +94,14 @@ def test_tnt_s_matches_timm(mode):
     check_parity(theirs, ours, images(1, 224), mode)
 
 
+def test_a_seed_draws_the_same_initial_weights_as_timm():
+    torch.manual_seed(0)
+    theirs = timm.create_model("tnt_s_patch16_224", pretrained=False, **TIMM_TINY, num_classes=10).state_dict()
+    torch.manual_seed(0)
+    ours = mae_tnt.create_model("tnt_test_patch8_32", num_classes=10).state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_parameter_counts():
     with torch.device("meta"):
         counts = {n: sum(p.numel() for p in mae_tnt.create_model(n).parameters()) / 1e6

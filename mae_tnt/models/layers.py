@@ -19,6 +19,7 @@ __all__ = [
     "LayerNorm",
     "Mlp",
     "init_mae_weights",
+    "init_trunc_normal_weights",
     "resample_abs_pos_embed",
     "transformer_blocks",
     "trunc_normal_",
@@ -37,6 +38,17 @@ def init_mae_weights(module: nn.Module) -> None:
     """MAE's initialisation: xavier-uniform Linear weights with zero bias, LayerNorm 1/0 (use with `.apply`)."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def init_trunc_normal_weights(module: nn.Module) -> None:
+    """timm's ViT-style initialisation: truncated-normal(0.02) Linear weights with zero bias, LayerNorm 1/0."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DropPath, LayerNorm, Mlp, trunc_normal_
+from .layers import DropPath, LayerNorm, Mlp, init_trunc_normal_weights, trunc_normal_
 from .loading import CheckpointError
 from .mae import MaskedAutoencoder, build_mae
 from .masking import gather_units
@@ -252,13 +252,7 @@ class SReT(nn.Module):
     def _init_weights(self) -> None:
         """DeiT-style init: truncated normal(0.02) for the position map and Linear weights, zero biases, LN 1/0."""
         trunc_normal_(self.pos_embed, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        self.apply(init_trunc_normal_weights)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DropPath, Mlp, init_mae_weights, resample_abs_pos_embed, trunc_normal_
+from .layers import DropPath, Mlp, init_mae_weights, init_trunc_normal_weights, resample_abs_pos_embed, trunc_normal_
 from .mae import MAE_KWARGS, MaskedAutoencoder
 from .masking import num_visible, random_masking
 from .registry import register_model
@@ -217,14 +217,7 @@ class TNT(nn.Module):
         """timm's TNT init: truncated normal(0.02) for Linear weights and the three embeddings, LayerNorm 1/0."""
         for param in (self.cls_token, self.patch_pos, self.pixel_pos):
             trunc_normal_(param, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        self.apply(init_trunc_normal_weights)
 
     # ---- stem -------------------------------------------------------------------------------------------------
     def patch_pixels(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
