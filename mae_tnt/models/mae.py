@@ -179,7 +179,8 @@ MAE_KWARGS = (
 REFERENCE_DECODER = {"decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16}
 
 
-def build_mae(encoder_builder, decoder_defaults: dict, **kwargs) -> MaskedAutoencoder:
-    """Build `encoder_builder(**encoder kwargs)` and wrap it; MAE kwargs override `decoder_defaults`."""
+def build_mae(encoder_builder, decoder_defaults: dict, *, wrapper=None, **kwargs) -> MaskedAutoencoder:
+    """Build `encoder_builder(**encoder kwargs)` and wrap it (`MaskedAutoencoder` unless `wrapper` is given); MAE
+    kwargs override `decoder_defaults`."""
     mae_kwargs = {k: kwargs.pop(k) for k in MAE_KWARGS if k in kwargs}
-    return MaskedAutoencoder(encoder_builder(**kwargs), **{**decoder_defaults, **mae_kwargs})
+    return (wrapper or MaskedAutoencoder)(encoder_builder(**kwargs), **{**decoder_defaults, **mae_kwargs})

@@ -18,12 +18,14 @@ huawei-noah/Efficient-AI-Backbones `tnt_pytorch/tnt.py`; timm `models/tnt.py` (n
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .layers import DropPath, Mlp, init_mae_weights, init_trunc_normal_weights, resample_abs_pos_embed, trunc_normal_
-from .mae import MAE_KWARGS, MaskedAutoencoder
+from .mae import MaskedAutoencoder, build_mae
 from .masking import num_visible, random_masking
 from .registry import register_model
 
@@ -429,11 +431,8 @@ def _tnt(size: str, **kwargs) -> TNT:
 
 def _mae_tnt(size: str, word_mask_ratio: float = 0.0, **kwargs) -> MaskedAutoencoder:
     """MAE kwargs override the size's decoder; the rest go to a headless `TNT`."""
-    mae_kwargs = {**TNT_DECODERS[size], **{k: kwargs.pop(k) for k in MAE_KWARGS if k in kwargs}}
-    encoder = _tnt(size, num_classes=0, **kwargs)
-    if word_mask_ratio > 0:
-        return WordMaskedAutoencoder(encoder, word_mask_ratio=word_mask_ratio, **mae_kwargs)
-    return MaskedAutoencoder(encoder, **mae_kwargs)
+    wrapper = partial(WordMaskedAutoencoder, word_mask_ratio=word_mask_ratio) if word_mask_ratio > 0 else None
+    return build_mae(lambda **enc: _tnt(size, num_classes=0, **enc), TNT_DECODERS[size], wrapper=wrapper, **kwargs)
 
 
 @register_model
