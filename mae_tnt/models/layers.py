@@ -34,10 +34,10 @@ def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float = 
     )
 
 
-def init_mae_weights(module: nn.Module) -> None:
-    """MAE's initialisation: xavier-uniform Linear weights with zero bias, LayerNorm 1/0 (use with `.apply`)."""
+def _init_linear_and_norm(module: nn.Module, init_weight) -> None:
+    """`init_weight` for Linear weights with zero bias, LayerNorm 1/0; other modules keep their own init."""
     if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
+        init_weight(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -45,12 +45,8 @@ def init_mae_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def init_trunc_normal_weights(module: nn.Module) -> None:
-    """timm's ViT-style initialisation: truncated-normal(0.02) Linear weights with zero bias, LayerNorm 1/0."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+init_mae_weights = partial(_init_linear_and_norm, init_weight=nn.init.xavier_uniform_)
+"""MAE's initialisation: xavier-uniform Linear weights (use with `.apply`)."""
+
+init_trunc_normal_weights = partial(_init_linear_and_norm, init_weight=partial(trunc_normal_, std=0.02))
+"""timm's ViT/TNT initialisation: truncated-normal(0.02) Linear weights (use with `.apply`)."""
