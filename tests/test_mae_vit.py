@@ -94,6 +94,23 @@ def test_loss_ignores_visible_patches(model):
     assert model.forward_loss(images, perfect, mask).item() == pytest.approx(0.0, abs=1e-10)
 
 
+def test_reference_initialisation():
+    """MAE's init: xavier-uniform Linear weights (and the flattened patch projection), zero biases, LayerNorm 1/0."""
+    torch.manual_seed(0)
+    mae = mae_tnt.create_model("mae_vit_tiny_patch16", decoder_dim=128, decoder_depth=2, decoder_heads=4)
+    for name, module in mae.named_modules():
+        if isinstance(module, torch.nn.Linear) or name == "encoder.patch_embed.proj":
+            weight = module.weight.flatten(1)  # [out, in]; the conv's [D, 3, u, u] as a matrix
+            bound = (6 / sum(weight.shape)) ** 0.5
+            assert weight.abs().max() <= bound and weight.abs().max() > 0.99 * bound, name
+            assert weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.05), name
+            assert not module.bias.any(), name
+        elif isinstance(module, torch.nn.LayerNorm):
+            assert (module.weight == 1).all() and not module.bias.any(), name
+    for token in (mae.encoder.cls_token, mae.mask_token):
+        assert token.std().item() == pytest.approx(0.02, rel=0.1)
+
+
 def test_sincos_table_matches_mae_layout():
     table = sincos_2d(8, 3, num_prefix_tokens=1)
     assert table.shape == (10, 8) and table[0].abs().sum() == 0
