@@ -114,6 +114,7 @@ class Trainer:
         self.input_dtype = configure_deepspeed(self.acc, cfg)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.step = 0
+        self.grad_norm: torch.Tensor | None = None  # the last clipped step's gradient norm, logged when known
         self._prepare_run_dir()
         self._resume()
         self.logger = MetricsLogger(self.out, self.is_main, to_dict(cfg), resume_step=self.step)
@@ -240,7 +241,7 @@ class Trainer:
         metrics = close_window(self.acc, window, bar, self.step, self.step / self.plan.steps_per_epoch,
                                self.lr(self.step - 1))
         metrics["skipped_samples"] = self.stream.state.skipped
-        if getattr(self, "grad_norm", None) is not None:
+        if self.grad_norm is not None:
             metrics["grad_norm"] = float(self.grad_norm)
         if torch.cuda.is_available():
             metrics["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
