@@ -138,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="registered classifier name (needed without state.json)")
     args = parser.parse_args(argv)
     config = export(args.checkpoint, args.out, args.model)
+    timm_hint = (f"timm.create_model({config['timm_name']!r}, **timm_kwargs) rebuilds it (both in config.json)"
+                 if config["timm_name"] else "not a timm architecture")
     print(f"exported {config['kind']} {config['model']} ({config['num_classes']} classes, {config['img_size']} px) "
-          f"to {args.out}; timm: {config['timm_name'] or 'not in timm'}")
+          f"to {args.out}; {timm_hint}")
     return 0
 
 
