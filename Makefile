@@ -8,6 +8,9 @@ DEMO_DIR ?= runs/demo_mae_vit
 .PHONY: demo test lint experiment-fashion clean-demo
 
 $(STAMP): pyproject.toml
+	@# timm needs torchvision, which PyPI ships only for CUDA builds of torch: the install peaks at about 8 GB.
+	@free_kb=$$(df -Pk $(dir $(abspath $(VENV))) | awk 'NR==2 {print $$4}'); [ "$$free_kb" -ge 9000000 ] || \
+		echo "WARNING: $$((free_kb / 1048576)) GB free here; installing PyTorch needs about 8 GB (set VENV=/a/roomier/path)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,tensorboard]'
