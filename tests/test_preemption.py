@@ -24,11 +24,11 @@ def shards(tmp_path_factory):
     return root
 
 
-def command(shards, out, max_steps):
+def command(shards, out, max_steps, workers=1):
     return [sys.executable, str(ROOT / "pretrain.py"), str(ROOT / "recipes/demo_mae_vit.yaml"), f"data.train={shards}",
-            "data.val=null", f"run.output_dir={out}", "data.batch_size=8", "data.num_workers=1", "schedule.epochs=2",
-            "schedule.warmup_epochs=0.5", "run.log_every=1", "run.checkpoint_every=2", f"run.max_steps={max_steps}",
-            "data.shuffle_chunk=16"]
+            "data.val=null", f"run.output_dir={out}", "data.batch_size=8", f"data.num_workers={workers}",
+            "schedule.epochs=2", "schedule.warmup_epochs=0.5", "run.log_every=1", "run.checkpoint_every=2",
+            f"run.max_steps={max_steps}", "data.shuffle_chunk=16"]
 
 
 def logged_steps(out: Path) -> int:
@@ -38,13 +38,14 @@ def logged_steps(out: Path) -> int:
         return 0
 
 
-def start_and_signal(shards, out, max_steps, at_step, signum) -> subprocess.Popen:
-    process = subprocess.Popen(command(shards, out, max_steps), env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+def start_and_signal(shards, out, max_steps, at_step, signum, workers=1) -> subprocess.Popen:
+    """Signal the run's whole process group (its loader workers too), as SLURM and Kubernetes do."""
+    process = subprocess.Popen(command(shards, out, max_steps, workers), env=ENV, cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 180
     while logged_steps(out) < at_step and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    process.send_signal(signum)
+    os.killpg(process.pid, signum)
     process.wait(timeout=120)
     return process
 
@@ -57,8 +58,8 @@ def test_sigkill_at_a_random_step_resumes_exactly(shards, tmp_path):
     assert logged_losses(tmp_path / "cut") == logged_losses(tmp_path / "full"), f"killed at step {kill_at}"
 
 
-def test_sigterm_saves_a_checkpoint_before_exit(shards, tmp_path):
-    process = start_and_signal(shards, tmp_path, 30, 3, signal.SIGTERM)
+def test_sigterm_to_the_process_group_saves_a_checkpoint_before_exit(shards, tmp_path):
+    process = start_and_signal(shards, tmp_path, 30, 3, signal.SIGTERM, workers=2)
     output = process.stdout.read()
     assert process.returncode == 0, output
     assert "SIGTERM received" in output

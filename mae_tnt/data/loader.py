@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import signal
 import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -44,7 +45,13 @@ def mae_transform(data: DataConfig, img_size: int) -> Callable:
 def make_loader(stream: ShardStream, pin_memory: bool = False) -> DataLoader:
     """A fresh loader for the stream's current state (workers are not persistent: each epoch restarts them)."""
     return DataLoader(stream, batch_size=None, num_workers=stream.num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if stream.num_workers else None)
+                      prefetch_factor=4 if stream.num_workers else None, worker_init_fn=_ignore_sigterm)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Schedulers (SLURM, Kubernetes) send SIGTERM to the whole process group. A worker that died of it would make the
+    main process raise before it could save its preemption checkpoint; the main process ends the workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def eval_image(sample: dict, img_size: int) -> torch.Tensor | None:
