@@ -116,6 +116,20 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one(shards, tmp_path, c
     trainer = Trainer(config(shards, tmp_path, "run.max_steps=8"))
     assert trainer.step == 4
     assert "skipping unusable checkpoint" in capsys.readouterr().out
+    # Out of the rotation, so the next saves cannot rotate away step 4 while the corrupt step 8 stays.
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000004"]
+    assert [p.name for p in tmp_path.glob("superseded/*/step_*")] == ["step_00000008"]
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(shards, tmp_path):
+    Trainer(config(shards, tmp_path, "run.max_steps=12")).train()  # checkpoints at steps 4, 8 and 12
+    AcceleratorState._reset_state(True)
+    earlier = tmp_path / "checkpoints" / "step_00000004"
+    Trainer(config(shards, tmp_path, f"run.resume={earlier}", "run.checkpoint_every=2", "run.max_steps=6")).train()
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000006", "step_00000004"]
+    assert sorted(p.name for p in tmp_path.glob("superseded/*/step_*")) == ["step_00000008", "step_00000012"]
+    AcceleratorState._reset_state(True)
+    assert Trainer(config(shards, tmp_path, "run.max_steps=6")).step == 6  # auto: this continuation, not step 12
 
 
 def test_resume_from_another_rank_layout_restarts_the_epoch_in_progress(shards, tmp_path, capsys):

@@ -8,8 +8,9 @@ A checkpoint is a directory `checkpoints/step_{step:08d}/` holding:
 
 It is written to `.tmp-step_*` and renamed once every rank has finished, so a crash mid-write never leaves a
 half-written `step_*`. Resume picks the newest directory whose files all read back; a corrupted one is reported and
-the previous one is used. RNG state is not saved because every step's randomness is a pure function of
-(seed, rank, step): see `mae_tnt.train.engine.seed_step`.
+the previous one is used. Checkpoints past the one resumed from are moved to `superseded/`, out of the rotation.
+RNG state is not saved because every step's randomness is a pure function of (seed, rank, step): see
+`mae_tnt.train.engine.seed_step`.
 
 References: nanoGPT (checkpoints that store their own config); accelerate `save_state` (called on every rank,
 since DeepSpeed's save has barriers: accelerate #1171).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,20 +161,45 @@ def check_compatible(checkpoint: Checkpoint, model_name: str) -> None:
 
 
 def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, model_name: str, accum_steps: int,
-                     batches_per_epoch: int, log=print) -> tuple[int, StreamState]:
+                     batches_per_epoch: int, output_dir: Path, log=print) -> tuple[int, StreamState]:
     """Restore a compatible checkpoint in place; returns its optimizer step and this rank's data position.
 
     The position is exact when the checkpoint was written by as many ranks as there are now; otherwise the epoch in
     progress restarts from its start, with a warning (the stream cannot re-split another layout's position).
+    Checkpoints of `output_dir` past the restored step are set aside (`set_aside_later_checkpoints`).
     """
     check_compatible(checkpoint, model_name)
     data_state = _load_training_state(accelerator, model, optimizer, checkpoint)
     step = checkpoint.state["step"]
+    accelerator.wait_for_everyone()  # every rank has read its checkpoint before any directory moves
+    if accelerator.is_main_process:
+        set_aside_later_checkpoints(output_dir, step, log)
     if data_state is not None and checkpoint.state.get("world_size") == accelerator.num_processes:
         return step, StreamState.from_dict(data_state)
     epoch = step * accum_steps // batches_per_epoch
     log(f"WARNING: no data position for this rank layout; restarting epoch {epoch} from its start")
     return step, StreamState(epoch=epoch)
+
+
+def set_aside_later_checkpoints(output_dir: str | Path, step: int, log=print) -> list[Path]:
+    """Move the checkpoints past `step` to `superseded/<time>/`; returns their new paths.
+
+    Resuming from an earlier checkpoint (chosen by `run.resume`, or because the later ones could not be read) starts
+    another continuation of the run. Left in `checkpoints/`, the later ones would be kept by the rotation, which
+    keeps the highest steps, in place of this continuation's, and `run.resume=auto` would jump back to them.
+    """
+    later = [path for path in find_checkpoints(output_dir) if int(path.name.split("_")[1]) > step]
+    if not later:
+        return []
+    target = Path(output_dir) / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for path in later:
+        moved.append(target / path.name)
+        os.replace(path, moved[-1])
+    log(f"WARNING: this run continues from step {step}; moved the later checkpoints "
+        f"{', '.join(path.name for path in later)} to {target}")
+    return moved
 
 
 def _load_training_state(accelerator, model, optimizer, checkpoint: Checkpoint) -> dict | None:
