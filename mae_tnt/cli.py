@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 from .config import ConfigError, PretrainConfig, load_config
 
@@ -26,10 +27,28 @@ def run_pretrain(argv: list[str]) -> int:
     cfg = load_recipe(PretrainConfig, argv, "pretrain.py")
     from .train.engine import pretrain  # heavy imports only once the config is valid
 
-    summary = pretrain(cfg)
+    summary = report_user_errors(lambda: pretrain(cfg))
+    if summary is None:
+        return 1
     if is_main_process():
         print(f"done: {summary['steps']} steps; outputs in {summary['output_dir']}")
     return 0
+
+
+def report_user_errors(run: Callable[[], dict]) -> dict | None:
+    """`run()`, or None after printing one `error:` line when the user's data, checkpoint or model name is at fault
+    (the message says what to do; a traceback would only bury it)."""
+    from .data.info import ShardError
+    from .models.loading import CheckpointError
+    from .models.registry import UnknownModelError
+    from .train.checkpoint import ResumeError
+    from .train.loop import NonFiniteLossError
+
+    try:
+        return run()
+    except (ShardError, CheckpointError, ResumeError, UnknownModelError, NonFiniteLossError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
 
 
 def is_main_process() -> bool:

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-
-from .cli import is_main_process, load_recipe
+from .cli import is_main_process, load_recipe, report_user_errors
 from .finetune_config import FinetuneConfig
 
 
 def run_finetune(argv: list[str]) -> int:
     cfg = load_recipe(FinetuneConfig, argv, "finetune.py")
-    from .models.loading import CheckpointError
     from .train.finetune import finetune  # heavy imports only once the config is valid
 
-    try:
-        summary = finetune(cfg)
-    except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
+    summary = report_user_errors(lambda: finetune(cfg))
+    if summary is None:
         return 1
     if not is_main_process():
         return 0

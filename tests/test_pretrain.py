@@ -1,6 +1,7 @@
 """The pretraining loop: run directory, exact resume, early config errors, non-finite loss, checkpoint safety."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from accelerate.state import AcceleratorState
 from shard_utils import write_shards
 
 from mae_tnt.config import PretrainConfig, load_config
+from mae_tnt.data.shards import ShardError
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
 from mae_tnt.train.engine import Trainer
 from mae_tnt.train.loop import NonFiniteLossError
@@ -74,6 +76,28 @@ def test_unknown_key_fails_before_any_work(tmp_path):
     assert result.returncode == 2
     assert "unknown config key `optim.lr`" in result.stderr and "did you mean" in result.stderr
     assert not out.exists()
+
+
+def test_unreadable_val_shards_fail_before_any_work_with_one_error_line(shards, tmp_path):
+    out = tmp_path / "never"
+    result = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), str(ROOT / "recipes/demo_mae_vit.yaml"),
+                             f"data.train={shards}", f"data.val={tmp_path / 'missing'}", f"run.output_dir={out}"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: data.val: ") and "missing does not exist" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_the_knn_monitor_on_unlabeled_shards_fails_before_any_work(shards, tmp_path):
+    unlabeled = tmp_path / "unlabeled"
+    shutil.copytree(shards, unlabeled)
+    info = json.loads((unlabeled / "_info.json").read_text())
+    (unlabeled / "_info.json").write_text(json.dumps({**info, "classes": []}))
+    with pytest.raises(ShardError, match="eval.knn_every needs labeled shards"):
+        Trainer(config(shards, tmp_path / "run", f"data.val={unlabeled}", "eval.knn_every=1"))
+    assert not (tmp_path / "run").exists()
+    AcceleratorState._reset_state(True)
+    assert Trainer(config(shards, tmp_path / "run", f"data.val={unlabeled}", "eval.knn_every=0")).step == 0
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):

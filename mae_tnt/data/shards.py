@@ -46,6 +46,9 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
             f"refusing to run the shell command in shard URL {spec!r}; set data.allow_pipe=true if you trust it"
         )
     path = Path(spec)
+    if _is_local(spec) and "{" not in spec and not path.exists():
+        raise ShardError(f"{spec} does not exist: give a shard directory made by tools/make_shards.py, or a brace "
+                         "pattern of .tar files")
     shards = _from_info(path, split) if path.is_dir() else _from_pattern(spec)
     if not shards:
         raise ShardError(f"no shards found for {spec!r} (split {split!r}); create them with tools/make_shards.py")
@@ -55,6 +58,11 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
     if verify and path.is_dir():
         _verify_counts(shards, spec)
     return shards
+
+
+def declares_no_classes(spec: str) -> bool:
+    """True for a shard directory whose `_info.json` lists no classes (unlabeled data); False when unknown."""
+    return Path(spec).is_dir() and not load_info(spec).get("classes")
 
 
 def _from_info(root: Path, split: str) -> list[Shard]:

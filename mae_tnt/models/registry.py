@@ -18,6 +18,10 @@ from torch import nn
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
 
+class UnknownModelError(ValueError):
+    """A model name that is not registered."""
+
+
 def register_model(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register `builder` under its function name."""
     name = builder.__name__
@@ -43,7 +47,7 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
     if name not in _BUILDERS:
         close = difflib.get_close_matches(name, _BUILDERS, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else " See mae_tnt.list_models()."
-        raise ValueError(f"unknown model {name!r}.{hint}")
+        raise UnknownModelError(f"unknown model {name!r}.{hint}")
     model = _BUILDERS[name](**kwargs)
     if checkpoint_path is not None:
         from .loading import load_weights

@@ -20,6 +20,7 @@ from timm.layers import set_fused_attn
 from ..config import PretrainConfig, save_config, to_dict
 from ..data.device_decode import decode_batch
 from ..data.loader import build_train_stream, first_images, mae_transform, make_loader
+from ..data.shards import ShardError, declares_no_classes, resolve_shards
 from ..data.transforms import normalize
 from ..models import create_model
 from .checkpoint import resolve_resume, restore_training, save_checkpoint
@@ -89,6 +90,24 @@ def configure_deepspeed(accelerator: Accelerator, cfg: PretrainConfig) -> torch.
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def check_eval_data(cfg: PretrainConfig) -> None:
+    """Fail before training, not at the first reconstruction grid or kNN epoch, when `data.val` cannot be read or the
+    kNN monitor has no labels."""
+    data = cfg.data
+    if data.val is None:
+        return
+    try:
+        resolve_shards(data.val, data.val_split, data.allow_pipe, verify=False)
+    except ShardError as err:
+        raise ShardError(f"data.val: {err}") from err
+    if not cfg.eval.knn_every:
+        return
+    for spec in (data.train, data.val):
+        if declares_no_classes(spec):
+            raise ShardError(f"eval.knn_every needs labeled shards, but {spec}/_info.json lists no classes; set "
+                             "eval.knn_every=0, or make the shards with labels (tools/make_shards.py)")
+
+
 class Trainer:
     """Owns the state of one pretraining run."""
 
@@ -100,6 +119,7 @@ class Trainer:
         self.stream = build_train_stream(cfg.data, mae_transform(cfg.data, cfg.model.img_size), seed=cfg.seed,
                                          rank=self.acc.process_index, world_size=self.acc.num_processes)
         self.plan = derive_plan(cfg, self.acc.num_processes, self.stream.batches_per_epoch())
+        check_eval_data(cfg)
         set_fused_attn(cfg.run.fused_attn)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run of this recipe
         model = create_model(cfg.model.name, **cfg.model.build_kwargs())
