@@ -83,12 +83,12 @@ def test_tnt_export_loads_into_timm_tnt_with_the_same_output(tool, tmp_path):
     torch.testing.assert_close(model(images), mae.encoder.eval()(images))
 
 
-def test_fine_tuned_classifier_keeps_its_head_in_timm(tool, tmp_path):
+def test_the_printed_timm_call_loads_a_fine_tuned_classifier_with_its_head(tool, tmp_path, capsys):
     ours = create_model("vit_test_patch8_32", num_classes=10, global_pool="avg").eval()
-    config = tool.export(finetune_checkpoint(tmp_path / "best", ours, "finetune", "avg"), tmp_path / "out")
-    file = str(tmp_path / "out" / "model.safetensors")
-    model = timm.create_model(config["timm_name"], pretrained=True,
-                              pretrained_cfg_overlay=dict(file=file, num_classes=10), **config["timm_kwargs"]).eval()
+    tool.main([str(finetune_checkpoint(tmp_path / "best", ours, "finetune", "avg")), str(tmp_path / "out")])
+    call = capsys.readouterr().out.split("load it in timm with: ")[1].strip()
+    assert call == json.loads((tmp_path / "out" / "config.json").read_text())["timm_call"]
+    model = eval(call, {"timm": timm}).eval()  # noqa: S307 - the tool's own output, as a user would paste it
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model(images), ours(images))
 

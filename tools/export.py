@@ -13,7 +13,8 @@ is checked by loading it into our model with no missing or unexpected key. ViT a
                       pretrained_cfg_overlay=dict(file="OUT/model.safetensors", num_classes=cfg["num_classes"]),
                       **cfg["timm_kwargs"])
 
-loads it (the `num_classes` overlay keeps a fine-tuned head; without it timm drops the head as "adapted").
+loads it (the `num_classes` overlay keeps a fine-tuned head; without it timm drops the head as "adapted"). The tool
+prints this call for the export at hand, and config.json keeps it as `timm_call`.
 
 References: timm `_builder.load_pretrained` (`pretrained_cfg_overlay`), DeepSpeed `utils/zero_to_fp32.py`.
 """
@@ -122,13 +123,23 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
     timm_name, timm_kwargs = timm_spec(model, info["model"])
     info.update(img_size=model.grid * model.unit, global_pool=getattr(model, "global_pool", info["global_pool"]))
     state_dict = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    config = {**info, "timm_name": timm_name, "timm_kwargs": timm_kwargs, "source": str(checkpoint),
-              "source_layout": layout, "dropped_keys": len(dropped), "interpolation": "bicubic", "crop_pct": 0.875}
     out = Path(out)
+    config = {**info, "timm_name": timm_name, "timm_kwargs": timm_kwargs,
+              "timm_call": timm_call(timm_name, timm_kwargs, info["num_classes"], out / "model.safetensors"),
+              "source": str(checkpoint), "source_layout": layout, "dropped_keys": len(dropped),
+              "interpolation": "bicubic", "crop_pct": 0.875}
     out.mkdir(parents=True, exist_ok=True)
     save_file(state_dict, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return config
+
+
+def timm_call(timm_name: str | None, timm_kwargs: dict, num_classes: int, file: Path) -> str | None:
+    """The Python expression that loads the export into timm, head included; None when timm lacks the architecture."""
+    if timm_name is None:
+        return None
+    overlay = f"dict(file={str(file.resolve())!r}, num_classes={num_classes})"
+    return f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay={overlay}, **{timm_kwargs!r})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="registered classifier name (needed without state.json)")
     args = parser.parse_args(argv)
     config = export(args.checkpoint, args.out, args.model)
-    timm_hint = (f"timm.create_model({config['timm_name']!r}, **timm_kwargs) rebuilds it (both in config.json)"
-                 if config["timm_name"] else "not a timm architecture")
     print(f"exported {config['kind']} {config['model']} ({config['num_classes']} classes, {config['img_size']} px) "
-          f"to {args.out}; {timm_hint}")
+          f"to {args.out}")
+    print(f"load it in timm with: {config['timm_call']}" if config["timm_call"] else "(not a timm architecture)")
     return 0
 
 
