@@ -104,6 +104,9 @@ class DataConfig:
             raise ConfigError(f"data.crop_scale must be [low, high] within (0, 1], got {self.crop_scale}")
         if self.decode_device not in ("cpu", "cuda"):
             raise ConfigError(f"data.decode_device must be 'cpu' or 'cuda', got {self.decode_device!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(f"data.mean and data.std need one value per RGB channel (std > 0), got {self.mean} "
+                              f"and {self.std}")
 
 
 @dataclass

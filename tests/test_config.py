@@ -51,6 +51,8 @@ def test_overrides_are_typed_and_applied(tmp_path):
     ("data.batch_size=true", "data.batch_size` must be int"),
     ("model.mask_ratio=1.5", "mask_ratio must be in"),
     ("run.precision=fp8", "run.precision"),
+    ("data.mean=[0.5]", "one value per RGB channel"),
+    ("data.std=[0.5, 0.5, 0]", "one value per RGB channel"),
 ])
 def test_bad_values_fail(tmp_path, override, message):
     path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")

@@ -159,6 +159,19 @@ def test_mae_reference_parameter_counts():
                                     "mae_vit_huge_patch14": 657.07}, abs=0.01)
 
 
+@pytest.mark.parametrize("name, img_size", [("mae_vit_test", 36), ("mae_tnt_test", 36), ("mae_sret_test", 48)])
+def test_an_image_size_the_mask_unit_does_not_divide_is_refused_at_build(name, img_size):
+    with pytest.raises(ValueError, match=f"divisible.*{img_size}|{img_size} must divide"):
+        mae_tnt.create_model(name, img_size=img_size)
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(mask_ratio=1.0), r"mask_ratio must be in \[0, 1\)"),
+                                             (dict(noise=torch.rand(2, 5)), r"noise must be \[batch, units\]")])
+def test_bad_masking_arguments_are_refused(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(2, 3, 32, 32), **kwargs)
+
+
 def test_unknown_model_suggests():
     with pytest.raises(ValueError, match="mae_vit_base_patch16"):
         mae_tnt.create_model("mae_vit_base_patch_16")

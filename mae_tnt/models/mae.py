@@ -108,8 +108,13 @@ class MaskedAutoencoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask and encode. Returns latent [B, P + K, D] (K = L in mask-token mode), mask [B, L], ids_restore [B, L]."""
         num_units = self.grid**2
+        if not 0 <= mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         if noise is None:
             noise = torch.rand(images.shape[0], num_units, device=images.device)
+        elif noise.shape != (images.shape[0], num_units):
+            raise ValueError(f"noise must be [batch, units] = [{images.shape[0]}, {num_units}], "
+                             f"got {list(noise.shape)}")
         ids_keep, ids_restore, mask = random_masking(noise, num_visible(num_units, mask_ratio))
         if self.encoder_mode == "mask_tokens":
             return self.encoder.forward_with_mask_tokens(images, mask, self.encoder_mask_token), mask, ids_restore
