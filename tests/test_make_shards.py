@@ -21,7 +21,7 @@ from mae_tnt.data.convert import main as make_shards_main
 from mae_tnt.data.images import BadImageError, decode, decode_rgb, set_max_image_pixels
 from mae_tnt.data.info import ShardError, count_tar_samples, load_info, update_split
 from mae_tnt.data.inspect import main as inspect_main
-from mae_tnt.data.readers import detect_format
+from mae_tnt.data.readers import SourceError, detect_format
 from mae_tnt.data.shards import read_samples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,6 +248,10 @@ def test_file_lists_with_names_ints_and_no_labels(tmp_path):
     convert(tmp_path / "ints.csv", tmp_path / "ints", options(classes=("x", "y", "z")))
     assert load_info(tmp_path / "ints")["classes"] == ["x", "y", "z"]
     assert json.loads(by_source(tmp_path / "ints")["imgs/a.png"]["json"])["label"] == "z"
+
+    (tmp_path / "headless.csv").write_text("imgs/a.png,zebra\n")
+    with pytest.raises(SourceError, match="needs a header line, `path` or `path,label`"):
+        convert(tmp_path / "headless.csv", tmp_path / "headless", options())
 
     (tmp_path / "plain.txt").write_text(f"# comment\nimgs/a.png\n{tmp_path / 'imgs' / 'b.png'}\n")
     assert convert(tmp_path / "plain.txt", tmp_path / "plain", options()).num_samples == 2

@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="make_shards", description="Convert an image dataset into webdataset shards plus _info.json."
     )
-    parser.add_argument("src", help="dataset directory, or a list file (paths, or CSV with path[,label])")
+    parser.add_argument("src", help="dataset directory, or a list file (paths, or CSV with a path[,label] header line)")
     parser.add_argument("out", help="output directory for {split}-NNNNNN.tar and _info.json")
     parser.add_argument("--format", dest="fmt", default="auto", choices=FORMATS, help="source layout")
     parser.add_argument("--split", default="train", help="split name; IDX/CIFAR read train or test files by it")

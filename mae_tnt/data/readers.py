@@ -240,6 +240,9 @@ def read_list(list_file: Path, classes: list[str] | None = None) -> FileSource:
     """
     text = list_file.read_text(encoding="utf-8")
     if not _has_csv_header(text):
+        if list_file.suffix.lower() == ".csv":  # read as plain paths, "x.jpg,cat" would name a file that is not there
+            raise SourceError(f"{list_file}: a CSV list needs a header line, `path` or `path,label`; add it as the "
+                              "first line")
         paths = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
         return FileSource(root=list_file.parent, paths=paths)
     rows = _parse_csv(text, list_file)
