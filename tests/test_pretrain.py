@@ -78,6 +78,13 @@ def test_unknown_key_fails_before_any_work(tmp_path):
     assert not out.exists()
 
 
+def test_pretraining_streams_allowed_pipe_urls(shards, tmp_path):
+    url = f"pipe:cat {shards}/train-{{000000..000003}}.tar"
+    trainer = Trainer(config(shards, tmp_path, f"data.train={url}", "data.allow_pipe=true", f"data.info={shards}",
+                             "data.val=null", "run.max_steps=2"))
+    assert trainer.train()["steps"] == 2 and (tmp_path / "recon" / "step_00000002.png").exists()
+
+
 def test_unreadable_val_shards_fail_before_any_work_with_one_error_line(shards, tmp_path):
     out = tmp_path / "never"
     result = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), str(ROOT / "recipes/demo_mae_vit.yaml"),

@@ -121,6 +121,19 @@ def test_pipe_urls_are_refused_unless_allowed(tmp_path):
         resolve_shards("pipe:cat /etc/passwd")
 
 
+def test_allowed_pipe_urls_stream_with_counts_from_a_local_info_file(tmp_path):
+    write_shards(tmp_path, [8, 8, 8, 8])
+    url = f"pipe:cat {tmp_path}/train-{{000000..000003}}.tar"
+    with pytest.raises(ShardError, match="set data.info"):
+        resolve_shards(url, allow_pipe=True)
+    shards = resolve_shards(url, allow_pipe=True, info=str(tmp_path / "_info.json"))
+    assert [(s.url, s.num_samples) for s in shards] == [(f"pipe:cat {tmp_path}/train-{i:06d}.tar", 8) for i in range(4)]
+    seen = [keys(consume(stream_for(shards, rank, 2, workers=1))) for rank in range(2)]
+    assert sorted(seen[0] + seen[1]) == [f"s{i:06d}" for i in range(32)]
+    with pytest.raises(ShardError, match="expands to 3 shard URLs but .* lists 4"):
+        resolve_shards(f"pipe:cat {tmp_path}/train-{{000000..000002}}.tar", allow_pipe=True, info=str(tmp_path))
+
+
 def test_missing_shard_and_empty_split_fail_clearly(tmp_path):
     write_shards(tmp_path, [4, 4])
     (tmp_path / "train-000001.tar").unlink()

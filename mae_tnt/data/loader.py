@@ -28,9 +28,15 @@ def build_train_stream(data: DataConfig, transform: Callable, *, seed: int, rank
                        world_size: int) -> ShardStream:
     """The rank's stream of `transform`ed samples; raises a clear error before training when the shards are unusable."""
     set_max_image_pixels(data.max_image_pixels)
-    shards = resolve_shards(data.train, data.split, allow_pipe=data.allow_pipe)
+    shards = data_shards(data, "train")
     return ShardStream(shards, batch_size=data.batch_size, transform=transform, seed=seed, rank=rank,
                        world_size=world_size, num_workers=data.num_workers, chunk=data.shuffle_chunk)
+
+
+def data_shards(data: DataConfig, which: str, verify: bool = True) -> list[Shard]:
+    """The shards of `data.train` or `data.val` (`which`), with their sample counts."""
+    spec, split = (data.train, data.split) if which == "train" else (data.val, data.val_split)
+    return resolve_shards(spec, split, allow_pipe=data.allow_pipe, verify=verify, info=data.info)
 
 
 def mae_transform(data: DataConfig, img_size: int) -> Callable:
@@ -89,9 +95,8 @@ def _padded_batch(samples: list[dict], img_size: int, batch_size: int) -> tuple[
     return images, labels
 
 
-def first_images(spec: str, split: str, count: int, img_size: int, allow_pipe: bool = False) -> torch.Tensor:
+def first_images(shards: list[Shard], count: int, img_size: int) -> torch.Tensor:
     """The first `count` decodable images of a shard set: uint8 [count, 3, S, S]."""
-    shards = resolve_shards(spec, split, allow_pipe=allow_pipe, verify=False)
     decoded = (eval_image(sample, img_size) for sample in _samples_in_order(shards))
     return torch.stack(list(itertools.islice((image for image in decoded if image is not None), count)))
 

@@ -33,13 +33,15 @@ class Shard:
     num_samples: int
 
 
-def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, verify: bool = True) -> list[Shard]:
+def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, verify: bool = True,
+                   info: str | None = None) -> list[Shard]:
     """Shards of `spec` with their sample counts.
 
     Args:
         spec: a directory holding `_info.json` (its `split` entry is used) or a brace URL / path pattern.
         allow_pipe: allow `pipe:` URLs, which run a shell command.
         verify: for local files, count every shard's samples (tar headers only) and compare with `_info.json`.
+        info: a local `_info.json` or its directory giving the sample counts of the URLs in `spec`, in order.
     """
     if spec.startswith("pipe:") and not allow_pipe:
         raise ShardError(
@@ -49,7 +51,12 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
     if _is_local(spec) and "{" not in spec and not path.exists():
         raise ShardError(f"{spec} does not exist: give a shard directory made by tools/make_shards.py, or a brace "
                          "pattern of .tar files")
-    shards = _from_info(path, split) if path.is_dir() else _from_pattern(spec)
+    if path.is_dir():
+        shards = _from_info(path, split)
+    elif info is not None:
+        shards = _urls_with_info_counts(spec, info, split)
+    else:
+        shards = _from_pattern(spec)
     if not shards:
         raise ShardError(f"no shards found for {spec!r} (split {split!r}); create them with tools/make_shards.py")
     missing = [s.url for s in shards if _is_local(s.url) and not Path(s.url).exists()]
@@ -74,11 +81,22 @@ def _from_info(root: Path, split: str) -> list[Shard]:
     return [Shard(str(root / name), int(n)) for name, n in zip(entry["filenames"], entry["shard_lengths"], strict=True)]
 
 
+def _urls_with_info_counts(spec: str, info: str, split: str) -> list[Shard]:
+    root = Path(info).parent if Path(info).is_file() else Path(info)
+    lengths = _from_info(root, split)
+    urls = list(braceexpand.braceexpand(spec))
+    if len(urls) != len(lengths):
+        raise ShardError(f"{spec!r} expands to {len(urls)} shard URLs but {root}/_info.json lists {len(lengths)} "
+                         f"shards for split {split!r}; the i-th URL must be the i-th listed shard")
+    return [Shard(url, shard.num_samples) for url, shard in zip(urls, lengths, strict=True)]
+
+
 def _from_pattern(spec: str) -> list[Shard]:
     urls = list(braceexpand.braceexpand(spec))
     if not all(_is_local(url) for url in urls):
         raise ShardError(
-            f"remote shards {spec!r} need sample counts: point data.train at a directory with _info.json instead"
+            f"remote shards {spec!r} need sample counts: set data.info to a local copy of their _info.json, or "
+            "point at a local shard directory"
         )
     # A missing file gets count 0 here and a clear error from resolve_shards right after.
     return [Shard(url, count_tar_samples(url) if Path(url).exists() else 0) for url in urls]

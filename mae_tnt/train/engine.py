@@ -19,8 +19,8 @@ from timm.layers import set_fused_attn
 
 from ..config import PretrainConfig, save_config, to_dict
 from ..data.device_decode import decode_batch
-from ..data.loader import build_train_stream, first_images, mae_transform, make_loader
-from ..data.shards import ShardError, declares_no_classes, resolve_shards
+from ..data.loader import build_train_stream, data_shards, first_images, mae_transform, make_loader
+from ..data.shards import ShardError, declares_no_classes
 from ..data.transforms import normalize
 from ..models import create_model
 from .checkpoint import resolve_resume, restore_training, save_checkpoint
@@ -97,7 +97,7 @@ def check_eval_data(cfg: PretrainConfig) -> None:
     if data.val is None:
         return
     try:
-        resolve_shards(data.val, data.val_split, data.allow_pipe, verify=False)
+        data_shards(data, "val", verify=False)
     except ShardError as err:
         raise ShardError(f"data.val: {err}") from err
     if not cfg.eval.knn_every:
@@ -203,10 +203,8 @@ class Trainer:
         if not self.is_main:
             return
         if not hasattr(self, "_recon_images"):
-            spec = self.cfg.data.val or self.cfg.data.train
-            split = self.cfg.data.val_split if self.cfg.data.val else self.cfg.data.split
-            self._recon_images = first_images(spec, split, RECON_IMAGES, self.cfg.model.img_size,
-                                              self.cfg.data.allow_pipe)
+            shards = data_shards(self.cfg.data, "val" if self.cfg.data.val else "train", verify=False)
+            self._recon_images = first_images(shards, RECON_IMAGES, self.cfg.model.img_size)
         model = self.acc.unwrap_model(self.model)
         with self.acc.autocast():
             write_reconstructions(model, self._recon_images.to(self.acc.device), self.cfg.data.mean,

@@ -39,8 +39,7 @@ from torch import nn
 
 from ..config import save_config, to_dict
 from ..data.info import load_info
-from ..data.loader import build_train_stream, eval_batches, make_loader
-from ..data.shards import resolve_shards
+from ..data.loader import build_train_stream, data_shards, eval_batches, make_loader
 from ..data.transforms import normalize, to_tensor, train_crop
 from ..finetune_config import AugmentConfig, FinetuneConfig
 from ..models import create_model
@@ -186,7 +185,7 @@ def refit_stem_norms(model: nn.Module, cfg: FinetuneConfig, device: torch.device
     """SReT: recompute the stem BatchNorm statistics on `cfg.model.bn_reestimate_batches` center-cropped train
     batches (the model's mode is kept)."""
     data = cfg.data
-    shards = resolve_shards(data.train, data.split, allow_pipe=data.allow_pipe, verify=False)
+    shards = data_shards(data, "train", verify=False)
     batches = itertools.islice(eval_batches(shards, cfg.model.img_size, data.batch_size),
                                cfg.model.bn_reestimate_batches)
     reestimate_stem_norms(model, (normalize(images.to(device), data.mean, data.std) for images, _ in batches))
@@ -219,7 +218,7 @@ class FinetuneRun:
         self.ema = self._build_ema()
         self.criterion = build_criterion(cfg.augment)
         self.augment = BatchAugment(cfg.augment, self.num_classes, self.device)
-        self.val_shards = resolve_shards(cfg.data.val, cfg.data.val_split, cfg.data.allow_pipe) if cfg.data.val else []
+        self.val_shards = data_shards(cfg.data, "val") if cfg.data.val else []
         self.step, self.best = 0, {"val_acc1": -1.0}
         self._prepare_run_dir(sum(p.numel() for p in model.parameters() if p.requires_grad))
         if checkpoint is not None:

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DataConfig
-from ..data.loader import eval_batches
-from ..data.shards import resolve_shards
+from ..data.loader import data_shards, eval_batches
 from ..data.transforms import normalize
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -131,9 +130,8 @@ def knn_accuracy_on_shards(encoder: nn.Module, data: DataConfig, *, img_size: in
     """
     if data.val is None:
         raise ValueError("kNN evaluation needs labeled validation shards: set data.val")
-    train, val = (eval_batches(resolve_shards(spec, split, data.allow_pipe, verify), img_size, batch_size, rank,
-                               world_size)
-                  for spec, split in ((data.train, data.split), (data.val, data.val_split)))
+    train, val = (eval_batches(data_shards(data, which, verify), img_size, batch_size, rank, world_size)
+                  for which in ("train", "val"))
     if max_train is not None:
         train = itertools.islice(train, math.ceil(max_train / (batch_size * world_size)))
     was_training = encoder.training
