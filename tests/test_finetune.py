@@ -24,6 +24,7 @@ from mae_tnt.train.finetune import (
     FinetuneTransform,
     build_classifier,
     build_optimizer,
+    resolve_num_classes,
     seeded_global_rngs,
 )
 from mae_tnt.train.init import load_init
@@ -186,6 +187,16 @@ def test_batch_augment_is_a_function_of_the_step_seed():
 def demo_config(out: Path, *overrides: str, recipe: str = "demo_finetune_vit.yaml") -> FinetuneConfig:
     base = [f"run.output_dir={out}", "data.num_workers=0", "schedule.epochs=2", "run.log_every=5"]
     return load_config(FinetuneConfig, ROOT / "recipes" / recipe, base + list(overrides))
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_the_head_is_sized_from_the_shards_and_a_different_size_is_warned_about(tmp_path):
+    logged = []
+    assert resolve_num_classes(demo_config(tmp_path, "model.num_classes=null"), logged.append) == 10
+    cfg = demo_config(tmp_path, "model.num_classes=1000")
+    assert resolve_num_classes(cfg, logged.append) == 1000
+    assert logged == [f"WARNING: model.num_classes=1000 but {cfg.data.train}/_info.json lists 10 classes; set "
+                      "model.num_classes=null to size the head from the shards"]
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")

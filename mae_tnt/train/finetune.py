@@ -38,7 +38,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from ..config import save_config, to_dict
-from ..data.info import load_info
+from ..data.info import ShardError, load_info
 from ..data.loader import build_train_stream, data_shards, eval_batches, make_loader
 from ..data.transforms import normalize, to_tensor, train_crop
 from ..finetune_config import AugmentConfig, FinetuneConfig
@@ -127,13 +127,16 @@ def build_criterion(cfg: AugmentConfig) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def resolve_num_classes(cfg: FinetuneConfig) -> int:
+def resolve_num_classes(cfg: FinetuneConfig, log=print) -> int:
     """`model.num_classes`, or the length of the `classes` list in the train shards' `_info.json`."""
-    if cfg.model.num_classes is not None:
-        return cfg.model.num_classes
     classes = load_info(cfg.data.train).get("classes") if Path(cfg.data.train).is_dir() else None
+    if cfg.model.num_classes is not None:
+        if classes and len(classes) != cfg.model.num_classes:
+            log(f"WARNING: model.num_classes={cfg.model.num_classes} but {cfg.data.train}/_info.json lists "
+                f"{len(classes)} classes; set model.num_classes=null to size the head from the shards")
+        return cfg.model.num_classes
     if not classes:
-        raise ValueError(f"cannot tell the class count of {cfg.data.train}: set model.num_classes")
+        raise ShardError(f"cannot tell the class count of {cfg.data.train}: set model.num_classes")
     return len(classes)
 
 
@@ -202,7 +205,7 @@ class FinetuneRun:
         transform = FinetuneTransform(cfg.model.img_size, cfg.data.crop_scale, cfg.augment.rand_augment, cfg.data.mean)
         self.stream = build_train_stream(cfg.data, transform, seed=cfg.seed, rank=self.rank, world_size=self.world)
         self.plan = derive_plan(cfg, self.world, self.stream.batches_per_epoch())
-        self.num_classes = resolve_num_classes(cfg)
+        self.num_classes = resolve_num_classes(cfg, self.log)
         checkpoint = resolve_resume(cfg.run.resume, self.out, self.log)
         set_fused_attn(cfg.run.fused_attn)
         self.memory_format = (torch.channels_last if cfg.run.channels_last and self.device.type == "cuda"
