@@ -107,6 +107,11 @@ def test_the_knn_monitor_on_unlabeled_shards_fails_before_any_work(shards, tmp_p
     assert Trainer(config(shards, tmp_path / "run", f"data.val={unlabeled}", "eval.knn_every=0")).step == 0
 
 
+def test_the_knn_monitor_without_val_shards_is_warned_about(shards, tmp_path, capsys):
+    Trainer(config(shards, tmp_path, "data.val=null", "eval.knn_every=1"))
+    assert "eval.knn_every is set but data.val is null" in capsys.readouterr().out
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
     trainer = Trainer(config(shards, tmp_path, "run.checkpoint_every=4", "run.log_every=100"))
     forward = trainer.model.forward

@@ -90,11 +90,13 @@ def configure_deepspeed(accelerator: Accelerator, cfg: PretrainConfig) -> torch.
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
-def check_eval_data(cfg: PretrainConfig) -> None:
+def check_eval_data(cfg: PretrainConfig, log=print) -> None:
     """Fail before training, not at the first reconstruction grid or kNN epoch, when `data.val` cannot be read or the
     kNN monitor has no labels."""
     data = cfg.data
     if data.val is None:
+        if cfg.eval.knn_every:
+            log("WARNING: eval.knn_every is set but data.val is null: no online kNN accuracy will be logged")
         return
     try:
         data_shards(data, "val", verify=False)
@@ -119,7 +121,7 @@ class Trainer:
         self.stream = build_train_stream(cfg.data, mae_transform(cfg.data, cfg.model.img_size), seed=cfg.seed,
                                          rank=self.acc.process_index, world_size=self.acc.num_processes)
         self.plan = derive_plan(cfg, self.acc.num_processes, self.stream.batches_per_epoch())
-        check_eval_data(cfg)
+        check_eval_data(cfg, self.log)
         set_fused_attn(cfg.run.fused_attn)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run of this recipe
         model = create_model(cfg.model.name, **cfg.model.build_kwargs())
