@@ -67,9 +67,9 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
     return shards
 
 
-def declares_no_classes(spec: str) -> bool:
-    """True for a shard directory whose `_info.json` lists no classes (unlabeled data); False when unknown."""
-    return Path(spec).is_dir() and not load_info(spec).get("classes")
+def declared_classes(spec: str) -> list[str] | None:
+    """The classes a shard directory's `_info.json` lists ([] for unlabeled data); None when `spec` is no directory."""
+    return load_info(spec).get("classes", []) if Path(spec).is_dir() else None
 
 
 def _from_info(root: Path, split: str) -> list[Shard]:
@@ -83,12 +83,12 @@ def _from_info(root: Path, split: str) -> list[Shard]:
 
 def _urls_with_info_counts(spec: str, info: str, split: str) -> list[Shard]:
     root = Path(info).parent if Path(info).is_file() else Path(info)
-    lengths = _from_info(root, split)
+    listed = _from_info(root, split)
     urls = list(braceexpand.braceexpand(spec))
-    if len(urls) != len(lengths):
-        raise ShardError(f"{spec!r} expands to {len(urls)} shard URLs but {root}/_info.json lists {len(lengths)} "
+    if len(urls) != len(listed):
+        raise ShardError(f"{spec!r} expands to {len(urls)} shard URLs but {root}/_info.json lists {len(listed)} "
                          f"shards for split {split!r}; the i-th URL must be the i-th listed shard")
-    return [Shard(url, shard.num_samples) for url, shard in zip(urls, lengths, strict=True)]
+    return [Shard(url, shard.num_samples) for url, shard in zip(urls, listed, strict=True)]
 
 
 def _from_pattern(spec: str) -> list[Shard]:

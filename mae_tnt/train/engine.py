@@ -20,7 +20,7 @@ from timm.layers import set_fused_attn
 from ..config import PretrainConfig, save_config, to_dict
 from ..data.device_decode import decode_batch
 from ..data.loader import build_train_stream, data_shards, first_images, mae_transform, make_loader
-from ..data.shards import ShardError, declares_no_classes
+from ..data.shards import ShardError, declared_classes
 from ..data.transforms import normalize
 from ..models import create_model
 from .checkpoint import resolve_resume, restore_training, save_checkpoint
@@ -105,7 +105,7 @@ def check_eval_data(cfg: PretrainConfig, log=print) -> None:
     if not cfg.eval.knn_every:
         return
     for spec in (data.train, data.val):
-        if declares_no_classes(spec):
+        if declared_classes(spec) == []:
             raise ShardError(f"eval.knn_every needs labeled shards, but {spec}/_info.json lists no classes; set "
                              "eval.knn_every=0, or make the shards with labels (tools/make_shards.py)")
 

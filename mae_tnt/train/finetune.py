@@ -38,8 +38,9 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from ..config import save_config, to_dict
-from ..data.info import ShardError, load_info
+from ..data.info import ShardError
 from ..data.loader import build_train_stream, data_shards, eval_batches, make_loader
+from ..data.shards import declared_classes
 from ..data.transforms import normalize, to_tensor, train_crop
 from ..finetune_config import AugmentConfig, FinetuneConfig
 from ..models import create_model
@@ -129,7 +130,7 @@ def build_criterion(cfg: AugmentConfig) -> nn.Module:
 
 def resolve_num_classes(cfg: FinetuneConfig, log=print) -> int:
     """`model.num_classes`, or the length of the `classes` list in the train shards' `_info.json`."""
-    classes = load_info(cfg.data.train).get("classes") if Path(cfg.data.train).is_dir() else None
+    classes = declared_classes(cfg.data.train)
     if cfg.model.num_classes is not None:
         if classes and len(classes) != cfg.model.num_classes:
             log(f"WARNING: model.num_classes={cfg.model.num_classes} but {cfg.data.train}/_info.json lists "
