@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .data.loader import first_images
+from .data.shards import resolve_shards
 from .models import create_model
 from .train.recon import write_reconstructions
 
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ratio = args.mask_ratio if args.mask_ratio is not None else model_cfg["mask_ratio"]
     model = create_model(state["model"], checkpoint_path=args.checkpoint, img_size=model_cfg["img_size"],
                          norm_pix_loss=model_cfg["norm_pix_loss"], mask_ratio=ratio)
-    images = first_images(args.shards, args.split, args.count, model_cfg["img_size"])
+    images = first_images(resolve_shards(args.shards, args.split, verify=False), args.count, model_cfg["img_size"])
     loss = write_reconstructions(model, images, config["data"]["mean"], config["data"]["std"], args.out,
                                  state["step"], args.seed)
     print(f"wrote {args.out} (masked-patch loss {loss:.4f} at mask ratio {ratio})")

@@ -16,6 +16,7 @@ from mae_tnt.data.shards import ShardError
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
 from mae_tnt.train.engine import Trainer
 from mae_tnt.train.loop import NonFiniteLossError
+from mae_tnt.visualize import main as visualize_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +56,14 @@ def test_run_writes_the_run_directory_and_lowers_the_loss(shards, tmp_path):
                  "checkpoints/step_00000064/state.json"):
         assert (tmp_path / name).exists(), name
     assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys):
+    Trainer(config(shards, tmp_path, "run.max_steps=4")).train()
+    out = tmp_path / "grid.png"
+    visualize_main([str(tmp_path / "checkpoints" / "step_00000004"), str(shards), "--split", "val", "--count", "4",
+                    "--out", str(out)])
+    assert out.stat().st_size > 0 and f"wrote {out}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("workers", [0, 2])
