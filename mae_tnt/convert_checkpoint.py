@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .models import create_model, load_weights, read_state_dict
-from .models.loading import CheckpointError, unwrap_state_dict
+from .models.loading import CheckpointError, save_weights, unwrap_state_dict
 
 
 def read_source(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
@@ -34,7 +33,7 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
     model = create_model(model_name)
     report = load_weights(model, read_source(src, unsafe_pickle), allow_missing=tuple(allow_missing))
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out), metadata={"model": model_name})
+    save_weights(model.state_dict(), out, metadata={"model": model_name})
     return report
 
 

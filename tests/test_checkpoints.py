@@ -1,13 +1,15 @@
 """Checkpoint import and loading: official MAE layouts convert with exact keys; pickles never execute."""
 
+import os
 import pickle
+import stat
 
 import pytest
 import torch
 
 import mae_tnt
 from mae_tnt.convert_checkpoint import main as convert_main
-from mae_tnt.models.loading import CheckpointError, load_weights, read_state_dict
+from mae_tnt.models.loading import CheckpointError, load_weights, read_state_dict, save_weights
 
 
 def official_mae_state_dict(with_decoder: bool = True) -> dict:
@@ -78,12 +80,20 @@ def test_malicious_pickle_is_refused_without_executing(tmp_path, monkeypatch):
 
 
 def test_a_run_directory_resolves_to_its_newest_checkpoint(tmp_path):
-    from safetensors.torch import save_file
-
     model = mae_tnt.create_model("mae_vit_test")
     for step, scale in (("step_00000001", 0.0), ("step_00000002", 1.0)):
         folder = tmp_path / "checkpoints" / step
         folder.mkdir(parents=True)
-        save_file({k: v.contiguous() * scale for k, v in model.state_dict().items()}, folder / "model.safetensors")
+        save_weights({k: v * scale for k, v in model.state_dict().items()}, folder / "model.safetensors")
     loaded = read_state_dict(tmp_path)
     torch.testing.assert_close(loaded["decoder_pred.weight"], model.state_dict()["decoder_pred.weight"])
+
+
+def test_saved_weights_get_the_umask_mode_where_safetensors_alone_gives_0600(tmp_path):
+    old = os.umask(0o027)
+    try:
+        save_weights({"w": torch.arange(6.0).view(2, 3).t()}, tmp_path / "w.safetensors")  # a non-contiguous view
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o640
+    assert torch.equal(read_state_dict(tmp_path / "w.safetensors")["w"], torch.arange(6.0).view(2, 3).t())

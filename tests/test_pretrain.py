@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,8 @@ def test_run_writes_the_run_directory_and_lowers_the_loss(shards, tmp_path):
                  "checkpoints/step_00000064/state.json"):
         assert (tmp_path / name).exists(), name
     assert list((tmp_path / "tensorboard").iterdir())
+    weights = tmp_path / "checkpoints/step_00000064/model.safetensors"
+    assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE((tmp_path / "config.yaml").stat().st_mode)
 
 
 def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys):
@@ -144,7 +147,7 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_usable(shards, tmp_pa
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", crash)
+    monkeypatch.setattr(ckpt, "save_weights", crash)
     with pytest.raises(OSError, match="disk full"):
         Trainer(config(shards, tmp_path, "run.max_steps=8")).train()
     monkeypatch.undo()

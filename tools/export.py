@@ -28,11 +28,11 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a checkout without installing
 from mae_tnt.models import create_model, list_models, load_weights  # noqa: E402
+from mae_tnt.models.loading import save_weights  # noqa: E402
 from mae_tnt.models.tnt import TNT  # noqa: E402
 from mae_tnt.models.vit import ViT  # noqa: E402
 from mae_tnt.train.init import PROBE_BN_EPS, encoder_weights, read_source  # noqa: E402
@@ -122,14 +122,13 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
     model = build_checked(info, state_dict)
     timm_name, timm_kwargs = timm_spec(model, info["model"])
     info.update(img_size=model.grid * model.unit, global_pool=getattr(model, "global_pool", info["global_pool"]))
-    state_dict = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     out = Path(out)
     config = {**info, "timm_name": timm_name, "timm_kwargs": timm_kwargs,
               "timm_call": timm_call(timm_name, timm_kwargs, info["num_classes"], out / "model.safetensors"),
               "source": str(checkpoint), "source_layout": layout, "dropped_keys": len(dropped),
               "interpolation": "bicubic", "crop_pct": 0.875}
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict, out / "model.safetensors", metadata={"format": "pt"})
+    save_weights(model.state_dict(), out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return config
 

@@ -10,11 +10,12 @@ References: facebookresearch/mae `main_finetune.py` (asserting the exact missing
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .mae import MaskedAutoencoder
@@ -36,6 +37,18 @@ class LoadReport:
 
     def summary(self) -> str:
         return f"missing={self.missing or '[]'} unexpected={self.unexpected or '[]'} dropped={len(self.dropped)} keys"
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None):
+    """Write tensors as safetensors, readable as the user's umask allows.
+
+    safetensors creates its files with mode 0600; checkpoints and exports are shared on clusters, so they get the
+    mode any other file written by this process would have.
+    """
+    save_file({key: value.detach().contiguous() for key, value in state_dict.items()}, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

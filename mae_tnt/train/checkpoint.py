@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..data.stream import StreamState
+from ..models.loading import save_weights
 
 STATE_FILE = "state.json"
 
@@ -66,13 +67,13 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
         accelerator.save_state(str(tmp / "engine"))
     elif accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        save_file(_contiguous(unwrapped.state_dict()), tmp / "model.safetensors")
+        save_weights(unwrapped.state_dict(), tmp / "model.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
     if accelerator.is_main_process:
         for name, weights in (extra_weights or {}).items():
-            save_file(_contiguous(weights), tmp / name)
+            save_weights(weights, tmp / name)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(tmp / STATE_FILE, state)
@@ -82,11 +83,6 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
         _rotate(root, keep)
     accelerator.wait_for_everyone()
     return final
-
-
-def _contiguous(state_dict: dict) -> dict:
-    """safetensors stores contiguous tensors only."""
-    return {key: value.detach().contiguous() for key, value in state_dict.items()}
 
 
 def _rotate(root: Path, keep: int) -> None:

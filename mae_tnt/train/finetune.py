@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.data import Mixup
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
@@ -44,6 +44,7 @@ from ..data.shards import declared_classes
 from ..data.transforms import normalize, to_tensor, train_crop
 from ..finetune_config import AugmentConfig, FinetuneConfig
 from ..models import create_model
+from ..models.loading import save_weights
 from .checkpoint import resolve_resume, restore_training, save_checkpoint
 from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step
 from .init import attach_probe_head, init_head, load_init, reestimate_stem_norms
@@ -397,7 +398,7 @@ class FinetuneRun:
         best, tmp = self.out / "best", self.out / ".tmp-best"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, tmp / "model.safetensors")
+        save_weights(state_dict, tmp / "model.safetensors")
         (tmp / "state.json").write_text(json.dumps(self._state(), indent=1))
         shutil.rmtree(best, ignore_errors=True)
         os.replace(tmp, best)
