@@ -138,6 +138,13 @@ class ScheduleConfig:
     warmup_epochs: float = 40
     """Linear warmup length in epochs, then half-cosine to optim.min_lr."""
 
+    def __post_init__(self) -> None:
+        if not self.epochs > 0:
+            raise ConfigError(f"schedule.epochs must be > 0, got {self.epochs} (use run.max_steps for a short run)")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(f"schedule.warmup_epochs must be in [0, schedule.epochs = {self.epochs}], "
+                              f"got {self.warmup_epochs}")
+
 
 @dataclass
 class RunConfig:
@@ -149,6 +156,7 @@ class RunConfig:
     checkpoint_every: int = 1000
     """Optimizer steps between checkpoints (one is always written at the end)."""
     keep_checkpoints: int = 3
+    """Newest checkpoints kept on disk (0 = keep every one)."""
     resume: str = "auto"
     """`auto` continues from the newest checkpoint in output_dir, `none` starts fresh, or a checkpoint path."""
     precision: str = "auto"
@@ -169,6 +177,9 @@ class RunConfig:
             raise ConfigError(f"run.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.log_every < 1 or self.checkpoint_every < 1:
             raise ConfigError("run.log_every and run.checkpoint_every must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1 or self.keep_checkpoints < 0:
+            raise ConfigError(f"run.max_steps must be >= 1 or null and run.keep_checkpoints >= 0, got "
+                              f"{self.max_steps} and {self.keep_checkpoints}")
 
 
 @dataclass
@@ -216,13 +227,16 @@ def apply_override(cls: type, raw: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.base_lr=1e-4)")
     parts = key.split(".")
-    _check_key_exists(cls, parts, source="command line")
+    leaf = _check_key_exists(cls, parts, source="command line")
+    value = yaml.safe_load(text) if text else None
+    if not dataclasses.is_dataclass(leaf):  # a wrong type is the command line's fault, not the recipe's
+        value = _check_type(value, leaf, key, source="command line")
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"command line: cannot set {key!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text else None
+    node[parts[-1]] = value
 
 
 def all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -246,7 +260,8 @@ def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def _check_key_exists(cls: type, parts: list[str], source: str) -> None:
+def _check_key_exists(cls: type, parts: list[str], source: str) -> Any:
+    """The type of the dotted key's field; an unknown key raises, naming it."""
     node = cls
     for depth, part in enumerate(parts):
         names = {f.name for f in dataclasses.fields(node)}
@@ -255,6 +270,7 @@ def _check_key_exists(cls: type, parts: list[str], source: str) -> None:
         node = _field_types(node)[part]
         if depth < len(parts) - 1 and not dataclasses.is_dataclass(node):
             _unknown_key(cls, ".".join(parts), source)
+    return node
 
 
 def _unknown_key(cls: type, dotted: str, source: str) -> typing.NoReturn:

@@ -53,11 +53,23 @@ def test_overrides_are_typed_and_applied(tmp_path):
     ("run.precision=fp8", "run.precision"),
     ("data.mean=[0.5]", "one value per RGB channel"),
     ("data.std=[0.5, 0.5, 0]", "one value per RGB channel"),
+    ("schedule.epochs=0", r"schedule.epochs must be > 0, got 0.0 \(use run.max_steps"),
+    ("schedule.warmup_epochs=900", r"warmup_epochs must be in \[0, schedule.epochs = 800"),
+    ("run.max_steps=0", "run.max_steps must be >= 1 or null"),
 ])
 def test_bad_values_fail(tmp_path, override, message):
     path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
     with pytest.raises(ConfigError, match=message):
         load_config(PretrainConfig, path, [override])
+
+
+def test_a_wrong_type_on_the_command_line_is_blamed_on_it_not_on_the_recipe(tmp_path):
+    path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
+    with pytest.raises(ConfigError, match=r"^command line: `optim.base_lr` must be float, got 'abc'$"):
+        load_config(PretrainConfig, path, ["optim.base_lr=abc"])
+    path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\noptim: {base_lr: abc}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: `optim.base_lr` must be float"):
+        load_config(PretrainConfig, path)
 
 
 def test_missing_required_key_fails(tmp_path):

@@ -109,7 +109,8 @@ def pretrain(encoder: str, data: Path, out: Path, budget: Budget) -> tuple[Path,
     mae_name = ENCODERS[encoder][0]
     seconds = run_stage("pretrain.py", "demo_mae_vit.yaml", [
         f"model.name={mae_name}", *data_overrides(data, budget), f"schedule.epochs={budget.pretrain_epochs}",
-        "schedule.warmup_epochs=0.5", "run.checkpoint_every=200", "run.log_every=50", "run.recon_every=0",
+        f"schedule.warmup_epochs={min(0.5, budget.pretrain_epochs / 8):g}",
+        "run.checkpoint_every=200", "run.log_every=50", "run.recon_every=0",
     ], out, budget.threads, resume="auto")
     return find_checkpoints(out)[0], last_value(out, "loss"), seconds
 
