@@ -190,6 +190,20 @@ def test_resume_from_another_rank_layout_restarts_the_epoch_in_progress(shards, 
     assert "restarting epoch 1 from its start" in capsys.readouterr().out
 
 
+def test_resume_with_another_effective_batch_is_refused_with_the_accumulation_that_fixes_it(shards, tmp_path):
+    Trainer(config(shards, tmp_path, "run.max_steps=20")).train()
+    state_file = find_checkpoints(tmp_path)[0] / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "world_size": 2, "plan": {**state["plan"], "effective_batch": 16}}))
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ResumeError, match=r"effective batch of 16 \(2 processes\), this launch gives 8.*"
+                                          r"set optim.accum_steps=2 to continue it"):
+        Trainer(config(shards, tmp_path, "run.max_steps=24"))
+    AcceleratorState._reset_state(True)
+    trainer = Trainer(config(shards, tmp_path, "run.max_steps=24", "optim.accum_steps=2"))
+    assert trainer.step == 20 and trainer.stream.state.epoch == 2  # 8 steps of 16 images per epoch of 128
+
+
 def test_resume_with_another_model_is_refused(shards, tmp_path):
     Trainer(config(shards, tmp_path, "run.max_steps=4")).train()
     AcceleratorState._reset_state(True)

@@ -24,12 +24,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
 
 from ..data.stream import StreamState
 from ..models.loading import save_weights
+
+if TYPE_CHECKING:  # engine imports this module
+    from .engine import Plan
 
 STATE_FILE = "state.json"
 
@@ -146,25 +150,37 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, state)
 
 
-def check_compatible(checkpoint: Checkpoint, model_name: str) -> None:
-    """Refuse to resume another model's run."""
+def check_compatible(checkpoint: Checkpoint, model_name: str, effective_batch: int, accum_steps: int) -> None:
+    """Refuse to resume another model's run, or a run whose step counts meant another effective batch.
+
+    Steps count optimizer updates, so the LR schedule and the epoch of a step both assume the batch they were taken
+    with; continuing on another number of processes without adapting `optim.accum_steps` would silently move the run
+    to another point of its schedule and scale its learning rate.
+    """
     saved = checkpoint.state.get("model")
+    fresh = "use another run.output_dir, or run.resume=none to start fresh"
     if saved != model_name:
-        raise ResumeError(
-            f"{checkpoint.path} was written by model {saved!r} but this recipe builds {model_name!r}; use another "
-            "run.output_dir, or run.resume=none to start fresh"
-        )
+        raise ResumeError(f"{checkpoint.path} was written by model {saved!r} but this recipe builds {model_name!r}; "
+                          f"{fresh}")
+    saved_batch = checkpoint.state.get("plan", {}).get("effective_batch", effective_batch)
+    if saved_batch != effective_batch:
+        per_update = effective_batch // accum_steps  # images per micro-step over all processes
+        fix = (f"set optim.accum_steps={saved_batch // per_update}" if saved_batch % per_update == 0
+               else f"launch {checkpoint.state.get('world_size')} processes")
+        raise ResumeError(f"{checkpoint.path} was trained with an effective batch of {saved_batch} "
+                          f"({checkpoint.state.get('world_size')} processes), this launch gives {effective_batch}; its "
+                          f"steps and LR schedule assume {saved_batch}: {fix} to continue it, or {fresh}")
 
 
-def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, model_name: str, accum_steps: int,
-                     batches_per_epoch: int, output_dir: Path, log=print) -> tuple[int, StreamState]:
+def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, model_name: str, plan: Plan,
+                     accum_steps: int, output_dir: Path, log=print) -> tuple[int, StreamState]:
     """Restore a compatible checkpoint in place; returns its optimizer step and this rank's data position.
 
     The position is exact when the checkpoint was written by as many ranks as there are now; otherwise the epoch in
     progress restarts from its start, with a warning (the stream cannot re-split another layout's position).
     Checkpoints of `output_dir` past the restored step are set aside (`set_aside_later_checkpoints`).
     """
-    check_compatible(checkpoint, model_name)
+    check_compatible(checkpoint, model_name, plan.effective_batch, accum_steps)
     data_state = _load_training_state(accelerator, model, optimizer, checkpoint)
     step = checkpoint.state["step"]
     accelerator.wait_for_everyone()  # every rank has read its checkpoint before any directory moves
@@ -172,7 +188,7 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, m
         set_aside_later_checkpoints(output_dir, step, log)
     if data_state is not None and checkpoint.state.get("world_size") == accelerator.num_processes:
         return step, StreamState.from_dict(data_state)
-    epoch = step * accum_steps // batches_per_epoch
+    epoch = step * accum_steps // plan.batches_per_epoch
     log(f"WARNING: no data position for this rank layout; restarting epoch {epoch} from its start")
     return step, StreamState(epoch=epoch)
 

@@ -161,9 +161,8 @@ class Trainer:
         if checkpoint is None:
             return
         self.step, self.stream.state = restore_training(
-            self.acc, self.model, self.optimizer, checkpoint, model_name=self.cfg.model.name,
-            accum_steps=self.cfg.optim.accum_steps, batches_per_epoch=self.plan.batches_per_epoch, output_dir=self.out,
-            log=self.log)
+            self.acc, self.model, self.optimizer, checkpoint, model_name=self.cfg.model.name, plan=self.plan,
+            accum_steps=self.cfg.optim.accum_steps, output_dir=self.out, log=self.log)
         self.log(f"resumed from {checkpoint.path} at step {self.step} (epoch {self.stream.state.epoch}, "
                  f"batch {self.stream.state.batches})")
 
