@@ -35,7 +35,9 @@ def test_official_encoder_only_mae_needs_the_decoder_allowed(tmp_path, capsys):
     torch.save({"model": official_mae_state_dict(with_decoder=False)}, tmp_path / "enc.pth")
     args = [str(tmp_path / "enc.pth"), str(tmp_path / "o.safetensors"), "--model", "mae_vit_test"]
     assert convert_main(args) == 1
-    assert "decoder_pred.weight" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "20 missing: decoder_blocks.* (12), decoder_embed.bias, decoder_embed.weight, " in err
+    assert "decoder_pred.weight" in err
     assert convert_main(args + ["--allow-missing", "decoder_*", "mask_token"]) == 0
 
 
@@ -53,8 +55,23 @@ def test_encoder_checkpoint_loads_into_classifier_with_only_the_head_missing(tmp
 def test_unexpected_key_is_named(tmp_path):
     sd = mae_tnt.create_model("mae_vit_test").state_dict()
     sd["encoder.blocks.9.extra"] = torch.zeros(1)
-    with pytest.raises(CheckpointError, match=r"unexpected \['encoder.blocks.9.extra'\]"):
+    with pytest.raises(CheckpointError, match=r"1 unexpected: encoder.blocks.9.extra\. Check"):
         load_weights(mae_tnt.create_model("mae_vit_test"), sd)
+
+
+def test_another_models_weights_fail_with_a_short_count_of_each_misfit():
+    vit = mae_tnt.create_model("vit_test_patch8_32", num_classes=10).state_dict()
+    wider = mae_tnt.create_model("vit_test_patch8_32", num_classes=10, embed_dim=48)
+    with pytest.raises(CheckpointError) as err:  # not the RuntimeError of load_state_dict, one line per tensor
+        load_weights(wider, vit)
+    own = wider.state_dict()
+    reshaped = sum(value.shape != own[key].shape for key, value in vit.items())
+    assert str(err.value).startswith(f"checkpoint keys do not fit ViT: {reshaped} of another shape: cls_token "
+                                     "[1, 1, 32] vs [1, 1, 48], pos_embed [1, 17, 32] vs [1, 17, 48] and more. Check")
+    tnt = mae_tnt.create_model("tnt_test_patch8_32", num_classes=10)
+    with pytest.raises(CheckpointError, match=r"do not fit TNT: \d+ missing: blocks\.\* \(\d+\).*; "
+                                              r"\d+ unexpected: blocks\.\* \(\d+\)"):
+        load_weights(tnt, vit)
 
 
 class Payload:

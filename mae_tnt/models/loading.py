@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,20 +129,45 @@ def load_weights(
         state_dict, report.dropped = encoder_subset(state_dict)
     if hasattr(model, "adapt_state_dict"):
         state_dict = model.adapt_state_dict(state_dict)
-    result = model.load_state_dict(state_dict, strict=False)
-    report.missing, report.unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
+    own = model.state_dict()
+    reshaped = [f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in state_dict.items()
+                if k in own and v.shape != own[k].shape]
+    if reshaped:  # load_state_dict would raise a RuntimeError listing every one; report them with the other misfits
+        report.missing = sorted(own.keys() - state_dict.keys())
+        report.unexpected = sorted(state_dict.keys() - own.keys())
+    else:
+        result = model.load_state_dict(state_dict, strict=False)
+        report.missing, report.unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
     bad_missing = [k for k in report.missing if not _matches(k, allow_missing)]
     bad_unexpected = [k for k in report.unexpected if not _matches(k, allow_unexpected)]
     if verbose:
         print(f"loaded weights: {report.summary()}")
-    if bad_missing or bad_unexpected:
-        raise CheckpointError(
-            f"checkpoint keys do not fit {type(model).__name__}: missing {bad_missing[:20]}"
-            f"{' ...' if len(bad_missing) > 20 else ''}, unexpected {bad_unexpected[:20]}"
-            f"{' ...' if len(bad_unexpected) > 20 else ''}. Check that the model name matches the checkpoint, or "
-            "convert it with tools/convert_checkpoint.py"
-        )
+    if bad_missing or bad_unexpected or reshaped:
+        _refuse(model, bad_missing, bad_unexpected, reshaped)
     return report
+
+
+def _refuse(model: nn.Module, missing: list[str], unexpected: list[str], reshaped: list[str]) -> typing.NoReturn:
+    """A CheckpointError short enough to read, since a wrong model misfits hundreds of keys.
+
+    Keys are grouped by top-level module (`decoder_blocks.* (16)`, the form `--allow-missing` takes; groups of up
+    to three are listed), and shape misfits show two examples.
+    """
+    parts = [f"{len(missing)} missing: {_by_module(missing)}" if missing else "",
+             f"{len(unexpected)} unexpected: {_by_module(unexpected)}" if unexpected else "",
+             f"{len(reshaped)} of another shape: {', '.join(reshaped[:2])}{' and more' if len(reshaped) > 2 else ''}"
+             if reshaped else ""]
+    raise CheckpointError(f"checkpoint keys do not fit {type(model).__name__}: {'; '.join(filter(None, parts))}. "
+                          "Check that the model name matches the checkpoint, or convert it with "
+                          "tools/convert_checkpoint.py")
+
+
+def _by_module(keys: list[str]) -> str:
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key.split(".")[0], []).append(key)
+    shown = (", ".join(items) if len(items) <= 3 else f"{top}.* ({len(items)})" for top, items in groups.items())
+    return ", ".join(shown)
 
 
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:
