@@ -138,8 +138,8 @@ def test_deepspeed_zero3_checkpoint_exports_its_gathered_weights(tool, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
     assert (ckpt / "engine").is_dir() and not (ckpt / "model.safetensors").exists()
-    config = tool.export(ckpt, tmp_path / "out")  # the export loads its result back with no key left over
-    assert (config["kind"], config["model"]) == ("encoder", "vit_test_patch8_32")
+    config = tool.export(tmp_path / "run", tmp_path / "out")  # the export loads its result back with no key left over
+    assert (config["kind"], config["model"], config["source"]) == ("encoder", "vit_test_patch8_32", str(ckpt))
     assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "out" / "model.safetensors").values())
 
 

@@ -104,16 +104,18 @@ def assert_encoder_loaded(model, encoder_state: dict):
         assert torch.equal(model.state_dict()[key], encoder_state[key]), key
 
 
-def test_init_from_our_pretraining_checkpoint_and_our_export(tmp_path, export_tool):
-    mae_state = write_mae_checkpoint(tmp_path / "step_00000001")
+def test_init_from_our_pretraining_checkpoint_run_directory_and_export(tmp_path, export_tool):
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000001"
+    mae_state = write_mae_checkpoint(checkpoint)
     encoder_state = {k.removeprefix("encoder."): v for k, v in mae_state.items() if k.startswith("encoder.")}
-    export_tool.export(tmp_path / "step_00000001", tmp_path / "export")
-    for source in (tmp_path / "step_00000001", tmp_path / "export"):
-        model = classifier(global_pool="avg")
-        report = load_init(model, source)
+    export_tool.export(checkpoint, tmp_path / "export")
+    for source in (checkpoint, tmp_path / "run", tmp_path / "export"):
+        model, logged = classifier(global_pool="avg"), []
+        report = load_init(model, source, logged.append)
         assert report.missing == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
         assert report.unexpected == ["norm.bias", "norm.weight"]  # global pooling replaces the final norm
         assert_encoder_loaded(model, encoder_state)
+        assert logged[0].startswith(f"init from {checkpoint if source != tmp_path / 'export' else source} ")
 
 
 @pytest.mark.parametrize("with_decoder", [False, True])

@@ -32,7 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a checkout without installing
 from mae_tnt.models import create_model, list_models, load_weights  # noqa: E402
-from mae_tnt.models.loading import save_weights  # noqa: E402
+from mae_tnt.models.loading import resolve_checkpoint, save_weights  # noqa: E402
 from mae_tnt.models.tnt import TNT  # noqa: E402
 from mae_tnt.models.vit import ViT  # noqa: E402
 from mae_tnt.train.init import PROBE_BN_EPS, encoder_weights, read_source  # noqa: E402
@@ -115,6 +115,7 @@ def build_checked(info: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
 
 def export(checkpoint: str | Path, out: str | Path, model_name: str | None = None) -> dict:
     """Write OUT/model.safetensors and OUT/config.json; returns the config."""
+    checkpoint = resolve_checkpoint(checkpoint)
     raw, meta = read_source(checkpoint)
     info = describe(meta, model_name)
     state_dict, dropped, layout = encoder_weights(raw)

@@ -52,15 +52,21 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata
     os.chmod(path, 0o666 & ~umask)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file, checkpoint directory or run directory (newest checkpoint), unwrapped from
-    `{'model': ...}`-style containers."""
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory stands for its newest checkpoint directory; any other path for itself."""
     path = Path(path)
-    if path.is_dir() and (path / "checkpoints").is_dir():  # a run directory: its newest checkpoint
+    if path.is_dir() and (path / "checkpoints").is_dir():
         steps = sorted((path / "checkpoints").glob("step_*"))
         if not steps:
             raise CheckpointError(f"run directory {path} has no checkpoints yet")
-        path = steps[-1]
+        return steps[-1]
+    return path
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file, checkpoint directory or run directory (newest checkpoint), unwrapped from
+    `{'model': ...}`-style containers."""
+    path = resolve_checkpoint(path)
     if path.is_dir():
         candidates = [path / name for name in WEIGHT_FILES if (path / name).exists()]
         if not candidates:

@@ -26,7 +26,14 @@ import torch
 from torch import nn
 
 from ..models.layers import trunc_normal_
-from ..models.loading import CheckpointError, LoadReport, encoder_subset, load_weights, read_state_dict
+from ..models.loading import (
+    CheckpointError,
+    LoadReport,
+    encoder_subset,
+    load_weights,
+    read_state_dict,
+    resolve_checkpoint,
+)
 from ..models.mae import WRAPPER_KEY_PREFIXES
 from ..models.sret import SReT, reestimate_batchnorm
 
@@ -34,12 +41,12 @@ HEAD_KEYS = ("head.*", "fc_norm.*")
 
 
 def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights and description of a checkpoint, export or weights file.
+    """Weights and description of a checkpoint, run directory (its newest checkpoint), export or weights file.
 
     Returns:
         The state dict as saved, and the `state.json` / `config.json` found next to it ({} when there is none).
     """
-    path = Path(path)
+    path = resolve_checkpoint(path)
     meta = {}
     for name in ("state.json", "config.json"):
         if path.is_dir() and (path / name).exists():
@@ -99,6 +106,7 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
         CheckpointError: for a missing or unexpected key beyond the head / fc_norm / final-norm allowance; the
             message names the keys.
     """
+    source = resolve_checkpoint(source)  # a run directory: say which of its checkpoints
     raw, _ = read_source(source)
     state_dict, dropped, layout = encoder_weights(raw)
     # Heads are `head.*` in every accepted layout, so this runs before the model's own key filter (in load_weights).
