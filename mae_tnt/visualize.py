@@ -1,41 +1,59 @@
 """Reconstruction grid of a checkpoint on the first images of a shard set.
 
-    python tools/visualize.py CKPT SHARDS [--split val] [--out recon.png] [--count 8] [--mask-ratio 0.75]
+    python tools/visualize.py CKPT SHARDS [--split val] [--out PNG] [--count 8] [--mask-ratio 0.75]
 
-CKPT is a pretraining checkpoint directory (its `state.json` names the model and the data statistics).
+CKPT is a pretraining checkpoint directory, or a run directory for its newest checkpoint (its `state.json` names
+the model and the data statistics). The grid goes to the run's `recon/` folder unless `--out` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from .cli import report_user_errors
 from .data.loader import first_images
 from .data.shards import resolve_shards
-from .models import create_model
+from .models import create_model, load_weights
+from .models.loading import CheckpointError, resolve_checkpoint
+from .train.init import read_source
 from .train.recon import write_reconstructions
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path, help="checkpoints/step_* directory of a pretraining run")
+    parser.add_argument("checkpoint", type=Path, help="checkpoints/step_* directory or run directory of a pretraining")
     parser.add_argument("shards", help="shard directory with _info.json, or a brace URL")
     parser.add_argument("--split", default="val")
-    parser.add_argument("--out", type=Path, default=Path("recon.png"))
+    parser.add_argument("--out", type=Path, default=None, help="defaults to RUN/recon/step_N_SPLIT.png")
     parser.add_argument("--count", type=int, default=8)
     parser.add_argument("--mask-ratio", type=float, default=None, help="defaults to the run's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shown masks")
     args = parser.parse_args(argv)
-    state = json.loads((args.checkpoint / "state.json").read_text())
-    config = state["config"]
-    model_cfg = config["model"]
+    return 0 if report_user_errors(lambda: visualize(args)) is not None else 1
+
+
+def visualize(args: argparse.Namespace) -> dict:
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    raw, state = read_source(checkpoint)
+    if "config" not in state or not state.get("model", "").startswith("mae_"):
+        raise CheckpointError(f"{checkpoint} is not a pretraining checkpoint (its state.json names no MAE model); "
+                              "pass a checkpoints/step_* directory of a pretrain.py run")
+    model_cfg, data_cfg = state["config"]["model"], state["config"]["data"]
     ratio = args.mask_ratio if args.mask_ratio is not None else model_cfg["mask_ratio"]
-    model = create_model(state["model"], checkpoint_path=args.checkpoint, img_size=model_cfg["img_size"],
-                         norm_pix_loss=model_cfg["norm_pix_loss"], mask_ratio=ratio)
+    model = create_model(state["model"], img_size=model_cfg["img_size"], norm_pix_loss=model_cfg["norm_pix_loss"],
+                         mask_ratio=ratio)
+    load_weights(model, raw)
+    out = args.out or default_output(checkpoint, args.split)
+    out.parent.mkdir(parents=True, exist_ok=True)
     images = first_images(resolve_shards(args.shards, args.split, verify=False), args.count, model_cfg["img_size"])
-    loss = write_reconstructions(model, images, config["data"]["mean"], config["data"]["std"], args.out,
-                                 state["step"], args.seed)
-    print(f"wrote {args.out} (masked-patch loss {loss:.4f} at mask ratio {ratio})")
-    return 0
+    loss = write_reconstructions(model, images, data_cfg["mean"], data_cfg["std"], out, state["step"], args.seed)
+    print(f"wrote {out} (masked-patch loss {loss:.4f} at mask ratio {ratio})")
+    return {"out": out, "loss": loss}
+
+
+def default_output(checkpoint: Path, split: str) -> Path:
+    """RUN/recon/step_N_SPLIT.png beside the grids the run wrote itself (the checkpoint's folder for a lone one)."""
+    run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+    return run / "recon" / f"{checkpoint.name}_{split}.png"

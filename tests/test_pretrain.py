@@ -64,9 +64,16 @@ def test_run_writes_the_run_directory_and_lowers_the_loss(shards, tmp_path):
 def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys):
     Trainer(config(shards, tmp_path, "run.max_steps=4")).train()
     out = tmp_path / "grid.png"
-    visualize_main([str(tmp_path / "checkpoints" / "step_00000004"), str(shards), "--split", "val", "--count", "4",
-                    "--out", str(out)])
+    assert visualize_main([str(tmp_path / "checkpoints" / "step_00000004"), str(shards), "--split", "val",
+                           "--count", "4", "--out", str(out)]) == 0
     assert out.stat().st_size > 0 and f"wrote {out}" in capsys.readouterr().out
+    assert visualize_main([str(tmp_path), str(shards), "--count", "4"]) == 0  # a run directory: its newest checkpoint
+    assert (tmp_path / "recon" / "step_00000004_val.png").stat().st_size > 0
+    state = tmp_path / "checkpoints" / "step_00000004" / "state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "model": "vit_test_patch8_32"}))
+    assert visualize_main([str(tmp_path), str(shards)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is not a pretraining checkpoint" in err
 
 
 @pytest.mark.parametrize("workers", [0, 2])
