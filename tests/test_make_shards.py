@@ -192,6 +192,36 @@ def test_existing_shards_of_a_finished_run_are_not_overwritten(tmp_path):
     assert inspect_main([str(tmp_path / "out")]) == 0
 
 
+def write_imagefolder(root: Path, classes: list[str], per_class: int) -> None:
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            (root / name / f"{i}.png").write_bytes(encoded(gradient(4 + i, 4), "PNG"))
+
+
+def test_overwrite_replaces_one_split_and_keeps_the_others(tmp_path, capsys):
+    out, old, new = tmp_path / "out", tmp_path / "old", tmp_path / "new"
+    write_imagefolder(old, ["cat", "dog"], per_class=2)
+    write_imagefolder(new, ["cat", "dog"], per_class=3)
+    for split in ("train", "val"):
+        convert(old, out, options(split=split, shard_size=1))
+    (out / "train-000009.tar.tmp").write_bytes(b"left by a crash")
+    args = [str(new), str(out), "--workers", "0", "--shard-size", "2"]
+    assert make_shards_main(args) == 1
+    assert "Pass --overwrite" in capsys.readouterr().err
+    assert make_shards_main(args + ["--overwrite"]) == 0
+    info = load_info(out)
+    assert (info["splits"]["train"]["num_samples"], info["splits"]["val"]["num_samples"]) == (6, 4)
+    assert sorted(by_source(out)) == [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(3)]
+    assert sorted(p.name for p in out.glob("train-*")) == [f"train-00000{i}.tar" for i in range(3)]
+    assert inspect_main([str(out)]) == 0
+
+    write_imagefolder(tmp_path / "birds", ["owl", "tit", "wren"], per_class=1)  # the only split: classes may change
+    convert(old, tmp_path / "solo", options())
+    convert(tmp_path / "birds", tmp_path / "solo", options(overwrite=True))
+    assert load_info(tmp_path / "solo")["classes"] == ["owl", "tit", "wren"]
+
+
 def test_max_size_resizes_large_images_and_passes_the_rest_through_byte_identical(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -44,7 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mae_tnt.data.images import BadImageError, decode, to_rgb
-from mae_tnt.data.info import INFO_NAME, ShardError, count_tar_samples, update_split, write_json_atomic
+from mae_tnt.data.info import INFO_NAME, ShardError, count_tar_samples, remove_split, update_split, write_json_atomic
 from mae_tnt.data.readers import FORMATS, Record, Source, SourceError, detect_format, open_source
 
 PASS_THROUGH_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}  # MPO: camera JPEG with extra frames
@@ -58,7 +58,7 @@ class ConversionError(ValueError):
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    """Settings of one conversion (everything except ``workers`` and ``progress`` shapes the output)."""
+    """Settings of one conversion (everything except ``workers``, ``progress`` and ``overwrite`` shapes the output)."""
 
     split: str = "train"
     fmt: str = "auto"
@@ -72,6 +72,8 @@ class ConvertOptions:
     classes: tuple[str, ...] | None = None
     workers: int = os.cpu_count() or 1
     progress: bool = True
+    overwrite: bool = False
+    """Delete the split's shards, progress journal and ``_info.json`` entry first, instead of refusing or resuming."""
 
     def __post_init__(self):
         if not SPLIT_NAME.fullmatch(self.split):
@@ -129,6 +131,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOpti
     source = open_source(src, fmt, options.split, options.classes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if options.overwrite:
+        discard_split(out, options.split)
     order = shuffled_order(len(source), options.seed)
     job = _job_description(src, fmt, source, order, options)
     journal = Journal.open(out, options.split, job)
@@ -173,6 +177,18 @@ def _job_description(src, fmt: str, source: Source, order: list[int], options: C
     }
 
 
+def discard_split(out: Path, split: str) -> None:
+    """Delete everything of ``split`` in ``out``: its shards (finished or not), journal and ``_info.json`` entry."""
+    for path in shard_files(out, split) + shard_files(out, split, temporary=True):
+        path.unlink()
+    journal_path(out, split).unlink(missing_ok=True)
+    remove_split(out, split)
+
+
+def journal_path(out: Path, split: str) -> Path:
+    return out / f"_progress_{split}.json"
+
+
 def shard_name(split: str, index: int, compress: bool = False) -> str:
     return f"{split}-{index:06d}.tar" + (".gz" if compress else "")
 
@@ -197,15 +213,15 @@ class Journal:
     @classmethod
     def open(cls, out: Path, split: str, job: dict) -> "Journal":
         """Resume the journal of this job, keeping the shards that still verify; or start a new one."""
-        path = out / f"_progress_{split}.json"
+        path = journal_path(out, split)
         for leftover in shard_files(out, split, temporary=True):
             leftover.unlink()
         if path.is_file():
             shards = cls._recorded_shards(path, job)
         elif shard_files(out, split):
             raise ConversionError(
-                f"{out} already holds shards of split '{split}' from a finished or foreign run. "
-                f"Delete {out}/{split}-*.tar (and the split in {INFO_NAME}) or choose another output directory."
+                f"{out} already holds shards of split '{split}' from a finished or foreign run. Pass --overwrite "
+                "to replace them, or choose another output directory."
             )
         else:
             shards = []
@@ -222,7 +238,7 @@ class Journal:
             raise ConversionError(
                 f"{path} belongs to an unfinished conversion with other settings "
                 f"({_differences(recorded['job'], job)}). "
-                f"Re-run the original command to finish it, or delete {path} and the split's shards to start over."
+                "Re-run the original command to finish it, or pass --overwrite to start over."
             )
         return _verified_prefix(path.parent, recorded["shards"])
 
@@ -467,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
     parser.add_argument("--limit", type=int, default=None, help="keep the first N readable samples of the shuffle")
     parser.add_argument("--compress", action="store_true", help="write gzip-compressed .tar.gz shards")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace this split if OUT already holds it (otherwise refused, or resumed if unfinished)")
     parser.add_argument(
         "--classes", default=None, help="class names in label order: a file with one per line, or comma-separated"
     )
@@ -505,6 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             compress=args.compress,
             classes=_parse_classes(args.classes),
             workers=args.workers,
+            overwrite=args.overwrite,
         )
         summary = convert(args.src, args.out, options)
     except (ConversionError, SourceError, ShardError) as err:

@@ -125,6 +125,19 @@ def update_split(
     return info
 
 
+def remove_split(root: str | os.PathLike, split: str) -> None:
+    """Drop ``split`` from ``ROOT/_info.json`` (the file goes with its last split, and the class list with it)."""
+    path = Path(root) / INFO_NAME
+    if not path.is_file():
+        return
+    info = load_info(root)
+    info["splits"].pop(split, None)
+    if info["splits"]:
+        write_json_atomic(path, info)
+    else:
+        path.unlink()
+
+
 def write_json_atomic(path: Path, obj: object) -> None:
     """Write ``obj`` as JSON via a ``.tmp`` file and ``os.replace``, so readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
