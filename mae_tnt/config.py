@@ -155,6 +155,9 @@ class RunConfig:
     """Optimizer steps between metric lines."""
     checkpoint_every: int = 1000
     """Optimizer steps between checkpoints (one is always written at the end)."""
+    preempt_check_every: int = 10
+    """With several processes, optimizer steps between the ranks' agreement on a SIGTERM (one scalar all-reduce);
+    the run saves and exits within this many steps of it, so keep them inside the scheduler's grace period."""
     keep_checkpoints: int = 3
     """Newest checkpoints kept on disk (0 = keep every one)."""
     resume: str = "auto"
@@ -175,8 +178,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"run.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        if self.log_every < 1 or self.checkpoint_every < 1:
-            raise ConfigError("run.log_every and run.checkpoint_every must be >= 1")
+        if min(self.log_every, self.checkpoint_every, self.preempt_check_every) < 1:
+            raise ConfigError("run.log_every, run.checkpoint_every and run.preempt_check_every must be >= 1")
         if self.max_steps is not None and self.max_steps < 1 or self.keep_checkpoints < 0:
             raise ConfigError(f"run.max_steps must be >= 1 or null and run.keep_checkpoints >= 0, got "
                               f"{self.max_steps} and {self.keep_checkpoints}")

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,12 +23,17 @@ WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 BUNDLED = ROOT / "data" / "fashion_mnist"
 
 
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def launch_command(*args) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), str(WORKER), *map(str, args)]
+
+
 def launch(*args, timeout=240) -> None:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(WORKER), *map(str, args)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    result = subprocess.run(launch_command(*args), env=ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -91,3 +98,24 @@ def test_two_ranks_keep_identical_parameters_and_resume_exactly(shards, tmp_path
     launch(*train_args(shards, tmp_path / "cut", 8))
     assert logged_losses(tmp_path / "cut") == logged_losses(tmp_path / "full")
     assert ranks(tmp_path / "cut" / "ranks")[0]["params"] == first["params"]
+
+
+def test_sigterm_to_both_ranks_saves_within_the_check_interval_not_the_log_interval(shards, tmp_path):
+    out = tmp_path / "run"
+    # An epoch of 64 steps (batch 2 per rank) outlasts the run, so only an agreed check step can stop it early.
+    args = [*train_args(shards, out, 60), "data.batch_size=2", "run.log_every=100", "run.checkpoint_every=100",
+            "run.preempt_check_every=2"]  # later overrides replace earlier ones
+    process = subprocess.Popen(launch_command(*args), env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while not list(out.glob("tensorboard/*")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)  # the run has started its loop once its first log files exist
+    time.sleep(1.0)
+    os.killpg(process.pid, signal.SIGTERM)  # as SLURM signals a job: launcher and both ranks
+    output = process.communicate(timeout=120)[0]
+    assert "SIGTERM received" in output, output[-3000:]
+    saved = [path for path in (out / "checkpoints").glob("step_*")]
+    assert len(saved) == 1, output[-3000:]
+    step = int(saved[0].name.split("_")[1])
+    assert step < 60 and step % 2 == 0  # at a check step, long before the end or a log step
+    assert {path.name for path in saved[0].glob("data_rank*.json")} == {"data_rank0.json", "data_rank1.json"}

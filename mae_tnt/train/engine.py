@@ -214,13 +214,13 @@ class Trainer:
 
     def train(self) -> dict:
         """Run until the stop step; returns a summary with the first and last logged losses."""
-        preemption = Preemption(self.acc, self.cfg.run.log_every, self.log)
+        preemption = Preemption(self.acc, self.cfg.run.preempt_check_every, self.log)
         window = Window(self.acc.device)
         history: list[dict] = []
         bar = progress_bar(self.plan.stop_step, self.step, self.is_main)
         micro = self.step * self.cfg.optim.accum_steps
         last_saved = self.step
-        while self.step < self.plan.stop_step and not preemption.requested:
+        while self.step < self.plan.stop_step and not preemption.stopping:
             loader = make_loader(self.stream, pin_memory=self.acc.device.type == "cuda")
             for batch in timed(loader, window):
                 started = time.perf_counter()

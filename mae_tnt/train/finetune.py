@@ -301,11 +301,11 @@ class FinetuneRun:
 
     def train(self) -> dict:
         """Train to the stop step, evaluating after every epoch; returns a summary with the best accuracy."""
-        self.preemption = Preemption(self.acc, self.cfg.run.log_every, self.log)
+        self.preemption = Preemption(self.acc, self.cfg.run.preempt_check_every, self.log)
         window, history = Window(self.device), []
         bar = progress_bar(self.plan.stop_step, self.step, self.is_main, desc=self.cfg.mode)
         micro = self.step * self.cfg.optim.accum_steps
-        while self.step < self.plan.stop_step and not self.preemption.requested:
+        while self.step < self.plan.stop_step and not self.preemption.stopping:
             self.set_train_mode()
             micro = self._run_batches(window, bar, micro)
             epoch_done = self._epoch_done()

@@ -96,23 +96,28 @@ def accumulate_step(accelerator, model, optimizer, compute_loss: Callable[[], to
 
 
 class Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint and exits at the next step all ranks agree on."""
+    """SIGTERM sets a flag; the loop saves a checkpoint and exits at the next step all ranks agree on.
 
-    def __init__(self, accelerator, log_every: int, log=print):
-        self.accelerator, self.log_every, self.log = accelerator, log_every, log
-        self.requested = False
+    `requested` is this rank's own flag, set by the signal handler at any moment; `stopping` is the decision all
+    ranks share, so it is the one every loop condition must test (a rank that leaves the loop alone would hang the
+    others in their next collective).
+    """
+
+    def __init__(self, accelerator, check_every: int, log=print):
+        self.accelerator, self.check_every, self.log = accelerator, check_every, log
+        self.requested = self.stopping = False
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
-        self.log("SIGTERM received: saving a checkpoint at the next step, then exiting")
+        self.log("SIGTERM received: saving a checkpoint at the next step the ranks agree on, then exiting")
         self.requested = True
 
     def should_stop(self, step: int) -> bool:
-        """Ranks agree at log steps only: a collective that one rank skips would hang the others."""
+        """Ranks agree every `check_every` steps, all at the same ones: agreeing every step would cost a host sync
+        per step."""
         if self.accelerator.num_processes == 1:
-            return self.requested
-        if step % self.log_every:
-            return False
-        flag = torch.tensor(float(self.requested), device=self.accelerator.device)
-        self.requested = bool(self.accelerator.reduce(flag, "max").item())
-        return self.requested
+            self.stopping = self.requested
+        elif step % self.check_every == 0:
+            flag = torch.tensor(float(self.requested), device=self.accelerator.device)
+            self.stopping = bool(self.accelerator.reduce(flag, "max").item())
+        return self.stopping
