@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from mae_tnt.config import ConfigError, load_config
@@ -170,6 +171,17 @@ def test_train_transform_is_reproducible_per_sample_and_picklable():
     assert first.shape == (3, 32, 32) and first.dtype == torch.uint8
     assert torch.equal(first, again)
     assert any(not torch.equal(first, transform(data, random.Random(seed))) for seed in range(4, 8))
+
+
+def test_rand_augment_at_full_magnitude_posterizes_to_black_instead_of_failing():
+    if not BUNDLED.exists():
+        pytest.skip("bundled data missing")
+    data = next(read_samples(resolve_shards(str(BUNDLED), "train")[0].url))["png"]
+    transform = FinetuneTransform(32, [0.08, 1.0], "rand-m10-n4-mstd0-inc1", [0.5] * 3)  # magnitude 10 every time
+    for seed in range(40):  # Pillow 13 raised on the 0 bits timm's PosterizeIncreasing keeps at magnitude 10
+        assert transform(data, random.Random(seed)).shape == (3, 32, 32)
+    (posterize,) = [op for op in transform.rand_augment.ops if op.name == "PosterizeIncreasing"]
+    assert posterize.aug_fn(Image.new("RGB", (4, 4), (200, 100, 50)), 0).getextrema() == ((0, 0),) * 3
 
 
 def test_batch_augment_is_a_function_of_the_step_seed():

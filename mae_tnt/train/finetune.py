@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from timm.data import Mixup
+from timm.data.auto_augment import posterize as timm_posterize
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.layers import set_fused_attn
@@ -72,6 +73,9 @@ class FinetuneTransform:
             hparams = dict(translate_const=int(size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean),
                            interpolation=Image.BICUBIC)
             self.rand_augment = rand_augment_transform(rand_augment, hparams)
+            for op in self.rand_augment.ops:
+                if op.aug_fn is timm_posterize:
+                    op.aug_fn = posterize_any_bits
 
     def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
         """Encoded image -> uint8 [3, size, size]."""
@@ -81,6 +85,17 @@ class FinetuneTransform:
         with seeded_global_rngs(rng.getrandbits(32)):
             augmented = self.rand_augment(Image.fromarray(image.permute(1, 2, 0).numpy()))  # [S, S, 3] in
         return to_tensor(augmented)
+
+
+def posterize_any_bits(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, with 0 bits giving the black image older Pillow gave.
+
+    timm's `PosterizeIncreasing` keeps 0 bits at magnitude 10, which `rand-m9-mstd0.5` reaches whenever the sampled
+    magnitude is clipped there; Pillow 13 raises on 0 bits and would stop the run.
+    """
+    if bits_to_keep <= 0:
+        return image.point(lambda _: 0)
+    return timm_posterize(image, bits_to_keep, **kwargs)
 
 
 @contextlib.contextmanager
