@@ -187,6 +187,21 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(shards, t
     assert Trainer(config(shards, tmp_path, "run.max_steps=6")).step == 6  # auto: this continuation, not step 12
 
 
+def test_a_fresh_start_in_a_used_run_directory_sets_the_old_run_aside(shards, tmp_path, capsys):
+    Trainer(config(shards, tmp_path, "run.max_steps=8")).train()  # checkpoints at steps 4 and 8
+    old_metrics = (tmp_path / "metrics.jsonl").read_text()
+    AcceleratorState._reset_state(True)
+    Trainer(config(shards, tmp_path, "run.resume=none", "run.max_steps=3")).train()
+    assert "run.resume=none: moved the previous run" in capsys.readouterr().out
+    (old,) = tmp_path.glob("superseded/*")
+    assert sorted(p.name for p in old.glob("checkpoints/step_*")) == ["step_00000004", "step_00000008"]
+    assert (old / "metrics.jsonl").read_text() == old_metrics and (old / "config.yaml").exists()
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000003"]  # not rotated away by the old steps
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
+    AcceleratorState._reset_state(True)
+    assert Trainer(config(shards, tmp_path, f"run.resume={tmp_path}")).step == 3  # a run directory: its newest
+
+
 def test_resume_from_another_rank_layout_restarts_the_epoch_in_progress(shards, tmp_path, capsys):
     Trainer(config(shards, tmp_path, "run.max_steps=20")).train()  # 16 steps per epoch: stopped in epoch 1
     state_file = find_checkpoints(tmp_path)[0] / "state.json"

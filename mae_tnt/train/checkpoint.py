@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..data.stream import StreamState
-from ..models.loading import save_weights
+from ..models.loading import resolve_checkpoint, save_weights
 
 if TYPE_CHECKING:  # engine imports this module
     from .engine import Plan
@@ -120,12 +120,18 @@ def find_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(checkpoint_dir(output_dir).glob("step_*"), reverse=True)
 
 
-def resolve_resume(resume: str, output_dir: str | Path, log=print) -> Checkpoint | None:
-    """The checkpoint to resume from: `auto` (newest readable one, if any), `none`, or an explicit path."""
+def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool = True) -> Checkpoint | None:
+    """The checkpoint to resume from: `auto` (newest readable one, if any), `none`, or an explicit checkpoint or run
+    directory (its newest checkpoint).
+
+    With `none`, a run already in `output_dir` is first set aside (`set_aside_previous_run`, by the main process).
+    """
     if resume == "none":
+        if is_main:
+            set_aside_previous_run(output_dir, log)
         return None
     if resume != "auto":
-        return read_checkpoint(Path(resume))
+        return read_checkpoint(resolve_checkpoint(resume))
     for path in find_checkpoints(output_dir):
         try:
             return read_checkpoint(path)
@@ -203,8 +209,7 @@ def set_aside_later_checkpoints(output_dir: str | Path, step: int, log=print) ->
     later = [path for path in find_checkpoints(output_dir) if int(path.name.split("_")[1]) > step]
     if not later:
         return []
-    target = Path(output_dir) / "superseded" / time.strftime("%Y%m%d-%H%M%S")
-    target.mkdir(parents=True, exist_ok=True)
+    target = _new_superseded_dir(output_dir)
     moved = []
     for path in later:
         moved.append(target / path.name)
@@ -212,6 +217,34 @@ def set_aside_later_checkpoints(output_dir: str | Path, step: int, log=print) ->
     log(f"WARNING: this run continues from step {step}; moved the later checkpoints "
         f"{', '.join(path.name for path in later)} to {target}")
     return moved
+
+
+def set_aside_previous_run(output_dir: str | Path, log=print) -> Path | None:
+    """Move a run already in `output_dir` (everything but `superseded/`) to `superseded/<time>/`; returns the folder.
+
+    A fresh start (`run.resume=none`) in the same directory would otherwise truncate the old metrics, and the
+    rotation, which keeps the highest steps, would delete the new checkpoints while `auto` resumed the old run.
+    """
+    out = Path(output_dir)
+    if not find_checkpoints(out) and not (out / "metrics.jsonl").exists():
+        return None
+    target = _new_superseded_dir(out)
+    for entry in out.iterdir():
+        if entry.name != "superseded":
+            os.replace(entry, target / entry.name)
+    log(f"WARNING: run.resume=none: moved the previous run in {out} to {target}")
+    return target
+
+
+def _new_superseded_dir(output_dir: str | Path) -> Path:
+    """A new `superseded/<time>[-n]/` folder (two set-asides within a second get their own)."""
+    root, stamp = Path(output_dir) / "superseded", time.strftime("%Y%m%d-%H%M%S")
+    target, n = root / stamp, 0
+    while target.exists():
+        n += 1
+        target = root / f"{stamp}-{n}"
+    target.mkdir(parents=True)
+    return target
 
 
 def _load_training_state(accelerator, model, optimizer, checkpoint: Checkpoint) -> dict | None:

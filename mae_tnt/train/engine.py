@@ -23,7 +23,7 @@ from ..data.loader import build_train_stream, data_shards, first_images, mae_tra
 from ..data.shards import ShardError, declared_classes
 from ..data.transforms import normalize
 from ..models import create_model
-from .checkpoint import resolve_resume, restore_training, save_checkpoint
+from .checkpoint import Checkpoint, resolve_resume, restore_training, save_checkpoint
 from .knn import knn_accuracy_on_shards
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, progress_bar
@@ -137,8 +137,10 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.step = 0
         self.grad_norm: torch.Tensor | None = None  # the last clipped step's gradient norm, logged when known
+        checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)  # before the run dir is written
         self._prepare_run_dir()
-        self._resume()
+        if checkpoint is not None:
+            self._resume(checkpoint)
         self.logger = MetricsLogger(self.out, self.is_main, to_dict(cfg), resume_step=self.step)
 
     def _prepare_run_dir(self) -> None:
@@ -156,10 +158,7 @@ class Trainer:
         if self.is_main:
             print(message, flush=True)
 
-    def _resume(self) -> None:
-        checkpoint = resolve_resume(self.cfg.run.resume, self.out, self.log)
-        if checkpoint is None:
-            return
+    def _resume(self, checkpoint: Checkpoint) -> None:
         self.step, self.stream.state = restore_training(
             self.acc, self.model, self.optimizer, checkpoint, model_name=self.cfg.model.name, plan=self.plan,
             accum_steps=self.cfg.optim.accum_steps, output_dir=self.out, log=self.log)

@@ -223,7 +223,7 @@ class FinetuneRun:
         self.stream = build_train_stream(cfg.data, transform, seed=cfg.seed, rank=self.rank, world_size=self.world)
         self.plan = derive_plan(cfg, self.world, self.stream.batches_per_epoch())
         self.num_classes = resolve_num_classes(cfg, self.log)
-        checkpoint = resolve_resume(cfg.run.resume, self.out, self.log)
+        checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)
         set_fused_attn(cfg.run.fused_attn)
         self.memory_format = (torch.channels_last if cfg.run.channels_last and self.device.type == "cuda"
                               else torch.contiguous_format)
