@@ -222,6 +222,27 @@ def test_overwrite_replaces_one_split_and_keeps_the_others(tmp_path, capsys):
     assert load_info(tmp_path / "solo")["classes"] == ["owl", "tit", "wren"]
 
 
+def test_a_stray_top_level_image_in_an_imagefolder_is_pointed_out(tmp_path, capsys):
+    write_imagefolder(tmp_path / "src", ["cat", "dog"], per_class=2)
+    (tmp_path / "src" / "stray.png").write_bytes(encoded(gradient(4, 4), "PNG"))
+    assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "train: 5 samples (folder, unlabeled)" in out
+    assert "also 1 image(s) at its top level (e.g. stray.png)" in err and "--format imagefolder" in err
+    args = [str(tmp_path / "src"), str(tmp_path / "labeled"), "--workers", "0", "--format", "imagefolder"]
+    assert make_shards_main(args) == 0
+    assert "train: 4 samples (imagefolder, 2 classes)" in capsys.readouterr().out
+
+
+def test_a_split_with_other_classes_is_refused_before_any_shard_is_written(tmp_path):
+    write_imagefolder(tmp_path / "a", ["cat", "dog"], per_class=1)
+    write_imagefolder(tmp_path / "b", ["cat", "cow", "dog"], per_class=1)
+    convert(tmp_path / "a", tmp_path / "out", options())
+    with pytest.raises(ShardError, match="already has classes"):
+        convert(tmp_path / "b", tmp_path / "out", options(split="val"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_info.json", "train-000000.tar"]
+
+
 def test_max_size_resizes_large_images_and_passes_the_rest_through_byte_identical(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

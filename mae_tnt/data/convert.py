@@ -44,8 +44,24 @@ from PIL import Image
 from tqdm import tqdm
 
 from mae_tnt.data.images import BadImageError, decode, to_rgb
-from mae_tnt.data.info import INFO_NAME, ShardError, count_tar_samples, remove_split, update_split, write_json_atomic
-from mae_tnt.data.readers import FORMATS, Record, Source, SourceError, detect_format, open_source
+from mae_tnt.data.info import (
+    INFO_NAME,
+    ShardError,
+    check_classes,
+    count_tar_samples,
+    remove_split,
+    update_split,
+    write_json_atomic,
+)
+from mae_tnt.data.readers import (
+    FORMATS,
+    Record,
+    Source,
+    SourceError,
+    detect_format,
+    folder_layout_note,
+    open_source,
+)
 
 PASS_THROUGH_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}  # MPO: camera JPEG with extra frames
 JPEG_QUALITY = 95
@@ -110,6 +126,8 @@ class ConvertSummary:
     shard_lengths: list[int]
     skipped: list[dict]
     resumed_shards: int
+    fmt: str
+    classes: list[str]
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOptions) -> ConvertSummary:
@@ -133,6 +151,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOpti
     out.mkdir(parents=True, exist_ok=True)
     if options.overwrite:
         discard_split(out, options.split)
+    check_classes(out, options.split, source.classes)  # now, not after hours of converting
     order = shuffled_order(len(source), options.seed)
     job = _job_description(src, fmt, source, order, options)
     journal = Journal.open(out, options.split, job)
@@ -146,10 +165,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOpti
     filenames = [shard["filename"] for shard in journal.shards]
     lengths = [shard["num_samples"] for shard in journal.shards]
     _remove_stale_shards(out, options.split, keep=set(filenames))
-    classes = source.classes if source.classes else None
-    update_split(out, options.split, filenames, lengths, classes=classes, skipped=skipped)
+    classes = list(source.classes or [])
+    update_split(out, options.split, filenames, lengths, classes=classes or None, skipped=skipped)
     journal.discard()
-    return ConvertSummary(options.split, sum(lengths), filenames, lengths, skipped, resumed_shards)
+    return ConvertSummary(options.split, sum(lengths), filenames, lengths, skipped, resumed_shards, fmt, classes)
 
 
 def shuffled_order(num_samples: int, seed: int) -> list[int]:
@@ -501,7 +520,9 @@ def _parse_classes(value: str | None) -> tuple[str, ...] | None:
 
 def _print_summary(summary: ConvertSummary, out: str) -> None:
     resumed = f", {summary.resumed_shards} kept from an interrupted run" if summary.resumed_shards else ""
-    print(f"{summary.split}: {summary.num_samples} samples in {len(summary.filenames)} shards in {out}{resumed}")
+    labels = f"{len(summary.classes)} classes" if summary.classes else "unlabeled"
+    print(f"{summary.split}: {summary.num_samples} samples ({summary.fmt}, {labels}) in {len(summary.filenames)} "
+          f"shards in {out}{resumed}")
     if summary.skipped:
         print(f"skipped {len(summary.skipped)} inputs (also listed in {INFO_NAME}):", file=sys.stderr)
         for skip in summary.skipped:
@@ -525,6 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             overwrite=args.overwrite,
         )
+        if args.fmt == "auto" and (note := folder_layout_note(args.src)):
+            print(f"NOTE: {note}", file=sys.stderr)
         summary = convert(args.src, args.out, options)
     except (ConversionError, SourceError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)

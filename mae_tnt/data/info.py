@@ -104,15 +104,9 @@ def update_split(
     """
     root = Path(root)
     info = load_info(root) if (root / INFO_NAME).is_file() else {"name": root.resolve().name, "splits": {}}
-    old_classes = info.get("classes", [])
     if classes is not None:
-        classes = list(classes)
-        if old_classes and classes != old_classes:
-            raise ShardError(
-                f"{root / INFO_NAME} already has classes {old_classes}; split '{split}' has {classes}. "
-                "Labels must mean the same in every split: convert it into a separate directory."
-            )
-        info["classes"] = classes
+        _check_classes(info, root, split, classes)
+        info["classes"] = list(classes)
     info.setdefault("classes", [])
     if name is not None:
         info["name"] = name
@@ -123,6 +117,26 @@ def update_split(
     info["splits"][split] = entry
     write_json_atomic(root / INFO_NAME, info)
     return info
+
+
+def check_classes(root: str | os.PathLike, split: str, classes: Sequence[str] | None) -> None:
+    """Refuse, before any work, a split whose classes differ from those of the splits already in ``ROOT``.
+
+    Raises:
+        ShardError: as ``update_split`` would after the conversion.
+    """
+    root = Path(root)
+    if classes and (root / INFO_NAME).is_file():
+        _check_classes(load_info(root), root, split, classes)
+
+
+def _check_classes(info: dict, root: Path, split: str, classes: Sequence[str]) -> None:
+    old_classes = info.get("classes", [])
+    if old_classes and list(classes) != old_classes:
+        raise ShardError(
+            f"{root / INFO_NAME} already has classes {old_classes}; split '{split}' has {list(classes)}. Labels "
+            "must mean the same in every split: pass the same --classes, or convert it into a separate directory."
+        )
 
 
 def remove_split(root: str | os.PathLike, split: str) -> None:
