@@ -11,8 +11,10 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from shard_utils import write_shards
 
 from mae_tnt.config import ConfigError, load_config
+from mae_tnt.data.info import ShardError
 from mae_tnt.data.shards import read_samples, resolve_shards
 from mae_tnt.finetune_config import AugmentConfig, FinetuneConfig
 from mae_tnt.models import CheckpointError, create_model
@@ -211,6 +213,17 @@ def test_the_head_is_sized_from_the_shards_and_a_different_size_is_warned_about(
     assert resolve_num_classes(cfg, logged.append) == 1000
     assert logged == [f"WARNING: model.num_classes=1000 but {cfg.data.train}/_info.json lists 10 classes; set "
                       "model.num_classes=null to size the head from the shards"]
+    with pytest.raises(ShardError, match="model.num_classes=5 but .* lists 10 classes"):  # labels 5-9: no logit
+        resolve_num_classes(demo_config(tmp_path, "model.num_classes=5"))
+
+
+def test_unlabeled_shards_are_refused_before_fine_tuning_even_with_a_class_count(tmp_path):
+    write_shards(tmp_path / "shards", [8])
+    info = json.loads((tmp_path / "shards" / "_info.json").read_text())
+    (tmp_path / "shards" / "_info.json").write_text(json.dumps({**info, "classes": []}))
+    cfg = demo_config(tmp_path / "run", f"data.train={tmp_path / 'shards'}", "data.val=null", "model.num_classes=3")
+    with pytest.raises(ShardError, match="holds unlabeled images .* but finetune needs labels"):
+        resolve_num_classes(cfg)
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")

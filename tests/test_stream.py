@@ -156,7 +156,7 @@ def test_info_that_disagrees_with_shards_fails(tmp_path):
 
 def test_too_few_samples_for_the_workers_fails_with_advice(tmp_path):
     write_shards(tmp_path, [3])
-    with pytest.raises(ValueError, match="lower data.batch_size or data.num_workers"):
+    with pytest.raises(ShardError, match="lower data.batch_size or data.num_workers"):  # one error line in the CLIs
         stream_for(resolve_shards(str(tmp_path)), workers=2, batch=4)
 
 

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .images import BadImageError, image_bytes
-from .shards import Shard, read_samples
+from .shards import Shard, ShardError, read_samples
 
 SampleTransform = Callable[[bytes, random.Random], object]
 """Encoded image bytes + the sample's own RNG -> uint8 [3, S, S] (or a deferred item decoded on the device, see
@@ -105,7 +105,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.plan = StreamPlan(sum(s.num_samples for s in shards), world_size * max(num_workers, 1), batch_size)
         if self.plan.batches_per_worker == 0:
-            raise ValueError(
+            raise ShardError(
                 f"{self.plan.num_samples} samples cannot fill one batch of {batch_size} for each of "
                 f"{self.plan.global_workers} workers (processes x data.num_workers); lower data.batch_size or "
                 "data.num_workers"

@@ -147,13 +147,20 @@ def build_criterion(cfg: AugmentConfig) -> nn.Module:
 def resolve_num_classes(cfg: FinetuneConfig, log=print) -> int:
     """`model.num_classes`, or the length of the `classes` list in the train shards' `_info.json`."""
     classes = declared_classes(cfg.data.train)
+    if classes == []:
+        raise ShardError(f"{cfg.data.train} holds unlabeled images (its _info.json lists no classes), but {cfg.mode} "
+                         "needs labels: convert an ImageFolder tree, a labeled list, IDX or CIFAR data with "
+                         "tools/make_shards.py")
     if cfg.model.num_classes is not None:
         if classes and len(classes) != cfg.model.num_classes:
-            log(f"WARNING: model.num_classes={cfg.model.num_classes} but {cfg.data.train}/_info.json lists "
-                f"{len(classes)} classes; set model.num_classes=null to size the head from the shards")
+            message = (f"model.num_classes={cfg.model.num_classes} but {cfg.data.train}/_info.json lists "
+                       f"{len(classes)} classes; set model.num_classes=null to size the head from the shards")
+            if cfg.model.num_classes < len(classes):  # labels would index past the head at the first batch
+                raise ShardError(message)
+            log(f"WARNING: {message}")
         return cfg.model.num_classes
-    if not classes:
-        raise ShardError(f"cannot tell the class count of {cfg.data.train}: set model.num_classes")
+    if classes is None:
+        raise ShardError(f"cannot tell the class count of {cfg.data.train} (no _info.json): set model.num_classes")
     return len(classes)
 
 
@@ -302,7 +309,7 @@ class FinetuneRun:
 
     def micro_step(self, batch: dict, micro: int) -> torch.Tensor:
         if (batch["labels"] < 0).any():
-            raise ValueError(f"unlabeled samples in {self.cfg.data.train}: fine-tuning needs .cls labels")
+            raise ShardError(f"unlabeled samples in {self.cfg.data.train}: fine-tuning needs .cls labels")
         images = self.device_images(batch["images"])
         labels = batch["labels"].to(self.device, non_blocking=True)
         with seeded_global_rngs(seed_micro_step(self.cfg.seed, self.rank, micro)):
