@@ -342,11 +342,14 @@ def test_idx_files_and_a_later_split_keep_the_first(tmp_path):
         ("meta", {"fine_label_names": ["apple", "bee"], "coarse_label_names": ["x"]}, ("train", "test"), "fine_labels"),
     ],
 )
-def test_cifar_batches(tmp_path, meta_name, meta, batches, label_key):
+@pytest.mark.parametrize("python3_bytes", [False, True], ids=["str-keys", "bytes-keys"])
+def test_cifar_batches(tmp_path, meta_name, meta, batches, label_key, python3_bytes):
     images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     rows = images.transpose(0, 3, 1, 2).reshape(4, 3072)  # [N, H, W, 3] -> [N, 3 * H * W], channel planes
     batch = {"data": rows, label_key: [1, 0, 1, 1], "coarse_labels": [0, 0, 0, 0]}
     for name, content in ((meta_name, meta), (batches[0], batch), (batches[1], batch)):
+        if python3_bytes:  # keys and class names as a Python 3 pickle of the `encoding="bytes"` layout has them
+            content = {k.encode(): [n.encode() for n in v] if k.endswith("names") else v for k, v in content.items()}
         (tmp_path / name).write_bytes(pickle.dumps(content))
     assert detect_format(tmp_path) == "cifar"
     convert(tmp_path, tmp_path / "out", options())

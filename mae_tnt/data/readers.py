@@ -355,8 +355,22 @@ def _cifar_layout(root: Path) -> tuple[str, str, str, str, str] | None:
 def _load_cifar_pickle(path: Path) -> dict:
     # pickle can run arbitrary code: it is used only for the fixed CIFAR batch file names, which are
     # distributed in no other format. latin1 decodes the Python 2 pickles of the official download.
+    # Pickles written by Python 3 (the layout the CIFAR page shows for `encoding="bytes"`) have bytes keys and names.
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+        raw = pickle.load(f, encoding="latin1")
+    if not isinstance(raw, dict):
+        raise SourceError(f"{path} is not a CIFAR batch (a pickled dict), got {type(raw).__name__}")
+    return {_text(key): value for key, value in raw.items()}
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _cifar_field(batch: dict, key: str, path: Path):
+    if key not in batch:
+        raise SourceError(f"{path} has no {key!r} entry (it has {sorted(batch)}); is it a CIFAR python batch?")
+    return batch[key]
 
 
 def read_cifar(root: Path, split: str) -> ArraySource:
@@ -365,15 +379,15 @@ def read_cifar(root: Path, split: str) -> ArraySource:
     if layout is None:
         raise SourceError(f"{root}: no CIFAR batches (batches.meta + test_batch, or meta + test) found")
     meta_name, names_key, labels_key, train_pattern, test_pattern = layout
-    classes = list(_load_cifar_pickle(root / meta_name)[names_key])
+    classes = [_text(name) for name in _cifar_field(_load_cifar_pickle(root / meta_name), names_key, root / meta_name)]
     batch_files = sorted(root.glob(train_pattern if split == "train" else test_pattern))
     if not batch_files:
         raise SourceError(f"{root}: no {train_pattern if split == 'train' else test_pattern} files for {split!r}")
     images, labels, ids = [], [], []
     for batch_file in batch_files:
         batch = _load_cifar_pickle(batch_file)
-        data = np.asarray(batch["data"], dtype=np.uint8)  # [N, 3 * 32 * 32], channel-major rows
+        data = np.asarray(_cifar_field(batch, "data", batch_file), dtype=np.uint8)  # [N, 3 * 32 * 32], channel-major
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # [N, 3, 32, 32] -> [N, 32, 32, 3]
-        labels.extend(batch[labels_key])
+        labels.extend(_cifar_field(batch, labels_key, batch_file))
         ids.extend(f"{batch_file.name}[{i}]" for i in range(len(data)))
     return ArraySource(images=np.concatenate(images), labels=np.asarray(labels), classes=classes, ids=ids)
