@@ -40,13 +40,13 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
     (the message says what to do; a traceback would only bury it)."""
     from .data.info import ShardError
     from .models.loading import CheckpointError
-    from .models.registry import UnknownModelError
+    from .models.registry import ModelError
     from .train.checkpoint import ResumeError
     from .train.loop import NonFiniteLossError
 
     try:
         return run()
-    except (ShardError, CheckpointError, ResumeError, UnknownModelError, NonFiniteLossError, FileNotFoundError) as err:
+    except (ShardError, CheckpointError, ResumeError, ModelError, NonFiniteLossError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return None
 

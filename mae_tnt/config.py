@@ -51,6 +51,9 @@ class ModelConfig:
     """SReT only: run the conv stem on the full image with masked pixels zeroed instead of per visible unit."""
 
     def __post_init__(self) -> None:
+        if self.name != MISSING_VALUE and not self.name.startswith("mae_"):
+            raise ConfigError(f"model.name={self.name!r} is not a masked autoencoder: pretraining needs an mae_* model "
+                              "(python -c \"import mae_tnt; print(mae_tnt.list_models('mae_*'))\")")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"model.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.word_mask_ratio < 1.0:
@@ -129,6 +132,11 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.accum_steps < 1:
             raise ConfigError("optim.accum_steps must be >= 1")
+        if not self.base_lr > 0 or self.min_lr < 0 or self.weight_decay < 0:
+            raise ConfigError(f"optim.base_lr must be > 0, optim.min_lr and optim.weight_decay >= 0; got "
+                              f"{self.base_lr}, {self.min_lr} and {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ConfigError(f"optim.betas must be two values in [0, 1), got {self.betas}")
 
 
 @dataclass
@@ -232,6 +240,8 @@ def apply_override(cls: type, raw: dict[str, Any], item: str) -> None:
     parts = key.split(".")
     leaf = _check_key_exists(cls, parts, source="command line")
     value = yaml.safe_load(text) if text else None
+    if value is not None and not isinstance(value, str) and str in (leaf, *typing.get_args(leaf)):
+        value = text  # a text key keeps what was typed: run.output_dir=no or =2024 is a name, not a bool or a number
     if not dataclasses.is_dataclass(leaf):  # a wrong type is the command line's fault, not the recipe's
         value = _check_type(value, leaf, key, source="command line")
     node = raw

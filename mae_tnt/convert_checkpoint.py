@@ -19,6 +19,7 @@ import torch
 
 from .models import create_model, load_weights, read_state_dict
 from .models.loading import CheckpointError, save_weights, unwrap_state_dict
+from .models.registry import ModelError
 
 
 def read_source(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
@@ -26,7 +27,12 @@ def read_source(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
     if not unsafe_pickle:
         return read_state_dict(path)
     print(f"WARNING: unpickling {path} without restrictions (--unsafe-pickle); only do this for files you trust")
-    return unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=False), path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise CheckpointError(f"cannot unpickle {path} ({type(err).__name__}: {err}); the classes it stores must "
+                              "be importable here") from err
+    return unwrap_state_dict(obj, path)
 
 
 def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] = (), unsafe_pickle: bool = False):
@@ -49,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = convert(args.src, args.out, args.model, args.allow_missing, args.unsafe_pickle)
-    except CheckpointError as err:
+    except (CheckpointError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {args.out} for {args.model}: {report.summary()}")

@@ -9,6 +9,7 @@ import torch
 
 import mae_tnt
 from mae_tnt.convert_checkpoint import main as convert_main
+from mae_tnt.models import ModelError
 from mae_tnt.models.loading import CheckpointError, load_weights, read_state_dict, save_weights
 
 
@@ -114,3 +115,25 @@ def test_saved_weights_get_the_umask_mode_where_safetensors_alone_gives_0600(tmp
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o640
     assert torch.equal(read_state_dict(tmp_path / "w.safetensors")["w"], torch.arange(6.0).view(2, 3).t())
+
+
+class LegacyArgs:
+    """What old training scripts pickled next to their weights (an argparse-like namespace)."""
+
+
+def test_convert_tool_errors_are_one_line_naming_the_fix(tmp_path, capsys):
+    state = mae_tnt.create_model("vit_test_patch8_32").state_dict()
+    torch.save({"model": state, "args": LegacyArgs()}, tmp_path / "legacy.pth")
+    args = [str(tmp_path / "legacy.pth"), str(tmp_path / "out.safetensors"), "--model"]
+    assert convert_main(args + ["vit_test_patch8_32"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read") and "--unsafe-pickle" in err and err.count("\n") == 1
+    assert convert_main(args + ["vit_tst"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown model 'vit_tst'. Did you mean") and "vit_test_patch8_32" in err
+    assert convert_main(args + ["vit_test_patch8_32", "--unsafe-pickle"]) == 0  # the user trusts the file
+
+
+def test_arguments_a_builder_refuses_are_a_model_error():
+    with pytest.raises(ModelError, match="cannot build vit_test_patch8_32 with {'img_size': 30}: .*divisible"):
+        mae_tnt.create_model("vit_test_patch8_32", img_size=30)

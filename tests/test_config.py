@@ -44,6 +44,8 @@ def test_overrides_are_typed_and_applied(tmp_path):
                                              "optim.betas=[0.8, 0.9]"])
     assert cfg.optim.base_lr == 1e-4 and cfg.data.batch_size == 8 and cfg.run.max_steps == 3
     assert cfg.optim.betas == [0.8, 0.9]
+    cfg = load_config(PretrainConfig, path, ["run.output_dir=no", "data.val=2024", "run.resume=none", "data.info=null"])
+    assert (cfg.run.output_dir, cfg.data.val, cfg.run.resume, cfg.data.info) == ("no", "2024", "none", None)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -56,6 +58,9 @@ def test_overrides_are_typed_and_applied(tmp_path):
     ("schedule.epochs=0", r"schedule.epochs must be > 0, got 0.0 \(use run.max_steps"),
     ("schedule.warmup_epochs=900", r"warmup_epochs must be in \[0, schedule.epochs = 800"),
     ("run.max_steps=0", "run.max_steps must be >= 1 or null"),
+    ("optim.betas=[0.9]", r"optim.betas must be two values in \[0, 1\), got \[0.9\]"),
+    ("optim.base_lr=-1", "optim.base_lr must be > 0"),
+    ("model.name=vit_test_patch8_32", "'vit_test_patch8_32' is not a masked autoencoder: pretraining needs an mae_"),
 ])
 def test_bad_values_fail(tmp_path, override, message):
     path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")

@@ -7,11 +7,12 @@ from . import (
 )
 from .loading import CheckpointError, load_weights, read_state_dict
 from .mae import MaskedAutoencoder
-from .registry import create_model, list_models, register_model
+from .registry import ModelError, create_model, list_models, register_model
 
 __all__ = [
     "CheckpointError",
     "MaskedAutoencoder",
+    "ModelError",
     "create_model",
     "list_models",
     "load_weights",

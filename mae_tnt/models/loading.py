@@ -79,9 +79,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any decoding failure means an unusable file
+        reason = (str(err).strip().splitlines() or [""])[0]  # torch's weights_only explanation runs to many lines
         raise CheckpointError(
-            f"cannot read {path} safely ({type(err).__name__}: {err}). Only tensors and plain containers are "
-            "accepted; convert foreign checkpoints with tools/convert_checkpoint.py"
+            f"cannot read {path} safely ({type(err).__name__}: {reason}). Only tensors and plain containers are "
+            "accepted: convert a foreign checkpoint with tools/convert_checkpoint.py, adding --unsafe-pickle for a "
+            "legacy pickle you trust"
         ) from err
     return unwrap_state_dict(obj, path)
 

@@ -18,8 +18,8 @@ from torch import nn
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
 
-class UnknownModelError(ValueError):
-    """A model name that is not registered."""
+class ModelError(ValueError):
+    """A model that cannot be built: a name that is not registered, or arguments its builder refuses."""
 
 
 def register_model(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -47,8 +47,11 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
     if name not in _BUILDERS:
         close = difflib.get_close_matches(name, _BUILDERS, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else " See mae_tnt.list_models()."
-        raise UnknownModelError(f"unknown model {name!r}.{hint}")
-    model = _BUILDERS[name](**kwargs)
+        raise ModelError(f"unknown model {name!r}.{hint}")
+    try:
+        model = _BUILDERS[name](**kwargs)
+    except (TypeError, ValueError) as err:  # e.g. an image size the patch size does not divide
+        raise ModelError(f"cannot build {name} with {kwargs}: {err}") from err
     if checkpoint_path is not None:
         from .loading import load_weights
 
