@@ -91,6 +91,9 @@ def test_the_printed_timm_call_loads_a_fine_tuned_classifier_with_its_head(tool,
     model = eval(call, {"timm": timm}).eval()  # noqa: S307 - the tool's own output, as a user would paste it
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model(images), ours(images))
+    preprocessing = timm.data.resolve_data_config({}, model=model)  # what timm users feed the model
+    assert preprocessing == {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": tuple(MEAN_STD["mean"]),
+                             "std": tuple(MEAN_STD["std"]), "crop_pct": 0.875, "crop_mode": "center"}
 
 
 def test_linear_probe_export_folds_the_batchnorm_into_the_head(tool, tmp_path):

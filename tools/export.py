@@ -37,6 +37,8 @@ from mae_tnt.models.tnt import TNT  # noqa: E402
 from mae_tnt.models.vit import ViT  # noqa: E402
 from mae_tnt.train.init import PROBE_BN_EPS, encoder_weights, read_source  # noqa: E402
 
+CROP_PCT = 0.875  # the evaluation centre crop of MAE and DeiT (resize to S / 0.875, crop S)
+
 
 def classifier_name_for(mae_name: str) -> str:
     """The registered classifier of an MAE model: `mae_vit_base_patch16` -> `vit_base_patch16_224`."""
@@ -125,21 +127,27 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
     info.update(img_size=model.grid * model.unit, global_pool=getattr(model, "global_pool", info["global_pool"]))
     out = Path(out)
     config = {**info, "timm_name": timm_name, "timm_kwargs": timm_kwargs,
-              "timm_call": timm_call(timm_name, timm_kwargs, info["num_classes"], out / "model.safetensors"),
+              "timm_call": timm_call(timm_name, timm_kwargs, info, out / "model.safetensors"),
               "source": str(checkpoint), "source_layout": layout, "dropped_keys": len(dropped),
-              "interpolation": "bicubic", "crop_pct": 0.875}
+              "interpolation": "bicubic", "crop_pct": CROP_PCT}
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return config
 
 
-def timm_call(timm_name: str | None, timm_kwargs: dict, num_classes: int, file: Path) -> str | None:
-    """The Python expression that loads the export into timm, head included; None when timm lacks the architecture."""
+def timm_call(timm_name: str | None, timm_kwargs: dict, info: dict, file: Path) -> str | None:
+    """The Python expression that loads the export into timm, head included; None when timm lacks the architecture.
+
+    The overlay carries the head size (timm drops a head whose size differs from its pretrained config's) and the
+    preprocessing the weights were trained with, so `timm.data.resolve_data_config(model=...)` returns it.
+    """
     if timm_name is None:
         return None
-    overlay = f"dict(file={str(file.resolve())!r}, num_classes={num_classes})"
-    return f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay={overlay}, **{timm_kwargs!r})"
+    overlay = dict(file=str(file.resolve()), num_classes=info["num_classes"], input_size=(3, info["img_size"],
+                   info["img_size"]), interpolation="bicubic", crop_pct=CROP_PCT)
+    overlay.update({key: tuple(info[key]) for key in ("mean", "std") if info[key] is not None})
+    return f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay={overlay!r}, **{timm_kwargs!r})"
 
 
 def main(argv: list[str] | None = None) -> int:
