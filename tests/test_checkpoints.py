@@ -137,3 +137,10 @@ def test_convert_tool_errors_are_one_line_naming_the_fix(tmp_path, capsys):
 def test_arguments_a_builder_refuses_are_a_model_error():
     with pytest.raises(ModelError, match="cannot build vit_test_patch8_32 with {'img_size': 30}: .*divisible"):
         mae_tnt.create_model("vit_test_patch8_32", img_size=30)
+
+
+def test_weights_of_the_other_pooling_name_the_global_pool_that_fits():
+    pooled = mae_tnt.create_model("vit_test_patch8_32", num_classes=10, global_pool="avg").state_dict()
+    with pytest.raises(CheckpointError, match="2 missing: norm.bias, norm.weight; 2 unexpected: fc_norm.bias, "
+                                              "fc_norm.weight. .* create the model with global_pool='avg'"):
+        load_weights(mae_tnt.create_model("vit_test_patch8_32", num_classes=10), pooled)

@@ -166,8 +166,18 @@ def _refuse(model: nn.Module, missing: list[str], unexpected: list[str], reshape
              f"{len(reshaped)} of another shape: {', '.join(reshaped[:2])}{' and more' if len(reshaped) > 2 else ''}"
              if reshaped else ""]
     raise CheckpointError(f"checkpoint keys do not fit {type(model).__name__}: {'; '.join(filter(None, parts))}. "
-                          "Check that the model name matches the checkpoint, or convert it with "
-                          "tools/convert_checkpoint.py")
+                          f"{_pooling_hint(missing, unexpected) or 'Check that the model name matches the checkpoint'}"
+                          ", or convert it with tools/convert_checkpoint.py")
+
+
+def _pooling_hint(missing: list[str], unexpected: list[str]) -> str | None:
+    """The one misfit with a one-word fix: weights trained with the other pooling (fc_norm vs the final norm)."""
+    norms = ({k.split(".")[0] for k in missing}, {k.split(".")[0] for k in unexpected})
+    if norms == ({"norm"}, {"fc_norm"}):
+        return "The checkpoint was trained with global average pooling: create the model with global_pool='avg'"
+    if norms == ({"fc_norm"}, {"norm"}):
+        return "The checkpoint was trained with the class token: create the model with global_pool='token'"
+    return None
 
 
 def _by_module(keys: list[str]) -> str:
