@@ -243,6 +243,16 @@ def test_a_split_with_other_classes_is_refused_before_any_shard_is_written(tmp_p
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_info.json", "train-000000.tar"]
 
 
+def test_a_mistyped_classes_file_is_an_error_not_one_class_name(tmp_path, capsys):
+    write_imagefolder(tmp_path / "src", ["cat", "dog"], per_class=1)
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    args = [str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "0", "--classes"]
+    assert make_shards_main(args + [str(tmp_path / "clases.txt")]) == 1
+    assert "looks like a file, but there is none" in capsys.readouterr().err
+    assert make_shards_main(args + [str(tmp_path / "classes.txt")]) == 0
+    assert load_info(tmp_path / "out")["classes"] == ["cat", "dog"]
+
+
 def test_max_size_resizes_large_images_and_passes_the_rest_through_byte_identical(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -514,6 +514,9 @@ def _parse_classes(value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
     path = Path(value)
+    if not path.is_file() and "," not in value and ("/" in value or path.suffix):
+        raise ConversionError(f"--classes {value!r} looks like a file, but there is none; give an existing file with "
+                              "one name per line, or the names separated by commas")
     names = path.read_text(encoding="utf-8").splitlines() if path.is_file() else value.split(",")
     return tuple(name.strip() for name in names if name.strip())
 
