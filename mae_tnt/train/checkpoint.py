@@ -199,51 +199,43 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, m
     return step, StreamState(epoch=epoch)
 
 
-def set_aside_later_checkpoints(output_dir: str | Path, step: int, log=print) -> list[Path]:
-    """Move the checkpoints past `step` to `superseded/<time>/`; returns their new paths.
+def set_aside_later_checkpoints(output_dir: str | Path, step: int, log=print) -> None:
+    """Move the checkpoints past `step` to `superseded/<time>/`.
 
     Resuming from an earlier checkpoint (chosen by `run.resume`, or because the later ones could not be read) starts
     another continuation of the run. Left in `checkpoints/`, the later ones would be kept by the rotation, which
     keeps the highest steps, in place of this continuation's, and `run.resume=auto` would jump back to them.
     """
     later = [path for path in find_checkpoints(output_dir) if int(path.name.split("_")[1]) > step]
-    if not later:
-        return []
-    target = _new_superseded_dir(output_dir)
-    moved = []
-    for path in later:
-        moved.append(target / path.name)
-        os.replace(path, moved[-1])
-    log(f"WARNING: this run continues from step {step}; moved the later checkpoints "
-        f"{', '.join(path.name for path in later)} to {target}")
-    return moved
+    if later:
+        target = _move_to_superseded(output_dir, later)
+        log(f"WARNING: this run continues from step {step}; moved the later checkpoints "
+            f"{', '.join(path.name for path in later)} to {target}")
 
 
-def set_aside_previous_run(output_dir: str | Path, log=print) -> Path | None:
-    """Move a run already in `output_dir` (everything but `superseded/`) to `superseded/<time>/`; returns the folder.
+def set_aside_previous_run(output_dir: str | Path, log=print) -> None:
+    """Move a run already in `output_dir` (everything but `superseded/`) to `superseded/<time>/`.
 
     A fresh start (`run.resume=none`) in the same directory would otherwise truncate the old metrics, and the
     rotation, which keeps the highest steps, would delete the new checkpoints while `auto` resumed the old run.
     """
     out = Path(output_dir)
-    if not find_checkpoints(out) and not (out / "metrics.jsonl").exists():
-        return None
-    target = _new_superseded_dir(out)
-    for entry in out.iterdir():
-        if entry.name != "superseded":
-            os.replace(entry, target / entry.name)
-    log(f"WARNING: run.resume=none: moved the previous run in {out} to {target}")
-    return target
+    if find_checkpoints(out) or (out / "metrics.jsonl").exists():
+        target = _move_to_superseded(out, [entry for entry in out.iterdir() if entry.name != "superseded"])
+        log(f"WARNING: run.resume=none: moved the previous run in {out} to {target}")
 
 
-def _new_superseded_dir(output_dir: str | Path) -> Path:
-    """A new `superseded/<time>[-n]/` folder (two set-asides within a second get their own)."""
+def _move_to_superseded(output_dir: str | Path, paths: list[Path]) -> Path:
+    """Move `paths` into a new `superseded/<time>[-n]/` folder of the run (two set-asides within a second get their
+    own); returns the folder."""
     root, stamp = Path(output_dir) / "superseded", time.strftime("%Y%m%d-%H%M%S")
     target, n = root / stamp, 0
     while target.exists():
         n += 1
         target = root / f"{stamp}-{n}"
     target.mkdir(parents=True)
+    for path in paths:
+        os.replace(path, target / path.name)
     return target
 
 
