@@ -162,23 +162,27 @@ def detect_format(src: str | os.PathLike) -> str:
         return "idx"
     if _cifar_layout(src) is not None:
         return "cifar"
-    entries = [entry for entry in src.iterdir() if not entry.name.startswith(".")]
-    has_dirs = any(entry.is_dir() for entry in entries)
-    has_top_images = any(entry.is_file() and _is_image_name(entry.name) for entry in entries)
-    return "imagefolder" if has_dirs and not has_top_images else "folder"
+    has_dirs, top_images = _top_level(src)
+    return "imagefolder" if has_dirs and not top_images else "folder"
 
 
 def folder_layout_note(src: str | os.PathLike) -> str | None:
     """Why a directory read as an unlabeled ``folder`` may have been meant as an ImageFolder: sub-folders of images
     next to images at its top level (one stray file there is enough to turn the labels off)."""
     src = Path(src)
-    entries = [entry for entry in src.iterdir() if not entry.name.startswith(".")] if src.is_dir() else []
-    top_images = sorted(entry.name for entry in entries if entry.is_file() and _is_image_name(entry.name))
-    if not top_images or not any(entry.is_dir() for entry in entries):
+    has_dirs, top_images = _top_level(src) if src.is_dir() else (False, [])
+    if not (has_dirs and top_images):
         return None
     return (f"{src} has sub-folders but also {len(top_images)} image(s) at its top level (e.g. {top_images[0]}), so "
             "it is read as unlabeled images; pass --format imagefolder to label them by sub-folder (top-level "
             "images are then skipped and listed)")
+
+
+def _top_level(src: Path) -> tuple[bool, list[str]]:
+    """Whether ``src`` has sub-folders, and the sorted names of the images at its top level (hidden entries aside)."""
+    entries = [entry for entry in src.iterdir() if not entry.name.startswith(".")]
+    images = sorted(entry.name for entry in entries if entry.is_file() and _is_image_name(entry.name))
+    return any(entry.is_dir() for entry in entries), images
 
 
 def _is_image_name(name: str) -> bool:
