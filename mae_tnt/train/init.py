@@ -41,12 +41,13 @@ HEAD_KEYS = ("head.*", "fc_norm.*")
 
 
 def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights and description of a checkpoint, run directory (its newest checkpoint), export or weights file.
+    """Weights and description of a checkpoint, export or weights file (resolve a run directory to its newest
+    checkpoint first, with `resolve_checkpoint`, to know which one was read).
 
     Returns:
         The state dict as saved, and the `state.json` / `config.json` found next to it ({} when there is none).
     """
-    path = resolve_checkpoint(path)
+    path = Path(path)
     meta = {}
     for name in ("state.json", "config.json"):
         if path.is_dir() and (path / name).exists():
