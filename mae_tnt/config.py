@@ -229,7 +229,7 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple
             raise ConfigError(f"{source}: a recipe must be a YAML mapping at the top level")
     for item in overrides:
         apply_override(cls, raw, item)
-    return _build(cls, raw, prefix="", source=source)
+    return _build(cls, raw, prefix="", source=source, overrides=tuple(overrides))
 
 
 def apply_override(cls: type, raw: dict[str, Any], item: str) -> None:
@@ -296,7 +296,8 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str, root: type | None = None) -> Any:
+def _build(cls: type, raw: Any, prefix: str, source: str, root: type | None = None,
+           overrides: tuple[str, ...] = ()) -> Any:
     root = root or cls
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: `{prefix.rstrip('.') or '<root>'}` must be a mapping, got {raw!r}")
@@ -310,17 +311,26 @@ def _build(cls: type, raw: Any, prefix: str, source: str, root: type | None = No
             _unknown_key(root, dotted, source)
         expected = types_[name]
         if dataclasses.is_dataclass(expected):
-            values[name] = _build(expected, value if value is not None else {}, dotted + ".", source, root)
+            values[name] = _build(expected, value if value is not None else {}, dotted + ".", source, root, overrides)
         else:
             values[name] = _check_type(value, expected, dotted, source)
     try:
         built = cls(**values)
     except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
+        raise ConfigError(f"{_value_source(source, overrides, prefix)}: {err}") from None
     for f in dataclasses.fields(built):
         if getattr(built, f.name) == MISSING_VALUE:
             raise ConfigError(f"{source}: required key `{prefix + f.name}` is missing")
     return built
+
+
+def _value_source(source: str, overrides: tuple[str, ...], prefix: str) -> str:
+    """Where a section's values came from: the recipe, plus the command-line overrides that reached the section."""
+    used = [item for item in overrides if item.startswith(prefix)]
+    if not used:
+        return source
+    typed = f"command line {' '.join(used)}"
+    return typed if source == "<defaults>" else f"{source} with {typed}"
 
 
 def _check_type(value: Any, expected: Any, dotted: str, source: str) -> Any:

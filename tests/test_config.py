@@ -77,6 +77,16 @@ def test_a_wrong_type_on_the_command_line_is_blamed_on_it_not_on_the_recipe(tmp_
         load_config(PretrainConfig, path)
 
 
+def test_a_bad_value_names_the_overrides_that_reached_its_section(tmp_path):
+    path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\nrun: {precision: fp23}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: run.precision must be"):
+        load_config(PretrainConfig, path, ["optim.base_lr=1e-4"])
+    with pytest.raises(ConfigError, match=rf"^{path} with command line run.precision=fp8 run.log_every=5: run.precis"):
+        load_config(PretrainConfig, path, ["optim.base_lr=1e-4", "run.precision=fp8", "run.log_every=5"])
+    with pytest.raises(ConfigError, match=r"^command line model.name=mae_vit_test model.mask_ratio=0: model.mask"):
+        load_config(PretrainConfig, None, ["model.name=mae_vit_test", "data.train=x", "model.mask_ratio=0"])
+
+
 def test_missing_required_key_fails(tmp_path):
     path = write(tmp_path, "model: {name: mae_vit_test}\n")
     with pytest.raises(ConfigError, match="required key `data.train`"):

@@ -154,9 +154,10 @@ def test_deepspeed_checkpoint_without_deepspeed_fails_clearly(tool, tmp_path, mo
         tool.export(tmp_path / "ckpt", tmp_path / "out")
 
 
-def test_weights_without_state_json_need_a_model_name(tool, tmp_path):
+def test_weights_without_state_json_need_a_model_name(tool, tmp_path, capsys):
     torch.save({"model": create_model("vit_test_patch8_32", num_classes=0).state_dict()}, tmp_path / "w.pth")
-    with pytest.raises(ValueError, match="--model"):
-        tool.export(tmp_path / "w.pth", tmp_path / "out")
+    assert tool.main([str(tmp_path / "w.pth"), str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == "error: the checkpoint has no state.json naming its model; pass --model NAME\n"
+    assert not (tmp_path / "out").exists()
     config = tool.export(tmp_path / "w.pth", tmp_path / "out", model_name="vit_test_patch8_32")
     assert (config["kind"], config["img_size"], config["timm_kwargs"]["img_size"]) == ("encoder", 32, 32)

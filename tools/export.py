@@ -31,13 +31,16 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a checkout without installing
+from mae_tnt.cli import report_user_errors  # noqa: E402
 from mae_tnt.models import create_model, list_models, load_weights  # noqa: E402
-from mae_tnt.models.loading import resolve_checkpoint, save_weights  # noqa: E402
+from mae_tnt.models.loading import CheckpointError, resolve_checkpoint, save_weights  # noqa: E402
+from mae_tnt.models.registry import ModelError  # noqa: E402
 from mae_tnt.models.tnt import TNT  # noqa: E402
 from mae_tnt.models.vit import ViT  # noqa: E402
 from mae_tnt.train.init import PROBE_BN_EPS, encoder_weights, read_source  # noqa: E402
 
-CROP_PCT = 0.875  # the evaluation centre crop of MAE and DeiT (resize to S / 0.875, crop S)
+# The evaluation preprocessing of MAE and DeiT: bicubic resize to S / 0.875, centre crop S.
+INTERPOLATION, CROP_PCT = "bicubic", 0.875
 
 
 def classifier_name_for(mae_name: str) -> str:
@@ -47,7 +50,7 @@ def classifier_name_for(mae_name: str) -> str:
         return stem
     candidates = [name for name in list_models(f"{stem}_*") if not name.startswith("mae_")]
     if len(candidates) != 1:
-        raise ValueError(f"cannot tell the classifier of {mae_name!r} (candidates {candidates}); pass --model")
+        raise ModelError(f"cannot tell the classifier of {mae_name!r} (candidates {candidates}); pass --model NAME")
     return candidates[0]
 
 
@@ -94,7 +97,7 @@ def describe(meta: dict, model_name: str | None) -> dict:
     config = meta.get("config", {})
     saved = meta.get("model")
     if model_name is None and saved is None:
-        raise ValueError("the checkpoint has no state.json naming its model; pass --model NAME")
+        raise CheckpointError("the checkpoint has no state.json naming its model; pass --model NAME")
     pretraining = "mode" not in meta and saved is not None and saved.startswith("mae_")
     name = model_name or (classifier_name_for(saved) if pretraining else saved)
     model_cfg, data_cfg = config.get("model", {}), config.get("data", {})
@@ -129,7 +132,7 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
     config = {**info, "timm_name": timm_name, "timm_kwargs": timm_kwargs,
               "timm_call": timm_call(timm_name, timm_kwargs, info, out / "model.safetensors"),
               "source": str(checkpoint), "source_layout": layout, "dropped_keys": len(dropped),
-              "interpolation": "bicubic", "crop_pct": CROP_PCT}
+              "interpolation": INTERPOLATION, "crop_pct": CROP_PCT}
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=1))
@@ -145,7 +148,7 @@ def timm_call(timm_name: str | None, timm_kwargs: dict, info: dict, file: Path) 
     if timm_name is None:
         return None
     overlay = dict(file=str(file.resolve()), num_classes=info["num_classes"], input_size=(3, info["img_size"],
-                   info["img_size"]), interpolation="bicubic", crop_pct=CROP_PCT)
+                   info["img_size"]), interpolation=INTERPOLATION, crop_pct=CROP_PCT)
     overlay.update({key: tuple(info[key]) for key in ("mean", "std") if info[key] is not None})
     return f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay={overlay!r}, **{timm_kwargs!r})"
 
@@ -156,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output directory")
     parser.add_argument("--model", default=None, help="registered classifier name (needed without state.json)")
     args = parser.parse_args(argv)
-    config = export(args.checkpoint, args.out, args.model)
+    config = report_user_errors(lambda: export(args.checkpoint, args.out, args.model))
+    if config is None:
+        return 1
     print(f"exported {config['kind']} {config['model']} ({config['num_classes']} classes, {config['img_size']} px) "
           f"to {args.out}")
     print(f"load it in timm with: {config['timm_call']}" if config["timm_call"] else "(not a timm architecture)")
