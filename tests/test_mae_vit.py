@@ -60,6 +60,15 @@ def test_loss_matches_reference(model):
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
 
 
+def test_nothing_hidden_gives_a_zero_loss_not_nan(model):
+    images = torch.randn(2, 3, 32, 32)
+    loss, pred, mask = model(images, mask_ratio=0.0)
+    assert mask.sum() == 0 and pred.shape == (2, model.grid**2, model.unit**2 * 3)
+    assert loss.item() == 0.0
+    loss.backward()  # the graph stays intact for callers that always backpropagate
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_masking_polarity_and_count():
     noise = torch.tensor([[0.9, 0.1, 0.5, 0.3]])
     ids_keep, ids_restore, mask = random_masking(noise, 2)

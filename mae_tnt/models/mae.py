@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .layers import LayerNorm, init_mae_weights, transformer_blocks
-from .masking import num_visible, random_masking
+from .masking import masked_mean, num_visible, random_masking
 from .pos_embed import sincos_2d
 
 WRAPPER_KEY_PREFIXES = ("decoder_", "mask_token", "encoder_mask_token")
@@ -139,7 +139,7 @@ class MaskedAutoencoder(nn.Module):
         """Mean squared error over the hidden units only (mask == 1)."""
         target = self.target(images)
         per_unit = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, L]
-        return (per_unit * mask).sum() / mask.sum()
+        return masked_mean(per_unit, mask)
 
     def target(self, images: torch.Tensor) -> torch.Tensor:
         """Reconstruction target [B, L, u * u * 3]: pixels, normalised per unit when norm_pix_loss is on."""

@@ -37,6 +37,13 @@ def random_masking(noise: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, to
     return ids_keep, ids_restore, mask
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1 (both [B, L]); 0 when nothing is hidden, e.g. at mask_ratio=0, where the
+    reference divides 0 by 0 and returns NaN."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
 def gather_units(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Select units along dim 1: [B, L, *rest] -> [B, K, *rest]."""
     index = ids.reshape(*ids.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])  # [B, K, *rest]

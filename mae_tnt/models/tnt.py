@@ -26,7 +26,7 @@ from torch import nn
 
 from .layers import DropPath, Mlp, init_mae_weights, init_trunc_normal_weights, resample_abs_pos_embed, trunc_normal_
 from .mae import MaskedAutoencoder, build_mae
-from .masking import num_visible, random_masking
+from .masking import masked_mean, num_visible, random_masking
 from .registry import register_model
 
 WORD_STRIDE = 4
@@ -391,8 +391,7 @@ class WordMaskedAutoencoder(MaskedAutoencoder):
         """MSE over the hidden words only: words [B * K, W, c], word_mask [B * K, W] -> scalar."""
         pred = self.decoder_word_pred(self.decoder_word_norm(words))  # [B*K, W, w*w*C]
         per_word = ((pred.float() - self.word_target(images, ids_keep)) ** 2).mean(dim=-1)  # [B*K, W]
-        hidden = word_mask.float()
-        return (per_word * hidden).sum() / hidden.sum()
+        return masked_mean(per_word, word_mask)
 
     def forward(self, images: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None):
         """As `MaskedAutoencoder.forward` with the word term in the loss: loss, pred [B, L, u*u*3], mask [B, L]."""
