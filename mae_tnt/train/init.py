@@ -108,12 +108,18 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
             message names the keys.
     """
     source = resolve_checkpoint(source)  # a run directory: say which of its checkpoints
-    raw, _ = read_source(source)
+    raw, meta = read_source(source)
     state_dict, dropped, layout = encoder_weights(raw)
     # Heads are `head.*` in every accepted layout, so this runs before the model's own key filter (in load_weights).
     state_dict, unfit_head = drop_unfit_head(model, state_dict)
     allow_missing, allow_unexpected = allowed_keys(model)
-    report = load_weights(model, state_dict, allow_missing=allow_missing, allow_unexpected=allow_unexpected)
+    try:
+        report = load_weights(model, state_dict, allow_missing=allow_missing, allow_unexpected=allow_unexpected)
+    except CheckpointError as err:
+        if "model" not in meta:
+            raise
+        raise CheckpointError(f"{err}. It was written by `{meta['model']}`: model.name and its arguments must "
+                              "build the same encoder") from None
     report.dropped = dropped + unfit_head
     log(f"init from {source} [{layout}]: {len(state_dict)} tensors loaded; missing {report.missing}; "
         f"unexpected {report.unexpected}; dropped {len(report.dropped)} "
