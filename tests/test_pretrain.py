@@ -1,6 +1,7 @@
 """The pretraining loop: run directory, exact resume, early config errors, non-finite loss, checkpoint safety."""
 
 import json
+import os
 import shutil
 import stat
 import subprocess
@@ -95,6 +96,17 @@ def test_unknown_key_fails_before_any_work(tmp_path):
     assert result.returncode == 2
     assert "unknown config key `optim.lr`" in result.stderr and "did you mean" in result.stderr
     assert not out.exists()
+
+
+def test_a_cpu_run_with_deepspeed_installed_prints_no_gpu_detection_warning(shards, tmp_path):
+    pytest.importorskip("deepspeed")  # accelerate imports it when saving, and it used to warn it found no GPU
+    result = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), str(ROOT / "recipes/demo_mae_vit.yaml"),
+                             f"data.train={shards}", "data.val=null", "model.img_size=32", "data.batch_size=8",
+                             "data.num_workers=0", "run.max_steps=1", f"run.output_dir={tmp_path}"],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "checkpoints" / "step_00000001").is_dir()
+    assert "setting accelerator" not in (result.stdout + result.stderr).lower()
 
 
 def test_pretraining_streams_allowed_pipe_urls(shards, tmp_path):

@@ -9,6 +9,7 @@ References: facebookresearch/mae `engine_pretrain.train_one_epoch`; accelerate `
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,10 @@ def build_accelerator(cfg: PretrainConfig) -> Accelerator:
         precision = "bf16" if torch.cuda.is_available() else "fp32"
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               gradient_accumulation_steps=cfg.optim.accum_steps)
+    if accelerator.device.type == "cpu":
+        # accelerate imports DeepSpeed whenever it is installed (e.g. in unwrap_model); told the device, DeepSpeed
+        # skips its GPU probe and the warning that it found none.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
         torch.backends.cudnn.allow_tf32 = cfg.run.tf32
