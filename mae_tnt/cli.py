@@ -23,6 +23,12 @@ def load_recipe(cls: type, argv: list[str], prog: str):
         raise SystemExit(2) from None
 
 
+# What a shell reports for a process that SIGTERM ended: a preempted run says it stopped early, so `a && b` chains
+# and job scripts do not take a half-trained model for a finished one.
+PREEMPTED_EXIT = 128 + 15
+INTERRUPTED_EXIT = 128 + 2  # likewise for Ctrl-C (SIGINT)
+
+
 def run_pretrain(argv: list[str]) -> int:
     cfg = load_recipe(PretrainConfig, argv, "pretrain.py")
     from .train.engine import pretrain  # heavy imports only once the config is valid
@@ -30,9 +36,18 @@ def run_pretrain(argv: list[str]) -> int:
     summary = report_user_errors(lambda: pretrain(cfg))
     if summary is None:
         return 1
+    if summary["preempted"]:
+        return report_preempted(summary)
     if is_main_process():
         print(f"done: {summary['steps']} steps; outputs in {summary['output_dir']}")
     return 0
+
+
+def report_preempted(summary: dict) -> int:
+    if is_main_process():
+        print(f"stopped early by SIGTERM after step {summary['steps']}, with a checkpoint in "
+              f"{summary['output_dir']}; run the same command again to resume", file=sys.stderr)
+    return PREEMPTED_EXIT
 
 
 def report_user_errors(run: Callable[[], dict]) -> dict | None:
@@ -47,8 +62,19 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
     try:
         return run()
     except (ShardError, CheckpointError, ResumeError, ModelError, NonFiniteLossError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {without_worker_traceback(str(err))}", file=sys.stderr)
         return None
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT) from None
+
+
+def without_worker_traceback(message: str) -> str:
+    """The original message of an error a DataLoader worker raised, which torch re-raises wrapped as
+    "Caught E in DataLoader worker process N. Original Traceback ... pkg.E: message"."""
+    if "\nOriginal Traceback" not in message:
+        return message
+    return message.rstrip().splitlines()[-1].split(": ", 1)[-1]
 
 
 def is_main_process() -> bool:

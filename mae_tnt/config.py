@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -104,8 +105,9 @@ class DataConfig:
     """`cpu`, or `cuda` to decode JPEGs in batches on the GPU (falls back to CPU when unavailable)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ConfigError("data.batch_size must be >= 1 and data.num_workers >= 0")
+        if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_chunk < 1:
+            raise ConfigError(f"data.batch_size and data.shuffle_chunk must be >= 1 and data.num_workers >= 0, got "
+                              f"{self.batch_size}, {self.shuffle_chunk} and {self.num_workers}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"data.crop_scale must be [low, high] within (0, 1], got {self.crop_scale}")
         if self.decode_device not in ("cpu", "cuda"):
@@ -147,8 +149,9 @@ class ScheduleConfig:
     """Linear warmup length in epochs, then half-cosine to optim.min_lr."""
 
     def __post_init__(self) -> None:
-        if not self.epochs > 0:
-            raise ConfigError(f"schedule.epochs must be > 0, got {self.epochs} (use run.max_steps for a short run)")
+        if not 0 < self.epochs < math.inf:
+            raise ConfigError(f"schedule.epochs must be finite and > 0, got {self.epochs} (use run.max_steps for a "
+                              "short run)")
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ConfigError(f"schedule.warmup_epochs must be in [0, schedule.epochs = {self.epochs}], "
                               f"got {self.warmup_epochs}")
@@ -201,6 +204,14 @@ class EvalConfig:
     knn_temperature: float = 0.07
     knn_max_train: int | None = 10_000
     """Train images in the online kNN bank, at most (null = every one); keeps the monitor cheap on big datasets."""
+
+    def __post_init__(self) -> None:
+        check_knn(self.knn_k, self.knn_temperature, "eval.knn_")
+
+
+def check_knn(k: int, temperature: float, prefix: str) -> None:
+    if k < 1 or not temperature > 0:
+        raise ConfigError(f"{prefix}k must be >= 1 and {prefix}temperature > 0, got {k} and {temperature}")
 
 
 @dataclass

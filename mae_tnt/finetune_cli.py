@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .cli import is_main_process, load_recipe, report_user_errors
+from .cli import is_main_process, load_recipe, report_preempted, report_user_errors
 from .finetune_config import FinetuneConfig
 
 
@@ -13,6 +13,8 @@ def run_finetune(argv: list[str]) -> int:
     summary = report_user_errors(lambda: finetune(cfg))
     if summary is None:
         return 1
+    if summary.get("preempted"):
+        return report_preempted(summary)
     if not is_main_process():
         return 0
     if cfg.mode == "knn":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import MISSING_VALUE, ConfigError, DataConfig, OptimConfig, RunConfig, ScheduleConfig
+from .config import MISSING_VALUE, ConfigError, DataConfig, OptimConfig, RunConfig, ScheduleConfig, check_knn
 
 MODES = ("finetune", "linprobe", "knn")
 OPTIMIZERS = ("adamw", "lars")
@@ -70,6 +70,16 @@ class AugmentConfig:
     """Probability of CutMix instead of Mixup when both are on."""
     label_smoothing: float = 0.1
 
+    def __post_init__(self) -> None:
+        if self.rand_augment:
+            from timm.data.auto_augment import rand_augment_transform
+
+            try:  # timm asserts or fails deep inside on a malformed spec
+                rand_augment_transform(self.rand_augment, {})
+            except Exception:
+                raise ConfigError(f"augment.rand_augment={self.rand_augment!r} is not a timm RandAugment spec such "
+                                  "as 'rand-m9-mstd0.5-inc1' (null turns it off)") from None
+
     @property
     def mixup_active(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0
@@ -119,6 +129,9 @@ class KnnConfig:
     """Neighbours that vote (DINO: 20)."""
     temperature: float = 0.07
     """Votes are weighted by exp(cosine similarity / temperature)."""
+
+    def __post_init__(self) -> None:
+        check_knn(self.k, self.temperature, "knn.")
 
 
 @dataclass

@@ -88,6 +88,16 @@ def test_linear_probe_refuses_fine_tuning_augmentation():
         load_config(FinetuneConfig, None, ["mode=linprobe", "model.name=vit_test_patch8_32", "data.train=x"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("augment.rand_augment=bogus", "augment.rand_augment='bogus' is not a timm RandAugment spec such as 'rand-m9-"),
+    ("knn.k=0", r"knn.k must be >= 1 and knn.temperature > 0, got 0"),
+    ("knn.temperature=-1", r"knn.k must be >= 1 and knn.temperature > 0, got 20 and -1.0"),
+])
+def test_bad_downstream_values_fail_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(FinetuneConfig, None, ["model.name=vit_test_patch8_32", "data.train=x", override])
+
+
 def test_layer_decay_scales_follow_the_depth():
     # ViT test model, depth 2, n = 3 groups above the stem: stem 0.65^3, block i 0.65^(2 - i), head and fc_norm 1.
     cfg = load_config(FinetuneConfig, None, ["model.name=vit_test_patch8_32", "data.train=x", "optim.layer_decay=0.65"])

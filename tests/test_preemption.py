@@ -61,9 +61,29 @@ def test_sigkill_at_a_random_step_resumes_exactly(shards, tmp_path):
 def test_sigterm_to_the_process_group_saves_a_checkpoint_before_exit(shards, tmp_path):
     process = start_and_signal(shards, tmp_path, 30, 3, signal.SIGTERM, workers=2)
     output = process.stdout.read()
-    assert process.returncode == 0, output
-    assert "SIGTERM received" in output
+    assert process.returncode == 143, output  # not 0: `pretrain && next-step` must not go on with half a run
+    assert "SIGTERM received" in output and "stopped early by SIGTERM after step" in output
     steps = [int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*")]
     last = max(steps)
     assert 3 <= last < 30  # stopped early, with a checkpoint at the step where it stopped
     assert logged_losses(tmp_path)[-1][0] == last
+
+
+def test_ctrl_c_exits_with_one_line_saying_how_to_resume(shards, tmp_path):
+    process = start_and_signal(shards, tmp_path, 30, 2, signal.SIGINT, workers=2)
+    output = process.stdout.read()
+    assert process.returncode == 130, output
+    assert "interrupted; run the same command again to resume" in output and "Traceback" not in output
+
+
+def test_an_error_in_a_loader_worker_ends_the_run_with_one_line_instead_of_hanging(tmp_path):
+    write_shards(tmp_path / "bad", [32] * 2, size=20, corrupt=frozenset(range(64)))
+    try:
+        result = subprocess.run(command(tmp_path / "bad", tmp_path / "out", 4, workers=2), env=ENV, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run hung after its loader worker failed")
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: no readable image in "), errors
+    assert "Traceback" not in result.stderr

@@ -174,7 +174,7 @@ class RoleStream:
     def _check_not_all_bad(self, skipped: int, err: Exception) -> None:
         """A whole epoch's worth of bad samples in a row means the data, not a few files, is broken."""
         if skipped > self.starts[-1]:
-            raise RuntimeError(
+            raise ShardError(
                 f"no readable image in {skipped} consecutive samples (last error: {err}); check the shards with "
                 "tools/inspect_shards.py, and data.max_image_pixels if the images are very large"
             )

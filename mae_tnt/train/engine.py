@@ -221,44 +221,50 @@ class Trainer:
         preemption = Preemption(self.acc, self.cfg.run.preempt_check_every, self.log)
         window = Window(self.acc.device)
         history: list[dict] = []
-        bar = progress_bar(self.plan.stop_step, self.step, self.is_main)
-        micro = self.step * self.cfg.optim.accum_steps
-        last_saved = self.step
-        while self.step < self.plan.stop_step and not preemption.stopping:
-            loader = make_loader(self.stream, pin_memory=self.acc.device.type == "cuda")
-            for batch in timed(loader, window):
-                started = time.perf_counter()
-                loss = self.micro_step(batch, micro)
-                if self.cfg.run.compile and micro == self.step * self.cfg.optim.accum_steps:
-                    self.log(f"torch.compile: first step (compilation included) took "
-                             f"{time.perf_counter() - started:.1f} s")
-                micro += 1
-                self.stream.state.record(batch, self.stream.num_workers)
-                window.add(loss, len(batch["images"]), micro)
-                if not self.acc.sync_gradients:
-                    continue
-                self.step += 1
-                bar.update(1)
-                if self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step:
-                    history.append(self._log_window(window, bar))
-                if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.plan.stop_step:
-                    raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
-                    self.save()
-                    last_saved = self.step
-                elif self.cfg.run.recon_every and self.step % self.cfg.run.recon_every == 0:
-                    self.reconstructions()
-                if self._knn_due():
-                    history.append(self.knn_eval())
-                if self.step >= self.plan.stop_step or preemption.should_stop(self.step):
-                    break
-            if self.stream.state.batches >= self.stream.batches_per_epoch():
-                self.stream.state.start_epoch(self.stream.state.epoch + 1)
-        bar.close()
+        self.last_saved = self.step
+        with progress_bar(self.plan.stop_step, self.step, self.is_main) as bar:
+            micro = self.step * self.cfg.optim.accum_steps
+            while self.step < self.plan.stop_step and not preemption.stopping:
+                loader = make_loader(self.stream, pin_memory=self.acc.device.type == "cuda")
+                for batch in timed(loader, window):
+                    started = time.perf_counter()
+                    loss = self.micro_step(batch, micro)
+                    if self.cfg.run.compile and micro == self.step * self.cfg.optim.accum_steps:
+                        self.log(f"torch.compile: first step (compilation included) took "
+                                 f"{time.perf_counter() - started:.1f} s")
+                    micro += 1
+                    self.stream.state.record(batch, self.stream.num_workers)
+                    window.add(loss, len(batch["images"]), micro)
+                    if not self.acc.sync_gradients:
+                        continue
+                    self.step += 1
+                    bar.update(1)
+                    history += self._after_optimizer_step(window, bar)
+                    if self.step >= self.plan.stop_step or preemption.should_stop(self.step):
+                        break
+                if self.stream.state.batches >= self.stream.batches_per_epoch():
+                    self.stream.state.start_epoch(self.stream.state.epoch + 1)
         raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
-        if self.step != last_saved:
+        if self.step != self.last_saved:
             self.save()
         self.logger.close()
-        return {"steps": self.step, "history": history, "output_dir": str(self.out)}
+        return {"steps": self.step, "history": history, "output_dir": str(self.out),
+                "preempted": preemption.stopping and self.step < self.plan.stop_step}
+
+    def _after_optimizer_step(self, window: Window, bar) -> list[dict]:
+        """Log, checkpoint, reconstruct and evaluate when due; returns the metrics rows written."""
+        rows = []
+        if self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step:
+            rows.append(self._log_window(window, bar))
+        if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.plan.stop_step:
+            raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
+            self.save()
+            self.last_saved = self.step
+        elif self.cfg.run.recon_every and self.step % self.cfg.run.recon_every == 0:
+            self.reconstructions()
+        if self._knn_due():
+            rows.append(self.knn_eval())
+        return rows
 
     def _log_window(self, window: Window, bar) -> dict:
         raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)

@@ -325,21 +325,21 @@ class FinetuneRun:
         """Train to the stop step, evaluating after every epoch; returns a summary with the best accuracy."""
         self.preemption = Preemption(self.acc, self.cfg.run.preempt_check_every, self.log)
         window, history = Window(self.device), []
-        bar = progress_bar(self.plan.stop_step, self.step, self.is_main, desc=self.cfg.mode)
-        micro = self.step * self.cfg.optim.accum_steps
-        while self.step < self.plan.stop_step and not self.preemption.stopping:
-            self.set_train_mode()
-            micro = self._run_batches(window, bar, micro)
-            epoch_done = self._epoch_done()
-            if epoch_done:
-                self.stream.state.start_epoch(self.stream.state.epoch + 1)
-            if (epoch_done or self.step >= self.plan.stop_step) and self.val_shards:
-                history.append(self.evaluate_and_keep_best())
-            raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
-            self.save()
-        bar.close()
+        with progress_bar(self.plan.stop_step, self.step, self.is_main, desc=self.cfg.mode) as bar:
+            micro = self.step * self.cfg.optim.accum_steps
+            while self.step < self.plan.stop_step and not self.preemption.stopping:
+                self.set_train_mode()
+                micro = self._run_batches(window, bar, micro)
+                epoch_done = self._epoch_done()
+                if epoch_done:
+                    self.stream.state.start_epoch(self.stream.state.epoch + 1)
+                if (epoch_done or self.step >= self.plan.stop_step) and self.val_shards:
+                    history.append(self.evaluate_and_keep_best())
+                raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
+                self.save()
         self.logger.close()
-        return {"steps": self.step, "history": history, "best": self.best, "output_dir": str(self.out)}
+        return {"steps": self.step, "history": history, "best": self.best, "output_dir": str(self.out),
+                "preempted": self.preemption.stopping and self.step < self.plan.stop_step}
 
     def _run_batches(self, window: Window, bar, micro: int) -> int:
         """Micro-steps until the epoch ends, the stop step is reached or a stop is requested; returns `micro`."""

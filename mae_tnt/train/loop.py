@@ -43,13 +43,20 @@ class Window:
 def timed(batches: Iterable, window: Window) -> Iterator:
     """Yield the batches, adding the time spent waiting for each to `window.data_time`."""
     iterator = iter(batches)
-    while True:
-        start = time.perf_counter()
-        batch = next(iterator, None)
-        window.data_time += time.perf_counter() - start
-        if batch is None:
-            return
-        yield batch
+    try:
+        while True:
+            start = time.perf_counter()
+            batch = next(iterator, None)
+            window.data_time += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
+    finally:
+        # Stop the loader's workers on every way out, an error included. Left to interpreter exit, torch skips
+        # this, and multiprocessing then waits forever for workers that ignore its SIGTERM (`_ignore_sigterm`).
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def close_window(accelerator, window: Window, bar, step: int, epoch: float, lr: float) -> dict:

@@ -60,5 +60,6 @@ class MetricsLogger:
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str = "pretrain") -> tqdm:
-    """Step progress bar; disabled on ranks other than 0."""
+    """Step progress bar; disabled on ranks other than 0. Use it in a `with` block: closed on errors too, an error
+    message then starts a line of its own."""
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
