@@ -241,8 +241,10 @@ def test_resume_with_another_effective_batch_is_refused_with_the_accumulation_th
 def test_resume_with_another_model_is_refused(shards, tmp_path):
     Trainer(config(shards, tmp_path, "run.max_steps=4")).train()
     AcceleratorState._reset_state(True)
+    written = (tmp_path / "config.yaml").read_text()
     with pytest.raises(ResumeError, match="written by model 'mae_vit_test'"):
         Trainer(config(shards, tmp_path, "model.name=mae_vit_tiny_patch16"))
+    assert (tmp_path / "config.yaml").read_text() == written  # still describes the checkpoints beside it
 
 
 def test_two_optimizer_steps_lower_the_loss_on_a_fixed_batch():

@@ -78,6 +78,13 @@ def build_accelerator(cfg: PretrainConfig) -> Accelerator:
     return accelerator
 
 
+def write_run_config(cfg, out: Path, is_main: bool) -> None:
+    """The run's config.yaml, written once a resume has been accepted: a refused one leaves the directory as it was."""
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+
 def configure_deepspeed(accelerator: Accelerator, cfg: PretrainConfig) -> torch.dtype | None:
     """Fill what DeepSpeed cannot infer without a prepared loader; returns the input dtype its engine needs.
 
@@ -143,15 +150,14 @@ class Trainer:
         self.step = 0
         self.grad_norm: torch.Tensor | None = None  # the last clipped step's gradient norm, logged when known
         checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)  # before the run dir is written
-        self._prepare_run_dir()
+        self._describe_run()
         if checkpoint is not None:
             self._resume(checkpoint)
+        write_run_config(cfg, self.out, self.is_main)
         self.logger = MetricsLogger(self.out, self.is_main, to_dict(cfg), resume_step=self.step)
 
-    def _prepare_run_dir(self) -> None:
+    def _describe_run(self) -> None:
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.out / "config.yaml")
             self.log(f"run directory: {self.out}")
             self.log(f"effective batch {self.plan.effective_batch} = {self.cfg.data.batch_size} per device x "
                      f"{self.cfg.optim.accum_steps} accumulation x {self.acc.num_processes} processes; "

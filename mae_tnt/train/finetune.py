@@ -38,7 +38,7 @@ from timm.optim import Lars
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from ..config import save_config, to_dict
+from ..config import to_dict
 from ..data.info import ShardError
 from ..data.loader import build_train_stream, data_shards, eval_batches, make_loader
 from ..data.shards import declared_classes
@@ -47,7 +47,7 @@ from ..finetune_config import AugmentConfig, FinetuneConfig
 from ..models import create_model
 from ..models.loading import save_weights
 from .checkpoint import resolve_resume, restore_training, save_checkpoint
-from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step
+from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step, write_run_config
 from .init import attach_probe_head, init_head, load_init, reestimate_stem_norms
 from .knn import accuracy_counts, knn_accuracy_on_shards
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
@@ -247,9 +247,10 @@ class FinetuneRun:
         self.augment = BatchAugment(cfg.augment, self.num_classes, self.device)
         self.val_shards = data_shards(cfg.data, "val") if cfg.data.val else []
         self.step, self.best = 0, {"val_acc1": -1.0}
-        self._prepare_run_dir(sum(p.numel() for p in model.parameters() if p.requires_grad))
+        self._describe_run(sum(p.numel() for p in model.parameters() if p.requires_grad))
         if checkpoint is not None:
             self._resume(checkpoint)
+        write_run_config(cfg, self.out, self.is_main)
         self.logger = MetricsLogger(self.out, self.is_main, to_dict(cfg), resume_step=self.step)
 
     def log(self, message: str) -> None:
@@ -269,11 +270,9 @@ class FinetuneRun:
         images = normalize(images.to(self.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
         return images.contiguous(memory_format=self.memory_format)
 
-    def _prepare_run_dir(self, trainable: int) -> None:
+    def _describe_run(self, trainable: int) -> None:
         if not self.is_main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.out / "config.yaml")
         p, o = self.plan, self.cfg.optim
         self.log(f"{self.cfg.mode} {self.cfg.model.name} ({self.num_classes} classes, {trainable / 1e6:.2f} M "
                  f"trainable) in {self.out}")
@@ -453,8 +452,7 @@ def run_knn(cfg: FinetuneConfig) -> dict:
             world_size=acc.num_processes, gather=acc.gather, verify=True)
     if acc.is_main_process:
         out = Path(cfg.run.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        write_run_config(cfg, out, is_main=True)
         logger = MetricsLogger(out, True, to_dict(cfg))
         logger.log({"step": 0, **result})
         logger.close()
