@@ -319,6 +319,22 @@ def test_file_lists_with_names_ints_and_no_labels(tmp_path):
     assert all("cls" not in fields for _, fields in read_split(tmp_path / "plain"))
 
 
+def test_file_lists_as_spreadsheets_save_them_and_negative_labels(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "imgs" / name).write_bytes(encoded(gradient(4, 4), "PNG"))
+    # Excel's "CSV UTF-8" starts with a byte-order mark and may quote the header.
+    (tmp_path / "excel.csv").write_bytes('\ufeff"path","label"\r\nimgs/a.png,cat\r\nimgs/b.png,dog\r\n'.encode())
+    assert convert(tmp_path / "excel.csv", tmp_path / "excel", options()).num_samples == 2
+    assert load_info(tmp_path / "excel")["classes"] == ["cat", "dog"]
+    (tmp_path / "bom.txt").write_bytes("\ufeffimgs/a.png\nimgs/b.png\n".encode())
+    summary = convert(tmp_path / "bom.txt", tmp_path / "bom", options())
+    assert (summary.num_samples, summary.skipped) == (2, [])  # the first path is not lost to the mark
+    (tmp_path / "negative.csv").write_text("path,label\nimgs/a.png,-1\nimgs/b.png,0\n")
+    with pytest.raises(SourceError, match="label -1 is negative"):
+        convert(tmp_path / "negative.csv", tmp_path / "negative", options())
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     """An unsigned-byte IDX file: zero, type 0x08, ndim, big-endian dims, data."""
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)

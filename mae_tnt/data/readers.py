@@ -28,6 +28,7 @@ import csv
 import gzip
 import os
 import pickle
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -249,13 +250,16 @@ def _int_classes(labels: Sequence[int], classes: list[str] | None, where: str) -
     return classes
 
 
+INT_LABEL = re.compile(r"-?[0-9]+")
+
+
 def read_list(list_file: Path, classes: list[str] | None = None) -> FileSource:
     """A list file: plain paths, one per line (``#`` comments allowed), or CSV with ``path[,label]`` header.
 
     Integer labels are used as ids (named by ``classes``, else "0".."max"); other labels are class names,
     indexed in sorted order unless ``classes`` fixes the order.
     """
-    text = list_file.read_text(encoding="utf-8")
+    text = list_file.read_text(encoding="utf-8-sig")  # -sig: spreadsheets save "CSV UTF-8" with a byte-order mark
     if not _has_csv_header(text):
         if list_file.suffix.lower() == ".csv":  # read as plain paths, "x.jpg,cat" would name a file that is not there
             raise SourceError(f"{list_file}: a CSV list needs a header line, `path` or `path,label`; add it as the "
@@ -267,8 +271,11 @@ def read_list(list_file: Path, classes: list[str] | None = None) -> FileSource:
     names = [label for _, label in rows]
     if all(label is None for label in names):
         return FileSource(root=list_file.parent, paths=paths)
-    if all(label.isascii() and label.isdigit() for label in names):
+    if all(INT_LABEL.fullmatch(label) for label in names):
         labels = [int(label) for label in names]
+        if min(labels) < 0:
+            raise SourceError(f"{list_file}: label {min(labels)} is negative; labels are class ids from 0 or class "
+                              "names")
         classes = _int_classes(labels, classes, where=str(list_file))
     else:
         classes = sorted(set(names)) if classes is None else classes
@@ -279,7 +286,8 @@ def read_list(list_file: Path, classes: list[str] | None = None) -> FileSource:
 def _has_csv_header(text: str) -> bool:
     """True when the first non-empty line is a CSV header starting with the column ``path``."""
     first_line = next((line for line in text.splitlines() if line.strip()), "")
-    return first_line.split(",")[0].strip().lower() == "path"
+    first_field = next(csv.reader([first_line]))[0]  # unquotes `"path","label"`
+    return first_field.strip().lower() == "path"
 
 
 def _parse_csv(text: str, list_file: Path) -> list[tuple[str, str | None]]:
