@@ -53,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--unsafe-pickle", action="store_true",
                         help="allow a full unpickle for legacy files that weights_only loading refuses")
     args = parser.parse_args(argv)
+    if args.out.suffix != ".safetensors":  # readers tell safetensors from pickles by the name
+        print(f"error: {args.out} must end in .safetensors, the format written; e.g. "
+              f"{args.out.with_suffix('.safetensors')}", file=sys.stderr)
+        return 1
     try:
         report = convert(args.src, args.out, args.model, args.allow_missing, args.unsafe_pickle)
     except (CheckpointError, ModelError) as err:

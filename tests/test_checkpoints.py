@@ -132,6 +132,11 @@ def test_convert_tool_errors_are_one_line_naming_the_fix(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: unknown model 'vit_tst'. Did you mean") and "vit_test_patch8_32" in err
     assert convert_main(args + ["vit_test_patch8_32", "--unsafe-pickle"]) == 0  # the user trusts the file
+    assert convert_main([str(tmp_path / "legacy.pth"), str(tmp_path / "out.pth"), "--model", "vit_test_patch8_32",
+                         "--unsafe-pickle"]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'out.pth'} must end in .safetensors, the format written; " \
+                                      f"e.g. {tmp_path / 'out.safetensors'}\n"
+    assert not (tmp_path / "out.pth").exists()
 
 
 def test_arguments_a_builder_refuses_are_a_model_error():
