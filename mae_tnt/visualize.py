@@ -27,10 +27,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("shards", help="shard directory with _info.json, or a brace URL")
     parser.add_argument("--split", default="val")
     parser.add_argument("--out", type=Path, default=None, help="defaults to RUN/recon/step_N_SPLIT.png")
-    parser.add_argument("--count", type=int, default=8)
-    parser.add_argument("--mask-ratio", type=float, default=None, help="defaults to the run's")
+    parser.add_argument("--count", type=int, default=8, help="images shown (>= 1)")
+    parser.add_argument("--mask-ratio", type=float, default=None, help="in [0, 1); defaults to the run's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shown masks")
     args = parser.parse_args(argv)
+    if args.count < 1 or not (args.mask_ratio is None or 0 <= args.mask_ratio < 1):
+        parser.error(f"--count must be >= 1 and --mask-ratio in [0, 1); got {args.count} and {args.mask_ratio}")
     return 0 if report_user_errors(lambda: visualize(args)) is not None else 1
 
 

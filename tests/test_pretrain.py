@@ -70,6 +70,10 @@ def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys
     assert out.stat().st_size > 0 and f"wrote {out}" in capsys.readouterr().out
     assert visualize_main([str(tmp_path), str(shards), "--count", "4"]) == 0  # a run directory: its newest checkpoint
     assert (tmp_path / "recon" / "step_00000004_val.png").stat().st_size > 0
+    for bad in (["--count", "0"], ["--mask-ratio", "1"]):
+        with pytest.raises(SystemExit):  # argparse's usage error (status 2), before any work
+            visualize_main([str(tmp_path), str(shards), *bad])
+        assert "--count must be >= 1 and --mask-ratio in [0, 1)" in capsys.readouterr().err
     state = tmp_path / "checkpoints" / "step_00000004" / "state.json"
     state.write_text(json.dumps({**json.loads(state.read_text()), "model": "vit_test_patch8_32"}))
     assert visualize_main([str(tmp_path), str(shards)]) == 1
