@@ -92,7 +92,7 @@ def options(**overrides) -> ConvertOptions:
     return ConvertOptions(**{"workers": 0, "progress": False, **overrides})
 
 
-def test_mixed_folder_keeps_every_readable_image_and_reports_the_rest(tmp_path):
+def test_mixed_folder_keeps_every_readable_image_and_reports_the_rest(tmp_path, capsys):
     good = write_mixed_folder(tmp_path / "src")
     out = tmp_path / "out"
     assert make_shards_main([str(tmp_path / "src"), str(out), "--shard-size", "3", "--workers", "2"]) == 0
@@ -109,6 +109,7 @@ def test_mixed_folder_keeps_every_readable_image_and_reports_the_rest(tmp_path):
     assert "truncated" in reasons[0].lower() and "unknown image format" in reasons[1] and ".txt" in reasons[2]
     assert load_info(out)["classes"] == []
     assert inspect_main([str(out)]) == 0
+    assert "train: 100%" in capsys.readouterr().err  # decoding every image takes a while: a bar shows it
 
 
 def test_colours_of_cmyk_16bit_alpha_and_palette_images(tmp_path):

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from mae_tnt.data.images import IMAGE_FIELDS, BadImageError, decode
 from mae_tnt.data.info import INFO_NAME, ShardError, count_tar_samples, load_info
 from mae_tnt.data.shards import read_samples
@@ -42,8 +44,8 @@ class InspectReport:
     problems: list[str]
 
 
-def inspect_shards(root: str | Path) -> InspectReport:
-    """Check every shard listed in ``root/_info.json`` and decode every image.
+def inspect_shards(root: str | Path, progress: bool = False) -> InspectReport:
+    """Check every shard listed in ``root/_info.json`` and decode every image (``progress``: a bar per split).
 
     Raises:
         FileNotFoundError: ``_info.json`` is missing.
@@ -56,8 +58,10 @@ def inspect_shards(root: str | Path) -> InspectReport:
     splits = {}
     for split, entry in info["splits"].items():
         splits[split] = SplitReport(num_samples=entry["num_samples"], num_shards=len(entry["filenames"]))
-        for filename, length in zip(entry["filenames"], entry["shard_lengths"], strict=True):
-            problems += _inspect_shard(root / filename, length, classes, splits[split])
+        with tqdm(total=entry["num_samples"], unit="img", desc=split, disable=not progress) as bar:
+            for filename, length in zip(entry["filenames"], entry["shard_lengths"], strict=True):
+                problems += _inspect_shard(root / filename, length, classes, splits[split])
+                bar.update(length)
     return InspectReport(info.get("name", root.name), classes, splits, problems)
 
 
@@ -135,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("root", help="shard directory holding _info.json")
     args = parser.parse_args(argv)
     try:
-        report = inspect_shards(args.root)
+        report = inspect_shards(args.root, progress=True)
     except (FileNotFoundError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
