@@ -61,7 +61,8 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
 
     try:
         return run()
-    except (ShardError, CheckpointError, ResumeError, ModelError, NonFiniteLossError, FileNotFoundError) as err:
+    except (ConfigError, ShardError, CheckpointError, ResumeError, ModelError, NonFiniteLossError,
+            FileNotFoundError) as err:
         print(f"error: {without_worker_traceback(str(err))}", file=sys.stderr)
         return None
     except KeyboardInterrupt:

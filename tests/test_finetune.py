@@ -243,6 +243,17 @@ def test_unlabeled_shards_are_refused_before_fine_tuning_even_with_a_class_count
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_stem_norm_refit_on_a_model_without_batchnorm_is_one_error_line(tmp_path, capsys, fresh_accelerate_state):
+    from mae_tnt.finetune_cli import run_finetune
+
+    argv = [str(ROOT / "recipes" / "demo_finetune_tnt.yaml"), f"run.output_dir={tmp_path}", "data.num_workers=0",
+            "model.bn_reestimate_batches=2"]
+    assert run_finetune(argv) == 1
+    err = capsys.readouterr().err
+    assert err == "error: model.bn_reestimate_batches applies to SReT only, not TNT; set it to 0\n"
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_demo_finetune_beats_chance_and_resumes_exactly(tmp_path, one_thread):
     full = FinetuneRun(demo_config(tmp_path / "full")).train()
     assert full["steps"] == 62 and full["best"]["val_acc1"] > 25.0  # 10 classes: chance is 10 %

@@ -88,3 +88,18 @@ def test_knn_mode_of_the_downstream_runner_beats_chance_on_the_bundled_data(tmp_
     result = finetune(cfg)  # random init: pixels through a random ViT already cluster Fashion-MNIST
     assert result["knn_train"] == 1000 and result["knn_val"] == 500 and result["knn_top1"] > 30.0
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["knn_top1"] == result["knn_top1"]
+
+
+def test_knn_mode_on_unlabeled_shards_fails_before_encoding_with_one_line(tmp_path, capsys, fresh_accelerate_state):
+    from mae_tnt.finetune_cli import run_finetune
+
+    write_shards(tmp_path / "shards", [8], size=16)
+    write_shards(tmp_path / "shards", [8], split="val", size=16)
+    info = json.loads((tmp_path / "shards" / "_info.json").read_text())
+    (tmp_path / "shards" / "_info.json").write_text(json.dumps({**info, "classes": []}))
+    argv = [str(ROOT / "recipes" / "demo_knn_vit.yaml"), f"data.train={tmp_path / 'shards'}",
+            f"data.val={tmp_path / 'shards'}", f"run.output_dir={tmp_path / 'run'}", "model.img_size=16"]
+    assert run_finetune(argv) == 1
+    assert capsys.readouterr().err == (f"error: kNN evaluation needs labeled shards, but {tmp_path / 'shards'}"
+                                       "/_info.json lists no classes; make the shards with labels "
+                                       "(tools/make_shards.py)\n")

@@ -135,7 +135,7 @@ def test_the_knn_monitor_on_unlabeled_shards_fails_before_any_work(shards, tmp_p
     shutil.copytree(shards, unlabeled)
     info = json.loads((unlabeled / "_info.json").read_text())
     (unlabeled / "_info.json").write_text(json.dumps({**info, "classes": []}))
-    with pytest.raises(ShardError, match="eval.knn_every needs labeled shards"):
+    with pytest.raises(ShardError, match=r"the kNN monitor \(eval.knn_every; 0 turns it off\) needs labeled shards"):
         Trainer(config(shards, tmp_path / "run", f"data.val={unlabeled}", "eval.knn_every=1"))
     assert not (tmp_path / "run").exists()
     AcceleratorState._reset_state(True)

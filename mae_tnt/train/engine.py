@@ -21,11 +21,11 @@ from timm.layers import set_fused_attn
 from ..config import PretrainConfig, save_config, to_dict
 from ..data.device_decode import decode_batch
 from ..data.loader import build_train_stream, data_shards, first_images, mae_transform, make_loader
-from ..data.shards import ShardError, declared_classes
+from ..data.shards import ShardError
 from ..data.transforms import normalize
 from ..models import create_model
 from .checkpoint import Checkpoint, resolve_resume, restore_training, save_checkpoint
-from .knn import knn_accuracy_on_shards
+from .knn import knn_accuracy_on_shards, require_labeled_shards
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, progress_bar
 from .optim import build_adamw
@@ -114,12 +114,8 @@ def check_eval_data(cfg: PretrainConfig, log=print) -> None:
         data_shards(data, "val", verify=False)
     except ShardError as err:
         raise ShardError(f"data.val: {err}") from err
-    if not cfg.eval.knn_every:
-        return
-    for spec in (data.train, data.val):
-        if declared_classes(spec) == []:
-            raise ShardError(f"eval.knn_every needs labeled shards, but {spec}/_info.json lists no classes; set "
-                             "eval.knn_every=0, or make the shards with labels (tools/make_shards.py)")
+    if cfg.eval.knn_every:
+        require_labeled_shards(data, "the kNN monitor (eval.knn_every; 0 turns it off)")
 
 
 class Trainer:

@@ -38,7 +38,7 @@ from timm.optim import Lars
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from ..config import to_dict
+from ..config import ConfigError, to_dict
 from ..data.info import ShardError
 from ..data.loader import build_train_stream, data_shards, eval_batches, make_loader
 from ..data.shards import declared_classes
@@ -261,7 +261,7 @@ class FinetuneRun:
         if not self.cfg.optim.ema_decay:
             return None
         if self.acc.distributed_type.name == "DEEPSPEED":
-            raise ValueError("optim.ema_decay is not supported under DeepSpeed (its engine holds sharded or half "
+            raise ConfigError("optim.ema_decay is not supported under DeepSpeed (its engine holds sharded or half "
                              "weights); use DDP, or set optim.ema_decay=null")
         return ModelEmaV3(self.unwrapped, decay=self.cfg.optim.ema_decay)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..models.layers import trunc_normal_
 from ..models.loading import (
     CheckpointError,
@@ -157,5 +158,5 @@ def reestimate_stem_norms(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     fit whole images (see `mae_tnt.models.sret.reestimate_batchnorm`).
     """
     if not isinstance(model, SReT):
-        raise ValueError(f"model.bn_reestimate_batches applies to SReT only, not {type(model).__name__}")
+        raise ConfigError(f"model.bn_reestimate_batches applies to SReT only, not {type(model).__name__}; set it to 0")
     reestimate_batchnorm(model, batches)

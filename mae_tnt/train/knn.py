@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import DataConfig
 from ..data.loader import data_shards, eval_batches
+from ..data.shards import ShardError, declared_classes
 from ..data.transforms import normalize
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -93,7 +94,7 @@ def knn_accuracy(encoder_forward: Callable[[torch.Tensor], torch.Tensor], train_
     bank, bank_labels = extract_features(encoder_forward, train_batches, device, gather)
     queries, labels = extract_features(encoder_forward, val_batches, device, gather)
     if bank.shape[0] == 0 or queries.shape[0] == 0:
-        raise ValueError("kNN needs labeled train and val samples (.cls in the shards); found none")
+        raise ShardError("kNN needs labeled train and val samples (.cls in the shards); found none")
     num_classes = int(max(bank_labels.max(), labels.max())) + 1
     scores = knn_scores(bank, bank_labels, queries, k=k, temperature=temperature, num_classes=num_classes)
     counts = accuracy_counts(scores, labels)
@@ -117,6 +118,16 @@ def encoder_features(encoder: nn.Module, mean: list[float], std: list[float]) ->
     return forward
 
 
+def require_labeled_shards(data: DataConfig, what: str) -> None:
+    """Fail before any encoding when `data.val` is unset or a shard directory's `_info.json` lists no classes."""
+    if data.val is None:
+        raise ShardError(f"{what} needs labeled validation shards: set data.val")
+    for spec in (data.train, data.val):
+        if declared_classes(spec) == []:
+            raise ShardError(f"{what} needs labeled shards, but {spec}/_info.json lists no classes; make the shards "
+                             "with labels (tools/make_shards.py)")
+
+
 def knn_accuracy_on_shards(encoder: nn.Module, data: DataConfig, *, img_size: int, batch_size: int, k: int = 20,
                            temperature: float = 0.07, max_train: int | None = None, device: torch.device | str = "cpu",
                            rank: int = 0, world_size: int = 1, gather: Gather | None = None,
@@ -128,8 +139,7 @@ def knn_accuracy_on_shards(encoder: nn.Module, data: DataConfig, *, img_size: in
     train images, rounded up to whole batches over all ranks. The encoder runs in eval mode; its mode is restored.
     Used by fine-tuning's kNN mode and by pretraining's online monitor (`eval.knn_every`).
     """
-    if data.val is None:
-        raise ValueError("kNN evaluation needs labeled validation shards: set data.val")
+    require_labeled_shards(data, "kNN evaluation")
     train, val = (eval_batches(data_shards(data, which, verify), img_size, batch_size, rank, world_size)
                   for which in ("train", "val"))
     if max_train is not None:
