@@ -266,3 +266,12 @@ def test_two_optimizer_steps_lower_the_loss_on_a_fixed_batch():
         optimizer.step()
         optimizer.zero_grad()
     assert losses[2] < losses[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast works on CUDA")
+def test_fp16_on_cpu_is_warned_about_instead_of_silently_training_in_fp32(capsys):
+    from mae_tnt.train.engine import build_accelerator
+
+    cfg = load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_vit.yaml", ["run.precision=fp16"])
+    build_accelerator(cfg)
+    assert "WARNING: run.precision=fp16 has no effect on CPU" in capsys.readouterr().out

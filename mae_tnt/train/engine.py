@@ -68,6 +68,9 @@ def build_accelerator(cfg: PretrainConfig) -> Accelerator:
         precision = "bf16" if torch.cuda.is_available() else "fp32"
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               gradient_accumulation_steps=cfg.optim.accum_steps)
+    if accelerator.device.type == "cpu" and precision == "fp16" and accelerator.is_main_process:
+        print("WARNING: run.precision=fp16 has no effect on CPU, which autocasts to bf16 only: training in fp32 "
+              "(set run.precision=bf16 or fp32)")
     if accelerator.device.type == "cpu":
         # accelerate imports DeepSpeed whenever it is installed (e.g. in unwrap_model); told the device, DeepSpeed
         # skips its GPU probe and the warning that it found none.
