@@ -167,6 +167,8 @@ def test_interrupted_conversion_resumes_without_duplicates_or_losses(tmp_path, m
         with pytest.raises(KeyboardInterrupt):
             convert(src, tmp_path / "out", options(**limits))
     assert (tmp_path / "out" / "train-000002.tar.tmp").exists()  # the shard being written when it stopped
+    with pytest.raises(FileNotFoundError, match=r"was interrupted \(_progress_train.json records it\); re-run"):
+        load_info(tmp_path / "out")  # what pretraining on the unfinished directory says
     (tmp_path / "out" / "train-000007.tar.tmp").write_bytes(b"junk from an earlier crash")
     with pytest.raises(ConversionError, match="other settings"):
         convert(src, tmp_path / "out", options(**limits, seed=1))
@@ -460,3 +462,13 @@ def test_compressed_shards_are_reproducible_and_stream(tmp_path):
     assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in names)
     assert [s.num_samples for s in resolve_shards(str(tmp_path / "a"))] == [5, 5, 2]
     assert inspect_shards(tmp_path / "a").problems == []
+
+
+def test_ctrl_c_in_make_shards_is_one_line_saying_how_to_finish(tmp_path, monkeypatch, capsys):
+    (tmp_path / "src").mkdir()
+    for i in range(4):
+        (tmp_path / "src" / f"img{i}.png").write_bytes(encoded(gradient(4, 4), "PNG"))
+    monkeypatch.setattr(convert_module.ShardWriter, "close_shard", crash_after(shards=1))
+    assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "out"), "--shard-size", "2"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; run the same command again to finish the conversion" in err and "Traceback" not in err

@@ -555,5 +555,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConversionError, SourceError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to finish the conversion (finished shards are kept)",
+              file=sys.stderr)
+        return 130
     _print_summary(summary, args.out)
     return 0

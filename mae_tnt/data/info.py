@@ -46,6 +46,9 @@ def load_info(root: str | os.PathLike) -> dict:
     """
     path = Path(root) / INFO_NAME
     if not path.is_file():
+        if journals := sorted(Path(root).glob("_progress_*.json")):  # make_shards writes _info.json last
+            raise FileNotFoundError(f"{path} not found: the conversion into {root} was interrupted ({journals[0].name} "
+                                    "records it); re-run tools/make_shards.py with the same arguments to finish it")
         raise FileNotFoundError(
             f"{path} not found: point to a directory made by tools/make_shards.py, or run it to create one"
         )
