@@ -336,6 +336,9 @@ def test_file_lists_as_spreadsheets_save_them_and_negative_labels(tmp_path):
     (tmp_path / "negative.csv").write_text("path,label\nimgs/a.png,-1\nimgs/b.png,0\n")
     with pytest.raises(SourceError, match="label -1 is negative"):
         convert(tmp_path / "negative.csv", tmp_path / "negative", options())
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ConversionError, match="no readable image in"):  # not an IndexError from the header check
+        convert(tmp_path / "empty.txt", tmp_path / "empty", options())
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -286,7 +286,7 @@ def read_list(list_file: Path, classes: list[str] | None = None) -> FileSource:
 def _has_csv_header(text: str) -> bool:
     """True when the first non-empty line is a CSV header starting with the column ``path``."""
     first_line = next((line for line in text.splitlines() if line.strip()), "")
-    first_field = next(csv.reader([first_line]))[0]  # unquotes `"path","label"`
+    first_field = (next(csv.reader([first_line])) or [""])[0]  # unquotes `"path","label"`; an empty line gives []
     return first_field.strip().lower() == "path"
 
 
