@@ -49,6 +49,7 @@ from mae_tnt.data.info import (
     ShardError,
     check_classes,
     count_tar_samples,
+    journal_path,
     remove_split,
     update_split,
     write_json_atomic,
@@ -202,10 +203,6 @@ def discard_split(out: Path, split: str) -> None:
         path.unlink()
     journal_path(out, split).unlink(missing_ok=True)
     remove_split(out, split)
-
-
-def journal_path(out: Path, split: str) -> Path:
-    return out / f"_progress_{split}.json"
 
 
 def shard_name(split: str, index: int, compress: bool = False) -> str:

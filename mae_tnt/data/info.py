@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 INFO_NAME = "_info.json"
+JOURNAL_PREFIX = "_progress_"
 TAR_BLOCK = 512
 
 
@@ -46,7 +47,7 @@ def load_info(root: str | os.PathLike) -> dict:
     """
     path = Path(root) / INFO_NAME
     if not path.is_file():
-        if journals := sorted(Path(root).glob("_progress_*.json")):  # make_shards writes _info.json last
+        if journals := unfinished_journals(root):  # make_shards writes _info.json last
             raise FileNotFoundError(f"{path} not found: the conversion into {root} was interrupted ({journals[0].name} "
                                     "records it); re-run tools/make_shards.py with the same arguments to finish it")
         raise FileNotFoundError(
@@ -153,6 +154,15 @@ def remove_split(root: str | os.PathLike, split: str) -> None:
         write_json_atomic(path, info)
     else:
         path.unlink()
+
+
+def journal_path(root: str | os.PathLike, split: str) -> Path:
+    """The progress journal ``make_shards`` keeps while a split's conversion is unfinished."""
+    return Path(root) / f"{JOURNAL_PREFIX}{split}.json"
+
+
+def unfinished_journals(root: str | os.PathLike) -> list[Path]:
+    return sorted(Path(root).glob(f"{JOURNAL_PREFIX}*.json"))
 
 
 def write_json_atomic(path: Path, obj: object) -> None:

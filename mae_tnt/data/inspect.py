@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mae_tnt.data.images import IMAGE_FIELDS, BadImageError, decode
-from mae_tnt.data.info import INFO_NAME, ShardError, count_tar_samples, load_info
+from mae_tnt.data.info import INFO_NAME, ShardError, count_tar_samples, load_info, unfinished_journals
 from mae_tnt.data.shards import read_samples
 
 MAX_PRINTED_PROBLEMS = 50
@@ -71,7 +71,7 @@ def _leftover_problems(root: Path, info: dict) -> list[str]:
     problems = [f"{path}: temporary file left by an interrupted write" for path in sorted(root.glob("*.tmp"))]
     problems += [
         f"{path}: unfinished conversion; re-run the make_shards command that wrote it"
-        for path in sorted(root.glob("_progress_*.json"))
+        for path in unfinished_journals(root)
     ]
     shards = [path for pattern in ("*.tar", "*.tar.gz") for path in sorted(root.glob(pattern))]
     problems += [f"{path}: shard not listed in {INFO_NAME}" for path in shards if path.name not in listed]
