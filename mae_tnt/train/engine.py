@@ -254,7 +254,7 @@ class Trainer:
             self.save()
         self.logger.close()
         return {"steps": self.step, "history": history, "output_dir": str(self.out),
-                "preempted": preemption.stopping and self.step < self.plan.stop_step}
+                "preempted": preemption.cut_short(self.step, self.plan.stop_step)}
 
     def _after_optimizer_step(self, window: Window, bar) -> list[dict]:
         """Log, checkpoint, reconstruct and evaluate when due; returns the metrics rows written."""

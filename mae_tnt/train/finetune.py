@@ -338,7 +338,7 @@ class FinetuneRun:
                 self.save()
         self.logger.close()
         return {"steps": self.step, "history": history, "best": self.best, "output_dir": str(self.out),
-                "preempted": self.preemption.stopping and self.step < self.plan.stop_step}
+                "preempted": self.preemption.cut_short(self.step, self.plan.stop_step)}
 
     def _run_batches(self, window: Window, bar, micro: int) -> int:
         """Micro-steps until the epoch ends, the stop step is reached or a stop is requested; returns `micro`."""

@@ -128,3 +128,7 @@ class Preemption:
             flag = torch.tensor(float(self.requested), device=self.accelerator.device)
             self.stopping = bool(self.accelerator.reduce(flag, "max").item())
         return self.stopping
+
+    def cut_short(self, step: int, stop_step: int) -> bool:
+        """Whether the run ended on this signal before its stop step (a preempted run, to be resumed)."""
+        return self.stopping and step < stop_step
