@@ -42,3 +42,9 @@ def write_shards(root: Path, sizes: list[int], split: str = "train", corrupt: fr
         names.append(name)
     update_split(root, split, names, sizes, classes=[str(i) for i in range(10)])
     return list(range(sample_id))
+
+
+def drop_classes(root: Path) -> None:
+    """Make a shard directory's `_info.json` declare unlabeled data (an empty class list)."""
+    info = json.loads((root / "_info.json").read_text())
+    (root / "_info.json").write_text(json.dumps({**info, "classes": []}))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from shard_utils import write_shards
+from shard_utils import drop_classes, write_shards
 
 from mae_tnt.config import ConfigError, load_config
 from mae_tnt.data.info import ShardError
@@ -235,8 +235,7 @@ def test_the_head_is_sized_from_the_shards_and_a_different_size_is_warned_about(
 
 def test_unlabeled_shards_are_refused_before_fine_tuning_even_with_a_class_count(tmp_path):
     write_shards(tmp_path / "shards", [8])
-    info = json.loads((tmp_path / "shards" / "_info.json").read_text())
-    (tmp_path / "shards" / "_info.json").write_text(json.dumps({**info, "classes": []}))
+    drop_classes(tmp_path / "shards")
     cfg = demo_config(tmp_path / "run", f"data.train={tmp_path / 'shards'}", "data.val=null", "model.num_classes=3")
     with pytest.raises(ShardError, match="holds unlabeled images .* but finetune needs labels"):
         resolve_num_classes(cfg)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from shard_utils import write_shards
+from shard_utils import drop_classes, write_shards
 
 from mae_tnt.config import DataConfig
 from mae_tnt.data.loader import eval_batches
@@ -95,8 +95,7 @@ def test_knn_mode_on_unlabeled_shards_fails_before_encoding_with_one_line(tmp_pa
 
     write_shards(tmp_path / "shards", [8], size=16)
     write_shards(tmp_path / "shards", [8], split="val", size=16)
-    info = json.loads((tmp_path / "shards" / "_info.json").read_text())
-    (tmp_path / "shards" / "_info.json").write_text(json.dumps({**info, "classes": []}))
+    drop_classes(tmp_path / "shards")
     argv = [str(ROOT / "recipes" / "demo_knn_vit.yaml"), f"data.train={tmp_path / 'shards'}",
             f"data.val={tmp_path / 'shards'}", f"run.output_dir={tmp_path / 'run'}", "model.img_size=16"]
     assert run_finetune(argv) == 1
