@@ -7,6 +7,7 @@ import pickle
 import re
 import runpy
 import struct
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -182,6 +183,35 @@ def test_interrupted_conversion_resumes_without_duplicates_or_losses(tmp_path, m
     for name in summary.filenames:  # byte-identical to an uninterrupted run
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(summary.filenames + ["_info.json"])
+
+
+# Run by the test below in a process of its own: if the pool hangs, only that process is killed.
+FAIL_UNDER_A_SIGTERM_IGNORING_CALLER = """
+import signal, sys
+from mae_tnt.data import convert as convert_module
+
+def disk_full(writer, members):
+    raise OSError(28, "No space left on device")
+
+signal.signal(signal.SIGTERM, lambda signum, frame: print("the caller's handler ran in a worker", flush=True))
+convert_module.ShardWriter.add = disk_full
+try:
+    convert_module.convert(sys.argv[1], sys.argv[2], convert_module.ConvertOptions(workers=2, progress=False))
+except OSError as err:
+    print("raised:", err)
+"""
+
+
+def test_a_failing_conversion_stops_its_workers_under_a_caller_that_handles_sigterm(tmp_path):
+    """The worker pool stops its workers with SIGTERM. A handler forked from the caller (a training run's, a
+    notebook's) kept them alive, and the pool waited for them forever instead of raising."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(300):  # enough queued work that workers are still busy when the first shard write fails
+        (src / f"{i}.png").write_bytes(encoded(gradient(4, 4), "PNG"))
+    command = [sys.executable, "-c", FAIL_UNDER_A_SIGTERM_IGNORING_CALLER, str(src), str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.stdout == "raised: [Errno 28] No space left on device\n", result.stderr
 
 
 def test_existing_shards_of_a_finished_run_are_not_overwritten(tmp_path):

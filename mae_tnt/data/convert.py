@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import sys
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -405,6 +406,9 @@ _worker_max_size: int | None = None
 
 def _init_worker(source: Source, max_size: int | None) -> None:
     global _worker_source, _worker_max_size
+    # The pool stops its workers with SIGTERM; a handler forked from the caller (a training run's preemption flag,
+    # a notebook's) would keep them alive, and the pool would wait for them forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _worker_source, _worker_max_size = source, max_size
 
 
