@@ -153,7 +153,6 @@ class Trainer:
         if checkpoint is not None:
             self._resume(checkpoint)
         write_run_config(cfg, self.out, self.is_main)
-        self.logger = MetricsLogger(self.out, self.is_main, to_dict(cfg), resume_step=self.step)
 
     def _describe_run(self) -> None:
         if self.is_main:
@@ -223,38 +222,43 @@ class Trainer:
 
     def train(self) -> dict:
         """Run until the stop step; returns a summary with the first and last logged losses."""
-        preemption = Preemption(self.acc, self.cfg.run.preempt_check_every, self.log)
         window = Window(self.acc.device)
-        history: list[dict] = []
         self.last_saved = self.step
-        with progress_bar(self.plan.stop_step, self.step, self.is_main) as bar:
-            micro = self.step * self.cfg.optim.accum_steps
-            while self.step < self.plan.stop_step and not preemption.stopping:
-                loader = make_loader(self.stream, pin_memory=self.acc.device.type == "cuda")
-                for batch in timed(loader, window):
-                    started = time.perf_counter()
-                    loss = self.micro_step(batch, micro)
-                    if self.cfg.run.compile and micro == self.step * self.cfg.optim.accum_steps:
-                        self.log(f"torch.compile: first step (compilation included) took "
-                                 f"{time.perf_counter() - started:.1f} s")
-                    micro += 1
-                    self.stream.state.record(batch, self.stream.num_workers)
-                    window.add(loss, len(batch["images"]), micro)
-                    if not self.acc.sync_gradients:
-                        continue
-                    self.step += 1
-                    bar.update(1)
-                    history += self._after_optimizer_step(window, bar)
-                    if self.step >= self.plan.stop_step or preemption.should_stop(self.step):
-                        break
-                if self.stream.state.batches >= self.stream.batches_per_epoch():
-                    self.stream.state.start_epoch(self.stream.state.epoch + 1)
-        raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
-        if self.step != self.last_saved:
-            self.save()
-        self.logger.close()
+        with (MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step) as self.logger,
+              Preemption(self.acc, self.cfg.run.preempt_check_every, self.log) as preemption):
+            with progress_bar(self.plan.stop_step, self.step, self.is_main) as bar:
+                history = self._run_steps(preemption, window, bar)
+            raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
+            if self.step != self.last_saved:
+                self.save()
         return {"steps": self.step, "history": history, "output_dir": str(self.out),
                 "preempted": preemption.cut_short(self.step, self.plan.stop_step)}
+
+    def _run_steps(self, preemption: Preemption, window: Window, bar) -> list[dict]:
+        """Optimizer steps, epoch after epoch, until the stop step or an agreed stop; returns the metrics rows."""
+        history: list[dict] = []
+        micro = self.step * self.cfg.optim.accum_steps
+        while self.step < self.plan.stop_step and not preemption.stopping:
+            loader = make_loader(self.stream, pin_memory=self.acc.device.type == "cuda")
+            for batch in timed(loader, window):
+                started = time.perf_counter()
+                loss = self.micro_step(batch, micro)
+                if self.cfg.run.compile and micro == self.step * self.cfg.optim.accum_steps:
+                    self.log(f"torch.compile: first step (compilation included) took "
+                             f"{time.perf_counter() - started:.1f} s")
+                micro += 1
+                self.stream.state.record(batch, self.stream.num_workers)
+                window.add(loss, len(batch["images"]), micro)
+                if not self.acc.sync_gradients:
+                    continue
+                self.step += 1
+                bar.update(1)
+                history += self._after_optimizer_step(window, bar)
+                if self.step >= self.plan.stop_step or preemption.should_stop(self.step):
+                    break
+            if self.stream.state.batches >= self.stream.batches_per_epoch():
+                self.stream.state.start_epoch(self.stream.state.epoch + 1)
+        return history
 
     def _after_optimizer_step(self, window: Window, bar) -> list[dict]:
         """Log, checkpoint, reconstruct and evaluate when due; returns the metrics rows written."""

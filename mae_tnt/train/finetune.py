@@ -251,7 +251,6 @@ class FinetuneRun:
         if checkpoint is not None:
             self._resume(checkpoint)
         write_run_config(cfg, self.out, self.is_main)
-        self.logger = MetricsLogger(self.out, self.is_main, to_dict(cfg), resume_step=self.step)
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -324,7 +323,9 @@ class FinetuneRun:
         """Train to the stop step, evaluating after every epoch; returns a summary with the best accuracy."""
         self.preemption = Preemption(self.acc, self.cfg.run.preempt_check_every, self.log)
         window, history = Window(self.device), []
-        with progress_bar(self.plan.stop_step, self.step, self.is_main, desc=self.cfg.mode) as bar:
+        with (MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step) as self.logger,
+              self.preemption,
+              progress_bar(self.plan.stop_step, self.step, self.is_main, desc=self.cfg.mode) as bar):
             micro = self.step * self.cfg.optim.accum_steps
             while self.step < self.plan.stop_step and not self.preemption.stopping:
                 self.set_train_mode()
@@ -336,7 +337,6 @@ class FinetuneRun:
                     history.append(self.evaluate_and_keep_best())
                 raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
                 self.save()
-        self.logger.close()
         return {"steps": self.step, "history": history, "best": self.best, "output_dir": str(self.out),
                 "preempted": self.preemption.cut_short(self.step, self.plan.stop_step)}
 
@@ -453,9 +453,8 @@ def run_knn(cfg: FinetuneConfig) -> dict:
     if acc.is_main_process:
         out = Path(cfg.run.output_dir)
         write_run_config(cfg, out, is_main=True)
-        logger = MetricsLogger(out, True, to_dict(cfg))
-        logger.log({"step": 0, **result})
-        logger.close()
+        with MetricsLogger(out, True, to_dict(cfg)) as logger:
+            logger.log({"step": 0, **result})
     log(f"kNN (k={cfg.knn.k}, T={cfg.knn.temperature:g}) on {result['knn_val']} val images with a bank of "
         f"{result['knn_train']}: top-1 {result['knn_top1']:.2f}, top-5 {result['knn_top5']:.2f}")
     return {**result, "output_dir": cfg.run.output_dir}

@@ -108,12 +108,23 @@ class Preemption:
     `requested` is this rank's own flag, set by the signal handler at any moment; `stopping` is the decision all
     ranks share, so it is the one every loop condition must test (a rank that leaves the loop alone would hang the
     others in their next collective).
+
+    Use it as a `with` block around the training loop: the previous SIGTERM handler comes back at its end, so a
+    notebook, a test session or a process forked later (e.g. a `make_shards` worker pool) still dies on SIGTERM.
     """
 
     def __init__(self, accelerator, check_every: int, log=print):
         self.accelerator, self.check_every, self.log = accelerator, check_every, log
         self.requested = self.stopping = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._previous_handler = None
+
+    def __enter__(self) -> Preemption:
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        # None: the previous handler was not set from Python, i.e. the default one.
+        signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.log("SIGTERM received: saving a checkpoint at the next step the ranks agree on, then exiting")

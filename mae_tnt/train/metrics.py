@@ -9,7 +9,10 @@ from tqdm import tqdm
 
 
 class MetricsLogger:
-    """Writes one JSON line per log step to `metrics.jsonl` and the same scalars to TensorBoard (rank 0 only)."""
+    """Writes one JSON line per log step to `metrics.jsonl` and the same scalars to TensorBoard (rank 0 only).
+
+    Use it as a `with` block: the TensorBoard writer is a thread, closed at the end of the block, errors included.
+    """
 
     def __init__(self, output_dir: Path, enabled: bool, hparams: dict | None = None, resume_step: int = 0):
         self.enabled = enabled
@@ -54,7 +57,10 @@ class MetricsLogger:
                     self.writer.add_scalar(key, value, metrics["step"])
             self.writer.flush()
 
-    def close(self) -> None:
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
         if self.writer is not None:
             self.writer.close()
 
