@@ -86,4 +86,5 @@ def test_an_error_in_a_loader_worker_ends_the_run_with_one_line_instead_of_hangi
     assert result.returncode == 1, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith("error: no readable image in "), errors
+    assert "(last error: unknown image format)" in errors[0]  # not PIL's text with the buffer's memory address
     assert "Traceback" not in result.stderr

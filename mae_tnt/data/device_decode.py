@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .transforms import crop_opened, decode_jpeg, open_image, random_resized_crop_box, resize_box
+from .images import open_image
+from .transforms import crop_opened, decode_jpeg, random_resized_crop_box, resize_box
 
 if decode_jpeg is not None:
     from torchvision.io import ImageReadMode

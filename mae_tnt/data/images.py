@@ -79,17 +79,37 @@ def decode(data: bytes) -> Image.Image:
     Raises:
         BadImageError: The bytes are not a complete, readable image within the pixel limit.
     """
-    # A truncated file must fail here, not be silently padded, whatever other code set this global to.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    return load_image(open_image(data))
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Open image bytes lazily: only the header is read, so size and format are known before any pixel is decoded.
+
+    Raises:
+        BadImageError: The bytes are no image PIL knows, or the image is over the pixel limit.
+    """
     try:
         with warnings.catch_warnings():
             # Between 1x and 2x MAX_IMAGE_PIXELS PIL only warns; treat that as a bomb too.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            img.load()
+            return Image.open(io.BytesIO(data))
     except UnidentifiedImageError as err:
-        # Its message holds a memory address; keep skip reasons reproducible.
+        # Its message holds the buffer's memory address; keep skip reasons reproducible and readable.
         raise BadImageError("unknown image format") from err
+    except DECODE_ERRORS as err:
+        raise BadImageError(f"{type(err).__name__}: {err}") from err
+
+
+def load_image(img: Image.Image) -> Image.Image:
+    """Decode every pixel of an image from `open_image` (after an optional `draft`); returns it.
+
+    Raises:
+        BadImageError: The pixel data is truncated or corrupt.
+    """
+    # A truncated file must fail here, not be silently padded, whatever other code set this global to.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        img.load()
     except DECODE_ERRORS as err:
         raise BadImageError(f"{type(err).__name__}: {err}") from err
     return img

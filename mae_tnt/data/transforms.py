@@ -12,16 +12,14 @@ References: MAE `main_pretrain.py` (RandomResizedCrop(scale 0.2-1, bicubic) + fl
 
 from __future__ import annotations
 
-import io
 import math
 import random
-import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .images import DECODE_ERRORS, BadImageError, to_rgb
+from .images import BadImageError, decode_rgb, load_image, open_image, to_rgb
 
 try:  # torchvision comes with timm; without it every image takes the PIL path
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -61,24 +59,6 @@ def _center_box(width: int, height: int, ratio=(3 / 4, 4 / 3)) -> tuple[int, int
     return left, top, left + w, top + h
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Lazily open encoded bytes (header only), raising BadImageError for anything that is not an image."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
-    except DECODE_ERRORS as err:
-        raise BadImageError(f"unreadable image: {err}") from err
-
-
-def _load_rgb(image: Image.Image) -> Image.Image:
-    try:
-        image.load()
-    except DECODE_ERRORS as err:
-        raise BadImageError(f"corrupt image data: {err}") from err
-    return to_rgb(image)
-
-
 def train_crop(data: bytes, rng: random.Random, *, size: int, scale: tuple[float, float]) -> torch.Tensor:
     """Decode + random-resized crop (bicubic, antialiased) + random horizontal flip -> uint8 [3, size, size]."""
     return crop_opened(open_image(data), data, rng, size=size, scale=scale)
@@ -93,7 +73,7 @@ def crop_opened(image: Image.Image, data: bytes, rng: random.Random, *, size: in
         out = resize_box(_decode_jpeg_tensor(data), box, size)
         return out.flip(-1) if flip else out
     image, box = _draft(image, box, size)
-    out = _load_rgb(image).resize((size, size), Image.BICUBIC, box=box)
+    out = to_rgb(load_image(image)).resize((size, size), Image.BICUBIC, box=box)
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
     return to_tensor(out)
@@ -122,7 +102,7 @@ def resize_box(image: torch.Tensor, box: tuple[int, int, int, int], size: int) -
 
 def eval_resize(data: bytes, size: int, crop_fraction: float = 0.875) -> torch.Tensor:
     """Decode + resize the shorter side to size / crop_fraction + center crop (bicubic) -> uint8 [3, size, size]."""
-    image = _load_rgb(open_image(data))
+    image = decode_rgb(data)
     width, height = image.size
     short = min(width, height)
     side = short * crop_fraction if short * crop_fraction >= 1 else short
