@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 
 from .config import ConfigError, PretrainConfig, load_config
 
+PACKAGE_DIR = Path(__file__).resolve().parent
 USAGE = "usage: {prog} RECIPE.yaml [key=value ...]   (e.g. optim.base_lr=1e-4 run.output_dir=/tmp/run)"
 
 
@@ -60,7 +64,9 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
     from .train.loop import NonFiniteLossError
 
     try:
-        return run()
+        with warnings.catch_warnings():
+            warnings.showwarning = partial(_show_own_warnings_as_lines, warnings.showwarning)
+            return run()
     except (ConfigError, ShardError, CheckpointError, ResumeError, ModelError, NonFiniteLossError,
             FileNotFoundError) as err:
         print(f"error: {without_worker_traceback(str(err))}", file=sys.stderr)
@@ -68,6 +74,18 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         raise SystemExit(INTERRUPTED_EXIT) from None
+
+
+def _show_own_warnings_as_lines(show_other: Callable, message, category, filename, lineno, file=None,
+                                line=None) -> None:
+    """Our warnings speak to the user (a broken shard, a setting that cannot apply): one `warning:` line, without
+    the source line Python adds, from rank 0. Other libraries' warnings keep Python's format, which points at their
+    code."""
+    if Path(filename).is_relative_to(PACKAGE_DIR):
+        if is_main_process():  # every rank would say the same
+            print(f"warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        show_other(message, category, filename, lineno, file, line)
 
 
 def without_worker_traceback(message: str) -> str:

@@ -14,7 +14,7 @@ from accelerate.state import AcceleratorState
 from shard_utils import drop_classes, write_shards
 
 from mae_tnt.config import PretrainConfig, load_config
-from mae_tnt.data.shards import ShardError
+from mae_tnt.data.shards import ShardError, read_samples
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
 from mae_tnt.train.engine import Trainer
 from mae_tnt.train.loop import NonFiniteLossError
@@ -111,6 +111,26 @@ def test_a_cpu_run_with_deepspeed_installed_prints_no_gpu_detection_warning(shar
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "checkpoints" / "step_00000001").is_dir()
     assert "setting accelerator" not in (result.stdout + result.stderr).lower()
+
+
+def test_a_truncated_shard_is_one_warning_line_and_its_lost_samples_are_counted(shards, tmp_path):
+    broken = tmp_path / "shards"
+    shutil.copytree(shards, broken)
+    victim = broken / "train-000002.tar"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    readable = sum(1 for _ in read_samples(str(victim)))
+    result = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), str(ROOT / "recipes/demo_mae_vit.yaml"),
+                             f"data.train={broken}", "data.val=null", "model.img_size=32", "data.batch_size=8",
+                             "data.num_workers=0", "run.max_steps=16", "run.log_every=4",
+                             f"run.output_dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {victim}: "), warnings
+    assert "skipped and counted" in warnings[0] and "Traceback" not in result.stderr
+    # A running total over 16 steps, one epoch; the samples that fill in for the lost ones come from the next
+    # epoch's order, which may cross the break again.
+    assert metrics(tmp_path / "run")[-1]["skipped_samples"] >= 32 - readable > 0
 
 
 def test_pretraining_streams_allowed_pipe_urls(shards, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from shard_utils import write_shards
 
 from mae_tnt.data.info import count_tar_samples, update_split
-from mae_tnt.data.loader import make_loader
+from mae_tnt.data.loader import eval_batches, make_loader
 from mae_tnt.data.shards import ShardError, read_samples, resolve_shards
 from mae_tnt.data.stream import ShardStream
 from mae_tnt.data.transforms import train_crop
@@ -103,17 +103,28 @@ def test_corrupt_images_are_skipped_counted_and_batches_stay_full(tmp_path):
     assert {"s000003", "s000017"}.isdisjoint(keys(batches))
 
 
-def test_truncated_shard_is_skipped_and_counted(tmp_path):
+def test_a_truncated_shard_is_warned_about_then_skipped_and_counted(tmp_path):
     write_shards(tmp_path, [8, 8, 8, 8])
-    shards = resolve_shards(str(tmp_path))
-    victim = shards[1].url
-    data = open(victim, "rb").read()
-    open(victim, "wb").write(data[: len(data) // 2])
+    victim = tmp_path / "train-000001.tar"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    readable = sum(1 for _ in read_samples(str(victim)))
+    assert 0 < readable < 8
+    with pytest.warns(UserWarning, match=r"train-000001.tar: .*re-create it. Until then, its samples after the break "
+                                         r"are skipped and counted \(skipped_samples in the metrics\)"):
+        shards = resolve_shards(str(tmp_path))
+    assert [shard.num_samples for shard in shards] == [8] * 4  # _info.json's counts: the epoch plan stays the same
     stream = stream_for(shards, batch=4)
     batches = consume(stream)
     assert len(batches) == 8 and all(len(b["keys"]) == 4 for b in batches)
-    assert stream.state.skipped > 0  # the samples after the cut
+    assert stream.state.skipped == 8 - readable
     assert stream.state.positions[0] - stream.state.skipped == 32  # every other position became a good sample
+
+    labels = torch.cat([labels for _, labels in eval_batches(shards, img_size=16, batch_size=4)])
+    assert (labels >= 0).sum() == 24 + readable  # evaluation reads past the break too
+
+    with pytest.warns(UserWarning, match=rf"Until then, only its {readable} samples before the break are used"):
+        pattern = resolve_shards(f"{tmp_path}/train-{{000000..000003}}.tar")  # no _info.json to give its count
+    assert [shard.num_samples for shard in pattern] == [8, readable, 8, 8]
 
 
 def test_pipe_urls_are_refused_unless_allowed(tmp_path):

@@ -2,8 +2,9 @@
 
 `resolve_shards` turns `data.train` (a directory with `_info.json`, or a brace URL) into shards with known sample
 counts, refusing `pipe:` URLs unless allowed and failing before training on a missing shard, an empty list or counts
-that disagree with the files. `read_samples` yields a shard's raw samples (bytes per field, nothing decoded) from a
-given sample index on, skipping earlier members without reading their payload when the file is seekable.
+that disagree with complete files; a truncated local shard is warned about and streams up to its break. `read_samples`
+yields a shard's raw samples (bytes per field, nothing decoded) from a given sample index on, skipping earlier members
+without reading their payload when the file is seekable.
 
 References: webdataset 1.0 key rules (key = basename up to the first dot); timm `reader_wds.py` (`_info.json`).
 """
@@ -11,6 +12,7 @@ References: webdataset 1.0 key rules (key = basename up to the first dot); timm 
 from __future__ import annotations
 
 import tarfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,18 +101,39 @@ def _from_pattern(spec: str) -> list[Shard]:
             "point at a local shard directory"
         )
     # A missing file gets count 0 here and a clear error from resolve_shards right after.
-    return [Shard(url, count_tar_samples(url) if Path(url).exists() else 0) for url in urls]
+    return [Shard(url, _count_readable(url) if Path(url).exists() else 0) for url in urls]
+
+
+def _count_readable(url: str) -> int:
+    """A local tar's sample count; for a truncated one (with no `_info.json` to say how many it had), the samples
+    before the break, with a warning."""
+    try:
+        return count_tar_samples(url)
+    except InfoError as err:
+        readable = sum(1 for _ in read_samples(url))
+        _warn_broken(err, f"only its {readable} samples before the break are used")
+        return readable
 
 
 def _verify_counts(shards: list[Shard], spec: str) -> None:
-    for shard in shards:
-        if _is_local(shard.url):
+    """Fail on a complete shard whose count disagrees with `_info.json` (the data changed under it); warn about a
+    truncated or corrupt one, whose samples after the break are then skipped and counted."""
+    for shard in filter(lambda shard: _is_local(shard.url), shards):
+        try:
             actual = count_tar_samples(shard.url)
-            if actual != shard.num_samples:
-                raise ShardError(
-                    f"{shard.url} holds {actual} samples but _info.json says {shard.num_samples}; re-run "
-                    f"tools/make_shards.py or tools/inspect_shards.py {spec}"
-                )
+        except InfoError as err:
+            _warn_broken(err, "its samples after the break are skipped and counted (skipped_samples in the metrics)")
+            continue
+        if actual != shard.num_samples:
+            raise ShardError(
+                f"{shard.url} holds {actual} samples but _info.json says {shard.num_samples}; re-run "
+                f"tools/make_shards.py or tools/inspect_shards.py {spec}"
+            )
+
+
+def _warn_broken(err: InfoError, consequence: str) -> None:
+    """Training goes on without a broken shard's lost samples: one bad file should not stop a long run."""
+    warnings.warn(f"{err}. Until then, {consequence}", stacklevel=2)
 
 
 def _is_local(url: str) -> bool:
@@ -120,9 +143,16 @@ def _is_local(url: str) -> bool:
 def read_samples(url: str, start: int = 0) -> Iterator[dict[str, bytes]]:
     """Raw samples of one tar from sample index `start` on: {"__key__": key, field: bytes, ...}.
 
-    Raises:
-        tarfile.ReadError: on a truncated or corrupt tar (the caller counts and skips it).
+    A truncated or corrupt tar (or a remote stream that breaks) ends where it breaks; the callers know from the
+    shard's sample count how many samples were lost, and count them as skipped.
     """
+    try:
+        yield from _tar_samples(url, start)
+    except (tarfile.ReadError, OSError, EOFError):
+        return
+
+
+def _tar_samples(url: str, start: int) -> Iterator[dict[str, bytes]]:
     with _open_tar(url) as tar:
         index, key, sample = -1, None, {}
         for member in tar:
