@@ -34,8 +34,10 @@ from ..models.loading import resolve_checkpoint, save_weights
 
 if TYPE_CHECKING:  # engine imports this module
     from .engine import Plan
+    from .loop import Window
 
 STATE_FILE = "state.json"
+LOG_WINDOW_KEY = "log_window"  # in state.json: the open log window's loss sums
 
 
 class ResumeError(RuntimeError):
@@ -53,12 +55,14 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 
 
 def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict, output_dir: Path, keep: int,
-                    extra_weights: dict[str, dict] | None = None) -> Path:
+                    window: Window, extra_weights: dict[str, dict] | None = None) -> Path:
     """Write a checkpoint atomically from every rank; returns its final path.
 
     Args:
+        window: the open log window, whose loss sums the checkpoint keeps (`Window.loss_totals`).
         extra_weights: file name -> state dict saved (main process) inside the same atomic directory, e.g. the EMA.
     """
+    state = {**state, LOG_WINDOW_KEY: window.loss_totals(accelerator)}
     root = checkpoint_dir(output_dir)
     final = root / f"step_{state['step']:08d}"
     tmp = root / f".tmp-step_{state['step']:08d}"
@@ -179,8 +183,9 @@ def check_compatible(checkpoint: Checkpoint, model_name: str, effective_batch: i
 
 
 def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, model_name: str, plan: Plan,
-                     accum_steps: int, output_dir: Path, log=print) -> tuple[int, StreamState]:
-    """Restore a compatible checkpoint in place; returns its optimizer step and this rank's data position.
+                     accum_steps: int, output_dir: Path, window: Window, log=print) -> tuple[int, StreamState]:
+    """Restore a compatible checkpoint in place, `window`'s loss sums included; returns its optimizer step and this
+    rank's data position.
 
     The position is exact when the checkpoint was written by as many ranks as there are now; otherwise the epoch in
     progress restarts from its start, with a warning (the stream cannot re-split another layout's position).
@@ -189,6 +194,8 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, m
     check_compatible(checkpoint, model_name, plan.effective_batch, accum_steps)
     data_state = _load_training_state(accelerator, model, optimizer, checkpoint)
     step = checkpoint.state["step"]
+    if LOG_WINDOW_KEY in checkpoint.state:  # absent from checkpoints of earlier versions: the window starts empty
+        window.restore_loss_totals(checkpoint.state[LOG_WINDOW_KEY], accelerator.is_main_process)
     accelerator.wait_for_everyone()  # every rank has read its checkpoint before any directory moves
     if accelerator.is_main_process:
         set_aside_later_checkpoints(output_dir, step, log)

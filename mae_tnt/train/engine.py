@@ -147,6 +147,7 @@ class Trainer:
         self.input_dtype = configure_deepspeed(self.acc, cfg)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.step = 0
+        self.window = Window(self.acc.device)
         self.grad_norm: torch.Tensor | None = None  # the last clipped step's gradient norm, logged when known
         checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)  # before the run dir is written
         self._describe_run()
@@ -170,7 +171,7 @@ class Trainer:
     def _resume(self, checkpoint: Checkpoint) -> None:
         self.step, self.stream.state = restore_training(
             self.acc, self.model, self.optimizer, checkpoint, model_name=self.cfg.model.name, plan=self.plan,
-            accum_steps=self.cfg.optim.accum_steps, output_dir=self.out, log=self.log)
+            accum_steps=self.cfg.optim.accum_steps, output_dir=self.out, window=self.window, log=self.log)
         self.log(f"resumed from {checkpoint.path} at step {self.step} (epoch {self.stream.state.epoch}, "
                  f"batch {self.stream.state.batches})")
 
@@ -203,7 +204,7 @@ class Trainer:
         state = {"step": self.step, "model": self.cfg.model.name, "world_size": self.acc.num_processes,
                  "config": to_dict(self.cfg), "plan": self.plan.__dict__}
         path = save_checkpoint(self.acc, self.model, self.optimizer, state, self.stream.state.to_dict(), self.out,
-                               self.cfg.run.keep_checkpoints)
+                               self.cfg.run.keep_checkpoints, self.window)
         self.log(f"saved checkpoint {path}")
         self.reconstructions()
         return path
@@ -222,7 +223,8 @@ class Trainer:
 
     def train(self) -> dict:
         """Run until the stop step; returns a summary with the first and last logged losses."""
-        window = Window(self.acc.device)
+        window = self.window
+        window.restart_clock()
         self.last_saved = self.step
         with (MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step) as self.logger,
               Preemption(self.acc, self.cfg.run.preempt_check_every, self.log) as preemption):

@@ -246,7 +246,7 @@ class FinetuneRun:
         self.criterion = build_criterion(cfg.augment)
         self.augment = BatchAugment(cfg.augment, self.num_classes, self.device)
         self.val_shards = data_shards(cfg.data, "val") if cfg.data.val else []
-        self.step, self.best = 0, {"val_acc1": -1.0}
+        self.step, self.best, self.window = 0, {"val_acc1": -1.0}, Window(self.device)
         self._describe_run(sum(p.numel() for p in model.parameters() if p.requires_grad))
         if checkpoint is not None:
             self._resume(checkpoint)
@@ -283,7 +283,7 @@ class FinetuneRun:
     def _resume(self, checkpoint) -> None:
         self.step, self.stream.state = restore_training(
             self.acc, self.model, self.optimizer, checkpoint, model_name=self.cfg.model.name, plan=self.plan,
-            accum_steps=self.cfg.optim.accum_steps, output_dir=self.out, log=self.log)
+            accum_steps=self.cfg.optim.accum_steps, output_dir=self.out, window=self.window, log=self.log)
         self.best = checkpoint.state.get("best", self.best)
         if self.ema is not None:
             if (checkpoint.path / EMA_FILE).exists():
@@ -322,7 +322,8 @@ class FinetuneRun:
     def train(self) -> dict:
         """Train to the stop step, evaluating after every epoch; returns a summary with the best accuracy."""
         self.preemption = Preemption(self.acc, self.cfg.run.preempt_check_every, self.log)
-        window, history = Window(self.device), []
+        window, history = self.window, []
+        window.restart_clock()
         with (MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step) as self.logger,
               self.preemption,
               progress_bar(self.plan.stop_step, self.step, self.is_main, desc=self.cfg.mode) as bar):
@@ -432,7 +433,7 @@ class FinetuneRun:
     def save(self) -> Path:
         extra = {EMA_FILE: self.ema.module.state_dict()} if self.ema is not None else None
         path = save_checkpoint(self.acc, self.model, self.optimizer, self._state(), self.stream.state.to_dict(),
-                               self.out, self.cfg.run.keep_checkpoints, extra_weights=extra)
+                               self.out, self.cfg.run.keep_checkpoints, self.window, extra_weights=extra)
         self.log(f"saved checkpoint {path}")
         return path
 

@@ -28,6 +28,10 @@ class Window:
     def reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
         self.count = torch.zeros((), device=self.device)
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Rates count from here: when training starts, not when the trainer (and this window) was built."""
         self.images, self.data_time, self.start = 0, 0.0, time.perf_counter()
 
     def add(self, loss: torch.Tensor, images: int, micro: int) -> None:
@@ -38,6 +42,21 @@ class Window:
         newly_bad = (~finite) & (self.first_bad < 0)
         self.first_bad = torch.where(newly_bad, torch.tensor(micro - 1, device=self.device), self.first_bad)
         self.images += images
+
+    def loss_totals(self, accelerator) -> dict:
+        """The loss sum and count of the open window over all ranks (a collective: every rank calls it).
+
+        A checkpoint keeps them, so the first log row after a resume off a log step averages the same micro-steps
+        as in the uninterrupted run, not only those after the resume.
+        """
+        return {"loss_sum": accelerator.reduce(self.loss_sum.clone(), "sum").item(),
+                "count": int(accelerator.reduce(self.count.clone(), "sum").item())}
+
+    def restore_loss_totals(self, totals: dict, is_main: bool) -> None:
+        """Reopen a checkpoint's window: on rank 0 only, since `close_window` sums the ranks."""
+        if is_main:
+            self.loss_sum.fill_(totals["loss_sum"])
+            self.count.fill_(totals["count"])
 
 
 def timed(batches: Iterable, window: Window) -> Iterator:
