@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from shard_utils import write_shards
 
+import mae_tnt
 from mae_tnt.models import CheckpointError, create_model, load_weights
 from mae_tnt.train.init import attach_probe_head
 
@@ -86,14 +87,31 @@ def test_tnt_export_loads_into_timm_tnt_with_the_same_output(tool, tmp_path):
 def test_the_printed_timm_call_loads_a_fine_tuned_classifier_with_its_head(tool, tmp_path, capsys):
     ours = create_model("vit_test_patch8_32", num_classes=10, global_pool="avg").eval()
     tool.main([str(finetune_checkpoint(tmp_path / "best", ours, "finetune", "avg")), str(tmp_path / "out")])
-    call = capsys.readouterr().out.split("load it in timm with: ")[1].strip()
+    printed = capsys.readouterr().out
+    call = printed.split("load it in timm with: ")[1].splitlines()[0]
     assert call == json.loads((tmp_path / "out" / "config.json").read_text())["timm_call"]
     model = eval(call, {"timm": timm}).eval()  # noqa: S307 - the tool's own output, as a user would paste it
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model(images), ours(images))
+    again = eval(printed.split("or with: ")[1].strip(), {"mae_tnt": mae_tnt}).eval()  # noqa: S307 - likewise
+    torch.testing.assert_close(again(images), ours(images))
     preprocessing = timm.data.resolve_data_config({}, model=model)  # what timm users feed the model
     assert preprocessing == {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": tuple(MEAN_STD["mean"]),
                              "std": tuple(MEAN_STD["std"]), "crop_pct": 0.875, "crop_mode": "center"}
+
+
+def test_create_model_builds_an_export_as_it_was_built_and_names_the_head_size_of_a_misfit(tool, tmp_path):
+    ours = create_model("vit_test_patch8_32", num_classes=7, global_pool="avg", img_size=48).eval()
+    state = {"step": 9, "model": "vit_test_patch8_32", "mode": "finetune", "num_classes": 7, "img_size": 48,
+             "config": {"model": {"img_size": 48, "global_pool": "avg"}, "data": MEAN_STD}}
+    tool.export(write_checkpoint(tmp_path / "best", ours, state), tmp_path / "out")
+    loaded = create_model("vit_test_patch8_32", checkpoint_path=tmp_path / "out" / "model.safetensors").eval()
+    assert (loaded.num_classes, loaded.global_pool, loaded.grid * loaded.unit) == (7, "avg", 48)
+    images = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(loaded(images), ours(images))
+    with pytest.raises(CheckpointError, match="The checkpoint's head has 7 outputs: create the model with "
+                                              "num_classes=7"):
+        create_model("vit_test_patch8_32", checkpoint_path=tmp_path / "out", num_classes=0)  # the caller's wins
 
 
 def test_linear_probe_export_folds_the_batchnorm_into_the_head(tool, tmp_path):

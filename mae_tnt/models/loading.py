@@ -10,6 +10,7 @@ References: facebookresearch/mae `main_finetune.py` (asserting the exact missing
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from .mae import MaskedAutoencoder
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
 WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema")
+EXPORT_CONFIG = "config.json"  # written beside an export's model.safetensors by tools/export.py
+EXPORT_BUILD_KEYS = ("num_classes", "img_size", "global_pool")
 
 
 class CheckpointError(RuntimeError):
@@ -61,6 +64,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
             raise CheckpointError(f"run directory {path} has no checkpoints yet")
         return steps[-1]
     return path
+
+
+def export_build_kwargs(path: str | Path, name: str) -> dict:
+    """How model `name` was built for the export at `path` (its directory or `model.safetensors`): the head size,
+    image size and pooling its `config.json` records; {} for anything else, e.g. an export of another model."""
+    path = Path(path)
+    config_file = (path if path.is_dir() else path.parent) / EXPORT_CONFIG
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict) or config.get("model") != name or "timm_name" not in config:
+        return {}  # another model's export, or another tool's config.json
+    return {key: config[key] for key in EXPORT_BUILD_KEYS if config.get(key) is not None}
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -151,11 +168,14 @@ def load_weights(
     if verbose:
         print(f"loaded weights: {report.summary()}")
     if bad_missing or bad_unexpected or reshaped:
-        _refuse(model, bad_missing, bad_unexpected, reshaped)
+        misfits = bad_missing + bad_unexpected + [entry.split()[0] for entry in reshaped]
+        head_only = all(key.startswith("head.") for key in misfits)
+        _refuse(model, bad_missing, bad_unexpected, reshaped, _head_hint(state_dict, own) if head_only else None)
     return report
 
 
-def _refuse(model: nn.Module, missing: list[str], unexpected: list[str], reshaped: list[str]) -> typing.NoReturn:
+def _refuse(model: nn.Module, missing: list[str], unexpected: list[str], reshaped: list[str],
+            head_hint: str | None) -> typing.NoReturn:
     """A CheckpointError short enough to read, since a wrong model misfits hundreds of keys.
 
     Keys are grouped by top-level module (`decoder_blocks.* (16)`, the form `--allow-missing` takes; groups of up
@@ -165,9 +185,18 @@ def _refuse(model: nn.Module, missing: list[str], unexpected: list[str], reshape
              f"{len(unexpected)} unexpected: {_by_module(unexpected)}" if unexpected else "",
              f"{len(reshaped)} of another shape: {', '.join(reshaped[:2])}{' and more' if len(reshaped) > 2 else ''}"
              if reshaped else ""]
+    hint = head_hint or _pooling_hint(missing, unexpected) or "Check that the model name matches the checkpoint"
     raise CheckpointError(f"checkpoint keys do not fit {type(model).__name__}: {'; '.join(filter(None, parts))}. "
-                          f"{_pooling_hint(missing, unexpected) or 'Check that the model name matches the checkpoint'}"
-                          ", or convert it with tools/convert_checkpoint.py")
+                          f"{hint}, or convert it with tools/convert_checkpoint.py")
+
+
+def _head_hint(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:
+    """For a misfit of the head alone, the one-word fix: the head size the weights have (0: an encoder's)."""
+    theirs, ours = (int(weights["head.weight"].shape[0]) if "head.weight" in weights else 0
+                    for weights in (state_dict, own))
+    if theirs == ours:
+        return None
+    return f"The checkpoint's head has {theirs} outputs: create the model with num_classes={theirs}"
 
 
 def _pooling_hint(missing: list[str], unexpected: list[str]) -> str | None:
