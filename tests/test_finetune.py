@@ -232,6 +232,13 @@ def test_the_head_is_sized_from_the_shards_and_a_different_size_is_warned_about(
     with pytest.raises(ShardError, match="model.num_classes=5 but .* lists 10 classes"):  # labels 5-9: no logit
         resolve_num_classes(demo_config(tmp_path, "model.num_classes=5"))
 
+    remote = f"pipe:cat {BUNDLED}/train-{{000000..000001}}.tar.gz"  # sized from data.info, as a directory would be
+    cfg = demo_config(tmp_path, f"data.train={remote}", "data.allow_pipe=true", "model.num_classes=null")
+    with pytest.raises(ShardError, match="set model.num_classes, or data.info to a local copy"):
+        resolve_num_classes(cfg)
+    assert resolve_num_classes(demo_config(tmp_path, f"data.train={remote}", "data.allow_pipe=true",
+                                           f"data.info={BUNDLED / '_info.json'}", "model.num_classes=null")) == 10
+
 
 def test_unlabeled_shards_are_refused_before_fine_tuning_even_with_a_class_count(tmp_path):
     write_shards(tmp_path / "shards", [8])

@@ -69,9 +69,20 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
     return shards
 
 
-def declared_classes(spec: str) -> list[str] | None:
-    """The classes a shard directory's `_info.json` lists ([] for unlabeled data); None when `spec` is no directory."""
-    return load_info(spec).get("classes", []) if Path(spec).is_dir() else None
+def info_directory(spec: str, info: str | None = None) -> Path | None:
+    """The directory of the `_info.json` describing `spec`: `spec` itself when it is a shard directory, else that of
+    `info` (`data.info`: the file or its directory); None when there is neither."""
+    if Path(spec).is_dir():
+        return Path(spec)
+    if info is not None:
+        return Path(info).parent if Path(info).is_file() else Path(info)
+    return None
+
+
+def declared_classes(spec: str, info: str | None = None) -> list[str] | None:
+    """The classes `spec`'s `_info.json` (see `info_directory`) lists ([] for unlabeled data); None without one."""
+    root = info_directory(spec, info)
+    return None if root is None else load_info(root).get("classes", [])
 
 
 def _from_info(root: Path, split: str) -> list[Shard]:
@@ -84,7 +95,7 @@ def _from_info(root: Path, split: str) -> list[Shard]:
 
 
 def _urls_with_info_counts(spec: str, info: str, split: str) -> list[Shard]:
-    root = Path(info).parent if Path(info).is_file() else Path(info)
+    root = info_directory(spec, info)
     listed = _from_info(root, split)
     urls = list(braceexpand.braceexpand(spec))
     if len(urls) != len(listed):

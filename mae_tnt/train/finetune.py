@@ -41,7 +41,7 @@ from torch import nn
 from ..config import ConfigError, to_dict
 from ..data.info import ShardError
 from ..data.loader import build_train_stream, data_shards, eval_batches, make_loader
-from ..data.shards import declared_classes
+from ..data.shards import declared_classes, info_directory
 from ..data.transforms import normalize, to_tensor, train_crop
 from ..finetune_config import AugmentConfig, FinetuneConfig
 from ..models import create_model
@@ -145,22 +145,25 @@ def build_criterion(cfg: AugmentConfig) -> nn.Module:
 
 
 def resolve_num_classes(cfg: FinetuneConfig, log=print) -> int:
-    """`model.num_classes`, or the length of the `classes` list in the train shards' `_info.json`."""
-    classes = declared_classes(cfg.data.train)
+    """`model.num_classes`, or the length of the `classes` list in the train shards' `_info.json` (their own, or
+    `data.info` for remote and `pipe:` shards)."""
+    classes = declared_classes(cfg.data.train, cfg.data.info)
+    info_file = f"{info_directory(cfg.data.train, cfg.data.info)}/_info.json"
     if classes == []:
-        raise ShardError(f"{cfg.data.train} holds unlabeled images (its _info.json lists no classes), but {cfg.mode} "
+        raise ShardError(f"{cfg.data.train} holds unlabeled images ({info_file} lists no classes), but {cfg.mode} "
                          "needs labels: convert an ImageFolder tree, a labeled list, IDX or CIFAR data with "
                          "tools/make_shards.py")
     if cfg.model.num_classes is not None:
         if classes and len(classes) != cfg.model.num_classes:
-            message = (f"model.num_classes={cfg.model.num_classes} but {cfg.data.train}/_info.json lists "
+            message = (f"model.num_classes={cfg.model.num_classes} but {info_file} lists "
                        f"{len(classes)} classes; set model.num_classes=null to size the head from the shards")
             if cfg.model.num_classes < len(classes):  # labels would index past the head at the first batch
                 raise ShardError(message)
             log(f"WARNING: {message}")
         return cfg.model.num_classes
     if classes is None:
-        raise ShardError(f"cannot tell the class count of {cfg.data.train} (no _info.json): set model.num_classes")
+        raise ShardError(f"cannot tell the class count of {cfg.data.train} (no _info.json): set model.num_classes, "
+                         "or data.info to a local copy of the shards' _info.json")
     return len(classes)
 
 

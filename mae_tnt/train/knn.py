@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import DataConfig
 from ..data.loader import data_shards, eval_batches
-from ..data.shards import ShardError, declared_classes
+from ..data.shards import ShardError, declared_classes, info_directory
 from ..data.transforms import normalize
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -119,13 +119,13 @@ def encoder_features(encoder: nn.Module, mean: list[float], std: list[float]) ->
 
 
 def require_labeled_shards(data: DataConfig, what: str) -> None:
-    """Fail before any encoding when `data.val` is unset or a shard directory's `_info.json` lists no classes."""
+    """Fail before any encoding when `data.val` is unset or the shards' `_info.json` lists no classes."""
     if data.val is None:
         raise ShardError(f"{what} needs labeled validation shards: set data.val")
     for spec in (data.train, data.val):
-        if declared_classes(spec) == []:
-            raise ShardError(f"{what} needs labeled shards, but {spec}/_info.json lists no classes; make the shards "
-                             "with labels (tools/make_shards.py)")
+        if declared_classes(spec, data.info) == []:
+            raise ShardError(f"{what} needs labeled shards, but {info_directory(spec, data.info)}/_info.json lists no "
+                             "classes; make the shards with labels (tools/make_shards.py)")
 
 
 def knn_accuracy_on_shards(encoder: nn.Module, data: DataConfig, *, img_size: int, batch_size: int, k: int = 20,
