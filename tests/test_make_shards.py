@@ -352,6 +352,21 @@ def test_file_lists_with_names_ints_and_no_labels(tmp_path):
     assert all("cls" not in fields for _, fields in read_split(tmp_path / "plain"))
 
 
+def test_a_file_listed_twice_is_kept_once_and_one_listed_with_two_labels_is_an_error(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "imgs" / name).write_bytes(encoded(gradient(4, 4), "PNG"))
+    (tmp_path / "joined.txt").write_text("imgs/a.png\nimgs/b.png\n\n./imgs/a.png\n")  # two lists pasted together
+    summary = convert(tmp_path / "joined.txt", tmp_path / "joined", options())
+    assert summary.num_samples == 2
+    assert summary.skipped == [{"source": "./imgs/a.png", "reason": "listed again on line 4 (first on line 1)"}]
+
+    (tmp_path / "clash.csv").write_text("path,label\nimgs/a.png,cat\n\nimgs/b.png,dog\nimgs/a.png,dog\n")
+    with pytest.raises(SourceError, match=r"clash.csv:5: imgs/a.png is listed with label 'dog' here and 'cat' on "
+                                          r"line 2; give each file one label"):
+        convert(tmp_path / "clash.csv", tmp_path / "clash", options())
+
+
 def test_file_lists_as_spreadsheets_save_them_and_negative_labels(tmp_path):
     (tmp_path / "imgs").mkdir()
     for name in ("a.png", "b.png"):

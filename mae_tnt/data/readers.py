@@ -264,13 +264,15 @@ def read_list(list_file: Path, classes: list[str] | None = None) -> FileSource:
         if list_file.suffix.lower() == ".csv":  # read as plain paths, "x.jpg,cat" would name a file that is not there
             raise SourceError(f"{list_file}: a CSV list needs a header line, `path` or `path,label`; add it as the "
                               "first line")
-        paths = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-        return FileSource(root=list_file.parent, paths=paths)
-    rows = _parse_csv(text, list_file)
-    paths = [path for path, _ in rows]
-    names = [label for _, label in rows]
+        rows = [(number, line.strip(), None) for number, line in enumerate(text.splitlines(), start=1)
+                if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        rows = _parse_csv(text, list_file)
+    rows, repeats = _without_repeats(rows, list_file)
+    paths = [path for _, path, _ in rows]
+    names = [label for _, _, label in rows]
     if all(label is None for label in names):
-        return FileSource(root=list_file.parent, paths=paths)
+        return FileSource(root=list_file.parent, paths=paths, rejected=repeats)
     if all(INT_LABEL.fullmatch(label) for label in names):
         labels = [int(label) for label in names]
         if min(labels) < 0:
@@ -280,7 +282,25 @@ def read_list(list_file: Path, classes: list[str] | None = None) -> FileSource:
     else:
         classes = sorted(set(names)) if classes is None else classes
         labels = _label_ids(names, classes, where=str(list_file))
-    return FileSource(root=list_file.parent, paths=paths, labels=labels, classes=classes)
+    return FileSource(root=list_file.parent, paths=paths, labels=labels, classes=classes, rejected=repeats)
+
+
+def _without_repeats(rows: list[tuple[int, str, str | None]], list_file: Path) -> tuple[list, list[dict]]:
+    """The rows without files listed again (kept once, the later lines reported as skipped: usually two lists
+    joined by mistake, which would weigh those images twice); a file listed with two labels is an error."""
+    first: dict[str, tuple[int, str | None]] = {}
+    kept, repeats = [], []
+    for number, path, label in rows:
+        key = os.path.normpath(path)
+        if key not in first:
+            first[key] = (number, label)
+            kept.append((number, path, label))
+        elif first[key][1] != label:
+            raise SourceError(f"{list_file}:{number}: {path} is listed with label {label!r} here and "
+                              f"{first[key][1]!r} on line {first[key][0]}; give each file one label")
+        else:
+            repeats.append({"source": path, "reason": f"listed again on line {number} (first on line {first[key][0]})"})
+    return kept, repeats
 
 
 def _has_csv_header(text: str) -> bool:
@@ -290,18 +310,21 @@ def _has_csv_header(text: str) -> bool:
     return first_field.strip().lower() == "path"
 
 
-def _parse_csv(text: str, list_file: Path) -> list[tuple[str, str | None]]:
-    """Rows of a CSV list with a ``path`` column and an optional ``label`` column (all or none labeled)."""
-    reader = csv.DictReader(line for line in text.splitlines() if line.strip())
+def _parse_csv(text: str, list_file: Path) -> list[tuple[int, str, str | None]]:
+    """(line number, path, label) rows of a CSV list with a ``path`` column and an optional ``label`` column (all or
+    none labeled)."""
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    reader = csv.DictReader(line for _, line in lines)
     reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
     has_label = "label" in reader.fieldnames
     rows = []
-    for row_number, row in enumerate(reader, start=2):
+    for row in reader:
+        number = lines[reader.line_num - 1][0]  # the file's line: blank lines never reach the reader
         path = (row.get("path") or "").strip()
         label = (row.get("label") or "").strip() if has_label else None
         if not path or label == "":
-            raise SourceError(f"{list_file}:{row_number}: every row needs a path and, with a label column, a label")
-        rows.append((path, label))
+            raise SourceError(f"{list_file}:{number}: every row needs a path and, with a label column, a label")
+        rows.append((number, path, label))
     return rows
 
 
