@@ -23,7 +23,7 @@ from mae_tnt.data.images import BadImageError, decode, decode_rgb, set_max_image
 from mae_tnt.data.info import ShardError, count_tar_samples, load_info, update_split
 from mae_tnt.data.inspect import main as inspect_main
 from mae_tnt.data.readers import SourceError, detect_format
-from mae_tnt.data.shards import read_samples
+from mae_tnt.data.shards import declared_classes, read_samples
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -479,6 +479,25 @@ def test_inspect_fails_when_a_shard_count_disagrees(tmp_path, capsys):
     (tmp_path / "out" / "_info.json").write_text(json.dumps(info))
     assert inspect_main([str(tmp_path / "out")]) == 1
     assert "train-000000.tar: holds 2 samples but _info.json says 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("labeled_first", [True, False])
+def test_an_unlabeled_split_beside_labeled_ones_stays_unlabeled(tmp_path, capsys, labeled_first):
+    """STL-10's layout: labeled `train` and `unlabeled` splits in one directory, in either order."""
+    for name in ("cat/a.png", "dog/b.png", "flat/c.png", "flat/d.png", "flat/e.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(encoded(gradient(6, 6), "PNG"))
+    (tmp_path / "flat" / "notes.txt").write_text("not an image")
+    (tmp_path / "labeled").mkdir()
+    for name in ("cat", "dog"):
+        (tmp_path / name).rename(tmp_path / "labeled" / name)
+    conversions = [(tmp_path / "labeled", options(split="train")), (tmp_path / "flat", options(split="unlabeled"))]
+    for src, settings in conversions if labeled_first else conversions[::-1]:
+        convert(src, tmp_path / "out", settings)
+    assert inspect_main([str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    assert "unlabeled: 3 samples in 1 shards, unlabeled\n" in capsys.readouterr().out
+    assert declared_classes(str(tmp_path / "out"), split="train") == ["cat", "dog"]
+    assert declared_classes(str(tmp_path / "out"), split="unlabeled") == []  # what fine-tuning and kNN refuse
 
 
 def test_tool_wrappers_exit_with_the_status_of_main(tmp_path, monkeypatch):

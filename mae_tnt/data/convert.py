@@ -168,7 +168,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOpti
     lengths = [shard["num_samples"] for shard in journal.shards]
     _remove_stale_shards(out, options.split, keep=set(filenames))
     classes = list(source.classes or [])
-    update_split(out, options.split, filenames, lengths, classes=classes or None, skipped=skipped)
+    update_split(out, options.split, filenames, lengths, classes=classes or None, skipped=skipped,
+                 labeled=bool(classes))
     journal.discard()
     return ConvertSummary(options.split, sum(lengths), filenames, lengths, skipped, resumed_shards, fmt, classes)
 

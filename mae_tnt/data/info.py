@@ -87,6 +87,7 @@ def update_split(
     name: str | None = None,
     *,
     skipped: Sequence[dict] | None = None,
+    labeled: bool | None = None,
 ) -> dict:
     """Add or replace one split in ``ROOT/_info.json``, keeping the other splits, and write it atomically.
 
@@ -98,6 +99,7 @@ def update_split(
         classes: Class names indexed by label; None keeps the existing list (empty for unlabeled data).
         name: Dataset name; None keeps the existing one, or uses the directory name for a new file.
         skipped: ``{"source", "reason"}`` records of inputs left out of this split.
+        labeled: whether the split's samples carry labels (``split_classes``); None leaves it unsaid.
 
     Returns:
         The info dict as written.
@@ -118,9 +120,17 @@ def update_split(
     entry["shard_lengths"] = list(shard_lengths)
     if skipped is not None:
         entry["skipped"] = list(skipped)
+    if labeled is not None:
+        entry["labeled"] = labeled
     info["splits"][split] = entry
     write_json_atomic(root / INFO_NAME, info)
     return info
+
+
+def split_classes(info: dict, split: str) -> list[str]:
+    """The classes labelling `split`'s samples: the dataset's, or [] for a split of unlabeled images (e.g. STL-10's
+    `unlabeled` beside its labeled `train`), which make_shards marks `"labeled": false`."""
+    return info.get("classes", []) if info["splits"].get(split, {}).get("labeled", True) else []
 
 
 def check_classes(root: str | os.PathLike, split: str, classes: Sequence[str] | None) -> None:

@@ -16,7 +16,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mae_tnt.data.images import IMAGE_FIELDS, BadImageError, decode
-from mae_tnt.data.info import INFO_NAME, ShardError, count_tar_samples, load_info, unfinished_journals
+from mae_tnt.data.info import (
+    INFO_NAME,
+    ShardError,
+    count_tar_samples,
+    load_info,
+    split_classes,
+    unfinished_journals,
+)
 from mae_tnt.data.shards import read_samples
 
 MAX_PRINTED_PROBLEMS = 50
@@ -28,6 +35,8 @@ class SplitReport:
 
     num_samples: int
     num_shards: int
+    classes: list[str]
+    """The classes labelling this split; [] for an unlabeled split (`info.split_classes`)."""
     label_counts: Counter = field(default_factory=Counter)
     formats: Counter = field(default_factory=Counter)
     widths: list[int] = field(default_factory=list)
@@ -57,10 +66,10 @@ def inspect_shards(root: str | Path, progress: bool = False) -> InspectReport:
     problems = _leftover_problems(root, info)
     splits = {}
     for split, entry in info["splits"].items():
-        splits[split] = SplitReport(num_samples=entry["num_samples"], num_shards=len(entry["filenames"]))
+        report = splits[split] = SplitReport(entry["num_samples"], len(entry["filenames"]), split_classes(info, split))
         with tqdm(total=entry["num_samples"], unit="img", desc=split, disable=not progress) as bar:
             for filename, length in zip(entry["filenames"], entry["shard_lengths"], strict=True):
-                problems += _inspect_shard(root / filename, length, classes, splits[split])
+                problems += _inspect_shard(root / filename, length, report)
                 bar.update(length)
     return InspectReport(info.get("name", root.name), classes, splits, problems)
 
@@ -78,7 +87,7 @@ def _leftover_problems(root: Path, info: dict) -> list[str]:
     return problems
 
 
-def _inspect_shard(path: Path, expected: int, classes: list[str], report: SplitReport) -> list[str]:
+def _inspect_shard(path: Path, expected: int, report: SplitReport) -> list[str]:
     """Problems of one shard; adds its samples' labels, sizes and formats to ``report``."""
     if not path.is_file():
         return [f"{path}: listed in {INFO_NAME} but missing"]
@@ -88,11 +97,11 @@ def _inspect_shard(path: Path, expected: int, classes: list[str], report: SplitR
         return [str(err)]
     problems = [] if count == expected else [f"{path}: holds {count} samples but {INFO_NAME} says {expected}"]
     for fields in read_samples(str(path)):
-        problems += _inspect_sample(f"{path}:{fields.pop('__key__')}", fields, classes, report)
+        problems += _inspect_sample(f"{path}:{fields.pop('__key__')}", fields, report)
     return problems
 
 
-def _inspect_sample(where: str, fields: dict[str, bytes], classes: list[str], report: SplitReport) -> list[str]:
+def _inspect_sample(where: str, fields: dict[str, bytes], report: SplitReport) -> list[str]:
     """Problems of one sample (image count, decodability, label); records what it holds in ``report``."""
     images = [name for name in fields if name in IMAGE_FIELDS]
     if len(images) != 1:
@@ -104,8 +113,9 @@ def _inspect_sample(where: str, fields: dict[str, bytes], classes: list[str], re
     report.formats[img.format] += 1
     report.widths.append(img.width)
     report.heights.append(img.height)
+    classes = report.classes
     if "cls" not in fields:
-        return [f"{where}: no .cls label although the dataset has classes"] if classes else []
+        return [f"{where}: no .cls label although the split is labeled"] if classes else []
     label = fields["cls"].decode("ascii", errors="replace").strip()
     if not label.isdigit() or (classes and int(label) >= len(classes)):
         return [f"{where}: label {label!r} is not an index into the {len(classes)} classes"]
@@ -117,7 +127,8 @@ def format_report(report: InspectReport) -> str:
     """Human-readable summary: per split counts, per-class counts, image sizes and formats."""
     lines = [f"{report.name}: {len(report.splits)} splits, {len(report.classes)} classes"]
     for split, summary in report.splits.items():
-        lines.append(f"{split}: {summary.num_samples} samples in {summary.num_shards} shards")
+        unlabeled = ", unlabeled" if report.classes and not summary.classes else ""
+        lines.append(f"{split}: {summary.num_samples} samples in {summary.num_shards} shards{unlabeled}")
         if summary.widths:
             lines.append(f"  width  {_min_median_max(summary.widths)}")
             lines.append(f"  height {_min_median_max(summary.heights)}")

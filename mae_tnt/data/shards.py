@@ -21,7 +21,7 @@ import braceexpand
 import webdataset as wds
 
 from .info import ShardError as InfoError
-from .info import count_tar_samples, load_info, sample_key
+from .info import count_tar_samples, load_info, sample_key, split_classes
 
 
 class ShardError(InfoError, RuntimeError):
@@ -79,10 +79,11 @@ def info_directory(spec: str, info: str | None = None) -> Path | None:
     return None
 
 
-def declared_classes(spec: str, info: str | None = None) -> list[str] | None:
-    """The classes `spec`'s `_info.json` (see `info_directory`) lists ([] for unlabeled data); None without one."""
+def declared_classes(spec: str, info: str | None = None, split: str = "train") -> list[str] | None:
+    """The classes labelling `split` of `spec` by its `_info.json` (see `info_directory`): [] for unlabeled data,
+    None without a `_info.json`."""
     root = info_directory(spec, info)
-    return None if root is None else load_info(root).get("classes", [])
+    return None if root is None else split_classes(load_info(root), split)
 
 
 def _from_info(root: Path, split: str) -> list[Shard]:

@@ -122,10 +122,10 @@ def require_labeled_shards(data: DataConfig, what: str) -> None:
     """Fail before any encoding when `data.val` is unset or the shards' `_info.json` lists no classes."""
     if data.val is None:
         raise ShardError(f"{what} needs labeled validation shards: set data.val")
-    for spec in (data.train, data.val):
-        if declared_classes(spec, data.info) == []:
-            raise ShardError(f"{what} needs labeled shards, but {info_directory(spec, data.info)}/_info.json lists no "
-                             "classes; make the shards with labels (tools/make_shards.py)")
+    for spec, split in ((data.train, data.split), (data.val, data.val_split)):
+        if declared_classes(spec, data.info, split) == []:
+            raise ShardError(f"{what} needs labeled shards, but {info_directory(spec, data.info)}/_info.json gives "
+                             f"split '{split}' no classes; make the shards with labels (tools/make_shards.py)")
 
 
 def knn_accuracy_on_shards(encoder: nn.Module, data: DataConfig, *, img_size: int, batch_size: int, k: int = 20,
