@@ -185,33 +185,44 @@ def test_interrupted_conversion_resumes_without_duplicates_or_losses(tmp_path, m
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(summary.filenames + ["_info.json"])
 
 
-# Run by the test below in a process of its own: if the pool hangs, only that process is killed.
-FAIL_UNDER_A_SIGTERM_IGNORING_CALLER = """
-import signal, sys
+# Run by the tests below in a process of their own: if the pool hangs, only that process is killed.
+CONVERT_UNDER_A_SIGTERM_IGNORING_CALLER = """
+import multiprocessing, os, signal, sys
 from mae_tnt.data import convert as convert_module
 
 def disk_full(writer, members):
     raise OSError(28, "No space left on device")
 
+def end_workers_then_add(writer, members, add=convert_module.ShardWriter.add):  # as a scheduler's SIGTERM
+    for worker in multiprocessing.active_children():
+        os.kill(worker.pid, signal.SIGTERM)
+    add(writer, members)
+
 signal.signal(signal.SIGTERM, lambda signum, frame: print("the caller's handler ran in a worker", flush=True))
-convert_module.ShardWriter.add = disk_full
+convert_module.ShardWriter.add = {"disk_full": disk_full, "sigterm": end_workers_then_add}[sys.argv[3]]
 try:
     convert_module.convert(sys.argv[1], sys.argv[2], convert_module.ConvertOptions(workers=2, progress=False))
-except OSError as err:
+except (OSError, convert_module.ConversionError) as err:
     print("raised:", err)
 """
 
 
-def test_a_failing_conversion_stops_its_workers_under_a_caller_that_handles_sigterm(tmp_path):
-    """The worker pool stops its workers with SIGTERM. A handler forked from the caller (a training run's, a
-    notebook's) kept them alive, and the pool waited for them forever instead of raising."""
+@pytest.mark.parametrize(("failure", "message"), [
+    ("disk_full", "[Errno 28] No space left on device"),
+    ("sigterm", "an encoding worker died (killed by a signal or out of memory); run the same command again to "
+                "resume from the last finished shard"),
+])
+def test_a_failing_conversion_stops_its_workers_under_a_caller_that_handles_sigterm(tmp_path, failure, message):
+    """A handler forked from the caller (a training run's, a notebook's) kept the workers alive when the pool ended
+    them with SIGTERM, and the pool waited forever; `multiprocessing.Pool` also waited forever for the tasks of
+    workers that a scheduler's SIGTERM had ended."""
     src = tmp_path / "src"
     src.mkdir()
     for i in range(300):  # enough queued work that workers are still busy when the first shard write fails
         (src / f"{i}.png").write_bytes(encoded(gradient(4, 4), "PNG"))
-    command = [sys.executable, "-c", FAIL_UNDER_A_SIGTERM_IGNORING_CALLER, str(src), str(tmp_path / "out")]
+    command = [sys.executable, "-c", CONVERT_UNDER_A_SIGTERM_IGNORING_CALLER, str(src), str(tmp_path / "out"), failure]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert result.stdout == "raised: [Errno 28] No space left on device\n", result.stderr
+    assert result.stdout == f"raised: {message}\n", result.stderr
 
 
 def test_existing_shards_of_a_finished_run_are_not_overwritten(tmp_path):

@@ -28,15 +28,18 @@ import argparse
 import gzip
 import hashlib
 import io
+import itertools
 import json
-import multiprocessing
 import os
 import random
 import re
 import signal
 import sys
 import tarfile
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +70,7 @@ from mae_tnt.data.readers import (
 
 PASS_THROUGH_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}  # MPO: camera JPEG with extra frames
 JPEG_QUALITY = 95
+CHUNK = 16  # samples per worker task: large enough to amortise the inter-process transfer, small for even load
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -407,8 +411,8 @@ _worker_max_size: int | None = None
 
 def _init_worker(source: Source, max_size: int | None) -> None:
     global _worker_source, _worker_max_size
-    # The pool stops its workers with SIGTERM; a handler forked from the caller (a training run's preemption flag,
-    # a notebook's) would keep them alive, and the pool would wait for them forever.
+    # When one worker dies, the pool ends the others with SIGTERM; a handler forked from the caller (a training run's
+    # preemption flag, a notebook's) would keep them alive, and the pool would wait for them forever.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _worker_source, _worker_max_size = source, max_size
 
@@ -417,16 +421,38 @@ def _prepare_index(index: int) -> EncodedImage | dict:
     return prepare_sample(_worker_source, index, _worker_max_size)
 
 
+def _prepare_chunk(indices: list[int]) -> list[EncodedImage | dict]:
+    return [_prepare_index(index) for index in indices]
+
+
 def _prepared(source: Source, order: list[int], start: int, options: ConvertOptions) -> Iterator:
-    """Yield ``(position, EncodedImage or skip record)`` for order positions from ``start``, in order."""
+    """Yield ``(position, EncodedImage or skip record)`` for order positions from ``start``, in order.
+
+    Workers encode chunks of CHUNK samples, at most two chunks per worker in flight. A process pool, not
+    ``multiprocessing.Pool``: a worker that dies (a scheduler's SIGTERM, the OOM killer) breaks it with an error,
+    where ``Pool`` waits forever for the lost tasks.
+    """
     indices = order[start:]
     if options.workers <= 1:
         _init_worker(source, options.max_size)
         yield from enumerate(map(_prepare_index, indices), start)
         return
-    init_args = (source, options.max_size)
-    with multiprocessing.Pool(options.workers, initializer=_init_worker, initargs=init_args) as pool:
-        yield from enumerate(pool.imap(_prepare_index, indices, chunksize=16), start)
+    chunks = (indices[i : i + CHUNK] for i in range(0, len(indices), CHUNK))
+    pool = ProcessPoolExecutor(options.workers, initializer=_init_worker, initargs=(source, options.max_size))
+    try:
+        in_flight = deque(pool.submit(_prepare_chunk, chunk) for chunk in itertools.islice(chunks, 2 * options.workers))
+        position = start
+        while in_flight:
+            results = in_flight.popleft().result()
+            in_flight.extend(pool.submit(_prepare_chunk, chunk) for chunk in itertools.islice(chunks, 1))
+            for result in results:
+                yield position, result
+                position += 1
+    except BrokenProcessPool as err:
+        raise ConversionError("an encoding worker died (killed by a signal or out of memory); run the same "
+                              "command again to resume from the last finished shard") from err
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def prepare_sample(source: Source, index: int, max_size: int | None) -> EncodedImage | dict:
