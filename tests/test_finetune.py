@@ -249,6 +249,17 @@ def test_unlabeled_shards_are_refused_before_fine_tuning_even_with_a_class_count
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_an_unlabeled_validation_split_is_refused_before_fine_tuning(tmp_path):
+    write_shards(tmp_path / "shards", [8], split="unlabeled")
+    info = json.loads((tmp_path / "shards" / "_info.json").read_text())
+    info["splits"]["unlabeled"]["labeled"] = False  # as make_shards marks a split of unlabeled images
+    (tmp_path / "shards" / "_info.json").write_text(json.dumps(info))
+    with pytest.raises(ShardError, match="finetune validation needs labeled shards, but .* gives split 'unlabeled' "
+                                         "no classes"):
+        FinetuneRun(demo_config(tmp_path / "run", f"data.val={tmp_path / 'shards'}", "data.val_split=unlabeled"))
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_stem_norm_refit_on_a_model_without_batchnorm_is_one_error_line(tmp_path, capsys, fresh_accelerate_state):
     from mae_tnt.finetune_cli import run_finetune
 
@@ -266,6 +277,7 @@ def test_demo_finetune_beats_chance_and_resumes_exactly(tmp_path, one_thread):
     assert (tmp_path / "full" / "best" / "model.safetensors").exists()
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if "val_acc1" in r] == [1.0, 2.0]
+    assert all(r["skipped_samples"] == 0 for r in rows if "loss" in r)
 
     FinetuneRun(demo_config(tmp_path / "split", "run.max_steps=31")).train()
     resumed = FinetuneRun(demo_config(tmp_path / "split")).train()

@@ -126,6 +126,11 @@ def test_a_truncated_shard_is_warned_about_then_skipped_and_counted(tmp_path):
         pattern = resolve_shards(f"{tmp_path}/train-{{000000..000003}}.tar")  # no _info.json to give its count
     assert [shard.num_samples for shard in pattern] == [8, readable, 8, 8]
 
+    victim.write_bytes(b"")  # tarfile's reason names each decompressor it tried, one per line
+    with pytest.warns(UserWarning) as caught:
+        resolve_shards(str(tmp_path))
+    assert len(caught) == 1 and "\n" not in str(caught[0].message), str(caught[0].message)
+
 
 def test_pipe_urls_are_refused_unless_allowed(tmp_path):
     with pytest.raises(ShardError, match="data.allow_pipe=true"):

@@ -145,7 +145,8 @@ def _verify_counts(shards: list[Shard], spec: str) -> None:
 
 def _warn_broken(err: InfoError, consequence: str) -> None:
     """Training goes on without a broken shard's lost samples: one bad file should not stop a long run."""
-    warnings.warn(f"{err}. Until then, {consequence}", stacklevel=2)
+    reason = " ".join(str(err).split())  # one line: tarfile lists each decompressor it tried on lines of their own
+    warnings.warn(f"{reason}. Until then, {consequence}", stacklevel=2)
 
 
 def _is_local(url: str) -> bool:

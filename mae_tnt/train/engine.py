@@ -280,8 +280,7 @@ class Trainer:
     def _log_window(self, window: Window, bar) -> dict:
         raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
         metrics = close_window(self.acc, window, bar, self.step, self.step / self.plan.steps_per_epoch,
-                               self.lr(self.step - 1))
-        metrics["skipped_samples"] = self.stream.state.skipped
+                               self.lr(self.step - 1), self.stream.state.skipped)
         if self.grad_norm is not None:
             metrics["grad_norm"] = float(self.grad_norm)
         if torch.cuda.is_available():

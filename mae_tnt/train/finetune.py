@@ -49,7 +49,7 @@ from ..models.loading import save_weights
 from .checkpoint import resolve_resume, restore_training, save_checkpoint
 from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step, write_run_config
 from .init import attach_probe_head, init_head, load_init, reestimate_stem_norms
-from .knn import accuracy_counts, knn_accuracy_on_shards
+from .knn import accuracy_counts, knn_accuracy_on_shards, require_labeled_shards
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, progress_bar
 from .optim import build_adamw
@@ -233,6 +233,8 @@ class FinetuneRun:
         self.stream = build_train_stream(cfg.data, transform, seed=cfg.seed, rank=self.rank, world_size=self.world)
         self.plan = derive_plan(cfg, self.world, self.stream.batches_per_epoch())
         self.num_classes = resolve_num_classes(cfg, self.log)
+        if cfg.data.val:
+            require_labeled_shards(cfg.data, f"{cfg.mode} validation")
         checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)
         set_fused_attn(cfg.run.fused_attn)
         self.memory_format = (torch.channels_last if cfg.run.channels_last and self.device.type == "cuda"
@@ -372,7 +374,7 @@ class FinetuneRun:
     def _log_train(self, window: Window, bar) -> None:
         raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
         self.logger.log(close_window(self.acc, window, bar, self.step, self.step / self.plan.steps_per_epoch,
-                                     self.lr(self.step - 1)))
+                                     self.lr(self.step - 1), self.stream.state.skipped))
 
     def evaluate_and_keep_best(self) -> dict:
         """Top-1/top-5 of the model (and its EMA) on the val shards; the best weights go to `best/`."""

@@ -78,13 +78,14 @@ def timed(batches: Iterable, window: Window) -> Iterator:
             shutdown()
 
 
-def close_window(accelerator, window: Window, bar, step: int, epoch: float, lr: float) -> dict:
-    """The log line of a window (mean loss over all ranks, lr, img/s, data-wait fraction); shows it and resets."""
+def close_window(accelerator, window: Window, bar, step: int, epoch: float, lr: float, skipped: int) -> dict:
+    """The log line of a window (mean loss over all ranks, lr, img/s, data-wait fraction, and `skipped`: this rank's
+    running total of samples skipped as unreadable); shows it and resets."""
     loss = accelerator.reduce(window.loss_sum, "sum").item() / max(1, accelerator.reduce(window.count, "sum").item())
     elapsed = time.perf_counter() - window.start
     metrics = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
                "img_per_s": window.images * accelerator.num_processes / elapsed,
-               "data_wait": window.data_time / elapsed}
+               "data_wait": window.data_time / elapsed, "skipped_samples": skipped}
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{metrics['img_per_s']:.0f}")
     window.reset()
     return metrics
