@@ -223,26 +223,25 @@ class Trainer:
 
     def train(self) -> dict:
         """Run until the stop step; returns a summary with the first and last logged losses."""
-        window = self.window
-        window.restart_clock()
+        self.window.restart_clock()
         self.last_saved = self.step
         with (MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step) as self.logger,
               Preemption(self.acc, self.cfg.run.preempt_check_every, self.log) as preemption):
             with progress_bar(self.plan.stop_step, self.step, self.is_main) as bar:
-                history = self._run_steps(preemption, window, bar)
-            raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
+                history = self._run_steps(preemption, bar)
+            raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
             if self.step != self.last_saved:
                 self.save()
         return {"steps": self.step, "history": history, "output_dir": str(self.out),
                 "preempted": preemption.cut_short(self.step, self.plan.stop_step)}
 
-    def _run_steps(self, preemption: Preemption, window: Window, bar) -> list[dict]:
+    def _run_steps(self, preemption: Preemption, bar) -> list[dict]:
         """Optimizer steps, epoch after epoch, until the stop step or an agreed stop; returns the metrics rows."""
         history: list[dict] = []
         micro = self.step * self.cfg.optim.accum_steps
         while self.step < self.plan.stop_step and not preemption.stopping:
             loader = make_loader(self.stream, pin_memory=self.acc.device.type == "cuda")
-            for batch in timed(loader, window):
+            for batch in timed(loader, self.window):
                 started = time.perf_counter()
                 loss = self.micro_step(batch, micro)
                 if self.cfg.run.compile and micro == self.step * self.cfg.optim.accum_steps:
@@ -250,25 +249,25 @@ class Trainer:
                              f"{time.perf_counter() - started:.1f} s")
                 micro += 1
                 self.stream.state.record(batch, self.stream.num_workers)
-                window.add(loss, len(batch["images"]), micro)
+                self.window.add(loss, len(batch["images"]), micro)
                 if not self.acc.sync_gradients:
                     continue
                 self.step += 1
                 bar.update(1)
-                history += self._after_optimizer_step(window, bar)
+                history += self._after_optimizer_step(bar)
                 if self.step >= self.plan.stop_step or preemption.should_stop(self.step):
                     break
             if self.stream.state.batches >= self.stream.batches_per_epoch():
                 self.stream.state.start_epoch(self.stream.state.epoch + 1)
         return history
 
-    def _after_optimizer_step(self, window: Window, bar) -> list[dict]:
+    def _after_optimizer_step(self, bar) -> list[dict]:
         """Log, checkpoint, reconstruct and evaluate when due; returns the metrics rows written."""
         rows = []
         if self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step:
-            rows.append(self._log_window(window, bar))
+            rows.append(self._log_window(bar))
         if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.plan.stop_step:
-            raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
+            raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
             self.save()
             self.last_saved = self.step
         elif self.cfg.run.recon_every and self.step % self.cfg.run.recon_every == 0:
@@ -277,9 +276,9 @@ class Trainer:
             rows.append(self.knn_eval())
         return rows
 
-    def _log_window(self, window: Window, bar) -> dict:
-        raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
-        metrics = close_window(self.acc, window, bar, self.step, self.step / self.plan.steps_per_epoch,
+    def _log_window(self, bar) -> dict:
+        raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
+        metrics = close_window(self.acc, self.window, bar, self.step, self.step / self.plan.steps_per_epoch,
                                self.lr(self.step - 1), self.stream.state.skipped)
         if self.grad_norm is not None:
             metrics["grad_norm"] = float(self.grad_norm)

@@ -327,32 +327,32 @@ class FinetuneRun:
     def train(self) -> dict:
         """Train to the stop step, evaluating after every epoch; returns a summary with the best accuracy."""
         self.preemption = Preemption(self.acc, self.cfg.run.preempt_check_every, self.log)
-        window, history = self.window, []
-        window.restart_clock()
+        history: list[dict] = []
+        self.window.restart_clock()
         with (MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step) as self.logger,
               self.preemption,
               progress_bar(self.plan.stop_step, self.step, self.is_main, desc=self.cfg.mode) as bar):
             micro = self.step * self.cfg.optim.accum_steps
             while self.step < self.plan.stop_step and not self.preemption.stopping:
                 self.set_train_mode()
-                micro = self._run_batches(window, bar, micro)
+                micro = self._run_batches(bar, micro)
                 epoch_done = self._epoch_done()
                 if epoch_done:
                     self.stream.state.start_epoch(self.stream.state.epoch + 1)
                 if (epoch_done or self.step >= self.plan.stop_step) and self.val_shards:
                     history.append(self.evaluate_and_keep_best())
-                raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
+                raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
                 self.save()
         return {"steps": self.step, "history": history, "best": self.best, "output_dir": str(self.out),
                 "preempted": self.preemption.cut_short(self.step, self.plan.stop_step)}
 
-    def _run_batches(self, window: Window, bar, micro: int) -> int:
+    def _run_batches(self, bar, micro: int) -> int:
         """Micro-steps until the epoch ends, the stop step is reached or a stop is requested; returns `micro`."""
-        for batch in timed(make_loader(self.stream, pin_memory=self.device.type == "cuda"), window):
+        for batch in timed(make_loader(self.stream, pin_memory=self.device.type == "cuda"), self.window):
             loss = self.micro_step(batch, micro)
             micro += 1
             self.stream.state.record(batch, self.stream.num_workers)
-            window.add(loss, batch["images"].shape[0], micro)
+            self.window.add(loss, batch["images"].shape[0], micro)
             if not self.acc.sync_gradients:
                 continue
             self.step += 1
@@ -360,20 +360,20 @@ class FinetuneRun:
             if self.ema is not None:
                 self.ema.update(self.unwrapped, step=self.step)
             if self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step:
-                self._log_train(window, bar)
+                self._log_train(bar)
             if self.step >= self.plan.stop_step or self.preemption.should_stop(self.step) or self._epoch_done():
                 break  # `train` evaluates at an epoch end, then saves once
             if self.step % self.cfg.run.checkpoint_every == 0:
-                raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
+                raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
                 self.save()
         return micro
 
     def _epoch_done(self) -> bool:
         return self.stream.state.batches >= self.stream.batches_per_epoch()
 
-    def _log_train(self, window: Window, bar) -> None:
-        raise_if_nonfinite(self.acc, window, self.out, self.cfg.optim.accum_steps)
-        self.logger.log(close_window(self.acc, window, bar, self.step, self.step / self.plan.steps_per_epoch,
+    def _log_train(self, bar) -> None:
+        raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
+        self.logger.log(close_window(self.acc, self.window, bar, self.step, self.step / self.plan.steps_per_epoch,
                                      self.lr(self.step - 1), self.stream.state.skipped))
 
     def evaluate_and_keep_best(self) -> dict:
