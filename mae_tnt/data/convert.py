@@ -444,7 +444,8 @@ def _prepared(source: Source, order: list[int], start: int, options: ConvertOpti
         position = start
         while in_flight:
             results = in_flight.popleft().result()
-            in_flight.extend(pool.submit(_prepare_chunk, chunk) for chunk in itertools.islice(chunks, 1))
+            if (chunk := next(chunks, None)) is not None:
+                in_flight.append(pool.submit(_prepare_chunk, chunk))
             for result in results:
                 yield position, result
                 position += 1
