@@ -367,10 +367,12 @@ def test_a_file_listed_twice_is_kept_once_and_one_listed_with_two_labels_is_an_e
     (tmp_path / "imgs").mkdir()
     for name in ("a.png", "b.png"):
         (tmp_path / "imgs" / name).write_bytes(encoded(gradient(4, 4), "PNG"))
-    (tmp_path / "joined.txt").write_text("imgs/a.png\nimgs/b.png\n\n./imgs/a.png\n")  # two lists pasted together
+    absolute_b = tmp_path / "imgs" / "b.png"
+    (tmp_path / "joined.txt").write_text(f"imgs/a.png\nimgs/b.png\n\n./imgs/a.png\n{absolute_b}\n")  # lists pasted
     summary = convert(tmp_path / "joined.txt", tmp_path / "joined", options())
     assert summary.num_samples == 2
-    assert summary.skipped == [{"source": "./imgs/a.png", "reason": "listed again on line 4 (first on line 1)"}]
+    assert summary.skipped == [{"source": "./imgs/a.png", "reason": "listed again on line 4 (first on line 1)"},
+                               {"source": str(absolute_b), "reason": "listed again on line 5 (first on line 2)"}]
 
     (tmp_path / "clash.csv").write_text("path,label\nimgs/a.png,cat\n\nimgs/b.png,dog\nimgs/a.png,dog\n")
     with pytest.raises(SourceError, match=r"clash.csv:5: imgs/a.png is listed with label 'dog' here and 'cat' on "

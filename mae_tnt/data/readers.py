@@ -291,7 +291,7 @@ def _without_repeats(rows: list[tuple[int, str, str | None]], list_file: Path) -
     first: dict[str, tuple[int, str | None]] = {}
     kept, repeats = [], []
     for number, path, label in rows:
-        key = os.path.normpath(path)
+        key = os.path.abspath(os.path.join(list_file.parent, path))  # one file named relatively and absolutely
         if key not in first:
             first[key] = (number, label)
             kept.append((number, path, label))
