@@ -17,10 +17,16 @@ def run_finetune(argv: list[str]) -> int:
         return report_preempted(summary)
     if not is_main_process():
         return 0
-    if cfg.mode == "knn":
-        print(f"done: kNN top-1 {summary['knn_top1']:.2f}, top-5 {summary['knn_top5']:.2f}")
-    else:
-        best = summary["best"]
-        print(f"done: {summary['steps']} steps; best val top-1 {best['val_acc1']:.2f} ({best.get('weights', '-')} "
-              f"weights, epoch {best.get('epoch', '-')}); outputs in {summary['output_dir']}")
+    print(summary_line(summary, cfg.mode))
     return 0
+
+
+def summary_line(summary: dict, mode: str) -> str:
+    """The closing line of a run: the kNN accuracy, or the best validation accuracy and where the outputs are."""
+    if mode == "knn":
+        return f"done: kNN top-1 {summary['knn_top1']:.2f}, top-5 {summary['knn_top5']:.2f}"
+    best, outputs = summary["best"], f"outputs in {summary['output_dir']}"
+    if "weights" not in best:
+        return f"done: {summary['steps']} steps, not validated (data.val is null); {outputs}/checkpoints"
+    return (f"done: {summary['steps']} steps; best val top-1 {best['val_acc1']:.2f} ({best['weights']} weights, "
+            f"epoch {best['epoch']:g}); {outputs}")

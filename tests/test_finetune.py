@@ -271,6 +271,19 @@ def test_stem_norm_refit_on_a_model_without_batchnorm_is_one_error_line(tmp_path
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_a_run_without_validation_ends_saying_so_and_where_its_weights_are(tmp_path, capsys, one_thread,
+                                                                           fresh_accelerate_state):
+    from mae_tnt.finetune_cli import run_finetune
+
+    argv = [str(ROOT / "recipes" / "demo_finetune_vit.yaml"), f"run.output_dir={tmp_path}", "data.num_workers=0",
+            "data.val=null", "run.max_steps=2"]
+    assert run_finetune(argv) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"done: 2 steps, not validated (data.val is null); outputs in {tmp_path}/checkpoints"
+    assert (tmp_path / "checkpoints" / "step_00000002" / "model.safetensors").exists()
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_demo_finetune_beats_chance_and_resumes_exactly(tmp_path, one_thread):
     full = FinetuneRun(demo_config(tmp_path / "full")).train()
     assert full["steps"] == 62 and full["best"]["val_acc1"] > 25.0  # 10 classes: chance is 10 %

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -251,7 +252,7 @@ class FinetuneRun:
         self.criterion = build_criterion(cfg.augment)
         self.augment = BatchAugment(cfg.augment, self.num_classes, self.device)
         self.val_shards = data_shards(cfg.data, "val") if cfg.data.val else []
-        self.step, self.best, self.window = 0, {"val_acc1": -1.0}, Window(self.device)
+        self.step, self.best, self.window = 0, {}, Window(self.device)
         self._describe_run(sum(p.numel() for p in model.parameters() if p.requires_grad))
         if checkpoint is not None:
             self._resume(checkpoint)
@@ -385,7 +386,7 @@ class FinetuneRun:
             metrics.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
             candidates.append(("ema", metrics["ema_val_acc1"]))
         source, acc1 = max(candidates, key=lambda c: c[1])
-        if acc1 > self.best["val_acc1"]:
+        if acc1 > self.best.get("val_acc1", -math.inf):
             state_dict = self.acc.get_state_dict(self.model) if source == "model" else self.ema.module.state_dict()
             self.best = {"val_acc1": acc1, "step": self.step, "epoch": metrics["epoch"], "weights": source}
             if self.is_main:
