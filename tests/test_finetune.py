@@ -244,18 +244,20 @@ def test_unlabeled_shards_are_refused_before_fine_tuning_even_with_a_class_count
     write_shards(tmp_path / "shards", [8])
     drop_classes(tmp_path / "shards")
     cfg = demo_config(tmp_path / "run", f"data.train={tmp_path / 'shards'}", "data.val=null", "model.num_classes=3")
-    with pytest.raises(ShardError, match="holds unlabeled images .* but finetune needs labels"):
+    with pytest.raises(ShardError, match="finetune needs labeled shards, but .* gives split 'train' no classes; make "
+                                         "labeled shards"):
         resolve_num_classes(cfg)
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_an_unlabeled_validation_split_is_refused_before_fine_tuning(tmp_path):
     write_shards(tmp_path / "shards", [8], split="unlabeled")
+    write_shards(tmp_path / "shards", [8], split="val")
     info = json.loads((tmp_path / "shards" / "_info.json").read_text())
     info["splits"]["unlabeled"]["labeled"] = False  # as make_shards marks a split of unlabeled images
     (tmp_path / "shards" / "_info.json").write_text(json.dumps(info))
-    with pytest.raises(ShardError, match="finetune validation needs labeled shards, but .* gives split 'unlabeled' "
-                                         "no classes"):
+    with pytest.raises(ShardError, match=r"finetune validation needs labeled shards, but .* gives split 'unlabeled' "
+                                         r"no classes; set data.val_split to a labeled split \(val\)"):
         FinetuneRun(demo_config(tmp_path / "run", f"data.val={tmp_path / 'shards'}", "data.val_split=unlabeled"))
 
 

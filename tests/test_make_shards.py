@@ -23,7 +23,7 @@ from mae_tnt.data.images import BadImageError, decode, decode_rgb, set_max_image
 from mae_tnt.data.info import ShardError, count_tar_samples, load_info, update_split
 from mae_tnt.data.inspect import main as inspect_main
 from mae_tnt.data.readers import SourceError, detect_format
-from mae_tnt.data.shards import declared_classes, read_samples
+from mae_tnt.data.shards import labeled_classes, read_samples
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -509,8 +509,10 @@ def test_an_unlabeled_split_beside_labeled_ones_stays_unlabeled(tmp_path, capsys
         convert(src, tmp_path / "out", settings)
     assert inspect_main([str(tmp_path / "out")]) == 0, capsys.readouterr().err
     assert "unlabeled: 3 samples in 1 shards, unlabeled\n" in capsys.readouterr().out
-    assert declared_classes(str(tmp_path / "out"), split="train") == ["cat", "dog"]
-    assert declared_classes(str(tmp_path / "out"), split="unlabeled") == []  # what fine-tuning and kNN refuse
+    assert labeled_classes(str(tmp_path / "out"), None, "train", "data.split", "kNN") == ["cat", "dog"]
+    with pytest.raises(ShardError, match=r"kNN needs labeled shards, but .*/_info.json gives split 'unlabeled' "
+                                         r"no classes; set data.split to a labeled split \(train\)"):
+        labeled_classes(str(tmp_path / "out"), None, "unlabeled", "data.split", "kNN")
 
 
 def test_tool_wrappers_exit_with_the_status_of_main(tmp_path, monkeypatch):

@@ -79,11 +79,23 @@ def info_directory(spec: str, info: str | None = None) -> Path | None:
     return None
 
 
-def declared_classes(spec: str, info: str | None = None, split: str = "train") -> list[str] | None:
-    """The classes labelling `split` of `spec` by its `_info.json` (see `info_directory`): [] for unlabeled data,
-    None without a `_info.json`."""
+def labeled_classes(spec: str, info: str | None, split: str, split_key: str, needed_by: str) -> list[str] | None:
+    """The classes labelling `split` of `spec` by its `_info.json` (see `info_directory`), None without one.
+
+    Raises:
+        ShardError: the split is unlabeled; the message names the labeled splits beside it, to set `split_key` to.
+    """
     root = info_directory(spec, info)
-    return None if root is None else split_classes(load_info(root), split)
+    if root is None:
+        return None
+    meta = load_info(root)
+    classes = split_classes(meta, split)
+    if classes:
+        return classes
+    labeled = [name for name in sorted(meta["splits"]) if split_classes(meta, name)]
+    fix = (f"set {split_key} to a labeled split ({', '.join(labeled)})" if labeled else
+           "make labeled shards (an ImageFolder tree, a labeled list, IDX or CIFAR data) with tools/make_shards.py")
+    raise ShardError(f"{needed_by} needs labeled shards, but {root}/_info.json gives split '{split}' no classes; {fix}")
 
 
 def _from_info(root: Path, split: str) -> list[Shard]:

@@ -42,7 +42,7 @@ from torch import nn
 from ..config import ConfigError, to_dict
 from ..data.info import ShardError
 from ..data.loader import build_train_stream, data_shards, eval_batches, make_loader
-from ..data.shards import declared_classes, info_directory
+from ..data.shards import info_directory, labeled_classes
 from ..data.transforms import normalize, to_tensor, train_crop
 from ..finetune_config import AugmentConfig, FinetuneConfig
 from ..models import create_model
@@ -148,12 +148,8 @@ def build_criterion(cfg: AugmentConfig) -> nn.Module:
 def resolve_num_classes(cfg: FinetuneConfig, log=print) -> int:
     """`model.num_classes`, or the length of the `classes` list in the train shards' `_info.json` (their own, or
     `data.info` for remote and `pipe:` shards)."""
-    classes = declared_classes(cfg.data.train, cfg.data.info, cfg.data.split)
+    classes = labeled_classes(cfg.data.train, cfg.data.info, cfg.data.split, "data.split", cfg.mode)
     info_file = f"{info_directory(cfg.data.train, cfg.data.info)}/_info.json"
-    if classes == []:
-        raise ShardError(f"{cfg.data.train} holds unlabeled images ({info_file} gives split '{cfg.data.split}' no "
-                         f"classes), but {cfg.mode} needs labels: convert an ImageFolder tree, a labeled list, IDX or "
-                         "CIFAR data with tools/make_shards.py")
     if cfg.model.num_classes is not None:
         if classes and len(classes) != cfg.model.num_classes:
             message = (f"model.num_classes={cfg.model.num_classes} but {info_file} lists "

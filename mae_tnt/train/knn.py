@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import DataConfig
 from ..data.loader import data_shards, eval_batches
-from ..data.shards import ShardError, declared_classes, info_directory
+from ..data.shards import ShardError, labeled_classes
 from ..data.transforms import normalize
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -122,10 +122,8 @@ def require_labeled_shards(data: DataConfig, what: str) -> None:
     """Fail before any encoding when `data.val` is unset or the shards' `_info.json` lists no classes."""
     if data.val is None:
         raise ShardError(f"{what} needs labeled validation shards: set data.val")
-    for spec, split in ((data.train, data.split), (data.val, data.val_split)):
-        if declared_classes(spec, data.info, split) == []:
-            raise ShardError(f"{what} needs labeled shards, but {info_directory(spec, data.info)}/_info.json gives "
-                             f"split '{split}' no classes; make the shards with labels (tools/make_shards.py)")
+    for spec, split, key in ((data.train, data.split, "data.split"), (data.val, data.val_split, "data.val_split")):
+        labeled_classes(spec, data.info, split, key, what)
 
 
 def knn_accuracy_on_shards(encoder: nn.Module, data: DataConfig, *, img_size: int, batch_size: int, k: int = 20,
