@@ -144,8 +144,17 @@ def test_arguments_a_builder_refuses_are_a_model_error():
         mae_tnt.create_model("vit_test_patch8_32", img_size=30)
 
 
-def test_weights_of_the_other_pooling_name_the_global_pool_that_fits():
+def test_weights_of_the_other_pooling_or_head_name_the_build_arguments_that_fit():
     pooled = mae_tnt.create_model("vit_test_patch8_32", num_classes=10, global_pool="avg").state_dict()
     with pytest.raises(CheckpointError, match="2 missing: norm.bias, norm.weight; 2 unexpected: fc_norm.bias, "
                                               "fc_norm.weight. .* create the model with global_pool='avg'"):
         load_weights(mae_tnt.create_model("vit_test_patch8_32", num_classes=10), pooled)
+    with pytest.raises(CheckpointError, match="The checkpoint was trained with global average pooling and has a head "
+                                              "of 10 outputs: create the model with global_pool='avg', num_classes=10"):
+        load_weights(mae_tnt.create_model("vit_test_patch8_32", num_classes=3), pooled)
+    with pytest.raises(CheckpointError, match="The checkpoint was trained with the class token and has no head: "
+                                              "create the model with global_pool='token', num_classes=0"):
+        load_weights(mae_tnt.create_model("vit_test_patch8_32", num_classes=3, global_pool="avg"),
+                     mae_tnt.create_model("vit_test_patch8_32", num_classes=0).state_dict())
+    with pytest.raises(CheckpointError, match="Check that the model name matches the checkpoint"):
+        load_weights(mae_tnt.create_model("vit_test_patch8_32", num_classes=10, depth=1), pooled)

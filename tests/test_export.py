@@ -109,7 +109,7 @@ def test_create_model_builds_an_export_as_it_was_built_and_names_the_head_size_o
     assert (loaded.num_classes, loaded.global_pool, loaded.grid * loaded.unit) == (7, "avg", 48)
     images = torch.randn(2, 3, 48, 48)
     torch.testing.assert_close(loaded(images), ours(images))
-    with pytest.raises(CheckpointError, match="The checkpoint's head has 7 outputs: create the model with "
+    with pytest.raises(CheckpointError, match="The checkpoint has a head of 7 outputs: create the model with "
                                               "num_classes=7"):
         create_model("vit_test_patch8_32", checkpoint_path=tmp_path / "out", num_classes=0)  # the caller's wins
 

@@ -168,14 +168,14 @@ def load_weights(
     if verbose:
         print(f"loaded weights: {report.summary()}")
     if bad_missing or bad_unexpected or reshaped:
-        misfits = bad_missing + bad_unexpected + [entry.split()[0] for entry in reshaped]
-        head_only = all(key.startswith("head.") for key in misfits)
-        _refuse(model, bad_missing, bad_unexpected, reshaped, _head_hint(state_dict, own) if head_only else None)
+        reshaped_keys = [entry.split()[0] for entry in reshaped]
+        hint = _build_hint(state_dict, own, bad_missing, bad_unexpected, reshaped_keys)
+        _refuse(model, bad_missing, bad_unexpected, reshaped, hint)
     return report
 
 
 def _refuse(model: nn.Module, missing: list[str], unexpected: list[str], reshaped: list[str],
-            head_hint: str | None) -> typing.NoReturn:
+            build_hint: str | None) -> typing.NoReturn:
     """A CheckpointError short enough to read, since a wrong model misfits hundreds of keys.
 
     Keys are grouped by top-level module (`decoder_blocks.* (16)`, the form `--allow-missing` takes; groups of up
@@ -185,28 +185,39 @@ def _refuse(model: nn.Module, missing: list[str], unexpected: list[str], reshape
              f"{len(unexpected)} unexpected: {_by_module(unexpected)}" if unexpected else "",
              f"{len(reshaped)} of another shape: {', '.join(reshaped[:2])}{' and more' if len(reshaped) > 2 else ''}"
              if reshaped else ""]
-    hint = head_hint or _pooling_hint(missing, unexpected) or "Check that the model name matches the checkpoint"
+    hint = build_hint or "Check that the model name matches the checkpoint"
     raise CheckpointError(f"checkpoint keys do not fit {type(model).__name__}: {'; '.join(filter(None, parts))}. "
                           f"{hint}, or convert it with tools/convert_checkpoint.py")
 
 
-def _head_hint(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str | None:
-    """For a misfit of the head alone, the one-word fix: the head size the weights have (0: an encoder's)."""
+POOLING_FIXES = {
+    (("norm",), ("fc_norm",)): ("was trained with global average pooling", "global_pool='avg'"),
+    (("fc_norm",), ("norm",)): ("was trained with the class token", "global_pool='token'"),
+}
+"""(missing, unexpected) top-level modules besides the head -> why, and the build argument that fits."""
+
+
+def _build_hint(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor], missing: list[str],
+                unexpected: list[str], reshaped: list[str]) -> str | None:
+    """When only the pooling norm and/or the head misfit, the build arguments the checkpoint fits: its pooling and
+    its head size (0: an encoder's)."""
+    if any(not key.startswith("head.") for key in reshaped):
+        return None
+    fixes = []
+    misfit = tuple(tuple(sorted({key.split(".")[0] for key in keys} - {"head"})) for keys in (missing, unexpected))
+    if any(misfit):
+        pooling = POOLING_FIXES.get(misfit)
+        if pooling is None:
+            return None
+        fixes.append(pooling)
     theirs, ours = (int(weights["head.weight"].shape[0]) if "head.weight" in weights else 0
                     for weights in (state_dict, own))
-    if theirs == ours:
+    if theirs != ours:
+        fixes.append((f"has a head of {theirs} outputs" if theirs else "has no head", f"num_classes={theirs}"))
+    if not fixes:
         return None
-    return f"The checkpoint's head has {theirs} outputs: create the model with num_classes={theirs}"
-
-
-def _pooling_hint(missing: list[str], unexpected: list[str]) -> str | None:
-    """The one misfit with a one-word fix: weights trained with the other pooling (fc_norm vs the final norm)."""
-    norms = ({k.split(".")[0] for k in missing}, {k.split(".")[0] for k in unexpected})
-    if norms == ({"norm"}, {"fc_norm"}):
-        return "The checkpoint was trained with global average pooling: create the model with global_pool='avg'"
-    if norms == ({"fc_norm"}, {"norm"}):
-        return "The checkpoint was trained with the class token: create the model with global_pool='token'"
-    return None
+    return (f"The checkpoint {' and '.join(why for why, _ in fixes)}: create the model with "
+            f"{', '.join(argument for _, argument in fixes)}")
 
 
 def _by_module(keys: list[str]) -> str:
