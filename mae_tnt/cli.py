@@ -65,7 +65,7 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
 
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = partial(_show_own_warnings_as_lines, warnings.showwarning)
+            warnings.showwarning = partial(_show_own_warnings_as_lines, warnings.showwarning, set())
             return run()
     except (ConfigError, ShardError, CheckpointError, ResumeError, ModelError, NonFiniteLossError,
             FileNotFoundError) as err:
@@ -76,13 +76,15 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
         raise SystemExit(INTERRUPTED_EXIT) from None
 
 
-def _show_own_warnings_as_lines(show_other: Callable, message, category, filename, lineno, file=None,
-                                line=None) -> None:
+def _show_own_warnings_as_lines(show_other: Callable, shown: set[str], message, category, filename, lineno,
+                                file=None, line=None) -> None:
     """Our warnings speak to the user (a broken shard, a setting that cannot apply): one `warning:` line, without
-    the source line Python adds, from rank 0. Other libraries' warnings keep Python's format, which points at their
-    code."""
+    the source line Python adds, from rank 0, once per run (`shown`: Python's own once-per-place memory is reset
+    whenever a library changes the warning filters, and shards are resolved again for each evaluation). Other
+    libraries' warnings keep Python's format, which points at their code."""
     if Path(filename).is_relative_to(PACKAGE_DIR):
-        if is_main_process():  # every rank would say the same
+        if is_main_process() and str(message) not in shown:  # every rank would say the same
+            shown.add(str(message))
             print(f"warning: {message}", file=sys.stderr if file is None else file)
     else:
         show_other(message, category, filename, lineno, file, line)

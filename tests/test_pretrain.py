@@ -135,6 +135,24 @@ def test_a_truncated_shard_is_one_warning_line_and_its_lost_samples_are_counted(
     assert metrics(tmp_path / "run")[-1]["skipped_samples"] >= 32 - readable > 0
 
 
+def test_a_truncated_shard_in_a_pattern_is_warned_about_once_though_evaluations_resolve_it_again(shards, tmp_path):
+    broken = tmp_path / "shards"
+    shutil.copytree(shards, broken)
+    victim = broken / "train-000002.tar"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    pattern = f"{broken}/train-{{000000..000003}}.tar"  # no _info.json: each resolution counts the tars again
+    result = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), str(ROOT / "recipes/demo_mae_vit.yaml"),
+                             f"data.train={pattern}", f"data.val={pattern}", "eval.knn_every=0.25", "eval.knn_k=2",
+                             "model.img_size=32", "data.batch_size=8", "data.num_workers=0", "run.max_steps=12",
+                             "run.checkpoint_every=4", f"run.output_dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len([row for row in metrics(tmp_path / "run") if "knn_top1" in row]) >= 3  # resolved again each time
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {victim}: "), warnings
+    assert "samples before the break are used" in warnings[0]
+
+
 def test_pretraining_streams_allowed_pipe_urls(shards, tmp_path):
     url = f"pipe:cat {shards}/train-{{000000..000003}}.tar"
     trainer = Trainer(config(shards, tmp_path, f"data.train={url}", "data.allow_pipe=true", f"data.info={shards}",
