@@ -7,6 +7,7 @@ import torch
 import mae_tnt
 from mae_tnt.models.masking import random_masking
 from mae_tnt.models.pos_embed import sincos_2d
+from mae_tnt.models.registry import ModelError
 
 
 @pytest.fixture
@@ -171,6 +172,13 @@ def test_mae_reference_parameter_counts():
 @pytest.mark.parametrize("name, img_size", [("mae_vit_test", 36), ("mae_tnt_test", 36), ("mae_sret_test", 48)])
 def test_an_image_size_the_mask_unit_does_not_divide_is_refused_at_build(name, img_size):
     with pytest.raises(ValueError, match=f"divisible.*{img_size}|{img_size} must divide"):
+        mae_tnt.create_model(name, img_size=img_size)
+
+
+@pytest.mark.parametrize("name, img_size", [("mae_vit_test", 8), ("mae_tnt_test", 8), ("mae_sret_test", 32)])
+def test_images_of_one_mask_unit_are_refused_at_build_since_nothing_would_be_hidden(name, img_size):
+    with pytest.raises(ModelError, match=f"one {img_size}-px mask unit leave nothing to hide: use images of at least "
+                                         f"{2 * img_size} px"):
         mae_tnt.create_model(name, img_size=img_size)
 
 

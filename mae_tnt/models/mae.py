@@ -58,6 +58,9 @@ class MaskedAutoencoder(nn.Module):
         self.num_prefix_tokens = encoder.num_prefix_tokens
         self.norm_pix_loss, self.mask_ratio, self.encoder_mode = norm_pix_loss, mask_ratio, encoder_mode
         num_units = self.grid**2
+        if self.grid < 2:  # the one unit stays visible, so nothing is hidden and the loss is 0 at every step
+            raise ValueError(f"images of one {self.unit}-px mask unit leave nothing to hide: use images of at least "
+                             f"{2 * self.unit} px (img_size)")
         if encoder_mode == "mask_tokens":
             # The width where mask tokens enter is the encoder's business (SReT: after its stem).
             token_dim = getattr(encoder, "mask_token_dim", encoder.embed_dim)
