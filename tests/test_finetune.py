@@ -273,6 +273,15 @@ def test_stem_norm_refit_on_a_model_without_batchnorm_is_one_error_line(tmp_path
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_validation_shards_labelled_with_other_classes_are_refused_before_fine_tuning(tmp_path):
+    write_shards(tmp_path / "shards", [8], split="val")
+    info = json.loads((tmp_path / "shards" / "_info.json").read_text())
+    (tmp_path / "shards" / "_info.json").write_text(json.dumps({**info, "classes": ["cat", "dog", "emu"]}))
+    with pytest.raises(ShardError, match="finetune validation needs train and val shards labelled alike"):
+        FinetuneRun(demo_config(tmp_path / "run", f"data.val={tmp_path / 'shards'}"))
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_a_run_without_validation_ends_saying_so_and_where_its_weights_are(tmp_path, capsys, one_thread,
                                                                            fresh_accelerate_state):
     from mae_tnt.finetune_cli import run_finetune

@@ -10,7 +10,7 @@ from shard_utils import drop_classes, write_shards
 
 from mae_tnt.config import DataConfig
 from mae_tnt.data.loader import eval_batches
-from mae_tnt.data.shards import resolve_shards
+from mae_tnt.data.shards import ShardError, resolve_shards
 from mae_tnt.models import create_model
 from mae_tnt.train.knn import accuracy_counts, knn_accuracy, knn_accuracy_on_shards, knn_scores
 
@@ -75,6 +75,17 @@ def test_knn_on_shards_caps_the_bank_and_restores_train_mode(tmp_path):
     assert result["knn_train"] == 32 and result["knn_val"] == 20
     assert 0.0 <= result["knn_top1"] <= result["knn_top5"] <= 100.0
     assert encoder.training
+
+
+def test_train_and_val_shards_with_different_class_lists_are_refused_before_encoding(tmp_path):
+    write_shards(tmp_path / "a", [8], size=32)
+    write_shards(tmp_path / "b", [8], split="val", size=32)
+    info = json.loads((tmp_path / "b" / "_info.json").read_text())
+    (tmp_path / "b" / "_info.json").write_text(json.dumps({**info, "classes": ["cat", "dog", "emu"]}))
+    data = DataConfig(train=str(tmp_path / "a"), val=str(tmp_path / "b"), batch_size=4)
+    with pytest.raises(ShardError, match=r"kNN evaluation needs train and val shards labelled alike, but data.train "
+                                         r"has 10 classes \(0, 1, 2, ...\) and data.val 3 \(cat, dog, emu\)"):
+        knn_accuracy_on_shards(create_model("vit_test_patch8_32", num_classes=0), data, img_size=32, batch_size=4)
 
 
 @pytest.mark.skipif(not (ROOT / "data" / "fashion_mnist").exists(), reason="bundled Fashion-MNIST sample missing")

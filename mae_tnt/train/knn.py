@@ -119,11 +119,20 @@ def encoder_features(encoder: nn.Module, mean: list[float], std: list[float]) ->
 
 
 def require_labeled_shards(data: DataConfig, what: str) -> None:
-    """Fail before any encoding when `data.val` is unset or the shards' `_info.json` lists no classes."""
+    """Fail before any encoding when `data.val` is unset, the shards' `_info.json` lists no classes, or train and
+    val name their classes differently (label 3 would mean another class in each)."""
     if data.val is None:
         raise ShardError(f"{what} needs labeled validation shards: set data.val")
-    for spec, split, key in ((data.train, data.split, "data.split"), (data.val, data.val_split, "data.val_split")):
-        labeled_classes(spec, data.info, split, key, what)
+    train, val = (labeled_classes(spec, data.info, split, key, what) for spec, split, key in
+                  ((data.train, data.split, "data.split"), (data.val, data.val_split, "data.val_split")))
+    if train is not None and val is not None and train != val:
+        raise ShardError(f"{what} needs train and val shards labelled alike, but data.train has {len(train)} classes "
+                         f"({_preview(train)}) and data.val {len(val)} ({_preview(val)}); make both with "
+                         "tools/make_shards.py into one directory, which keeps one class list")
+
+
+def _preview(classes: list[str]) -> str:
+    return ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
 
 
 def knn_accuracy_on_shards(encoder: nn.Module, data: DataConfig, *, img_size: int, batch_size: int, k: int = 20,
