@@ -423,6 +423,8 @@ def test_idx_files_and_a_later_split_keep_the_first(tmp_path):
         assert np.array_equal(np.asarray(decode(fields["png"])), splits["t10k"][index])  # lossless, [H, W]
         assert int(fields["cls"]) == index % 3
     assert make_shards_main([str(tmp_path), str(tmp_path / "bad"), "--split", "val", "--classes", "a"]) == 1
+    with pytest.raises(SourceError, match=r"IDX data has splits \['test', 'train', 'val'\], not 'Train'"):
+        convert(tmp_path, tmp_path / "typo", options(split="Train"))
 
 
 @pytest.mark.parametrize(
@@ -446,6 +448,8 @@ def test_cifar_batches(tmp_path, meta_name, meta, batches, label_key, python3_by
     assert load_info(tmp_path / "out")["classes"] == list(meta.values())[0]
     fields = by_source(tmp_path / "out")[f"{batches[0]}[2]"]
     assert np.array_equal(np.asarray(decode(fields["png"])), images[2]) and fields["cls"] == b"1"
+    with pytest.raises(SourceError, match=r"CIFAR data has splits \['test', 'train', 'val'\], not 'trian'"):
+        convert(tmp_path, tmp_path / "typo", options(split="trian"))  # not the test batch under a misspelt name
 
 
 def test_update_split_is_atomic_and_checks_classes(tmp_path):

@@ -42,7 +42,9 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
 # MNIST-style file prefixes per output split.
-IDX_PREFIXES = {"train": "train", "val": "t10k", "test": "t10k"}
+RELEASE_PARTS = {"train": "train", "val": "test", "test": "test"}
+"""Split name -> the part of a fixed train/test release (IDX, CIFAR) it reads."""
+IDX_PREFIXES = {"train": "train", "test": "t10k"}
 IDX_UBYTE = 0x08
 
 
@@ -330,9 +332,7 @@ def _parse_csv(text: str, list_file: Path) -> list[tuple[int, str, str | None]]:
 
 def read_idx(root: Path, split: str, classes: list[str] | None = None) -> ArraySource:
     """MNIST-style IDX image/label pair: ``train-*`` for split "train", ``t10k-*`` for "val"/"test"."""
-    if split not in IDX_PREFIXES:
-        raise SourceError(f"IDX data has splits {sorted(IDX_PREFIXES)}, not {split!r}; pass --split train or val")
-    prefix = IDX_PREFIXES[split]
+    prefix = IDX_PREFIXES[_release_part(split, "IDX")]
     images_file = _find_idx_file(root, prefix, "images", 3)
     labels_file = _find_idx_file(root, prefix, "labels", 1)
     if images_file is None or labels_file is None:
@@ -343,6 +343,13 @@ def read_idx(root: Path, split: str, classes: list[str] | None = None) -> ArrayS
     classes = _int_classes(labels.tolist(), classes, where=str(labels_file))
     ids = [f"{images_file.name}[{i}]" for i in range(len(images))]
     return ArraySource(images=images, labels=labels, classes=classes, ids=ids)
+
+
+def _release_part(split: str, fmt: str) -> str:
+    """The part of a train/test release that `split` names; any other name is refused (likely a typo)."""
+    if split not in RELEASE_PARTS:
+        raise SourceError(f"{fmt} data has splits {sorted(RELEASE_PARTS)}, not {split!r}; pass --split train or val")
+    return RELEASE_PARTS[split]
 
 
 def _find_idx_file(root: Path, prefix: str, kind: str, ndim: int) -> Path | None:
@@ -409,15 +416,17 @@ def _cifar_field(batch: dict, key: str, path: Path):
 
 
 def read_cifar(root: Path, split: str) -> ArraySource:
-    """CIFAR-10/100 python batches; "train" reads the training batches, any other split the test batch."""
+    """CIFAR-10/100 python batches; "train" reads the training batches, "val" or "test" the test batch."""
+    part = _release_part(split, "CIFAR")
     layout = _cifar_layout(root)
     if layout is None:
         raise SourceError(f"{root}: no CIFAR batches (batches.meta + test_batch, or meta + test) found")
     meta_name, names_key, labels_key, train_pattern, test_pattern = layout
     classes = [_text(name) for name in _cifar_field(_load_cifar_pickle(root / meta_name), names_key, root / meta_name)]
-    batch_files = sorted(root.glob(train_pattern if split == "train" else test_pattern))
+    pattern = train_pattern if part == "train" else test_pattern
+    batch_files = sorted(root.glob(pattern))
     if not batch_files:
-        raise SourceError(f"{root}: no {train_pattern if split == 'train' else test_pattern} files for {split!r}")
+        raise SourceError(f"{root}: no {pattern} files for {split!r}")
     images, labels, ids = [], [], []
     for batch_file in batch_files:
         batch = _load_cifar_pickle(batch_file)
