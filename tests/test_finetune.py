@@ -153,10 +153,14 @@ def test_a_wrong_key_fails_with_a_message_naming_it(tmp_path):
     assert "blocks.0.attn.qkv.weight" in str(err.value)  # and the key the model misses
 
 
-def test_init_from_another_models_checkpoint_names_the_model_that_wrote_it(tmp_path):
-    write_mae_checkpoint(tmp_path / "ckpt", name="mae_tnt_test")
-    with pytest.raises(CheckpointError, match=r"do not fit ViT: .*It was written by `mae_tnt_test`: model.name and"):
-        load_init(classifier(), tmp_path / "ckpt")
+@pytest.mark.parametrize("writer, reader", [
+    ("mae_tnt_test", "vit_test_patch8_32"), ("mae_vit_test", "tnt_test_patch8_32"),
+    ("mae_sret_test", "vit_test_patch8_32"), ("mae_vit_test", "sret_test"),
+])
+def test_init_from_another_models_checkpoint_names_the_model_that_wrote_it(tmp_path, writer, reader):
+    write_mae_checkpoint(tmp_path / "ckpt", name=writer)  # position tables of other layouts are not resampled
+    with pytest.raises(CheckpointError, match=rf"do not fit .*It was written by `{writer}`: model.name and"):
+        load_init(classifier(reader), tmp_path / "ckpt")
 
 
 def test_init_from_an_official_sret_file(tmp_path):

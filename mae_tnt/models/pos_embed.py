@@ -28,3 +28,11 @@ def sincos_2d(dim: int, grid: int | tuple[int, int], num_prefix_tokens: int = 0)
     table = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
     prefix = torch.zeros(num_prefix_tokens, dim, dtype=table.dtype)
     return torch.cat([prefix, table], dim=0).float()
+
+
+def is_other_grid(pos: torch.Tensor, own: torch.Tensor, grid_dims: tuple[int, ...]) -> bool:
+    """Whether a checkpoint's position table `pos` has `own`'s layout for another grid: equal but in `grid_dims`, so
+    resampling applies. Another model's table is not; it is left to the exact key check, which names the misfit."""
+    if pos.dim() != own.dim() or pos.shape == own.shape:
+        return False
+    return all(pos.shape[d] == own.shape[d] for d in range(own.dim()) if d not in grid_dims)

@@ -35,6 +35,7 @@ from .layers import DropPath, LayerNorm, Mlp, init_trunc_normal_weights, trunc_n
 from .loading import CheckpointError
 from .mae import MaskedAutoencoder, build_mae
 from .masking import gather_units
+from .pos_embed import is_other_grid
 from .registry import register_model
 
 STEM_STRIDE = 8
@@ -355,7 +356,7 @@ class SReT(nn.Module):
         if any(_OFFICIAL_KEY.match(key) for key in state_dict):
             state_dict = self._from_official(state_dict)
         pos = state_dict.get("pos_embed")
-        if pos is not None and pos.shape[-2:] != self.pos_embed.shape[-2:]:
+        if pos is not None and is_other_grid(pos, self.pos_embed, grid_dims=(2, 3)):
             resized = F.interpolate(pos.float(), size=self.pos_embed.shape[-2:], mode="bicubic", align_corners=False)
             state_dict = {**state_dict, "pos_embed": resized.to(pos.dtype)}
         return state_dict

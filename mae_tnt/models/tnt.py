@@ -27,6 +27,7 @@ from torch import nn
 from .layers import DropPath, Mlp, init_mae_weights, init_trunc_normal_weights, resample_abs_pos_embed, trunc_normal_
 from .mae import MaskedAutoencoder, build_mae
 from .masking import masked_mean, num_visible, random_masking
+from .pos_embed import is_other_grid
 from .registry import register_model
 
 WORD_STRIDE = 4
@@ -323,7 +324,7 @@ class TNT(nn.Module):
         if "patch_pos" not in state_dict and "outer_pos" in state_dict:
             state_dict = convert_official(state_dict)
         pos = state_dict.get("patch_pos")
-        if pos is not None and pos.shape != self.patch_pos.shape:
+        if pos is not None and is_other_grid(pos, self.patch_pos, grid_dims=(1,)):
             state_dict["patch_pos"] = resample_abs_pos_embed(pos, new_size=(self.grid, self.grid), num_prefix_tokens=1)
         return state_dict
 

@@ -18,7 +18,7 @@ from torch import nn
 from .layers import LayerNorm, init_mae_weights
 from .mae import REFERENCE_DECODER, MaskedAutoencoder, build_mae
 from .masking import gather_units
-from .pos_embed import sincos_2d
+from .pos_embed import is_other_grid, sincos_2d
 from .registry import register_model
 
 
@@ -77,9 +77,10 @@ class ViT(VisionTransformer):
         return self._run_blocks(torch.cat([self._prefix(x.shape[0]), x], dim=1))
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Resample the position table when the checkpoint's grid differs from ours (bicubic, as in MAE)."""
+        """Resample the position table when the checkpoint's grid differs from ours (bicubic, as in MAE). A table of
+        another layout or width (another model's) is left to the key check, which names the misfit."""
         pos = state_dict.get("pos_embed")
-        if pos is not None and pos.shape != self.pos_embed.shape:
+        if pos is not None and is_other_grid(pos, self.pos_embed, grid_dims=(1,)):
             state_dict = dict(state_dict)
             state_dict["pos_embed"] = resample_abs_pos_embed(
                 pos, new_size=(self.grid, self.grid), num_prefix_tokens=self.num_prefix_tokens
