@@ -235,12 +235,24 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = _parse_yaml(Path(path).read_text(), source) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: a recipe must be a YAML mapping at the top level")
     for item in overrides:
         apply_override(cls, raw, item)
     return _build(cls, raw, prefix="", source=source, overrides=tuple(overrides))
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    """`yaml.safe_load`, with a syntax error as a ConfigError naming the file (or override) and line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None and "\n" in text else source  # a line of a file
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem}); check the brackets, quotes and indentation "
+                          "there") from None
 
 
 def apply_override(cls: type, raw: dict[str, Any], item: str) -> None:
@@ -250,7 +262,7 @@ def apply_override(cls: type, raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.base_lr=1e-4)")
     parts = key.split(".")
     leaf = _check_key_exists(cls, parts, source="command line")
-    value = yaml.safe_load(text) if text else None
+    value = _parse_yaml(text, f"override {item!r}") if text else None
     if value is not None and not isinstance(value, str) and str in (leaf, *typing.get_args(leaf)):
         value = text  # a text key keeps what was typed: run.output_dir=no or =2024 is a name, not a bool or a number
     if not dataclasses.is_dataclass(leaf):  # a wrong type is the command line's fault, not the recipe's

@@ -32,6 +32,15 @@ def test_unknown_key_names_the_key_and_suggests(tmp_path):
     assert str(path) in str(err.value)
 
 
+def test_invalid_yaml_is_a_config_error_naming_the_file_line_or_override(tmp_path):
+    path = write(tmp_path, "model:\n  name: mae_vit_test\ndata: {train: [x\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:4: not valid YAML \(expected ',' or '\]'"):
+        load_config(PretrainConfig, path)
+    good = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
+    with pytest.raises(ConfigError, match=r"^override 'optim.base_lr=\[1': not valid YAML"):
+        load_config(PretrainConfig, good, ["optim.base_lr=[1"])
+
+
 def test_unknown_override_key_fails(tmp_path):
     path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
     with pytest.raises(ConfigError, match="unknown config key `data.batchsize`.*`data.batch_size`"):
