@@ -297,6 +297,15 @@ def test_a_mistyped_classes_file_is_an_error_not_one_class_name(tmp_path, capsys
     assert load_info(tmp_path / "out")["classes"] == ["cat", "dog"]
 
 
+def test_an_output_path_that_is_a_file_is_one_error_line(tmp_path, capsys):
+    write_imagefolder(tmp_path / "src", ["cat"], per_class=1)
+    (tmp_path / "out").write_text("notes")
+    assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "0"]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'out'} is a file; OUT must be a directory for the shards: " \
+                                      "give a new or existing one\n"
+    assert (tmp_path / "out").read_text() == "notes"
+
+
 def test_max_size_resizes_large_images_and_passes_the_rest_through_byte_identical(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

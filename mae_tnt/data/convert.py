@@ -154,6 +154,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOpti
     fmt = detect_format(src) if options.fmt == "auto" else options.fmt
     source = open_source(src, fmt, options.split, options.classes)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"{out} is a file; OUT must be a directory for the shards: give a new or existing one")
     out.mkdir(parents=True, exist_ok=True)
     if options.overwrite:
         discard_split(out, options.split)
