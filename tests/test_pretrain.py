@@ -279,6 +279,11 @@ def test_resume_with_another_effective_batch_is_refused_with_the_accumulation_th
     AcceleratorState._reset_state(True)
     trainer = Trainer(config(shards, tmp_path, "run.max_steps=24", "optim.accum_steps=2"))
     assert trainer.step == 20 and trainer.stream.state.epoch == 2  # 8 steps of 16 images per epoch of 128
+    state_file.write_text(json.dumps(state))  # as written: 8 images a step on one process
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ResumeError, match=r"effective batch of 8 \(1 process\), this launch gives 16.*"
+                                          r"set data.batch_size=8 optim.accum_steps=1 to continue it"):
+        Trainer(config(shards, tmp_path, "run.max_steps=24", "data.batch_size=16"))
 
 
 def test_resume_with_another_model_is_refused(shards, tmp_path):

@@ -160,7 +160,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, state)
 
 
-def check_compatible(checkpoint: Checkpoint, model_name: str, effective_batch: int, accum_steps: int) -> None:
+def check_compatible(checkpoint: Checkpoint, model_name: str, effective_batch: int, accum_steps: int,
+                     world_size: int) -> None:
     """Refuse to resume another model's run, or a run whose step counts meant another effective batch.
 
     Steps count optimizer updates, so the LR schedule and the epoch of a step both assume the batch they were taken
@@ -174,12 +175,25 @@ def check_compatible(checkpoint: Checkpoint, model_name: str, effective_batch: i
                           f"{fresh}")
     saved_batch = checkpoint.state.get("plan", {}).get("effective_batch", effective_batch)
     if saved_batch != effective_batch:
-        per_update = effective_batch // accum_steps  # images per micro-step over all processes
-        fix = (f"set optim.accum_steps={saved_batch // per_update}" if saved_batch % per_update == 0
-               else f"launch {checkpoint.state.get('world_size')} processes")
+        fix = _batch_fix(checkpoint.state, saved_batch, effective_batch // accum_steps, world_size)
         raise ResumeError(f"{checkpoint.path} was trained with an effective batch of {saved_batch} "
-                          f"({checkpoint.state.get('world_size')} processes), this launch gives {effective_batch}; its "
-                          f"steps and LR schedule assume {saved_batch}: {fix} to continue it, or {fresh}")
+                          f"({_processes(checkpoint.state.get('world_size'))}), this launch gives {effective_batch}; "
+                          f"its steps and LR schedule assume {saved_batch}: {fix} to continue it, or {fresh}")
+
+
+def _batch_fix(state: dict, saved_batch: int, per_update: int, world_size: int) -> str:
+    """The settings that give back the checkpoint's effective batch (`per_update`: images per micro-step now)."""
+    saved_config = state.get("config", {})
+    if state.get("world_size") == world_size and "data" in saved_config:  # the batch settings changed, not the launch
+        return (f"set data.batch_size={saved_config['data']['batch_size']} "
+                f"optim.accum_steps={saved_config['optim']['accum_steps']}")
+    if saved_batch % per_update == 0:
+        return f"set optim.accum_steps={saved_batch // per_update}"
+    return f"launch {_processes(state.get('world_size'))}"
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
 
 
 def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, model_name: str, plan: Plan,
@@ -191,7 +205,7 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, m
     progress restarts from its start, with a warning (the stream cannot re-split another layout's position).
     Checkpoints of `output_dir` past the restored step are set aside (`set_aside_later_checkpoints`).
     """
-    check_compatible(checkpoint, model_name, plan.effective_batch, accum_steps)
+    check_compatible(checkpoint, model_name, plan.effective_batch, accum_steps, accelerator.num_processes)
     data_state = _load_training_state(accelerator, model, optimizer, checkpoint)
     step = checkpoint.state["step"]
     if LOG_WINDOW_KEY in checkpoint.state:  # absent from checkpoints of earlier versions: the window starts empty
