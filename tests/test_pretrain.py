@@ -240,6 +240,10 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(shards, t
     assert sorted(p.name for p in tmp_path.glob("superseded/*/step_*")) == ["step_00000008", "step_00000012"]
     AcceleratorState._reset_state(True)
     assert Trainer(config(shards, tmp_path, "run.max_steps=6")).step == 6  # auto: this continuation, not step 12
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ResumeError, match=r"run.resume=.*step_00000012 does not exist; the checkpoints of .* are: "
+                                          r"step_00000006, step_00000004. Give one of them, or run.resume=auto"):
+        Trainer(config(shards, tmp_path, f"run.resume={tmp_path / 'checkpoints' / 'step_00000012'}"))
 
 
 def test_a_fresh_start_in_a_used_run_directory_sets_the_old_run_aside(shards, tmp_path, capsys):

@@ -135,6 +135,10 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool
             set_aside_previous_run(output_dir, log)
         return None
     if resume != "auto":
+        if not Path(resume).exists():
+            kept = ", ".join(path.name for path in find_checkpoints(output_dir)) or "none yet"
+            raise ResumeError(f"run.resume={resume} does not exist; the checkpoints of {output_dir} are: {kept}. Give "
+                              "one of them, or run.resume=auto for the newest")
         return read_checkpoint(resolve_checkpoint(resume))
     for path in find_checkpoints(output_dir):
         try:
