@@ -17,16 +17,17 @@ def run_finetune(argv: list[str]) -> int:
         return report_preempted(summary)
     if not is_main_process():
         return 0
-    print(summary_line(summary, cfg.mode))
+    print(summary_line(summary, cfg))
     return 0
 
 
-def summary_line(summary: dict, mode: str) -> str:
+def summary_line(summary: dict, cfg: FinetuneConfig) -> str:
     """The closing line of a run: the kNN accuracy, or the best validation accuracy and where the outputs are."""
-    if mode == "knn":
+    if cfg.mode == "knn":
         return f"done: kNN top-1 {summary['knn_top1']:.2f}, top-5 {summary['knn_top5']:.2f}"
     best, outputs = summary["best"], f"outputs in {summary['output_dir']}"
     if "weights" not in best:
-        return f"done: {summary['steps']} steps, not validated (data.val is null); {outputs}/checkpoints"
+        why = "data.val is null" if cfg.data.val is None else "validation runs at the end of each epoch"
+        return f"done: {summary['steps']} steps, not validated yet ({why}); {outputs}/checkpoints"
     return (f"done: {summary['steps']} steps; best val top-1 {best['val_acc1']:.2f} ({best['weights']} weights, "
             f"epoch {best['epoch']:g}); {outputs}")

@@ -294,8 +294,12 @@ def test_a_run_without_validation_ends_saying_so_and_where_its_weights_are(tmp_p
             "data.val=null", "run.max_steps=2"]
     assert run_finetune(argv) == 0
     last = capsys.readouterr().out.splitlines()[-1]
-    assert last == f"done: 2 steps, not validated (data.val is null); outputs in {tmp_path}/checkpoints"
+    assert last == f"done: 2 steps, not validated yet (data.val is null); outputs in {tmp_path}/checkpoints"
     assert (tmp_path / "checkpoints" / "step_00000002" / "model.safetensors").exists()
+    assert run_finetune(argv[:-2] + ["run.max_steps=1", "run.resume=auto"]) == 0  # already past it: nothing to do
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == (f"done: 2 steps, not validated yet (validation runs at the end of each epoch); outputs in "
+                    f"{tmp_path}/checkpoints")
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
