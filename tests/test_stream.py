@@ -150,6 +150,17 @@ def test_allowed_pipe_urls_stream_with_counts_from_a_local_info_file(tmp_path):
         resolve_shards(f"pipe:cat {tmp_path}/train-{{000000..000002}}.tar", allow_pipe=True, info=str(tmp_path))
 
 
+def test_a_failing_pipe_command_is_named_with_its_status_in_the_warning_and_the_error(tmp_path):
+    write_shards(tmp_path, [8, 8])
+    url = f"pipe:cat {tmp_path}/gone-{{000000..000001}}.tar"  # the command fails: there are no such files
+    shards = resolve_shards(url, allow_pipe=True, info=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"pipe:cat .*gone-00000[01].tar broke \(its command exited with status 1\); "
+                                         r"its remaining samples are skipped and counted"):
+        with pytest.raises(ShardError, match=r"no readable image in 17 consecutive samples \(last error: sample lost "
+                                             r"to pipe:cat .*, which broke \(its command exited with status 1\)\)"):
+            consume(stream_for(shards))
+
+
 def test_missing_shard_and_empty_split_fail_clearly(tmp_path):
     write_shards(tmp_path, [4, 4])
     (tmp_path / "train-000001.tar").unlink()

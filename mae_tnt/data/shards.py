@@ -11,9 +11,10 @@ References: webdataset 1.0 key rules (key = basename up to the first dot); timm 
 
 from __future__ import annotations
 
+import re
 import tarfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import webdataset as wds
 
 from .info import ShardError as InfoError
 from .info import count_tar_samples, load_info, sample_key, split_classes
+
+PIPE_EXIT = re.compile(r": exit (\d+) \(read\)")
 
 
 class ShardError(InfoError, RuntimeError):
@@ -50,7 +53,7 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
             f"refusing to run the shell command in shard URL {spec!r}; set data.allow_pipe=true if you trust it"
         )
     path = Path(spec)
-    if _is_local(spec) and "{" not in spec and not path.exists():
+    if is_local(spec) and "{" not in spec and not path.exists():
         raise ShardError(f"{spec} does not exist: give a shard directory made by tools/make_shards.py, or a brace "
                          "pattern of .tar files")
     if path.is_dir():
@@ -61,7 +64,7 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
         shards = _from_pattern(spec)
     if not shards:
         raise ShardError(f"no shards found for {spec!r} (split {split!r}); create them with tools/make_shards.py")
-    missing = [s.url for s in shards if _is_local(s.url) and not Path(s.url).exists()]
+    missing = [s.url for s in shards if is_local(s.url) and not Path(s.url).exists()]
     if missing:
         raise ShardError(f"{len(missing)} shard(s) listed for {spec!r} do not exist, e.g. {missing[0]}")
     if verify and path.is_dir():
@@ -119,7 +122,7 @@ def _urls_with_info_counts(spec: str, info: str, split: str) -> list[Shard]:
 
 def _from_pattern(spec: str) -> list[Shard]:
     urls = list(braceexpand.braceexpand(spec))
-    if not all(_is_local(url) for url in urls):
+    if not all(is_local(url) for url in urls):
         raise ShardError(
             f"remote shards {spec!r} need sample counts: set data.info to a local copy of their _info.json, or "
             "point at a local shard directory"
@@ -142,7 +145,7 @@ def _count_readable(url: str) -> int:
 def _verify_counts(shards: list[Shard], spec: str) -> None:
     """Fail on a complete shard whose count disagrees with `_info.json` (the data changed under it); warn about a
     truncated or corrupt one, whose samples after the break are then skipped and counted."""
-    for shard in filter(lambda shard: _is_local(shard.url), shards):
+    for shard in filter(lambda shard: is_local(shard.url), shards):
         try:
             actual = count_tar_samples(shard.url)
         except InfoError as err:
@@ -161,20 +164,30 @@ def _warn_broken(err: InfoError, consequence: str) -> None:
     warnings.warn(f"{reason}. Until then, {consequence}", stacklevel=2)
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
     return ":" not in url.split("/")[0] or url.startswith("file:")
 
 
-def read_samples(url: str, start: int = 0) -> Iterator[dict[str, bytes]]:
+def read_samples(url: str, start: int = 0, on_break: Callable[[str], None] | None = None
+                 ) -> Iterator[dict[str, bytes]]:
     """Raw samples of one tar from sample index `start` on: {"__key__": key, field: bytes, ...}.
 
-    A truncated or corrupt tar (or a remote stream that breaks) ends where it breaks; the callers know from the
-    shard's sample count how many samples were lost, and count them as skipped.
+    A truncated or corrupt tar (or a remote stream that breaks, or a `pipe:` command that fails) ends where it
+    breaks, and `on_break` gets the reason in one line; the callers know from the shard's sample count how many
+    samples were lost, and count them as skipped.
     """
     try:
         yield from _tar_samples(url, start)
-    except (tarfile.ReadError, OSError, EOFError):
-        return
+    except (tarfile.ReadError, OSError, EOFError) as err:
+        if on_break is not None:
+            on_break(_break_reason(err))
+
+
+def _break_reason(err: Exception) -> str:
+    failed_command = PIPE_EXIT.search(str(err))  # webdataset's pipe error quotes its arguments, then the status
+    if failed_command:
+        return f"its command exited with status {failed_command[1]}"
+    return " ".join(str(err).split())
 
 
 def _tar_samples(url: str, start: int) -> Iterator[dict[str, bytes]]:
@@ -196,6 +209,6 @@ def _tar_samples(url: str, start: int) -> Iterator[dict[str, bytes]]:
 
 
 def _open_tar(url: str) -> tarfile.TarFile:
-    if _is_local(url):
+    if is_local(url):
         return tarfile.open(url.removeprefix("file:"), mode="r:*")  # plain or gzip-compressed
     return tarfile.open(fileobj=wds.gopen(url), mode="r|*")

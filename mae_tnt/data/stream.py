@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import bisect
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .images import BadImageError, image_bytes
-from .shards import Shard, ShardError, read_samples
+from .shards import Shard, ShardError, is_local, read_samples
 
 SampleTransform = Callable[[bytes, random.Random], object]
 """Encoded image bytes + the sample's own RNG -> uint8 [3, S, S] (or a deferred item decoded on the device, see
@@ -153,6 +155,7 @@ class RoleStream:
         self.range_start = self.global_role * stream.plan.samples_per_worker
         self.pending: list[tuple[int, dict]] = []
         self._reader: tuple[str, int, Iterator[dict]] = ("", -1, iter(()))
+        self.lost_to = "a truncated shard"  # the last break, for the skip reason of the samples it lost
 
     def next_batch(self) -> dict:
         images, labels, keys, skipped = [], [], [], 0
@@ -180,7 +183,7 @@ class RoleStream:
 
     def _decode(self, sample: dict, index: int) -> torch.Tensor:
         if sample is None:
-            raise BadImageError("sample lost to a truncated shard")
+            raise BadImageError(f"sample lost to {self.lost_to}")
         data = image_bytes(sample)
         if data is None:
             raise BadImageError(f"sample {sample['__key__']} has no image field")
@@ -235,7 +238,7 @@ class RoleStream:
         """
         url, next_offset, reader = self._reader
         if url != shard.url or next_offset != offset:
-            reader = read_samples(shard.url, start=offset)
+            reader = read_samples(shard.url, start=offset, on_break=partial(self._note_break, shard.url))
         samples: list[dict | None] = []
         try:
             while len(samples) < count:
@@ -244,6 +247,12 @@ class RoleStream:
             reader = iter(())
         self._reader = (shard.url, offset + count, reader)
         return samples + [None] * (count - len(samples))
+
+    def _note_break(self, url: str, reason: str) -> None:
+        self.lost_to = f"{url}, which broke ({reason})"
+        if not is_local(url):  # local files were checked before training, and a truncated one warned about then
+            warnings.warn(f"{url} broke ({reason}); its remaining samples are skipped and counted (skipped_samples "
+                          "in the metrics)", stacklevel=2)
 
 
 def label_of(sample: dict) -> int:
