@@ -3,9 +3,10 @@
     python tools/convert_checkpoint.py SRC OUT.safetensors --model NAME [--allow-missing 'decoder_*'] [--unsafe-pickle]
 
 The layout is recognised by the target model's `adapt_state_dict` (its family's checkpoint filter): flat official
-MAE keys, the huawei-noah TNT names, SReT's duplicated recursive blocks, or timm's keys. The result loads with
-`mae_tnt.create_model(NAME, checkpoint_path=OUT)`. Keys the source lacks keep the model's fresh initialisation and
-are listed; they must be allowed explicitly.
+MAE keys, the huawei-noah TNT names, SReT's duplicated recursive blocks, or timm's keys. A classifier is built with
+the head size of the source (none for an encoder's weights). The result loads with the `mae_tnt.create_model` call
+the tool prints. Keys the source lacks keep the model's fresh initialisation and are listed; they must be allowed
+explicitly.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .models import create_model, load_weights, read_state_dict
-from .models.loading import CheckpointError, save_weights, unwrap_state_dict
+from .models.loading import CheckpointError, head_outputs, save_weights, unwrap_state_dict
 from .models.registry import ModelError
 
 
@@ -36,11 +37,15 @@ def read_source(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] = (), unsafe_pickle: bool = False):
-    model = create_model(model_name)
-    report = load_weights(model, read_source(src, unsafe_pickle), allow_missing=tuple(allow_missing))
+    """Write SRC's weights as `model_name`'s; a classifier gets the head size of SRC (0: none, for an encoder)."""
+    model = create_model(model_name)  # an unknown name fails before a long read
+    state_dict = read_source(src, unsafe_pickle)
+    if getattr(model, "num_classes", None) not in (None, head_outputs(state_dict)):
+        model = create_model(model_name, num_classes=head_outputs(state_dict))
+    report = load_weights(model, state_dict, allow_missing=tuple(allow_missing))
     out.parent.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), out, metadata={"model": model_name})
-    return report
+    return report, getattr(model, "num_classes", None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,9 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{args.out.with_suffix('.safetensors')}", file=sys.stderr)
         return 1
     try:
-        report = convert(args.src, args.out, args.model, args.allow_missing, args.unsafe_pickle)
+        report, num_classes = convert(args.src, args.out, args.model, args.allow_missing, args.unsafe_pickle)
     except (CheckpointError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {args.out} for {args.model}: {report.summary()}")
+    head = "" if num_classes is None else f", num_classes={num_classes}"
+    print(f"load it with: mae_tnt.create_model({args.model!r}, checkpoint_path={str(args.out)!r}{head})")
     return 0

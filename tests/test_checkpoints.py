@@ -32,6 +32,19 @@ def test_official_full_mae_converts_and_loads_exactly(tmp_path):
     torch.testing.assert_close(model.decoder_pred.weight, flat["decoder_pred.weight"])
 
 
+def test_a_classifier_converts_with_the_head_size_of_its_source_and_the_printed_call_loads_it(tmp_path, capsys):
+    source = mae_tnt.create_model("vit_test_patch8_32", num_classes=7).eval()
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "seven.pth")
+    out = tmp_path / "seven.safetensors"
+    assert convert_main([str(tmp_path / "seven.pth"), str(out), "--model", "vit_test_patch8_32"]) == 0
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed == (f"load it with: mae_tnt.create_model('vit_test_patch8_32', checkpoint_path='{out}', "
+                       "num_classes=7)")
+    loaded = eval(printed.removeprefix("load it with: "), {"mae_tnt": mae_tnt}).eval()  # noqa: S307 - our own output
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(images), source(images))
+
+
 def test_official_encoder_only_mae_needs_the_decoder_allowed(tmp_path, capsys):
     torch.save({"model": official_mae_state_dict(with_decoder=False)}, tmp_path / "enc.pth")
     args = [str(tmp_path / "enc.pth"), str(tmp_path / "o.safetensors"), "--model", "mae_vit_test"]

@@ -210,14 +210,18 @@ def _build_hint(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor
         if pooling is None:
             return None
         fixes.append(pooling)
-    theirs, ours = (int(weights["head.weight"].shape[0]) if "head.weight" in weights else 0
-                    for weights in (state_dict, own))
+    theirs, ours = head_outputs(state_dict), head_outputs(own)
     if theirs != ours:
         fixes.append((f"has a head of {theirs} outputs" if theirs else "has no head", f"num_classes={theirs}"))
     if not fixes:
         return None
     return (f"The checkpoint {' and '.join(why for why, _ in fixes)}: create the model with "
             f"{', '.join(argument for _, argument in fixes)}")
+
+
+def head_outputs(state_dict: dict[str, torch.Tensor]) -> int:
+    """The classes a state dict's head predicts; 0 for an encoder's, which has none."""
+    return int(state_dict["head.weight"].shape[0]) if "head.weight" in state_dict else 0
 
 
 def _by_module(keys: list[str]) -> str:
