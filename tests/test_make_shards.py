@@ -278,6 +278,19 @@ def test_a_stray_top_level_image_in_an_imagefolder_is_pointed_out(tmp_path, caps
     assert "train: 4 samples (imagefolder, 2 classes)" in capsys.readouterr().out
 
 
+def test_split_folders_read_as_classes_are_pointed_out(tmp_path, capsys):
+    for split in ("train", "val"):
+        write_imagefolder(tmp_path / "src" / split, ["cat", "dog"], per_class=1)
+    assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "train: 4 samples (imagefolder, 2 classes)" in out  # train and val, as asked for
+    assert err.startswith(f"NOTE: the sub-folders of {tmp_path / 'src'} (train, val) look like splits but are read "
+                          "as classes; to shard each split, run this tool on each of them into the same OUT, e.g. "
+                          f"{tmp_path / 'src' / 'train'} --split train\n")
+    assert make_shards_main([str(tmp_path / "src" / "train"), str(tmp_path / "ok"), "--workers", "0"]) == 0
+    assert "NOTE" not in capsys.readouterr().err  # cat and dog: no note
+
+
 def test_a_split_with_other_classes_is_refused_before_any_shard_is_written(tmp_path):
     write_imagefolder(tmp_path / "a", ["cat", "dog"], per_class=1)
     write_imagefolder(tmp_path / "b", ["cat", "cow", "dog"], per_class=1)

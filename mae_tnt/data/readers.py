@@ -169,16 +169,26 @@ def detect_format(src: str | os.PathLike) -> str:
     return "imagefolder" if has_dirs and not top_images else "folder"
 
 
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
+
+
 def folder_layout_note(src: str | os.PathLike) -> str | None:
-    """Why a directory read as an unlabeled ``folder`` may have been meant as an ImageFolder: sub-folders of images
-    next to images at its top level (one stray file there is enough to turn the labels off)."""
+    """Why `--format auto` may have misread a directory: sub-folders of images next to images at its top level (one
+    stray file there is enough to turn the labels off), or sub-folders named like splits (read as classes)."""
     src = Path(src)
-    has_dirs, top_images = _top_level(src) if src.is_dir() else (False, [])
-    if not (has_dirs and top_images):
+    if not src.is_dir() or detect_format(src) not in ("folder", "imagefolder"):
         return None
-    return (f"{src} has sub-folders but also {len(top_images)} image(s) at its top level (e.g. {top_images[0]}), so "
-            "it is read as unlabeled images; pass --format imagefolder to label them by sub-folder (top-level "
-            "images are then skipped and listed)")
+    has_dirs, top_images = _top_level(src)
+    if has_dirs and top_images:
+        return (f"{src} has sub-folders but also {len(top_images)} image(s) at its top level (e.g. {top_images[0]}), "
+                "so it is read as unlabeled images; pass --format imagefolder to label them by sub-folder (top-level "
+                "images are then skipped and listed)")
+    folders = sorted(entry.name for entry in src.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if folders and set(name.lower() for name in folders) <= SPLIT_NAMES:
+        first = folders[0]
+        return (f"the sub-folders of {src} ({', '.join(folders)}) look like splits but are read as classes; to shard "
+                f"each split, run this tool on each of them into the same OUT, e.g. {src / first} --split {first}")
+    return None
 
 
 def _top_level(src: Path) -> tuple[bool, list[str]]:
