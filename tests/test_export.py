@@ -172,6 +172,16 @@ def test_deepspeed_checkpoint_without_deepspeed_fails_clearly(tool, tmp_path, mo
         tool.export(tmp_path / "ckpt", tmp_path / "out")
 
 
+def test_a_model_timm_lacks_gets_only_our_call_printed_and_it_loads(tool, tmp_path, capsys):
+    checkpoint, mae = pretraining_checkpoint(tmp_path / "ckpt", "mae_sret_test", img_size=64)
+    assert tool.main([str(checkpoint), str(tmp_path / "out")]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    call, note = last.removeprefix("load it with: ").split(" (")
+    assert note == "not a timm architecture)" and "or with" not in last
+    encoder = eval(call, {"mae_tnt": mae_tnt})  # noqa: S307 - the tool's own output
+    assert all(torch.equal(v, mae.state_dict()[f"encoder.{k}"]) for k, v in encoder.state_dict().items())
+
+
 def test_weights_without_state_json_need_a_model_name(tool, tmp_path, capsys):
     torch.save({"model": create_model("vit_test_patch8_32", num_classes=0).state_dict()}, tmp_path / "w.pth")
     assert tool.main([str(tmp_path / "w.pth"), str(tmp_path / "out")]) == 1

@@ -517,7 +517,11 @@ def test_inspect_fails_when_a_shard_count_disagrees(tmp_path, capsys):
     info["splits"]["train"]["shard_lengths"] = [3, 1]
     (tmp_path / "out" / "_info.json").write_text(json.dumps(info))
     assert inspect_main([str(tmp_path / "out")]) == 1
-    assert "train-000000.tar: holds 2 samples but _info.json says 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "train-000000.tar: holds 2 samples but _info.json says 3" in err and err.endswith("FAILED: 2 problem(s)\n")
+    assert inspect_main([str(tmp_path / "out" / "_info.json")]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'out' / '_info.json'} is a file: give the shard directory "
+                                       f"that holds _info.json ({tmp_path / 'out'})\n")
 
 
 @pytest.mark.parametrize("labeled_first", [True, False])

@@ -164,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"exported {config['kind']} {config['model']} ({config['num_classes']} classes, {config['img_size']} px) "
           f"to {args.out}")
-    print(f"load it in timm with: {config['timm_call']}" if config["timm_call"] else "(not a timm architecture)")
-    print(f"or with: mae_tnt.create_model({config['model']!r}, checkpoint_path={str(Path(args.out).resolve())!r})")
+    ours = f"mae_tnt.create_model({config['model']!r}, checkpoint_path={str(Path(args.out).resolve())!r})"
+    if config["timm_call"]:
+        print(f"load it in timm with: {config['timm_call']}\nor with: {ours}")
+    else:
+        print(f"load it with: {ours} (not a timm architecture)")
     return 0
 
 

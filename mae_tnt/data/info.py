@@ -46,6 +46,11 @@ def load_info(root: str | os.PathLike) -> dict:
         ShardError: The file is not valid JSON or does not have timm's layout.
     """
     path = Path(root) / INFO_NAME
+    if Path(root).is_file():
+        raise FileNotFoundError(f"{root} is a file: give the shard directory that holds {INFO_NAME} "
+                                f"({Path(root).parent})")
+    if not Path(root).exists():
+        raise FileNotFoundError(f"{root} does not exist: give a shard directory made by tools/make_shards.py")
     if not path.is_file():
         if journals := unfinished_journals(root):  # make_shards writes _info.json last
             raise FileNotFoundError(f"{path} not found: the conversion into {root} was interrupted ({journals[0].name} "

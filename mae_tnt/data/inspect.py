@@ -160,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     for problem in report.problems[:MAX_PRINTED_PROBLEMS]:
         print(f"problem: {problem}", file=sys.stderr)
-    hidden = max(0, len(report.problems) - MAX_PRINTED_PROBLEMS)
-    print(f"FAILED: {len(report.problems)} problems ({hidden} not shown)", file=sys.stderr)
+    hidden = len(report.problems) - MAX_PRINTED_PROBLEMS
+    print(f"FAILED: {len(report.problems)} problem(s){f', {hidden} more not shown' if hidden > 0 else ''}",
+          file=sys.stderr)
     return 1
