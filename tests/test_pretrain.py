@@ -1,5 +1,6 @@
 """The pretraining loop: run directory, exact resume, early config errors, non-finite loss, checkpoint safety."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -238,6 +239,13 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(shards, t
     Trainer(config(shards, tmp_path, f"run.resume={earlier}", "run.checkpoint_every=2", "run.max_steps=6")).train()
     assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000006", "step_00000004"]
     assert sorted(p.name for p in tmp_path.glob("superseded/*/step_*")) == ["step_00000008", "step_00000012"]
+    assert sorted(p.name for p in (tmp_path / "recon").iterdir()) == ["step_00000004.png", "step_00000006.png"]
+    assert sorted(p.name for p in tmp_path.glob("superseded/*/recon/*")) == ["step_00000008.png", "step_00000012.png"]
+    if importlib.util.find_spec("tensorboard"):  # the later continuation's events are hidden, as in metrics.jsonl
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+        assert [event.step for event in events.Scalars("loss")] == [row["step"] for row in metrics(tmp_path)]
     AcceleratorState._reset_state(True)
     assert Trainer(config(shards, tmp_path, "run.max_steps=6")).step == 6  # auto: this continuation, not step 12
     AcceleratorState._reset_state(True)

@@ -225,17 +225,27 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, m
 
 
 def set_aside_later_checkpoints(output_dir: str | Path, step: int, log=print) -> None:
-    """Move the checkpoints past `step` to `superseded/<time>/`.
+    """Move the checkpoints past `step` to `superseded/<time>/`, and their reconstruction grids to its `recon/`.
 
     Resuming from an earlier checkpoint (chosen by `run.resume`, or because the later ones could not be read) starts
     another continuation of the run. Left in `checkpoints/`, the later ones would be kept by the rotation, which
     keeps the highest steps, in place of this continuation's, and `run.resume=auto` would jump back to them.
     """
-    later = [path for path in find_checkpoints(output_dir) if int(path.name.split("_")[1]) > step]
+    later = [path for path in find_checkpoints(output_dir) if step_of(path) > step]
     if later:
         target = _move_to_superseded(output_dir, later)
+        grids = [path for path in (Path(output_dir) / "recon").glob("step_*.png") if step_of(path) > step]
+        if grids:
+            (target / "recon").mkdir()
+            for grid in grids:
+                os.replace(grid, target / "recon" / grid.name)
         log(f"WARNING: this run continues from step {step}; moved the later checkpoints "
             f"{', '.join(path.name for path in later)} to {target}")
+
+
+def step_of(path: Path) -> int:
+    """The step in a checkpoint or reconstruction grid name: step_00000300, step_00000300.png, step_00000300_val.png."""
+    return int(path.name.split("_")[1].split(".")[0])
 
 
 def set_aside_previous_run(output_dir: str | Path, log=print) -> None:

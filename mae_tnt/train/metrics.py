@@ -26,7 +26,9 @@ class MetricsLogger:
         except ImportError:
             print("TensorBoard is not installed (pip install 'mae_tnt[tensorboard]'); writing metrics.jsonl only")
         else:
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            # Hides events past the checkpoint a resumed run continues from, as _truncate_after does for the JSONL.
+            purge = resume_step + 1 if resume_step else None
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
             if hparams:
                 self.writer.add_text("config", "```\n" + json.dumps(hparams, indent=1) + "\n```")
 
