@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+UNKNOWN_ARGUMENT = re.compile(r"unexpected keyword argument '(\w+)'")  # how Python words a builder's TypeError
 
 
 class ModelError(ValueError):
@@ -56,6 +58,10 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
     try:
         model = _BUILDERS[name](**kwargs)
     except (TypeError, ValueError) as err:  # e.g. an image size the patch size does not divide
+        unknown = UNKNOWN_ARGUMENT.search(str(err))
+        if unknown:
+            raise ModelError(f"{name} takes no argument {unknown[1]!r}: leave it out (in a recipe, model."
+                             f"{unknown[1]}: null)") from err
         raise ModelError(f"cannot build {name} with {kwargs}: {err}") from err
     if checkpoint_path is not None:
         from .loading import load_weights
