@@ -419,6 +419,13 @@ def test_file_lists_as_spreadsheets_save_them_and_negative_labels(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ConversionError, match="no readable image in"):  # not an IndexError from the header check
         convert(tmp_path / "empty.txt", tmp_path / "empty", options())
+    (tmp_path / "tabs.tsv").write_text("path\tlabel\nimgs/a.png\tcat\nimgs/b.png\tdog\n")
+    assert convert(tmp_path / "tabs.tsv", tmp_path / "tabs", options()).num_samples == 2
+    assert load_info(tmp_path / "tabs")["classes"] == ["cat", "dog"]
+    (tmp_path / "spaced.txt").write_text("imgs/a.png 0\nimgs/b.png 1\n")  # ImageNet-style "path label" lines
+    with pytest.raises(ConversionError, match="(?s)no readable image in .*spaced.txt .*\nA list names one image per "
+                                              "line, or is a CSV or TSV file"):
+        convert(tmp_path / "spaced.txt", tmp_path / "spaced", options())
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -68,6 +68,8 @@ from mae_tnt.data.readers import (
     open_source,
 )
 
+LIST_LAYOUT = ("\nA list names one image per line, or is a CSV or TSV file whose first line is a header: `path`, or "
+               "`path,label` (`path<TAB>label`); relative paths are read from the list's directory")
 PASS_THROUGH_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}  # MPO: camera JPEG with extra frames
 JPEG_QUALITY = 95
 CHUNK = 16  # samples per worker task: large enough to amortise the inter-process transfer, small for even load
@@ -169,7 +171,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOpti
     if journal.num_samples == 0:
         journal.discard()
         examples = "".join(f"\n  {skip['source']}: {skip['reason']}" for skip in skipped[:5])
-        raise ConversionError(f"no readable image in {src} ({len(skipped)} inputs skipped){examples}")
+        layout = LIST_LAYOUT if fmt == "list" else ""
+        raise ConversionError(f"no readable image in {src} ({len(skipped)} inputs skipped){examples}{layout}")
     filenames = [shard["filename"] for shard in journal.shards]
     lengths = [shard["num_samples"] for shard in journal.shards]
     _remove_stale_shards(out, options.split, keep=set(filenames))
@@ -522,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="make_shards", description="Convert an image dataset into webdataset shards plus _info.json."
     )
-    parser.add_argument("src", help="dataset directory, or a list file (paths, or CSV with a path[,label] header line)")
+    parser.add_argument("src", help="dataset directory, or a list file (paths, or CSV or TSV with a path[,label] "
+                                    "header line)")
     parser.add_argument("out", help="output directory for {split}-NNNNNN.tar and _info.json")
     parser.add_argument("--format", dest="fmt", default="auto", choices=FORMATS, help="source layout")
     parser.add_argument("--split", default="train", help="split name; IDX/CIFAR read train or test files by it")

@@ -266,7 +266,7 @@ INT_LABEL = re.compile(r"-?[0-9]+")
 
 
 def read_list(list_file: Path, classes: list[str] | None = None) -> FileSource:
-    """A list file: plain paths, one per line (``#`` comments allowed), or CSV with ``path[,label]`` header.
+    """A list file: plain paths, one per line (``#`` comments allowed), or CSV / TSV with a ``path[,label]`` header.
 
     Integer labels are used as ids (named by ``classes``, else "0".."max"); other labels are class names,
     indexed in sorted order unless ``classes`` fixes the order.
@@ -315,18 +315,27 @@ def _without_repeats(rows: list[tuple[int, str, str | None]], list_file: Path) -
     return kept, repeats
 
 
+def _first_line(text: str) -> str:
+    return next((line for line in text.splitlines() if line.strip()), "")
+
+
+def _delimiter(text: str) -> str:
+    """Tab for a tab-separated list (a header `path<TAB>label`), else comma."""
+    return "\t" if "\t" in _first_line(text) else ","
+
+
 def _has_csv_header(text: str) -> bool:
-    """True when the first non-empty line is a CSV header starting with the column ``path``."""
-    first_line = next((line for line in text.splitlines() if line.strip()), "")
-    first_field = (next(csv.reader([first_line])) or [""])[0]  # unquotes `"path","label"`; an empty line gives []
+    """True when the first non-empty line is a CSV (or TSV) header starting with the column ``path``."""
+    header = csv.reader([_first_line(text)], delimiter=_delimiter(text))
+    first_field = (next(header) or [""])[0]  # unquotes `"path","label"`; an empty line gives []
     return first_field.strip().lower() == "path"
 
 
 def _parse_csv(text: str, list_file: Path) -> list[tuple[int, str, str | None]]:
-    """(line number, path, label) rows of a CSV list with a ``path`` column and an optional ``label`` column (all or
-    none labeled)."""
+    """(line number, path, label) rows of a CSV or TSV list with a ``path`` column and an optional ``label`` column
+    (all or none labeled)."""
     lines = [(number, line) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    reader = csv.DictReader(line for _, line in lines)
+    reader = csv.DictReader((line for _, line in lines), delimiter=_delimiter(text))
     reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
     has_label = "label" in reader.fieldnames
     rows = []
