@@ -21,6 +21,9 @@ from typing import Any, Union
 
 import yaml
 
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+"""PIL's own decompression-bomb limit (the size where it raises rather than warns); make_shards uses it too."""
+
 MISSING_VALUE = "???"
 
 
@@ -99,7 +102,7 @@ class DataConfig:
     info: str | None = None
     """For `pipe:`/remote shard URLs: a local `_info.json` (or its directory) with their sample counts; the i-th URL
     of the brace expansion holds the split's i-th `shard_lengths`. Not needed for a local shard directory."""
-    max_image_pixels: int = 178_956_970
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """PIL decompression-bomb limit in pixels (PIL's own default); larger images are skipped and counted."""
     decode_device: str = "cpu"
     """`cpu`, or `cuda` to decode JPEGs in batches on the GPU (falls back to CPU when unavailable)."""

@@ -319,6 +319,22 @@ def test_an_output_path_that_is_a_file_is_one_error_line(tmp_path, capsys):
     assert (tmp_path / "out").read_text() == "notes"
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_images_over_the_pixel_limit_are_skipped_naming_the_option_that_raises_it(tmp_path, workers):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "big.png").write_bytes(encoded(gradient(100, 100), "PNG"))  # 10,000 pixels
+    (tmp_path / "src" / "small.png").write_bytes(encoded(gradient(50, 50), "PNG"))
+    before = Image.MAX_IMAGE_PIXELS
+    summary = convert(tmp_path / "src", tmp_path / "out", options(workers=workers, max_image_pixels=5000))
+    assert summary.num_samples == 1 and [skip["source"] for skip in summary.skipped] == ["big.png"]
+    assert "DecompressionBomb" in summary.skipped[0]["reason"]
+    assert summary.skipped[0]["reason"].endswith("raise the limit: make_shards --max-image-pixels, or "
+                                                 "data.max_image_pixels")
+    assert Image.MAX_IMAGE_PIXELS == before  # the caller's limit is its own again
+    raised = convert(tmp_path / "src", tmp_path / "raised", options(workers=workers, max_image_pixels=10_000))
+    assert (raised.num_samples, raised.skipped) == (2, [])
+
+
 def test_max_size_resizes_large_images_and_passes_the_rest_through_byte_identical(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -47,7 +47,14 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from mae_tnt.data.images import BadImageError, decode, to_rgb
+from mae_tnt.config import DEFAULT_MAX_IMAGE_PIXELS
+from mae_tnt.data.images import (
+    BadImageError,
+    decode,
+    pixel_limit,
+    set_max_image_pixels,
+    to_rgb,
+)
 from mae_tnt.data.info import (
     INFO_NAME,
     ShardError,
@@ -98,13 +105,15 @@ class ConvertOptions:
     progress: bool = True
     overwrite: bool = False
     """Delete the split's shards, progress journal and ``_info.json`` entry first, instead of refusing or resuming."""
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    """Images over this many pixels are skipped as possible decompression bombs (PIL's guard)."""
 
     def __post_init__(self):
         if not SPLIT_NAME.fullmatch(self.split):
             raise ConversionError(f"split {self.split!r} must use only letters, digits, '_' and '-' (no dots)")
         if self.fmt not in FORMATS:
             raise ConversionError(f"format {self.fmt!r} is not one of {', '.join(FORMATS)}")
-        for name in ("shard_size", "shard_bytes", "max_size", "limit"):
+        for name in ("shard_size", "shard_bytes", "max_size", "limit", "max_image_pixels"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConversionError(f"{name} must be at least 1, got {value}")
@@ -201,6 +210,7 @@ def _job_description(src, fmt: str, source: Source, order: list[int], options: C
         "shard_size": options.shard_size,
         "shard_bytes": options.shard_bytes,
         "max_size": options.max_size,
+        "max_image_pixels": options.max_image_pixels,
         "limit": options.limit,
         "compress": options.compress,
         "classes": source.classes,
@@ -414,11 +424,12 @@ _worker_source: Source | None = None
 _worker_max_size: int | None = None
 
 
-def _init_worker(source: Source, max_size: int | None) -> None:
+def _init_worker(source: Source, max_size: int | None, max_pixels: int) -> None:
     global _worker_source, _worker_max_size
     # When one worker dies, the pool ends the others with SIGTERM; a handler forked from the caller (a training run's
     # preemption flag, a notebook's) would keep them alive, and the pool would wait for them forever.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    set_max_image_pixels(max_pixels)
     _worker_source, _worker_max_size = source, max_size
 
 
@@ -439,11 +450,13 @@ def _prepared(source: Source, order: list[int], start: int, options: ConvertOpti
     """
     indices = order[start:]
     if options.workers <= 1:
-        _init_worker(source, options.max_size)
-        yield from enumerate(map(_prepare_index, indices), start)
+        with pixel_limit(options.max_image_pixels):  # the caller's own limit comes back afterwards
+            _init_worker(source, options.max_size, options.max_image_pixels)
+            yield from enumerate(map(_prepare_index, indices), start)
         return
     chunks = (indices[i : i + CHUNK] for i in range(0, len(indices), CHUNK))
-    pool = ProcessPoolExecutor(options.workers, initializer=_init_worker, initargs=(source, options.max_size))
+    pool = ProcessPoolExecutor(options.workers, initializer=_init_worker,
+                               initargs=(source, options.max_size, options.max_image_pixels))
     try:
         in_flight = deque(pool.submit(_prepare_chunk, chunk) for chunk in itertools.islice(chunks, 2 * options.workers))
         position = start
@@ -533,6 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-size", type=int, default=1000, help="max samples per shard")
     parser.add_argument("--shard-bytes", type=int, default=None, help="max payload bytes per shard")
     parser.add_argument("--max-size", type=int, default=None, help="resize so the longer side is at most PX")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="skip images over this many pixels, as possible decompression bombs (PIL's limit)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
     parser.add_argument("--limit", type=int, default=None, help="keep the first N readable samples of the shuffle")
@@ -583,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             classes=_parse_classes(args.classes),
             workers=args.workers,
             overwrite=args.overwrite,
+            max_image_pixels=args.max_image_pixels,
         )
         if args.fmt == "auto" and (note := folder_layout_note(args.src)):
             print(f"NOTE: {note}", file=sys.stderr)

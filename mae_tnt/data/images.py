@@ -18,6 +18,8 @@ import io
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -53,6 +55,17 @@ def image_bytes(sample: dict) -> bytes | None:
 
 class BadImageError(ValueError):
     """Bytes that are not a readable image: unknown format, truncated, corrupt or over the pixel limit."""
+
+
+@contextmanager
+def pixel_limit(max_pixels: int) -> Iterator[None]:
+    """`set_max_image_pixels` for the block only: in-process callers (tests, notebooks) keep their own limit."""
+    previous = Image.MAX_IMAGE_PIXELS
+    set_max_image_pixels(max_pixels)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def set_max_image_pixels(max_pixels: int) -> None:
@@ -96,6 +109,9 @@ def open_image(data: bytes) -> Image.Image:
     except UnidentifiedImageError as err:
         # Its message holds the buffer's memory address; keep skip reasons reproducible and readable.
         raise BadImageError("unknown image format") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadImageError(f"{type(err).__name__}: {err} If you trust the image, raise the limit: make_shards "
+                            "--max-image-pixels, or data.max_image_pixels") from err
     except DECODE_ERRORS as err:
         raise BadImageError(f"{type(err).__name__}: {err}") from err
 
