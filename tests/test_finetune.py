@@ -98,6 +98,14 @@ def test_bad_downstream_values_fail_naming_the_key(override, message):
         load_config(FinetuneConfig, None, ["model.name=vit_test_patch8_32", "data.train=x", override])
 
 
+@pytest.mark.parametrize("recipe, verb", [("demo_finetune_vit.yaml", "training"), ("demo_knn_vit.yaml", "evaluating")])
+def test_a_run_without_init_says_it_uses_a_random_encoder(tmp_path, recipe, verb):
+    logged = []
+    cfg = load_config(FinetuneConfig, ROOT / "recipes" / recipe, ["init=null", f"run.output_dir={tmp_path}"])
+    build_classifier(cfg, 10, log=logged.append)
+    assert f"init: none, {verb} a randomly initialised encoder" in logged
+
+
 def test_layer_decay_scales_follow_the_depth():
     # ViT test model, depth 2, n = 3 groups above the stem: stem 0.65^3, block i 0.65^(2 - i), head and fc_norm 1.
     cfg = load_config(FinetuneConfig, None, ["model.name=vit_test_patch8_32", "data.train=x", "optim.layer_decay=0.65"])

@@ -173,7 +173,7 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int, load: bool = True, l
     model = create_model(cfg.model.name, **kwargs)
     report = load_init(model, cfg.init, log) if cfg.init and load else None
     if cfg.init is None:
-        log("init: none, training from random initialisation")
+        log(f"init: none, {'evaluating' if cfg.mode == 'knn' else 'training'} a randomly initialised encoder")
     if report is None or "head.weight" in report.missing:
         init_head(model.head, cfg.model.head_init_std)
     model.requires_grad_(True)  # fine-tuning trains everything, the fixed sin-cos position table included (MAE)
