@@ -188,8 +188,10 @@ def test_init_from_an_official_sret_file(tmp_path):
 def test_a_checkpoint_stays_usable_at_another_resolution(tmp_path, mae_name, name, size, new_size):
     write_mae_checkpoint(tmp_path / "ckpt", mae_name)
     model = classifier(name, img_size=new_size)
-    load_init(model, tmp_path / "ckpt")
+    logged = []
+    load_init(model, tmp_path / "ckpt", logged.append)
     assert model(torch.randn(2, 3, new_size, new_size)).shape == (2, 10)
+    assert logged[-1].startswith("init: resampled the position table to this image size (bicubic): ")
 
 
 def test_train_transform_is_reproducible_per_sample_and_picklable():
