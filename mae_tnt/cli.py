@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from .config import ConfigError, PretrainConfig, load_config
+from .config import ConfigError, PretrainConfig, all_keys, load_config
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 USAGE = "usage: {prog} RECIPE.yaml [key=value ...]   (e.g. optim.base_lr=1e-4 run.output_dir=/tmp/run)"
 
 
 def load_recipe(cls: type, argv: list[str], prog: str):
-    """The config of `prog RECIPE.yaml [key=value ...]`; usage and config errors exit with status 2."""
-    if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
+    """The config of `prog RECIPE.yaml [key=value ...]`; usage and config errors exit with status 2, --help with 0."""
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"{USAGE.format(prog=prog)}\n\n{keys_help(cls)}")
+        raise SystemExit(0)
+    if not argv or "=" in argv[0]:
         print(USAGE.format(prog=prog), file=sys.stderr)
         raise SystemExit(2)
     try:
@@ -25,6 +29,20 @@ def load_recipe(cls: type, argv: list[str], prog: str):
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def keys_help(cls: type) -> str:
+    """Every config key a recipe or override may set, by section (the recipes in recipes/ show them in use)."""
+    keys = all_keys(cls)
+    sections: dict[str, list[str]] = {}
+    for key in keys:
+        section, _, rest = key.partition(".")
+        if rest or not any(other.startswith(f"{key}.") for other in keys):  # a section's own name is no key
+            sections.setdefault(section if rest else "top level", []).append(rest or key)
+    lines = [textwrap.fill(", ".join(names), 110, initial_indent=f"  {section}: ", subsequent_indent="    ")
+             for section, names in sections.items()]
+    return ("Recipes are in recipes/. Config keys, set in a recipe or as key=value (each documented in "
+            "mae_tnt/config.py or mae_tnt/finetune_config.py):\n" + "\n".join(lines))
 
 
 # What a shell reports for a process that SIGTERM ended: a preempted run says it stopped early, so `a && b` chains

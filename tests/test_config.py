@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from mae_tnt.config import ConfigError, PretrainConfig, load_config
+from mae_tnt.cli import load_recipe
+from mae_tnt.config import ConfigError, PretrainConfig, all_keys, load_config
+from mae_tnt.finetune_config import FinetuneConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 PRETRAIN_RECIPES = sorted(p for p in RECIPES.glob("*.yaml") if not p.name.startswith(("finetune", "linprobe"))
@@ -39,6 +41,22 @@ def test_invalid_yaml_is_a_config_error_naming_the_file_line_or_override(tmp_pat
     good = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
     with pytest.raises(ConfigError, match=r"^override 'optim.base_lr=\[1': not valid YAML"):
         load_config(PretrainConfig, good, ["optim.base_lr=[1"])
+
+
+@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig])
+def test_help_lists_every_settable_key_and_a_missing_recipe_is_a_usage_error(cls, capsys):
+    prog = "pretrain.py" if cls is PretrainConfig else "finetune.py"
+    with pytest.raises(SystemExit) as done:
+        load_recipe(cls, ["--help"], prog)
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith(f"usage: {prog} RECIPE.yaml")
+    listed = {f"{line.split(': ')[0].strip()}.{name}" for line in out.replace(",\n    ", ", ").splitlines()
+              if line.startswith("  ") for name in line.split(": ")[1].split(", ")}
+    assert {key.removeprefix("top level.") for key in listed} == {
+        key for key in all_keys(cls) if not any(other.startswith(f"{key}.") for other in all_keys(cls))}
+    with pytest.raises(SystemExit) as done:
+        load_recipe(cls, ["optim.base_lr=1"], prog)
+    assert done.value.code == 2 and capsys.readouterr().err.startswith(f"usage: {prog}")
 
 
 def test_unknown_override_key_fails(tmp_path):
