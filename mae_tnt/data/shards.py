@@ -11,12 +11,13 @@ References: webdataset 1.0 key rules (key = basename up to the first dot); timm 
 
 from __future__ import annotations
 
-import re
+import subprocess
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import braceexpand
 import webdataset as wds
@@ -24,7 +25,7 @@ import webdataset as wds
 from .info import ShardError as InfoError
 from .info import count_tar_samples, load_info, sample_key, split_classes
 
-PIPE_EXIT = re.compile(r": exit (\d+) \(read\)")
+COMMAND_EXIT_WAIT = 10  # seconds; a command still running then is stopped, and its stream's read error reported
 
 
 class ShardError(InfoError, RuntimeError):
@@ -176,22 +177,16 @@ def read_samples(url: str, start: int = 0, on_break: Callable[[str], None] | Non
     breaks, and `on_break` gets the reason in one line; the callers know from the shard's sample count how many
     samples were lost, and count them as skipped.
     """
+    source = url.removeprefix("file:") if is_local(url) else wds.gopen(url)
     try:
-        yield from _tar_samples(url, start)
+        yield from _tar_samples(source, start)
     except (tarfile.ReadError, OSError, EOFError) as err:
         if on_break is not None:
-            on_break(_break_reason(err))
+            on_break(_break_reason(err, source))
 
 
-def _break_reason(err: Exception) -> str:
-    failed_command = PIPE_EXIT.search(str(err))  # webdataset's pipe error quotes its arguments, then the status
-    if failed_command:
-        return f"its command exited with status {failed_command[1]}"
-    return " ".join(str(err).split())
-
-
-def _tar_samples(url: str, start: int) -> Iterator[dict[str, bytes]]:
-    with _open_tar(url) as tar:
+def _tar_samples(source: str | IO[bytes], start: int) -> Iterator[dict[str, bytes]]:
+    with _open_tar(source) as tar:
         index, key, sample = -1, None, {}
         for member in tar:
             member_key = sample_key(member.name) if member.isfile() else None
@@ -208,7 +203,22 @@ def _tar_samples(url: str, start: int) -> Iterator[dict[str, bytes]]:
             yield sample
 
 
-def _open_tar(url: str) -> tarfile.TarFile:
-    if is_local(url):
-        return tarfile.open(url.removeprefix("file:"), mode="r:*")  # plain or gzip-compressed
-    return tarfile.open(fileobj=wds.gopen(url), mode="r|*")
+def _open_tar(source: str | IO[bytes]) -> tarfile.TarFile:
+    if isinstance(source, str):
+        return tarfile.open(source, mode="r:*")  # a local file, plain or gzip-compressed
+    return tarfile.open(fileobj=source, mode="r|*")  # a stream: read once, in order
+
+
+def _break_reason(err: Exception, source: str | IO[bytes]) -> str:
+    """One line on why a shard broke: a failed command's exit status (webdataset runs `pipe:` URLs, and its remote
+    reads, as a subprocess), else the read error."""
+    command = getattr(source, "proc", None)
+    if command is not None:
+        try:
+            status = command.wait(timeout=COMMAND_EXIT_WAIT)
+        except subprocess.TimeoutExpired:  # still writing a stream nobody reads any more
+            command.kill()
+            status = None
+        if status:
+            return f"its command exited with status {status}"
+    return " ".join(str(err).split())
