@@ -23,8 +23,9 @@ def encode_png(sample_id: int, size: int = 16) -> bytes:
 
 
 def write_shards(root: Path, sizes: list[int], split: str = "train", corrupt: frozenset[int] = frozenset(),
-                 size: int = 16) -> list[int]:
-    """Write shards with `sizes` samples each (ids 0..N-1, label id % 10); ids in `corrupt` get garbage bytes."""
+                 size: int = 16, num_classes: int = 10) -> list[int]:
+    """Write shards with `sizes` samples each (ids 0..N-1, label id % num_classes); ids in `corrupt` get garbage
+    bytes."""
     root.mkdir(parents=True, exist_ok=True)
     names, sample_id = [], 0
     for shard_index, count in enumerate(sizes):
@@ -32,7 +33,7 @@ def write_shards(root: Path, sizes: list[int], split: str = "train", corrupt: fr
         with tarfile.open(root / name, "w") as tar:
             for _ in range(count):
                 payload = b"not an image" if sample_id in corrupt else encode_png(sample_id, size)
-                fields = {"png": payload, "cls": str(sample_id % 10).encode(),
+                fields = {"png": payload, "cls": str(sample_id % num_classes).encode(),
                           "json": json.dumps({"id": sample_id}).encode()}
                 for field, data in fields.items():
                     info = tarfile.TarInfo(f"s{sample_id:06d}.{field}")
@@ -40,7 +41,7 @@ def write_shards(root: Path, sizes: list[int], split: str = "train", corrupt: fr
                     tar.addfile(info, io.BytesIO(data))
                 sample_id += 1
         names.append(name)
-    update_split(root, split, names, sizes, classes=[str(i) for i in range(10)])
+    update_split(root, split, names, sizes, classes=[str(i) for i in range(num_classes)])
     return list(range(sample_id))
 
 

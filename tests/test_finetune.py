@@ -296,6 +296,27 @@ def test_validation_shards_labelled_with_other_classes_are_refused_before_fine_t
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_validation_that_reads_nothing_is_warned_about_and_refused_not_scored_zero(tmp_path, one_thread):
+    failing = "pipe:cat /nonexistent/val-{000000..000001}.tar.gz"  # the command fails for both shards
+    run = FinetuneRun(demo_config(tmp_path, "data.allow_pipe=true", f"data.info={BUNDLED}", f"data.val={failing}",
+                                  "run.max_steps=1"))
+    with pytest.warns(UserWarning, match=r"pipe:cat /nonexistent/val-000000.tar.gz broke \(its command exited with "
+                                         r"status 1\); its samples after the break are skipped"):
+        with pytest.raises(ShardError, match="no labeled sample of pipe:cat .* could be read for validation"):
+            run.train()
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_validation_labels_beyond_the_head_are_refused_naming_the_shards(tmp_path, one_thread):
+    write_shards(tmp_path / "two", [64], size=28, num_classes=2)
+    write_shards(tmp_path / "ten", [8], split="val", size=28)  # labels 0-7 of 10 classes
+    run = FinetuneRun(demo_config(tmp_path / "run", f"data.train={tmp_path / 'two'}", "model.num_classes=null",
+                                  f"data.val={tmp_path / 'ten'}/val-000000.tar", "run.max_steps=1"))
+    with pytest.raises(ShardError, match=r"val-000000.tar holds label 7, but the head has 2 classes"):
+        run.train()
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_a_run_without_validation_ends_saying_so_and_where_its_weights_are(tmp_path, capsys, one_thread,
                                                                            fresh_accelerate_state):
     from mae_tnt.finetune_cli import run_finetune

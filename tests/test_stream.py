@@ -10,7 +10,7 @@ import torch
 from shard_utils import write_shards
 
 from mae_tnt.data.info import count_tar_samples, update_split
-from mae_tnt.data.loader import eval_batches, make_loader
+from mae_tnt.data.loader import eval_batches, first_images, make_loader
 from mae_tnt.data.shards import ShardError, read_samples, resolve_shards
 from mae_tnt.data.stream import ShardStream
 from mae_tnt.data.transforms import train_crop
@@ -155,10 +155,13 @@ def test_a_failing_pipe_command_is_named_with_its_status_in_the_warning_and_the_
     url = f"pipe:cat {tmp_path}/gone-{{000000..000001}}.tar"  # the command fails: there are no such files
     shards = resolve_shards(url, allow_pipe=True, info=str(tmp_path))
     with pytest.warns(UserWarning, match=r"pipe:cat .*gone-00000[01].tar broke \(its command exited with status 1\); "
-                                         r"its remaining samples are skipped and counted"):
+                                         r"its samples after the break are skipped"):
         with pytest.raises(ShardError, match=r"no readable image in 17 consecutive samples \(last error: sample lost "
                                              r"to pipe:cat .*, which broke \(its command exited with status 1\)\)"):
             consume(stream_for(shards))
+    with pytest.warns(UserWarning, match=r"gone-000000.tar broke"):  # evaluation reads warn too
+        with pytest.raises(ShardError, match=r"no readable image in 2 shard\(s\) from pipe:cat .*gone-000000.tar on"):
+            first_images(shards, 4, 16)
 
 
 def test_missing_shard_and_empty_split_fail_clearly(tmp_path):

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from ..config import DataConfig
 from .device_decode import DeferredCrop, gpu_decode_available
 from .images import BadImageError, image_bytes, set_max_image_pixels
-from .shards import Shard, read_samples, resolve_shards
+from .shards import Shard, ShardError, read_samples, resolve_shards
 from .stream import ShardStream, label_of
 from .transforms import eval_resize, train_crop
 
@@ -98,7 +98,11 @@ def _padded_batch(samples: list[dict], img_size: int, batch_size: int) -> tuple[
 def first_images(shards: list[Shard], count: int, img_size: int) -> torch.Tensor:
     """The first `count` decodable images of a shard set: uint8 [count, 3, S, S]."""
     decoded = (eval_image(sample, img_size) for sample in _samples_in_order(shards))
-    return torch.stack(list(itertools.islice((image for image in decoded if image is not None), count)))
+    images = list(itertools.islice((image for image in decoded if image is not None), count))
+    if not images:
+        raise ShardError(f"no readable image in {len(shards)} shard(s) from {shards[0].url} on; see the warnings "
+                         "above, and check the shards with tools/inspect_shards.py")
+    return torch.stack(images)
 
 
 def _samples_in_order(shards: list[Shard]) -> Iterator[dict]:

@@ -181,8 +181,11 @@ def read_samples(url: str, start: int = 0, on_break: Callable[[str], None] | Non
     try:
         yield from _tar_samples(source, start)
     except (tarfile.ReadError, OSError, EOFError) as err:
+        reason = _break_reason(err, source)
+        if not is_local(url):  # local files are checked before training, and a truncated one warned about then
+            warnings.warn(f"{url} broke ({reason}); its samples after the break are skipped", stacklevel=1)
         if on_break is not None:
-            on_break(_break_reason(err, source))
+            on_break(reason)
 
 
 def _tar_samples(source: str | IO[bytes], start: int) -> Iterator[dict[str, bytes]]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import random
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,7 +28,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .images import BadImageError, image_bytes
-from .shards import Shard, ShardError, is_local, read_samples
+from .shards import Shard, ShardError, read_samples
 
 SampleTransform = Callable[[bytes, random.Random], object]
 """Encoded image bytes + the sample's own RNG -> uint8 [3, S, S] (or a deferred item decoded on the device, see
@@ -250,9 +249,6 @@ class RoleStream:
 
     def _note_break(self, url: str, reason: str) -> None:
         self.lost_to = f"{url}, which broke ({reason})"
-        if not is_local(url):  # local files were checked before training, and a truncated one warned about then
-            warnings.warn(f"{url} broke ({reason}); its remaining samples are skipped and counted (skipped_samples "
-                          "in the metrics)", stacklevel=2)
 
 
 def label_of(sample: dict) -> int:

@@ -405,6 +405,10 @@ class FinetuneRun:
             images = self.device_images(images)
             if self.input_dtype is not None and model is self.model:
                 images = images.to(self.input_dtype)
+            if int(labels.max()) >= self.num_classes:  # cross-entropy would fail with an index error
+                raise ShardError(f"{self.cfg.data.val} holds label {int(labels.max())}, but the head has "
+                                 f"{self.num_classes} classes: give train and val shards made into one directory "
+                                 "(tools/make_shards.py), which keeps one class list")
             labels = labels.to(self.device)
             with self.acc.autocast():
                 logits = model(images).float()  # [B, C]
@@ -413,7 +417,9 @@ class FinetuneRun:
             sums += torch.stack([counts["top1"], counts["top5"], counts["count"], loss]).float()
         top1, top5, count, loss = self.acc.reduce(sums, "sum").tolist()
         self.set_train_mode()
-        count = max(count, 1.0)
+        if count == 0:
+            raise ShardError(f"no labeled sample of {self.cfg.data.val} could be read for validation; see the "
+                             "warnings above, and check the shards with tools/inspect_shards.py")
         return {"val_acc1": 100 * top1 / count, "val_acc5": 100 * top5 / count, "val_loss": loss / count}
 
     def _write_best(self, state_dict: dict) -> None:
