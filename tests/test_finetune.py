@@ -310,8 +310,10 @@ def test_validation_that_reads_nothing_is_warned_about_and_refused_not_scored_ze
 def test_validation_labels_beyond_the_head_are_refused_naming_the_shards(tmp_path, one_thread):
     write_shards(tmp_path / "two", [64], size=28, num_classes=2)
     write_shards(tmp_path / "ten", [8], split="val", size=28)  # labels 0-7 of 10 classes
+    (tmp_path / "loose").mkdir()  # without the _info.json that names its classes, only the labels tell
+    (tmp_path / "ten" / "val-000000.tar").rename(tmp_path / "loose" / "val-000000.tar")
     run = FinetuneRun(demo_config(tmp_path / "run", f"data.train={tmp_path / 'two'}", "model.num_classes=null",
-                                  f"data.val={tmp_path / 'ten'}/val-000000.tar", "run.max_steps=1"))
+                                  f"data.val={tmp_path / 'loose'}/val-000000.tar", "run.max_steps=1"))
     with pytest.raises(ShardError, match=r"val-000000.tar holds label 7, but the head has 2 classes"):
         run.train()
 

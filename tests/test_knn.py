@@ -82,10 +82,12 @@ def test_train_and_val_shards_with_different_class_lists_are_refused_before_enco
     write_shards(tmp_path / "b", [8], split="val", size=32)
     info = json.loads((tmp_path / "b" / "_info.json").read_text())
     (tmp_path / "b" / "_info.json").write_text(json.dumps({**info, "classes": ["cat", "dog", "emu"]}))
-    data = DataConfig(train=str(tmp_path / "a"), val=str(tmp_path / "b"), batch_size=4)
-    with pytest.raises(ShardError, match=r"kNN evaluation needs train and val shards labelled alike, but data.train "
-                                         r"has 10 classes \(0, 1, 2, ...\) and data.val 3 \(cat, dog, emu\)"):
-        knn_accuracy_on_shards(create_model("vit_test_patch8_32", num_classes=0), data, img_size=32, batch_size=4)
+    for val in (tmp_path / "b", tmp_path / "b" / "val-000000.tar", tmp_path / "b" / "val-{000000..000000}.tar"):
+        data = DataConfig(train=str(tmp_path / "a"), val=str(val), batch_size=4)  # the _info.json beside the shards
+        with pytest.raises(ShardError, match=r"kNN evaluation needs train and val shards labelled alike, but "
+                                             r"data.train has 10 classes \(0, 1, 2, ...\) and data.val 3 "
+                                             r"\(cat, dog, emu\)"):
+            knn_accuracy_on_shards(create_model("vit_test_patch8_32", num_classes=0), data, img_size=32, batch_size=4)
 
 
 @pytest.mark.skipif(not (ROOT / "data" / "fashion_mnist").exists(), reason="bundled Fashion-MNIST sample missing")

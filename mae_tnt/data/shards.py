@@ -22,8 +22,8 @@ from typing import IO
 import braceexpand
 import webdataset as wds
 
+from .info import INFO_NAME, count_tar_samples, load_info, sample_key, split_classes
 from .info import ShardError as InfoError
-from .info import count_tar_samples, load_info, sample_key, split_classes
 
 COMMAND_EXIT_WAIT = 10  # seconds; a command still running then is stopped, and its stream's read error reported
 
@@ -75,11 +75,16 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
 
 def info_directory(spec: str, info: str | None = None) -> Path | None:
     """The directory of the `_info.json` describing `spec`: `spec` itself when it is a shard directory, else that of
-    `info` (`data.info`: the file or its directory); None when there is neither."""
+    `info` (`data.info`: the file or its directory), else the directory of a local shard file or pattern when it
+    holds one (make_shards wrote them together); None when there is none."""
     if Path(spec).is_dir():
         return Path(spec)
     if info is not None:
         return Path(info).parent if Path(info).is_file() else Path(info)
+    if is_local(spec):
+        folder = Path(next(iter(braceexpand.braceexpand(spec))).removeprefix("file:")).parent
+        if (folder / INFO_NAME).is_file():
+            return folder
     return None
 
 
