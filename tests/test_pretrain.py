@@ -241,6 +241,8 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(shards, t
     assert sorted(p.name for p in tmp_path.glob("superseded/*/step_*")) == ["step_00000008", "step_00000012"]
     assert sorted(p.name for p in (tmp_path / "recon").iterdir()) == ["step_00000004.png", "step_00000006.png"]
     assert sorted(p.name for p in tmp_path.glob("superseded/*/recon/*")) == ["step_00000008.png", "step_00000012.png"]
+    (old_rows,) = tmp_path.glob("superseded/*/metrics.jsonl")
+    assert [json.loads(line)["step"] for line in old_rows.read_text().splitlines()] == list(range(5, 13))
     if importlib.util.find_spec("tensorboard"):  # the later continuation's events are hidden, as in metrics.jsonl
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -249,8 +251,8 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(shards, t
     AcceleratorState._reset_state(True)
     assert Trainer(config(shards, tmp_path, "run.max_steps=6")).step == 6  # auto: this continuation, not step 12
     AcceleratorState._reset_state(True)
-    with pytest.raises(ResumeError, match=r"run.resume=.*step_00000012 does not exist; the checkpoints of .* are: "
-                                          r"step_00000006, step_00000004. Give one of them, or run.resume=auto"):
+    with pytest.raises(ResumeError, match=r"run.resume=.*step_00000012 does not exist; this run's are step_00000006, "
+                                          r"step_00000004 in .*checkpoints: give one's path, or run.resume=auto"):
         Trainer(config(shards, tmp_path, f"run.resume={tmp_path / 'checkpoints' / 'step_00000012'}"))
 
 

@@ -136,9 +136,10 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool
         return None
     if resume != "auto":
         if not Path(resume).exists():
-            kept = ", ".join(path.name for path in find_checkpoints(output_dir)) or "none yet"
-            raise ResumeError(f"run.resume={resume} does not exist; the checkpoints of {output_dir} are: {kept}. Give "
-                              "one of them, or run.resume=auto for the newest")
+            kept = find_checkpoints(output_dir)
+            listing = (f"this run's are {', '.join(path.name for path in kept)} in {kept[0].parent}: give one's path"
+                       if kept else "this run has none yet")
+            raise ResumeError(f"run.resume={resume} does not exist; {listing}, or run.resume=auto for the newest")
         return read_checkpoint(resolve_checkpoint(resume))
     for path in find_checkpoints(output_dir):
         try:
@@ -239,8 +240,23 @@ def set_aside_later_checkpoints(output_dir: str | Path, step: int, log=print) ->
             (target / "recon").mkdir()
             for grid in grids:
                 os.replace(grid, target / "recon" / grid.name)
+        _copy_later_metrics(Path(output_dir) / "metrics.jsonl", step, target / "metrics.jsonl")
         log(f"WARNING: this run continues from step {step}; moved the later checkpoints "
-            f"{', '.join(path.name for path in later)} to {target}")
+            f"{', '.join(path.name for path in later)}, with their reconstruction grids and metrics rows, to {target}")
+
+
+def _copy_later_metrics(metrics: Path, step: int, copy: Path) -> None:
+    """Keep the rows logged after `step` in `copy`: the run's own file drops them when it continues (MetricsLogger)."""
+    if metrics.exists():
+        rows = [line for line in metrics.read_text().splitlines() if _logged_after(line, step)]
+        copy.write_text("".join(row + "\n" for row in rows))
+
+
+def _logged_after(line: str, step: int) -> bool:
+    try:
+        return json.loads(line)["step"] > step
+    except (ValueError, KeyError):
+        return False
 
 
 def step_of(path: Path) -> int:
