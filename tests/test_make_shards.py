@@ -285,10 +285,12 @@ def test_split_folders_read_as_classes_are_pointed_out(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "train: 4 samples (imagefolder, 2 classes)" in out  # train and val, as asked for
     assert err.startswith(f"NOTE: the sub-folders of {tmp_path / 'src'} (train, val) look like splits but are read "
-                          "as classes; to shard each split, run this tool on each of them into the same OUT, e.g. "
-                          f"{tmp_path / 'src' / 'train'} --split train\n")
-    assert make_shards_main([str(tmp_path / "src" / "train"), str(tmp_path / "ok"), "--workers", "0"]) == 0
-    assert "NOTE" not in capsys.readouterr().err  # cat and dog: no note
+                          "as classes; to shard each split, run this tool on each of them, e.g. "
+                          f"{tmp_path / 'src' / 'train'} --split train, into a new OUT (or into this one with "
+                          "--overwrite)\n")
+    args = [str(tmp_path / "src" / "train"), str(tmp_path / "out"), "--workers", "0", "--overwrite"]
+    assert make_shards_main(args) == 0  # as the note says
+    assert "NOTE" not in capsys.readouterr().err and load_info(tmp_path / "out")["classes"] == ["cat", "dog"]
 
 
 def test_a_split_with_other_classes_is_refused_before_any_shard_is_written(tmp_path):
@@ -327,9 +329,9 @@ def test_images_over_the_pixel_limit_are_skipped_naming_the_option_that_raises_i
     before = Image.MAX_IMAGE_PIXELS
     summary = convert(tmp_path / "src", tmp_path / "out", options(workers=workers, max_image_pixels=5000))
     assert summary.num_samples == 1 and [skip["source"] for skip in summary.skipped] == ["big.png"]
-    assert "DecompressionBomb" in summary.skipped[0]["reason"]
-    assert summary.skipped[0]["reason"].endswith("raise the limit: make_shards --max-image-pixels, or "
-                                                 "data.max_image_pixels")
+    assert summary.skipped[0]["reason"].endswith("10000 pixels, over the limit of 5000 (PIL's decompression-bomb "
+                                                 "guard); if you trust the image, raise it: make_shards "
+                                                 "--max-image-pixels, or data.max_image_pixels")
     assert Image.MAX_IMAGE_PIXELS == before  # the caller's limit is its own again
     raised = convert(tmp_path / "src", tmp_path / "raised", options(workers=workers, max_image_pixels=10_000))
     assert (raised.num_samples, raised.skipped) == (2, [])
@@ -544,7 +546,7 @@ def test_inspect_fails_when_a_shard_count_disagrees(tmp_path, capsys):
     assert "train-000000.tar: holds 2 samples but _info.json says 3" in err and err.endswith("FAILED: 2 problem(s)\n")
     assert inspect_main([str(tmp_path / "out" / "_info.json")]) == 1
     assert capsys.readouterr().err == (f"error: {tmp_path / 'out' / '_info.json'} is a file: give the shard directory "
-                                       f"that holds _info.json ({tmp_path / 'out'})\n")
+                                       f"made by tools/make_shards.py that holds _info.json ({tmp_path / 'out'})\n")
 
 
 @pytest.mark.parametrize("labeled_first", [True, False])

@@ -15,6 +15,7 @@ References:
 """
 
 import io
+import re
 import struct
 import warnings
 import zlib
@@ -51,6 +52,9 @@ IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm"
 def image_bytes(sample: dict) -> bytes | None:
     """The encoded image of a raw shard sample ({field: bytes}), or None when it has none."""
     return next((sample[field] for field in IMAGE_FIELDS if field in sample), None)
+
+
+PIL_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
 class BadImageError(ValueError):
@@ -110,7 +114,9 @@ def open_image(data: bytes) -> Image.Image:
         # Its message holds the buffer's memory address; keep skip reasons reproducible and readable.
         raise BadImageError("unknown image format") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadImageError(f"{type(err).__name__}: {err} If you trust the image, raise the limit: make_shards "
+        size = PIL_PIXELS.search(str(err))  # PIL's own text quotes twice the limit for its error
+        raise BadImageError(f"{size[1] + ' pixels, ' if size else ''}over the limit of {Image.MAX_IMAGE_PIXELS} "
+                            "(PIL's decompression-bomb guard); if you trust the image, raise it: make_shards "
                             "--max-image-pixels, or data.max_image_pixels") from err
     except DECODE_ERRORS as err:
         raise BadImageError(f"{type(err).__name__}: {err}") from err

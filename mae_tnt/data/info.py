@@ -47,8 +47,10 @@ def load_info(root: str | os.PathLike) -> dict:
     """
     path = Path(root) / INFO_NAME
     if Path(root).is_file():
-        raise FileNotFoundError(f"{root} is a file: give the shard directory that holds {INFO_NAME} "
-                                f"({Path(root).parent})")
+        parent = Path(root).parent
+        beside = f" ({parent})" if (parent / INFO_NAME).is_file() else ""
+        raise FileNotFoundError(f"{root} is a file: give the shard directory made by tools/make_shards.py that holds "
+                                f"{INFO_NAME}{beside}")
     if not Path(root).exists():
         raise FileNotFoundError(f"{root} does not exist: give a shard directory made by tools/make_shards.py")
     if not path.is_file():

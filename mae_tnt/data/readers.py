@@ -187,7 +187,8 @@ def folder_layout_note(src: str | os.PathLike) -> str | None:
     if folders and set(name.lower() for name in folders) <= SPLIT_NAMES:
         first = folders[0]
         return (f"the sub-folders of {src} ({', '.join(folders)}) look like splits but are read as classes; to shard "
-                f"each split, run this tool on each of them into the same OUT, e.g. {src / first} --split {first}")
+                f"each split, run this tool on each of them, e.g. {src / first} --split {first.lower()}, into a new "
+                "OUT (or into this one with --overwrite)")
     return None
 
 
