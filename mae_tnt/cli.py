@@ -18,7 +18,7 @@ USAGE = "usage: {prog} RECIPE.yaml [key=value ...]   (e.g. optim.base_lr=1e-4 ru
 
 def load_recipe(cls: type, argv: list[str], prog: str):
     """The config of `prog RECIPE.yaml [key=value ...]`; usage and config errors exit with status 2, --help with 0."""
-    if argv and argv[0] in ("-h", "--help"):
+    if {"-h", "--help"} & set(argv):
         print(f"{USAGE.format(prog=prog)}\n\n{keys_help(cls)}")
         raise SystemExit(0)
     if not argv or "=" in argv[0]:

@@ -47,7 +47,7 @@ def test_invalid_yaml_is_a_config_error_naming_the_file_line_or_override(tmp_pat
 def test_help_lists_every_settable_key_and_a_missing_recipe_is_a_usage_error(cls, capsys):
     prog = "pretrain.py" if cls is PretrainConfig else "finetune.py"
     with pytest.raises(SystemExit) as done:
-        load_recipe(cls, ["--help"], prog)
+        load_recipe(cls, ["recipes/any.yaml", "--help"], prog)  # after the recipe too
     out = capsys.readouterr().out
     assert done.value.code == 0 and out.startswith(f"usage: {prog} RECIPE.yaml")
     listed = {f"{line.split(': ')[0].strip()}.{name}" for line in out.replace(",\n    ", ", ").splitlines()

@@ -319,6 +319,9 @@ def test_an_output_path_that_is_a_file_is_one_error_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {tmp_path / 'out'} is a file; OUT must be a directory for the shards: " \
                                       "give a new or existing one\n"
     assert (tmp_path / "out").read_text() == "notes"
+    assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "out" / "shards"), "--workers", "0"]) == 1
+    assert capsys.readouterr().err == f"error: cannot create the output directory {tmp_path / 'out' / 'shards'}: " \
+                                      "Not a directory\n"
 
 
 @pytest.mark.parametrize("workers", [0, 2])

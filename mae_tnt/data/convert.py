@@ -167,7 +167,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOpti
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out} is a file; OUT must be a directory for the shards: give a new or existing one")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. a file where a parent directory should be, or no permission
+        raise ConversionError(f"cannot create the output directory {out}: {err.strerror}") from err
     if options.overwrite:
         discard_split(out, options.split)
     check_classes(out, options.split, source.classes)  # now, not after hours of converting
