@@ -154,6 +154,24 @@ def test_a_truncated_shard_in_a_pattern_is_warned_about_once_though_evaluations_
     assert "samples before the break are used" in warnings[0]
 
 
+def test_a_failing_pipe_shard_read_by_two_workers_is_one_warning_line(shards, tmp_path):
+    (tmp_path / "some").mkdir()
+    for name in ("train-000000.tar", "train-000001.tar", "train-000003.tar"):  # train-000002.tar is missing
+        shutil.copy(shards / name, tmp_path / "some" / name)
+    url = f"pipe:cat {tmp_path / 'some'}/train-{{000000..000003}}.tar"
+    result = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), str(ROOT / "recipes/demo_mae_vit.yaml"),
+                             f"data.train={url}", "data.allow_pipe=true", f"data.info={shards}", "data.val=null",
+                             "model.img_size=32", "data.batch_size=8", "data.num_workers=2", "run.max_steps=36",
+                             f"run.output_dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: pipe:cat {tmp_path / 'some'}/train-000002.tar broke (its command exited with "
+                        "status 1); its samples after the break are skipped and counted (skipped_samples in the "
+                        "metrics)"]
+    assert metrics(tmp_path / "run")[-1]["skipped_samples"] >= 32  # over 2 epochs, with workers started for each
+
+
 def test_pretraining_streams_allowed_pipe_urls(shards, tmp_path):
     url = f"pipe:cat {shards}/train-{{000000..000003}}.tar"
     trainer = Trainer(config(shards, tmp_path, f"data.train={url}", "data.allow_pipe=true", f"data.info={shards}",

@@ -179,18 +179,19 @@ def read_samples(url: str, start: int = 0, on_break: Callable[[str], None] | Non
     """Raw samples of one tar from sample index `start` on: {"__key__": key, field: bytes, ...}.
 
     A truncated or corrupt tar (or a remote stream that breaks, or a `pipe:` command that fails) ends where it
-    breaks, and `on_break` gets the reason in one line; the callers know from the shard's sample count how many
-    samples were lost, and count them as skipped.
+    breaks; the callers know from the shard's sample count how many samples were lost, and count them as skipped.
+    `on_break` gets the reason in one line; without it, a remote or `pipe:` break is warned about here (local files
+    are checked before training, and a truncated one warned about then).
     """
     source = url.removeprefix("file:") if is_local(url) else wds.gopen(url)
     try:
         yield from _tar_samples(source, start)
     except (tarfile.ReadError, OSError, EOFError) as err:
         reason = _break_reason(err, source)
-        if not is_local(url):  # local files are checked before training, and a truncated one warned about then
-            warnings.warn(f"{url} broke ({reason}); its samples after the break are skipped", stacklevel=1)
         if on_break is not None:
             on_break(reason)
+        elif not is_local(url):
+            warnings.warn(f"{url} broke ({reason}); its samples after the break are skipped", stacklevel=1)
 
 
 def _tar_samples(source: str | IO[bytes], start: int) -> Iterator[dict[str, bytes]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,7 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .images import BadImageError, image_bytes
-from .shards import Shard, ShardError, read_samples
+from .shards import Shard, ShardError, is_local, read_samples
 
 SampleTransform = Callable[[bytes, random.Random], object]
 """Encoded image bytes + the sample's own RNG -> uint8 [3, S, S] (or a deferred item decoded on the device, see
@@ -67,11 +68,14 @@ class StreamState:
     """Corrupt or unreadable samples skipped so far (this rank, whole run)."""
 
     def record(self, batch: dict, num_workers: int) -> None:
+        """Account for a batch the training loop took (in the main process, whichever worker made it)."""
         role = int(batch["role"])
         self.positions[role] = int(batch["position"])
         self.next_role = (role + 1) % max(num_workers, 1)
         self.batches += 1
         self.skipped += int(batch["skipped"])
+        for message in batch["breaks"]:  # said here, where the run shows each warning once, not in every worker
+            warnings.warn(message, stacklevel=2)
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.batches, self.positions, self.next_role = epoch, 0, {}, 0
@@ -155,6 +159,7 @@ class RoleStream:
         self.pending: list[tuple[int, dict]] = []
         self._reader: tuple[str, int, Iterator[dict]] = ("", -1, iter(()))
         self.lost_to = "a truncated shard"  # the last break, for the skip reason of the samples it lost
+        self.breaks: list[str] = []  # remote or pipe: shards that broke since the last batch, to warn about
 
     def next_batch(self) -> dict:
         images, labels, keys, skipped = [], [], [], 0
@@ -169,8 +174,9 @@ class RoleStream:
             labels.append(label_of(sample))
             keys.append(sample["__key__"])
         stacked = torch.stack(images) if isinstance(images[0], torch.Tensor) else images  # deferred: decoded on device
+        breaks, self.breaks = self.breaks, []
         return {"images": stacked, "labels": torch.tensor(labels, dtype=torch.long), "keys": keys,
-                "role": self.role, "position": self.position, "skipped": skipped}
+                "role": self.role, "position": self.position, "skipped": skipped, "breaks": breaks}
 
     def _check_not_all_bad(self, skipped: int, err: Exception) -> None:
         """A whole epoch's worth of bad samples in a row means the data, not a few files, is broken."""
@@ -249,6 +255,9 @@ class RoleStream:
 
     def _note_break(self, url: str, reason: str) -> None:
         self.lost_to = f"{url}, which broke ({reason})"
+        if not is_local(url):  # local files were checked before training, and a truncated one warned about then
+            self.breaks.append(f"{url} broke ({reason}); its samples after the break are skipped and counted "
+                               "(skipped_samples in the metrics)")
 
 
 def label_of(sample: dict) -> int:
