@@ -195,7 +195,10 @@ def disk_full(writer, members):
 
 def end_workers_then_add(writer, members, add=convert_module.ShardWriter.add):  # as a scheduler's SIGTERM
     for worker in multiprocessing.active_children():
-        os.kill(worker.pid, signal.SIGTERM)
+        try:
+            os.kill(worker.pid, signal.SIGTERM)
+        except ProcessLookupError:  # the pool, seeing the first one die, has already ended and reaped it
+            pass
     add(writer, members)
 
 signal.signal(signal.SIGTERM, lambda signum, frame: print("the caller's handler ran in a worker", flush=True))
