@@ -38,6 +38,8 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     """Keys deliberately left out, e.g. the decoder when an MAE checkpoint initialises a classifier."""
+    resampled: list[str] = field(default_factory=list)
+    """`key [old shape] -> [new shape]` of the tables the model's `adapt_state_dict` resampled to its grid."""
 
     def summary(self) -> str:
         return f"missing={self.missing or '[]'} unexpected={self.unexpected or '[]'} dropped={len(self.dropped)} keys"
@@ -153,10 +155,13 @@ def load_weights(
     if not isinstance(model, MaskedAutoencoder) and any(k.startswith("encoder.") for k in state_dict):
         state_dict, report.dropped = encoder_subset(state_dict)
     if hasattr(model, "adapt_state_dict"):
-        state_dict = model.adapt_state_dict(state_dict)
+        adapted = model.adapt_state_dict(state_dict)
+        report.resampled = [f"{key} {list(state_dict[key].shape)} -> {list(value.shape)}"
+                            for key, value in adapted.items()
+                            if key in state_dict and value.shape != state_dict[key].shape]
+        state_dict = adapted
     own = model.state_dict()
-    reshaped = [f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in state_dict.items()
-                if k in own and v.shape != own[k].shape]
+    reshaped = [k for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     if reshaped:  # load_state_dict would raise a RuntimeError listing every one; report them with the other misfits
         report.missing = sorted(own.keys() - state_dict.keys())
         report.unexpected = sorted(state_dict.keys() - own.keys())
@@ -168,9 +173,9 @@ def load_weights(
     if verbose:
         print(f"loaded weights: {report.summary()}")
     if bad_missing or bad_unexpected or reshaped:
-        reshaped_keys = [entry.split()[0] for entry in reshaped]
-        hint = _build_hint(state_dict, own, bad_missing, bad_unexpected, reshaped_keys)
-        _refuse(model, bad_missing, bad_unexpected, reshaped, hint)
+        hint = _build_hint(state_dict, own, bad_missing, bad_unexpected, reshaped)
+        shapes = [f"{k} {list(state_dict[k].shape)} vs {list(own[k].shape)}" for k in reshaped]
+        _refuse(model, bad_missing, bad_unexpected, shapes, hint)
     return report
 
 

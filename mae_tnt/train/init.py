@@ -101,10 +101,6 @@ def allowed_keys(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return HEAD_KEYS, unexpected
 
 
-POSITION_TABLES = ("pos_embed", "patch_pos")
-"""The position tables of our encoders (ViT and SReT, TNT), resampled when a checkpoint's grid differs."""
-
-
 def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] = print) -> LoadReport:
     """Load `source` into `model` (a classifier or bare encoder) and print the exact key report.
 
@@ -118,9 +114,6 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
     # Heads are `head.*` in every accepted layout, so this runs before the model's own key filter (in load_weights).
     state_dict, unfit_head = drop_unfit_head(model, state_dict)
     allow_missing, allow_unexpected = allowed_keys(model)
-    own = model.state_dict()
-    resampled = [f"{key} {list(state_dict[key].shape)} -> {list(own[key].shape)}" for key in POSITION_TABLES
-                 if key in state_dict and key in own and state_dict[key].shape != own[key].shape]
     try:
         report = load_weights(model, state_dict, allow_missing=allow_missing, allow_unexpected=allow_unexpected)
     except CheckpointError as err:
@@ -132,8 +125,8 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
     log(f"init from {source} [{layout}]: {len(state_dict)} tensors loaded; missing {report.missing}; "
         f"unexpected {report.unexpected}; dropped {len(report.dropped)} "
         f"({', '.join(report.dropped[:4])}{', ...' if len(report.dropped) > 4 else ''})")
-    if resampled:
-        log(f"init: resampled the position table to this image size (bicubic): {'; '.join(resampled)}")
+    if report.resampled:
+        log(f"init: resampled the position table to this image size (bicubic): {'; '.join(report.resampled)}")
     return report
 
 
