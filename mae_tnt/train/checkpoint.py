@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from ..data.stream import StreamState
 from ..models.loading import resolve_checkpoint, save_weights
+from .metrics import row_step
 
 if TYPE_CHECKING:  # engine imports this module
     from .engine import Plan
@@ -248,15 +249,8 @@ def set_aside_later_checkpoints(output_dir: str | Path, step: int, log=print) ->
 def _copy_later_metrics(metrics: Path, step: int, copy: Path) -> None:
     """Keep the rows logged after `step` in `copy`: the run's own file drops them when it continues (MetricsLogger)."""
     if metrics.exists():
-        rows = [line for line in metrics.read_text().splitlines() if _logged_after(line, step)]
+        rows = [line for line in metrics.read_text().splitlines() if row_step(line) > step]
         copy.write_text("".join(row + "\n" for row in rows))
-
-
-def _logged_after(line: str, step: int) -> bool:
-    try:
-        return json.loads(line)["step"] > step
-    except (ValueError, KeyError):
-        return False
 
 
 def step_of(path: Path) -> int:

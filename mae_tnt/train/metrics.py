@@ -37,13 +37,7 @@ class MetricsLogger:
         a half-written line), so the file reads as one uninterrupted run."""
         if not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (ValueError, KeyError):
-                continue
+        kept = [line for line in self.path.read_text().splitlines() if 0 <= row_step(line) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
@@ -65,6 +59,14 @@ class MetricsLogger:
     def __exit__(self, *exc_info) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def row_step(line: str) -> int:
+    """The step of a `metrics.jsonl` line; -1 for a half-written line (a killed run's last)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError):
+        return -1
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str = "pretrain") -> tqdm:
