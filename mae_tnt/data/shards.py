@@ -166,8 +166,12 @@ def _verify_counts(shards: list[Shard], spec: str) -> None:
 
 def _warn_broken(err: InfoError, consequence: str) -> None:
     """Training goes on without a broken shard's lost samples: one bad file should not stop a long run."""
-    reason = " ".join(str(err).split())  # one line: tarfile lists each decompressor it tried on lines of their own
-    warnings.warn(f"{reason}. Until then, {consequence}", stacklevel=2)
+    warnings.warn(f"{_one_line(err)}. Until then, {consequence}", stacklevel=2)
+
+
+def _one_line(err: Exception) -> str:
+    """An error's text on one line: tarfile lists each decompressor it tried on lines of their own."""
+    return " ".join(str(err).split())
 
 
 def is_local(url: str) -> bool:
@@ -180,8 +184,7 @@ def read_samples(url: str, start: int = 0, on_break: Callable[[str], None] | Non
 
     A truncated or corrupt tar (or a remote stream that breaks, or a `pipe:` command that fails) ends where it
     breaks; the callers know from the shard's sample count how many samples were lost, and count them as skipped.
-    `on_break` gets the reason in one line; without it, a remote or `pipe:` break is warned about here (local files
-    are checked before training, and a truncated one warned about then).
+    `on_break` gets the reason in one line; without it, the break is warned about here (`break_warning`).
     """
     source = url.removeprefix("file:") if is_local(url) else wds.gopen(url)
     try:
@@ -190,8 +193,14 @@ def read_samples(url: str, start: int = 0, on_break: Callable[[str], None] | Non
         reason = _break_reason(err, source)
         if on_break is not None:
             on_break(reason)
-        elif not is_local(url):
-            warnings.warn(f"{url} broke ({reason}); its samples after the break are skipped", stacklevel=1)
+        elif warning := break_warning(url, reason):
+            warnings.warn(warning, stacklevel=1)
+
+
+def break_warning(url: str, reason: str) -> str | None:
+    """What to tell the user about a shard that broke while read; None for a local file, checked before training
+    and a truncated one warned about then."""
+    return None if is_local(url) else f"{url} broke ({reason}); its samples after the break are skipped"
 
 
 def _tar_samples(source: str | IO[bytes], start: int) -> Iterator[dict[str, bytes]]:
@@ -230,4 +239,4 @@ def _break_reason(err: Exception, source: str | IO[bytes]) -> str:
             status = None
         if status:
             return f"its command exited with status {status}"
-    return " ".join(str(err).split())
+    return _one_line(err)

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .images import BadImageError, image_bytes
-from .shards import Shard, ShardError, is_local, read_samples
+from .shards import Shard, ShardError, break_warning, read_samples
 
 SampleTransform = Callable[[bytes, random.Random], object]
 """Encoded image bytes + the sample's own RNG -> uint8 [3, S, S] (or a deferred item decoded on the device, see
@@ -255,9 +255,8 @@ class RoleStream:
 
     def _note_break(self, url: str, reason: str) -> None:
         self.lost_to = f"{url}, which broke ({reason})"
-        if not is_local(url):  # local files were checked before training, and a truncated one warned about then
-            self.breaks.append(f"{url} broke ({reason}); its samples after the break are skipped and counted "
-                               "(skipped_samples in the metrics)")
+        if warning := break_warning(url, reason):
+            self.breaks.append(f"{warning} and counted (skipped_samples in the metrics)")
 
 
 def label_of(sample: dict) -> int:
