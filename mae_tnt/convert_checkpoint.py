@@ -40,8 +40,9 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
     """Write SRC's weights as `model_name`'s; a classifier gets the head size of SRC (0: none, for an encoder)."""
     model = create_model(model_name)  # an unknown name fails before a long read
     state_dict = read_source(src, unsafe_pickle)
-    if getattr(model, "num_classes", None) not in (None, head_outputs(state_dict)):
-        model = create_model(model_name, num_classes=head_outputs(state_dict))
+    classes = head_outputs(state_dict)
+    if getattr(model, "num_classes", None) not in (None, classes):  # a classifier of another head size
+        model = create_model(model_name, num_classes=classes)
     report = load_weights(model, state_dict, allow_missing=tuple(allow_missing))
     out.parent.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), out, metadata={"model": model_name})
