@@ -178,8 +178,6 @@ class RunConfig:
     """`auto` continues from the newest checkpoint in output_dir, `none` starts fresh, or a checkpoint path."""
     precision: str = "auto"
     """`auto` (bf16 on GPU, fp32 on CPU), `fp32`, `bf16` or `fp16`."""
-    recon_every: int = 0
-    """Optimizer steps between reconstruction grids (0 = only at checkpoints and the end)."""
     compile: bool = False
     """torch.compile the model (the compile time is logged)."""
     fused_attn: bool = True
@@ -197,6 +195,12 @@ class RunConfig:
         if self.max_steps is not None and self.max_steps < 1 or self.keep_checkpoints < 0:
             raise ConfigError(f"run.max_steps must be >= 1 or null and run.keep_checkpoints >= 0, got "
                               f"{self.max_steps} and {self.keep_checkpoints}")
+
+
+@dataclass
+class PretrainRunConfig(RunConfig):
+    recon_every: int = 0
+    """Optimizer steps between reconstruction grids (0 = only at checkpoints and the end)."""
 
 
 @dataclass
@@ -223,7 +227,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    run: PretrainRunConfig = field(default_factory=PretrainRunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
 

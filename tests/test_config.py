@@ -65,6 +65,14 @@ def test_unknown_override_key_fails(tmp_path):
         load_config(PretrainConfig, path, ["data.batchsize=4"])
 
 
+def test_a_pretraining_only_key_is_unknown_to_fine_tuning(tmp_path):
+    path = write(tmp_path, "model: {name: vit_test_patch8_32}\ndata: {train: x}\n")
+    with pytest.raises(ConfigError, match="unknown config key `run.recon_every`"):
+        load_config(FinetuneConfig, path, ["run.recon_every=5"])
+    path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
+    assert load_config(PretrainConfig, path, ["run.recon_every=5"]).run.recon_every == 5
+
+
 def test_overrides_are_typed_and_applied(tmp_path):
     path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
     cfg = load_config(PretrainConfig, path, ["optim.base_lr=1e-4", "data.batch_size=8", "run.max_steps=3",
