@@ -24,7 +24,9 @@ def run_finetune(argv: list[str]) -> int:
 def summary_line(summary: dict, cfg: FinetuneConfig) -> str:
     """The closing line of a run: the kNN accuracy, or the best validation accuracy and where the outputs are."""
     if cfg.mode == "knn":
-        return f"done: kNN top-1 {summary['knn_top1']:.2f}, top-5 {summary['knn_top5']:.2f}"
+        from .train.knn import topk_text
+
+        return f"done: kNN {topk_text(summary, 'knn_top')}"
     best, outputs = summary["best"], f"outputs in {summary['output_dir']}"
     if "weights" not in best:
         why = "data.val is null" if cfg.data.val is None else "validation runs at the end of each epoch"

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import pickle
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -318,6 +319,16 @@ def test_validation_labels_beyond_the_head_are_refused_naming_the_shards(tmp_pat
         run.train()
 
 
+def test_top5_is_left_out_with_five_classes_or_fewer_where_it_is_always_100(tmp_path, capsys, one_thread):
+    write_shards(tmp_path / "two", [64], size=28, num_classes=2)
+    write_shards(tmp_path / "two", [8], split="val", size=28, num_classes=2)
+    FinetuneRun(demo_config(tmp_path / "run", f"data.train={tmp_path / 'two'}", f"data.val={tmp_path / 'two'}",
+                            "model.num_classes=null", "run.max_steps=1")).train()
+    validated = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "val_acc1" in validated and "val_acc5" not in validated
+    assert re.search(r"epoch [\d.]+: val top-1 [\d.]+; best", capsys.readouterr().out)
+
+
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_a_run_without_validation_ends_saying_so_and_where_its_weights_are(tmp_path, capsys, one_thread,
                                                                            fresh_accelerate_state):
@@ -341,7 +352,7 @@ def test_demo_finetune_beats_chance_and_resumes_exactly(tmp_path, one_thread):
     assert full["steps"] == 62 and full["best"]["val_acc1"] > 25.0  # 10 classes: chance is 10 %
     assert (tmp_path / "full" / "best" / "model.safetensors").exists()
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows if "val_acc1" in r] == [1.0, 2.0]
+    assert [r["epoch"] for r in rows if "val_acc5" in r] == [1.0, 2.0]
     assert all(r["skipped_samples"] == 0 for r in rows if "loss" in r)
 
     FinetuneRun(demo_config(tmp_path / "split", "run.max_steps=31")).train()

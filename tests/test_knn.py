@@ -12,7 +12,7 @@ from mae_tnt.config import DataConfig
 from mae_tnt.data.loader import eval_batches
 from mae_tnt.data.shards import ShardError, resolve_shards
 from mae_tnt.models import create_model
-from mae_tnt.train.knn import accuracy_counts, knn_accuracy, knn_accuracy_on_shards, knn_scores
+from mae_tnt.train.knn import accuracy_counts, knn_accuracy, knn_accuracy_on_shards, knn_scores, topk_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,9 +44,19 @@ def test_knn_accuracy_on_hand_made_features():
     train = [(BANK, BANK_LABELS)]
     val = [(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 0.0]]), torch.tensor([0, 1, -1]))]
     result = knn_accuracy(lambda x: x, train, val, k=3, temperature=0.1)
-    assert result["knn_top1"] == pytest.approx(50.0)
-    assert result["knn_top5"] == pytest.approx(100.0)
-    assert (result["knn_train"], result["knn_val"]) == (3, 2)
+    assert result == {"knn_top1": pytest.approx(50.0), "knn_train": 3, "knn_val": 2}  # top-5 of 2 classes is 100
+
+
+def test_top5_is_reported_above_five_classes_only():
+    # One train feature per class at 0, 10, ..., 50 degrees: a query at 0 degrees ranks the classes 0, 1, ..., 5.
+    angles = torch.deg2rad(torch.arange(6) * 10.0)
+    bank = torch.stack([angles.cos(), angles.sin()], dim=1)  # [6, 2]
+    queries = bank[[0, 0, 0]]  # labelled 0 (top-1 hit), 4 (top-5 hit) and 5 (missed)
+    result = knn_accuracy(lambda x: x, [(bank, torch.arange(6))], [(queries, torch.tensor([0, 4, 5]))], k=6,
+                          temperature=0.1)
+    assert (result["knn_top1"], result["knn_top5"]) == (pytest.approx(100 / 3), pytest.approx(200 / 3))
+    assert topk_text(result, "knn_top") == "top-1 33.33, top-5 66.67"
+    assert topk_text({"val_acc1": 75.0}, "val_acc") == "top-1 75.00"
 
 
 def test_accuracy_counts_ignore_padding_and_cap_k():
@@ -73,7 +83,7 @@ def test_knn_on_shards_caps_the_bank_and_restores_train_mode(tmp_path):
     data = DataConfig(train=str(tmp_path), val=str(tmp_path), batch_size=16)
     result = knn_accuracy_on_shards(encoder, data, img_size=32, batch_size=16, k=5, max_train=32)
     assert result["knn_train"] == 32 and result["knn_val"] == 20
-    assert 0.0 <= result["knn_top1"] <= result["knn_top5"] <= 100.0
+    assert 0.0 <= result["knn_top1"] <= result["knn_top5"] <= 100.0  # 10 classes
     assert encoder.training
 
 

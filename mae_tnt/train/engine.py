@@ -25,7 +25,7 @@ from ..data.shards import ShardError
 from ..data.transforms import normalize
 from ..models import create_model
 from .checkpoint import Checkpoint, resolve_resume, restore_training, save_checkpoint
-from .knn import knn_accuracy_on_shards, require_labeled_shards
+from .knn import knn_accuracy_on_shards, require_labeled_shards, topk_text
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, progress_bar
 from .optim import build_adamw
@@ -306,7 +306,7 @@ class Trainer:
         metrics = {"step": self.step, "epoch": round(self.step / self.plan.steps_per_epoch, 4),
                    **accuracy}
         self.logger.log(metrics)
-        self.log(f"step {self.step}: kNN top-1 {accuracy['knn_top1']:.2f}%, top-5 {accuracy['knn_top5']:.2f}%")
+        self.log(f"step {self.step}: kNN {topk_text(accuracy, 'knn_top')}")
         return metrics
 
 

@@ -50,7 +50,7 @@ from ..models.loading import save_weights
 from .checkpoint import resolve_resume, restore_training, save_checkpoint
 from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step, write_run_config
 from .init import attach_probe_head, init_head, load_init, reestimate_stem_norms
-from .knn import accuracy_counts, knn_accuracy_on_shards, require_labeled_shards
+from .knn import accuracy_counts, knn_accuracy_on_shards, reported_ks, require_labeled_shards, topk_text
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, progress_bar
 from .optim import build_adamw
@@ -390,15 +390,16 @@ class FinetuneRun:
         metrics["best_val_acc1"] = self.best["val_acc1"]
         self.logger.log(metrics)
         ema = f" (EMA {metrics['ema_val_acc1']:.2f})" if self.ema is not None else ""
-        self.log(f"epoch {metrics['epoch']:g}: val top-1 {metrics['val_acc1']:.2f}{ema}, top-5 "
-                 f"{metrics['val_acc5']:.2f}; best {self.best['val_acc1']:.2f} at epoch {self.best['epoch']:g}")
+        self.log(f"epoch {metrics['epoch']:g}: val {topk_text(metrics, 'val_acc')}{ema}; best "
+                 f"{self.best['val_acc1']:.2f} at epoch {self.best['epoch']:g}")
         return metrics
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Accuracy (percent) and cross-entropy over the val shards, each rank scoring its share of the batches."""
         model.eval()
-        sums = torch.zeros(4, device=self.device)  # top-1, top-5, count, loss sum
+        ks = reported_ks(self.num_classes)
+        sums = torch.zeros(len(ks) + 2, device=self.device)  # top-k hits for each k, count, loss sum
         batch_size = self.cfg.data.eval_batch_size or self.cfg.data.batch_size
         for images, labels in eval_batches(self.val_shards, self.cfg.model.img_size, batch_size, self.rank,
                                            self.world):
@@ -412,15 +413,16 @@ class FinetuneRun:
             labels = labels.to(self.device)
             with self.acc.autocast():
                 logits = model(images).float()  # [B, C]
-            counts = accuracy_counts(logits, labels)
+            counts = accuracy_counts(logits, labels, ks)
             loss = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum")
-            sums += torch.stack([counts["top1"], counts["top5"], counts["count"], loss]).float()
-        top1, top5, count, loss = self.acc.reduce(sums, "sum").tolist()
+            sums += torch.stack([*(counts[f"top{k}"] for k in ks), counts["count"], loss]).float()
+        *hits, count, loss = self.acc.reduce(sums, "sum").tolist()
         self.set_train_mode()
         if count == 0:
             raise ShardError(f"no labeled sample of {self.cfg.data.val} could be read for validation; see the "
                              "warnings above, and check the shards with tools/inspect_shards.py")
-        return {"val_acc1": 100 * top1 / count, "val_acc5": 100 * top5 / count, "val_loss": loss / count}
+        return {**{f"val_acc{k}": 100 * hit / count for k, hit in zip(ks, hits, strict=True)},
+                "val_loss": loss / count}
 
     def _write_best(self, state_dict: dict) -> None:
         """`best/`: model.safetensors + state.json, replaced atomically (a temporary directory, then a rename)."""
@@ -465,7 +467,7 @@ def run_knn(cfg: FinetuneConfig) -> dict:
         with MetricsLogger(out, True, to_dict(cfg)) as logger:
             logger.log({"step": 0, **result})
     log(f"kNN (k={cfg.knn.k}, T={cfg.knn.temperature:g}) on {result['knn_val']} val images with a bank of "
-        f"{result['knn_train']}: top-1 {result['knn_top1']:.2f}, top-5 {result['knn_top5']:.2f}")
+        f"{result['knn_train']}: {topk_text(result, 'knn_top')}")
     return {**result, "output_dir": cfg.run.output_dir}
 
 

@@ -34,11 +34,21 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 """Concatenates a tensor over ranks along dim 0 (`accelerator.gather`)."""
 
 
+def reported_ks(num_classes: int) -> tuple[int, ...]:
+    """The top-k accuracies worth reporting: top-5 only above 5 classes, where it is not 100% by construction."""
+    return (1, 5) if num_classes > 5 else (1,)
+
+
+def topk_text(metrics: dict, prefix: str) -> str:
+    """'top-1 A, top-5 B' of the percentages `{prefix}1` and `{prefix}5` in `metrics`, the latter when reported."""
+    return ", ".join(f"top-{k} {metrics[f'{prefix}{k}']:.2f}" for k in (1, 5) if f"{prefix}{k}" in metrics)
+
+
 def accuracy_counts(scores: torch.Tensor, labels: torch.Tensor,
                     ks: tuple[int, ...] = (1, 5)) -> dict[str, torch.Tensor]:
     """Correct predictions among the top-k scores for each k, over rows with a label >= 0 (device scalars).
 
-    scores [N, C], labels [N]; k is capped at C. Returns {"top1": ..., "top5": ..., "count": ...}.
+    scores [N, C], labels [N]; k is capped at C. Returns {"top1": ..., "top5": ..., "count": ...} for ks (1, 5).
     """
     valid = labels >= 0
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # [N, kmax]
@@ -83,7 +93,7 @@ def knn_scores(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Ten
 def knn_accuracy(encoder_forward: Callable[[torch.Tensor], torch.Tensor], train_batches: Batches,
                  val_batches: Batches, k: int = 20, temperature: float = 0.07, device: torch.device | str = "cpu",
                  gather: Gather | None = None) -> dict[str, float]:
-    """Weighted k-NN top-1 / top-5 accuracy (percent) of frozen features.
+    """Weighted k-NN top-1 / top-5 accuracy (percent) of frozen features; top-5 only above 5 classes.
 
     Args:
         encoder_forward: images on `device` -> features [B, D]; it normalises and pools (see `encoder_features`).
@@ -97,9 +107,10 @@ def knn_accuracy(encoder_forward: Callable[[torch.Tensor], torch.Tensor], train_
         raise ShardError("kNN needs labeled train and val samples (.cls in the shards); found none")
     num_classes = int(max(bank_labels.max(), labels.max())) + 1
     scores = knn_scores(bank, bank_labels, queries, k=k, temperature=temperature, num_classes=num_classes)
-    counts = accuracy_counts(scores, labels)
+    ks = reported_ks(num_classes)
+    counts = accuracy_counts(scores, labels, ks)
     total = counts["count"].item()
-    return {"knn_top1": 100.0 * counts["top1"].item() / total, "knn_top5": 100.0 * counts["top5"].item() / total,
+    return {**{f"knn_top{k}": 100.0 * counts[f"top{k}"].item() / total for k in ks},
             "knn_train": bank.shape[0], "knn_val": total}
 
 
