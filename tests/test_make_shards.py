@@ -549,7 +549,7 @@ def test_inspect_fails_when_a_shard_count_disagrees(tmp_path, capsys):
     (tmp_path / "out" / "_info.json").write_text(json.dumps(info))
     assert inspect_main([str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert "train-000000.tar: holds 2 samples but _info.json says 3" in err and err.endswith("FAILED: 2 problem(s)\n")
+    assert "train-000000.tar: holds 2 samples but _info.json says 3" in err and err.endswith("FAILED: 2 problems\n")
     assert inspect_main([str(tmp_path / "out" / "_info.json")]) == 1
     assert capsys.readouterr().err == (f"error: {tmp_path / 'out' / '_info.json'} is a file: give the shard directory "
                                        f"made by tools/make_shards.py that holds _info.json ({tmp_path / 'out'})\n")
@@ -569,7 +569,7 @@ def test_an_unlabeled_split_beside_labeled_ones_stays_unlabeled(tmp_path, capsys
     for src, settings in conversions if labeled_first else conversions[::-1]:
         convert(src, tmp_path / "out", settings)
     assert inspect_main([str(tmp_path / "out")]) == 0, capsys.readouterr().err
-    assert "unlabeled: 3 samples in 1 shards, unlabeled\n" in capsys.readouterr().out
+    assert "unlabeled: 3 samples in 1 shard, unlabeled\n" in capsys.readouterr().out
     assert labeled_classes(str(tmp_path / "out"), None, "train", "data.split", "kNN") == ["cat", "dog"]
     with pytest.raises(ShardError, match=r"kNN needs labeled shards, but .*/_info.json gives split 'unlabeled' "
                                          r"no classes; set data.split to a labeled split \(train\)"):

@@ -74,6 +74,7 @@ from mae_tnt.data.readers import (
     folder_layout_note,
     open_source,
 )
+from mae_tnt.text import counted
 
 LIST_LAYOUT = ("\nA list names one image per line, or is a CSV or TSV file whose first line is a header: `path`, or "
                "`path,label` (`path<TAB>label`); relative paths are read from the list's directory")
@@ -184,7 +185,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOpti
         journal.discard()
         examples = "".join(f"\n  {skip['source']}: {skip['reason']}" for skip in skipped[:5])
         layout = LIST_LAYOUT if fmt == "list" else ""
-        raise ConversionError(f"no readable image in {src} ({len(skipped)} inputs skipped){examples}{layout}")
+        raise ConversionError(f"no readable image in {src} ({counted(len(skipped), 'input')} skipped){examples}"
+                              f"{layout}")
     filenames = [shard["filename"] for shard in journal.shards]
     lengths = [shard["num_samples"] for shard in journal.shards]
     _remove_stale_shards(out, options.split, keep=set(filenames))
@@ -576,11 +578,11 @@ def _parse_classes(value: str | None) -> tuple[str, ...] | None:
 
 def _print_summary(summary: ConvertSummary, out: str) -> None:
     resumed = f", {summary.resumed_shards} kept from an interrupted run" if summary.resumed_shards else ""
-    labels = f"{len(summary.classes)} classes" if summary.classes else "unlabeled"
-    print(f"{summary.split}: {summary.num_samples} samples ({summary.fmt}, {labels}) in {len(summary.filenames)} "
-          f"shards in {out}{resumed}")
+    labels = counted(len(summary.classes), "class") if summary.classes else "unlabeled"
+    print(f"{summary.split}: {counted(summary.num_samples, 'sample')} ({summary.fmt}, {labels}) in "
+          f"{counted(len(summary.filenames), 'shard')} in {out}{resumed}")
     if summary.skipped:
-        print(f"skipped {len(summary.skipped)} inputs (also listed in {INFO_NAME}):", file=sys.stderr)
+        print(f"skipped {counted(len(summary.skipped), 'input')} (also listed in {INFO_NAME}):", file=sys.stderr)
         for skip in summary.skipped:
             print(f"  {skip['source']}: {skip['reason']}", file=sys.stderr)
 

@@ -25,6 +25,7 @@ from mae_tnt.data.info import (
     unfinished_journals,
 )
 from mae_tnt.data.shards import read_samples
+from mae_tnt.text import counted
 
 MAX_PRINTED_PROBLEMS = 50
 
@@ -125,10 +126,11 @@ def _inspect_sample(where: str, fields: dict[str, bytes], report: SplitReport) -
 
 def format_report(report: InspectReport) -> str:
     """Human-readable summary: per split counts, per-class counts, image sizes and formats."""
-    lines = [f"{report.name}: {len(report.splits)} splits, {len(report.classes)} classes"]
+    lines = [f"{report.name}: {counted(len(report.splits), 'split')}, {counted(len(report.classes), 'class')}"]
     for split, summary in report.splits.items():
         unlabeled = ", unlabeled" if report.classes and not summary.classes else ""
-        lines.append(f"{split}: {summary.num_samples} samples in {summary.num_shards} shards{unlabeled}")
+        lines.append(f"{split}: {counted(summary.num_samples, 'sample')} in {counted(summary.num_shards, 'shard')}"
+                     f"{unlabeled}")
         if summary.widths:
             lines.append(f"  width  {_min_median_max(summary.widths)}")
             lines.append(f"  height {_min_median_max(summary.heights)}")
@@ -161,6 +163,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for problem in report.problems[:MAX_PRINTED_PROBLEMS]:
         print(f"problem: {problem}", file=sys.stderr)
     hidden = len(report.problems) - MAX_PRINTED_PROBLEMS
-    print(f"FAILED: {len(report.problems)} problem(s){f', {hidden} more not shown' if hidden > 0 else ''}",
+    print(f"FAILED: {counted(len(report.problems), 'problem')}{f', {hidden} more not shown' if hidden > 0 else ''}",
           file=sys.stderr)
     return 1

@@ -28,6 +28,7 @@ from functools import partial
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..text import counted
 from .images import BadImageError, image_bytes
 from .shards import Shard, ShardError, break_warning, read_samples
 
@@ -111,8 +112,8 @@ class ShardStream(IterableDataset):
         if self.plan.batches_per_worker == 0:
             raise ShardError(
                 f"{self.plan.num_samples} samples cannot fill one batch of {batch_size} for each of "
-                f"{self.plan.global_workers} workers (processes x data.num_workers); lower data.batch_size or "
-                "data.num_workers"
+                f"{counted(self.plan.global_workers, 'worker')} (processes x data.num_workers); lower "
+                "data.batch_size or data.num_workers"
             )
         self.state = StreamState()
 

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 
 from ..data.stream import StreamState
 from ..models.loading import resolve_checkpoint, save_weights
+from ..text import counted
 from .metrics import row_step
 
 if TYPE_CHECKING:  # engine imports this module
@@ -182,8 +183,9 @@ def check_compatible(checkpoint: Checkpoint, model_name: str, effective_batch: i
     saved_batch = checkpoint.state.get("plan", {}).get("effective_batch", effective_batch)
     if saved_batch != effective_batch:
         fix = _batch_fix(checkpoint.state, saved_batch, effective_batch // accum_steps, world_size)
+        processes = counted(checkpoint.state.get("world_size"), "process")
         raise ResumeError(f"{checkpoint.path} was trained with an effective batch of {saved_batch} "
-                          f"({_processes(checkpoint.state.get('world_size'))}), this launch gives {effective_batch}; "
+                          f"({processes}), this launch gives {effective_batch}; "
                           f"its steps and LR schedule assume {saved_batch}: {fix} to continue it, or {fresh}")
 
 
@@ -195,11 +197,7 @@ def _batch_fix(state: dict, saved_batch: int, per_update: int, world_size: int) 
                 f"optim.accum_steps={saved_config['optim']['accum_steps']}")
     if saved_batch % per_update == 0:
         return f"set optim.accum_steps={saved_batch // per_update}"
-    return f"launch {_processes(state.get('world_size'))}"
-
-
-def _processes(count: int) -> str:
-    return f"{count} process" if count == 1 else f"{count} processes"
+    return f"launch {counted(state.get('world_size'), 'process')}"
 
 
 def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, model_name: str, plan: Plan,
