@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import DataConfig
+from ..text import counted
 from .device_decode import DeferredCrop, gpu_decode_available
 from .images import BadImageError, image_bytes, set_max_image_pixels
 from .shards import Shard, ShardError, read_samples, resolve_shards
@@ -100,8 +101,8 @@ def first_images(shards: list[Shard], count: int, img_size: int) -> torch.Tensor
     decoded = (eval_image(sample, img_size) for sample in _samples_in_order(shards))
     images = list(itertools.islice((image for image in decoded if image is not None), count))
     if not images:
-        raise ShardError(f"no readable image in {len(shards)} shard(s) from {shards[0].url} on; see the warnings "
-                         "above, and check the shards with tools/inspect_shards.py")
+        raise ShardError(f"no readable image in {counted(len(shards), 'shard')} from {shards[0].url} on; see the "
+                         "warnings above, and check the shards with tools/inspect_shards.py")
     return torch.stack(images)
 
 

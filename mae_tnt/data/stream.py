@@ -30,11 +30,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..text import counted
 from .images import BadImageError, image_bytes
-from .shards import Shard, ShardError, break_warning, read_samples
+from .shards import Shard, ShardError, break_warning, is_local, read_samples
 
 SampleTransform = Callable[[bytes, random.Random], object]
 """Encoded image bytes + the sample's own RNG -> uint8 [3, S, S] (or a deferred item decoded on the device, see
 `device_decode`); must be picklable (loader workers)."""
+
+INSPECT_ADVICE = "check the shards with tools/inspect_shards.py"
+
+
+class LostSampleError(BadImageError):
+    """A sample that its shard broke before: a truncated file, or a download or command that failed."""
 
 
 @dataclass
@@ -160,6 +166,7 @@ class RoleStream:
         self.pending: list[tuple[int, dict]] = []
         self._reader: tuple[str, int, Iterator[dict]] = ("", -1, iter(()))
         self.lost_to = "a truncated shard"  # the last break, for the skip reason of the samples it lost
+        self.lost_advice = INSPECT_ADVICE  # what to do when a whole epoch's worth of samples was lost
         self.breaks: list[str] = []  # remote or pipe: shards that broke since the last batch, to warn about
 
     def next_batch(self) -> dict:
@@ -182,14 +189,13 @@ class RoleStream:
     def _check_not_all_bad(self, skipped: int, err: Exception) -> None:
         """A whole epoch's worth of bad samples in a row means the data, not a few files, is broken."""
         if skipped > self.starts[-1]:
-            raise ShardError(
-                f"no readable image in {skipped} consecutive samples (last error: {err}); check the shards with "
-                "tools/inspect_shards.py, and data.max_image_pixels if the images are very large"
-            )
+            advice = self.lost_advice if isinstance(err, LostSampleError) else (
+                f"{INSPECT_ADVICE}, and data.max_image_pixels if the images are very large")
+            raise ShardError(f"no readable image in {skipped} consecutive samples (last error: {err}); {advice}")
 
     def _decode(self, sample: dict, index: int) -> torch.Tensor:
         if sample is None:
-            raise BadImageError(f"sample lost to {self.lost_to}")
+            raise LostSampleError(f"sample lost to {self.lost_to}")
         data = image_bytes(sample)
         if data is None:
             raise BadImageError(f"sample {sample['__key__']} has no image field")
@@ -256,6 +262,8 @@ class RoleStream:
 
     def _note_break(self, url: str, reason: str) -> None:
         self.lost_to = f"{url}, which broke ({reason})"
+        self.lost_advice = INSPECT_ADVICE if is_local(url) else (
+            "read the URLs yourself to see why they fail (run a pipe: URL's command in a shell)")
         if warning := break_warning(url, reason):
             self.breaks.append(f"{warning} and counted (skipped_samples in the metrics)")
 
