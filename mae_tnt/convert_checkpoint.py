@@ -43,7 +43,9 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
     classes = head_outputs(state_dict)
     if getattr(model, "num_classes", None) not in (None, classes):  # a classifier of another head size
         model = create_model(model_name, num_classes=classes)
-    report = load_weights(model, state_dict, allow_missing=tuple(allow_missing))
+    report = load_weights(model, state_dict, allow_missing=tuple(allow_missing),
+                          remedy="for keys the source was saved without, pass their groups to --allow-missing "
+                                 "(e.g. --allow-missing 'decoder_*' 'mask_token')")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), out, metadata={"model": model_name})
     return report, getattr(model, "num_classes", None)

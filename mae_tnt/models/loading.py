@@ -142,6 +142,7 @@ def load_weights(
     allow_missing: tuple[str, ...] = (),
     allow_unexpected: tuple[str, ...] = (),
     verbose: bool = False,
+    remedy: str = "convert it with tools/convert_checkpoint.py",
 ) -> LoadReport:
     """Load weights into `model` and assert the exact missing/unexpected key sets.
 
@@ -149,6 +150,7 @@ def load_weights(
         source: a path (see `read_state_dict`) or a state dict.
         allow_missing: fnmatch patterns of keys the checkpoint may lack (e.g. `head.*` when fine-tuning).
         allow_unexpected: fnmatch patterns of checkpoint keys the model may ignore.
+        remedy: the error's last advice, after the model name or build arguments that would fit.
     """
     state_dict = source if isinstance(source, dict) else read_state_dict(source)
     report = LoadReport()
@@ -175,12 +177,12 @@ def load_weights(
     if bad_missing or bad_unexpected or reshaped:
         hint = _build_hint(state_dict, own, bad_missing, bad_unexpected, reshaped)
         shapes = [f"{k} {list(state_dict[k].shape)} vs {list(own[k].shape)}" for k in reshaped]
-        _refuse(model, bad_missing, bad_unexpected, shapes, hint)
+        _refuse(model, bad_missing, bad_unexpected, shapes, hint, remedy)
     return report
 
 
 def _refuse(model: nn.Module, missing: list[str], unexpected: list[str], reshaped: list[str],
-            build_hint: str | None) -> typing.NoReturn:
+            build_hint: str | None, remedy: str) -> typing.NoReturn:
     """A CheckpointError short enough to read, since a wrong model misfits hundreds of keys.
 
     Keys are grouped by top-level module (`decoder_blocks.* (16)`, the form `--allow-missing` takes; groups of up
@@ -192,7 +194,7 @@ def _refuse(model: nn.Module, missing: list[str], unexpected: list[str], reshape
              if reshaped else ""]
     hint = build_hint or "Check that the model name matches the checkpoint"
     raise CheckpointError(f"checkpoint keys do not fit {type(model).__name__}: {'; '.join(filter(None, parts))}. "
-                          f"{hint}, or convert it with tools/convert_checkpoint.py")
+                          f"{hint}, or {remedy}")
 
 
 POOLING_FIXES = {
