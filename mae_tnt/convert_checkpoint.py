@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .models import create_model, load_weights, read_state_dict
-from .models.loading import CheckpointError, head_outputs, save_weights, unwrap_state_dict
+from .models.loading import CheckpointError, fitting_build_kwargs, save_weights, unwrap_state_dict
 from .models.registry import ModelError
 
 
@@ -37,18 +37,20 @@ def read_source(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] = (), unsafe_pickle: bool = False):
-    """Write SRC's weights as `model_name`'s; a classifier gets the head size of SRC (0: none, for an encoder)."""
+    """Write SRC's weights as `model_name`'s; a classifier gets the head size (0: none, for an encoder) and pooling
+    of SRC. Returns the load report and the build arguments of the model written."""
     model = create_model(model_name)  # an unknown name fails before a long read
     state_dict = read_source(src, unsafe_pickle)
-    classes = head_outputs(state_dict)
-    if getattr(model, "num_classes", None) not in (None, classes):  # a classifier of another head size
-        model = create_model(model_name, num_classes=classes)
+    if build_kwargs := fitting_build_kwargs(model, state_dict):  # a classifier of another head or pooling
+        model = create_model(model_name, **build_kwargs)
     report = load_weights(model, state_dict, allow_missing=tuple(allow_missing),
                           remedy="for keys the source was saved without, pass their groups to --allow-missing "
                                  "(e.g. --allow-missing 'decoder_*' 'mask_token')")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), out, metadata={"model": model_name})
-    return report, getattr(model, "num_classes", None)
+    if hasattr(model, "num_classes"):  # a classifier: its head size is always named in the call that loads it
+        build_kwargs = {"num_classes": model.num_classes, **build_kwargs}
+    return report, build_kwargs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,11 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{args.out.with_suffix('.safetensors')}", file=sys.stderr)
         return 1
     try:
-        report, num_classes = convert(args.src, args.out, args.model, args.allow_missing, args.unsafe_pickle)
+        report, build_kwargs = convert(args.src, args.out, args.model, args.allow_missing, args.unsafe_pickle)
     except (CheckpointError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {args.out} for {args.model}: {report.summary()}")
-    head = "" if num_classes is None else f", num_classes={num_classes}"
-    print(f"load it with: mae_tnt.create_model({args.model!r}, checkpoint_path={str(args.out)!r}{head})")
+    arguments = "".join(f", {key}={value!r}" for key, value in build_kwargs.items())
+    print(f"load it with: mae_tnt.create_model({args.model!r}, checkpoint_path={str(args.out)!r}{arguments})")
     return 0

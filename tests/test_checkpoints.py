@@ -32,14 +32,17 @@ def test_official_full_mae_converts_and_loads_exactly(tmp_path):
     torch.testing.assert_close(model.decoder_pred.weight, flat["decoder_pred.weight"])
 
 
-def test_a_classifier_converts_with_the_head_size_of_its_source_and_the_printed_call_loads_it(tmp_path, capsys):
-    source = mae_tnt.create_model("vit_test_patch8_32", num_classes=7).eval()
+@pytest.mark.parametrize("pool", ["token", "avg"])  # avg: official MAE fine-tuned checkpoints (fc_norm, no norm)
+def test_a_classifier_converts_with_the_head_and_pooling_of_its_source_and_the_printed_call_loads_it(tmp_path,
+                                                                                                      capsys, pool):
+    source = mae_tnt.create_model("vit_test_patch8_32", num_classes=7, global_pool=pool).eval()
     torch.save({"state_dict": source.state_dict()}, tmp_path / "seven.pth")
     out = tmp_path / "seven.safetensors"
     assert convert_main([str(tmp_path / "seven.pth"), str(out), "--model", "vit_test_patch8_32"]) == 0
     printed = capsys.readouterr().out.splitlines()[-1]
+    pooling = ", global_pool='avg'" if pool == "avg" else ""
     assert printed == (f"load it with: mae_tnt.create_model('vit_test_patch8_32', checkpoint_path='{out}', "
-                       "num_classes=7)")
+                       f"num_classes=7{pooling})")
     loaded = eval(printed.removeprefix("load it with: "), {"mae_tnt": mae_tnt}).eval()  # noqa: S307 - our own output
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded(images), source(images))

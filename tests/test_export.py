@@ -114,6 +114,23 @@ def test_create_model_builds_an_export_as_it_was_built_and_names_the_head_size_o
         create_model("vit_test_patch8_32", checkpoint_path=tmp_path / "out", num_classes=0)  # the caller's wins
 
 
+def test_an_export_exports_again_and_bare_weights_export_with_the_head_and_pooling_they_show(tool, tmp_path):
+    ours = create_model("vit_test_patch8_32", num_classes=7, global_pool="avg", img_size=48).eval()
+    state = {"step": 9, "model": "vit_test_patch8_32", "mode": "finetune", "num_classes": 7, "img_size": 48,
+             "config": {"model": {"img_size": 48, "global_pool": "avg"}, "data": MEAN_STD}}
+    first = tool.export(write_checkpoint(tmp_path / "best", ours, state), tmp_path / "out")
+    again = tool.export(tmp_path / "out", tmp_path / "again")  # its config.json describes it
+    built = ("model", "kind", "num_classes", "img_size", "global_pool", "mean", "std", "timm_call")
+    assert {k: again[k] for k in built} == {k: first[k] for k in built} | {"timm_call": again["timm_call"]}
+    assert_same_tensors(ours, tmp_path / "again" / "model.safetensors")
+
+    bare = create_model("vit_test_patch8_32", num_classes=7, global_pool="avg").eval()
+    torch.save({"model": bare.state_dict()}, tmp_path / "bare.pth")  # no state.json: only the keys tell
+    config = tool.export(tmp_path / "bare.pth", tmp_path / "bare", model_name="vit_test_patch8_32")
+    assert (config["kind"], config["num_classes"], config["global_pool"]) == ("classifier", 7, "avg")
+    assert_same_tensors(bare, tmp_path / "bare" / "model.safetensors")
+
+
 def test_linear_probe_export_folds_the_batchnorm_into_the_head(tool, tmp_path):
     probe = create_model("vit_test_patch8_32", num_classes=10, global_pool="token")
     head = attach_probe_head(probe)

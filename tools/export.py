@@ -33,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a checkout without installing
 from mae_tnt.cli import report_user_errors  # noqa: E402
 from mae_tnt.models import create_model, list_models, load_weights  # noqa: E402
-from mae_tnt.models.loading import CheckpointError, resolve_checkpoint, save_weights  # noqa: E402
+from mae_tnt.models.loading import CheckpointError, resolve_checkpoint, save_weights, shown_build_kwargs  # noqa: E402
 from mae_tnt.models.registry import ModelError  # noqa: E402
 from mae_tnt.models.tnt import TNT  # noqa: E402
 from mae_tnt.models.vit import ViT  # noqa: E402
@@ -41,6 +41,7 @@ from mae_tnt.train.init import PROBE_BN_EPS, encoder_weights, read_source  # noq
 
 # The evaluation preprocessing of MAE and DeiT: bicubic resize to S / 0.875, centre crop S.
 INTERPOLATION, CROP_PCT = "bicubic", 0.875
+DESCRIPTION_KEYS = ("model", "kind", "num_classes", "img_size", "global_pool", "mean", "std", "step")
 
 
 def classifier_name_for(mae_name: str) -> str:
@@ -89,23 +90,28 @@ def timm_spec(model: nn.Module, name: str) -> tuple[str | None, dict]:
     return (name if timm.is_model(name) else base), kwargs
 
 
-def describe(meta: dict, model_name: str | None) -> dict:
-    """Model name, kind, classes, size, pooling and normalisation of a checkpoint from its state.json.
+def describe(meta: dict, model_name: str | None, state_dict: dict[str, torch.Tensor]) -> dict:
+    """Model name, kind, classes, size, pooling and normalisation of a checkpoint from its state.json (or an
+    export's config.json); bare weights show only their head size and ViT pooling.
 
-    `kind` is `encoder` (a pretraining checkpoint or bare weights), `finetune` or `linprobe`.
+    `kind` is `encoder` (a pretraining checkpoint or bare weights without a head), `classifier` (bare weights with
+    one), `finetune` or `linprobe`.
     """
-    config = meta.get("config", {})
     saved = meta.get("model")
     if model_name is None and saved is None:
         raise CheckpointError("the checkpoint has no state.json naming its model; pass --model NAME")
+    if "timm_name" in meta:  # our own export, described by its config.json
+        return {**{key: meta.get(key) for key in DESCRIPTION_KEYS}, "model": model_name or saved}
+    config = meta.get("config", {})
     pretraining = "mode" not in meta and saved is not None and saved.startswith("mae_")
     name = model_name or (classifier_name_for(saved) if pretraining else saved)
     model_cfg, data_cfg = config.get("model", {}), config.get("data", {})
-    num_classes = 0 if pretraining else meta.get("num_classes", 0)
+    shown = {} if pretraining else shown_build_kwargs(state_dict)
+    num_classes = meta.get("num_classes", shown.get("num_classes", 0))
     return {"model": name, "kind": meta.get("mode") or ("classifier" if num_classes else "encoder"),
             "num_classes": num_classes,
             "img_size": model_cfg.get("img_size"),
-            "global_pool": None if pretraining else model_cfg.get("global_pool"),
+            "global_pool": model_cfg.get("global_pool", shown.get("global_pool")),
             "mean": data_cfg.get("mean"), "std": data_cfg.get("std"), "step": meta.get("step")}
 
 
@@ -122,9 +128,9 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
     """Write OUT/model.safetensors and OUT/config.json; returns the config."""
     checkpoint = resolve_checkpoint(checkpoint)
     raw, meta = read_source(checkpoint)
-    info = describe(meta, model_name)
     state_dict, dropped, layout = encoder_weights(raw)
     state_dict = fold_probe_head(state_dict)
+    info = describe(meta, model_name, state_dict)
     model = build_checked(info, state_dict)
     timm_name, timm_kwargs = timm_spec(model, info["model"])
     info.update(img_size=model.grid * model.unit, global_pool=getattr(model, "global_pool", info["global_pool"]))

@@ -231,6 +231,26 @@ def head_outputs(state_dict: dict[str, torch.Tensor]) -> int:
     return int(state_dict["head.weight"].shape[0]) if "head.weight" in state_dict else 0
 
 
+def shown_build_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
+    """The classifier build arguments a state dict shows: its head size (0: an encoder's) and, in timm's layout of
+    global average pooling (`fc_norm` and no `norm`), global_pool='avg'. TNT's pooling leaves no trace in its keys."""
+    shown: dict = {"num_classes": head_outputs(state_dict)}
+    if _has_module(state_dict, "fc_norm") and not _has_module(state_dict, "norm"):
+        shown["global_pool"] = "avg"
+    return shown
+
+
+def fitting_build_kwargs(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict:
+    """`shown_build_kwargs` that classifier `model` was built without; {} for an MAE model, which takes neither."""
+    if isinstance(model, MaskedAutoencoder) or not hasattr(model, "num_classes"):
+        return {}
+    return {key: value for key, value in shown_build_kwargs(state_dict).items() if getattr(model, key, None) != value}
+
+
+def _has_module(state_dict: dict[str, torch.Tensor], name: str) -> bool:
+    return any(key.startswith(f"{name}.") for key in state_dict)
+
+
 def _by_module(keys: list[str]) -> str:
     groups: dict[str, list[str]] = {}
     for key in keys:
