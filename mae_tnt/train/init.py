@@ -31,6 +31,7 @@ from ..models.loading import (
     CheckpointError,
     LoadReport,
     encoder_subset,
+    fitting_build_kwargs,
     load_weights,
     read_state_dict,
     resolve_checkpoint,
@@ -111,12 +112,16 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
     source = resolve_checkpoint(source)  # a run directory: say which of its checkpoints
     raw, meta = read_source(source)
     state_dict, dropped, layout = encoder_weights(raw)
+    pooling = fitting_build_kwargs(model, state_dict).get("global_pool")  # before the unfit fc_norm is dropped
     # Heads are `head.*` in every accepted layout, so this runs before the model's own key filter (in load_weights).
     state_dict, unfit_head = drop_unfit_head(model, state_dict)
     allow_missing, allow_unexpected = allowed_keys(model)
     try:
         report = load_weights(model, state_dict, allow_missing=allow_missing, allow_unexpected=allow_unexpected)
     except CheckpointError as err:
+        if pooling is not None:
+            raise CheckpointError(f"{err}. It was trained with global average pooling: set model.global_pool="
+                                  f"{pooling}") from None
         if "model" not in meta:
             raise
         raise CheckpointError(f"{err}. It was written by `{meta['model']}`: model.name and its arguments must "
