@@ -20,7 +20,7 @@ from mae_tnt.data.shards import read_samples, resolve_shards
 from mae_tnt.finetune_config import AugmentConfig, FinetuneConfig
 from mae_tnt.models import CheckpointError, create_model
 from mae_tnt.models.sret import to_official_state_dict
-from mae_tnt.train.checkpoint import find_checkpoints
+from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
 from mae_tnt.train.engine import seed_step
 from mae_tnt.train.finetune import (
     BatchAugment,
@@ -335,6 +335,18 @@ def test_top5_is_left_out_with_five_classes_or_fewer_where_it_is_always_100(tmp_
     validated = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "val_acc1" in validated and "val_acc5" not in validated
     assert re.search(r"epoch [\d.]+: val top-1 [\d.]+; best", capsys.readouterr().out)
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_resume_refuses_a_pretraining_checkpoint_pointing_to_init_and_a_run_of_another_mode(tmp_path, one_thread):
+    write_mae_checkpoint(tmp_path / "mae")
+    torch.save({}, tmp_path / "mae" / "optimizer.pt")
+    with pytest.raises(ResumeError, match=r"written by model 'mae_vit_test' but this recipe builds "
+                                          r"'vit_test_patch8_32'; .*pass it as init=.*mae$"):
+        FinetuneRun(demo_config(tmp_path / "run", f"run.resume={tmp_path / 'mae'}"))
+    FinetuneRun(demo_config(tmp_path / "run", "run.max_steps=1", "data.val=null")).train()
+    with pytest.raises(ResumeError, match=r"written with mode=finetune but this recipe runs mode=linprobe"):
+        FinetuneRun(demo_config(tmp_path / "run", recipe="demo_linprobe_vit.yaml"))
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")

@@ -237,10 +237,12 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_usable(shards, tmp_pa
     assert trainer.step == 4
 
 
-def test_corrupted_checkpoint_falls_back_to_the_previous_one(shards, tmp_path, capsys):
+@pytest.mark.parametrize("corrupt", ["model.safetensors", "optimizer.pt", "data_rank0.json"])
+def test_corrupted_checkpoint_falls_back_to_the_previous_one(shards, tmp_path, capsys, corrupt):
     Trainer(config(shards, tmp_path, "run.max_steps=8")).train()
     newest = find_checkpoints(tmp_path)[0]
-    (newest / "model.safetensors").write_bytes(b"garbage")
+    data = (newest / corrupt).read_bytes()
+    (newest / corrupt).write_bytes(data[: len(data) // 2])  # truncated
     AcceleratorState._reset_state(True)
     trainer = Trainer(config(shards, tmp_path, "run.max_steps=8"))
     assert trainer.step == 4
@@ -289,14 +291,29 @@ def test_a_fresh_start_in_a_used_run_directory_sets_the_old_run_aside(shards, tm
     assert Trainer(config(shards, tmp_path, f"run.resume={tmp_path}")).step == 3  # a run directory: its newest
 
 
-def test_resume_from_another_rank_layout_restarts_the_epoch_in_progress(shards, tmp_path, capsys):
+@pytest.mark.parametrize("change, why", [
+    (None, "2 processes -> 1"), ("data.num_workers=1", "data.num_workers 0 -> 1"), ("seed=1", "seed 0 -> 1"),
+    ("data.shuffle_chunk=8", "data.shuffle_chunk 16 -> 8"),
+])
+def test_resume_with_another_data_layout_restarts_the_epoch_in_progress(shards, tmp_path, capsys, change, why):
     Trainer(config(shards, tmp_path, "run.max_steps=20")).train()  # 16 steps per epoch: stopped in epoch 1
-    state_file = find_checkpoints(tmp_path)[0] / "state.json"
-    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "world_size": 2}))
+    if change is None:  # as if written by two processes
+        state_file = find_checkpoints(tmp_path)[0] / "state.json"
+        state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "world_size": 2}))
     AcceleratorState._reset_state(True)
-    trainer = Trainer(config(shards, tmp_path, "run.max_steps=24"))
+    trainer = Trainer(config(shards, tmp_path, "run.max_steps=24", *filter(None, [change])))
     assert trainer.step == 20 and (trainer.stream.state.epoch, trainer.stream.state.batches) == (1, 0)
-    assert "restarting epoch 1 from its start" in capsys.readouterr().out
+    assert (trainer.stream.state.positions, trainer.stream.state.skipped) == ({}, 0)  # nothing of the old layout
+    assert f"WARNING: {why}: the data position of another layout cannot be continued without repeating samples, " \
+           "so epoch 1 restarts from its start" in capsys.readouterr().out
+
+
+def test_resume_at_an_epoch_start_in_another_layout_loses_nothing_and_says_nothing(shards, tmp_path, capsys):
+    Trainer(config(shards, tmp_path, "run.max_steps=16")).train()  # 16 steps per epoch
+    AcceleratorState._reset_state(True)
+    trainer = Trainer(config(shards, tmp_path, "run.max_steps=20", "data.num_workers=1"))
+    assert trainer.step == 16 and trainer.stream.state.epoch == 1
+    assert "restarts from its start" not in capsys.readouterr().out
 
 
 def test_resume_with_another_effective_batch_is_refused_with_the_accumulation_that_fixes_it(shards, tmp_path):
@@ -325,6 +342,15 @@ def test_resume_with_another_model_is_refused(shards, tmp_path):
     with pytest.raises(ResumeError, match="written by model 'mae_vit_test'"):
         Trainer(config(shards, tmp_path, "model.name=mae_vit_tiny_patch16"))
     assert (tmp_path / "config.yaml").read_text() == written  # still describes the checkpoints beside it
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ResumeError, match=r"step_00000004 holds weights of another shape than this recipe's model "
+                                          r"\(model.img_size 32 -> 64\); use another run.output_dir"):
+        Trainer(config(shards, tmp_path, "model.img_size=64"))
+    (find_checkpoints(tmp_path)[0] / "engine").mkdir()  # as DeepSpeed writes it
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ResumeError, match=r"step_00000004 was written with DeepSpeed: launch with the same "
+                                          r"DeepSpeed accelerate config to continue it"):
+        Trainer(config(shards, tmp_path))
 
 
 def test_two_optimizer_steps_lower_the_loss_on_a_fixed_batch():

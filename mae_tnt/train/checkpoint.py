@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -162,31 +163,60 @@ def read_checkpoint(path: Path) -> Checkpoint:
             load_file(path / "model.safetensors")
         except Exception as err:  # noqa: BLE001 - any parse failure means the file is corrupt
             raise ResumeError(f"{path / 'model.safetensors'} is corrupt ({err})") from err
+        _check_torch_files(path)
     elif not (path / "engine").is_dir():
         raise ResumeError(f"{path} holds no model weights")
+    for data_file in path.glob("data_rank*.json"):
+        try:
+            json.loads(data_file.read_text())
+        except (OSError, ValueError) as err:
+            raise ResumeError(f"{data_file} is corrupt ({err})") from err
     return Checkpoint(path, state)
 
 
-def check_compatible(checkpoint: Checkpoint, model_name: str, effective_batch: int, accum_steps: int,
-                     world_size: int) -> None:
-    """Refuse to resume another model's run, or a run whose step counts meant another effective batch.
+def _check_torch_files(path: Path) -> None:
+    """The optimizer and scaler files are zip archives (`torch.save`): a truncated one has lost its central
+    directory at the end, which is checked without reading the (large) optimizer state."""
+    if not (path / "optimizer.pt").exists():
+        raise ResumeError(f"{path} holds no optimizer.pt")
+    for name in ("optimizer.pt", "scaler.pt"):
+        if (path / name).exists() and not zipfile.is_zipfile(path / name):
+            raise ResumeError(f"{path / name} is corrupt (truncated or not written by torch.save)")
+
+
+FRESH = "use another run.output_dir, or run.resume=none to start fresh"
+
+
+def check_compatible(checkpoint: Checkpoint, config: dict, effective_batch: int, accum_steps: int,
+                     world_size: int, deepspeed: bool) -> None:
+    """Refuse to resume another model's run (or mode's), a run whose step counts meant another effective batch, or a
+    checkpoint of the other engine (DeepSpeed or not).
 
     Steps count optimizer updates, so the LR schedule and the epoch of a step both assume the batch they were taken
     with; continuing on another number of processes without adapting `optim.accum_steps` would silently move the run
     to another point of its schedule and scale its learning rate.
     """
-    saved = checkpoint.state.get("model")
-    fresh = "use another run.output_dir, or run.resume=none to start fresh"
+    saved, model_name = checkpoint.state.get("model"), config["model"]["name"]
     if saved != model_name:
+        init = (f"; to fine-tune from this pretraining checkpoint, pass it as init={checkpoint.path}"
+                if str(saved).startswith("mae_") and "mode" in config else "")
         raise ResumeError(f"{checkpoint.path} was written by model {saved!r} but this recipe builds {model_name!r}; "
-                          f"{fresh}")
+                          f"{FRESH}{init}")
+    if checkpoint.state.get("mode") != config.get("mode"):
+        raise ResumeError(f"{checkpoint.path} was written with mode={checkpoint.state.get('mode')} but this recipe "
+                          f"runs mode={config.get('mode')}; {FRESH}")
+    if (checkpoint.path / "engine").is_dir() != deepspeed:
+        written, launch = ("with", "with the same DeepSpeed accelerate config") if deepspeed is False else (
+            "without", "without DeepSpeed")
+        raise ResumeError(f"{checkpoint.path} was written {written} DeepSpeed: launch {launch} to continue it, or "
+                          f"{FRESH}")
     saved_batch = checkpoint.state.get("plan", {}).get("effective_batch", effective_batch)
     if saved_batch != effective_batch:
         fix = _batch_fix(checkpoint.state, saved_batch, effective_batch // accum_steps, world_size)
         processes = counted(checkpoint.state.get("world_size"), "process")
         raise ResumeError(f"{checkpoint.path} was trained with an effective batch of {saved_batch} "
                           f"({processes}), this launch gives {effective_batch}; "
-                          f"its steps and LR schedule assume {saved_batch}: {fix} to continue it, or {fresh}")
+                          f"its steps and LR schedule assume {saved_batch}: {fix} to continue it, or {FRESH}")
 
 
 def _batch_fix(state: dict, saved_batch: int, per_update: int, world_size: int) -> str:
@@ -200,28 +230,69 @@ def _batch_fix(state: dict, saved_batch: int, per_update: int, world_size: int) 
     return f"launch {counted(state.get('world_size'), 'process')}"
 
 
-def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, model_name: str, plan: Plan,
-                     accum_steps: int, output_dir: Path, window: Window, log=print) -> tuple[int, StreamState]:
+def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, config: dict, plan: Plan,
+                     output_dir: Path, window: Window, log=print) -> tuple[int, StreamState]:
     """Restore a compatible checkpoint in place, `window`'s loss sums included; returns its optimizer step and this
     rank's data position.
 
-    The position is exact when the checkpoint was written by as many ranks as there are now; otherwise the epoch in
-    progress restarts from its start, with a warning (the stream cannot re-split another layout's position).
-    Checkpoints of `output_dir` past the restored step are set aside (`set_aside_later_checkpoints`).
+    Args:
+        config: the run's resolved config (`to_dict`), compared with the one the checkpoint stores.
+
+    The position is exact when the checkpoint was written with the same data layout (ranks, workers, batch size,
+    shuffle chunk and seed); otherwise the epoch in progress restarts from its start, with a warning (the stream
+    cannot continue another layout's positions without repeating samples). Checkpoints of `output_dir` past the
+    restored step are set aside (`set_aside_later_checkpoints`).
     """
-    check_compatible(checkpoint, model_name, plan.effective_batch, accum_steps, accelerator.num_processes)
-    data_state = _load_training_state(accelerator, model, optimizer, checkpoint)
+    accum_steps = config["optim"]["accum_steps"]
+    check_compatible(checkpoint, config, plan.effective_batch, accum_steps, accelerator.num_processes,
+                     _uses_deepspeed(accelerator))
+    data_state = _load_training_state(accelerator, model, optimizer, checkpoint, config)
     step = checkpoint.state["step"]
     if LOG_WINDOW_KEY in checkpoint.state:  # absent from checkpoints of earlier versions: the window starts empty
         window.restore_loss_totals(checkpoint.state[LOG_WINDOW_KEY], accelerator.is_main_process)
     accelerator.wait_for_everyone()  # every rank has read its checkpoint before any directory moves
     if accelerator.is_main_process:
         set_aside_later_checkpoints(output_dir, step, log)
-    if data_state is not None and checkpoint.state.get("world_size") == accelerator.num_processes:
+    changes = _layout_changes(checkpoint.state, config, accelerator.num_processes)
+    if data_state is not None and not changes:
         return step, StreamState.from_dict(data_state)
-    epoch = step * accum_steps // plan.batches_per_epoch
-    log(f"WARNING: no data position for this rank layout; restarting epoch {epoch} from its start")
+    epoch, into_epoch = divmod(step * accum_steps, plan.batches_per_epoch)
+    if into_epoch:  # at an epoch's start nothing is lost
+        why = "; ".join(changes) or f"{checkpoint.path} holds no data position"
+        log(f"WARNING: {why}: the data position of another layout cannot be continued without repeating samples, so "
+            f"epoch {epoch} restarts from its start")
     return step, StreamState(epoch=epoch)
+
+
+LAYOUT_KEYS = (("data", "batch_size"), ("data", "num_workers"), ("data", "shuffle_chunk"), ("seed",))
+"""Config keys that, with the number of ranks, decide which sample each stream position holds."""
+
+
+def _layout_changes(state: dict, config: dict, world_size: int) -> list[str]:
+    """What changed in the data layout since the checkpoint: ranks, and `LAYOUT_KEYS`."""
+    ranks = [f"{counted(state.get('world_size'), 'process')} -> {world_size}"] if (
+        state.get("world_size") != world_size) else []
+    return ranks + _config_changes(state.get("config", {}), config, LAYOUT_KEYS)
+
+
+def _model_changes(saved_config: dict, config: dict) -> list[str]:
+    return _config_changes(saved_config, config, [("model", key) for key in saved_config.get("model", {})])
+
+
+def _config_changes(saved_config: dict, config: dict, paths) -> list[str]:
+    """'data.num_workers 2 -> 1' for each key path whose value differs from the saved config's (when it has one)."""
+    changes = []
+    for path in paths:
+        before, now = _lookup(saved_config, path), _lookup(config, path)
+        if before is not None and before != now:
+            changes.append(f"{'.'.join(path)} {before} -> {now}")
+    return changes
+
+
+def _lookup(config: dict, path: tuple[str, ...]):
+    for key in path:
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
 
 
 def set_aside_later_checkpoints(output_dir: str | Path, step: int, log=print) -> None:
@@ -282,13 +353,18 @@ def _move_to_superseded(output_dir: str | Path, paths: list[Path]) -> Path:
     return target
 
 
-def _load_training_state(accelerator, model, optimizer, checkpoint: Checkpoint) -> dict | None:
+def _load_training_state(accelerator, model, optimizer, checkpoint: Checkpoint, config: dict) -> dict | None:
     """Restore weights, optimizer and scaler in place; returns this rank's data state (None if unknown)."""
     path = checkpoint.path
     if (path / "engine").is_dir():
         accelerator.load_state(str(path / "engine"))
     else:
-        accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
+        try:
+            accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
+        except RuntimeError as err:  # another img_size, head, pooling, decoder ... under the same model name
+            changes = _model_changes(checkpoint.state.get("config", {}), config)
+            raise ResumeError(f"{path} holds weights of another shape than this recipe's model "
+                              f"({'; '.join(changes) or str(err).splitlines()[0]}); {FRESH}") from None
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
         if accelerator.scaler is not None and (path / "scaler.pt").exists():
             accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))

@@ -170,8 +170,8 @@ class Trainer:
 
     def _resume(self, checkpoint: Checkpoint) -> None:
         self.step, self.stream.state = restore_training(
-            self.acc, self.model, self.optimizer, checkpoint, model_name=self.cfg.model.name, plan=self.plan,
-            accum_steps=self.cfg.optim.accum_steps, output_dir=self.out, window=self.window, log=self.log)
+            self.acc, self.model, self.optimizer, checkpoint, config=to_dict(self.cfg), plan=self.plan,
+            output_dir=self.out, window=self.window, log=self.log)
         self.log(f"resumed from {checkpoint.path} at step {self.step} (epoch {self.stream.state.epoch}, "
                  f"batch {self.stream.state.batches})")
 

@@ -284,8 +284,8 @@ class FinetuneRun:
 
     def _resume(self, checkpoint) -> None:
         self.step, self.stream.state = restore_training(
-            self.acc, self.model, self.optimizer, checkpoint, model_name=self.cfg.model.name, plan=self.plan,
-            accum_steps=self.cfg.optim.accum_steps, output_dir=self.out, window=self.window, log=self.log)
+            self.acc, self.model, self.optimizer, checkpoint, config=to_dict(self.cfg), plan=self.plan,
+            output_dir=self.out, window=self.window, log=self.log)
         self.best = checkpoint.state.get("best", self.best)
         if self.ema is not None:
             if (checkpoint.path / EMA_FILE).exists():
