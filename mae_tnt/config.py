@@ -62,6 +62,7 @@ class ModelConfig:
             raise ConfigError(f"model.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if not 0.0 <= self.word_mask_ratio < 1.0:
             raise ConfigError(f"model.word_mask_ratio must be in [0, 1), got {self.word_mask_ratio}")
+        check_range("model.drop_path", self.drop_path, 0, 1, "[)")
 
     def build_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `create_model`: only what the recipe sets beyond the registered defaults."""
@@ -142,6 +143,8 @@ class OptimConfig:
                               f"{self.base_lr}, {self.min_lr} and {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ConfigError(f"optim.betas must be two values in [0, 1), got {self.betas}")
+        if self.grad_clip is not None:  # a negative norm would flip every gradient
+            check_range("optim.grad_clip", self.grad_clip, 0, bounds="()")
 
 
 @dataclass
@@ -202,6 +205,10 @@ class PretrainRunConfig(RunConfig):
     recon_every: int = 0
     """Optimizer steps between reconstruction grids (0 = only at checkpoints and the end)."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("run.recon_every", self.recon_every, 0)
+
 
 @dataclass
 class EvalConfig:
@@ -214,6 +221,16 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_knn(self.knn_k, self.knn_temperature, "eval.knn_")
+        check_range("eval.knn_every", self.knn_every, 0)
+
+
+def check_range(key: str, value: float, low: float, high: float = math.inf, bounds: str = "[]") -> None:
+    """Raise a ConfigError naming `key` unless `value` lies in the interval; `bounds` tells which ends are closed,
+    e.g. '[)' for low <= value < high."""
+    above = value >= low if bounds[0] == "[" else value > low
+    below = value <= high if bounds[1] == "]" else value < high
+    if not (above and below):
+        raise ConfigError(f"{key} must be in {bounds[0]}{low:g}, {high:g}{bounds[1]}, got {value}")
 
 
 def check_knn(k: int, temperature: float, prefix: str) -> None:
@@ -383,13 +400,15 @@ def _check_type(value: Any, expected: Any, dotted: str, source: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: `{dotted}` must be a list, got {value!r}")
         return [_check_type(v, item_type, f"{dotted}[{i}]", source) for i, v in enumerate(value)]
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is float and isinstance(value, str):
+    if expected is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:  # YAML 1.1 reads `1e-4` (no dot) as a string.
-            return float(value)
+            number = float(value)
         except ValueError:
-            pass
+            number = None
+        if number is not None and not math.isfinite(number):  # nan would train silently into nan weights
+            raise ConfigError(f"{source}: `{dotted}` must be a finite number, got {value!r}")
+        if number is not None:
+            return number
     if isinstance(value, bool) and expected is not bool:
         raise ConfigError(f"{source}: `{dotted}` must be {expected.__name__}, got {value!r}")
     if not isinstance(value, expected):

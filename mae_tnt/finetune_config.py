@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import MISSING_VALUE, ConfigError, DataConfig, OptimConfig, RunConfig, ScheduleConfig, check_knn
+from .config import (
+    MISSING_VALUE,
+    ConfigError,
+    DataConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    check_knn,
+    check_range,
+)
 
 MODES = ("finetune", "linprobe", "knn")
 OPTIMIZERS = ("adamw", "lars")
@@ -42,6 +51,8 @@ class ClassifierConfig:
             raise ConfigError(f"model.num_classes must be >= 1, got {self.num_classes}")
         if self.global_pool not in (None, "avg", "token"):
             raise ConfigError(f"model.global_pool must be avg, token or null, got {self.global_pool!r}")
+        check_range("model.drop_path", self.drop_path, 0, 1, "[)")
+        check_range("model.head_init_std", self.head_init_std, 0, bounds="()")
 
 
 @dataclass
@@ -71,6 +82,11 @@ class AugmentConfig:
     label_smoothing: float = 0.1
 
     def __post_init__(self) -> None:
+        for key in ("reprob", "mixup_prob", "mixup_switch_prob"):
+            check_range(f"augment.{key}", getattr(self, key), 0, 1)
+        check_range("augment.mixup", self.mixup, 0)
+        check_range("augment.cutmix", self.cutmix, 0)
+        check_range("augment.label_smoothing", self.label_smoothing, 0, 1, "[)")
         if self.rand_augment:
             from timm.data.auto_augment import rand_augment_transform
 
@@ -113,6 +129,10 @@ class FinetuneOptimConfig(OptimConfig):
             raise ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.ema_decay is not None:
+            check_range("optim.ema_decay", self.ema_decay, 0, 1, "[)")
+        check_range("optim.momentum", self.momentum, 0, 1, "[)")
+        check_range("optim.trust_coeff", self.trust_coeff, 0, bounds="()")
 
 
 @dataclass

@@ -91,7 +91,7 @@ def test_overrides_are_typed_and_applied(tmp_path):
     ("data.mean=[0.5]", "one value per RGB channel"),
     ("data.std=[0.5, 0.5, 0]", "one value per RGB channel"),
     ("schedule.epochs=0", r"schedule.epochs must be finite and > 0, got 0.0 \(use run.max_steps"),
-    ("schedule.epochs=inf", r"schedule.epochs must be finite and > 0, got inf"),
+    ("schedule.epochs=inf", r"`schedule.epochs` must be a finite number, got .inf."),
     ("data.shuffle_chunk=0", r"data.shuffle_chunk must be >= 1 .*got 64, 0 and 4"),
     ("eval.knn_k=0", r"eval.knn_k must be >= 1 and eval.knn_temperature > 0, got 0 and 0.07"),
     ("eval.knn_temperature=0", r"eval.knn_temperature > 0, got 20 and 0.0"),
@@ -99,6 +99,12 @@ def test_overrides_are_typed_and_applied(tmp_path):
     ("run.max_steps=0", "run.max_steps must be >= 1 or null"),
     ("optim.betas=[0.9]", r"optim.betas must be two values in \[0, 1\), got \[0.9\]"),
     ("optim.base_lr=-1", "optim.base_lr must be > 0"),
+    ("optim.weight_decay=nan", "`optim.weight_decay` must be a finite number, got 'nan'"),
+    ("optim.grad_clip=-1", r"optim.grad_clip must be in \(0, inf\), got -1.0"),
+    ("optim.grad_clip=0", r"optim.grad_clip must be in \(0, inf\), got 0.0"),
+    ("model.drop_path=1.5", r"model.drop_path must be in \[0, 1\), got 1.5"),
+    ("eval.knn_every=-1", r"eval.knn_every must be in \[0, inf\], got -1.0"),
+    ("run.recon_every=-5", r"run.recon_every must be in \[0, inf\], got -5"),
     ("model.name=vit_test_patch8_32", "'vit_test_patch8_32' is not a masked autoencoder: pretraining needs an mae_"),
 ])
 def test_bad_values_fail(tmp_path, override, message):

@@ -93,6 +93,13 @@ def test_linear_probe_refuses_fine_tuning_augmentation():
     ("augment.rand_augment=bogus", "augment.rand_augment='bogus' is not a timm RandAugment spec such as 'rand-m9-"),
     ("knn.k=0", r"knn.k must be >= 1 and knn.temperature > 0, got 0"),
     ("knn.temperature=-1", r"knn.k must be >= 1 and knn.temperature > 0, got 20 and -1.0"),
+    ("model.drop_path=1.5", r"model.drop_path must be in \[0, 1\), got 1.5"),
+    ("model.head_init_std=-1", r"model.head_init_std must be in \(0, inf\), got -1.0"),
+    ("augment.label_smoothing=1.5", r"augment.label_smoothing must be in \[0, 1\), got 1.5"),
+    ("augment.reprob=1.5", r"augment.reprob must be in \[0, 1\], got 1.5"),
+    ("augment.mixup=-1", r"augment.mixup must be in \[0, inf\], got -1.0"),
+    ("optim.ema_decay=1.5", r"optim.ema_decay must be in \[0, 1\), got 1.5"),
+    ("optim.min_lr=inf", r"`optim.min_lr` must be a finite number, got 'inf'"),
 ])
 def test_bad_downstream_values_fail_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -14,7 +14,7 @@ import torch
 from accelerate.state import AcceleratorState
 from shard_utils import drop_classes, write_shards
 
-from mae_tnt.config import PretrainConfig, load_config
+from mae_tnt.config import ConfigError, PretrainConfig, load_config
 from mae_tnt.data.shards import ShardError, read_samples
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
 from mae_tnt.train.engine import Trainer
@@ -351,6 +351,12 @@ def test_resume_with_another_model_is_refused(shards, tmp_path):
     with pytest.raises(ResumeError, match=r"step_00000004 was written with DeepSpeed: launch with the same "
                                           r"DeepSpeed accelerate config to continue it"):
         Trainer(config(shards, tmp_path))
+
+
+def test_a_min_lr_above_the_peak_lr_is_refused_before_any_step(shards, tmp_path):
+    with pytest.raises(ConfigError, match=r"optim.min_lr=0.01 is above the peak LR 3.12e-05 \(optim.base_lr x "
+                                          r"effective batch 8 / 256\)"):
+        Trainer(config(shards, tmp_path, "optim.min_lr=0.01"))
 
 
 def test_two_optimizer_steps_lower_the_loss_on_a_fixed_batch():

@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from timm.layers import set_fused_attn
 
-from ..config import PretrainConfig, save_config, to_dict
+from ..config import ConfigError, PretrainConfig, save_config, to_dict
 from ..data.device_decode import decode_batch
 from ..data.loader import build_train_stream, data_shards, first_images, mae_transform, make_loader
 from ..data.shards import ShardError
@@ -53,7 +53,11 @@ def derive_plan(cfg: PretrainConfig, num_processes: int, batches_per_epoch: int)
     steps_per_epoch = batches_per_epoch / cfg.optim.accum_steps
     total = max(1, int(cfg.schedule.epochs * steps_per_epoch))
     stop = min(total, cfg.run.max_steps) if cfg.run.max_steps else total
-    return Plan(effective, cfg.optim.base_lr * effective / 256, batches_per_epoch, steps_per_epoch, total,
+    peak_lr = cfg.optim.base_lr * effective / 256
+    if cfg.optim.min_lr > peak_lr:  # the cosine would raise the LR after warmup
+        raise ConfigError(f"optim.min_lr={cfg.optim.min_lr:g} is above the peak LR {peak_lr:.3g} (optim.base_lr x "
+                          f"effective batch {effective} / 256): the LR would rise after warmup; lower optim.min_lr")
+    return Plan(effective, peak_lr, batches_per_epoch, steps_per_epoch, total,
                 int(cfg.schedule.warmup_epochs * steps_per_epoch), stop)
 
 
