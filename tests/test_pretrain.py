@@ -354,7 +354,7 @@ def test_resume_with_another_model_is_refused(shards, tmp_path):
 
 
 def test_a_min_lr_above_the_peak_lr_is_refused_before_any_step(shards, tmp_path):
-    with pytest.raises(ConfigError, match=r"optim.min_lr=0.01 is above the peak LR 3.12e-05 \(optim.base_lr x "
+    with pytest.raises(ConfigError, match=r"optim.min_lr=0.01 is above the peak LR 3.13e-05 \(optim.base_lr x "
                                           r"effective batch 8 / 256\)"):
         Trainer(config(shards, tmp_path, "optim.min_lr=0.01"))
 
