@@ -10,7 +10,8 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from .config import ConfigError, PretrainConfig, all_keys, load_config
+from .config import ConfigError, PretrainConfig, UnknownKeyError, all_keys, load_config
+from .finetune_config import FinetuneConfig
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 USAGE = "usage: {prog} RECIPE.yaml [key=value ...]   (e.g. optim.base_lr=1e-4 run.output_dir=/tmp/run)"
@@ -26,9 +27,21 @@ def load_recipe(cls: type, argv: list[str], prog: str):
         raise SystemExit(2)
     try:
         return load_config(cls, argv[0], argv[1:])
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ConfigError as err:
+        print(f"error: {_other_script_hint(cls, err) or err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+OTHER_SCRIPT = {PretrainConfig: (FinetuneConfig, "fine-tuning", "finetune.py"),
+                FinetuneConfig: (PretrainConfig, "pretraining", "pretrain.py")}
+
+
+def _other_script_hint(cls: type, err: ConfigError) -> str | None:
+    """A key unknown here but known to the other script most likely means its recipe was given to this one."""
+    other, kind, script = OTHER_SCRIPT[cls]
+    if isinstance(err, UnknownKeyError) and err.key in all_keys(other):
+        return f"{err.source}: `{err.key}` is a {kind} key; is this a {kind} recipe? Run it with {script}"
+    return None
 
 
 def keys_help(cls: type) -> str:

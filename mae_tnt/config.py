@@ -31,6 +31,14 @@ class ConfigError(ValueError):
     """A recipe or override that does not fit the schema."""
 
 
+class UnknownKeyError(ConfigError):
+    """A key the schema does not have: `key` is its dotted name, `source` the recipe or override that set it."""
+
+    def __init__(self, message: str, key: str, source: str):
+        super().__init__(message)
+        self.key, self.source = key, source
+
+
 @dataclass
 class ModelConfig:
     name: str = MISSING_VALUE
@@ -259,7 +267,12 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        raw = _parse_yaml(Path(path).read_text(), source) or {}
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read the recipe {path} ({err.strerror}): give a YAML file, e.g. "
+                              "recipes/demo_mae_vit.yaml") from None
+        raw = _parse_yaml(text, source) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: a recipe must be a YAML mapping at the top level")
     for item in overrides:
@@ -336,7 +349,7 @@ def _check_key_exists(cls: type, parts: list[str], source: str) -> Any:
 def _unknown_key(cls: type, dotted: str, source: str) -> typing.NoReturn:
     close = difflib.get_close_matches(dotted, all_keys(cls), n=1, cutoff=0.5)
     hint = f"; did you mean `{close[0]}`?" if close else ""
-    raise ConfigError(f"{source}: unknown config key `{dotted}`{hint}")
+    raise UnknownKeyError(f"{source}: unknown config key `{dotted}`{hint}", dotted, source)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -59,6 +59,25 @@ def test_help_lists_every_settable_key_and_a_missing_recipe_is_a_usage_error(cls
     assert done.value.code == 2 and capsys.readouterr().err.startswith(f"usage: {prog}")
 
 
+@pytest.mark.parametrize("cls, prog, recipe, message", [
+    (PretrainConfig, "pretrain.py", "demo_finetune_vit.yaml",
+     "`model.global_pool` is a fine-tuning key; is this a fine-tuning recipe? Run it with finetune.py"),
+    (FinetuneConfig, "finetune.py", "demo_mae_vit.yaml",
+     "`model.mask_ratio` is a pretraining key; is this a pretraining recipe? Run it with pretrain.py"),
+])
+def test_a_recipe_given_to_the_other_script_names_the_script(capsys, cls, prog, recipe, message):
+    with pytest.raises(SystemExit) as done:
+        load_recipe(cls, [str(RECIPES / recipe)], prog)
+    assert done.value.code == 2 and capsys.readouterr().err == f"error: {RECIPES / recipe}: {message}\n"
+
+
+@pytest.mark.parametrize("path, why", [("recipes", "Is a directory"), ("recipes/none.yaml", "No such file")])
+def test_a_recipe_path_that_is_no_file_is_one_error_line(capsys, path, why):
+    with pytest.raises(SystemExit):
+        load_recipe(PretrainConfig, [path], "pretrain.py")
+    assert capsys.readouterr().err.startswith(f"error: cannot read the recipe {path} ({why}")
+
+
 def test_unknown_override_key_fails(tmp_path):
     path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
     with pytest.raises(ConfigError, match="unknown config key `data.batchsize`.*`data.batch_size`"):
