@@ -203,6 +203,8 @@ class RunConfig:
             raise ConfigError(f"run.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if min(self.log_every, self.checkpoint_every, self.preempt_check_every) < 1:
             raise ConfigError("run.log_every, run.checkpoint_every and run.preempt_check_every must be >= 1")
+        if blocker := file_in_the_way(self.output_dir):
+            raise ConfigError(f"run.output_dir={self.output_dir} cannot be a directory: {blocker} is a file")
         if self.max_steps is not None and self.max_steps < 1 or self.keep_checkpoints < 0:
             raise ConfigError(f"run.max_steps must be >= 1 or null and run.keep_checkpoints >= 0, got "
                               f"{self.max_steps} and {self.keep_checkpoints}")
@@ -230,6 +232,15 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_knn(self.knn_k, self.knn_temperature, "eval.knn_")
         check_range("eval.knn_every", self.knn_every, 0)
+
+
+def file_in_the_way(directory: str | Path) -> Path | None:
+    """The file at `directory` or at one of its parents, which would keep it from being created; None if none."""
+    path = Path(directory).absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def check_range(key: str, value: float, low: float, high: float = math.inf, bounds: str = "[]") -> None:

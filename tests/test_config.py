@@ -78,6 +78,13 @@ def test_a_recipe_path_that_is_no_file_is_one_error_line(capsys, path, why):
     assert capsys.readouterr().err.startswith(f"error: cannot read the recipe {path} ({why}")
 
 
+def test_an_output_dir_that_is_or_lies_under_a_file_is_refused(tmp_path):
+    path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
+    for output_dir in (path, path / "run"):
+        with pytest.raises(ConfigError, match=rf"run.output_dir={output_dir} cannot be a directory: {path} is a file"):
+            load_config(PretrainConfig, path, [f"run.output_dir={output_dir}"])
+
+
 def test_unknown_override_key_fails(tmp_path):
     path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
     with pytest.raises(ConfigError, match="unknown config key `data.batchsize`.*`data.batch_size`"):

@@ -206,3 +206,6 @@ def test_weights_without_state_json_need_a_model_name(tool, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     config = tool.export(tmp_path / "w.pth", tmp_path / "out", model_name="vit_test_patch8_32")
     assert (config["kind"], config["img_size"], config["timm_kwargs"]["img_size"]) == ("encoder", 32, 32)
+    assert tool.main([str(tmp_path / "w.pth"), str(tmp_path / "w.pth"), "--model", "vit_test_patch8_32"]) == 1
+    assert capsys.readouterr().err == (f"error: the export goes into the directory {tmp_path / 'w.pth'}, but "
+                                       f"{tmp_path / 'w.pth'} is a file\n")

@@ -32,6 +32,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a checkout without installing
 from mae_tnt.cli import report_user_errors  # noqa: E402
+from mae_tnt.config import file_in_the_way  # noqa: E402
 from mae_tnt.models import create_model, list_models, load_weights  # noqa: E402
 from mae_tnt.models.loading import CheckpointError, resolve_checkpoint, save_weights, shown_build_kwargs  # noqa: E402
 from mae_tnt.models.registry import ModelError  # noqa: E402
@@ -165,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output directory")
     parser.add_argument("--model", default=None, help="registered classifier name (needed without state.json)")
     args = parser.parse_args(argv)
+    if blocker := file_in_the_way(args.out):
+        print(f"error: the export goes into the directory {args.out}, but {blocker} is a file", file=sys.stderr)
+        return 1
     config = report_user_errors(lambda: export(args.checkpoint, args.out, args.model))
     if config is None:
         return 1
