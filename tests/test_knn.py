@@ -44,10 +44,11 @@ def test_knn_accuracy_on_hand_made_features():
     train = [(BANK, BANK_LABELS)]
     val = [(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 0.0]]), torch.tensor([0, 1, -1]))]
     result = knn_accuracy(lambda x: x, train, val, k=3, temperature=0.1)
-    assert result == {"knn_top1": pytest.approx(50.0), "knn_train": 3, "knn_val": 2}  # top-5 of 2 classes is 100
+    assert result == {"knn_top1": pytest.approx(50.0), "knn_train": 3, "knn_val": 2, "knn_k": 3}  # no top-5 of 2
+    assert knn_accuracy(lambda x: x, train, val, k=50, temperature=0.1)["knn_k"] == 3  # k capped at the bank
 
 
-def test_top5_is_reported_above_five_classes_only():
+def test_top5_is_reported_above_five_classes_and_with_five_voters_only():
     # One train feature per class at 0, 10, ..., 50 degrees: a query at 0 degrees ranks the classes 0, 1, ..., 5.
     angles = torch.deg2rad(torch.arange(6) * 10.0)
     bank = torch.stack([angles.cos(), angles.sin()], dim=1)  # [6, 2]
@@ -56,6 +57,9 @@ def test_top5_is_reported_above_five_classes_only():
                           temperature=0.1)
     assert (result["knn_top1"], result["knn_top5"]) == (pytest.approx(100 / 3), pytest.approx(200 / 3))
     assert topk_text(result, "knn_top") == "top-1 33.33, top-5 66.67"
+    few_voters = knn_accuracy(lambda x: x, [(bank, torch.arange(6))], [(queries, torch.tensor([0, 4, 5]))], k=4,
+                              temperature=0.1)
+    assert "knn_top5" not in few_voters  # classes without a vote would be ranked by chance
     assert topk_text({"val_acc1": 75.0}, "val_acc") == "top-1 75.00"
 
 
@@ -81,8 +85,8 @@ def test_knn_on_shards_caps_the_bank_and_restores_train_mode(tmp_path):
     write_shards(tmp_path, [20], split="val", size=32)
     encoder = create_model("vit_test_patch8_32", num_classes=0).train()
     data = DataConfig(train=str(tmp_path), val=str(tmp_path), batch_size=16)
-    result = knn_accuracy_on_shards(encoder, data, img_size=32, batch_size=16, k=5, max_train=32)
-    assert result["knn_train"] == 32 and result["knn_val"] == 20
+    result = knn_accuracy_on_shards(encoder, data, img_size=32, batch_size=16, k=5, max_train=25)
+    assert result["knn_train"] == 25 and result["knn_val"] == 20  # exactly the cap, though batches hold 16
     assert 0.0 <= result["knn_top1"] <= result["knn_top5"] <= 100.0  # 10 classes
     assert encoder.training
 

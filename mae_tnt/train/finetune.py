@@ -466,8 +466,9 @@ def run_knn(cfg: FinetuneConfig) -> dict:
         write_run_config(cfg, out, is_main=True)
         with MetricsLogger(out, True, to_dict(cfg)) as logger:
             logger.log({"step": 0, **result})
-    log(f"kNN (k={cfg.knn.k}, T={cfg.knn.temperature:g}) on {result['knn_val']} val images with a bank of "
-        f"{result['knn_train']}: {topk_text(result, 'knn_top')}")
+    capped = f", knn.k={cfg.knn.k} capped at the bank size" if result["knn_k"] < cfg.knn.k else ""
+    log(f"kNN (k={result['knn_k']}{capped}, T={cfg.knn.temperature:g}) on {result['knn_val']} val images with a "
+        f"bank of {result['knn_train']}: {topk_text(result, 'knn_top')}")
     return {**result, "output_dir": cfg.run.output_dir}
 
 

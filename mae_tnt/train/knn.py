@@ -34,9 +34,10 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 """Concatenates a tensor over ranks along dim 0 (`accelerator.gather`)."""
 
 
-def reported_ks(num_classes: int) -> tuple[int, ...]:
-    """The top-k accuracies worth reporting: top-5 only above 5 classes, where it is not 100% by construction."""
-    return (1, 5) if num_classes > 5 else (1,)
+def reported_ks(num_classes: int, voters: int = 5) -> tuple[int, ...]:
+    """The top-k accuracies worth reporting: top-5 only above 5 classes, where it is not 100% by construction, and
+    (for kNN) with at least 5 voters, since fewer leave classes without a vote, ranked by chance."""
+    return (1, 5) if num_classes > 5 and voters >= 5 else (1,)
 
 
 def topk_text(metrics: dict, prefix: str) -> str:
@@ -92,26 +93,33 @@ def knn_scores(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Ten
 
 def knn_accuracy(encoder_forward: Callable[[torch.Tensor], torch.Tensor], train_batches: Batches,
                  val_batches: Batches, k: int = 20, temperature: float = 0.07, device: torch.device | str = "cpu",
-                 gather: Gather | None = None) -> dict[str, float]:
-    """Weighted k-NN top-1 / top-5 accuracy (percent) of frozen features; top-5 only above 5 classes.
+                 gather: Gather | None = None, max_train: int | None = None) -> dict[str, float]:
+    """Weighted k-NN top-1 / top-5 accuracy (percent) of frozen features (see `reported_ks` for top-5).
 
     Args:
         encoder_forward: images on `device` -> features [B, D]; it normalises and pools (see `encoder_features`).
         train_batches, val_batches: (images, labels) batches; label -1 rows are ignored.
         gather: concatenates a tensor over ranks (`accelerator.gather`) when each rank saw part of the data.
+        max_train: keep at most this many labeled train rows in the bank.
+
+    Returns:
+        knn_top1 (and knn_top5), knn_train and knn_val (the bank and query counts), and knn_k, the neighbours that
+        voted: k, or the whole bank when it is smaller.
     """
     device = torch.device(device)
     bank, bank_labels = extract_features(encoder_forward, train_batches, device, gather)
+    bank, bank_labels = bank[:max_train], bank_labels[:max_train]  # [N, D], [N]
     queries, labels = extract_features(encoder_forward, val_batches, device, gather)
     if bank.shape[0] == 0 or queries.shape[0] == 0:
         raise ShardError("kNN needs labeled train and val samples (.cls in the shards); found none")
     num_classes = int(max(bank_labels.max(), labels.max())) + 1
     scores = knn_scores(bank, bank_labels, queries, k=k, temperature=temperature, num_classes=num_classes)
-    ks = reported_ks(num_classes)
+    voters = min(k, bank.shape[0])
+    ks = reported_ks(num_classes, voters)
     counts = accuracy_counts(scores, labels, ks)
     total = counts["count"].item()
     return {**{f"knn_top{k}": 100.0 * counts[f"top{k}"].item() / total for k in ks},
-            "knn_train": bank.shape[0], "knn_val": total}
+            "knn_train": bank.shape[0], "knn_val": total, "knn_k": voters}
 
 
 def encoder_features(encoder: nn.Module, mean: list[float], std: list[float]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -154,7 +162,7 @@ def knn_accuracy_on_shards(encoder: nn.Module, data: DataConfig, *, img_size: in
 
     Each rank encodes only its share of the batches (`eval_batches`) and `gather` (`accelerator.gather`, needed when
     world_size > 1) joins the features, so every rank returns the same result. The bank holds at most `max_train`
-    train images, rounded up to whole batches over all ranks. The encoder runs in eval mode; its mode is restored.
+    train images (only the batches that hold them are encoded). The encoder runs in eval mode; its mode is restored.
     Used by fine-tuning's kNN mode and by pretraining's online monitor (`eval.knn_every`).
     """
     require_labeled_shards(data, "kNN evaluation")
@@ -166,6 +174,6 @@ def knn_accuracy_on_shards(encoder: nn.Module, data: DataConfig, *, img_size: in
     encoder.eval()
     try:
         return knn_accuracy(encoder_features(encoder, data.mean, data.std), train, val, k, temperature, device,
-                            gather if world_size > 1 else None)
+                            gather if world_size > 1 else None, max_train)
     finally:
         encoder.train(was_training)
