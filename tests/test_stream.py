@@ -169,6 +169,17 @@ def test_a_failing_pipe_command_is_named_with_its_status_in_the_warning_and_the_
             first_images(shards, 4, 16)
 
 
+def test_a_pipe_command_that_ends_a_shard_early_but_cleanly_is_warned_about(tmp_path):
+    write_shards(tmp_path, [8, 8])
+    with tarfile.open(tmp_path / "train-000000.tar") as full, tarfile.open(tmp_path / "short.tar", "w") as short:
+        for member in full.getmembers()[:12]:  # the first 4 samples of 8, as a complete tar: the command exits 0
+            short.addfile(member, full.extractfile(member))
+    shards = resolve_shards(f"pipe:cat {tmp_path}/{{short,train-000001}}.tar", allow_pipe=True, info=str(tmp_path))
+    with pytest.warns(UserWarning, match=r"pipe:cat .*short.tar broke \(it ended after 4 of its 8 samples\); its "
+                                         r"samples after the break are skipped and counted"):
+        assert sum(batch["skipped"] for batch in consume(stream_for(shards))) >= 4
+
+
 def test_missing_shard_and_empty_split_fail_clearly(tmp_path):
     write_shards(tmp_path, [4, 4])
     (tmp_path / "train-000001.tar").unlink()

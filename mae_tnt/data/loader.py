@@ -107,4 +107,4 @@ def first_images(shards: list[Shard], count: int, img_size: int) -> torch.Tensor
 
 
 def _samples_in_order(shards: list[Shard]) -> Iterator[dict]:
-    return (sample for shard in shards for sample in read_samples(shard.url))
+    return (sample for shard in shards for sample in read_samples(shard.url, expected=shard.num_samples))

@@ -178,23 +178,34 @@ def is_local(url: str) -> bool:
     return ":" not in url.split("/")[0] or url.startswith("file:")
 
 
-def read_samples(url: str, start: int = 0, on_break: Callable[[str], None] | None = None
-                 ) -> Iterator[dict[str, bytes]]:
+def read_samples(url: str, start: int = 0, on_break: Callable[[str], None] | None = None,
+                 expected: int | None = None) -> Iterator[dict[str, bytes]]:
     """Raw samples of one tar from sample index `start` on: {"__key__": key, field: bytes, ...}.
 
     A truncated or corrupt tar (or a remote stream that breaks, or a `pipe:` command that fails) ends where it
     breaks; the callers know from the shard's sample count how many samples were lost, and count them as skipped.
-    `on_break` gets the reason in one line; without it, the break is warned about here (`break_warning`).
+    So does a stream that ends early but cleanly (a command that writes part of a shard and exits 0), when the
+    shard's `expected` sample count is given. `on_break` gets the reason in one line; without it, the break is
+    warned about here (`break_warning`).
     """
     source = url.removeprefix("file:") if is_local(url) else wds.gopen(url)
+    read = start
     try:
-        yield from _tar_samples(source, start)
+        for sample in _tar_samples(source, start):
+            read += 1
+            yield sample
     except (tarfile.ReadError, OSError, EOFError) as err:
-        reason = _break_reason(err, source)
-        if on_break is not None:
-            on_break(reason)
-        elif warning := break_warning(url, reason):
-            warnings.warn(warning, stacklevel=1)
+        _report_break(url, _break_reason(err, source), on_break)
+        return
+    if expected is not None and read < expected:
+        _report_break(url, f"it ended after {read} of its {expected} samples", on_break)
+
+
+def _report_break(url: str, reason: str, on_break: Callable[[str], None] | None) -> None:
+    if on_break is not None:
+        on_break(reason)
+    elif warning := break_warning(url, reason):
+        warnings.warn(warning, stacklevel=2)
 
 
 def break_warning(url: str, reason: str) -> str | None:

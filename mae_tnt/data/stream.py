@@ -250,7 +250,8 @@ class RoleStream:
         """
         url, next_offset, reader = self._reader
         if url != shard.url or next_offset != offset:
-            reader = read_samples(shard.url, start=offset, on_break=partial(self._note_break, shard.url))
+            reader = read_samples(shard.url, start=offset, on_break=partial(self._note_break, shard.url),
+                                  expected=shard.num_samples)
         samples: list[dict | None] = []
         try:
             while len(samples) < count:
