@@ -359,6 +359,16 @@ def test_a_min_lr_above_the_peak_lr_is_refused_before_any_step(shards, tmp_path)
         Trainer(config(shards, tmp_path, "optim.min_lr=0.01"))
 
 
+def test_processes_launched_together_but_set_up_alone_are_refused():
+    from mae_tnt.train.engine import check_launch
+
+    with pytest.raises(ConfigError, match=r"the launcher started 2 processes, but accelerate set this one up as 1 "
+                                          r"of 1, so each would train alone"):
+        check_launch("2", 1)  # accelerate on CPU with a DeepSpeed config
+    check_launch("2", 2)
+    check_launch(None, 1)  # a plain `python pretrain.py`
+
+
 def test_two_optimizer_steps_lower_the_loss_on_a_fixed_batch():
     import mae_tnt
 

@@ -72,6 +72,7 @@ def build_accelerator(cfg: PretrainConfig) -> Accelerator:
         precision = "bf16" if torch.cuda.is_available() else "fp32"
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               gradient_accumulation_steps=cfg.optim.accum_steps)
+    check_launch(os.environ.get("WORLD_SIZE"), accelerator.num_processes)
     if accelerator.device.type == "cpu" and precision == "fp16" and accelerator.is_main_process:
         print("WARNING: run.precision=fp16 has no effect on CPU, which autocasts to bf16 only: training in fp32 "
               "(set run.precision=bf16 or fp32)")
@@ -83,6 +84,15 @@ def build_accelerator(cfg: PretrainConfig) -> Accelerator:
         torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
         torch.backends.cudnn.allow_tf32 = cfg.run.tf32
     return accelerator
+
+
+def check_launch(launched: str | None, num_processes: int) -> None:
+    """Refuse processes that the launcher started together but that each train alone (accelerate on CPU with a
+    DeepSpeed config, for one): they would all write the same run directory as its only process."""
+    if launched is not None and int(launched) != num_processes:
+        raise ConfigError(f"the launcher started {launched} processes, but accelerate set this one up as 1 of "
+                          f"{num_processes}, so each would train alone: on CPU, DeepSpeed runs one process only; "
+                          "launch several with --config_file recipes/accelerate/cpu_2proc.yaml")
 
 
 def write_run_config(cfg, out: Path, is_main: bool) -> None:
