@@ -159,7 +159,7 @@ def test_arguments_a_builder_refuses_are_a_model_error():
     with pytest.raises(ModelError, match="cannot build vit_test_patch8_32 with {'img_size': 30}: .*divisible"):
         mae_tnt.create_model("vit_test_patch8_32", img_size=30)
     with pytest.raises(ModelError, match=r"^sret_test takes no argument 'global_pool': leave it out \(in a recipe, "
-                                         r"model.global_pool: null\)$"):
+                                         r"remove model.global_pool or set it back to its default\)$"):
         mae_tnt.create_model("sret_test", global_pool="token")
 
 

@@ -60,8 +60,8 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
     except (TypeError, ValueError) as err:  # e.g. an image size the patch size does not divide
         unknown = UNKNOWN_ARGUMENT.search(str(err))
         if unknown:
-            raise ModelError(f"{name} takes no argument {unknown[1]!r}: leave it out (in a recipe, model."
-                             f"{unknown[1]}: null)") from err
+            raise ModelError(f"{name} takes no argument {unknown[1]!r}: leave it out (in a recipe, remove model."
+                             f"{unknown[1]} or set it back to its default)") from err
         raise ModelError(f"cannot build {name} with {kwargs}: {err}") from err
     if checkpoint_path is not None:
         from .loading import load_weights
