@@ -359,6 +359,16 @@ def test_a_min_lr_above_the_peak_lr_is_refused_before_any_step(shards, tmp_path)
         Trainer(config(shards, tmp_path, "optim.min_lr=0.01"))
 
 
+def test_a_log_line_clears_the_progress_bar_and_redraws_it_below(capsys):
+    from mae_tnt.train.metrics import progress_bar, write_line
+
+    with progress_bar(total=3, initial=0, enabled=True) as bar:
+        bar.update(1)
+        write_line("saved checkpoint")
+    out, err = capsys.readouterr()
+    assert out == "saved checkpoint\n" and err.count("1/3") >= 2  # drawn, cleared, then drawn again
+
+
 def test_processes_launched_together_but_set_up_alone_are_refused():
     from mae_tnt.train.engine import check_launch
 

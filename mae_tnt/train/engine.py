@@ -27,7 +27,7 @@ from ..models import create_model
 from .checkpoint import Checkpoint, resolve_resume, restore_training, save_checkpoint
 from .knn import knn_accuracy_on_shards, require_labeled_shards, topk_text
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
-from .metrics import MetricsLogger, progress_bar
+from .metrics import MetricsLogger, progress_bar, write_line
 from .optim import build_adamw
 from .recon import write_reconstructions
 from .schedule import lr_at
@@ -180,7 +180,7 @@ class Trainer:
 
     def log(self, message: str) -> None:
         if self.is_main:
-            print(message, flush=True)
+            write_line(message)
 
     def _resume(self, checkpoint: Checkpoint) -> None:
         self.step, self.stream.state = restore_training(

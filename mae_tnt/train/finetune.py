@@ -52,7 +52,7 @@ from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_st
 from .init import attach_probe_head, init_head, load_init, reestimate_stem_norms
 from .knn import accuracy_counts, knn_accuracy_on_shards, reported_ks, require_labeled_shards, topk_text
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
-from .metrics import MetricsLogger, progress_bar
+from .metrics import MetricsLogger, progress_bar, write_line
 from .optim import build_adamw
 from .schedule import lr_at
 
@@ -256,7 +256,7 @@ class FinetuneRun:
 
     def log(self, message: str) -> None:
         if self.is_main:
-            print(message, flush=True)
+            write_line(message)
 
     def _build_ema(self) -> ModelEmaV3 | None:
         if not self.cfg.optim.ema_decay:

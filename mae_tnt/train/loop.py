@@ -147,7 +147,8 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._previous_handler or signal.SIG_DFL)
 
     def _on_sigterm(self, signum, frame) -> None:
-        self.log("SIGTERM received: saving a checkpoint at the next step the ranks agree on, then exiting")
+        when = "after this step" if self.accelerator.num_processes == 1 else "at the next step the ranks agree on"
+        self.log(f"SIGTERM received: saving a checkpoint {when}, then exiting")
         self.requested = True
 
     def should_stop(self, step: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -67,6 +68,12 @@ def row_step(line: str) -> int:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError):
         return -1
+
+
+def write_line(message: str) -> None:
+    """Print a log line above the progress bar: a plain print would continue the bar's line."""
+    tqdm.write(message)
+    sys.stdout.flush()
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str = "pretrain") -> tqdm:
