@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import ConfigError, PretrainConfig, UnknownKeyError, all_keys, load_config
 from .finetune_config import FinetuneConfig
+from .text import counted
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 USAGE = "usage: {prog} RECIPE.yaml [key=value ...]   (e.g. optim.base_lr=1e-4 run.output_dir=/tmp/run)"
@@ -74,7 +75,7 @@ def run_pretrain(argv: list[str]) -> int:
     if summary["preempted"]:
         return report_preempted(summary)
     if is_main_process():
-        print(f"done: {summary['steps']} steps; outputs in {summary['output_dir']}")
+        print(f"done: {counted(summary['steps'], 'step')}; outputs in {summary['output_dir']}")
     return 0
 
 

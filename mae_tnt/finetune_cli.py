@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .cli import is_main_process, load_recipe, report_preempted, report_user_errors
 from .finetune_config import FinetuneConfig
+from .text import counted
 
 
 def run_finetune(argv: list[str]) -> int:
@@ -30,6 +31,6 @@ def summary_line(summary: dict, cfg: FinetuneConfig) -> str:
     best, outputs = summary["best"], f"outputs in {summary['output_dir']}"
     if "weights" not in best:
         why = "data.val is null" if cfg.data.val is None else "validation runs at the end of each epoch"
-        return f"done: {summary['steps']} steps, not validated yet ({why}); {outputs}/checkpoints"
-    return (f"done: {summary['steps']} steps; best val top-1 {best['val_acc1']:.2f} ({best['weights']} weights, "
-            f"epoch {best['epoch']:g}); {outputs}")
+        return f"done: {counted(summary['steps'], 'step')}, not validated yet ({why}); {outputs}/checkpoints"
+    return (f"done: {counted(summary['steps'], 'step')}; best val top-1 {best['val_acc1']:.2f} ({best['weights']} "
+            f"weights, epoch {best['epoch']:g}); {outputs}")

@@ -391,10 +391,11 @@ def test_demo_finetune_beats_chance_and_resumes_exactly(tmp_path, one_thread):
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
-def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_in_eval_mode(tmp_path, one_thread):
+def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_in_eval_mode(tmp_path, one_thread, capsys):
     write_mae_checkpoint(tmp_path / "ckpt")
     run = FinetuneRun(demo_config(tmp_path / "probe", f"init={tmp_path / 'ckpt'}", "run.max_steps=3",
                                   recipe="demo_linprobe_vit.yaml"))
+    assert "linprobe vit_test_patch8_32 (10 classes, 330 parameters trainable)" in capsys.readouterr().out
     before = {k: v.clone() for k, v in run.unwrapped.state_dict().items()}
     run.set_train_mode()
     assert not run.unwrapped.blocks.training and run.unwrapped.head.training

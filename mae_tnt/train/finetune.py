@@ -47,6 +47,7 @@ from ..data.transforms import normalize, to_tensor, train_crop
 from ..finetune_config import AugmentConfig, FinetuneConfig
 from ..models import create_model
 from ..models.loading import save_weights
+from ..text import counted
 from .checkpoint import resolve_resume, restore_training, save_checkpoint
 from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step, write_run_config
 from .init import attach_probe_head, init_head, load_init, reestimate_stem_norms
@@ -275,7 +276,8 @@ class FinetuneRun:
         if not self.is_main:
             return
         p, o = self.plan, self.cfg.optim
-        self.log(f"{self.cfg.mode} {self.cfg.model.name} ({self.num_classes} classes, {trainable / 1e6:.2f} M "
+        size = f"{trainable / 1e6:.2f} M" if trainable >= 10_000 else f"{trainable}"  # a probe head can be tiny
+        self.log(f"{self.cfg.mode} {self.cfg.model.name} ({counted(self.num_classes, 'class')}, {size} parameters "
                  f"trainable) in {self.out}")
         self.log(f"effective batch {p.effective_batch} = {self.cfg.data.batch_size} per device x {o.accum_steps} "
                  f"accumulation x {self.world} processes; lr = {o.base_lr:g} x {p.effective_batch} / 256 = "
