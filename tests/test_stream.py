@@ -13,7 +13,7 @@ from mae_tnt.data.info import count_tar_samples, update_split
 from mae_tnt.data.loader import eval_batches, first_images, make_loader
 from mae_tnt.data.shards import ShardError, read_samples, resolve_shards
 from mae_tnt.data.stream import ShardStream
-from mae_tnt.data.transforms import train_crop
+from mae_tnt.data.transforms import eval_resize, train_crop
 
 
 def stream_for(shards, rank=0, world=1, workers=0, batch=4, seed=0, chunk=4):
@@ -256,3 +256,19 @@ def test_members_outside_samples_are_skipped_alike_when_counting_and_reading(tmp
     assert count_tar_samples(path) == 3
     assert [s["__key__"] for s in read_samples(str(path))] == ["a", "b", "c"]
     assert [s["cls"] for s in read_samples(str(path), start=1)] == [b"1", b"2"]
+
+
+@pytest.mark.parametrize("size", [32, 224])  # 32: floor(32 / 0.875) = 36 px, not 36.57
+def test_evaluation_images_are_timms_evaluation_transform(size):
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform
+
+    yy, xx = np.mgrid[0 : size * 5 // 4, 0 : size * 3 // 2]  # [H, W]: stripes, which show any sub-pixel shift
+    image = Image.fromarray(np.stack([xx * 64 % 256, yy * 64 % 256, (xx + yy) * 32 % 256], axis=-1).astype(np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    timm_eval = create_transform(size, crop_pct=0.875, interpolation="bicubic", is_training=False)
+    expected = torch.from_numpy(np.array(timm_eval.transforms[1](timm_eval.transforms[0](image)))).permute(2, 0, 1)
+    ours = eval_resize(buffer.getvalue(), size)  # uint8 [3, S, S]; timm's Resize + CenterCrop, before ToTensor
+    assert ours.shape == expected.shape and (ours.int() - expected.int()).abs().max() <= 1  # rounding only

@@ -101,13 +101,20 @@ def resize_box(image: torch.Tensor, box: tuple[int, int, int, int], size: int) -
 
 
 def eval_resize(data: bytes, size: int, crop_fraction: float = 0.875) -> torch.Tensor:
-    """Decode + resize the shorter side to size / crop_fraction + center crop (bicubic) -> uint8 [3, size, size]."""
+    """Decode + resize the shorter side to floor(size / crop_fraction) + center crop (bicubic) -> uint8 [3, size,
+    size]: timm's evaluation transform (what `resolve_data_config` gives for our exports), in one PIL call on the
+    source region that the crop covers, with torchvision's rounding of the resized size and of the crop offset."""
     image = decode_rgb(data)
     width, height = image.size
-    short = min(width, height)
-    side = short * crop_fraction if short * crop_fraction >= 1 else short
-    left, top = (width - side) / 2, (height - side) / 2
-    return to_tensor(image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side)))
+    resized_short = math.floor(size / crop_fraction)
+    if width <= height:
+        resized = (resized_short, int(resized_short * height / width))
+    else:
+        resized = (int(resized_short * width / height), resized_short)
+    left, top = (int(round((side - size) / 2)) for side in resized)  # offsets in the resized image
+    x_scale, y_scale = width / resized[0], height / resized[1]
+    box = (left * x_scale, top * y_scale, (left + size) * x_scale, (top + size) * y_scale)
+    return to_tensor(image.resize((size, size), Image.BICUBIC, box=box))
 
 
 def _draft(image: Image.Image, box: tuple[int, int, int, int], size: int):
