@@ -345,6 +345,14 @@ def test_top5_is_left_out_with_five_classes_or_fewer_where_it_is_always_100(tmp_
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+@pytest.mark.parametrize("key", ["data.split", "data.val_split"])
+def test_a_split_the_shards_lack_is_refused_naming_the_key_and_the_splits(tmp_path, key):
+    with pytest.raises(ShardError, match=rf"_info.json has no split 'test'; it has train, val: set {key} to one "
+                                         r"of them$"):
+        FinetuneRun(demo_config(tmp_path, f"{key}=test"))
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_resume_refuses_a_pretraining_checkpoint_pointing_to_init_and_a_run_of_another_mode(tmp_path, one_thread):
     write_mae_checkpoint(tmp_path / "mae")
     torch.save({}, tmp_path / "mae" / "optimizer.pt")

@@ -33,6 +33,14 @@ class ShardError(InfoError, RuntimeError):
     checks), so catching that one class catches every shard problem."""
 
 
+class MissingSplitError(ShardError):
+    """A shard directory whose `_info.json` lacks the split asked for."""
+
+
+def missing_split(root: Path, info: dict, split: str) -> str:
+    return f"{root}/_info.json has no split {split!r}; it has {', '.join(sorted(info.get('splits', {})))}"
+
+
 @dataclass(frozen=True)
 class Shard:
     url: str
@@ -98,6 +106,8 @@ def labeled_classes(spec: str, info: str | None, split: str, split_key: str, nee
     if root is None:
         return None
     meta = load_info(root)
+    if split not in meta.get("splits", {}):
+        raise MissingSplitError(f"{missing_split(root, meta, split)}: set {split_key} to one of them")
     classes = split_classes(meta, split)
     if classes:
         return classes
@@ -111,7 +121,7 @@ def _from_info(root: Path, split: str) -> list[Shard]:
     info = load_info(root)
     splits = info.get("splits", {})
     if split not in splits:
-        raise ShardError(f"{root}/_info.json has no split {split!r}; it has {sorted(splits)}")
+        raise MissingSplitError(missing_split(root, info, split))
     entry = splits[split]  # load_info has checked that its filenames, shard_lengths and num_samples agree
     return [Shard(str(root / name), int(n)) for name, n in zip(entry["filenames"], entry["shard_lengths"], strict=True)]
 
