@@ -376,7 +376,10 @@ def test_a_run_without_validation_ends_saying_so_and_where_its_weights_are(tmp_p
     assert last == f"done: 2 steps, not validated yet (data.val is null); outputs in {tmp_path}/checkpoints"
     assert (tmp_path / "checkpoints" / "step_00000002" / "model.safetensors").exists()
     assert run_finetune(argv[:-2] + ["run.max_steps=1", "run.resume=auto"]) == 0  # already past it: nothing to do
-    last = capsys.readouterr().out.splitlines()[-1]
+    output = capsys.readouterr().out
+    assert "NOTE: step_00000002 is at or past this run's last step 1 (run.max_steps, schedule.epochs): nothing is " \
+           "left to train" in output
+    last = output.splitlines()[-1]
     assert last == (f"done: 2 steps, not validated yet (validation runs at the end of each epoch); outputs in "
                     f"{tmp_path}/checkpoints")
 

@@ -248,6 +248,9 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
                      _uses_deepspeed(accelerator))
     data_state = _load_training_state(accelerator, model, optimizer, checkpoint, config)
     step = checkpoint.state["step"]
+    if step >= plan.stop_step:
+        log(f"NOTE: {checkpoint.path.name} is at or past this run's last step {plan.stop_step} (run.max_steps, "
+            "schedule.epochs): nothing is left to train")
     if LOG_WINDOW_KEY in checkpoint.state:  # absent from checkpoints of earlier versions: the window starts empty
         window.restore_loss_totals(checkpoint.state[LOG_WINDOW_KEY], accelerator.is_main_process)
     accelerator.wait_for_everyone()  # every rank has read its checkpoint before any directory moves
