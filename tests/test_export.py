@@ -100,6 +100,17 @@ def test_the_printed_timm_call_loads_a_fine_tuned_classifier_with_its_head(tool,
                              "std": tuple(MEAN_STD["std"]), "crop_pct": 0.875, "crop_mode": "center"}
 
 
+def test_exporting_a_run_directory_names_the_checkpoint_taken_and_the_best_weights(tool, tmp_path, capsys):
+    ours = create_model("vit_test_patch8_32", num_classes=10, global_pool="avg")
+    newest = finetune_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000009", ours, "finetune", "avg")
+    finetune_checkpoint(tmp_path / "run" / "best", ours, "finetune", "avg")
+    assert tool.main([str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(f"from {newest} to {tmp_path / 'out'}")
+    best = tmp_path / "run" / "best"
+    assert lines[1] == f"NOTE: that is the run's newest checkpoint; its best validated weights are in {best}"
+
+
 def test_create_model_builds_an_export_as_it_was_built_and_names_the_head_size_of_a_misfit(tool, tmp_path):
     ours = create_model("vit_test_patch8_32", num_classes=7, global_pool="avg", img_size=48).eval()
     state = {"step": 9, "model": "vit_test_patch8_32", "mode": "finetune", "num_classes": 7, "img_size": 48,

@@ -173,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         return 1
     print(f"exported {config['kind']} {config['model']} ({config['num_classes']} classes, {config['img_size']} px) "
-          f"to {args.out}")
+          f"from {config['source']} to {args.out}")
+    best = Path(args.checkpoint) / "best"
+    if best.is_dir():  # a run directory stands for its newest checkpoint
+        print(f"NOTE: that is the run's newest checkpoint; its best validated weights are in {best}")
     ours = f"mae_tnt.create_model({config['model']!r}, checkpoint_path={str(Path(args.out).resolve())!r})"
     if config["timm_call"]:
         print(f"load it in timm with: {config['timm_call']}\nor with: {ours}")
