@@ -71,6 +71,10 @@ def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys
     assert out.stat().st_size > 0 and f"wrote {out}" in capsys.readouterr().out
     assert visualize_main([str(tmp_path), str(shards), "--count", "4"]) == 0  # a run directory: its newest checkpoint
     assert (tmp_path / "recon" / "step_00000004_val.png").stat().st_size > 0
+    assert visualize_main([str(tmp_path), str(shards), "--count", "20", "--mask-ratio", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "NOTE: the val split has only 16 readable images to show of the 20 asked" in printed
+    assert "(masked-patch loss n/a, nothing is hidden at mask ratio 0.0)" in printed
     for bad in (["--count", "0"], ["--mask-ratio", "1"]):
         with pytest.raises(SystemExit):  # argparse's usage error (status 2), before any work
             visualize_main([str(tmp_path), str(shards), *bad])
