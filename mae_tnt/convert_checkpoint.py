@@ -27,7 +27,7 @@ def read_source(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
     """Tensors of SRC; a full unpickle only when the user opts in for a file they trust."""
     if not unsafe_pickle:
         return read_state_dict(path)
-    print(f"WARNING: unpickling {path} without restrictions (--unsafe-pickle); only do this for files you trust")
+    print(f"warning: unpickling {path} without restrictions (--unsafe-pickle); only do this for files you trust")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file

@@ -51,7 +51,7 @@ def visualize(args: argparse.Namespace) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     images = first_images(resolve_shards(args.shards, args.split, verify=False), args.count, model_cfg["img_size"])
     if len(images) < args.count:
-        print(f"NOTE: the {args.split} split has only {len(images)} readable images to show of the {args.count} asked")
+        print(f"note: the {args.split} split has only {len(images)} readable images to show of the {args.count} asked")
     loss = write_reconstructions(model, images, data_cfg["mean"], data_cfg["std"], out, state["step"], args.seed)
     shown = f"{loss:.4f}" if ratio > 0 else "n/a, nothing is hidden"
     print(f"wrote {out} (masked-patch loss {shown} at mask ratio {ratio})")

@@ -108,7 +108,7 @@ def test_exporting_a_run_directory_names_the_checkpoint_taken_and_the_best_weigh
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith(f"from {newest} to {tmp_path / 'out'}")
     best = tmp_path / "run" / "best"
-    assert lines[1] == f"NOTE: that is the run's newest checkpoint; its best validated weights are in {best}"
+    assert lines[1] == f"note: that is the run's newest checkpoint; its best validated weights are in {best}"
 
 
 def test_create_model_builds_an_export_as_it_was_built_and_names_the_head_size_of_a_misfit(tool, tmp_path):

@@ -257,7 +257,7 @@ def test_the_head_is_sized_from_the_shards_and_a_different_size_is_warned_about(
     assert resolve_num_classes(demo_config(tmp_path, "model.num_classes=null"), logged.append) == 10
     cfg = demo_config(tmp_path, "model.num_classes=1000")
     assert resolve_num_classes(cfg, logged.append) == 1000
-    assert logged == [f"WARNING: model.num_classes=1000 but {cfg.data.train}/_info.json lists 10 classes; set "
+    assert logged == [f"warning: model.num_classes=1000 but {cfg.data.train}/_info.json lists 10 classes; set "
                       "model.num_classes=null to size the head from the shards"]
     with pytest.raises(ShardError, match="model.num_classes=5 but .* lists 10 classes"):  # labels 5-9: no logit
         resolve_num_classes(demo_config(tmp_path, "model.num_classes=5"))
@@ -377,7 +377,7 @@ def test_a_run_without_validation_ends_saying_so_and_where_its_weights_are(tmp_p
     assert (tmp_path / "checkpoints" / "step_00000002" / "model.safetensors").exists()
     assert run_finetune(argv[:-2] + ["run.max_steps=1", "run.resume=auto"]) == 0  # already past it: nothing to do
     output = capsys.readouterr().out
-    assert "NOTE: step_00000002 is at or past this run's last step 1 (run.max_steps, schedule.epochs): nothing is " \
+    assert "note: step_00000002 is at or past this run's last step 1 (run.max_steps, schedule.epochs): nothing is " \
            "left to train" in output
     last = output.splitlines()[-1]
     assert last == (f"done: 2 steps, not validated yet (validation runs at the end of each epoch); outputs in "

@@ -287,7 +287,7 @@ def test_split_folders_read_as_classes_are_pointed_out(tmp_path, capsys):
     assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "0"]) == 0
     out, err = capsys.readouterr()
     assert "train: 4 samples (imagefolder, 2 classes)" in out  # train and val, as asked for
-    assert err.startswith(f"NOTE: the sub-folders of {tmp_path / 'src'} (train, val) look like splits but are read "
+    assert err.startswith(f"note: the sub-folders of {tmp_path / 'src'} (train, val) look like splits but are read "
                           "as classes; to shard each split, run this tool on each of them, e.g. "
                           f"{tmp_path / 'src' / 'train'} --split train, into a new OUT (or into this one with "
                           "--overwrite)\n")

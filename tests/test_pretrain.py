@@ -73,7 +73,7 @@ def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys
     assert (tmp_path / "recon" / "step_00000004_val.png").stat().st_size > 0
     assert visualize_main([str(tmp_path), str(shards), "--count", "20", "--mask-ratio", "0"]) == 0
     printed = capsys.readouterr().out
-    assert "NOTE: the val split has only 16 readable images to show of the 20 asked" in printed
+    assert "note: the val split has only 16 readable images to show of the 20 asked" in printed
     assert "(masked-patch loss n/a, nothing is hidden at mask ratio 0.0)" in printed
     for bad in (["--count", "0"], ["--mask-ratio", "1"]):
         with pytest.raises(SystemExit):  # argparse's usage error (status 2), before any work
@@ -308,7 +308,7 @@ def test_resume_with_another_data_layout_restarts_the_epoch_in_progress(shards, 
     trainer = Trainer(config(shards, tmp_path, "run.max_steps=24", *filter(None, [change])))
     assert trainer.step == 20 and (trainer.stream.state.epoch, trainer.stream.state.batches) == (1, 0)
     assert (trainer.stream.state.positions, trainer.stream.state.skipped) == ({}, 0)  # nothing of the old layout
-    assert f"WARNING: {why}: the data position of another layout cannot be continued without repeating samples, " \
+    assert f"warning: {why}: the data position of another layout cannot be continued without repeating samples, " \
            "so epoch 1 restarts from its start" in capsys.readouterr().out
 
 
@@ -406,4 +406,4 @@ def test_fp16_on_cpu_is_warned_about_instead_of_silently_training_in_fp32(capsys
 
     cfg = load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_vit.yaml", ["run.precision=fp16"])
     build_accelerator(cfg)
-    assert "WARNING: run.precision=fp16 has no effect on CPU" in capsys.readouterr().out
+    assert "warning: run.precision=fp16 has no effect on CPU" in capsys.readouterr().out

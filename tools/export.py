@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
           f"from {config['source']} to {args.out}")
     best = Path(args.checkpoint) / "best"
     if best.is_dir():  # a run directory stands for its newest checkpoint
-        print(f"NOTE: that is the run's newest checkpoint; its best validated weights are in {best}")
+        print(f"note: that is the run's newest checkpoint; its best validated weights are in {best}")
     ours = f"mae_tnt.create_model({config['model']!r}, checkpoint_path={str(Path(args.out).resolve())!r})"
     if config["timm_call"]:
         print(f"load it in timm with: {config['timm_call']}\nor with: {ours}")

@@ -606,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_image_pixels=args.max_image_pixels,
         )
         if args.fmt == "auto" and (note := folder_layout_note(args.src)):
-            print(f"NOTE: {note}", file=sys.stderr)
+            print(f"note: {note}", file=sys.stderr)
         summary = convert(args.src, args.out, options)
     except (ConversionError, SourceError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)

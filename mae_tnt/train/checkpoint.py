@@ -148,7 +148,7 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool
         try:
             return read_checkpoint(path)
         except ResumeError as err:
-            log(f"WARNING: skipping unusable checkpoint {path}: {err}; trying the previous one")
+            log(f"warning: skipping unusable checkpoint {path}: {err}; trying the previous one")
     return None
 
 
@@ -249,7 +249,7 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
     data_state = _load_training_state(accelerator, model, optimizer, checkpoint, config)
     step = checkpoint.state["step"]
     if step >= plan.stop_step:
-        log(f"NOTE: {checkpoint.path.name} is at or past this run's last step {plan.stop_step} (run.max_steps, "
+        log(f"note: {checkpoint.path.name} is at or past this run's last step {plan.stop_step} (run.max_steps, "
             "schedule.epochs): nothing is left to train")
     if LOG_WINDOW_KEY in checkpoint.state:  # absent from checkpoints of earlier versions: the window starts empty
         window.restore_loss_totals(checkpoint.state[LOG_WINDOW_KEY], accelerator.is_main_process)
@@ -262,7 +262,7 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
     epoch, into_epoch = divmod(step * accum_steps, plan.batches_per_epoch)
     if into_epoch:  # at an epoch's start nothing is lost
         why = "; ".join(changes) or f"{checkpoint.path} holds no data position"
-        log(f"WARNING: {why}: the data position of another layout cannot be continued without repeating samples, so "
+        log(f"warning: {why}: the data position of another layout cannot be continued without repeating samples, so "
             f"epoch {epoch} restarts from its start")
     return step, StreamState(epoch=epoch)
 
@@ -314,7 +314,7 @@ def set_aside_later_checkpoints(output_dir: str | Path, step: int, log=print) ->
             for grid in grids:
                 os.replace(grid, target / "recon" / grid.name)
         _copy_later_metrics(Path(output_dir) / "metrics.jsonl", step, target / "metrics.jsonl")
-        log(f"WARNING: this run continues from step {step}; moved the later checkpoints "
+        log(f"warning: this run continues from step {step}; moved the later checkpoints "
             f"{', '.join(path.name for path in later)}, with their reconstruction grids and metrics rows, to {target}")
 
 
@@ -339,7 +339,7 @@ def set_aside_previous_run(output_dir: str | Path, log=print) -> None:
     out = Path(output_dir)
     if find_checkpoints(out) or (out / "metrics.jsonl").exists():
         target = _move_to_superseded(out, [entry for entry in out.iterdir() if entry.name != "superseded"])
-        log(f"WARNING: run.resume=none: moved the previous run in {out} to {target}")
+        log(f"warning: run.resume=none: moved the previous run in {out} to {target}")
 
 
 def _move_to_superseded(output_dir: str | Path, paths: list[Path]) -> Path:

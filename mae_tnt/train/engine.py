@@ -74,7 +74,7 @@ def build_accelerator(cfg: PretrainConfig) -> Accelerator:
                               gradient_accumulation_steps=cfg.optim.accum_steps)
     check_launch(os.environ.get("WORLD_SIZE"), accelerator.num_processes)
     if accelerator.device.type == "cpu" and precision == "fp16" and accelerator.is_main_process:
-        print("WARNING: run.precision=fp16 has no effect on CPU, which autocasts to bf16 only: training in fp32 "
+        print("warning: run.precision=fp16 has no effect on CPU, which autocasts to bf16 only: training in fp32 "
               "(set run.precision=bf16 or fp32)")
     if accelerator.device.type == "cpu":
         # accelerate imports DeepSpeed whenever it is installed (e.g. in unwrap_model); told the device, DeepSpeed
@@ -125,7 +125,7 @@ def check_eval_data(cfg: PretrainConfig, log=print) -> None:
     data = cfg.data
     if data.val is None:
         if cfg.eval.knn_every:
-            log("WARNING: eval.knn_every is set but data.val is null: no online kNN accuracy will be logged")
+            log("warning: eval.knn_every is set but data.val is null: no online kNN accuracy will be logged")
         return
     try:
         data_shards(data, "val", verify=False)

@@ -157,7 +157,7 @@ def resolve_num_classes(cfg: FinetuneConfig, log=print) -> int:
                        f"{len(classes)} classes; set model.num_classes=null to size the head from the shards")
             if cfg.model.num_classes < len(classes):  # labels would index past the head at the first batch
                 raise ShardError(message)
-            log(f"WARNING: {message}")
+            log(f"warning: {message}")
         return cfg.model.num_classes
     if classes is None:
         raise ShardError(f"cannot tell the class count of {cfg.data.train} (no _info.json): set model.num_classes, "
@@ -293,7 +293,7 @@ class FinetuneRun:
             if (checkpoint.path / EMA_FILE).exists():
                 self.ema.module.load_state_dict(load_file(checkpoint.path / EMA_FILE))
             else:
-                self.log(f"WARNING: {checkpoint.path} holds no {EMA_FILE}; the EMA restarts from the weights")
+                self.log(f"warning: {checkpoint.path} holds no {EMA_FILE}; the EMA restarts from the weights")
                 self.ema = ModelEmaV3(self.unwrapped, decay=self.cfg.optim.ema_decay)
         self.log(f"resumed from {checkpoint.path} at step {self.step} (epoch {self.stream.state.epoch})")
 
