@@ -206,8 +206,8 @@ def check_compatible(checkpoint: Checkpoint, config: dict, effective_batch: int,
         raise ResumeError(f"{checkpoint.path} was written with mode={checkpoint.state.get('mode')} but this recipe "
                           f"runs mode={config.get('mode')}; {FRESH}")
     if (checkpoint.path / "engine").is_dir() != deepspeed:
-        written, launch = ("with", "with the same DeepSpeed accelerate config") if deepspeed is False else (
-            "without", "without DeepSpeed")
+        written = "without" if deepspeed else "with"
+        launch = "without DeepSpeed" if deepspeed else "with the same DeepSpeed accelerate config"
         raise ResumeError(f"{checkpoint.path} was written {written} DeepSpeed: launch {launch} to continue it, or "
                           f"{FRESH}")
     saved_batch = checkpoint.state.get("plan", {}).get("effective_batch", effective_batch)
