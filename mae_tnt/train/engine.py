@@ -24,6 +24,7 @@ from ..data.loader import build_train_stream, data_shards, first_images, mae_tra
 from ..data.shards import ShardError
 from ..data.transforms import normalize
 from ..models import create_model
+from ..text import counted
 from .checkpoint import Checkpoint, resolve_resume, restore_training, save_checkpoint
 from .knn import knn_accuracy_on_shards, require_labeled_shards, topk_text
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
@@ -173,7 +174,7 @@ class Trainer:
         if self.is_main:
             self.log(f"run directory: {self.out}")
             self.log(f"effective batch {self.plan.effective_batch} = {self.cfg.data.batch_size} per device x "
-                     f"{self.cfg.optim.accum_steps} accumulation x {self.acc.num_processes} processes; "
+                     f"{self.cfg.optim.accum_steps} accumulation x {counted(self.acc.num_processes, 'process')}; "
                      f"lr = {self.cfg.optim.base_lr:g} x {self.plan.effective_batch} / 256 = {self.plan.peak_lr:.3g}; "
                      f"{self.plan.steps_per_epoch:g} steps/epoch, {self.plan.total_steps} steps in the schedule, "
                      f"stopping at {self.plan.stop_step}")

@@ -280,7 +280,7 @@ class FinetuneRun:
         self.log(f"{self.cfg.mode} {self.cfg.model.name} ({counted(self.num_classes, 'class')}, {size} parameters "
                  f"trainable) in {self.out}")
         self.log(f"effective batch {p.effective_batch} = {self.cfg.data.batch_size} per device x {o.accum_steps} "
-                 f"accumulation x {self.world} processes; lr = {o.base_lr:g} x {p.effective_batch} / 256 = "
+                 f"accumulation x {counted(self.world, 'process')}; lr = {o.base_lr:g} x {p.effective_batch} / 256 = "
                  f"{p.peak_lr:.3g} ({o.name}, layer decay {o.layer_decay if self.cfg.mode == 'finetune' else None}); "
                  f"{p.steps_per_epoch:g} steps/epoch, {p.total_steps} steps, stopping at {p.stop_step}")
 
