@@ -20,7 +20,7 @@ from ..config import DataConfig
 from ..text import counted
 from .device_decode import DeferredCrop, gpu_decode_available
 from .images import BadImageError, image_bytes, set_max_image_pixels
-from .shards import MissingSplitError, Shard, ShardError, read_samples, resolve_shards
+from .shards import Shard, ShardError, read_samples, resolve_shards
 from .stream import ShardStream, label_of
 from .transforms import eval_resize, train_crop
 
@@ -40,10 +40,7 @@ def data_shards(data: DataConfig, which: str, verify: bool = True) -> list[Shard
         spec, split, key = data.train, data.split, "data.split"
     else:
         spec, split, key = data.val, data.val_split, "data.val_split"
-    try:
-        return resolve_shards(spec, split, allow_pipe=data.allow_pipe, verify=verify, info=data.info)
-    except MissingSplitError as err:
-        raise MissingSplitError(f"{err}: set {key} to one of them") from None
+    return resolve_shards(spec, split, allow_pipe=data.allow_pipe, verify=verify, info=data.info, split_key=key)
 
 
 def mae_transform(data: DataConfig, img_size: int) -> Callable:

@@ -22,6 +22,7 @@ from typing import IO
 import braceexpand
 import webdataset as wds
 
+from ..text import counted
 from .info import INFO_NAME, count_tar_samples, load_info, sample_key, split_classes
 from .info import ShardError as InfoError
 
@@ -33,12 +34,9 @@ class ShardError(InfoError, RuntimeError):
     checks), so catching that one class catches every shard problem."""
 
 
-class MissingSplitError(ShardError):
-    """A shard directory whose `_info.json` lacks the split asked for."""
-
-
-def missing_split(root: Path, info: dict, split: str) -> str:
-    return f"{root}/_info.json has no split {split!r}; it has {', '.join(sorted(info.get('splits', {})))}"
+def missing_split(root: Path, info: dict, split: str, split_key: str) -> str:
+    return (f"{root}/_info.json has no split {split!r}; it has {', '.join(sorted(info.get('splits', {})))}: set "
+            f"{split_key} to one of them")
 
 
 @dataclass(frozen=True)
@@ -48,11 +46,12 @@ class Shard:
 
 
 def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, verify: bool = True,
-                   info: str | None = None) -> list[Shard]:
+                   info: str | None = None, split_key: str = "the split") -> list[Shard]:
     """Shards of `spec` with their sample counts.
 
     Args:
         spec: a directory holding `_info.json` (its `split` entry is used) or a brace URL / path pattern.
+        split_key: the setting that chose `split` (e.g. `data.val_split`), named when `_info.json` lacks it.
         allow_pipe: allow `pipe:` URLs, which run a shell command.
         verify: for local files, count every shard's samples (tar headers only) and compare with `_info.json`.
         info: a local `_info.json` or its directory giving the sample counts of the URLs in `spec`, in order.
@@ -66,16 +65,16 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
         raise ShardError(f"{spec} does not exist: give a shard directory made by tools/make_shards.py, or a brace "
                          "pattern of .tar files")
     if path.is_dir():
-        shards = _from_info(path, split)
+        shards = _from_info(path, split, split_key)
     elif info is not None:
-        shards = _urls_with_info_counts(spec, info, split)
+        shards = _urls_with_info_counts(spec, info, split, split_key)
     else:
         shards = _from_pattern(spec)
     if not shards:
         raise ShardError(f"no shards found for {spec!r} (split {split!r}); create them with tools/make_shards.py")
     missing = [s.url for s in shards if is_local(s.url) and not Path(s.url).exists()]
     if missing:
-        raise ShardError(f"{len(missing)} shard(s) listed for {spec!r} do not exist, e.g. {missing[0]}")
+        raise ShardError(f"{counted(len(missing), 'shard')} listed for {spec!r} do not exist, e.g. {missing[0]}")
     if verify and path.is_dir():
         _verify_counts(shards, spec)
     return shards
@@ -107,7 +106,7 @@ def labeled_classes(spec: str, info: str | None, split: str, split_key: str, nee
         return None
     meta = load_info(root)
     if split not in meta.get("splits", {}):
-        raise MissingSplitError(f"{missing_split(root, meta, split)}: set {split_key} to one of them")
+        raise ShardError(missing_split(root, meta, split, split_key))
     classes = split_classes(meta, split)
     if classes:
         return classes
@@ -117,18 +116,18 @@ def labeled_classes(spec: str, info: str | None, split: str, split_key: str, nee
     raise ShardError(f"{needed_by} needs labeled shards, but {root}/_info.json gives split '{split}' no classes; {fix}")
 
 
-def _from_info(root: Path, split: str) -> list[Shard]:
+def _from_info(root: Path, split: str, split_key: str) -> list[Shard]:
     info = load_info(root)
     splits = info.get("splits", {})
     if split not in splits:
-        raise MissingSplitError(missing_split(root, info, split))
+        raise ShardError(missing_split(root, info, split, split_key))
     entry = splits[split]  # load_info has checked that its filenames, shard_lengths and num_samples agree
     return [Shard(str(root / name), int(n)) for name, n in zip(entry["filenames"], entry["shard_lengths"], strict=True)]
 
 
-def _urls_with_info_counts(spec: str, info: str, split: str) -> list[Shard]:
+def _urls_with_info_counts(spec: str, info: str, split: str, split_key: str) -> list[Shard]:
     root = info_directory(spec, info)
-    listed = _from_info(root, split)
+    listed = _from_info(root, split, split_key)
     urls = list(braceexpand.braceexpand(spec))
     if len(urls) != len(listed):
         raise ShardError(f"{spec!r} expands to {len(urls)} shard URLs but {root}/_info.json lists {len(listed)} "
