@@ -66,10 +66,8 @@ class ModelConfig:
         if self.name != MISSING_VALUE and not self.name.startswith("mae_"):
             raise ConfigError(f"model.name={self.name!r} is not a masked autoencoder: pretraining needs an mae_* model "
                               "(python -c \"import mae_tnt; print(mae_tnt.list_models('mae_*'))\")")
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ConfigError(f"model.mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if not 0.0 <= self.word_mask_ratio < 1.0:
-            raise ConfigError(f"model.word_mask_ratio must be in [0, 1), got {self.word_mask_ratio}")
+        check_range("model.mask_ratio", self.mask_ratio, 0, 1, "()")
+        check_range("model.word_mask_ratio", self.word_mask_ratio, 0, 1, "[)")
         check_range("model.drop_path", self.drop_path, 0, 1, "[)")
 
     def build_kwargs(self) -> dict[str, Any]:
@@ -428,10 +426,10 @@ def _check_type(value: Any, expected: Any, dotted: str, source: str) -> Any:
         try:  # YAML 1.1 reads `1e-4` (no dot) as a string.
             number = float(value)
         except ValueError:
-            number = None
-        if number is not None and not math.isfinite(number):  # nan would train silently into nan weights
-            raise ConfigError(f"{source}: `{dotted}` must be a finite number, got {value!r}")
-        if number is not None:
+            pass  # not a number: the type check below names it
+        else:
+            if not math.isfinite(number):  # nan would train silently into nan weights
+                raise ConfigError(f"{source}: `{dotted}` must be a finite number, got {value!r}")
             return number
     if isinstance(value, bool) and expected is not bool:
         raise ConfigError(f"{source}: `{dotted}` must be {expected.__name__}, got {value!r}")

@@ -127,8 +127,8 @@ class FinetuneOptimConfig(OptimConfig):
         super().__post_init__()
         if self.name not in OPTIMIZERS:
             raise ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
-        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.layer_decay is not None:
+            check_range("optim.layer_decay", self.layer_decay, 0, 1, "(]")
         if self.ema_decay is not None:
             check_range("optim.ema_decay", self.ema_decay, 0, 1, "[)")
         check_range("optim.momentum", self.momentum, 0, 1, "[)")
