@@ -187,8 +187,8 @@ def _check_torch_files(path: Path) -> None:
 FRESH = "use another run.output_dir, or run.resume=none to start fresh"
 
 
-def check_compatible(checkpoint: Checkpoint, config: dict, effective_batch: int, accum_steps: int,
-                     world_size: int, deepspeed: bool) -> None:
+def check_compatible(checkpoint: Checkpoint, config: dict, effective_batch: int, world_size: int,
+                     deepspeed: bool) -> None:
     """Refuse to resume another model's run (or mode's), a run whose step counts meant another effective batch, or a
     checkpoint of the other engine (DeepSpeed or not).
 
@@ -212,7 +212,8 @@ def check_compatible(checkpoint: Checkpoint, config: dict, effective_batch: int,
                           f"{FRESH}")
     saved_batch = checkpoint.state.get("plan", {}).get("effective_batch", effective_batch)
     if saved_batch != effective_batch:
-        fix = _batch_fix(checkpoint.state, saved_batch, effective_batch // accum_steps, world_size)
+        per_update = effective_batch // config["optim"]["accum_steps"]  # images per micro-step now
+        fix = _batch_fix(checkpoint.state, saved_batch, per_update, world_size)
         processes = counted(checkpoint.state.get("world_size"), "process")
         raise ResumeError(f"{checkpoint.path} was trained with an effective batch of {saved_batch} "
                           f"({processes}), this launch gives {effective_batch}; "
@@ -243,9 +244,7 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
     cannot continue another layout's positions without repeating samples). Checkpoints of `output_dir` past the
     restored step are set aside (`set_aside_later_checkpoints`).
     """
-    accum_steps = config["optim"]["accum_steps"]
-    check_compatible(checkpoint, config, plan.effective_batch, accum_steps, accelerator.num_processes,
-                     _uses_deepspeed(accelerator))
+    check_compatible(checkpoint, config, plan.effective_batch, accelerator.num_processes, _uses_deepspeed(accelerator))
     data_state = _load_training_state(accelerator, model, optimizer, checkpoint, config)
     step = checkpoint.state["step"]
     if step >= plan.stop_step:
@@ -259,7 +258,7 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
     changes = _layout_changes(checkpoint.state, config, accelerator.num_processes)
     if data_state is not None and not changes:
         return step, StreamState.from_dict(data_state)
-    epoch, into_epoch = divmod(step * accum_steps, plan.batches_per_epoch)
+    epoch, into_epoch = divmod(step * config["optim"]["accum_steps"], plan.batches_per_epoch)
     if into_epoch:  # at an epoch's start nothing is lost
         why = "; ".join(changes) or f"{checkpoint.path} holds no data position"
         log(f"warning: {why}: the data position of another layout cannot be continued without repeating samples, so "
