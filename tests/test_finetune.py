@@ -2,11 +2,13 @@
 reproducible augmentation, a demo fine-tune above chance with exact resume, and a frozen linear probe."""
 
 import importlib.util
+import itertools
 import json
 import pickle
 import random
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -462,3 +464,27 @@ def test_an_epoch_ending_on_a_checkpoint_step_is_saved_once_with_its_evaluation(
     assert [Path(line.split()[-1]).name for line in saves] == ["step_00000031", "step_00000032"]
     state = json.loads((tmp_path / "checkpoints" / "step_00000031" / "state.json").read_text())
     assert state["best"]["epoch"] == 1.0  # saved after the epoch's evaluation
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_img_per_s_leaves_out_the_time_spent_evaluating_and_saving(tmp_path, one_thread, monkeypatch):
+    """A clock that advances 1 ms per reading, and an hour at every evaluation and checkpoint (31 steps per epoch):
+    the rates must not see the hours."""
+    import mae_tnt.train.loop as loop
+
+    ticks, offset = itertools.count(step=1e-3), [0.0]
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: next(ticks) + offset[0]))
+    run = FinetuneRun(demo_config(tmp_path, "run.checkpoint_every=10", "run.max_steps=33", "run.log_every=1"))
+
+    def an_hour_then(method):
+        def slow(*args):
+            offset[0] += 3600
+            return method(*args)
+        return slow
+
+    monkeypatch.setattr(run, "save", an_hour_then(run.save))
+    monkeypatch.setattr(run, "evaluate", an_hour_then(run.evaluate))
+    run.train()
+    rates = [json.loads(line)["img_per_s"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert len(rates) == 33 and min(rates) > 100, rates

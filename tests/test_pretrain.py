@@ -1,6 +1,7 @@
 """The pretraining loop: run directory, exact resume, early config errors, non-finite loss, checkpoint safety."""
 
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -61,6 +63,25 @@ def test_run_writes_the_run_directory_and_lowers_the_loss(shards, tmp_path):
     assert list((tmp_path / "tensorboard").iterdir())
     weights = tmp_path / "checkpoints/step_00000064/model.safetensors"
     assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE((tmp_path / "config.yaml").stat().st_mode)
+
+
+def test_img_per_s_leaves_out_the_time_spent_saving_checkpoints(shards, tmp_path, monkeypatch):
+    """A clock that advances 1 ms per reading, and an hour at every checkpoint: the rates must not see the hours."""
+    import mae_tnt.train.loop as loop
+
+    ticks, offset = itertools.count(step=1e-3), [0.0]
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: next(ticks) + offset[0]))
+    trainer = Trainer(config(shards, tmp_path, "run.max_steps=6", "run.checkpoint_every=2"))
+    save = trainer.save
+
+    def slow_save():
+        offset[0] += 3600
+        return save()
+
+    monkeypatch.setattr(trainer, "save", slow_save)
+    trainer.train()
+    rows = [r for r in metrics(tmp_path) if "loss" in r]
+    assert len(rows) == 6 and all(r["img_per_s"] > 100 for r in rows), [r["img_per_s"] for r in rows]
 
 
 def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys):

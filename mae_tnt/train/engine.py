@@ -28,7 +28,7 @@ from ..text import counted
 from .checkpoint import Checkpoint, resolve_resume, restore_training, save_checkpoint
 from .knn import knn_accuracy_on_shards, require_labeled_shards, topk_text
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
-from .metrics import MetricsLogger, progress_bar, write_line
+from .metrics import MetricsLogger, main_process_lines, progress_bar
 from .optim import build_adamw
 from .recon import write_reconstructions
 from .schedule import lr_at
@@ -144,6 +144,7 @@ class Trainer:
         self.acc = build_accelerator(cfg)
         self.out = Path(cfg.run.output_dir)
         self.is_main = self.acc.is_main_process
+        self.log = main_process_lines(self.is_main)
         self.stream = build_train_stream(cfg.data, mae_transform(cfg.data, cfg.model.img_size), seed=cfg.seed,
                                          rank=self.acc.process_index, world_size=self.acc.num_processes)
         self.plan = derive_plan(cfg, self.acc.num_processes, self.stream.batches_per_epoch())
@@ -178,10 +179,6 @@ class Trainer:
                      f"lr = {self.cfg.optim.base_lr:g} x {self.plan.effective_batch} / 256 = {self.plan.peak_lr:.3g}; "
                      f"{self.plan.steps_per_epoch:g} steps/epoch, {self.plan.total_steps} steps in the schedule, "
                      f"stopping at {self.plan.stop_step}")
-
-    def log(self, message: str) -> None:
-        if self.is_main:
-            write_line(message)
 
     def _resume(self, checkpoint: Checkpoint) -> None:
         self.step, self.stream.state = restore_training(
@@ -281,14 +278,15 @@ class Trainer:
         rows = []
         if self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step:
             rows.append(self._log_window(bar))
-        if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.plan.stop_step:
-            raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
-            self.save()
-            self.last_saved = self.step
-        elif self.cfg.run.recon_every and self.step % self.cfg.run.recon_every == 0:
-            self.reconstructions()
-        if self._knn_due():
-            rows.append(self.knn_eval())
+        with self.window.paused():
+            if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.plan.stop_step:
+                raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
+                self.save()
+                self.last_saved = self.step
+            elif self.cfg.run.recon_every and self.step % self.cfg.run.recon_every == 0:
+                self.reconstructions()
+            if self._knn_due():
+                rows.append(self.knn_eval())
         return rows
 
     def _log_window(self, bar) -> dict:

@@ -53,7 +53,7 @@ from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_st
 from .init import attach_probe_head, init_head, load_init, reestimate_stem_norms
 from .knn import accuracy_counts, knn_accuracy_on_shards, reported_ks, require_labeled_shards, topk_text
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
-from .metrics import MetricsLogger, progress_bar, write_line
+from .metrics import MetricsLogger, main_process_lines, progress_bar
 from .optim import build_adamw
 from .schedule import lr_at
 
@@ -226,6 +226,7 @@ class FinetuneRun:
         self.cfg = cfg
         self.acc = build_accelerator(cfg)
         self.out, self.is_main = Path(cfg.run.output_dir), self.acc.is_main_process
+        self.log = main_process_lines(self.is_main)
         self.device, self.rank, self.world = self.acc.device, self.acc.process_index, self.acc.num_processes
         transform = FinetuneTransform(cfg.model.img_size, cfg.data.crop_scale, cfg.augment.rand_augment, cfg.data.mean)
         self.stream = build_train_stream(cfg.data, transform, seed=cfg.seed, rank=self.rank, world_size=self.world)
@@ -254,10 +255,6 @@ class FinetuneRun:
         if checkpoint is not None:
             self._resume(checkpoint)
         write_run_config(cfg, self.out, self.is_main)
-
-    def log(self, message: str) -> None:
-        if self.is_main:
-            write_line(message)
 
     def _build_ema(self) -> ModelEmaV3 | None:
         if not self.cfg.optim.ema_decay:
@@ -338,10 +335,11 @@ class FinetuneRun:
                 epoch_done = self._epoch_done()
                 if epoch_done:
                     self.stream.state.start_epoch(self.stream.state.epoch + 1)
-                if (epoch_done or self.step >= self.plan.stop_step) and self.val_shards:
-                    history.append(self.evaluate_and_keep_best())
-                raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
-                self.save()
+                with self.window.paused():
+                    if (epoch_done or self.step >= self.plan.stop_step) and self.val_shards:
+                        history.append(self.evaluate_and_keep_best())
+                    raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
+                    self.save()
         return {"steps": self.step, "history": history, "best": self.best, "output_dir": str(self.out),
                 "preempted": self.preemption.cut_short(self.step, self.plan.stop_step)}
 
@@ -364,7 +362,8 @@ class FinetuneRun:
                 break  # `train` evaluates at an epoch end, then saves once
             if self.step % self.cfg.run.checkpoint_every == 0:
                 raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
-                self.save()
+                with self.window.paused():
+                    self.save()
         return micro
 
     def _epoch_done(self) -> bool:

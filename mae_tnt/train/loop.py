@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,6 +34,16 @@ class Window:
     def restart_clock(self) -> None:
         """Rates count from here: when training starts, not when the trainer (and this window) was built."""
         self.images, self.data_time, self.start = 0, 0.0, time.perf_counter()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time spent inside out of the window's rates: img/s and data_wait measure training, not the
+        checkpoints, reconstruction grids and evaluations that happen between steps."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - start
 
     def add(self, loss: torch.Tensor, images: int, micro: int) -> None:
         """Add the loss of micro-step `micro - 1` (0-based); remember the first non-finite one."""

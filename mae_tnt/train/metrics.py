@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -74,6 +75,11 @@ def write_line(message: str) -> None:
     """Print a log line above the progress bar: a plain print would continue the bar's line."""
     tqdm.write(message)
     sys.stdout.flush()
+
+
+def main_process_lines(is_main: bool) -> Callable[[str], None]:
+    """`write_line` on the main process, nothing on the others: every rank would print the same line."""
+    return write_line if is_main else lambda message: None
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str = "pretrain") -> tqdm:
