@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from shard_utils import drop_classes, write_shards
@@ -488,3 +489,18 @@ def test_img_per_s_leaves_out_the_time_spent_evaluating_and_saving(tmp_path, one
     rates = [json.loads(line)["img_per_s"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in line]
     assert len(rates) == 33 and min(rates) > 100, rates
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_config_yaml_records_the_checkpoint_an_init_run_directory_stood_for(tmp_path, one_thread):
+    mae_run = tmp_path / "mae"
+    write_mae_checkpoint(mae_run / "checkpoints" / "step_00000001")
+
+    def recorded() -> str:
+        return yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())["init"]
+
+    FinetuneRun(demo_config(tmp_path / "ft", f"init={mae_run}", "run.max_steps=1")).train()
+    assert recorded() == str(mae_run / "checkpoints" / "step_00000001")
+    write_mae_checkpoint(mae_run / "checkpoints" / "step_00000002")  # the pretraining run went on meanwhile
+    FinetuneRun(demo_config(tmp_path / "ft", f"init={mae_run}", "run.max_steps=2")).train()
+    assert recorded() == str(mae_run / "checkpoints" / "step_00000001")  # the resumed run started from step 1

@@ -50,7 +50,7 @@ from ..models.loading import save_weights
 from ..text import counted
 from .checkpoint import resolve_resume, restore_training, save_checkpoint
 from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step, write_run_config
-from .init import attach_probe_head, init_head, load_init, reestimate_stem_norms
+from .init import attach_probe_head, init_head, load_init, recorded_init, reestimate_stem_norms
 from .knn import accuracy_counts, knn_accuracy_on_shards, reported_ks, require_labeled_shards, topk_text
 from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, main_process_lines, progress_bar
@@ -235,6 +235,7 @@ class FinetuneRun:
         if cfg.data.val:
             require_labeled_shards(cfg.data, f"{cfg.mode} validation")
         checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)
+        cfg.init = recorded_init(cfg.init, checkpoint.state if checkpoint else None)
         set_fused_attn(cfg.run.fused_attn)
         self.memory_format = (torch.channels_last if cfg.run.channels_last and self.device.type == "cuda"
                               else torch.contiguous_format)
@@ -452,7 +453,8 @@ class FinetuneRun:
 def run_knn(cfg: FinetuneConfig) -> dict:
     """Weighted k-NN top-1/top-5 of frozen features: bank from the train split, queries from the val split."""
     acc = build_accelerator(cfg)
-    log = print if acc.is_main_process else (lambda message: None)
+    log = main_process_lines(acc.is_main_process)
+    cfg.init = recorded_init(cfg.init)
     model = build_classifier(cfg, num_classes=0, log=log).to(acc.device).eval()
     if cfg.model.bn_reestimate_batches:
         refit_stem_norms(model, cfg, acc.device)

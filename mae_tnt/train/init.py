@@ -102,6 +102,15 @@ def allowed_keys(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return HEAD_KEYS, unexpected
 
 
+def recorded_init(init: str | None, resumed_state: dict | None = None) -> str | None:
+    """`init` as a run's config.yaml records it, so that the record names the weights actually read: the checkpoint
+    a run directory stood for when the run started. A resumed run (`resumed_state`: its checkpoint's state) keeps
+    the one it started from, though the pretraining run may have saved newer ones since."""
+    if resumed_state is not None:
+        return resumed_state.get("config", {}).get("init", init)
+    return str(resolve_checkpoint(init)) if init else None
+
+
 def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] = print) -> LoadReport:
     """Load `source` into `model` (a classifier or bare encoder) and print the exact key report.
 
