@@ -341,7 +341,7 @@ def test_resume_at_an_epoch_start_in_another_layout_loses_nothing_and_says_nothi
     assert "restarts from its start" not in capsys.readouterr().out
 
 
-def test_resume_with_another_effective_batch_is_refused_with_the_accumulation_that_fixes_it(shards, tmp_path):
+def test_resume_with_another_effective_batch_is_refused_with_the_settings_that_fix_it(shards, tmp_path):
     Trainer(config(shards, tmp_path, "run.max_steps=20")).train()
     state_file = find_checkpoints(tmp_path)[0] / "state.json"
     state = json.loads(state_file.read_text())
@@ -358,6 +358,11 @@ def test_resume_with_another_effective_batch_is_refused_with_the_accumulation_th
     with pytest.raises(ResumeError, match=r"effective batch of 8 \(1 process\), this launch gives 16.*"
                                           r"set data.batch_size=8 optim.accum_steps=1 to continue it"):
         Trainer(config(shards, tmp_path, "run.max_steps=24", "data.batch_size=16"))
+    state_file.write_text(json.dumps({**state, "world_size": 2, "plan": {**state["plan"], "effective_batch": 20}}))
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ResumeError, match=r"effective batch of 20 \(2 processes\), this launch gives 8.*"
+                                          r"set data.batch_size=5 optim.accum_steps=4 to continue it"):
+        Trainer(config(shards, tmp_path, "run.max_steps=24"))  # 20 images per process: 4 x 5 fit where 8 did
 
 
 def test_resume_with_another_model_is_refused(shards, tmp_path):

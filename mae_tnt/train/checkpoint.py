@@ -226,9 +226,14 @@ def _batch_fix(state: dict, saved_batch: int, per_update: int, world_size: int) 
     if state.get("world_size") == world_size and "data" in saved_config:  # the batch settings changed, not the launch
         return (f"set data.batch_size={saved_config['data']['batch_size']} "
                 f"optim.accum_steps={saved_config['optim']['accum_steps']}")
-    if saved_batch % per_update == 0:
-        return f"set optim.accum_steps={saved_batch // per_update}"
-    return f"launch {counted(state.get('world_size'), 'process')}"
+    per_process, rest = divmod(saved_batch, world_size)
+    if rest:
+        return f"launch {counted(state.get('world_size'), 'process')}"
+    batch_now = per_update // world_size
+    # The largest per-device batch up to the present one: it fits in memory as the present one does.
+    batch = max(b for b in range(1, batch_now + 1) if per_process % b == 0)
+    accum = f"optim.accum_steps={per_process // batch}"
+    return f"set {accum}" if batch == batch_now else f"set data.batch_size={batch} {accum}"
 
 
 def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, config: dict, plan: Plan,
