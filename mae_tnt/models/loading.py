@@ -197,11 +197,15 @@ def _refuse(model: nn.Module, missing: list[str], unexpected: list[str], reshape
                           f"{hint}, or {remedy}")
 
 
-POOLING_FIXES = {
-    (("norm",), ("fc_norm",)): ("was trained with global average pooling", "global_pool='avg'"),
-    (("fc_norm",), ("norm",)): ("was trained with the class token", "global_pool='token'"),
-}
-"""(missing, unexpected) top-level modules besides the head -> why, and the build argument that fits."""
+POOLINGS = {"avg": ("fc_norm", "was trained with global average pooling"),
+            "token": ("norm", "was trained with the class token")}
+"""timm's pooling layouts: global_pool -> the final norm it keeps (the other is absent), and how a hint says it."""
+
+
+def _pooling_shown(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The global_pool whose final norm alone a state dict holds; None when it holds both or neither."""
+    shown = [pool for pool, (norm, _) in POOLINGS.items() if _has_module(state_dict, norm)]
+    return shown[0] if len(shown) == 1 else None
 
 
 def _build_hint(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor], missing: list[str],
@@ -211,12 +215,12 @@ def _build_hint(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor
     if any(not key.startswith("head.") for key in reshaped):
         return None
     fixes = []
-    misfit = tuple(tuple(sorted({key.split(".")[0] for key in keys} - {"head"})) for keys in (missing, unexpected))
-    if any(misfit):
-        pooling = POOLING_FIXES.get(misfit)
-        if pooling is None:
+    misfit = {key.split(".")[0] for key in missing + unexpected} - {"head"}
+    if misfit:
+        pooling = _pooling_shown(state_dict)
+        if misfit != {norm for norm, _ in POOLINGS.values()} or pooling is None:
             return None
-        fixes.append(pooling)
+        fixes.append((POOLINGS[pooling][1], f"global_pool='{pooling}'"))
     theirs, ours = head_outputs(state_dict), head_outputs(own)
     if theirs != ours:
         fixes.append((f"has a head of {theirs} outputs" if theirs else "has no head", f"num_classes={theirs}"))
@@ -235,7 +239,7 @@ def shown_build_kwargs(state_dict: dict[str, torch.Tensor]) -> dict:
     """The classifier build arguments a state dict shows: its head size (0: an encoder's) and, in timm's layout of
     global average pooling (`fc_norm` and no `norm`), global_pool='avg'. TNT's pooling leaves no trace in its keys."""
     shown: dict = {"num_classes": head_outputs(state_dict)}
-    if _has_module(state_dict, "fc_norm") and not _has_module(state_dict, "norm"):
+    if _pooling_shown(state_dict) == "avg":  # a class-token `norm` is also TNT's average-pooling one
         shown["global_pool"] = "avg"
     return shown
 
