@@ -125,7 +125,7 @@ def test_create_model_builds_an_export_as_it_was_built_and_names_the_head_size_o
         create_model("vit_test_patch8_32", checkpoint_path=tmp_path / "out", num_classes=0)  # the caller's wins
 
 
-def test_an_export_exports_again_and_bare_weights_export_with_the_head_and_pooling_they_show(tool, tmp_path):
+def test_an_export_exports_again_and_bare_weights_export_as_trained_or_not_at_all(tool, tmp_path):
     ours = create_model("vit_test_patch8_32", num_classes=7, global_pool="avg", img_size=48).eval()
     state = {"step": 9, "model": "vit_test_patch8_32", "mode": "finetune", "num_classes": 7, "img_size": 48,
              "config": {"model": {"img_size": 48, "global_pool": "avg"}, "data": MEAN_STD}}
@@ -140,6 +140,14 @@ def test_an_export_exports_again_and_bare_weights_export_with_the_head_and_pooli
     config = tool.export(tmp_path / "bare.pth", tmp_path / "bare", model_name="vit_test_patch8_32")
     assert (config["kind"], config["num_classes"], config["global_pool"]) == ("classifier", 7, "avg")
     assert_same_tensors(bare, tmp_path / "bare" / "model.safetensors")
+
+    torch.save({"model": ours.state_dict()}, tmp_path / "bare48.pth")  # another size than the default 32
+    with pytest.raises(CheckpointError, match=r"another image size than vit_test_patch8_32 at 32 px \(pos_embed "
+                                              r"\[1, 37, 32\] -> \[1, 17, 32\]\); pass --img-size"):
+        tool.export(tmp_path / "bare48.pth", tmp_path / "bare48", model_name="vit_test_patch8_32")
+    config = tool.export(tmp_path / "bare48.pth", tmp_path / "bare48", model_name="vit_test_patch8_32", img_size=48)
+    assert config["img_size"] == 48 and config["timm_kwargs"]["img_size"] == 48
+    assert_same_tensors(ours, tmp_path / "bare48" / "model.safetensors")
 
 
 def test_linear_probe_export_folds_the_batchnorm_into_the_head(tool, tmp_path):

@@ -117,21 +117,28 @@ def describe(meta: dict, model_name: str | None, state_dict: dict[str, torch.Ten
 
 
 def build_checked(info: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """Our model for `info`, loaded from `state_dict` with no key left over on either side."""
+    """Our model for `info`, loaded from `state_dict` with no key left over on either side, and no position table
+    resampled: an export keeps the weights as they were trained."""
     kwargs = {"num_classes": info["num_classes"]}
     kwargs.update({k: info[k] for k in ("img_size", "global_pool") if info[k] is not None})
     model = create_model(info["model"], **kwargs)
-    load_weights(model, state_dict)
+    report = load_weights(model, state_dict)
+    if report.resampled:
+        raise CheckpointError(f"the weights' position table is for another image size than {info['model']} at "
+                              f"{model.grid * model.unit} px ({'; '.join(report.resampled)}); pass --img-size with "
+                              "the size they were trained at")
     return model
 
 
-def export(checkpoint: str | Path, out: str | Path, model_name: str | None = None) -> dict:
-    """Write OUT/model.safetensors and OUT/config.json; returns the config."""
+def export(checkpoint: str | Path, out: str | Path, model_name: str | None = None, img_size: int | None = None) -> dict:
+    """Write OUT/model.safetensors and OUT/config.json; returns the config. `img_size` is needed for bare weights
+    trained at another size than the model's default (a checkpoint's state.json records its own)."""
     checkpoint = resolve_checkpoint(checkpoint)
     raw, meta = read_source(checkpoint)
     state_dict, dropped, layout = encoder_weights(raw)
     state_dict = fold_probe_head(state_dict)
     info = describe(meta, model_name, state_dict)
+    info["img_size"] = img_size or info["img_size"]
     model = build_checked(info, state_dict)
     timm_name, timm_kwargs = timm_spec(model, info["model"])
     info.update(img_size=model.grid * model.unit, global_pool=getattr(model, "global_pool", info["global_pool"]))
@@ -165,11 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="checkpoint directory (pretraining, fine-tune, best/) or weights file")
     parser.add_argument("out", help="output directory")
     parser.add_argument("--model", default=None, help="registered classifier name (needed without state.json)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="image size the weights were trained at (for weights without state.json, when it is "
+                             "not the model's default)")
     args = parser.parse_args(argv)
     if blocker := file_in_the_way(args.out):
         print(f"error: the export goes into the directory {args.out}, but {blocker} is a file", file=sys.stderr)
         return 1
-    config = report_user_errors(lambda: export(args.checkpoint, args.out, args.model))
+    config = report_user_errors(lambda: export(args.checkpoint, args.out, args.model, args.img_size))
     if config is None:
         return 1
     print(f"exported {config['kind']} {config['model']} ({config['num_classes']} classes, {config['img_size']} px) "
