@@ -49,7 +49,7 @@ def visualize(args: argparse.Namespace) -> dict:
     load_weights(model, raw)
     out = args.out or default_output(checkpoint, args.split)
     out.parent.mkdir(parents=True, exist_ok=True)
-    shards = resolve_shards(args.shards, args.split, verify=False, split_key="--split")
+    shards = resolve_shards(args.shards, args.split, split_key="--split")  # warns about a truncated shard
     images = first_images(shards, args.count, model_cfg["img_size"])
     if len(images) < args.count:
         print(f"note: the {args.split} split has only {len(images)} readable images to show of the {args.count} asked")

@@ -107,6 +107,18 @@ def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys
     assert err.startswith("error: ") and "is not a pretraining checkpoint" in err
 
 
+def test_a_truncated_val_shard_is_warned_about_by_pretraining_and_by_visualize(shards, tmp_path, capsys):
+    broken = tmp_path / "shards"
+    shutil.copytree(shards, broken)
+    victim = broken / "val-000000.tar"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=f"{victim}: .* Until then, its samples after the break are skipped"):
+        trainer = Trainer(config(broken, tmp_path / "run", "run.max_steps=2"))  # before any step
+    trainer.train()
+    assert visualize_main([str(tmp_path / "run"), str(broken), "--count", "4"]) == 0
+    assert f"warning: {victim}: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_with_identical_losses_and_lrs(shards, tmp_path, workers):
     """Killed mid-epoch after its step-12 checkpoint (epoch = 16 steps, log rows every 5), the resumed run logs the
@@ -155,7 +167,7 @@ def test_a_truncated_shard_is_one_warning_line_and_its_lost_samples_are_counted(
     assert result.returncode == 0, result.stderr[-2000:]
     warnings = [line for line in result.stderr.splitlines() if "warning" in line.lower()]
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: {victim}: "), warnings
-    assert "skipped and counted" in warnings[0] and "Traceback" not in result.stderr
+    assert "training counts them in skipped_samples" in warnings[0] and "Traceback" not in result.stderr
     # A running total over 16 steps, one epoch; the samples that fill in for the lost ones come from the next
     # epoch's order, which may cross the break again.
     assert metrics(tmp_path / "run")[-1]["skipped_samples"] >= 32 - readable > 0

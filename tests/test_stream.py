@@ -110,7 +110,7 @@ def test_a_truncated_shard_is_warned_about_then_skipped_and_counted(tmp_path):
     readable = sum(1 for _ in read_samples(str(victim)))
     assert 0 < readable < 8
     with pytest.warns(UserWarning, match=r"train-000001.tar: .*re-create it. Until then, its samples after the break "
-                                         r"are skipped and counted \(skipped_samples in the metrics\)"):
+                                         r"are skipped \(training counts them in skipped_samples\)"):
         shards = resolve_shards(str(tmp_path))
     assert [shard.num_samples for shard in shards] == [8] * 4  # _info.json's counts: the epoch plan stays the same
     stream = stream_for(shards, batch=4)

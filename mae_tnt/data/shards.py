@@ -159,12 +159,12 @@ def _count_readable(url: str) -> int:
 
 def _verify_counts(shards: list[Shard], spec: str) -> None:
     """Fail on a complete shard whose count disagrees with `_info.json` (the data changed under it); warn about a
-    truncated or corrupt one, whose samples after the break are then skipped and counted."""
+    truncated or corrupt one, whose samples after the break are then skipped (and counted, by training)."""
     for shard in filter(lambda shard: is_local(shard.url), shards):
         try:
             actual = count_tar_samples(shard.url)
         except InfoError as err:
-            _warn_broken(err, "its samples after the break are skipped and counted (skipped_samples in the metrics)")
+            _warn_broken(err, "its samples after the break are skipped (training counts them in skipped_samples)")
             continue
         if actual != shard.num_samples:
             raise ShardError(

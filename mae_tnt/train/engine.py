@@ -122,14 +122,14 @@ def configure_deepspeed(accelerator: Accelerator, cfg: PretrainConfig) -> torch.
 
 def check_eval_data(cfg: PretrainConfig, log=print) -> None:
     """Fail before training, not at the first reconstruction grid or kNN epoch, when `data.val` cannot be read or the
-    kNN monitor has no labels."""
+    kNN monitor has no labels; warn about truncated val shards."""
     data = cfg.data
     if data.val is None:
         if cfg.eval.knn_every:
             log("warning: eval.knn_every is set but data.val is null: no online kNN accuracy will be logged")
         return
     try:
-        data_shards(data, "val", verify=False)
+        data_shards(data, "val")  # a broken shard is warned about now, not when evaluations read it
     except ShardError as err:
         raise ShardError(f"data.val: {err}") from err
     if cfg.eval.knn_every:
