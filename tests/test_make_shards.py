@@ -1,15 +1,22 @@
 """Tests of the shard converter, the image decoding it shares with the loader, _info.json and inspect_shards."""
 
+import fcntl
 import gzip
 import io
 import json
+import multiprocessing
+import os
 import pickle
 import re
 import runpy
+import signal
 import struct
 import subprocess
 import sys
 import tarfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -401,7 +408,8 @@ def test_file_lists_with_names_ints_and_no_labels(tmp_path):
     assert json.loads(by_source(tmp_path / "ints")["imgs/a.png"]["json"])["label"] == "z"
 
     (tmp_path / "headless.csv").write_text("imgs/a.png,zebra\n")
-    with pytest.raises(SourceError, match="needs a header line, `path` or `path,label`"):
+    with pytest.raises(SourceError, match="needs a header line whose first column is `path` .*its first line is "
+                                          "'imgs/a.png,zebra'"):
         convert(tmp_path / "headless.csv", tmp_path / "headless", options())
 
     (tmp_path / "plain.txt").write_text(f"# comment\nimgs/a.png\n{tmp_path / 'imgs' / 'b.png'}\n")
@@ -615,3 +623,124 @@ def test_ctrl_c_in_make_shards_is_one_line_saying_how_to_finish(tmp_path, monkey
     assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "out"), "--shard-size", "2"]) == 130
     err = capsys.readouterr().err
     assert "interrupted; run the same command again to finish the conversion" in err and "Traceback" not in err
+
+
+def test_linked_folders_are_read_once_and_hidden_entries_are_listed_not_read(tmp_path):
+    write_imagefolder(tmp_path / "elsewhere", ["bird"], per_class=2)
+    write_imagefolder(tmp_path / "src", ["cat"], per_class=1)
+    (tmp_path / "src" / "bird").symlink_to(tmp_path / "elsewhere" / "bird")  # a class folder kept elsewhere
+    (tmp_path / "src" / "cat" / "again").symlink_to(tmp_path / "src" / "bird")  # a second route: read once
+    (tmp_path / "src" / "cat" / "loop").symlink_to(tmp_path / "src" / "cat")  # a cycle
+    write_imagefolder(tmp_path / "src" / "cat" / ".ipynb_checkpoints", ["copies"], per_class=1)
+    (tmp_path / "src" / "cat" / ".hidden.png").write_bytes(encoded(gradient(4, 4), "PNG"))
+    write_imagefolder(tmp_path / "src" / ".git", ["objects"], per_class=1)  # a hidden folder is no class
+    summary = convert(tmp_path / "src", tmp_path / "out", options())
+    assert summary.classes == ["bird", "cat"]
+    assert {source: int(fields["cls"]) for source, fields in by_source(tmp_path / "out").items()} == {
+        "bird/0.png": 0, "bird/1.png": 0, "cat/0.png": 1}
+    assert summary.skipped == [
+        {"source": ".git/", "reason": "hidden folder, not read"},
+        {"source": "cat/.hidden.png", "reason": "hidden file"},
+        {"source": "cat/.ipynb_checkpoints/", "reason": "hidden folder, not read"},
+        {"source": "cat/again/", "reason": "links to bird/, read once"},
+        {"source": "cat/loop/", "reason": "links to cat/, read once"},
+    ]
+    flat = convert(tmp_path / "src" / "bird", tmp_path / "flat", options())  # a linked folder as SRC, unlabeled
+    assert flat.num_samples == 2
+
+
+def test_an_empty_class_folder_is_refused_unless_the_classes_are_given(tmp_path):
+    write_imagefolder(tmp_path / "src", ["cat", "dog"], per_class=1)
+    (tmp_path / "src" / "cow").mkdir()
+    with pytest.raises(SourceError, match=r"class folder\(s\) cow hold no image; remove them, or pass --classes"):
+        convert(tmp_path / "src", tmp_path / "out", options())
+    assert convert(tmp_path / "src", tmp_path / "out", options(classes=("cat", "cow", "dog"))).num_samples == 2
+
+
+def test_an_overwrite_refused_for_its_classes_leaves_the_split_it_would_replace(tmp_path):
+    write_imagefolder(tmp_path / "a", ["cat", "dog"], per_class=1)
+    write_imagefolder(tmp_path / "b", ["cow", "pig"], per_class=1)
+    for split in ("train", "val"):
+        convert(tmp_path / "a", tmp_path / "out", options(split=split))
+    before = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
+    with pytest.raises(ShardError, match="already has classes"):
+        convert(tmp_path / "b", tmp_path / "out", options(split="val", overwrite=True))
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda batch: {**batch, "labels": batch["labels"] + [0, 1]}, "data_batch_1 has 4 images but 6 labels"),
+    (lambda batch: {**batch, "labels": batch["labels"][:3]}, "data_batch_1 has 4 images but 3 labels"),
+    (lambda batch: {**batch, "labels": [0, 1, 2, 1]}, "data_batch_1: label 2 names none of the 2 classes"),
+    (lambda batch: {**batch, "data": batch["data"][:, :1000]}, r"data_batch_1: 'data' has shape \[4, 1000\], not"),
+], ids=["more-labels", "fewer-labels", "label-out-of-range", "not-32x32-rgb"])
+def test_a_cifar_batch_that_does_not_add_up_is_refused_naming_the_file(tmp_path, change, message):
+    batch = {"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 1, 0]}
+    for name, content in (("batches.meta", {"label_names": ["cat", "dog"]}), ("test_batch", batch),
+                          ("data_batch_1", change(batch)), ("data_batch_2", batch)):
+        (tmp_path / name).write_bytes(pickle.dumps(content))
+    with pytest.raises(SourceError, match=message):
+        convert(tmp_path, tmp_path / "out", options())
+
+
+def test_sources_given_the_wrong_way_are_refused_with_what_to_pass(tmp_path, capsys):
+    images = np.zeros((2, 5, 4), np.uint8)
+    (tmp_path / "idx").mkdir()
+    write_idx(tmp_path / "idx" / "train-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "idx" / "train-labels-idx1-ubyte.gz", np.arange(2))
+    cases = [
+        (tmp_path / "idx" / "train-images-idx3-ubyte.gz", "auto", "is a file but not a text list of image paths; "
+                                                                  "pass the dataset's directory"),
+        (tmp_path / "idx", "list", "is a directory; --format list reads a list file"),
+    ]
+    for src, fmt, message in cases:
+        with pytest.raises(SourceError, match=message):
+            convert(src, tmp_path / "out", options(fmt=fmt))
+    labels = tmp_path / "idx" / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:-4])  # a cut download
+    with pytest.raises(SourceError, match="train-labels-idx1-ubyte.gz: Compressed file ended .* download it again"):
+        convert(tmp_path / "idx", tmp_path / "out", options())
+    (tmp_path / "gz").mkdir()
+    write_idx(tmp_path / "gz" / "train-labels-idx1-ubyte.gz", np.arange(2))
+    write_idx(tmp_path / "gz" / "train-images-idx3-ubyte.gz", images)
+    (tmp_path / "gz" / "train-images-idx3-ubyte.gz").rename(tmp_path / "gz" / "train-images-idx3-ubyte")
+    with pytest.raises(SourceError, match="train-images-idx3-ubyte is gzip-compressed: name it "
+                                          "train-images-idx3-ubyte.gz"):
+        convert(tmp_path / "gz", tmp_path / "out", options())
+    (tmp_path / "parent").mkdir()
+    (tmp_path / "idx").rename(tmp_path / "parent" / "fashion")  # one level too high
+    assert make_shards_main([str(tmp_path / "parent"), str(tmp_path / "out"), "--workers", "0"]) == 1
+    assert capsys.readouterr().err.startswith(f"note: {tmp_path / 'parent' / 'fashion'} holds IDX files, which are "
+                                              "read from their own folder: pass it as SRC\n")
+
+
+def test_a_second_conversion_into_the_same_output_waits_for_the_first(tmp_path, capsys):
+    write_imagefolder(tmp_path / "src", ["cat", "dog"], per_class=1)
+    convert(tmp_path / "src", tmp_path / "out", options())
+    held = os.open(tmp_path / "out", os.O_RDONLY)  # as a conversion running in another process holds it
+    fcntl.flock(held, fcntl.LOCK_EX)
+    second = threading.Thread(target=convert, args=(tmp_path / "src", tmp_path / "out", options(split="val")))
+    second.start()
+    second.join(timeout=2)
+    assert second.is_alive() and "val" not in load_info(tmp_path / "out")["splits"]
+    os.close(held)
+    second.join(timeout=30)
+    assert sorted(load_info(tmp_path / "out")["splits"]) == ["train", "val"]
+    assert capsys.readouterr().err == f"note: another conversion is writing to {tmp_path / 'out'}; waiting for it " \
+                                      "to finish\n"
+
+
+def test_an_interrupt_stops_every_encoding_worker_and_workers_leave_ctrl_c_to_the_main_process(tmp_path, monkeypatch):
+    started = []
+
+    def interrupted_while_starting_workers(*args, **kwargs):
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        worker.start()  # as a pool worker that the interrupt caught before the pool knew of it
+        started.append(worker)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, "convert", interrupted_while_starting_workers)
+    assert make_shards_main([str(tmp_path), str(tmp_path / "out")]) == 130
+    assert not started[0].is_alive()
+    with ProcessPoolExecutor(1, initializer=convert_module._init_pool_worker, initargs=(None, None, 1)) as pool:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN

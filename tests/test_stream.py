@@ -183,8 +183,10 @@ def test_a_pipe_command_that_ends_a_shard_early_but_cleanly_is_warned_about(tmp_
 def test_missing_shard_and_empty_split_fail_clearly(tmp_path):
     write_shards(tmp_path, [4, 4])
     (tmp_path / "train-000001.tar").unlink()
-    with pytest.raises(ShardError, match="do not exist"):
+    with pytest.raises(ShardError, match=f"'{tmp_path}' lists 1 missing shard, e.g. {tmp_path}/train-000001.tar"):
         resolve_shards(str(tmp_path))
+    with pytest.raises(ShardError, match=r"wildcards are not expanded: write train-\{000000..000009\}.tar"):
+        resolve_shards(f"{tmp_path}/train-*.tar")
     with pytest.raises(ShardError, match="no split 'val'"):
         resolve_shards(str(tmp_path), split="val")
     update_split(tmp_path, "empty", [], [])

@@ -25,11 +25,13 @@ References:
 """
 
 import argparse
+import fcntl
 import gzip
 import hashlib
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -40,6 +42,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,9 +175,32 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOpti
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # e.g. a file where a parent directory should be, or no permission
         raise ConversionError(f"cannot create the output directory {out}: {err.strerror}") from err
+    with one_conversion_at_a_time(out):
+        return _convert_into(src, fmt, source, out, options)
+
+
+@contextmanager
+def one_conversion_at_a_time(out: Path) -> Iterator[None]:
+    """Hold OUT for this conversion: conversions read and rewrite its shared `_info.json`, so two at once (train and
+    val started side by side) would lose a split. Another one waits here, saying so; the lock goes with the process,
+    however it ends."""
+    handle = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"note: another conversion is writing to {out}; waiting for it to finish", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+
+
+def _convert_into(src, fmt: str, source: Source, out: Path, options: ConvertOptions) -> ConvertSummary:
+    """`convert` once OUT is held: check, shard, record."""
+    check_classes(out, options.split, source.classes)  # now, not after hours of converting, and before any deletion
     if options.overwrite:
         discard_split(out, options.split)
-    check_classes(out, options.split, source.classes)  # now, not after hours of converting
     order = shuffled_order(len(source), options.seed)
     job = _job_description(src, fmt, source, order, options)
     journal = Journal.open(out, options.split, job)
@@ -431,11 +457,17 @@ _worker_max_size: int | None = None
 
 def _init_worker(source: Source, max_size: int | None, max_pixels: int) -> None:
     global _worker_source, _worker_max_size
+    set_max_image_pixels(max_pixels)
+    _worker_source, _worker_max_size = source, max_size
+
+
+def _init_pool_worker(source: Source, max_size: int | None, max_pixels: int) -> None:
     # When one worker dies, the pool ends the others with SIGTERM; a handler forked from the caller (a training run's
     # preemption flag, a notebook's) would keep them alive, and the pool would wait for them forever.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    set_max_image_pixels(max_pixels)
-    _worker_source, _worker_max_size = source, max_size
+    # Ctrl-C reaches the whole process group: the main process alone stops the pool, without a worker traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(source, max_size, max_pixels)
 
 
 def _prepare_index(index: int) -> EncodedImage | dict:
@@ -460,7 +492,7 @@ def _prepared(source: Source, order: list[int], start: int, options: ConvertOpti
             yield from enumerate(map(_prepare_index, indices), start)
         return
     chunks = (indices[i : i + CHUNK] for i in range(0, len(indices), CHUNK))
-    pool = ProcessPoolExecutor(options.workers, initializer=_init_worker,
+    pool = ProcessPoolExecutor(options.workers, initializer=_init_pool_worker,
                                initargs=(source, options.max_size, options.max_image_pixels))
     try:
         in_flight = deque(pool.submit(_prepare_chunk, chunk) for chunk in itertools.islice(chunks, 2 * options.workers))
@@ -544,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="make_shards", description="Convert an image dataset into webdataset shards plus _info.json."
     )
     parser.add_argument("src", help="dataset directory, or a list file (paths, or CSV or TSV with a path[,label] "
-                                    "header line)")
+                                    "header line; relative paths are read from the list's directory)")
     parser.add_argument("out", help="output directory for {split}-NNNNNN.tar and _info.json")
     parser.add_argument("--format", dest="fmt", default="auto", choices=FORMATS, help="source layout")
     parser.add_argument("--split", default="train", help="split name; IDX/CIFAR read train or test files by it")
@@ -587,6 +619,14 @@ def _print_summary(summary: ConvertSummary, out: str) -> None:
             print(f"  {skip['source']}: {skip['reason']}", file=sys.stderr)
 
 
+def stop_workers() -> None:
+    """End the encoding workers an interrupt left behind: one that the pool was starting when the interrupt came is
+    not the pool's yet, so its shutdown misses it, and the interpreter would wait for it at exit forever."""
+    for worker in multiprocessing.active_children():
+        worker.terminate()
+        worker.join()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point (``tools/make_shards.py`` and ``mae-tnt-make-shards``)."""
     args = build_parser().parse_args(argv)
@@ -612,6 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        stop_workers()
         print("interrupted; run the same command again to finish the conversion (finished shards are kept)",
               file=sys.stderr)
         return 130

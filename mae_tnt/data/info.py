@@ -152,8 +152,10 @@ def check_classes(root: str | os.PathLike, split: str, classes: Sequence[str] | 
 
 
 def _check_classes(info: dict, root: Path, split: str, classes: Sequence[str]) -> None:
+    """Compare with the classes of the other splits: a split that replaces the only one may bring its own."""
     old_classes = info.get("classes", [])
-    if old_classes and list(classes) != old_classes:
+    others = set(info.get("splits", {})) - {split}
+    if old_classes and others and list(classes) != old_classes:
         raise ShardError(
             f"{root / INFO_NAME} already has classes {old_classes}; split '{split}' has {list(classes)}. Labels "
             "must mean the same in every split: pass the same --classes, or convert it into a separate directory."

@@ -30,6 +30,7 @@ import os
 import pickle
 import re
 import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ RELEASE_PARTS = {"train": "train", "val": "test", "test": "test"}
 """Split name -> the part of a fixed train/test release (IDX, CIFAR) it reads."""
 IDX_PREFIXES = {"train": "train", "test": "t10k"}
 IDX_UBYTE = 0x08
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class SourceError(ValueError):
@@ -161,12 +163,17 @@ def detect_format(src: str | os.PathLike) -> str:
         return "list"
     if not src.is_dir():
         raise SourceError(f"{src} does not exist; give a dataset directory or a list file")
-    if any(_find_idx_file(src, prefix, "images", 3) for prefix in set(IDX_PREFIXES.values())):
-        return "idx"
-    if _cifar_layout(src) is not None:
-        return "cifar"
+    if release := _release_format(src):
+        return release
     has_dirs, top_images = _top_level(src)
     return "imagefolder" if has_dirs and not top_images else "folder"
+
+
+def _release_format(folder: Path) -> str | None:
+    """"idx" or "cifar" when ``folder`` holds the files of that release format (file checks only: cheap)."""
+    if any(_find_idx_file(folder, prefix, "images", 3) for prefix in set(IDX_PREFIXES.values())):
+        return "idx"
+    return "cifar" if _cifar_layout(folder) is not None else None
 
 
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
@@ -178,6 +185,11 @@ def folder_layout_note(src: str | os.PathLike) -> str | None:
     src = Path(src)
     if not src.is_dir() or detect_format(src) not in ("folder", "imagefolder"):
         return None
+    releases = [(entry, fmt) for entry in sorted(src.iterdir()) if entry.is_dir() and not entry.name.startswith(".")
+                and (fmt := _release_format(entry))]
+    if releases:
+        folder, fmt = releases[0]
+        return f"{folder} holds {fmt.upper()} files, which are read from their own folder: pass it as SRC"
     has_dirs, top_images = _top_level(src)
     if has_dirs and top_images:
         return (f"{src} has sub-folders but also {len(top_images)} image(s) at its top level (e.g. {top_images[0]}), "
@@ -203,15 +215,35 @@ def _is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _walk_files(root: Path) -> list[str]:
-    """All files under ``root`` at any depth, as sorted POSIX paths relative to ``root``."""
+def _walk_files(root: Path) -> tuple[list[str], list[dict]]:
+    """All files under ``root`` at any depth, as sorted POSIX paths relative to ``root``, and skip records of the
+    hidden entries (``.ipynb_checkpoints/``, ``.DS_Store``: tool state or copies, never data).
+
+    Linked folders are followed, as they are in ImageFolder; a folder reached again through a link (a cycle, or a
+    second route to it) is read once.
+    """
     if not root.is_dir():
         raise SourceError(f"{root} is not a directory")
-    found = []
-    for directory, _, files in os.walk(root):
-        rel_dir = Path(directory).relative_to(root)
-        found.extend((rel_dir / name).as_posix() for name in files)
-    return sorted(found)
+    found, skipped, walked = [], [], {}
+    for directory, folders, files in os.walk(root, followlinks=True):
+        here = Path(directory).relative_to(root).as_posix().removeprefix(".")  # "" for the root itself
+        real = os.path.realpath(directory)
+        if real in walked:
+            skipped.append({"source": f"{here}/", "reason": f"links to {walked[real] or root}/, read once"})
+            folders[:] = []
+            continue
+        walked[real] = here
+        skipped += [{"source": f"{_joined(here, name)}/", "reason": "hidden folder, not read"}
+                    for name in folders if name.startswith(".")]
+        folders[:] = sorted(name for name in folders if not name.startswith("."))  # which route is read: the first
+        skipped += [{"source": _joined(here, name), "reason": "hidden file"} for name in files if name.startswith(".")]
+        found += [_joined(here, name) for name in files if not name.startswith(".")]
+    return sorted(found), skipped
+
+
+def _joined(folder: str, name: str) -> str:
+    """`name` in `folder`, a POSIX path relative to the walk's root ("" for the root itself)."""
+    return f"{folder}/{name}" if folder else name
 
 
 def _split_by_extension(paths: list[str]) -> tuple[list[str], list[dict]]:
@@ -227,21 +259,30 @@ def _split_by_extension(paths: list[str]) -> tuple[list[str], list[dict]]:
 
 def read_folder(root: Path) -> FileSource:
     """Unlabeled images at any depth under ``root``."""
-    images, rejected = _split_by_extension(_walk_files(root))
-    return FileSource(root=root, paths=images, rejected=rejected)
+    all_paths, hidden = _walk_files(root)
+    images, rejected = _split_by_extension(all_paths)
+    return FileSource(root=root, paths=images, rejected=hidden + rejected)
 
 
 def read_imagefolder(root: Path, classes: list[str] | None = None) -> FileSource:
-    """``root/<class>/**/<image>``; labels index the sorted class folder names (or ``classes``)."""
-    all_paths = _walk_files(root)
+    """``root/<class>/**/<image>``; labels index the sorted class folder names (or ``classes``).
+
+    Raises:
+        SourceError: a class folder holds no image (without ``classes``, which may name classes the data lacks),
+            since its class would be one the model is trained to predict but never sees.
+    """
+    all_paths, hidden = _walk_files(root)
     outside = [path for path in all_paths if "/" not in path]
     images, rejected = _split_by_extension([path for path in all_paths if "/" in path])
     rejected += [{"source": path, "reason": "not inside a class folder"} for path in outside]
-    if classes is None:
-        classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
     names = [path.split("/", 1)[0] for path in images]
+    if classes is None:
+        classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+        if empty := sorted(set(classes) - set(names)):
+            raise SourceError(f"{root}: class folder(s) {', '.join(empty)} hold no image; remove them, or pass "
+                              "--classes to keep them in the class list")
     labels = _label_ids(names, classes, where=str(root))
-    return FileSource(root=root, paths=images, labels=labels, classes=classes, rejected=rejected)
+    return FileSource(root=root, paths=images, labels=labels, classes=classes, rejected=hidden + rejected)
 
 
 def _label_ids(names: list[str], classes: list[str], where: str) -> list[int]:
@@ -272,11 +313,11 @@ def read_list(list_file: Path, classes: list[str] | None = None) -> FileSource:
     Integer labels are used as ids (named by ``classes``, else "0".."max"); other labels are class names,
     indexed in sorted order unless ``classes`` fixes the order.
     """
-    text = list_file.read_text(encoding="utf-8-sig")  # -sig: spreadsheets save "CSV UTF-8" with a byte-order mark
+    text = _list_text(list_file)
     if not _has_csv_header(text):
         if list_file.suffix.lower() == ".csv":  # read as plain paths, "x.jpg,cat" would name a file that is not there
-            raise SourceError(f"{list_file}: a CSV list needs a header line, `path` or `path,label`; add it as the "
-                              "first line")
+            raise SourceError(f"{list_file}: a CSV list needs a header line whose first column is `path` (then "
+                              f"`label`, if any), but its first line is {_first_line(text)!r}")
         rows = [(number, line.strip(), None) for number, line in enumerate(text.splitlines(), start=1)
                 if line.strip() and not line.lstrip().startswith("#")]
     else:
@@ -296,6 +337,18 @@ def read_list(list_file: Path, classes: list[str] | None = None) -> FileSource:
         classes = sorted(set(names)) if classes is None else classes
         labels = _label_ids(names, classes, where=str(list_file))
     return FileSource(root=list_file.parent, paths=paths, labels=labels, classes=classes, rejected=repeats)
+
+
+def _list_text(list_file: Path) -> str:
+    """The text of a list file; anything else given as one (a directory, an image, a compressed IDX file) is refused
+    with what to pass instead."""
+    if list_file.is_dir():
+        raise SourceError(f"{list_file} is a directory; --format list reads a list file (or leave --format auto)")
+    try:
+        return list_file.read_text(encoding="utf-8-sig")  # -sig: spreadsheets save "CSV UTF-8" with a byte-order mark
+    except UnicodeDecodeError:
+        raise SourceError(f"{list_file} is a file but not a text list of image paths; pass the dataset's directory "
+                          "(IDX and CIFAR files are read from their folder) or a list file") from None
 
 
 def _without_repeats(rows: list[tuple[int, str, str | None]], list_file: Path) -> tuple[list, list[dict]]:
@@ -385,9 +438,14 @@ def _find_idx_file(root: Path, prefix: str, kind: str, ndim: int) -> Path | None
 def _read_idx_array(path: Path, ndim: int) -> np.ndarray:
     """Parse an unsigned-byte IDX file: 2 zero bytes, type 0x08, ndim, big-endian uint32 dims, then data."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    zeros, type_code, file_ndim = struct.unpack(">HBB", raw[:4])
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise SourceError(f"{path}: {err}; download it again") from None
+    if raw[:2] == GZIP_MAGIC:
+        raise SourceError(f"{path} is gzip-compressed: name it {path.name}.gz, or decompress it")
+    zeros, type_code, file_ndim = struct.unpack(">HBB", raw[:4].ljust(4, b"\xff"))  # padded: too short for IDX
     if zeros != 0 or type_code != IDX_UBYTE or file_ndim != ndim:
         raise SourceError(f"{path}: not an unsigned-byte IDX file with {ndim} dimensions")
     header_size = 4 + 4 * ndim
@@ -450,8 +508,22 @@ def read_cifar(root: Path, split: str) -> ArraySource:
     images, labels, ids = [], [], []
     for batch_file in batch_files:
         batch = _load_cifar_pickle(batch_file)
-        data = np.asarray(_cifar_field(batch, "data", batch_file), dtype=np.uint8)  # [N, 3 * 32 * 32], channel-major
+        data, batch_labels = _cifar_batch(batch, batch_file, labels_key, len(classes))
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # [N, 3, 32, 32] -> [N, 32, 32, 3]
-        labels.extend(_cifar_field(batch, labels_key, batch_file))
+        labels.append(batch_labels)
         ids.extend(f"{batch_file.name}[{i}]" for i in range(len(data)))
-    return ArraySource(images=np.concatenate(images), labels=np.asarray(labels), classes=classes, ids=ids)
+    return ArraySource(images=np.concatenate(images), labels=np.concatenate(labels), classes=classes, ids=ids)
+
+
+def _cifar_batch(batch: dict, path: Path, labels_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's pixels, uint8 [N, 3 * 32 * 32] channel-major, and its N labels, each naming one of the classes."""
+    data = np.asarray(_cifar_field(batch, "data", path), dtype=np.uint8)
+    labels = np.asarray(_cifar_field(batch, labels_key, path), dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise SourceError(f"{path}: 'data' has shape {list(data.shape)}, not [N, 3072] (32x32 RGB images)")
+    if labels.shape != (len(data),):
+        raise SourceError(f"{path} has {len(data)} images but {labels.size} labels")
+    if labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
+        bad = labels.max() if labels.max() >= num_classes else labels.min()
+        raise SourceError(f"{path}: label {bad} names none of the {num_classes} classes of its meta file")
+    return data, labels

@@ -62,8 +62,9 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
         )
     path = Path(spec)
     if is_local(spec) and "{" not in spec and not path.exists():
+        wildcard = " (wildcards are not expanded: write train-{000000..000009}.tar)" if set("*?") & set(spec) else ""
         raise ShardError(f"{spec} does not exist: give a shard directory made by tools/make_shards.py, or a brace "
-                         "pattern of .tar files")
+                         f"pattern of .tar files{wildcard}")
     if path.is_dir():
         shards = _from_info(path, split, split_key)
     elif info is not None:
@@ -74,7 +75,7 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
         raise ShardError(f"no shards found for {spec!r} (split {split!r}); create them with tools/make_shards.py")
     missing = [s.url for s in shards if is_local(s.url) and not Path(s.url).exists()]
     if missing:
-        raise ShardError(f"{counted(len(missing), 'shard')} listed for {spec!r} do not exist, e.g. {missing[0]}")
+        raise ShardError(f"{spec!r} lists {counted(len(missing), 'missing shard')}, e.g. {missing[0]}")
     if verify and path.is_dir():
         _verify_counts(shards, spec)
     return shards
