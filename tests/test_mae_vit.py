@@ -5,6 +5,7 @@ import timm
 import torch
 
 import mae_tnt
+from mae_tnt.models.loading import save_weights
 from mae_tnt.models.masking import random_masking
 from mae_tnt.models.pos_embed import sincos_2d
 from mae_tnt.models.registry import ModelError
@@ -183,10 +184,28 @@ def test_images_of_one_mask_unit_are_refused_at_build_since_nothing_would_be_hid
 
 
 @pytest.mark.parametrize("kwargs, message", [(dict(mask_ratio=1.0), r"mask_ratio must be in \[0, 1\)"),
+                                             (dict(mask_ratio=-0.2), r"mask_ratio must be in \[0, 1\)"),
                                              (dict(noise=torch.rand(2, 5)), r"noise must be \[batch, units\]")])
-def test_bad_masking_arguments_are_refused(model, kwargs, message):
+@pytest.mark.parametrize("build", [dict(name="mae_vit_test"), dict(name="mae_tnt_test", word_mask_ratio=0.5)],
+                         ids=["vit", "tnt-word-masking"])
+def test_bad_masking_arguments_are_refused(build, kwargs, message):
+    model = mae_tnt.create_model(**build)
     with pytest.raises(ValueError, match=message):
         model(torch.randn(2, 3, 32, 32), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["mae_vit_test", "mae_tnt_test", "mae_sret_test"])
+def test_an_mae_checkpoint_loads_at_another_image_size(tmp_path, name):
+    """The encoder's position table is resampled; the decoder's fixed sin-cos table is rebuilt for the new grid."""
+    torch.manual_seed(0)
+    trained = mae_tnt.create_model(name)
+    save_weights(trained.state_dict(), tmp_path / "model.safetensors")
+    size = 2 * trained.grid * trained.unit
+    loaded = mae_tnt.create_model(name, checkpoint_path=tmp_path / "model.safetensors", img_size=size)
+    fresh = mae_tnt.create_model(name, img_size=size)
+    assert torch.equal(loaded.decoder_pos_embed, fresh.decoder_pos_embed)
+    assert torch.equal(loaded.decoder_pred.weight, trained.decoder_pred.weight)
+    assert loaded(torch.randn(2, 3, size, size))[0].isfinite()
 
 
 def test_unknown_model_suggests():

@@ -110,6 +110,14 @@ class MaskedAutoencoder(nn.Module):
         self, images: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask and encode. Returns latent [B, P + K, D] (K = L in mask-token mode), mask [B, L], ids_restore [B, L]."""
+        ids_keep, ids_restore, mask = self.mask_units(images, mask_ratio, noise)
+        if self.encoder_mode == "mask_tokens":
+            return self.encoder.forward_with_mask_tokens(images, mask, self.encoder_mask_token), mask, ids_restore
+        return self.encoder.forward_visible(images, ids_keep), mask, ids_restore
+
+    def mask_units(self, images: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reference masking by noise and argsort: ids_keep [B, K], ids_restore [B, L], mask [B, L]."""
         num_units = self.grid**2
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
@@ -118,10 +126,7 @@ class MaskedAutoencoder(nn.Module):
         elif noise.shape != (images.shape[0], num_units):
             raise ValueError(f"noise must be [batch, units] = [{images.shape[0]}, {num_units}], "
                              f"got {list(noise.shape)}")
-        ids_keep, ids_restore, mask = random_masking(noise, num_visible(num_units, mask_ratio))
-        if self.encoder_mode == "mask_tokens":
-            return self.encoder.forward_with_mask_tokens(images, mask, self.encoder_mask_token), mask, ids_restore
-        return self.encoder.forward_visible(images, ids_keep), mask, ids_restore
+        return random_masking(noise, num_visible(num_units, mask_ratio))
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Latent [B, P + K, D] -> predicted pixels [B, L, u * u * 3] for every unit, in raster order."""
@@ -178,6 +183,9 @@ class MaskedAutoencoder(nn.Module):
             encoder_sd = {k: v for k, v in state_dict.items() if not k.startswith(WRAPPER_KEY_PREFIXES)}
         if hasattr(self.encoder, "adapt_state_dict"):
             encoder_sd = self.encoder.adapt_state_dict(encoder_sd)
+        table = wrapper_sd.get("decoder_pos_embed")
+        if table is not None and table.shape != self.decoder_pos_embed.shape:  # another image size
+            wrapper_sd["decoder_pos_embed"] = self.decoder_pos_embed.detach().clone()  # fixed sin-cos: rebuilt
         return {**{f"encoder.{k}": v for k, v in encoder_sd.items()}, **wrapper_sd}
 
 

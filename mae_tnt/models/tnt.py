@@ -396,11 +396,8 @@ class WordMaskedAutoencoder(MaskedAutoencoder):
 
     def forward(self, images: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None):
         """As `MaskedAutoencoder.forward` with the word term in the loss: loss, pred [B, L, u*u*3], mask [B, L]."""
-        num_units = self.grid**2
-        if noise is None:
-            noise = torch.rand(images.shape[0], num_units, device=images.device)
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        ids_keep, ids_restore, mask = random_masking(noise, num_visible(num_units, ratio))
+        ids_keep, ids_restore, mask = self.mask_units(images, ratio, noise)
         word_mask = self.random_word_mask(ids_keep.numel(), images.device)  # [B*K, W]
         latent, words = self.encoder.forward_visible_words(images, ids_keep, word_mask, self.word_mask_token)
         pred = self.forward_decoder(latent, ids_restore)
