@@ -40,7 +40,7 @@ class ClassifierConfig:
     """Stochastic depth rate (MAE: 0.1 for ViT-B, 0.2 for L, 0.3 for H)."""
     global_pool: str | None = "avg"
     """`avg` (MAE fine-tuning: norm of the mean patch token), `token` (cls token, MAE's linear probe), or None for the
-    model's own pooling (SReT always averages)."""
+    model's own pooling (SReT always averages: avg or None)."""
     head_init_std: float = 2e-5
     """Std of the truncated-normal init of a head the checkpoint lacks (MAE: 2e-5 fine-tune, 0.01 linear probe)."""
     bn_reestimate_batches: int = 0

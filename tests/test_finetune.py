@@ -21,7 +21,7 @@ from mae_tnt.config import ConfigError, load_config
 from mae_tnt.data.info import ShardError
 from mae_tnt.data.shards import read_samples, resolve_shards
 from mae_tnt.finetune_config import AugmentConfig, FinetuneConfig
-from mae_tnt.models import CheckpointError, create_model
+from mae_tnt.models import CheckpointError, ModelError, create_model
 from mae_tnt.models.sret import to_official_state_dict
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
 from mae_tnt.train.engine import seed_step
@@ -504,3 +504,12 @@ def test_config_yaml_records_the_checkpoint_an_init_run_directory_stood_for(tmp_
     write_mae_checkpoint(mae_run / "checkpoints" / "step_00000002")  # the pretraining run went on meanwhile
     FinetuneRun(demo_config(tmp_path / "ft", f"init={mae_run}", "run.max_steps=2")).train()
     assert recorded() == str(mae_run / "checkpoints" / "step_00000001")  # the resumed run started from step 1
+
+
+def test_sret_takes_the_fine_tuning_default_pooling_and_refuses_a_class_token(tmp_path):
+    """Fine-tuning's `model.global_pool` defaults to avg, which is what SReT does: a SReT recipe need not set it."""
+    cfg = load_config(FinetuneConfig, ROOT / "recipes" / "demo_finetune_sret.yaml",
+                      [f"run.output_dir={tmp_path}", "model.global_pool=avg"])
+    assert build_classifier(cfg, num_classes=10, log=lambda line: None).global_pool == "avg"
+    with pytest.raises(ModelError, match="SReT averages its tokens and has no class token"):
+        create_model("sret_test", global_pool="token")

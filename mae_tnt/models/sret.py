@@ -224,15 +224,22 @@ class SReT(nn.Module):
         num_classes: classifier classes; 0 gives a bare encoder whose `forward` returns normalised pooled features.
         drop_path_rate: stochastic depth, linear in depth up to this rate.
         dense_stem: MAE only; run the stem on the whole image with masked pixels zeroed instead of per visible unit.
+        global_pool: "avg", the only pooling SReT has (its tokens are averaged; it has no class token), accepted so
+            that one fine-tuning setting serves every family.
     """
 
     def __init__(self, *, img_size: int = 224, base_dims: Ints = (32, 32, 32), heads: Ints = (2, 4, 8),
                  depth: Ints = (4, 10, 6), recursive_num: Ints = (2, 5, 3), mlp_ratio: float = 3.6,
                  nll_ratio: float = 1.0, groups1: Ints = (8, 4, 1), groups2: Ints = (2, 1, 1), sliced: bool = True,
-                 num_classes: int = 1000, drop_path_rate: float = 0.0, dense_stem: bool = False):
+                 num_classes: int = 1000, drop_path_rate: float = 0.0, dense_stem: bool = False,
+                 global_pool: str = "avg"):
         super().__init__()
         if img_size % UNIT:
             raise ValueError(f"SReT needs img_size divisible by its {UNIT}-px mask unit, got {img_size}")
+        if global_pool != "avg":
+            raise ValueError(f"SReT averages its tokens and has no class token: global_pool must be 'avg', got "
+                             f"{global_pool!r}")
+        self.global_pool = global_pool
         widths = [b * h for b, h in zip(base_dims, heads, strict=True)]
         self.unit, self.grid, self.num_prefix_tokens = UNIT, img_size // UNIT, 0
         self.embed_dim, self.mask_token_dim = widths[-1], widths[0]  # mask tokens replace stem tokens
