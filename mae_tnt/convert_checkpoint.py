@@ -21,6 +21,7 @@ import torch
 from .models import create_model, load_weights, read_state_dict
 from .models.loading import CheckpointError, fitting_build_kwargs, save_weights, unwrap_state_dict
 from .models.registry import ModelError
+from .models.tnt import TNT
 
 
 def read_source(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
@@ -38,7 +39,7 @@ def read_source(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
 
 def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] = (), unsafe_pickle: bool = False):
     """Write SRC's weights as `model_name`'s; a classifier gets the head size (0: none, for an encoder) and pooling
-    of SRC. Returns the load report and the build arguments of the model written."""
+    of SRC. Returns the load report, the build arguments of the model written, and a note on what they may miss."""
     model = create_model(model_name)  # an unknown name fails before a long read
     state_dict = read_source(src, unsafe_pickle)
     if build_kwargs := fitting_build_kwargs(model, state_dict):  # a classifier of another head or pooling
@@ -50,7 +51,16 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
     save_weights(model.state_dict(), out, metadata={"model": model_name})
     if hasattr(model, "num_classes"):  # a classifier: its head size is always named in the call that loads it
         build_kwargs = {"num_classes": model.num_classes, **build_kwargs}
-    return report, build_kwargs
+    return report, build_kwargs, pooling_note(model)
+
+
+def pooling_note(model: torch.nn.Module) -> str | None:
+    """What the printed call cannot know: a TNT classifier keeps `norm` under either pooling, so its weights do not
+    show which one it was trained with."""
+    if isinstance(model, TNT) and model.num_classes:
+        return ("TNT's weights do not show its pooling: the call uses the class token (timm's and the official "
+                "default); add global_pool='avg' if SRC was trained with average pooling")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,11 +78,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{args.out.with_suffix('.safetensors')}", file=sys.stderr)
         return 1
     try:
-        report, build_kwargs = convert(args.src, args.out, args.model, args.allow_missing, args.unsafe_pickle)
+        report, build_kwargs, note = convert(args.src, args.out, args.model, args.allow_missing, args.unsafe_pickle)
     except (CheckpointError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {args.out} for {args.model}: {report.summary()}")
     arguments = "".join(f", {key}={value!r}" for key, value in build_kwargs.items())
     print(f"load it with: mae_tnt.create_model({args.model!r}, checkpoint_path={str(args.out)!r}{arguments})")
+    if note:
+        print(f"note: {note}")
     return 0

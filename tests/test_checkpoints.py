@@ -48,6 +48,17 @@ def test_a_classifier_converts_with_the_head_and_pooling_of_its_source_and_the_p
     torch.testing.assert_close(loaded(images), source(images))
 
 
+def test_a_tnt_classifier_converts_with_a_note_that_its_pooling_is_not_in_its_weights(tmp_path, capsys):
+    source = mae_tnt.create_model("tnt_test_patch8_32", num_classes=7, global_pool="avg")
+    torch.save(source.state_dict(), tmp_path / "tnt.pth")
+    out = tmp_path / "tnt.safetensors"
+    assert convert_main([str(tmp_path / "tnt.pth"), str(out), "--model", "tnt_test_patch8_32"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2].endswith("num_classes=7)")
+    assert printed[-1] == ("note: TNT's weights do not show its pooling: the call uses the class token (timm's and "
+                           "the official default); add global_pool='avg' if SRC was trained with average pooling")
+
+
 def test_official_encoder_only_mae_needs_the_decoder_allowed(tmp_path, capsys):
     torch.save({"model": official_mae_state_dict(with_decoder=False)}, tmp_path / "enc.pth")
     args = [str(tmp_path / "enc.pth"), str(tmp_path / "o.safetensors"), "--model", "mae_vit_test"]
