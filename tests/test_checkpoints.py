@@ -169,9 +169,9 @@ def test_convert_tool_errors_are_one_line_naming_the_fix(tmp_path, capsys):
 def test_arguments_a_builder_refuses_are_a_model_error():
     with pytest.raises(ModelError, match="cannot build vit_test_patch8_32 with {'img_size': 30}: .*divisible"):
         mae_tnt.create_model("vit_test_patch8_32", img_size=30)
-    with pytest.raises(ModelError, match=r"^sret_test takes no argument 'global_pool': leave it out \(in a recipe, "
-                                         r"remove model.global_pool or set it back to its default\)$"):
-        mae_tnt.create_model("sret_test", global_pool="token")
+    with pytest.raises(ModelError, match=r"^sret_test takes no argument 'patch_size': leave it out \(in a recipe, "
+                                         r"remove model.patch_size or set it back to its default\)$"):
+        mae_tnt.create_model("sret_test", patch_size=16)
 
 
 def test_weights_of_the_other_pooling_or_head_name_the_build_arguments_that_fit():
