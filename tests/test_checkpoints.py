@@ -172,6 +172,15 @@ def test_arguments_a_builder_refuses_are_a_model_error():
     with pytest.raises(ModelError, match=r"^sret_test takes no argument 'patch_size': leave it out \(in a recipe, "
                                          r"remove model.patch_size or set it back to its default\)$"):
         mae_tnt.create_model("sret_test", patch_size=16)
+    for name, kwargs, message in [
+        ("mae_tnt_test", dict(num_classes=0), "an MAE model has no classification head: num_classes is for its "
+                                              "classifier"),
+        ("mae_sret_test", dict(decoder_heads=5), "dim should be divisible by num_heads"),  # timm's assertion
+        ("tnt_test_patch8_32", dict(num_heads_outer=5), "embed_dim 32 by num_heads_outer 5"),
+        ("mae_sret_test", dict(decoder_dim=30), "a 2-D sin-cos position table needs a width divisible by 4, got 30"),
+    ]:
+        with pytest.raises(ModelError, match=f"cannot build {name} with .*{message}"):
+            mae_tnt.create_model(name, **kwargs)
 
 
 def test_weights_of_the_other_pooling_or_head_name_the_build_arguments_that_fit():

@@ -194,6 +194,15 @@ def test_bad_masking_arguments_are_refused(build, kwargs, message):
         model(torch.randn(2, 3, 32, 32), **kwargs)
 
 
+@pytest.mark.parametrize("name", ["mae_vit_test", "mae_tnt_test", "mae_sret_test", "tnt_test_patch8_32", "sret_test"])
+def test_images_of_another_size_are_refused_naming_the_size_to_build(name):
+    model = mae_tnt.create_model(name)
+    size = model.grid * model.unit
+    with pytest.raises(ValueError, match=f"expected {size}x{size} images, got {2 * size}x{2 * size}; build the model "
+                                         f"with img_size={2 * size}"):
+        model(torch.randn(1, 3, 2 * size, 2 * size))
+
+
 @pytest.mark.parametrize("name", ["mae_vit_test", "mae_tnt_test", "mae_sret_test"])
 def test_an_mae_checkpoint_loads_at_another_image_size(tmp_path, name):
     """The encoder's position table is resampled; the decoder's fixed sin-cos table is rebuilt for the new grid."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -24,6 +25,16 @@ __all__ = [
     "transformer_blocks",
     "trunc_normal_",
 ]
+
+
+def check_image_size(images: torch.Tensor, size: int) -> None:
+    """Refuse images of another size than the model was built for, before a reshape fails on them obscurely."""
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):
+        return
+    advice = (f"; build the model with img_size={h} (a checkpoint loads at any size: its position tables are "
+              "resampled)" if h == w else "")
+    raise ValueError(f"expected {size}x{size} images, got {h}x{w}{advice}")
 
 
 def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import LayerNorm, init_mae_weights, transformer_blocks
+from .layers import LayerNorm, check_image_size, init_mae_weights, transformer_blocks
 from .masking import masked_mean, num_visible, random_masking
 from .pos_embed import sincos_2d
 
@@ -93,8 +93,7 @@ class MaskedAutoencoder(nn.Module):
         """[B, 3, H, W] -> [B, L, u * u * 3], channel-last inside each unit (MAE's target layout)."""
         b, c, h, w = images.shape
         u = self.unit
-        if h != w or h != self.grid * u:
-            raise ValueError(f"expected {self.grid * u}x{self.grid * u} images, got {h}x{w}")
+        check_image_size(images, self.grid * u)
         x = images.reshape(b, c, h // u, u, w // u, u)  # [B, C, gh, u, gw, u]
         x = torch.einsum("bchpwq->bhwpqc", x)  # [B, gh, gw, u, u, C]
         return x.reshape(b, (h // u) * (w // u), u * u * c)  # [B, L, u*u*C]
@@ -118,6 +117,7 @@ class MaskedAutoencoder(nn.Module):
     def mask_units(self, images: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The reference masking by noise and argsort: ids_keep [B, K], ids_restore [B, L], mask [B, L]."""
+        check_image_size(images, self.grid * self.unit)  # before the encoder meets them
         num_units = self.grid**2
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
@@ -198,5 +198,8 @@ REFERENCE_DECODER = {"decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16
 def build_mae(encoder_builder, decoder_defaults: dict, *, wrapper=None, **kwargs) -> MaskedAutoencoder:
     """Build `encoder_builder(**encoder kwargs)` and wrap it (`MaskedAutoencoder` unless `wrapper` is given); MAE
     kwargs override `decoder_defaults`."""
+    if "num_classes" in kwargs:  # the encoder builders set it to 0 themselves
+        raise ValueError("an MAE model has no classification head: num_classes is for its classifier (the name "
+                         "without mae_, e.g. vit_base_patch16_224)")
     mae_kwargs = {k: kwargs.pop(k) for k in MAE_KWARGS if k in kwargs}
     return (wrapper or MaskedAutoencoder)(encoder_builder(**kwargs), **{**decoder_defaults, **mae_kwargs})

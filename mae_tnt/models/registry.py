@@ -57,7 +57,8 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
         raise ModelError(f"unknown model {name!r}.{hint}")
     try:
         model = _BUILDERS[name](**kwargs)
-    except (TypeError, ValueError) as err:  # e.g. an image size the patch size does not divide
+    # E.g. an image size the patch size does not divide; timm asserts that heads divide a width.
+    except (TypeError, ValueError, AssertionError) as err:
         unknown = UNKNOWN_ARGUMENT.search(str(err))
         if unknown:
             raise ModelError(f"{name} takes no argument {unknown[1]!r}: leave it out (in a recipe, remove model."

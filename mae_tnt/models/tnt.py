@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DropPath, Mlp, init_mae_weights, init_trunc_normal_weights, resample_abs_pos_embed, trunc_normal_
+from .layers import (
+    DropPath,
+    Mlp,
+    check_image_size,
+    init_mae_weights,
+    init_trunc_normal_weights,
+    resample_abs_pos_embed,
+    trunc_normal_,
+)
 from .mae import MaskedAutoencoder, build_mae
 from .masking import masked_mean, num_visible, random_masking
 from .pos_embed import is_other_grid
@@ -194,6 +202,9 @@ class TNT(nn.Module):
             raise ValueError(f"img_size {img_size} must divide by patch_size {patch_size}, which must divide by 4")
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if inner_dim % num_heads_inner or embed_dim % num_heads_outer:
+            raise ValueError(f"the heads must divide the widths: inner_dim {inner_dim} by num_heads_inner "
+                             f"{num_heads_inner}, embed_dim {embed_dim} by num_heads_outer {num_heads_outer}")
         self.unit, self.grid = patch_size, img_size // patch_size
         self.embed_dim, self.word_dim, self.num_prefix_tokens = embed_dim, inner_dim, 1
         self.num_classes, self.global_pool = num_classes, global_pool
@@ -228,10 +239,9 @@ class TNT(nn.Module):
 
         Only the kept patches are copied, so masked pixels never reach the pixel embedding.
         """
-        b, c, h, w = images.shape
+        b, c = images.shape[:2]
         g, u = self.grid, self.unit
-        if h != w or h != g * u:
-            raise ValueError(f"expected {g * u}x{g * u} images, got {h}x{w}")
+        check_image_size(images, g * u)
         x = images.reshape(b, c, g, u, g, u).permute(0, 2, 4, 3, 5, 1)  # [B, gh, gw, u, u, C] (view)
         if ids_keep is not None:
             batch = torch.arange(b, device=images.device).unsqueeze(1)  # [B, 1]
