@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""--dtype choices of the benchmarks, named as run.precision names them."""
+
 
 def interleaved_times(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
                       clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:

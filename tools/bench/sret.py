@@ -6,7 +6,7 @@ shared machine hits every case alike; ratios come last, step-time ratios as the 
 ratios with their range.
 
     OMP_NUM_THREADS=2 python tools/bench/sret.py                       # CPU, batch 8 at 224
-    python tools/bench/sret.py --device cuda --dtype bfloat16 --batch 64 --reps 20
+    python tools/bench/sret.py --device cuda --dtype bf16 --batch 64 --reps 20
 
 References: docs/sret.md (design and measured numbers); timm `vit_small_patch16_224` (DeiT-S architecture).
 """
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    DTYPES,
     Case,
     autocast_for,
     classifier_case,
@@ -44,8 +45,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=3, help="timed steps per case (after one warm-up step)")
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="autocast dtype for the forward (float32 = no autocast)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                        help="autocast dtype for the forward (fp32: none)")
     return parser.parse_args()
 
 
@@ -71,7 +72,7 @@ def build_cases(images: torch.Tensor, ratio: float) -> list[Case]:
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
+    dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
     cases = build_cases(images, args.mask_ratio)

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    DTYPES,
     Case,
     autocast_for,
     classifier_case,
@@ -47,7 +48,6 @@ from common import (  # noqa: E402
 import mae_tnt  # noqa: E402
 from mae_tnt.models.tnt import project_words  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DECODERS = ((8, 512, 16), (4, 512, 16), (4, 384, 12), (2, 384, 12), (4, 256, 8), (2, 256, 8))
 """(depth, width, heads) of the decoders compared by --decoders; MAE's reference is 8 x 512."""
 
