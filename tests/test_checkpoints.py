@@ -117,8 +117,9 @@ def test_malicious_pickle_is_refused_without_executing(tmp_path, monkeypatch):
         pickle.dump({"model": {"w": torch.zeros(1)}, "args": Payload()}, handle)
     torch.save({"model": {"w": torch.zeros(1)}, "args": Payload()}, tmp_path / "evil_zip.pth")
     for candidate in (path, tmp_path / "evil_zip.pth"):
-        with pytest.raises(CheckpointError, match="cannot read .* safely"):
+        with pytest.raises(CheckpointError, match="cannot read .* safely") as refused:
             read_state_dict(candidate)
+        assert "GLOBAL" in str(refused.value) and "\x1b" not in str(refused.value)  # what was refused, unstyled
     with pytest.raises(CheckpointError):
         mae_tnt.create_model("mae_vit_test", checkpoint_path=tmp_path / "evil_zip.pth")
     assert not marker.exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,11 +99,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any decoding failure means an unusable file
-        reason = (str(err).strip().splitlines() or [""])[0]  # torch's weights_only explanation runs to many lines
         raise CheckpointError(
-            f"cannot read {path} safely ({type(err).__name__}: {reason}). Only tensors and plain containers are "
-            "accepted: convert a foreign checkpoint with tools/convert_checkpoint.py, adding --unsafe-pickle for a "
-            "legacy pickle you trust"
+            f"cannot read {path} safely ({type(err).__name__}: {_load_failure_reason(err)}). Only tensors and "
+            "plain containers are accepted: convert a foreign checkpoint with tools/convert_checkpoint.py, adding "
+            "--unsafe-pickle for a legacy pickle you trust"
         ) from err
     return unwrap_state_dict(obj, path)
 
@@ -228,6 +228,17 @@ def _build_hint(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor
         return None
     return (f"The checkpoint {' and '.join(why for why, _ in fixes)}: create the model with "
             f"{', '.join(argument for _, argument in fixes)}")
+
+
+ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _load_failure_reason(err: Exception) -> str:
+    """The line of torch's many-line weights_only explanation that names what it refused (else its first line),
+    without the terminal styling some versions add."""
+    lines = [ANSI_STYLE.sub("", line).strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "WeightsUnpickler error" in line]
+    return (named or lines or [""])[0]
 
 
 def head_outputs(state_dict: dict[str, torch.Tensor]) -> int:
