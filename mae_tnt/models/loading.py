@@ -237,7 +237,7 @@ def _load_failure_reason(err: Exception) -> str:
     """The line of torch's many-line weights_only explanation that names what it refused (else its first line),
     without the terminal styling some versions add."""
     lines = [ANSI_STYLE.sub("", line).strip() for line in str(err).splitlines() if line.strip()]
-    named = [line for line in lines if "GLOBAL" in line or "WeightsUnpickler error" in line]
+    named = [line for line in lines if "GLOBAL" in line or line.startswith("Unsupported")]
     return (named or lines or [""])[0]
 
 
