@@ -165,8 +165,7 @@ class RoleStream:
         self.range_start = self.global_role * stream.plan.samples_per_worker
         self.pending: list[tuple[int, dict]] = []
         self._reader: tuple[str, int, Iterator[dict]] = ("", -1, iter(()))
-        self.lost_to = "a truncated shard"  # the last break, for the skip reason of the samples it lost
-        self.lost_advice = INSPECT_ADVICE  # what to do when a whole epoch's worth of samples was lost
+        self.last_break: tuple[str, str] | None = None  # (url, reason) of the last shard that broke: why samples went
         self.breaks: list[str] = []  # remote or pipe: shards that broke since the last batch, to warn about
 
     def next_batch(self) -> dict:
@@ -189,13 +188,26 @@ class RoleStream:
     def _check_not_all_bad(self, skipped: int, err: Exception) -> None:
         """A whole epoch's worth of bad samples in a row means the data, not a few files, is broken."""
         if skipped > self.starts[-1]:
-            advice = self.lost_advice if isinstance(err, LostSampleError) else (
-                f"{INSPECT_ADVICE}, and data.max_image_pixels if the images are very large")
-            raise ShardError(f"no readable image in {skipped} consecutive samples (last error: {err}); {advice}")
+            raise ShardError(f"no readable image in {skipped} consecutive samples (last error: {err}); "
+                             f"{self._advice(err)}")
+
+    def _advice(self, err: Exception) -> str:
+        """What to do about it: look at the shards, unless remote or `pipe:` reads failed, or the images are huge."""
+        if not isinstance(err, LostSampleError):
+            return f"{INSPECT_ADVICE}, and data.max_image_pixels if the images are very large"
+        if self.last_break is None or is_local(self.last_break[0]):
+            return INSPECT_ADVICE
+        return "read the URLs yourself to see why they fail (run a pipe: URL's command in a shell)"
+
+    def _lost_to(self) -> str:
+        if self.last_break is None:
+            return "a truncated shard"
+        url, reason = self.last_break
+        return f"{url}, which broke ({reason})"
 
     def _decode(self, sample: dict, index: int) -> torch.Tensor:
         if sample is None:
-            raise LostSampleError(f"sample lost to {self.lost_to}")
+            raise LostSampleError(f"sample lost to {self._lost_to()}")
         data = image_bytes(sample)
         if data is None:
             raise BadImageError(f"sample {sample['__key__']} has no image field")
@@ -262,9 +274,7 @@ class RoleStream:
         return samples + [None] * (count - len(samples))
 
     def _note_break(self, url: str, reason: str) -> None:
-        self.lost_to = f"{url}, which broke ({reason})"
-        self.lost_advice = INSPECT_ADVICE if is_local(url) else (
-            "read the URLs yourself to see why they fail (run a pipe: URL's command in a shell)")
+        self.last_break = (url, reason)
         if warning := break_warning(url, reason):
             self.breaks.append(f"{warning} and counted (skipped_samples in the metrics)")
 
