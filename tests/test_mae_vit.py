@@ -182,6 +182,29 @@ def test_images_of_one_mask_unit_are_refused_at_build_since_nothing_would_be_hid
                                          f"{2 * img_size} px"):
         mae_tnt.create_model(name, img_size=img_size)
 
+@pytest.mark.parametrize("name", ["vit_test_patch8_32", "tnt_test_patch8_32", "sret_test", "mae_vit_test",
+                                  "mae_tnt_test", "mae_sret_test"])
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(img_size="224"), "img_size must be a positive int, got '224'"),
+    (dict(drop_path_rate=1.5), r"drop_path_rate must be in \[0, 1\), got 1.5"),
+    (dict(num_classes=-1), "num_classes must be an int >= 0"),
+])
+def test_backbone_arguments_that_would_fail_later_or_build_another_model_are_refused(name, kwargs, message):
+    """The API refuses what the config layer refuses in recipes: a string size fails only in a format string, a
+    negative class count built a bare encoder (TNT) and a drop-path rate above 1 failed in the forward."""
+    if name.startswith("mae_") and "num_classes" in kwargs:
+        message = "an MAE model has no classification head"
+    with pytest.raises(ModelError, match=message):
+        mae_tnt.create_model(name, **kwargs)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0])
+def test_a_word_mask_ratio_outside_0_1_is_refused_rather_than_read_as_off(ratio):
+    message = rf"word_mask_ratio must be in \(0, 1\), or 0 for no word masking, got {ratio}"
+    with pytest.raises(ModelError, match=message):
+        mae_tnt.create_model("mae_tnt_test", word_mask_ratio=ratio)
+
+
 
 @pytest.mark.parametrize("kwargs, message", [(dict(mask_ratio=1.0), r"mask_ratio must be in \[0, 1\)"),
                                              (dict(mask_ratio=-0.2), r"mask_ratio must be in \[0, 1\)"),

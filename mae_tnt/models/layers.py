@@ -37,6 +37,21 @@ def check_image_size(images: torch.Tensor, size: int) -> None:
     raise ValueError(f"expected {size}x{size} images, got {h}x{w}{advice}")
 
 
+def check_backbone_args(img_size: object, num_classes: object, drop_path_rate: object) -> None:
+    """Refuse arguments that would build a model which fails later or quietly differs from the one asked for (the
+    config layer refuses the same values in recipes, naming their keys)."""
+    if not _is_int(img_size) or img_size < 1:
+        raise ValueError(f"img_size must be a positive int, got {img_size!r}")
+    if not _is_int(num_classes) or num_classes < 0:
+        raise ValueError(f"num_classes must be an int >= 0 (0 for a bare encoder), got {num_classes!r}")
+    if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, int | float) or not 0 <= drop_path_rate < 1:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0):
     """Pre-norm ViT blocks with qkv bias and LayerNorm eps 1e-6 (MAE's), attention through SDPA, no drop path
     (MAE's decoder)."""

@@ -31,7 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DropPath, LayerNorm, Mlp, check_image_size, init_trunc_normal_weights, trunc_normal_
+from .layers import (
+    DropPath,
+    LayerNorm,
+    Mlp,
+    check_backbone_args,
+    check_image_size,
+    init_trunc_normal_weights,
+    trunc_normal_,
+)
 from .loading import CheckpointError
 from .mae import MaskedAutoencoder, build_mae
 from .masking import gather_units
@@ -234,6 +242,7 @@ class SReT(nn.Module):
                  num_classes: int = 1000, drop_path_rate: float = 0.0, dense_stem: bool = False,
                  global_pool: str = "avg"):
         super().__init__()
+        check_backbone_args(img_size, num_classes, drop_path_rate)
         if img_size % UNIT:
             raise ValueError(f"SReT needs img_size divisible by its {UNIT}-px mask unit, got {img_size}")
         if global_pool != "avg":

@@ -27,6 +27,7 @@ from torch import nn
 from .layers import (
     DropPath,
     Mlp,
+    check_backbone_args,
     check_image_size,
     init_mae_weights,
     init_trunc_normal_weights,
@@ -198,6 +199,7 @@ class TNT(nn.Module):
                  depth: int = 12, num_heads_inner: int = 4, num_heads_outer: int = 6, mlp_ratio: float = 4.0,
                  num_classes: int = 1000, global_pool: str = "token", drop_path_rate: float = 0.0):
         super().__init__()
+        check_backbone_args(img_size, num_classes, drop_path_rate)
         if img_size % patch_size or patch_size % WORD_STRIDE:
             raise ValueError(f"img_size {img_size} must divide by patch_size {patch_size}, which must divide by 4")
         if global_pool not in ("token", "avg"):
@@ -369,8 +371,10 @@ class WordMaskedAutoencoder(MaskedAutoencoder):
 
     def __init__(self, encoder: TNT, *, word_mask_ratio: float, **kwargs):
         super().__init__(encoder, **kwargs)
-        if self.encoder_mode != "visible" or not 0 < word_mask_ratio < 1:
-            raise ValueError("word masking needs encoder_mode='visible' and 0 < word_mask_ratio < 1")
+        if not 0 < word_mask_ratio < 1:
+            raise ValueError(f"word_mask_ratio must be in (0, 1), or 0 for no word masking, got {word_mask_ratio}")
+        if self.encoder_mode != "visible":
+            raise ValueError("word masking needs encoder_mode='visible'")
         self.word_mask_ratio = word_mask_ratio
         self.word_mask_token = nn.Parameter(torch.zeros(1, 1, encoder.word_dim))
         self.decoder_word_norm = nn.LayerNorm(encoder.word_dim)
@@ -438,7 +442,7 @@ def _tnt(size: str, **kwargs) -> TNT:
 
 def _mae_tnt(size: str, word_mask_ratio: float = 0.0, **kwargs) -> MaskedAutoencoder:
     """MAE kwargs override the size's decoder; the rest go to a headless `TNT`."""
-    wrapper = partial(WordMaskedAutoencoder, word_mask_ratio=word_mask_ratio) if word_mask_ratio > 0 else None
+    wrapper = partial(WordMaskedAutoencoder, word_mask_ratio=word_mask_ratio) if word_mask_ratio else None
     return build_mae(lambda **enc: _tnt(size, num_classes=0, **enc), TNT_DECODERS[size], wrapper=wrapper, **kwargs)
 
 

@@ -15,7 +15,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .layers import LayerNorm, init_mae_weights
+from .layers import LayerNorm, check_backbone_args, init_mae_weights
 from .mae import REFERENCE_DECODER, MaskedAutoencoder, build_mae
 from .masking import gather_units
 from .pos_embed import is_other_grid, sincos_2d
@@ -35,6 +35,7 @@ class ViT(VisionTransformer):
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, num_classes: int = 0, global_pool: str = "token",
                  drop_path_rate: float = 0.0, fixed_pos_embed: bool = True):
+        check_backbone_args(img_size, num_classes, drop_path_rate)
         if img_size % patch_size:  # timm would accept it and fail on the first batch
             raise ValueError(f"ViT needs img_size divisible by patch_size {patch_size} (the mask unit), got {img_size}")
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
