@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from shard_utils import drop_classes, write_shards
+from test_tnt import official_layout as tnt_official_layout
 
 from mae_tnt.config import ConfigError, load_config
 from mae_tnt.data.info import ShardError
@@ -197,6 +198,22 @@ def test_init_from_an_official_sret_file(tmp_path):
     report = load_init(model, tmp_path / "sret.pth")
     assert (report.missing, report.unexpected) == (["head.bias", "head.weight"], [])
     assert torch.equal(model.stages[1].blocks[0].attn.qkv.weight, encoder.stages[1].blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize("name, size, official_layout", [
+    ("tnt_test_patch8_32", 48, lambda model: tnt_official_layout(model.state_dict())),
+    ("sret_test", 96, to_official_state_dict),
+])
+def test_the_init_log_of_an_official_file_counts_the_tensors_loaded_and_names_the_resampled_table(
+        tmp_path, name, size, official_layout):
+    """Official files hold tensors the model does not load (TNT's unused outer_tokens, SReT's shared blocks saved
+    once per application) and other names for the position table (TNT's outer_pos)."""
+    torch.save({"model": official_layout(create_model(name, num_classes=0))}, tmp_path / "official.pth")
+    model, logged = classifier(name, img_size=size), []
+    report = load_init(model, tmp_path / "official.pth", logged.append)
+    assert f": {len(model.state_dict()) - len(report.missing)} tensors loaded;" in logged[0]
+    table = "patch_pos" if name.startswith("tnt") else "pos_embed"
+    assert re.match(rf"init: resampled the position table to this image size \(bicubic\): {table} ", logged[1])
 
 
 @pytest.mark.parametrize("mae_name, name, size, new_size", [

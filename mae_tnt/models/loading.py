@@ -156,6 +156,8 @@ def load_weights(
     report = LoadReport()
     if not isinstance(model, MaskedAutoencoder) and any(k.startswith("encoder.") for k in state_dict):
         state_dict, report.dropped = encoder_subset(state_dict)
+    if hasattr(model, "from_official_layout"):  # renamed first, so that resampling is reported under our names
+        state_dict = model.from_official_layout(state_dict)
     if hasattr(model, "adapt_state_dict"):
         adapted = model.adapt_state_dict(state_dict)
         report.resampled = [f"{key} {list(state_dict[key].shape)} -> {list(value.shape)}"

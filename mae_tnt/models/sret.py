@@ -372,16 +372,18 @@ class SReT(nn.Module):
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Accept the official layout or ours; resample the position map (bicubic) when the input size differs."""
-        if any(_OFFICIAL_KEY.match(key) for key in state_dict):
-            state_dict = self._from_official(state_dict)
+        state_dict = self.from_official_layout(state_dict)
         pos = state_dict.get("pos_embed")
         if pos is not None and is_other_grid(pos, self.pos_embed, grid_dims=(2, 3)):
             resized = F.interpolate(pos.float(), size=self.pos_embed.shape[-2:], mode="bicubic", align_corners=False)
             state_dict = {**state_dict, "pos_embed": resized.to(pos.dtype)}
         return state_dict
 
-    def _from_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Official keys -> ours; every shared block must appear once per application with identical tensors."""
+    def from_official_layout(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Official keys -> ours, where there are any; every shared block must appear once per application with
+        identical tensors."""
+        if not any(_OFFICIAL_KEY.match(key) for key in state_dict):
+            return state_dict
         out, copies = {}, {}
         for key, value in state_dict.items():
             match = _OFFICIAL_KEY.match(key)

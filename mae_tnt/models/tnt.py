@@ -330,11 +330,15 @@ class TNT(nn.Module):
             "blocks": [(r"^blocks\.(\d+)", None), (r"^norm\.", (99999,))],
         }
 
+    @staticmethod
+    def from_official_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The official huawei-noah layout renamed to timm's; any other passes through."""
+        official = "patch_pos" not in state_dict and "outer_pos" in state_dict
+        return convert_official(state_dict) if official else state_dict
+
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """timm's layout passes through; the official huawei-noah layout is renamed; `patch_pos` follows our grid."""
-        state_dict = dict(state_dict)
-        if "patch_pos" not in state_dict and "outer_pos" in state_dict:
-            state_dict = convert_official(state_dict)
+        state_dict = dict(self.from_official_layout(state_dict))
         pos = state_dict.get("patch_pos")
         if pos is not None and is_other_grid(pos, self.patch_pos, grid_dims=(1,)):
             state_dict["patch_pos"] = resample_abs_pos_embed(pos, new_size=(self.grid, self.grid), num_prefix_tokens=1)

@@ -136,7 +136,8 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
         raise CheckpointError(f"{err}. It was written by `{meta['model']}`: model.name and its arguments must "
                               "build the same encoder") from None
     report.dropped = dropped + unfit_head
-    log(f"init from {source} [{layout}]: {len(state_dict)} tensors loaded; missing {report.missing}; "
+    loaded = len(model.state_dict()) - len(report.missing)  # not the file's count: official files repeat or add some
+    log(f"init from {source} [{layout}]: {loaded} tensors loaded; missing {report.missing}; "
         f"unexpected {report.unexpected}; dropped {len(report.dropped)} "
         f"({', '.join(report.dropped[:4])}{', ...' if len(report.dropped) > 4 else ''})")
     if report.resampled:
