@@ -411,12 +411,18 @@ def test_a_log_line_clears_the_progress_bar_and_redraws_it_below(capsys):
     assert out == "saved checkpoint\n" and err.count("1/3") >= 2  # drawn, cleared, then drawn again
 
 
-def test_processes_launched_together_but_set_up_alone_are_refused():
+@pytest.mark.parametrize("deepspeed, cause", [
+    ("true", "on CPU, DeepSpeed runs one process only; launch several"),
+    ("false", "there is no GPU for each; to run CPU processes, launch"),  # a multi-GPU config without GPUs
+])
+def test_processes_launched_together_but_set_up_alone_are_refused_naming_the_cause(monkeypatch, deepspeed, cause):
     from mae_tnt.train.engine import check_launch
 
-    with pytest.raises(ConfigError, match=r"the launcher started 2 processes, but accelerate set this one up as 1 "
-                                          r"of 1, so each would train alone"):
-        check_launch("2", 1)  # accelerate on CPU with a DeepSpeed config
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", deepspeed)
+    with pytest.raises(ConfigError, match=rf"the launcher started 2 processes, but accelerate set this one up as 1 "
+                                          rf"of 1, so each would train alone: {cause} with ACCELERATE_USE_CPU=1 "
+                                          "accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml"):
+        check_launch("2", 1)
     check_launch("2", 2)
     check_launch(None, 1)  # a plain `python pretrain.py`
 

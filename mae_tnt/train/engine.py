@@ -88,12 +88,18 @@ def build_accelerator(cfg: PretrainConfig) -> Accelerator:
 
 
 def check_launch(launched: str | None, num_processes: int) -> None:
-    """Refuse processes that the launcher started together but that each train alone (accelerate on CPU with a
-    DeepSpeed config, for one): they would all write the same run directory as its only process."""
-    if launched is not None and int(launched) != num_processes:
-        raise ConfigError(f"the launcher started {launched} processes, but accelerate set this one up as 1 of "
-                          f"{num_processes}, so each would train alone: on CPU, DeepSpeed runs one process only; "
-                          "launch several with --config_file recipes/accelerate/cpu_2proc.yaml")
+    """Refuse processes that the launcher started together but that each train alone: they would all write the same
+    run directory as its only process. accelerate does that on a machine without GPUs, with a DeepSpeed config or
+    with a multi-GPU one unless told to use the CPU."""
+    if launched is None or int(launched) == num_processes:
+        return
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        cause = "on CPU, DeepSpeed runs one process only; launch several"
+    else:
+        cause = "there is no GPU for each; to run CPU processes, launch"
+    raise ConfigError(f"the launcher started {launched} processes, but accelerate set this one up as 1 of "
+                      f"{num_processes}, so each would train alone: {cause} with ACCELERATE_USE_CPU=1 accelerate "
+                      "launch --config_file recipes/accelerate/cpu_2proc.yaml ...")
 
 
 def write_run_config(cfg, out: Path, is_main: bool) -> None:
