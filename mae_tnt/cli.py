@@ -29,7 +29,8 @@ def load_recipe(cls: type, argv: list[str], prog: str):
     try:
         return load_config(cls, argv[0], argv[1:])
     except ConfigError as err:
-        print(f"error: {_other_script_hint(cls, err) or err}", file=sys.stderr)
+        if is_local_main_process():  # every process of a node reads the same recipe and arguments
+            print(f"error: {_other_script_hint(cls, err) or err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -88,8 +89,14 @@ def report_preempted(summary: dict) -> int:
 
 def report_user_errors(run: Callable[[], dict]) -> dict | None:
     """`run()`, or None after printing one `error:` line when the user's data, checkpoint or model name is at fault
-    (the message says what to do; a traceback would only bury it)."""
+    (the message says what to do; a traceback would only bury it).
+
+    With several processes, most errors are the same in each (the node's files, the config), so the node's first
+    process prints them. An error in the samples one process read may concern it only: each prints its own, naming
+    its rank.
+    """
     from .data.info import ShardError
+    from .data.shards import StreamError
     from .models.loading import CheckpointError
     from .models.registry import ModelError
     from .train.checkpoint import ResumeError
@@ -101,7 +108,9 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
             return run()
     except (ConfigError, ShardError, CheckpointError, ResumeError, ModelError, NonFiniteLossError,
             FileNotFoundError) as err:
-        print(f"error: {without_worker_traceback(str(err))}", file=sys.stderr)
+        own = isinstance(err, StreamError)
+        if own or is_local_main_process():
+            print(f"error{_rank_tag() if own else ''}: {without_worker_traceback(str(err))}", file=sys.stderr)
         return None
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
@@ -133,3 +142,14 @@ def without_worker_traceback(message: str) -> str:
 def is_main_process() -> bool:
     """Rank 0 of a launched job (or a plain single process), from the launcher's environment."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def is_local_main_process() -> bool:
+    """The first process on its node (or a plain single process), from the launcher's environment."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def _rank_tag() -> str:
+    """` (rank R of N)` in a launched job of several processes, else nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f" (rank {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""

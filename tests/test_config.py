@@ -6,6 +6,8 @@ import pytest
 
 from mae_tnt.cli import load_recipe
 from mae_tnt.config import ConfigError, PretrainConfig, all_keys, load_config
+from mae_tnt.data.info import ShardError
+from mae_tnt.data.shards import StreamError
 from mae_tnt.finetune_config import FinetuneConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -188,3 +190,37 @@ def test_deepspeed_bucket_sizes_are_integers(path):
     zero = json.loads(path.read_text())["zero_optimization"]
     buckets = {k: v for k, v in zero.items() if k.endswith(("bucket_size", "persistence_threshold"))}
     assert buckets and all(isinstance(v, int) for v in buckets.values())
+
+
+@pytest.mark.parametrize("error, local_rank, printed", [
+    (ConfigError("bad key"), "0", "error: bad key\n"),
+    (ConfigError("bad key"), "1", ""),  # the same in every process: the node's first one says it
+    (ShardError("/data/x does not exist"), "1", ""),  # the node's files are the same for each process
+    (StreamError("no readable image in 9 samples"), "0", "error (rank 2 of 4): no readable image in 9 samples\n"),
+    (StreamError("no readable image in 9 samples"), "1", "error (rank 2 of 4): no readable image in 9 samples\n"),
+])
+def test_a_multi_process_run_prints_a_shared_error_once_per_node_and_a_process_own_with_its_rank(
+        capsys, monkeypatch, error, local_rank, printed):
+    from mae_tnt.cli import report_user_errors
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+
+    def fail():
+        raise error
+
+    assert report_user_errors(fail) is None
+    assert capsys.readouterr().err == printed
+
+
+def test_a_recipe_error_is_printed_by_the_first_process_of_each_node(capsys, monkeypatch):
+    printed = {}
+    for local_rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        with pytest.raises(SystemExit) as done:
+            load_recipe(PretrainConfig, [str(RECIPES / "demo_mae_vit.yaml"), "data.trian=x"], "pretrain.py")
+        assert done.value.code == 2
+        printed[local_rank] = capsys.readouterr().err
+    assert printed == {"0": "error: command line: unknown config key `data.trian`; did you mean `data.train`?\n",
+                       "1": ""}

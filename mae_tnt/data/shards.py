@@ -34,6 +34,11 @@ class ShardError(InfoError, RuntimeError):
     checks), so catching that one class catches every shard problem."""
 
 
+class StreamError(ShardError):
+    """Unfit samples met while reading one process's share of the shards: unlike the shard set's own faults, this
+    may concern that process only."""
+
+
 def missing_split(root: Path, info: dict, split: str, split_key: str) -> str:
     return (f"{root}/_info.json has no split {split!r}; it has {', '.join(sorted(info.get('splits', {})))}: set "
             f"{split_key} to one of them")

@@ -30,7 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..text import counted
 from .images import BadImageError, image_bytes
-from .shards import Shard, ShardError, break_warning, is_local, read_samples
+from .shards import Shard, ShardError, StreamError, break_warning, is_local, read_samples
 
 SampleTransform = Callable[[bytes, random.Random], object]
 """Encoded image bytes + the sample's own RNG -> uint8 [3, S, S] (or a deferred item decoded on the device, see
@@ -188,7 +188,7 @@ class RoleStream:
     def _check_not_all_bad(self, skipped: int, err: Exception) -> None:
         """A whole epoch's worth of bad samples in a row means the data, not a few files, is broken."""
         if skipped > self.starts[-1]:
-            raise ShardError(f"no readable image in {skipped} consecutive samples (last error: {err}); "
+            raise StreamError(f"no readable image in {skipped} consecutive samples (last error: {err}); "
                              f"{self._advice(err)}")
 
     def _advice(self, err: Exception) -> str:

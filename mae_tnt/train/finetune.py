@@ -42,7 +42,7 @@ from torch import nn
 from ..config import ConfigError, to_dict
 from ..data.info import ShardError
 from ..data.loader import build_train_stream, data_shards, eval_batches, make_loader
-from ..data.shards import info_directory, labeled_classes
+from ..data.shards import StreamError, info_directory, labeled_classes
 from ..data.transforms import normalize, to_tensor, train_crop
 from ..finetune_config import AugmentConfig, FinetuneConfig
 from ..models import create_model
@@ -309,7 +309,7 @@ class FinetuneRun:
 
     def micro_step(self, batch: dict, micro: int) -> torch.Tensor:
         if (batch["labels"] < 0).any():
-            raise ShardError(f"unlabeled samples in {self.cfg.data.train}: fine-tuning needs .cls labels")
+            raise StreamError(f"unlabeled samples in {self.cfg.data.train}: fine-tuning needs .cls labels")
         images = self.device_images(batch["images"])
         labels = batch["labels"].to(self.device, non_blocking=True)
         with seeded_global_rngs(seed_micro_step(self.cfg.seed, self.rank, micro)):
@@ -409,7 +409,7 @@ class FinetuneRun:
             if self.input_dtype is not None and model is self.model:
                 images = images.to(self.input_dtype)
             if int(labels.max()) >= self.num_classes:  # cross-entropy would fail with an index error
-                raise ShardError(f"{self.cfg.data.val} holds label {int(labels.max())}, but the head has "
+                raise StreamError(f"{self.cfg.data.val} holds label {int(labels.max())}, but the head has "
                                  f"{self.num_classes} classes: give train and val shards made into one directory "
                                  "(tools/make_shards.py), which keeps one class list")
             labels = labels.to(self.device)
