@@ -7,6 +7,7 @@ import json
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -417,6 +418,23 @@ def test_demo_finetune_beats_chance_and_resumes_exactly(tmp_path, one_thread):
     resumed = FinetuneRun(demo_config(tmp_path / "split")).train()
     assert resumed["steps"] == 62
     final = [load_file(p / "checkpoints" / "step_00000062" / "model.safetensors") for p in
+             (tmp_path / "full", tmp_path / "split")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_an_epoch_that_ends_inside_an_accumulation_is_checkpointed_where_a_resume_is_exact(tmp_path, one_thread):
+    """31 batches per epoch at 2 per optimizer step: epoch 1 ends a batch into step 16, so its checkpoint is step 16,
+    not step 15 with a half-accumulated gradient that resuming would lose (and then accumulate out of step)."""
+    overrides = ["optim.accum_steps=2", "run.max_steps=18", "run.keep_checkpoints=2", "data.val=null"]
+    full = FinetuneRun(demo_config(tmp_path / "full", *overrides))
+    assert full.plan.steps_per_epoch == 15.5
+    full.train()
+    assert [p.name for p in find_checkpoints(tmp_path / "full")] == ["step_00000018", "step_00000016"]
+    FinetuneRun(demo_config(tmp_path / "split", *overrides)).train()
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / "step_00000018")  # as if killed after step 16 was saved
+    assert FinetuneRun(demo_config(tmp_path / "split", *overrides)).train()["steps"] == 18
+    final = [load_file(p / "checkpoints" / "step_00000018" / "model.safetensors") for p in
              (tmp_path / "full", tmp_path / "split")]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 

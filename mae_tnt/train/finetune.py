@@ -324,6 +324,7 @@ class FinetuneRun:
     def train(self) -> dict:
         """Train to the stop step, evaluating after every epoch; returns a summary with the best accuracy."""
         self.preemption = Preemption(self.acc, self.cfg.run.preempt_check_every, self.log)
+        self.save_due = False
         history: list[dict] = []
         self.window.restart_clock()
         with (MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step) as self.logger,
@@ -339,8 +340,8 @@ class FinetuneRun:
                 with self.window.paused():
                     if (epoch_done or self.step >= self.plan.stop_step) and self.val_shards:
                         history.append(self.evaluate_and_keep_best())
-                    raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
-                    self.save()
+                self.save_due = True
+                self._save_if_due(micro)
         return {"steps": self.step, "history": history, "best": self.best, "output_dir": str(self.out),
                 "preempted": self.preemption.cut_short(self.step, self.plan.stop_step)}
 
@@ -362,10 +363,18 @@ class FinetuneRun:
             if self.step >= self.plan.stop_step or self.preemption.should_stop(self.step) or self._epoch_done():
                 break  # `train` evaluates at an epoch end, then saves once
             if self.step % self.cfg.run.checkpoint_every == 0:
-                raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
-                with self.window.paused():
-                    self.save()
+                self.save_due = True
+            self._save_if_due(micro)
         return micro
+
+    def _save_if_due(self, micro: int) -> None:
+        """Save a due checkpoint once no gradient is half accumulated, so that a resume starts accumulating where
+        the run did: an epoch of 31.25 optimizer steps ends a micro-batch into step 32, which saves it."""
+        if self.save_due and micro % self.cfg.optim.accum_steps == 0:
+            raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
+            with self.window.paused():
+                self.save()
+            self.save_due = False
 
     def _epoch_done(self) -> bool:
         return self.stream.state.batches >= self.stream.batches_per_epoch()
