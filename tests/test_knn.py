@@ -2,6 +2,7 @@
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,43 @@ def test_eval_batches_split_ranks_evenly_and_cover_every_decodable_sample(tmp_pa
     labels = torch.cat([labels for rank in per_rank for _, labels in rank])
     assert sorted(labels[labels >= 0].tolist()) == sorted(i % 10 for i in range(13) if i != 5)
     assert (labels == -1).sum().item() == 4  # 3 padding rows and the undecodable sample
+
+
+def run_as_ranks(world: int, work) -> list:
+    """`work(rank, gather)` on `world` threads, `gather` concatenating a tensor over them rank after rank, as
+    `accelerator.gather` does over processes."""
+    barrier, slots, results = threading.Barrier(world), [None] * world, [None] * world
+
+    def gather_for(rank):
+        def gather(tensor):
+            slots[rank] = tensor
+            barrier.wait()
+            joined = torch.cat(slots)
+            barrier.wait()  # nobody overwrites a slot before everyone has read it
+            return joined
+        return gather
+
+    def run(rank):
+        results[rank] = work(rank, gather_for(rank))
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_the_capped_bank_holds_the_first_train_rows_whatever_the_number_of_processes():
+    """Batch i goes to rank i mod 2, so the gathered rows are r0, r2 | r1, r3; the first two in shard order are r0
+    and r1. Only r1 shares the query's class: a bank of r0 and r2 would score 0."""
+    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])  # r0..r3, one per batch
+    labels = torch.tensor([0, 1, 0, 0])
+    train = [[(rows[i : i + 1], labels[i : i + 1]) for i in range(rank, 4, 2)] for rank in range(2)]
+    val = [[(torch.tensor([[0.0, 1.0]]), torch.tensor([1]))], [(torch.zeros(1, 2), torch.tensor([-1]))]]
+    results = run_as_ranks(2, lambda rank, gather: knn_accuracy(lambda x: x, train[rank], val[rank], k=1,
+                                                                 temperature=0.1, gather=gather, max_train=2))
+    assert results[0] == results[1] == {"knn_top1": 100.0, "knn_train": 2, "knn_val": 1, "knn_k": 1}
 
 
 def test_knn_on_shards_caps_the_bank_and_restores_train_mode(tmp_path):

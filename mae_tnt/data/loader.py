@@ -89,6 +89,13 @@ def eval_batches(shards: list[Shard], img_size: int, batch_size: int, rank: int 
         yield _padded_batch(next(mine, []), img_size, batch_size)
 
 
+def in_shard_order(gathered: torch.Tensor, world_size: int, batch_size: int) -> torch.Tensor:
+    """Rows of every rank's `eval_batches`, gathered rank after rank, back in shard order: undoes the round-robin, so
+    that what follows (e.g. the first N rows) does not depend on the number of processes."""
+    by_rank = gathered.unflatten(0, (world_size, -1, batch_size))  # [world, batches per rank, B, ...]
+    return by_rank.transpose(0, 1).flatten(0, 2)  # [batches per rank * world * B, ...], global batch i at i * B
+
+
 def _padded_batch(samples: list[dict], img_size: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exactly `batch_size` rows: the decodable samples, then zero images labeled -1."""
     images = torch.zeros(batch_size, 3, img_size, img_size, dtype=torch.uint8)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DataConfig
-from ..data.loader import data_shards, eval_batches
+from ..data.loader import data_shards, eval_batches, in_shard_order
 from ..data.shards import ShardError, labeled_classes
 from ..data.transforms import normalize
 
@@ -62,15 +62,18 @@ def accuracy_counts(scores: torch.Tensor, labels: torch.Tensor,
 @torch.no_grad()
 def extract_features(forward: Callable[[torch.Tensor], torch.Tensor], batches: Batches, device: torch.device,
                      gather: Gather | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features [N, D] (float32) and labels [N] of every labeled row, gathered over ranks if asked."""
+    """L2-normalised features [N, D] (float32) and labels [N] of every labeled row, gathered over ranks if asked
+    (`batches` from `eval_batches`: the rows come back in shard order)."""
     feats, labels = [], []
     for images, batch_labels in batches:
         out = forward(images.to(device, non_blocking=True)).float()  # [B, D]
         feats.append(F.normalize(out, dim=1))
         labels.append(batch_labels.to(device))
     feats_t, labels_t = torch.cat(feats), torch.cat(labels)
-    if gather is not None:
-        feats_t, labels_t = gather(feats_t), gather(labels_t)
+    if gather is not None and labels:
+        gathered_feats, gathered_labels = gather(feats_t), gather(labels_t)
+        world, rows = len(gathered_labels) // len(labels_t), len(labels[0])
+        feats_t, labels_t = in_shard_order(gathered_feats, world, rows), in_shard_order(gathered_labels, world, rows)
     keep = labels_t >= 0
     return feats_t[keep], labels_t[keep]
 
