@@ -527,7 +527,7 @@ def test_img_per_s_leaves_out_the_time_spent_evaluating_and_saving(tmp_path, one
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
-def test_config_yaml_records_the_checkpoint_an_init_run_directory_stood_for(tmp_path, one_thread):
+def test_config_yaml_records_the_checkpoint_init_stood_for_and_a_resume_refuses_another_init(tmp_path, one_thread):
     mae_run = tmp_path / "mae"
     write_mae_checkpoint(mae_run / "checkpoints" / "step_00000001")
 
@@ -539,6 +539,12 @@ def test_config_yaml_records_the_checkpoint_an_init_run_directory_stood_for(tmp_
     write_mae_checkpoint(mae_run / "checkpoints" / "step_00000002")  # the pretraining run went on meanwhile
     FinetuneRun(demo_config(tmp_path / "ft", f"init={mae_run}", "run.max_steps=2")).train()
     assert recorded() == str(mae_run / "checkpoints" / "step_00000001")  # the resumed run started from step 1
+    for other in (mae_run / "checkpoints" / "step_00000002", None):  # newer weights, or none: another run
+        with pytest.raises(ResumeError, match=rf"run.output_dir holds a run started from init="
+                                              rf"{mae_run / 'checkpoints' / 'step_00000001'}, which resuming would "
+                                              rf"continue rather than start from init={other}: to start from "
+                                              rf"{other}, use another run.output_dir, or run.resume=none"):
+            FinetuneRun(demo_config(tmp_path / "ft", f"init={other or 'null'}", "run.max_steps=3"))
 
 
 def test_sret_takes_the_fine_tuning_default_pooling_and_refuses_a_class_token(tmp_path):

@@ -38,6 +38,7 @@ from ..models.loading import (
 )
 from ..models.mae import WRAPPER_KEY_PREFIXES
 from ..models.sret import SReT, reestimate_batchnorm
+from .checkpoint import FRESH, ResumeError
 
 HEAD_KEYS = ("head.*", "fc_norm.*")
 
@@ -105,10 +106,27 @@ def allowed_keys(model: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
 def recorded_init(init: str | None, resumed_state: dict | None = None) -> str | None:
     """`init` as a run's config.yaml records it, so that the record names the weights actually read: the checkpoint
     a run directory stood for when the run started. A resumed run (`resumed_state`: its checkpoint's state) keeps
-    the one it started from, though the pretraining run may have saved newer ones since."""
-    if resumed_state is not None:
-        return resumed_state.get("config", {}).get("init", init)
-    return str(resolve_checkpoint(init)) if init else None
+    the one it started from, though the pretraining run may have saved newer ones since.
+
+    Raises:
+        ResumeError: when the resumed run started from other weights than `init`, which it would silently ignore.
+    """
+    if resumed_state is None:
+        return str(resolve_checkpoint(init)) if init else None
+    recorded = resumed_state.get("config", {}).get("init", init)
+    if not _stands_for(init, recorded):
+        raise ResumeError(f"run.output_dir holds a run started from init={recorded}, which resuming would continue "
+                          f"rather than start from init={init}: to start from {init}, {FRESH}; to continue the "
+                          f"run, pass init={recorded}")
+    return recorded
+
+
+def _stands_for(init: str | None, recorded: str | None) -> bool:
+    """Whether `init` names the recorded weights: the same path, or the run directory they are a checkpoint of."""
+    if init is None or recorded is None:
+        return init == recorded
+    given, recorded_path = Path(init).resolve(), Path(recorded).resolve()
+    return recorded_path == given or recorded_path.parent == given / "checkpoints"
 
 
 def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] = print) -> LoadReport:
