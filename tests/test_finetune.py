@@ -554,3 +554,12 @@ def test_sret_takes_the_fine_tuning_default_pooling_and_refuses_a_class_token(tm
     assert build_classifier(cfg, num_classes=10, log=lambda line: None).global_pool == "avg"
     with pytest.raises(ModelError, match="SReT averages its tokens and has no class token"):
         create_model("sret_test", global_pool="token")
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_a_resume_with_a_longer_schedule_says_the_lr_follows_the_new_one(tmp_path, one_thread, capsys):
+    FinetuneRun(demo_config(tmp_path, "run.max_steps=1", "data.val=null")).train()
+    capsys.readouterr()
+    FinetuneRun(demo_config(tmp_path, "run.max_steps=2", "data.val=null", "schedule.epochs=3"))
+    assert ("note: schedule.epochs 2.0 -> 3.0 since step_00000001: the LR follows the schedule of the new settings "
+            "from this step on, so it may jump") in capsys.readouterr().out

@@ -255,6 +255,10 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
     if step >= plan.stop_step:
         log(f"note: {checkpoint.path.name} is at or past this run's last step {plan.stop_step} (run.max_steps, "
             "schedule.epochs): nothing is left to train")
+    lr_changes = _config_changes(checkpoint.state.get("config", {}), config, LR_KEYS)
+    if lr_changes:
+        log(f"note: {'; '.join(lr_changes)} since {checkpoint.path.name}: the LR follows the schedule of the new "
+            "settings from this step on, so it may jump")
     if LOG_WINDOW_KEY in checkpoint.state:  # absent from checkpoints of earlier versions: the window starts empty
         window.restore_loss_totals(checkpoint.state[LOG_WINDOW_KEY], accelerator.is_main_process)
     accelerator.wait_for_everyone()  # every rank has read its checkpoint before any directory moves
@@ -270,6 +274,9 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
             f"epoch {epoch} restarts from its start")
     return step, StreamState(epoch=epoch)
 
+
+LR_KEYS = (("optim", "base_lr"), ("optim", "min_lr"), ("schedule", "epochs"), ("schedule", "warmup_epochs"))
+"""Config keys that, with the effective batch, decide the LR of every step."""
 
 LAYOUT_KEYS = (("data", "batch_size"), ("data", "num_workers"), ("data", "shuffle_chunk"), ("seed",))
 """Config keys that, with the number of ranks, decide which sample each stream position holds."""
