@@ -152,7 +152,14 @@ def test_knn_mode_of_the_downstream_runner_beats_chance_on_the_bundled_data(tmp_
                       [f"run.output_dir={tmp_path}", "data.knn_max_train=1000"])
     result = finetune(cfg)  # random init: pixels through a random ViT already cluster Fashion-MNIST
     assert result["knn_train"] == 1000 and result["knn_val"] == 500 and result["knn_top1"] > 30.0
-    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["knn_top1"] == result["knn_top1"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["knn_top1"] for row in rows] == [result["knn_top1"]]
+    cfg.data.knn_max_train = 500
+    again = finetune(cfg)  # a second evaluation into the same directory sets the first aside
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["knn_train"], row["knn_top1"]) for row in rows] == [(500, again["knn_top1"])]
+    (earlier,) = (tmp_path / "superseded").iterdir()
+    assert json.loads((earlier / "metrics.jsonl").read_text())["knn_train"] == 1000
 
 
 def test_knn_mode_on_unlabeled_shards_fails_before_encoding_with_one_line(tmp_path, capsys, fresh_accelerate_state):

@@ -341,16 +341,18 @@ def step_of(path: Path) -> int:
     return int(path.name.split("_")[1].split(".")[0])
 
 
-def set_aside_previous_run(output_dir: str | Path, log=print) -> None:
-    """Move a run already in `output_dir` (everything but `superseded/`) to `superseded/<time>/`.
+def set_aside_previous_run(output_dir: str | Path, log=print, why: str = "run.resume=none") -> None:
+    """Move a run already in `output_dir` (everything but `superseded/`) to `superseded/<time>/`; `why` the new run
+    starts afresh.
 
-    A fresh start (`run.resume=none`) in the same directory would otherwise truncate the old metrics, and the
-    rotation, which keeps the highest steps, would delete the new checkpoints while `auto` resumed the old run.
+    A fresh start (`run.resume=none`, or a kNN evaluation) in the same directory would otherwise mix its metrics
+    with the old ones, and the rotation, which keeps the highest steps, would delete the new checkpoints while
+    `auto` resumed the old run.
     """
     out = Path(output_dir)
     if find_checkpoints(out) or (out / "metrics.jsonl").exists():
         target = _move_to_superseded(out, [entry for entry in out.iterdir() if entry.name != "superseded"])
-        log(f"warning: run.resume=none: moved the previous run in {out} to {target}")
+        log(f"warning: {why}: moved the previous run in {out} to {target}")
 
 
 def _move_to_superseded(output_dir: str | Path, paths: list[Path]) -> Path:

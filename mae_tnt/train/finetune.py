@@ -48,7 +48,7 @@ from ..finetune_config import AugmentConfig, FinetuneConfig
 from ..models import create_model
 from ..models.loading import save_weights
 from ..text import counted
-from .checkpoint import resolve_resume, restore_training, save_checkpoint
+from .checkpoint import resolve_resume, restore_training, save_checkpoint, set_aside_previous_run
 from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step, write_run_config
 from .init import attach_probe_head, init_head, load_init, recorded_init, reestimate_stem_norms
 from .knn import accuracy_counts, knn_accuracy_on_shards, reported_ks, require_labeled_shards, topk_text
@@ -475,6 +475,7 @@ def run_knn(cfg: FinetuneConfig) -> dict:
             world_size=acc.num_processes, gather=acc.gather, verify=True)
     if acc.is_main_process:
         out = Path(cfg.run.output_dir)
+        set_aside_previous_run(out, log, why="mode=knn evaluates afresh")
         write_run_config(cfg, out, is_main=True)
         with MetricsLogger(out, True, to_dict(cfg)) as logger:
             logger.log({"step": 0, **result})
