@@ -8,6 +8,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -57,13 +58,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def export_tool():
-    """tools/export.py as a module (tools/ is a script folder, not a package)."""
-    spec = importlib.util.spec_from_file_location("export_tool", ROOT / "tools" / "export.py")
+def load_tool(name: str):
+    """tools/NAME.py as a module (tools/ is a script folder, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def export_tool():
+    return load_tool("export")
 
 
 def write_mae_checkpoint(path: Path, name: str = "mae_vit_test") -> dict:
@@ -563,3 +569,11 @@ def test_a_resume_with_a_longer_schedule_says_the_lr_follows_the_new_one(tmp_pat
     FinetuneRun(demo_config(tmp_path, "run.max_steps=2", "data.val=null", "schedule.epochs=3"))
     assert ("note: schedule.epochs 2.0 -> 3.0 since step_00000001: the LR follows the schedule of the new settings "
             "from this step on, so it may jump") in capsys.readouterr().out
+
+
+def test_the_demo_comparison_refuses_the_experiment_budget_flags_it_would_ignore(capsys):
+    with pytest.raises(SystemExit) as done:
+        load_tool("experiment_fashion").main(["demo", "runs/x", "--finetune-epochs", "1", "--workers", "2"])
+    assert done.value.code == 2
+    assert ("demo runs the demo recipes as they are and takes only --out, --data and --threads, not "
+            "--finetune-epochs, --workers (for the experiment)") in capsys.readouterr().err

@@ -205,11 +205,17 @@ def main(argv: list[str] | None = None) -> int:
                         "default OUT/shards (converted from the IDX files when missing)")
     defaults = Budget()
     for name, value in defaults.__dict__.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
+                            help=None if name == "threads" else "experiment only (demo runs the demo recipes)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         if args.checkpoint is None:
             parser.error("demo needs the pretraining run or checkpoint directory")
+        ignored = [f"--{name.replace('_', '-')}" for name, value in defaults.__dict__.items()
+                   if name != "threads" and getattr(args, name) != value]
+        if ignored:
+            parser.error(f"demo runs the demo recipes as they are and takes only --out, --data and --threads, not "
+                         f"{', '.join(ignored)} (for the experiment)")
         print(demo_compare(args.checkpoint, args.data or "data/fashion_mnist", args.out or "runs/demo_compare",
                            args.threads))
         return 0
