@@ -451,3 +451,34 @@ def test_fp16_on_cpu_is_warned_about_instead_of_silently_training_in_fp32(capsys
     cfg = load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_vit.yaml", ["run.precision=fp16"])
     build_accelerator(cfg)
     assert "warning: run.precision=fp16 has no effect on CPU" in capsys.readouterr().out
+
+
+class WorkerLoaderIterator:
+    """Iterates like torch's multi-process loader iterator; a Ctrl-C lands while its workers are being stopped."""
+
+    def __init__(self):
+        self.batches = iter([1, 2, 3])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.batches)
+
+    def _shutdown_workers(self):
+        raise KeyboardInterrupt
+
+
+def test_a_ctrl_c_while_the_loader_workers_stop_reaches_the_training_loop():
+    """Stopping the workers in a generator's `finally` ran when the generator left by `break` was collected, where
+    the interrupt was printed as "Exception ignored" and lost."""
+    from mae_tnt.train.loop import Window, timed
+
+    taken = []
+    with pytest.raises(KeyboardInterrupt):
+        with timed(WorkerLoaderIterator(), Window(torch.device("cpu"))) as batches:
+            for batch in batches:
+                taken.append(batch)
+                break
+    assert taken == [1]
+

@@ -259,22 +259,23 @@ class Trainer:
         micro = self.step * self.cfg.optim.accum_steps
         while self.step < self.plan.stop_step and not preemption.stopping:
             loader = make_loader(self.stream, pin_memory=self.acc.device.type == "cuda")
-            for batch in timed(loader, self.window):
-                started = time.perf_counter()
-                loss = self.micro_step(batch, micro)
-                if self.cfg.run.compile and micro == self.step * self.cfg.optim.accum_steps:
-                    self.log(f"torch.compile: first step (compilation included) took "
-                             f"{time.perf_counter() - started:.1f} s")
-                micro += 1
-                self.stream.state.record(batch, self.stream.num_workers)
-                self.window.add(loss, len(batch["images"]), micro)
-                if not self.acc.sync_gradients:
-                    continue
-                self.step += 1
-                bar.update(1)
-                history += self._after_optimizer_step(bar)
-                if self.step >= self.plan.stop_step or preemption.should_stop(self.step):
-                    break
+            with timed(loader, self.window) as batches:
+                for batch in batches:
+                    started = time.perf_counter()
+                    loss = self.micro_step(batch, micro)
+                    if self.cfg.run.compile and micro == self.step * self.cfg.optim.accum_steps:
+                        self.log(f"torch.compile: first step (compilation included) took "
+                                 f"{time.perf_counter() - started:.1f} s")
+                    micro += 1
+                    self.stream.state.record(batch, self.stream.num_workers)
+                    self.window.add(loss, len(batch["images"]), micro)
+                    if not self.acc.sync_gradients:
+                        continue
+                    self.step += 1
+                    bar.update(1)
+                    history += self._after_optimizer_step(bar)
+                    if self.step >= self.plan.stop_step or preemption.should_stop(self.step):
+                        break
             if self.stream.state.batches >= self.stream.batches_per_epoch():
                 self.stream.state.start_epoch(self.stream.state.epoch + 1)
         return history

@@ -347,25 +347,34 @@ class FinetuneRun:
 
     def _run_batches(self, bar, micro: int) -> int:
         """Micro-steps until the epoch ends, the stop step is reached or a stop is requested; returns `micro`."""
-        for batch in timed(make_loader(self.stream, pin_memory=self.device.type == "cuda"), self.window):
-            loss = self.micro_step(batch, micro)
-            micro += 1
-            self.stream.state.record(batch, self.stream.num_workers)
-            self.window.add(loss, batch["images"].shape[0], micro)
-            if not self.acc.sync_gradients:
-                continue
-            self.step += 1
-            bar.update(1)
-            if self.ema is not None:
-                self.ema.update(self.unwrapped, step=self.step)
-            if self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step:
-                self._log_train(bar)
-            if self.step >= self.plan.stop_step or self.preemption.should_stop(self.step) or self._epoch_done():
-                break  # `train` evaluates at an epoch end, then saves once
-            if self.step % self.cfg.run.checkpoint_every == 0:
-                self.save_due = True
-            self._save_if_due(micro)
+        with timed(make_loader(self.stream, pin_memory=self.device.type == "cuda"), self.window) as batches:
+            for batch in batches:
+                micro = self._micro_step(batch, micro, bar)
+                if self.acc.sync_gradients and self._stop_batches():
+                    break  # `train` evaluates at an epoch end, then saves when no gradient is half accumulated
+                self._save_if_due(micro)
         return micro
+
+    def _micro_step(self, batch: dict, micro: int, bar) -> int:
+        """Train on one batch; after an optimizer step, update the EMA and log when due. Returns the next `micro`."""
+        loss = self.micro_step(batch, micro)
+        micro += 1
+        self.stream.state.record(batch, self.stream.num_workers)
+        self.window.add(loss, batch["images"].shape[0], micro)
+        if not self.acc.sync_gradients:
+            return micro
+        self.step += 1
+        bar.update(1)
+        if self.ema is not None:
+            self.ema.update(self.unwrapped, step=self.step)
+        if self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step:
+            self._log_train(bar)
+        if self.step % self.cfg.run.checkpoint_every == 0:
+            self.save_due = True
+        return micro
+
+    def _stop_batches(self) -> bool:
+        return self.step >= self.plan.stop_step or self.preemption.should_stop(self.step) or self._epoch_done()
 
     def _save_if_due(self, micro: int) -> None:
         """Save a due checkpoint once no gradient is half accumulated, so that a resume starts accumulating where

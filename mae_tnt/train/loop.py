@@ -70,23 +70,32 @@ class Window:
             self.count.fill_(totals["count"])
 
 
-def timed(batches: Iterable, window: Window) -> Iterator:
-    """Yield the batches, adding the time spent waiting for each to `window.data_time`."""
+@contextmanager
+def timed(batches: Iterable, window: Window) -> Iterator[Iterator]:
+    """The batches, adding the time spent waiting for each to `window.data_time`; the loader's workers stop when
+    the block ends, however it ends.
+
+    Left to interpreter exit, torch skips that, and multiprocessing then waits forever for workers that ignore its
+    SIGTERM (`_ignore_sigterm`). A context rather than a generator's `finally`: a generator left by `break` is
+    closed when it is collected, where a Ctrl-C during the shutdown is printed as "Exception ignored" and lost.
+    """
     iterator = iter(batches)
     try:
-        while True:
-            start = time.perf_counter()
-            batch = next(iterator, None)
-            window.data_time += time.perf_counter() - start
-            if batch is None:
-                return
-            yield batch
+        yield _waited_for(iterator, window)
     finally:
-        # Stop the loader's workers on every way out, an error included. Left to interpreter exit, torch skips
-        # this, and multiprocessing then waits forever for workers that ignore its SIGTERM (`_ignore_sigterm`).
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+
+
+def _waited_for(iterator: Iterator, window: Window) -> Iterator:
+    while True:
+        start = time.perf_counter()
+        batch = next(iterator, None)
+        window.data_time += time.perf_counter() - start
+        if batch is None:
+            return
+        yield batch
 
 
 def close_window(accelerator, window: Window, bar, step: int, epoch: float, lr: float, skipped: int) -> dict:
