@@ -482,3 +482,22 @@ def test_a_ctrl_c_while_the_loader_workers_stop_reaches_the_training_loop():
                 break
     assert taken == [1]
 
+
+@pytest.mark.parametrize("in_file, warned", [("auto", False), (0.5, False), (1.0, True)])
+def test_the_recipe_sets_deepspeeds_batch_and_clipping_fields_and_a_clipping_it_overrides_is_warned_about(
+        in_file, warned, recwarn):
+    from mae_tnt.train.engine import configure_deepspeed
+
+    ds_config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 7,
+                 "gradient_clipping": in_file}
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds_config)),
+                                  mixed_precision="bf16")
+    cfg = load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_vit.yaml", ["optim.grad_clip=0.5",
+                                                                              "optim.accum_steps=2"])
+    assert configure_deepspeed(accelerator, cfg) == torch.bfloat16
+    assert ds_config == {"train_micro_batch_size_per_gpu": cfg.data.batch_size, "gradient_accumulation_steps": 2,
+                         "gradient_clipping": 0.5}
+    messages = [str(w.message) for w in recwarn]
+    expected = ("the DeepSpeed config sets gradient_clipping 1.0; the recipe's optim.grad_clip=0.5 applies, as its "
+                "batch settings do (set it there)")
+    assert messages == ([expected] if warned else [])

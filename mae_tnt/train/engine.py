@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,8 +121,12 @@ def configure_deepspeed(accelerator: Accelerator, cfg: PretrainConfig) -> torch.
     ds_config = plugin.deepspeed_config
     ds_config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     ds_config["gradient_accumulation_steps"] = cfg.optim.accum_steps
-    if ds_config.get("gradient_clipping") == "auto":
-        ds_config["gradient_clipping"] = cfg.optim.grad_clip or 0.0
+    clip = cfg.optim.grad_clip or 0.0
+    if ds_config.get("gradient_clipping", "auto") not in ("auto", clip):
+        warnings.warn(f"the DeepSpeed config sets gradient_clipping {ds_config['gradient_clipping']}; the recipe's "
+                      f"optim.grad_clip={cfg.optim.grad_clip} applies, as its batch settings do (set it there)",
+                      stacklevel=2)
+    ds_config["gradient_clipping"] = clip
     precision = accelerator.mixed_precision
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
