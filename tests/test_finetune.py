@@ -577,3 +577,14 @@ def test_the_demo_comparison_refuses_the_experiment_budget_flags_it_would_ignore
     assert done.value.code == 2
     assert ("demo runs the demo recipes as they are and takes only --out, --data and --threads, not "
             "--finetune-epochs, --workers (for the experiment)") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pool, noted", [("avg", True), ("token", False)])
+def test_knn_with_average_pooling_notes_that_its_feature_norm_is_fresh(tmp_path, pool, noted):
+    write_mae_checkpoint(tmp_path / "ckpt")
+    cfg = load_config(FinetuneConfig, ROOT / "recipes" / "demo_knn_vit.yaml",
+                      [f"init={tmp_path / 'ckpt'}", f"model.global_pool={pool}"])
+    logged = []
+    build_classifier(cfg, num_classes=0, log=logged.append)
+    assert any(line.startswith("note: with model.global_pool=avg the kNN feature is the mean token through a fresh "
+                               "fc_norm") for line in logged) == noted

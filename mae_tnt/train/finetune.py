@@ -177,6 +177,9 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int, load: bool = True, l
         log(f"init: none, {'evaluating' if cfg.mode == 'knn' else 'training'} a randomly initialised encoder")
     if report is None or "head.weight" in report.missing:
         init_head(model.head, cfg.model.head_init_std)
+    if cfg.mode == "knn" and report is not None and "fc_norm.weight" in report.missing:
+        log("note: with model.global_pool=avg the kNN feature is the mean token through a fresh fc_norm, not the "
+            "checkpoint's final norm; model.global_pool=token gives the pretrained feature (as demo_knn_vit.yaml)")
     model.requires_grad_(True)  # fine-tuning trains everything, the fixed sin-cos position table included (MAE)
     if cfg.mode == "linprobe":
         attach_probe_head(model, cfg.model.head_init_std)
