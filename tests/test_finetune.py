@@ -72,13 +72,16 @@ def export_tool():
     return load_tool("export")
 
 
+FASHION_MEAN, FASHION_STD = [0.286] * 3, [0.353] * 3  # the demo recipes' normalisation
+
+
 def write_mae_checkpoint(path: Path, name: str = "mae_vit_test") -> dict:
     """A pretraining checkpoint directory as the engine writes it: model.safetensors + state.json."""
     mae = create_model(name)
     path.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in mae.state_dict().items()}, path / "model.safetensors")
     size = mae.grid * mae.unit
-    config = {"model": {"img_size": size}, "data": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    config = {"model": {"img_size": size}, "data": {"mean": FASHION_MEAN, "std": FASHION_STD}}
     (path / "state.json").write_text(json.dumps({"step": 1, "model": name, "config": config}))
     return mae.state_dict()
 
@@ -588,3 +591,17 @@ def test_knn_with_average_pooling_notes_that_its_feature_norm_is_fresh(tmp_path,
     build_classifier(cfg, num_classes=0, log=logged.append)
     assert any(line.startswith("note: with model.global_pool=avg the kNN feature is the mean token through a fresh "
                                "fc_norm") for line in logged) == noted
+
+
+def test_an_init_normalised_otherwise_than_this_run_is_warned_about(tmp_path, export_tool):
+    write_mae_checkpoint(tmp_path / "ckpt")
+    export_tool.export(tmp_path / "ckpt", tmp_path / "export")
+    imagenet = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    for source in (tmp_path / "ckpt", tmp_path / "export"):
+        for normalization, warned in ((imagenet, True), ((FASHION_MEAN, FASHION_STD), False), (None, False)):
+            logged = []
+            load_init(classifier(), source, logged.append, normalization)
+            warning = (f"warning: {source.name} was trained on images normalised with mean {FASHION_MEAN} and std "
+                       f"{FASHION_STD}, this run uses data.mean {imagenet[0]} and data.std {imagenet[1]}: set them "
+                       "to the checkpoint's unless the change is deliberate")
+            assert (warning in logged) == warned, (source, normalization)

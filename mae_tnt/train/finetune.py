@@ -172,7 +172,7 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int, load: bool = True, l
         kwargs["global_pool"] = cfg.model.global_pool
     torch.manual_seed(cfg.seed)  # the random parts (head, or everything for a baseline) are reproducible
     model = create_model(cfg.model.name, **kwargs)
-    report = load_init(model, cfg.init, log) if cfg.init and load else None
+    report = load_init(model, cfg.init, log, (cfg.data.mean, cfg.data.std)) if cfg.init and load else None
     if cfg.init is None:
         log(f"init: none, {'evaluating' if cfg.mode == 'knn' else 'training'} a randomly initialised encoder")
     if report is None or "head.weight" in report.missing:

@@ -129,8 +129,10 @@ def _stands_for(init: str | None, recorded: str | None) -> bool:
     return recorded_path == given or recorded_path.parent == given / "checkpoints"
 
 
-def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] = print) -> LoadReport:
-    """Load `source` into `model` (a classifier or bare encoder) and print the exact key report.
+def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] = print,
+              normalization: tuple[list[float], list[float]] | None = None) -> LoadReport:
+    """Load `source` into `model` (a classifier or bare encoder) and print the exact key report; warn when the
+    source records another `normalization` (mean, std) of its images than the one given.
 
     Raises:
         CheckpointError: for a missing or unexpected key beyond the head / fc_norm / final-norm allowance; the
@@ -160,7 +162,25 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
         f"({', '.join(report.dropped[:4])}{', ...' if len(report.dropped) > 4 else ''})")
     if report.resampled:
         log(f"init: resampled the position table to this image size (bicubic): {'; '.join(report.resampled)}")
+    recorded = recorded_normalization(meta)
+    if normalization is not None and recorded is not None and not _same_normalization(recorded, normalization):
+        log(f"warning: {source.name} was trained on images normalised with mean {recorded[0]} and std {recorded[1]}, "
+            f"this run uses data.mean {normalization[0]} and data.std {normalization[1]}: set them to the "
+            "checkpoint's unless the change is deliberate")
     return report
+
+
+def recorded_normalization(meta: dict) -> tuple[list[float], list[float]] | None:
+    """The (mean, std) a checkpoint's (`state.json`: its config's data section) or an export's (`config.json`)
+    images were normalised with; None when it does not say."""
+    data = meta.get("config", {}).get("data", meta)
+    mean, std = data.get("mean"), data.get("std")
+    return (list(mean), list(std)) if mean is not None and std is not None else None
+
+
+def _same_normalization(a: tuple[list[float], list[float]], b: tuple[list[float], list[float]]) -> bool:
+    return all(torch.allclose(torch.tensor(x, dtype=torch.float64), torch.tensor(y, dtype=torch.float64))
+               for x, y in zip(a, b, strict=True))
 
 
 def init_head(head: nn.Module, std: float) -> None:
