@@ -466,13 +466,15 @@ def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_in_eval_mode(tm
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 @pytest.mark.parametrize("family, mae_name", [("tnt", "mae_tnt_test"), ("sret", "mae_sret_test")])
-def test_tnt_and_sret_demo_recipes_fine_tune_from_an_mae_checkpoint(tmp_path, one_thread, family, mae_name):
+def test_tnt_and_sret_demo_recipes_fine_tune_from_an_mae_checkpoint(tmp_path, one_thread, capsys, family, mae_name):
     mae_state = write_mae_checkpoint(tmp_path / "ckpt", mae_name)
     run = FinetuneRun(demo_config(tmp_path / "run", f"init={tmp_path / 'ckpt'}", "run.max_steps=2",
                                   recipe=f"demo_finetune_{family}.yaml"))
     if family == "sret":  # the stem statistics were refit on whole images, everything else came from the checkpoint
         stem_mean = run.unwrapped.patch_embed.bn1.running_mean
         assert not torch.equal(stem_mean, mae_state["encoder.patch_embed.bn1.running_mean"])
+        assert ("init: re-estimated the stem BatchNorm statistics on 640 whole 64-px train images "
+                "(model.bn_reestimate_batches=10)") in capsys.readouterr().out
     summary = run.train()
     assert summary["steps"] == 2 and 0.0 <= summary["best"]["val_acc1"] <= 100.0
 

@@ -264,7 +264,7 @@ def test_position_map_is_resampled_for_another_input_size():
 def test_reestimate_batchnorm_matches_data_statistics():
     model = mae_tnt.create_model("sret_test").eval()
     batches = [torch.randn(4, 3, 64, 64) * 3 + 1 for _ in range(2)]
-    reestimate_batchnorm(model, batches)
+    assert reestimate_batchnorm(model, batches) == 8  # images seen
     bn1 = model.patch_embed.bn1
     with torch.no_grad():
         first = torch.cat([model.patch_embed.conv1(b) for b in batches])  # [8, C0/2, 32, 32]

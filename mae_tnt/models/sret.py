@@ -434,8 +434,9 @@ def to_official_state_dict(model: SReT) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model: SReT, batches: Iterable[torch.Tensor]) -> None:
-    """Recompute the stem's BatchNorm statistics as a plain average over `batches` ([B, 3, H, W] each).
+def reestimate_batchnorm(model: SReT, batches: Iterable[torch.Tensor]) -> int:
+    """Recompute the stem's BatchNorm statistics as a plain average over `batches` ([B, 3, H, W] each); returns the
+    number of images seen.
 
     Pretraining feeds the stem 32-px crops (zero-padded at their borders), so its running statistics do not fit
     whole images; fine-tuning calls this first. Only the stem runs (it holds every BatchNorm), in train mode with
@@ -449,13 +450,16 @@ def reestimate_batchnorm(model: SReT, batches: Iterable[torch.Tensor]) -> None:
         norm.reset_running_stats()
         norm.momentum = None
     stem.train()
+    seen = 0
     try:
         for images in batches:
             stem(images.to(device))
+            seen += len(images)
     finally:
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
         stem.train(was_training)
+    return seen
 
 
 SRET_CONFIGS = {

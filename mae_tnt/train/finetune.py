@@ -212,14 +212,16 @@ def seed_micro_step(seed: int, rank: int, micro: int) -> int:
     return torch.initial_seed()
 
 
-def refit_stem_norms(model: nn.Module, cfg: FinetuneConfig, device: torch.device) -> None:
+def refit_stem_norms(model: nn.Module, cfg: FinetuneConfig, device: torch.device, log=print) -> None:
     """SReT: recompute the stem BatchNorm statistics on `cfg.model.bn_reestimate_batches` center-cropped train
     batches (the model's mode is kept)."""
     data = cfg.data
     shards = data_shards(data, "train", verify=False)
     batches = itertools.islice(eval_batches(shards, cfg.model.img_size, data.batch_size),
                                cfg.model.bn_reestimate_batches)
-    reestimate_stem_norms(model, (normalize(images.to(device), data.mean, data.std) for images, _ in batches))
+    seen = reestimate_stem_norms(model, (normalize(images.to(device), data.mean, data.std) for images, _ in batches))
+    log(f"init: re-estimated the stem BatchNorm statistics on {seen} whole {cfg.model.img_size}-px train images "
+        f"(model.bn_reestimate_batches={cfg.model.bn_reestimate_batches})")
 
 
 class FinetuneRun:
@@ -245,7 +247,7 @@ class FinetuneRun:
         model = build_classifier(cfg, self.num_classes, load=checkpoint is None, log=self.log)
         model = model.to(self.device, memory_format=self.memory_format)
         if cfg.model.bn_reestimate_batches and checkpoint is None:
-            refit_stem_norms(model, cfg, self.device)
+            refit_stem_norms(model, cfg, self.device, self.log)
         optimizer = build_optimizer(model, cfg, self.plan.peak_lr)
         self.input_dtype = configure_deepspeed(self.acc, cfg)  # DeepSpeed's half modes need half inputs
         self.model, self.optimizer = self.acc.prepare(torch.compile(model) if cfg.run.compile else model, optimizer)
@@ -478,7 +480,7 @@ def run_knn(cfg: FinetuneConfig) -> dict:
     cfg.init = recorded_init(cfg.init)
     model = build_classifier(cfg, num_classes=0, log=log).to(acc.device).eval()
     if cfg.model.bn_reestimate_batches:
-        refit_stem_norms(model, cfg, acc.device)
+        refit_stem_norms(model, cfg, acc.device, log)
     data = cfg.data
     with acc.autocast():
         result = knn_accuracy_on_shards(

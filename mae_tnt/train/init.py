@@ -206,12 +206,12 @@ def attach_probe_head(model: nn.Module, std: float = 0.01) -> nn.Sequential:
     return model.head
 
 
-def reestimate_stem_norms(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """Recompute SReT's stem BatchNorm statistics on whole images ([B, 3, H, W], normalised).
+def reestimate_stem_norms(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Recompute SReT's stem BatchNorm statistics on whole images ([B, 3, H, W], normalised); returns their count.
 
     MAE pretraining shows the SReT stem 32-px crops zero-padded at their borders, so its running statistics do not
     fit whole images (see `mae_tnt.models.sret.reestimate_batchnorm`).
     """
     if not isinstance(model, SReT):
         raise ConfigError(f"model.bn_reestimate_batches applies to SReT only, not {type(model).__name__}; set it to 0")
-    reestimate_batchnorm(model, batches)
+    return reestimate_batchnorm(model, batches)
