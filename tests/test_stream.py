@@ -2,8 +2,11 @@
 
 import copy
 import io
+import os
+import signal
 import tarfile
 from functools import partial
+from multiprocessing.process import BaseProcess
 
 import pytest
 import torch
@@ -274,3 +277,18 @@ def test_evaluation_images_are_timms_evaluation_transform(size):
     expected = torch.from_numpy(np.array(timm_eval.transforms[1](timm_eval.transforms[0](image)))).permute(2, 0, 1)
     ours = eval_resize(buffer.getvalue(), size)  # uint8 [3, S, S]; timm's Resize + CenterCrop, before ToTensor
     assert ours.shape == expected.shape and (ours.int() - expected.int()).abs().max() <= 1  # rounding only
+
+
+def test_loader_workers_survive_a_sigterm_that_reaches_them_as_they_start(even, monkeypatch):
+    """A scheduler's SIGTERM to the process group can land between a worker's start and its worker_init_fn."""
+    started = []
+    start = BaseProcess.start
+
+    def start_then_terminate(process):
+        start(process)
+        started.append(process.pid)
+        os.kill(process.pid, signal.SIGTERM)
+
+    monkeypatch.setattr(BaseProcess, "start", start_then_terminate)
+    batches = consume(stream_for(even, workers=2))
+    assert len(started) == 2 and sorted(keys(batches)) == sorted(keys(consume(stream_for(even))))

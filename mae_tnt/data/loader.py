@@ -54,14 +54,27 @@ def mae_transform(data: DataConfig, img_size: int) -> Callable:
 
 def make_loader(stream: ShardStream, pin_memory: bool = False) -> DataLoader:
     """A fresh loader for the stream's current state (workers are not persistent: each epoch restarts them)."""
-    return DataLoader(stream, batch_size=None, num_workers=stream.num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if stream.num_workers else None, worker_init_fn=_ignore_sigterm)
+    return _SigtermSafeLoader(stream, batch_size=None, num_workers=stream.num_workers, pin_memory=pin_memory,
+                              prefetch_factor=4 if stream.num_workers else None, worker_init_fn=_ignore_sigterm)
+
+
+class _SigtermSafeLoader(DataLoader):
+    """Schedulers (SLURM, Kubernetes) send SIGTERM to the whole process group. A worker that died of it would make
+    the main process raise before it could save its preemption checkpoint, so workers ignore it (the main process
+    ends them itself). They start with SIGTERM blocked, which they inherit, until they ignore it: one sent while a
+    worker is still starting would kill it otherwise. The main process gets a signal held meanwhile right after."""
+
+    def __iter__(self):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return super().__iter__()  # starts the workers
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _ignore_sigterm(worker_id: int) -> None:
-    """Schedulers (SLURM, Kubernetes) send SIGTERM to the whole process group. A worker that died of it would make the
-    main process raise before it could save its preemption checkpoint; the main process ends the workers itself."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def eval_image(sample: dict, img_size: int) -> torch.Tensor | None:
