@@ -501,3 +501,27 @@ def test_the_recipe_sets_deepspeeds_batch_and_clipping_fields_and_a_clipping_it_
     expected = ("the DeepSpeed config sets gradient_clipping 1.0; the recipe's optim.grad_clip=0.5 applies, as its "
                 "batch settings do (set it there)")
     assert messages == ([expected] if warned else [])
+
+
+def test_the_compile_time_of_the_first_step_is_logged_once(shards, tmp_path, monkeypatch, capsys):
+    """A clock that advances 1 ms per reading, and a compiler whose first forward takes an hour."""
+    import mae_tnt.train.engine as engine
+
+    ticks, offset = itertools.count(step=1e-3), [0.0]
+    monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: next(ticks) + offset[0]))
+
+    def compile_for_an_hour(model):
+        forward = model.forward
+
+        def first_forward(*args, **kwargs):
+            offset[0] += 3600
+            model.forward = forward
+            return forward(*args, **kwargs)
+
+        model.forward = first_forward
+        return model
+
+    monkeypatch.setattr(torch, "compile", compile_for_an_hour)
+    Trainer(config(shards, tmp_path, "run.max_steps=4", "run.compile=true")).train()
+    logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("torch.compile")]
+    assert len(logged) == 1 and logged[0].startswith("torch.compile: first step (compilation included) took 3600.")

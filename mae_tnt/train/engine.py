@@ -261,19 +261,19 @@ class Trainer:
     def _run_steps(self, preemption: Preemption, bar) -> list[dict]:
         """Optimizer steps, epoch after epoch, until the stop step or an agreed stop; returns the metrics rows."""
         history: list[dict] = []
-        micro = self.step * self.cfg.optim.accum_steps
+        micro = first_micro = self.step * self.cfg.optim.accum_steps
         while self.step < self.plan.stop_step and not preemption.stopping:
             loader = make_loader(self.stream, pin_memory=self.acc.device.type == "cuda")
             with timed(loader, self.window) as batches:
                 for batch in batches:
                     started = time.perf_counter()
                     loss = self.micro_step(batch, micro)
-                    if self.cfg.run.compile and micro == self.step * self.cfg.optim.accum_steps:
-                        self.log(f"torch.compile: first step (compilation included) took "
-                                 f"{time.perf_counter() - started:.1f} s")
                     micro += 1
                     self.stream.state.record(batch, self.stream.num_workers)
                     self.window.add(loss, len(batch["images"]), micro)
+                    if self.cfg.run.compile and micro == first_micro + 1:
+                        self.log(f"torch.compile: first step (compilation included) took "
+                                 f"{time.perf_counter() - started:.1f} s")
                     if not self.acc.sync_gradients:
                         continue
                     self.step += 1
