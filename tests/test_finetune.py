@@ -572,8 +572,8 @@ def test_a_resume_with_a_longer_schedule_says_the_lr_follows_the_new_one(tmp_pat
     FinetuneRun(demo_config(tmp_path, "run.max_steps=1", "data.val=null")).train()
     capsys.readouterr()
     FinetuneRun(demo_config(tmp_path, "run.max_steps=2", "data.val=null", "schedule.epochs=3"))
-    assert ("note: schedule.epochs 2.0 -> 3.0 since step_00000001: the LR follows the schedule of the new settings "
-            "from this step on, so it may jump") in capsys.readouterr().out
+    assert ("note: schedule.epochs 2.0 -> 3.0; total_steps 62 -> 93 since step_00000001: the LR follows the schedule "
+            "of the new settings from this step on, so it may jump") in capsys.readouterr().out
 
 
 def test_the_demo_comparison_refuses_the_experiment_budget_flags_it_would_ignore(capsys):

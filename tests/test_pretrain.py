@@ -341,8 +341,17 @@ def test_resume_with_another_data_layout_restarts_the_epoch_in_progress(shards, 
     trainer = Trainer(config(shards, tmp_path, "run.max_steps=24", *filter(None, [change])))
     assert trainer.step == 20 and (trainer.stream.state.epoch, trainer.stream.state.batches) == (1, 0)
     assert (trainer.stream.state.positions, trainer.stream.state.skipped) == ({}, 0)  # nothing of the old layout
-    assert f"warning: {why}: the data position of another layout cannot be continued without repeating samples, " \
-           "so epoch 1 restarts from its start" in capsys.readouterr().out
+    assert f"warning: {why}: the data position does not carry over to another layout (continuing would skip some " \
+           "samples of epoch 1), so epoch 1 restarts from its start and the samples it had seen are seen again" \
+           in capsys.readouterr().out
+
+
+def test_a_resume_whose_layout_changes_the_step_counts_says_the_lr_follows_them(shards, tmp_path, capsys):
+    Trainer(config(shards, tmp_path, "run.max_steps=20")).train()  # 128 samples, 1 worker: 16 batches of 8
+    AcceleratorState._reset_state(True)
+    Trainer(config(shards, tmp_path, "run.max_steps=24", "data.num_workers=3"))  # 42 samples each: 5 batches
+    assert ("note: steps_per_epoch 16.0 -> 15.0; total_steps 32 -> 30; warmup_steps 8 -> 7 since step_00000020: the "
+            "LR follows the schedule of the new settings from this step on, so it may jump") in capsys.readouterr().out
 
 
 def test_resume_at_an_epoch_start_in_another_layout_loses_nothing_and_says_nothing(shards, tmp_path, capsys):

@@ -255,7 +255,8 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
     if step >= plan.stop_step:
         log(f"note: {checkpoint.path.name} is at or past this run's last step {plan.stop_step} (run.max_steps, "
             "schedule.epochs): nothing is left to train")
-    lr_changes = _config_changes(checkpoint.state.get("config", {}), config, LR_KEYS)
+    lr_changes = (_config_changes(checkpoint.state.get("config", {}), config, LR_KEYS)
+                  + _config_changes(checkpoint.state.get("plan", {}), plan.__dict__, LR_PLAN_KEYS))
     if lr_changes:
         log(f"note: {'; '.join(lr_changes)} since {checkpoint.path.name}: the LR follows the schedule of the new "
             "settings from this step on, so it may jump")
@@ -270,13 +271,17 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
     epoch, into_epoch = divmod(step * config["optim"]["accum_steps"], plan.batches_per_epoch)
     if into_epoch:  # at an epoch's start nothing is lost
         why = "; ".join(changes) or f"{checkpoint.path} holds no data position"
-        log(f"warning: {why}: the data position of another layout cannot be continued without repeating samples, so "
-            f"epoch {epoch} restarts from its start")
+        log(f"warning: {why}: the data position does not carry over to another layout (continuing would skip some "
+            f"samples of epoch {epoch}), so epoch {epoch} restarts from its start and the samples it had seen are "
+            "seen again")
     return step, StreamState(epoch=epoch)
 
 
 LR_KEYS = (("optim", "base_lr"), ("optim", "min_lr"), ("schedule", "epochs"), ("schedule", "warmup_epochs"))
 """Config keys that, with the effective batch, decide the LR of every step."""
+
+LR_PLAN_KEYS = (("steps_per_epoch",), ("total_steps",), ("warmup_steps",))
+"""The plan's step counts, which the data layout changes too (every worker gets the same whole batches)."""
 
 LAYOUT_KEYS = (("data", "batch_size"), ("data", "num_workers"), ("data", "shuffle_chunk"), ("seed",))
 """Config keys that, with the number of ranks, decide which sample each stream position holds."""
