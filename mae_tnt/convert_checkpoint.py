@@ -1,12 +1,13 @@
 """Convert foreign checkpoints (official MAE, TNT, SReT, timm) into ours, with an exact key report.
 
-    python tools/convert_checkpoint.py SRC OUT.safetensors --model NAME [--allow-missing 'decoder_*'] [--unsafe-pickle]
+    python tools/convert_checkpoint.py SRC OUT.safetensors --model NAME [--allow-missing 'decoder_*']
+        [--allow-unexpected 'encoder.head.*'] [--unsafe-pickle]
 
 The layout is recognised by the target model's `adapt_state_dict` (its family's checkpoint filter): flat official
 MAE keys, the huawei-noah TNT names, SReT's duplicated recursive blocks, or timm's keys. A classifier is built with
 the head size of the source (none for an encoder's weights). The result loads with the `mae_tnt.create_model` call
-the tool prints. Keys the source lacks keep the model's fresh initialisation and are listed; they must be allowed
-explicitly.
+the tool prints. Keys the source lacks keep the model's fresh initialisation and are listed, and keys the model does
+not take are left out; either must be allowed explicitly.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def read_source(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
     return unwrap_state_dict(obj, path)
 
 
-def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] = (), unsafe_pickle: bool = False):
+def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] = (),
+            allow_unexpected: Sequence[str] = (), unsafe_pickle: bool = False):
     """Write SRC's weights as `model_name`'s; a classifier gets the head size (0: none, for an encoder) and pooling
     of SRC. Returns the load report, the build arguments of the model written, and a note on what they may miss."""
     model = create_model(model_name)  # an unknown name fails before a long read
@@ -45,8 +47,10 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
     if build_kwargs := fitting_build_kwargs(model, state_dict):  # a classifier of another head or pooling
         model = create_model(model_name, **build_kwargs)
     report = load_weights(model, state_dict, allow_missing=tuple(allow_missing),
-                          remedy="for keys the source was saved without, pass their groups to --allow-missing "
-                                 "(e.g. --allow-missing 'decoder_*' 'mask_token')")
+                          allow_unexpected=tuple(allow_unexpected),
+                          remedy="pass the groups of keys the source was saved without to --allow-missing (e.g. "
+                                 "--allow-missing 'decoder_*' 'mask_token'), and of keys to leave out to "
+                                 "--allow-unexpected (e.g. a classifier's head: --allow-unexpected 'encoder.head.*')")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), out, metadata={"model": model_name})
     if hasattr(model, "num_classes"):  # a classifier: its head size is always named in the call that loads it
@@ -70,6 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="registered model name, e.g. mae_vit_base_patch16")
     parser.add_argument("--allow-missing", nargs="*", default=[], metavar="PATTERN",
                         help="fnmatch patterns of keys the source may lack (e.g. 'decoder_*' 'mask_token')")
+    parser.add_argument("--allow-unexpected", nargs="*", default=[], metavar="PATTERN",
+                        help="fnmatch patterns of source keys to leave out (e.g. 'encoder.head.*': a classifier's head "
+                             "when converting it to an MAE)")
     parser.add_argument("--unsafe-pickle", action="store_true",
                         help="allow a full unpickle for legacy files that weights_only loading refuses")
     args = parser.parse_args(argv)
@@ -78,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{args.out.with_suffix('.safetensors')}", file=sys.stderr)
         return 1
     try:
-        report, build_kwargs, note = convert(args.src, args.out, args.model, args.allow_missing, args.unsafe_pickle)
+        report, build_kwargs, note = convert(args.src, args.out, args.model, args.allow_missing,
+                                             args.allow_unexpected, args.unsafe_pickle)
     except (CheckpointError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -66,8 +66,28 @@ def test_official_encoder_only_mae_needs_the_decoder_allowed(tmp_path, capsys):
     assert convert_main(args) == 1
     err = capsys.readouterr().err
     assert "20 missing: decoder_blocks.* (12), decoder_embed.bias, decoder_embed.weight, " in err
-    assert "decoder_pred.weight" in err and "pass their groups to --allow-missing" in err
+    assert "decoder_pred.weight" in err
+    assert "pass the groups of keys the source was saved without to --allow-missing" in err
     assert convert_main(args + ["--allow-missing", "decoder_*", "mask_token"]) == 0
+
+
+def test_a_classifier_converts_to_an_mae_once_its_head_is_left_out_and_the_decoder_allowed(tmp_path, capsys):
+    classifier = mae_tnt.create_model("vit_test_patch8_32", num_classes=7)
+    torch.save(classifier.state_dict(), tmp_path / "vit.pth")
+    args = [str(tmp_path / "vit.pth"), str(tmp_path / "mae.safetensors"), "--model", "mae_vit_test",
+            "--allow-missing", "decoder_*", "mask_token"]
+    assert convert_main(args) == 1
+    err = capsys.readouterr().err
+    assert "2 unexpected: encoder.head.bias, encoder.head.weight" in err
+    assert "of keys to leave out to --allow-unexpected (e.g. a classifier's head: --allow-unexpected " \
+           "'encoder.head.*')" in err
+    assert convert_main(args + ["--allow-unexpected", "encoder.head.*"]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"wrote {tmp_path / 'mae.safetensors'} for mae_vit_test: missing [decoder_blocks.* (12), decoder_embed.bias, "
+        "decoder_embed.weight, decoder_norm.bias, decoder_norm.weight, decoder_pos_embed, decoder_pred.bias, "
+        "decoder_pred.weight, mask_token], unexpected [encoder.head.bias, encoder.head.weight], dropped 0 keys")
+    mae = mae_tnt.create_model("mae_vit_test", checkpoint_path=tmp_path / "mae.safetensors")
+    assert torch.equal(mae.encoder.blocks[1].mlp.fc2.weight, classifier.blocks[1].mlp.fc2.weight)
 
 
 def test_encoder_checkpoint_loads_into_classifier_with_only_the_head_missing(tmp_path):

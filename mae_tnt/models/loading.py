@@ -43,7 +43,8 @@ class LoadReport:
     """`key [old shape] -> [new shape]` of the tables the model's `adapt_state_dict` resampled to its grid."""
 
     def summary(self) -> str:
-        return f"missing={self.missing or '[]'} unexpected={self.unexpected or '[]'} dropped={len(self.dropped)} keys"
+        return (f"missing [{_by_module(self.missing)}], unexpected [{_by_module(self.unexpected)}], "
+                f"dropped {len(self.dropped)} keys")
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None):
