@@ -534,3 +534,19 @@ def test_the_compile_time_of_the_first_step_is_logged_once(shards, tmp_path, mon
     Trainer(config(shards, tmp_path, "run.max_steps=4", "run.compile=true")).train()
     logged = [line for line in capsys.readouterr().out.splitlines() if line.startswith("torch.compile")]
     assert len(logged) == 1 and logged[0].startswith("torch.compile: first step (compilation included) took 3600.")
+
+
+def test_tensorboard_plots_each_curve_once_per_step_and_records_the_config_a_run_resumed_with(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from mae_tnt.train.metrics import MetricsLogger
+
+    with MetricsLogger(tmp_path, True, {"seed": 0}) as logger:
+        logger.log({"step": 4, "epoch": 1.0, "loss": 0.5})
+        logger.log({"step": 4, "epoch": 1.0, "knn_top1": 50.0, "knn_train": 10, "knn_val": 5, "knn_k": 3})
+    with MetricsLogger(tmp_path, True, {"seed": 1}, resume_step=4) as logger:
+        logger.log({"step": 5, "epoch": 1.25, "loss": 0.4})
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["epoch", "knn_top1", "loss"]
+    assert [(e.step, e.value) for e in events.Scalars("epoch")] == [(4, 1.0), (5, 1.25)]
+    assert [e.step for e in events.Tensors("config/text_summary")] == [0, 4]

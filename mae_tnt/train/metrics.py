@@ -9,9 +9,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+NOT_PLOTTED = ("step", "knn_train", "knn_val", "knn_k")
+"""Row fields that describe a row (its step, an evaluation's sizes) rather than a curve worth plotting."""
+
 
 class MetricsLogger:
-    """Writes one JSON line per log step to `metrics.jsonl` and the same scalars to TensorBoard (rank 0 only).
+    """Writes one JSON line per log step to `metrics.jsonl` and its scalars to TensorBoard (rank 0 only).
 
     Use it as a `with` block: the TensorBoard writer is a thread, closed at the end of the block, errors included.
     """
@@ -19,6 +22,8 @@ class MetricsLogger:
     def __init__(self, output_dir: Path, enabled: bool, hparams: dict | None = None, resume_step: int = 0):
         self.enabled = enabled
         self.writer = None
+        # The keys plotted at the last step: an evaluation row repeats the epoch its log step's row plotted.
+        self.plotted: tuple[int, set[str]] = (-1, set())
         if not enabled:
             return
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -31,8 +36,8 @@ class MetricsLogger:
             # Hides events past the checkpoint a resumed run continues from, as _truncate_after does for the JSONL.
             purge = resume_step + 1 if resume_step else None
             self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
-            if hparams:
-                self.writer.add_text("config", "```\n" + json.dumps(hparams, indent=1) + "\n```")
+            if hparams:  # at the step it starts from: a resumed run's settings may differ
+                self.writer.add_text("config", "```\n" + json.dumps(hparams, indent=1) + "\n```", resume_step)
 
     def _truncate_after(self, step: int) -> None:
         """Drop lines logged after the checkpoint being resumed (a killed run may have logged past it, or left
@@ -50,9 +55,13 @@ class MetricsLogger:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
         if self.writer is not None:
+            step = metrics["step"]
+            if self.plotted[0] != step:
+                self.plotted = (step, set())
             for key, value in metrics.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, metrics["step"])
+                if key not in NOT_PLOTTED and isinstance(value, (int, float)) and key not in self.plotted[1]:
+                    self.plotted[1].add(key)
+                    self.writer.add_scalar(key, value, step)
             self.writer.flush()
 
     def __enter__(self) -> MetricsLogger:
