@@ -274,12 +274,16 @@ def test_crash_while_saving_leaves_the_previous_checkpoint_usable(shards, tmp_pa
     assert trainer.step == 4
 
 
-@pytest.mark.parametrize("corrupt", ["model.safetensors", "optimizer.pt", "data_rank0.json"])
-def test_corrupted_checkpoint_falls_back_to_the_previous_one(shards, tmp_path, capsys, corrupt):
+def truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("corrupt, damage", [("model.safetensors", truncated), ("optimizer.pt", truncated),
+                                             ("data_rank0.json", truncated), ("state.json", lambda data: b"{}")])
+def test_corrupted_checkpoint_falls_back_to_the_previous_one(shards, tmp_path, capsys, corrupt, damage):
     Trainer(config(shards, tmp_path, "run.max_steps=8")).train()
     newest = find_checkpoints(tmp_path)[0]
-    data = (newest / corrupt).read_bytes()
-    (newest / corrupt).write_bytes(data[: len(data) // 2])  # truncated
+    (newest / corrupt).write_bytes(damage((newest / corrupt).read_bytes()))
     AcceleratorState._reset_state(True)
     trainer = Trainer(config(shards, tmp_path, "run.max_steps=8"))
     assert trainer.step == 4

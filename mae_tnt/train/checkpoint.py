@@ -152,12 +152,19 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool
     return None
 
 
+STATE_KEYS = ("step", "model", "config")
+"""What every checkpoint's state.json says: resuming reads the step and checks the model and config against it."""
+
+
 def read_checkpoint(path: Path) -> Checkpoint:
     """Read and validate `state.json` and check that the weight files exist and parse."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError) as err:
         raise ResumeError(f"{path / STATE_FILE} is missing or corrupt ({err})") from err
+    lacking = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if lacking:
+        raise ResumeError(f"{path / STATE_FILE} is corrupt: it lacks {', '.join(lacking)}")
     if (path / "model.safetensors").exists():
         try:
             load_file(path / "model.safetensors")
@@ -270,10 +277,9 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
         return step, StreamState.from_dict(data_state)
     epoch, into_epoch = divmod(step * config["optim"]["accum_steps"], plan.batches_per_epoch)
     if into_epoch:  # at an epoch's start nothing is lost
-        why = "; ".join(changes) or f"{checkpoint.path} holds no data position"
-        log(f"warning: {why}: the data position does not carry over to another layout (continuing would skip some "
-            f"samples of epoch {epoch}), so epoch {epoch} restarts from its start and the samples it had seen are "
-            "seen again")
+        why = (f"{'; '.join(changes)}: the data position does not carry over to another layout (continuing would "
+               f"skip some samples of epoch {epoch})" if changes else f"{checkpoint.path} holds no data position")
+        log(f"warning: {why}, so epoch {epoch} restarts from its start and the samples it had seen are seen again")
     return step, StreamState(epoch=epoch)
 
 
