@@ -28,7 +28,7 @@ from .models.tnt import TNT
 def read_source(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
     """Tensors of SRC; a full unpickle only when the user opts in for a file they trust."""
     if not unsafe_pickle:
-        return read_state_dict(path)
+        return read_state_dict(path, pickle_advice="add --unsafe-pickle")
     print(f"warning: unpickling {path} without restrictions (--unsafe-pickle); only do this for files you trust")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)

@@ -130,7 +130,7 @@ class Payload:
         return (exec, ("import pathlib; pathlib.Path(__import__('os').environ['PWNED']).write_text('owned')",))
 
 
-def test_malicious_pickle_is_refused_without_executing(tmp_path, monkeypatch):
+def test_malicious_pickle_is_refused_without_executing(tmp_path, monkeypatch, recwarn):
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED", str(marker))
     path = tmp_path / "evil.pth"
@@ -143,6 +143,9 @@ def test_malicious_pickle_is_refused_without_executing(tmp_path, monkeypatch):
         reason = str(refused.value).split("safely (", 1)[1]
         assert re.match(r"UnpicklingError: (?!Weights only load failed)[^.]*(GLOBAL|Unsupported)", reason), reason
         assert "\x1b" not in reason  # what was refused, without terminal styling
+        assert refused.value.args[0].endswith("convert a foreign checkpoint with tools/convert_checkpoint.py, adding "
+                                              "--unsafe-pickle for a legacy pickle you trust")
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]  # torch's request to report protocol 4
     with pytest.raises(CheckpointError):
         mae_tnt.create_model("mae_vit_test", checkpoint_path=tmp_path / "evil_zip.pth")
     assert not marker.exists()
@@ -178,7 +181,9 @@ def test_convert_tool_errors_are_one_line_naming_the_fix(tmp_path, capsys):
     args = [str(tmp_path / "legacy.pth"), str(tmp_path / "out.safetensors"), "--model"]
     assert convert_main(args + ["vit_test_patch8_32"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: cannot read") and "--unsafe-pickle" in err and err.count("\n") == 1
+    assert err.startswith("error: cannot read") and err.count("\n") == 1
+    assert err.endswith("Only tensors and plain containers are accepted: add --unsafe-pickle for a legacy pickle you "
+                        "trust\n")
     assert convert_main(args + ["vit_tst"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: unknown model 'vit_tst'. Did you mean") and "vit_test_patch8_32" in err
@@ -221,3 +226,12 @@ def test_weights_of_the_other_pooling_or_head_name_the_build_arguments_that_fit(
                      mae_tnt.create_model("vit_test_patch8_32", num_classes=0).state_dict())
     with pytest.raises(CheckpointError, match="Check that the model name matches the checkpoint"):
         load_weights(mae_tnt.create_model("vit_test_patch8_32", num_classes=10, depth=1), pooled)
+
+
+def test_a_truncated_safetensors_file_is_named_as_such(tmp_path):
+    save_weights({"w": torch.zeros(64)}, tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "w.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cannot read .*w.safetensors: not a complete safetensors file \(.*\); "
+                                              r"write or download it again$"):
+        read_state_dict(tmp_path / "w.safetensors")

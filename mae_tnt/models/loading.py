@@ -14,6 +14,7 @@ import json
 import os
 import re
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,9 +85,12 @@ def export_build_kwargs(path: str | Path, name: str) -> dict:
     return {key: config[key] for key in EXPORT_BUILD_KEYS if config.get(key) is not None}
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+CONVERT_ADVICE = "convert a foreign checkpoint with tools/convert_checkpoint.py, adding --unsafe-pickle"
+
+
+def read_state_dict(path: str | Path, pickle_advice: str = CONVERT_ADVICE) -> dict[str, torch.Tensor]:
     """Tensors of a weights file, checkpoint directory or run directory (newest checkpoint), unwrapped from
-    `{'model': ...}`-style containers."""
+    `{'model': ...}`-style containers; `pickle_advice` says how to read a pickle that is refused."""
     path = resolve_checkpoint(path)
     if path.is_dir():
         candidates = [path / name for name in WEIGHT_FILES if (path / name).exists()]
@@ -95,15 +99,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         path = candidates[0]
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        try:
             return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any decoding failure means an unusable file
+            raise CheckpointError(f"cannot read {path}: not a complete safetensors file ({err}); write or download "
+                                  "it again") from err
+    try:
+        with warnings.catch_warnings():  # torch asks to report pickle protocols it reads fine; users cannot act on it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any decoding failure means an unusable file
         raise CheckpointError(
             f"cannot read {path} safely ({type(err).__name__}: {_load_failure_reason(err)}). Only tensors and "
-            "plain containers are accepted: convert a foreign checkpoint with tools/convert_checkpoint.py, adding "
-            "--unsafe-pickle for a legacy pickle you trust"
+            f"plain containers are accepted: {pickle_advice} for a legacy pickle you trust"
         ) from err
     return unwrap_state_dict(obj, path)
 
