@@ -7,6 +7,7 @@ with their range, which says how far one run can be trusted.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -19,6 +20,24 @@ from torch.utils.flop_counter import FlopCounterMode
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """--dtype choices of the benchmarks, named as run.precision names them."""
+
+
+def bench_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: its docstring's first paragraph as the description, defaults in --help, and
+    the --repeats every benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--repeats", type=positive_int, default=repeats,
+                        help="timed repetitions of every case, after one warm-up")
+    return parser
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int of at least 1, refused with a usage error otherwise."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def interleaved_times(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,

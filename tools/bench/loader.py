@@ -11,7 +11,6 @@ Prints the ratio last (target >= 2x).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from functools import partial
@@ -24,7 +23,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import interleaved_times, medians, paired_ratio, print_table  # noqa: E402
+from common import bench_parser, interleaved_times, medians, paired_ratio, positive_int, print_table  # noqa: E402
 
 from mae_tnt.data.convert import ConvertOptions, convert  # noqa: E402
 from mae_tnt.data.shards import resolve_shards  # noqa: E402
@@ -63,11 +62,10 @@ def torchvision_reference(root: Path, size: int, count: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=300)
+    parser = bench_parser(__doc__, repeats=3)
+    parser.add_argument("--images", type=positive_int, default=300, help="synthetic JPEGs to read")
     parser.add_argument("--size", default="500x375", help="source JPEG size WxH (ImageNet's mean is about 500x375)")
     parser.add_argument("--crop", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)  # as inside a DataLoader worker
     width, height = map(int, args.size.split("x"))

@@ -6,7 +6,7 @@ shared machine hits every case alike; ratios come last, step-time ratios as the 
 ratios with their range.
 
     OMP_NUM_THREADS=2 python tools/bench/sret.py                       # CPU, batch 8 at 224
-    python tools/bench/sret.py --device cuda --dtype bf16 --batch 64 --reps 20
+    python tools/bench/sret.py --device cuda --dtype bf16 --batch 64 --repeats 20
 
 References: docs/sret.md (design and measured numbers); timm `vit_small_patch16_224` (DeiT-S architecture).
 """
@@ -27,6 +27,7 @@ from common import (  # noqa: E402
     DTYPES,
     Case,
     autocast_for,
+    bench_parser,
     classifier_case,
     gmacs_per_image,
     interleaved_times,
@@ -39,11 +40,10 @@ import mae_tnt  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__, repeats=3)
     parser.add_argument("--batch", type=int, default=8, help="images per step")
     parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--reps", type=int, default=3, help="timed steps per case (after one warm-up step)")
-    parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--mask-ratio", type=float, default=0.75, help="MAE's; the SReT recipes use 0.6")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                         help="autocast dtype for the forward (fp32: none)")
@@ -81,14 +81,14 @@ def main() -> None:
 
     encoder_macs = {c.name: gmacs_per_image(c.encode, args.batch) for c in cases if c.encode}
     forward_macs = {c.name: gmacs_per_image(c.step, args.batch) for c in cases}
-    times = interleaved_times({c.name: train_step(c.model, c.step, autocast) for c in cases}, args.reps)
+    times = interleaved_times({c.name: train_step(c.model, c.step, autocast) for c in cases}, args.repeats)
     print_report(args, device, cases, encoder_macs, forward_macs, times)
 
 
 def print_report(args, device, cases, encoder_macs, forward_macs, times) -> None:
     step = medians(times)
     print(f"device={device} dtype={args.dtype} batch={args.batch} img={args.img_size} mask_ratio={args.mask_ratio} "
-          f"reps={args.reps} threads={torch.get_num_threads()} torch={torch.__version__}")
+          f"repeats={args.repeats} threads={torch.get_num_threads()} torch={torch.__version__}")
     print(f"{'case':40s} {'enc GMAC/img':>12s} {'fwd GMAC/img':>12s} {'step ms':>9s} {'img/s':>7s}")
     for case in cases:
         enc = f"{encoder_macs[case.name]:.3f}" if case.name in encoder_macs else "-"

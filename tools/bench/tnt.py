@@ -14,8 +14,8 @@ transformer) beside one DeiT-S block, on the activations of `--batch` 224-px ima
 
     OMP_NUM_THREADS=2 python tools/bench/tnt.py                              # CPU, batch 16 at 224, fp32
     OMP_NUM_THREADS=2 python tools/bench/tnt.py --decoders --batch 8
-    OMP_NUM_THREADS=2 python tools/bench/tnt.py --parts --reps 9
-    python tools/bench/tnt.py --device cuda --dtype bf16 --batch 128 --reps 20
+    OMP_NUM_THREADS=2 python tools/bench/tnt.py --parts --repeats 9
+    python tools/bench/tnt.py --device cuda --dtype bf16 --batch 128 --repeats 20
 
 References: docs/tnt.md (design and measured numbers); timm `models/tnt.py`, `vit_small_patch16_224` (DeiT-S).
 """
@@ -37,6 +37,7 @@ from common import (  # noqa: E402
     DTYPES,
     Case,
     autocast_for,
+    bench_parser,
     classifier_case,
     gmacs_per_image,
     interleaved_times,
@@ -53,9 +54,8 @@ DECODERS = ((8, 512, 16), (4, 512, 16), (4, 384, 12), (2, 384, 12), (4, 256, 8),
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__, repeats=5)
     parser.add_argument("--batch", type=int, default=16, help="images per step")
-    parser.add_argument("--reps", type=int, default=5, help="timed steps per case, after one warm-up step")
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype (fp32: none)")
@@ -125,7 +125,7 @@ def part_cases(images: torch.Tensor) -> list[Case]:
 
 def print_table(args, cases: list[Case], macs: dict[str, float], step: dict[str, float]) -> None:
     print(f"device={args.device} dtype={args.dtype} batch={args.batch} img=224 mask_ratio={args.mask_ratio} "
-          f"reps={args.reps} clock={args.clock} threads={torch.get_num_threads()} "
+          f"repeats={args.repeats} clock={args.clock} threads={torch.get_num_threads()} "
           f"torch={torch.__version__} timm={timm.__version__}")
     print(f"{'case':42s} {'fwd GMAC/img':>12s} {'step ms':>9s} {'img/s':>7s}")
     for case in cases:
@@ -135,7 +135,7 @@ def print_table(args, cases: list[Case], macs: dict[str, float], step: dict[str,
 
 def print_speed_ratios(cases: list[Case], macs: dict[str, float], times: dict[str, list[float]]) -> None:
     timm_tnt, ours, vit, visible, full = (c.name for c in cases)
-    print("ratios:")
+    print("ratios (the targets are the CPU targets of issue 3, which a 2-core CPU misses: see docs/tnt.md, Speed):")
     print(f"  {'forward MACs  TNT-S / DeiT-S':42s} = {macs[ours] / macs[vit]:.3f}")
     print(f"  {'MAE MACs      mask tokens / visible-only':42s} = {macs[full] / macs[visible]:.3f}")
     step_ratios = [
@@ -184,7 +184,7 @@ def main() -> None:
     with autocast():
         macs = {c.name: gmacs_per_image(c.step, args.batch) for c in cases}
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    times = interleaved_times({c.name: train_step(c.model, c.step, autocast) for c in cases}, args.reps, clock=clock)
+    times = interleaved_times({c.name: train_step(c.model, c.step, autocast) for c in cases}, args.repeats, clock=clock)
     step = medians(times)
     print_table(args, cases, macs, step)
     if args.decoders:

@@ -9,7 +9,6 @@ reports 2.8x wall-clock for ViT-L on TPUs).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,16 +17,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Case, gmacs_per_image, interleaved_times, medians, paired_ratio, print_table, train_step  # noqa: E402
+from common import (  # noqa: E402
+    Case,
+    bench_parser,
+    gmacs_per_image,
+    interleaved_times,
+    medians,
+    paired_ratio,
+    print_table,
+    train_step,
+)
 
 import mae_tnt  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, repeats=5)
     parser.add_argument("--model", default="mae_vit_base_patch16")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     args = parser.parse_args()
     torch.manual_seed(0)
