@@ -113,7 +113,8 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
             print(f"error{_rank_tag() if own else ''}: {without_worker_traceback(str(err))}", file=sys.stderr)
         return None
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        if is_local_main_process():  # Ctrl-C reaches every process of the terminal's node
+            print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         raise SystemExit(INTERRUPTED_EXIT) from None
 
 

@@ -224,3 +224,18 @@ def test_a_recipe_error_is_printed_by_the_first_process_of_each_node(capsys, mon
         printed[local_rank] = capsys.readouterr().err
     assert printed == {"0": "error: command line: unknown config key `data.trian`; did you mean `data.train`?\n",
                        "1": ""}
+
+
+@pytest.mark.parametrize("local_rank, printed", [
+    ("0", "interrupted; run the same command again to resume from the last checkpoint\n"), ("1", "")])
+def test_ctrl_c_is_explained_once_per_node(capsys, monkeypatch, local_rank, printed):
+    from mae_tnt.cli import INTERRUPTED_EXIT, report_user_errors
+
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as done:
+        report_user_errors(interrupted)
+    assert done.value.code == INTERRUPTED_EXIT and capsys.readouterr().err == printed
