@@ -354,13 +354,13 @@ class FinetuneRun:
         """Micro-steps until the epoch ends, the stop step is reached or a stop is requested; returns `micro`."""
         with timed(make_loader(self.stream, pin_memory=self.device.type == "cuda"), self.window) as batches:
             for batch in batches:
-                micro = self._micro_step(batch, micro, bar)
+                micro = self._train_on(batch, micro, bar)
                 if self.acc.sync_gradients and self._stop_batches():
                     break  # `train` evaluates at an epoch end, then saves when no gradient is half accumulated
                 self._save_if_due(micro)
         return micro
 
-    def _micro_step(self, batch: dict, micro: int, bar) -> int:
+    def _train_on(self, batch: dict, micro: int, bar) -> int:
         """Train on one batch; after an optimizer step, update the EMA and log when due. Returns the next `micro`."""
         loss = self.micro_step(batch, micro)
         micro += 1
