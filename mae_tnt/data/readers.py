@@ -185,8 +185,7 @@ def folder_layout_note(src: str | os.PathLike) -> str | None:
     src = Path(src)
     if not src.is_dir() or detect_format(src) not in ("folder", "imagefolder"):
         return None
-    releases = [(entry, fmt) for entry in sorted(src.iterdir()) if entry.is_dir() and not entry.name.startswith(".")
-                and (fmt := _release_format(entry))]
+    releases = [(src / name, fmt) for name in _visible_folders(src) if (fmt := _release_format(src / name))]
     if releases:
         folder, fmt = releases[0]
         return f"{folder} holds {fmt.upper()} files, which are read from their own folder: pass it as SRC"
@@ -195,13 +194,18 @@ def folder_layout_note(src: str | os.PathLike) -> str | None:
         return (f"{src} has sub-folders but also {len(top_images)} image(s) at its top level (e.g. {top_images[0]}), "
                 "so it is read as unlabeled images; pass --format imagefolder to label them by sub-folder (top-level "
                 "images are then skipped and listed)")
-    folders = sorted(entry.name for entry in src.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    folders = _visible_folders(src)
     if folders and set(name.lower() for name in folders) <= SPLIT_NAMES:
         first = folders[0]
         return (f"the sub-folders of {src} ({', '.join(folders)}) look like splits but are read as classes; to shard "
                 f"each split, run this tool on each of them, e.g. {src / first} --split {first.lower()}, into a new "
                 "OUT (or into this one with --overwrite)")
     return None
+
+
+def _visible_folders(root: Path) -> list[str]:
+    """The sorted names of the sub-folders of ``root`` that are not hidden (``.git``, ``.ipynb_checkpoints``)."""
+    return sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
 
 
 def _top_level(src: Path) -> tuple[bool, list[str]]:
@@ -277,7 +281,7 @@ def read_imagefolder(root: Path, classes: list[str] | None = None) -> FileSource
     rejected += [{"source": path, "reason": "not inside a class folder"} for path in outside]
     names = [path.split("/", 1)[0] for path in images]
     if classes is None:
-        classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+        classes = _visible_folders(root)
         if empty := sorted(set(classes) - set(names)):
             raise SourceError(f"{root}: class folder(s) {', '.join(empty)} hold no image; remove them, or pass "
                               "--classes to keep them in the class list")
