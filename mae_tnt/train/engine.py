@@ -26,13 +26,12 @@ from ..data.shards import ShardError
 from ..data.transforms import normalize
 from ..models import create_model
 from ..text import counted
-from .checkpoint import Checkpoint, resolve_resume, restore_training, save_checkpoint
+from .checkpoint import Checkpoint, resolve_resume, save_checkpoint
 from .knn import knn_accuracy_on_shards, require_labeled_shards, topk_text
-from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
+from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, main_process_lines, progress_bar
 from .optim import build_adamw
 from .recon import write_reconstructions
-from .schedule import lr_at
 
 RECON_IMAGES = 8
 
@@ -147,7 +146,7 @@ def check_eval_data(cfg: PretrainConfig, log=print) -> None:
         require_labeled_shards(data, "the kNN monitor (eval.knn_every; 0 turns it off)")
 
 
-class Trainer:
+class Trainer(TrainingRun):
     """Owns the state of one pretraining run."""
 
     def __init__(self, cfg: PretrainConfig):
@@ -192,9 +191,7 @@ class Trainer:
                      f"stopping at {self.plan.stop_step}")
 
     def _resume(self, checkpoint: Checkpoint) -> None:
-        self.step, self.stream.state = restore_training(
-            self.acc, self.model, self.optimizer, checkpoint, config=to_dict(self.cfg), plan=self.plan,
-            output_dir=self.out, window=self.window, log=self.log)
+        self.restore(checkpoint)
         self.log(f"resumed from {checkpoint.path} at step {self.step} (epoch {self.stream.state.epoch}, "
                  f"batch {self.stream.state.batches})")
 
@@ -218,10 +215,6 @@ class Trainer:
         if grad_norm is not None:
             self.grad_norm = grad_norm
         return loss
-
-    def lr(self, step: int) -> float:
-        return lr_at(step, peak_lr=self.plan.peak_lr, total_steps=self.plan.total_steps,
-                     warmup_steps=self.plan.warmup_steps, min_lr=self.cfg.optim.min_lr)
 
     def save(self) -> Path:
         state = {"step": self.step, "model": self.cfg.model.name, "world_size": self.acc.num_processes,
@@ -267,28 +260,23 @@ class Trainer:
             with timed(loader, self.window) as batches:
                 for batch in batches:
                     started = time.perf_counter()
-                    loss = self.micro_step(batch, micro)
-                    micro += 1
-                    self.stream.state.record(batch, self.stream.num_workers)
-                    self.window.add(loss, len(batch["images"]), micro)
+                    micro = self.train_batch(batch, micro, bar)
                     if self.cfg.run.compile and micro == first_micro + 1:
                         self.log(f"torch.compile: first step (compilation included) took "
                                  f"{time.perf_counter() - started:.1f} s")
                     if not self.acc.sync_gradients:
                         continue
-                    self.step += 1
-                    bar.update(1)
                     history += self._after_optimizer_step(bar)
                     if self.step >= self.plan.stop_step or preemption.should_stop(self.step):
                         break
-            if self.stream.state.batches >= self.stream.batches_per_epoch():
+            if self.epoch_done():
                 self.stream.state.start_epoch(self.stream.state.epoch + 1)
         return history
 
     def _after_optimizer_step(self, bar) -> list[dict]:
         """Log, checkpoint, reconstruct and evaluate when due; returns the metrics rows written."""
         rows = []
-        if self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step:
+        if self.log_due():
             rows.append(self._log_window(bar))
         with self.window.paused():
             if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.plan.stop_step:
@@ -302,9 +290,7 @@ class Trainer:
         return rows
 
     def _log_window(self, bar) -> dict:
-        raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
-        metrics = close_window(self.acc, self.window, bar, self.step, self.step / self.plan.steps_per_epoch,
-                               self.lr(self.step - 1), self.stream.state.skipped)
+        metrics = self.close_log_window(bar)
         if self.grad_norm is not None:
             metrics["grad_norm"] = float(self.grad_norm)
         if torch.cuda.is_available():

@@ -48,14 +48,13 @@ from ..finetune_config import AugmentConfig, FinetuneConfig
 from ..models import create_model
 from ..models.loading import save_weights
 from ..text import counted
-from .checkpoint import resolve_resume, restore_training, save_checkpoint, set_aside_previous_run
+from .checkpoint import resolve_resume, save_checkpoint, set_aside_previous_run
 from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step, write_run_config
 from .init import attach_probe_head, init_head, load_init, recorded_init, reestimate_stem_norms
 from .knn import accuracy_counts, knn_accuracy_on_shards, reported_ks, require_labeled_shards, topk_text
-from .loop import Preemption, Window, accumulate_step, close_window, raise_if_nonfinite, timed
+from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, main_process_lines, progress_bar
 from .optim import build_adamw
-from .schedule import lr_at
 
 EMA_FILE = "ema.safetensors"
 
@@ -224,7 +223,7 @@ def refit_stem_norms(model: nn.Module, cfg: FinetuneConfig, device: torch.device
         f"(model.bn_reestimate_batches={cfg.model.bn_reestimate_batches})")
 
 
-class FinetuneRun:
+class FinetuneRun(TrainingRun):
     """Owns the state of one fine-tuning or linear-probe run."""
 
     def __init__(self, cfg: FinetuneConfig):
@@ -288,9 +287,7 @@ class FinetuneRun:
                  f"{p.steps_per_epoch:g} steps/epoch, {p.total_steps} steps, stopping at {p.stop_step}")
 
     def _resume(self, checkpoint) -> None:
-        self.step, self.stream.state = restore_training(
-            self.acc, self.model, self.optimizer, checkpoint, config=to_dict(self.cfg), plan=self.plan,
-            output_dir=self.out, window=self.window, log=self.log)
+        self.restore(checkpoint)
         self.best = checkpoint.state.get("best", self.best)
         if self.ema is not None:
             if (checkpoint.path / EMA_FILE).exists():
@@ -299,10 +296,6 @@ class FinetuneRun:
                 self.log(f"warning: {checkpoint.path} holds no {EMA_FILE}; the EMA restarts from the weights")
                 self.ema = ModelEmaV3(self.unwrapped, decay=self.cfg.optim.ema_decay)
         self.log(f"resumed from {checkpoint.path} at step {self.step} (epoch {self.stream.state.epoch})")
-
-    def lr(self, step: int) -> float:
-        return lr_at(step, peak_lr=self.plan.peak_lr, total_steps=self.plan.total_steps,
-                     warmup_steps=self.plan.warmup_steps, min_lr=self.cfg.optim.min_lr)
 
     def set_train_mode(self) -> None:
         self.model.train()
@@ -339,7 +332,7 @@ class FinetuneRun:
             while self.step < self.plan.stop_step and not self.preemption.stopping:
                 self.set_train_mode()
                 micro = self._run_batches(bar, micro)
-                epoch_done = self._epoch_done()
+                epoch_done = self.epoch_done()
                 if epoch_done:
                     self.stream.state.start_epoch(self.stream.state.epoch + 1)
                 with self.window.paused():
@@ -354,32 +347,25 @@ class FinetuneRun:
         """Micro-steps until the epoch ends, the stop step is reached or a stop is requested; returns `micro`."""
         with timed(make_loader(self.stream, pin_memory=self.device.type == "cuda"), self.window) as batches:
             for batch in batches:
-                micro = self._train_on(batch, micro, bar)
-                if self.acc.sync_gradients and self._stop_batches():
-                    break  # `train` evaluates at an epoch end, then saves when no gradient is half accumulated
+                micro = self.train_batch(batch, micro, bar)
+                if self.acc.sync_gradients:
+                    self._after_optimizer_step(bar)
+                    if self._stop_batches():
+                        break  # `train` evaluates at an epoch end, then saves when no gradient is half accumulated
                 self._save_if_due(micro)
         return micro
 
-    def _train_on(self, batch: dict, micro: int, bar) -> int:
-        """Train on one batch; after an optimizer step, update the EMA and log when due. Returns the next `micro`."""
-        loss = self.micro_step(batch, micro)
-        micro += 1
-        self.stream.state.record(batch, self.stream.num_workers)
-        self.window.add(loss, batch["images"].shape[0], micro)
-        if not self.acc.sync_gradients:
-            return micro
-        self.step += 1
-        bar.update(1)
+    def _after_optimizer_step(self, bar) -> None:
+        """Update the EMA, log when due and mark a due checkpoint (saved by `_save_if_due`)."""
         if self.ema is not None:
             self.ema.update(self.unwrapped, step=self.step)
-        if self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step:
-            self._log_train(bar)
+        if self.log_due():
+            self.logger.log(self.close_log_window(bar))
         if self.step % self.cfg.run.checkpoint_every == 0:
             self.save_due = True
-        return micro
 
     def _stop_batches(self) -> bool:
-        return self.step >= self.plan.stop_step or self.preemption.should_stop(self.step) or self._epoch_done()
+        return self.step >= self.plan.stop_step or self.preemption.should_stop(self.step) or self.epoch_done()
 
     def _save_if_due(self, micro: int) -> None:
         """Save a due checkpoint once no gradient is half accumulated, so that a resume starts accumulating where
@@ -390,13 +376,6 @@ class FinetuneRun:
                 self.save()
             self.save_due = False
 
-    def _epoch_done(self) -> bool:
-        return self.stream.state.batches >= self.stream.batches_per_epoch()
-
-    def _log_train(self, bar) -> None:
-        raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
-        self.logger.log(close_window(self.acc, self.window, bar, self.step, self.step / self.plan.steps_per_epoch,
-                                     self.lr(self.step - 1), self.stream.state.skipped))
 
     def evaluate_and_keep_best(self) -> dict:
         """Top-1/top-5 of the model (and its EMA) on the val shards; the best weights go to `best/`."""

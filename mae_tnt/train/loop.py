@@ -1,5 +1,5 @@
-"""Pieces shared by the pretraining and fine-tuning loops: device-side log windows, data-wait timing, the non-finite
-loss guard and SIGTERM handling that all ranks agree on."""
+"""Pieces shared by the pretraining and fine-tuning loops: the per-batch bookkeeping of a run, device-side log
+windows, data-wait timing, the non-finite loss guard and SIGTERM handling that all ranks agree on."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .schedule import set_lr
+from ..config import to_dict
+from .checkpoint import restore_training
+from .schedule import lr_at, set_lr
 
 
 class NonFiniteLossError(RuntimeError):
@@ -120,6 +122,48 @@ def raise_if_nonfinite(accelerator, window: Window, out: Path, accum_steps: int)
             f"saving. The last good checkpoint in {out / 'checkpoints'} is intact. Try a lower optim.base_lr, "
             "optim.grad_clip=1.0 or run.precision=fp32, then resume."
         )
+
+
+class TrainingRun:
+    """The bookkeeping that pretraining and fine-tuning share around their own `micro_step`: the LR of a step,
+    counting micro-batches and optimizer steps, the epoch boundary, the log window and restoring a checkpoint.
+
+    A subclass sets `cfg`, `acc`, `plan`, `stream`, `window`, `out`, `model`, `optimizer`, `log` and `step`, opens
+    `logger`, and defines `micro_step(batch, micro) -> loss`.
+    """
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, peak_lr=self.plan.peak_lr, total_steps=self.plan.total_steps,
+                     warmup_steps=self.plan.warmup_steps, min_lr=self.cfg.optim.min_lr)
+
+    def train_batch(self, batch: dict, micro: int, bar) -> int:
+        """Train on micro-batch `micro` (0-based; the optimizer steps on accumulation boundaries) and count it in
+        the stream state, the log window and, after an optimizer step, `step` and the bar. Returns `micro + 1`."""
+        loss = self.micro_step(batch, micro)
+        self.stream.state.record(batch, self.stream.num_workers)
+        self.window.add(loss, len(batch["images"]), micro + 1)
+        if self.acc.sync_gradients:
+            self.step += 1
+            bar.update(1)
+        return micro + 1
+
+    def log_due(self) -> bool:
+        return self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step
+
+    def close_log_window(self, bar) -> dict:
+        """The metrics row of the window that this optimizer step closes, once every rank's losses are finite."""
+        raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
+        return close_window(self.acc, self.window, bar, self.step, self.step / self.plan.steps_per_epoch,
+                            self.lr(self.step - 1), self.stream.state.skipped)
+
+    def epoch_done(self) -> bool:
+        return self.stream.state.batches >= self.stream.batches_per_epoch()
+
+    def restore(self, checkpoint) -> None:
+        """Load `checkpoint` into the model, optimizer, step, stream position and open log window."""
+        self.step, self.stream.state = restore_training(
+            self.acc, self.model, self.optimizer, checkpoint, config=to_dict(self.cfg), plan=self.plan,
+            output_dir=self.out, window=self.window, log=self.log)
 
 
 def accumulate_step(accelerator, model, optimizer, compute_loss: Callable[[], torch.Tensor], *, lr: float,
