@@ -267,6 +267,10 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
     if lr_changes:
         log(f"note: {'; '.join(lr_changes)} since {checkpoint.path.name}: the LR follows the schedule of the new "
             "settings from this step on, so it may jump")
+    task_changes = _model_changes(checkpoint.state.get("config", {}), config)  # those changing shapes failed above
+    if task_changes:
+        log(f"note: {'; '.join(task_changes)} since {checkpoint.path.name}: training goes on under the new setting "
+            "from this step on, so the loss may jump")
     if LOG_WINDOW_KEY in checkpoint.state:  # absent from checkpoints of earlier versions: the window starts empty
         window.restore_loss_totals(checkpoint.state[LOG_WINDOW_KEY], accelerator.is_main_process)
     accelerator.wait_for_everyone()  # every rank has read its checkpoint before any directory moves
