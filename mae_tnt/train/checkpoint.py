@@ -259,18 +259,7 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
     check_compatible(checkpoint, config, plan.effective_batch, accelerator.num_processes, _uses_deepspeed(accelerator))
     data_state = _load_training_state(accelerator, model, optimizer, checkpoint, config)
     step = checkpoint.state["step"]
-    if step >= plan.stop_step:
-        log(f"note: {checkpoint.path.name} is at or past this run's last step {plan.stop_step} (run.max_steps, "
-            "schedule.epochs): nothing is left to train")
-    lr_changes = (_config_changes(checkpoint.state.get("config", {}), config, LR_KEYS)
-                  + _config_changes(checkpoint.state.get("plan", {}), plan.__dict__, LR_PLAN_KEYS))
-    if lr_changes:
-        log(f"note: {'; '.join(lr_changes)} since {checkpoint.path.name}: the LR follows the schedule of the new "
-            "settings from this step on, so it may jump")
-    task_changes = _model_changes(checkpoint.state.get("config", {}), config)  # those changing shapes failed above
-    if task_changes:
-        log(f"note: {'; '.join(task_changes)} since {checkpoint.path.name}: training goes on under the new setting "
-            "from this step on, so the loss may jump")
+    _note_changed_settings(checkpoint, config, plan, log)
     if LOG_WINDOW_KEY in checkpoint.state:  # absent from checkpoints of earlier versions: the window starts empty
         window.restore_loss_totals(checkpoint.state[LOG_WINDOW_KEY], accelerator.is_main_process)
     accelerator.wait_for_everyone()  # every rank has read its checkpoint before any directory moves
@@ -285,6 +274,24 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
                f"skip some samples of epoch {epoch})" if changes else f"{checkpoint.path} holds no data position")
         log(f"warning: {why}, so epoch {epoch} restarts from its start and the samples it had seen are seen again")
     return step, StreamState(epoch=epoch)
+
+
+def _note_changed_settings(checkpoint: Checkpoint, config: dict, plan: Plan, log) -> None:
+    """Say what the resumed run does differently from the checkpoint's: its stop step, LR schedule or model
+    settings (those that change weight shapes cannot load, so they never get here)."""
+    name, saved_config = checkpoint.path.name, checkpoint.state.get("config", {})
+    if checkpoint.state["step"] >= plan.stop_step:
+        log(f"note: {name} is at or past this run's last step {plan.stop_step} (run.max_steps, schedule.epochs): "
+            "nothing is left to train")
+    lr_changes = (_config_changes(saved_config, config, LR_KEYS)
+                  + _config_changes(checkpoint.state.get("plan", {}), plan.__dict__, LR_PLAN_KEYS))
+    if lr_changes:
+        log(f"note: {'; '.join(lr_changes)} since {name}: the LR follows the schedule of the new settings from this "
+            "step on, so it may jump")
+    model_changes = _model_changes(saved_config, config)
+    if model_changes:
+        log(f"note: {'; '.join(model_changes)} since {name}: training goes on under the new setting from this step "
+            "on, so the loss may jump")
 
 
 LR_KEYS = (("optim", "base_lr"), ("optim", "min_lr"), ("schedule", "epochs"), ("schedule", "warmup_epochs"))
