@@ -371,13 +371,14 @@ def _build(cls: type, raw: Any, prefix: str, source: str, root: type | None = No
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: `{prefix.rstrip('.') or '<root>'}` must be a mapping, got {raw!r}")
     types_ = _field_types(cls)
+    for name in raw:  # first: a misspelled section would otherwise surface as its required keys being missing
+        if name not in types_:
+            _unknown_key(root, prefix + str(name), source)
     # Absent sections are built from {} too, so their required keys are still checked.
     sections = {name: {} for name, kind in types_.items() if dataclasses.is_dataclass(kind)}
     values = {}
     for name, value in {**sections, **raw}.items():
         dotted = prefix + str(name)
-        if name not in types_:
-            _unknown_key(root, dotted, source)
         expected = types_[name]
         if dataclasses.is_dataclass(expected):
             values[name] = _build(expected, value if value is not None else {}, dotted + ".", source, root, overrides)

@@ -36,6 +36,15 @@ def test_unknown_key_names_the_key_and_suggests(tmp_path):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("recipe, typo, section", [
+    ("model: {name: mae_vit_test}\ndta: {train: x}\n", "dta", "data"),
+    ("modle: {name: mae_vit_test}\ndata: {train: x}\n", "modle", "model"),
+])
+def test_a_misspelled_section_is_named_rather_than_reported_as_its_missing_keys(tmp_path, recipe, typo, section):
+    with pytest.raises(ConfigError, match=rf"unknown config key `{typo}`; did you mean `{section}`\?"):
+        load_config(PretrainConfig, write(tmp_path, recipe))
+
+
 def test_invalid_yaml_is_a_config_error_naming_the_file_line_or_override(tmp_path):
     path = write(tmp_path, "model:\n  name: mae_vit_test\ndata: {train: [x\n")
     with pytest.raises(ConfigError, match=rf"^{path}:4: not valid YAML \(expected ',' or '\]'"):
@@ -63,9 +72,9 @@ def test_help_lists_every_settable_key_and_a_missing_recipe_is_a_usage_error(cls
 
 @pytest.mark.parametrize("cls, prog, recipe, message", [
     (PretrainConfig, "pretrain.py", "demo_finetune_vit.yaml",
-     "`model.global_pool` is a fine-tuning key; is this a fine-tuning recipe? Run it with finetune.py"),
+     "`mode` is a fine-tuning key; is this a fine-tuning recipe? Run it with finetune.py"),
     (FinetuneConfig, "finetune.py", "demo_mae_vit.yaml",
-     "`model.mask_ratio` is a pretraining key; is this a pretraining recipe? Run it with pretrain.py"),
+     "`eval` is a pretraining key; is this a pretraining recipe? Run it with pretrain.py"),
 ])
 def test_a_recipe_given_to_the_other_script_names_the_script(capsys, cls, prog, recipe, message):
     with pytest.raises(SystemExit) as done:
