@@ -93,13 +93,17 @@ def eval_batches(shards: list[Shard], img_size: int, batch_size: int, rank: int 
     Batch i of the shard sequence goes to rank i mod world_size. Every rank yields ceil(batches / world_size)
     full-size batches; rows past the data (or lost to undecodable images) are zeros with label -1.
     """
-    total = sum(shard.num_samples for shard in shards)
-    per_rank = math.ceil(math.ceil(total / batch_size) / world_size)
     samples = _samples_in_order(shards)
     chunks = iter(lambda: list(itertools.islice(samples, batch_size)), [])
     mine = itertools.islice(chunks, rank, None, world_size)
-    for _ in range(per_rank):
+    for _ in range(eval_batch_count(shards, batch_size, world_size)):
         yield _padded_batch(next(mine, []), img_size, batch_size)
+
+
+def eval_batch_count(shards: list[Shard], batch_size: int, world_size: int = 1) -> int:
+    """How many batches `eval_batches` yields on every rank."""
+    total = sum(shard.num_samples for shard in shards)
+    return math.ceil(math.ceil(total / batch_size) / world_size)
 
 
 def in_shard_order(gathered: torch.Tensor, world_size: int, batch_size: int) -> torch.Tensor:

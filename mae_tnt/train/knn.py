@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DataConfig
-from ..data.loader import data_shards, eval_batches, in_shard_order
+from ..data.loader import data_shards, eval_batch_count, eval_batches, in_shard_order
 from ..data.shards import ShardError, labeled_classes
 from ..data.transforms import normalize
+from .metrics import batch_progress
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 """(images [B, 3, S, S], labels [B]) pairs; label -1 marks padding or an unlabeled sample."""
@@ -169,10 +170,8 @@ def knn_accuracy_on_shards(encoder: nn.Module, data: DataConfig, *, img_size: in
     Used by fine-tuning's kNN mode and by pretraining's online monitor (`eval.knn_every`).
     """
     require_labeled_shards(data, "kNN evaluation")
-    train, val = (eval_batches(data_shards(data, which, verify), img_size, batch_size, rank, world_size)
-                  for which in ("train", "val"))
-    if max_train is not None:
-        train = itertools.islice(train, math.ceil(max_train / (batch_size * world_size)))
+    train, val = (_shown_batches(data_shards(data, which, verify), img_size, batch_size, rank, world_size, desc, cap)
+                  for which, desc, cap in (("train", "kNN bank", max_train), ("val", "kNN queries", None)))
     was_training = encoder.training
     encoder.eval()
     try:
@@ -180,3 +179,14 @@ def knn_accuracy_on_shards(encoder: nn.Module, data: DataConfig, *, img_size: in
                             gather if world_size > 1 else None, max_train)
     finally:
         encoder.train(was_training)
+
+
+def _shown_batches(shards: list, img_size: int, batch_size: int, rank: int, world_size: int, desc: str,
+                   max_images: int | None) -> Batches:
+    """This rank's `eval_batches`, only as many as hold the first `max_images` images, under a progress bar that
+    appears when the first batch is asked for (not beside the bank's while that one runs)."""
+    count = eval_batch_count(shards, batch_size, world_size)
+    if max_images is not None:
+        count = min(count, math.ceil(max_images / (batch_size * world_size)))
+    batches = itertools.islice(eval_batches(shards, img_size, batch_size, rank, world_size), count)
+    yield from batch_progress(batches, count, desc, enabled=rank == 0)

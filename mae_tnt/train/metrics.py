@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -89,6 +89,12 @@ def write_line(message: str) -> None:
 def main_process_lines(is_main: bool) -> Callable[[str], None]:
     """`write_line` on the main process, nothing on the others: every rank would print the same line."""
     return write_line if is_main else lambda message: None
+
+
+def batch_progress(batches: Iterable, total: int, desc: str, enabled: bool) -> tqdm:
+    """A bar over evaluation batches that clears when done (rank 0 only): a large val set or kNN bank takes
+    minutes to encode."""
+    return tqdm(batches, total=total, desc=desc, unit="batch", leave=False, disable=not enabled, dynamic_ncols=True)
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str = "pretrain") -> tqdm:
