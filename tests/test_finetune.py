@@ -20,14 +20,14 @@ from safetensors.torch import load_file, save_file
 from shard_utils import drop_classes, write_shards
 from test_tnt import official_layout as tnt_official_layout
 
-from mae_tnt.config import ConfigError, load_config
+from mae_tnt.config import ConfigError, PretrainConfig, load_config
 from mae_tnt.data.info import ShardError
 from mae_tnt.data.shards import read_samples, resolve_shards
 from mae_tnt.finetune_config import AugmentConfig, FinetuneConfig
 from mae_tnt.models import CheckpointError, ModelError, create_model
 from mae_tnt.models.sret import to_official_state_dict
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
-from mae_tnt.train.engine import seed_step
+from mae_tnt.train.engine import Trainer, seed_step
 from mae_tnt.train.finetune import (
     BatchAugment,
     FinetuneRun,
@@ -383,6 +383,22 @@ def test_a_split_the_shards_lack_is_refused_naming_the_key_and_the_splits(tmp_pa
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_a_training_checkpoint_builds_its_model_as_trained_unless_told_otherwise(tmp_path, one_thread,
+                                                                                  fresh_accelerate_state):
+    """TNT's weights do not show its pooling: without the checkpoint's record it would load into token pooling."""
+    FinetuneRun(demo_config(tmp_path / "run", "run.max_steps=1", "data.val=null",
+                            recipe="demo_finetune_tnt.yaml")).train()
+    model = create_model("tnt_test_patch8_32", checkpoint_path=tmp_path / "run")
+    assert (model.global_pool, model.num_classes, model.grid * model.unit) == ("avg", 10, 32)
+    assert create_model("tnt_test_patch8_32", checkpoint_path=tmp_path / "run", global_pool="token").global_pool \
+        == "token"  # the caller's argument wins
+    Trainer(load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_vit.yaml", [
+        f"run.output_dir={tmp_path / 'mae'}", "run.max_steps=1", "data.num_workers=0", "model.img_size=48",
+        "eval.knn_every=0"])).train()
+    assert create_model("mae_vit_test", checkpoint_path=tmp_path / "mae").grid == 6  # 48 px of 8-px patches
+
+
 def test_resume_refuses_a_pretraining_checkpoint_pointing_to_init_and_a_run_of_another_mode(tmp_path, one_thread):
     write_mae_checkpoint(tmp_path / "mae")
     torch.save({}, tmp_path / "mae" / "optimizer.pt")

@@ -27,7 +27,9 @@ from .mae import MaskedAutoencoder
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
 WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema")
 EXPORT_CONFIG = "config.json"  # written beside an export's model.safetensors by tools/export.py
-EXPORT_BUILD_KEYS = ("num_classes", "img_size", "global_pool")
+STATE_FILE = "state.json"  # written beside a training checkpoint's model.safetensors
+BUILD_KEYS = ("num_classes", "img_size", "global_pool")
+"""The build arguments that exports and training checkpoints record, so that loading one needs none."""
 
 
 class CheckpointError(RuntimeError):
@@ -71,18 +73,42 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def export_build_kwargs(path: str | Path, name: str) -> dict:
-    """How model `name` was built for the export at `path` (its directory or `model.safetensors`): the head size,
-    image size and pooling its `config.json` records; {} for anything else, e.g. an export of another model."""
-    path = Path(path)
-    config_file = (path if path.is_dir() else path.parent) / EXPORT_CONFIG
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError):
+def recorded_build_kwargs(path: str | Path, name: str) -> dict:
+    """How model `name` was built for the export or training checkpoint at `path`: the head size, image size and
+    pooling that the export's `config.json` or the checkpoint's `state.json` records; {} for anything else, e.g.
+    another model's weights."""
+    recorded = _export_record(Path(path)) or _checkpoint_record(Path(path))
+    if recorded is None or recorded.get("model") != name:
         return {}
-    if not isinstance(config, dict) or config.get("model") != name or "timm_name" not in config:
-        return {}  # another model's export, or another tool's config.json
-    return {key: config[key] for key in EXPORT_BUILD_KEYS if config.get(key) is not None}
+    return {key: recorded[key] for key in BUILD_KEYS if recorded.get(key) is not None}
+
+
+def _export_record(path: Path) -> dict | None:
+    """An export's `config.json` (written by tools/export.py, hence its `timm_name`), or None."""
+    config = _read_json((path if path.is_dir() else path.parent) / EXPORT_CONFIG)
+    return config if config is not None and "timm_name" in config else None
+
+
+def _checkpoint_record(path: Path) -> dict | None:
+    """The model, head size, image size and pooling of a training checkpoint (or run directory), or None."""
+    try:
+        path = resolve_checkpoint(path)
+    except CheckpointError:
+        return None
+    state = _read_json((path if path.is_dir() else path.parent) / STATE_FILE)
+    if state is None or not isinstance(state.get("config"), dict):
+        return None
+    model_config = state["config"].get("model") or {}
+    return {"model": state.get("model"), "num_classes": state.get("num_classes"),
+            "img_size": model_config.get("img_size"), "global_pool": model_config.get("global_pool")}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
 
 
 CONVERT_ADVICE = "convert a foreign checkpoint with tools/convert_checkpoint.py, adding --unsafe-pickle"

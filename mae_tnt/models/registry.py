@@ -44,13 +44,14 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
     Args:
         name: a name from `list_models()`.
         checkpoint_path: optional weights to load with an exact key check: a training checkpoint directory, an
-            export (`model.safetensors`), or a file written by `tools/convert_checkpoint.py`. An export of `name`
-            also gives the `num_classes`, `img_size` and `global_pool` it was built with, unless kwargs set them.
+            export (`model.safetensors`), or a file written by `tools/convert_checkpoint.py`. An export or a training
+            checkpoint of `name` also gives the `num_classes`, `img_size` and `global_pool` it was built with,
+            unless kwargs set them.
     """
     if checkpoint_path is not None:
-        from .loading import export_build_kwargs
+        from .loading import recorded_build_kwargs
 
-        kwargs = {**export_build_kwargs(checkpoint_path, name), **kwargs}
+        kwargs = {**recorded_build_kwargs(checkpoint_path, name), **kwargs}
     if name not in _BUILDERS:
         close = difflib.get_close_matches(name, _BUILDERS, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(close)}?" if close else " See mae_tnt.list_models()."

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..data.stream import StreamState
-from ..models.loading import resolve_checkpoint, save_weights
+from ..models.loading import STATE_FILE, resolve_checkpoint, save_weights
 from ..text import counted
 from .metrics import row_step
 
@@ -39,7 +39,6 @@ if TYPE_CHECKING:  # engine imports this module
     from .engine import Plan
     from .loop import Window
 
-STATE_FILE = "state.json"
 LOG_WINDOW_KEY = "log_window"  # in state.json: the open log window's loss sums
 
 
