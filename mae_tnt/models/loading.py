@@ -264,8 +264,12 @@ def _build_hint(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor
         fixes.append((f"has a head of {theirs} outputs" if theirs else "has no head", f"num_classes={theirs}"))
     if not fixes:
         return None
-    return (f"The checkpoint {' and '.join(why for why, _ in fixes)}: create the model with "
+    hint = (f"The checkpoint {' and '.join(why for why, _ in fixes)}: create the model with "
             f"{', '.join(argument for _, argument in fixes)}")
+    if theirs == 0 and ours and len(fixes) == 1:  # only the head misfits: an encoder, to be fine-tuned under it
+        hint += ("; to train a new head on it, load it with mae_tnt.load_weights(model, path, "
+                 "allow_missing=('head.*',)) instead, as finetune.py's init= does")
+    return hint
 
 
 ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")
