@@ -451,6 +451,11 @@ def test_file_lists_as_spreadsheets_save_them_and_negative_labels(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ConversionError, match="no readable image in"):  # not an IndexError from the header check
         convert(tmp_path / "empty.txt", tmp_path / "empty", options())
+    assert not (tmp_path / "empty").exists()  # a failed conversion leaves no empty OUT behind
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ConversionError, match="no readable image in"):
+        convert(tmp_path / "empty.txt", tmp_path / "mine", options())
+    assert (tmp_path / "mine").is_dir()  # but an OUT it did not create stays
     (tmp_path / "tabs.tsv").write_text("path\tlabel\nimgs/a.png\tcat\nimgs/b.png\tdog\n")
     assert convert(tmp_path / "tabs.tsv", tmp_path / "tabs", options()).num_samples == 2
     assert load_info(tmp_path / "tabs")["classes"] == ["cat", "dog"]
@@ -655,6 +660,15 @@ def test_an_empty_class_folder_is_refused_unless_the_classes_are_given(tmp_path)
     with pytest.raises(SourceError, match=r"class folder\(s\) cow hold no image; remove them, or pass --classes"):
         convert(tmp_path / "src", tmp_path / "out", options())
     assert convert(tmp_path / "src", tmp_path / "out", options(classes=("cat", "cow", "dog"))).num_samples == 2
+
+
+def test_a_rerun_into_a_finished_split_says_so_before_comparing_classes(tmp_path):
+    write_imagefolder(tmp_path / "a", ["cat", "dog"], per_class=1)
+    write_imagefolder(tmp_path / "b", ["cow", "pig"], per_class=1)
+    for split in ("train", "val"):
+        convert(tmp_path / "a", tmp_path / "out", options(split=split))
+    with pytest.raises(ConversionError, match="already holds shards of split 'train'.*Pass --overwrite"):
+        convert(tmp_path / "b", tmp_path / "out", options())
 
 
 def test_an_overwrite_refused_for_its_classes_leaves_the_split_it_would_replace(tmp_path):

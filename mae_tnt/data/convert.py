@@ -171,12 +171,18 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOpti
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out} is a file; OUT must be a directory for the shards: give a new or existing one")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # e.g. a file where a parent directory should be, or no permission
         raise ConversionError(f"cannot create the output directory {out}: {err.strerror}") from err
-    with one_conversion_at_a_time(out):
-        return _convert_into(src, fmt, source, out, options)
+    try:
+        with one_conversion_at_a_time(out):
+            return _convert_into(src, fmt, source, out, options)
+    except BaseException:
+        if created and not any(out.iterdir()):  # a failure that wrote nothing leaves nothing behind
+            out.rmdir()
+        raise
 
 
 @contextmanager
@@ -198,9 +204,12 @@ def one_conversion_at_a_time(out: Path) -> Iterator[None]:
 
 def _convert_into(src, fmt: str, source: Source, out: Path, options: ConvertOptions) -> ConvertSummary:
     """`convert` once OUT is held: check, shard, record."""
-    check_classes(out, options.split, source.classes)  # now, not after hours of converting, and before any deletion
     if options.overwrite:
+        check_classes(out, options.split, source.classes)  # now, not after hours of converting, and before deleting
         discard_split(out, options.split)
+    else:
+        refuse_a_finished_split(out, options.split)  # first: it is the news, whatever the classes
+        check_classes(out, options.split, source.classes)
     order = shuffled_order(len(source), options.seed)
     job = _job_description(src, fmt, source, order, options)
     journal = Journal.open(out, options.split, job)
@@ -268,6 +277,13 @@ def shard_files(out: Path, split: str, temporary: bool = False) -> list[Path]:
     return [path for path in out.glob(f"{split}-*") if pattern.fullmatch(path.name)]
 
 
+def refuse_a_finished_split(out: Path, split: str) -> None:
+    """Shards of `split` without the journal of an unfinished conversion are a finished (or foreign) run's."""
+    if not journal_path(out, split).is_file() and shard_files(out, split):
+        raise ConversionError(f"{out} already holds shards of split '{split}' from a finished or foreign run. Pass "
+                              "--overwrite to replace them, or choose another output directory.")
+
+
 class Journal:
     """Completed shards of an unfinished conversion, in ``OUT/_progress_{split}.json``.
 
@@ -284,15 +300,7 @@ class Journal:
         path = journal_path(out, split)
         for leftover in shard_files(out, split, temporary=True):
             leftover.unlink()
-        if path.is_file():
-            shards = cls._recorded_shards(path, job)
-        elif shard_files(out, split):
-            raise ConversionError(
-                f"{out} already holds shards of split '{split}' from a finished or foreign run. Pass --overwrite "
-                "to replace them, or choose another output directory."
-            )
-        else:
-            shards = []
+        shards = cls._recorded_shards(path, job) if path.is_file() else []
         # Saved before any shard is renamed into place, so a shard without a journal is never ours.
         journal = cls(path, job, shards)
         journal._save()
