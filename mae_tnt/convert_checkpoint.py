@@ -23,6 +23,7 @@ from .models import create_model, load_weights, read_state_dict
 from .models.loading import CheckpointError, fitting_build_kwargs, save_weights, unwrap_state_dict
 from .models.registry import ModelError
 from .models.tnt import TNT
+from .text import HelpWithDefaults
 
 
 def read_source(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
@@ -68,7 +69,7 @@ def pooling_note(model: torch.nn.Module) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
     parser.add_argument("src", type=Path, help="foreign checkpoint (.pth, .pth.tar, .bin or .safetensors)")
     parser.add_argument("out", type=Path, help="output .safetensors file")
     parser.add_argument("--model", required=True, help="registered model name, e.g. mae_vit_base_patch16")

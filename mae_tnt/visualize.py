@@ -17,15 +17,16 @@ from .data.loader import first_images
 from .data.shards import resolve_shards
 from .models import create_model, load_weights
 from .models.loading import CheckpointError, resolve_checkpoint
+from .text import HelpWithDefaults
 from .train.init import read_source
 from .train.recon import write_reconstructions
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
     parser.add_argument("checkpoint", type=Path, help="checkpoints/step_* directory or run directory of a pretraining")
     parser.add_argument("shards", help="shard directory with _info.json, or a brace URL")
-    parser.add_argument("--split", default="val")
+    parser.add_argument("--split", default="val", help="split of SHARDS whose first images are shown")
     parser.add_argument("--out", type=Path, default=None, help="defaults to RUN/recon/step_N_SPLIT.png")
     parser.add_argument("--count", type=int, default=8, help="images shown (>= 1)")
     parser.add_argument("--mask-ratio", type=float, default=None, help="in [0, 1); defaults to the run's")

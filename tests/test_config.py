@@ -1,5 +1,8 @@
 """Strict config loading: every shipped recipe loads, unknown keys fail naming the key, overrides are typed."""
 
+import argparse
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ from mae_tnt.data.shards import StreamError
 from mae_tnt.finetune_config import FinetuneConfig
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TOOLS = sorted(path for folder in ("tools", "tools/bench") for path in (RECIPES.parent / folder).glob("*.py")
+               if path.name != "common.py")
 PRETRAIN_RECIPES = sorted(p for p in RECIPES.glob("*.yaml") if not p.name.startswith(("finetune", "linprobe"))
                           and "finetune" not in p.name and "linprobe" not in p.name and "knn" not in p.name)
 
@@ -248,3 +253,25 @@ def test_ctrl_c_is_explained_once_per_node(capsys, monkeypatch, local_rank, prin
     with pytest.raises(SystemExit) as done:
         report_user_errors(interrupted)
     assert done.value.code == INTERRUPTED_EXIT and capsys.readouterr().err == printed
+
+
+@pytest.mark.parametrize("script", TOOLS, ids=lambda p: p.name)
+def test_every_tool_option_has_help_that_shows_its_default(script, monkeypatch):
+    parsers = []
+
+    def capture(parser, *args, **kwargs):
+        parsers.append(parser)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    monkeypatch.setattr(sys, "argv", [str(script)])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(script), run_name="__main__")
+    shown = " ".join(parsers[0].format_help().split())  # unwrapped
+    for action in parsers[0]._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings[0]} has no help text"
+        if not (action.default is None or action.default is False or action.default == []):
+            assert f"(default: {action.default})" in shown or f"{action.default} here)" in shown, \
+                f"{action.option_strings[0]} does not show its default {action.default!r}"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # works from a checkout without installing
+from mae_tnt.text import HelpWithDefaults  # noqa: E402
 from mae_tnt.train.checkpoint import find_checkpoints  # noqa: E402
 
 IDX_SOURCE = "/usr/share/datasets/fashion-mnist"
@@ -197,8 +198,9 @@ def demo_compare(pretrain_checkpoint: str | Path, data_dir: str | Path = "data/f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", default="experiment", choices=("experiment", "demo"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
+    parser.add_argument("command", nargs="?", default="experiment", choices=("experiment", "demo"),
+                        help="experiment (the default): the full comparison; demo: downstream runs of one pretraining")
     parser.add_argument("checkpoint", nargs="?", help="demo: pretraining run or checkpoint directory")
     parser.add_argument("--out", type=Path, default=None, help="output directory")
     parser.add_argument("--data", default=None, help="labeled shards: demo default data/fashion_mnist; experiment "
@@ -206,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = Budget()
     for name, value in defaults.__dict__.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
-                            help=None if name == "threads" else "experiment only (demo runs the demo recipes)")
+                            help="torch threads per run" if name == "threads" else
+                            "experiment only (demo runs the demo recipes)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         if args.checkpoint is None:

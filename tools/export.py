@@ -38,6 +38,7 @@ from mae_tnt.models.loading import CheckpointError, resolve_checkpoint, save_wei
 from mae_tnt.models.registry import ModelError  # noqa: E402
 from mae_tnt.models.tnt import TNT  # noqa: E402
 from mae_tnt.models.vit import ViT  # noqa: E402
+from mae_tnt.text import HelpWithDefaults  # noqa: E402
 from mae_tnt.train.init import PROBE_BN_EPS, encoder_weights, read_source  # noqa: E402
 
 # The evaluation preprocessing of MAE and DeiT: bicubic resize to S / 0.875, centre crop S.
@@ -168,7 +169,7 @@ def timm_call(timm_name: str | None, timm_kwargs: dict, info: dict, file: Path) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
     parser.add_argument("checkpoint", help="checkpoint directory (pretraining, fine-tune, best/) or weights file")
     parser.add_argument("out", help="output directory")
     parser.add_argument("--model", default=None, help="registered classifier name (needed without state.json)")

@@ -77,7 +77,7 @@ from mae_tnt.data.readers import (
     folder_layout_note,
     open_source,
 )
-from mae_tnt.text import counted
+from mae_tnt.text import HelpWithDefaults, counted
 
 LIST_LAYOUT = ("\nA list names one image per line, or is a CSV or TSV file whose first line is a header: `path`, or "
                "`path,label` (`path<TAB>label`); relative paths are read from the list's directory")
@@ -581,7 +581,8 @@ def _encode(img: Image.Image, extension: str) -> bytes:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="make_shards", description="Convert an image dataset into webdataset shards plus _info.json."
+        prog="make_shards", description="Convert an image dataset into webdataset shards plus _info.json.",
+        formatter_class=HelpWithDefaults,
     )
     parser.add_argument("src", help="dataset directory, or a list file (paths, or CSV or TSV with a path[,label] "
                                     "header line; relative paths are read from the list's directory)")
@@ -593,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-size", type=int, default=None, help="resize so the longer side is at most PX")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="skip images over this many pixels, as possible decompression bombs (PIL's limit)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="encoding processes (0: none)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="encoding processes (0: none; default: the CPU count, %(default)s here)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
     parser.add_argument("--limit", type=int, default=None, help="keep the first N readable samples of the shuffle")
     parser.add_argument("--compress", action="store_true", help="write gzip-compressed .tar.gz shards")

@@ -25,7 +25,7 @@ from mae_tnt.data.info import (
     unfinished_journals,
 )
 from mae_tnt.data.shards import read_samples
-from mae_tnt.text import counted
+from mae_tnt.text import HelpWithDefaults, counted
 
 MAX_PRINTED_PROBLEMS = 50
 
@@ -148,7 +148,8 @@ def _min_median_max(values: list[int]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point (``tools/inspect_shards.py`` and ``mae-tnt-inspect-shards``)."""
-    parser = argparse.ArgumentParser(prog="inspect_shards", description="Verify shards against _info.json.")
+    parser = argparse.ArgumentParser(prog="inspect_shards", description="Verify shards against _info.json.",
+                                     formatter_class=HelpWithDefaults)
     parser.add_argument("root", help="shard directory holding _info.json")
     args = parser.parse_args(argv)
     try:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from mae_tnt.text import HelpWithDefaults  # the scripts put the repository root on sys.path first
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """--dtype choices of the benchmarks, named as run.precision names them."""
 
@@ -25,8 +27,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def bench_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
     """A benchmark's argument parser: its docstring's first paragraph as the description, defaults in --help, and
     the --repeats every benchmark takes."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpWithDefaults)
     parser.add_argument("--repeats", type=positive_int, default=repeats,
                         help="timed repetitions of every case, after one warm-up")
     return parser

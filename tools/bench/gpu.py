@@ -31,6 +31,7 @@ from loader import write_jpegs  # noqa: E402
 import mae_tnt  # noqa: E402
 from mae_tnt.config import PretrainConfig, load_config  # noqa: E402
 from mae_tnt.data.convert import ConvertOptions, convert  # noqa: E402
+from mae_tnt.text import HelpWithDefaults  # noqa: E402
 
 DEFAULT_MODELS = ["mae_vit_base_patch16:256", "mae_vit_small_patch16:512", "mae_tnt_s_patch16:256",
                   "mae_sret_s:256"]
@@ -82,12 +83,12 @@ def pipeline(name: str, batch: int, steps: int, shards: Path, decode: str, worke
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
     parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS, help="name:batch pairs")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps per model")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     parser.add_argument("--images", type=int, default=4096, help="synthetic JPEGs for the pipeline runs")
-    parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--skip-pipeline", action="store_true", help="time the models only, not the data pipeline")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tools/bench/gpu.py needs a CUDA GPU")

@@ -65,7 +65,7 @@ def main() -> None:
     parser = bench_parser(__doc__, repeats=3)
     parser.add_argument("--images", type=positive_int, default=300, help="synthetic JPEGs to read")
     parser.add_argument("--size", default="500x375", help="source JPEG size WxH (ImageNet's mean is about 500x375)")
-    parser.add_argument("--crop", type=int, default=224)
+    parser.add_argument("--crop", type=int, default=224, help="side of the random-resized crops in pixels")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as inside a DataLoader worker
     width, height = map(int, args.size.split("x"))

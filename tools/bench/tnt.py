@@ -56,8 +56,8 @@ DECODERS = ((8, 512, 16), (4, 512, 16), (4, 384, 12), (2, 384, 12), (4, 256, 8),
 def parse_args() -> argparse.Namespace:
     parser = bench_parser(__doc__, repeats=5)
     parser.add_argument("--batch", type=int, default=16, help="images per step")
-    parser.add_argument("--mask-ratio", type=float, default=0.75)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of sentences hidden (MAE cases)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype (fp32: none)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="wall: perf_counter; cpu: this process's CPU time (steadier on a loaded CPU machine)")

@@ -33,9 +33,9 @@ import mae_tnt  # noqa: E402
 
 def main() -> None:
     parser = bench_parser(__doc__, repeats=5)
-    parser.add_argument("--model", default="mae_vit_base_patch16")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--model", default="mae_vit_base_patch16", help="MAE model to time")
+    parser.add_argument("--batch", type=int, default=8, help="images per step")
+    parser.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden")
     args = parser.parse_args()
     torch.manual_seed(0)
     visible = mae_tnt.create_model(args.model, mask_ratio=args.mask_ratio)
