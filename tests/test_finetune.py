@@ -623,3 +623,20 @@ def test_an_init_normalised_otherwise_than_this_run_is_warned_about(tmp_path, ex
                        f"{FASHION_STD}, this run uses data.mean {imagenet[0]} and data.std {imagenet[1]}: set them "
                        "to the checkpoint's unless the change is deliberate")
             assert (warning in logged) == warned, (source, normalization)
+
+
+def test_the_demo_comparison_says_where_its_runs_are_and_keeps_its_table(tmp_path, monkeypatch, capsys):
+    tool = load_tool("experiment_fashion")
+    stages = []
+
+    def fake_stage(script, recipe, overrides, out, threads):  # writes what a real run logs last
+        stages.append((recipe, out.name))
+        out.mkdir(parents=True)
+        (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "knn_top1": 50.0, "val_acc1": 60.0}) + "\n")
+
+    monkeypatch.setattr(tool, "run_stage", fake_stage)
+    assert tool.main(["demo", str(tmp_path), "--out", str(tmp_path / "compare")]) == 0
+    assert [out for _, out in stages] == ["mae_knn", "mae_finetune", "random_knn", "random_finetune"]
+    shown = capsys.readouterr().out
+    assert "| MAE demo checkpoint | 50.00 | 60.00 |" in shown and f"Runs in {tmp_path / 'compare'}: " in shown
+    assert (tmp_path / "compare" / "results.md").read_text() == shown

@@ -180,7 +180,7 @@ def demo_compare(pretrain_checkpoint: str | Path, data_dir: str | Path = "data/f
         pretrain_checkpoint: a checkpoint directory, or a run directory (its newest checkpoint is used).
         data_dir: labeled shards with train and val splits (the bundled sample by default).
     Returns:
-        A markdown table of val top-1 accuracies.
+        A markdown table of val top-1 accuracies, and where the runs are; both are also written to OUT/results.md.
     """
     checkpoint, data_dir, out = (Path(p).resolve() for p in (pretrain_checkpoint, data_dir, out))
     if (checkpoint / "checkpoints").is_dir():
@@ -194,7 +194,10 @@ def demo_compare(pretrain_checkpoint: str | Path, data_dir: str | Path = "data/f
                       [f"init={init or 'null'}", f"data.train={data_dir}", f"data.val={data_dir}"], stage_out, threads)
             accuracy[mode] = last_value(stage_out, "knn_top1" if mode == "knn" else "val_acc1")
         rows.append(f"| {label} | {accuracy['knn']:.2f} | {accuracy['finetune']:.2f} |")
-    return "\n".join(rows)
+    text = "\n".join(rows) + (f"\n\nRuns in {out}: mae_knn, mae_finetune, random_knn, random_finetune "
+                              "(metrics.jsonl, config.yaml); this table is in results.md there.")
+    (out / "results.md").write_text(text + "\n")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", nargs="?", default="experiment", choices=("experiment", "demo"),
                         help="experiment (the default): the full comparison; demo: downstream runs of one pretraining")
     parser.add_argument("checkpoint", nargs="?", help="demo: pretraining run or checkpoint directory")
-    parser.add_argument("--out", type=Path, default=None, help="output directory")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (experiment: runs/experiment_fashion; demo: runs/demo_compare)")
     parser.add_argument("--data", default=None, help="labeled shards: demo default data/fashion_mnist; experiment "
                         "default OUT/shards (converted from the IDX files when missing)")
     defaults = Budget()
