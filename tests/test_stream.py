@@ -136,8 +136,13 @@ def test_a_truncated_shard_is_warned_about_then_skipped_and_counted(tmp_path):
 
 
 def test_pipe_urls_are_refused_unless_allowed(tmp_path):
-    with pytest.raises(ShardError, match="data.allow_pipe=true"):
-        resolve_shards("pipe:cat /etc/passwd")
+    write_shards(tmp_path, [8, 8])
+    marker = tmp_path / "ran"
+    for spec in ("pipe:cat /etc/passwd", f"{{pipe:touch {marker},pipe:touch {marker}}}"):  # the second after braces
+        with pytest.raises(ShardError, match="data.allow_pipe=true"):
+            shards = resolve_shards(spec, info=str(tmp_path), verify=False)
+            consume(stream_for(shards, 0, 1, workers=0))
+    assert not marker.exists()
 
 
 def test_allowed_pipe_urls_stream_with_counts_from_a_local_info_file(tmp_path):

@@ -61,7 +61,7 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
         verify: for local files, count every shard's samples (tar headers only) and compare with `_info.json`.
         info: a local `_info.json` or its directory giving the sample counts of the URLs in `spec`, in order.
     """
-    if spec.startswith("pipe:") and not allow_pipe:
+    if not allow_pipe and any(url.startswith("pipe:") for url in braceexpand.braceexpand(spec)):  # "{pipe:a,b}"
         raise ShardError(
             f"refusing to run the shell command in shard URL {spec!r}; set data.allow_pipe=true if you trust it"
         )
