@@ -501,14 +501,15 @@ def test_idx_files_and_a_later_split_keep_the_first(tmp_path):
     ],
 )
 @pytest.mark.parametrize("python3_bytes", [False, True], ids=["str-keys", "bytes-keys"])
-def test_cifar_batches(tmp_path, meta_name, meta, batches, label_key, python3_bytes):
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])  # 2: that of the official Python 2 files
+def test_cifar_batches(tmp_path, meta_name, meta, batches, label_key, python3_bytes, protocol):
     images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     rows = images.transpose(0, 3, 1, 2).reshape(4, 3072)  # [N, H, W, 3] -> [N, 3 * H * W], channel planes
     batch = {"data": rows, label_key: [1, 0, 1, 1], "coarse_labels": [0, 0, 0, 0]}
     for name, content in ((meta_name, meta), (batches[0], batch), (batches[1], batch)):
         if python3_bytes:  # keys and class names as a Python 3 pickle of the `encoding="bytes"` layout has them
             content = {k.encode(): [n.encode() for n in v] if k.endswith("names") else v for k, v in content.items()}
-        (tmp_path / name).write_bytes(pickle.dumps(content))
+        (tmp_path / name).write_bytes(pickle.dumps(content, protocol=protocol))
     assert detect_format(tmp_path) == "cifar"
     convert(tmp_path, tmp_path / "out", options())
     assert load_info(tmp_path / "out")["classes"] == list(meta.values())[0]
@@ -695,6 +696,30 @@ def test_a_cifar_batch_that_does_not_add_up_is_refused_naming_the_file(tmp_path,
         (tmp_path / name).write_bytes(pickle.dumps(content))
     with pytest.raises(SourceError, match=message):
         convert(tmp_path, tmp_path / "out", options())
+
+
+class RunsCode:
+    """Pickles into a call of os.system, as a malicious file would."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("payload, why", [
+    (lambda marker: pickle.dumps({"data": RunsCode(marker), "labels": [0]}),
+     r"it asks for (posix|os)\.system, which no CIFAR batch holds"),
+    (lambda marker: b"\x80\x04not a pickle", "invalid load key"),
+], ids=["code", "garbage"])
+def test_a_cifar_batch_that_would_run_code_or_is_not_a_pickle_is_refused(tmp_path, payload, why):
+    (tmp_path / "batches.meta").write_bytes(pickle.dumps({"label_names": ["cat", "dog"]}))
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((1, 3072), np.uint8), "labels": [0]}))
+    (tmp_path / "data_batch_1").write_bytes(payload(tmp_path / "ran"))
+    with pytest.raises(SourceError, match=rf"data_batch_1 is not a readable CIFAR python batch \({why}"):
+        convert(tmp_path, tmp_path / "out", options())
+    assert not (tmp_path / "ran").exists()
 
 
 def test_sources_given_the_wrong_way_are_refused_with_what_to_pass(tmp_path, capsys):

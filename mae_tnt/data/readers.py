@@ -476,12 +476,33 @@ def _cifar_layout(root: Path) -> tuple[str, str, str, str, str] | None:
     return None
 
 
+CIFAR_PICKLE_GLOBALS = {
+    (module, name)
+    for package in ("numpy.core", "numpy._core")  # numpy 1 and numpy 2 name the same functions
+    for module, name in ((f"{package}.multiarray", "_reconstruct"), (f"{package}.numeric", "_frombuffer"))
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+"""What a CIFAR batch pickle may call: numpy's array rebuilders, and the bytes decoder of protocol-2 pickles."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds arrays, lists, dicts and strings only: any other callable a file names (the way a
+    pickle runs code) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which no CIFAR batch holds")
+        return super().find_class(module, name)
+
+
 def _load_cifar_pickle(path: Path) -> dict:
-    # pickle can run arbitrary code: it is used only for the fixed CIFAR batch file names, which are
-    # distributed in no other format. latin1 decodes the Python 2 pickles of the official download.
-    # Pickles written by Python 3 (the layout the CIFAR page shows for `encoding="bytes"`) have bytes keys and names.
-    with open(path, "rb") as f:
-        raw = pickle.load(f, encoding="latin1")
+    """A CIFAR batch, read with `_CifarUnpickler` (these files exist only as pickles). latin1 decodes the Python 2
+    pickles of the official download; Python 3 pickles (`encoding="bytes"` layout) have bytes keys and names."""
+    try:
+        with open(path, "rb") as f:
+            raw = _CifarUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as err:
+        raise SourceError(f"{path} is not a readable CIFAR python batch ({err}); download the python version of "
+                          "the dataset again, or convert its images from a folder") from None
     if not isinstance(raw, dict):
         raise SourceError(f"{path} is not a CIFAR batch (a pickled dict), got {type(raw).__name__}")
     return {_text(key): value for key, value in raw.items()}
