@@ -5,6 +5,7 @@ import pickle
 import re
 import stat
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,8 @@ import mae_tnt
 from mae_tnt.convert_checkpoint import main as convert_main
 from mae_tnt.models import ModelError
 from mae_tnt.models.loading import CheckpointError, load_weights, read_state_dict, save_weights
+from mae_tnt.train.checkpoint import check_engine_pickles
+from mae_tnt.train.init import read_source
 
 
 def official_mae_state_dict(with_decoder: bool = True) -> dict:
@@ -242,3 +245,27 @@ def test_a_truncated_safetensors_file_is_named_as_such(tmp_path):
     with pytest.raises(CheckpointError, match=r"cannot read .*w.safetensors: not a complete safetensors file \(.*\); "
                                               r"write or download it again$"):
         read_state_dict(tmp_path / "w.safetensors")
+
+
+class RunsCode:
+    """Pickles into a call of os.system, as a malicious file would."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_deepspeed_checkpoint_naming_other_callables_is_refused_before_deepspeed_unpickles_it(tmp_path):
+    engine = tmp_path / "engine" / "pytorch_model"
+    engine.mkdir(parents=True)
+    rng_state = {"numpy": np.random.default_rng(0).integers(0, 9, 4), "torch": torch.get_rng_state()}
+    torch.save(rng_state, tmp_path / "engine" / "random_states_0.pkl")  # numpy arrays, as accelerate saves them
+    torch.save({"module": {"w": torch.ones(2)}}, engine / "mp_rank_00_model_states.pt")
+    check_engine_pickles(tmp_path / "engine")
+    torch.save({"module": RunsCode(tmp_path / "ran")}, engine / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointError, match=r"zero_pp_rank_0_mp_rank_00_optim_states.pt would run (posix|os)\.system "
+                                              r"when unpickled, which no checkpoint of ours holds; refusing"):
+        read_source(tmp_path)  # init= of a DeepSpeed checkpoint directory
+    assert not (tmp_path / "ran").exists()

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..data.stream import StreamState
-from ..models.loading import STATE_FILE, resolve_checkpoint, save_weights
+from ..models.loading import STATE_FILE, CheckpointError, resolve_checkpoint, save_weights
 from ..text import counted
 from .metrics import row_step
 
@@ -115,6 +115,35 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+DEEPSPEED_PICKLE_GLOBALS = frozenset({
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct",
+})
+"""What the pickles of a DeepSpeed checkpoint name beyond torch's weights-only set: DeepSpeed's own state classes,
+and numpy arrays (accelerate's saved RNG states)."""
+
+
+def check_engine_pickles(engine_dir: Path) -> None:
+    """Refuse a DeepSpeed checkpoint whose files name any callable beyond tensors and `DEEPSPEED_PICKLE_GLOBALS`.
+
+    DeepSpeed and accelerate unpickle these files without restriction (`weights_only=False`); a pickle can only run
+    code through a callable it names, so once every name is known to be harmless, their load is as safe as a
+    weights-only one.
+    """
+    for path in sorted(engine_dir.rglob("*")):
+        if not path.is_file() or path.suffix not in (".pt", ".pkl", ".bin"):
+            continue
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - DEEPSPEED_PICKLE_GLOBALS
+        except (RuntimeError, ValueError, OSError, zipfile.BadZipFile) as err:
+            raise CheckpointError(f"{path} is not a torch checkpoint file ({err}); resume from another checkpoint "
+                                  "of the run") from None
+        if unsafe:
+            raise CheckpointError(f"{path} would run {', '.join(sorted(unsafe))} when unpickled, which no checkpoint "
+                                  "of ours holds; refusing to read it. Use a checkpoint written by this project")
 
 
 def _uses_deepspeed(accelerator) -> bool:
@@ -394,6 +423,7 @@ def _load_training_state(accelerator, model, optimizer, checkpoint: Checkpoint, 
     """Restore weights, optimizer and scaler in place; returns this rank's data state (None if unknown)."""
     path = checkpoint.path
     if (path / "engine").is_dir():
+        check_engine_pickles(path / "engine")
         accelerator.load_state(str(path / "engine"))
     else:
         try:

@@ -38,7 +38,7 @@ from ..models.loading import (
 )
 from ..models.mae import WRAPPER_KEY_PREFIXES
 from ..models.sret import SReT, reestimate_batchnorm
-from .checkpoint import FRESH, ResumeError
+from .checkpoint import FRESH, ResumeError, check_engine_pickles
 
 HEAD_KEYS = ("head.*", "fc_norm.*")
 
@@ -63,6 +63,7 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def gather_zero_checkpoint(engine_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights of a DeepSpeed (ZeRO 1-3) checkpoint written by `accelerator.save_state`."""
+    check_engine_pickles(engine_dir)  # DeepSpeed unpickles without restriction
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as err:
