@@ -269,3 +269,12 @@ def test_a_deepspeed_checkpoint_naming_other_callables_is_refused_before_deepspe
                                               r"when unpickled, which no checkpoint of ours holds; refusing"):
         read_source(tmp_path)  # init= of a DeepSpeed checkpoint directory
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_corrupt_description_beside_the_weights_is_named(tmp_path):
+    save_weights(mae_tnt.create_model("vit_test_patch8_32").state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "state.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"state.json is corrupt \(not a JSON object\): restore it, or pass the "
+                                              r"weights file in .* itself"):
+        read_source(tmp_path)
+    assert read_source(tmp_path / "model.safetensors")[1] == {}  # as the message says

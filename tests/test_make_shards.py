@@ -235,6 +235,17 @@ def test_a_failing_conversion_stops_its_workers_under_a_caller_that_handles_sigt
     assert result.stdout == f"raised: {message}\n", result.stderr
 
 
+def test_a_corrupt_record_of_an_unfinished_conversion_is_named_with_the_way_out(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.png").write_bytes(encoded(gradient(4, 4), "PNG"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "_progress_train.json").write_text('{"job": ')  # cut short by a full disk, say
+    with pytest.raises(ConversionError, match=r"_progress_train.json, the record of an unfinished conversion, is "
+                                              r"corrupt \(.*\); pass --overwrite to start the split over"):
+        convert(tmp_path / "src", tmp_path / "out", options())
+    assert convert(tmp_path / "src", tmp_path / "out", options(overwrite=True)).num_samples == 1
+
+
 def test_existing_shards_of_a_finished_run_are_not_overwritten(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.png").write_bytes(encoded(gradient(4, 4), "PNG"))

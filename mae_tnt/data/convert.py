@@ -309,14 +309,19 @@ class Journal:
     @staticmethod
     def _recorded_shards(path: Path, job: dict) -> list[dict]:
         """The journal's shards that still verify, if it was written for the same job."""
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-        if recorded["job"] != job:
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8"))
+            recorded_job, shards = recorded["job"], recorded["shards"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConversionError(f"{path}, the record of an unfinished conversion, is corrupt ({err}); pass "
+                                  "--overwrite to start the split over") from None
+        if recorded_job != job:
             raise ConversionError(
                 f"{path} belongs to an unfinished conversion with other settings "
-                f"({_differences(recorded['job'], job)}). "
+                f"({_differences(recorded_job, job)}). "
                 "Re-run the original command to finish it, or pass --overwrite to start over."
             )
-        return _verified_prefix(path.parent, recorded["shards"])
+        return _verified_prefix(path.parent, shards)
 
     @property
     def num_samples(self) -> int:

@@ -85,7 +85,7 @@ def recorded_build_kwargs(path: str | Path, name: str) -> dict:
 
 def _export_record(path: Path) -> dict | None:
     """An export's `config.json` (written by tools/export.py, hence its `timm_name`), or None."""
-    config = _read_json((path if path.is_dir() else path.parent) / EXPORT_CONFIG)
+    config = read_json_object((path if path.is_dir() else path.parent) / EXPORT_CONFIG)
     return config if config is not None and "timm_name" in config else None
 
 
@@ -95,7 +95,7 @@ def _checkpoint_record(path: Path) -> dict | None:
         path = resolve_checkpoint(path)
     except CheckpointError:
         return None
-    state = _read_json((path if path.is_dir() else path.parent) / STATE_FILE)
+    state = read_json_object((path if path.is_dir() else path.parent) / STATE_FILE)
     if state is None or not isinstance(state.get("config"), dict):
         return None
     model_config = state["config"].get("model") or {}
@@ -103,7 +103,8 @@ def _checkpoint_record(path: Path) -> dict | None:
             "img_size": model_config.get("img_size"), "global_pool": model_config.get("global_pool")}
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in `path`; None when it is missing, unreadable or holds something else."""
     try:
         content = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -177,7 +178,6 @@ def load_weights(
     source: str | Path | dict[str, torch.Tensor],
     allow_missing: tuple[str, ...] = (),
     allow_unexpected: tuple[str, ...] = (),
-    verbose: bool = False,
     remedy: str = "convert it with tools/convert_checkpoint.py",
 ) -> LoadReport:
     """Load weights into `model` and assert the exact missing/unexpected key sets.
@@ -210,8 +210,6 @@ def load_weights(
         report.missing, report.unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
     bad_missing = [k for k in report.missing if not _matches(k, allow_missing)]
     bad_unexpected = [k for k in report.unexpected if not _matches(k, allow_unexpected)]
-    if verbose:
-        print(f"loaded weights: {report.summary()}")
     if bad_missing or bad_unexpected or reshaped:
         hint = _build_hint(state_dict, own, bad_missing, bad_unexpected, reshaped)
         shapes = [f"{k} {list(state_dict[k].shape)} vs {list(own[k].shape)}" for k in reshaped]

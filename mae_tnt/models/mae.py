@@ -57,7 +57,6 @@ class MaskedAutoencoder(nn.Module):
         self.unit, self.grid = encoder.unit, encoder.grid
         self.num_prefix_tokens = encoder.num_prefix_tokens
         self.norm_pix_loss, self.mask_ratio, self.encoder_mode = norm_pix_loss, mask_ratio, encoder_mode
-        num_units = self.grid**2
         if self.grid < 2:  # the one unit stays visible, so nothing is hidden and the loss is 0 at every step
             raise ValueError(f"images of one {self.unit}-px mask unit leave nothing to hide: use images of at least "
                              f"{2 * self.unit} px (img_size)")
@@ -74,9 +73,9 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_blocks = transformer_blocks(decoder_dim, decoder_depth, decoder_heads, mlp_ratio)
         self.decoder_norm = LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, self.unit**2 * 3)
-        self._init_decoder(num_units)
+        self._init_decoder()
 
-    def _init_decoder(self, num_units: int) -> None:
+    def _init_decoder(self) -> None:
         for name, module in self.named_modules():
             if name.startswith("decoder_"):
                 module.apply(init_mae_weights)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file
 
+from ..data.info import write_json_atomic
 from ..data.stream import StreamState
 from ..models.loading import STATE_FILE, CheckpointError, resolve_checkpoint, save_weights
 from ..text import counted
@@ -72,7 +73,7 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    _write_json(tmp / f"data_rank{accelerator.process_index}.json", data_state)
+    write_json_atomic(tmp / f"data_rank{accelerator.process_index}.json", data_state)
     if _uses_deepspeed(accelerator):
         accelerator.save_state(str(tmp / "engine"))
     elif accelerator.is_main_process:
@@ -86,7 +87,7 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
             save_weights(weights, tmp / name)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_json(tmp / STATE_FILE, state)
+        write_json_atomic(tmp / STATE_FILE, state)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(root)
@@ -98,15 +99,6 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
 def _rotate(root: Path, keep: int) -> None:
     for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.part")
-    with open(tmp, "w") as handle:
-        json.dump(obj, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:

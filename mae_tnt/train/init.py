@@ -18,7 +18,6 @@ with std 0.01); DeepSpeed `utils/zero_to_fp32.py`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -28,11 +27,14 @@ from torch import nn
 from ..config import ConfigError
 from ..models.layers import trunc_normal_
 from ..models.loading import (
+    EXPORT_CONFIG,
+    STATE_FILE,
     CheckpointError,
     LoadReport,
     encoder_subset,
     fitting_build_kwargs,
     load_weights,
+    read_json_object,
     read_state_dict,
     resolve_checkpoint,
 )
@@ -51,11 +53,11 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         The state dict as saved, and the `state.json` / `config.json` found next to it ({} when there is none).
     """
     path = Path(path)
-    meta = {}
-    for name in ("state.json", "config.json"):
-        if path.is_dir() and (path / name).exists():
-            meta = json.loads((path / name).read_text())
-            break
+    described = [path / name for name in (STATE_FILE, EXPORT_CONFIG) if path.is_dir() and (path / name).exists()]
+    meta = read_json_object(described[0]) if described else {}
+    if meta is None:
+        raise CheckpointError(f"{described[0]} is corrupt (not a JSON object): restore it, or pass the weights file "
+                              f"in {path} itself")
     if path.is_dir() and not (path / "model.safetensors").exists() and (path / "engine").is_dir():
         return gather_zero_checkpoint(path / "engine"), meta
     return read_state_dict(path), meta
