@@ -5,6 +5,7 @@ import timm
 import torch
 
 import mae_tnt
+from mae_tnt.models.layers import in_mode
 from mae_tnt.models.loading import save_weights
 from mae_tnt.models.masking import random_masking
 from mae_tnt.models.pos_embed import sincos_2d
@@ -243,3 +244,20 @@ def test_an_mae_checkpoint_loads_at_another_image_size(tmp_path, name):
 def test_unknown_model_suggests():
     with pytest.raises(ValueError, match="mae_vit_base_patch16"):
         mae_tnt.create_model("mae_vit_base_patch_16")
+
+
+def test_reconstructing_gives_the_model_back_its_training_mode_even_when_it_fails(tmp_path, monkeypatch):
+    from mae_tnt.train import recon
+
+    model = mae_tnt.create_model("mae_vit_test").train()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    recon.write_reconstructions(model, images, [0.5] * 3, [0.5] * 3, tmp_path / "grid.png", step=1, seed=0)
+    assert model.training and (tmp_path / "grid.png").exists()
+    monkeypatch.setattr(recon, "reconstruct", lambda *args: 1 / 0)  # e.g. out of memory
+    with pytest.raises(ZeroDivisionError):
+        recon.write_reconstructions(model, images, [0.5] * 3, [0.5] * 3, tmp_path / "grid.png", step=2, seed=0)
+    assert model.training
+    with pytest.raises(ZeroDivisionError), in_mode(model, training=False):
+        assert not model.training and not model.decoder_blocks[0].training
+        raise ZeroDivisionError
+    assert model.training and model.decoder_blocks[0].training

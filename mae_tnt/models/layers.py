@@ -5,6 +5,8 @@ Wrapping third-party layers here means a timm API change is fixed once (MAE's `q
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -76,3 +78,14 @@ init_mae_weights = partial(_init_linear_and_norm, init_weight=nn.init.xavier_uni
 
 init_trunc_normal_weights = partial(_init_linear_and_norm, init_weight=partial(trunc_normal_, std=0.02))
 """timm's ViT/TNT initialisation: truncated-normal(0.02) Linear weights (use with `.apply`)."""
+
+
+@contextmanager
+def in_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Run the block with `module` in train or eval mode, and give it back its mode however the block ends."""
+    was_training = module.training
+    module.train(training)
+    try:
+        yield module
+    finally:
+        module.train(was_training)

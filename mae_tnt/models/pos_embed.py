@@ -27,7 +27,7 @@ def sincos_2d(dim: int, grid: int | tuple[int, int], num_prefix_tokens: int = 0)
         raise ValueError(f"a 2-D sin-cos position table needs a width divisible by 4, got {dim}")
     height, width = (grid, grid) if isinstance(grid, int) else grid
     rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    table = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+    table = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)  # [H*W, dim]
     prefix = torch.zeros(num_prefix_tokens, dim, dtype=table.dtype)
     return torch.cat([prefix, table], dim=0).float()
 

@@ -37,6 +37,7 @@ from .layers import (
     Mlp,
     check_backbone_args,
     check_image_size,
+    in_mode,
     init_trunc_normal_weights,
     trunc_normal_,
 )
@@ -444,21 +445,20 @@ def reestimate_batchnorm(model: SReT, batches: Iterable[torch.Tensor]) -> int:
     """
     stem = model.patch_embed
     norms = [m for m in stem.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta, was_training = [m.momentum for m in norms], stem.training
+    momenta = [m.momentum for m in norms]
     device = stem.conv1.weight.device
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
-    stem.train()
     seen = 0
     try:
-        for images in batches:
-            stem(images.to(device))
-            seen += len(images)
+        with in_mode(stem, training=True):
+            for images in batches:
+                stem(images.to(device))
+                seen += len(images)
     finally:
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
-        stem.train(was_training)
     return seen
 
 

@@ -89,7 +89,7 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv_weight()).view(b, n, 3, self.num_heads, self.head_dim)  # [B, N, 3, H, d]
         q, k, v = qkv.transpose(1, 3).unbind(2)  # 3 x [B, H, N, d], strided views (no copy)
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # [B, H, N, d]; q is pre-scaled
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))  # [B, N, C]
 
     def _attend_channel_first(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [B, N, C] with q, k, v and the heads' outputs as channel-first [H*B, d, N] views.
@@ -100,12 +100,12 @@ class Attention(nn.Module):
         """
         b, n, c = x.shape
         h, d = self.num_heads, self.head_dim
-        weight = self.qkv_weight().view(3, h, d, c).transpose(1, 2).reshape(3 * c, c)  # rows (q/k/v, e, head)
+        weight = self.qkv_weight().view(3, h, d, c).transpose(1, 2).reshape(3 * c, c)  # [3C, C], rows (q/k/v, e, head)
         qkv = torch.mm(weight, x.reshape(b * n, c).t())  # [3C, B*N]
         q, k, v = (t.transpose(0, 1) for t in qkv.view(3, d, h * b, n).unbind(0))  # 3 x [H*B, d, N] (views)
         out = _ChannelFirstAttention.apply(q, k, v)  # [H*B, d, N], batch order (head, b)
         out = out.view(h, b, d, n).transpose(1, 2).reshape(c, b * n)  # [H*d, B*N], features in timm's order
-        return F.linear(out.t(), self.proj.weight, self.proj.bias).view(b, n, c)
+        return F.linear(out.t(), self.proj.weight, self.proj.bias).view(b, n, c)  # [B, N, C]
 
 
 class _ChannelFirstAttention(torch.autograd.Function):
@@ -260,7 +260,8 @@ class TNT(nn.Module):
         """
         if word_mask is not None:
             s = self.unit // WORD_STRIDE
-            hidden_px = word_mask.view(-1, s, 1, s, 1, 1).expand(-1, s, WORD_STRIDE, s, WORD_STRIDE, 1)
+            hidden_px = word_mask.view(-1, s, 1, s, 1, 1)  # [B', s, 1, s, 1, 1]: one flag per word
+            hidden_px = hidden_px.expand(-1, s, WORD_STRIDE, s, WORD_STRIDE, 1)  # [B', s, 4, s, 4, 1]
             patches = patches.masked_fill(hidden_px.reshape(-1, self.unit, self.unit, 1), 0)  # [B', u, u, C]
         words = self.pixel_embed(patches)  # [B', W, c]
         if word_mask is not None:

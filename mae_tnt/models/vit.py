@@ -52,13 +52,13 @@ class ViT(VisionTransformer):
         """MAE init: xavier on the flattened patch projection, normal(0.02) tokens, xavier Linear layers."""
         self.apply(init_mae_weights)
         weight = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))  # [D, 3*p*p], as the Linear it stands for
         nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=0.02)
 
     def _prefix(self, batch: int) -> torch.Tensor:
         """cls token with its (zero) position row: [B, 1, D]."""
-        return (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)
+        return (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)  # [B, 1, D]
 
     def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm_pre(x)

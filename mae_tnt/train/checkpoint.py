@@ -74,7 +74,7 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     write_json_atomic(tmp / f"data_rank{accelerator.process_index}.json", data_state)
-    if _uses_deepspeed(accelerator):
+    if uses_deepspeed(accelerator):
         accelerator.save_state(str(tmp / "engine"))
     elif accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
@@ -138,7 +138,7 @@ def check_engine_pickles(engine_dir: Path) -> None:
                                   "of ours holds; refusing to read it. Use a checkpoint written by this project")
 
 
-def _uses_deepspeed(accelerator) -> bool:
+def uses_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type.name == "DEEPSPEED"
 
 
@@ -276,7 +276,7 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
     cannot continue another layout's positions without repeating samples). Checkpoints of `output_dir` past the
     restored step are set aside (`set_aside_later_checkpoints`).
     """
-    check_compatible(checkpoint, config, plan.effective_batch, accelerator.num_processes, _uses_deepspeed(accelerator))
+    check_compatible(checkpoint, config, plan.effective_batch, accelerator.num_processes, uses_deepspeed(accelerator))
     data_state = _load_training_state(accelerator, model, optimizer, checkpoint, config)
     step = checkpoint.state["step"]
     _note_changed_settings(checkpoint, config, plan, log)

@@ -48,7 +48,7 @@ from ..finetune_config import AugmentConfig, FinetuneConfig
 from ..models import create_model
 from ..models.loading import save_weights
 from ..text import counted
-from .checkpoint import resolve_resume, save_checkpoint, set_aside_previous_run
+from .checkpoint import resolve_resume, save_checkpoint, set_aside_previous_run, uses_deepspeed
 from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step, write_run_config
 from .init import attach_probe_head, init_head, load_init, recorded_init, reestimate_stem_norms
 from .knn import accuracy_counts, knn_accuracy_on_shards, reported_ks, require_labeled_shards, topk_text
@@ -264,7 +264,7 @@ class FinetuneRun(TrainingRun):
     def _build_ema(self) -> ModelEmaV3 | None:
         if not self.cfg.optim.ema_decay:
             return None
-        if self.acc.distributed_type.name == "DEEPSPEED":
+        if uses_deepspeed(self.acc):
             raise ConfigError("optim.ema_decay is not supported under DeepSpeed (its engine holds sharded or half "
                              "weights); use DDP, or set optim.ema_decay=null")
         return ModelEmaV3(self.unwrapped, decay=self.cfg.optim.ema_decay)
@@ -294,7 +294,7 @@ class FinetuneRun(TrainingRun):
                 self.ema.module.load_state_dict(load_file(checkpoint.path / EMA_FILE))
             else:
                 self.log(f"warning: {checkpoint.path} holds no {EMA_FILE}; the EMA restarts from the weights")
-                self.ema = ModelEmaV3(self.unwrapped, decay=self.cfg.optim.ema_decay)
+                self.ema = self._build_ema()
         self.log(f"resumed from {checkpoint.path} at step {self.step} (epoch {self.stream.state.epoch})")
 
     def set_train_mode(self) -> None:

@@ -26,6 +26,7 @@ from ..config import DataConfig
 from ..data.loader import data_shards, eval_batch_count, eval_batches, in_shard_order
 from ..data.shards import ShardError, labeled_classes
 from ..data.transforms import normalize
+from ..models.layers import in_mode
 from .metrics import batch_progress
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -172,13 +173,9 @@ def knn_accuracy_on_shards(encoder: nn.Module, data: DataConfig, *, img_size: in
     require_labeled_shards(data, "kNN evaluation")
     train, val = (_shown_batches(data_shards(data, which, verify), img_size, batch_size, rank, world_size, desc, cap)
                   for which, desc, cap in (("train", "kNN bank", max_train), ("val", "kNN queries", None)))
-    was_training = encoder.training
-    encoder.eval()
-    try:
+    with in_mode(encoder, training=False):
         return knn_accuracy(encoder_features(encoder, data.mean, data.std), train, val, k, temperature, device,
                             gather if world_size > 1 else None, max_train)
-    finally:
-        encoder.train(was_training)
 
 
 def _shown_batches(shards: list, img_size: int, batch_size: int, rank: int, world_size: int, desc: str,

@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..data.transforms import denormalize, normalize
+from ..models.layers import in_mode
 
 
 @torch.no_grad()
@@ -58,10 +59,8 @@ def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Pa
     images = normalize(images_uint8, mean, std).to(next(model.parameters()).dtype)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.rand(images.shape[0], model.grid**2, generator=generator).to(images.device)
-    was_training = model.training
-    model.eval()
-    rows = reconstruct(model, images, noise)
-    model.train(was_training)
+    with in_mode(model, training=False):
+        rows = reconstruct(model, images, noise)
     note = " (norm-pix: un-normalised with the true patch statistics, display only)" if model.norm_pix_loss else ""
     save_grid(rows, mean, std, path, f"step {step}, loss {rows['loss'].item():.4f}{note}")
     return rows["loss"].item()
