@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .layers import resample_abs_pos_embed
+
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """[N] positions -> [N, dim] embedding [sin(p * w_k), cos(p * w_k)], w_k = 10000^(-k / (dim / 2))."""
@@ -38,3 +40,14 @@ def is_other_grid(pos: torch.Tensor, own: torch.Tensor, grid_dims: tuple[int, ..
     if pos.dim() != own.dim() or pos.shape == own.shape:
         return False
     return all(pos.shape[d] == own.shape[d] for d in range(own.dim()) if d not in grid_dims)
+
+
+def resample_token_table(state_dict: dict[str, torch.Tensor], key: str, own: torch.Tensor, grid: int,
+                         num_prefix_tokens: int) -> dict[str, torch.Tensor]:
+    """`state_dict` with its [1, P + H*W, D] table `key` resampled (bicubic, timm's `resample_abs_pos_embed`, as in
+    MAE) to `grid` x `grid` when it has `own`'s layout for another grid; otherwise `state_dict` itself."""
+    pos = state_dict.get(key)
+    if pos is None or not is_other_grid(pos, own, grid_dims=(1,)):
+        return state_dict
+    resampled = resample_abs_pos_embed(pos, new_size=(grid, grid), num_prefix_tokens=num_prefix_tokens)
+    return {**state_dict, key: resampled}

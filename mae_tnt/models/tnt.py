@@ -31,12 +31,11 @@ from .layers import (
     check_image_size,
     init_mae_weights,
     init_trunc_normal_weights,
-    resample_abs_pos_embed,
     trunc_normal_,
 )
 from .mae import MaskedAutoencoder, build_mae
 from .masking import masked_mean, num_visible, random_masking
-from .pos_embed import is_other_grid
+from .pos_embed import resample_token_table
 from .registry import register_model
 
 WORD_STRIDE = 4
@@ -339,11 +338,8 @@ class TNT(nn.Module):
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """timm's layout passes through; the official huawei-noah layout is renamed; `patch_pos` follows our grid."""
-        state_dict = dict(self.from_official_layout(state_dict))
-        pos = state_dict.get("patch_pos")
-        if pos is not None and is_other_grid(pos, self.patch_pos, grid_dims=(1,)):
-            state_dict["patch_pos"] = resample_abs_pos_embed(pos, new_size=(self.grid, self.grid), num_prefix_tokens=1)
-        return state_dict
+        state_dict = self.from_official_layout(state_dict)
+        return resample_token_table(state_dict, "patch_pos", self.patch_pos, self.grid, num_prefix_tokens=1)
 
 
 def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

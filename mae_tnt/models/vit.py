@@ -5,20 +5,19 @@ the encoder contract (`forward_visible`, `forward_with_mask_tokens`, `unit`, `gr
 weights loadable by `timm.create_model('vit_*_patch16_224')` without any key mapping.
 
 References: Dosovitskiy et al. (arXiv 2010.11929); facebookresearch/mae `models_mae.py` (encoder path, init);
-timm `vision_transformer.py` (keys, `resample_abs_pos_embed`).
+timm `vision_transformer.py` (keys).
 """
 
 from __future__ import annotations
 
 import torch
-from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .layers import LayerNorm, check_backbone_args, init_mae_weights
 from .mae import REFERENCE_DECODER, MaskedAutoencoder, build_mae
 from .masking import gather_units
-from .pos_embed import is_other_grid, sincos_2d
+from .pos_embed import resample_token_table, sincos_2d
 from .registry import register_model
 
 
@@ -80,13 +79,7 @@ class ViT(VisionTransformer):
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Resample the position table when the checkpoint's grid differs from ours (bicubic, as in MAE). A table of
         another layout or width (another model's) is left to the key check, which names the misfit."""
-        pos = state_dict.get("pos_embed")
-        if pos is not None and is_other_grid(pos, self.pos_embed, grid_dims=(1,)):
-            state_dict = dict(state_dict)
-            state_dict["pos_embed"] = resample_abs_pos_embed(
-                pos, new_size=(self.grid, self.grid), num_prefix_tokens=self.num_prefix_tokens
-            )
-        return state_dict
+        return resample_token_table(state_dict, "pos_embed", self.pos_embed, self.grid, self.num_prefix_tokens)
 
 
 VIT_SIZES = {
