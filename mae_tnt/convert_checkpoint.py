@@ -26,7 +26,7 @@ from .models.tnt import TNT
 from .text import HelpWithDefaults
 
 
-def read_source(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
+def read_foreign_checkpoint(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
     """Tensors of SRC; a full unpickle only when the user opts in for a file they trust."""
     if not unsafe_pickle:
         return read_state_dict(path, pickle_advice="add --unsafe-pickle")
@@ -44,7 +44,7 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
     """Write SRC's weights as `model_name`'s; a classifier gets the head size (0: none, for an encoder) and pooling
     of SRC. Returns the load report, the build arguments of the model written, and a note on what they may miss."""
     model = create_model(model_name)  # an unknown name fails before a long read
-    state_dict = read_source(src, unsafe_pickle)
+    state_dict = read_foreign_checkpoint(src, unsafe_pickle)
     if build_kwargs := fitting_build_kwargs(model, state_dict):  # a classifier of another head or pooling
         model = create_model(model_name, **build_kwargs)
     report = load_weights(model, state_dict, allow_missing=tuple(allow_missing),

@@ -123,7 +123,7 @@ def part_cases(images: torch.Tensor) -> list[Case]:
     ]
 
 
-def print_table(args, cases: list[Case], macs: dict[str, float], step: dict[str, float]) -> None:
+def print_case_table(args, cases: list[Case], macs: dict[str, float], step: dict[str, float]) -> None:
     print(f"device={args.device} dtype={args.dtype} batch={args.batch} img=224 mask_ratio={args.mask_ratio} "
           f"repeats={args.repeats} clock={args.clock} threads={torch.get_num_threads()} "
           f"torch={torch.__version__} timm={timm.__version__}")
@@ -186,7 +186,7 @@ def main() -> None:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times = interleaved_times({c.name: train_step(c.model, c.step, autocast) for c in cases}, args.repeats, clock=clock)
     step = medians(times)
-    print_table(args, cases, macs, step)
+    print_case_table(args, cases, macs, step)
     if args.decoders:
         print_decoder_ratios(cases, macs, step)
     elif args.parts:
