@@ -23,7 +23,6 @@ from ..config import ConfigError, PretrainConfig, save_config, to_dict
 from ..data.device_decode import decode_batch
 from ..data.loader import build_train_stream, data_shards, first_images, mae_transform, make_loader
 from ..data.shards import ShardError
-from ..data.transforms import normalize
 from ..models import create_model
 from ..text import counted
 from .checkpoint import Checkpoint, resolve_resume, save_checkpoint
@@ -162,8 +161,6 @@ class Trainer(TrainingRun):
         set_fused_attn(cfg.run.fused_attn)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run of this recipe
         model = create_model(cfg.model.name, **cfg.model.build_kwargs())
-        self.memory_format = (torch.channels_last if cfg.run.channels_last and self.acc.device.type == "cuda"
-                              else torch.contiguous_format)
         model = model.to(memory_format=self.memory_format)
         optimizer = build_adamw(model.to(self.acc.device), lr=self.plan.peak_lr,
                                 weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),
@@ -195,17 +192,16 @@ class Trainer(TrainingRun):
         self.log(f"resumed from {checkpoint.path} at step {self.step} (epoch {self.stream.state.epoch}, "
                  f"batch {self.stream.state.batches})")
 
-    def device_images(self, batch: dict) -> torch.Tensor:
+    def batch_images(self, batch: dict) -> torch.Tensor:
         """The batch as normalised floats on the device; deferred JPEGs are decoded there in one batch."""
         images = batch["images"]
         if isinstance(images, list):
             images, dropped = decode_batch(images, self.cfg.model.img_size, self.acc.device)
             self.stream.state.skipped += dropped
-        images = normalize(images.to(self.acc.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
-        return images.contiguous(memory_format=self.memory_format)
+        return self.device_images(images)
 
     def micro_step(self, batch: dict, micro: int) -> torch.Tensor:
-        images = self.device_images(batch)
+        images = self.batch_images(batch)
         seed_step(self.cfg.seed, self.acc.process_index, micro)
         if self.input_dtype is not None:
             images = images.to(self.input_dtype)
@@ -314,7 +310,7 @@ class Trainer(TrainingRun):
                 encoder, cfg.data, img_size=cfg.model.img_size, batch_size=cfg.data.batch_size, k=cfg.eval.knn_k,
                 temperature=cfg.eval.knn_temperature, max_train=cfg.eval.knn_max_train, device=self.acc.device,
                 rank=self.acc.process_index, world_size=self.acc.num_processes, gather=self.acc.gather)
-        metrics = {"step": self.step, "epoch": round(self.step / self.plan.steps_per_epoch, 4),
+        metrics = {"step": self.step, "epoch": self.epoch,
                    **accuracy}
         self.logger.log(metrics)
         self.log(f"step {self.step}: kNN {topk_text(accuracy, 'knn_top')}")

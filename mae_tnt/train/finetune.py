@@ -241,8 +241,6 @@ class FinetuneRun(TrainingRun):
         checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)
         cfg.init = recorded_init(cfg.init, checkpoint.state if checkpoint else None)
         set_fused_attn(cfg.run.fused_attn)
-        self.memory_format = (torch.channels_last if cfg.run.channels_last and self.device.type == "cuda"
-                              else torch.contiguous_format)
         model = build_classifier(cfg, self.num_classes, load=checkpoint is None, log=self.log)
         model = model.to(self.device, memory_format=self.memory_format)
         if cfg.model.bn_reestimate_batches and checkpoint is None:
@@ -268,11 +266,6 @@ class FinetuneRun(TrainingRun):
             raise ConfigError("optim.ema_decay is not supported under DeepSpeed (its engine holds sharded or half "
                              "weights); use DDP, or set optim.ema_decay=null")
         return ModelEmaV3(self.unwrapped, decay=self.cfg.optim.ema_decay)
-
-    def device_images(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, S, S] -> normalised floats on the device, in the model's memory format."""
-        images = normalize(images.to(self.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
-        return images.contiguous(memory_format=self.memory_format)
 
     def _describe_run(self, trainable: int) -> None:
         if not self.is_main:
@@ -379,7 +372,7 @@ class FinetuneRun(TrainingRun):
 
     def evaluate_and_keep_best(self) -> dict:
         """Top-1/top-5 of the model (and its EMA) on the val shards; the best weights go to `best/`."""
-        metrics = {"step": self.step, "epoch": round(self.step / self.plan.steps_per_epoch, 4)}
+        metrics = {"step": self.step, "epoch": self.epoch}
         metrics.update(self.evaluate(self.model))
         candidates = [("model", metrics["val_acc1"])]
         if self.ema is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..config import to_dict
+from ..data.transforms import normalize
 from .checkpoint import restore_training
 from .schedule import lr_at, set_lr
 
@@ -132,6 +133,22 @@ class TrainingRun:
     `logger`, and defines `micro_step(batch, micro) -> loss`.
     """
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """channels_last when asked for on a GPU (where convolutions gain from it), the default layout otherwise."""
+        on_gpu = self.acc.device.type == "cuda"
+        return torch.channels_last if self.cfg.run.channels_last and on_gpu else torch.contiguous_format
+
+    @property
+    def epoch(self) -> float:
+        """Epochs trained at the current optimizer step (fractional, as logged)."""
+        return round(self.step / self.plan.steps_per_epoch, 4)
+
+    def device_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, S, S] -> normalised floats on the device, in the model's memory format."""
+        images = normalize(images.to(self.acc.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
+        return images.contiguous(memory_format=self.memory_format)
+
     def lr(self, step: int) -> float:
         return lr_at(step, peak_lr=self.plan.peak_lr, total_steps=self.plan.total_steps,
                      warmup_steps=self.plan.warmup_steps, min_lr=self.cfg.optim.min_lr)
@@ -153,8 +170,8 @@ class TrainingRun:
     def close_log_window(self, bar) -> dict:
         """The metrics row of the window that this optimizer step closes, once every rank's losses are finite."""
         raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
-        return close_window(self.acc, self.window, bar, self.step, self.step / self.plan.steps_per_epoch,
-                            self.lr(self.step - 1), self.stream.state.skipped)
+        return close_window(self.acc, self.window, bar, self.step, self.epoch, self.lr(self.step - 1),
+                            self.stream.state.skipped)
 
     def epoch_done(self) -> bool:
         return self.stream.state.batches >= self.stream.batches_per_epoch()
