@@ -88,9 +88,7 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(tmp / STATE_FILE, state)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+        replace_dir(tmp, final)
         _rotate(root, keep)
     accelerator.wait_for_everyone()
     return final
@@ -99,6 +97,13 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
 def _rotate(root: Path, keep: int) -> None:
     for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the complete directory `tmp` in place of `final`, durably: readers see the old one or the new one."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
 
 
 def _fsync_dir(path: Path) -> None:

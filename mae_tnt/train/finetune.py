@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
-import os
 import random
 import shutil
 from pathlib import Path
@@ -40,15 +38,15 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from ..config import ConfigError, to_dict
-from ..data.info import ShardError
+from ..data.info import ShardError, write_json_atomic
 from ..data.loader import build_train_stream, data_shards, eval_batch_count, eval_batches, make_loader
 from ..data.shards import StreamError, info_directory, labeled_classes
 from ..data.transforms import normalize, to_tensor, train_crop
 from ..finetune_config import AugmentConfig, FinetuneConfig
 from ..models import create_model
-from ..models.loading import save_weights
+from ..models.loading import STATE_FILE, save_weights
 from ..text import counted
-from .checkpoint import resolve_resume, save_checkpoint, set_aside_previous_run, uses_deepspeed
+from .checkpoint import replace_dir, resolve_resume, save_checkpoint, set_aside_previous_run, uses_deepspeed
 from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step, write_run_config
 from .init import attach_probe_head, init_head, load_init, recorded_init, reestimate_stem_norms
 from .knn import accuracy_counts, knn_accuracy_on_shards, reported_ks, require_labeled_shards, topk_text
@@ -428,9 +426,8 @@ class FinetuneRun(TrainingRun):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_weights(state_dict, tmp / "model.safetensors")
-        (tmp / "state.json").write_text(json.dumps(self._state(), indent=1))
-        shutil.rmtree(best, ignore_errors=True)
-        os.replace(tmp, best)
+        write_json_atomic(tmp / STATE_FILE, self._state())
+        replace_dir(tmp, best)
 
     def _state(self) -> dict:
         """Self-description stored with every checkpoint and with `best/` (read by tools/export.py)."""
