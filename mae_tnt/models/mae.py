@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .layers import LayerNorm, check_image_size, init_mae_weights, transformer_blocks
-from .masking import masked_mean, num_visible, random_masking
+from .masking import masked_mean, normalize_pixels, num_visible, random_masking
 from .pos_embed import sincos_2d
 
 WRAPPER_KEY_PREFIXES = ("decoder_", "mask_token", "encoder_mask_token")
@@ -152,9 +152,7 @@ class MaskedAutoencoder(nn.Module):
         """Reconstruction target [B, L, u * u * 3]: pixels, normalised per unit when norm_pix_loss is on."""
         target = self.patchify(images.float())
         if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)  # unbiased, as in MAE
-            target = (target - mean) / (var + 1e-6) ** 0.5
+            target = normalize_pixels(target)
         return target
 
     def forward(

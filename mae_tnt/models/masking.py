@@ -48,3 +48,15 @@ def gather_units(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Select units along dim 1: [B, L, *rest] -> [B, K, *rest]."""
     index = ids.reshape(*ids.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])  # [B, K, *rest]
     return torch.gather(x, dim=1, index=index)
+
+
+def pixel_stats(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation over the last dim, [..., 1] each: MAE's norm-pix statistics of every unit (the
+    unbiased variance, plus 1e-6 so that a flat unit does not divide by zero)."""
+    return pixels.mean(dim=-1, keepdim=True), (pixels.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """Each unit's pixels [..., P] normalised by its own `pixel_stats` (the norm-pix target)."""
+    mean, std = pixel_stats(pixels)
+    return (pixels - mean) / std

@@ -34,7 +34,7 @@ from .layers import (
     trunc_normal_,
 )
 from .mae import MaskedAutoencoder, build_mae
-from .masking import masked_mean, num_visible, random_masking
+from .masking import masked_mean, normalize_pixels, num_visible, random_masking
 from .pos_embed import resample_token_table
 from .registry import register_model
 
@@ -399,7 +399,7 @@ class WordMaskedAutoencoder(MaskedAutoencoder):
         x = x.reshape(-1, s, w, s, w, 3).transpose(2, 3)  # [B*K, s, s, w, w, C]
         x = x.reshape(x.shape[0], s * s, w * w * 3)  # [B*K, W, w*w*C]
         if self.norm_pix_loss:
-            x = (x - x.mean(dim=-1, keepdim=True)) / (x.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+            x = normalize_pixels(x)
         return x
 
     def word_loss(self, images: torch.Tensor, ids_keep: torch.Tensor, words: torch.Tensor,

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from ..data.transforms import denormalize, normalize
 from ..models.layers import in_mode
+from ..models.masking import pixel_stats
 
 
 @torch.no_grad()
@@ -22,9 +23,8 @@ def reconstruct(model, images: torch.Tensor, noise: torch.Tensor) -> dict[str, t
     """uint8-normalised images [B, 3, H, W] -> display rows in [0, 1]: original, masked, recon, recon+visible."""
     loss, pred, mask = model(images, noise=noise)
     if model.norm_pix_loss:
-        target = model.patchify(images.float())  # [B, L, u*u*3]
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        pred = pred.float() * (var + 1e-6) ** 0.5 + mean
+        mean, std = pixel_stats(model.patchify(images.float()))  # [B, L, 1] each
+        pred = pred.float() * std + mean
     unit_mask = mask.unsqueeze(-1).expand(-1, -1, model.unit**2 * 3)  # [B, L, u*u*3]
     hidden = model.unpatchify(unit_mask.float())  # [B, 3, H, W], 1 where hidden
     recon = model.unpatchify(pred.float())
