@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .mae import MaskedAutoencoder
+from .mae import MaskedAutoencoder, split_mae_state_dict
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
 WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema")
@@ -166,13 +166,6 @@ def _strip_module(key: str) -> str:
     return key
 
 
-def encoder_subset(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The `encoder.` part of an MAE state dict with the prefix removed, and the keys left out."""
-    encoder = {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
-    dropped = [k for k in state_dict if not k.startswith("encoder.")]
-    return encoder, dropped
-
-
 def load_weights(
     model: nn.Module,
     source: str | Path | dict[str, torch.Tensor],
@@ -191,7 +184,8 @@ def load_weights(
     state_dict = source if isinstance(source, dict) else read_state_dict(source)
     report = LoadReport()
     if not isinstance(model, MaskedAutoencoder) and any(k.startswith("encoder.") for k in state_dict):
-        state_dict, report.dropped = encoder_subset(state_dict)
+        state_dict, wrapper = split_mae_state_dict(state_dict)
+        report.dropped = sorted(wrapper)
     if hasattr(model, "from_official_layout"):  # renamed first, so that resampling is reported under our names
         state_dict = model.from_official_layout(state_dict)
     if hasattr(model, "adapt_state_dict"):

@@ -24,6 +24,19 @@ WRAPPER_KEY_PREFIXES = ("decoder_", "mask_token", "encoder_mask_token")
 """State-dict keys owned by the MAE wrapper rather than the encoder (flat official MAE files mix the two)."""
 
 
+StateDict = dict[str, torch.Tensor]
+
+
+def split_mae_state_dict(state_dict: StateDict) -> tuple[StateDict, StateDict]:
+    """An MAE state dict of either layout -> (its encoder part, without our `encoder.` prefix; the rest). Ours
+    prefixes the encoder's keys; the official flat layout has the wrapper's (`WRAPPER_KEY_PREFIXES`) beside them."""
+    if any(key.startswith("encoder.") for key in state_dict):
+        encoder = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
+        return encoder, {k: v for k, v in state_dict.items() if not k.startswith("encoder.")}
+    wrapper = {k: v for k, v in state_dict.items() if k.startswith(WRAPPER_KEY_PREFIXES)}
+    return {k: v for k, v in state_dict.items() if k not in wrapper}, wrapper
+
+
 class MaskedAutoencoder(nn.Module):
     """MAE around any encoder that follows the contract above.
 
@@ -172,12 +185,7 @@ class MaskedAutoencoder(nn.Module):
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Accept our layout or a flat official-MAE one (encoder keys without the `encoder.` prefix)."""
-        if any(key.startswith("encoder.") for key in state_dict):
-            encoder_sd = {k[len("encoder.") :]: v for k, v in state_dict.items() if k.startswith("encoder.")}
-            wrapper_sd = {k: v for k, v in state_dict.items() if not k.startswith("encoder.")}
-        else:
-            wrapper_sd = {k: v for k, v in state_dict.items() if k.startswith(WRAPPER_KEY_PREFIXES)}
-            encoder_sd = {k: v for k, v in state_dict.items() if not k.startswith(WRAPPER_KEY_PREFIXES)}
+        encoder_sd, wrapper_sd = split_mae_state_dict(state_dict)
         if hasattr(self.encoder, "adapt_state_dict"):
             encoder_sd = self.encoder.adapt_state_dict(encoder_sd)
         table = wrapper_sd.get("decoder_pos_embed")

@@ -31,14 +31,13 @@ from ..models.loading import (
     STATE_FILE,
     CheckpointError,
     LoadReport,
-    encoder_subset,
     fitting_build_kwargs,
     load_weights,
     read_json_object,
     read_state_dict,
     resolve_checkpoint,
 )
-from ..models.mae import WRAPPER_KEY_PREFIXES
+from ..models.mae import split_mae_state_dict
 from ..models.sret import SReT, reestimate_batchnorm
 from .checkpoint import FRESH, ResumeError, check_engine_pickles
 
@@ -82,12 +81,10 @@ PROBE_BN_EPS = 1e-6
 
 def encoder_weights(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], str]:
     """The encoder (or classifier) part of any accepted layout, the keys left out, and the layout's name."""
+    kept, wrapper = split_mae_state_dict(state_dict)
     if any(key.startswith("encoder.") for key in state_dict):
-        kept, dropped = encoder_subset(state_dict)
-        return kept, sorted(dropped), "MAE checkpoint (encoder.* kept)"
-    dropped = sorted(k for k in state_dict if k.startswith(WRAPPER_KEY_PREFIXES))
-    kept = {k: v for k, v in state_dict.items() if not k.startswith(WRAPPER_KEY_PREFIXES)}
-    return kept, dropped, "flat MAE checkpoint with decoder" if dropped else "encoder/classifier weights"
+        return kept, sorted(wrapper), "MAE checkpoint (encoder.* kept)"
+    return kept, sorted(wrapper), "flat MAE checkpoint with decoder" if wrapper else "encoder/classifier weights"
 
 
 def drop_unfit_head(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list]:
