@@ -367,7 +367,6 @@ class FinetuneRun(TrainingRun):
                 self.save()
             self.save_due = False
 
-
     def evaluate_and_keep_best(self) -> dict:
         """Top-1/top-5 of the model (and its EMA) on the val shards; the best weights go to `best/`."""
         metrics = {"step": self.step, "epoch": self.epoch}
