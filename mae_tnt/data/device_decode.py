@@ -1,7 +1,7 @@
 """Batched JPEG decoding on the GPU: workers only pick the crop, the device decodes, crops, resizes and flips.
 
-With `data.decode_device: cuda`, a worker reads a JPEG's header, draws the random-resized-crop box and the flip with
-the sample's own RNG (so the augmentation is the same as on the CPU path), and hands the encoded bytes on. The main
+With `data.decode_device: cuda`, a worker reads a JPEG's frame header, draws the random-resized-crop box and the flip
+with the sample's own RNG (so the augmentation is the same as on the CPU path), and hands the encoded bytes on. The main
 process decodes the batch with nvJPEG (`torchvision.io.decode_jpeg(list, device="cuda")`), then crops, resizes
 (bicubic, antialiased) and flips each image on the device. Images that are not RGB/grey JPEGs are decoded on the CPU
 in the worker as before. Without CUDA (or torchvision), the CPU path is used and a warning says so.
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .images import open_image
-from .transforms import crop_opened, decode_jpeg, random_resized_crop_box, resize_box
+from .images import plain_jpeg_size
+from .transforms import decode_jpeg, resize_box, sample_crop, train_crop
 
 if decode_jpeg is not None:
     from torchvision.io import ImageReadMode
@@ -39,11 +39,10 @@ class DeferredCrop:
         self.size, self.scale = size, tuple(scale)
 
     def __call__(self, data: bytes, rng: random.Random) -> EncodedCrop | torch.Tensor:
-        image = open_image(data)
-        if image.format != "JPEG" or image.mode not in ("RGB", "L"):
-            return crop_opened(image, data, rng, size=self.size, scale=self.scale)
-        box = random_resized_crop_box(*image.size, self.scale, rng)
-        flip = rng.random() < 0.5
+        jpeg_size = plain_jpeg_size(data)
+        if jpeg_size is None:
+            return train_crop(data, rng, size=self.size, scale=self.scale)
+        box, flip = sample_crop(*jpeg_size, self.scale, rng)
         return EncodedCrop(torch.frombuffer(bytearray(data), dtype=torch.uint8), box, flip)
 
 

@@ -99,6 +99,46 @@ def decode(data: bytes) -> Image.Image:
     return load_image(open_image(data))
 
 
+# JPEG frame markers libjpeg-turbo decodes (Huffman baseline, extended and progressive), and the markers that have no
+# length field (TEM and the restart markers RST0-7).
+PLAIN_JPEG_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
+
+
+def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of an 8-bit greyscale or three-channel Huffman JPEG within the pixel limit, from its frame
+    header; None for anything else (CMYK, 12-bit, other formats, garbage), which then goes through `open_image`.
+
+    A handful of byte reads instead of PIL's header parse (about 0.3 ms), for the JPEGs that libjpeg-turbo decodes
+    straight to RGB.
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            pos += 1
+        elif marker in STANDALONE_MARKERS:
+            pos += 2
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header (C4/C8/CC are not)
+            return _plain_frame_size(data, pos + 4) if marker in PLAIN_JPEG_FRAMES else None
+        elif marker in (0xD9, 0xDA):  # end of image, or scan data, before any frame header
+            return None
+        else:  # a segment with a big-endian length that counts itself
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return None
+
+
+def _plain_frame_size(data: bytes, pos: int) -> tuple[int, int] | None:
+    if pos + 6 > len(data):
+        return None
+    precision, height, width, components = struct.unpack_from(">BHHB", data, pos)
+    limit = Image.MAX_IMAGE_PIXELS
+    plain = precision == 8 and components in (1, 3) and width > 0 and height > 0
+    return (width, height) if plain and (limit is None or width * height <= limit) else None
+
+
 def open_image(data: bytes) -> Image.Image:
     """Open image bytes lazily: only the header is read, so size and format are known before any pixel is decoded.
 

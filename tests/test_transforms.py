@@ -1,0 +1,101 @@
+"""MAE's training crop on uint8: the JPEG frame-header reader and the crop that every decode path must produce."""
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mae_tnt.data.images import decode_rgb, pixel_limit, plain_jpeg_size
+from mae_tnt.data.transforms import sample_crop, train_crop
+
+SCALE = (0.2, 1.0)
+
+
+def photo(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    """Stripes plus noise: any shift, flip or channel swap of a crop shows in the pixels."""
+    yy, xx = np.mgrid[0:height, 0:width]  # [H, W]
+    noise = np.random.default_rng(width * height).normal(0, 8, (height, width, 1))  # [H, W, 1]
+    rgb = np.stack([xx * 7 % 256, yy * 5 % 256, (xx + 2 * yy) % 256], axis=-1) + noise  # [H, W, 3]
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).convert(mode)
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode, options", [
+    ("RGB", {}),
+    ("L", {}),
+    ("RGB", {"progressive": True}),
+    ("RGB", {"exif": Image.Exif().tobytes(), "icc_profile": b"\0" * 300, "comment": b"made by a test"}),
+    ("RGB", {"subsampling": 0, "restart_marker_blocks": 1}),
+])
+def test_plain_jpeg_size_reads_the_frame_header_like_pil(mode, options):
+    data = encode(photo(37, 23, mode), quality=90, **options)
+    assert plain_jpeg_size(data) == Image.open(io.BytesIO(data)).size == (37, 23)
+
+
+def test_plain_jpeg_size_steps_over_fill_bytes_before_a_marker():
+    data = encode(photo(20, 10))
+    padded = data[:2] + b"\xff\xff\xff" + data[2:]  # fill bytes are allowed before any marker
+    assert plain_jpeg_size(padded) == (20, 10)
+
+
+@pytest.mark.parametrize("data", [
+    encode(photo(20, 10, "CMYK")),  # four channels: PIL's conversion, not libjpeg-turbo's
+    encode(photo(20, 10), "PNG"),
+    b"\xff\xd8\xff\xe0\x00\x10JFIF",  # cut off before the frame header
+    b"\xff\xd8\xff\xda\x00\x02",  # scan data before any frame header
+    b"\xff\xd8garbage",
+    b"",
+])
+def test_anything_but_a_plain_jpeg_has_no_plain_size(data):
+    assert plain_jpeg_size(data) is None
+
+
+def test_a_jpeg_over_the_pixel_limit_has_no_plain_size_so_pil_guards_it():
+    data = encode(photo(20, 10))
+    with pixel_limit(199):
+        assert plain_jpeg_size(data) is None
+    with pixel_limit(200):
+        assert plain_jpeg_size(data) == (20, 10)
+
+
+@pytest.mark.parametrize("fmt, mode", [
+    ("JPEG", "RGB"),  # libjpeg-turbo + torch's resize
+    ("JPEG", "L"),
+    ("JPEG", "CMYK"),  # PIL
+    ("PNG", "RGB"),
+])
+def test_train_crop_is_the_sampled_box_resized_and_flipped(fmt, mode):
+    """Every decode path gives MAE's crop: the box and flip drawn by `sample_crop`, resized bicubic from the image."""
+    data = encode(photo(90, 70, mode), fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    for seed in range(8):
+        ours = train_crop(data, random.Random(seed), size=48, scale=SCALE)  # crops under 96 px: no DCT draft
+        expected = reference_crop(data, random.Random(seed), size=48)
+        assert ours.shape == (3, 48, 48) and ours.dtype == torch.uint8
+        error = (ours.float() - expected.float()).abs()  # [3, S, S]; torch's and PIL's resize round apart
+        assert error.max() <= 3 and error.mean() <= 0.5
+
+
+def test_a_crop_twice_the_output_size_is_decoded_at_a_reduced_scale_and_stays_close():
+    yy, xx = np.mgrid[0:70, 0:90]  # [H, W]: smooth, as a reduced DCT scale only keeps low frequencies
+    smooth = np.stack([xx * 2, yy * 3, (xx + yy) * 3 // 2], axis=-1).astype(np.uint8)  # [H, W, 3]
+    data = encode(Image.fromarray(smooth), quality=95)
+    for seed in range(8):
+        ours = train_crop(data, random.Random(seed), size=12, scale=SCALE)  # crops of 30 px and more: 1/2 or 1/4
+        error = (ours.float() - reference_crop(data, random.Random(seed), size=12).float()).abs()  # [3, S, S]
+        assert 0 < error.mean() <= 4  # a box off by a pixel costs about 6 (the gradients' steps are 2-3)
+
+
+def reference_crop(data: bytes, rng: random.Random, size: int) -> torch.Tensor:
+    """PIL on the fully decoded image: the crop box and flip as drawn by `sample_crop`."""
+    box, flip = sample_crop(90, 70, SCALE, rng)
+    crop = decode_rgb(data).resize((size, size), Image.BICUBIC, box=box)
+    crop = torch.from_numpy(np.array(crop)).permute(2, 0, 1)  # [3, S, S]
+    return crop.flip(-1) if flip else crop
