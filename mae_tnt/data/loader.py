@@ -36,11 +36,15 @@ def build_train_stream(data: DataConfig, transform: Callable, *, seed: int, rank
 
 def data_shards(data: DataConfig, which: str, verify: bool = True) -> list[Shard]:
     """The shards of `data.train` or `data.val` (`which`), with their sample counts."""
+    spec, split, split_key = data_source(data, which)
+    return resolve_shards(spec, split, allow_pipe=data.allow_pipe, verify=verify, info=data.info, split_key=split_key)
+
+
+def data_source(data: DataConfig, which: str) -> tuple[str | None, str, str]:
+    """(shard spec, split name, the split's config key) of `data.train` or `data.val` (`which`)."""
     if which == "train":
-        spec, split, key = data.train, data.split, "data.split"
-    else:
-        spec, split, key = data.val, data.val_split, "data.val_split"
-    return resolve_shards(spec, split, allow_pipe=data.allow_pipe, verify=verify, info=data.info, split_key=key)
+        return data.train, data.split, "data.split"
+    return data.val, data.val_split, "data.val_split"
 
 
 def mae_transform(data: DataConfig, img_size: int) -> Callable:

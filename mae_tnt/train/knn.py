@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DataConfig
-from ..data.loader import data_shards, eval_batch_count, eval_batches, in_shard_order
+from ..data.loader import data_shards, data_source, eval_batch_count, eval_batches, in_shard_order
 from ..data.shards import ShardError, labeled_classes
 from ..data.transforms import normalize
 from ..models.layers import in_mode
@@ -147,8 +147,8 @@ def require_labeled_shards(data: DataConfig, what: str) -> None:
     val name their classes differently (label 3 would mean another class in each)."""
     if data.val is None:
         raise ShardError(f"{what} needs labeled validation shards: set data.val")
-    train, val = (labeled_classes(spec, data.info, split, key, what) for spec, split, key in
-                  ((data.train, data.split, "data.split"), (data.val, data.val_split, "data.val_split")))
+    train, val = (labeled_classes(spec, data.info, split, key, what)
+                  for spec, split, key in (data_source(data, "train"), data_source(data, "val")))
     if train is not None and val is not None and train != val:
         raise ShardError(f"{what} needs train and val shards labelled alike, but data.train has {len(train)} classes "
                          f"({_preview(train)}) and data.val {len(val)} ({_preview(val)}); make both with "
