@@ -20,7 +20,7 @@ References:
 import json
 import os
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 INFO_NAME = "_info.json"
@@ -205,10 +205,26 @@ def sample_key(member_name: str) -> str | None:
     return f"{directory}/{stem}" if directory else stem
 
 
+def sample_members(tar: tarfile.TarFile) -> Iterator[tuple[int, str, tarfile.TarInfo]]:
+    """(sample index, sample key, member) of each member that belongs to a sample, in archive order.
+
+    Consecutive regular files with the same key form one sample, as webdataset groups them; other members (folders,
+    names without an extension) belong to none. Counting and reading share this, so their sample offsets agree.
+    """
+    index, previous_key = -1, None
+    for member in tar:
+        key = sample_key(member.name) if member.isreg() else None
+        if key is None:
+            continue
+        if key != previous_key:
+            index, previous_key = index + 1, key
+        yield index, key, member
+
+
 def count_tar_samples(path: str | os.PathLike) -> int:
     """Count the samples in a tar by reading member headers only (no member data).
 
-    Consecutive regular-file members with the same key form one sample, as webdataset groups them.
+    Samples are grouped as `sample_members` groups them.
 
     Args:
         path: A ``.tar`` shard.
@@ -220,13 +236,11 @@ def count_tar_samples(path: str | os.PathLike) -> int:
         ShardError: The file is not a tar, or is truncated (a member's data or the end-of-archive block is
             missing); re-create the shard.
     """
-    count, previous_key = 0, None
+    count = 0
     try:
         with tarfile.open(path, "r:*") as tar:  # plain or gzip-compressed
-            for member in tar:
-                key = sample_key(member.name) if member.isreg() else None
-                if key is not None and key != previous_key:
-                    count, previous_key = count + 1, key
+            for index, _, _ in sample_members(tar):
+                count = index + 1
             end_offset = tar.offset
             tar.fileobj.seek(end_offset)
             end_block = tar.fileobj.read(TAR_BLOCK)

@@ -23,7 +23,7 @@ import braceexpand
 import webdataset as wds
 
 from ..text import counted
-from .info import INFO_NAME, count_tar_samples, load_info, sample_key, split_classes
+from .info import INFO_NAME, count_tar_samples, load_info, sample_members, split_classes
 from .info import ShardError as InfoError
 
 COMMAND_EXIT_WAIT = 10  # seconds; a command still running then is stopped, and its stream's read error reported
@@ -231,19 +231,16 @@ def break_warning(url: str, reason: str) -> str | None:
 
 def _tar_samples(source: str | IO[bytes], start: int) -> Iterator[dict[str, bytes]]:
     with _open_tar(source) as tar:
-        index, key, sample = -1, None, {}
-        for member in tar:
-            member_key = sample_key(member.name) if member.isfile() else None
-            if member_key is None:  # not part of a sample; count_tar_samples skips it too, so offsets agree
+        sample = {}
+        for index, key, member in sample_members(tar):
+            if index < start:  # earlier payloads are never read: a seekable tar just skips them
                 continue
-            field = member.name[len(member_key) + 1 :]
-            if member_key != key:
-                if sample and index >= start:
+            if key != sample.get("__key__"):
+                if sample:
                     yield sample
-                index, key, sample = index + 1, member_key, {"__key__": member_key}
-            if index >= start:  # earlier payloads are never read: a seekable tar just skips them
-                sample[field.lower()] = tar.extractfile(member).read()
-        if sample and index >= start:
+                sample = {"__key__": key}
+            sample[member.name[len(key) + 1 :].lower()] = tar.extractfile(member).read()
+        if sample:
             yield sample
 
 
