@@ -275,3 +275,18 @@ def test_every_tool_option_has_help_that_shows_its_default(script, monkeypatch):
         if not (action.default is None or action.default is False or action.default == []):
             assert f"(default: {action.default})" in shown or f"{action.default} here)" in shown, \
                 f"{action.option_strings[0]} does not show its default {action.default!r}"
+
+
+def test_every_console_script_is_the_main_of_a_tool_in_tools():
+    """`pip install` puts each [project.scripts] entry on PATH; each must be a tool's `main`, as tools/ runs it."""
+    import importlib
+    import re
+
+    pyproject = (RECIPES.parent / "pyproject.toml").read_text()
+    section = pyproject.split("[project.scripts]")[1].split("\n[")[0]  # tomllib would need Python 3.11
+    scripts = re.findall(r'^([\w-]+) = "([\w.]+):(\w+)"$', section, flags=re.MULTILINE)
+    wrappers = " ".join(path.read_text() for path in TOOLS)
+    assert scripts and len(scripts) == len(section.strip().splitlines())  # every entry parsed
+    for command, module, function in scripts:
+        assert callable(getattr(importlib.import_module(module), function)), command
+        assert f"from {module} import {function}" in wrappers, f"{command}: no tools/ script runs {module}:{function}"

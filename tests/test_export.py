@@ -1,7 +1,6 @@
-"""tools/export.py: exports load into timm with no key errors, keep fine-tuned heads, fold probe heads, gather
-DeepSpeed ZeRO-3 checkpoints, and fail clearly on those without DeepSpeed."""
+"""mae_tnt.export (tools/export.py): exports load into timm with no key errors, keep fine-tuned heads, fold probe
+heads, gather DeepSpeed ZeRO-3 checkpoints, and fail clearly on those without DeepSpeed."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -26,11 +25,10 @@ MEAN_STD = {"mean": [0.5] * 3, "std": [0.5] * 3}
 
 @pytest.fixture(scope="module")
 def tool():
-    """tools/export.py as a module (tools/ is a script folder, not a package)."""
-    spec = importlib.util.spec_from_file_location("export_tool", ROOT / "tools" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The export tool's module (tools/export.py runs its main)."""
+    from mae_tnt import export
+
+    return export
 
 
 def write_checkpoint(path: Path, model: torch.nn.Module, state: dict) -> Path:

@@ -69,7 +69,9 @@ def load_tool(name: str):
 
 @pytest.fixture
 def export_tool():
-    return load_tool("export")
+    from mae_tnt import export
+
+    return export
 
 
 FASHION_MEAN, FASHION_STD = [0.286] * 3, [0.353] * 3  # the demo recipes' normalisation

@@ -1,0 +1,195 @@
+"""Export a checkpoint's encoder or classifier as `OUT/model.safetensors` + `OUT/config.json`.
+
+    python tools/export.py runs/mae_vit_b/checkpoints/step_00100000 exports/vit_b_mae   # pretraining: the encoder
+    python tools/export.py runs/finetune_vit_b/best exports/vit_b_ft                      # fine-tune: the classifier
+    python tools/export.py mae_pretrain_vit_base.pth exports/vit_b --model vit_base_patch16_224  # no state.json
+
+From a pretraining checkpoint the MAE's `encoder.` part is kept; from a fine-tune or linear-probe checkpoint the
+classifier (a probe's BatchNorm1d(affine=False) is folded into its Linear, so the head is a plain `head.*`). A
+DeepSpeed checkpoint (`engine/` instead of `model.safetensors`) is gathered with DeepSpeed's `zero_to_fp32`. The export
+is checked by loading it into our model with no missing or unexpected key. ViT and TNT keys are timm's, so
+
+    timm.create_model(cfg["timm_name"], pretrained=True,
+                      pretrained_cfg_overlay=dict(file="OUT/model.safetensors", num_classes=cfg["num_classes"]),
+                      **cfg["timm_kwargs"])
+
+loads it (the `num_classes` overlay keeps a fine-tuned head; without it timm drops the head as "adapted"). The tool
+prints this call for the export at hand, and config.json keeps it as `timm_call`.
+
+References: timm `_builder.load_pretrained` (`pretrained_cfg_overlay`), DeepSpeed `utils/zero_to_fp32.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from .cli import report_user_errors
+from .config import file_in_the_way
+from .models import create_model, list_models, load_weights
+from .models.loading import CheckpointError, resolve_checkpoint, save_weights, shown_build_kwargs
+from .models.registry import ModelError
+from .models.tnt import TNT
+from .models.vit import ViT
+from .text import HelpWithDefaults
+from .train.init import PROBE_BN_EPS, encoder_weights, read_source
+
+# The evaluation preprocessing of MAE and DeiT: bicubic resize to S / 0.875, centre crop S.
+INTERPOLATION, CROP_PCT = "bicubic", 0.875
+DESCRIPTION_KEYS = ("model", "kind", "num_classes", "img_size", "global_pool", "mean", "std", "step")
+
+
+def classifier_name_for(mae_name: str) -> str:
+    """The registered classifier of an MAE model: `mae_vit_base_patch16` -> `vit_base_patch16_224`."""
+    stem = mae_name.removeprefix("mae_")
+    if stem in list_models():
+        return stem
+    candidates = [name for name in list_models(f"{stem}_*") if not name.startswith("mae_")]
+    if len(candidates) != 1:
+        raise ModelError(f"cannot tell the classifier of {mae_name!r} (candidates {candidates}); pass --model NAME")
+    return candidates[0]
+
+
+def fold_probe_head(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BatchNorm1d(affine=False) + Linear (keys head.0.*, head.1.*) -> one Linear `head.*` with the same output.
+
+    W (x - mean) / s + b = (W / s) x + (b - (W / s) mean), with s = sqrt(var + eps) per feature (eval statistics).
+    """
+    if "head.0.running_mean" not in state_dict:
+        return state_dict
+    out = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    scale = (state_dict["head.0.running_var"].double() + PROBE_BN_EPS).rsqrt()  # [D]
+    weight = state_dict["head.1.weight"].double() * scale  # [C, D]
+    bias = state_dict["head.1.bias"].double() - weight @ state_dict["head.0.running_mean"].double()  # [C]
+    out["head.weight"], out["head.bias"] = weight.float(), bias.float()
+    return out
+
+
+def timm_spec(model: nn.Module, name: str) -> tuple[str | None, dict]:
+    """timm entrypoint and kwargs that rebuild `model` with identical keys (None for families timm lacks)."""
+    if isinstance(model, ViT):
+        kwargs = dict(patch_size=model.patch_embed.patch_size[0], embed_dim=model.embed_dim,
+                      num_heads=model.blocks[0].attn.num_heads)
+        base = "vit_base_patch16_224"
+    elif isinstance(model, TNT):
+        kwargs = dict(patch_size=model.unit, embed_dim=model.embed_dim, inner_dim=model.word_dim,
+                      num_heads_inner=model.blocks[0].attn_in.num_heads,
+                      num_heads_outer=model.blocks[0].attn_out.num_heads)
+        base = "tnt_s_patch16_224"
+    else:
+        return None, {}
+    # The architecture is spelled out even for timm's own names, so test-size models rebuild too.
+    kwargs.update(img_size=model.grid * model.unit, depth=len(model.blocks),
+                  mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim, num_classes=model.num_classes,
+                  global_pool=model.global_pool)
+    return (name if timm.is_model(name) else base), kwargs
+
+
+def describe(meta: dict, model_name: str | None, state_dict: dict[str, torch.Tensor]) -> dict:
+    """Model name, kind, classes, size, pooling and normalisation of a checkpoint from its state.json (or an
+    export's config.json); bare weights show only their head size and ViT pooling.
+
+    `kind` is `encoder` (a pretraining checkpoint or bare weights without a head), `classifier` (bare weights with
+    one), `finetune` or `linprobe`.
+    """
+    saved = meta.get("model")
+    if model_name is None and saved is None:
+        raise CheckpointError("the checkpoint has no state.json naming its model; pass --model NAME")
+    if "timm_name" in meta:  # our own export, described by its config.json
+        return {**{key: meta.get(key) for key in DESCRIPTION_KEYS}, "model": model_name or saved}
+    config = meta.get("config", {})
+    pretraining = "mode" not in meta and saved is not None and saved.startswith("mae_")
+    name = model_name or (classifier_name_for(saved) if pretraining else saved)
+    model_cfg, data_cfg = config.get("model", {}), config.get("data", {})
+    shown = {} if pretraining else shown_build_kwargs(state_dict)
+    num_classes = meta.get("num_classes", shown.get("num_classes", 0))
+    return {"model": name, "kind": meta.get("mode") or ("classifier" if num_classes else "encoder"),
+            "num_classes": num_classes,
+            "img_size": model_cfg.get("img_size"),
+            "global_pool": model_cfg.get("global_pool", shown.get("global_pool")),
+            "mean": data_cfg.get("mean"), "std": data_cfg.get("std"), "step": meta.get("step")}
+
+
+def build_checked(info: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Our model for `info`, loaded from `state_dict` with no key left over on either side, and no position table
+    resampled: an export keeps the weights as they were trained."""
+    kwargs = {"num_classes": info["num_classes"]}
+    kwargs.update({k: info[k] for k in ("img_size", "global_pool") if info[k] is not None})
+    model = create_model(info["model"], **kwargs)
+    report = load_weights(model, state_dict)
+    if report.resampled:
+        raise CheckpointError(f"the weights' position table is for another image size than {info['model']} at "
+                              f"{model.grid * model.unit} px ({'; '.join(report.resampled)}); pass --img-size with "
+                              "the size they were trained at")
+    return model
+
+
+def export(checkpoint: str | Path, out: str | Path, model_name: str | None = None, img_size: int | None = None) -> dict:
+    """Write OUT/model.safetensors and OUT/config.json; returns the config. `img_size` is needed for bare weights
+    trained at another size than the model's default (a checkpoint's state.json records its own)."""
+    checkpoint = resolve_checkpoint(checkpoint)
+    raw, meta = read_source(checkpoint)
+    state_dict, dropped, layout = encoder_weights(raw)
+    state_dict = fold_probe_head(state_dict)
+    info = describe(meta, model_name, state_dict)
+    info["img_size"] = img_size or info["img_size"]
+    model = build_checked(info, state_dict)
+    timm_name, timm_kwargs = timm_spec(model, info["model"])
+    info.update(img_size=model.grid * model.unit, global_pool=getattr(model, "global_pool", info["global_pool"]))
+    out = Path(out)
+    config = {**info, "timm_name": timm_name, "timm_kwargs": timm_kwargs,
+              "timm_call": timm_call(timm_name, timm_kwargs, info, out / "model.safetensors"),
+              "source": str(checkpoint), "source_layout": layout, "dropped_keys": len(dropped),
+              "interpolation": INTERPOLATION, "crop_pct": CROP_PCT}
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model.state_dict(), out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return config
+
+
+def timm_call(timm_name: str | None, timm_kwargs: dict, info: dict, file: Path) -> str | None:
+    """The Python expression that loads the export into timm, head included; None when timm lacks the architecture.
+
+    The overlay carries the head size (timm drops a head whose size differs from its pretrained config's) and the
+    preprocessing the weights were trained with, so `timm.data.resolve_data_config(model=...)` returns it.
+    """
+    if timm_name is None:
+        return None
+    overlay = dict(file=str(file.resolve()), num_classes=info["num_classes"], input_size=(3, info["img_size"],
+                   info["img_size"]), interpolation=INTERPOLATION, crop_pct=CROP_PCT)
+    overlay.update({key: tuple(info[key]) for key in ("mean", "std") if info[key] is not None})
+    return f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay={overlay!r}, **{timm_kwargs!r})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
+    parser.add_argument("checkpoint", help="checkpoint directory (pretraining, fine-tune, best/) or weights file")
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--model", default=None, help="registered classifier name (needed without state.json)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="image size the weights were trained at (for weights without state.json, when it is "
+                             "not the model's default)")
+    args = parser.parse_args(argv)
+    if blocker := file_in_the_way(args.out):
+        print(f"error: the export goes into the directory {args.out}, but {blocker} is a file", file=sys.stderr)
+        return 1
+    config = report_user_errors(lambda: export(args.checkpoint, args.out, args.model, args.img_size))
+    if config is None:
+        return 1
+    print(f"exported {config['kind']} {config['model']} ({config['num_classes']} classes, {config['img_size']} px) "
+          f"from {config['source']} to {args.out}")
+    best = Path(args.checkpoint) / "best"
+    if best.is_dir():  # a run directory stands for its newest checkpoint
+        print(f"note: that is the run's newest checkpoint; its best validated weights are in {best}")
+    ours = f"mae_tnt.create_model({config['model']!r}, checkpoint_path={str(Path(args.out).resolve())!r})"
+    if config["timm_call"]:
+        print(f"load it in timm with: {config['timm_call']}\nor with: {ours}")
+    else:
+        print(f"load it with: {ours} (not a timm architecture)")
+    return 0
