@@ -26,17 +26,10 @@ from mae_tnt.data.shards import read_samples, resolve_shards
 from mae_tnt.finetune_config import AugmentConfig, FinetuneConfig
 from mae_tnt.models import CheckpointError, ModelError, create_model
 from mae_tnt.models.sret import to_official_state_dict
+from mae_tnt.train.augment import BatchAugment, FinetuneTransform, seeded_global_rngs
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
 from mae_tnt.train.engine import Trainer, seed_step
-from mae_tnt.train.finetune import (
-    BatchAugment,
-    FinetuneRun,
-    FinetuneTransform,
-    build_classifier,
-    build_optimizer,
-    resolve_num_classes,
-    seeded_global_rngs,
-)
+from mae_tnt.train.finetune import FinetuneRun, build_classifier, build_optimizer, resolve_num_classes
 from mae_tnt.train.init import load_init
 from mae_tnt.train.loop import NonFiniteLossError
 
