@@ -5,19 +5,15 @@
 and ``.json`` (source id, original width and height, label name), in sorted order with constant tar headers,
 so the same command writes byte-identical shards.
 
-Images: every one is fully decoded in a worker process to validate it. JPEG and PNG bytes are copied
-untouched unless ``max_size`` asks for a resize; resized images and other formats (BMP, TIFF, WebP, GIF, ...)
-are converted to RGB and re-encoded: JPEG sources as JPEG quality 95, everything else as PNG (lossless, so
-no second round of compression artefacts). In-memory arrays (IDX, CIFAR) are encoded as PNG. Unreadable
-files, undecodable bytes and files without an image extension are skipped and reported, nothing else.
+Images: every one is fully decoded in a worker process to validate it, then kept as it is or re-encoded
+(``mae_tnt.data.encode``). Unreadable files, undecodable bytes and files without an image extension are skipped and
+reported, nothing else.
 
 Order and resume: samples are shuffled with ``random.Random(seed)``; ``limit`` keeps the first N readable
 samples of that order. A shard closes when one more sample would pass ``shard_size`` samples or
-``shard_bytes`` payload bytes, so boundaries are a pure function of (source, options). Each shard is written
-as ``.tar.tmp`` and renamed when complete; then ``OUT/_progress_{split}.json`` records it with the order
-position it reached. Re-running an interrupted command checks the recorded shards (sample counts), keeps
-them, deletes temporary files and continues from the recorded position: no sample is duplicated or lost.
-The journal is removed once ``_info.json`` lists the split.
+``shard_bytes`` payload bytes, so boundaries are a pure function of (source, options). Shards are renamed into place
+only when complete and recorded in a journal, so re-running an interrupted command continues where it stopped: no
+sample is duplicated or lost (``mae_tnt.data.shard_writer``).
 
 References:
     webdataset ``TarWriter`` (sorted members, constant mtime) and key rules; timm ``reader_wds.py``.
@@ -26,18 +22,14 @@ References:
 
 import argparse
 import fcntl
-import gzip
 import hashlib
-import io
 import itertools
-import json
 import multiprocessing
 import os
 import random
 import re
 import signal
 import sys
-import tarfile
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -46,49 +38,35 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from mae_tnt.config import DEFAULT_MAX_IMAGE_PIXELS
-from mae_tnt.data.images import (
-    BadImageError,
-    decode,
-    pixel_limit,
-    set_max_image_pixels,
-    to_rgb,
-)
-from mae_tnt.data.info import (
-    INFO_NAME,
-    ShardError,
-    check_classes,
-    count_tar_samples,
-    journal_path,
-    remove_split,
-    update_split,
-    write_json_atomic,
-)
+from mae_tnt.data.encode import EncodedImage, prepare_sample
+from mae_tnt.data.images import pixel_limit, set_max_image_pixels
+from mae_tnt.data.info import INFO_NAME, ShardError, check_classes, update_split
 from mae_tnt.data.readers import (
     FORMATS,
-    Record,
     Source,
     SourceError,
     detect_format,
     folder_layout_note,
     open_source,
 )
+from mae_tnt.data.shard_writer import (
+    ConversionError,
+    Journal,
+    ShardWriter,
+    discard_split,
+    refuse_a_finished_split,
+    remove_stale_shards,
+    shard_members,
+)
 from mae_tnt.text import HelpWithDefaults, counted
 
 LIST_LAYOUT = ("\nA list names one image per line, or is a CSV or TSV file whose first line is a header: `path`, or "
                "`path,label` (`path<TAB>label`); relative paths are read from the list's directory")
-PASS_THROUGH_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}  # MPO: camera JPEG with extra frames
-JPEG_QUALITY = 95
 CHUNK = 16  # samples per worker task: large enough to amortise the inter-process transfer, small for even load
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
-
-
-class ConversionError(ValueError):
-    """The conversion cannot run or finish as asked; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -123,18 +101,6 @@ class ConvertOptions:
                 raise ConversionError(f"{name} must be at least 1, got {value}")
         if self.workers < 0:
             raise ConversionError(f"workers must be 0 (in-process) or more, got {self.workers}")
-
-
-@dataclass
-class EncodedImage:
-    """A validated image ready for a shard: the bytes to store and what the ``.json`` member reports."""
-
-    source: str
-    data: bytes
-    extension: str
-    label: int | None
-    width: int
-    height: int
 
 
 @dataclass
@@ -224,7 +190,7 @@ def _convert_into(src, fmt: str, source: Source, out: Path, options: ConvertOpti
                               f"{layout}")
     filenames = [shard["filename"] for shard in journal.shards]
     lengths = [shard["num_samples"] for shard in journal.shards]
-    _remove_stale_shards(out, options.split, keep=set(filenames))
+    remove_stale_shards(out, options.split, keep=set(filenames))
     classes = list(source.classes or [])
     update_split(out, options.split, filenames, lengths, classes=classes or None, skipped=skipped,
                  labeled=bool(classes))
@@ -258,118 +224,6 @@ def _job_description(src, fmt: str, source: Source, order: list[int], options: C
     }
 
 
-def discard_split(out: Path, split: str) -> None:
-    """Delete everything of ``split`` in ``out``: its shards (finished or not), journal and ``_info.json`` entry."""
-    for path in shard_files(out, split) + shard_files(out, split, temporary=True):
-        path.unlink()
-    journal_path(out, split).unlink(missing_ok=True)
-    remove_split(out, split)
-
-
-def shard_name(split: str, index: int, compress: bool = False) -> str:
-    return f"{split}-{index:06d}.tar" + (".gz" if compress else "")
-
-
-def shard_files(out: Path, split: str, temporary: bool = False) -> list[Path]:
-    """Files named like (temporary) shards of ``split``, compressed or not (exactly, so split "a" never matches
-    shards of split "a-b")."""
-    pattern = re.compile(rf"{re.escape(split)}-\d{{6}}\.tar(\.gz)?" + (r"\.tmp" if temporary else ""))
-    return [path for path in out.glob(f"{split}-*") if pattern.fullmatch(path.name)]
-
-
-def refuse_a_finished_split(out: Path, split: str) -> None:
-    """Shards of `split` without the journal of an unfinished conversion are a finished (or foreign) run's."""
-    if not journal_path(out, split).is_file() and shard_files(out, split):
-        raise ConversionError(f"{out} already holds shards of split '{split}' from a finished or foreign run. Pass "
-                              "--overwrite to replace them, or choose another output directory.")
-
-
-class Journal:
-    """Completed shards of an unfinished conversion, in ``OUT/_progress_{split}.json``.
-
-    Each entry: ``filename``, ``num_samples``, ``end`` (first order position not consumed) and ``skipped``
-    (inputs skipped before ``end`` since the previous entry).
-    """
-
-    def __init__(self, path: Path, job: dict, shards: list[dict]):
-        self.path, self.job, self.shards = path, job, shards
-
-    @classmethod
-    def open(cls, out: Path, split: str, job: dict) -> "Journal":
-        """Resume the journal of this job, keeping the shards that still verify; or start a new one."""
-        path = journal_path(out, split)
-        for leftover in shard_files(out, split, temporary=True):
-            leftover.unlink()
-        shards = cls._recorded_shards(path, job) if path.is_file() else []
-        # Saved before any shard is renamed into place, so a shard without a journal is never ours.
-        journal = cls(path, job, shards)
-        journal._save()
-        return journal
-
-    @staticmethod
-    def _recorded_shards(path: Path, job: dict) -> list[dict]:
-        """The journal's shards that still verify, if it was written for the same job."""
-        try:
-            recorded = json.loads(path.read_text(encoding="utf-8"))
-            recorded_job, shards = recorded["job"], recorded["shards"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise ConversionError(f"{path}, the record of an unfinished conversion, is corrupt ({err}); pass "
-                                  "--overwrite to start the split over") from None
-        if recorded_job != job:
-            raise ConversionError(
-                f"{path} belongs to an unfinished conversion with other settings "
-                f"({_differences(recorded_job, job)}). "
-                "Re-run the original command to finish it, or pass --overwrite to start over."
-            )
-        return _verified_prefix(path.parent, shards)
-
-    @property
-    def num_samples(self) -> int:
-        return sum(shard["num_samples"] for shard in self.shards)
-
-    @property
-    def next_position(self) -> int:
-        return self.shards[-1]["end"] if self.shards else 0
-
-    @property
-    def skipped(self) -> list[dict]:
-        return [skip for shard in self.shards for skip in shard["skipped"]]
-
-    def add(self, filename: str, num_samples: int, end: int, skipped: list[dict]) -> None:
-        self.shards.append({"filename": filename, "num_samples": num_samples, "end": end, "skipped": skipped})
-        self._save()
-
-    def discard(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-    def _save(self) -> None:
-        write_json_atomic(self.path, {"job": self.job, "shards": self.shards})
-
-
-def _differences(old: dict, new: dict) -> str:
-    return ", ".join(f"{key}: {old.get(key)!r} -> {new[key]!r}" for key in new if old.get(key) != new[key])
-
-
-def _verified_prefix(out: Path, shards: list[dict]) -> list[dict]:
-    """The recorded shards up to the first one that is missing or whose sample count disagrees."""
-    for index, shard in enumerate(shards):
-        path = out / shard["filename"]
-        try:
-            intact = path.is_file() and count_tar_samples(path) == shard["num_samples"]
-        except ShardError:
-            intact = False
-        if not intact:
-            return shards[:index]
-    return shards
-
-
-def _remove_stale_shards(out: Path, split: str, keep: set[str]) -> None:
-    """Delete shards of ``split`` that a crashed run renamed but never recorded."""
-    for path in shard_files(out, split):
-        if path.name not in keep:
-            path.unlink()
-
-
 def _write_remaining(source: Source, order: list[int], journal: Journal, options: ConvertOptions) -> list[dict]:
     """Encode and write the samples after the journal's position; return skips not recorded in a shard."""
     target = min(options.limit or len(order), len(order))
@@ -387,7 +241,7 @@ def _write_remaining(source: Source, order: list[int], journal: Journal, options
                 skips.append(result)
                 bar.set_postfix(skipped=skipped_before + len(skips))
                 continue
-            members = _sample_members(f"{options.split}_{done:08d}", result, source.classes)
+            members = shard_members(f"{options.split}_{done:08d}", result, source.classes)
             if writer.count and _is_full(writer, members, options):
                 journal.add(*writer.close_shard(), end=position, skipped=skips)
                 skips = []
@@ -403,64 +257,12 @@ def _write_remaining(source: Source, order: list[int], journal: Journal, options
     return skips
 
 
-def _is_full(writer: "ShardWriter", members: dict[str, bytes], options: ConvertOptions) -> bool:
+def _is_full(writer: ShardWriter, members: dict[str, bytes], options: ConvertOptions) -> bool:
     """Whether adding ``members`` would push the open shard past the sample or byte limit."""
     size = sum(len(data) for data in members.values())
     too_many = writer.count + 1 > options.shard_size
     too_big = options.shard_bytes is not None and writer.payload_bytes + size > options.shard_bytes
     return too_many or too_big
-
-
-def _sample_members(key: str, image: EncodedImage, classes: list[str]) -> dict[str, bytes]:
-    """Tar members of one sample, named ``{key}.{extension}``."""
-    meta = {"source": image.source, "width": image.width, "height": image.height}
-    members = {f"{key}.{image.extension}": image.data}
-    if image.label is not None:
-        meta["label"] = classes[image.label]
-        members[f"{key}.cls"] = str(image.label).encode("ascii")
-    members[f"{key}.json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-    return members
-
-
-class ShardWriter:
-    """Writes samples into numbered tar shards; a shard keeps a ``.tmp`` name until it is complete."""
-
-    def __init__(self, out: Path, split: str, first_shard: int, compress: bool = False):
-        self.out, self.split, self.shard_index, self.compress = out, split, first_shard, compress
-        self.count = self.payload_bytes = 0
-        self._file = self._gzip = self._tar = None
-
-    def add(self, members: dict[str, bytes]) -> None:
-        """Append one sample's members, in sorted order, with constant headers (reproducible tars)."""
-        if self._tar is None:
-            self._file = open(self._tmp_path(), "wb")
-            # gzip with mtime 0 so that compressed shards are reproducible too
-            self._gzip = gzip.GzipFile(fileobj=self._file, mode="wb", mtime=0) if self.compress else None
-            self._tar = tarfile.open(fileobj=self._gzip or self._file, mode="w", format=tarfile.USTAR_FORMAT)
-        for name in sorted(members):
-            # TarInfo defaults are constant: mtime 0, mode 0o644, uid/gid 0, empty user and group names.
-            header = tarfile.TarInfo(name)
-            header.size = len(members[name])
-            self._tar.addfile(header, io.BytesIO(members[name]))
-            self.payload_bytes += header.size
-        self.count += 1
-
-    def close_shard(self) -> tuple[str, int]:
-        """Finish the open shard, flush it to disk and rename it; return its file name and sample count."""
-        self._tar.close()
-        if self._gzip is not None:
-            self._gzip.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        filename, count = shard_name(self.split, self.shard_index, self.compress), self.count
-        os.replace(self._tmp_path(), self.out / filename)
-        self._file = self._tar = None
-        self.shard_index, self.count, self.payload_bytes = self.shard_index + 1, 0, 0
-        return filename, count
-
-    def _tmp_path(self) -> Path:
-        return self.out / (shard_name(self.split, self.shard_index, self.compress) + ".tmp")
 
 
 # Per-process state of the encoding workers, set once by _init_worker (the source can be large).
@@ -522,66 +324,6 @@ def _prepared(source: Source, order: list[int], start: int, options: ConvertOpti
                               "command again to resume from the last finished shard") from err
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def prepare_sample(source: Source, index: int, max_size: int | None) -> EncodedImage | dict:
-    """Load, validate and (if needed) re-encode sample ``index`` of ``source``.
-
-    Returns:
-        The encoded image, or a ``{"source", "reason"}`` skip record for unreadable or undecodable input.
-    """
-    try:
-        record = source.record(index)
-    except OSError as err:
-        return {"source": source.source_id(index), "reason": f"unreadable file: {err}"}
-    if isinstance(record.payload, np.ndarray):
-        return _encode_array(record, max_size)
-    try:
-        return _encode_file(record, max_size)
-    except BadImageError as err:
-        return {"source": record.source, "reason": f"not a readable image: {err}"}
-
-
-def _encode_file(record: Record, max_size: int | None) -> EncodedImage:
-    """Validate encoded bytes; keep them as they are when possible, else re-encode."""
-    img = decode(record.payload)
-    width, height = img.size
-    extension = PASS_THROUGH_EXTENSIONS.get(img.format)
-    if extension is not None and not _needs_resize(img.size, max_size):
-        data = record.payload
-    else:
-        extension = "jpg" if extension == "jpg" else "png"
-        data = _encode(_resized(to_rgb(img), max_size), extension)
-    return EncodedImage(record.source, data, extension, record.label, width, height)
-
-
-def _encode_array(record: Record, max_size: int | None) -> EncodedImage:
-    """Encode uint8 pixels ([H, W] greyscale or [H, W, 3] RGB) losslessly as PNG."""
-    img = Image.fromarray(record.payload)
-    width, height = img.size
-    return EncodedImage(record.source, _encode(_resized(img, max_size), "png"), "png", record.label, width, height)
-
-
-def _needs_resize(size: tuple[int, int], max_size: int | None) -> bool:
-    return max_size is not None and max(size) > max_size
-
-
-def _resized(img: Image.Image, max_size: int | None) -> Image.Image:
-    """Shrink so the longer side is ``max_size`` (Lanczos, aspect ratio kept); smaller images are unchanged."""
-    if not _needs_resize(img.size, max_size):
-        return img
-    scale = max_size / max(img.size)
-    size = tuple(max(1, round(side * scale)) for side in img.size)
-    return img.resize(size, Image.Resampling.LANCZOS)
-
-
-def _encode(img: Image.Image, extension: str) -> bytes:
-    buffer = io.BytesIO()
-    if extension == "jpg":
-        img.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    else:
-        img.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def build_parser() -> argparse.ArgumentParser:
