@@ -60,7 +60,8 @@ def _center_box(width: int, height: int, ratio=(3 / 4, 4 / 3)) -> tuple[int, int
     return left, top, left + w, top + h
 
 
-def sample_crop(width: int, height: int, scale: tuple[float, float], rng: random.Random):
+def sample_crop(width: int, height: int, scale: tuple[float, float],
+                rng: random.Random) -> tuple[tuple[int, int, int, int], bool]:
     """MAE's augmentation draws for one image: the random-resized-crop box, then whether to flip it."""
     box = random_resized_crop_box(width, height, scale, rng)
     return box, rng.random() < 0.5
