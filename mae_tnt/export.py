@@ -33,7 +33,14 @@ from torch import nn
 from .cli import report_user_errors
 from .config import file_in_the_way
 from .models import create_model, list_models, load_weights
-from .models.loading import CheckpointError, resolve_checkpoint, save_weights, shown_build_kwargs
+from .models.loading import (
+    EXPORT_CONFIG,
+    STATE_FILE,
+    CheckpointError,
+    resolve_checkpoint,
+    save_weights,
+    shown_build_kwargs,
+)
 from .models.registry import ModelError
 from .models.tnt import TNT
 from .models.vit import ViT
@@ -133,7 +140,8 @@ def build_checked(info: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
 def export(checkpoint: str | Path, out: str | Path, model_name: str | None = None, img_size: int | None = None) -> dict:
     """Write OUT/model.safetensors and OUT/config.json; returns the config. `img_size` is needed for bare weights
     trained at another size than the model's default (a checkpoint's state.json records its own)."""
-    checkpoint = resolve_checkpoint(checkpoint)
+    given, checkpoint, out = Path(checkpoint), resolve_checkpoint(checkpoint), Path(out)
+    check_export_directory(out, given, checkpoint)
     raw, meta = read_source(checkpoint)
     state_dict, dropped, layout = encoder_weights(raw)
     state_dict = fold_probe_head(state_dict)
@@ -142,15 +150,27 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
     model = build_checked(info, state_dict)
     timm_name, timm_kwargs = timm_spec(model, info["model"])
     info.update(img_size=model.grid * model.unit, global_pool=getattr(model, "global_pool", info["global_pool"]))
-    out = Path(out)
     config = {**info, "timm_name": timm_name, "timm_kwargs": timm_kwargs,
               "timm_call": timm_call(timm_name, timm_kwargs, info, out / "model.safetensors"),
               "source": str(checkpoint), "source_layout": layout, "dropped_keys": len(dropped),
               "interpolation": INTERPOLATION, "crop_pct": CROP_PCT}
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=1))
+    (out / EXPORT_CONFIG).write_text(json.dumps(config, indent=1))
     return config
+
+
+def check_export_directory(out: Path, given: Path, checkpoint: Path) -> None:
+    """Refuse an OUT that would overwrite the training run it exports (its checkpoint files share the export's names),
+    or that a file keeps from being created."""
+    if blocker := file_in_the_way(out):
+        raise CheckpointError(f"the export goes into the directory {out}, but {blocker} is a file; choose another OUT")
+    holds_training = (out / STATE_FILE).exists() or (out / "checkpoints").is_dir()
+    written = {(out / name).resolve() for name in ("model.safetensors", EXPORT_CONFIG)}
+    is_source = out.resolve() in {given.resolve(), checkpoint.resolve()} or checkpoint.resolve() in written
+    if holds_training or is_source:
+        raise CheckpointError(f"{out} holds a training run, a checkpoint or the weights to export, which the export "
+                              "would overwrite; export into a new directory, e.g. exports/NAME")
 
 
 def timm_call(timm_name: str | None, timm_kwargs: dict, info: dict, file: Path) -> str | None:
@@ -176,9 +196,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="image size the weights were trained at (for weights without state.json, when it is "
                              "not the model's default)")
     args = parser.parse_args(argv)
-    if blocker := file_in_the_way(args.out):
-        print(f"error: the export goes into the directory {args.out}, but {blocker} is a file", file=sys.stderr)
-        return 1
     config = report_user_errors(lambda: export(args.checkpoint, args.out, args.model, args.img_size))
     if config is None:
         return 1
@@ -193,3 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"load it with: {ours} (not a timm architecture)")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -225,4 +225,21 @@ def test_weights_without_state_json_need_a_model_name(tool, tmp_path, capsys):
     assert (config["kind"], config["img_size"], config["timm_kwargs"]["img_size"]) == ("encoder", 32, 32)
     assert tool.main([str(tmp_path / "w.pth"), str(tmp_path / "w.pth"), "--model", "vit_test_patch8_32"]) == 1
     assert capsys.readouterr().err == (f"error: the export goes into the directory {tmp_path / 'w.pth'}, but "
-                                       f"{tmp_path / 'w.pth'} is a file\n")
+                                       f"{tmp_path / 'w.pth'} is a file; choose another OUT\n")
+    with pytest.raises(CheckpointError, match="is a file; choose another OUT"):  # the API says the same
+        tool.export(tmp_path / "w.pth", tmp_path / "w.pth" / "out", model_name="vit_test_patch8_32")
+
+
+def test_an_export_never_overwrites_the_run_checkpoint_or_weights_it_exports(tool, tmp_path):
+    checkpoint, _ = pretraining_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000005", "mae_vit_test")
+    before = (checkpoint / "model.safetensors").read_bytes()
+    for source, out in ((checkpoint, checkpoint), (tmp_path / "run", tmp_path / "run"), (tmp_path / "run", checkpoint)):
+        with pytest.raises(CheckpointError, match="would overwrite; export into a new directory"):
+            tool.export(source, out)
+    assert (checkpoint / "model.safetensors").read_bytes() == before and not (checkpoint / "config.json").exists()
+    bare = tmp_path / "bare" / "model.safetensors"  # bare weights named like the export's own file
+    bare.parent.mkdir()
+    save_file(create_model("vit_test_patch8_32", num_classes=0).state_dict(), bare)
+    with pytest.raises(CheckpointError, match="would overwrite"):
+        tool.export(bare, bare.parent, model_name="vit_test_patch8_32")
+    assert tool.export(tmp_path / "run", tmp_path / "exports" / "vit")["kind"] == "encoder"  # a new directory is fine
