@@ -13,7 +13,8 @@ from shard_utils import write_shards
 from mae_tnt.config import DataConfig
 from mae_tnt.data.device_decode import DeferredCrop, EncodedCrop, decode_batch
 from mae_tnt.data.loader import build_train_stream, mae_transform
-from mae_tnt.data.transforms import train_crop
+from mae_tnt.data.shards import StreamError
+from mae_tnt.data.transforms import decode_jpeg, train_crop
 
 
 def jpeg(seed: int, size=(64, 56)) -> bytes:
@@ -52,6 +53,23 @@ def test_corrupt_jpeg_data_is_dropped_and_counted():
     bad = EncodedCrop(torch.frombuffer(bytearray(broken[:300] + bytes(200)), dtype=torch.uint8), good.box, False)
     images, dropped = decode_batch([good, bad, good], 48, torch.device("cpu"))
     assert images.shape[0] == 2 and dropped == 1
+    with pytest.raises(StreamError, match="none of the 2 JPEGs of a batch decodes; .* data.decode_device=cpu"):
+        decode_batch([bad, bad], 48, torch.device("cpu"))
+
+
+def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(monkeypatch):
+    """nvJPEG does not take every valid JPEG; such an image must not be dropped as corrupt."""
+    from mae_tnt.data import device_decode
+
+    def device_refuses(data, mode, device):
+        if isinstance(data, list) or torch.device(device).type != "cpu":
+            raise RuntimeError("nvjpeg: unsupported")
+        return decode_jpeg(data, mode=mode)
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", device_refuses)
+    items = [DeferredCrop(48, (0.2, 1.0))(jpeg(i), random.Random(i)) for i in range(3)]
+    images, dropped = decode_batch(items, 48, torch.device("meta"))  # any device but the CPU
+    assert dropped == 0 and images.shape == (3, 3, 48, 48)
 
 
 def test_cuda_decode_falls_back_to_the_cpu_without_a_gpu(tmp_path, monkeypatch):

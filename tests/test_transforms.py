@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mae_tnt.data.images import decode_rgb, pixel_limit, plain_jpeg_size
+from mae_tnt.data.images import BadImageError, decode_rgb, pixel_limit, plain_jpeg_size
 from mae_tnt.data.transforms import sample_crop, train_crop
 
 SCALE = (0.2, 1.0)
@@ -99,3 +99,10 @@ def reference_crop(data: bytes, rng: random.Random, size: int) -> torch.Tensor:
     crop = decode_rgb(data).resize((size, size), Image.BICUBIC, box=box)
     crop = torch.from_numpy(np.array(crop)).permute(2, 0, 1)  # [3, S, S]
     return crop.flip(-1) if flip else crop
+
+
+def test_a_truncated_jpeg_is_a_bad_image_whose_reason_reads_plainly():
+    data = encode(photo(64, 48), quality=90)
+    with pytest.raises(BadImageError) as error:
+        train_crop(data[: len(data) // 2], random.Random(0), size=32, scale=SCALE)
+    assert str(error.value).startswith("corrupt JPEG data: ") and ".cpp" not in str(error.value)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from .images import plain_jpeg_size
+from .shards import StreamError
+from .stream import INSPECT_ADVICE
 from .transforms import decode_jpeg, resize_box, sample_crop, train_crop
 
 if decode_jpeg is not None:
@@ -53,8 +55,12 @@ def gpu_decode_available() -> bool:
 def decode_batch(items: list, size: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """Items from `DeferredCrop` (any mix) -> (uint8 [B', 3, S, S] on `device`, number of JPEGs dropped).
 
-    A JPEG whose header was fine but whose data is corrupt fails the batched call; the batch is then decoded one image
-    at a time and the broken ones are dropped (B' < B) and counted, so one bad file never stops a run.
+    When the batched call fails, the batch is decoded one image at a time, each on the CPU if the device refuses it
+    (nvJPEG does not take every valid JPEG); the images that neither decodes are dropped (B' < B) and counted, so one
+    bad file never stops a run.
+
+    Raises:
+        StreamError: every image of the batch was dropped, so there is nothing to train on.
     """
     encoded = [item.data for item in items if isinstance(item, EncodedCrop)]
     try:
@@ -68,11 +74,17 @@ def decode_batch(items: list, size: int, device: torch.device) -> tuple[torch.Te
         elif (image := next(decoded)) is not None:
             out = resize_box(image, item.box, size)
             images.append(out.flip(-1) if item.flip else out)
+    if not images:
+        raise StreamError(f"none of the {len(items)} JPEGs of a batch decodes; {INSPECT_ADVICE}, or set "
+                          "data.decode_device=cpu, which skips bad images and fills the batch with the next ones")
     return torch.stack(images), len(items) - len(images)
 
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        return None
+    """The image on `device`, decoded there or else on the CPU; None when neither can decode it."""
+    for where in dict.fromkeys((torch.device(device), torch.device("cpu"))):
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=where).to(device)
+        except RuntimeError:
+            continue
+    return None

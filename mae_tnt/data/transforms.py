@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import numpy as np
 import torch
@@ -28,6 +29,10 @@ try:  # torchvision comes with timm; without it every image takes the PIL path
     from torchvision.transforms.v2.functional import resize as tv_resize
 except ImportError:  # pragma: no cover
     decode_jpeg = None
+
+
+# torchvision prefixes its errors with the C++ function and source line: "decode_jpeg, /path/decode_jpeg.cpp:171, ".
+SOURCE_LOCATION = re.compile(r"^.*?\.(?:cpp|cu|h):\d+, ")
 
 
 def random_resized_crop_box(
@@ -94,7 +99,8 @@ def _decode_jpeg_tensor(data: bytes) -> torch.Tensor:
     try:
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as err:
-        raise BadImageError(f"corrupt JPEG data: {err}") from err
+        reason = SOURCE_LOCATION.sub("", str(err).strip().split("\n")[0])  # the skip reason users read
+        raise BadImageError(f"corrupt JPEG data: {reason}") from err
 
 
 def resize_box(image: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
