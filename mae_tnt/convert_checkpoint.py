@@ -97,3 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if note:
         print(f"note: {note}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,7 @@ the model and the data statistics). The grid goes to the run's `recon/` folder u
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,3 +65,7 @@ def default_output(checkpoint: Path, split: str) -> Path:
     """RUN/recon/step_N_SPLIT.png beside the grids the run wrote itself (the checkpoint's folder for a lone one)."""
     run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
     return run / "recon" / f"{checkpoint.name}_{split}.png"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

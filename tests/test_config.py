@@ -277,7 +277,7 @@ def test_every_tool_option_has_help_that_shows_its_default(script, monkeypatch):
                 f"{action.option_strings[0]} does not show its default {action.default!r}"
 
 
-def test_every_console_script_is_the_main_of_a_tool_in_tools():
+def test_every_console_script_is_the_main_of_a_tool_in_tools(capsys):
     """`pip install` puts each [project.scripts] entry on PATH; each must be a tool's `main`, as tools/ runs it."""
     import importlib
     import re
@@ -290,3 +290,13 @@ def test_every_console_script_is_the_main_of_a_tool_in_tools():
     for command, module, function in scripts:
         assert callable(getattr(importlib.import_module(module), function)), command
         assert f"from {module} import {function}" in wrappers, f"{command}: no tools/ script runs {module}:{function}"
+        run_as_module(module, capsys)
+
+
+def run_as_module(module: str, capsys) -> None:
+    """`python -m MODULE --help` shows the tool's usage, as the console script does."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [module, "--help"])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: "), module

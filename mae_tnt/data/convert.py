@@ -415,3 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     _print_summary(summary, args.out)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -167,3 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"FAILED: {counted(len(report.problems), 'problem')}{f', {hidden} more not shown' if hidden > 0 else ''}",
           file=sys.stderr)
     return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
