@@ -299,7 +299,8 @@ def test_unlabeled_shards_are_refused_before_fine_tuning_even_with_a_class_count
     write_shards(tmp_path / "shards", [8])
     drop_classes(tmp_path / "shards")
     cfg = demo_config(tmp_path / "run", f"data.train={tmp_path / 'shards'}", "data.val=null", "model.num_classes=3")
-    with pytest.raises(ShardError, match="finetune needs labeled shards, but .* gives split 'train' no classes; make "
+    with pytest.raises(ShardError, match=r"finetune needs labeled shards, but .* gives split 'train' \(data.split\) no "
+                                         r"classes; make "
                                          "labeled shards"):
         resolve_num_classes(cfg)
 
@@ -312,7 +313,8 @@ def test_an_unlabeled_validation_split_is_refused_before_fine_tuning(tmp_path):
     info["splits"]["unlabeled"]["labeled"] = False  # as make_shards marks a split of unlabeled images
     (tmp_path / "shards" / "_info.json").write_text(json.dumps(info))
     with pytest.raises(ShardError, match=r"finetune validation needs labeled shards, but .* gives split 'unlabeled' "
-                                         r"no classes; set data.val_split to a labeled split \(val\)"):
+                                         r"\(data.val_split\) no classes; set data.val_split to a labeled split "
+                                         r"\(val\)"):
         FinetuneRun(demo_config(tmp_path / "run", f"data.val={tmp_path / 'shards'}", "data.val_split=unlabeled"))
 
 

@@ -187,6 +187,8 @@ def test_knn_mode_on_unlabeled_shards_fails_before_encoding_with_one_line(tmp_pa
             f"data.val={tmp_path / 'shards'}", f"run.output_dir={tmp_path / 'run'}", "model.img_size=16"]
     assert run_finetune(argv) == 1
     assert capsys.readouterr().err == (f"error: kNN evaluation needs labeled shards, but {tmp_path / 'shards'}"
-                                       "/_info.json gives split 'train' no classes; make labeled shards (an "
-                                       "ImageFolder tree, a labeled list, IDX or CIFAR data) with "
+                                       "/_info.json gives split 'train' (data.split) no classes; make labeled shards "
+                                       "(an ImageFolder tree, a labeled list, IDX or CIFAR data) with "
                                        "tools/make_shards.py\n")
+    assert run_finetune([*argv, f"init={tmp_path / 'no_such_checkpoint'}"]) == 1  # the labels are checked first
+    assert "kNN evaluation needs labeled shards" in capsys.readouterr().err

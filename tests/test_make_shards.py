@@ -597,7 +597,7 @@ def test_an_unlabeled_split_beside_labeled_ones_stays_unlabeled(tmp_path, capsys
     assert "unlabeled: 3 samples in 1 shard, unlabeled\n" in capsys.readouterr().out
     assert labeled_classes(str(tmp_path / "out"), None, "train", "data.split", "kNN") == ["cat", "dog"]
     with pytest.raises(ShardError, match=r"kNN needs labeled shards, but .*/_info.json gives split 'unlabeled' "
-                                         r"no classes; set data.split to a labeled split \(train\)"):
+                                         r"\(data.split\) no classes; set data.split to a labeled split \(train\)"):
         labeled_classes(str(tmp_path / "out"), None, "unlabeled", "data.split", "kNN")
 
 

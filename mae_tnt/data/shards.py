@@ -119,7 +119,8 @@ def labeled_classes(spec: str, info: str | None, split: str, split_key: str, nee
     labeled = [name for name in sorted(meta["splits"]) if split_classes(meta, name)]
     fix = (f"set {split_key} to a labeled split ({', '.join(labeled)})" if labeled else
            "make labeled shards (an ImageFolder tree, a labeled list, IDX or CIFAR data) with tools/make_shards.py")
-    raise ShardError(f"{needed_by} needs labeled shards, but {root}/_info.json gives split '{split}' no classes; {fix}")
+    raise ShardError(f"{needed_by} needs labeled shards, but {root}/_info.json gives split '{split}' ({split_key}) no "
+                     f"classes; {fix}")
 
 
 def _from_info(root: Path, split: str, split_key: str) -> list[Shard]:

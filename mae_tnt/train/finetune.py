@@ -353,6 +353,7 @@ def run_knn(cfg: FinetuneConfig) -> dict:
     acc = build_accelerator(cfg)
     log = main_process_lines(acc.is_main_process)
     cfg.init = recorded_init(cfg.init)
+    require_labeled_shards(cfg.data, "kNN evaluation")  # before the checkpoint is read
     model = build_classifier(cfg, num_classes=0, log=log).to(acc.device).eval()
     if cfg.model.bn_reestimate_batches:
         refit_stem_norms(model, cfg, acc.device, log)
