@@ -154,6 +154,8 @@ def test_init_from_our_pretraining_checkpoint_run_directory_and_export(tmp_path,
         assert report.unexpected == ["norm.bias", "norm.weight"]  # global pooling replaces the final norm
         assert_encoder_loaded(model, encoder_state)
         assert logged[0].startswith(f"init from {checkpoint if source != tmp_path / 'export' else source} ")
+        dropped = "dropped 0" if source == tmp_path / "export" else " (decoder_"  # an export has no decoder
+        assert (dropped in logged[0]) and not logged[0].endswith("()")
 
 
 @pytest.mark.parametrize("with_decoder", [False, True])

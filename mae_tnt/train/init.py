@@ -157,9 +157,9 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
                               "build the same encoder") from None
     report.dropped = dropped + unfit_head
     loaded = len(model.state_dict()) - len(report.missing)  # not the file's count: official files repeat or add some
+    shown = f" ({', '.join(report.dropped[:4])}{', ...' if len(report.dropped) > 4 else ''})" if report.dropped else ""
     log(f"init from {source} [{layout}]: {loaded} tensors loaded; missing {report.missing}; "
-        f"unexpected {report.unexpected}; dropped {len(report.dropped)} "
-        f"({', '.join(report.dropped[:4])}{', ...' if len(report.dropped) > 4 else ''})")
+        f"unexpected {report.unexpected}; dropped {len(report.dropped)}{shown}")
     if report.resampled:
         log(f"init: resampled the position table to this image size (bicubic): {'; '.join(report.resampled)}")
     recorded = recorded_normalization(meta)
