@@ -3,6 +3,7 @@
 import copy
 import io
 import os
+import re
 import signal
 import tarfile
 from functools import partial
@@ -104,6 +105,20 @@ def test_corrupt_images_are_skipped_counted_and_batches_stay_full(tmp_path):
     assert all(len(b["keys"]) == 4 for b in batches)
     assert stream.state.skipped == 2
     assert {"s000003", "s000017"}.isdisjoint(keys(batches))
+
+
+def test_skipped_samples_are_named_with_their_reason_up_to_a_cap(tmp_path, monkeypatch):
+    from mae_tnt.data import stream as stream_module
+
+    monkeypatch.setattr(stream_module, "SKIPS_NAMED", 2)
+    write_shards(tmp_path, [8, 8, 8, 8], corrupt=frozenset({3, 17, 20}))
+    stream = stream_for(resolve_shards(str(tmp_path)), batch=4)
+    with pytest.warns(UserWarning) as caught:
+        consume(stream)
+    named = [str(w.message) for w in caught if str(w.message).startswith("skipped sample ")]
+    assert stream.state.skipped == 3 and len(named) == 2
+    assert all(re.match(r"skipped sample s0000(03|17|20) \(.+\)", message) for message in named)
+    assert named[-1].endswith("; further skips are only counted (skipped_samples in the metrics)")
 
 
 def test_a_truncated_shard_is_warned_about_then_skipped_and_counted(tmp_path):

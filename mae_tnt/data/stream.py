@@ -37,6 +37,7 @@ SampleTransform = Callable[[bytes, random.Random], object]
 `device_decode`); must be picklable (loader workers)."""
 
 INSPECT_ADVICE = "check the shards with tools/inspect_shards.py"
+SKIPS_NAMED = 20  # skipped samples a run names, with the reason; one bad shard could otherwise flood the log
 
 
 class LostSampleError(BadImageError):
@@ -73,6 +74,8 @@ class StreamState:
     """Role that serves the next batch (PyTorch's loader cycles through workers)."""
     skipped: int = 0
     """Corrupt or unreadable samples skipped so far (this rank, whole run)."""
+    named: int = 0
+    """Skipped samples named in a warning so far (this process); not saved, so a resumed run names its own."""
 
     def record(self, batch: dict, num_workers: int) -> None:
         """Account for a batch the training loop took (in the main process, whichever worker made it)."""
@@ -83,6 +86,11 @@ class StreamState:
         self.skipped += int(batch["skipped"])
         for message in batch["breaks"]:  # said here, where the run shows each warning once, not in every worker
             warnings.warn(message, stacklevel=2)
+        for skip in batch["skips"][: max(SKIPS_NAMED - self.named, 0)]:
+            self.named += 1
+            last = self.named == SKIPS_NAMED
+            warnings.warn(f"skipped sample {skip}" + ("; further skips are only counted (skipped_samples in the "
+                                                      "metrics)" if last else ""), stacklevel=2)
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.batches, self.positions, self.next_role = epoch, 0, {}, 0
@@ -169,7 +177,7 @@ class RoleStream:
         self.breaks: list[str] = []  # remote or pipe: shards that broke since the last batch, to warn about
 
     def next_batch(self) -> dict:
-        images, labels, keys, skipped = [], [], [], 0
+        images, labels, keys, skips, skipped = [], [], [], [], 0
         while len(images) < self.stream.batch_size:
             index, sample = self._next_raw()
             try:
@@ -177,13 +185,15 @@ class RoleStream:
             except BadImageError as err:
                 skipped += 1
                 self._check_not_all_bad(skipped, err)
+                if len(skips) < SKIPS_NAMED:  # no more could be named
+                    skips.append(f"{sample['__key__']} ({err})" if sample is not None else str(err))
                 continue
             labels.append(label_of(sample))
             keys.append(sample["__key__"])
         stacked = torch.stack(images) if isinstance(images[0], torch.Tensor) else images  # deferred: decoded on device
         breaks, self.breaks = self.breaks, []
         return {"images": stacked, "labels": torch.tensor(labels, dtype=torch.long), "keys": keys,
-                "role": self.role, "position": self.position, "skipped": skipped, "breaks": breaks}
+                "role": self.role, "position": self.position, "skipped": skipped, "skips": skips, "breaks": breaks}
 
     def _check_not_all_bad(self, skipped: int, err: Exception) -> None:
         """A whole epoch's worth of bad samples in a row means the data, not a few files, is broken."""
