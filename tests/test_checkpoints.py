@@ -154,6 +154,15 @@ def test_malicious_pickle_is_refused_without_executing(tmp_path, monkeypatch, re
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("content", [b"\xff\xd8\xff\xe0 a JPEG", b"epoch,loss\n1,0.5\n"])
+def test_a_file_that_is_no_checkpoint_is_called_so_not_a_pickle(tmp_path, content):
+    (tmp_path / "photo.pth").write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"photo.pth: it is no PyTorch checkpoint \(.*\); pass a weights file") \
+            as refused:
+        read_state_dict(tmp_path / "photo.pth")
+    assert "pickle" not in str(refused.value)
+
+
 def test_a_run_directory_resolves_to_its_newest_checkpoint(tmp_path):
     model = mae_tnt.create_model("mae_vit_test")
     for step, scale in (("step_00000001", 0.0), ("step_00000002", 1.0)):

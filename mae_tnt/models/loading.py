@@ -137,10 +137,12 @@ def read_state_dict(path: str | Path, pickle_advice: str = CONVERT_ADVICE) -> di
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any decoding failure means an unusable file
-        raise CheckpointError(
-            f"cannot read {path} safely ({type(err).__name__}: {_load_failure_reason(err)}). Only tensors and "
-            f"plain containers are accepted: {pickle_advice} for a legacy pickle you trust"
-        ) from err
+        reason = f"{type(err).__name__}: {_load_failure_reason(err)}"
+        if not _looks_like_torch_file(path):
+            raise CheckpointError(f"cannot read {path}: it is no PyTorch checkpoint ({reason}); pass a weights file "
+                                  "(.safetensors, .pth, .pt) or a checkpoint directory") from err
+        raise CheckpointError(f"cannot read {path} safely ({reason}). Only tensors and plain containers are accepted: "
+                              f"{pickle_advice} for a legacy pickle you trust") from err
     return unwrap_state_dict(obj, path)
 
 
@@ -265,6 +267,13 @@ def _build_hint(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor
 
 
 ANSI_STYLE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """torch.save writes a zip archive ("PK"), and wrote a pickle (protocol 2 and later start with 0x80) before 1.6."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
 
 
 def _load_failure_reason(err: Exception) -> str:
