@@ -185,8 +185,8 @@ class RoleStream:
             except BadImageError as err:
                 skipped += 1
                 self._check_not_all_bad(skipped, err)
-                if len(skips) < SKIPS_NAMED:  # no more could be named
-                    skips.append(f"{sample['__key__']} ({err})" if sample is not None else str(err))
+                if sample is not None and len(skips) < SKIPS_NAMED:  # a lost sample's shard break is warned about
+                    skips.append(f"{sample['__key__']} ({err})")
                 continue
             labels.append(label_of(sample))
             keys.append(sample["__key__"])
