@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import ConfigError, to_dict
 from ..data.info import ShardError, write_json_atomic
-from ..data.loader import build_train_stream, data_shards, eval_batch_count, eval_batches, make_loader
+from ..data.loader import build_train_stream, data_shards, eval_batches, make_loader
 from ..data.shards import StreamError, info_directory, labeled_classes
 from ..data.transforms import normalize
 from ..finetune_config import FinetuneConfig
@@ -41,9 +41,16 @@ from .augment import BatchAugment, FinetuneTransform, build_criterion, seeded_gl
 from .checkpoint import replace_dir, resolve_resume, save_checkpoint, set_aside_previous_run, uses_deepspeed
 from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step, write_run_config
 from .init import attach_probe_head, init_head, load_init, recorded_init, reestimate_stem_norms
-from .knn import accuracy_counts, knn_accuracy_on_shards, reported_ks, require_labeled_shards, topk_text
+from .knn import (
+    accuracy_counts,
+    knn_accuracy_on_shards,
+    reported_ks,
+    require_labeled_shards,
+    shown_eval_batches,
+    topk_text,
+)
 from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, timed
-from .metrics import MetricsLogger, batch_progress, main_process_lines, progress_bar
+from .metrics import MetricsLogger, main_process_lines, progress_bar
 from .optim import build_adamw
 
 EMA_FILE = "ema.safetensors"
@@ -301,9 +308,9 @@ class FinetuneRun(TrainingRun):
         ks = reported_ks(self.num_classes)
         sums = torch.zeros(len(ks) + 2, device=self.device)  # top-k hits for each k, count, loss sum
         batch_size = self.cfg.data.eval_batch_size or self.cfg.data.batch_size
-        batches = eval_batches(self.val_shards, self.cfg.model.img_size, batch_size, self.rank, self.world)
-        num_batches = eval_batch_count(self.val_shards, batch_size, self.world)
-        for images, labels in batch_progress(batches, num_batches, "validation", self.is_main):
+        batches = shown_eval_batches(self.val_shards, self.cfg.model.img_size, batch_size, self.rank, self.world,
+                                     "validation")
+        for images, labels in batches:
             images = self.device_images(images)
             if self.input_dtype is not None and model is self.model:
                 images = images.to(self.input_dtype)

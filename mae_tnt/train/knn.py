@@ -171,15 +171,16 @@ def knn_accuracy_on_shards(encoder: nn.Module, data: DataConfig, *, img_size: in
     Used by fine-tuning's kNN mode and by pretraining's online monitor (`eval.knn_every`).
     """
     require_labeled_shards(data, "kNN evaluation")
-    train, val = (_shown_batches(data_shards(data, which, verify), img_size, batch_size, rank, world_size, desc, cap)
+    train, val = (shown_eval_batches(data_shards(data, which, verify), img_size, batch_size, rank, world_size, desc,
+                                     cap)
                   for which, desc, cap in (("train", "kNN bank", max_train), ("val", "kNN queries", None)))
     with in_mode(encoder, training=False):
         return knn_accuracy(encoder_features(encoder, data.mean, data.std), train, val, k, temperature, device,
                             gather if world_size > 1 else None, max_train)
 
 
-def _shown_batches(shards: list, img_size: int, batch_size: int, rank: int, world_size: int, desc: str,
-                   max_images: int | None) -> Batches:
+def shown_eval_batches(shards: list, img_size: int, batch_size: int, rank: int, world_size: int, desc: str,
+                       max_images: int | None = None) -> Batches:
     """This rank's `eval_batches`, only as many as hold the first `max_images` images, under a progress bar that
     appears when the first batch is asked for (not beside the bank's while that one runs)."""
     count = eval_batch_count(shards, batch_size, world_size)
