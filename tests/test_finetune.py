@@ -123,18 +123,39 @@ def test_a_run_without_init_says_it_uses_a_random_encoder(tmp_path, recipe, verb
     assert f"init: none, {verb} a randomly initialised encoder" in logged
 
 
-def test_layer_decay_scales_follow_the_depth():
-    # ViT test model, depth 2, n = 3 groups above the stem: stem 0.65^3, block i 0.65^(2 - i), head and fc_norm 1.
-    cfg = load_config(FinetuneConfig, None, ["model.name=vit_test_patch8_32", "data.train=x", "optim.layer_decay=0.65"])
+@pytest.mark.parametrize("pool", ["avg", "token"])
+def test_layer_decay_scales_follow_the_depth(pool):
+    # MAE's rule, ViT test model of depth 2: n = 3 groups above the stem; stem 0.65^3, block i 0.65^(2 - i), and the
+    # head with every norm after the blocks 1 (timm's own ViT would merge `norm` into the last block, at 0.65).
+    cfg = load_config(FinetuneConfig, None, ["model.name=vit_test_patch8_32", "data.train=x",
+                                             "optim.layer_decay=0.65", f"model.global_pool={pool}"])
     model = build_classifier(cfg, num_classes=10)
-    optimizer = build_optimizer(model, cfg, lr=1.0)
-    names = {id(p): n for n, p in model.named_parameters()}
-    scale = {names[id(p)]: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    scale = lr_scales(build_optimizer(model, cfg, lr=1.0), model)
+    final_norm = "fc_norm.weight" if pool == "avg" else "norm.weight"
     expected = {"cls_token": 0.65**3, "pos_embed": 0.65**3, "patch_embed.proj.weight": 0.65**3,
-                "blocks.0.attn.qkv.weight": 0.65**2, "blocks.1.mlp.fc2.bias": 0.65, "fc_norm.weight": 1.0,
+                "blocks.0.attn.qkv.weight": 0.65**2, "blocks.1.mlp.fc2.bias": 0.65, final_norm: 1.0,
                 "head.weight": 1.0}
     assert {k: pytest.approx(scale[k]) for k in expected} == expected
-    assert set(scale) == set(names.values())  # the sin-cos table is trained when fine-tuning
+    assert set(scale) == {n for n, _ in model.named_parameters()}  # the sin-cos table is trained when fine-tuning
+
+
+@pytest.mark.parametrize("name, last_block, groups_below_head", [
+    ("tnt_test_patch8_32", "blocks.1.mlp_in.fc1.weight", 3),  # stem, 2 blocks
+    ("sret_test", "stages.2.blocks.0.attn.qkv.weight", 4),  # stem, 3 stages of one shared block
+])
+def test_layer_decay_gives_the_final_norm_the_head_scale_and_the_last_block_one_decay(name, last_block,
+                                                                                      groups_below_head):
+    cfg = load_config(FinetuneConfig, None, [f"model.name={name}", "data.train=x", "optim.layer_decay=0.5"])
+    model = build_classifier(cfg, num_classes=10)
+    scale = lr_scales(build_optimizer(model, cfg, lr=1.0), model)
+    assert scale["norm.weight"] == scale["norm.bias"] == scale["head.weight"] == 1.0
+    assert scale[last_block] == 0.5
+    assert min(scale.values()) == 0.5**groups_below_head
+
+
+def lr_scales(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, float]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
 
 
 def assert_encoder_loaded(model, encoder_state: dict):

@@ -283,4 +283,4 @@ def test_group_matcher_puts_pools_with_the_stage_they_feed():
     assert sum(len(g) for g in groups) == sum(1 for _ in model.parameters())
     stage2 = next(g for g in groups if "stages.1.blocks.0.attn.qkv.weight" in g)
     assert "pools.0.conv.weight" in stage2 and "stages.1.nlls.1.mlp.fc1.weight" in stage2
-    assert groups[-1] == ["head.weight", "head.bias"]
+    assert groups[-1] == ["norm.weight", "norm.bias", "head.weight", "head.bias"]  # MAE: norms join the head

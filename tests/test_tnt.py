@@ -143,9 +143,9 @@ def test_layer_decay_groups(tiny):
                  "proj.weight", "norm2_proj.bias"):
         assert layer_of[name] == 0, name
     assert layer_of["blocks.0.proj.weight"] == 1 and layer_of["blocks.1.attn_in.qk.weight"] == 2
-    assert layer_of["norm.weight"] == 2  # timm merges the final norm into the last block's group
+    assert layer_of["norm.weight"] == 3  # on top, with the head: MAE's rule (timm's TNT merges it into block 1's)
     groups = param_groups_layer_decay(tiny, layer_decay=0.5, no_weight_decay_list=tiny.no_weight_decay())
-    assert sorted({g["lr_scale"] for g in groups}) == [0.25, 0.5, 1.0]
+    assert sorted({g["lr_scale"] for g in groups}) == [0.125, 0.25, 0.5, 1.0]
 
 
 # ---- encoder contract ---------------------------------------------------------------------------------------------

@@ -278,7 +278,8 @@ class SReT(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict:
         """timm-style groups: stem and position map first, then per stage (coarse) or per unique block with its NLLs.
 
-        Each pooling conv joins the stage it feeds; the final norm joins the last group; the head comes last.
+        Each pooling conv joins the stage it feeds. The final norm matches nothing, so it joins the head in the top
+        group, where MAE's layer decay gives both scale 1.
         """
         blocks: list[tuple[str, tuple[int, ...] | None]] = []
         for s, stage in enumerate(self.stages):
@@ -289,7 +290,6 @@ class SReT(nn.Module):
                 continue
             blocks.append((rf"^stages\.({s})\.blocks\.(\d+)\.", None))
             blocks += [(rf"^stages\.{s}\.nlls\.{n}\.", (s, n // stage.loops)) for n in range(len(stage.nlls))]
-        blocks.append((r"^norm\.", (99999,)))
         return dict(stem=r"^pos_embed|^patch_embed", blocks=blocks)
 
     def _run_stages(self, x: torch.Tensor, windows: int, side: int) -> torch.Tensor:

@@ -324,10 +324,14 @@ class TNT(nn.Module):
         return {"cls_token", "patch_pos", "pixel_pos"}
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """timm's layer-decay format: stem (embeddings and the initial projection), one group per block, final norm."""
+        """timm's layer-decay format: stem (embeddings and the initial projection), then one group per block.
+
+        The final norm matches nothing, so it joins the head in the top group, where MAE's layer decay gives both
+        scale 1 (timm's own TNT merges it into the last block's group).
+        """
         return {
             "stem": r"^(?:cls_token|patch_pos|pixel_pos|pixel_embed|norm1_proj|proj|norm2_proj)(?:\.|$)",
-            "blocks": [(r"^blocks\.(\d+)", None), (r"^norm\.", (99999,))],
+            "blocks": r"^blocks\.(\d+)",
         }
 
     @staticmethod

@@ -76,6 +76,12 @@ class ViT(VisionTransformer):
         x = torch.where(mask.unsqueeze(-1).bool(), mask_token.to(x.dtype), x) + self.pos_embed[:, 1:]
         return self._run_blocks(torch.cat([self._prefix(x.shape[0]), x], dim=1))
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer-decay groups without its final-norm entry, which merges `norm` into the last block's group.
+        Unmatched, `norm` joins the head (and `fc_norm`) in the top group, where MAE's layer decay gives them scale 1.
+        """
+        return {**super().group_matcher(coarse), "blocks": r"^blocks\.(\d+)"}
+
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Resample the position table when the checkpoint's grid differs from ours (bicubic, as in MAE). A table of
         another layout or width (another model's) is left to the key check, which names the misfit."""
