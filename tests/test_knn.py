@@ -40,6 +40,14 @@ def test_k_limits_the_voters():
     torch.testing.assert_close(scores, torch.tensor([[math.exp(10.0), 0.0]]))
 
 
+def test_votes_are_float32_inside_a_bf16_autocast_region():
+    # Fine-tuning's kNN mode and the pretraining monitor run inside accelerate's autocast (bf16 on GPU by default).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = knn_scores(BANK, BANK_LABELS, QUERY, k=3, temperature=0.07, num_classes=2)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, knn_scores(BANK, BANK_LABELS, QUERY, k=3, temperature=0.07, num_classes=2))
+
+
 def test_knn_accuracy_on_hand_made_features():
     # Identity "encoder": 2 val rows; the first is right at top-1, the second only at top-2 (padding row ignored).
     train = [(BANK, BANK_LABELS)]

@@ -84,11 +84,14 @@ def knn_scores(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Ten
                num_classes: int, chunk: int = 512) -> torch.Tensor:
     """Class votes [Q, C] of weighted k-NN: each of the k nearest bank rows adds exp(cos / T) to its class.
 
-    bank [N, D] and queries [Q, D] must be L2-normalised; queries are scored in chunks to bound memory.
+    bank [N, D] and queries [Q, D] must be L2-normalised; queries are scored in chunks to bound memory. Scoring is in
+    float32 even inside a bf16/fp16 autocast region, which would round similarities (and so reorder neighbours) and
+    hand `scatter_add_` weights of another dtype than the votes.
     """
     votes = []
     for start in range(0, queries.shape[0], chunk):
-        sim = queries[start : start + chunk] @ bank.T  # [q, N] cosine similarities
+        with torch.autocast(queries.device.type, enabled=False):
+            sim = queries[start : start + chunk] @ bank.T  # [q, N] cosine similarities
         top_sim, top_idx = sim.topk(min(k, bank.shape[0]), dim=1)  # [q, k]
         weights = (top_sim / temperature).exp()  # [q, k]
         neighbours = bank_labels[top_idx]  # [q, k]
