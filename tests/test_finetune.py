@@ -612,6 +612,32 @@ def test_a_resume_with_a_longer_schedule_says_the_lr_follows_the_new_one(tmp_pat
             "of the new settings from this step on, so it may jump") in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_a_resume_applies_new_optimizer_settings_and_says_so(tmp_path, one_thread, capsys):
+    """Loading the optimizer's state would otherwise bring back the checkpoint's weight decay, betas and scales."""
+    FinetuneRun(demo_config(tmp_path, "run.max_steps=1", "data.val=null")).train()
+    capsys.readouterr()
+    run = FinetuneRun(demo_config(tmp_path, "run.max_steps=2", "data.val=null", "optim.layer_decay=0.5",
+                                  "optim.weight_decay=0.2", "optim.betas=[0.8,0.9]"))
+    assert run.step == 1 and run.optimizer.state  # the moments were restored
+    groups = run.optimizer.param_groups
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.2} and {tuple(g["betas"]) for g in groups} == {(0.8, 0.9)}
+    assert sorted({g["lr_scale"] for g in groups}) == [0.125, 0.25, 0.5, 1.0]  # depth 2 at 0.5, not 0.75
+    assert ("note: optim.weight_decay 0.05 -> 0.2; optim.betas [0.9, 0.999] -> [0.8, 0.9]; optim.layer_decay 0.75 -> "
+            "0.5 since step_00000001: the optimizer uses the new settings from this step on") in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_a_resume_refuses_another_optimizer_or_other_parameter_groups(tmp_path, one_thread):
+    FinetuneRun(demo_config(tmp_path, "run.max_steps=1", "data.val=null")).train()
+    with pytest.raises(ResumeError, match=r"trained with optim.name=adamw, whose state does not carry over to "
+                                          r"optim.name=lars; set it back to continue"):
+        FinetuneRun(demo_config(tmp_path, "optim.name=lars"))
+    with pytest.raises(ResumeError, match=r"holds optimizer state for other parameter groups than this recipe's "
+                                          r"\(.*\); set optim.layer_decay and what the model trains back"):
+        FinetuneRun(demo_config(tmp_path, "optim.layer_decay=null"))
+
+
 def test_the_demo_comparison_refuses_the_experiment_budget_flags_it_would_ignore(capsys):
     with pytest.raises(SystemExit) as done:
         load_tool("experiment_fashion").main(["demo", "runs/x", "--finetune-epochs", "1", "--workers", "2"])

@@ -23,6 +23,8 @@ import os
 import shutil
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -221,8 +223,8 @@ FRESH = "use another run.output_dir, or run.resume=none to start fresh"
 
 def check_compatible(checkpoint: Checkpoint, config: dict, effective_batch: int, world_size: int,
                      deepspeed: bool) -> None:
-    """Refuse to resume another model's run (or mode's), a run whose step counts meant another effective batch, or a
-    checkpoint of the other engine (DeepSpeed or not).
+    """Refuse to resume another model's run (or mode's, or optimizer's), a run whose step counts meant another
+    effective batch, or a checkpoint of the other engine (DeepSpeed or not).
 
     Steps count optimizer updates, so the LR schedule and the epoch of a step both assume the batch they were taken
     with; continuing on another number of processes without adapting `optim.accum_steps` would silently move the run
@@ -237,6 +239,11 @@ def check_compatible(checkpoint: Checkpoint, config: dict, effective_batch: int,
     if checkpoint.state.get("mode") != config.get("mode"):
         raise ResumeError(f"{checkpoint.path} was written with mode={checkpoint.state.get('mode')} but this recipe "
                           f"runs mode={config.get('mode')}; {FRESH}")
+    saved_optimizer = _lookup(checkpoint.state.get("config", {}), ("optim", "name"))
+    if saved_optimizer is not None and saved_optimizer != config["optim"].get("name"):
+        now = config["optim"].get("name")
+        raise ResumeError(f"{checkpoint.path} was trained with optim.name={saved_optimizer}, whose state does not "
+                          f"carry over to optim.name={now}; set it back to continue, or {FRESH}")
     if (checkpoint.path / "engine").is_dir() != deepspeed:
         written = "without" if deepspeed else "with"
         launch = "without DeepSpeed" if deepspeed else "with the same DeepSpeed accelerate config"
@@ -313,6 +320,9 @@ def _note_changed_settings(checkpoint: Checkpoint, config: dict, plan: Plan, log
     if lr_changes:
         log(f"note: {'; '.join(lr_changes)} since {name}: the LR follows the schedule of the new settings from this "
             "step on, so it may jump")
+    optim_changes = _config_changes(saved_config, config, OPTIM_KEYS)
+    if optim_changes:
+        log(f"note: {'; '.join(optim_changes)} since {name}: the optimizer uses the new settings from this step on")
     model_changes = _model_changes(saved_config, config)
     if model_changes:
         log(f"note: {'; '.join(model_changes)} since {name}: training goes on under the new setting from this step "
@@ -321,6 +331,10 @@ def _note_changed_settings(checkpoint: Checkpoint, config: dict, plan: Plan, log
 
 LR_KEYS = (("optim", "base_lr"), ("optim", "min_lr"), ("schedule", "epochs"), ("schedule", "warmup_epochs"))
 """Config keys that, with the effective batch, decide the LR of every step."""
+
+OPTIM_KEYS = tuple(("optim", key) for key in ("weight_decay", "betas", "layer_decay", "momentum", "trust_coeff"))
+"""Config keys held in the optimizer's parameter groups, which a resumed run takes from its config, not the
+checkpoint (`this_runs_settings`)."""
 
 LR_PLAN_KEYS = (("steps_per_epoch",), ("total_steps",), ("warmup_steps",))
 """The plan's step counts, which the data layout changes too (every worker gets the same whole batches)."""
@@ -416,12 +430,35 @@ def _move_to_superseded(output_dir: str | Path, paths: list[Path]) -> Path:
     return target
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: Path) -> None:
+    """Load the moments and step counts of `saved` into `optimizer`, keeping this run's settings."""
+    with this_runs_settings(optimizer):
+        try:
+            optimizer.load_state_dict(saved)
+        except ValueError as err:  # another grouping: layer decay switched on or off, parameters frozen or not
+            raise ResumeError(f"{path} holds optimizer state for other parameter groups than this recipe's "
+                              f"({err}); set optim.layer_decay and what the model trains back to continue it, or "
+                              f"{FRESH}") from None
+
+
+@contextmanager
+def this_runs_settings(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Give the parameter groups back the settings this run built them with after a checkpoint is loaded into the
+    optimizer, which would otherwise take the checkpoint's: weight decay, betas, layer-decay `lr_scale`, LARS momentum
+    and trust coefficient (the LR itself is set at every step from the schedule)."""
+    built = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    yield
+    for group, settings in zip(optimizer.param_groups, built, strict=True):
+        group.update(settings)
+
+
 def _load_training_state(accelerator, model, optimizer, checkpoint: Checkpoint, config: dict) -> dict | None:
     """Restore weights, optimizer and scaler in place; returns this rank's data state (None if unknown)."""
     path = checkpoint.path
     if (path / "engine").is_dir():
         check_engine_pickles(path / "engine")
-        accelerator.load_state(str(path / "engine"))
+        with this_runs_settings(optimizer):
+            accelerator.load_state(str(path / "engine"))
     else:
         try:
             accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
@@ -429,7 +466,8 @@ def _load_training_state(accelerator, model, optimizer, checkpoint: Checkpoint, 
             changes = _model_changes(checkpoint.state.get("config", {}), config)
             raise ResumeError(f"{path} holds weights of another shape than this recipe's model "
                               f"({'; '.join(changes) or str(err).splitlines()[0]}); {FRESH}") from None
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        load_optimizer_state(optimizer, torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
+                             path)
         if accelerator.scaler is not None and (path / "scaler.pt").exists():
             accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     data_file = path / f"data_rank{accelerator.process_index}.json"
