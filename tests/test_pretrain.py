@@ -334,20 +334,22 @@ def test_a_fresh_start_in_a_used_run_directory_sets_the_old_run_aside(shards, tm
 
 @pytest.mark.parametrize("change, why", [
     (None, "2 processes -> 1"), ("data.num_workers=1", "data.num_workers 0 -> 1"), ("seed=1", "seed 0 -> 1"),
-    ("data.shuffle_chunk=8", "data.shuffle_chunk 16 -> 8"),
+    ("data.shuffle_chunk=8", "data.shuffle_chunk 16 -> 8"), ("data.split=copy", "data.split train -> copy"),
 ])
 def test_resume_with_another_data_layout_restarts_the_epoch_in_progress(shards, tmp_path, capsys, change, why):
     Trainer(config(shards, tmp_path, "run.max_steps=20")).train()  # 16 steps per epoch: stopped in epoch 1
     if change is None:  # as if written by two processes
         state_file = find_checkpoints(tmp_path)[0] / "state.json"
         state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "world_size": 2}))
+    if change == "data.split=copy":  # another split of as many samples: the same step counts, other data
+        write_shards(shards, [32, 32, 32, 32], split="copy", size=20)
     AcceleratorState._reset_state(True)
     trainer = Trainer(config(shards, tmp_path, "run.max_steps=24", *filter(None, [change])))
     assert trainer.step == 20 and (trainer.stream.state.epoch, trainer.stream.state.batches) == (1, 0)
     assert (trainer.stream.state.positions, trainer.stream.state.skipped) == ({}, 0)  # nothing of the old layout
-    assert f"warning: {why}: the data position does not carry over to another layout (continuing would skip some " \
-           "samples of epoch 1), so epoch 1 restarts from its start and the samples it had seen are seen again" \
-           in capsys.readouterr().out
+    assert f"warning: {why}: the data position does not carry over to other data or another layout (continuing " \
+           "would skip some samples of epoch 1), so epoch 1 restarts from its start and the samples it had seen are " \
+           "seen again" in capsys.readouterr().out
 
 
 def test_a_resume_with_another_mask_ratio_says_the_loss_may_jump(shards, tmp_path, capsys):

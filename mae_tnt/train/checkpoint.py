@@ -283,10 +283,10 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
     Args:
         config: the run's resolved config (`to_dict`), compared with the one the checkpoint stores.
 
-    The position is exact when the checkpoint was written with the same data layout (ranks, workers, batch size,
-    shuffle chunk and seed); otherwise the epoch in progress restarts from its start, with a warning (the stream
-    cannot continue another layout's positions without repeating samples). Checkpoints of `output_dir` past the
-    restored step are set aside (`set_aside_later_checkpoints`).
+    The position is exact when the checkpoint was written with the same data and layout (shards, split, ranks,
+    workers, batch size, shuffle chunk and seed); otherwise the epoch in progress restarts from its start, with a
+    warning (positions of other data or another layout would skip or repeat samples). Checkpoints of `output_dir`
+    past the restored step are set aside (`set_aside_later_checkpoints`).
     """
     check_compatible(checkpoint, config, plan.effective_batch, accelerator.num_processes, uses_deepspeed(accelerator))
     data_state = _load_training_state(accelerator, model, optimizer, checkpoint, config)
@@ -302,8 +302,9 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
         return step, StreamState.from_dict(data_state)
     epoch, into_epoch = divmod(step * config["optim"]["accum_steps"], plan.batches_per_epoch)
     if into_epoch:  # at an epoch's start nothing is lost
-        why = (f"{'; '.join(changes)}: the data position does not carry over to another layout (continuing would "
-               f"skip some samples of epoch {epoch})" if changes else f"{checkpoint.path} holds no data position")
+        why = (f"{'; '.join(changes)}: the data position does not carry over to other data or another layout "
+               f"(continuing would skip some samples of epoch {epoch})" if changes
+               else f"{checkpoint.path} holds no data position")
         log(f"warning: {why}, so epoch {epoch} restarts from its start and the samples it had seen are seen again")
     return step, StreamState(epoch=epoch)
 
@@ -339,12 +340,14 @@ checkpoint (`this_runs_settings`)."""
 LR_PLAN_KEYS = (("steps_per_epoch",), ("total_steps",), ("warmup_steps",))
 """The plan's step counts, which the data layout changes too (every worker gets the same whole batches)."""
 
-LAYOUT_KEYS = (("data", "batch_size"), ("data", "num_workers"), ("data", "shuffle_chunk"), ("seed",))
-"""Config keys that, with the number of ranks, decide which sample each stream position holds."""
+LAYOUT_KEYS = (("data", "train"), ("data", "split"), ("data", "info"), ("data", "batch_size"), ("data", "num_workers"),
+               ("data", "shuffle_chunk"), ("seed",))
+"""Config keys that, with the number of ranks, decide which sample each stream position holds: the data and its
+layout."""
 
 
 def _layout_changes(state: dict, config: dict, world_size: int) -> list[str]:
-    """What changed in the data layout since the checkpoint: ranks, and `LAYOUT_KEYS`."""
+    """What changed in the data or its layout since the checkpoint: ranks, and `LAYOUT_KEYS`."""
     ranks = [f"{counted(state.get('world_size'), 'process')} -> {world_size}"] if (
         state.get("world_size") != world_size) else []
     return ranks + _config_changes(state.get("config", {}), config, LAYOUT_KEYS)
