@@ -3,9 +3,10 @@
 Each epoch, the shard list is shuffled with a seed shared by every rank, and the concatenated sample sequence is cut
 into one contiguous range per global worker (rank x workers + worker). Every range holds the same whole number of
 batches, so all ranks run the same number of steps and never hang on uneven shards, and ranges are disjoint, so no
-two workers see the same sample. A worker reads its range in chunks, shuffles each chunk with a seeded permutation,
-and batches inside the worker. A corrupt image is skipped, counted, and replaced by the next sample of the stream,
-so batches stay full.
+two workers see the same sample. The ranges start at an epoch-seeded offset and wrap around the sequence's end, so
+the samples left over (fewer than a batch per worker) are other ones every epoch, even when one shard holds them
+all. A worker reads its range in chunks, shuffles each chunk with a seeded permutation, and batches inside the
+worker. A corrupt image is skipped, counted, and replaced by the next sample of the stream, so batches stay full.
 
 Every batch carries its role (which range it came from) and the worker's stream position after it. `StreamState`
 keeps the latest position per role; a resumed loader fast-forwards each role to its position by reading raw tar
@@ -151,6 +152,10 @@ class ShardStream(IterableDataset):
         offset = (role - first) % workers
         return self.state.batches // workers + (1 if offset < self.state.batches % workers else 0)
 
+    def epoch_offset(self, epoch: int) -> int:
+        """Where the epoch's first range starts in its sample sequence, identical on every rank and worker."""
+        return random.Random(f"{self.seed}-offset-{epoch}").randrange(self.plan.num_samples)
+
     def shard_order(self, epoch: int) -> list[Shard]:
         """The epoch's shard order, identical on every rank and worker."""
         order = list(self.shards)
@@ -170,7 +175,7 @@ class RoleStream:
         self.starts = [0]
         for shard in order:
             self.starts.append(self.starts[-1] + shard.num_samples)
-        self.range_start = self.global_role * stream.plan.samples_per_worker
+        self.range_start = self.global_role * stream.plan.samples_per_worker + stream.epoch_offset(epoch)
         self.pending: list[tuple[int, dict]] = []
         self._reader: tuple[str, int, Iterator[dict]] = ("", -1, iter(()))
         self.last_break: tuple[str, str] | None = None  # (url, reason) of the last shard that broke: why samples went
