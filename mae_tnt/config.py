@@ -302,7 +302,11 @@ def _parse_yaml(text: str, source: str) -> Any:
 
 
 def apply_override(cls: type, raw: dict[str, Any], item: str) -> None:
-    """Set `a.b.c=value` in the raw mapping, checking the key against the schema of `cls`."""
+    """Set `a.b.c=value` in the raw mapping, checking the key against the schema of `cls`.
+
+    A section given as a mapping (`data={batch_size: 32}`) is merged into the recipe's, as if each of its keys were
+    given alone: replacing it would silently reset the keys it does not name to the code's defaults.
+    """
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.base_lr=1e-4)")
@@ -318,7 +322,16 @@ def apply_override(cls: type, raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"command line: cannot set {key!r}: {part!r} is not a section")
-    node[parts[-1]] = value
+    section = node.get(parts[-1])
+    node[parts[-1]] = _merged(section, value) if isinstance(section, dict) and isinstance(value, dict) else value
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `update`'s keys set, sections merged key by key."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
 
 
 def all_keys(cls: type, prefix: str = "") -> list[str]:

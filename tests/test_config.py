@@ -125,6 +125,15 @@ def test_overrides_are_typed_and_applied(tmp_path):
     assert (cfg.run.output_dir, cfg.data.val, cfg.run.resume, cfg.data.info) == ("no", "2024", "none", None)
 
 
+def test_a_section_override_merges_into_the_recipes_section(tmp_path):
+    path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x, num_workers: 1, mean: [0.5, 0.5, 0.5]}\n")
+    cfg = load_config(PretrainConfig, path, ["data={batch_size: 32, train: y}", "model={mask_ratio: 0.5}"])
+    assert (cfg.data.train, cfg.data.batch_size, cfg.data.num_workers, cfg.data.mean) == ("y", 32, 1, [0.5] * 3)
+    assert (cfg.model.name, cfg.model.mask_ratio) == ("mae_vit_test", 0.5)
+    with pytest.raises(ConfigError, match="unknown config key `data.batchsize`"):
+        load_config(PretrainConfig, path, ["data={batchsize: 32}"])
+
+
 @pytest.mark.parametrize("override, message", [
     ("data.batch_size=abc", "data.batch_size` must be int"),
     ("data.batch_size=true", "data.batch_size` must be int"),
