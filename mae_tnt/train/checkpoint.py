@@ -170,13 +170,27 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool
             listing = (f"this run's are {', '.join(path.name for path in kept)} in {kept[0].parent}: give one's path"
                        if kept else "this run has none yet")
             raise ResumeError(f"run.resume={resume} does not exist; {listing}, or run.resume=auto for the newest")
-        return read_checkpoint(resolve_checkpoint(resume))
+        return read_checkpoint(_explicit_checkpoint(resume))
     for path in find_checkpoints(output_dir):
         try:
             return read_checkpoint(path)
         except ResumeError as err:
             log(f"warning: skipping unusable checkpoint {path}: {err}; trying the previous one")
     return None
+
+
+def _explicit_checkpoint(resume: str) -> Path:
+    """The checkpoint directory that an existing run.resume path stands for; a file or a folder of checkpoints is
+    refused with the path to give instead, rather than read as a checkpoint that lacks its state.json."""
+    path = resolve_checkpoint(resume)
+    if path.is_file():
+        raise ResumeError(f"run.resume={resume} is a file; give the checkpoint directory that holds it "
+                          f"({path.parent}) or its run directory")
+    steps = sorted(path.glob("step_*"))
+    if steps and not (path / STATE_FILE).exists():
+        raise ResumeError(f"run.resume={resume} is a folder of checkpoints; give one of them (the newest is "
+                          f"{steps[-1]}) or the run directory {path.parent}")
+    return path
 
 
 STATE_KEYS = ("step", "model", "config")
