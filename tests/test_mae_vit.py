@@ -218,13 +218,31 @@ def test_bad_masking_arguments_are_refused(build, kwargs, message):
         model(torch.randn(2, 3, 32, 32), **kwargs)
 
 
-@pytest.mark.parametrize("name", ["mae_vit_test", "mae_tnt_test", "mae_sret_test", "tnt_test_patch8_32", "sret_test"])
+MODELS = ["mae_vit_test", "mae_tnt_test", "mae_sret_test", "vit_test_patch8_32", "tnt_test_patch8_32", "sret_test"]
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_images_of_another_size_are_refused_naming_the_size_to_build(name):
     model = mae_tnt.create_model(name)
     size = model.grid * model.unit
     with pytest.raises(ValueError, match=f"expected {size}x{size} images, got {2 * size}x{2 * size}; build the model "
                                          f"with img_size={2 * size}"):
         model(torch.randn(1, 3, 2 * size, 2 * size))
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("make, message", [
+    (lambda s: torch.randint(0, 255, (1, 3, s, s), dtype=torch.uint8),
+     r"expected float images normalised with the data mean and std, got torch.uint8; .*normalize"),
+    (lambda s: torch.randn(1, s, s, 3), r"got shape \[1, \d+, \d+, 3\]; for channels-last images pass "
+                                        r"images.permute\(0, 3, 1, 2\)"),
+    (lambda s: torch.randn(3, s, s), r"expected images \[batch, 3, height, width\], got shape \[3, \d+, \d+\]$"),
+    (lambda s: torch.randn(1, 1, s, s), r"got shape \[1, 1, \d+, \d+\]$"),
+])
+def test_input_other_than_float_rgb_batches_is_refused_saying_what_to_pass(name, make, message):
+    model = mae_tnt.create_model(name)
+    with pytest.raises(ValueError, match=message):
+        model(make(model.grid * model.unit))
 
 
 @pytest.mark.parametrize("name", ["mae_vit_test", "mae_tnt_test", "mae_sret_test"])

@@ -30,7 +30,14 @@ __all__ = [
 
 
 def check_image_size(images: torch.Tensor, size: int) -> None:
-    """Refuse images of another size than the model was built for, before a reshape fails on them obscurely."""
+    """Refuse anything but float images [B, 3, size, size], before a reshape or convolution fails on it obscurely."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        channels_last = images.dim() == 4 and images.shape[-1] == 3
+        raise ValueError(f"expected images [batch, 3, height, width], got shape {list(images.shape)}"
+                         + ("; for channels-last images pass images.permute(0, 3, 1, 2)" if channels_last else ""))
+    if not images.is_floating_point():
+        raise ValueError(f"expected float images normalised with the data mean and std, got {images.dtype}; "
+                         "mae_tnt.data.transforms.normalize(images, mean, std) turns uint8 images into them")
     h, w = images.shape[-2:]
     if (h, w) == (size, size):
         return
