@@ -406,6 +406,22 @@ def test_resume_with_another_effective_batch_is_refused_with_the_settings_that_f
         Trainer(config(shards, tmp_path, "run.max_steps=24"))  # 20 images per process: 4 x 5 fit where 8 did
 
 
+def test_the_start_line_names_the_precision_and_a_launcher_precision_the_recipe_overrides_is_warned_about(
+        shards, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --mixed_precision fp16
+    AcceleratorState._reset_state(True)
+    Trainer(config(shards, tmp_path, "run.precision=bf16"))
+    out = capsys.readouterr().out
+    assert ("warning: the launcher asks for mixed precision fp16, but the recipe's run.precision=bf16 decides: "
+            "training in bf16 (set run.precision=fp16 to use it)") in out
+    assert "x 1 process in bf16; lr = " in out
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate's default: nothing asked
+    AcceleratorState._reset_state(True)
+    Trainer(config(shards, tmp_path / "fp32", "run.precision=auto"))  # no GPU: fp32
+    out = capsys.readouterr().out
+    assert "x 1 process in fp32; lr = " in out and "launcher" not in out
+
+
 def test_resume_with_another_model_is_refused(shards, tmp_path):
     Trainer(config(shards, tmp_path, "run.max_steps=4")).train()
     AcceleratorState._reset_state(True)

@@ -73,6 +73,11 @@ def build_accelerator(cfg: PretrainConfig) -> Accelerator:
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               gradient_accumulation_steps=cfg.optim.accum_steps)
     check_launch(os.environ.get("WORLD_SIZE"), accelerator.num_processes)
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch --mixed_precision, or its config
+    if launched != "no" and launched != training_precision(accelerator) and accelerator.is_main_process:
+        print(f"warning: the launcher asks for mixed precision {launched}, but the recipe's run.precision="
+              f"{cfg.run.precision} decides: training in {training_precision(accelerator)} (set run.precision="
+              f"{launched} to use it)")
     if accelerator.device.type == "cpu" and precision == "fp16" and accelerator.is_main_process:
         print("warning: run.precision=fp16 has no effect on CPU, which autocasts to bf16 only: training in fp32 "
               "(set run.precision=bf16 or fp32)")
@@ -84,6 +89,12 @@ def build_accelerator(cfg: PretrainConfig) -> Accelerator:
         torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
         torch.backends.cudnn.allow_tf32 = cfg.run.tf32
     return accelerator
+
+
+def training_precision(accelerator: Accelerator) -> str:
+    """What the forward passes run in: fp32, bf16 or fp16 (which autocast on the CPU ignores)."""
+    precision = accelerator.mixed_precision
+    return "fp32" if precision == "no" or (precision == "fp16" and accelerator.device.type == "cpu") else precision
 
 
 def check_launch(launched: str | None, num_processes: int) -> None:
@@ -182,7 +193,8 @@ class Trainer(TrainingRun):
         if self.is_main:
             self.log(f"run directory: {self.out}")
             self.log(f"effective batch {self.plan.effective_batch} = {self.cfg.data.batch_size} per device x "
-                     f"{self.cfg.optim.accum_steps} accumulation x {counted(self.acc.num_processes, 'process')}; "
+                     f"{self.cfg.optim.accum_steps} accumulation x {counted(self.acc.num_processes, 'process')} "
+                     f"in {training_precision(self.acc)}; "
                      f"lr = {self.cfg.optim.base_lr:g} x {self.plan.effective_batch} / 256 = {self.plan.peak_lr:.3g}; "
                      f"{self.plan.steps_per_epoch:g} steps/epoch, {self.plan.total_steps} steps in the schedule, "
                      f"stopping at {self.plan.stop_step}")

@@ -39,7 +39,14 @@ from ..models.loading import STATE_FILE, save_weights
 from ..text import counted
 from .augment import BatchAugment, FinetuneTransform, build_criterion, seeded_global_rngs
 from .checkpoint import replace_dir, resolve_resume, save_checkpoint, set_aside_previous_run, uses_deepspeed
-from .engine import build_accelerator, configure_deepspeed, derive_plan, seed_step, write_run_config
+from .engine import (
+    build_accelerator,
+    configure_deepspeed,
+    derive_plan,
+    seed_step,
+    training_precision,
+    write_run_config,
+)
 from .init import attach_probe_head, init_head, load_init, recorded_init, reestimate_stem_norms
 from .knn import (
     accuracy_counts,
@@ -185,9 +192,10 @@ class FinetuneRun(TrainingRun):
         size = f"{trainable / 1e6:.2f} M" if trainable >= 10_000 else f"{trainable}"  # a probe head can be tiny
         self.log(f"{self.cfg.mode} {self.cfg.model.name} ({counted(self.num_classes, 'class')}, {size} parameters "
                  f"trainable) in {self.out}")
+        decay = f", layer decay {o.layer_decay:g}" if self.cfg.mode == "finetune" and o.layer_decay else ""
         self.log(f"effective batch {p.effective_batch} = {self.cfg.data.batch_size} per device x {o.accum_steps} "
-                 f"accumulation x {counted(self.world, 'process')}; lr = {o.base_lr:g} x {p.effective_batch} / 256 = "
-                 f"{p.peak_lr:.3g} ({o.name}, layer decay {o.layer_decay if self.cfg.mode == 'finetune' else None}); "
+                 f"accumulation x {counted(self.world, 'process')} in {training_precision(self.acc)}; "
+                 f"lr = {o.base_lr:g} x {p.effective_batch} / 256 = {p.peak_lr:.3g} ({o.name}{decay}); "
                  f"{p.steps_per_epoch:g} steps/epoch, {p.total_steps} steps, stopping at {p.stop_step}")
 
     def _resume(self, checkpoint) -> None:
