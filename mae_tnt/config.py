@@ -434,7 +434,8 @@ def _check_type(value: Any, expected: Any, dotted: str, source: str) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(expected)
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: `{dotted}` must be a list, got {value!r}")
+            raise ConfigError(f"{source}: `{dotted}` must be a list, got {value!r}; write it in brackets, e.g. "
+                              f"{dotted}=[0.9,0.95] on the command line")
         return [_check_type(v, item_type, f"{dotted}[{i}]", source) for i, v in enumerate(value)]
     if expected is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:  # YAML 1.1 reads `1e-4` (no dot) as a string.

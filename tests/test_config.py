@@ -136,6 +136,8 @@ def test_a_section_override_merges_into_the_recipes_section(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("data.batch_size=abc", "data.batch_size` must be int"),
+    ("optim.betas=0.9,0.95", r"`optim.betas` must be a list, got '0.9,0.95'; write it in brackets, e.g. "
+                             r"optim.betas=\[0.9,0.95\]"),
     ("data.batch_size=true", "data.batch_size` must be int"),
     ("model.mask_ratio=1.5", "mask_ratio must be in"),
     ("run.precision=fp8", "run.precision"),

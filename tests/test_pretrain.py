@@ -433,6 +433,9 @@ def test_resume_with_another_model_is_refused(shards, tmp_path):
     with pytest.raises(ResumeError, match=r"step_00000004 holds weights of another shape than this recipe's model "
                                           r"\(model.img_size 32 -> 64\); use another run.output_dir"):
         Trainer(config(shards, tmp_path, "model.img_size=64"))
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ResumeError, match=r"\(model.decoder_dim None -> 16\); use another run.output_dir"):
+        Trainer(config(shards, tmp_path, "model.decoder_dim=16"))  # null: the registry's decoder was built
     (find_checkpoints(tmp_path)[0] / "engine").mkdir()  # as DeepSpeed writes it
     AcceleratorState._reset_state(True)
     with pytest.raises(ResumeError, match=r"step_00000004 was written with DeepSpeed: launch with the same "

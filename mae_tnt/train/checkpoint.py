@@ -372,18 +372,25 @@ def _model_changes(saved_config: dict, config: dict) -> list[str]:
 
 
 def _config_changes(saved_config: dict, config: dict, paths) -> list[str]:
-    """'data.num_workers 2 -> 1' for each key path whose value differs from the saved config's (when it has one)."""
+    """'data.num_workers 2 -> 1' for each key path whose value differs from the saved config's (when it has the key:
+    checkpoints of earlier versions may lack newer keys). A null counts as a value: decoder_dim null -> 16."""
     changes = []
     for path in paths:
-        before, now = _lookup(saved_config, path), _lookup(config, path)
-        if before is not None and before != now:
+        before, now = _lookup(saved_config, path, ABSENT), _lookup(config, path)
+        if before is not ABSENT and before != now:
             changes.append(f"{'.'.join(path)} {before} -> {now}")
     return changes
 
 
-def _lookup(config: dict, path: tuple[str, ...]):
+ABSENT = object()
+"""`_lookup`'s answer for a key the config lacks, when told to tell it from a null."""
+
+
+def _lookup(config: dict, path: tuple[str, ...], missing=None):
     for key in path:
-        config = config.get(key) if isinstance(config, dict) else None
+        if not isinstance(config, dict) or key not in config:
+            return missing
+        config = config[key]
     return config
 
 
@@ -481,8 +488,9 @@ def _load_training_state(accelerator, model, optimizer, checkpoint: Checkpoint, 
             accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
         except RuntimeError as err:  # another img_size, head, pooling, decoder ... under the same model name
             changes = _model_changes(checkpoint.state.get("config", {}), config)
+            first_misfit = str(err).splitlines()[1:2] or [str(err)]  # the line after torch's "Error(s) in loading"
             raise ResumeError(f"{path} holds weights of another shape than this recipe's model "
-                              f"({'; '.join(changes) or str(err).splitlines()[0]}); {FRESH}") from None
+                              f"({'; '.join(changes) or first_misfit[0].strip()}); {FRESH}") from None
         load_optimizer_state(optimizer, torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
                              path)
         if accelerator.scaler is not None and (path / "scaler.pt").exists():
