@@ -382,6 +382,16 @@ def test_resume_at_an_epoch_start_in_another_layout_loses_nothing_and_says_nothi
     assert "restarts from its start" not in capsys.readouterr().out
 
 
+def test_a_resume_with_nothing_left_to_train_says_only_that(shards, tmp_path, capsys):
+    Trainer(config(shards, tmp_path, "run.max_steps=6")).train()
+    capsys.readouterr()
+    AcceleratorState._reset_state(True)
+    summary = Trainer(config(shards, tmp_path, "run.max_steps=4", "data.num_workers=1")).train()
+    out, err = capsys.readouterr()
+    assert summary["steps"] == 6 and "nothing is left to train" in out
+    assert "restarts from its start" not in out and "step [" not in err  # no epoch restart, no progress bar
+
+
 def test_resume_with_another_effective_batch_is_refused_with_the_settings_that_fix_it(shards, tmp_path):
     Trainer(config(shards, tmp_path, "run.max_steps=20")).train()
     state_file = find_checkpoints(tmp_path)[0] / "state.json"

@@ -315,7 +315,7 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
     if data_state is not None and not changes:
         return step, StreamState.from_dict(data_state)
     epoch, into_epoch = divmod(step * config["optim"]["accum_steps"], plan.batches_per_epoch)
-    if into_epoch:  # at an epoch's start nothing is lost
+    if into_epoch and step < plan.stop_step:  # at an epoch's start nothing is lost; past the end nothing is read
         why = (f"{'; '.join(changes)}: the data position does not carry over to other data or another layout "
                f"(continuing would skip some samples of epoch {epoch})" if changes
                else f"{checkpoint.path} holds no data position")

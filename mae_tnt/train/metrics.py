@@ -98,6 +98,7 @@ def batch_progress(batches: Iterable, total: int, desc: str, enabled: bool) -> t
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str = "pretrain") -> tqdm:
-    """Step progress bar; disabled on ranks other than 0. Use it in a `with` block: closed on errors too, an error
-    message then starts a line of its own."""
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=True)
+    """Step progress bar; disabled on ranks other than 0 and when no step is left. Use it in a `with` block: closed on
+    errors too, an error message then starts a line of its own."""
+    return tqdm(total=total, initial=initial, disable=not enabled or initial >= total, desc=desc, unit="step",
+                dynamic_ncols=True)
