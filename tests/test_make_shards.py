@@ -539,6 +539,8 @@ def test_update_split_is_atomic_and_checks_classes(tmp_path):
     with pytest.raises(ShardError, match="already has classes"):
         update_split(tmp_path, "test", ["t.tar"], [1], classes=["b", "a"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["_info.json"]
+    update_split(tmp_path, "val", ["val-000000.tar"], [3], labeled=False)  # unlabeled: its classes do not count
+    assert update_split(tmp_path, "train", ["train-000000.tar"], [4], classes=["c", "d"])["classes"] == ["c", "d"]
     (tmp_path / "_info.json").write_text('{"splits": {"train": {"num_samples": 3}}}')
     with pytest.raises(ShardError, match="_info.json: split 'train' needs"):
         load_info(tmp_path)

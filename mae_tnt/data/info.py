@@ -152,9 +152,9 @@ def check_classes(root: str | os.PathLike, split: str, classes: Sequence[str] | 
 
 
 def _check_classes(info: dict, root: Path, split: str, classes: Sequence[str]) -> None:
-    """Compare with the classes of the other splits: a split that replaces the only one may bring its own."""
+    """Compare with the classes of the other labeled splits: a split that replaces the only one may bring its own."""
     old_classes = info.get("classes", [])
-    others = set(info.get("splits", {})) - {split}
+    others = {name for name in info.get("splits", {}) if name != split and split_classes(info, name)}
     if old_classes and others and list(classes) != old_classes:
         raise ShardError(
             f"{root / INFO_NAME} already has classes {old_classes}; split '{split}' has {list(classes)}. Labels "
