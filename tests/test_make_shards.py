@@ -528,6 +528,12 @@ def test_cifar_batches(tmp_path, meta_name, meta, batches, label_key, python3_by
     assert np.array_equal(np.asarray(decode(fields["png"])), images[2]) and fields["cls"] == b"1"
     with pytest.raises(SourceError, match=r"CIFAR data has splits \['test', 'train', 'val'\], not 'trian'"):
         convert(tmp_path, tmp_path / "typo", options(split="trian"))  # not the test batch under a misspelt name
+    (tmp_path / batches[1]).unlink()  # the training batches alone are CIFAR data too
+    assert detect_format(tmp_path) == "cifar"
+    convert(tmp_path, tmp_path / "train_only", options())
+    assert load_info(tmp_path / "train_only")["splits"]["train"]["num_samples"] == 4
+    with pytest.raises(SourceError, match=rf"no {batches[1]} files for 'val'"):
+        convert(tmp_path, tmp_path / "no_test", options(split="val"))
 
 
 def test_update_split_is_atomic_and_checks_classes(tmp_path):

@@ -468,10 +468,11 @@ CIFAR_LAYOUTS = (
 
 
 def _cifar_layout(root: Path) -> tuple[str, str, str, str, str] | None:
-    """The CIFAR-10 or CIFAR-100 layout whose meta and test files are in ``root``, if any."""
+    """The CIFAR-10 or CIFAR-100 layout whose meta file and some batches (train or test) are in ``root``, if any."""
     for layout in CIFAR_LAYOUTS:
-        meta, *_, test_pattern = layout
-        if (root / meta).is_file() and any(root.glob(test_pattern)):
+        meta, _, _, train_pattern, test_pattern = layout
+        batches = (path for pattern in (train_pattern, test_pattern) for path in root.glob(pattern))
+        if (root / meta).is_file() and any(path.is_file() for path in batches):
             return layout
     return None
 
@@ -523,7 +524,8 @@ def read_cifar(root: Path, split: str) -> ArraySource:
     part = _release_part(split, "CIFAR")
     layout = _cifar_layout(root)
     if layout is None:
-        raise SourceError(f"{root}: no CIFAR batches (batches.meta + test_batch, or meta + test) found")
+        raise SourceError(f"{root}: no CIFAR batches (batches.meta with data_batch_* or test_batch, or meta with "
+                          "train or test) found")
     meta_name, names_key, labels_key, train_pattern, test_pattern = layout
     classes = [_text(name) for name in _cifar_field(_load_cifar_pickle(root / meta_name), names_key, root / meta_name)]
     pattern = train_pattern if part == "train" else test_pattern
