@@ -33,8 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mask-ratio", type=float, default=None, help="in [0, 1); defaults to the run's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shown masks")
     args = parser.parse_args(argv)
-    if args.count < 1 or not (args.mask_ratio is None or 0 <= args.mask_ratio < 1):
-        parser.error(f"--count must be >= 1 and --mask-ratio in [0, 1); got {args.count} and {args.mask_ratio}")
+    if args.count < 1:
+        parser.error(f"--count must be >= 1, got {args.count}")
+    if args.mask_ratio is not None and not 0 <= args.mask_ratio < 1:
+        parser.error(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     return 0 if report_user_errors(lambda: visualize(args)) is not None else 1
 
 
@@ -42,8 +44,10 @@ def visualize(args: argparse.Namespace) -> dict:
     checkpoint = resolve_checkpoint(args.checkpoint)
     raw, state = read_source(checkpoint)
     if "config" not in state or not state.get("model", "").startswith("mae_"):
-        raise CheckpointError(f"{checkpoint} is not a pretraining checkpoint (its state.json names no MAE model); "
-                              "pass a checkpoints/step_* directory of a pretrain.py run")
+        what = "names no MAE model" if "model" in state else "is missing: an export or a bare weights file"
+        raise CheckpointError(f"{checkpoint} is not a pretraining checkpoint (its state.json {what}); pass a "
+                              "checkpoints/step_* directory of a pretrain.py run, whose state.json gives the model and "
+                              "data settings the grid needs")
     model_cfg, data_cfg = state["config"]["model"], state["config"]["data"]
     ratio = args.mask_ratio if args.mask_ratio is not None else model_cfg["mask_ratio"]
     model = create_model(state["model"], img_size=model_cfg["img_size"], norm_pix_loss=model_cfg["norm_pix_loss"],

@@ -96,15 +96,19 @@ def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys
     printed = capsys.readouterr().out
     assert "note: the val split has only 16 readable images to show of the 20 asked" in printed
     assert "(masked-patch loss n/a, nothing is hidden at mask ratio 0.0)" in printed
-    for bad in (["--count", "0"], ["--mask-ratio", "1"]):
+    for bad, message in ((["--count", "0"], "--count must be >= 1, got 0"),
+                         (["--mask-ratio", "1"], "--mask-ratio must be in [0, 1), got 1.0")):
         with pytest.raises(SystemExit):  # argparse's usage error (status 2), before any work
             visualize_main([str(tmp_path), str(shards), *bad])
-        assert "--count must be >= 1 and --mask-ratio in [0, 1)" in capsys.readouterr().err
+        assert message in capsys.readouterr().err
     state = tmp_path / "checkpoints" / "step_00000004" / "state.json"
     state.write_text(json.dumps({**json.loads(state.read_text()), "model": "vit_test_patch8_32"}))
     assert visualize_main([str(tmp_path), str(shards)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "is not a pretraining checkpoint" in err
+    assert err.startswith("error: ") and "is not a pretraining checkpoint (its state.json names no MAE model)" in err
+    weights = tmp_path / "checkpoints" / "step_00000004" / "model.safetensors"
+    assert visualize_main([str(weights), str(shards)]) == 1
+    assert "(its state.json is missing: an export or a bare weights file)" in capsys.readouterr().err
 
 
 def test_a_truncated_val_shard_is_warned_about_by_pretraining_and_by_visualize(shards, tmp_path, capsys):
