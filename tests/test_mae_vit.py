@@ -264,6 +264,21 @@ def test_unknown_model_suggests():
         mae_tnt.create_model("mae_vit_base_patch_16")
 
 
+def test_a_grid_of_one_image_shows_its_whole_title_and_no_loss_when_nothing_is_hidden(tmp_path, monkeypatch):
+    from PIL import Image, ImageDraw
+
+    from mae_tnt.train import recon
+
+    titles, save_grid = [], recon.save_grid
+    monkeypatch.setattr(recon, "save_grid", lambda *args: titles.append(args[-1]) or save_grid(*args))
+    model = mae_tnt.create_model("mae_vit_test", mask_ratio=0.0)
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    recon.write_reconstructions(model, images, [0.5] * 3, [0.5] * 3, tmp_path / "grid.png", step=3, seed=0)
+    assert titles[0].startswith("step 3, loss n/a (nothing hidden) (norm-pix")
+    width = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(titles[0])
+    assert Image.open(tmp_path / "grid.png").width >= width
+
+
 def test_reconstructing_gives_the_model_back_its_training_mode_even_when_it_fails(tmp_path, monkeypatch):
     from mae_tnt.train import recon
 

@@ -40,7 +40,9 @@ def save_grid(rows: dict[str, torch.Tensor], mean: list[float], std: list[float]
     tiles = [torch.nn.functional.interpolate(t, scale_factor=scale, mode="nearest") for t in tiles]
     batch, _, height, width = tiles[0].shape
     label_w, header = 150, 18
-    canvas = Image.new("RGB", (label_w + batch * (width + 2), header + len(names) * (height + 2)), "white")
+    title_w = round(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title)) + 8  # one or two images are narrow
+    canvas = Image.new("RGB", (max(label_w + batch * (width + 2), title_w), header + len(names) * (height + 2)),
+                       "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 2), title, fill="black")
     for row, (name, images) in enumerate(zip(names, tiles, strict=True)):
@@ -62,5 +64,6 @@ def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Pa
     with in_mode(model, training=False):
         rows = reconstruct(model, images, noise)
     note = " (norm-pix: un-normalised with the true patch statistics, display only)" if model.norm_pix_loss else ""
-    save_grid(rows, mean, std, path, f"step {step}, loss {rows['loss'].item():.4f}{note}")
+    loss = f"{rows['loss'].item():.4f}" if model.mask_ratio > 0 else "n/a (nothing hidden)"
+    save_grid(rows, mean, std, path, f"step {step}, loss {loss}{note}")
     return rows["loss"].item()
