@@ -516,11 +516,16 @@ def test_tnt_and_sret_demo_recipes_fine_tune_from_an_mae_checkpoint(tmp_path, on
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
-def test_ema_weights_are_evaluated_and_checkpointed(tmp_path, one_thread):
+def test_ema_weights_are_evaluated_and_checkpointed(tmp_path, one_thread, capsys):
     summary = FinetuneRun(demo_config(tmp_path, "optim.ema_decay=0.9", "run.max_steps=2")).train()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "ema_val_acc1" in rows[-1] and summary["best"]["weights"] in ("model", "ema")
     assert (tmp_path / "checkpoints" / "step_00000002" / "ema.safetensors").exists()
+    capsys.readouterr()
+    for decay, shown in (("0.5", "0.5"), ("null", "None")):  # a resume says that the EMA changes, or stops
+        run = FinetuneRun(demo_config(tmp_path, f"optim.ema_decay={decay}", "run.max_steps=3"))
+        assert (run.ema.decay if run.ema else None) == (0.5 if decay == "0.5" else None)
+        assert f"note: optim.ema_decay 0.9 -> {shown} since step_00000002" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
@@ -624,7 +629,7 @@ def test_a_resume_applies_new_optimizer_settings_and_says_so(tmp_path, one_threa
     assert {g["weight_decay"] for g in groups} == {0.0, 0.2} and {tuple(g["betas"]) for g in groups} == {(0.8, 0.9)}
     assert sorted({g["lr_scale"] for g in groups}) == [0.125, 0.25, 0.5, 1.0]  # depth 2 at 0.5, not 0.75
     assert ("note: optim.weight_decay 0.05 -> 0.2; optim.betas [0.9, 0.999] -> [0.8, 0.9]; optim.layer_decay 0.75 -> "
-            "0.5 since step_00000001: the optimizer uses the new settings from this step on") in capsys.readouterr().out
+            "0.5 since step_00000001: the new settings apply from this step on") in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")

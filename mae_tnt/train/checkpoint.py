@@ -337,7 +337,7 @@ def _note_changed_settings(checkpoint: Checkpoint, config: dict, plan: Plan, log
             "step on, so it may jump")
     optim_changes = _config_changes(saved_config, config, OPTIM_KEYS)
     if optim_changes:
-        log(f"note: {'; '.join(optim_changes)} since {name}: the optimizer uses the new settings from this step on")
+        log(f"note: {'; '.join(optim_changes)} since {name}: the new settings apply from this step on")
     model_changes = _model_changes(saved_config, config)
     if model_changes:
         log(f"note: {'; '.join(model_changes)} since {name}: training goes on under the new setting from this step "
@@ -347,9 +347,10 @@ def _note_changed_settings(checkpoint: Checkpoint, config: dict, plan: Plan, log
 LR_KEYS = (("optim", "base_lr"), ("optim", "min_lr"), ("schedule", "epochs"), ("schedule", "warmup_epochs"))
 """Config keys that, with the effective batch, decide the LR of every step."""
 
-OPTIM_KEYS = tuple(("optim", key) for key in ("weight_decay", "betas", "layer_decay", "momentum", "trust_coeff"))
-"""Config keys held in the optimizer's parameter groups, which a resumed run takes from its config, not the
-checkpoint (`this_runs_settings`)."""
+OPTIM_KEYS = tuple(("optim", key) for key in ("weight_decay", "betas", "layer_decay", "momentum", "trust_coeff",
+                                              "ema_decay"))
+"""Optimizer settings that a resumed run takes from its config, not the checkpoint: those held in the parameter
+groups (`this_runs_settings`), and the EMA decay (null drops the EMA)."""
 
 LR_PLAN_KEYS = (("steps_per_epoch",), ("total_steps",), ("warmup_steps",))
 """The plan's step counts, which the data layout changes too (every worker gets the same whole batches)."""
