@@ -14,7 +14,8 @@ is checked by loading it into our model with no missing or unexpected key. ViT a
                       **cfg["timm_kwargs"])
 
 loads it (the `num_classes` overlay keeps a fine-tuned head; without it timm drops the head as "adapted"). The tool
-prints this call for the export at hand, and config.json keeps it as `timm_call`.
+prints this call for the export at hand, and config.json keeps it as `timm_call`. A classifier's config.json also
+names its outputs, `label_names` (from the fine-tuning checkpoint), the top-level key timm reads from a Hub config.
 
 References: timm `_builder.load_pretrained` (`pretrained_cfg_overlay`), DeepSpeed `utils/zero_to_fp32.py`.
 """
@@ -49,7 +50,7 @@ from .train.init import PROBE_BN_EPS, encoder_weights, read_source
 
 # The evaluation preprocessing of MAE and DeiT: bicubic resize to S / 0.875, centre crop S.
 INTERPOLATION, CROP_PCT = "bicubic", 0.875
-DESCRIPTION_KEYS = ("model", "kind", "num_classes", "img_size", "global_pool", "mean", "std", "step")
+DESCRIPTION_KEYS = ("model", "kind", "num_classes", "label_names", "img_size", "global_pool", "mean", "std", "step")
 
 
 def classifier_name_for(mae_name: str) -> str:
@@ -117,7 +118,7 @@ def describe(meta: dict, model_name: str | None, state_dict: dict[str, torch.Ten
     shown = {} if pretraining else shown_build_kwargs(state_dict)
     num_classes = meta.get("num_classes", shown.get("num_classes", 0))
     return {"model": name, "kind": meta.get("mode") or ("classifier" if num_classes else "encoder"),
-            "num_classes": num_classes,
+            "num_classes": num_classes, "label_names": meta.get("label_names") if num_classes else None,
             "img_size": model_cfg.get("img_size"),
             "global_pool": model_cfg.get("global_pool", shown.get("global_pool")),
             "mean": data_cfg.get("mean"), "std": data_cfg.get("std"), "step": meta.get("step")}

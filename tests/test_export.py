@@ -125,11 +125,13 @@ def test_create_model_builds_an_export_as_it_was_built_and_names_the_head_size_o
 
 def test_an_export_exports_again_and_bare_weights_export_as_trained_or_not_at_all(tool, tmp_path):
     ours = create_model("vit_test_patch8_32", num_classes=7, global_pool="avg", img_size=48).eval()
-    state = {"step": 9, "model": "vit_test_patch8_32", "mode": "finetune", "num_classes": 7, "img_size": 48,
-             "config": {"model": {"img_size": 48, "global_pool": "avg"}, "data": MEAN_STD}}
+    names = [f"class {i}" for i in range(7)]
+    state = {"step": 9, "model": "vit_test_patch8_32", "mode": "finetune", "num_classes": 7, "label_names": names,
+             "img_size": 48, "config": {"model": {"img_size": 48, "global_pool": "avg"}, "data": MEAN_STD}}
     first = tool.export(write_checkpoint(tmp_path / "best", ours, state), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["label_names"] == names  # timm's Hub key
     again = tool.export(tmp_path / "out", tmp_path / "again")  # its config.json describes it
-    built = ("model", "kind", "num_classes", "img_size", "global_pool", "mean", "std", "timm_call")
+    built = ("model", "kind", "num_classes", "label_names", "img_size", "global_pool", "mean", "std", "timm_call")
     assert {k: again[k] for k in built} == {k: first[k] for k in built} | {"timm_call": again["timm_call"]}
     assert_same_tensors(ours, tmp_path / "again" / "model.safetensors")
 

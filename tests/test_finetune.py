@@ -643,6 +643,16 @@ def test_a_resume_refuses_another_optimizer_or_other_parameter_groups(tmp_path, 
         FinetuneRun(demo_config(tmp_path, "optim.layer_decay=null"))
 
 
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_checkpoints_and_exports_name_the_heads_classes(tmp_path, one_thread, export_tool):
+    FinetuneRun(demo_config(tmp_path / "run", "run.max_steps=1", "data.val=null")).train()
+    classes = json.loads((BUNDLED / "_info.json").read_text())["classes"]
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000001" / "state.json").read_text())
+    assert state["label_names"] == classes and len(classes) == 10
+    assert export_tool.export(tmp_path / "run", tmp_path / "export")["label_names"] == classes
+    assert FinetuneRun(demo_config(tmp_path / "wide", "model.num_classes=12")).class_names is None  # not the head's
+
+
 def test_the_demo_comparison_refuses_the_experiment_budget_flags_it_would_ignore(capsys):
     with pytest.raises(SystemExit) as done:
         load_tool("experiment_fashion").main(["demo", "runs/x", "--finetune-epochs", "1", "--workers", "2"])

@@ -82,6 +82,13 @@ def resolve_num_classes(cfg: FinetuneConfig, log=print) -> int:
     return len(classes)
 
 
+def head_class_names(cfg: FinetuneConfig, num_classes: int) -> list[str] | None:
+    """What the head's outputs stand for, in label order: the train shards' class names when they size the head
+    (checkpoints record them, and exports pass them on as timm's `label_names`)."""
+    classes = labeled_classes(cfg.data.train, cfg.data.info, cfg.data.split, "data.split", cfg.mode)
+    return list(classes) if classes and len(classes) == num_classes else None
+
+
 def build_classifier(cfg: FinetuneConfig, num_classes: int, load: bool = True, log=print) -> nn.Module:
     """Create the classifier (num_classes = 0: bare encoder), load `cfg.init`, and set up its head for the mode."""
     kwargs = dict(num_classes=num_classes, img_size=cfg.model.img_size, drop_path_rate=cfg.model.drop_path)
@@ -154,6 +161,7 @@ class FinetuneRun(TrainingRun):
         self.stream = build_train_stream(cfg.data, transform, seed=cfg.seed, rank=self.rank, world_size=self.world)
         self.plan = derive_plan(cfg, self.world, self.stream.batches_per_epoch())
         self.num_classes = resolve_num_classes(cfg, self.log)
+        self.class_names = head_class_names(cfg, self.num_classes)
         if cfg.data.val:
             require_labeled_shards(cfg.data, f"{cfg.mode} validation")
         checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)
@@ -352,7 +360,8 @@ class FinetuneRun(TrainingRun):
     def _state(self) -> dict:
         """Self-description stored with every checkpoint and with `best/` (read by tools/export.py)."""
         return {"step": self.step, "model": self.cfg.model.name, "mode": self.cfg.mode, "world_size": self.world,
-                "num_classes": self.num_classes, "img_size": self.cfg.model.img_size, "best": self.best,
+                "num_classes": self.num_classes, "label_names": self.class_names,
+                "img_size": self.cfg.model.img_size, "best": self.best,
                 "config": to_dict(self.cfg), "plan": self.plan.__dict__}
 
     def save(self) -> Path:
