@@ -328,7 +328,7 @@ def _prepared(source: Source, order: list[int], start: int, options: ConvertOpti
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="make_shards", description="Convert an image dataset into webdataset shards plus _info.json.",
+        description="Convert an image dataset into webdataset shards plus _info.json.",
         formatter_class=HelpWithDefaults,
     )
     parser.add_argument("src", help="dataset directory, or a list file (paths, or CSV or TSV with a path[,label] "

@@ -148,7 +148,7 @@ def _min_median_max(values: list[int]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point (``tools/inspect_shards.py`` and ``mae-tnt-inspect-shards``)."""
-    parser = argparse.ArgumentParser(prog="inspect_shards", description="Verify shards against _info.json.",
+    parser = argparse.ArgumentParser(description="Verify shards against _info.json.",
                                      formatter_class=HelpWithDefaults)
     parser.add_argument("root", help="shard directory holding _info.json")
     args = parser.parse_args(argv)
