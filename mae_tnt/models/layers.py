@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 
-def check_image_size(images: torch.Tensor, size: int) -> None:
+def check_images(images: torch.Tensor, size: int) -> None:
     """Refuse anything but float images [B, 3, size, size], before a reshape or convolution fails on it obscurely."""
     if images.dim() != 4 or images.shape[1] != 3:
         channels_last = images.dim() == 4 and images.shape[-1] == 3

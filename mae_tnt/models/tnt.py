@@ -28,7 +28,7 @@ from .layers import (
     DropPath,
     Mlp,
     check_backbone_args,
-    check_image_size,
+    check_images,
     init_mae_weights,
     init_trunc_normal_weights,
     trunc_normal_,
@@ -242,7 +242,7 @@ class TNT(nn.Module):
         """
         b, c = images.shape[:2]
         g, u = self.grid, self.unit
-        check_image_size(images, g * u)
+        check_images(images, g * u)
         x = images.reshape(b, c, g, u, g, u).permute(0, 2, 4, 3, 5, 1)  # [B, gh, gw, u, u, C] (view)
         if ids_keep is not None:
             batch = torch.arange(b, device=images.device).unsqueeze(1)  # [B, 1]

@@ -14,7 +14,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .layers import LayerNorm, check_backbone_args, check_image_size, init_mae_weights
+from .layers import LayerNorm, check_backbone_args, check_images, init_mae_weights
 from .mae import REFERENCE_DECODER, MaskedAutoencoder, build_mae
 from .masking import gather_units
 from .pos_embed import resample_token_table, sincos_2d
@@ -66,7 +66,7 @@ class ViT(VisionTransformer):
 
     def forward_features(self, images: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """timm's, after our input check (timm's own would name only the size)."""
-        check_image_size(images, self.grid * self.unit)
+        check_images(images, self.grid * self.unit)
         return super().forward_features(images, *args, **kwargs)
 
     def forward_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:

@@ -254,10 +254,10 @@ def check_compatible(checkpoint: Checkpoint, config: dict, effective_batch: int,
         raise ResumeError(f"{checkpoint.path} was written with mode={checkpoint.state.get('mode')} but this recipe "
                           f"runs mode={config.get('mode')}; {FRESH}")
     saved_optimizer = _lookup(checkpoint.state.get("config", {}), ("optim", "name"))
-    if saved_optimizer is not None and saved_optimizer != config["optim"].get("name"):
-        now = config["optim"].get("name")
+    optimizer = config["optim"].get("name")
+    if saved_optimizer is not None and saved_optimizer != optimizer:
         raise ResumeError(f"{checkpoint.path} was trained with optim.name={saved_optimizer}, whose state does not "
-                          f"carry over to optim.name={now}; set it back to continue, or {FRESH}")
+                          f"carry over to optim.name={optimizer}; set it back to continue, or {FRESH}")
     if (checkpoint.path / "engine").is_dir() != deepspeed:
         written = "without" if deepspeed else "with"
         launch = "without DeepSpeed" if deepspeed else "with the same DeepSpeed accelerate config"

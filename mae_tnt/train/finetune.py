@@ -66,7 +66,7 @@ EMA_FILE = "ema.safetensors"
 def resolve_num_classes(cfg: FinetuneConfig, log=print) -> int:
     """`model.num_classes`, or the length of the `classes` list in the train shards' `_info.json` (their own, or
     `data.info` for remote and `pipe:` shards)."""
-    classes = labeled_classes(cfg.data.train, cfg.data.info, cfg.data.split, "data.split", cfg.mode)
+    classes = train_classes(cfg)
     info_file = f"{info_directory(cfg.data.train, cfg.data.info)}/_info.json"
     if cfg.model.num_classes is not None:
         if classes and len(classes) != cfg.model.num_classes:
@@ -85,8 +85,13 @@ def resolve_num_classes(cfg: FinetuneConfig, log=print) -> int:
 def head_class_names(cfg: FinetuneConfig, num_classes: int) -> list[str] | None:
     """What the head's outputs stand for, in label order: the train shards' class names when they size the head
     (checkpoints record them, and exports pass them on as timm's `label_names`)."""
-    classes = labeled_classes(cfg.data.train, cfg.data.info, cfg.data.split, "data.split", cfg.mode)
+    classes = train_classes(cfg)
     return list(classes) if classes and len(classes) == num_classes else None
+
+
+def train_classes(cfg: FinetuneConfig) -> list[str] | None:
+    """The class names in the train shards' `_info.json` (their own, or `data.info`); None without one."""
+    return labeled_classes(cfg.data.train, cfg.data.info, cfg.data.split, "data.split", cfg.mode)
 
 
 def build_classifier(cfg: FinetuneConfig, num_classes: int, load: bool = True, log=print) -> nn.Module:

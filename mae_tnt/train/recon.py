@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from ..data.transforms import denormalize, normalize
 from ..models.layers import in_mode
@@ -40,7 +40,7 @@ def save_grid(rows: dict[str, torch.Tensor], mean: list[float], std: list[float]
     tiles = [torch.nn.functional.interpolate(t, scale_factor=scale, mode="nearest") for t in tiles]
     batch, _, height, width = tiles[0].shape
     label_w, header = 150, 18
-    title_w = round(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title)) + 8  # one or two images are narrow
+    title_w = round(ImageFont.load_default().getlength(title)) + 8  # wider than a grid of one or two images
     canvas = Image.new("RGB", (max(label_w + batch * (width + 2), title_w), header + len(names) * (height + 2)),
                        "white")
     draw = ImageDraw.Draw(canvas)
