@@ -284,21 +284,60 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple
         raw = _parse_yaml(text, source) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: a recipe must be a YAML mapping at the top level")
+    _refuse_repeated_override(overrides)
     for item in overrides:
         apply_override(cls, raw, item)
     return _build(cls, raw, prefix="", source=source, overrides=tuple(overrides))
 
 
 def _parse_yaml(text: str, source: str) -> Any:
-    """`yaml.safe_load`, with a syntax error as a ConfigError naming the file (or override) and line."""
+    """`yaml.safe_load`, with a syntax error or a repeated key as a ConfigError naming the file (or override) and
+    line."""
     try:
+        _refuse_repeated_key(text, source)
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None and "\n" in text else source  # a line of a file
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        where = _located(source, text, getattr(err, "problem_mark", None))
         raise ConfigError(f"{where}: not valid YAML ({problem}); check the brackets, quotes and indentation "
                           "there") from None
+
+
+def _refuse_repeated_key(text: str, source: str) -> None:
+    """A key written twice in one mapping is refused: `yaml.safe_load` would keep the last silently.
+
+    Composing builds only the node tree (no Python objects), so this reads the text as safely as `safe_load`.
+    """
+    nodes, visited = [yaml.compose(text, Loader=yaml.SafeLoader)], set()
+    while nodes:
+        node = nodes.pop()
+        if id(node) in visited:  # an alias repeats a node, and may even point back at its parent
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys = [key for key, _ in node.value if isinstance(key, yaml.ScalarNode)]
+            for index, key in enumerate(keys):
+                if any(earlier.value == key.value for earlier in keys[:index]):
+                    raise ConfigError(f"{_located(source, text, key.start_mark)}: key `{key.value}` is written "
+                                      "twice in the same mapping; keep one (YAML would silently use the last)")
+            nodes.extend(value for _, value in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            nodes.extend(node.value)
+
+
+def _located(source: str, text: str, mark: yaml.Mark | None) -> str:
+    """`source:line` for a place in a file; an override is one line, so its source alone."""
+    return f"{source}:{mark.line + 1}" if mark is not None and "\n" in text else source
+
+
+def _refuse_repeated_override(overrides: list[str] | tuple[str, ...]) -> None:
+    """The same key given twice on the command line is refused rather than silently taking the last value."""
+    given: dict[str, str] = {}
+    for item in overrides:
+        key = item.partition("=")[0]
+        if key in given:
+            raise ConfigError(f"command line: `{key}` is given twice ({given[key]} and {item}); keep one")
+        given[key] = item
 
 
 def apply_override(cls: type, raw: dict[str, Any], item: str) -> None:

@@ -185,6 +185,20 @@ def test_a_bad_value_names_the_overrides_that_reached_its_section(tmp_path):
         load_config(PretrainConfig, None, ["model.name=mae_vit_test", "data.train=x", "model.mask_ratio=0"])
 
 
+def test_a_key_given_twice_is_refused_rather_than_silently_taking_the_last(tmp_path):
+    path = write(tmp_path, "model: {name: mae_vit_test}\ndata:\n  train: x\n  batch_size: 4\n  batch_size: 8\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:5: key `batch_size` is written twice in the same mapping"):
+        load_config(PretrainConfig, path)
+    path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
+    with pytest.raises(ConfigError, match=r"^command line: `data.batch_size` is given twice \(data.batch_size=4 "
+                                          r"and data.batch_size=8\); keep one$"):
+        load_config(PretrainConfig, path, ["data.batch_size=4", "data.batch_size=8"])
+    with pytest.raises(ConfigError, match=r"^override 'data=\{train: y, train: z\}': key `train` is written twice"):
+        load_config(PretrainConfig, path, ["data={train: y, train: z}"])
+    with pytest.raises(ConfigError, match="unknown config key `loop`"):  # a cyclic alias is walked once
+        load_config(PretrainConfig, write(tmp_path, "loop: &loop [*loop]\nmodel: {name: mae_vit_test}\n"))
+
+
 def test_missing_required_key_fails(tmp_path):
     path = write(tmp_path, "model: {name: mae_vit_test}\n")
     with pytest.raises(ConfigError, match="required key `data.train`"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_worker import KNN_ARGS
-from run_utils import free_port, logged_losses
+from run_utils import free_port, logged_losses, overridden
 from shard_utils import write_shards
 
 from mae_tnt.config import DataConfig
@@ -103,8 +103,8 @@ def test_two_ranks_keep_identical_parameters_and_resume_exactly(shards, tmp_path
 def test_sigterm_to_both_ranks_saves_within_the_check_interval_not_the_log_interval(shards, tmp_path):
     out = tmp_path / "run"
     # An epoch of 64 steps (batch 2 per rank) outlasts the run, so only an agreed check step can stop it early.
-    args = [*train_args(shards, out, 60), "data.batch_size=2", "run.log_every=100", "run.checkpoint_every=100",
-            "run.preempt_check_every=2"]  # later overrides replace earlier ones
+    args = overridden(train_args(shards, out, 60), ["data.batch_size=2", "run.log_every=100",
+                                                    "run.checkpoint_every=100", "run.preempt_check_every=2"])
     process = subprocess.Popen(launch_command(*args), env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 180

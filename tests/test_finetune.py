@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from run_utils import overridden
 from safetensors.torch import load_file, save_file
 from shard_utils import drop_classes, write_shards
 from test_tnt import official_layout as tnt_official_layout
@@ -296,7 +297,7 @@ def test_batch_augment_is_a_function_of_the_step_seed():
 
 def demo_config(out: Path, *overrides: str, recipe: str = "demo_finetune_vit.yaml") -> FinetuneConfig:
     base = [f"run.output_dir={out}", "data.num_workers=0", "schedule.epochs=2", "run.log_every=5"]
-    return load_config(FinetuneConfig, ROOT / "recipes" / recipe, base + list(overrides))
+    return load_config(FinetuneConfig, ROOT / "recipes" / recipe, overridden(base, overrides))
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")

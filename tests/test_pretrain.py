@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from run_utils import overridden
 from shard_utils import drop_classes, write_shards
 
 from mae_tnt.config import ConfigError, PretrainConfig, load_config
@@ -41,7 +42,7 @@ def config(shards, out, *overrides):
     base = [f"data.train={shards}", f"data.val={shards}", f"run.output_dir={out}", "data.batch_size=8",
             "data.num_workers=0", "model.img_size=32", "schedule.epochs=2", "schedule.warmup_epochs=0.5",
             "run.log_every=1", "run.checkpoint_every=4", "optim.base_lr=1e-3", "data.shuffle_chunk=16"]
-    return load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_vit.yaml", base + list(overrides))
+    return load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_vit.yaml", overridden(base, overrides))
 
 
 def metrics(out):
