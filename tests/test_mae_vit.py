@@ -78,6 +78,8 @@ def test_masking_polarity_and_count():
     assert ids_keep.tolist() == [[1, 3]]  # lowest noise stays visible
     assert mask.tolist() == [[1, 0, 1, 0]]  # 1 = hidden
     assert torch.equal(torch.argsort(torch.argsort(noise, 1), 1), ids_restore)
+    _, _, mask_from_ranks = random_masking(torch.tensor([[3, 0, 2, 1]]), 2)  # a permutation works as noise too
+    assert mask_from_ranks.dtype == torch.float32 and mask_from_ranks.tolist() == [[1, 0, 1, 0]]
 
 
 def test_all_visible_equals_full_encoder(model):

@@ -31,7 +31,7 @@ def random_masking(noise: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, to
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :num_keep]
-    mask = torch.ones_like(noise)
+    mask = torch.ones(noise.shape, device=noise.device)  # float whatever the noise: a permutation works as noise too
     mask[:, :num_keep] = 0
     mask = torch.gather(mask, dim=1, index=ids_restore)
     return ids_keep, ids_restore, mask
