@@ -38,8 +38,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from mae_tnt.config import DEFAULT_MAX_IMAGE_PIXELS
 from mae_tnt.data.encode import EncodedImage, prepare_sample
 from mae_tnt.data.images import pixel_limit, set_max_image_pixels
@@ -61,10 +59,12 @@ from mae_tnt.data.shard_writer import (
     remove_stale_shards,
     shard_members,
 )
+from mae_tnt.progress import progress_bar
 from mae_tnt.text import HelpWithDefaults, counted
 
-LIST_LAYOUT = ("\nA list names one image per line, or is a CSV or TSV file whose first line is a header: `path`, or "
-               "`path,label` (`path<TAB>label`); relative paths are read from the list's directory")
+LIST_LAYOUT = ("\nA list names one image per line (lines starting with # are comments), or is a CSV or TSV file whose "
+               "first line is a header: `path`, or `path,label` (`path<TAB>label`); relative paths are read from the "
+               "list's directory")
 CHUNK = 16  # samples per worker task: large enough to amortise the inter-process transfer, small for even load
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -230,7 +230,7 @@ def _write_remaining(source: Source, order: list[int], journal: Journal, options
     done, skipped_before = journal.num_samples, len(journal.skipped)
     writer = ShardWriter(journal.path.parent, options.split, first_shard=len(journal.shards), compress=options.compress)
     skips, end = [], journal.next_position  # end: first order position not consumed yet
-    bar = tqdm(total=target, initial=done, unit="img", desc=options.split, disable=not options.progress)
+    bar = progress_bar(total=target, initial=done, unit="img", desc=options.split, disable=not options.progress)
     stream = _prepared(source, order, journal.next_position, options)
     try:
         for position, result in stream:

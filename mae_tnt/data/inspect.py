@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from mae_tnt.data.images import IMAGE_FIELDS, BadImageError, decode
 from mae_tnt.data.info import (
     INFO_NAME,
@@ -25,6 +23,7 @@ from mae_tnt.data.info import (
     unfinished_journals,
 )
 from mae_tnt.data.shards import read_samples
+from mae_tnt.progress import progress_bar
 from mae_tnt.text import HelpWithDefaults, counted
 
 MAX_PRINTED_PROBLEMS = 50
@@ -68,7 +67,7 @@ def inspect_shards(root: str | Path, progress: bool = False) -> InspectReport:
     splits = {}
     for split, entry in info["splits"].items():
         report = splits[split] = SplitReport(entry["num_samples"], len(entry["filenames"]), split_classes(info, split))
-        with tqdm(total=entry["num_samples"], unit="img", desc=split, disable=not progress) as bar:
+        with progress_bar(total=entry["num_samples"], unit="img", desc=split, disable=not progress) as bar:
             for filename, length in zip(entry["filenames"], entry["shard_lengths"], strict=True):
                 problems += _inspect_shard(root / filename, length, report)
                 bar.update(length)

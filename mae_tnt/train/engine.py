@@ -28,7 +28,7 @@ from ..text import counted
 from .checkpoint import Checkpoint, resolve_resume, save_checkpoint
 from .knn import knn_accuracy_on_shards, require_labeled_shards, topk_text
 from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, timed
-from .metrics import MetricsLogger, main_process_lines, progress_bar
+from .metrics import MetricsLogger, main_process_lines, step_progress
 from .optim import build_adamw
 from .recon import write_reconstructions
 
@@ -251,7 +251,7 @@ class Trainer(TrainingRun):
         self.last_saved = self.step
         with (MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step) as self.logger,
               Preemption(self.acc, self.cfg.run.preempt_check_every, self.log) as preemption):
-            with progress_bar(self.plan.stop_step, self.step, self.is_main) as bar:
+            with step_progress(self.plan.stop_step, self.step, self.is_main) as bar:
                 history = self._run_steps(preemption, bar)
             raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
             if self.step != self.last_saved:

@@ -57,7 +57,7 @@ from .knn import (
     topk_text,
 )
 from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, timed
-from .metrics import MetricsLogger, main_process_lines, progress_bar
+from .metrics import MetricsLogger, main_process_lines, step_progress
 from .optim import build_adamw
 
 EMA_FILE = "ema.safetensors"
@@ -252,7 +252,7 @@ class FinetuneRun(TrainingRun):
         self.window.restart_clock()
         with (MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step) as self.logger,
               self.preemption,
-              progress_bar(self.plan.stop_step, self.step, self.is_main, desc=self.cfg.mode) as bar):
+              step_progress(self.plan.stop_step, self.step, self.is_main, desc=self.cfg.mode) as bar):
             micro = self.step * self.cfg.optim.accum_steps
             while self.step < self.plan.stop_step and not self.preemption.stopping:
                 self.set_train_mode()

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..progress import progress_bar
+
 NOT_PLOTTED = ("step", "knn_train", "knn_val", "knn_k")
 """Row fields that describe a row (its step, an evaluation's sizes) rather than a curve worth plotting."""
 
@@ -94,11 +96,10 @@ def main_process_lines(is_main: bool) -> Callable[[str], None]:
 def batch_progress(batches: Iterable, total: int, desc: str, enabled: bool) -> tqdm:
     """A bar over evaluation batches that clears when done (rank 0 only): a large val set or kNN bank takes
     minutes to encode."""
-    return tqdm(batches, total=total, desc=desc, unit="batch", leave=False, disable=not enabled, dynamic_ncols=True)
+    return progress_bar(batches, nested=True, total=total, desc=desc, unit="batch", disable=not enabled)
 
 
-def progress_bar(total: int, initial: int, enabled: bool, desc: str = "pretrain") -> tqdm:
+def step_progress(total: int, initial: int, enabled: bool, desc: str = "pretrain") -> tqdm:
     """Step progress bar; disabled on ranks other than 0 and when no step is left. Use it in a `with` block: closed on
     errors too, an error message then starts a line of its own."""
-    return tqdm(total=total, initial=initial, disable=not enabled or initial >= total, desc=desc, unit="step",
-                dynamic_ncols=True)
+    return progress_bar(total=total, initial=initial, disable=not enabled or initial >= total, desc=desc, unit="step")
