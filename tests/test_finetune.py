@@ -516,6 +516,16 @@ def test_tnt_and_sret_demo_recipes_fine_tune_from_an_mae_checkpoint(tmp_path, on
     assert summary["steps"] == 2 and 0.0 <= summary["best"]["val_acc1"] <= 100.0
 
 
+@pytest.mark.parametrize("batches, noted", [(0, True), (10, False)])
+def test_sret_from_an_mae_checkpoint_without_norm_refit_gets_a_note(tmp_path, capsys, batches, noted):
+    write_mae_checkpoint(tmp_path / "ckpt", "mae_sret_test")
+    cfg = demo_config(tmp_path / "run", f"init={tmp_path / 'ckpt'}", f"model.bn_reestimate_batches={batches}",
+                      recipe="demo_finetune_sret.yaml")
+    build_classifier(cfg, num_classes=10)
+    note = "note: the stem BatchNorm statistics come from MAE pretraining, which showed the stem 32-px crops"
+    assert (note in capsys.readouterr().out) == noted
+
+
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_ema_weights_are_evaluated_and_checkpointed(tmp_path, one_thread, capsys):
     summary = FinetuneRun(demo_config(tmp_path, "optim.ema_decay=0.9", "run.max_steps=2")).train()

@@ -47,7 +47,14 @@ from .engine import (
     training_precision,
     write_run_config,
 )
-from .init import attach_probe_head, init_head, load_init, recorded_init, reestimate_stem_norms
+from .init import (
+    attach_probe_head,
+    init_head,
+    load_init,
+    recorded_init,
+    reestimate_stem_norms,
+    stale_stem_norm_note,
+)
 from .knn import (
     accuracy_counts,
     knn_accuracy_on_shards,
@@ -109,6 +116,8 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int, load: bool = True, l
     if cfg.mode == "knn" and report is not None and "fc_norm.weight" in report.missing:
         log("note: with model.global_pool=avg the kNN feature is the mean token through a fresh fc_norm, not the "
             "checkpoint's final norm; model.global_pool=token gives the pretrained feature (as demo_knn_vit.yaml)")
+    if report is not None and (note := stale_stem_norm_note(model, report, cfg.model.bn_reestimate_batches)):
+        log(note)
     model.requires_grad_(True)  # fine-tuning trains everything, the fixed sin-cos position table included (MAE)
     if cfg.mode == "linprobe":
         attach_probe_head(model, cfg.model.head_init_std)

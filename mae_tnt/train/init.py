@@ -206,6 +206,16 @@ def attach_probe_head(model: nn.Module, std: float = 0.01) -> nn.Sequential:
     return model.head
 
 
+def stale_stem_norm_note(model: nn.Module, report: LoadReport, reestimate_batches: int) -> str | None:
+    """A note for SReT loaded from an MAE checkpoint without re-estimation: its stem BatchNorm statistics fit the
+    32-px crops pretraining showed it, not whole images (`reestimate_stem_norms`)."""
+    from_mae = any(key.startswith("decoder") for key in report.dropped)
+    if not isinstance(model, SReT) or not from_mae or reestimate_batches:
+        return None
+    return ("note: the stem BatchNorm statistics come from MAE pretraining, which showed the stem 32-px crops; "
+            "model.bn_reestimate_batches=100 refits them on whole train images first")
+
+
 def reestimate_stem_norms(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     """Recompute SReT's stem BatchNorm statistics on whole images ([B, 3, H, W], normalised); returns their count.
 
