@@ -422,6 +422,10 @@ def test_file_lists_with_names_ints_and_no_labels(tmp_path):
     with pytest.raises(SourceError, match="needs a header line whose first column is `path` .*its first line is "
                                           "'imgs/a.png,zebra'"):
         convert(tmp_path / "headless.csv", tmp_path / "headless", options())
+    (tmp_path / "headless.txt").write_text("imgs/a.png\tzebra\n")  # a TSV, whatever its name
+    with pytest.raises(SourceError, match=r"needs a header line whose first column is `path` .*its first line is "
+                                          r"'imgs/a.png\\tzebra'"):
+        convert(tmp_path / "headless.txt", tmp_path / "headless", options())
 
     (tmp_path / "plain.txt").write_text(f"# comment\nimgs/a.png\n{tmp_path / 'imgs' / 'b.png'}\n")
     assert convert(tmp_path / "plain.txt", tmp_path / "plain", options()).num_samples == 2
@@ -472,7 +476,7 @@ def test_file_lists_as_spreadsheets_save_them_and_negative_labels(tmp_path):
     assert load_info(tmp_path / "tabs")["classes"] == ["cat", "dog"]
     (tmp_path / "spaced.txt").write_text("imgs/a.png 0\nimgs/b.png 1\n")  # ImageNet-style "path label" lines
     with pytest.raises(ConversionError, match="(?s)no readable image in .*spaced.txt .*\nA list names one image per "
-                                              "line, or is a CSV or TSV file"):
+                                              r"line \(lines starting with # are comments\), or is a CSV or TSV"):
         convert(tmp_path / "spaced.txt", tmp_path / "spaced", options())
 
 
@@ -534,6 +538,10 @@ def test_cifar_batches(tmp_path, meta_name, meta, batches, label_key, python3_by
     assert load_info(tmp_path / "train_only")["splits"]["train"]["num_samples"] == 4
     with pytest.raises(SourceError, match=rf"no {batches[1]} files for 'val'"):
         convert(tmp_path, tmp_path / "no_test", options(split="val"))
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images[..., 0])  # a second dataset in the same folder
+    with pytest.raises(SourceError, match="holds both IDX .* and CIFAR batch files; pass --format idx or --format cif"):
+        detect_format(tmp_path)
+    convert(tmp_path, tmp_path / "told", options(fmt="cifar"))
 
 
 def test_update_split_is_atomic_and_checks_classes(tmp_path):

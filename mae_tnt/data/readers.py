@@ -156,7 +156,7 @@ def detect_format(src: str | os.PathLike) -> str:
     folder`` for unlabeled images that are only sorted into sub-folders.
 
     Raises:
-        SourceError: ``src`` does not exist.
+        SourceError: ``src`` does not exist, or holds both IDX and CIFAR files.
     """
     src = Path(src)
     if src.is_file():
@@ -170,10 +170,17 @@ def detect_format(src: str | os.PathLike) -> str:
 
 
 def _release_format(folder: Path) -> str | None:
-    """"idx" or "cifar" when ``folder`` holds the files of that release format (file checks only: cheap)."""
-    if any(_find_idx_file(folder, prefix, "images", 3) for prefix in set(IDX_PREFIXES.values())):
-        return "idx"
-    return "cifar" if _cifar_layout(folder) is not None else None
+    """"idx" or "cifar" when ``folder`` holds the files of that release format (file checks only: cheap).
+
+    Raises:
+        SourceError: ``folder`` holds both, and either could be the one meant.
+    """
+    idx = any(_find_idx_file(folder, prefix, "images", 3) for prefix in set(IDX_PREFIXES.values()))
+    cifar = _cifar_layout(folder) is not None
+    if idx and cifar:
+        raise SourceError(f"{folder} holds both IDX (MNIST-style) and CIFAR batch files; pass --format idx or "
+                          "--format cifar to say which to read")
+    return "idx" if idx else "cifar" if cifar else None
 
 
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
@@ -319,8 +326,9 @@ def read_list(list_file: Path, classes: list[str] | None = None) -> FileSource:
     """
     text = _list_text(list_file)
     if not _has_csv_header(text):
-        if list_file.suffix.lower() == ".csv":  # read as plain paths, "x.jpg,cat" would name a file that is not there
-            raise SourceError(f"{list_file}: a CSV list needs a header line whose first column is `path` (then "
+        # Read as plain paths, "x.jpg,cat" would name a file that is not there (and no path holds a tab).
+        if list_file.suffix.lower() in (".csv", ".tsv") or "\t" in _first_line(text):
+            raise SourceError(f"{list_file}: a CSV or TSV list needs a header line whose first column is `path` (then "
                               f"`label`, if any), but its first line is {_first_line(text)!r}")
         rows = [(number, line.strip(), None) for number, line in enumerate(text.splitlines(), start=1)
                 if line.strip() and not line.lstrip().startswith("#")]
