@@ -107,8 +107,8 @@ class DataConfig:
     allow_pipe: bool = False
     """Allow `pipe:` shard URLs, which run a shell command. Off unless you trust the recipe."""
     info: str | None = None
-    """For `pipe:`/remote shard URLs: a local `_info.json` (or its directory) with their sample counts; the i-th URL
-    of the brace expansion holds the split's i-th `shard_lengths`. Not needed for a local shard directory."""
+    """For `pipe:`/remote shard URLs: a local `_info.json` (or its directory) with their sample counts, found by the
+    shard file name each URL holds (else by position). Not needed for a local shard directory."""
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """PIL decompression-bomb limit in pixels (PIL's own default); larger images are skipped and counted."""
     decode_device: str = "cpu"

@@ -187,8 +187,19 @@ def test_allowed_pipe_urls_stream_with_counts_from_a_local_info_file(tmp_path):
     assert [(s.url, s.num_samples) for s in shards] == [(f"pipe:cat {tmp_path}/train-{i:06d}.tar", 8) for i in range(4)]
     seen = [keys(consume(stream_for(shards, rank, 2, workers=1))) for rank in range(2)]
     assert sorted(seen[0] + seen[1]) == [f"s{i:06d}" for i in range(32)]
-    with pytest.raises(ShardError, match="expands to 3 shard URLs but .* lists 4"):
-        resolve_shards(f"pipe:cat {tmp_path}/train-{{000000..000002}}.tar", allow_pipe=True, info=str(tmp_path))
+    subset = resolve_shards(f"pipe:cat {tmp_path}/train-{{000003,000001}}.tar", allow_pipe=True, info=str(tmp_path))
+    assert [s.num_samples for s in subset] == [8, 8]  # counts found by file name, so a subset works too
+
+
+def test_info_counts_go_to_urls_by_file_name_else_by_position(tmp_path):
+    write_shards(tmp_path, [3, 5, 7])
+    url = "https://host/data/train-{000002,000000}.tar?download=1"
+    assert [s.num_samples for s in resolve_shards(url, info=str(tmp_path), verify=False)] == [7, 3]
+    renamed = resolve_shards("https://host/part-{0..2}", info=str(tmp_path), verify=False)
+    assert [(s.url, s.num_samples) for s in renamed] == [(f"https://host/part-{i}", n) for i, n in enumerate([3, 5, 7])]
+    with pytest.raises(ShardError, match=r"expands to 2 shard URLs but .* lists 3 shards for split 'train', and "
+                                         r"'https://host/part-0' holds none of their file names"):
+        resolve_shards("https://host/part-{0..1}", info=str(tmp_path), verify=False)
 
 
 def test_a_failing_pipe_command_is_named_with_its_status_in_the_warning_and_the_error(tmp_path):

@@ -11,6 +11,7 @@ References: webdataset 1.0 key rules (key = basename up to the first dot); timm 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tarfile
 import warnings
@@ -133,13 +134,25 @@ def _from_info(root: Path, split: str, split_key: str) -> list[Shard]:
 
 
 def _urls_with_info_counts(spec: str, info: str, split: str, split_key: str) -> list[Shard]:
+    """Each URL with the count of the listed shard whose file name it holds (so a subset of the shards works), or,
+    when some URL holds none, of the shard listed at its position."""
     root = info_directory(spec, info)
-    listed = _from_info(root, split, split_key)
+    listed = {Path(shard.url).name: shard.num_samples for shard in _from_info(root, split, split_key)}
     urls = list(braceexpand.braceexpand(spec))
+    names = [_listed_name(url, listed) for url in urls]
+    if None not in names:
+        return [Shard(url, listed[name]) for url, name in zip(urls, names, strict=True)]
     if len(urls) != len(listed):
         raise ShardError(f"{spec!r} expands to {len(urls)} shard URLs but {root}/_info.json lists {len(listed)} "
-                         f"shards for split {split!r}; the i-th URL must be the i-th listed shard")
-    return [Shard(url, shard.num_samples) for url, shard in zip(urls, listed, strict=True)]
+                         f"shards for split {split!r}, and {urls[names.index(None)]!r} holds none of their file "
+                         "names; keep the shards' file names in the URLs, or give every listed shard in order")
+    return [Shard(url, count) for url, count in zip(urls, listed.values(), strict=True)]
+
+
+def _listed_name(url: str, listed: dict[str, int]) -> str | None:
+    """The one listed file name that is a whole part of `url` (a path component or a word of a pipe: command)."""
+    found = set(re.split(r"[/\s:?#]", url)) & listed.keys()
+    return found.pop() if len(found) == 1 else None
 
 
 def _from_pattern(spec: str) -> list[Shard]:
