@@ -1,9 +1,13 @@
 """Reconstruction grid of a checkpoint on the first images of a shard set.
 
     python tools/visualize.py CKPT SHARDS [--split val] [--out PNG] [--count 8] [--mask-ratio 0.75]
+    python tools/visualize.py mae_vit_large.safetensors SHARDS --model mae_vit_large_patch16 [--no-norm-pix]
 
 CKPT is a pretraining checkpoint directory, or a run directory for its newest checkpoint (its `state.json` names
-the model and the data statistics). The grid goes to the run's `recon/` folder unless `--out` says otherwise.
+the model and the data statistics). Weights without one, such as an official MAE checkpoint (with its decoder)
+converted by tools/convert_checkpoint.py, need --model (and --img-size, --no-norm-pix where they differ from
+MAE's 224 px and norm-pix targets); they are shown on images normalised with the ImageNet statistics, as MAE's
+were. The grid goes to the run's `recon/` folder (beside a weights file) unless `--out` says otherwise.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
 from .cli import report_user_errors
+from .config import ModelConfig
 from .data.loader import first_images
 from .data.shards import resolve_shards
 from .models import create_model, load_weights
@@ -32,22 +39,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=8, help="images shown (>= 1)")
     parser.add_argument("--mask-ratio", type=float, default=None, help="in [0, 1); defaults to the run's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shown masks")
+    parser.add_argument("--model", default=None,
+                        help="MAE model of weights that come without a run's state.json (e.g. mae_vit_large_patch16)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help=f"with --model: the image size in pixels the weights were pretrained at (default: "
+                             f"{ModelConfig.img_size}, MAE's)")
+    parser.add_argument("--norm-pix", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --model: whether the weights were trained on norm-pix targets (default: yes, as "
+                             "MAE's defaults)")
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error(f"--count must be >= 1, got {args.count}")
     if args.mask_ratio is not None and not 0 <= args.mask_ratio < 1:
         parser.error(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.model is None and (args.img_size is not None or args.norm_pix is not None):
+        parser.error("--img-size and --[no-]norm-pix describe weights named with --model; a run's checkpoint gives "
+                     "its own")
     return 0 if report_user_errors(lambda: visualize(args)) is not None else 1
 
 
 def visualize(args: argparse.Namespace) -> dict:
     checkpoint = resolve_checkpoint(args.checkpoint)
     raw, state = read_source(checkpoint)
-    if "config" not in state or not state.get("model", "").startswith("mae_"):
-        what = "names no MAE model" if "model" in state else "is missing: an export or a bare weights file"
-        raise CheckpointError(f"{checkpoint} is not a pretraining checkpoint (its state.json {what}); pass a "
-                              "checkpoints/step_* directory of a pretrain.py run, whose state.json gives the model and "
-                              "data settings the grid needs")
+    if args.model is None:
+        _check_pretraining_state(checkpoint, state)
+    elif "config" in state:
+        raise CheckpointError(f"{checkpoint} is a run's checkpoint, whose state.json names its model "
+                              f"({state.get('model')}) and data settings; drop --model")
+    else:  # MAE's own settings, on ImageNet statistics
+        state = {"model": args.model, "config": {
+            "model": {"img_size": args.img_size or ModelConfig.img_size, "mask_ratio": ModelConfig.mask_ratio,
+                      "norm_pix_loss": args.norm_pix is not False},
+            "data": {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}}}
     model_cfg, data_cfg = state["config"]["model"], state["config"]["data"]
     ratio = args.mask_ratio if args.mask_ratio is not None else model_cfg["mask_ratio"]
     model = create_model(state["model"], img_size=model_cfg["img_size"], norm_pix_loss=model_cfg["norm_pix_loss"],
@@ -59,14 +82,28 @@ def visualize(args: argparse.Namespace) -> dict:
     images = first_images(shards, args.count, model_cfg["img_size"])
     if len(images) < args.count:
         print(f"note: the {args.split} split has only {len(images)} readable images to show of the {args.count} asked")
-    loss = write_reconstructions(model, images, data_cfg["mean"], data_cfg["std"], out, state["step"], args.seed)
+    label = f"step {state['step']}" if "step" in state else checkpoint.name
+    loss = write_reconstructions(model, images, data_cfg["mean"], data_cfg["std"], out, label, args.seed)
     shown = f"{loss:.4f}" if ratio > 0 else "n/a, nothing is hidden"
     print(f"wrote {out} (masked-patch loss {shown} at mask ratio {ratio})")
     return {"out": out, "loss": loss}
 
 
+def _check_pretraining_state(checkpoint: Path, state: dict) -> None:
+    """Refuse a checkpoint whose state.json does not give the MAE model and data settings the grid needs."""
+    if "config" in state and state.get("model", "").startswith("mae_"):
+        return
+    what = "names no MAE model" if "model" in state else "is missing: an export or a bare weights file"
+    raise CheckpointError(f"{checkpoint} is not a pretraining checkpoint (its state.json {what}); pass a "
+                          "checkpoints/step_* directory of a pretrain.py run, whose state.json gives the model and "
+                          "data settings the grid needs, or name the MAE model of these weights with --model")
+
+
 def default_output(checkpoint: Path, split: str) -> Path:
-    """RUN/recon/step_N_SPLIT.png beside the grids the run wrote itself (the checkpoint's folder for a lone one)."""
+    """RUN/recon/step_N_SPLIT.png beside the grids the run wrote itself (the checkpoint's folder for a lone one, the
+    weights file's for weights)."""
+    if checkpoint.is_file():
+        return checkpoint.with_name(f"{checkpoint.stem}_{split}.png")
     run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
     return run / "recon" / f"{checkpoint.name}_{split}.png"
 

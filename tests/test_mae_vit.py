@@ -275,7 +275,7 @@ def test_a_grid_of_one_image_shows_its_whole_title_and_no_loss_when_nothing_is_h
     monkeypatch.setattr(recon, "save_grid", lambda *args: titles.append(args[-1]) or save_grid(*args))
     model = mae_tnt.create_model("mae_vit_test", mask_ratio=0.0)
     images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
-    recon.write_reconstructions(model, images, [0.5] * 3, [0.5] * 3, tmp_path / "grid.png", step=3, seed=0)
+    recon.write_reconstructions(model, images, [0.5] * 3, [0.5] * 3, tmp_path / "grid.png", label="step 3", seed=0)
     assert titles[0].startswith("step 3, loss n/a (nothing hidden) (norm-pix")
     width = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(titles[0])
     assert Image.open(tmp_path / "grid.png").width >= width
@@ -286,11 +286,11 @@ def test_reconstructing_gives_the_model_back_its_training_mode_even_when_it_fail
 
     model = mae_tnt.create_model("mae_vit_test").train()
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    recon.write_reconstructions(model, images, [0.5] * 3, [0.5] * 3, tmp_path / "grid.png", step=1, seed=0)
+    recon.write_reconstructions(model, images, [0.5] * 3, [0.5] * 3, tmp_path / "grid.png", label="step 1", seed=0)
     assert model.training and (tmp_path / "grid.png").exists()
     monkeypatch.setattr(recon, "reconstruct", lambda *args: 1 / 0)  # e.g. out of memory
     with pytest.raises(ZeroDivisionError):
-        recon.write_reconstructions(model, images, [0.5] * 3, [0.5] * 3, tmp_path / "grid.png", step=2, seed=0)
+        recon.write_reconstructions(model, images, [0.5] * 3, [0.5] * 3, tmp_path / "grid.png", label="step 2", seed=0)
     assert model.training
     with pytest.raises(ZeroDivisionError), in_mode(model, training=False):
         assert not model.training and not model.decoder_blocks[0].training

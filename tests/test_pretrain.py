@@ -109,7 +109,24 @@ def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys
     assert err.startswith("error: ") and "is not a pretraining checkpoint (its state.json names no MAE model)" in err
     weights = tmp_path / "checkpoints" / "step_00000004" / "model.safetensors"
     assert visualize_main([str(weights), str(shards)]) == 1
-    assert "(its state.json is missing: an export or a bare weights file)" in capsys.readouterr().err
+    assert ("(its state.json is missing: an export or a bare weights file); pass a checkpoints/step_* directory of a "
+            "pretrain.py run, whose state.json gives the model and data settings the grid needs, or name the MAE model "
+            "of these weights with --model") in capsys.readouterr().err
+
+
+def test_visualize_shows_weights_without_a_run_given_their_model(shards, tmp_path, capsys):
+    Trainer(config(shards, tmp_path / "run", "run.max_steps=1")).train()
+    weights = tmp_path / "mae_weights.safetensors"  # as tools/convert_checkpoint.py writes an official MAE's
+    shutil.copy(tmp_path / "run" / "checkpoints" / "step_00000001" / "model.safetensors", weights)
+    assert visualize_main([str(weights), str(shards), "--model", "mae_vit_test", "--img-size", "32", "--count", "2",
+                           "--no-norm-pix"]) == 0
+    grid = tmp_path / "mae_weights_val.png"
+    assert grid.stat().st_size > 0 and f"wrote {grid} (masked-patch loss" in capsys.readouterr().out
+    assert visualize_main([str(tmp_path / "run"), str(shards), "--model", "mae_vit_test"]) == 1
+    assert "whose state.json names its model (mae_vit_test) and data settings; drop --model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        visualize_main([str(tmp_path / "run"), str(shards), "--img-size", "32"])
+    assert "--img-size and --[no-]norm-pix describe weights named with --model" in capsys.readouterr().err
 
 
 def test_a_truncated_val_shard_is_warned_about_by_pretraining_and_by_visualize(shards, tmp_path, capsys):

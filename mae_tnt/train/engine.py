@@ -242,8 +242,8 @@ class Trainer(TrainingRun):
         model = self.acc.unwrap_model(self.model)
         with self.acc.autocast():
             write_reconstructions(model, self._recon_images.to(self.acc.device), self.cfg.data.mean,
-                                  self.cfg.data.std, self.out / "recon" / f"step_{self.step:08d}.png", self.step,
-                                  self.cfg.seed)
+                                  self.cfg.data.std, self.out / "recon" / f"step_{self.step:08d}.png",
+                                  f"step {self.step}", self.cfg.seed)
 
     def train(self) -> dict:
         """Run until the stop step; returns a summary with the first and last logged losses."""

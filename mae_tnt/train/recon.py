@@ -55,8 +55,9 @@ def save_grid(rows: dict[str, torch.Tensor], mean: list[float], std: list[float]
     canvas.save(path)
 
 
-def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Path, step: int, seed: int) -> float:
-    """Reconstruct a fixed batch with a fixed mask and save the grid; returns the batch loss."""
+def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Path, label: str, seed: int) -> float:
+    """Reconstruct a fixed batch with a fixed mask and save the grid, titled by `label` (e.g. "step 100"); returns
+    the batch loss."""
     # DeepSpeed's bf16/fp16 modes keep the weights in half precision: inputs must match them
     images = normalize(images_uint8, mean, std).to(next(model.parameters()).dtype)
     generator = torch.Generator().manual_seed(seed)
@@ -65,5 +66,5 @@ def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Pa
         rows = reconstruct(model, images, noise)
     note = " (norm-pix: un-normalised with the true patch statistics, display only)" if model.norm_pix_loss else ""
     loss = f"{rows['loss'].item():.4f}" if model.mask_ratio > 0 else "n/a (nothing hidden)"
-    save_grid(rows, mean, std, path, f"step {step}, loss {loss}{note}")
+    save_grid(rows, mean, std, path, f"{label}, loss {loss}{note}")
     return rows["loss"].item()
