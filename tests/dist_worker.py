@@ -32,7 +32,7 @@ def stream_epoch(shard_dir: str, out: Path) -> None:
 
 
 def train(out: Path, overrides: list[str]) -> None:
-    """A short pretraining run; records a hash of the final parameters of this rank."""
+    """A short pretraining run; records a hash of the final parameters of this rank and the samples it skipped."""
     from mae_tnt.config import PretrainConfig, load_config
     from mae_tnt.train.engine import Trainer
 
@@ -43,7 +43,8 @@ def train(out: Path, overrides: list[str]) -> None:
     for value in trainer.acc.unwrap_model(trainer.model).state_dict().values():
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     write(out, trainer.acc.process_index, {"steps": summary["steps"], "params": digest.hexdigest(),
-                                            "world": trainer.acc.num_processes})
+                                            "world": trainer.acc.num_processes,
+                                            "skipped": trainer.stream.state.skipped})
 
 
 def knn(out: Path, shard_dir: str) -> None:

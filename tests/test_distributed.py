@@ -100,6 +100,16 @@ def test_two_ranks_keep_identical_parameters_and_resume_exactly(shards, tmp_path
     assert ranks(tmp_path / "cut" / "ranks")[0]["params"] == first["params"]
 
 
+def test_the_logged_skip_count_sums_every_ranks_skips(tmp_path):
+    corrupt = frozenset(range(0, 256, 5))  # every fifth sample, so that every rank meets some at once
+    write_shards(tmp_path / "shards", [32] * 8, size=20, corrupt=corrupt)
+    launch(*train_args(tmp_path / "shards", tmp_path / "run", 3))
+    first, second = ranks(tmp_path / "run" / "ranks")
+    assert first["skipped"] > 0 and second["skipped"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_samples"] == first["skipped"] + second["skipped"]
+
+
 def test_sigterm_to_both_ranks_saves_within_the_check_interval_not_the_log_interval(shards, tmp_path):
     out = tmp_path / "run"
     # An epoch of 64 steps (batch 2 per rank) outlasts the run, so only an agreed check step can stop it early.

@@ -102,13 +102,14 @@ def _waited_for(iterator: Iterator, window: Window) -> Iterator:
 
 
 def close_window(accelerator, window: Window, bar, step: int, epoch: float, lr: float, skipped: int) -> dict:
-    """The log line of a window (mean loss over all ranks, lr, img/s, data-wait fraction, and `skipped`: this rank's
-    running total of samples skipped as unreadable); shows it and resets."""
+    """The log line of a window (mean loss over all ranks, lr, img/s, data-wait fraction, and the running total of
+    samples skipped as unreadable, summed over the ranks' own totals `skipped`); shows it and resets."""
     loss = accelerator.reduce(window.loss_sum, "sum").item() / max(1, accelerator.reduce(window.count, "sum").item())
+    all_skipped = int(accelerator.reduce(torch.tensor(skipped, device=window.device), "sum").item())
     elapsed = time.perf_counter() - window.start
     metrics = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
                "img_per_s": window.images * accelerator.num_processes / elapsed,
-               "data_wait": window.data_time / elapsed, "skipped_samples": skipped}
+               "data_wait": window.data_time / elapsed, "skipped_samples": all_skipped}
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{metrics['img_per_s']:.0f}")
     window.reset()
     return metrics
