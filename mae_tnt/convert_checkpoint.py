@@ -1,7 +1,7 @@
 """Convert foreign checkpoints (official MAE, TNT, SReT, timm) into ours, with an exact key report.
 
-    python tools/convert_checkpoint.py SRC OUT.safetensors --model NAME [--allow-missing 'decoder_*']
-        [--allow-unexpected 'encoder.head.*'] [--unsafe-pickle]
+    python tools/convert_checkpoint.py SRC OUT.safetensors --model NAME [--img-size PX]
+        [--allow-missing 'decoder_*'] [--allow-unexpected 'encoder.head.*'] [--unsafe-pickle]
 
 The layout is recognised by the target model's `adapt_state_dict` (its family's checkpoint filter): flat official
 MAE keys, the huawei-noah TNT names, SReT's duplicated recursive blocks, or timm's keys. A classifier is built with
@@ -40,18 +40,30 @@ def read_foreign_checkpoint(path: Path, unsafe_pickle: bool) -> dict[str, torch.
 
 
 def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] = (),
-            allow_unexpected: Sequence[str] = (), unsafe_pickle: bool = False):
-    """Write SRC's weights as `model_name`'s; a classifier gets the head size (0: none, for an encoder) and pooling
-    of SRC. Returns the load report, the build arguments of the model written, and a note on what they may miss."""
-    model = create_model(model_name)  # an unknown name fails before a long read
+            allow_unexpected: Sequence[str] = (), unsafe_pickle: bool = False, img_size: int | None = None):
+    """Write SRC's weights as `model_name`'s (at `img_size`, else the model's default); a classifier gets the head
+    size (0: none, for an encoder) and pooling of SRC. Returns the load report, the build arguments of the model
+    written, and a note on what they may miss.
+
+    Raises:
+        CheckpointError: SRC's position table is for another image size and `img_size` was not given to say which
+            size to write (resampling loses information, so it is never done unasked).
+    """
+    sized = {"img_size": img_size} if img_size is not None else {}
+    model = create_model(model_name, **sized)  # an unknown name fails before a long read
     state_dict = read_foreign_checkpoint(src, unsafe_pickle)
-    if build_kwargs := fitting_build_kwargs(model, state_dict):  # a classifier of another head or pooling
+    build_kwargs = {**sized, **fitting_build_kwargs(model, state_dict)}
+    if build_kwargs.keys() - sized.keys():  # a classifier of another head or pooling
         model = create_model(model_name, **build_kwargs)
     report = load_weights(model, state_dict, allow_missing=tuple(allow_missing),
                           allow_unexpected=tuple(allow_unexpected),
                           remedy="pass the groups of keys the source was saved without to --allow-missing (e.g. "
                                  "--allow-missing 'decoder_*' 'mask_token'), and of keys to leave out to "
                                  "--allow-unexpected (e.g. a classifier's head: --allow-unexpected 'encoder.head.*')")
+    if report.resampled and img_size is None:
+        raise CheckpointError(f"{src}'s position table is for another image size than {model_name}'s default "
+                              f"({'; '.join(report.resampled)}): pass --img-size with the size SRC was trained at (or "
+                              "the size to resample it to)")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_weights(model.state_dict(), out, metadata={"model": model_name})
     if hasattr(model, "num_classes"):  # a classifier: its head size is always named in the call that loads it
@@ -78,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--allow-unexpected", nargs="*", default=[], metavar="PATTERN",
                         help="fnmatch patterns of source keys to leave out (e.g. 'encoder.head.*': a classifier's head "
                              "when converting it to an MAE)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="image size in pixels to build the model at: the size SRC was trained at (needed when it "
+                             "is not the model's default), or another one to resample SRC's position table to")
     parser.add_argument("--unsafe-pickle", action="store_true",
                         help="allow a full unpickle for legacy files that weights_only loading refuses")
     args = parser.parse_args(argv)
@@ -87,11 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         report, build_kwargs, note = convert(args.src, args.out, args.model, args.allow_missing,
-                                             args.allow_unexpected, args.unsafe_pickle)
+                                             args.allow_unexpected, args.unsafe_pickle, args.img_size)
     except (CheckpointError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {args.out} for {args.model}: {report.summary()}")
+    if report.resampled:
+        print(f"resampled the position table to {args.img_size} px (bicubic): {'; '.join(report.resampled)}")
     arguments = "".join(f", {key}={value!r}" for key, value in build_kwargs.items())
     print(f"load it with: mae_tnt.create_model({args.model!r}, checkpoint_path={str(args.out)!r}{arguments})")
     if note:

@@ -52,6 +52,24 @@ def test_a_classifier_converts_with_the_head_and_pooling_of_its_source_and_the_p
     torch.testing.assert_close(loaded(images), source(images))
 
 
+def test_weights_of_another_image_size_convert_only_at_a_size_given_and_load_at_it(tmp_path, capsys):
+    source = mae_tnt.create_model("vit_test_patch8_32", num_classes=7, img_size=48).eval()
+    torch.save(source.state_dict(), tmp_path / "big.pth")
+    args = [str(tmp_path / "big.pth"), str(tmp_path / "big.safetensors"), "--model", "vit_test_patch8_32"]
+    assert convert_main(args) == 1  # rather than resampled silently to the default 32 px
+    assert ("position table is for another image size than vit_test_patch8_32's default (pos_embed [1, 37, 32] -> "
+            "[1, 17, 32]): pass --img-size") in capsys.readouterr().err
+    assert convert_main(args + ["--img-size", "48"]) == 0
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed.endswith("num_classes=7, img_size=48)")
+    loaded = eval(printed.removeprefix("load it with: "), {"mae_tnt": mae_tnt}).eval()  # noqa: S307 - our own output
+    images = torch.randn(2, 3, 48, 48)
+    torch.testing.assert_close(loaded(images), source(images))
+    assert convert_main(args + ["--img-size", "64"]) == 0  # resampling, when asked for, is said
+    printed = capsys.readouterr().out
+    assert "resampled the position table to 64 px (bicubic): pos_embed [1, 37, 32] -> [1, 65, 32]" in printed
+
+
 def test_a_tnt_classifier_converts_with_a_note_that_its_pooling_is_not_in_its_weights(tmp_path, capsys):
     source = mae_tnt.create_model("tnt_test_patch8_32", num_classes=7, global_pool="avg")
     torch.save(source.state_dict(), tmp_path / "tnt.pth")
