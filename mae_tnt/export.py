@@ -38,6 +38,7 @@ from .models.loading import (
     EXPORT_CONFIG,
     STATE_FILE,
     CheckpointError,
+    fold_probe_head,
     resolve_checkpoint,
     save_weights,
     shown_build_kwargs,
@@ -46,7 +47,7 @@ from .models.registry import ModelError
 from .models.tnt import TNT
 from .models.vit import ViT
 from .text import HelpWithDefaults
-from .train.init import PROBE_BN_EPS, encoder_weights, read_source
+from .train.init import encoder_weights, read_source
 
 # The evaluation preprocessing of MAE and DeiT: bicubic resize to S / 0.875, centre crop S.
 INTERPOLATION, CROP_PCT = "bicubic", 0.875
@@ -62,21 +63,6 @@ def classifier_name_for(mae_name: str) -> str:
     if len(candidates) != 1:
         raise ModelError(f"cannot tell the classifier of {mae_name!r} (candidates {candidates}); pass --model NAME")
     return candidates[0]
-
-
-def fold_probe_head(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """BatchNorm1d(affine=False) + Linear (keys head.0.*, head.1.*) -> one Linear `head.*` with the same output.
-
-    W (x - mean) / s + b = (W / s) x + (b - (W / s) mean), with s = sqrt(var + eps) per feature (eval statistics).
-    """
-    if "head.0.running_mean" not in state_dict:
-        return state_dict
-    out = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-    scale = (state_dict["head.0.running_var"].double() + PROBE_BN_EPS).rsqrt()  # [D]
-    weight = state_dict["head.1.weight"].double() * scale  # [C, D]
-    bias = state_dict["head.1.bias"].double() - weight @ state_dict["head.0.running_mean"].double()  # [C]
-    out["head.weight"], out["head.bias"] = weight.float(), bias.float()
-    return out
 
 
 def timm_spec(model: nn.Module, name: str) -> tuple[str | None, dict]:

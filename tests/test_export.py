@@ -161,6 +161,19 @@ def test_linear_probe_export_folds_the_batchnorm_into_the_head(tool, tmp_path):
     load_weights(plain, tmp_path / "out")  # exact: no key missing or left over
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(plain(images), probe(images), rtol=1e-4, atol=1e-5)
+    loaded = create_model("vit_test_patch8_32", checkpoint_path=tmp_path / "best").eval()  # folded on loading too
+    torch.testing.assert_close(loaded(images), probe(images), rtol=1e-4, atol=1e-5)
+    resumed = create_model("vit_test_patch8_32", num_classes=10, global_pool="token")
+    attach_probe_head(resumed)
+    load_weights(resumed, tmp_path / "best" / "model.safetensors")  # a probe's own head stays as it is
+    assert torch.equal(resumed.head[0].running_var, head[0].running_var)
+
+
+def test_an_encoder_from_a_pretraining_checkpoint_is_built_at_the_size_it_was_trained_at(tmp_path):
+    checkpoint, mae = pretraining_checkpoint(tmp_path / "ckpt", "mae_vit_test", img_size=48)
+    encoder = create_model("vit_test_patch8_32", checkpoint_path=checkpoint, num_classes=0)
+    assert encoder.pos_embed.shape == mae.encoder.pos_embed.shape == (1, 37, 32)  # not resampled to 32 px
+    assert create_model("vit_test_patch8_32", checkpoint_path=checkpoint, num_classes=0, img_size=32).grid == 4
 
 
 @pytest.mark.slow  # three ViT-B initialisations: about 5 s alone, 15 s on a shared CPU

@@ -29,6 +29,8 @@ WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema")
 EXPORT_CONFIG = "config.json"  # written beside an export's model.safetensors by tools/export.py
 STATE_FILE = "state.json"  # written beside a training checkpoint's model.safetensors
 BUILD_KEYS = ("num_classes", "img_size", "global_pool")
+PROBE_BN_EPS = 1e-6
+"""eps of the linear probe's parameter-free BatchNorm (MAE's); loading folds a probe head with it."""
 """The build arguments that exports and training checkpoints record, so that loading one needs none."""
 
 
@@ -74,13 +76,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def recorded_build_kwargs(path: str | Path, name: str) -> dict:
-    """How model `name` was built for the export or training checkpoint at `path`: the head size, image size and
-    pooling that the export's `config.json` or the checkpoint's `state.json` records; {} for anything else, e.g.
-    another model's weights."""
+    """How model `name` is built for the export or training checkpoint at `path`, as its `config.json` or
+    `state.json` records: the image size the weights were trained at (whichever model wrote them, e.g. the MAE
+    whose encoder `name` is), and the head size and pooling when `name` wrote them; {} for bare weights."""
     recorded = _export_record(Path(path)) or _checkpoint_record(Path(path))
-    if recorded is None or recorded.get("model") != name:
+    if recorded is None:
         return {}
-    return {key: recorded[key] for key in BUILD_KEYS if recorded.get(key) is not None}
+    keys = BUILD_KEYS if recorded.get("model") == name else ("img_size",)
+    return {key: recorded[key] for key in keys if recorded.get(key) is not None}
 
 
 def _export_record(path: Path) -> dict | None:
@@ -184,6 +187,8 @@ def load_weights(
         remedy: the error's last advice, after the model name or build arguments that would fit.
     """
     state_dict = source if isinstance(source, dict) else read_state_dict(source)
+    if "head.0.running_mean" not in model.state_dict():  # a classifier, not a linear probe being resumed
+        state_dict = fold_probe_head(state_dict)
     report = LoadReport()
     if not isinstance(model, MaskedAutoencoder) and any(k.startswith("encoder.") for k in state_dict):
         state_dict, wrapper = split_mae_state_dict(state_dict)
@@ -211,6 +216,21 @@ def load_weights(
         shapes = [f"{k} {list(state_dict[k].shape)} vs {list(own[k].shape)}" for k in reshaped]
         _refuse(model, bad_missing, bad_unexpected, shapes, hint, remedy)
     return report
+
+
+def fold_probe_head(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BatchNorm1d(affine=False) + Linear (keys head.0.*, head.1.*) -> one Linear `head.*` with the same output.
+
+    W (x - mean) / s + b = (W / s) x + (b - (W / s) mean), with s = sqrt(var + eps) per feature (eval statistics).
+    """
+    if "head.0.running_mean" not in state_dict:
+        return state_dict
+    out = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+    scale = (state_dict["head.0.running_var"].double() + PROBE_BN_EPS).rsqrt()  # [D]
+    weight = state_dict["head.1.weight"].double() * scale  # [C, D]
+    bias = state_dict["head.1.bias"].double() - weight @ state_dict["head.0.running_mean"].double()  # [C]
+    out["head.weight"], out["head.bias"] = weight.float(), bias.float()
+    return out
 
 
 def _refuse(model: nn.Module, missing: list[str], unexpected: list[str], reshaped: list[str],

@@ -45,8 +45,8 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
         name: a name from `list_models()`.
         checkpoint_path: optional weights to load with an exact key check: a training checkpoint directory, an
             export (`model.safetensors`), or a file written by `tools/convert_checkpoint.py`. An export or a training
-            checkpoint of `name` also gives the `num_classes`, `img_size` and `global_pool` it was built with,
-            unless kwargs set them.
+            checkpoint also gives the `img_size` its weights were trained at and, when written by `name`, the
+            `num_classes` and `global_pool` it was built with, unless kwargs set them.
     """
     if checkpoint_path is not None:
         from .loading import recorded_build_kwargs

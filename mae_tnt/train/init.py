@@ -28,6 +28,7 @@ from ..config import ConfigError
 from ..models.layers import trunc_normal_
 from ..models.loading import (
     EXPORT_CONFIG,
+    PROBE_BN_EPS,
     STATE_FILE,
     CheckpointError,
     LoadReport,
@@ -73,10 +74,6 @@ def gather_zero_checkpoint(engine_dir: Path) -> dict[str, torch.Tensor]:
             "its sharded weights, or run the zero_to_fp32.py script DeepSpeed saved next to it"
         ) from err
     return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir))
-
-
-PROBE_BN_EPS = 1e-6
-"""eps of the linear probe's parameter-free BatchNorm (MAE's); tools/export.py folds the probe with it."""
 
 
 def encoder_weights(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], str]:
