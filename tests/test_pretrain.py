@@ -85,6 +85,24 @@ def test_img_per_s_leaves_out_the_time_spent_saving_checkpoints(shards, tmp_path
     assert len(rows) == 6 and all(r["img_per_s"] > 100 for r in rows), [r["img_per_s"] for r in rows]
 
 
+def test_a_run_directory_in_use_by_another_run_is_refused_and_a_finished_run_frees_it(shards, tmp_path):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".run.lock", "a+") as other:  # another live run, as its lock file shows it
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("pid 4242 on node7")
+        other.flush()
+        with pytest.raises(ConfigError, match=rf"run.output_dir={tmp_path} is in use by another run \(pid 4242 on "
+                                              r"node7\); wait for it to finish or stop it"):
+            Trainer(config(shards, tmp_path, "run.max_steps=1"))
+    Trainer(config(shards, tmp_path, "run.max_steps=1")).train()
+    with open(tmp_path / ".run.lock") as after:
+        fcntl.flock(after, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the run ended
+    Trainer(config(shards, tmp_path, "run.max_steps=2", "run.resume=none")).train()  # a set-aside keeps the lock
+    assert (tmp_path / ".run.lock").exists() and not list((tmp_path / "superseded").glob("*/.run.lock"))
+
+
 def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys):
     Trainer(config(shards, tmp_path, "run.max_steps=4")).train()
     out = tmp_path / "grid.png"

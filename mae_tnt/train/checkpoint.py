@@ -37,6 +37,7 @@ from ..data.stream import StreamState
 from ..models.loading import STATE_FILE, CheckpointError, resolve_checkpoint, save_weights
 from ..text import counted
 from .metrics import row_step
+from .run_lock import LOCK_NAME
 
 if TYPE_CHECKING:  # engine imports this module
     from .engine import Plan
@@ -437,7 +438,8 @@ def set_aside_previous_run(output_dir: str | Path, log=print, why: str = "run.re
     """
     out = Path(output_dir)
     if find_checkpoints(out) or (out / "metrics.jsonl").exists():
-        target = _move_to_superseded(out, [entry for entry in out.iterdir() if entry.name != "superseded"])
+        kept = ("superseded", LOCK_NAME)  # the lock stays where the next run looks for it
+        target = _move_to_superseded(out, [entry for entry in out.iterdir() if entry.name not in kept])
         log(f"warning: {why}: moved the previous run in {out} to {target}")
 
 

@@ -31,6 +31,7 @@ from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_non
 from .metrics import MetricsLogger, main_process_lines, step_progress
 from .optim import build_adamw
 from .recon import write_reconstructions
+from .run_lock import claim_run_directory, released_at_end
 
 RECON_IMAGES = 8
 
@@ -163,6 +164,7 @@ class Trainer(TrainingRun):
         self.cfg = cfg
         self.acc = build_accelerator(cfg)
         self.out = Path(cfg.run.output_dir)
+        claim_run_directory(self.out, self.acc)
         self.is_main = self.acc.is_main_process
         self.log = main_process_lines(self.is_main)
         self.stream = build_train_stream(cfg.data, mae_transform(cfg.data, cfg.model.img_size), seed=cfg.seed,
@@ -249,7 +251,8 @@ class Trainer(TrainingRun):
         """Run until the stop step; returns a summary with the first and last logged losses."""
         self.window.restart_clock()
         self.last_saved = self.step
-        with (MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step) as self.logger,
+        with (released_at_end(self.out),
+              MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step) as self.logger,
               Preemption(self.acc, self.cfg.run.preempt_check_every, self.log) as preemption):
             with step_progress(self.plan.stop_step, self.step, self.is_main) as bar:
                 history = self._run_steps(preemption, bar)

@@ -66,6 +66,7 @@ from .knn import (
 from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, main_process_lines, step_progress
 from .optim import build_adamw
+from .run_lock import claim_run_directory, released_at_end
 
 EMA_FILE = "ema.safetensors"
 
@@ -169,6 +170,7 @@ class FinetuneRun(TrainingRun):
         self.cfg = cfg
         self.acc = build_accelerator(cfg)
         self.out, self.is_main = Path(cfg.run.output_dir), self.acc.is_main_process
+        claim_run_directory(self.out, self.acc)
         self.log = main_process_lines(self.is_main)
         self.device, self.rank, self.world = self.acc.device, self.acc.process_index, self.acc.num_processes
         transform = FinetuneTransform(cfg.model.img_size, cfg.data.crop_scale, cfg.augment.rand_augment, cfg.data.mean)
@@ -259,7 +261,8 @@ class FinetuneRun(TrainingRun):
         self.save_due = False
         history: list[dict] = []
         self.window.restart_clock()
-        with (MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step) as self.logger,
+        with (released_at_end(self.out),
+              MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step) as self.logger,
               self.preemption,
               step_progress(self.plan.stop_step, self.step, self.is_main, desc=self.cfg.mode) as bar):
             micro = self.step * self.cfg.optim.accum_steps
@@ -392,6 +395,13 @@ def run_knn(cfg: FinetuneConfig) -> dict:
     log = main_process_lines(acc.is_main_process)
     cfg.init = recorded_init(cfg.init)
     require_labeled_shards(cfg.data, "kNN evaluation")  # before the checkpoint is read
+    claim_run_directory(Path(cfg.run.output_dir), acc)
+    with released_at_end(Path(cfg.run.output_dir)):
+        return _knn_run(cfg, acc, log)
+
+
+def _knn_run(cfg: FinetuneConfig, acc, log) -> dict:
+    """`run_knn` once the run directory is this run's."""
     model = build_classifier(cfg, num_classes=0, log=log).to(acc.device).eval()
     if cfg.model.bn_reestimate_batches:
         refit_stem_norms(model, cfg, acc.device, log)

@@ -1,0 +1,77 @@
+"""One run per run directory: an advisory lock held while a run uses it.
+
+Two runs writing the same `run.output_dir` interleave their metrics, set each other's checkpoints aside and mix
+their weights; it happens easily, since killing `accelerate launch` does not stop its ranks. The global main process
+holds an exclusive `flock` on `OUT/.run.lock` from the run's start to its end (the kernel also releases it however
+the process ends, so a killed run leaves nothing stale), and every rank learns whether it got it. A process may claim
+a directory it holds again (a notebook running one run after another). On network file systems `flock` may not
+reach other machines; there the lock guards against runs on the same node only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from ..config import ConfigError
+
+LOCK_NAME = ".run.lock"
+"""The lock file in a run directory; setting a run aside (`superseded/`) leaves it in place."""
+
+_HELD: dict[Path, IO] = {}
+"""This process's locks, by resolved run directory."""
+
+
+def claim_run_directory(out: Path, accelerator: Accelerator) -> None:
+    """Lock `out` for this run (see `released_at_end`).
+
+    Raises:
+        ConfigError: on every rank, when another live process holds `out`.
+    """
+    refusal = _try_lock(Path(out)) if accelerator.is_main_process else None
+    if accelerator.num_processes > 1:
+        refusal = broadcast_object_list([refusal])[0]  # every rank stops, not only the main one
+    if refusal is not None:
+        raise ConfigError(refusal)
+
+
+@contextmanager
+def released_at_end(out: Path) -> Iterator[None]:
+    """Give up this process's lock on `out` when the block ends, however it ends."""
+    try:
+        yield
+    finally:
+        lock = _HELD.pop(Path(out).resolve(), None)
+        if lock is not None:
+            lock.close()
+
+
+def _try_lock(out: Path) -> str | None:
+    """Take the lock on `out`; None on success, else the refusal naming the holder."""
+    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() in _HELD:
+        return None
+    lock = open(out / LOCK_NAME, "a+")  # noqa: SIM115 - held open while the run lasts
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        return (f"run.output_dir={out} is in use by another run ({holder}); wait for it to finish or stop it "
+                "(killing `accelerate launch` leaves its ranks running: stop those too), or pick another "
+                "run.output_dir")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    lock.flush()
+    _HELD[out.resolve()] = lock
+    return None
