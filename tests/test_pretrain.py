@@ -66,6 +66,16 @@ def test_run_writes_the_run_directory_and_lowers_the_loss(shards, tmp_path):
     assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE((tmp_path / "config.yaml").stat().st_mode)
 
 
+def test_the_knn_monitor_also_runs_at_the_last_step_of_a_schedule_that_ends_inside_a_period():
+    def due_steps(steps_per_epoch, total_steps):
+        run = SimpleNamespace(cfg=SimpleNamespace(eval=SimpleNamespace(knn_every=1), data=SimpleNamespace(val="v")),
+                              plan=SimpleNamespace(steps_per_epoch=steps_per_epoch, total_steps=total_steps))
+        return [step for step in range(1, total_steps + 1) if Trainer._knn_due(SimpleNamespace(**vars(run), step=step))]
+
+    assert due_steps(7.75, 23) == [8, 16, 23]  # 3 epochs of 31 batches, accumulated 4 at a time: 23.25 cut to 23
+    assert due_steps(8, 24) == [8, 16, 24]  # whole epochs: no extra evaluation
+
+
 def test_img_per_s_leaves_out_the_time_spent_saving_checkpoints(shards, tmp_path, monkeypatch):
     """A clock that advances 1 ms per reading, and an hour at every checkpoint: the rates must not see the hours."""
     import mae_tnt.train.loop as loop

@@ -310,12 +310,13 @@ class Trainer(TrainingRun):
         return metrics
 
     def _knn_due(self) -> bool:
-        """True at the step that completes every `eval.knn_every` epochs (needs labeled data.val)."""
+        """True at the step that completes every `eval.knn_every` epochs, and at the schedule's last step, which
+        rounding may leave short of a period's end (needs labeled data.val)."""
         every = self.cfg.eval.knn_every
         if not every or self.cfg.data.val is None:
             return False
         period = self.plan.steps_per_epoch * every
-        return int(self.step / period) > int((self.step - 1) / period)
+        return int(self.step / period) > int((self.step - 1) / period) or self.step == self.plan.total_steps
 
     def knn_eval(self) -> dict:
         """Online kNN accuracy of the encoder, each rank encoding its share (ZeRO-3's collective forwards line up)."""
