@@ -230,6 +230,10 @@ def test_images_of_another_size_are_refused_naming_the_size_to_build(name):
     with pytest.raises(ValueError, match=f"expected {size}x{size} images, got {2 * size}x{2 * size}; build the model "
                                          f"with img_size={2 * size}"):
         model(torch.randn(1, 3, 2 * size, 2 * size))
+    odd = size + model.unit // 2  # no whole number of units: no model builds at this size
+    with pytest.raises(ValueError, match=f"expected {size}x{size} images, got {odd}x{odd}; resize them to {size} px, "
+                                         f"or to another multiple of {model.unit} px and build the model at that size"):
+        model(torch.randn(1, 3, odd, odd))
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -29,8 +29,9 @@ __all__ = [
 ]
 
 
-def check_images(images: torch.Tensor, size: int) -> None:
-    """Refuse anything but float images [B, 3, size, size], before a reshape or convolution fails on it obscurely."""
+def check_images(images: torch.Tensor, grid: int, unit: int) -> None:
+    """Refuse anything but float images [B, 3, size, size] (size = grid x unit px), before a reshape or convolution
+    fails on them obscurely."""
     if images.dim() != 4 or images.shape[1] != 3:
         channels_last = images.dim() == 4 and images.shape[-1] == 3
         raise ValueError(f"expected images [batch, 3, height, width], got shape {list(images.shape)}"
@@ -39,10 +40,16 @@ def check_images(images: torch.Tensor, size: int) -> None:
         raise ValueError(f"expected float images normalised with the data mean and std, got {images.dtype}; "
                          "mae_tnt.data.transforms.normalize(images, mean, std) turns uint8 images into them")
     h, w = images.shape[-2:]
+    size = grid * unit
     if (h, w) == (size, size):
         return
-    advice = (f"; build the model with img_size={h} (a checkpoint loads at any size: its position tables are "
-              "resampled)" if h == w else "")
+    if h != w:
+        advice = ""
+    elif h % unit or h == unit:  # a model needs a whole number of units, and more than one
+        advice = f"; resize them to {size} px, or to another multiple of {unit} px and build the model at that size"
+    else:
+        advice = (f"; build the model with img_size={h} (a checkpoint loads at any size: its position tables are "
+                  "resampled)")
     raise ValueError(f"expected {size}x{size} images, got {h}x{w}{advice}")
 
 

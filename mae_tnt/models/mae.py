@@ -105,7 +105,7 @@ class MaskedAutoencoder(nn.Module):
         """[B, 3, H, W] -> [B, L, u * u * 3], channel-last inside each unit (MAE's target layout)."""
         b, c, h, w = images.shape
         u = self.unit
-        check_images(images, self.grid * u)
+        check_images(images, self.grid, u)
         x = images.reshape(b, c, h // u, u, w // u, u)  # [B, C, gh, u, gw, u]
         x = torch.einsum("bchpwq->bhwpqc", x)  # [B, gh, gw, u, u, C]
         return x.reshape(b, (h // u) * (w // u), u * u * c)  # [B, L, u*u*C]
@@ -129,7 +129,7 @@ class MaskedAutoencoder(nn.Module):
     def mask_units(self, images: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The reference masking by noise and argsort: ids_keep [B, K], ids_restore [B, L], mask [B, L]."""
-        check_images(images, self.grid * self.unit)  # before the encoder meets them
+        check_images(images, self.grid, self.unit)  # before the encoder meets them
         num_units = self.grid**2
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")

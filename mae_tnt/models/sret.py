@@ -313,7 +313,7 @@ class SReT(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Full forward used by fine-tuning: images [B, 3, H, W] -> tokens [B, L, D] in raster order (before norm)."""
-        check_images(images, self.grid * self.unit)
+        check_images(images, self.grid, self.unit)
         x = self.patch_embed(images) + self.pos_embed  # [B, C0, h, w]
         side = x.shape[-1]
         x = x.flatten(2).transpose(1, 2)  # [B, h*w, C0]
@@ -332,7 +332,7 @@ class SReT(nn.Module):
         Units run in raster order inside the encoder, so the first application's contiguous slices group nearby
         units (as they group nearby tokens in fine-tuning); the output is put back into `ids_keep` order.
         """
-        check_images(images, self.grid * self.unit)
+        check_images(images, self.grid, self.unit)
         order = ids_keep.argsort(dim=1)  # [B, K]
         ids_raster = ids_keep.gather(1, order)  # [B, K] ascending unit index
         units = self._dense_stem_units(images, ids_raster) if self.dense_stem else self._unit_stem(images, ids_raster)
@@ -361,7 +361,7 @@ class SReT(nn.Module):
 
         images [B, 3, H, W], mask [B, L] (1 = hidden) -> [B, L, D] in raster order.
         """
-        check_images(images, self.grid * self.unit)
+        check_images(images, self.grid, self.unit)
         x = self.patch_embed(images)  # [B, C0, h, w]
         b, c, h, w = x.shape
         g, t = self.grid, h // self.grid

@@ -242,7 +242,7 @@ class TNT(nn.Module):
         """
         b, c = images.shape[:2]
         g, u = self.grid, self.unit
-        check_images(images, g * u)
+        check_images(images, g, u)
         x = images.reshape(b, c, g, u, g, u).permute(0, 2, 4, 3, 5, 1)  # [B, gh, gw, u, u, C] (view)
         if ids_keep is not None:
             batch = torch.arange(b, device=images.device).unsqueeze(1)  # [B, 1]

@@ -66,7 +66,7 @@ class ViT(VisionTransformer):
 
     def forward_features(self, images: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """timm's, after our input check (timm's own would name only the size)."""
-        check_images(images, self.grid * self.unit)
+        check_images(images, self.grid, self.unit)
         return super().forward_features(images, *args, **kwargs)
 
     def forward_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
