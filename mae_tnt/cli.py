@@ -21,7 +21,7 @@ USAGE = "usage: {prog} RECIPE.yaml [key=value ...]   (e.g. optim.base_lr=1e-4 ru
 def load_recipe(cls: type, argv: list[str], prog: str):
     """The config of `prog RECIPE.yaml [key=value ...]`; usage and config errors exit with status 2, --help with 0."""
     if {"-h", "--help"} & set(argv):
-        print(f"{USAGE.format(prog=prog)}\n\n{keys_help(cls)}")
+        print(f"{USAGE.format(prog=prog)}\n\n{textwrap.fill(ABOUT[cls], 116)}\n\n{keys_help(cls)}")
         raise SystemExit(0)
     if not argv or "=" in argv[0]:
         print(USAGE.format(prog=prog), file=sys.stderr)
@@ -33,6 +33,17 @@ def load_recipe(cls: type, argv: list[str], prog: str):
             print(f"error: {_other_script_hint(cls, err) or err}", file=sys.stderr)
         raise SystemExit(2) from None
 
+
+ABOUT = {
+    PretrainConfig: "MAE self-supervised pretraining: streams the shards of data.train into the masked autoencoder "
+                    "model.name (ViT, TNT or SReT encoder) and writes config.yaml, metrics, reconstruction grids and "
+                    "checkpoints to run.output_dir, resuming from its last checkpoint when rerun.",
+    FinetuneConfig: "Supervised use of an encoder on labeled shards, starting from init (a pretraining checkpoint, "
+                    "run directory or export; null for random weights): mode=finetune trains it all, "
+                    "mode=linprobe trains a linear head on frozen features, mode=knn evaluates a weighted kNN "
+                    "classifier of the features.",
+}
+"""What each script does, opening its --help."""
 
 OTHER_SCRIPT = {PretrainConfig: (FinetuneConfig, "fine-tuning", "finetune.py"),
                 FinetuneConfig: (PretrainConfig, "pretraining", "pretrain.py")}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mae_tnt.cli import load_recipe
+from mae_tnt.cli import ABOUT, load_recipe
 from mae_tnt.config import ConfigError, PretrainConfig, all_keys, load_config
 from mae_tnt.data.info import ShardError
 from mae_tnt.data.shards import StreamError
@@ -66,6 +66,7 @@ def test_help_lists_every_settable_key_and_a_missing_recipe_is_a_usage_error(cls
         load_recipe(cls, ["recipes/any.yaml", "--help"], prog)  # after the recipe too
     out = capsys.readouterr().out
     assert done.value.code == 0 and out.startswith(f"usage: {prog} RECIPE.yaml")
+    assert ABOUT[cls] in " ".join(out.split())  # what the script does, wrapped
     listed = {f"{line.split(': ')[0].strip()}.{name}" for line in out.replace(",\n    ", ", ").splitlines()
               if line.startswith("  ") for name in line.split(": ")[1].split(", ")}
     assert {key.removeprefix("top level.") for key in listed} == {
