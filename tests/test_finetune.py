@@ -664,12 +664,33 @@ def test_checkpoints_and_exports_name_the_heads_classes(tmp_path, one_thread, ex
     assert FinetuneRun(demo_config(tmp_path / "wide", "model.num_classes=12")).class_names is None  # not the head's
 
 
-def test_the_demo_comparison_refuses_the_experiment_budget_flags_it_would_ignore(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "runs/x", "--finetune-epochs", "1", "--workers", "2"],
+     "demo runs the demo recipes as they are and takes only --out, --data and --threads, not --finetune-epochs, "
+     "--workers (for the experiment)"),
+    (["demo", "runs/x"], "runs/x does not exist: give a pretraining run or checkpoint directory"),
+    (["experiment", "runs/x"], "experiment pretrains its own encoders and takes no checkpoint; for the downstream runs "
+                               "of runs/x, run: demo runs/x"),
+])
+def test_the_experiment_tool_refuses_arguments_it_would_ignore_or_could_not_use(capsys, argv, message):
     with pytest.raises(SystemExit) as done:
-        load_tool("experiment_fashion").main(["demo", "runs/x", "--finetune-epochs", "1", "--workers", "2"])
-    assert done.value.code == 2
-    assert ("demo runs the demo recipes as they are and takes only --out, --data and --threads, not "
-            "--finetune-epochs, --workers (for the experiment)") in capsys.readouterr().err
+        load_tool("experiment_fashion").main(argv)
+    assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_failing_stage_of_the_experiment_tool_is_one_error_with_its_last_output(tmp_path, capsys, monkeypatch):
+    tool = load_tool("experiment_fashion")
+    out = tmp_path / "stage"
+    with pytest.raises(tool.StageError, match=r"failed, ending with:\n  .*error: .*\nthe whole output is in "):
+        tool.run_stage("finetune.py", "demo_knn_vit.yaml", [f"init={tmp_path / 'none'}"], out, threads=1)
+    assert "error: " in (out / "log.txt").read_text()
+
+    def failing_stage(*args, **kwargs):
+        raise tool.StageError("the kNN stage failed")
+
+    monkeypatch.setattr(tool, "run_stage", failing_stage)
+    assert tool.main(["demo", str(tmp_path)]) == 1  # no traceback
+    assert capsys.readouterr().err == "error: the kNN stage failed\n"
 
 
 @pytest.mark.parametrize("pool, noted", [("avg", True), ("token", False)])

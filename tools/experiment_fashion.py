@@ -67,6 +67,10 @@ def ensure_shards(out: Path, source: str = IDX_SOURCE) -> None:
                             "--shard-size", "5000", "--seed", "0", "--classes", CLASSES], check=True)
 
 
+class StageError(RuntimeError):
+    """A stage's run failed; the message ends with its last output lines."""
+
+
 def run_stage(script: str, recipe: str, overrides: list[str], out: Path, threads: int, resume: str = "none") -> float:
     """Run one entry point in its own process, its output in OUT/log.txt; returns the wall time in seconds."""
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +81,9 @@ def run_stage(script: str, recipe: str, overrides: list[str], out: Path, threads
     with open(out / "log.txt", "a") as log:
         result = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if result.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed; see {out / 'log.txt'}")
+        last = (out / "log.txt").read_text().strip().splitlines()[-3:]
+        raise StageError(f"{' '.join(command)} failed, ending with:\n  " + "\n  ".join(last)
+                         + f"\nthe whole output is in {out / 'log.txt'}")
     return time.perf_counter() - start
 
 
@@ -215,20 +221,37 @@ def main(argv: list[str] | None = None) -> int:
                             help="torch threads per run" if name == "threads" else
                             "experiment only (demo runs the demo recipes)")
     args = parser.parse_args(argv)
+    if args.command == "experiment" and args.checkpoint is not None:
+        parser.error(f"experiment pretrains its own encoders and takes no checkpoint; for the downstream runs of "
+                     f"{args.checkpoint}, run: demo {args.checkpoint}")
     if args.command == "demo":
-        if args.checkpoint is None:
-            parser.error("demo needs the pretraining run or checkpoint directory")
-        ignored = [f"--{name.replace('_', '-')}" for name, value in defaults.__dict__.items()
-                   if name != "threads" and getattr(args, name) != value]
-        if ignored:
-            parser.error(f"demo runs the demo recipes as they are and takes only --out, --data and --threads, not "
-                         f"{', '.join(ignored)} (for the experiment)")
-        print(demo_compare(args.checkpoint, args.data or "data/fashion_mnist", args.out or "runs/demo_compare",
-                           args.threads))
-        return 0
-    budget = Budget(**{name: getattr(args, name) for name in defaults.__dict__})
-    print(experiment(args.out or ROOT / "runs" / "experiment_fashion", budget, args.data and Path(args.data)))
+        check_demo_arguments(parser, args, defaults)
+    try:
+        if args.command == "demo":
+            print(demo_compare(args.checkpoint, args.data or "data/fashion_mnist", args.out or "runs/demo_compare",
+                               args.threads))
+        else:
+            budget = Budget(**{name: getattr(args, name) for name in defaults.__dict__})
+            print(experiment(args.out or ROOT / "runs" / "experiment_fashion", budget, args.data and Path(args.data)))
+    except StageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
+
+
+def check_demo_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, defaults: Budget) -> None:
+    """Usage errors for `demo`: its checkpoint is needed and must exist, and the experiment's budget flags would be
+    ignored."""
+    if args.checkpoint is None:
+        parser.error("demo needs the pretraining run or checkpoint directory")
+    ignored = [f"--{name.replace('_', '-')}" for name, value in defaults.__dict__.items()
+               if name != "threads" and getattr(args, name) != value]
+    if ignored:
+        parser.error(f"demo runs the demo recipes as they are and takes only --out, --data and --threads, not "
+                     f"{', '.join(ignored)} (for the experiment)")
+    if not Path(args.checkpoint).exists():
+        parser.error(f"{args.checkpoint} does not exist: give a pretraining run or checkpoint directory (make demo "
+                     "writes runs/demo_mae_vit)")
 
 
 if __name__ == "__main__":
