@@ -47,7 +47,7 @@ def main() -> None:
              Case("mask tokens in encoder", full, lambda: full(images)[0])]
     macs = {c.name: gmacs_per_image(c.step, args.batch) for c in cases}
     times = interleaved_times({c.name: train_step(c.model, c.step) for c in cases}, args.repeats)
-    print_table([(name, f"{seconds * 1000:8.1f} ms/step, {macs[name]:6.2f} GMAC/img forward")
+    print_table([(name, f"{seconds * 1000:8.1f} ms/step, {macs[name]:7.3f} GMAC/img forward")
                  for name, seconds in medians(times).items()],
                 f"{args.model}, batch {args.batch}, mask ratio {args.mask_ratio}, fp32, "
                 f"{torch.get_num_threads()} threads, median of {args.repeats}")
