@@ -451,6 +451,19 @@ def test_a_run_without_validation_ends_saying_so_and_where_its_weights_are(tmp_p
                     f"{tmp_path}/checkpoints")
 
 
+def test_evaluations_at_epoch_ends_are_labelled_with_the_epoch_when_accumulation_splits_a_step(tmp_path, one_thread):
+    write_shards(tmp_path / "shards", [40], size=32)
+    write_shards(tmp_path / "shards", [8], split="val", size=32)
+    # 10 batches an epoch, 4 per optimizer step: the first epoch ends 2 micro-batches into step 3.
+    shards = tmp_path / "shards"
+    run = FinetuneRun(demo_config(tmp_path / "run", f"data.train={shards}", f"data.val={shards}", "data.batch_size=4",
+                                  "optim.accum_steps=4", "schedule.epochs=2", "schedule.warmup_epochs=0"))
+    summary = run.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in rows if "val_acc1" in r] == [(2, 1), (5, 2)]
+    assert summary["best"]["epoch"] in (1, 2)
+
+
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_demo_finetune_beats_chance_and_resumes_exactly(tmp_path, one_thread):
     full = FinetuneRun(demo_config(tmp_path / "full")).train()

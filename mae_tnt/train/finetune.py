@@ -274,7 +274,10 @@ class FinetuneRun(TrainingRun):
                     self.stream.state.start_epoch(self.stream.state.epoch + 1)
                 with self.window.paused():
                     if (epoch_done or self.step >= self.plan.stop_step) and self.val_shards:
-                        history.append(self.evaluate_and_keep_best())
+                        # At a data epoch's end that epoch's count labels the row, even where accumulation
+                        # leaves the optimizer step count just short of it (7 steps of 7.75 an epoch).
+                        history.append(self.evaluate_and_keep_best(self.stream.state.epoch if epoch_done
+                                                                   else self.epoch))
                 self.save_due = True
                 self._save_if_due(micro)
         return {"steps": self.step, "history": history, "best": self.best, "output_dir": str(self.out),
@@ -313,9 +316,10 @@ class FinetuneRun(TrainingRun):
                 self.save()
             self.save_due = False
 
-    def evaluate_and_keep_best(self) -> dict:
-        """Top-1/top-5 of the model (and its EMA) on the val shards; the best weights go to `best/`."""
-        metrics = {"step": self.step, "epoch": self.epoch}
+    def evaluate_and_keep_best(self, epoch: float) -> dict:
+        """Top-1/top-5 of the model (and its EMA) on the val shards, a row labelled `epoch`; the best weights go to
+        `best/`."""
+        metrics = {"step": self.step, "epoch": epoch}
         metrics.update(self.evaluate(self.model))
         candidates = [("model", metrics["val_acc1"])]
         if self.ema is not None:
