@@ -164,7 +164,6 @@ class Trainer(TrainingRun):
         self.cfg = cfg
         self.acc = build_accelerator(cfg)
         self.out = Path(cfg.run.output_dir)
-        claim_run_directory(self.out, self.acc)
         self.is_main = self.acc.is_main_process
         self.log = main_process_lines(self.is_main)
         self.stream = build_train_stream(cfg.data, mae_transform(cfg.data, cfg.model.img_size), seed=cfg.seed,
@@ -185,6 +184,7 @@ class Trainer(TrainingRun):
         self.step = 0
         self.window = Window(self.acc.device)
         self.grad_norm: torch.Tensor | None = None  # the last clipped step's gradient norm, logged when known
+        claim_run_directory(self.out, self.acc)  # once the run is known to start: a refused one leaves no folder
         checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)  # before the run dir is written
         self._describe_run()
         if checkpoint is not None:

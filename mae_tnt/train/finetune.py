@@ -170,7 +170,6 @@ class FinetuneRun(TrainingRun):
         self.cfg = cfg
         self.acc = build_accelerator(cfg)
         self.out, self.is_main = Path(cfg.run.output_dir), self.acc.is_main_process
-        claim_run_directory(self.out, self.acc)
         self.log = main_process_lines(self.is_main)
         self.device, self.rank, self.world = self.acc.device, self.acc.process_index, self.acc.num_processes
         transform = FinetuneTransform(cfg.model.img_size, cfg.data.crop_scale, cfg.augment.rand_augment, cfg.data.mean)
@@ -180,6 +179,7 @@ class FinetuneRun(TrainingRun):
         self.class_names = head_class_names(cfg, self.num_classes)
         if cfg.data.val:
             require_labeled_shards(cfg.data, f"{cfg.mode} validation")
+        claim_run_directory(self.out, self.acc)  # once the run is known to start: a refused one leaves no folder
         checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)
         cfg.init = recorded_init(cfg.init, checkpoint.state if checkpoint else None)
         set_fused_attn(cfg.run.fused_attn)
@@ -399,13 +399,6 @@ def run_knn(cfg: FinetuneConfig) -> dict:
     log = main_process_lines(acc.is_main_process)
     cfg.init = recorded_init(cfg.init)
     require_labeled_shards(cfg.data, "kNN evaluation")  # before the checkpoint is read
-    claim_run_directory(Path(cfg.run.output_dir), acc)
-    with released_at_end(Path(cfg.run.output_dir)):
-        return _knn_run(cfg, acc, log)
-
-
-def _knn_run(cfg: FinetuneConfig, acc, log) -> dict:
-    """`run_knn` once the run directory is this run's."""
     model = build_classifier(cfg, num_classes=0, log=log).to(acc.device).eval()
     if cfg.model.bn_reestimate_batches:
         refit_stem_norms(model, cfg, acc.device, log)
@@ -415,12 +408,14 @@ def _knn_run(cfg: FinetuneConfig, acc, log) -> dict:
             model, data, img_size=cfg.model.img_size, batch_size=data.eval_batch_size or data.batch_size, k=cfg.knn.k,
             temperature=cfg.knn.temperature, max_train=data.knn_max_train, device=acc.device, rank=acc.process_index,
             world_size=acc.num_processes, gather=acc.gather, verify=True)
-    if acc.is_main_process:
-        out = Path(cfg.run.output_dir)
-        set_aside_previous_run(out, log, why="mode=knn evaluates afresh")
-        write_run_config(cfg, out, is_main=True)
-        with MetricsLogger(out, True, to_dict(cfg)) as logger:
-            logger.log({"step": 0, **result})
+    out = Path(cfg.run.output_dir)
+    claim_run_directory(out, acc)  # the run's only writes follow
+    with released_at_end(out):
+        if acc.is_main_process:
+            set_aside_previous_run(out, log, why="mode=knn evaluates afresh")
+            write_run_config(cfg, out, is_main=True)
+            with MetricsLogger(out, True, to_dict(cfg)) as logger:
+                logger.log({"step": 0, **result})
     capped = f", knn.k={cfg.knn.k} capped at the bank size" if result["knn_k"] < cfg.knn.k else ""
     log(f"kNN (k={result['knn_k']}{capped}, T={cfg.knn.temperature:g}) on {result['knn_val']} val images with a "
         f"bank of {result['knn_train']}: {topk_text(result, 'knn_top')}")
