@@ -4,9 +4,9 @@ Two runs writing the same `run.output_dir` interleave their metrics, set each ot
 their weights; it happens easily, since killing `accelerate launch` does not stop its ranks. The global main process
 holds an exclusive `flock` on `OUT/.run.lock` from just before the run's first write (its checks passed, so a
 refused run leaves no folder behind) to its end (the kernel also releases it however the process ends, so a killed
-run leaves nothing stale), and every rank learns whether it got it. A process may claim
-a directory it holds again (a notebook running one run after another). On network file systems `flock` may not
-reach other machines; there the lock guards against runs on the same node only.
+run leaves nothing stale), and every rank learns whether it got it. A process may claim a directory it holds again
+(a notebook running one run after another). On network file systems `flock` may not reach other machines; there the
+lock guards against runs on the same node only.
 """
 
 from __future__ import annotations
