@@ -2,7 +2,8 @@
 
 In a terminal, tqdm redraws its bars in place. Written to a file (a cluster job's log), the same redraws become
 carriage-return frames ten times a second, and a nested bar's cursor moves become `ESC[A` codes. So when stderr is
-not a terminal, a bar redraws only every `LOG_FILE_INTERVAL` seconds and a nested bar shares the first line.
+not a terminal, a bar's own updates redraw it at most every `LOG_FILE_INTERVAL` seconds (a `set_postfix`, as at a
+log step, still redraws it) and a nested bar shares the first line.
 """
 
 from __future__ import annotations
