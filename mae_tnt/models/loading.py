@@ -29,9 +29,9 @@ WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema")
 EXPORT_CONFIG = "config.json"  # written beside an export's model.safetensors by tools/export.py
 STATE_FILE = "state.json"  # written beside a training checkpoint's model.safetensors
 BUILD_KEYS = ("num_classes", "img_size", "global_pool")
+"""The build arguments that exports and training checkpoints record, so that loading one needs none."""
 PROBE_BN_EPS = 1e-6
 """eps of the linear probe's parameter-free BatchNorm (MAE's); loading folds a probe head with it."""
-"""The build arguments that exports and training checkpoints record, so that loading one needs none."""
 
 
 class CheckpointError(RuntimeError):
