@@ -104,12 +104,14 @@ def _waited_for(iterator: Iterator, window: Window) -> Iterator:
 def close_window(accelerator, window: Window, bar, step: int, epoch: float, lr: float, skipped: int) -> dict:
     """The log line of a window (mean loss over all ranks, lr, img/s, data-wait fraction, and the running total of
     samples skipped as unreadable, summed over the ranks' own totals `skipped`); shows it and resets."""
-    loss = accelerator.reduce(window.loss_sum, "sum").item() / max(1, accelerator.reduce(window.count, "sum").item())
-    all_skipped = int(accelerator.reduce(torch.tensor(skipped, device=window.device), "sum").item())
+    # One all-reduce and one device sync for the three sums (the skip count is exact in float32 below 2**24).
+    totals = torch.stack([window.loss_sum, window.count, window.loss_sum.new_tensor(skipped)])  # [3]
+    loss_sum, count, all_skipped = accelerator.reduce(totals, "sum").tolist()
+    loss = loss_sum / max(1, count)
     elapsed = time.perf_counter() - window.start
     metrics = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr,
                "img_per_s": window.images * accelerator.num_processes / elapsed,
-               "data_wait": window.data_time / elapsed, "skipped_samples": all_skipped}
+               "data_wait": window.data_time / elapsed, "skipped_samples": int(all_skipped)}
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{metrics['img_per_s']:.0f}")
     window.reset()
     return metrics

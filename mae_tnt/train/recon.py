@@ -65,6 +65,7 @@ def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Pa
     with in_mode(model, training=False):
         rows = reconstruct(model, images, noise)
     note = " (norm-pix: un-normalised with the true patch statistics, display only)" if model.norm_pix_loss else ""
-    loss = f"{rows['loss'].item():.4f}" if model.mask_ratio > 0 else "n/a (nothing hidden)"
-    save_grid(rows, mean, std, path, f"{label}, loss {loss}{note}")
-    return rows["loss"].item()
+    loss = rows["loss"].item()
+    shown = f"{loss:.4f}" if model.mask_ratio > 0 else "n/a (nothing hidden)"
+    save_grid(rows, mean, std, path, f"{label}, loss {shown}{note}")
+    return loss
