@@ -178,6 +178,11 @@ def test_interrupted_conversion_resumes_without_duplicates_or_losses(tmp_path, m
     with pytest.raises(FileNotFoundError, match=r"was interrupted \(_progress_train.json records it\); re-run"):
         load_info(tmp_path / "out")  # what pretraining on the unfinished directory says
     (tmp_path / "out" / "train-000007.tar.tmp").write_bytes(b"junk from an earlier crash")
+    journal = tmp_path / "out" / "_progress_train.json"
+    recorded = json.loads(journal.read_text())
+    for shard in recorded["shards"]:
+        del shard["num_bytes"]  # as a version that recorded no sizes wrote its journal
+    journal.write_text(json.dumps(recorded))
     with pytest.raises(ConversionError, match="other settings"):
         convert(src, tmp_path / "out", options(**limits, seed=1))
 
@@ -187,6 +192,8 @@ def test_interrupted_conversion_resumes_without_duplicates_or_losses(tmp_path, m
     assert sorted(sources) == sorted(f"img{i:02d}.png" for i in range(14))
     assert [skip["source"] for skip in summary.skipped] == ["bad.png"]
     assert load_info(tmp_path / "out") == load_info(tmp_path / "reference") | {"name": "out"}
+    sizes = [(tmp_path / "out" / name).stat().st_size for name in summary.filenames]
+    assert load_info(tmp_path / "out")["splits"]["train"]["shard_bytes"] == sizes
     for name in summary.filenames:  # byte-identical to an uninterrupted run
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(summary.filenames + ["_info.json"])

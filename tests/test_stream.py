@@ -2,6 +2,7 @@
 
 import copy
 import io
+import json
 import os
 import re
 import signal
@@ -13,7 +14,9 @@ import pytest
 import torch
 from shard_utils import write_shards
 
-from mae_tnt.data.info import count_tar_samples, update_split
+from mae_tnt.data import shards as shards_module
+from mae_tnt.data.info import ShardError as InfoError
+from mae_tnt.data.info import count_tar_samples, load_info, update_split
 from mae_tnt.data.loader import eval_batches, first_images, make_loader
 from mae_tnt.data.shards import ShardError, read_samples, resolve_shards
 from mae_tnt.data.stream import ShardStream
@@ -251,6 +254,37 @@ def test_info_that_disagrees_with_shards_fails(tmp_path):
     with tarfile.open(tmp_path / "train-000000.tar", "w"):
         pass  # now empty, while _info.json still says 4
     with pytest.raises(ShardError, match="holds 0 samples but _info.json says 4"):
+        resolve_shards(str(tmp_path))
+
+
+def test_only_shards_whose_size_is_not_the_recorded_one_have_their_headers_read(tmp_path, monkeypatch):
+    write_shards(tmp_path, [4, 4, 4])
+    names = [f"train-00000{i}.tar" for i in range(3)]
+    update_split(tmp_path, "train", names, [4, 4, 4], shard_bytes=[(tmp_path / n).stat().st_size for n in names])
+    scanned = []
+    monkeypatch.setattr(shards_module, "count_tar_samples", lambda url: scanned.append(os.path.basename(url)) or
+                        count_tar_samples(url))
+    assert [shard.num_samples for shard in resolve_shards(str(tmp_path))] == [4, 4, 4] and scanned == []
+
+    victim = tmp_path / names[1]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=r"train-000001.tar: .*truncated"):
+        resolve_shards(str(tmp_path))
+    assert scanned == [names[1]]
+
+    scanned.clear()
+    update_split(tmp_path, "train", names, [4, 4, 4])  # as make_shards wrote it before it recorded sizes
+    with pytest.warns(UserWarning, match=r"train-000001.tar: "):
+        resolve_shards(str(tmp_path))
+    assert scanned == names
+
+
+def test_recorded_shard_sizes_must_match_the_file_names(tmp_path):
+    write_shards(tmp_path, [4, 4])
+    info = load_info(tmp_path)
+    info["splits"]["train"]["shard_bytes"] = [1000]
+    (tmp_path / "_info.json").write_text(json.dumps(info))
+    with pytest.raises(InfoError, match="split 'train': 'shard_bytes' must be a list with one size per file name"):
         resolve_shards(str(tmp_path))
 
 

@@ -193,7 +193,7 @@ def _convert_into(src, fmt: str, source: Source, out: Path, options: ConvertOpti
     remove_stale_shards(out, options.split, keep=set(filenames))
     classes = list(source.classes or [])
     update_split(out, options.split, filenames, lengths, classes=classes or None, skipped=skipped,
-                 labeled=bool(classes))
+                 labeled=bool(classes), shard_bytes=[shard["num_bytes"] for shard in journal.shards])
     journal.discard()
     return ConvertSummary(options.split, sum(lengths), filenames, lengths, skipped, resumed_shards, fmt, classes)
 

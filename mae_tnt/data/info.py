@@ -5,10 +5,12 @@ Layout of ``_info.json``::
     {"name": "fashion_mnist",
      "splits": {"train": {"name": "train", "num_samples": 2000,
                           "filenames": ["train-000000.tar", ...], "shard_lengths": [250, ...],
-                          "skipped": [{"source": "...", "reason": "..."}]}},
+                          "shard_bytes": [1843200, ...], "skipped": [{"source": "...", "reason": "..."}]}},
      "classes": ["T-shirt/top", ...]}
 
 ``classes`` is empty for unlabeled data; ``skipped`` is written by the converter and optional for readers.
+``shard_bytes`` (each shard's file size, written by the converter, optional for readers) lets training trust a shard
+of the recorded size without reading its headers, so start-up does not grow with the dataset.
 A sample in a tar is a run of consecutive members sharing a key: the member path up to the first dot of its
 basename, directory included (webdataset's rule), so keys must contain no dots.
 
@@ -83,6 +85,9 @@ def _check_info(info: object, path: Path) -> None:
             raise ShardError(f"{where}: 'filenames' and 'shard_lengths' must be lists of equal length")
         if sum(lengths) != entry["num_samples"]:
             raise ShardError(f"{where}: shard_lengths sum to {sum(lengths)} but num_samples is {entry['num_samples']}")
+        sizes = entry.get("shard_bytes", filenames)
+        if not isinstance(sizes, list) or len(sizes) != len(filenames):
+            raise ShardError(f"{where}: 'shard_bytes' must be a list with one size per file name")
 
 
 def update_split(
@@ -95,6 +100,7 @@ def update_split(
     *,
     skipped: Sequence[dict] | None = None,
     labeled: bool | None = None,
+    shard_bytes: Sequence[int] | None = None,
 ) -> dict:
     """Add or replace one split in ``ROOT/_info.json``, keeping the other splits, and write it atomically.
 
@@ -107,6 +113,8 @@ def update_split(
         name: Dataset name; None keeps the existing one, or uses the directory name for a new file.
         skipped: ``{"source", "reason"}`` records of inputs left out of this split.
         labeled: whether the split's samples carry labels (``split_classes``); None leaves it unsaid.
+        shard_bytes: each shard's file size in bytes; None leaves them unrecorded (their headers are then read at
+            every start of training).
 
     Returns:
         The info dict as written.
@@ -125,6 +133,8 @@ def update_split(
         info["name"] = name
     entry = {"name": split, "num_samples": sum(shard_lengths), "filenames": list(filenames)}
     entry["shard_lengths"] = list(shard_lengths)
+    if shard_bytes is not None:
+        entry["shard_bytes"] = list(shard_bytes)
     if skipped is not None:
         entry["skipped"] = list(skipped)
     if labeled is not None:

@@ -54,8 +54,8 @@ def refuse_a_finished_split(out: Path, split: str) -> None:
 class Journal:
     """Completed shards of an unfinished conversion, in ``OUT/_progress_{split}.json``.
 
-    Each entry: ``filename``, ``num_samples``, ``end`` (first order position not consumed) and ``skipped``
-    (inputs skipped before ``end`` since the previous entry).
+    Each entry: ``filename``, ``num_samples``, ``num_bytes`` (the file's size), ``end`` (first order position not
+    consumed) and ``skipped`` (inputs skipped before ``end`` since the previous entry).
     """
 
     def __init__(self, path: Path, job: dict, shards: list[dict]):
@@ -102,8 +102,9 @@ class Journal:
     def skipped(self) -> list[dict]:
         return [skip for shard in self.shards for skip in shard["skipped"]]
 
-    def add(self, filename: str, num_samples: int, end: int, skipped: list[dict]) -> None:
-        self.shards.append({"filename": filename, "num_samples": num_samples, "end": end, "skipped": skipped})
+    def add(self, filename: str, num_samples: int, num_bytes: int, end: int, skipped: list[dict]) -> None:
+        self.shards.append({"filename": filename, "num_samples": num_samples, "num_bytes": num_bytes, "end": end,
+                            "skipped": skipped})
         self._save()
 
     def discard(self) -> None:
@@ -118,7 +119,8 @@ def _differences(old: dict, new: dict) -> str:
 
 
 def _verified_prefix(out: Path, shards: list[dict]) -> list[dict]:
-    """The recorded shards up to the first one that is missing or whose sample count disagrees."""
+    """The recorded shards up to the first one that is missing or whose sample count disagrees, with their sizes
+    (which a journal of an older version lacks)."""
     for index, shard in enumerate(shards):
         path = out / shard["filename"]
         try:
@@ -127,6 +129,7 @@ def _verified_prefix(out: Path, shards: list[dict]) -> list[dict]:
             intact = False
         if not intact:
             return shards[:index]
+        shard["num_bytes"] = path.stat().st_size
     return shards
 
 
@@ -171,8 +174,8 @@ class ShardWriter:
             self.payload_bytes += header.size
         self.count += 1
 
-    def close_shard(self) -> tuple[str, int]:
-        """Finish the open shard, flush it to disk and rename it; return its file name and sample count."""
+    def close_shard(self) -> tuple[str, int, int]:
+        """Finish the open shard, flush it to disk and rename it; return its file name, sample count and size."""
         self._tar.close()
         if self._gzip is not None:
             self._gzip.close()
@@ -183,7 +186,7 @@ class ShardWriter:
         os.replace(self._tmp_path(), self.out / filename)
         self._file = self._tar = None
         self.shard_index, self.count, self.payload_bytes = self.shard_index + 1, 0, 0
-        return filename, count
+        return filename, count, (self.out / filename).stat().st_size
 
     def _tmp_path(self) -> Path:
         return self.out / (shard_name(self.split, self.shard_index, self.compress) + ".tmp")
