@@ -12,7 +12,7 @@ from multiprocessing.process import BaseProcess
 
 import pytest
 import torch
-from shard_utils import write_shards
+from shard_utils import encode_png, write_shards
 
 from mae_tnt.data import shards as shards_module
 from mae_tnt.data.info import ShardError as InfoError
@@ -169,6 +169,20 @@ def test_a_truncated_shard_is_warned_about_then_skipped_and_counted(tmp_path):
     with pytest.warns(UserWarning) as caught:
         resolve_shards(str(tmp_path))
     assert len(caught) == 1 and "\n" not in str(caught[0].message), str(caught[0].message)
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_a_tar_cut_inside_a_member_yields_the_samples_before_it_and_the_reason(tmp_path, local):
+    write_shards(tmp_path, [5])
+    shard = tmp_path / "train-000000.tar"
+    with tarfile.open(shard) as tar:
+        last = tar.getmembers()[-1]
+    shard.write_bytes(shard.read_bytes()[: last.offset_data + last.size // 2])  # the last sample's last member, cut
+    url = str(shard) if local else f"pipe:cat {shard}"  # a seekable file, and a stream read once
+    reasons = []
+    samples = list(read_samples(url, on_break=reasons.append))
+    assert [sample["__key__"] for sample in samples] == [f"s{i:06d}" for i in range(4)]
+    assert samples[-1]["png"] == encode_png(3) and reasons == ["unexpected end of data"]
 
 
 def test_pipe_urls_are_refused_unless_allowed(tmp_path):

@@ -268,9 +268,21 @@ def _tar_samples(source: str | IO[bytes], start: int) -> Iterator[dict[str, byte
                 if sample:
                     yield sample
                 sample = {"__key__": key}
-            sample[member.name[len(key) + 1 :].lower()] = tar.extractfile(member).read()
+            sample[member.name[len(key) + 1 :].lower()] = _member_data(tar, member)
         if sample:
             yield sample
+
+
+def _member_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A member's bytes, read from the archive directly: a third of the cost of `extractfile`, which wraps every
+    member in two file objects. Sparse members (GNU tar's holes) need its map."""
+    if member.sparse is not None:
+        return tar.extractfile(member).read()
+    tar.fileobj.seek(member.offset_data)  # a stream only moves forward: it is there already
+    data = tar.fileobj.read(member.size)
+    if len(data) != member.size:
+        raise tarfile.ReadError("unexpected end of data")
+    return data
 
 
 def _open_tar(source: str | IO[bytes]) -> tarfile.TarFile:
