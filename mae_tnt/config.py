@@ -315,11 +315,12 @@ def _refuse_repeated_key(text: str, source: str) -> None:
             continue
         visited.add(id(node))
         if isinstance(node, yaml.MappingNode):
-            keys = [key for key, _ in node.value if isinstance(key, yaml.ScalarNode)]
-            for index, key in enumerate(keys):
-                if any(earlier.value == key.value for earlier in keys[:index]):
+            seen = set()
+            for key in (key for key, _ in node.value if isinstance(key, yaml.ScalarNode)):
+                if key.value in seen:
                     raise ConfigError(f"{_located(source, text, key.start_mark)}: key `{key.value}` is written "
                                       "twice in the same mapping; keep one (YAML would silently use the last)")
+                seen.add(key.value)
             nodes.extend(value for _, value in node.value)
         elif isinstance(node, yaml.SequenceNode):
             nodes.extend(node.value)

@@ -52,9 +52,10 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
     sized = {"img_size": img_size} if img_size is not None else {}
     model = create_model(model_name, **sized)  # an unknown name fails before a long read
     state_dict = read_foreign_checkpoint(src, unsafe_pickle)
-    build_kwargs = {**sized, **fitting_build_kwargs(model, state_dict)}
-    if build_kwargs.keys() - sized.keys():  # a classifier of another head or pooling
-        model = create_model(model_name, **build_kwargs)
+    fitting = fitting_build_kwargs(model, state_dict)  # head size and pooling only, never the image size
+    if fitting:  # a classifier of another head or pooling
+        model = create_model(model_name, **sized, **fitting)
+    build_kwargs = {**sized, **fitting}
     report = load_weights(model, state_dict, allow_missing=tuple(allow_missing),
                           allow_unexpected=tuple(allow_unexpected),
                           remedy="pass the groups of keys the source was saved without to --allow-missing (e.g. "

@@ -187,7 +187,8 @@ def load_weights(
         remedy: the error's last advice, after the model name or build arguments that would fit.
     """
     state_dict = source if isinstance(source, dict) else read_state_dict(source)
-    if "head.0.running_mean" not in model.state_dict():  # a classifier, not a linear probe being resumed
+    own = model.state_dict()
+    if "head.0.running_mean" not in own:  # a classifier, not a linear probe being resumed
         state_dict = fold_probe_head(state_dict)
     report = LoadReport()
     if not isinstance(model, MaskedAutoencoder) and any(k.startswith("encoder.") for k in state_dict):
@@ -201,7 +202,6 @@ def load_weights(
                             for key, value in adapted.items()
                             if key in state_dict and value.shape != state_dict[key].shape]
         state_dict = adapted
-    own = model.state_dict()
     reshaped = [k for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     if reshaped:  # load_state_dict would raise a RuntimeError listing every one; report them with the other misfits
         report.missing = sorted(own.keys() - state_dict.keys())
