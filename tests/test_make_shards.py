@@ -603,6 +603,23 @@ def test_inspect_fails_when_a_shard_count_disagrees(tmp_path, capsys):
                                        f"made by tools/make_shards.py that holds _info.json ({tmp_path / 'out'})\n")
 
 
+def test_inspect_fails_when_a_shard_size_differs_from_the_recorded_one(tmp_path, capsys):
+    """A shard rewritten after conversion, still whole: training would re-read its headers at every start."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.png").write_bytes(encoded(gradient(6, 6), "PNG"))
+    convert(src, tmp_path / "out", options(shard_size=2))
+    shard = tmp_path / "out" / "train-000001.tar"
+    recorded = shard.stat().st_size
+    with shard.open("ab") as file:  # more end-of-archive padding: same members, other size
+        file.write(bytes(1024))
+    assert inspect_main([str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"train-000001.tar: {recorded + 1024} bytes but _info.json records {recorded}" in err
+    assert err.endswith("FAILED: 1 problem\n")
+
+
 @pytest.mark.parametrize("labeled_first", [True, False])
 def test_an_unlabeled_split_beside_labeled_ones_stays_unlabeled(tmp_path, capsys, labeled_first):
     """STL-10's layout: labeled `train` and `unlabeled` splits in one directory, in either order."""

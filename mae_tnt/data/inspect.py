@@ -1,8 +1,9 @@
 """Verify a shard directory against its ``_info.json`` and summarise what it holds.
 
-``inspect_shards(root)`` checks that every listed shard exists, holds exactly ``shard_lengths[i]`` samples
-and that no temporary file, unfinished-conversion journal or unlisted shard is left; it then decodes every
-image and counts labels, sizes and formats. ``main`` prints the summary and exits non-zero on any problem.
+``inspect_shards(root)`` checks that every listed shard exists, holds exactly ``shard_lengths[i]`` samples and,
+where recorded, has ``shard_bytes[i]`` bytes, and that no temporary file, unfinished-conversion journal or unlisted
+shard is left; it then decodes every image and counts labels, sizes and formats. ``main`` prints the summary and
+exits non-zero on any problem.
 """
 
 import argparse
@@ -68,8 +69,9 @@ def inspect_shards(root: str | Path, progress: bool = False) -> InspectReport:
     for split, entry in info["splits"].items():
         report = splits[split] = SplitReport(entry["num_samples"], len(entry["filenames"]), split_classes(info, split))
         with progress_bar(total=entry["num_samples"], unit="img", desc=split, disable=not progress) as bar:
-            for filename, length in zip(entry["filenames"], entry["shard_lengths"], strict=True):
-                problems += _inspect_shard(root / filename, length, report)
+            sizes = entry.get("shard_bytes", [None] * len(entry["filenames"]))
+            for filename, length, size in zip(entry["filenames"], entry["shard_lengths"], sizes, strict=True):
+                problems += _inspect_shard(root / filename, length, size, report)
                 bar.update(length)
     return InspectReport(info.get("name", root.name), classes, splits, problems)
 
@@ -87,8 +89,9 @@ def _leftover_problems(root: Path, info: dict) -> list[str]:
     return problems
 
 
-def _inspect_shard(path: Path, expected: int, report: SplitReport) -> list[str]:
-    """Problems of one shard; adds its samples' labels, sizes and formats to ``report``."""
+def _inspect_shard(path: Path, expected: int, expected_bytes: int | None, report: SplitReport) -> list[str]:
+    """Problems of one shard (``expected_bytes``: its recorded size, if any); adds its samples' labels, sizes and
+    formats to ``report``."""
     if not path.is_file():
         return [f"{path}: listed in {INFO_NAME} but missing"]
     try:
@@ -96,6 +99,10 @@ def _inspect_shard(path: Path, expected: int, report: SplitReport) -> list[str]:
     except ShardError as err:
         return [str(err)]
     problems = [] if count == expected else [f"{path}: holds {count} samples but {INFO_NAME} says {expected}"]
+    if expected_bytes is not None and (size := path.stat().st_size) != expected_bytes:
+        # Training trusts a shard of the recorded size without reading it, and re-reads every other one at each start.
+        problems.append(f"{path}: {size} bytes but {INFO_NAME} records {expected_bytes}; the file changed after "
+                        "make_shards wrote it: re-run tools/make_shards.py into a new directory")
     for fields in read_samples(str(path)):
         problems += _inspect_sample(f"{path}:{fields.pop('__key__')}", fields, report)
     return problems
