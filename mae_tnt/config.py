@@ -189,6 +189,9 @@ class RunConfig:
     """`auto` (bf16 on GPU, fp32 on CPU), `fp32`, `bf16` or `fp16`."""
     compile: bool = False
     """torch.compile the model (the compile time is logged)."""
+    grad_checkpointing: bool = False
+    """Recompute every transformer block in the backward pass instead of keeping its activations: less memory for
+    larger batches or models, for about a third more compute (tools/bench/grad_checkpointing.py)."""
     fused_attn: bool = True
     """Attention through `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU)."""
     channels_last: bool = True

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from functools import partial
 
 import torch
+import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -21,6 +22,7 @@ __all__ = [
     "DropPath",
     "LayerNorm",
     "Mlp",
+    "checkpointed",
     "init_mae_weights",
     "init_trunc_normal_weights",
     "resample_abs_pos_embed",
@@ -74,6 +76,18 @@ def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float = 
     return nn.ModuleList(
         Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm) for _ in range(depth)
     )
+
+
+def checkpointed(function, *args, enabled: bool, **kwargs):
+    """`function(*args, **kwargs)`; when `enabled` and autograd is recording, its activations are recomputed in the
+    backward pass instead of kept (grad checkpointing: memory for about a third more compute).
+
+    Non-reentrant checkpointing restores the RNG state before recomputing, so drop path and SReT's random slices
+    draw the same values twice and the gradients are those of the plain call.
+    """
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
+    return function(*args, **kwargs)
 
 
 def _init_linear_and_norm(module: nn.Module, init_weight) -> None:

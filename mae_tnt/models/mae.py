@@ -1,9 +1,9 @@
 """Encoder-agnostic masked autoencoder: masking by mask unit, a light ViT decoder and the norm-pix MSE loss.
 
 The wrapper reads only the encoder contract: `unit` (mask unit in pixels), `grid` (units per side), `embed_dim`,
-`num_prefix_tokens`, `forward_visible(images, ids_keep)`, `no_weight_decay()` and, for the SimMIM-style baseline,
-`forward_with_mask_tokens(images, mask, mask_token)` (with an optional `mask_token_dim`). Everything else about the
-encoder stays private to it.
+`num_prefix_tokens`, `forward_visible(images, ids_keep)`, `no_weight_decay()`, timm's `set_grad_checkpointing(enable)`
+and, for the SimMIM-style baseline, `forward_with_mask_tokens(images, mask, mask_token)` (with an optional
+`mask_token_dim`). Everything else about the encoder stays private to it.
 
 References: He et al., "Masked Autoencoders Are Scalable Vision Learners" (arXiv 2111.06377);
 facebookresearch/mae `models_mae.py` (semantics reproduced exactly: noise + argsort masking, sin-cos decoder
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import LayerNorm, check_images, init_mae_weights, transformer_blocks
+from .layers import LayerNorm, check_images, checkpointed, init_mae_weights, transformer_blocks
 from .masking import masked_mean, normalize_pixels, num_visible, random_masking
 from .pos_embed import sincos_2d
 
@@ -86,6 +86,7 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_blocks = transformer_blocks(decoder_dim, decoder_depth, decoder_heads, mlp_ratio)
         self.decoder_norm = LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, self.unit**2 * 3)
+        self.grad_checkpointing = False
         self._init_decoder()
 
     def _init_decoder(self) -> None:
@@ -95,6 +96,11 @@ class MaskedAutoencoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         if self.encoder_mode == "mask_tokens":
             nn.init.normal_(self.encoder_mask_token, std=0.02)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every encoder and decoder block in the backward pass instead of keeping its activations."""
+        self.grad_checkpointing = enable
+        self.encoder.set_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
         encoder_names = {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
@@ -151,7 +157,7 @@ class MaskedAutoencoder(nn.Module):
             units = torch.gather(units, dim=1, index=index)  # unshuffle to raster order
         x = torch.cat([prefix, units], dim=1) + self.decoder_pos_embed  # [B, P + L, Dd]
         for block in self.decoder_blocks:
-            x = block(x)
+            x = checkpointed(block, x, enabled=self.grad_checkpointing)
         x = self.decoder_pred(self.decoder_norm(x))  # [B, P + L, u*u*3]
         return x[:, self.num_prefix_tokens :]
 

@@ -37,6 +37,7 @@ from .layers import (
     Mlp,
     check_backbone_args,
     check_images,
+    checkpointed,
     in_mode,
     init_trunc_normal_weights,
     trunc_normal_,
@@ -172,14 +173,19 @@ class RecursiveStage(nn.Module):
             RecursiveBlock(dim, num_heads, mlp_ratio, groups, drop_path[r]) for r in range(recursive_num)
         )
         self.nlls = nn.ModuleList(NonLinearProjection(dim, nll_ratio) for _ in range(depth))
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [B, N, C]."""
-        for application, nll in enumerate(self.nlls):
-            block = self.blocks[application // self.loops]
-            # Odd applications slice randomly: the official `(i + 2) % 4 == 0` over the interleaved block/NLL list.
-            x = nll(block(x, second=application % 2 == 1))
+        for application in range(len(self.nlls)):
+            x = checkpointed(self.run_application, x, application, enabled=self.grad_checkpointing)
         return x
+
+    def run_application(self, x: torch.Tensor, application: int) -> torch.Tensor:
+        """One application of a shared block, then its own NLL: [B, N, C] -> [B, N, C]."""
+        block = self.blocks[application // self.loops]
+        # Odd applications slice randomly: the official `(i + 2) % 4 == 0` over the interleaved block/NLL list.
+        return self.nlls[application](block(x, second=application % 2 == 1))
 
 
 class ConvStem(nn.Module):
@@ -266,6 +272,12 @@ class SReT(nn.Module):
         self.norm = LayerNorm(widths[-1])
         self.head = nn.Linear(widths[-1], num_classes) if num_classes else nn.Identity()
         self._init_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block application (with its NLL) in the backward pass instead of keeping its activations
+        (timm's API)."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
 
     def _init_weights(self) -> None:
         """DeiT-style init: truncated normal(0.02) for the position map and Linear weights, zero biases, LN 1/0."""

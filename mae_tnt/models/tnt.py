@@ -29,6 +29,7 @@ from .layers import (
     Mlp,
     check_backbone_args,
     check_images,
+    checkpointed,
     init_mae_weights,
     init_trunc_normal_weights,
     trunc_normal_,
@@ -226,7 +227,12 @@ class TNT(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self._init_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in the backward pass instead of keeping its activations (timm's API)."""
+        self.grad_checkpointing = enable
 
     def _init_weights(self) -> None:
         """timm's TNT init: truncated normal(0.02) for Linear weights and the three embeddings, LayerNorm 1/0."""
@@ -273,7 +279,7 @@ class TNT(nn.Module):
         cls = (self.cls_token + self.patch_pos[:, :1]).expand(sentences.shape[0], -1, -1)  # [B, 1, D]
         tokens = torch.cat([cls, sentences], dim=1)  # [B, 1 + K, D]
         for block in self.blocks:
-            words, tokens = block(words, tokens)
+            words, tokens = checkpointed(block, words, tokens, enabled=self.grad_checkpointing)
         return words, self.norm(tokens)
 
     # ---- forwards -----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .layers import LayerNorm, check_backbone_args, check_images, init_mae_weights
+from .layers import LayerNorm, check_backbone_args, check_images, checkpointed, init_mae_weights
 from .mae import REFERENCE_DECODER, MaskedAutoencoder, build_mae
 from .masking import gather_units
 from .pos_embed import resample_token_table, sincos_2d
@@ -60,8 +60,10 @@ class ViT(VisionTransformer):
         return (self.cls_token + self.pos_embed[:, :1]).expand(batch, -1, -1)  # [B, 1, D]
 
     def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """The masked paths' blocks; `set_grad_checkpointing` (timm's) applies here as in timm's forward_features."""
         x = self.norm_pre(x)
-        x = self.blocks(x)
+        for block in self.blocks:
+            x = checkpointed(block, x, enabled=self.grad_checkpointing)
         return self.norm(x)
 
     def forward_features(self, images: torch.Tensor, *args, **kwargs) -> torch.Tensor:

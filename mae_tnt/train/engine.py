@@ -173,6 +173,7 @@ class Trainer(TrainingRun):
         set_fused_attn(cfg.run.fused_attn)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run of this recipe
         model = create_model(cfg.model.name, **cfg.model.build_kwargs())
+        model.set_grad_checkpointing(cfg.run.grad_checkpointing)
         model = model.to(memory_format=self.memory_format)
         optimizer = build_adamw(model.to(self.acc.device), lr=self.plan.peak_lr,
                                 weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas),

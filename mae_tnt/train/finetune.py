@@ -184,6 +184,7 @@ class FinetuneRun(TrainingRun):
         cfg.init = recorded_init(cfg.init, checkpoint.state if checkpoint else None)
         set_fused_attn(cfg.run.fused_attn)
         model = build_classifier(cfg, self.num_classes, load=checkpoint is None, log=self.log)
+        model.set_grad_checkpointing(cfg.run.grad_checkpointing)
         model = model.to(self.device, memory_format=self.memory_format)
         if cfg.model.bn_reestimate_batches and checkpoint is None:
             refit_stem_norms(model, cfg, self.device, self.log)
