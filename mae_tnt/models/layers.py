@@ -80,7 +80,7 @@ def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float = 
 
 def checkpointed(function, *args, enabled: bool, **kwargs):
     """`function(*args, **kwargs)`; when `enabled` and autograd is recording, its activations are recomputed in the
-    backward pass instead of kept (grad checkpointing: memory for about a third more compute).
+    backward pass instead of kept (grad checkpointing: memory for one more forward pass).
 
     Non-reentrant checkpointing restores the RNG state before recomputing, so drop path and SReT's random slices
     draw the same values twice and the gradients are those of the plain call.
