@@ -63,9 +63,8 @@ class ModelConfig:
     """SReT only: run the conv stem on the full image with masked pixels zeroed instead of per visible unit."""
 
     def __post_init__(self) -> None:
-        if self.name != MISSING_VALUE and not self.name.startswith("mae_"):
-            raise ConfigError(f"model.name={self.name!r} is not a masked autoencoder: pretraining needs an mae_* model "
-                              "(python -c \"import mae_tnt; print(mae_tnt.list_models('mae_*'))\")")
+        if self.name != MISSING_VALUE:
+            check_model_name(self.name, masked_autoencoder=True)
         check_range("model.mask_ratio", self.mask_ratio, 0, 1, "()")
         check_range("model.word_mask_ratio", self.word_mask_ratio, 0, 1, "[)")
         check_range("model.drop_path", self.drop_path, 0, 1, "[)")
@@ -243,6 +242,28 @@ def file_in_the_way(directory: str | Path) -> Path | None:
         if candidate.exists():
             return None if candidate.is_dir() else candidate
     return None
+
+
+def check_model_name(name: str, masked_autoencoder: bool) -> None:
+    """Refuse a `model.name` that is not a registered model of the kind the run trains (pretraining: an mae_* masked
+    autoencoder; fine-tuning: a classifier) before any work, suggesting the names it may have meant."""
+    from .models.registry import classifier_name_for, close_names, list_models  # imports torch: only when checked
+
+    mae_names = list_models("mae_*")
+    wanted = mae_names if masked_autoencoder else [n for n in list_models() if n not in mae_names]
+    if name in wanted:
+        return
+    if name in mae_names:  # fine-tuning the pretraining model's name
+        advice = f"it is a masked autoencoder; the classifier of its encoder is {classifier_name_for(name)}"
+    elif name in list_models():  # pretraining the classifier's name
+        maes = [mae for mae in mae_names if classifier_name_for(mae) == name]
+        advice = "it is a classifier" + (f"; the masked autoencoder of its encoder is {maes[0]}" if maes else "")
+    else:
+        close = close_names(name, wanted)
+        advice = f"did you mean {', '.join(close)}?" if close else "no registered name is close"
+    kind, pattern = ("masked autoencoder", "'mae_*'") if masked_autoencoder else ("classifier", "")
+    raise ConfigError(f"model.name={name!r} is not a registered {kind} ({advice}); list them with python -c "
+                      f"\"import mae_tnt; print(mae_tnt.list_models({pattern}))\"")
 
 
 def check_range(key: str, value: float, low: float, high: float = math.inf, bounds: str = "[]") -> None:

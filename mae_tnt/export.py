@@ -33,7 +33,7 @@ from torch import nn
 
 from .cli import report_user_errors
 from .config import file_in_the_way
-from .models import create_model, list_models, load_weights
+from .models import create_model, load_weights
 from .models.loading import (
     EXPORT_CONFIG,
     STATE_FILE,
@@ -43,7 +43,7 @@ from .models.loading import (
     save_weights,
     shown_build_kwargs,
 )
-from .models.registry import ModelError
+from .models.registry import classifier_name_for
 from .models.tnt import TNT
 from .models.vit import ViT
 from .text import HelpWithDefaults
@@ -52,17 +52,6 @@ from .train.init import encoder_weights, read_source
 # The evaluation preprocessing of MAE and DeiT: bicubic resize to S / 0.875, centre crop S.
 INTERPOLATION, CROP_PCT = "bicubic", 0.875
 DESCRIPTION_KEYS = ("model", "kind", "num_classes", "label_names", "img_size", "global_pool", "mean", "std", "step")
-
-
-def classifier_name_for(mae_name: str) -> str:
-    """The registered classifier of an MAE model: `mae_vit_base_patch16` -> `vit_base_patch16_224`."""
-    stem = mae_name.removeprefix("mae_")
-    if stem in list_models():
-        return stem
-    candidates = [name for name in list_models(f"{stem}_*") if not name.startswith("mae_")]
-    if len(candidates) != 1:
-        raise ModelError(f"cannot tell the classifier of {mae_name!r} (candidates {candidates}); pass --model NAME")
-    return candidates[0]
 
 
 def timm_spec(model: nn.Module, name: str) -> tuple[str | None, dict]:

@@ -21,6 +21,7 @@ from .config import (
     RunConfig,
     ScheduleConfig,
     check_knn,
+    check_model_name,
     check_range,
 )
 
@@ -47,6 +48,8 @@ class ClassifierConfig:
     """SReT only: train batches used to recompute the stem BatchNorm statistics after loading (0 = keep them)."""
 
     def __post_init__(self) -> None:
+        if self.name != MISSING_VALUE:
+            check_model_name(self.name, masked_autoencoder=False)
         if self.num_classes is not None and self.num_classes < 1:
             raise ConfigError(f"model.num_classes must be >= 1, got {self.num_classes}")
         if self.global_pool not in (None, "avg", "token"):

@@ -159,7 +159,11 @@ def test_a_section_override_merges_into_the_recipes_section(tmp_path):
     ("model.drop_path=1.5", r"model.drop_path must be in \[0, 1\), got 1.5"),
     ("eval.knn_every=-1", r"eval.knn_every must be in \[0, inf\], got -1.0"),
     ("run.recon_every=-5", r"run.recon_every must be in \[0, inf\], got -5"),
-    ("model.name=vit_test_patch8_32", "'vit_test_patch8_32' is not a masked autoencoder: pretraining needs an mae_"),
+    ("model.name=vit_test_patch8_32", r"model.name='vit_test_patch8_32' is not a registered masked autoencoder \(it is "
+                                      r"a classifier; the masked autoencoder of its encoder is mae_vit_test\)"),
+    ("model.name=mae_vit_tset", r"model.name='mae_vit_tset' is not a registered masked autoencoder \(did you mean "
+                                r"mae_vit_test, .*\); list them with python -c \"import mae_tnt; print\(mae_tnt."
+                                r"list_models\('mae_\*'\)\)\"$"),
 ])
 def test_bad_values_fail(tmp_path, override, message):
     path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")

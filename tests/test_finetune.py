@@ -116,6 +116,17 @@ def test_bad_downstream_values_fail_naming_the_key(override, message):
         load_config(FinetuneConfig, None, ["model.name=vit_test_patch8_32", "data.train=x", override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.name=mae_vit_test", r"model.name='mae_vit_test' is not a registered classifier \(it is a masked "
+                                r"autoencoder; the classifier of its encoder is vit_test_patch8_32\)"),
+    ("model.name=vit_tset", r"model.name='vit_tset' is not a registered classifier \(did you mean .*vit_test_patch8_32"
+                            r".*\); list them with python -c \"import mae_tnt; print\(mae_tnt.list_models\(\)\)\"$"),
+])
+def test_a_model_name_that_is_no_classifier_fails_before_any_work_naming_the_one_meant(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(FinetuneConfig, None, ["data.train=x", override])
+
+
 @pytest.mark.parametrize("recipe, verb", [("demo_finetune_vit.yaml", "training"), ("demo_knn_vit.yaml", "evaluating")])
 def test_a_run_without_init_says_it_uses_a_random_encoder(tmp_path, recipe, verb):
     logged = []

@@ -38,6 +38,22 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(name for name in _BUILDERS if fnmatch.fnmatch(name, pattern))
 
 
+def close_names(name: str, names) -> list[str]:
+    """Up to three of `names` that look like `name` (a typo's likely intent), closest first."""
+    return difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+
+
+def classifier_name_for(mae_name: str) -> str:
+    """The registered classifier of an MAE model: `mae_vit_base_patch16` -> `vit_base_patch16_224`."""
+    stem = mae_name.removeprefix("mae_")
+    if stem in _BUILDERS:
+        return stem
+    candidates = [name for name in list_models(f"{stem}_*") if not name.startswith("mae_")]
+    if len(candidates) != 1:
+        raise ModelError(f"cannot tell the classifier of {mae_name!r} (candidates {candidates}); pass --model NAME")
+    return candidates[0]
+
+
 def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs) -> nn.Module:
     """Build a registered model; kwargs override its config table.
 
@@ -53,7 +69,7 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
 
         kwargs = {**recorded_build_kwargs(checkpoint_path, name), **kwargs}
     if name not in _BUILDERS:
-        close = difflib.get_close_matches(name, _BUILDERS, n=3, cutoff=0.5)
+        close = close_names(name, _BUILDERS)
         hint = f" Did you mean {', '.join(close)}?" if close else " See mae_tnt.list_models()."
         raise ModelError(f"unknown model {name!r}.{hint}")
     try:
