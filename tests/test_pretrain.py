@@ -113,6 +113,22 @@ def test_a_run_directory_in_use_by_another_run_is_refused_and_a_finished_run_fre
     assert (tmp_path / ".run.lock").exists() and not list((tmp_path / "superseded").glob("*/.run.lock"))
 
 
+def test_a_run_whose_set_up_fails_after_its_claim_leaves_no_folder_and_frees_the_lock(shards, tmp_path):
+    import fcntl
+
+    out = tmp_path / "new"
+    with pytest.raises(ResumeError, match="run.resume=/nonexistent does not exist"):
+        Trainer(config(shards, out, "run.resume=/nonexistent"))
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ResumeError):
+        Trainer(config(shards, out, "run.resume=/nonexistent"))
+    assert sorted(path.name for path in out.iterdir()) == [".run.lock", "notes.txt"]  # not created by the run: kept
+    with open(out / ".run.lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # given up
+
+
 def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys):
     Trainer(config(shards, tmp_path, "run.max_steps=4")).train()
     out = tmp_path / "grid.png"

@@ -31,7 +31,7 @@ from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_non
 from .metrics import MetricsLogger, main_process_lines, step_progress
 from .optim import build_adamw
 from .recon import write_reconstructions
-from .run_lock import claim_run_directory, released_at_end
+from .run_lock import claim_run_directory, given_back_on_failure, released_at_end
 
 RECON_IMAGES = 8
 
@@ -186,11 +186,12 @@ class Trainer(TrainingRun):
         self.window = Window(self.acc.device)
         self.grad_norm: torch.Tensor | None = None  # the last clipped step's gradient norm, logged when known
         claim_run_directory(self.out, self.acc)  # once the run is known to start: a refused one leaves no folder
-        checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)  # before the run dir is written
-        self._describe_run()
-        if checkpoint is not None:
-            self._resume(checkpoint)
-        write_run_config(cfg, self.out, self.is_main)
+        with given_back_on_failure(self.out):  # nor does one whose set-up fails
+            checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)  # before any write
+            self._describe_run()
+            if checkpoint is not None:
+                self._resume(checkpoint)
+            write_run_config(cfg, self.out, self.is_main)
 
     def _describe_run(self) -> None:
         if self.is_main:

@@ -66,7 +66,7 @@ from .knn import (
 from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, main_process_lines, step_progress
 from .optim import build_adamw
-from .run_lock import claim_run_directory, released_at_end
+from .run_lock import claim_run_directory, given_back_on_failure, released_at_end
 
 EMA_FILE = "ema.safetensors"
 
@@ -180,6 +180,11 @@ class FinetuneRun(TrainingRun):
         if cfg.data.val:
             require_labeled_shards(cfg.data, f"{cfg.mode} validation")
         claim_run_directory(self.out, self.acc)  # once the run is known to start: a refused one leaves no folder
+        with given_back_on_failure(self.out):  # nor does one whose set-up fails, e.g. on a wrong init path
+            self._set_up(cfg)
+
+    def _set_up(self, cfg: FinetuneConfig) -> None:
+        """Everything that follows the claim on the run directory: resume or init, model, optimizer, evaluation."""
         checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)
         cfg.init = recorded_init(cfg.init, checkpoint.state if checkpoint else None)
         set_fused_attn(cfg.run.fused_attn)

@@ -3,7 +3,8 @@
 Two runs writing the same `run.output_dir` interleave their metrics, set each other's checkpoints aside and mix
 their weights; it happens easily, since killing `accelerate launch` does not stop its ranks. The global main process
 holds an exclusive `flock` on `OUT/.run.lock` from just before the run's first write (its checks passed, so a
-refused run leaves no folder behind) to its end (the kernel also releases it however the process ends, so a killed
+refused run leaves no folder behind; one whose later set-up fails gives the lock up and removes the folder if it
+created it and wrote nothing else) to its end (the kernel also releases it however the process ends, so a killed
 run leaves nothing stale), and every rank learns whether it got it. A process may claim a directory it holds again
 (a notebook running one run after another). On network file systems `flock` may not reach other machines; there the
 lock guards against runs on the same node only.
@@ -29,6 +30,8 @@ LOCK_NAME = ".run.lock"
 
 _HELD: dict[Path, IO] = {}
 """This process's locks, by resolved run directory."""
+_CREATED: set[Path] = set()
+"""Run directories that this process's claims created (resolved), which a run that fails to start removes."""
 
 
 def claim_run_directory(out: Path, accelerator: Accelerator) -> None:
@@ -50,13 +53,35 @@ def released_at_end(out: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        lock = _HELD.pop(Path(out).resolve(), None)
-        if lock is not None:
-            lock.close()
+        _release(Path(out).resolve())
+
+
+@contextmanager
+def given_back_on_failure(out: Path) -> Iterator[None]:
+    """A run's set-up after its claim: if it fails, the lock is given up, and a directory that the claim created and
+    that holds nothing but the lock is removed, so a run that never started leaves no folder."""
+    try:
+        yield
+    except BaseException:
+        key = Path(out).resolve()
+        created = key in _CREATED
+        _release(key)
+        if created and [path.name for path in key.iterdir()] == [LOCK_NAME]:
+            (key / LOCK_NAME).unlink()
+            key.rmdir()
+        raise
+
+
+def _release(key: Path) -> None:
+    lock = _HELD.pop(key, None)
+    if lock is not None:
+        lock.close()
+    _CREATED.discard(key)
 
 
 def _try_lock(out: Path) -> str | None:
     """Take the lock on `out`; None on success, else the refusal naming the holder."""
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     if out.resolve() in _HELD:
         return None
@@ -75,4 +100,6 @@ def _try_lock(out: Path) -> str | None:
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
     lock.flush()
     _HELD[out.resolve()] = lock
+    if created:
+        _CREATED.add(out.resolve())
     return None
