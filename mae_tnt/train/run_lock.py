@@ -64,11 +64,10 @@ def given_back_on_failure(out: Path) -> Iterator[None]:
         yield
     except BaseException:
         key = Path(out).resolve()
-        created = key in _CREATED
-        _release(key)
-        if created and [path.name for path in key.iterdir()] == [LOCK_NAME]:
-            (key / LOCK_NAME).unlink()
+        if key in _CREATED and [path.name for path in key.iterdir()] == [LOCK_NAME]:
+            (key / LOCK_NAME).unlink()  # still locked: no other run can have taken the folder meanwhile
             key.rmdir()
+        _release(key)
         raise
 
 
