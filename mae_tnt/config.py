@@ -249,13 +249,13 @@ def check_model_name(name: str, masked_autoencoder: bool) -> None:
     autoencoder; fine-tuning: a classifier) before any work, suggesting the names it may have meant."""
     from .models.registry import classifier_name_for, close_names, list_models  # imports torch: only when checked
 
-    mae_names = list_models("mae_*")
-    wanted = mae_names if masked_autoencoder else [n for n in list_models() if n not in mae_names]
+    names, mae_names = list_models(), list_models("mae_*")
+    wanted = mae_names if masked_autoencoder else [n for n in names if n not in mae_names]
     if name in wanted:
         return
     if name in mae_names:  # fine-tuning the pretraining model's name
         advice = f"it is a masked autoencoder; the classifier of its encoder is {classifier_name_for(name)}"
-    elif name in list_models():  # pretraining the classifier's name
+    elif name in names:  # pretraining the classifier's name
         maes = [mae for mae in mae_names if classifier_name_for(mae) == name]
         advice = "it is a classifier" + (f"; the masked autoencoder of its encoder is {maes[0]}" if maes else "")
     else:

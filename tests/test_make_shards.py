@@ -586,12 +586,18 @@ def test_count_tar_samples_rejects_truncated_tars(tmp_path):
             count_tar_samples(tmp_path / "cut.tar")
 
 
-def test_inspect_fails_when_a_shard_count_disagrees(tmp_path, capsys):
+def two_shards_of_pngs(tmp_path: Path) -> Path:
+    """OUT of a conversion of four PNGs into two shards."""
     src = tmp_path / "src"
     src.mkdir()
     for i in range(4):
         (src / f"{i}.png").write_bytes(encoded(gradient(6, 6), "PNG"))
     convert(src, tmp_path / "out", options(shard_size=2))
+    return tmp_path / "out"
+
+
+def test_inspect_fails_when_a_shard_count_disagrees(tmp_path, capsys):
+    two_shards_of_pngs(tmp_path)
     info = load_info(tmp_path / "out")
     info["splits"]["train"]["shard_lengths"] = [3, 1]
     (tmp_path / "out" / "_info.json").write_text(json.dumps(info))
@@ -605,11 +611,7 @@ def test_inspect_fails_when_a_shard_count_disagrees(tmp_path, capsys):
 
 def test_inspect_fails_when_a_shard_size_differs_from_the_recorded_one(tmp_path, capsys):
     """A shard rewritten after conversion, still whole: training would re-read its headers at every start."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(4):
-        (src / f"{i}.png").write_bytes(encoded(gradient(6, 6), "PNG"))
-    convert(src, tmp_path / "out", options(shard_size=2))
+    two_shards_of_pngs(tmp_path)
     shard = tmp_path / "out" / "train-000001.tar"
     recorded = shard.stat().st_size
     with shard.open("ab") as file:  # more end-of-archive padding: same members, other size

@@ -144,6 +144,12 @@ def update_split(
     return info
 
 
+def listed_shards(entry: dict) -> list[tuple[str, int, int | None]]:
+    """A split entry's shards as (file name, sample count, recorded file size or None when none is recorded)."""
+    sizes = entry.get("shard_bytes", [None] * len(entry["filenames"]))
+    return list(zip(entry["filenames"], entry["shard_lengths"], sizes, strict=True))
+
+
 def split_classes(info: dict, split: str) -> list[str]:
     """The classes labelling `split`'s samples: the dataset's, or [] for a split of unlabeled images (e.g. STL-10's
     `unlabeled` beside its labeled `train`), which make_shards marks `"labeled": false`."""

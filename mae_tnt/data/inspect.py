@@ -19,6 +19,7 @@ from mae_tnt.data.info import (
     INFO_NAME,
     ShardError,
     count_tar_samples,
+    listed_shards,
     load_info,
     split_classes,
     unfinished_journals,
@@ -69,8 +70,7 @@ def inspect_shards(root: str | Path, progress: bool = False) -> InspectReport:
     for split, entry in info["splits"].items():
         report = splits[split] = SplitReport(entry["num_samples"], len(entry["filenames"]), split_classes(info, split))
         with progress_bar(total=entry["num_samples"], unit="img", desc=split, disable=not progress) as bar:
-            sizes = entry.get("shard_bytes", [None] * len(entry["filenames"]))
-            for filename, length, size in zip(entry["filenames"], entry["shard_lengths"], sizes, strict=True):
+            for filename, length, size in listed_shards(entry):
                 problems += _inspect_shard(root / filename, length, size, report)
                 bar.update(length)
     return InspectReport(info.get("name", root.name), classes, splits, problems)

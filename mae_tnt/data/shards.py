@@ -24,7 +24,7 @@ import braceexpand
 import webdataset as wds
 
 from ..text import counted
-from .info import INFO_NAME, count_tar_samples, load_info, sample_members, split_classes
+from .info import INFO_NAME, count_tar_samples, listed_shards, load_info, sample_members, split_classes
 from .info import ShardError as InfoError
 
 COMMAND_EXIT_WAIT = 10  # seconds; a command still running then is stopped, and its stream's read error reported
@@ -133,9 +133,7 @@ def _from_info(root: Path, split: str, split_key: str) -> list[Shard]:
     if split not in splits:
         raise ShardError(missing_split(root, info, split, split_key))
     entry = splits[split]  # load_info has checked that its filenames, shard_lengths, shard_bytes and num_samples agree
-    sizes = entry.get("shard_bytes", [None] * len(entry["filenames"]))
-    return [Shard(str(root / name), int(n), size)
-            for name, n, size in zip(entry["filenames"], entry["shard_lengths"], sizes, strict=True)]
+    return [Shard(str(root / name), int(n), size) for name, n, size in listed_shards(entry)]
 
 
 def _urls_with_info_counts(spec: str, info: str, split: str, split_key: str) -> list[Shard]:

@@ -82,7 +82,8 @@ def _try_lock(out: Path) -> str | None:
     """Take the lock on `out`; None on success, else the refusal naming the holder."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if out.resolve() in _HELD:
+    key = out.resolve()
+    if key in _HELD:
         return None
     lock = open(out / LOCK_NAME, "a+")  # noqa: SIM115 - held open while the run lasts
     try:
@@ -98,7 +99,7 @@ def _try_lock(out: Path) -> str | None:
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
     lock.flush()
-    _HELD[out.resolve()] = lock
+    _HELD[key] = lock
     if created:
-        _CREATED.add(out.resolve())
+        _CREATED.add(key)
     return None
