@@ -30,9 +30,9 @@ experiment-fashion: $(STAMP)
 	@test -d /usr/share/datasets/fashion-mnist || { echo "needs the full Fashion-MNIST: sudo apt-get install dataset-fashion-mnist"; exit 1; }
 	$(PY) tools/experiment_fashion.py
 
-## test: the CPU test suite
+## test: the CPU test suite, on two pytest workers (most of its time is spent starting processes, which overlap well)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 2
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
