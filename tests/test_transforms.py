@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mae_tnt.data.images import BadImageError, decode_rgb, pixel_limit, plain_jpeg_size
-from mae_tnt.data.transforms import sample_crop, train_crop
+from mae_tnt.data.transforms import resize_box, sample_crop, train_crop
 
 SCALE = (0.2, 1.0)
 
@@ -81,6 +81,27 @@ def test_train_crop_is_the_sampled_box_resized_and_flipped(fmt, mode):
         assert ours.shape == (3, 48, 48) and ours.dtype == torch.uint8
         error = (ours.float() - expected.float()).abs()  # [3, S, S]; torch's and PIL's resize round apart
         assert error.max() <= 3 and error.mean() <= 0.5
+
+
+@pytest.mark.parametrize("box", [(0, 0, 90, 70), (13, 4, 50, 61), (30, 20, 38, 29)])
+def test_the_cpu_resize_gives_torchvisions_result_which_the_gpu_path_uses(box):
+    from torchvision.transforms.v2.functional import InterpolationMode, resize
+
+    image = torch.from_numpy(np.asarray(photo(90, 70))).permute(2, 0, 1)  # [3, H, W], channels-last like decode_jpeg
+    left, top, right, bottom = box
+    expected = resize(image[:, top:bottom, left:right], [24, 24], InterpolationMode.BICUBIC, antialias=True)
+    assert torch.equal(resize_box(image, box, 24), expected)
+
+
+def test_without_torchvisions_jpeg_decoder_jpegs_take_the_pil_path(monkeypatch):
+    """torchvision 0.29 deprecated its image decoders; once they are gone, JPEGs must still decode, through PIL."""
+    from mae_tnt.data import transforms
+
+    monkeypatch.setattr(transforms, "decode_jpeg", None)
+    data = encode(photo(90, 70), quality=95)
+    for seed in range(4):  # PIL on the same box gives the reference's pixels exactly, unlike libjpeg-turbo + torch
+        assert torch.equal(train_crop(data, random.Random(seed), size=48, scale=SCALE),
+                           reference_crop(data, random.Random(seed), size=48))
 
 
 def test_a_crop_twice_the_output_size_is_decoded_at_a_reduced_scale_and_stays_close():
