@@ -129,6 +129,17 @@ def test_a_run_whose_set_up_fails_after_its_claim_leaves_no_folder_and_frees_the
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # given up
 
 
+def test_a_run_built_but_never_trained_closes_its_lock_at_exit(tmp_path):
+    """A notebook or test that builds a run and exits holds the lock to the end; exit closes it quietly."""
+    script = ("from pathlib import Path; from accelerate import Accelerator; "
+              "from mae_tnt.train.run_lock import claim_run_directory; "
+              f"claim_run_directory(Path({str(tmp_path / 'run')!r}), Accelerator(cpu=True))")
+    done = subprocess.run([sys.executable, "-W", "error::ResourceWarning", "-c", script], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ResourceWarning" not in done.stderr, done.stderr
+    assert (tmp_path / "run" / ".run.lock").exists()
+
+
 def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys):
     Trainer(config(shards, tmp_path, "run.max_steps=4")).train()
     out = tmp_path / "grid.png"

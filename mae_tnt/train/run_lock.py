@@ -12,6 +12,7 @@ lock guards against runs on the same node only.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import os
 import socket
@@ -69,6 +70,14 @@ def given_back_on_failure(out: Path) -> Iterator[None]:
             key.rmdir()
         _release(key)
         raise
+
+
+@atexit.register
+def _release_all() -> None:
+    """Close the locks still held at exit (a run built but never trained): the kernel would release them anyway, but
+    an open file left to the interpreter's teardown makes it print a ResourceWarning."""
+    for key in list(_HELD):
+        _release(key)
 
 
 def _release(key: Path) -> None:
