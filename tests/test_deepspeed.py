@@ -24,11 +24,11 @@ def accelerate_config(tmp_path: Path, stage: int) -> Path:
     return path
 
 
-def run(shards, out, max_steps, config: Path | None, precision: str = "fp32") -> None:
+def run(shards, out, max_steps, config: Path | None, precision: str = "fp32", *extra: str) -> None:
     args = [str(ROOT / "pretrain.py"), str(ROOT / "recipes/demo_mae_vit.yaml"), f"data.train={shards}",
             "data.val=null", f"run.output_dir={out}", "data.batch_size=8", "data.num_workers=0", "optim.accum_steps=2",
             "schedule.epochs=2", "schedule.warmup_epochs=0.5", "run.log_every=1", "run.checkpoint_every=2",
-            f"run.max_steps={max_steps}", f"run.precision={precision}"]
+            f"run.max_steps={max_steps}", f"run.precision={precision}", *extra]
     launcher = [sys.executable]
     if config is not None:
         launcher += ["-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
@@ -56,12 +56,15 @@ def test_zero2_save_resume_and_accumulation_match_the_plain_loop(shards, tmp_pat
         assert [r[column] for r in zero2] == pytest.approx([r[column] for r in plain], rel=1e-6)
 
 
-@pytest.mark.parametrize("stage, precision", [(1, "bf16"), (3, "fp32")])
-def test_zero1_bf16_and_zero3_train_save_and_resume(shards, tmp_path, stage, precision):
-    """bf16 under DeepSpeed stores the weights in bf16: inputs, reconstructions and resume must all cope."""
+@pytest.mark.parametrize("stage, precision, checkpointing", [(1, "bf16", False), (3, "fp32", True)])
+def test_zero1_bf16_and_zero3_with_grad_checkpointing_train_save_and_resume(shards, tmp_path, stage, precision,
+                                                                            checkpointing):
+    """bf16 under DeepSpeed stores the weights in bf16: inputs, reconstructions and resume must all cope. ZeRO-3
+    gathers partitioned weights as each block runs, so it runs here with the blocks recomputed in the backward."""
     config, out = accelerate_config(tmp_path, stage), tmp_path / f"zero{stage}"
-    run(shards, out, 2, config, precision)
+    extra = f"run.grad_checkpointing={checkpointing}"
+    run(shards, out, 2, config, precision, extra)
     assert (out / "checkpoints/step_00000002/engine").is_dir() and (out / "recon/step_00000002.png").exists()
-    run(shards, out, 3, config, precision)
+    run(shards, out, 3, config, precision, extra)
     losses = [loss for _, loss, _ in logged_losses(out)]
     assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
