@@ -87,7 +87,7 @@ def test_train_crop_is_the_sampled_box_resized_and_flipped(fmt, mode):
 def test_the_cpu_resize_gives_torchvisions_result_which_the_gpu_path_uses(box):
     from torchvision.transforms.v2.functional import InterpolationMode, resize
 
-    image = torch.from_numpy(np.asarray(photo(90, 70))).permute(2, 0, 1)  # [3, H, W], channels-last like decode_jpeg
+    image = torch.from_numpy(np.array(photo(90, 70))).permute(2, 0, 1)  # [3, H, W], channels-last like decode_jpeg
     left, top, right, bottom = box
     expected = resize(image[:, top:bottom, left:right], [24, 24], InterpolationMode.BICUBIC, antialias=True)
     assert torch.equal(resize_box(image, box, 24), expected)
