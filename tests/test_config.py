@@ -307,6 +307,9 @@ def test_every_tool_option_has_help_that_shows_its_default(script, monkeypatch):
                 f"{action.option_strings[0]} does not show its default {action.default!r}"
 
 
+# runpy warns because the test imported the module just before running it as __main__; `python -m` in a fresh
+# process, as users run it, does not.
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules after import of package:RuntimeWarning")
 def test_every_console_script_is_the_main_of_a_tool_in_tools(capsys):
     """`pip install` puts each [project.scripts] entry on PATH; each must be a tool's `main`, as tools/ runs it."""
     import importlib
