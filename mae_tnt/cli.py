@@ -132,13 +132,20 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
 def _show_own_warnings_as_lines(show_other: Callable, shown: set[str], message, category, filename, lineno,
                                 file=None, line=None) -> None:
     """Our warnings speak to the user (a broken shard, a setting that cannot apply): one `warning:` line, without
-    the source line Python adds, from rank 0, once per run (`shown`: Python's own once-per-place memory is reset
-    whenever a library changes the warning filters, and shards are resolved again for each evaluation). Other
-    libraries' warnings keep Python's format, which points at their code."""
+    the source line Python adds, once per run (`shown`: Python's own once-per-place memory is reset whenever a
+    library changes the warning filters, and shards are resolved again for each evaluation). Rank 0 says what every
+    rank would say; a `SampleWarning` concerns the samples of the process that gives it, which says it with its
+    rank. The line goes above the progress bar (a plain print would continue the bar's line). Other libraries'
+    warnings keep Python's format, which points at their code."""
+    from tqdm import tqdm
+
+    from .data.shards import SampleWarning  # imported already: `report_user_errors` installs this hook
+
     if Path(filename).is_relative_to(PACKAGE_DIR):
-        if is_main_process() and str(message) not in shown:  # every rank would say the same
+        own = issubclass(category, SampleWarning)
+        if (own or is_main_process()) and str(message) not in shown:
             shown.add(str(message))
-            print(f"warning: {message}", file=sys.stderr if file is None else file)
+            tqdm.write(f"warning{_rank_tag() if own else ''}: {message}", file=sys.stderr if file is None else file)
     else:
         show_other(message, category, filename, lineno, file, line)
 

@@ -32,13 +32,15 @@ def stream_epoch(shard_dir: str, out: Path) -> None:
 
 
 def train(out: Path, overrides: list[str]) -> None:
-    """A short pretraining run; records a hash of the final parameters of this rank and the samples it skipped."""
+    """A short pretraining run, its warnings shown as pretrain.py shows them; records a hash of the final parameters
+    of this rank and the samples it skipped."""
+    from mae_tnt.cli import report_user_errors
     from mae_tnt.config import PretrainConfig, load_config
     from mae_tnt.train.engine import Trainer
 
     root = Path(__file__).resolve().parents[1]
     trainer = Trainer(load_config(PretrainConfig, root / "recipes/demo_mae_vit.yaml", overrides))
-    summary = trainer.train()
+    summary = report_user_errors(trainer.train)
     digest = hashlib.sha256()
     for value in trainer.acc.unwrap_model(trainer.model).state_dict().values():
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())

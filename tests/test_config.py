@@ -258,6 +258,33 @@ def test_a_multi_process_run_prints_a_shared_error_once_per_node_and_a_process_o
     assert capsys.readouterr().err == printed
 
 
+@pytest.mark.parametrize("sample_warning, rank, printed", [
+    (False, "0", "warning: model.num_classes differs\n"),
+    (False, "1", ""),  # the same in every process: rank 0 says it
+    (True, "0", "warning (rank 0 of 2): skipped sample s000003 (unknown image format)\n"),
+    (True, "1", "warning (rank 1 of 2): skipped sample s000003 (unknown image format)\n"),  # its own samples
+])
+def test_our_warnings_are_lines_from_rank_0_except_sample_warnings_which_each_rank_gives_with_its_rank(
+        capsys, monkeypatch, sample_warning, rank, printed):
+    import warnings
+
+    from mae_tnt.cli import PACKAGE_DIR, report_user_errors
+    from mae_tnt.data.shards import SampleWarning
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    category, message = ((SampleWarning, "skipped sample s000003 (unknown image format)") if sample_warning
+                         else (UserWarning, "model.num_classes differs"))
+
+    def warn_twice():  # as package code does: a message is shown once per run
+        for _ in range(2):
+            warnings.warn_explicit(message, category, str(PACKAGE_DIR / "data" / "stream.py"), 1)
+        return {}
+
+    assert report_user_errors(warn_twice) == {}
+    assert capsys.readouterr().err == printed
+
+
 def test_a_recipe_error_is_printed_by_the_first_process_of_each_node(capsys, monkeypatch):
     printed = {}
     for local_rank in ("0", "1"):

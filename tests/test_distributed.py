@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,9 +33,11 @@ def launch_command(*args) -> list[str]:
             "--main_process_port", str(free_port()), str(WORKER), *map(str, args)]
 
 
-def launch(*args, timeout=240) -> None:
+def launch(*args, timeout=240) -> str:
+    """Run dist_worker.py on two ranks; returns their stderr."""
     result = subprocess.run(launch_command(*args), env=ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stderr
 
 
 def ranks(out: Path) -> list[dict]:
@@ -103,11 +106,14 @@ def test_two_ranks_keep_identical_parameters_and_resume_exactly(shards, tmp_path
 def test_the_logged_skip_count_sums_every_ranks_skips(tmp_path):
     corrupt = frozenset(range(0, 256, 5))  # every fifth sample, so that every rank meets some at once
     write_shards(tmp_path / "shards", [32] * 8, size=20, corrupt=corrupt)
-    launch(*train_args(tmp_path / "shards", tmp_path / "run", 3))
+    stderr = launch(*train_args(tmp_path / "shards", tmp_path / "run", 3))
     first, second = ranks(tmp_path / "run" / "ranks")
     assert first["skipped"] > 0 and second["skipped"] > 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["skipped_samples"] == first["skipped"] + second["skipped"]
+    for rank, skipped in enumerate((first["skipped"], second["skipped"])):  # each rank names the samples it lost
+        named = re.findall(rf"warning \(rank {rank} of 2\): skipped sample s\d{{6}} \(", stderr)
+        assert len(named) == skipped, stderr[-3000:]
 
 
 def test_sigterm_to_both_ranks_saves_within_the_check_interval_not_the_log_interval(shards, tmp_path):

@@ -40,6 +40,11 @@ class StreamError(ShardError):
     may concern that process only."""
 
 
+class SampleWarning(UserWarning):
+    """A warning about the samples one process read (one it skipped, a shard that broke under it): as for
+    `StreamError`, each process has its own."""
+
+
 def missing_split(root: Path, info: dict, split: str, split_key: str) -> str:
     return (f"{root}/_info.json has no split {split!r}; it has {', '.join(sorted(info.get('splits', {})))}: set "
             f"{split_key} to one of them")

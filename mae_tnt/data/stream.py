@@ -31,7 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..text import counted
 from .images import BadImageError, image_bytes
-from .shards import Shard, ShardError, StreamError, break_warning, is_local, read_samples
+from .shards import SampleWarning, Shard, ShardError, StreamError, break_warning, is_local, read_samples
 
 SampleTransform = Callable[[bytes, random.Random], object]
 """Encoded image bytes + the sample's own RNG -> uint8 [3, S, S] (or a deferred item decoded on the device, see
@@ -86,12 +86,12 @@ class StreamState:
         self.batches += 1
         self.skipped += int(batch["skipped"])
         for message in batch["breaks"]:  # said here, where the run shows each warning once, not in every worker
-            warnings.warn(message, stacklevel=2)
+            warnings.warn(message, SampleWarning, stacklevel=2)
         for skip in batch["skips"][: max(SKIPS_NAMED - self.named, 0)]:
             self.named += 1
             last = self.named == SKIPS_NAMED
             warnings.warn(f"skipped sample {skip}" + ("; further skips are only counted (skipped_samples in the "
-                                                      "metrics)" if last else ""), stacklevel=2)
+                                                      "metrics)" if last else ""), SampleWarning, stacklevel=2)
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.batches, self.positions, self.next_role = epoch, 0, {}, 0
