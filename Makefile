@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[deepspeed]' || echo "WARNING: DeepSpeed did not install; its tests will be skipped"
 	touch $(STAMP)
 
-## demo: MAE pretraining of a tiny ViT on the bundled Fashion-MNIST sample, then kNN and fine-tune accuracy of the
-## pretrained encoder next to the same runs from random init (CPU, a few minutes)
+## demo: MAE pretraining of a tiny ViT on the bundled Fashion-MNIST sample, then kNN, linear-probe and fine-tune
+## accuracy of the pretrained encoder next to the same runs from random init (CPU, a few minutes)
 demo: $(STAMP)
 	$(PY) pretrain.py recipes/demo_mae_vit.yaml run.output_dir=$(DEMO_DIR)
 	@echo "Run directory: $(DEMO_DIR) (config.yaml, metrics.jsonl, tensorboard/, recon/*.png, checkpoints/)"

@@ -759,7 +759,11 @@ def test_the_demo_comparison_says_where_its_runs_are_and_keeps_its_table(tmp_pat
 
     monkeypatch.setattr(tool, "run_stage", fake_stage)
     assert tool.main(["demo", str(tmp_path), "--out", str(tmp_path / "compare")]) == 0
-    assert [out for _, out in stages] == ["mae_knn", "mae_finetune", "random_knn", "random_finetune"]
+    runs = ["mae_knn", "mae_linprobe", "mae_finetune", "random_knn", "random_linprobe", "random_finetune"]
+    assert [out for _, out in stages] == runs
+    assert [recipe for recipe, _ in stages[:3]] == [f"demo_{mode}_vit.yaml" for mode in ("knn", "linprobe", "finetune")]
     shown = capsys.readouterr().out
-    assert "| MAE demo checkpoint | 50.00 | 60.00 |" in shown and f"Runs in {tmp_path / 'compare'}: " in shown
+    assert "| init | kNN top-1 | linear probe top-1 | fine-tune top-1 |\n|---|---|---|---|\n" in shown
+    assert "| MAE demo checkpoint | 50.00 | 60.00 | 60.00 |" in shown
+    assert f"Runs in {tmp_path / 'compare'}: {', '.join(runs)} (" in shown
     assert (tmp_path / "compare" / "results.md").read_text() == shown

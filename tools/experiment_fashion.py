@@ -178,9 +178,15 @@ def experiment(out: Path, budget: Budget, shards: Path | None = None) -> str:
     return table + "\n" + footer
 
 
+DEMO_MODES = {"knn": ("kNN", "knn_top1"), "linprobe": ("linear probe", "val_acc1"),
+              "finetune": ("fine-tune", "val_acc1")}
+"""The demo comparison's downstream runs: recipe mode -> (column name, metric read at its end)."""
+
+
 def demo_compare(pretrain_checkpoint: str | Path, data_dir: str | Path = "data/fashion_mnist",
                  out: str | Path = "runs/demo_compare", threads: int = 1) -> str:
-    """Fine-tune and kNN the demo MAE checkpoint next to the same runs from random init (about 1-2 min on CPU).
+    """kNN, linear-probe and fine-tune the demo MAE checkpoint next to the same runs from random init (about 2 min
+    on CPU).
 
     Args:
         pretrain_checkpoint: a checkpoint directory, or a run directory (its newest checkpoint is used).
@@ -191,17 +197,20 @@ def demo_compare(pretrain_checkpoint: str | Path, data_dir: str | Path = "data/f
     checkpoint, data_dir, out = (Path(p).resolve() for p in (pretrain_checkpoint, data_dir, out))
     if (checkpoint / "checkpoints").is_dir():
         checkpoint = find_checkpoints(checkpoint)[0]
-    rows = ["| init | kNN top-1 | fine-tune top-1 |", "|---|---|---|"]
+    columns = [name for name, _ in DEMO_MODES.values()]
+    rows = ["| init | " + " | ".join(f"{name} top-1" for name in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    runs = []
     for label, init in (("MAE demo checkpoint", checkpoint), ("random", None)):
-        accuracy = {}
-        for mode in ("knn", "finetune"):
+        accuracy = []
+        for mode, (_, metric) in DEMO_MODES.items():
             stage_out = out / f"{'mae' if init else 'random'}_{mode}"
             run_stage("finetune.py", f"demo_{mode}_vit.yaml",
                       [f"init={init or 'null'}", f"data.train={data_dir}", f"data.val={data_dir}"], stage_out, threads)
-            accuracy[mode] = last_value(stage_out, "knn_top1" if mode == "knn" else "val_acc1")
-        rows.append(f"| {label} | {accuracy['knn']:.2f} | {accuracy['finetune']:.2f} |")
-    text = "\n".join(rows) + (f"\n\nRuns in {out}: mae_knn, mae_finetune, random_knn, random_finetune "
-                              "(metrics.jsonl, config.yaml); this table is in results.md there.")
+            accuracy.append(f"{last_value(stage_out, metric):.2f}")
+            runs.append(stage_out.name)
+        rows.append(f"| {label} | " + " | ".join(accuracy) + " |")
+    text = "\n".join(rows) + (f"\n\nRuns in {out}: {', '.join(runs)} (metrics.jsonl, config.yaml); this table is in "
+                              "results.md there.")
     (out / "results.md").write_text(text + "\n")
     return text
 
