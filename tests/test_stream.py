@@ -57,6 +57,13 @@ def test_two_ranks_two_workers_are_disjoint_and_cover_the_epoch(even):
     assert set(seen[0]) | set(seen[1]) == {f"s{i:06d}" for i in range(64)}
 
 
+def test_batches_leave_the_workers_stacked_channels_last(even):
+    """`stack_images` copies each channels-last crop as it lies; the layout survives the trip out of a worker."""
+    batches = consume(stream_for(even, workers=2), limit=2)
+    assert [b["images"].shape for b in batches] == [(4, 3, 16, 16)] * 2
+    assert all(b["images"].is_contiguous(memory_format=torch.channels_last) for b in batches)
+
+
 def test_uneven_shards_give_every_rank_the_same_number_of_batches(tmp_path):
     write_shards(tmp_path, [10, 10, 10, 10, 3])
     shards = resolve_shards(str(tmp_path))

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mae_tnt.data.images import BadImageError, decode_rgb, pixel_limit, plain_jpeg_size
-from mae_tnt.data.transforms import resize_box, sample_crop, train_crop
+from mae_tnt.data.transforms import normalize, resize_box, sample_crop, stack_images, train_crop
 
 SCALE = (0.2, 1.0)
 
@@ -127,3 +127,17 @@ def test_a_truncated_jpeg_is_a_bad_image_whose_reason_reads_plainly():
     with pytest.raises(BadImageError) as error:
         train_crop(data[: len(data) // 2], random.Random(0), size=32, scale=SCALE)
     assert str(error.value).startswith("corrupt JPEG data: ") and ".cpp" not in str(error.value)
+
+
+def test_a_batch_is_stacked_channels_last_and_normalised_into_the_layout_asked_for():
+    images = [train_crop(encode(photo(90, 70), quality=95), random.Random(seed), size=48, scale=SCALE)
+              for seed in range(3)]
+    batch = stack_images(images)  # [3, 3, 48, 48]
+    assert torch.equal(batch, torch.stack(images)) and batch.is_contiguous(memory_format=torch.channels_last)
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    expected = (torch.stack(images).float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+        1, 3, 1, 1)  # [3, 3, 48, 48]
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        normalised = normalize(batch, mean, std, memory_format)
+        assert normalised.dtype == torch.float32 and normalised.is_contiguous(memory_format=memory_format)
+        torch.testing.assert_close(normalised, expected)

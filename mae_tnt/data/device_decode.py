@@ -19,7 +19,7 @@ import torch
 from .images import plain_jpeg_size
 from .shards import StreamError
 from .stream import INSPECT_ADVICE
-from .transforms import decode_jpeg, resize_box, sample_crop, train_crop
+from .transforms import decode_jpeg, resize_box, sample_crop, stack_images, train_crop
 
 if decode_jpeg is not None:
     from torchvision.io import ImageReadMode
@@ -77,7 +77,7 @@ def decode_batch(items: list, size: int, device: torch.device) -> tuple[torch.Te
     if not images:
         raise StreamError(f"none of the {len(items)} JPEGs of a batch decodes; {INSPECT_ADVICE}, or set "
                           "data.decode_device=cpu, which skips bad images and fills the batch with the next ones")
-    return torch.stack(images), len(items) - len(images)
+    return stack_images(images), len(items) - len(images)
 
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:

@@ -22,7 +22,7 @@ from .device_decode import DeferredCrop, gpu_decode_available
 from .images import BadImageError, image_bytes, set_max_image_pixels
 from .shards import Shard, ShardError, read_samples, resolve_shards
 from .stream import ShardStream, label_of
-from .transforms import eval_resize, train_crop
+from .transforms import eval_resize, stack_images, train_crop
 
 
 def build_train_stream(data: DataConfig, transform: Callable, *, seed: int, rank: int,
@@ -134,7 +134,7 @@ def first_images(shards: list[Shard], count: int, img_size: int) -> torch.Tensor
     if not images:
         raise ShardError(f"no readable image in {counted(len(shards), 'shard')} from {shards[0].url} on; see the "
                          "warnings above, and check the shards with tools/inspect_shards.py")
-    return torch.stack(images)
+    return stack_images(images)
 
 
 def _samples_in_order(shards: list[Shard]) -> Iterator[dict]:

@@ -32,6 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..text import counted
 from .images import BadImageError, image_bytes
 from .shards import SampleWarning, Shard, ShardError, StreamError, break_warning, is_local, read_samples
+from .transforms import stack_images
 
 SampleTransform = Callable[[bytes, random.Random], object]
 """Encoded image bytes + the sample's own RNG -> uint8 [3, S, S] (or a deferred item decoded on the device, see
@@ -195,7 +196,7 @@ class RoleStream:
                 continue
             labels.append(label_of(sample))
             keys.append(sample["__key__"])
-        stacked = torch.stack(images) if isinstance(images[0], torch.Tensor) else images  # deferred: decoded on device
+        stacked = stack_images(images) if isinstance(images[0], torch.Tensor) else images  # deferred: decoded on device
         breaks, self.breaks = self.breaks, []
         return {"images": stacked, "labels": torch.tensor(labels, dtype=torch.long), "keys": keys,
                 "role": self.role, "position": self.position, "skipped": skipped, "skips": skips, "breaks": breaks}

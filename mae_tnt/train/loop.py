@@ -149,8 +149,8 @@ class TrainingRun:
 
     def device_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, S, S] -> normalised floats on the device, in the model's memory format."""
-        images = normalize(images.to(self.acc.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std)
-        return images.contiguous(memory_format=self.memory_format)
+        return normalize(images.to(self.acc.device, non_blocking=True), self.cfg.data.mean, self.cfg.data.std,
+                         self.memory_format)
 
     def lr(self, step: int) -> float:
         return lr_at(step, peak_lr=self.plan.peak_lr, total_steps=self.plan.total_steps,
