@@ -31,6 +31,9 @@ from mae_tnt.train.checkpoint import find_checkpoints  # noqa: E402
 IDX_SOURCE = "/usr/share/datasets/fashion-mnist"
 CLASSES = "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot"
 ENCODERS = {"ViT": ("mae_vit_test", "vit_test_patch8_32"), "TNT": ("mae_tnt_test", "tnt_test_patch8_32")}
+DOWNSTREAM = {"knn": ("kNN", "knn_top1"), "linprobe": ("linear probe", "val_acc1"),
+              "finetune": ("fine-tune", "val_acc1")}
+"""The downstream runs of the experiment and the demo, in table order: mode -> (column name, metric read at its end)."""
 
 
 @dataclass
@@ -135,21 +138,25 @@ def downstream(arm: Arm, init: Path | None, data: Path, out: Path, budget: Budge
     for mode, (recipe, overrides) in stages.items():
         stage_out = out / f"{arm.encoder.lower()}_{arm.init}_{mode}"
         arm.seconds[mode] = run_stage("finetune.py", recipe, [*common, *overrides], stage_out, budget.threads)
-        key = "knn_top1" if mode == "knn" else "val_acc1"
-        arm.results[mode] = last_value(stage_out, key)
+        arm.results[mode] = last_value(stage_out, DOWNSTREAM[mode][1])
         print(f"  {arm.encoder} {arm.init} {mode}: top-1 {arm.results[mode]:.2f} ({arm.seconds[mode]:.0f} s)",
               flush=True)
 
 
+def accuracy_columns() -> str:
+    """The table's accuracy headers, one per downstream mode: `kNN top-1 | linear probe top-1 | fine-tune top-1`."""
+    return " | ".join(f"{name} top-1" for name, _ in DOWNSTREAM.values())
+
+
 def results_table(arms: list[Arm], pretraining: dict[str, tuple[float, float]]) -> str:
     """Markdown table: one row per (encoder, init), accuracies in percent on the 10,000 test images."""
-    lines = ["| encoder (32.6 k params) | init | kNN top-1 | linear probe top-1 | fine-tune top-1 | "
-             "pretrain loss / time | downstream time |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| encoder (32.6 k params) | init | {accuracy_columns()} | pretrain loss / time | downstream time |",
+             "|---" * (len(DOWNSTREAM) + 4) + "|"]
     for arm in arms:
         loss, seconds = pretraining.get(arm.encoder, (None, None)) if arm.init == "mae" else (None, None)
         pre = f"{loss:.3f} / {seconds / 60:.1f} min" if loss is not None else "-"
-        lines.append(f"| {arm.encoder} | {'MAE' if arm.init == 'mae' else 'random'} | {arm.results['knn']:.2f} | "
-                     f"{arm.results['linprobe']:.2f} | {arm.results['finetune']:.2f} | {pre} | "
+        accuracies = " | ".join(f"{arm.results[mode]:.2f}" for mode in DOWNSTREAM)
+        lines.append(f"| {arm.encoder} | {'MAE' if arm.init == 'mae' else 'random'} | {accuracies} | {pre} | "
                      f"{sum(arm.seconds.values()) / 60:.1f} min |")
     return "\n".join(lines)
 
@@ -178,11 +185,6 @@ def experiment(out: Path, budget: Budget, shards: Path | None = None) -> str:
     return table + "\n" + footer
 
 
-DEMO_MODES = {"knn": ("kNN", "knn_top1"), "linprobe": ("linear probe", "val_acc1"),
-              "finetune": ("fine-tune", "val_acc1")}
-"""The demo comparison's downstream runs: recipe mode -> (column name, metric read at its end)."""
-
-
 def demo_compare(pretrain_checkpoint: str | Path, data_dir: str | Path = "data/fashion_mnist",
                  out: str | Path = "runs/demo_compare", threads: int = 1) -> str:
     """kNN, linear-probe and fine-tune the demo MAE checkpoint next to the same runs from random init (about 2 min
@@ -197,12 +199,11 @@ def demo_compare(pretrain_checkpoint: str | Path, data_dir: str | Path = "data/f
     checkpoint, data_dir, out = (Path(p).resolve() for p in (pretrain_checkpoint, data_dir, out))
     if (checkpoint / "checkpoints").is_dir():
         checkpoint = find_checkpoints(checkpoint)[0]
-    columns = [name for name, _ in DEMO_MODES.values()]
-    rows = ["| init | " + " | ".join(f"{name} top-1" for name in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    rows = [f"| init | {accuracy_columns()} |", "|---" * (len(DOWNSTREAM) + 1) + "|"]
     runs = []
     for label, init in (("MAE demo checkpoint", checkpoint), ("random", None)):
         accuracy = []
-        for mode, (_, metric) in DEMO_MODES.items():
+        for mode, (_, metric) in DOWNSTREAM.items():
             stage_out = out / f"{'mae' if init else 'random'}_{mode}"
             run_stage("finetune.py", f"demo_{mode}_vit.yaml",
                       [f"init={init or 'null'}", f"data.train={data_dir}", f"data.val={data_dir}"], stage_out, threads)
