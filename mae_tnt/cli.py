@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import ConfigError, PretrainConfig, UnknownKeyError, all_keys, load_config
 from .finetune_config import FinetuneConfig
-from .text import counted
+from .text import counted, disk_full_message
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 USAGE = "usage: {prog} RECIPE.yaml [key=value ...]   (e.g. optim.base_lr=1e-4 run.output_dir=/tmp/run)"
@@ -103,25 +103,30 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
     (the message says what to do; a traceback would only bury it).
 
     With several processes, most errors are the same in each (the node's files, the config), so the node's first
-    process prints them. An error in the samples one process read may concern it only: each prints its own, naming
-    its rank.
+    process prints them. An error in the samples one process read, or in a write it made (a full disk), may concern
+    it only: each prints its own, naming its rank.
     """
     from .data.info import ShardError
     from .data.shards import StreamError
     from .models.loading import CheckpointError
     from .models.registry import ModelError
-    from .train.checkpoint import ResumeError
+    from .train.checkpoint import CheckpointWriteError, ResumeError
     from .train.loop import NonFiniteLossError
 
     try:
         with warnings.catch_warnings():
             warnings.showwarning = partial(_show_own_warnings_as_lines, warnings.showwarning, set())
             return run()
-    except (ConfigError, ShardError, CheckpointError, ResumeError, ModelError, NonFiniteLossError,
-            FileNotFoundError) as err:
-        own = isinstance(err, StreamError)
+    except (ConfigError, ShardError, CheckpointError, ResumeError, CheckpointWriteError, ModelError,
+            NonFiniteLossError, FileNotFoundError) as err:
+        own = isinstance(err, (StreamError, CheckpointWriteError))
         if own or is_local_main_process():
             print(f"error{_rank_tag() if own else ''}: {without_worker_traceback(str(err))}", file=sys.stderr)
+        return None
+    except OSError as err:
+        if (message := disk_full_message(err, "a training run resumes from its newest checkpoint")) is None:
+            raise
+        print(f"error{_rank_tag()}: {message}", file=sys.stderr)
         return None
     except KeyboardInterrupt:
         if is_local_main_process():  # Ctrl-C reaches every process of the terminal's node

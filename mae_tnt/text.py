@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import errno
 
 
 def counted(count: int, noun: str) -> str:
     """'1 shard' or '3 shards', '1 class' or '2 classes': counts of one are common in messages."""
     return f"{count} {noun if count == 1 else noun + ('es' if noun.endswith('s') else 's')}"
+
+
+def disk_full_message(err: OSError, retry: str) -> str | None:
+    """The error line's text for a write that failed for want of disk space or quota, saying what to do and what
+    running the command again does (`retry`); None for any other error."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return f"{err}; free some disk space and run the same command again: {retry}"
 
 
 class HelpWithDefaults(argparse.HelpFormatter):

@@ -1,6 +1,7 @@
 """Strict config loading: every shipped recipe loads, unknown keys fail naming the key, overrides are typed."""
 
 import argparse
+import errno
 import runpy
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from mae_tnt.config import ConfigError, PretrainConfig, all_keys, load_config
 from mae_tnt.data.info import ShardError
 from mae_tnt.data.shards import StreamError
 from mae_tnt.finetune_config import FinetuneConfig
+from mae_tnt.train.checkpoint import CheckpointWriteError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TOOLS = sorted(path for folder in ("tools", "tools/bench") for path in (RECIPES.parent / folder).glob("*.py")
@@ -242,6 +244,10 @@ def test_deepspeed_bucket_sizes_are_integers(path):
     (ShardError("/data/x does not exist"), "1", ""),  # the node's files are the same for each process
     (StreamError("no readable image in 9 samples"), "0", "error (rank 2 of 4): no readable image in 9 samples\n"),
     (StreamError("no readable image in 9 samples"), "1", "error (rank 2 of 4): no readable image in 9 samples\n"),
+    (CheckpointWriteError("could not write x"), "1", "error (rank 2 of 4): could not write x\n"),  # its own write
+    (OSError(errno.ENOSPC, "No space left on device"), "1", "error (rank 2 of 4): [Errno 28] No space left on "
+     "device; free some disk space and run the same command again: a training run resumes from its newest "
+     "checkpoint\n"),
 ])
 def test_a_multi_process_run_prints_a_shared_error_once_per_node_and_a_process_own_with_its_rank(
         capsys, monkeypatch, error, local_rank, printed):
@@ -256,6 +262,16 @@ def test_a_multi_process_run_prints_a_shared_error_once_per_node_and_a_process_o
 
     assert report_user_errors(fail) is None
     assert capsys.readouterr().err == printed
+
+
+def test_os_errors_other_than_a_full_disk_keep_their_traceback():
+    from mae_tnt.cli import report_user_errors
+
+    def denied():
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(PermissionError):
+        report_user_errors(denied)
 
 
 @pytest.mark.parametrize("sample_warning, rank, printed", [

@@ -1,6 +1,7 @@
 """Downstream runs: recipes, layer-decay groups, init sources with exact key checks, position-embedding resampling,
 reproducible augmentation, a demo fine-tune above chance with exact resume, and a frozen linear probe."""
 
+import errno
 import importlib.util
 import itertools
 import json
@@ -28,7 +29,7 @@ from mae_tnt.finetune_config import AugmentConfig, FinetuneConfig
 from mae_tnt.models import CheckpointError, ModelError, create_model
 from mae_tnt.models.sret import to_official_state_dict
 from mae_tnt.train.augment import BatchAugment, FinetuneTransform, seeded_global_rngs
-from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
+from mae_tnt.train.checkpoint import CheckpointWriteError, ResumeError, find_checkpoints
 from mae_tnt.train.engine import Trainer, seed_step
 from mae_tnt.train.finetune import FinetuneRun, build_classifier, build_optimizer, resolve_num_classes
 from mae_tnt.train.init import load_init
@@ -567,6 +568,21 @@ def test_ema_weights_are_evaluated_and_checkpointed(tmp_path, one_thread, capsys
         run = FinetuneRun(demo_config(tmp_path, f"optim.ema_decay={decay}", "run.max_steps=3"))
         assert (run.ema.decay if run.ema else None) == (0.5 if decay == "0.5" else None)
         assert f"note: optim.ema_decay 0.9 -> {shown} since step_00000002" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_a_best_model_that_cannot_be_written_is_named_and_leaves_no_partial_copy(tmp_path, one_thread, monkeypatch):
+    import mae_tnt.train.finetune as finetune_module
+
+    def full_disk(state_dict, path, *args, **kwargs):
+        Path(path).write_bytes(b"the start of a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(finetune_module, "save_weights", full_disk)
+    best = re.escape(str(tmp_path / "best"))
+    with pytest.raises(CheckpointWriteError, match=rf"^could not write {best} \(\[Errno 28\] No space left on device"):
+        FinetuneRun(demo_config(tmp_path, "run.max_steps=2")).train()
+    assert not (tmp_path / ".tmp-best").exists() and not (tmp_path / "best").exists()
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")

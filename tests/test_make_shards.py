@@ -1,5 +1,6 @@
 """Tests of the shard converter, the image decoding it shares with the loader, _info.json and inspect_shards."""
 
+import errno
 import fcntl
 import gzip
 import io
@@ -148,13 +149,14 @@ def test_decode_rejects_truncated_images_and_decompression_bombs(monkeypatch):
         set_max_image_pixels(None)
 
 
-def crash_after(shards: int):
-    """A ShardWriter.close_shard that fails after ``shards`` shards, like a run killed mid-way."""
+def crash_after(shards: int, error: BaseException | None = None):
+    """A ShardWriter.close_shard that fails after ``shards`` shards with ``error``, by default an interruption as of
+    a run killed mid-way."""
     close_shard, left = convert_module.ShardWriter.close_shard, [shards]
 
     def close_or_crash(writer):
         if left[0] == 0:
-            raise KeyboardInterrupt("simulated interruption")
+            raise error or KeyboardInterrupt("simulated interruption")
         left[0] -= 1
         return close_shard(writer)
 
@@ -682,6 +684,24 @@ def test_ctrl_c_in_make_shards_is_one_line_saying_how_to_finish(tmp_path, monkey
     assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "out"), "--shard-size", "2"]) == 130
     err = capsys.readouterr().err
     assert "interrupted; run the same command again to finish the conversion" in err and "Traceback" not in err
+
+
+def test_a_full_disk_in_make_shards_is_one_line_saying_to_free_space_and_the_rerun_finishes(tmp_path, monkeypatch,
+                                                                                          capsys):
+    (tmp_path / "src").mkdir()
+    for i in range(5):
+        (tmp_path / "src" / f"img{i}.png").write_bytes(encoded(gradient(4 + i, 4), "PNG"))
+    argv = [str(tmp_path / "src"), str(tmp_path / "out"), "--shard-size", "2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(convert_module.ShardWriter, "close_shard",
+                      crash_after(shards=1, error=OSError(errno.ENOSPC, "No space left on device")))
+        assert make_shards_main(argv) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: [Errno 28] No space left on device; free some disk space and run the same command again: it keeps "
+        "the finished shards and writes the rest")
+    assert make_shards_main(argv) == 0
+    sources = [json.loads(fields["json"])["source"] for _, fields in read_split(tmp_path / "out")]
+    assert sorted(sources) == [f"img{i}.png" for i in range(5)]
 
 
 def test_linked_folders_are_read_once_and_hidden_entries_are_listed_not_read(tmp_path):

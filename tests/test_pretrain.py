@@ -1,5 +1,6 @@
 """The pretraining loop: run directory, exact resume, early config errors, non-finite loss, checkpoint safety."""
 
+import errno
 import importlib.util
 import itertools
 import json
@@ -15,8 +16,10 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from run_utils import overridden
+from safetensors import SafetensorError
 from shard_utils import drop_classes, write_shards
 
+from mae_tnt.cli import report_user_errors
 from mae_tnt.config import ConfigError, PretrainConfig, load_config
 from mae_tnt.data.shards import ShardError, read_samples
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
@@ -335,20 +338,38 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pa
     assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000004"]
 
 
-def test_crash_while_saving_leaves_the_previous_checkpoint_usable(shards, tmp_path, monkeypatch):
+def fails_mid_write(error: Exception):
+    """A torch.save or save_weights that writes part of its file, then fails with `error`, as on a full disk."""
+    def write(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"PK\x03\x04 the start of a file")
+        raise error
+
+    return write
+
+
+@pytest.mark.parametrize("writer, error", [
+    ("torch.save", RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 576 vs 534")),
+    ("save_weights", SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")),
+    ("save_weights", OSError(errno.ENOSPC, "No space left on device")),
+])
+def test_a_checkpoint_that_cannot_be_written_is_one_error_line_and_the_previous_one_resumes(
+        shards, tmp_path, monkeypatch, capsys, writer, error):
+    """torch.save's own message on a full disk names no cause: the line adds the free space and what to do. The
+    partial checkpoint is removed, since the space it holds is what the next attempt needs."""
     Trainer(config(shards, tmp_path, "run.max_steps=4")).train()
     import mae_tnt.train.checkpoint as ckpt
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(ckpt, "save_weights", crash)
-    with pytest.raises(OSError, match="disk full"):
-        Trainer(config(shards, tmp_path, "run.max_steps=8")).train()
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(*((ckpt.torch, "save") if writer == "torch.save" else (ckpt, "save_weights")),
+                      fails_mid_write(error))
+        assert report_user_errors(lambda: Trainer(config(shards, tmp_path, "run.max_steps=8")).train()) is None
+    line = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert line.startswith(f"error: could not write {tmp_path / 'checkpoints/step_00000008'} ({error}), with ")
+    assert line.endswith(" free on its disk. The checkpoints written before it are intact: free some space (or "
+                         "lower run.keep_checkpoints) and run the same command again to resume")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000004"]  # no .tmp-step_00000008
     AcceleratorState._reset_state(True)
-    trainer = Trainer(config(shards, tmp_path, "run.max_steps=8"))
-    assert trainer.step == 4
+    assert Trainer(config(shards, tmp_path, "run.max_steps=8")).step == 4
 
 
 def truncated(data: bytes) -> bytes:

@@ -60,7 +60,7 @@ from mae_tnt.data.shard_writer import (
     shard_members,
 )
 from mae_tnt.progress import progress_bar
-from mae_tnt.text import HelpWithDefaults, counted
+from mae_tnt.text import HelpWithDefaults, counted, disk_full_message
 
 LIST_LAYOUT = ("\nA list names one image per line (lines starting with # are comments), or is a CSV or TSV file whose "
                "first line is a header: `path`, or `path,label` (`path<TAB>label`); relative paths are read from the "
@@ -407,6 +407,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = convert(args.src, args.out, options)
     except (ConversionError, SourceError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        if (message := disk_full_message(err, "it keeps the finished shards and writes the rest")) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         stop_workers()

@@ -270,7 +270,7 @@ class TNT(nn.Module):
             patches = patches.masked_fill(hidden_px.reshape(-1, self.unit, self.unit, 1), 0)  # [B', u, u, C]
         words = self.pixel_embed(patches)  # [B', W, c]
         if word_mask is not None:
-            words = torch.where(word_mask.unsqueeze(-1), word_mask_token.to(words.dtype), words)
+            words = torch.where(word_mask.unsqueeze(-1), word_mask_token.to(words.dtype), words)  # mask [B', W, 1]
         pos = self.pixel_pos.permute(0, 2, 3, 1).reshape(1, self.num_words, self.word_dim)  # [1, W, c]
         return words + pos
 
@@ -314,7 +314,7 @@ class TNT(nn.Module):
         patches = self.patch_pixels(images).masked_fill(hidden.reshape(-1, 1, 1, 1), 0)  # [B*L, u, u, C]
         words = self.embed_words(patches)  # [B*L, W, c]
         sentences = project_words(self, words, images.shape[0])  # [B, L, D]
-        sentences = torch.where(hidden.unsqueeze(-1), mask_token.to(sentences.dtype), sentences)
+        sentences = torch.where(hidden.unsqueeze(-1), mask_token.to(sentences.dtype), sentences)  # mask [B, L, 1]
         return self.forward_blocks(words, sentences + self.patch_pos[:, 1:])[1]
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

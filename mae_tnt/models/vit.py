@@ -43,7 +43,7 @@ class ViT(VisionTransformer):
         self.unit = patch_size
         self.grid = img_size // patch_size
         table = sincos_2d(embed_dim, self.grid, self.num_prefix_tokens)  # [1 + L, D]
-        self.pos_embed.data.copy_(table.unsqueeze(0))
+        self.pos_embed.data.copy_(table.unsqueeze(0))  # [1, 1 + L, D]
         self.pos_embed.requires_grad_(not fixed_pos_embed)
         self._init_mae()
 
@@ -80,7 +80,7 @@ class ViT(VisionTransformer):
     def forward_with_mask_tokens(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor):
         """SimMIM-style baseline: every patch enters, hidden ones replaced by `mask_token`. -> [B, 1 + L, D]."""
         x = self.patch_embed(images)  # [B, L, D]
-        x = torch.where(mask.unsqueeze(-1).bool(), mask_token.to(x.dtype), x) + self.pos_embed[:, 1:]
+        x = torch.where(mask.unsqueeze(-1).bool(), mask_token.to(x.dtype), x) + self.pos_embed[:, 1:]  # mask [B, L, 1]
         return self._run_blocks(torch.cat([self._prefix(x.shape[0]), x], dim=1))
 
     def group_matcher(self, coarse: bool = False) -> dict:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..data.info import write_json_atomic
@@ -48,6 +49,15 @@ LOG_WINDOW_KEY = "log_window"  # in state.json: the open log window's loss sums
 
 class ResumeError(RuntimeError):
     """A checkpoint that cannot be resumed from."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint (or fine-tuning's `best/`) that could not be written, most often for want of disk space."""
+
+
+# What a failed write raises: the OS's error, safetensors' (which wraps it) or torch.save's, which loses it (a full
+# disk gives "[enforce fail at inline_container.cc:671] . unexpected pos 576 vs 534").
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 @dataclass
@@ -73,28 +83,53 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
     final = root / f"step_{state['step']:08d}"
     tmp = root / f".tmp-step_{state['step']:08d}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        with write_failures_explained(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    write_json_atomic(tmp / f"data_rank{accelerator.process_index}.json", data_state)
-    if uses_deepspeed(accelerator):
-        accelerator.save_state(str(tmp / "engine"))
-    elif accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save_weights(unwrapped.state_dict(), tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-    if accelerator.is_main_process:
-        for name, weights in (extra_weights or {}).items():
-            save_weights(weights, tmp / name)
+    with write_failures_explained(tmp, final):
+        write_json_atomic(tmp / f"data_rank{accelerator.process_index}.json", data_state)
+        if uses_deepspeed(accelerator):
+            accelerator.save_state(str(tmp / "engine"))
+        elif accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            save_weights(unwrapped.state_dict(), tmp / "model.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        if accelerator.is_main_process:
+            for name, weights in (extra_weights or {}).items():
+                save_weights(weights, tmp / name)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(tmp / STATE_FILE, state)
-        replace_dir(tmp, final)
+        with write_failures_explained(tmp, final):
+            write_json_atomic(tmp / STATE_FILE, state)
+            replace_dir(tmp, final)
         _rotate(root, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+@contextmanager
+def write_failures_explained(tmp: Path, final: Path) -> Iterator[None]:
+    """Turn a failed write of the directory `tmp` (to become `final`) into a `CheckpointWriteError` saying what to
+    do, once `tmp` is removed: its partial files would hold disk space that the next attempt needs. Our barriers
+    between the writes stay outside, so a rank that times out waiting for another is not taken for a failed write."""
+    try:
+        yield
+    except WRITE_ERRORS as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = " ".join(str(err).split())
+        raise CheckpointWriteError(
+            f"could not write {final} ({reason}), with {_free_space(final.parent)} free on its disk. The "
+            "checkpoints written before it are intact: free some space (or lower run.keep_checkpoints) and run the "
+            "same command again to resume") from err
+
+
+def _free_space(path: Path) -> str:
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    free = shutil.disk_usage(existing).free / 2**20  # MiB
+    return f"{free / 1024:.1f} GiB" if free >= 1024 else f"{free:.1f} MiB"
 
 
 def _rotate(root: Path, keep: int) -> None:

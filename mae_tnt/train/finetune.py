@@ -38,7 +38,14 @@ from ..models import create_model
 from ..models.loading import STATE_FILE, save_weights
 from ..text import counted
 from .augment import BatchAugment, FinetuneTransform, build_criterion, seeded_global_rngs
-from .checkpoint import replace_dir, resolve_resume, save_checkpoint, set_aside_previous_run, uses_deepspeed
+from .checkpoint import (
+    replace_dir,
+    resolve_resume,
+    save_checkpoint,
+    set_aside_previous_run,
+    uses_deepspeed,
+    write_failures_explained,
+)
 from .engine import (
     build_accelerator,
     configure_deepspeed,
@@ -378,11 +385,12 @@ class FinetuneRun(TrainingRun):
     def _write_best(self, state_dict: dict) -> None:
         """`best/`: model.safetensors + state.json, replaced atomically (a temporary directory, then a rename)."""
         best, tmp = self.out / "best", self.out / ".tmp-best"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_weights(state_dict, tmp / "model.safetensors")
-        write_json_atomic(tmp / STATE_FILE, self._state())
-        replace_dir(tmp, best)
+        with write_failures_explained(tmp, best):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_weights(state_dict, tmp / "model.safetensors")
+            write_json_atomic(tmp / STATE_FILE, self._state())
+            replace_dir(tmp, best)
 
     def _state(self) -> dict:
         """Self-description stored with every checkpoint and with `best/` (read by tools/export.py)."""
