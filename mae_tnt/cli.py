@@ -121,12 +121,12 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
             NonFiniteLossError, FileNotFoundError) as err:
         own = isinstance(err, (StreamError, CheckpointWriteError))
         if own or is_local_main_process():
-            print(f"error{_rank_tag() if own else ''}: {without_worker_traceback(str(err))}", file=sys.stderr)
+            write_line(f"error{_rank_tag() if own else ''}: {without_worker_traceback(str(err))}", sys.stderr)
         return None
     except OSError as err:
         if (message := disk_full_message(err, "a training run resumes from its newest checkpoint")) is None:
             raise
-        print(f"error{_rank_tag()}: {message}", file=sys.stderr)
+        write_line(f"error{_rank_tag()}: {message}", sys.stderr)
         return None
     except KeyboardInterrupt:
         if is_local_main_process():  # Ctrl-C reaches every process of the terminal's node
@@ -140,19 +140,27 @@ def _show_own_warnings_as_lines(show_other: Callable, shown: set[str], message, 
     the source line Python adds, once per run (`shown`: Python's own once-per-place memory is reset whenever a
     library changes the warning filters, and shards are resolved again for each evaluation). Rank 0 says what every
     rank would say; a `SampleWarning` concerns the samples of the process that gives it, which says it with its
-    rank. The line goes above the progress bar (a plain print would continue the bar's line). Other libraries'
-    warnings keep Python's format, which points at their code."""
-    from tqdm import tqdm
-
+    rank. Other libraries' warnings keep Python's format, which points at their code."""
     from .data.shards import SampleWarning  # imported already: `report_user_errors` installs this hook
 
     if Path(filename).is_relative_to(PACKAGE_DIR):
         own = issubclass(category, SampleWarning)
         if (own or is_main_process()) and str(message) not in shown:
             shown.add(str(message))
-            tqdm.write(f"warning{_rank_tag() if own else ''}: {message}", file=sys.stderr if file is None else file)
+            write_line(f"warning{_rank_tag() if own else ''}: {message}", sys.stderr if file is None else file)
     else:
         show_other(message, category, filename, lineno, file, line)
+
+
+def write_line(text: str, file) -> None:
+    """One line of ours, above the progress bar: a plain print would continue the bar's line, which has no newline.
+    Rank 0's `tqdm.write` clears its own bar and redraws it below. The other processes of its node share its
+    terminal but not its bar: they go back to the start of the line and clear it, and rank 0 redraws the bar below
+    at its next update."""
+    from tqdm import tqdm
+
+    shared_terminal = not is_main_process() and getattr(file, "isatty", lambda: False)()
+    tqdm.write(("\r\x1b[K" if shared_terminal else "") + text, file=file)
 
 
 def without_worker_traceback(message: str) -> str:

@@ -2,6 +2,7 @@
 
 import argparse
 import errno
+import io
 import runpy
 import sys
 from pathlib import Path
@@ -299,6 +300,26 @@ def test_our_warnings_are_lines_from_rank_0_except_sample_warnings_which_each_ra
 
     assert report_user_errors(warn_twice) == {}
     assert capsys.readouterr().err == printed
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("rank, stream, start", [
+    ("1", Terminal, "\r\x1b[K"),  # rank 0's bar may fill the shared terminal's line: clear it first
+    ("1", io.StringIO, ""),  # a log file gets the bar's lines with their newlines, and no terminal codes
+    ("0", Terminal, ""),  # rank 0's own bar: tqdm clears and redraws it
+])
+def test_a_process_without_the_progress_bar_clears_the_terminal_line_it_writes_on(monkeypatch, rank, stream, start):
+    from mae_tnt.cli import write_line
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    out = stream()
+    write_line("warning (rank 1 of 2): skipped sample s000003 (unknown image format)", out)
+    assert out.getvalue() == start + "warning (rank 1 of 2): skipped sample s000003 (unknown image format)\n"
 
 
 def test_a_recipe_error_is_printed_by_the_first_process_of_each_node(capsys, monkeypatch):
