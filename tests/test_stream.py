@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import tarfile
+import warnings
 from functools import partial
 from multiprocessing.process import BaseProcess
 
@@ -55,6 +56,22 @@ def test_two_ranks_two_workers_are_disjoint_and_cover_the_epoch(even):
     assert not set(seen[0]) & set(seen[1])
     assert len(set(seen[0])) == len(seen[0]) == 32
     assert set(seen[0]) | set(seen[1]) == {f"s{i:06d}" for i in range(64)}
+
+
+@pytest.mark.parametrize("processes, cpus, warned", [
+    ("1", 2, None),
+    ("1", 1, "data.num_workers=2 starts 2 loader workers on 1 CPU, where they compete"),
+    ("2", 3, "data.num_workers=2 in each of 2 processes starts 4 loader workers on 3 CPUs, where they compete"),
+])
+def test_more_loader_workers_than_cpus_is_one_warning_of_ours_in_place_of_torchs(even, monkeypatch, processes, cpus,
+                                                                               warned):
+    """torch warns twice per loader, naming no setting, and misses the other processes of the node."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(consume(stream_for(even, workers=2))) == 16
+    assert [str(w.message).split(";")[0] for w in caught] == ([warned] if warned else [])
 
 
 def test_batches_leave_the_workers_stacked_channels_last(even):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import signal
 import warnings
 from collections.abc import Callable, Iterator
@@ -58,8 +59,21 @@ def mae_transform(data: DataConfig, img_size: int) -> Callable:
 
 def make_loader(stream: ShardStream, pin_memory: bool = False) -> DataLoader:
     """A fresh loader for the stream's current state (workers are not persistent: each epoch restarts them)."""
+    _warn_if_workers_outnumber_cpus(stream.num_workers)
     return _SigtermSafeLoader(stream, batch_size=None, num_workers=stream.num_workers, pin_memory=pin_memory,
                               prefetch_factor=4 if stream.num_workers else None, worker_init_fn=_ignore_sigterm)
+
+
+def _warn_if_workers_outnumber_cpus(workers: int) -> None:
+    """In place of torch's warning, which comes twice, names no setting and misses that the other processes of the
+    node start as many workers on the same CPUs."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers * processes > cpus:
+        each = f" in each of {processes} processes" if processes > 1 else ""
+        warnings.warn(f"data.num_workers={workers}{each} starts {workers * processes} loader workers on "
+                      f"{counted(cpus, 'CPU')}, where they compete; a new run is faster with fewer (changing it when "
+                      "resuming restarts the epoch in progress, since the data order depends on it)", stacklevel=2)
 
 
 class _SigtermSafeLoader(DataLoader):
@@ -67,6 +81,9 @@ class _SigtermSafeLoader(DataLoader):
     the main process raise before it could save its preemption checkpoint, so workers ignore it (the main process
     ends them itself). They start with SIGTERM blocked, which they inherit, until they ignore it: one sent while a
     worker is still starting would kill it otherwise. The main process gets a signal held meanwhile right after."""
+
+    def check_worker_number_rationality(self) -> None:
+        """torch's check, replaced by `_warn_if_workers_outnumber_cpus`."""
 
     def __iter__(self):
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
