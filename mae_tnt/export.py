@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -47,6 +49,7 @@ from .models.registry import classifier_name_for
 from .models.tnt import TNT
 from .models.vit import ViT
 from .text import HelpWithDefaults
+from .train.checkpoint import write_failures_explained
 from .train.init import encoder_weights, read_source
 
 # The evaluation preprocessing of MAE and DeiT: bicubic resize to S / 0.875, centre crop S.
@@ -130,10 +133,22 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
               "timm_call": timm_call(timm_name, timm_kwargs, info, out / "model.safetensors"),
               "source": str(checkpoint), "source_layout": layout, "dropped_keys": len(dropped),
               "interpolation": INTERPOLATION, "crop_pct": CROP_PCT}
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(model.state_dict(), out / "model.safetensors", metadata={"format": "pt"})
-    (out / EXPORT_CONFIG).write_text(json.dumps(config, indent=1))
+    write_export(out, model.state_dict(), config)
     return config
+
+
+def write_export(out: Path, state_dict: dict[str, torch.Tensor], config: dict) -> None:
+    """OUT/model.safetensors and OUT/config.json, both written before either replaces an earlier export's: a write
+    that fails (a full disk) leaves no weights beside the description of others."""
+    tmp = out / ".tmp-export"
+    with write_failures_explained(tmp, out, "Free some space and run the same command again"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_weights(state_dict, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=1))
+        for name in ("model.safetensors", EXPORT_CONFIG):
+            os.replace(tmp / name, out / name)
+        tmp.rmdir()
 
 
 def check_export_directory(out: Path, given: Path, checkpoint: Path) -> None:

@@ -1,6 +1,7 @@
 """mae_tnt.export (tools/export.py): exports load into timm with no key errors, keep fine-tuned heads, fold probe
 heads, gather DeepSpeed ZeRO-3 checkpoints, and fail clearly on those without DeepSpeed."""
 
+import errno
 import json
 import logging
 import os
@@ -258,3 +259,23 @@ def test_an_export_never_overwrites_the_run_checkpoint_or_weights_it_exports(too
     with pytest.raises(CheckpointError, match="would overwrite"):
         tool.export(bare, bare.parent, model_name="vit_test_patch8_32")
     assert tool.export(tmp_path / "run", tmp_path / "exports" / "vit")["kind"] == "encoder"  # a new directory is fine
+
+
+def test_a_re_export_that_cannot_be_written_keeps_the_earlier_export_whole(tool, tmp_path, monkeypatch, capsys):
+    """Both files are written aside before either replaces the earlier pair: a full disk halfway leaves no new
+    weights beside the old description, and no partial files taking the space."""
+    first, _ = pretraining_checkpoint(tmp_path / "first", "mae_vit_test")
+    second, _ = pretraining_checkpoint(tmp_path / "second", "mae_vit_test")
+    tool.export(first, tmp_path / "out")
+    earlier = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
+
+    def full_disk(path, text, write_text=Path.write_text):
+        write_text(path, text[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)  # the description, written after the weights
+    assert tool.main([str(second), str(tmp_path / "out")]) == 1
+    monkeypatch.undo()
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"error: could not write {tmp_path / 'out'} ([Errno 28] No space left on device), with ")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == earlier

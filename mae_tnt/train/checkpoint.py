@@ -110,20 +110,23 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
     return final
 
 
+RESUME_AFTER_FAILED_WRITE = ("The checkpoints written before it are intact: free some space (or lower "
+                             "run.keep_checkpoints) and run the same command again to resume")
+
+
 @contextmanager
-def write_failures_explained(tmp: Path, final: Path) -> Iterator[None]:
-    """Turn a failed write of the directory `tmp` (to become `final`) into a `CheckpointWriteError` saying what to
-    do, once `tmp` is removed: its partial files would hold disk space that the next attempt needs. Our barriers
-    between the writes stay outside, so a rank that times out waiting for another is not taken for a failed write."""
+def write_failures_explained(tmp: Path, final: Path, then: str = RESUME_AFTER_FAILED_WRITE) -> Iterator[None]:
+    """Turn a failed write of the directory `tmp` (to become `final`) into a `CheckpointWriteError` that says what
+    to do (`then`), once `tmp` is removed: its partial files would hold disk space that the next attempt needs. Our
+    barriers between the writes stay outside, so a rank that times out waiting for another is not taken for a failed
+    write."""
     try:
         yield
     except WRITE_ERRORS as err:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = " ".join(str(err).split())
         raise CheckpointWriteError(
-            f"could not write {final} ({reason}), with {_free_space(final.parent)} free on its disk. The "
-            "checkpoints written before it are intact: free some space (or lower run.keep_checkpoints) and run the "
-            "same command again to resume") from err
+            f"could not write {final} ({reason}), with {_free_space(final.parent)} free on its disk. {then}") from err
 
 
 def _free_space(path: Path) -> str:
