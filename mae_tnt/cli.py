@@ -99,13 +99,15 @@ def report_preempted(summary: dict) -> int:
 
 
 def report_user_errors(run: Callable[[], dict]) -> dict | None:
-    """`run()`, or None after printing one `error:` line when the user's data, checkpoint or model name is at fault
-    (the message says what to do; a traceback would only bury it).
+    """`run()`, or None after printing one `error:` line when the user's data, checkpoint, model name, disk space or
+    batch size (for the GPU's memory) is at fault (the message says what to do; a traceback would only bury it).
 
     With several processes, most errors are the same in each (the node's files, the config), so the node's first
-    process prints them. An error in the samples one process read, or in a write it made (a full disk), may concern
-    it only: each prints its own, naming its rank.
+    process prints them. An error in the samples one process read, in a write it made (a full disk) or in its GPU's
+    memory may concern it only: each prints its own, naming its rank.
     """
+    from torch.cuda import OutOfMemoryError
+
     from .data.info import ShardError
     from .data.shards import StreamError
     from .models.loading import CheckpointError
@@ -123,6 +125,9 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
         if own or is_local_main_process():
             write_line(f"error{_rank_tag() if own else ''}: {without_worker_traceback(str(err))}", sys.stderr)
         return None
+    except OutOfMemoryError as err:
+        write_line(f"error{_rank_tag()}: {out_of_memory_message(err)}", sys.stderr)
+        return None
     except OSError as err:
         if (message := disk_full_message(err, "a training run resumes from its newest checkpoint")) is None:
             raise
@@ -132,6 +137,14 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
         if is_local_main_process():  # Ctrl-C reaches every process of the terminal's node
             print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         raise SystemExit(INTERRUPTED_EXIT) from None
+
+
+def out_of_memory_message(err: Exception) -> str:
+    """torch's account of a failed GPU allocation, cut before its breakdown of the memory in use, and the settings
+    that make a step need less."""
+    account = str(err).split(" Including non-PyTorch memory")[0].strip()
+    return (f"{account} Lower data.batch_size and raise optim.accum_steps by the same factor (the effective batch, "
+            "and so the LR, stay the same), or set run.grad_checkpointing=true; then run the same command again")
 
 
 def _show_own_warnings_as_lines(show_other: Callable, shown: set[str], message, category, filename, lineno,

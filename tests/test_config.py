@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from torch.cuda import OutOfMemoryError
 
 from mae_tnt.cli import ABOUT, load_recipe
 from mae_tnt.config import ConfigError, PretrainConfig, all_keys, load_config
@@ -249,6 +250,12 @@ def test_deepspeed_bucket_sizes_are_integers(path):
     (OSError(errno.ENOSPC, "No space left on device"), "1", "error (rank 2 of 4): [Errno 28] No space left on "
      "device; free some disk space and run the same command again: a training run resumes from its newest "
      "checkpoint\n"),
+    (OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 2 has a total capacity of 79.11 GiB of "
+                      "which 1.20 GiB is free. Including non-PyTorch memory, this process has 77.91 GiB in use."),
+     "1", "error (rank 2 of 4): CUDA out of memory. Tried to allocate 2.00 GiB. GPU 2 has a total capacity of 79.11 "
+     "GiB of which 1.20 GiB is free. Lower data.batch_size and raise optim.accum_steps by the same factor (the "
+     "effective batch, and so the LR, stay the same), or set run.grad_checkpointing=true; then run the same command "
+     "again\n"),
 ])
 def test_a_multi_process_run_prints_a_shared_error_once_per_node_and_a_process_own_with_its_rank(
         capsys, monkeypatch, error, local_rank, printed):

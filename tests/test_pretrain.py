@@ -18,6 +18,7 @@ from accelerate.state import AcceleratorState
 from run_utils import overridden
 from safetensors import SafetensorError
 from shard_utils import drop_classes, write_shards
+from torch.cuda import OutOfMemoryError
 
 from mae_tnt.cli import report_user_errors
 from mae_tnt.config import ConfigError, PretrainConfig, load_config
@@ -335,6 +336,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pa
     monkeypatch.setattr(trainer.model, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"micro-step 5 \(optimizer step 6\)"):
         trainer.train()
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000004"]
+
+
+def test_running_out_of_gpu_memory_is_one_line_naming_the_settings_that_need_less(shards, tmp_path, monkeypatch,
+                                                                                  capsys):
+    trainer = Trainer(config(shards, tmp_path, "run.checkpoint_every=4", "run.log_every=100"))
+    forward = trainer.model.forward
+
+    def out_of_memory_at_step_6(*args, **kwargs):
+        if trainer.step == 5:
+            raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. Including non-PyTorch memory, ...")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.model, "forward", out_of_memory_at_step_6)
+    assert report_user_errors(trainer.train) is None
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: CUDA out of memory. Tried to allocate 2.00 GiB. Lower data.batch_size and raise optim.accum_steps by "
+        "the same factor (the effective batch, and so the LR, stay the same), or set run.grad_checkpointing=true; "
+        "then run the same command again")
     assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000004"]
 
 
