@@ -13,6 +13,7 @@ not take are left out; either must be allowed explicitly.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from .models.loading import CheckpointError, fitting_build_kwargs, save_weights,
 from .models.registry import ModelError
 from .models.tnt import TNT
 from .text import HelpWithDefaults
+from .train.checkpoint import CheckpointWriteError, write_failures_explained
 
 
 def read_foreign_checkpoint(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
@@ -66,7 +68,10 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
                               f"({'; '.join(report.resampled)}): pass --img-size with the size SRC was trained at (or "
                               "the size to resample it to)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_weights(model.state_dict(), out, metadata={"model": model_name})
+    tmp = out.with_name(f".tmp-{out.name}")  # a failed write leaves an earlier OUT as it was
+    with write_failures_explained(tmp, out, "Free some space and run the same command again"):
+        save_weights(model.state_dict(), tmp, metadata={"model": model_name})
+        os.replace(tmp, out)
     if hasattr(model, "num_classes"):  # a classifier: its head size is always named in the call that loads it
         build_kwargs = {"num_classes": model.num_classes, **build_kwargs}
     return report, build_kwargs, pooling_note(model)
@@ -104,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report, build_kwargs, note = convert(args.src, args.out, args.model, args.allow_missing,
                                              args.allow_unexpected, args.unsafe_pickle, args.img_size)
-    except (CheckpointError, ModelError) as err:
+    except (CheckpointError, CheckpointWriteError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {args.out} for {args.model}: {report.summary()}")

@@ -8,6 +8,7 @@ import stat
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import mae_tnt
 from mae_tnt.convert_checkpoint import main as convert_main
@@ -223,6 +224,25 @@ def test_convert_tool_errors_are_one_line_naming_the_fix(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {tmp_path / 'out.pth'} must end in .safetensors, the format written; " \
                                       f"e.g. {tmp_path / 'out.safetensors'}\n"
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_a_conversion_that_cannot_be_written_keeps_an_earlier_output_and_says_to_free_space(tmp_path, monkeypatch,
+                                                                                           capsys):
+    torch.save({"model": mae_tnt.create_model("vit_test_patch8_32").state_dict()}, tmp_path / "w.pth")
+    args = [str(tmp_path / "w.pth"), str(tmp_path / "out.safetensors"), "--model", "vit_test_patch8_32"]
+    (tmp_path / "out.safetensors").write_bytes(b"an earlier conversion")
+
+    def full_disk(state_dict, path, metadata=None):
+        path.write_bytes(b"the start of a file")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("mae_tnt.convert_checkpoint.save_weights", full_disk)
+    assert convert_main(args) == 1
+    assert capsys.readouterr().err.startswith(
+        f"error: could not write {tmp_path / 'out.safetensors'} (Error while serializing: I/O error: No space left on "
+        "device (os error 28)), with ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "w.pth"]  # no partial file
+    assert (tmp_path / "out.safetensors").read_bytes() == b"an earlier conversion"
 
 
 def test_arguments_a_builder_refuses_are_a_model_error():

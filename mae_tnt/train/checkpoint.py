@@ -116,14 +116,17 @@ RESUME_AFTER_FAILED_WRITE = ("The checkpoints written before it are intact: free
 
 @contextmanager
 def write_failures_explained(tmp: Path, final: Path, then: str = RESUME_AFTER_FAILED_WRITE) -> Iterator[None]:
-    """Turn a failed write of the directory `tmp` (to become `final`) into a `CheckpointWriteError` that says what
-    to do (`then`), once `tmp` is removed: its partial files would hold disk space that the next attempt needs. Our
-    barriers between the writes stay outside, so a rank that times out waiting for another is not taken for a failed
-    write."""
+    """Turn a failed write of `tmp`, a directory or a file to become `final`, into a `CheckpointWriteError` that
+    says what to do (`then`), once `tmp` is removed: its partial files would hold disk space that the next attempt
+    needs. Our barriers between the writes stay outside, so a rank that times out waiting for another is not taken
+    for a failed write."""
     try:
         yield
     except WRITE_ERRORS as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         reason = " ".join(str(err).split())
         raise CheckpointWriteError(
             f"could not write {final} ({reason}), with {_free_space(final.parent)} free on its disk. {then}") from err
