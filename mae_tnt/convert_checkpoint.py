@@ -25,7 +25,7 @@ from .models.loading import CheckpointError, fitting_build_kwargs, save_weights,
 from .models.registry import ModelError
 from .models.tnt import TNT
 from .text import HelpWithDefaults
-from .train.checkpoint import CheckpointWriteError, write_failures_explained
+from .train.checkpoint import RETRY_AFTER_FAILED_WRITE, CheckpointWriteError, write_failures_explained
 
 
 def read_foreign_checkpoint(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
@@ -69,7 +69,7 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
                               "the size to resample it to)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")  # a failed write leaves an earlier OUT as it was
-    with write_failures_explained(tmp, out, "Free some space and run the same command again"):
+    with write_failures_explained(tmp, out, RETRY_AFTER_FAILED_WRITE):
         save_weights(model.state_dict(), tmp, metadata={"model": model_name})
         os.replace(tmp, out)
     if hasattr(model, "num_classes"):  # a classifier: its head size is always named in the call that loads it

@@ -49,7 +49,7 @@ from .models.registry import classifier_name_for
 from .models.tnt import TNT
 from .models.vit import ViT
 from .text import HelpWithDefaults
-from .train.checkpoint import write_failures_explained
+from .train.checkpoint import RETRY_AFTER_FAILED_WRITE, write_failures_explained
 from .train.init import encoder_weights, read_source
 
 # The evaluation preprocessing of MAE and DeiT: bicubic resize to S / 0.875, centre crop S.
@@ -141,7 +141,7 @@ def write_export(out: Path, state_dict: dict[str, torch.Tensor], config: dict) -
     """OUT/model.safetensors and OUT/config.json, both written before either replaces an earlier export's: a write
     that fails (a full disk) leaves no weights beside the description of others."""
     tmp = out / ".tmp-export"
-    with write_failures_explained(tmp, out, "Free some space and run the same command again"):
+    with write_failures_explained(tmp, out, RETRY_AFTER_FAILED_WRITE):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_weights(state_dict, tmp / "model.safetensors", metadata={"format": "pt"})

@@ -112,6 +112,7 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
 
 RESUME_AFTER_FAILED_WRITE = ("The checkpoints written before it are intact: free some space (or lower "
                              "run.keep_checkpoints) and run the same command again to resume")
+RETRY_AFTER_FAILED_WRITE = "Free some space and run the same command again"  # a tool's output, written in one go
 
 
 @contextmanager
