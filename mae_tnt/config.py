@@ -195,7 +195,7 @@ class RunConfig:
     fused_attn: bool = True
     """Attention through `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU)."""
     channels_last: bool = True
-    """On GPU, keep 4-D activations channels-last (speeds up SReT's conv stem; no effect on CPU)."""
+    """On GPU, keep 4-D activations channels-last (speeds up SReT's conv stem; no effect on CPU or under DeepSpeed)."""
     tf32: bool = True
     """Allow TF32 matmuls on Ampere and newer GPUs."""
 

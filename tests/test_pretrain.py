@@ -24,8 +24,8 @@ from mae_tnt.cli import report_user_errors
 from mae_tnt.config import ConfigError, PretrainConfig, load_config
 from mae_tnt.data.shards import ShardError, read_samples
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
-from mae_tnt.train.engine import Trainer
-from mae_tnt.train.loop import NonFiniteLossError
+from mae_tnt.train.engine import Trainer, auto_precision
+from mae_tnt.train.loop import NonFiniteLossError, TrainingRun
 from mae_tnt.visualize import main as visualize_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -534,6 +534,28 @@ def test_resume_with_another_effective_batch_is_refused_with_the_settings_that_f
         Trainer(config(shards, tmp_path, "run.max_steps=24"))  # 20 images per process: 4 x 5 fit where 8 did
 
 
+@pytest.mark.parametrize("gpu, use_cpu, expected", [(True, None, "bf16"), (True, "1", "fp32"), (False, None, "fp32")])
+def test_auto_precision_follows_the_device_training_runs_on(monkeypatch, gpu, use_cpu, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    if use_cpu is None:
+        monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_USE_CPU", use_cpu)  # accelerate launch --cpu
+    assert auto_precision() == expected
+
+
+@pytest.mark.parametrize("device, deepspeed, expected", [("cuda", False, torch.channels_last),
+                                                         ("cuda", True, torch.contiguous_format),
+                                                         ("cpu", False, torch.contiguous_format)])
+def test_channels_last_weights_only_on_a_gpu_without_deepspeed(device, deepspeed, expected):
+    """DeepSpeed views every parameter as bytes, which a channels-last 3-channel convolution weight refuses."""
+    run = TrainingRun()
+    run.cfg = SimpleNamespace(run=SimpleNamespace(channels_last=True))
+    run.acc = SimpleNamespace(device=torch.device(device),
+                              state=SimpleNamespace(deepspeed_plugin=object() if deepspeed else None))
+    assert run.memory_format == expected
+
+
 def test_the_start_line_names_the_precision_and_a_launcher_precision_the_recipe_overrides_is_warned_about(
         shards, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --mixed_precision fp16
@@ -545,9 +567,10 @@ def test_the_start_line_names_the_precision_and_a_launcher_precision_the_recipe_
     assert "x 1 process in bf16; lr = " in out
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate's default: nothing asked
     AcceleratorState._reset_state(True)
-    Trainer(config(shards, tmp_path / "fp32", "run.precision=auto"))  # no GPU: fp32
+    Trainer(config(shards, tmp_path / "auto", "run.precision=auto"))
     out = capsys.readouterr().out
-    assert "x 1 process in fp32; lr = " in out and "launcher" not in out
+    auto = "bf16" if torch.cuda.is_available() else "fp32"
+    assert f"x 1 process in {auto}; lr = " in out and "launcher" not in out
 
 
 def test_resume_with_another_model_is_refused(shards, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import parse_flag_from_env
 from timm.layers import set_fused_attn
 
 from ..config import ConfigError, PretrainConfig, save_config, to_dict
@@ -70,7 +71,7 @@ def seed_step(seed: int, rank: int, micro_step: int) -> None:
 def build_accelerator(cfg: PretrainConfig) -> Accelerator:
     precision = cfg.run.precision
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() else "fp32"
+        precision = auto_precision()
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               gradient_accumulation_steps=cfg.optim.accum_steps)
     check_launch(os.environ.get("WORLD_SIZE"), accelerator.num_processes)
@@ -90,6 +91,13 @@ def build_accelerator(cfg: PretrainConfig) -> Accelerator:
         torch.backends.cuda.matmul.allow_tf32 = cfg.run.tf32
         torch.backends.cudnn.allow_tf32 = cfg.run.tf32
     return accelerator
+
+
+def auto_precision() -> str:
+    """What run.precision=auto means here: bf16 on a GPU, fp32 on the CPU, where `accelerate launch --cpu`
+    (ACCELERATE_USE_CPU) trains beside a GPU too."""
+    on_gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+    return "bf16" if on_gpu else "fp32"
 
 
 def training_precision(accelerator: Accelerator) -> str:

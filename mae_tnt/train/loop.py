@@ -138,9 +138,13 @@ class TrainingRun:
 
     @property
     def memory_format(self) -> torch.memory_format:
-        """channels_last when asked for on a GPU (where convolutions gain from it), the default layout otherwise."""
-        on_gpu = self.acc.device.type == "cuda"
-        return torch.channels_last if self.cfg.run.channels_last and on_gpu else torch.contiguous_format
+        """channels_last when asked for on a GPU (where convolutions gain from it), the default layout otherwise.
+
+        Never under DeepSpeed: its engine broadcasts and flattens every parameter as raw bytes, which needs a unit
+        last stride, and a channels-last [D, 3, k, k] convolution weight has stride 3 there.
+        """
+        wanted = self.cfg.run.channels_last and self.acc.device.type == "cuda"
+        return torch.channels_last if wanted and self.acc.state.deepspeed_plugin is None else torch.contiguous_format
 
     @property
     def epoch(self) -> float:
