@@ -7,7 +7,7 @@ from timm.models import group_parameters
 from timm.optim import param_groups_layer_decay
 
 import mae_tnt
-from mae_tnt.models.tnt import OFFICIAL_RENAMES, WordMaskedAutoencoder
+from mae_tnt.models.tnt import OFFICIAL_RENAMES, Attention, WordMaskedAutoencoder
 
 MAE_TEST_KWARGS = dict(img_size=32, norm_pix_loss=True, decoder_dim=32, decoder_depth=1, decoder_heads=2,
                        drop_path_rate=0.0, mask_ratio=0.75, encoder_mode="visible")
@@ -252,10 +252,35 @@ def test_hidden_words_are_replaced_and_reach_the_token(word_mae):
     assert word_mae.decoder_word_pred.weight.grad.abs().sum() > 0
 
 
-def test_cpu_channel_first_attention_equals_sdpa_path(tiny):
-    """The inner attention's CPU path against the SDPA path that CUDA takes."""
+def test_the_inner_attentions_cpu_and_gpu_paths_equal_sdpa_with_their_gradients():
+    """The narrow-head paths (channel-first on CPU, batched matmuls on CUDA) against SDPA, forward and backward."""
+    torch.manual_seed(0)
+    attention = Attention(24, 4, narrow_heads=True)
+    x = torch.randn(5, 16, 24, requires_grad=True)
+    results = []
+    for path in (attention._attend_channel_first, attention._attend_batched, attention.forward):
+        attention.narrow_heads = path != attention.forward  # the last: plain SDPA
+        out = path(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, *attention.parameters()])
+        results.append((out, *grads))
+    for result in results[:2]:
+        for got, expected in zip(result, results[2], strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_whose_inner_attention_takes_sdpa_gives_the_same_features(tiny):
     x = images(2)
     fast = tiny.forward_features(x)
     for block in tiny.blocks:
-        block.attn_in.channel_first = False
+        block.attn_in.narrow_heads = False
     torch.testing.assert_close(tiny.forward_features(x), fast, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_model_matches_its_cpu_forward(tiny, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full fp32, as on the CPU
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    x = images(2)
+    expected = tiny.forward_features(x)
+    torch.testing.assert_close(tiny.cuda().forward_features(x.cuda()).cpu(), expected, atol=1e-4, rtol=1e-4)

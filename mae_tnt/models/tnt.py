@@ -9,8 +9,9 @@ all their words, and both transformers run on the visible sentences only.
 Fast path (same parameters and outputs as timm, see docs/tnt.md): q, k and v come from one matmul over the
 concatenated `qk`/`v` weights (the attention scale folded into the q rows); on CPU the inner attention runs
 channel-first, every (head, sentence) pair a strided [d, N] matrix in one batch, with no permute copy before it and
-only N-column batched matmuls (backward included); the outer attention uses SDPA, as does everything on CUDA; patches
-are cut channels-last, so the pixel embedding hands over words without a permute copy.
+only N-column batched matmuls (backward included); on CUDA it runs as plain batched matmuls, since SDPA would pad its
+6-wide heads to 32; the outer attention uses SDPA; patches are cut channels-last, so the pixel embedding hands over
+words without a permute copy.
 
 References: Han et al., "Transformer in Transformer" (NeurIPS 2021, arXiv 2103.00112); official code
 huawei-noah/Efficient-AI-Backbones `tnt_pytorch/tnt.py`; timm `models/tnt.py` (non-legacy keys, `checkpoint_filter_fn`).
@@ -65,13 +66,14 @@ class Attention(nn.Module):
 
     Args:
         dim: token width; num_heads: heads of width dim / num_heads.
-        channel_first: on CPU, run the channel-first path (`_attend_channel_first`), measured faster for the inner
-            transformer's 16-token, 6-wide heads; otherwise (and always on CUDA) SDPA.
+        narrow_heads: the heads are too narrow for SDPA's fused kernels (the inner transformer's 6-wide heads over
+            16 words): on CPU the channel-first path (`_attend_channel_first`), elsewhere plain batched matmuls
+            (`_attend_batched`), each measured faster than SDPA for that shape (docs/tnt.md, Speed). Otherwise SDPA.
     """
 
-    def __init__(self, dim: int, num_heads: int, *, channel_first: bool = False):
+    def __init__(self, dim: int, num_heads: int, *, narrow_heads: bool = False):
         super().__init__()
-        self.num_heads, self.head_dim, self.channel_first = num_heads, dim // num_heads, channel_first
+        self.num_heads, self.head_dim, self.narrow_heads = num_heads, dim // num_heads, narrow_heads
         self.qk = nn.Linear(dim, 2 * dim, bias=False)
         self.v = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim)
@@ -83,13 +85,25 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [B, N, C]."""
-        if self.channel_first and x.device.type == "cpu":
-            return self._attend_channel_first(x)
+        if self.narrow_heads:
+            return self._attend_channel_first(x) if x.device.type == "cpu" else self._attend_batched(x)
         b, n, c = x.shape
         qkv = F.linear(x, self.qkv_weight()).view(b, n, 3, self.num_heads, self.head_dim)  # [B, N, 3, H, d]
         q, k, v = qkv.transpose(1, 3).unbind(2)  # 3 x [B, H, N, d], strided views (no copy)
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # [B, H, N, d]; q is pre-scaled
         return self.proj(out.transpose(1, 2).reshape(b, n, c))  # [B, N, C]
+
+    def _attend_batched(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, N, C] -> [B, N, C] with explicit batched matmuls.
+
+        On CUDA, SDPA runs 6-wide heads through its flash kernel padded to 32 columns: TNT-S's bf16 train step took
+        1.8x as long as with these matmuls on an H100 (docs/tnt.md, Speed).
+        """
+        b, n, c = x.shape
+        qkv = F.linear(x, self.qkv_weight()).view(b, n, 3, self.num_heads, self.head_dim)  # [B, N, 3, H, d]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, d] (views)
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, N, N]; q is pre-scaled
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))  # [B, N, C]
 
     def _attend_channel_first(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [B, N, C] with q, k, v and the heads' outputs as channel-first [H*B, d, N] views.
@@ -149,7 +163,7 @@ class Block(nn.Module):
                  mlp_ratio: float, drop_path: float):
         super().__init__()
         self.norm_in = nn.LayerNorm(word_dim)
-        self.attn_in = Attention(word_dim, heads_inner, channel_first=True)
+        self.attn_in = Attention(word_dim, heads_inner, narrow_heads=True)
         self.norm_mlp_in = nn.LayerNorm(word_dim)
         self.mlp_in = Mlp(word_dim, 4 * word_dim)  # TNT fixes the inner MLP ratio at 4
         self.norm1_proj = nn.LayerNorm(num_words * word_dim)
