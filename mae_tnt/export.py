@@ -10,7 +10,8 @@ DeepSpeed checkpoint (`engine/` instead of `model.safetensors`) is gathered with
 is checked by loading it into our model with no missing or unexpected key. ViT and TNT keys are timm's, so
 
     timm.create_model(cfg["timm_name"], pretrained=True,
-                      pretrained_cfg_overlay=dict(file="OUT/model.safetensors", num_classes=cfg["num_classes"]),
+                      pretrained_cfg_overlay=dict(file="OUT/model.safetensors", custom_load=False,
+                                                  num_classes=cfg["num_classes"]),
                       **cfg["timm_kwargs"])
 
 loads it (the `num_classes` overlay keeps a fine-tuned head; without it timm drops the head as "adapted"). The tool
@@ -169,11 +170,13 @@ def timm_call(timm_name: str | None, timm_kwargs: dict, info: dict, file: Path) 
 
     The overlay carries the head size (timm drops a head whose size differs from its pretrained config's) and the
     preprocessing the weights were trained with, so `timm.data.resolve_data_config(model=...)` returns it.
+    `custom_load=False` because timm before 1.0.31 keeps the default tag's flag with an overlaid file, and reads a
+    safetensors file as a JAX .npz for the ViTs whose default weights are one (vit_tiny/small_patch16_224).
     """
     if timm_name is None:
         return None
-    overlay = dict(file=str(file.resolve()), num_classes=info["num_classes"], input_size=(3, info["img_size"],
-                   info["img_size"]), interpolation=INTERPOLATION, crop_pct=CROP_PCT)
+    overlay = dict(file=str(file.resolve()), custom_load=False, num_classes=info["num_classes"],
+                   input_size=(3, info["img_size"], info["img_size"]), interpolation=INTERPOLATION, crop_pct=CROP_PCT)
     overlay.update({key: tuple(info[key]) for key in ("mean", "std") if info[key] is not None})
     return f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay={overlay!r}, **{timm_kwargs!r})"
 

@@ -52,6 +52,11 @@ def finetune_checkpoint(path: Path, model, mode: str, pool: str):
     return write_checkpoint(path, model, state)
 
 
+def local_file(path: Path) -> dict:
+    """timm's overlay for weights in a local file, as the export prints it (custom_load: see `timm_call`)."""
+    return dict(file=str(path), custom_load=False)
+
+
 def assert_same_tensors(model: torch.nn.Module, path: Path):
     exported, own = load_file(path), model.state_dict()
     assert set(own) == set(exported)
@@ -64,7 +69,7 @@ def test_pretraining_export_loads_into_timm_vit(tool, tmp_path, caplog):
     assert (config["kind"], config["num_classes"], config["img_size"], config["mean"]) == ("encoder", 0, 32, [0.5] * 3)
     file = tmp_path / "out" / "model.safetensors"
     with caplog.at_level(logging.INFO):
-        model = timm.create_model("vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(file)),
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=local_file(file),
                                   img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
     assert "Missing keys" not in caplog.text and "Unexpected keys" not in caplog.text
     assert_same_tensors(model, file)
@@ -76,7 +81,7 @@ def test_tnt_export_loads_into_timm_tnt_with_the_same_output(tool, tmp_path):
     config = tool.export(ckpt, tmp_path / "out")
     assert config["timm_name"] == "tnt_s_patch16_224"
     file = tmp_path / "out" / "model.safetensors"
-    model = timm.create_model(config["timm_name"], pretrained=True, pretrained_cfg_overlay=dict(file=str(file)),
+    model = timm.create_model(config["timm_name"], pretrained=True, pretrained_cfg_overlay=local_file(file),
                               **config["timm_kwargs"]).eval()
     assert_same_tensors(model, file)
     images = torch.randn(2, 3, 32, 32)
@@ -89,6 +94,7 @@ def test_the_printed_timm_call_loads_a_fine_tuned_classifier_with_its_head(tool,
     printed = capsys.readouterr().out
     call = printed.split("load it in timm with: ")[1].splitlines()[0]
     assert call == json.loads((tmp_path / "out" / "config.json").read_text())["timm_call"]
+    assert "'custom_load': False" in call  # else timm < 1.0.31 reads the file as the default tag's .npz (vit_small)
     model = eval(call, {"timm": timm}).eval()  # noqa: S307 - the tool's own output, as a user would paste it
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model(images), ours(images))
@@ -184,7 +190,7 @@ def test_vit_base_round_trip_at_real_size(tool, tmp_path):
                                                          "vit_base_patch16_224", "num_classes": 0})
     tool.export(ckpt, tmp_path / "out")
     file = tmp_path / "out" / "model.safetensors"
-    model = timm.create_model("vit_base_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(file)),
+    model = timm.create_model("vit_base_patch16_224", pretrained=True, pretrained_cfg_overlay=local_file(file),
                               num_classes=0)
     assert_same_tensors(model, file)
 
