@@ -17,19 +17,22 @@ from mae_tnt.data.shards import StreamError
 from mae_tnt.data.transforms import decode_jpeg, train_crop
 
 
-def jpeg(seed: int, size=(64, 56)) -> bytes:
+def jpeg(seed: int, size=(64, 56), subsampling: int = 2) -> bytes:
+    """Random pixels as a JPEG; subsampling 2 is 4:2:0 chroma (PIL's default), 0 is 4:4:4."""
     array = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "JPEG", quality=90)
+    Image.fromarray(array).save(buffer, "JPEG", quality=90, subsampling=subsampling)
     return buffer.getvalue()
 
 
-def deferred_vs_cpu(device: str):
+def deferred_vs_cpu(device: str, subsampling: int = 2):
+    data = [jpeg(i, subsampling=subsampling) for i in range(6)]
     transform = DeferredCrop(48, (0.2, 1.0))
-    items = [transform(jpeg(i), random.Random(i)) for i in range(6)]
+    items = [transform(image, random.Random(i)) for i, image in enumerate(data)]
     assert all(isinstance(item, EncodedCrop) for item in items)
     images, dropped = decode_batch(items, 48, torch.device(device))
-    expected = torch.stack([train_crop(jpeg(i), random.Random(i), size=48, scale=(0.2, 1.0)) for i in range(6)])
+    expected = torch.stack([train_crop(image, random.Random(i), size=48, scale=(0.2, 1.0))
+                            for i, image in enumerate(data)])
     return images.cpu(), expected, dropped
 
 
@@ -86,7 +89,8 @@ def test_cuda_decode_falls_back_to_the_cpu_without_a_gpu(tmp_path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_decode_matches_the_cpu_path():
-    images, expected, dropped = deferred_vs_cpu("cuda")
+    # Full-resolution chroma: nvJPEG and libjpeg-turbo upsample 4:2:0 chroma differently (on these random pixels by
+    # 13 grey levels on average, measured on an H100), but decode 4:4:4 alike, leaving the resize kernels' rounding.
+    images, expected, dropped = deferred_vs_cpu("cuda", subsampling=0)
     assert dropped == 0
-    # nvJPEG's IDCT and the CUDA resize kernel may differ from libjpeg-turbo by a few grey levels
-    assert (images.int() - expected.int()).abs().float().mean() < 2.0
+    assert (images.int() - expected.int()).abs().float().mean() < 1.0

@@ -540,7 +540,7 @@ def test_tnt_and_sret_demo_recipes_fine_tune_from_an_mae_checkpoint(tmp_path, on
                                   recipe=f"demo_finetune_{family}.yaml"))
     if family == "sret":  # the stem statistics were refit on whole images, everything else came from the checkpoint
         stem_mean = run.unwrapped.patch_embed.bn1.running_mean
-        assert not torch.equal(stem_mean, mae_state["encoder.patch_embed.bn1.running_mean"])
+        assert not torch.equal(stem_mean.cpu(), mae_state["encoder.patch_embed.bn1.running_mean"])
         assert ("init: re-estimated the stem BatchNorm statistics on 640 whole 64-px train images "
                 "(model.bn_reestimate_batches=10)") in capsys.readouterr().out
     summary = run.train()

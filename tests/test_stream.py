@@ -71,7 +71,9 @@ def test_more_loader_workers_than_cpus_is_one_warning_of_ours_in_place_of_torchs
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert len(consume(stream_for(even, workers=2))) == 16
-    assert [str(w.message).split(";")[0] for w in caught] == ([warned] if warned else [])
+    # UserWarnings only: Python 3.12 adds a DeprecationWarning when a process with threads (CUDA's) forks a worker
+    ours = [str(w.message).split(";")[0] for w in caught if issubclass(w.category, UserWarning)]
+    assert ours == ([warned] if warned else [])
 
 
 def test_batches_leave_the_workers_stacked_channels_last(even):
