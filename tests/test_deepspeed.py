@@ -44,6 +44,7 @@ def shards(tmp_path_factory):
     return root
 
 
+@pytest.mark.timeout(600)  # three runs, two of them DeepSpeed launches: 241 s on a throttled 2-core machine
 def test_zero2_save_resume_and_accumulation_match_the_plain_loop(shards, tmp_path):
     config = accelerate_config(tmp_path, 2)
     run(shards, tmp_path / "plain", 4, None)

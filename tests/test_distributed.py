@@ -93,6 +93,7 @@ def train_args(shards, out, max_steps):
             "run.log_every=1", "run.checkpoint_every=3", f"run.max_steps={max_steps}", "data.shuffle_chunk=16"]
 
 
+@pytest.mark.timeout(600)  # three launches, each starting three Pythons: 120 s on a throttled 2-core machine
 def test_two_ranks_keep_identical_parameters_and_resume_exactly(shards, tmp_path):
     launch(*train_args(shards, tmp_path / "full", 8))
     first, second = ranks(tmp_path / "full" / "ranks")
