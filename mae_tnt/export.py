@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -50,7 +49,7 @@ from .models.registry import classifier_name_for
 from .models.tnt import TNT
 from .models.vit import ViT
 from .text import HelpWithDefaults
-from .train.checkpoint import RETRY_AFTER_FAILED_WRITE, write_failures_explained
+from .train.checkpoint import RETRY_AFTER_FAILED_WRITE, fresh_directory, write_failures_explained
 from .train.init import encoder_weights, read_source
 
 # The evaluation preprocessing of MAE and DeiT: bicubic resize to S / 0.875, centre crop S.
@@ -143,8 +142,7 @@ def write_export(out: Path, state_dict: dict[str, torch.Tensor], config: dict) -
     that fails (a full disk) leaves no weights beside the description of others."""
     tmp = out / ".tmp-export"
     with write_failures_explained(tmp, out, RETRY_AFTER_FAILED_WRITE):
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        fresh_directory(tmp)
         save_weights(state_dict, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=1))
         for name in ("model.safetensors", EXPORT_CONFIG):

@@ -552,7 +552,7 @@ def test_channels_last_weights_only_on_a_gpu_without_deepspeed(device, deepspeed
     run = TrainingRun()
     run.cfg = SimpleNamespace(run=SimpleNamespace(channels_last=True))
     run.acc = SimpleNamespace(device=torch.device(device),
-                              state=SimpleNamespace(deepspeed_plugin=object() if deepspeed else None))
+                              distributed_type=SimpleNamespace(name="DEEPSPEED" if deepspeed else "NO"))
     assert run.memory_format == expected
 
 

@@ -1,5 +1,7 @@
 """TNT: timm parity (keys, logits, gradients), the official importer, the MAE encoder contract and word masking."""
 
+from functools import partial
+
 import pytest
 import timm
 import torch
@@ -258,8 +260,8 @@ def test_the_inner_attentions_cpu_and_gpu_paths_equal_sdpa_with_their_gradients(
     attention = Attention(24, 4, narrow_heads=True)
     x = torch.randn(5, 16, 24, requires_grad=True)
     results = []
-    for path in (attention._attend_channel_first, attention._attend_batched, attention.forward):
-        attention.narrow_heads = path != attention.forward  # the last: plain SDPA
+    for path in (attention._attend_channel_first, partial(attention._attend, fused=False),
+                 partial(attention._attend, fused=True)):  # the last: plain SDPA
         out = path(x)
         grads = torch.autograd.grad(out.square().sum(), [x, *attention.parameters()])
         results.append((out, *grads))

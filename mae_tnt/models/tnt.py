@@ -68,7 +68,7 @@ class Attention(nn.Module):
         dim: token width; num_heads: heads of width dim / num_heads.
         narrow_heads: the heads are too narrow for SDPA's fused kernels (the inner transformer's 6-wide heads over
             16 words): on CPU the channel-first path (`_attend_channel_first`), elsewhere plain batched matmuls
-            (`_attend_batched`), each measured faster than SDPA for that shape (docs/tnt.md, Speed). Otherwise SDPA.
+            (`_attend(x, fused=False)`), each measured faster than SDPA for that shape (docs/tnt.md, Speed).
     """
 
     def __init__(self, dim: int, num_heads: int, *, narrow_heads: bool = False):
@@ -85,25 +85,24 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [B, N, C]."""
-        if self.narrow_heads:
-            return self._attend_channel_first(x) if x.device.type == "cpu" else self._attend_batched(x)
-        b, n, c = x.shape
-        qkv = F.linear(x, self.qkv_weight()).view(b, n, 3, self.num_heads, self.head_dim)  # [B, N, 3, H, d]
-        q, k, v = qkv.transpose(1, 3).unbind(2)  # 3 x [B, H, N, d], strided views (no copy)
-        out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # [B, H, N, d]; q is pre-scaled
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))  # [B, N, C]
+        if self.narrow_heads and x.device.type == "cpu":
+            return self._attend_channel_first(x)
+        return self._attend(x, fused=not self.narrow_heads)
 
-    def _attend_batched(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, N, C] -> [B, N, C] with explicit batched matmuls.
+    def _attend(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
+        """[B, N, C] -> [B, N, C] through SDPA (`fused`) or explicit batched matmuls.
 
         On CUDA, SDPA runs 6-wide heads through its flash kernel padded to 32 columns: TNT-S's bf16 train step took
-        1.8x as long as with these matmuls on an H100 (docs/tnt.md, Speed).
+        1.8x as long as with the batched matmuls on an H100 (docs/tnt.md, Speed).
         """
         b, n, c = x.shape
         qkv = F.linear(x, self.qkv_weight()).view(b, n, 3, self.num_heads, self.head_dim)  # [B, N, 3, H, d]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, d] (views)
-        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, N, N]; q is pre-scaled
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))  # [B, N, C]
+        q, k, v = qkv.transpose(1, 3).unbind(2)  # 3 x [B, H, N, d], strided views (no copy); q is pre-scaled
+        if fused:
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # [B, H, N, d]
+        else:
+            out = (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v  # [B, H, N, N] scores -> [B, H, N, d]
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))  # [B, N, C]
 
     def _attend_channel_first(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [B, N, C] with q, k, v and the heads' outputs as channel-first [H*B, d, N] views.

@@ -84,8 +84,7 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
     tmp = root / f".tmp-step_{state['step']:08d}"
     if accelerator.is_main_process:
         with write_failures_explained(tmp, final):
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            fresh_directory(tmp)
     accelerator.wait_for_everyone()
     with write_failures_explained(tmp, final):
         write_json_atomic(tmp / f"data_rank{accelerator.process_index}.json", data_state)
@@ -108,6 +107,12 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
         _rotate(root, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def fresh_directory(path: Path) -> None:
+    """An empty directory at `path`, whatever an interrupted earlier write left there."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
 
 
 RESUME_AFTER_FAILED_WRITE = ("The checkpoints written before it are intact: free some space (or lower "

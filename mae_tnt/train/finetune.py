@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -39,6 +38,7 @@ from ..models.loading import STATE_FILE, save_weights
 from ..text import counted
 from .augment import BatchAugment, FinetuneTransform, build_criterion, seeded_global_rngs
 from .checkpoint import (
+    fresh_directory,
     replace_dir,
     resolve_resume,
     save_checkpoint,
@@ -386,8 +386,7 @@ class FinetuneRun(TrainingRun):
         """`best/`: model.safetensors + state.json, replaced atomically (a temporary directory, then a rename)."""
         best, tmp = self.out / "best", self.out / ".tmp-best"
         with write_failures_explained(tmp, best):
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            fresh_directory(tmp)
             save_weights(state_dict, tmp / "model.safetensors")
             write_json_atomic(tmp / STATE_FILE, self._state())
             replace_dir(tmp, best)

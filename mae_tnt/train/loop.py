@@ -13,7 +13,7 @@ import torch
 
 from ..config import to_dict
 from ..data.transforms import normalize
-from .checkpoint import restore_training
+from .checkpoint import restore_training, uses_deepspeed
 from .schedule import lr_at, set_lr
 
 
@@ -144,7 +144,7 @@ class TrainingRun:
         last stride, and a channels-last [D, 3, k, k] convolution weight has stride 3 there.
         """
         wanted = self.cfg.run.channels_last and self.acc.device.type == "cuda"
-        return torch.channels_last if wanted and self.acc.state.deepspeed_plugin is None else torch.contiguous_format
+        return torch.channels_last if wanted and not uses_deepspeed(self.acc) else torch.contiguous_format
 
     @property
     def epoch(self) -> float:
