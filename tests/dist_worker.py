@@ -1,4 +1,7 @@
-"""Run under `accelerate launch` by tests/test_distributed.py: writes what each rank saw to OUT/rank{r}.json."""
+"""Run under `accelerate launch` by tests/test_distributed.py: writes what each rank saw to OUT/rank{r}.json.
+
+    dist_worker.py MODE OUT [ARGS...] [+ MODE OUT [ARGS...]]...
+"""
 
 import hashlib
 import json
@@ -14,6 +17,7 @@ from mae_tnt.data.shards import resolve_shards
 from mae_tnt.data.stream import ShardStream
 from mae_tnt.data.transforms import train_crop
 
+JOB_SEPARATOR = "+"
 KNN_ARGS = {"img_size": 32, "batch_size": 64, "k": 20, "max_train": 256}
 """The `knn` mode's evaluation, which tests/test_distributed.py repeats in one process."""
 
@@ -71,12 +75,25 @@ def write(out: Path, rank: int, payload: dict) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(payload))
 
 
+def jobs(args: list[str]) -> list[list[str]]:
+    """`MODE OUT [ARGS...]` jobs separated by `+`: one launch runs several, since starting the ranks costs more than
+    most jobs."""
+    split, current = [], []
+    for arg in args:
+        if arg == JOB_SEPARATOR:
+            split.append(current)
+            current = []
+        else:
+            current.append(arg)
+    return [*split, current]
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    mode, out = sys.argv[1], Path(sys.argv[2])
-    if mode == "stream":
-        stream_epoch(sys.argv[3], out)
-    elif mode == "knn":
-        knn(out, sys.argv[3])
-    else:
-        train(out, sys.argv[3:])
+    for mode, out, *rest in jobs(sys.argv[1:]):
+        if mode == "stream":
+            stream_epoch(rest[0], Path(out))
+        elif mode == "knn":
+            knn(Path(out), rest[0])
+        else:
+            train(Path(out), rest)

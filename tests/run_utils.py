@@ -1,10 +1,17 @@
-"""Helpers for tests that launch real runs: a free port, overrides on top of a base set, and the logged losses."""
+"""Helpers for tests that launch real runs: a free port, overrides on top of a base set, the logged losses, and
+directories that one launch fills for several tests."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
+from filelock import FileLock
 
 
 def free_port() -> int:
@@ -24,3 +31,21 @@ def overridden(base: list, overrides: tuple[str, ...] | list[str]) -> list:
     a key given twice); arguments without `=` (a worker's mode and paths) keep their place."""
     given = {str(item).partition("=")[0]: item for item in [*base, *overrides]}
     return list(given.values())
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A directory that `build` fills once per test session, however many pytest-xdist workers ask for it: a launch
+    costs more than the tests reading its results, and xdist's own grouping (`--dist loadgroup`) is lost on pytest 9.
+    A failed build leaves no mark, so the next worker to ask builds it again and fails the same way."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        directory = tmp_path_factory.mktemp(name)
+        build(directory)
+        return directory
+    directory = tmp_path_factory.getbasetemp().parent / name  # the session's folder, above every worker's own
+    with FileLock(f"{directory}.lock"):
+        if not (directory / ".built").exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            build(directory)
+            (directory / ".built").touch()
+    return directory

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import KNN_ARGS
-from run_utils import free_port, logged_losses, overridden
+from dist_worker import JOB_SEPARATOR, KNN_ARGS
+from run_utils import built_once, free_port, logged_losses, overridden
 from shard_utils import write_shards
 
 from mae_tnt.config import DataConfig
@@ -46,26 +46,40 @@ def ranks(out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-def test_two_ranks_see_disjoint_samples_covering_the_epoch(tmp_path):
-    write_shards(tmp_path / "shards", [8] * 8)
-    launch("stream", tmp_path / "out", tmp_path / "shards")
-    first, second = ranks(tmp_path / "out")
+def chained(*jobs: list) -> list:
+    """The worker's arguments for running `jobs` one after the other in the same two ranks."""
+    return [arg for job in jobs for arg in (JOB_SEPARATOR, *job)][1:]
+
+
+@pytest.fixture(scope="module")
+def reads(tmp_path_factory):
+    """One launch for the tests that only read what each rank saw: an epoch of 8 even shards, one of uneven shards
+    and a kNN evaluation of the bundled sample."""
+    def build(root: Path) -> None:
+        write_shards(root / "even", [8] * 8)
+        write_shards(root / "uneven", [10, 10, 10, 10, 3])
+        knn = [["knn", root / "knn", BUNDLED]] if BUNDLED.exists() else []
+        launch(*chained(["stream", root / "even_out", root / "even"],
+                        ["stream", root / "uneven_out", root / "uneven"], *knn))
+
+    return built_once(tmp_path_factory, "dist_reads", build)
+
+
+def test_two_ranks_see_disjoint_samples_covering_the_epoch(reads):
+    first, second = ranks(reads / "even_out")
     assert first["world"] == second["world"] == 2
     assert not set(first["keys"]) & set(second["keys"])
     assert set(first["keys"]) | set(second["keys"]) == {f"s{i:06d}" for i in range(64)}
 
 
-def test_uneven_shards_give_equal_steps_without_hanging(tmp_path):
-    write_shards(tmp_path / "shards", [10, 10, 10, 10, 3])
-    launch("stream", tmp_path / "out", tmp_path / "shards", timeout=120)
-    first, second = ranks(tmp_path / "out")
+def test_uneven_shards_give_equal_steps_without_hanging(reads):
+    first, second = ranks(reads / "uneven_out")
     assert first["batches"] == second["batches"] == 4
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
-def test_knn_splits_the_encoding_across_ranks_and_matches_one_process(tmp_path):
-    launch("knn", tmp_path, BUNDLED)
-    first, second = ranks(tmp_path)
+def test_knn_splits_the_encoding_across_ranks_and_matches_one_process(reads):
+    first, second = ranks(reads / "knn")
     torch.manual_seed(0)  # the workers' encoder
     encoder = create_model("vit_test_patch8_32", num_classes=0)
     threads = torch.get_num_threads()
@@ -93,26 +107,39 @@ def train_args(shards, out, max_steps):
             "run.log_every=1", "run.checkpoint_every=3", f"run.max_steps={max_steps}", "data.shuffle_chunk=16"]
 
 
-@pytest.mark.timeout(600)  # three launches, each starting three Pythons: 120 s on a throttled 2-core machine
-def test_two_ranks_keep_identical_parameters_and_resume_exactly(shards, tmp_path):
-    launch(*train_args(shards, tmp_path / "full", 8))
-    first, second = ranks(tmp_path / "full" / "ranks")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three short runs in one launch: 8 steps, the same cut at 5 (for the test to resume) and 3 steps on shards
+    with corrupt samples. The ranks' stderr goes to stderr.txt."""
+    def build(root: Path) -> None:
+        write_shards(root / "shards", [32] * 8, size=20)
+        corrupt = frozenset(range(0, 256, 5))  # every fifth sample, so that every rank meets some at once
+        write_shards(root / "corrupt", [32] * 8, size=20, corrupt=corrupt)
+        stderr = launch(*chained(train_args(root / "shards", root / "full", 8),
+                                 train_args(root / "shards", root / "cut", 5),
+                                 train_args(root / "corrupt", root / "skips", 3)), timeout=480)
+        (root / "stderr.txt").write_text(stderr)
+
+    return built_once(tmp_path_factory, "dist_runs", build)
+
+
+@pytest.mark.timeout(600)  # two launches, the first of three runs: 100 s on a throttled 2-core machine
+def test_two_ranks_keep_identical_parameters_and_resume_exactly(runs):
+    first, second = ranks(runs / "full" / "ranks")
     assert first["world"] == 2 and first["steps"] == second["steps"] == 8
     assert first["params"] == second["params"]
 
-    launch(*train_args(shards, tmp_path / "cut", 5))  # last checkpoint at step 5 (every 3 + the end)
-    launch(*train_args(shards, tmp_path / "cut", 8))
-    assert logged_losses(tmp_path / "cut") == logged_losses(tmp_path / "full")
-    assert ranks(tmp_path / "cut" / "ranks")[0]["params"] == first["params"]
+    launch(*train_args(runs / "shards", runs / "cut", 8))  # resumes at step 5 (checkpoints every 3 and at the end)
+    assert logged_losses(runs / "cut") == logged_losses(runs / "full")
+    assert ranks(runs / "cut" / "ranks")[0]["params"] == first["params"]
 
 
-def test_the_logged_skip_count_sums_every_ranks_skips(tmp_path):
-    corrupt = frozenset(range(0, 256, 5))  # every fifth sample, so that every rank meets some at once
-    write_shards(tmp_path / "shards", [32] * 8, size=20, corrupt=corrupt)
-    stderr = launch(*train_args(tmp_path / "shards", tmp_path / "run", 3))
-    first, second = ranks(tmp_path / "run" / "ranks")
+@pytest.mark.timeout(600)
+def test_the_logged_skip_count_sums_every_ranks_skips(runs):
+    stderr = (runs / "stderr.txt").read_text()
+    first, second = ranks(runs / "skips" / "ranks")
     assert first["skipped"] > 0 and second["skipped"] > 0
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (runs / "skips" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["skipped_samples"] == first["skipped"] + second["skipped"]
     for rank, skipped in enumerate((first["skipped"], second["skipped"])):  # each rank names the samples it lost
         named = re.findall(rf"warning \(rank {rank} of 2\): skipped sample s\d{{6}} \(", stderr)
