@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO through accelerate, one CPU process: save, resume and accumulation match the plain loop exactly."""
+"""DeepSpeed ZeRO through accelerate, one CPU process: save, resume and accumulation match the plain loop exactly,
+and a ZeRO-3 checkpoint exports."""
 
 import os
 import subprocess
@@ -6,8 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from run_utils import free_port, logged_losses
+import torch
+from run_utils import built_once, free_port, logged_losses
+from safetensors.torch import load_file
 from shard_utils import write_shards
+
+from mae_tnt.export import export
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")  # accelerate needs it whenever DeepSpeed is on
@@ -57,15 +62,39 @@ def test_zero2_save_resume_and_accumulation_match_the_plain_loop(shards, tmp_pat
         assert [r[column] for r in zero2] == pytest.approx([r[column] for r in plain], rel=1e-6)
 
 
-@pytest.mark.parametrize("stage, precision, checkpointing", [(1, "bf16", False), (3, "fp32", True)])
-def test_zero1_bf16_and_zero3_with_grad_checkpointing_train_save_and_resume(shards, tmp_path, stage, precision,
-                                                                            checkpointing):
-    """bf16 under DeepSpeed stores the weights in bf16: inputs, reconstructions and resume must all cope. ZeRO-3
-    gathers partitioned weights as each block runs, so it runs here with the blocks recomputed in the backward."""
-    config, out = accelerate_config(tmp_path, stage), tmp_path / f"zero{stage}"
-    extra = f"run.grad_checkpointing={checkpointing}"
-    run(shards, out, 2, config, precision, extra)
+def train_then_resume(shards, out: Path, config: Path, precision: str, *extra: str) -> None:
+    """Two steps (a checkpoint, a reconstruction image) and a third one after a resume."""
+    run(shards, out, 2, config, precision, *extra)
     assert (out / "checkpoints/step_00000002/engine").is_dir() and (out / "recon/step_00000002.png").exists()
-    run(shards, out, 3, config, precision, extra)
+    run(shards, out, 3, config, precision, *extra)
     losses = [loss for _, loss, _ in logged_losses(out)]
     assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
+
+
+def test_zero1_bf16_trains_saves_and_resumes(shards, tmp_path):
+    """bf16 under DeepSpeed stores the weights in bf16: inputs, reconstructions and resume must all cope."""
+    train_then_resume(shards, tmp_path / "zero1", accelerate_config(tmp_path, 1), "bf16")
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory) -> Path:
+    """A ZeRO-3 run, its blocks recomputed in the backward, trained, saved and resumed: ZeRO-3 gathers the
+    partitioned weights as each block runs, recomputation included."""
+    def build(root: Path) -> None:
+        write_shards(root / "shards", [32] * 4, size=20)
+        config = accelerate_config(root, 3)
+        train_then_resume(root / "shards", root / "run", config, "fp32", "run.grad_checkpointing=true")
+
+    return built_once(tmp_path_factory, "zero3_run", build) / "run"
+
+
+def test_zero3_with_grad_checkpointing_trains_saves_and_resumes(zero3_run):
+    assert [step for step, _, _ in logged_losses(zero3_run)] == [1, 2, 3]
+
+
+def test_a_zero3_checkpoint_exports_its_gathered_weights(zero3_run, tmp_path):
+    checkpoint = zero3_run / "checkpoints" / "step_00000003"
+    assert (checkpoint / "engine").is_dir() and not (checkpoint / "model.safetensors").exists()
+    config = export(zero3_run, tmp_path / "out")  # the export loads its result back with no key left over
+    assert (config["kind"], config["model"], config["source"]) == ("encoder", "vit_test_patch8_32", str(checkpoint))
+    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "out" / "model.safetensors").values())
