@@ -88,10 +88,15 @@ def test_logits_and_gradients_match_timm(tiny_pair, mode):
     check_parity(*tiny_pair, images(4), mode)
 
 
+@pytest.fixture(scope="module")
+def tnt_s_pair():
+    return timm_and_ours("tnt_s_patch16_224", {})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_tnt_s_matches_timm(mode):
-    theirs, ours = timm_and_ours("tnt_s_patch16_224", {})
+def test_tnt_s_matches_timm(tnt_s_pair, mode):
+    theirs, ours = tnt_s_pair
     assert len(ours.state_dict()) == 363
     check_parity(theirs, ours, images(1, 224), mode)
 
