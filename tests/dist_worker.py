@@ -7,6 +7,7 @@ import hashlib
 import json
 import sys
 from functools import partial
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -78,14 +79,7 @@ def write(out: Path, rank: int, payload: dict) -> None:
 def jobs(args: list[str]) -> list[list[str]]:
     """`MODE OUT [ARGS...]` jobs separated by `+`: one launch runs several, since starting the ranks costs more than
     most jobs."""
-    split, current = [], []
-    for arg in args:
-        if arg == JOB_SEPARATOR:
-            split.append(current)
-            current = []
-        else:
-            current.append(arg)
-    return [*split, current]
+    return [list(job) for is_separator, job in groupby(args, lambda arg: arg == JOB_SEPARATOR) if not is_separator]
 
 
 if __name__ == "__main__":

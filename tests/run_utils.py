@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
+
+from mae_tnt.train.checkpoint import fresh_directory
 
 
 def free_port() -> int:
@@ -44,8 +45,7 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
     directory = tmp_path_factory.getbasetemp().parent / name  # the session's folder, above every worker's own
     with FileLock(f"{directory}.lock"):
         if not (directory / ".built").exists():
-            shutil.rmtree(directory, ignore_errors=True)
-            directory.mkdir()
+            fresh_directory(directory)
             build(directory)
             (directory / ".built").touch()
     return directory

@@ -77,13 +77,11 @@ def test_zero1_bf16_trains_saves_and_resumes(shards, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory) -> Path:
+def zero3_run(shards, tmp_path_factory) -> Path:
     """A ZeRO-3 run, its blocks recomputed in the backward, trained, saved and resumed: ZeRO-3 gathers the
     partitioned weights as each block runs, recomputation included."""
     def build(root: Path) -> None:
-        write_shards(root / "shards", [32] * 4, size=20)
-        config = accelerate_config(root, 3)
-        train_then_resume(root / "shards", root / "run", config, "fp32", "run.grad_checkpointing=true")
+        train_then_resume(shards, root / "run", accelerate_config(root, 3), "fp32", "run.grad_checkpointing=true")
 
     return built_once(tmp_path_factory, "zero3_run", build) / "run"
 

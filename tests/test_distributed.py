@@ -112,7 +112,7 @@ def runs(tmp_path_factory):
     """Three short runs in one launch: 8 steps, the same cut at 5 (for the test to resume) and 3 steps on shards
     with corrupt samples. The ranks' stderr goes to stderr.txt."""
     def build(root: Path) -> None:
-        write_shards(root / "shards", [32] * 8, size=20)
+        write_shards(root / "shards", [32] * 8, size=20)  # here, not `shards`: the resuming test's worker reads them
         corrupt = frozenset(range(0, 256, 5))  # every fifth sample, so that every rank meets some at once
         write_shards(root / "corrupt", [32] * 8, size=20, corrupt=corrupt)
         stderr = launch(*chained(train_args(root / "shards", root / "full", 8),

@@ -1,5 +1,5 @@
 """mae_tnt.export (tools/export.py): exports load into timm with no key errors, keep fine-tuned heads, fold probe
-heads, gather DeepSpeed ZeRO-3 checkpoints, and fail clearly on those without DeepSpeed."""
+heads, and fail clearly on DeepSpeed checkpoints without DeepSpeed (tests/test_deepspeed.py exports a ZeRO-3 one)."""
 
 import errno
 import json
@@ -16,7 +16,6 @@ import mae_tnt
 from mae_tnt.models import CheckpointError, create_model, load_weights
 from mae_tnt.train.init import attach_probe_head
 
-ROOT = Path(__file__).resolve().parents[1]
 MEAN_STD = {"mean": [0.5] * 3, "std": [0.5] * 3}
 
 
