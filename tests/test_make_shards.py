@@ -133,6 +133,12 @@ def test_colours_of_cmyk_16bit_alpha_and_palette_images(tmp_path):
     assert tuple(rgb["palette.png"][0, 0]) == (255, 255, 255) and tuple(rgb["palette.png"][0, 3]) == (0, 0, 255)
 
 
+def test_a_16_bit_grey_colour_key_is_transparent_even_where_8_bits_cannot_tell_it_apart():
+    grey = np.array([[0, 65535, 32768, 256, 128]], np.uint16)  # 0 and 128 both scale to 8-bit 0
+    rgb = np.asarray(decode_rgb(encoded(Image.fromarray(grey), "PNG", transparency=0)))
+    assert rgb[0, :, 0].tolist() == [255, 255, 128, 1, 0] and (rgb == rgb[..., :1]).all()
+
+
 def test_decode_rejects_truncated_images_and_decompression_bombs(monkeypatch):
     png = encoded(gradient(16, 16), "PNG")
     with pytest.raises(BadImageError):
@@ -342,6 +348,35 @@ def test_a_mistyped_classes_file_is_an_error_not_one_class_name(tmp_path, capsys
     assert load_info(tmp_path / "out")["classes"] == ["cat", "dog"]
 
 
+def test_a_classes_file_saved_with_a_byte_order_mark_names_its_first_class_without_it(tmp_path):
+    write_imagefolder(tmp_path / "src", ["cat", "dog"], per_class=1)
+    (tmp_path / "classes.txt").write_text("cat\ndog\n", encoding="utf-8-sig")  # as Windows Notepad saves it
+    args = [str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "0", "--classes", str(tmp_path / "classes.txt")]
+    assert make_shards_main(args) == 0
+    assert load_info(tmp_path / "out")["classes"] == ["cat", "dog"]
+
+
+def test_a_class_named_twice_is_refused_before_anything_is_written(tmp_path, capsys):
+    write_imagefolder(tmp_path / "src", ["a", "b"], per_class=1)
+    assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "out"), "--classes", "a,b,a"]) == 1
+    assert "--classes names a more than once" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_file_names_that_are_not_utf8_are_converted_and_listed(tmp_path):
+    """Names from old archives or Windows shares may be Latin-1; Python holds their bytes as lone surrogates."""
+    latin1 = os.fsdecode(b"caf\xe9")
+    (tmp_path / "src").mkdir()
+    for name in ("plain.png", f"{latin1}.png"):
+        (tmp_path / "src" / name).write_bytes(encoded(gradient(4, 4), "PNG"))
+    (tmp_path / "src" / f"{latin1}.txt").write_text("notes")
+    summary = convert(tmp_path / "src", tmp_path / "out", options())
+    assert sorted(by_source(tmp_path / "out")) == sorted(["plain.png", f"{latin1}.png"])
+    skipped = load_info(tmp_path / "out")["splits"]["train"]["skipped"]
+    assert [skip["source"] for skip in skipped] == [f"{latin1}.txt"] == [skip["source"] for skip in summary.skipped]
+    assert os.fsencode(skipped[0]["source"]) == b"caf\xe9.txt"  # the name read back is the file's
+
+
 def test_an_output_path_that_is_a_file_is_one_error_line(tmp_path, capsys):
     write_imagefolder(tmp_path / "src", ["cat"], per_class=1)
     (tmp_path / "out").write_text("notes")
@@ -426,6 +461,11 @@ def test_file_lists_with_names_ints_and_no_labels(tmp_path):
     convert(tmp_path / "ints.csv", tmp_path / "ints", options(classes=("x", "y", "z")))
     assert load_info(tmp_path / "ints")["classes"] == ["x", "y", "z"]
     assert json.loads(by_source(tmp_path / "ints")["imgs/a.png"]["json"])["label"] == "z"
+
+    (tmp_path / "comma.csv").write_text("path,label\nimgs/a.png,zebra\nimgs/a,b.png,ant\n")  # an unquoted comma
+    with pytest.raises(SourceError, match=r"comma.csv:3: more fields than the 2 header columns; put a path that "
+                                          r'holds a comma in double quotes: "a,b.jpg",label'):
+        convert(tmp_path / "comma.csv", tmp_path / "comma", options())
 
     (tmp_path / "headless.csv").write_text("imgs/a.png,zebra\n")
     with pytest.raises(SourceError, match="needs a header line whose first column is `path` .*its first line is "

@@ -207,7 +207,8 @@ def shuffled_order(num_samples: int, seed: int) -> list[int]:
 
 def _job_description(src, fmt: str, source: Source, order: list[int], options: ConvertOptions) -> dict:
     """Everything that determines the output; a resumed run must match it exactly."""
-    digest = hashlib.sha256("\n".join(source.source_id(i) for i in order).encode()).hexdigest()
+    ids = "\n".join(source.source_id(i) for i in order)
+    digest = hashlib.sha256(ids.encode("utf-8", "surrogateescape")).hexdigest()  # file names need not be UTF-8
     return {
         "source": str(Path(src).resolve()),
         "format": fmt,
@@ -361,7 +362,7 @@ def _parse_classes(value: str | None) -> tuple[str, ...] | None:
     if not path.is_file() and "," not in value and ("/" in value or path.suffix):
         raise ConversionError(f"--classes {value!r} looks like a file, but there is none; give an existing file with "
                               "one name per line, or the names separated by commas")
-    names = path.read_text(encoding="utf-8").splitlines() if path.is_file() else value.split(",")
+    names = path.read_text(encoding="utf-8-sig").splitlines() if path.is_file() else value.split(",")
     return tuple(name.strip() for name in names if name.strip())
 
 

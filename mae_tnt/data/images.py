@@ -218,10 +218,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _wide_grey_to_l(img: Image.Image) -> Image.Image:
-    """Scale 16-bit greyscale (or 32-bit "I" holding 16-bit values) to 8-bit "L" with rounding."""
+    """Scale 16-bit greyscale (or 32-bit "I" holding 16-bit values) to 8-bit "L" with rounding, or to "LA" when a
+    colour key marks the transparent value (read before scaling: several 16-bit values share one 8-bit value)."""
     wide = np.asarray(img).astype(np.int64)  # [H, W], uint16 (any byte order) or int32
-    scaled = (np.clip(wide, 0, 65535) * 255 + 32767) // 65535
-    return Image.fromarray(scaled.astype(np.uint8))  # [H, W] uint8 -> mode "L"
+    scaled = Image.fromarray(((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))  # mode "L"
+    if "transparency" not in img.info:
+        return scaled
+    opaque = Image.fromarray(np.where(wide == img.info["transparency"], 0, 255).astype(np.uint8))  # [H, W] alpha
+    return Image.merge("LA", (scaled, opaque))
 
 
 def _composite_over_white(rgba: Image.Image) -> Image.Image:

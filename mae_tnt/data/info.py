@@ -200,13 +200,19 @@ def unfinished_journals(root: str | os.PathLike) -> list[Path]:
     return sorted(Path(root).glob(f"{JOURNAL_PREFIX}*.json"))
 
 
+def json_bytes(obj: object, indent: int | None = None) -> bytes:
+    """``obj`` as UTF-8 JSON. A file name that is not valid UTF-8 reaches Python holding lone surrogates, which UTF-8
+    cannot encode; each becomes the JSON escape ``\\udcXX``, which `json.loads` reads back to the same name (and
+    `os.fsencode` to the file's bytes)."""
+    return json.dumps(obj, indent=indent, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
 def write_json_atomic(path: Path, obj: object) -> None:
     """Write ``obj`` as JSON via a ``.tmp`` file and ``os.replace``, so readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    with open(tmp, "wb") as f:
+        f.write(json_bytes(obj, indent=2) + b"\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

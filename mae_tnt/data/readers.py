@@ -127,7 +127,7 @@ def open_source(
     """
     src = Path(src)
     fmt = detect_format(src) if fmt == "auto" else fmt
-    classes = None if classes is None else list(classes)
+    classes = None if classes is None else _distinct_classes(list(classes))
     if fmt == "imagefolder":
         return read_imagefolder(src, classes)
     if fmt == "folder":
@@ -141,6 +141,13 @@ def open_source(
         _reject_classes(classes, fmt)
         return read_cifar(src, split)
     raise SourceError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def _distinct_classes(classes: list[str]) -> list[str]:
+    """`classes` when no name repeats: a repeated one would leave a label id that no sample carries."""
+    if repeated := sorted({name for name in classes if classes.count(name) > 1}):
+        raise SourceError(f"--classes names {', '.join(repeated)} more than once; give each class once, in label order")
+    return classes
 
 
 def _reject_classes(classes: list[str] | None, fmt: str) -> None:
@@ -407,6 +414,9 @@ def _parse_csv(text: str, list_file: Path) -> list[tuple[int, str, str | None]]:
     rows = []
     for row in reader:
         number = lines[reader.line_num - 1][0]  # the file's line: blank lines never reach the reader
+        if None in row:  # the fields beyond the header's columns
+            raise SourceError(f"{list_file}:{number}: more fields than the {len(reader.fieldnames)} header columns; "
+                              'put a path that holds a comma in double quotes: "a,b.jpg",label')
         path = (row.get("path") or "").strip()
         label = (row.get("label") or "").strip() if has_label else None
         if not path or label == "":

@@ -18,7 +18,7 @@ import tarfile
 from pathlib import Path
 
 from mae_tnt.data.encode import EncodedImage
-from mae_tnt.data.info import ShardError, count_tar_samples, journal_path, remove_split, write_json_atomic
+from mae_tnt.data.info import ShardError, count_tar_samples, journal_path, json_bytes, remove_split, write_json_atomic
 
 
 class ConversionError(ValueError):
@@ -147,7 +147,7 @@ def shard_members(key: str, image: EncodedImage, classes: list[str]) -> dict[str
     if image.label is not None:
         meta["label"] = classes[image.label]
         members[f"{key}.cls"] = str(image.label).encode("ascii")
-    members[f"{key}.json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    members[f"{key}.json"] = json_bytes(meta)
     return members
 
 
