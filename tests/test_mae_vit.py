@@ -300,3 +300,16 @@ def test_reconstructing_gives_the_model_back_its_training_mode_even_when_it_fail
         assert not model.training and not model.decoder_blocks[0].training
         raise ZeroDivisionError
     assert model.training and model.decoder_blocks[0].training
+
+
+def test_position_tables_are_resampled_as_in_mae_fine_tuning():
+    """MAE's `interpolate_pos_embed`: the prefix token row kept, the grid bicubic without antialiasing."""
+    torch.manual_seed(0)
+    small = mae_tnt.create_model("vit_test_patch8_32")
+    small.pos_embed.data.normal_()  # a learned-looking table, so that the kernel shows
+    big = mae_tnt.create_model("vit_test_patch8_32", img_size=56)
+    mae_tnt.load_weights(big, small.state_dict())
+    grid = small.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)  # [1, 16, D] -> [1, D, 4, 4]
+    resized = torch.nn.functional.interpolate(grid, size=(7, 7), mode="bicubic", align_corners=False)
+    expected = torch.cat([small.pos_embed[:, :1], resized.flatten(2).transpose(1, 2)], dim=1)  # [1, 1 + 49, D]
+    torch.testing.assert_close(big.pos_embed, expected, rtol=0, atol=1e-6)

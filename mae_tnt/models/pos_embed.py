@@ -44,10 +44,12 @@ def is_other_grid(pos: torch.Tensor, own: torch.Tensor, grid_dims: tuple[int, ..
 
 def resample_token_table(state_dict: dict[str, torch.Tensor], key: str, own: torch.Tensor, grid: int,
                          num_prefix_tokens: int) -> dict[str, torch.Tensor]:
-    """`state_dict` with its [1, P + H*W, D] table `key` resampled (bicubic, timm's `resample_abs_pos_embed`, as in
-    MAE) to `grid` x `grid` when it has `own`'s layout for another grid; otherwise `state_dict` itself."""
+    """`state_dict` with its [1, P + H*W, D] table `key` resampled to `grid` x `grid` when it has `own`'s layout for
+    another grid; otherwise `state_dict` itself. Bicubic without antialiasing, as MAE's `interpolate_pos_embed`
+    (timm's default antialiasing uses another cubic kernel, even when upsampling)."""
     pos = state_dict.get(key)
     if pos is None or not is_other_grid(pos, own, grid_dims=(1,)):
         return state_dict
-    resampled = resample_abs_pos_embed(pos, new_size=(grid, grid), num_prefix_tokens=num_prefix_tokens)
+    resampled = resample_abs_pos_embed(pos, new_size=(grid, grid), num_prefix_tokens=num_prefix_tokens,
+                                       antialias=False)
     return {**state_dict, key: resampled}
