@@ -438,6 +438,29 @@ def test_a_training_checkpoint_builds_its_model_as_trained_unless_told_otherwise
     assert create_model("mae_vit_test", checkpoint_path=tmp_path / "mae").grid == 6  # 48 px of 8-px patches
 
 
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_compiled_runs_write_the_models_own_keys_which_fine_tuning_and_export_read(tmp_path, one_thread, monkeypatch,
+                                                                                  export_tool):
+    """torch.compile wraps the model in an OptimizedModule whose keys carry `_orig_mod.`; no file may keep them.
+    Dynamo is switched off so the wrapper stays but nothing compiles."""
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    Trainer(load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_vit.yaml", [
+        f"run.output_dir={tmp_path / 'mae'}", "run.max_steps=1", "data.num_workers=0", "eval.knn_every=0",
+        "run.compile=true"])).train()
+    fine_tune = [f"init={tmp_path / 'mae'}", "run.compile=true", "optim.ema_decay=0.9", "run.checkpoint_every=1"]
+    run = FinetuneRun(demo_config(tmp_path / "ft", *fine_tune, "run.max_steps=2"))
+    assert type(run.model).__name__ == "OptimizedModule"
+    run.train()
+    step = tmp_path / "ft" / "checkpoints" / "step_00000002"
+    own = set(create_model("vit_test_patch8_32", num_classes=10, global_pool="avg").state_dict())
+    for file in (tmp_path / "mae" / "checkpoints" / "step_00000001" / "model.safetensors",
+                 step / "model.safetensors", step / "ema.safetensors", tmp_path / "ft" / "best" / "model.safetensors"):
+        assert not any(key.startswith("_orig_mod.") for key in load_file(file)), file
+    assert set(load_file(step / "model.safetensors")) == own
+    assert export_tool.export(tmp_path / "ft", tmp_path / "export")["num_classes"] == 10
+    assert FinetuneRun(demo_config(tmp_path / "ft", *fine_tune, "run.max_steps=3")).train()["steps"] == 3  # resumes
+
+
 def test_resume_refuses_a_pretraining_checkpoint_pointing_to_init_and_a_run_of_another_mode(tmp_path, one_thread):
     write_mae_checkpoint(tmp_path / "mae")
     torch.save({}, tmp_path / "mae" / "optimizer.pt")

@@ -297,6 +297,23 @@ def test_pretraining_streams_allowed_pipe_urls(shards, tmp_path):
     assert trainer.train()["steps"] == 2 and (tmp_path / "recon" / "step_00000002.png").exists()
 
 
+@pytest.mark.parametrize("zero3", [False, True])
+def test_under_zero3_every_rank_runs_the_reconstruction_forward_and_only_the_main_one_writes(shards, tmp_path,
+                                                                                             monkeypatch, zero3):
+    """ZeRO-3 gathers the split weights inside each forward: a forward the main process ran alone would wait for the
+    other ranks forever. Here the trainer plays rank 1 of such a run."""
+    import mae_tnt.train.engine as engine
+
+    trainer = Trainer(config(shards, tmp_path, "run.max_steps=1"))
+    monkeypatch.setattr(engine, "splits_weights", lambda accelerator: zero3)
+    forwards = []
+    trainer.model.register_forward_hook(lambda *_: forwards.append(trainer.step))
+    for trainer.is_main in (False, True):
+        trainer.reconstructions()
+    assert forwards == [0, 0] if zero3 else [0]
+    assert [p.name for p in (tmp_path / "recon").iterdir()] == ["step_00000000.png"]
+
+
 def test_unreadable_val_shards_fail_before_any_work_with_one_error_line(shards, tmp_path):
     out = tmp_path / "never"
     result = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), str(ROOT / "recipes/demo_mae_vit.yaml"),

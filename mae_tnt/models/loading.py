@@ -131,7 +131,7 @@ def read_state_dict(path: str | Path, pickle_advice: str = CONVERT_ADVICE) -> di
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         try:
-            return load_file(str(path))
+            return without_wrapper_prefixes(load_file(str(path)))
         except Exception as err:  # noqa: BLE001 - any decoding failure means an unusable file
             raise CheckpointError(f"cannot read {path}: not a complete safetensors file ({err}); write or download "
                                   "it again") from err
@@ -157,15 +157,20 @@ def unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
         obj = inner
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    return {_strip_module(key): value for key, value in obj.items()}
+    return without_wrapper_prefixes(obj)
 
 
 def _is_state_dict(obj: dict) -> bool:
     return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _strip_module(key: str) -> str:
-    """DDP and torch.compile wrappers add prefixes that carry no meaning for the weights."""
+def without_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` without the key prefixes of DDP (`module.`) and torch.compile (`_orig_mod.`), which carry no
+    meaning for the weights."""
+    return {_strip_wrappers(key): value for key, value in state_dict.items()}
+
+
+def _strip_wrappers(key: str) -> str:
     for prefix in ("module.", "_orig_mod."):
         key = key.removeprefix(prefix)
     return key

@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 
 from ..data.info import write_json_atomic
 from ..data.stream import StreamState
-from ..models.loading import STATE_FILE, CheckpointError, resolve_checkpoint, save_weights
+from ..models.loading import STATE_FILE, CheckpointError, read_state_dict, resolve_checkpoint, save_weights
 from ..text import counted
 from .metrics import row_step
 from .run_lock import LOCK_NAME
@@ -66,6 +66,16 @@ class Checkpoint:
     state: dict
 
 
+def bare_model(accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside its DDP or DeepSpeed wrapper and torch.compile's, whose state-dict keys are the model's own.
+
+    `torch.compile` runs before `accelerator.prepare`, so accelerate unwraps DDP(OptimizedModule(model)) down to the
+    OptimizedModule only, whose keys carry `_orig_mod.`, whatever its `keep_torch_compile`.
+    """
+    model = accelerator.unwrap_model(model)
+    return getattr(model, "_orig_mod", model)
+
+
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
@@ -91,8 +101,7 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
         if uses_deepspeed(accelerator):
             accelerator.save_state(str(tmp / "engine"))
         elif accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            save_weights(unwrapped.state_dict(), tmp / "model.safetensors")
+            save_weights(bare_model(accelerator, model).state_dict(), tmp / "model.safetensors")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             if accelerator.scaler is not None:
                 torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
@@ -195,6 +204,12 @@ def check_engine_pickles(engine_dir: Path) -> None:
 
 def uses_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type.name == "DEEPSPEED"
+
+
+def splits_weights(accelerator) -> bool:
+    """ZeRO-3 splits the weights across ranks and every forward gathers them: a forward that one rank runs alone
+    waits for the others forever."""
+    return uses_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
 
 
 def find_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -535,7 +550,7 @@ def _load_training_state(accelerator, model, optimizer, checkpoint: Checkpoint, 
             accelerator.load_state(str(path / "engine"))
     else:
         try:
-            accelerator.unwrap_model(model).load_state_dict(load_file(path / "model.safetensors"))
+            bare_model(accelerator, model).load_state_dict(read_state_dict(path / "model.safetensors"))
         except RuntimeError as err:  # another img_size, head, pooling, decoder ... under the same model name
             changes = _model_changes(checkpoint.state.get("config", {}), config)
             first_misfit = str(err).splitlines()[1:2] or [str(err)]  # the line after torch's "Error(s) in loading"

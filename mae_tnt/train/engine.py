@@ -26,7 +26,7 @@ from ..data.loader import build_train_stream, data_shards, first_images, mae_tra
 from ..data.shards import ShardError
 from ..models import create_model
 from ..text import counted
-from .checkpoint import Checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import Checkpoint, bare_model, resolve_resume, save_checkpoint, splits_weights
 from .knn import knn_accuracy_on_shards, require_labeled_shards, topk_text
 from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, main_process_lines, step_progress
@@ -246,16 +246,17 @@ class Trainer(TrainingRun):
         return path
 
     def reconstructions(self) -> None:
-        if not self.is_main:
+        """The main process writes the grid; under ZeRO-3 every rank runs its forward, which gathers the weights."""
+        if not (self.is_main or splits_weights(self.acc)):
             return
         if not hasattr(self, "_recon_images"):
             shards = data_shards(self.cfg.data, "val" if self.cfg.data.val else "train", verify=False)
             self._recon_images = first_images(shards, RECON_IMAGES, self.cfg.model.img_size)
-        model = self.acc.unwrap_model(self.model)
+        model = bare_model(self.acc, self.model)
+        path = self.out / "recon" / f"step_{self.step:08d}.png" if self.is_main else None
         with self.acc.autocast():
             write_reconstructions(model, self._recon_images.to(self.acc.device), self.cfg.data.mean,
-                                  self.cfg.data.std, self.out / "recon" / f"step_{self.step:08d}.png",
-                                  f"step {self.step}", self.cfg.seed)
+                                  self.cfg.data.std, path, f"step {self.step}", self.cfg.seed)
 
     def train(self) -> dict:
         """Run until the stop step; returns a summary with the first and last logged losses."""
@@ -330,7 +331,7 @@ class Trainer(TrainingRun):
 
     def knn_eval(self) -> dict:
         """Online kNN accuracy of the encoder, each rank encoding its share (ZeRO-3's collective forwards line up)."""
-        encoder, cfg = self.acc.unwrap_model(self.model).encoder, self.cfg
+        encoder, cfg = bare_model(self.acc, self.model).encoder, self.cfg
         with self.acc.autocast():
             accuracy = knn_accuracy_on_shards(
                 encoder, cfg.data, img_size=cfg.model.img_size, batch_size=cfg.data.batch_size, k=cfg.eval.knn_k,

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from timm.layers import set_fused_attn
 from timm.optim import Lars
 from timm.utils import ModelEmaV3
@@ -34,10 +33,11 @@ from ..data.shards import StreamError, info_directory, labeled_classes
 from ..data.transforms import normalize
 from ..finetune_config import FinetuneConfig
 from ..models import create_model
-from ..models.loading import STATE_FILE, save_weights
+from ..models.loading import STATE_FILE, read_state_dict, save_weights, without_wrapper_prefixes
 from ..text import counted
 from .augment import BatchAugment, FinetuneTransform, build_criterion, seeded_global_rngs
 from .checkpoint import (
+    bare_model,
     fresh_directory,
     replace_dir,
     resolve_resume,
@@ -203,7 +203,7 @@ class FinetuneRun(TrainingRun):
         optimizer = build_optimizer(model, cfg, self.plan.peak_lr)
         self.input_dtype = configure_deepspeed(self.acc, cfg)  # DeepSpeed's half modes need half inputs
         self.model, self.optimizer = self.acc.prepare(torch.compile(model) if cfg.run.compile else model, optimizer)
-        self.unwrapped = self.acc.unwrap_model(self.model)
+        self.unwrapped = bare_model(self.acc, self.model)
         self.ema = self._build_ema()
         self.criterion = build_criterion(cfg.augment)
         self.augment = BatchAugment(cfg.augment, self.num_classes, self.device)
@@ -240,7 +240,7 @@ class FinetuneRun(TrainingRun):
         self.best = checkpoint.state.get("best", self.best)
         if self.ema is not None:
             if (checkpoint.path / EMA_FILE).exists():
-                self.ema.module.load_state_dict(load_file(checkpoint.path / EMA_FILE))
+                self.ema.module.load_state_dict(read_state_dict(checkpoint.path / EMA_FILE))
             else:
                 self.log(f"warning: {checkpoint.path} holds no {EMA_FILE}; the EMA restarts from the weights")
                 self.ema = self._build_ema()
@@ -340,7 +340,8 @@ class FinetuneRun(TrainingRun):
             candidates.append(("ema", metrics["ema_val_acc1"]))
         source, acc1 = max(candidates, key=lambda c: c[1])
         if acc1 > self.best.get("val_acc1", -math.inf):
-            state_dict = self.acc.get_state_dict(self.model) if source == "model" else self.ema.module.state_dict()
+            weights = self.acc.get_state_dict(self.model) if source == "model" else self.ema.module.state_dict()
+            state_dict = without_wrapper_prefixes(weights)  # get_state_dict keeps torch.compile's
             self.best = {"val_acc1": acc1, "step": self.step, "epoch": metrics["epoch"], "weights": source}
             if self.is_main:
                 self._write_best(state_dict)

@@ -55,9 +55,10 @@ def save_grid(rows: dict[str, torch.Tensor], mean: list[float], std: list[float]
     canvas.save(path)
 
 
-def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Path, label: str, seed: int) -> float:
-    """Reconstruct a fixed batch with a fixed mask and save the grid, titled by `label` (e.g. "step 100"); returns
-    the batch loss."""
+def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Path | None, label: str,
+                          seed: int) -> float:
+    """Reconstruct a fixed batch with a fixed mask and save the grid to `path` (None: no grid, only the forward),
+    titled by `label` (e.g. "step 100"); returns the batch loss."""
     # DeepSpeed's bf16/fp16 modes keep the weights in half precision: inputs must match them
     images = normalize(images_uint8, mean, std).to(next(model.parameters()).dtype)
     generator = torch.Generator().manual_seed(seed)
@@ -67,5 +68,6 @@ def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Pa
     note = " (norm-pix: un-normalised with the true patch statistics, display only)" if model.norm_pix_loss else ""
     loss = rows["loss"].item()
     shown = f"{loss:.4f}" if model.mask_ratio > 0 else "n/a (nothing hidden)"
-    save_grid(rows, mean, std, path, f"{label}, loss {shown}{note}")
+    if path is not None:
+        save_grid(rows, mean, std, path, f"{label}, loss {shown}{note}")
     return loss
