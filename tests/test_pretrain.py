@@ -24,7 +24,7 @@ from mae_tnt.cli import report_user_errors
 from mae_tnt.config import ConfigError, PretrainConfig, load_config
 from mae_tnt.data.shards import ShardError, read_samples
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
-from mae_tnt.train.engine import Trainer, auto_precision
+from mae_tnt.train.engine import Trainer, auto_precision, derive_plan
 from mae_tnt.train.loop import NonFiniteLossError, TrainingRun
 from mae_tnt.visualize import main as visualize_main
 
@@ -70,14 +70,22 @@ def test_run_writes_the_run_directory_and_lowers_the_loss(shards, tmp_path):
     assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE((tmp_path / "config.yaml").stat().st_mode)
 
 
-def test_the_knn_monitor_also_runs_at_the_last_step_of_a_schedule_that_ends_inside_a_period():
-    def due_steps(steps_per_epoch, total_steps):
-        run = SimpleNamespace(cfg=SimpleNamespace(eval=SimpleNamespace(knn_every=1), data=SimpleNamespace(val="v")),
+def test_the_knn_monitor_runs_at_each_periods_end_and_at_the_last_step_of_a_schedule_that_ends_inside_one():
+    def due_steps(steps_per_epoch, total_steps, every=1):
+        run = SimpleNamespace(cfg=SimpleNamespace(eval=SimpleNamespace(knn_every=every), data=SimpleNamespace(val="v")),
                               plan=SimpleNamespace(steps_per_epoch=steps_per_epoch, total_steps=total_steps))
         return [step for step in range(1, total_steps + 1) if Trainer._knn_due(SimpleNamespace(**vars(run), step=step))]
 
     assert due_steps(7.75, 23) == [8, 16, 23]  # 3 epochs of 31 batches, accumulated 4 at a time: 23.25 cut to 23
     assert due_steps(8, 24) == [8, 16, 24]  # whole epochs: no extra evaluation
+    assert due_steps(51, 60, every=0.2) == [11, 21, 31, 41, 51, 60]  # 51 / (51 x 0.2) = 4.999999999999999 in floats
+
+
+def test_the_schedule_counts_the_steps_its_epochs_stand_for():
+    cfg = load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_vit.yaml", ["schedule.epochs=0.29",
+                                                                              "schedule.warmup_epochs=0.07"])
+    plan = derive_plan(cfg, num_processes=1, batches_per_epoch=100)  # 0.29 x 100 = 28.999999999999996 in floats
+    assert (plan.total_steps, plan.warmup_steps) == (29, 7)
 
 
 def test_img_per_s_leaves_out_the_time_spent_saving_checkpoints(shards, tmp_path, monkeypatch):

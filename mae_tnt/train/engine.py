@@ -9,6 +9,7 @@ References: facebookresearch/mae `engine_pretrain.train_one_epoch`; accelerate `
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -53,14 +54,20 @@ class Plan:
 def derive_plan(cfg: PretrainConfig, num_processes: int, batches_per_epoch: int) -> Plan:
     effective = cfg.data.batch_size * cfg.optim.accum_steps * num_processes
     steps_per_epoch = batches_per_epoch / cfg.optim.accum_steps
-    total = max(1, int(cfg.schedule.epochs * steps_per_epoch))
+    total = max(1, whole(cfg.schedule.epochs * steps_per_epoch))
     stop = min(total, cfg.run.max_steps) if cfg.run.max_steps else total
     peak_lr = cfg.optim.base_lr * effective / 256
     if cfg.optim.min_lr > peak_lr:  # the cosine would raise the LR after warmup
         raise ConfigError(f"optim.min_lr={cfg.optim.min_lr:g} is above the peak LR {peak_lr:.3g} (optim.base_lr x "
                           f"effective batch {effective} / 256): the LR would rise after warmup; lower optim.min_lr")
     return Plan(effective, peak_lr, batches_per_epoch, steps_per_epoch, total,
-                int(cfg.schedule.warmup_epochs * steps_per_epoch), stop)
+                whole(cfg.schedule.warmup_epochs * steps_per_epoch), stop)
+
+
+def whole(count: float) -> int:
+    """The whole part of a count of steps or periods, computed in floats: 0.29 epochs x 100 steps gives
+    28.999999999999996, which stands for 29."""
+    return math.floor(round(count, 9))
 
 
 def seed_step(seed: int, rank: int, micro_step: int) -> None:
@@ -327,7 +334,7 @@ class Trainer(TrainingRun):
         if not every or self.cfg.data.val is None:
             return False
         period = self.plan.steps_per_epoch * every
-        return int(self.step / period) > int((self.step - 1) / period) or self.step == self.plan.total_steps
+        return whole(self.step / period) > whole((self.step - 1) / period) or self.step == self.plan.total_steps
 
     def knn_eval(self) -> dict:
         """Online kNN accuracy of the encoder, each rank encoding its share (ZeRO-3's collective forwards line up)."""
