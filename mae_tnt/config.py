@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 """PIL's own decompression-bomb limit (the size where it raises rather than warns); make_shards uses it too."""
 
 MISSING_VALUE = "???"
+DECIMAL_INTEGER = re.compile(r"[-+]?(0|[1-9][0-9_]*)")  # YAML 1.1 also reads 010 as octal 8 and 0x10 as 16
 
 
 class ConfigError(ValueError):
@@ -377,9 +379,7 @@ def apply_override(cls: type, raw: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.base_lr=1e-4)")
     parts = key.split(".")
     leaf = _check_key_exists(cls, parts, source="command line")
-    value = _parse_yaml(text, f"override {item!r}") if text else None
-    if value is not None and not isinstance(value, str) and str in (leaf, *typing.get_args(leaf)):
-        value = text  # a text key keeps what was typed: run.output_dir=no or =2024 is a name, not a bool or a number
+    value = _override_value(key, text, leaf)
     if not dataclasses.is_dataclass(leaf):  # a wrong type is the command line's fault, not the recipe's
         value = _check_type(value, leaf, key, source="command line")
     node = raw
@@ -389,6 +389,22 @@ def apply_override(cls: type, raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"command line: cannot set {key!r}: {part!r} is not a section")
     section = node.get(parts[-1])
     node[parts[-1]] = _merged(section, value) if isinstance(section, dict) and isinstance(value, dict) else value
+
+
+def _override_value(key: str, text: str, leaf: Any) -> Any:
+    """The value an override's text gives the key `key` of type `leaf`."""
+    value = _parse_yaml(text, f"override {key + '=' + text!r}") if text else None
+    allowed = (leaf, *typing.get_args(leaf))
+    if str in allowed:
+        if type(None) in allowed and text in ("None", "none"):
+            return None  # a Python user's null: no path or name is spelled so
+        return value if value is None or isinstance(value, str) else text  # run.output_dir=2024 is a name
+    if isinstance(value, int) and not isinstance(value, bool) and not DECIMAL_INTEGER.fullmatch(text.strip()):
+        raise ConfigError(f"command line: write {key} as a decimal number, not {text!r} (which YAML reads as {value})")
+    if dataclasses.is_dataclass(leaf) and not isinstance(value, dict):
+        raise ConfigError(f"command line: {key} is a section, not a value: set its keys one by one (e.g. "
+                          f"{key}.{dataclasses.fields(leaf)[0].name}=...), or give a mapping ({key}={{...}})")
+    return value
 
 
 def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -128,6 +128,8 @@ def test_overrides_are_typed_and_applied(tmp_path):
     assert cfg.optim.betas == [0.8, 0.9]
     cfg = load_config(PretrainConfig, path, ["run.output_dir=no", "data.val=2024", "run.resume=none", "data.info=null"])
     assert (cfg.run.output_dir, cfg.data.val, cfg.run.resume, cfg.data.info) == ("no", "2024", "none", None)
+    cfg = load_config(PretrainConfig, path, ["data.val=None", "data.info=none", "data.batch_size=1_024"])
+    assert (cfg.data.val, cfg.data.info, cfg.data.batch_size) == (None, None, 1024)  # Python's null spelling
 
 
 def test_a_section_override_merges_into_the_recipes_section(tmp_path):
@@ -144,6 +146,11 @@ def test_a_section_override_merges_into_the_recipes_section(tmp_path):
     ("optim.betas=0.9,0.95", r"`optim.betas` must be a list, got '0.9,0.95'; write it in brackets, e.g. "
                              r"optim.betas=\[0.9,0.95\]"),
     ("data.batch_size=true", "data.batch_size` must be int"),
+    ("data.batch_size=010", r"^command line: write data.batch_size as a decimal number, not '010' \(which YAML "
+                            r"reads as 8\)$"),
+    ("seed=0x10", r"write seed as a decimal number, not '0x10' \(which YAML reads as 16\)"),
+    ("optim=null", r"^command line: optim is a section, not a value: set its keys one by one \(e.g. "
+                   r"optim.base_lr=...\), or give a mapping \(optim=\{...\}\)$"),
     ("model.mask_ratio=1.5", "mask_ratio must be in"),
     ("run.precision=fp8", "run.precision"),
     ("data.mean=[0.5]", "one value per RGB channel"),

@@ -211,15 +211,19 @@ def test_a_truncated_val_shard_is_warned_about_by_pretraining_and_by_visualize(s
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_with_identical_losses_and_lrs(shards, tmp_path, workers):
     """Killed mid-epoch after its step-12 checkpoint (epoch = 16 steps, log rows every 5), the resumed run logs the
-    uninterrupted one's rows exactly, the row of steps 11-15 included."""
+    uninterrupted one's rows exactly, the row of steps 11-15 included. So does a run stopped by run.max_steps=14 and
+    continued from its last checkpoint, which adds a row at its stop."""
     extra = (f"data.num_workers={workers}", "run.log_every=5")
     Trainer(config(shards, tmp_path / "full", *extra, "run.max_steps=20")).train()
-    Trainer(config(shards, tmp_path / "cut", *extra, "run.max_steps=14")).train()
+    for run in ("cut", "continued"):
+        Trainer(config(shards, tmp_path / run, *extra, "run.max_steps=14")).train()
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_00000014")  # as if killed before saving it
-    Trainer(config(shards, tmp_path / "cut", *extra, "run.max_steps=20")).train()
-    full, cut = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
-    assert [r["step"] for r in cut] == [5, 10, 15, 20]
+    for run in ("cut", "continued"):
+        Trainer(config(shards, tmp_path / run, *extra, "run.max_steps=20")).train()
+    full, cut, continued = (metrics(tmp_path / run) for run in ("full", "cut", "continued"))
+    assert [r["step"] for r in cut] == [5, 10, 15, 20] and [r["step"] for r in continued] == [5, 10, 14, 15, 20]
     assert [(r["loss"], r["lr"]) for r in cut] == [(r["loss"], r["lr"]) for r in full]
+    assert [(r["loss"], r["lr"]) for r in continued if r["step"] != 14] == [(r["loss"], r["lr"]) for r in full]
 
 
 def test_unknown_key_fails_before_any_work(tmp_path):

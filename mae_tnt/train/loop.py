@@ -101,9 +101,11 @@ def _waited_for(iterator: Iterator, window: Window) -> Iterator:
         yield batch
 
 
-def close_window(accelerator, window: Window, bar, step: int, epoch: float, lr: float, skipped: int) -> dict:
+def close_window(accelerator, window: Window, bar, step: int, epoch: float, lr: float, skipped: int,
+                 keep_loss: bool = False) -> dict:
     """The log line of a window (mean loss over all ranks, lr, img/s, data-wait fraction, and the running total of
-    samples skipped as unreadable, summed over the ranks' own totals `skipped`); shows it and resets."""
+    samples skipped as unreadable, summed over the ranks' own totals `skipped`); shows it and resets, the loss sums
+    excepted with `keep_loss`."""
     # One all-reduce and one device sync for the three sums (the skip count is exact in float32 below 2**24).
     totals = torch.stack([window.loss_sum, window.count, window.loss_sum.new_tensor(skipped)])  # [3]
     loss_sum, count, all_skipped = accelerator.reduce(totals, "sum").tolist()
@@ -113,7 +115,10 @@ def close_window(accelerator, window: Window, bar, step: int, epoch: float, lr: 
                "img_per_s": window.images * accelerator.num_processes / elapsed,
                "data_wait": window.data_time / elapsed, "skipped_samples": int(all_skipped)}
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{metrics['img_per_s']:.0f}")
-    window.reset()
+    if keep_loss:
+        window.restart_clock()
+    else:
+        window.reset()
     return metrics
 
 
@@ -175,10 +180,14 @@ class TrainingRun:
         return self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step
 
     def close_log_window(self, bar) -> dict:
-        """The metrics row of the window that this optimizer step closes, once every rank's losses are finite."""
+        """The metrics row of the window that this optimizer step closes, once every rank's losses are finite.
+
+        A row that the stop step adds between log steps leaves the loss sums open: the last checkpoint keeps them,
+        so a run continued from it (a higher run.max_steps) logs the rows of a run that never stopped.
+        """
         raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
         return close_window(self.acc, self.window, bar, self.step, self.epoch, self.lr(self.step - 1),
-                            self.stream.state.skipped)
+                            self.stream.state.skipped, keep_loss=self.step % self.cfg.run.log_every != 0)
 
     def epoch_done(self) -> bool:
         return self.stream.state.batches >= self.stream.batches_per_epoch()
