@@ -253,14 +253,16 @@ def test_input_other_than_float_rgb_batches_is_refused_saying_what_to_pass(name,
 
 @pytest.mark.parametrize("name", ["mae_vit_test", "mae_tnt_test", "mae_sret_test"])
 def test_an_mae_checkpoint_loads_at_another_image_size(tmp_path, name):
-    """The encoder's position table is resampled; the decoder's fixed sin-cos table is rebuilt for the new grid."""
+    """Learned position tables are resampled; fixed sin-cos ones (the decoder's, ViT's encoder's) are rebuilt."""
     torch.manual_seed(0)
     trained = mae_tnt.create_model(name)
     save_weights(trained.state_dict(), tmp_path / "model.safetensors")
     size = 2 * trained.grid * trained.unit
     loaded = mae_tnt.create_model(name, checkpoint_path=tmp_path / "model.safetensors", img_size=size)
     fresh = mae_tnt.create_model(name, img_size=size)
-    assert torch.equal(loaded.decoder_pos_embed, fresh.decoder_pos_embed)
+    fixed = [name for name, p in fresh.named_parameters() if not p.requires_grad]
+    assert "decoder_pos_embed" in fixed and ("encoder.pos_embed" in fixed) == (name == "mae_vit_test")
+    assert all(torch.equal(loaded.get_parameter(name), fresh.get_parameter(name)) for name in fixed)
     assert torch.equal(loaded.decoder_pred.weight, trained.decoder_pred.weight)
     assert loaded(torch.randn(2, 3, size, size))[0].isfinite()
 

@@ -192,12 +192,18 @@ class MaskedAutoencoder(nn.Module):
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Accept our layout or a flat official-MAE one (encoder keys without the `encoder.` prefix)."""
         encoder_sd, wrapper_sd = split_mae_state_dict(state_dict)
-        if hasattr(self.encoder, "adapt_state_dict"):
+        encoder_sd, wrapper_sd = rebuilt_fixed_tables(self.encoder, encoder_sd), rebuilt_fixed_tables(self, wrapper_sd)
+        if hasattr(self.encoder, "adapt_state_dict"):  # resamples the learned position tables
             encoder_sd = self.encoder.adapt_state_dict(encoder_sd)
-        table = wrapper_sd.get("decoder_pos_embed")
-        if table is not None and table.shape != self.decoder_pos_embed.shape:  # another image size
-            wrapper_sd["decoder_pos_embed"] = self.decoder_pos_embed.detach().clone()  # fixed sin-cos: rebuilt
         return {**{f"encoder.{k}": v for k, v in encoder_sd.items()}, **wrapper_sd}
+
+
+def rebuilt_fixed_tables(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` with `module`'s own values for its frozen tensors of another shape: those are the fixed sin-cos
+    position tables, which `module` built exactly for its own grid, where resampling would only approximate them."""
+    frozen = {name: p for name, p in module.named_parameters() if not p.requires_grad}
+    return {key: frozen[key].detach().clone() if key in frozen and value.shape != frozen[key].shape else value
+            for key, value in state_dict.items()}
 
 
 MAE_KWARGS = (
