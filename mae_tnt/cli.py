@@ -7,7 +7,7 @@ import sys
 import textwrap
 import warnings
 from collections.abc import Callable
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 
 from .config import ConfigError, PretrainConfig, UnknownKeyError, all_keys, load_config
@@ -77,6 +77,23 @@ PREEMPTED_EXIT = 128 + 15
 INTERRUPTED_EXIT = 128 + 2  # likewise for Ctrl-C (SIGINT)
 
 
+def quiet_on_ctrl_c(main: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+    """`main`, ending with one line instead of a traceback on Ctrl-C, which may come at any time: while torch is
+    imported as well as between steps."""
+
+    @wraps(main)
+    def main_without_traceback(argv: list[str]) -> int:
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            if is_local_main_process():  # Ctrl-C reaches every process of the terminal's node
+                print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+            raise SystemExit(INTERRUPTED_EXIT) from None
+
+    return main_without_traceback
+
+
+@quiet_on_ctrl_c
 def run_pretrain(argv: list[str]) -> int:
     cfg = load_recipe(PretrainConfig, argv, "pretrain.py")
     from .train.engine import pretrain  # heavy imports only once the config is valid
@@ -133,10 +150,6 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
             raise
         write_line(f"error{_rank_tag()}: {message}", sys.stderr)
         return None
-    except KeyboardInterrupt:
-        if is_local_main_process():  # Ctrl-C reaches every process of the terminal's node
-            print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
-        raise SystemExit(INTERRUPTED_EXIT) from None
 
 
 def out_of_memory_message(err: Exception) -> str:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from .cli import is_main_process, load_recipe, report_preempted, report_user_errors
+from .cli import is_main_process, load_recipe, quiet_on_ctrl_c, report_preempted, report_user_errors
 from .finetune_config import FinetuneConfig
 from .text import counted
 
 
+@quiet_on_ctrl_c
 def run_finetune(argv: list[str]) -> int:
     cfg = load_recipe(FinetuneConfig, argv, "finetune.py")
     from .train.finetune import finetune  # heavy imports only once the config is valid

@@ -350,16 +350,21 @@ def test_a_recipe_error_is_printed_by_the_first_process_of_each_node(capsys, mon
 
 @pytest.mark.parametrize("local_rank, printed", [
     ("0", "interrupted; run the same command again to resume from the last checkpoint\n"), ("1", "")])
-def test_ctrl_c_is_explained_once_per_node(capsys, monkeypatch, local_rank, printed):
-    from mae_tnt.cli import INTERRUPTED_EXIT, report_user_errors
+@pytest.mark.parametrize("script, recipe", [("pretrain", "demo_mae_vit.yaml"), ("finetune", "demo_finetune_vit.yaml")])
+def test_ctrl_c_is_explained_once_per_node_even_while_the_recipe_is_read(capsys, monkeypatch, script, recipe,
+                                                                         local_rank, printed):
+    """A Ctrl-C before training starts (torch's import takes seconds) gave a traceback through the import."""
+    import mae_tnt.cli
+    from mae_tnt.cli import INTERRUPTED_EXIT, run_pretrain
+    from mae_tnt.finetune_cli import run_finetune
 
-    monkeypatch.setenv("LOCAL_RANK", local_rank)
-
-    def interrupted():
+    def interrupted(*args):
         raise KeyboardInterrupt
 
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setattr(mae_tnt.cli, "load_config", interrupted)
     with pytest.raises(SystemExit) as done:
-        report_user_errors(interrupted)
+        {"pretrain": run_pretrain, "finetune": run_finetune}[script]([f"recipes/{recipe}"])
     assert done.value.code == INTERRUPTED_EXIT and capsys.readouterr().err == printed
 
 

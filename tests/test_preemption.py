@@ -24,11 +24,16 @@ def shards(tmp_path_factory):
     return root
 
 
-def command(shards, out, max_steps, workers=1):
+def command(shards, out, max_steps, workers=1, epochs=2):
     return [sys.executable, str(ROOT / "pretrain.py"), str(ROOT / "recipes/demo_mae_vit.yaml"), f"data.train={shards}",
             "data.val=null", f"run.output_dir={out}", "data.batch_size=8", f"data.num_workers={workers}",
-            "schedule.epochs=2", "schedule.warmup_epochs=0.5", "run.log_every=1", "run.checkpoint_every=2",
+            f"schedule.epochs={epochs}", "schedule.warmup_epochs=0.5", "run.log_every=1", "run.checkpoint_every=2",
             f"run.max_steps={max_steps}", "data.shuffle_chunk=16"]
+
+
+# run.max_steps of a run that is signalled, with as many epochs (16 steps each) for the schedule: at 20 steps/s, a
+# 30-step run could end between two polls of a test process that the machine's load held back, and no signal came.
+LONG_RUN = 300
 
 
 def logged_steps(out: Path) -> int:
@@ -38,9 +43,9 @@ def logged_steps(out: Path) -> int:
         return 0
 
 
-def start_and_signal(shards, out, max_steps, at_step, signum, workers=1) -> subprocess.Popen:
+def start_and_signal(shards, out, max_steps, at_step, signum, workers=1, epochs=2) -> subprocess.Popen:
     """Signal the run's whole process group (its loader workers too), as SLURM and Kubernetes do."""
-    process = subprocess.Popen(command(shards, out, max_steps, workers), env=ENV, cwd=ROOT,
+    process = subprocess.Popen(command(shards, out, max_steps, workers, epochs), env=ENV, cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 180
     while logged_steps(out) < at_step and process.poll() is None and time.time() < deadline:
@@ -59,19 +64,19 @@ def test_sigkill_at_a_random_step_resumes_exactly(shards, tmp_path):
 
 
 def test_sigterm_to_the_process_group_saves_a_checkpoint_before_exit(shards, tmp_path):
-    process = start_and_signal(shards, tmp_path, 30, 3, signal.SIGTERM, workers=2)
+    process = start_and_signal(shards, tmp_path, LONG_RUN, 3, signal.SIGTERM, workers=2, epochs=LONG_RUN)
     output = process.stdout.read()
     assert process.returncode == 143, output  # not 0: `pretrain && next-step` must not go on with half a run
     assert "SIGTERM received: saving a checkpoint after this step, then exiting" in output
     assert "stopped early by SIGTERM after step" in output
     steps = [int(p.name.split("_")[1]) for p in (tmp_path / "checkpoints").glob("step_*")]
     last = max(steps)
-    assert 3 <= last < 30  # stopped early, with a checkpoint at the step where it stopped
+    assert 3 <= last < LONG_RUN  # stopped early, with a checkpoint at the step where it stopped
     assert logged_losses(tmp_path)[-1][0] == last
 
 
 def test_ctrl_c_exits_with_one_line_saying_how_to_resume(shards, tmp_path):
-    process = start_and_signal(shards, tmp_path, 30, 2, signal.SIGINT, workers=2)
+    process = start_and_signal(shards, tmp_path, LONG_RUN, 2, signal.SIGINT, workers=2, epochs=LONG_RUN)
     output = process.stdout.read()
     assert process.returncode == 130, output
     assert "interrupted; run the same command again to resume" in output and "Traceback" not in output
