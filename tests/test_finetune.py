@@ -523,6 +523,34 @@ def test_demo_finetune_beats_chance_and_resumes_exactly(tmp_path, one_thread):
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_resuming_from_before_the_best_weights_sets_them_aside_with_the_later_checkpoints(tmp_path, one_thread,
+                                                                                          capsys):
+    """best/ of the continuation set aside held weights this one never had, which the best record of the checkpoint
+    resumed from (validated at epoch 1) did not describe; export would have taken them as this run's best."""
+    overrides = ["run.checkpoint_every=16", "run.keep_checkpoints=8"]
+    FinetuneRun(demo_config(tmp_path, *overrides)).train()
+    first_best = json.loads((tmp_path / "best" / "state.json").read_text())
+    assert first_best["step"] == 62  # the premise: epoch 2 validates better than epoch 1
+    epoch_1 = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+               if '"val_acc1"' in line][0]
+
+    cut = FinetuneRun(demo_config(tmp_path, *overrides, "run.max_steps=56",
+                                  f"run.resume={tmp_path / 'checkpoints' / 'step_00000048'}"))
+    (aside,) = tmp_path.glob("superseded/*")
+    assert sorted(p.name for p in aside.iterdir()) == ["best", "metrics.jsonl", "step_00000062"]
+    assert cut.best == {}  # not the record of step 31, which a worse validation would have kept without best/
+    assert (f"warning: best/ held step 62, past this continuation; the best weights up to step 48 (val top-1 "
+            f"{epoch_1['val_acc1']:.2f} at step 31) are gone with it" in capsys.readouterr().out)
+    cut.train()  # the stop validates
+    assert json.loads((tmp_path / "best" / "state.json").read_text())["step"] == cut.best["step"] == 56
+
+    FinetuneRun(demo_config(tmp_path, *overrides)).train()  # the same weights again at step 62: the resume is exact
+    assert json.loads((tmp_path / "best" / "state.json").read_text())["best"] == first_best["best"]
+    again, before = (load_file(path / "model.safetensors") for path in (tmp_path / "best", aside / "best"))
+    assert all(torch.equal(again[k], before[k]) for k in before)
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_an_epoch_that_ends_inside_an_accumulation_is_checkpointed_where_a_resume_is_exact(tmp_path, one_thread):
     """31 batches per epoch at 2 per optimizer step: epoch 1 ends a batch into step 16, so its checkpoint is step 16,
     not step 15 with a half-accumulated gradient that resuming would lose (and then accumulate out of step)."""

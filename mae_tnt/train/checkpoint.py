@@ -8,7 +8,8 @@ A checkpoint is a directory `checkpoints/step_{step:08d}/` holding:
 
 It is written to `.tmp-step_*` and renamed once every rank has finished, so a crash mid-write never leaves a
 half-written `step_*`. Resume picks the newest directory whose files all read back; a corrupted one is reported and
-the previous one is used. Checkpoints past the one resumed from are moved to `superseded/`, out of the rotation.
+the previous one is used. Checkpoints past the one resumed from, and a fine-tuning run's `best/` if a later step
+wrote it, are moved to `superseded/`, out of the rotation.
 RNG state is not saved because every step's randomness is a pure function of (seed, rank, step): see
 `mae_tnt.train.engine.seed_step`.
 
@@ -459,13 +460,17 @@ def _lookup(config: dict, path: tuple[str, ...], missing=None):
 
 
 def set_aside_later_checkpoints(output_dir: str | Path, step: int, log=print) -> None:
-    """Move the checkpoints past `step` to `superseded/<time>/`, and their reconstruction grids to its `recon/`.
+    """Move the checkpoints past `step` and a `best/` written after it to `superseded/<time>/`, and the later
+    reconstruction grids to its `recon/`.
 
     Resuming from an earlier checkpoint (chosen by `run.resume`, or because the later ones could not be read) starts
     another continuation of the run. Left in `checkpoints/`, the later ones would be kept by the rotation, which
-    keeps the highest steps, in place of this continuation's, and `run.resume=auto` would jump back to them.
+    keeps the highest steps, in place of this continuation's, and `run.resume=auto` would jump back to them; a later
+    `best/` would hold weights this continuation never had.
     """
     later = [path for path in find_checkpoints(output_dir) if step_of(path) > step]
+    if (best := best_weights_step(output_dir)) is not None and best > step:
+        later.append(Path(output_dir) / "best")
     if later:
         target = _move_to_superseded(output_dir, later)
         grids = [path for path in (Path(output_dir) / "recon").glob("step_*.png") if step_of(path) > step]
@@ -474,8 +479,16 @@ def set_aside_later_checkpoints(output_dir: str | Path, step: int, log=print) ->
             for grid in grids:
                 os.replace(grid, target / "recon" / grid.name)
         _copy_later_metrics(Path(output_dir) / "metrics.jsonl", step, target / "metrics.jsonl")
-        log(f"warning: this run continues from step {step}; moved the later checkpoints "
-            f"{', '.join(path.name for path in later)}, with their reconstruction grids and metrics rows, to {target}")
+        log(f"warning: this run continues from step {step}; moved what later steps wrote ("
+            f"{', '.join(path.name for path in later)}), with their reconstruction grids and metrics rows, to {target}")
+
+
+def best_weights_step(output_dir: str | Path) -> int | None:
+    """The step whose weights a fine-tuning run's `best/` holds; None without a readable `best/`."""
+    try:
+        return json.loads((Path(output_dir) / "best" / STATE_FILE).read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _copy_later_metrics(metrics: Path, step: int, copy: Path) -> None:

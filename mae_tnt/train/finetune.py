@@ -38,6 +38,7 @@ from ..text import counted
 from .augment import BatchAugment, FinetuneTransform, build_criterion, seeded_global_rngs
 from .checkpoint import (
     bare_model,
+    best_weights_step,
     fresh_directory,
     replace_dir,
     resolve_resume,
@@ -236,8 +237,15 @@ class FinetuneRun(TrainingRun):
                  f"{p.steps_per_epoch:g} steps/epoch, {p.total_steps} steps, stopping at {p.stop_step}")
 
     def _resume(self, checkpoint) -> None:
+        best_written_at = best_weights_step(self.out)  # read before the main process may set `best/` aside
         self.restore(checkpoint)
         self.best = checkpoint.state.get("best", self.best)
+        if best_written_at is not None and best_written_at > self.step and "weights" in self.best:
+            # A later step of the continuation set aside replaced the weights this record describes.
+            self.log(f"warning: best/ held step {best_written_at}, past this continuation; the best weights up to "
+                     f"step {self.step} (val top-1 {self.best['val_acc1']:.2f} at step {self.best['step']}) are gone "
+                     "with it, so best/ restarts at the next validation")
+            self.best = {}
         if self.ema is not None:
             if (checkpoint.path / EMA_FILE).exists():
                 self.ema.module.load_state_dict(read_state_dict(checkpoint.path / EMA_FILE))
