@@ -314,6 +314,17 @@ def test_a_stray_top_level_image_in_an_imagefolder_is_pointed_out(tmp_path, caps
     assert "train: 4 samples (imagefolder, 2 classes)" in capsys.readouterr().out
 
 
+def test_a_shard_directory_given_as_the_source_is_refused_saying_how_to_use_it(tmp_path, capsys):
+    write_imagefolder(tmp_path / "src", ["cat", "dog"], per_class=1)
+    assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "shards"), "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert make_shards_main([str(tmp_path / "shards"), str(tmp_path / "again"), "--workers", "0"]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'shards'} holds shards already (_info.json): train on "
+                                       f"them as data.train={tmp_path / 'shards'}, or check them with "
+                                       "tools/inspect_shards.py; SRC is the dataset the shards are made from\n")
+    assert not (tmp_path / "again").exists()
+
+
 def test_split_folders_read_as_classes_are_pointed_out(tmp_path, capsys):
     for split in ("train", "val"):
         write_imagefolder(tmp_path / "src" / split, ["cat", "dog"], per_class=1)

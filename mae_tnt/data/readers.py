@@ -38,6 +38,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .info import INFO_NAME
+
 FORMATS = ("auto", "imagefolder", "folder", "list", "idx", "cifar")
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
@@ -163,13 +165,16 @@ def detect_format(src: str | os.PathLike) -> str:
     folder`` for unlabeled images that are only sorted into sub-folders.
 
     Raises:
-        SourceError: ``src`` does not exist, or holds both IDX and CIFAR files.
+        SourceError: ``src`` does not exist, is a shard directory, or holds both IDX and CIFAR files.
     """
     src = Path(src)
     if src.is_file():
         return "list"
     if not src.is_dir():
         raise SourceError(f"{src} does not exist; give a dataset directory or a list file")
+    if (src / INFO_NAME).is_file():  # read as a folder, its tars and JSON would all be skipped as non-images
+        raise SourceError(f"{src} holds shards already ({INFO_NAME}): train on them as data.train={src}, or check "
+                          "them with tools/inspect_shards.py; SRC is the dataset the shards are made from")
     if release := _release_format(src):
         return release
     has_dirs, top_images = _top_level(src)
