@@ -135,7 +135,7 @@ def print_case_table(args, cases: list[Case], macs: dict[str, float], step: dict
 
 def print_speed_ratios(cases: list[Case], macs: dict[str, float], times: dict[str, list[float]]) -> None:
     timm_tnt, ours, vit, visible, full = (c.name for c in cases)
-    print("ratios (the targets are the CPU targets of issue 3, which a 2-core CPU misses: see docs/tnt.md, Speed):")
+    print("ratios (the targets are the project's for a 2-vCPU CPU, which it misses there: see docs/tnt.md, Speed):")
     print(f"  {'forward MACs  TNT-S / DeiT-S':42s} = {macs[ours] / macs[vit]:.3f}")
     print(f"  {'MAE MACs      mask tokens / visible-only':42s} = {macs[full] / macs[visible]:.3f}")
     step_ratios = [
