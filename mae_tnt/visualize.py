@@ -35,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="checkpoints/step_* directory or run directory of a pretraining")
     parser.add_argument("shards", help="shard directory with _info.json, or a brace URL")
     parser.add_argument("--split", default="val", help="split of SHARDS whose first images are shown")
+    parser.add_argument("--info", default=None,
+                        help="local _info.json (or its directory) giving the sample counts of remote SHARDS URLs")
+    parser.add_argument("--allow-pipe", action="store_true", help="allow pipe: SHARDS URLs, which run a shell command")
     parser.add_argument("--out", type=Path, default=None, help="defaults to RUN/recon/step_N_SPLIT.png")
     parser.add_argument("--count", type=int, default=8, help="images shown (>= 1)")
     parser.add_argument("--mask-ratio", type=float, default=None, help="in [0, 1); defaults to the run's")
@@ -78,7 +81,8 @@ def visualize(args: argparse.Namespace) -> dict:
     load_weights(model, raw)
     out = args.out or default_output(checkpoint, args.split)
     out.parent.mkdir(parents=True, exist_ok=True)
-    shards = resolve_shards(args.shards, args.split, split_key="--split")  # warns about a truncated shard
+    shards = resolve_shards(args.shards, args.split, allow_pipe=args.allow_pipe, info=args.info,
+                            split_key="--split")  # warns about a truncated shard
     images = first_images(shards, args.count, model_cfg["img_size"])
     if len(images) < args.count:
         print(f"note: the {args.split} split has only {len(images)} readable images to show of the {args.count} asked")

@@ -160,6 +160,10 @@ def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys
     assert out.stat().st_size > 0 and f"wrote {out}" in capsys.readouterr().out
     assert visualize_main([str(tmp_path), str(shards), "--count", "4"]) == 0  # a run directory: its newest checkpoint
     assert (tmp_path / "recon" / "step_00000004_val.png").stat().st_size > 0
+    pipe = f"pipe:cat {shards}/val-000000.tar"  # counted by --info, as data.info counts it in training
+    assert visualize_main([str(tmp_path), pipe, "--count", "2"]) == 1
+    assert "set data.allow_pipe=true (tools/visualize.py: --allow-pipe) if you trust it" in capsys.readouterr().err
+    assert visualize_main([str(tmp_path), pipe, "--count", "2", "--allow-pipe", "--info", str(shards)]) == 0
     assert visualize_main([str(tmp_path), str(shards), "--count", "20", "--mask-ratio", "0"]) == 0
     printed = capsys.readouterr().out
     assert "note: the val split has only 16 readable images to show of the 20 asked" in printed
@@ -268,7 +272,7 @@ def test_a_truncated_shard_is_one_warning_line_and_its_lost_samples_are_counted(
 
 def test_a_truncated_shard_in_a_pattern_is_warned_about_once_though_evaluations_resolve_it_again(shards, tmp_path):
     broken = tmp_path / "shards"
-    shutil.copytree(shards, broken)
+    shutil.copytree(shards, broken, ignore=shutil.ignore_patterns("_info.json"))
     victim = broken / "train-000002.tar"
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     pattern = f"{broken}/train-{{000000..000003}}.tar"  # no _info.json: each resolution counts the tars again

@@ -1,10 +1,12 @@
 """The training stream: disjoint and complete across ranks and workers, equal batch counts, exact resume, bad input."""
 
 import copy
+import gzip
 import io
 import json
 import os
 import re
+import shutil
 import signal
 import tarfile
 import warnings
@@ -18,6 +20,7 @@ from shard_utils import encode_png, write_shards
 from mae_tnt.data import shards as shards_module
 from mae_tnt.data.info import ShardError as InfoError
 from mae_tnt.data.info import count_tar_samples, load_info, update_split
+from mae_tnt.data.inspect import inspect_shards
 from mae_tnt.data.loader import eval_batches, first_images, make_loader
 from mae_tnt.data.shards import ShardError, read_samples, resolve_shards
 from mae_tnt.data.stream import ShardStream
@@ -188,8 +191,15 @@ def test_a_truncated_shard_is_warned_about_then_skipped_and_counted(tmp_path):
     labels = torch.cat([labels for _, labels in eval_batches(shards, img_size=16, batch_size=4)])
     assert (labels >= 0).sum() == 24 + readable  # evaluation reads past the break too
 
+    with pytest.warns(UserWarning, match="its samples after the break are skipped"):
+        beside_info = resolve_shards(f"{tmp_path}/train-{{000000..000003}}.tar")
+    assert beside_info == shards  # counted by the _info.json beside the files, so the lost samples are counted too
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for shard in tmp_path.glob("train-*.tar"):
+        shutil.copy(shard, alone)
     with pytest.warns(UserWarning, match=rf"Until then, only its {readable} samples before the break are used"):
-        pattern = resolve_shards(f"{tmp_path}/train-{{000000..000003}}.tar")  # no _info.json to give its count
+        pattern = resolve_shards(f"{alone}/train-{{000000..000003}}.tar")  # no _info.json to give its count
     assert [shard.num_samples for shard in pattern] == [8, readable, 8, 8]
 
     victim.write_bytes(b"")  # tarfile's reason names each decompressor it tried, one per line
@@ -320,13 +330,63 @@ def test_only_shards_whose_size_is_not_the_recorded_one_have_their_headers_read(
     assert scanned == names
 
 
-def test_recorded_shard_sizes_must_match_the_file_names(tmp_path):
+LISTS = "'filenames' and 'shard_lengths' must be lists of equal length, of file names and of sample counts"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("shard_bytes", [1000], "'shard_bytes' must be a list with one size in bytes per file name"),
+    ("shard_bytes", ["1000", "1000"], "'shard_bytes' must be a list with one size in bytes per file name"),
+    ("shard_lengths", ["4", "4"], LISTS),  # summed, they gave a TypeError traceback
+    ("filenames", [5, 6], LISTS),
+])
+def test_an_info_file_with_fields_of_the_wrong_type_is_refused_naming_them(tmp_path, field, value, message):
     write_shards(tmp_path, [4, 4])
     info = load_info(tmp_path)
-    info["splits"]["train"]["shard_bytes"] = [1000]
+    info["splits"]["train"][field] = value
     (tmp_path / "_info.json").write_text(json.dumps(info))
-    with pytest.raises(InfoError, match="split 'train': 'shard_bytes' must be a list with one size per file name"):
+    with pytest.raises(InfoError, match=re.escape(f"split 'train': {message}")):
         resolve_shards(str(tmp_path))
+
+
+def test_an_info_file_without_splits_says_how_to_make_one(tmp_path):
+    write_shards(tmp_path, [4])
+    (tmp_path / "_info.json").write_text(json.dumps({**load_info(tmp_path), "splits": {}}))
+    with pytest.raises(ShardError, match=re.escape(f"{tmp_path}/_info.json lists no split; make the shards with "
+                                                   "tools/make_shards.py --split train")):
+        resolve_shards(str(tmp_path))
+
+
+def test_a_gzip_shard_damaged_inside_a_sample_breaks_like_a_truncated_one(tmp_path):
+    """zlib's error escapes tarfile when a member's bytes are read directly: training and inspect_shards crashed."""
+    write_shards(tmp_path, [8, 8])
+    victim = tmp_path / "train-000000.tar"
+    with tarfile.open(victim) as tar:
+        cut = tar.getmembers()[9].offset_data + 10  # inside the first member of sample 3 (3 members a sample)
+    gzip_header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    bad_block = bytes([1]) + (16).to_bytes(2, "little") + bytes(2) + bytes(16)  # a stored block whose NLEN is wrong
+    victim.write_bytes(gzip.compress(victim.read_bytes()[:cut]) + gzip_header + bad_block)  # read as .tar.gz
+
+    breaks = []
+    assert len(list(read_samples(str(victim), on_break=breaks.append))) == 3
+    assert breaks == ["Error -3 while decompressing data: invalid stored block lengths"]
+    with pytest.warns(UserWarning, match="train-000000.tar: not a readable tar"):
+        shards = resolve_shards(str(tmp_path))
+    stream = stream_for(shards, batch=4)
+    assert len(consume(stream)) == 4 and stream.state.skipped >= 5
+    assert inspect_shards(tmp_path).problems
+
+
+def test_file_urls_colons_in_local_paths_and_unbalanced_braces(tmp_path, monkeypatch):
+    write_shards(tmp_path / "snap:v2", [4, 4])
+    monkeypatch.chdir(tmp_path)
+    local = resolve_shards("snap:v2")  # a relative directory whose name holds a colon, not a URL scheme
+    assert [len(list(read_samples(shard.url))) for shard in local] == [4, 4]
+    for spec in (f"file:{tmp_path}/snap:v2/train-000000.tar", f"file:{tmp_path}/snap:v2/train-{{000000..000001}}.tar",
+                 f"file:{tmp_path}/snap:v2"):
+        shards = resolve_shards(spec)
+        assert [len(list(read_samples(shard.url))) for shard in shards] == [shard.num_samples for shard in shards]
+    with pytest.raises(ShardError, match=r"has unbalanced braces .*; write a range as train-\{000000..000009\}.tar"):
+        resolve_shards("snap:v2/train-{000000..000001.tar")
 
 
 def test_too_few_samples_for_the_workers_fails_with_advice(tmp_path):

@@ -22,6 +22,7 @@ References:
 import json
 import os
 import tarfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -81,13 +82,19 @@ def _check_info(info: object, path: Path) -> None:
         if not isinstance(entry, dict) or not {"num_samples", "filenames", "shard_lengths"} <= entry.keys():
             raise ShardError(f"{where} needs 'num_samples', 'filenames' and 'shard_lengths'")
         filenames, lengths = entry["filenames"], entry["shard_lengths"]
-        if not isinstance(filenames, list) or not isinstance(lengths, list) or len(filenames) != len(lengths):
-            raise ShardError(f"{where}: 'filenames' and 'shard_lengths' must be lists of equal length")
+        if not _list_of(filenames, str) or not _list_of(lengths, int) or len(filenames) != len(lengths):
+            raise ShardError(f"{where}: 'filenames' and 'shard_lengths' must be lists of equal length, of file names "
+                             "and of sample counts")
         if sum(lengths) != entry["num_samples"]:
             raise ShardError(f"{where}: shard_lengths sum to {sum(lengths)} but num_samples is {entry['num_samples']}")
-        sizes = entry.get("shard_bytes", filenames)
-        if not isinstance(sizes, list) or len(sizes) != len(filenames):
-            raise ShardError(f"{where}: 'shard_bytes' must be a list with one size per file name")
+        if "shard_bytes" in entry and not (_list_of(entry["shard_bytes"], int)
+                                           and len(entry["shard_bytes"]) == len(filenames)):
+            raise ShardError(f"{where}: 'shard_bytes' must be a list with one size in bytes per file name")
+
+
+def _list_of(value: object, kind: type) -> bool:
+    """`value` is a list of `kind` (a bool is no count, though Python's bool is an int)."""
+    return isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
 
 
 def update_split(
@@ -266,7 +273,7 @@ def count_tar_samples(path: str | os.PathLike) -> int:
             end_offset = tar.offset
             tar.fileobj.seek(end_offset)
             end_block = tar.fileobj.read(TAR_BLOCK)
-    except (tarfile.TarError, EOFError) as err:
+    except (tarfile.TarError, EOFError, zlib.error) as err:  # tarfile does not wrap a damaged .tar.gz's errors here
         raise ShardError(f"{path}: not a readable tar ({err}); it is truncated or corrupt, re-create it") from err
     # tarfile stops quietly at a header cut short or missing; a complete archive ends with zero blocks.
     if end_block != bytes(TAR_BLOCK):

@@ -1,10 +1,11 @@
 """Shard lists and raw sample reading.
 
 `resolve_shards` turns `data.train` (a directory with `_info.json`, or a brace URL) into shards with known sample
-counts, refusing `pipe:` URLs unless allowed and failing before training on a missing shard, an empty list or counts
-that disagree with complete files; a truncated local shard is warned about and streams up to its break. `read_samples`
-yields a shard's raw samples (bytes per field, nothing decoded) from a given sample index on, skipping earlier members
-without reading their payload when the file is seekable.
+counts (from `_info.json` for local shards beside theirs), refusing `pipe:` URLs unless allowed and failing before
+training on a missing shard, an empty list or counts that disagree with complete files; a truncated local shard is
+warned about and streams up to its break. `read_samples` yields a shard's raw samples (bytes per field, nothing
+decoded) from a given sample index on, skipping earlier members without reading their payload when the file is
+seekable.
 
 References: webdataset 1.0 key rules (key = basename up to the first dot); timm `reader_wds.py` (`_info.json`).
 """
@@ -15,8 +16,9 @@ import re
 import subprocess
 import tarfile
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
@@ -46,8 +48,9 @@ class SampleWarning(UserWarning):
 
 
 def missing_split(root: Path, info: dict, split: str, split_key: str) -> str:
-    return (f"{root}/_info.json has no split {split!r}; it has {', '.join(sorted(info.get('splits', {})))}: set "
-            f"{split_key} to one of them")
+    if not (splits := sorted(info.get("splits", {}))):
+        return f"{root}/_info.json lists no split; make the shards with tools/make_shards.py --split {split}"
+    return f"{root}/_info.json has no split {split!r}; it has {', '.join(splits)}: set {split_key} to one of them"
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class Shard:
     num_samples: int
     num_bytes: int | None = None
     """The file size `_info.json` records, if any: a local shard of this size is trusted without a header scan."""
+    recorded: bool = False
+    """A local file counted by the `_info.json` beside it, which the start of training checks (`_verify_counts`)."""
 
 
 def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, verify: bool = True,
@@ -66,15 +71,15 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
         spec: a directory holding `_info.json` (its `split` entry is used) or a brace URL / path pattern.
         split_key: the setting that chose `split` (e.g. `data.val_split`), named when `_info.json` lacks it.
         allow_pipe: allow `pipe:` URLs, which run a shell command.
-        verify: for a shard directory, count the samples of every shard whose size is not the recorded one (tar
-            headers only) and compare with `_info.json`.
+        verify: for local shards that an `_info.json` describes (a shard directory, or a pattern of the files beside
+            it), count the samples of every shard whose size is not the recorded one (tar headers only) and compare
+            with `_info.json`.
         info: a local `_info.json` or its directory giving the sample counts of the URLs in `spec`, in order.
     """
-    if not allow_pipe and any(url.startswith("pipe:") for url in braceexpand.braceexpand(spec)):  # "{pipe:a,b}"
-        raise ShardError(
-            f"refusing to run the shell command in shard URL {spec!r}; set data.allow_pipe=true if you trust it"
-        )
-    path = Path(spec)
+    if not allow_pipe and any(url.startswith("pipe:") for url in expand(spec)):  # "{pipe:a,b}"
+        raise ShardError(f"refusing to run the shell command in shard URL {spec!r}; set data.allow_pipe=true "
+                         "(tools/visualize.py: --allow-pipe) if you trust it")
+    path = local_path(spec)
     if is_local(spec) and "{" not in spec and not path.exists():
         wildcard = " (wildcards are not expanded: write train-{000000..000009}.tar)" if set("*?") & set(spec) else ""
         raise ShardError(f"{spec} does not exist: give a shard directory made by tools/make_shards.py, or a brace "
@@ -87,24 +92,34 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
         shards = _from_pattern(spec)
     if not shards:
         raise ShardError(f"no shards found for {spec!r} (split {split!r}); create them with tools/make_shards.py")
-    missing = [s.url for s in shards if is_local(s.url) and not Path(s.url).exists()]
+    missing = [s.url for s in shards if is_local(s.url) and not local_path(s.url).exists()]
     if missing:
-        raise ShardError(f"{spec!r} lists {counted(len(missing), 'missing shard')}, e.g. {missing[0]}")
-    if verify and path.is_dir():
-        _verify_counts(shards, spec)
+        raise ShardError(f"{spec!r} lists {counted(len(missing), 'missing shard')}, e.g. {missing[0]}; restore them "
+                         "or re-run tools/make_shards.py (tools/inspect_shards.py DIR lists every problem)")
+    if verify:
+        _verify_counts([shard for shard in shards if shard.recorded], spec)
     return shards
+
+
+def expand(spec: str) -> list[str]:
+    """The URLs of a brace pattern (`train-{000000..000009}.tar`, `{a,b}.tar`)."""
+    try:
+        return list(braceexpand.braceexpand(spec))
+    except braceexpand.UnbalancedBracesError as err:
+        raise ShardError(f"{spec!r} has unbalanced braces ({err}); write a range as train-{{000000..000009}}.tar") \
+            from None
 
 
 def info_directory(spec: str, info: str | None = None) -> Path | None:
     """The directory of the `_info.json` describing `spec`: `spec` itself when it is a shard directory, else that of
     `info` (`data.info`: the file or its directory), else the directory of a local shard file or pattern when it
     holds one (make_shards wrote them together); None when there is none."""
-    if Path(spec).is_dir():
-        return Path(spec)
+    if local_path(spec).is_dir():
+        return local_path(spec)
     if info is not None:
         return Path(info).parent if Path(info).is_file() else Path(info)
     if is_local(spec):
-        folder = Path(next(iter(braceexpand.braceexpand(spec))).removeprefix("file:")).parent
+        folder = local_path(expand(spec)[0]).parent
         if (folder / INFO_NAME).is_file():
             return folder
     return None
@@ -138,7 +153,7 @@ def _from_info(root: Path, split: str, split_key: str) -> list[Shard]:
     if split not in splits:
         raise ShardError(missing_split(root, info, split, split_key))
     entry = splits[split]  # load_info has checked that its filenames, shard_lengths, shard_bytes and num_samples agree
-    return [Shard(str(root / name), int(n), size) for name, n, size in listed_shards(entry)]
+    return [Shard(str(root / name), n, size, recorded=True) for name, n, size in listed_shards(entry)]
 
 
 def _urls_with_info_counts(spec: str, info: str, split: str, split_key: str) -> list[Shard]:
@@ -146,7 +161,7 @@ def _urls_with_info_counts(spec: str, info: str, split: str, split_key: str) -> 
     when some URL holds none, of the shard listed at its position."""
     root = info_directory(spec, info)
     listed = {Path(shard.url).name: shard.num_samples for shard in _from_info(root, split, split_key)}
-    urls = list(braceexpand.braceexpand(spec))
+    urls = expand(spec)
     names = [_listed_name(url, listed) for url in urls]
     if None not in names:
         return [Shard(url, listed[name]) for url, name in zip(urls, names, strict=True)]
@@ -164,21 +179,26 @@ def _listed_name(url: str, listed: dict[str, int]) -> str | None:
 
 
 def _from_pattern(spec: str) -> list[Shard]:
-    urls = list(braceexpand.braceexpand(spec))
+    """The shards of a pattern of local files, counted as the `_info.json` beside them records (when make_shards
+    wrote them), else by reading their tar headers."""
+    urls = expand(spec)
     if not all(is_local(url) for url in urls):
-        raise ShardError(
-            f"remote shards {spec!r} need sample counts: set data.info to a local copy of their _info.json, or "
-            "point at a local shard directory"
-        )
+        raise ShardError(f"remote shards {spec!r} need sample counts: set data.info (tools/visualize.py: --info) to a "
+                         "local copy of their _info.json, or point at a local shard directory")
+    root = info_directory(spec)
+    recorded = {} if root is None else {
+        name: Shard("", n, size, recorded=True)
+        for entry in load_info(root)["splits"].values() for name, n, size in listed_shards(entry)}
     # A missing file gets count 0 here and a clear error from resolve_shards right after.
-    return [Shard(url, _count_readable(url) if Path(url).exists() else 0) for url in urls]
+    return [replace(recorded[local_path(url).name], url=url) if local_path(url).name in recorded
+            else Shard(url, _count_readable(url) if local_path(url).exists() else 0) for url in urls]
 
 
 def _count_readable(url: str) -> int:
     """A local tar's sample count; for a truncated one (with no `_info.json` to say how many it had), the samples
     before the break, with a warning."""
     try:
-        return count_tar_samples(url)
+        return count_tar_samples(local_path(url))
     except InfoError as err:
         readable = sum(1 for _ in read_samples(url))
         _warn_broken(err, f"only its {readable} samples before the break are used")
@@ -195,7 +215,7 @@ def _verify_counts(shards: list[Shard], spec: str) -> None:
     """
     for shard in filter(_needs_scan, shards):
         try:
-            actual = count_tar_samples(shard.url)
+            actual = count_tar_samples(local_path(shard.url))
         except InfoError as err:
             _warn_broken(err, "its samples after the break are skipped (training counts them in skipped_samples)")
             continue
@@ -207,8 +227,7 @@ def _verify_counts(shards: list[Shard], spec: str) -> None:
 
 
 def _needs_scan(shard: Shard) -> bool:
-    # A directory's shards are local paths (`_from_info`).
-    return Path(shard.url).stat().st_size != shard.num_bytes
+    return local_path(shard.url).stat().st_size != shard.num_bytes
 
 
 def _warn_broken(err: InfoError, consequence: str) -> None:
@@ -222,7 +241,14 @@ def _one_line(err: Exception) -> str:
 
 
 def is_local(url: str) -> bool:
-    return ":" not in url.split("/")[0] or url.startswith("file:")
+    """A path or `file:` URL, as opposed to a URL webdataset opens (`pipe:`, `https:`, `s3:` ...); a local path may
+    hold a colon itself."""
+    return ":" not in url.split("/")[0] or url.startswith("file:") or Path(url).exists()
+
+
+def local_path(url: str) -> Path:
+    """The file of a local shard URL."""
+    return Path(url.removeprefix("file:"))
 
 
 def read_samples(url: str, start: int = 0, on_break: Callable[[str], None] | None = None,
@@ -241,7 +267,7 @@ def read_samples(url: str, start: int = 0, on_break: Callable[[str], None] | Non
         for sample in _tar_samples(source, start):
             read += 1
             yield sample
-    except (tarfile.ReadError, OSError, EOFError) as err:
+    except (tarfile.ReadError, OSError, EOFError, zlib.error) as err:  # zlib: a damaged .tar.gz (`_member_data`)
         _report_break(url, _break_reason(err, source), on_break)
         return
     if expected is not None and read < expected:
