@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from .config import file_in_the_way
 from .models import create_model, load_weights, read_state_dict
-from .models.loading import CheckpointError, fitting_build_kwargs, save_weights, unwrap_state_dict
+from .models.loading import CheckpointError, fitting_build_kwargs, fold_probe_head, save_weights, unwrap_state_dict
 from .models.registry import ModelError
 from .models.tnt import TNT
 from .text import HelpWithDefaults
@@ -31,6 +32,8 @@ from .train.checkpoint import RETRY_AFTER_FAILED_WRITE, CheckpointWriteError, wr
 def read_foreign_checkpoint(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
     """Tensors of SRC; a full unpickle only when the user opts in for a file they trust."""
     if not unsafe_pickle:
+        return read_state_dict(path, pickle_advice="add --unsafe-pickle")
+    if not path.is_file():  # a directory or a missing path: the safe reader says which file to give
         return read_state_dict(path, pickle_advice="add --unsafe-pickle")
     print(f"warning: unpickling {path} without restrictions (--unsafe-pickle); only do this for files you trust")
     try:
@@ -53,7 +56,7 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
     """
     sized = {"img_size": img_size} if img_size is not None else {}
     model = create_model(model_name, **sized)  # an unknown name fails before a long read
-    state_dict = read_foreign_checkpoint(src, unsafe_pickle)
+    state_dict = fold_probe_head(read_foreign_checkpoint(src, unsafe_pickle))  # a probe's head counts the classes
     fitting = fitting_build_kwargs(model, state_dict)  # head size and pooling only, never the image size
     if fitting:  # a classifier of another head or pooling
         model = create_model(model_name, **sized, **fitting)
@@ -105,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out.suffix != ".safetensors":  # readers tell safetensors from pickles by the name
         print(f"error: {args.out} must end in .safetensors, the format written; e.g. "
               f"{args.out.with_suffix('.safetensors')}", file=sys.stderr)
+        return 1
+    if args.out.is_dir() or (blocking := file_in_the_way(args.out.parent)) is not None:
+        where = f"{args.out} is a directory" if args.out.is_dir() else f"{blocking} is a file, not a directory"
+        print(f"error: {where}; choose another OUT", file=sys.stderr)
         return 1
     try:
         report, build_kwargs, note = convert(args.src, args.out, args.model, args.allow_missing,

@@ -13,7 +13,13 @@ from safetensors import SafetensorError
 import mae_tnt
 from mae_tnt.convert_checkpoint import main as convert_main
 from mae_tnt.models import ModelError
-from mae_tnt.models.loading import CheckpointError, load_weights, read_state_dict, save_weights
+from mae_tnt.models.loading import (
+    CheckpointError,
+    load_weights,
+    read_state_dict,
+    save_weights,
+    without_wrapper_prefixes,
+)
 from mae_tnt.train.checkpoint import check_engine_pickles
 from mae_tnt.train.init import read_source
 
@@ -325,3 +331,72 @@ def test_a_corrupt_description_beside_the_weights_is_named(tmp_path):
                                               r"weights file in .* itself"):
         read_source(tmp_path)
     assert read_source(tmp_path / "model.safetensors")[1] == {}  # as the message says
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_truncated_pth_is_named_as_such_not_as_a_pickle_to_trust(tmp_path, legacy):
+    """The advice to add --unsafe-pickle, which fails again on such a file, is only for what torch's safe reader
+    refused."""
+    torch.save(mae_tnt.create_model("vit_test_patch8_32").state_dict(), tmp_path / "w.pth",
+               _use_new_zipfile_serialization=not legacy)
+    data = (tmp_path / "w.pth").read_bytes()
+    (tmp_path / "w.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"w.pth: it is truncated or corrupt \(.*\); write or download it "
+                                              r"again$"):
+        read_state_dict(tmp_path / "w.pth")
+
+
+def test_wrapper_prefixes_are_removed_in_either_order_of_nesting():
+    state = mae_tnt.create_model("vit_test_patch8_32").state_dict()
+    for prefix in ("module._orig_mod.", "_orig_mod.module.", "module."):
+        assert without_wrapper_prefixes({prefix + k: v for k, v in state.items()}).keys() == state.keys()
+
+
+@pytest.mark.parametrize("affine", [False, True])  # False: our and MAE's probe; True: another probe's BatchNorm
+def test_a_linear_probe_checkpoint_converts_and_loads_with_the_same_outputs(tmp_path, capsys, affine):
+    source = mae_tnt.create_model("vit_test_patch8_32", num_classes=3)
+    source.head = torch.nn.Sequential(torch.nn.BatchNorm1d(32, affine=affine, eps=1e-6), torch.nn.Linear(32, 3))
+    with torch.no_grad():
+        for tensor in source.head.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.uniform_(0.5, 1.5)
+    source.eval()
+    torch.save(source.state_dict(), tmp_path / "probe.pth")
+    out = tmp_path / "probe.safetensors"
+    assert convert_main([str(tmp_path / "probe.pth"), str(out), "--model", "vit_test_patch8_32"]) == 0
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed.endswith("num_classes=3)")  # read from the probe's head.1, which the fold makes head
+    loaded = eval(printed.removeprefix("load it with: "), {"mae_tnt": mae_tnt}).eval()  # noqa: S307 - our own output
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(images), source(images), atol=1e-5, rtol=1e-5)
+
+
+def test_a_learned_table_of_another_size_is_not_resampled_unasked_into_an_mae_or_by_create_model(tmp_path, capsys):
+    """The MAE wrapper renames its encoder's keys, where the check by key name saw no resampled table."""
+    source = mae_tnt.create_model("tnt_test_patch8_32", num_classes=7, img_size=64)
+    save_weights(source.state_dict(), tmp_path / "tnt64.safetensors")
+    args = [str(tmp_path / "tnt64.safetensors"), str(tmp_path / "mae.safetensors"), "--model", "mae_tnt_test",
+            "--allow-missing", "decoder_*", "mask_token", "--allow-unexpected", "encoder.head.*"]
+    assert convert_main(args) == 1
+    assert "patch_pos [1, 65, 32] -> [1, 17, 32]): pass --img-size" in capsys.readouterr().err
+    assert convert_main(args + ["--img-size", "64"]) == 0
+    with pytest.raises(CheckpointError, match=r"patch_pos \[1, 65, 32\] -> \[1, 17, 32\]\): pass img_size="):
+        mae_tnt.create_model("tnt_test_patch8_32", checkpoint_path=tmp_path / "tnt64.safetensors", num_classes=7)
+    resampled = mae_tnt.create_model("tnt_test_patch8_32", checkpoint_path=tmp_path / "tnt64.safetensors",
+                                     num_classes=7, img_size=32)  # asked for
+    assert resampled.patch_pos.shape == (1, 17, 32)
+
+
+def test_convert_checks_out_and_src_before_reading_even_with_unsafe_pickle(tmp_path, capsys):
+    save_weights(mae_tnt.create_model("vit_test_patch8_32").state_dict(), tmp_path / "w.safetensors")
+    (tmp_path / "plain_file").write_text("x")
+    (tmp_path / "folder.safetensors").mkdir()
+    for out, message in ((tmp_path / "plain_file" / "w.safetensors", f"{tmp_path / 'plain_file'} is a file, not a "
+                                                                     "directory; choose another OUT"),
+                         (tmp_path / "folder.safetensors", f"{tmp_path / 'folder.safetensors'} is a directory; "
+                                                           "choose another OUT")):
+        assert convert_main([str(tmp_path / "w.safetensors"), str(out), "--model", "vit_test_patch8_32"]) == 1
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert convert_main([str(tmp_path / "missing.pth"), str(tmp_path / "o.safetensors"), "--model",
+                         "vit_test_patch8_32", "--unsafe-pickle"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: checkpoint {tmp_path / 'missing.pth'} does not exist")

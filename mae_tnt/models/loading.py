@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import pickle
 import re
 import typing
 import warnings
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .mae import MaskedAutoencoder, split_mae_state_dict
+from .pos_embed import recorded_resamples
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
 WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema")
@@ -144,6 +146,9 @@ def read_state_dict(path: str | Path, pickle_advice: str = CONVERT_ADVICE) -> di
         if not _looks_like_torch_file(path):
             raise CheckpointError(f"cannot read {path}: it is no PyTorch checkpoint ({reason}); pass a weights file "
                                   "(.safetensors, .pth, .pt) or a checkpoint directory") from err
+        if not _refused_as_unsafe(err):  # a truncated zip or pickle fails the same way when fully unpickled
+            raise CheckpointError(f"cannot read {path}: it is truncated or corrupt ({reason}); write or download it "
+                                  "again") from err
         raise CheckpointError(f"cannot read {path} safely ({reason}). Only tensors and plain containers are accepted: "
                               f"{pickle_advice} for a legacy pickle you trust") from err
     return unwrap_state_dict(obj, path)
@@ -171,8 +176,9 @@ def without_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def _strip_wrappers(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        key = key.removeprefix(prefix)
+    """`key` without its wrapper prefixes, in whichever order the wrappers nested (DDP(compiled) or compiled(DDP))."""
+    while (bare := key.removeprefix("module.").removeprefix("_orig_mod.")) != key:
+        key = bare
     return key
 
 
@@ -202,11 +208,8 @@ def load_weights(
     if hasattr(model, "from_official_layout"):  # renamed first, so that resampling is reported under our names
         state_dict = model.from_official_layout(state_dict)
     if hasattr(model, "adapt_state_dict"):
-        adapted = model.adapt_state_dict(state_dict)
-        report.resampled = [f"{key} {list(state_dict[key].shape)} -> {list(value.shape)}"
-                            for key, value in adapted.items()
-                            if key in state_dict and value.shape != state_dict[key].shape]
-        state_dict = adapted
+        with recorded_resamples() as report.resampled:
+            state_dict = model.adapt_state_dict(state_dict)
     reshaped = [k for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     if reshaped:  # load_state_dict would raise a RuntimeError listing every one; report them with the other misfits
         report.missing = sorted(own.keys() - state_dict.keys())
@@ -224,17 +227,21 @@ def load_weights(
 
 
 def fold_probe_head(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """BatchNorm1d(affine=False) + Linear (keys head.0.*, head.1.*) -> one Linear `head.*` with the same output.
+    """BatchNorm1d + Linear (keys head.0.*, head.1.*) -> one Linear `head.*` with the same output.
 
-    W (x - mean) / s + b = (W / s) x + (b - (W / s) mean), with s = sqrt(var + eps) per feature (eval statistics).
+    W (g (x - mean) / s + beta) + b = (W g / s) x + (b + W (beta - g mean / s)), with s = sqrt(var + eps) per feature
+    (eval statistics) and the BatchNorm's affine g, beta (1 and 0 for the probe's own, which has none).
     """
     if "head.0.running_mean" not in state_dict:
         return state_dict
     out = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
-    scale = (state_dict["head.0.running_var"].double() + PROBE_BN_EPS).rsqrt()  # [D]
-    weight = state_dict["head.1.weight"].double() * scale  # [C, D]
-    bias = state_dict["head.1.bias"].double() - weight @ state_dict["head.0.running_mean"].double()  # [C]
-    out["head.weight"], out["head.bias"] = weight.float(), bias.float()
+    mean = state_dict["head.0.running_mean"].double()  # [D]
+    gain = state_dict.get("head.0.weight", torch.ones_like(mean)).double()  # [D]
+    scale = gain * (state_dict["head.0.running_var"].double() + PROBE_BN_EPS).rsqrt()  # [D]
+    shift = state_dict.get("head.0.bias", torch.zeros_like(mean)).double() - scale * mean  # [D]
+    linear = state_dict["head.1.weight"].double()  # [C, D]
+    out["head.weight"] = (linear * scale).float()
+    out["head.bias"] = (state_dict["head.1.bias"].double() + linear @ shift).float()
     return out
 
 
@@ -299,6 +306,12 @@ def _looks_like_torch_file(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(2)
     return head == b"PK" or head[:1] == b"\x80"
+
+
+def _refused_as_unsafe(err: Exception) -> bool:
+    """Whether torch's weights-only unpickler refused something the file holds (it raises an UnpicklingError saying
+    "Weights only load failed"), rather than failing to read the file at all."""
+    return isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err)
 
 
 def _load_failure_reason(err: Exception) -> str:

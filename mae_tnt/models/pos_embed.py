@@ -9,9 +9,15 @@ References: facebookresearch/mae `util/pos_embed.py`; Vaswani et al. 2017 for th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 
 from .layers import resample_abs_pos_embed
+
+_RESAMPLED: ContextVar[list[str] | None] = ContextVar("resampled_tables", default=None)
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -52,4 +58,21 @@ def resample_token_table(state_dict: dict[str, torch.Tensor], key: str, own: tor
         return state_dict
     resampled = resample_abs_pos_embed(pos, new_size=(grid, grid), num_prefix_tokens=num_prefix_tokens,
                                        antialias=False)
+    note_resampled(key, pos, resampled)
     return {**state_dict, key: resampled}
+
+
+@contextmanager
+def recorded_resamples() -> Iterator[list[str]]:
+    """The `key [old shape] -> [new shape]` of every learned table resampled inside the block: a wrapper renames
+    the keys its encoder adapts (`encoder.` and official layouts), so the load report cannot find them by name."""
+    token = _RESAMPLED.set([])
+    try:
+        yield _RESAMPLED.get()
+    finally:
+        _RESAMPLED.reset(token)
+
+
+def note_resampled(key: str, old: torch.Tensor, new: torch.Tensor) -> None:
+    if (records := _RESAMPLED.get()) is not None:
+        records.append(f"{key} {list(old.shape)} -> {list(new.shape)}")

@@ -45,7 +45,7 @@ from .layers import (
 from .loading import CheckpointError
 from .mae import MaskedAutoencoder, build_mae
 from .masking import gather_units
-from .pos_embed import is_other_grid
+from .pos_embed import is_other_grid, note_resampled
 from .registry import register_model
 
 STEM_STRIDE = 8
@@ -390,6 +390,7 @@ class SReT(nn.Module):
         if pos is not None and is_other_grid(pos, self.pos_embed, grid_dims=(2, 3)):
             resized = F.interpolate(pos.float(), size=self.pos_embed.shape[-2:], mode="bicubic", align_corners=False)
             state_dict = {**state_dict, "pos_embed": resized.to(pos.dtype)}
+            note_resampled("pos_embed", pos, resized)
         return state_dict
 
     def from_official_layout(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
