@@ -77,12 +77,12 @@ PREEMPTED_EXIT = 128 + 15
 INTERRUPTED_EXIT = 128 + 2  # likewise for Ctrl-C (SIGINT)
 
 
-def quiet_on_ctrl_c(main: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+def quiet_on_ctrl_c(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """`main`, ending with one line instead of a traceback on Ctrl-C, which may come at any time: while torch is
     imported as well as between steps."""
 
     @wraps(main)
-    def main_without_traceback(argv: list[str]) -> int:
+    def main_without_traceback(argv: list[str] | None = None) -> int:
         try:
             return main(argv)
         except KeyboardInterrupt:

@@ -33,7 +33,7 @@ import timm
 import torch
 from torch import nn
 
-from .cli import report_user_errors
+from .cli import quiet_on_ctrl_c, report_user_errors
 from .config import file_in_the_way
 from .models import create_model, load_weights
 from .models.loading import (
@@ -179,6 +179,7 @@ def timm_call(timm_name: str | None, timm_kwargs: dict, info: dict, file: Path) 
     return f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay={overlay!r}, **{timm_kwargs!r})"
 
 
+@quiet_on_ctrl_c
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
     parser.add_argument("checkpoint", help="checkpoint directory (pretraining, fine-tune, best/) or weights file")

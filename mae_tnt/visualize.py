@@ -19,7 +19,7 @@ from pathlib import Path
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .cli import report_user_errors
+from .cli import quiet_on_ctrl_c, report_user_errors
 from .config import ModelConfig
 from .data.loader import first_images
 from .data.shards import resolve_shards
@@ -30,6 +30,7 @@ from .train.init import read_source
 from .train.recon import write_reconstructions
 
 
+@quiet_on_ctrl_c
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
     parser.add_argument("checkpoint", type=Path, help="checkpoints/step_* directory or run directory of a pretraining")

@@ -368,6 +368,24 @@ def test_ctrl_c_is_explained_once_per_node_even_while_the_recipe_is_read(capsys,
     assert done.value.code == INTERRUPTED_EXIT and capsys.readouterr().err == printed
 
 
+@pytest.mark.parametrize("module, work", [("mae_tnt.export", "export"), ("mae_tnt.visualize", "visualize")])
+def test_ctrl_c_in_export_and_visualize_is_one_line_too(capsys, monkeypatch, module, work):
+    import importlib
+
+    from mae_tnt.cli import INTERRUPTED_EXIT
+
+    tool = importlib.import_module(module)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tool, work, interrupted)
+    with pytest.raises(SystemExit) as done:
+        tool.main(["some/checkpoint", "some/out"])
+    assert done.value.code == INTERRUPTED_EXIT
+    assert capsys.readouterr().err == "interrupted; run the same command again to resume from the last checkpoint\n"
+
+
 @pytest.mark.parametrize("script", TOOLS, ids=lambda p: p.name)
 def test_every_tool_option_has_help_that_shows_its_default(script, monkeypatch):
     parsers = []
