@@ -31,9 +31,7 @@ from .train.checkpoint import RETRY_AFTER_FAILED_WRITE, CheckpointWriteError, wr
 
 def read_foreign_checkpoint(path: Path, unsafe_pickle: bool) -> dict[str, torch.Tensor]:
     """Tensors of SRC; a full unpickle only when the user opts in for a file they trust."""
-    if not unsafe_pickle:
-        return read_state_dict(path, pickle_advice="add --unsafe-pickle")
-    if not path.is_file():  # a directory or a missing path: the safe reader says which file to give
+    if not unsafe_pickle or not path.is_file():  # for a directory or a missing path, it says which file to give
         return read_state_dict(path, pickle_advice="add --unsafe-pickle")
     print(f"warning: unpickling {path} without restrictions (--unsafe-pickle); only do this for files you trust")
     try:
@@ -109,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.out} must end in .safetensors, the format written; e.g. "
               f"{args.out.with_suffix('.safetensors')}", file=sys.stderr)
         return 1
-    if args.out.is_dir() or (blocking := file_in_the_way(args.out.parent)) is not None:
-        where = f"{args.out} is a directory" if args.out.is_dir() else f"{blocking} is a file, not a directory"
+    blocker = file_in_the_way(args.out.parent)
+    if blocker is not None or args.out.is_dir():
+        where = f"{args.out} is a directory" if blocker is None else f"{blocker} is a file, not a directory"
         print(f"error: {where}; choose another OUT", file=sys.stderr)
         return 1
     try:

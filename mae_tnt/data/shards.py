@@ -18,7 +18,7 @@ import tarfile
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -186,11 +186,10 @@ def _from_pattern(spec: str) -> list[Shard]:
         raise ShardError(f"remote shards {spec!r} need sample counts: set data.info (tools/visualize.py: --info) to a "
                          "local copy of their _info.json, or point at a local shard directory")
     root = info_directory(spec)
-    recorded = {} if root is None else {
-        name: Shard("", n, size, recorded=True)
-        for entry in load_info(root)["splits"].values() for name, n, size in listed_shards(entry)}
+    recorded = {} if root is None else {  # file name -> (samples, bytes)
+        name: (n, size) for entry in load_info(root)["splits"].values() for name, n, size in listed_shards(entry)}
     # A missing file gets count 0 here and a clear error from resolve_shards right after.
-    return [replace(recorded[local_path(url).name], url=url) if local_path(url).name in recorded
+    return [Shard(url, *recorded[local_path(url).name], recorded=True) if local_path(url).name in recorded
             else Shard(url, _count_readable(url) if local_path(url).exists() else 0) for url in urls]
 
 

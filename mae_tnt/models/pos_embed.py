@@ -74,5 +74,6 @@ def recorded_resamples() -> Iterator[list[str]]:
 
 
 def note_resampled(key: str, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Record a resampled table for the enclosing `recorded_resamples` block, if any."""
     if (records := _RESAMPLED.get()) is not None:
         records.append(f"{key} {list(old.shape)} -> {list(new.shape)}")
