@@ -46,12 +46,38 @@ def train(out: Path, overrides: list[str]) -> None:
     root = Path(__file__).resolve().parents[1]
     trainer = Trainer(load_config(PretrainConfig, root / "recipes/demo_mae_vit.yaml", overrides))
     summary = report_user_errors(trainer.train)
-    digest = hashlib.sha256()
-    for value in trainer.acc.unwrap_model(trainer.model).state_dict().values():
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    write(out, trainer.acc.process_index, {"steps": summary["steps"], "params": digest.hexdigest(),
+    params = digest(trainer.acc.unwrap_model(trainer.model).state_dict().values())
+    write(out, trainer.acc.process_index, {"steps": summary["steps"], "params": params,
                                             "world": trainer.acc.num_processes,
                                             "skipped": trainer.stream.state.skipped})
+
+
+def probe(out: Path, shard_dir: str, overrides: list[str]) -> None:
+    """A short linear probe with an EMA; records, for every evaluation, the step and a hash of the buffers (the
+    probe's BatchNorm statistics) of the model this rank scored its share with."""
+    from mae_tnt.config import load_config
+    from mae_tnt.finetune_config import FinetuneConfig
+    from mae_tnt.train.finetune import FinetuneRun
+
+    root = Path(__file__).resolve().parents[1]
+    data = [f"data.train={shard_dir}", f"data.val={shard_dir}", f"run.output_dir={out}"]
+    run = FinetuneRun(load_config(FinetuneConfig, root / "recipes/demo_linprobe_vit.yaml", data + overrides))
+    evaluations, evaluate = [], run.evaluate
+
+    def recorded(model):
+        evaluations.append([run.step, digest(model.buffers())])
+        return evaluate(model)
+
+    run.evaluate = recorded
+    run.train()
+    write(out, run.rank, {"evaluations": evaluations, "ema": digest(run.ema.module.state_dict().values())})
+
+
+def digest(tensors) -> str:
+    hashed = hashlib.sha256()
+    for tensor in tensors:
+        hashed.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return hashed.hexdigest()
 
 
 def knn(out: Path, shard_dir: str) -> None:
@@ -89,5 +115,7 @@ if __name__ == "__main__":
             stream_epoch(rest[0], Path(out))
         elif mode == "knn":
             knn(Path(out), rest[0])
+        elif mode == "probe":
+            probe(Path(out), rest[0], rest[1:])
         else:
             train(Path(out), rest)

@@ -53,14 +53,14 @@ def chained(*jobs: list) -> list:
 
 @pytest.fixture(scope="module")
 def reads(tmp_path_factory):
-    """One launch for the tests that only read what each rank saw: an epoch of 8 even shards, one of uneven shards
-    and a kNN evaluation of the bundled sample."""
+    """One launch for the tests that only read what each rank saw: an epoch of 8 even shards, one of uneven shards,
+    and a kNN evaluation and a linear probe of the bundled sample."""
     def build(root: Path) -> None:
         write_shards(root / "even", [8] * 8)
         write_shards(root / "uneven", [10, 10, 10, 10, 3])
-        knn = [["knn", root / "knn", BUNDLED]] if BUNDLED.exists() else []
+        bundled = [["knn", root / "knn", BUNDLED], ["probe", root / "probe", BUNDLED, *PROBE_ARGS]]
         launch(*chained(["stream", root / "even_out", root / "even"],
-                        ["stream", root / "uneven_out", root / "uneven"], *knn))
+                        ["stream", root / "uneven_out", root / "uneven"], *(bundled if BUNDLED.exists() else [])))
 
     return built_once(tmp_path_factory, "dist_reads", build)
 
@@ -92,6 +92,21 @@ def test_knn_splits_the_encoding_across_ranks_and_matches_one_process(reads):
     assert (alone["knn_train"], alone["knn_val"]) == (256, 500)
     assert first["encoded"] == second["encoded"] == 6 * 64
     assert {key: first[key] for key in alone} == {key: second[key] for key in alone} == pytest.approx(alone)
+
+
+# 2000 images in batches of 32 on two ranks: 31.25 micro-batches a rank, so with accumulation 2 the first epoch ends
+# a micro-batch into step 16, where the ranks' BatchNorm statistics have drifted apart since step 15's.
+PROBE_ARGS = ["data.batch_size=32", "data.num_workers=0", "optim.accum_steps=2", "optim.ema_decay=0.9",
+              "run.max_steps=17", "run.log_every=100"]
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_ranks_evaluate_and_average_rank_0s_batchnorm_statistics(reads):
+    first, second = ranks(reads / "probe")
+    # The model and its EMA at the epoch end (step 15 + one micro-batch) and at the stop step.
+    assert [step for step, _ in first["evaluations"]] == [15, 15, 17, 17]
+    assert first["evaluations"] == second["evaluations"]
+    assert first["ema"] == second["ema"]
 
 
 @pytest.fixture(scope="module")

@@ -339,6 +339,7 @@ class Trainer(TrainingRun):
     def knn_eval(self) -> dict:
         """Online kNN accuracy of the encoder, each rank encoding its share (ZeRO-3's collective forwards line up)."""
         encoder, cfg = bare_model(self.acc, self.model).encoder, self.cfg
+        self.share_main_buffers()
         with self.acc.autocast():
             accuracy = knn_accuracy_on_shards(
                 encoder, cfg.data, img_size=cfg.model.img_size, batch_size=cfg.data.batch_size, k=cfg.eval.knn_k,

@@ -319,6 +319,7 @@ class FinetuneRun(TrainingRun):
     def _after_optimizer_step(self, bar) -> None:
         """Update the EMA, log when due and mark a due checkpoint (saved by `_save_if_due`)."""
         if self.ema is not None:
+            self.share_main_buffers()
             self.ema.update(self.unwrapped, step=self.step)
         if self.log_due():
             self.logger.log(self.close_log_window(bar))
@@ -341,6 +342,7 @@ class FinetuneRun(TrainingRun):
         """Top-1/top-5 of the model (and its EMA) on the val shards, a row labelled `epoch`; the best weights go to
         `best/`."""
         metrics = {"step": self.step, "epoch": epoch}
+        self.share_main_buffers()
         metrics.update(self.evaluate(self.model))
         candidates = [("model", metrics["val_acc1"])]
         if self.ema is not None:

@@ -192,6 +192,17 @@ class TrainingRun:
     def epoch_done(self) -> bool:
         return self.stream.state.batches >= self.stream.batches_per_epoch()
 
+    def share_main_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every rank, before the EMA copies them or a model is evaluated.
+
+        DDP copies them only at the first forward after an optimizer step, and each rank's forwards then update its
+        own: otherwise every rank would average into its EMA, or score its share of the data with, statistics of a
+        model that is never saved (checkpoints and `best/` hold rank 0's).
+        """
+        if self.acc.num_processes > 1:
+            for buffer in self.acc.unwrap_model(self.model).buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def restore(self, checkpoint) -> None:
         """Load `checkpoint` into the model, optimizer, step, stream position and open log window."""
         self.step, self.stream.state = restore_training(
