@@ -568,6 +568,29 @@ def test_an_epoch_that_ends_inside_an_accumulation_is_checkpointed_where_a_resum
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_a_validation_logged_after_the_checkpoint_of_its_step_is_logged_once_when_the_run_resumes(tmp_path,
+                                                                                                  one_thread):
+    """Epoch 1 ends a batch into step 16 and is validated at step 15, after step 15's checkpoint. A run killed
+    before step 16 is saved validates that epoch again when it resumes from step 15: the row must not be doubled."""
+    overrides = ["optim.accum_steps=2", "run.max_steps=16", "run.checkpoint_every=15", "run.keep_checkpoints=2",
+                 "run.log_every=100"]
+    FinetuneRun(demo_config(tmp_path / "full", *overrides)).train()
+    FinetuneRun(demo_config(tmp_path / "cut", *overrides)).train()
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_00000016")  # killed before step 16 was saved ...
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    written = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= 15]
+    metrics.write_text("".join(line + "\n" for line in written))  # ... with the validation at step 15 written
+    FinetuneRun(demo_config(tmp_path / "cut", *overrides)).train()
+
+    def validations(run: Path) -> list[tuple]:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(row["step"], row["epoch"], row["val_acc1"]) for row in rows if "val_acc1" in row]
+
+    assert [row[:2] for row in validations(tmp_path / "full")] == [(15, 1), (16, round(16 / 15.5, 4))]
+    assert validations(tmp_path / "cut") == validations(tmp_path / "full")
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_in_eval_mode(tmp_path, one_thread, capsys):
     write_mae_checkpoint(tmp_path / "ckpt")
     run = FinetuneRun(demo_config(tmp_path / "probe", f"init={tmp_path / 'ckpt'}", "run.max_steps=3",

@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # engine imports this module
     from .loop import Window
 
 LOG_WINDOW_KEY = "log_window"  # in state.json: the open log window's loss sums
+METRICS_ROWS_KEY = "metrics_rows"  # in state.json: the lines metrics.jsonl held (MetricsLogger.rows)
 
 
 class ResumeError(RuntimeError):

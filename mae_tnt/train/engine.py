@@ -30,7 +30,7 @@ from ..text import counted
 from .checkpoint import Checkpoint, bare_model, resolve_resume, save_checkpoint, splits_weights
 from .knn import knn_accuracy_on_shards, require_labeled_shards, topk_text
 from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, timed
-from .metrics import MetricsLogger, main_process_lines, step_progress
+from .metrics import main_process_lines, step_progress
 from .optim import build_adamw
 from .recon import write_reconstructions
 from .run_lock import claim_run_directory, given_back_on_failure, released_at_end
@@ -244,8 +244,8 @@ class Trainer(TrainingRun):
         return loss
 
     def save(self) -> Path:
-        state = {"step": self.step, "model": self.cfg.model.name, "world_size": self.acc.num_processes,
-                 "config": to_dict(self.cfg), "plan": self.plan.__dict__}
+        state = self.checkpoint_state(model=self.cfg.model.name, world_size=self.acc.num_processes,
+                                      config=to_dict(self.cfg), plan=self.plan.__dict__)
         path = save_checkpoint(self.acc, self.model, self.optimizer, state, self.stream.state.to_dict(), self.out,
                                self.cfg.run.keep_checkpoints, self.window)
         self.log(f"saved checkpoint {path}")
@@ -270,7 +270,7 @@ class Trainer(TrainingRun):
         self.window.restart_clock()
         self.last_saved = self.step
         with (released_at_end(self.out),
-              MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step) as self.logger,
+              self.open_metrics() as self.logger,
               Preemption(self.acc, self.cfg.run.preempt_check_every, self.log) as preemption):
             with step_progress(self.plan.stop_step, self.step, self.is_main) as bar:
                 history = self._run_steps(preemption, bar)
@@ -303,19 +303,25 @@ class Trainer(TrainingRun):
         return history
 
     def _after_optimizer_step(self, bar) -> list[dict]:
-        """Log, checkpoint, reconstruct and evaluate when due; returns the metrics rows written."""
+        """Log, evaluate, checkpoint and reconstruct when due; returns the metrics rows written.
+
+        The kNN row comes before the checkpoint, which keeps the rows written so far: a run resumed from it does not
+        evaluate that step again.
+        """
         rows = []
         if self.log_due():
             rows.append(self._log_window(bar))
+        saving = self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.plan.stop_step
         with self.window.paused():
-            if self.step % self.cfg.run.checkpoint_every == 0 and self.step < self.plan.stop_step:
+            if saving:
                 raise_if_nonfinite(self.acc, self.window, self.out, self.cfg.optim.accum_steps)
+            if self._knn_due():
+                rows.append(self.knn_eval())
+            if saving:
                 self.save()
                 self.last_saved = self.step
             elif self.cfg.run.recon_every and self.step % self.cfg.run.recon_every == 0:
                 self.reconstructions()
-            if self._knn_due():
-                rows.append(self.knn_eval())
         return rows
 
     def _log_window(self, bar) -> dict:

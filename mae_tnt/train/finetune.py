@@ -283,7 +283,7 @@ class FinetuneRun(TrainingRun):
         history: list[dict] = []
         self.window.restart_clock()
         with (released_at_end(self.out),
-              MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step) as self.logger,
+              self.open_metrics() as self.logger,
               self.preemption,
               step_progress(self.plan.stop_step, self.step, self.is_main, desc=self.cfg.mode) as bar):
             micro = self.step * self.cfg.optim.accum_steps
@@ -404,10 +404,10 @@ class FinetuneRun(TrainingRun):
 
     def _state(self) -> dict:
         """Self-description stored with every checkpoint and with `best/` (read by tools/export.py)."""
-        return {"step": self.step, "model": self.cfg.model.name, "mode": self.cfg.mode, "world_size": self.world,
-                "num_classes": self.num_classes, "label_names": self.class_names,
-                "img_size": self.cfg.model.img_size, "best": self.best,
-                "config": to_dict(self.cfg), "plan": self.plan.__dict__}
+        return self.checkpoint_state(model=self.cfg.model.name, mode=self.cfg.mode, world_size=self.world,
+                                     num_classes=self.num_classes, label_names=self.class_names,
+                                     img_size=self.cfg.model.img_size, best=self.best, config=to_dict(self.cfg),
+                                     plan=self.plan.__dict__)
 
     def save(self) -> Path:
         extra = {EMA_FILE: self.ema.module.state_dict()} if self.ema is not None else None

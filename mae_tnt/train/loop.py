@@ -13,7 +13,8 @@ import torch
 
 from ..config import to_dict
 from ..data.transforms import normalize
-from .checkpoint import restore_training, uses_deepspeed
+from .checkpoint import METRICS_ROWS_KEY, restore_training, uses_deepspeed
+from .metrics import MetricsLogger
 from .schedule import lr_at, set_lr
 
 
@@ -137,9 +138,12 @@ class TrainingRun:
     """The bookkeeping that pretraining and fine-tuning share around their own `micro_step`: the LR of a step,
     counting micro-batches and optimizer steps, the epoch boundary, the log window and restoring a checkpoint.
 
-    A subclass sets `cfg`, `acc`, `plan`, `stream`, `window`, `out`, `model`, `optimizer`, `log` and `step`, opens
-    `logger`, and defines `micro_step(batch, micro) -> loss`.
+    A subclass sets `cfg`, `acc`, `is_main`, `plan`, `stream`, `window`, `out`, `model`, `optimizer`, `log` and
+    `step`, opens `logger` (`open_metrics`), and defines `micro_step(batch, micro) -> loss`.
     """
+
+    resumed_rows: int | None = None
+    """metrics.jsonl's line count when the restored checkpoint was written (None: fresh, or not recorded)."""
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -208,6 +212,16 @@ class TrainingRun:
         self.step, self.stream.state = restore_training(
             self.acc, self.model, self.optimizer, checkpoint, config=to_dict(self.cfg), plan=self.plan,
             output_dir=self.out, window=self.window, log=self.log)
+        self.resumed_rows = checkpoint.state.get(METRICS_ROWS_KEY)
+
+    def open_metrics(self) -> MetricsLogger:
+        """The run's metrics writer (a `with` block), holding the rows of the checkpoint it continues from."""
+        return MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step,
+                             resume_rows=self.resumed_rows)
+
+    def checkpoint_state(self, **state) -> dict:
+        """`state` for a checkpoint's state.json, with the metrics rows written so far, which a resume keeps."""
+        return {"step": self.step, **state, METRICS_ROWS_KEY: self.logger.rows}
 
 
 def accumulate_step(accelerator, model, optimizer, compute_loss: Callable[[], torch.Tensor], *, lr: float,

@@ -21,15 +21,20 @@ class MetricsLogger:
     Use it as a `with` block: the TensorBoard writer is a thread, closed at the end of the block, errors included.
     """
 
-    def __init__(self, output_dir: Path, enabled: bool, hparams: dict | None = None, resume_step: int = 0):
+    def __init__(self, output_dir: Path, enabled: bool, hparams: dict | None = None, resume_step: int = 0,
+                 resume_rows: int | None = None):
+        """`resume_step` and `resume_rows`: the step of the checkpoint a run continues from and the rows the file
+        held when it was written (`rows`; None for checkpoints that did not record it)."""
         self.enabled = enabled
         self.writer = None
+        self.rows = 0
+        """Lines in metrics.jsonl (rank 0), which a checkpoint records."""
         # The keys plotted at the last step: an evaluation row repeats the epoch its log step's row plotted.
         self.plotted: tuple[int, set[str]] = (-1, set())
         if not enabled:
             return
         self.path = Path(output_dir) / "metrics.jsonl"
-        self._truncate_after(resume_step)
+        self._truncate_after(resume_step, resume_rows)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -41,12 +46,17 @@ class MetricsLogger:
             if hparams:  # at the step it starts from: a resumed run's settings may differ
                 self.writer.add_text("config", "```\n" + json.dumps(hparams, indent=1) + "\n```", resume_step)
 
-    def _truncate_after(self, step: int) -> None:
+    def _truncate_after(self, step: int, rows: int | None) -> None:
         """Drop lines logged after the checkpoint being resumed (a killed run may have logged past it, or left
-        a half-written line), so the file reads as one uninterrupted run."""
+        a half-written line), so the file reads as one uninterrupted run.
+
+        Lines of the checkpoint's own step can follow it too: an epoch that ends inside an accumulation is validated
+        at the step before, and the resumed run validates it again. Only the first `rows` are the checkpoint's.
+        """
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if 0 <= row_step(line) <= step]
+        kept = [line for line in self.path.read_text().splitlines() if 0 <= row_step(line) <= step][:rows]
+        self.rows = len(kept)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
@@ -56,6 +66,7 @@ class MetricsLogger:
             return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
+        self.rows += 1
         if self.writer is not None:
             step = metrics["step"]
             if self.plotted[0] != step:
