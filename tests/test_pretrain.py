@@ -759,6 +759,21 @@ def test_the_compile_time_of_the_first_step_is_logged_once(shards, tmp_path, mon
     assert len(logged) == 1 and logged[0].startswith("torch.compile: first step (compilation included) took 3600.")
 
 
+def test_a_run_started_again_before_its_first_checkpoint_hides_the_earlier_curves_in_tensorboard(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from mae_tnt.train.metrics import MetricsLogger
+
+    with MetricsLogger(tmp_path, True) as logger:  # killed before its first checkpoint
+        for step in (1, 2, 3):
+            logger.log({"step": step, "loss": 1.0})
+    with MetricsLogger(tmp_path, True) as logger:  # the same command again: nothing to resume
+        logger.log({"step": 1, "loss": 0.5})
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5)]
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
+
+
 def test_tensorboard_plots_each_curve_once_per_step_and_records_the_config_a_run_resumed_with(tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     from mae_tnt.train.metrics import MetricsLogger

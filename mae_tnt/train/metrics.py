@@ -40,9 +40,9 @@ class MetricsLogger:
         except ImportError:
             print("TensorBoard is not installed (pip install 'mae_tnt[tensorboard]'); writing metrics.jsonl only")
         else:
-            # Hides events past the checkpoint a resumed run continues from, as _truncate_after does for the JSONL.
-            purge = resume_step + 1 if resume_step else None
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
+            # Hides events past the checkpoint a resumed run continues from, as _truncate_after does for the JSONL;
+            # from step 1 when there is none (a run killed before its first checkpoint, started again).
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=resume_step + 1)
             if hparams:  # at the step it starts from: a resumed run's settings may differ
                 self.writer.add_text("config", "```\n" + json.dumps(hparams, indent=1) + "\n```", resume_step)
 
