@@ -73,7 +73,9 @@ class ModelConfig:
 
     def build_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `create_model`: only what the recipe sets beyond the registered defaults."""
-        kwargs: dict[str, Any] = {"img_size": self.img_size, "norm_pix_loss": self.norm_pix_loss}
+        # mask_ratio too: the reconstruction grids call the model without one
+        kwargs: dict[str, Any] = {"img_size": self.img_size, "norm_pix_loss": self.norm_pix_loss,
+                                  "mask_ratio": self.mask_ratio}
         for key in ("decoder_dim", "decoder_depth", "decoder_heads"):
             if getattr(self, key) is not None:
                 kwargs[key] = getattr(self, key)

@@ -759,6 +759,21 @@ def test_the_compile_time_of_the_first_step_is_logged_once(shards, tmp_path, mon
     assert len(logged) == 1 and logged[0].startswith("torch.compile: first step (compilation included) took 3600.")
 
 
+def test_reconstruction_grids_hide_the_recipes_mask_ratio(shards, tmp_path, monkeypatch):
+    import mae_tnt.train.recon as recon
+
+    hidden, reconstruct = [], recon.reconstruct
+
+    def recorded(model, images, noise):
+        hidden.append(model(images, noise=noise)[2].float().mean().item())
+        return reconstruct(model, images, noise)
+
+    monkeypatch.setattr(recon, "reconstruct", recorded)
+    Trainer(config(shards, tmp_path, "model.mask_ratio=0.25", "run.max_steps=1")).train()
+    assert hidden == [0.25]  # 4 of the 16 units of a 32-px image
+    assert (tmp_path / "recon" / "step_00000001.png").exists()
+
+
 def test_a_run_started_again_before_its_first_checkpoint_hides_the_earlier_curves_in_tensorboard(tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     from mae_tnt.train.metrics import MetricsLogger
