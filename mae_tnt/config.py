@@ -70,6 +70,9 @@ class ModelConfig:
         check_range("model.mask_ratio", self.mask_ratio, 0, 1, "()")
         check_range("model.word_mask_ratio", self.word_mask_ratio, 0, 1, "[)")
         check_range("model.drop_path", self.drop_path, 0, 1, "[)")
+        for key in ("decoder_dim", "decoder_depth", "decoder_heads"):
+            if getattr(self, key) is not None:
+                check_range(f"model.{key}", getattr(self, key), 1)
 
     def build_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `create_model`: only what the recipe sets beyond the registered defaults."""
@@ -128,6 +131,7 @@ class DataConfig:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError(f"data.mean and data.std need one value per RGB channel (std > 0), got {self.mean} "
                               f"and {self.std}")
+        check_range("data.max_image_pixels", self.max_image_pixels, 1)
 
 
 @dataclass
@@ -237,6 +241,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_knn(self.knn_k, self.knn_temperature, "eval.knn_")
         check_range("eval.knn_every", self.knn_every, 0)
+        check_bank_size("eval.knn_max_train", self.knn_max_train)
 
 
 def file_in_the_way(directory: str | Path) -> Path | None:
@@ -284,6 +289,16 @@ def check_knn(k: int, temperature: float, prefix: str) -> None:
         raise ConfigError(f"{prefix}k must be >= 1 and {prefix}temperature > 0, got {k} and {temperature}")
 
 
+def check_bank_size(key: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"{key} must be at least 1, or null for every train image, got {value}")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**63:  # torch.manual_seed's range
+        raise ConfigError(f"seed must be a whole number from 0 to 2**63 - 1, got {seed}")
+
+
 @dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -293,6 +308,9 @@ class PretrainConfig:
     run: PretrainRunConfig = field(default_factory=PretrainRunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_seed(self.seed)
 
 
 def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:

@@ -20,9 +20,11 @@ from .config import (
     OptimConfig,
     RunConfig,
     ScheduleConfig,
+    check_bank_size,
     check_knn,
     check_model_name,
     check_range,
+    check_seed,
 )
 
 MODES = ("finetune", "linprobe", "knn")
@@ -66,6 +68,10 @@ class FinetuneDataConfig(DataConfig):
     """Images per device per evaluation or feature batch; None = data.batch_size."""
     knn_max_train: int | None = None
     """kNN only: use at most this many train images for the feature bank (None = the whole split)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bank_size("data.knn_max_train", self.knn_max_train)
 
 
 @dataclass
@@ -175,6 +181,7 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "linprobe" and self.augment.active:

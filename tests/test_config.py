@@ -169,6 +169,10 @@ def test_a_section_override_merges_into_the_recipes_section(tmp_path):
     ("optim.grad_clip=0", r"optim.grad_clip must be in \(0, inf\), got 0.0"),
     ("model.drop_path=1.5", r"model.drop_path must be in \[0, 1\), got 1.5"),
     ("eval.knn_every=-1", r"eval.knn_every must be in \[0, inf\], got -1.0"),
+    ("eval.knn_max_train=0", r"eval.knn_max_train must be at least 1, or null for every train image, got 0"),
+    ("data.max_image_pixels=0", r"data.max_image_pixels must be in \[1, inf\], got 0"),
+    ("model.decoder_dim=0", r"model.decoder_dim must be in \[1, inf\], got 0"),
+    ("seed=99999999999999999999", r"seed must be a whole number from 0 to 2\*\*63 - 1, got 99999999999999999999"),
     ("run.recon_every=-5", r"run.recon_every must be in \[0, inf\], got -5"),
     ("model.name=vit_test_patch8_32", r"model.name='vit_test_patch8_32' is not a registered masked autoencoder \(it is "
                                       r"a classifier; the masked autoencoder of its encoder is mae_vit_test\)"),
