@@ -204,9 +204,9 @@ def test_all_visible_equals_full_forward_without_border_padding(dense_stem):
     torch.testing.assert_close(visible, torch.stack([full[b, ids_keep[b]] for b in range(2)]), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dense_stem", [False, True])
-def test_masked_pixels_do_not_change_encoder_output(dense_stem):
-    model = mae_tnt.create_model("mae_sret_test", img_size=128, dense_stem=dense_stem).train()
+@pytest.mark.parametrize("stem", [dict(dense_stem=False), dict(dense_stem=True), dict(encoder_mode="mask_tokens")])
+def test_masked_pixels_do_not_change_encoder_output(stem):
+    model = mae_tnt.create_model("mae_sret_test", img_size=128, **stem).train()
     images, noise = torch.randn(2, 3, 128, 128), torch.rand(2, model.grid**2)
     mask = model.forward_encoder(images, 0.75, noise)[1]
     hidden = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, model.unit**2 * 3))  # [B, 3, H, W], 1 = hidden
@@ -215,6 +215,19 @@ def test_masked_pixels_do_not_change_encoder_output(dense_stem):
         torch.manual_seed(0)  # the same random slices in both passes (train mode, BN on batch statistics)
         outputs.append(model.forward_encoder(pixels, 0.75, noise)[0])
     torch.testing.assert_close(outputs[0], outputs[1])
+
+
+def test_drop_path_rates_follow_the_official_assignment():
+    """Official SReT: a stage's applications j get rate * j / sum(depth), and its i-th unique block takes the i-th."""
+    depth, recursive_num, rate = (4, 10, 6), (2, 5, 3), 0.2
+    official, start = [], 0
+    for d, r in zip(depth, recursive_num, strict=True):
+        applications = [rate * j / sum(depth) for j in range(start, start + d)]  # the stage's `drop_path_prob`
+        official += applications[:r]  # unique block i: drop_path_prob[i]
+        start += d
+    model = mae_tnt.create_model("sret_s", drop_path_rate=rate)
+    rates = [getattr(block.drop_path, "drop_prob", 0.0) for stage in model.stages for block in stage.blocks]
+    assert rates == pytest.approx(official)
 
 
 @pytest.mark.parametrize("encoder_mode", ["visible", "mask_tokens"])

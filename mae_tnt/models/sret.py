@@ -218,10 +218,12 @@ class DepthwisePool(nn.Module):
 
 
 def _drop_path_rates(depth: Ints, recursive_num: Ints, rate: float) -> list[list[float]]:
-    """Per stage, per unique block: linear in the overall application index, taken at a block's first application."""
+    """Per stage, per unique block, as the official code assigns them: a stage's applications get rate * index /
+    sum(depth) by their overall index, and its i-th unique block takes the i-th of these, so the rates of a stage's
+    blocks stay near its first applications' (sret_s at 0.2: [0, .01], [.04 ... .08], [.14, .15, .16])."""
     total, rates, start = sum(depth), [], 0
     for d, r in zip(depth, recursive_num, strict=True):
-        rates.append([rate * (start + i * (d // r)) / max(total - 1, 1) for i in range(r)])
+        rates.append([rate * (start + i) / total for i in range(r)])
         start += d
     return rates
 
@@ -362,19 +364,25 @@ class SReT(nn.Module):
 
     def _dense_stem_units(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Stem on the whole image with hidden units zeroed, then the visible units' tokens: -> [B, K, C0, t, t]."""
+        visible = torch.zeros(images.shape[0], self.grid**2, device=images.device).scatter_(1, ids, 1.0)  # [B, L]
+        x = self.patch_embed(self._hide_pixels(images, visible)) + self.pos_embed  # [B, C0, h, w]
+        return gather_units(split_units(x, self.grid), ids)  # [B, K, C0, t, t]
+
+    def _hide_pixels(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] with the units where `visible` [B, L] is 0 zeroed: the stem's overlapping 3x3
+        convolutions (and its batch statistics) would otherwise carry hidden pixels into visible tokens."""
         b, g, u = images.shape[0], self.grid, self.unit
-        visible = torch.zeros(b, g * g, device=images.device, dtype=images.dtype).scatter_(1, ids, 1.0)  # [B, L]
-        pixels = visible.reshape(b, 1, g, 1, g, 1).expand(b, 1, g, u, g, u).reshape(b, 1, g * u, g * u)  # [B,1,H,W]
-        x = self.patch_embed(images * pixels) + self.pos_embed  # [B, C0, h, w]
-        return gather_units(split_units(x, g), ids)  # [B, K, C0, t, t]
+        pixels = visible.to(images.dtype).reshape(b, 1, g, 1, g, 1).expand(b, 1, g, u, g, u)  # [B, 1, g, u, g, u]
+        return images * pixels.reshape(b, 1, g * u, g * u)  # [B, 3, H, W]
 
     def forward_with_mask_tokens(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor):
-        """SimMIM-style baseline: hidden units' stem tokens become `mask_token` [1, 1, C0] on the full grid.
+        """SimMIM-style baseline: hidden units' stem tokens become `mask_token` [1, 1, C0] on the full grid, their
+        pixels zeroed before the stem (as for `dense_stem`).
 
         images [B, 3, H, W], mask [B, L] (1 = hidden) -> [B, L, D] in raster order.
         """
         check_images(images, self.grid, self.unit)
-        x = self.patch_embed(images)  # [B, C0, h, w]
+        x = self.patch_embed(self._hide_pixels(images, 1 - mask))  # [B, C0, h, w]
         b, c, h, w = x.shape
         g, t = self.grid, h // self.grid
         hidden = mask.bool().reshape(b, g, 1, g, 1).expand(b, g, t, g, t).reshape(b, h * w, 1)  # [B, h*w, 1]
