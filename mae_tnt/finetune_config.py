@@ -190,6 +190,9 @@ class FinetuneConfig:
                 "augment.reprob=0 augment.mixup=0 augment.cutmix=0 augment.label_smoothing=0 (see "
                 "recipes/linprobe_vit_b.yaml)"
             )
+        if self.mode == "finetune" and self.optim.name == "lars" and self.optim.layer_decay is not None:
+            raise ConfigError("LARS applies no layer-wise LR decay: set optim.layer_decay=null with optim.name=lars, "
+                              "or fine-tune with optim.name=adamw")
         if self.data.decode_device != "cpu":
             raise ConfigError("data.decode_device must be cpu for downstream runs: RandAugment works on PIL images, "
                               "so samples are decoded and augmented in the loader workers")

@@ -113,6 +113,7 @@ def test_linear_probe_refuses_fine_tuning_augmentation():
     ("optim.min_lr=inf", r"`optim.min_lr` must be a finite number, got 'inf'"),
     ("data.knn_max_train=-1", r"data.knn_max_train must be at least 1, or null for every train image, got -1"),
     ("seed=-1", r"seed must be a whole number from 0 to 2\*\*63 - 1, got -1"),
+    ("optim.name=lars", r"LARS applies no layer-wise LR decay: set optim.layer_decay=null with optim.name=lars"),
 ])
 def test_bad_downstream_values_fail_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -770,7 +771,7 @@ def test_a_resume_refuses_another_optimizer_or_other_parameter_groups(tmp_path, 
     FinetuneRun(demo_config(tmp_path, "run.max_steps=1", "data.val=null")).train()
     with pytest.raises(ResumeError, match=r"trained with optim.name=adamw, whose state does not carry over to "
                                           r"optim.name=lars; set it back to continue"):
-        FinetuneRun(demo_config(tmp_path, "optim.name=lars"))
+        FinetuneRun(demo_config(tmp_path, "optim.name=lars", "optim.layer_decay=null"))
     with pytest.raises(ResumeError, match=r"holds optimizer state for other parameter groups than this recipe's "
                                           r"\(.*\); set optim.layer_decay and what the model trains back"):
         FinetuneRun(demo_config(tmp_path, "optim.layer_decay=null"))
