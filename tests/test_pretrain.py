@@ -212,6 +212,23 @@ def test_a_truncated_val_shard_is_warned_about_by_pretraining_and_by_visualize(s
     assert f"warning: {victim}: " in capsys.readouterr().err
 
 
+def test_every_log_row_has_the_gradient_norm_that_clipping_measures_and_measuring_it_changes_nothing(shards,
+                                                                                                      tmp_path):
+    from safetensors.torch import load_file
+
+    runs = {"every": ["run.log_every=1"], "every 3": ["run.log_every=3"],
+            "clipped": ["run.log_every=1", "optim.grad_clip=1e9"]}  # a clip that never bites
+    for name, overrides in runs.items():
+        Trainer(config(shards, tmp_path / name, "run.max_steps=4", "run.checkpoint_every=100", *overrides)).train()
+    norms = {name: {row["step"]: row["grad_norm"] for row in metrics(tmp_path / name) if "loss" in row}
+             for name in runs}
+    assert list(norms["every"]) == [1, 2, 3, 4] and all(norm > 0 for norm in norms["every"].values())
+    assert norms["every"] == pytest.approx(norms["clipped"], rel=1e-6)
+    assert norms["every 3"] == {step: norms["every"][step] for step in (3, 4)}
+    weights = [load_file(tmp_path / name / "checkpoints/step_00000004/model.safetensors") for name in runs]
+    assert all(torch.equal(weights[0][key], other[key]) for other in weights[1:] for key in weights[0])
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_continues_with_identical_losses_and_lrs(shards, tmp_path, workers):
     """Killed mid-epoch after its step-12 checkpoint (epoch = 16 steps, log rows every 5), the resumed run logs the

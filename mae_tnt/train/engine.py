@@ -199,7 +199,7 @@ class Trainer(TrainingRun):
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.step = 0
         self.window = Window(self.acc.device)
-        self.grad_norm: torch.Tensor | None = None  # the last clipped step's gradient norm, logged when known
+        self.grad_norm: torch.Tensor | None = None  # measured at clipped steps and log steps, logged when known
         claim_run_directory(self.out, self.acc)  # once the run is known to start: a refused one leaves no folder
         with given_back_on_failure(self.out):  # nor does one whose set-up fails
             checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)  # before any write
@@ -238,7 +238,7 @@ class Trainer(TrainingRun):
             images = images.to(self.input_dtype)
         loss, grad_norm = accumulate_step(
             self.acc, self.model, self.optimizer, lambda: self.model(images, mask_ratio=self.cfg.model.mask_ratio)[0],
-            lr=self.lr(self.step), grad_clip=self.cfg.optim.grad_clip)
+            lr=self.lr(self.step), grad_clip=self.cfg.optim.grad_clip, measure_norm=self.log_due(self.step + 1))
         if grad_norm is not None:
             self.grad_norm = grad_norm
         return loss

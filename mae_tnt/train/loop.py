@@ -3,6 +3,7 @@ windows, data-wait timing, the non-finite loss guard and SIGTERM handling that a
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -180,8 +181,10 @@ class TrainingRun:
             bar.update(1)
         return micro + 1
 
-    def log_due(self) -> bool:
-        return self.step % self.cfg.run.log_every == 0 or self.step == self.plan.stop_step
+    def log_due(self, step: int | None = None) -> bool:
+        """Whether optimizer step `step` (by default the one just taken) closes a log window."""
+        step = self.step if step is None else step
+        return step % self.cfg.run.log_every == 0 or step == self.plan.stop_step
 
     def close_log_window(self, bar) -> dict:
         """The metrics row of the window that this optimizer step closes, once every rank's losses are finite.
@@ -225,10 +228,10 @@ class TrainingRun:
 
 
 def accumulate_step(accelerator, model, optimizer, compute_loss: Callable[[], torch.Tensor], *, lr: float,
-                    grad_clip: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    grad_clip: float | None, measure_norm: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One micro-step under accelerate's accumulation: the optimizer steps on accumulation boundaries only.
 
-    Returns the detached loss and, on a clipped boundary step, the gradient norm.
+    Returns the detached loss and, on a boundary step that clips or `measure_norm`, the gradient norm.
     """
     grad_norm = None
     with accelerator.accumulate(model):
@@ -237,8 +240,9 @@ def accumulate_step(accelerator, model, optimizer, compute_loss: Callable[[], to
         with accelerator.autocast():
             loss = compute_loss()
         accelerator.backward(loss)
-        if accelerator.sync_gradients and grad_clip:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        if accelerator.sync_gradients and (grad_clip or measure_norm):
+            # An infinite max_norm only measures (gradients scaled by exactly 1), unscaled from fp16 as clipping is.
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return loss.detach(), grad_norm
