@@ -2,18 +2,22 @@
 
 import io
 import random
+import tarfile
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shard_utils import write_shards
+from shard_utils import encode_png, write_shards
 
 from mae_tnt.config import DataConfig
 from mae_tnt.data.device_decode import DeferredCrop, EncodedCrop, decode_batch
+from mae_tnt.data.info import update_split
 from mae_tnt.data.loader import build_train_stream, mae_transform
-from mae_tnt.data.shards import StreamError
+from mae_tnt.data.shards import StreamError, resolve_shards
+from mae_tnt.data.stream import ShardStream
 from mae_tnt.data.transforms import decode_jpeg, train_crop
 
 
@@ -53,11 +57,33 @@ def test_corrupt_jpeg_data_is_dropped_and_counted():
     transform = DeferredCrop(48, (0.2, 1.0))
     good = transform(jpeg(0), random.Random(0))
     broken = jpeg(1)
-    bad = EncodedCrop(torch.frombuffer(bytearray(broken[:300] + bytes(200)), dtype=torch.uint8), good.box, False)
+    bad = EncodedCrop(broken[:300] + bytes(200), good.box, False)
     images, dropped = decode_batch([good, bad, good], 48, torch.device("cpu"))
     assert images.shape[0] == 2 and dropped == 1
     with pytest.raises(StreamError, match="none of the 2 JPEGs of a batch decodes; .* data.decode_device=cpu"):
         decode_batch([bad, bad], 48, torch.device("cpu"))
+
+
+def test_a_batch_mixing_jpegs_and_other_images_decodes_as_on_the_cpu_path(tmp_path):
+    with tarfile.open(tmp_path / "train-000000.tar", "w") as tar:
+        for i in range(8):  # a PNG first, so the worker's batch starts with an image it decoded itself
+            field, data = ("png", encode_png(i, size=40)) if i % 2 == 0 else ("jpg", jpeg(i))
+            for name, payload in {field: data, "cls": b"0"}.items():
+                member = tarfile.TarInfo(f"s{i:06d}.{name}")
+                member.size = len(payload)
+                tar.addfile(member, io.BytesIO(payload))
+    update_split(tmp_path, "train", ["train-000000.tar"], [8], classes=["0"])
+
+    def batches(transform) -> list[dict]:
+        return list(ShardStream(resolve_shards(str(tmp_path)), batch_size=4, transform=transform, seed=0, chunk=8))
+
+    deferred = batches(DeferredCrop(32, (0.2, 1.0)))
+    # Encoded JPEGs leave the worker as bytes: a shared-memory tensor each would hold a file descriptor apiece
+    assert {type(item.data) for batch in deferred for item in batch["images"] if isinstance(item, EncodedCrop)} == {
+        bytes}
+    decoded = [decode_batch(batch["images"], 32, torch.device("cpu"))[0] for batch in deferred]
+    on_cpu = [batch["images"] for batch in batches(partial(train_crop, size=32, scale=(0.2, 1.0)))]
+    assert len(decoded) == 2 and all(torch.equal(a, b) for a, b in zip(decoded, on_cpu, strict=True))
 
 
 def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(monkeypatch):

@@ -196,7 +196,8 @@ class RoleStream:
                 continue
             labels.append(label_of(sample))
             keys.append(sample["__key__"])
-        stacked = stack_images(images) if isinstance(images[0], torch.Tensor) else images  # deferred: decoded on device
+        # Deferred decoding leaves JPEGs encoded (decoded on the device) among other images decoded here
+        stacked = stack_images(images) if all(isinstance(image, torch.Tensor) for image in images) else images
         breaks, self.breaks = self.breaks, []
         return {"images": stacked, "labels": torch.tensor(labels, dtype=torch.long), "keys": keys,
                 "role": self.role, "position": self.position, "skipped": skipped, "skips": skips, "breaks": breaks}
