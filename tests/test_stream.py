@@ -169,6 +169,25 @@ def test_skipped_samples_are_named_with_their_reason_up_to_a_cap(tmp_path, monke
     assert named[-1].endswith("; further skips are only counted (skipped_samples in the metrics)")
 
 
+def test_a_shard_damaged_without_changing_its_size_is_named_when_training_meets_the_break(tmp_path):
+    """The start of training trusts a shard of its recorded size without reading it (bit rot keeps the size)."""
+    write_shards(tmp_path, [8, 8])
+    names = ["train-000000.tar", "train-000001.tar"]
+    update_split(tmp_path, "train", names, [8, 8], shard_bytes=[(tmp_path / name).stat().st_size for name in names])
+    victim = tmp_path / names[0]
+    data = bytearray(victim.read_bytes())
+    data[data.find(b"s000003.png") + 148] ^= 0x11  # a byte of that member's header checksum
+    victim.write_bytes(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stream = stream_for(resolve_shards(str(tmp_path)), batch=4)
+        consume(stream)
+    messages = [str(w.message) for w in caught]
+    assert stream.state.skipped >= 5  # s000003 to s000007
+    assert any(re.match(rf"{re.escape(str(victim))} broke \(.+\); its samples after the break are skipped and "
+                        r"counted", message) for message in messages), messages
+
+
 def test_a_truncated_shard_is_warned_about_then_skipped_and_counted(tmp_path):
     write_shards(tmp_path, [8, 8, 8, 8])
     victim = tmp_path / "train-000001.tar"

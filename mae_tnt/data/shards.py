@@ -229,6 +229,12 @@ def _needs_scan(shard: Shard) -> bool:
     return local_path(shard.url).stat().st_size != shard.num_bytes
 
 
+def scanned_at_start(shard: Shard) -> bool:
+    """Whether the start of training read this shard's tar headers (`_verify_counts`), and so warned about a break
+    in it then."""
+    return shard.recorded and _needs_scan(shard)
+
+
 def _warn_broken(err: InfoError, consequence: str) -> None:
     """Training goes on without a broken shard's lost samples: one bad file should not stop a long run."""
     warnings.warn(f"{_one_line(err)}. Until then, {consequence}", stacklevel=2)
@@ -280,10 +286,11 @@ def _report_break(url: str, reason: str, on_break: Callable[[str], None] | None)
         warnings.warn(warning, stacklevel=2)
 
 
-def break_warning(url: str, reason: str) -> str | None:
-    """What to tell the user about a shard that broke while read; None for a local file, checked before training
-    and a truncated one warned about then."""
-    return None if is_local(url) else f"{url} broke ({reason}); its samples after the break are skipped"
+def break_warning(url: str, reason: str, warned_at_start: bool | None = None) -> str | None:
+    """What to tell the user about a shard that broke while read; None when the start of training has warned about
+    it (by default: for any local file, which is checked then)."""
+    warned = is_local(url) if warned_at_start is None else warned_at_start
+    return None if warned else f"{url} broke ({reason}); its samples after the break are skipped"
 
 
 def _tar_samples(source: str | IO[bytes], start: int) -> Iterator[dict[str, bytes]]:

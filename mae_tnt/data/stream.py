@@ -6,7 +6,9 @@ batches, so all ranks run the same number of steps and never hang on uneven shar
 two workers see the same sample. The ranges start at an epoch-seeded offset and wrap around the sequence's end, so
 the samples left over (fewer than a batch per worker) are other ones every epoch, even when one shard holds them
 all. A worker reads its range in chunks, shuffles each chunk with a seeded permutation, and batches inside the
-worker. A corrupt image is skipped, counted, and replaced by the next sample of the stream, so batches stay full.
+worker. A corrupt image is skipped, counted, and replaced by the next sample of the stream, so batches stay full:
+that sample lies past the worker's range (the next range, wrapping around), so each corrupt sample makes one good
+one appear twice in the epoch.
 
 Every batch carries its role (which range it came from) and the worker's stream position after it. `StreamState`
 keeps the latest position per role; a resumed loader fast-forwards each role to its position by reading raw tar
@@ -31,7 +33,16 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..text import counted
 from .images import BadImageError, image_bytes
-from .shards import SampleWarning, Shard, ShardError, StreamError, break_warning, is_local, read_samples
+from .shards import (
+    SampleWarning,
+    Shard,
+    ShardError,
+    StreamError,
+    break_warning,
+    is_local,
+    read_samples,
+    scanned_at_start,
+)
 from .transforms import stack_images
 
 SampleTransform = Callable[[bytes, random.Random], object]
@@ -180,7 +191,7 @@ class RoleStream:
         self.pending: list[tuple[int, dict]] = []
         self._reader: tuple[str, int, Iterator[dict]] = ("", -1, iter(()))
         self.last_break: tuple[str, str] | None = None  # (url, reason) of the last shard that broke: why samples went
-        self.breaks: list[str] = []  # remote or pipe: shards that broke since the last batch, to warn about
+        self.breaks: list[str] = []  # shards that broke since the last batch, to warn about (`_note_break`)
 
     def next_batch(self) -> dict:
         images, labels, keys, skips, skipped = [], [], [], [], 0
@@ -279,7 +290,7 @@ class RoleStream:
         """
         url, next_offset, reader = self._reader
         if url != shard.url or next_offset != offset:
-            reader = read_samples(shard.url, start=offset, on_break=partial(self._note_break, shard.url),
+            reader = read_samples(shard.url, start=offset, on_break=partial(self._note_break, shard),
                                   expected=shard.num_samples)
         samples: list[dict | None] = []
         try:
@@ -290,9 +301,11 @@ class RoleStream:
         self._reader = (shard.url, offset + count, reader)
         return samples + [None] * (count - len(samples))
 
-    def _note_break(self, url: str, reason: str) -> None:
-        self.last_break = (url, reason)
-        if warning := break_warning(url, reason):
+    def _note_break(self, shard: Shard, reason: str) -> None:
+        """Remember why samples went missing; warn about a break the start of training did not find (a remote or
+        `pipe:` shard, a local one it trusted by its size or did not check)."""
+        self.last_break = (shard.url, reason)
+        if warning := break_warning(shard.url, reason, warned_at_start=scanned_at_start(shard)):
             self.breaks.append(f"{warning} and counted (skipped_samples in the metrics)")
 
 
