@@ -1,6 +1,7 @@
 """Downstream runs: recipes, layer-decay groups, init sources with exact key checks, position-embedding resampling,
 reproducible augmentation, a demo fine-tune above chance with exact resume, and a frozen linear probe."""
 
+import copy
 import errno
 import importlib.util
 import itertools
@@ -607,6 +608,28 @@ def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_in_eval_mode(tm
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked", "head.1.weight",
                        "head.1.bias"}
+
+
+def test_the_sret_stem_statistics_are_refit_on_real_images_only(tmp_path):
+    from mae_tnt.data.loader import eval_batches
+    from mae_tnt.data.transforms import normalize
+    from mae_tnt.models.sret import reestimate_batchnorm
+    from mae_tnt.train.finetune import refit_stem_norms
+
+    write_shards(tmp_path / "shards", [6], size=64, corrupt=frozenset({1, 2}))
+    cfg = demo_config(tmp_path / "run", f"data.train={tmp_path / 'shards'}", "data.batch_size=4",
+                      "model.bn_reestimate_batches=5", recipe="demo_finetune_sret.yaml")
+    refit = create_model("sret_test", num_classes=10)
+    reference = copy.deepcopy(refit)
+    logged = []
+    refit_stem_norms(refit, cfg, torch.device("cpu"), logged.append)
+    # Batch 1 holds samples 0 and 3 (1 and 2 do not decode), batch 2 samples 4 and 5 then two rows of padding.
+    images = next(eval_batches(resolve_shards(str(tmp_path / "shards")), 64, 6))[0]
+    good = [normalize(images[rows], cfg.data.mean, cfg.data.std) for rows in ([0, 1], [2, 3])]
+    assert reestimate_batchnorm(reference, good) == 4
+    assert logged[0].startswith("init: re-estimated the stem BatchNorm statistics on 4 whole 64-px train images")
+    for key, value in reference.patch_embed.state_dict().items():
+        torch.testing.assert_close(refit.patch_embed.state_dict()[key], value)
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")

@@ -166,7 +166,9 @@ def refit_stem_norms(model: nn.Module, cfg: FinetuneConfig, device: torch.device
     shards = data_shards(data, "train", verify=False)
     batches = itertools.islice(eval_batches(shards, cfg.model.img_size, data.batch_size),
                                cfg.model.bn_reestimate_batches)
-    seen = reestimate_stem_norms(model, (normalize(images.to(device), data.mean, data.std) for images, _ in batches))
+    # Rows labelled -1 pad a batch past the split's end or in place of an undecodable image: zeros, not data
+    real = (images[labels >= 0] for images, labels in batches if (labels >= 0).any())
+    seen = reestimate_stem_norms(model, (normalize(images.to(device), data.mean, data.std) for images in real))
     log(f"init: re-estimated the stem BatchNorm statistics on {seen} whole {cfg.model.img_size}-px train images "
         f"(model.bn_reestimate_batches={cfg.model.bn_reestimate_batches})")
 
