@@ -468,19 +468,21 @@ def test_members_outside_samples_are_skipped_alike_when_counting_and_reading(tmp
 
 
 @pytest.mark.parametrize("size", [32, 224])  # 32: floor(32 / 0.875) = 36 px, not 36.57
-def test_evaluation_images_are_timms_evaluation_transform(size):
+@pytest.mark.parametrize("portrait", [False, True])
+def test_evaluation_images_are_timms_evaluation_transform(size, portrait):
     import numpy as np
     from PIL import Image
     from timm.data import create_transform
 
-    yy, xx = np.mgrid[0 : size * 5 // 4, 0 : size * 3 // 2]  # [H, W]: stripes, which show any sub-pixel shift
+    shape = (size * 3 // 2, size * 5 // 4) if portrait else (size * 5 // 4, size * 3 // 2)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]  # [H, W]: stripes, which show any sub-pixel shift
     image = Image.fromarray(np.stack([xx * 64 % 256, yy * 64 % 256, (xx + yy) * 32 % 256], axis=-1).astype(np.uint8))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     timm_eval = create_transform(size, crop_pct=0.875, interpolation="bicubic", is_training=False)
     expected = torch.from_numpy(np.array(timm_eval.transforms[1](timm_eval.transforms[0](image)))).permute(2, 0, 1)
     ours = eval_resize(buffer.getvalue(), size)  # uint8 [3, S, S]; timm's Resize + CenterCrop, before ToTensor
-    assert ours.shape == expected.shape and (ours.int() - expected.int()).abs().max() <= 1  # rounding only
+    assert torch.equal(ours, expected)
 
 
 def test_loader_workers_survive_a_sigterm_that_reaches_them_as_they_start(even, monkeypatch):
