@@ -23,10 +23,19 @@ BANK_LABELS = torch.tensor([0, 1, 1])
 QUERY = torch.tensor([[1.0, 0.0]])  # cosine similarities to the bank: 1.0, 0.0, 0.6
 
 
-def test_votes_are_exp_similarity_over_temperature():
+def test_votes_are_exp_similarity_over_temperature_with_the_nearest_weighing_one():
     scores = knn_scores(BANK, BANK_LABELS, QUERY, k=3, temperature=0.1, num_classes=2)
-    expected = torch.tensor([[math.exp(1.0 / 0.1), math.exp(0.0 / 0.1) + math.exp(0.6 / 0.1)]])
+    expected = torch.tensor([[math.exp(1.0 / 0.1), math.exp(0.0 / 0.1) + math.exp(0.6 / 0.1)]]) / math.exp(1.0 / 0.1)
     torch.testing.assert_close(scores, expected)
+
+
+def test_a_low_temperature_keeps_the_votes_finite_and_ranked():
+    # exp(1 / 0.005) overflows float32: unscaled, both classes would tie at inf. Scaled, class 1's two neighbours at
+    # cosine 0.999 outvote class 0's one at 1.0 (2 e^-0.2 > 1).
+    near = math.sqrt(1 - 0.999**2)
+    bank = torch.tensor([[1.0, 0.0], [0.999, near], [0.999, -near]])
+    scores = knn_scores(bank, torch.tensor([0, 1, 1]), QUERY, k=3, temperature=0.005, num_classes=2)
+    assert torch.isfinite(scores).all() and scores.argmax().item() == 1
 
 
 def test_weighting_beats_majority_and_a_high_temperature_restores_it():
@@ -37,7 +46,7 @@ def test_weighting_beats_majority_and_a_high_temperature_restores_it():
 
 def test_k_limits_the_voters():
     scores = knn_scores(BANK, BANK_LABELS, QUERY, k=1, temperature=0.1, num_classes=2)
-    torch.testing.assert_close(scores, torch.tensor([[math.exp(10.0), 0.0]]))
+    torch.testing.assert_close(scores, torch.tensor([[1.0, 0.0]]))
 
 
 def test_votes_are_float32_inside_a_bf16_autocast_region():

@@ -82,7 +82,9 @@ def extract_features(forward: Callable[[torch.Tensor], torch.Tensor], batches: B
 
 def knn_scores(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, *, k: int, temperature: float,
                num_classes: int, chunk: int = 512) -> torch.Tensor:
-    """Class votes [Q, C] of weighted k-NN: each of the k nearest bank rows adds exp(cos / T) to its class.
+    """Class votes [Q, C] of weighted k-NN: each of the k nearest bank rows adds exp(cos / T) to its class, scaled by
+    exp(-max cos / T) per query, which ranks the classes alike and keeps the weights finite (exp(1 / 0.01) is past
+    float32's range, and MAE features often lie at a cosine near 1 from their neighbours).
 
     bank [N, D] and queries [Q, D] must be L2-normalised; queries are scored in chunks to bound memory. Scoring is in
     float32 even inside a bf16/fp16 autocast region, which would round similarities (and so reorder neighbours) and
@@ -93,7 +95,7 @@ def knn_scores(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Ten
         with torch.autocast(queries.device.type, enabled=False):
             sim = queries[start : start + chunk] @ bank.T  # [q, N] cosine similarities
         top_sim, top_idx = sim.topk(min(k, bank.shape[0]), dim=1)  # [q, k]
-        weights = (top_sim / temperature).exp()  # [q, k]
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()  # [q, k]; topk sorts, so column 0 is the max
         neighbours = bank_labels[top_idx]  # [q, k]
         votes.append(torch.zeros(sim.shape[0], num_classes, device=sim.device).scatter_add_(1, neighbours, weights))
     return torch.cat(votes)  # [Q, C]
