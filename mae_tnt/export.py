@@ -116,9 +116,11 @@ def build_checked(info: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
-def export(checkpoint: str | Path, out: str | Path, model_name: str | None = None, img_size: int | None = None) -> dict:
-    """Write OUT/model.safetensors and OUT/config.json; returns the config. `img_size` is needed for bare weights
-    trained at another size than the model's default (a checkpoint's state.json records its own)."""
+def export(checkpoint: str | Path, out: str | Path, model_name: str | None = None, img_size: int | None = None,
+           global_pool: str | None = None) -> dict:
+    """Write OUT/model.safetensors and OUT/config.json; returns the config. For bare weights, which carry no
+    description, `img_size` gives the size they were trained at when it is not the model's default, and `global_pool`
+    the pooling where the weights do not show it (a checkpoint's state.json records both)."""
     given, checkpoint, out = Path(checkpoint), resolve_checkpoint(checkpoint), Path(out)
     check_export_directory(out, given, checkpoint)
     raw, meta = read_source(checkpoint)
@@ -126,7 +128,11 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
     state_dict = fold_probe_head(state_dict)
     info = describe(meta, model_name, state_dict)
     info["img_size"] = img_size or info["img_size"]
+    info["global_pool"] = global_pool or info["global_pool"]
     model = build_checked(info, state_dict)
+    if isinstance(model, TNT) and model.num_classes and not meta and global_pool is None:
+        raise CheckpointError("TNT's weights do not show the pooling its head was trained with: pass --global-pool "
+                              "token (timm's and the official default) or --global-pool avg (MAE-style fine-tuning)")
     timm_name, timm_kwargs = timm_spec(model, info["model"])
     info.update(img_size=model.grid * model.unit, global_pool=getattr(model, "global_pool", info["global_pool"]))
     config = {**info, "timm_name": timm_name, "timm_kwargs": timm_kwargs,
@@ -188,8 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img-size", type=int, default=None,
                         help="image size the weights were trained at (for weights without state.json, when it is "
                              "not the model's default)")
+    parser.add_argument("--global-pool", choices=("token", "avg"), default=None,
+                        help="pooling the weights were trained with (for weights without state.json; needed for a "
+                             "TNT classifier, whose weights do not show it)")
     args = parser.parse_args(argv)
-    config = report_user_errors(lambda: export(args.checkpoint, args.out, args.model, args.img_size))
+    config = report_user_errors(lambda: export(args.checkpoint, args.out, args.model, args.img_size,
+                                               args.global_pool))
     if config is None:
         return 1
     print(f"exported {config['kind']} {config['model']} ({config['num_classes']} classes, {config['img_size']} px) "

@@ -152,6 +152,22 @@ def test_an_export_exports_again_and_bare_weights_export_as_trained_or_not_at_al
     assert_same_tensors(ours, tmp_path / "bare48" / "model.safetensors")
 
 
+def test_bare_tnt_classifier_weights_need_their_pooling_and_export_with_it(tool, tmp_path, capsys):
+    ours = create_model("tnt_test_patch8_32", num_classes=5, global_pool="avg").eval()
+    save_file(ours.state_dict(), tmp_path / "tnt.safetensors")  # `norm` is there under either pooling
+    assert tool.main([str(tmp_path / "tnt.safetensors"), str(tmp_path / "refused"), "--model",
+                      "tnt_test_patch8_32"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: TNT's weights do not show the pooling its head was trained with: pass --global-pool token (timm's "
+        "and the official default) or --global-pool avg (MAE-style fine-tuning)")
+    config = tool.export(tmp_path / "tnt.safetensors", tmp_path / "out", "tnt_test_patch8_32", global_pool="avg")
+    model = timm.create_model(config["timm_name"], pretrained=True, **config["timm_kwargs"],
+                              pretrained_cfg_overlay=local_file(tmp_path / "out" / "model.safetensors") | {
+                                  "num_classes": 5}).eval()
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(images), ours(images))
+
+
 def test_linear_probe_export_folds_the_batchnorm_into_the_head(tool, tmp_path):
     probe = create_model("vit_test_patch8_32", num_classes=10, global_pool="token")
     head = attach_probe_head(probe)
