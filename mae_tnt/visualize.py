@@ -20,7 +20,7 @@ from pathlib import Path
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .cli import quiet_on_ctrl_c, report_user_errors
-from .config import ModelConfig
+from .config import ModelConfig, file_in_the_way
 from .data.loader import first_images
 from .data.shards import resolve_shards
 from .models import create_model, load_weights
@@ -39,7 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--info", default=None,
                         help="local _info.json (or its directory) giving the sample counts of remote SHARDS URLs")
     parser.add_argument("--allow-pipe", action="store_true", help="allow pipe: SHARDS URLs, which run a shell command")
-    parser.add_argument("--out", type=Path, default=None, help="defaults to RUN/recon/step_N_SPLIT.png")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="a .png or .jpg file, or a directory for step_N_SPLIT.png; defaults to "
+                             "RUN/recon/step_N_SPLIT.png")
     parser.add_argument("--count", type=int, default=8, help="images shown (>= 1)")
     parser.add_argument("--mask-ratio", type=float, default=None, help="in [0, 1); defaults to the run's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shown masks")
@@ -56,10 +58,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--count must be >= 1, got {args.count}")
     if args.mask_ratio is not None and not 0 <= args.mask_ratio < 1:
         parser.error(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.out is not None and not args.out.is_dir() and args.out.suffix.lower() not in GRID_SUFFIXES:
+        parser.error(f"--out must be a .png or .jpg file or a directory, got {args.out}")
+    if args.out is not None and (blocker := file_in_the_way(args.out.parent)):
+        parser.error(f"--out {args.out} cannot be written: {blocker} is a file")
     if args.model is None and (args.img_size is not None or args.norm_pix is not None):
         parser.error("--img-size and --[no-]norm-pix describe weights named with --model; a run's checkpoint gives "
                      "its own")
     return 0 if report_user_errors(lambda: visualize(args)) is not None else 1
+
+
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def visualize(args: argparse.Namespace) -> dict:
@@ -80,7 +89,9 @@ def visualize(args: argparse.Namespace) -> dict:
     model = create_model(state["model"], img_size=model_cfg["img_size"], norm_pix_loss=model_cfg["norm_pix_loss"],
                          mask_ratio=ratio)
     load_weights(model, raw)
-    out = args.out or default_output(checkpoint, args.split)
+    out = default_output(checkpoint, args.split)
+    if args.out is not None:
+        out = args.out / out.name if args.out.is_dir() else args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     shards = resolve_shards(args.shards, args.split, allow_pipe=args.allow_pipe, info=args.info,
                             split_key="--split")  # warns about a truncated shard

@@ -168,8 +168,13 @@ def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys
     printed = capsys.readouterr().out
     assert "note: the val split has only 16 readable images to show of the 20 asked" in printed
     assert "(masked-patch loss n/a, nothing is hidden at mask ratio 0.0)" in printed
+    assert visualize_main([str(tmp_path), str(shards), "--count", "2", "--out", str(tmp_path)]) == 0  # a directory
+    assert f"wrote {tmp_path / 'step_00000004_val.png'} " in capsys.readouterr().out
+    (tmp_path / "a_file").write_text("")
     for bad, message in ((["--count", "0"], "--count must be >= 1, got 0"),
-                         (["--mask-ratio", "1"], "--mask-ratio must be in [0, 1), got 1.0")):
+                         (["--mask-ratio", "1"], "--mask-ratio must be in [0, 1), got 1.0"),
+                         (["--out", "grid.txt"], "--out must be a .png or .jpg file or a directory, got grid.txt"),
+                         (["--out", str(tmp_path / "a_file" / "g.png")], f"{tmp_path / 'a_file'} is a file")):
         with pytest.raises(SystemExit):  # argparse's usage error (status 2), before any work
             visualize_main([str(tmp_path), str(shards), *bad])
         assert message in capsys.readouterr().err
