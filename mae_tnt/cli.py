@@ -77,23 +77,30 @@ PREEMPTED_EXIT = 128 + 15
 INTERRUPTED_EXIT = 128 + 2  # likewise for Ctrl-C (SIGINT)
 
 
-def quiet_on_ctrl_c(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """`main`, ending with one line instead of a traceback on Ctrl-C, which may come at any time: while torch is
-    imported as well as between steps."""
-
-    @wraps(main)
-    def main_without_traceback(argv: list[str] | None = None) -> int:
-        try:
-            return main(argv)
-        except KeyboardInterrupt:
-            if is_local_main_process():  # Ctrl-C reaches every process of the terminal's node
-                print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
-            raise SystemExit(INTERRUPTED_EXIT) from None
-
-    return main_without_traceback
+Main = Callable[[list[str] | None], int]
 
 
-@quiet_on_ctrl_c
+def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the last checkpoint"
+                    ) -> Callable[[Main], Main]:
+    """A decorator: `main` ends with `interrupted; {advice}` instead of a traceback on Ctrl-C, which may come at any
+    time: while torch is imported as well as between steps."""
+
+    def decorate(main: Main) -> Main:
+        @wraps(main)
+        def main_without_traceback(argv: list[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except KeyboardInterrupt:
+                if is_local_main_process():  # Ctrl-C reaches every process of the terminal's node
+                    print(f"interrupted; {advice}", file=sys.stderr)
+                raise SystemExit(INTERRUPTED_EXIT) from None
+
+        return main_without_traceback
+
+    return decorate
+
+
+@quiet_on_ctrl_c()
 def run_pretrain(argv: list[str]) -> int:
     cfg = load_recipe(PretrainConfig, argv, "pretrain.py")
     from .train.engine import pretrain  # heavy imports only once the config is valid

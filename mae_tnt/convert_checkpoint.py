@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import quiet_on_ctrl_c
 from .config import file_in_the_way
 from .models import create_model, load_weights, read_state_dict
 from .models.loading import CheckpointError, fitting_build_kwargs, fold_probe_head, save_weights, unwrap_state_dict
@@ -87,6 +88,7 @@ def pooling_note(model: torch.nn.Module) -> str | None:
     return None
 
 
+@quiet_on_ctrl_c("run the same command again to convert")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
     parser.add_argument("src", type=Path, help="foreign checkpoint (.pth, .pth.tar, .bin or .safetensors)")

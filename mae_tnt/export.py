@@ -185,7 +185,7 @@ def timm_call(timm_name: str | None, timm_kwargs: dict, info: dict, file: Path) 
     return f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay={overlay!r}, **{timm_kwargs!r})"
 
 
-@quiet_on_ctrl_c
+@quiet_on_ctrl_c("run the same command again to export")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
     parser.add_argument("checkpoint", help="checkpoint directory (pretraining, fine-tune, best/) or weights file")

@@ -7,7 +7,7 @@ from .finetune_config import FinetuneConfig
 from .text import counted
 
 
-@quiet_on_ctrl_c
+@quiet_on_ctrl_c()
 def run_finetune(argv: list[str]) -> int:
     cfg = load_recipe(FinetuneConfig, argv, "finetune.py")
     from .train.finetune import finetune  # heavy imports only once the config is valid

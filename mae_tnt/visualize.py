@@ -30,7 +30,7 @@ from .train.init import read_source
 from .train.recon import write_reconstructions
 
 
-@quiet_on_ctrl_c
+@quiet_on_ctrl_c("run the same command again to draw the grid")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
     parser.add_argument("checkpoint", type=Path, help="checkpoints/step_* directory or run directory of a pretraining")

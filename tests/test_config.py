@@ -372,22 +372,27 @@ def test_ctrl_c_is_explained_once_per_node_even_while_the_recipe_is_read(capsys,
     assert done.value.code == INTERRUPTED_EXIT and capsys.readouterr().err == printed
 
 
-@pytest.mark.parametrize("module, work", [("mae_tnt.export", "export"), ("mae_tnt.visualize", "visualize")])
-def test_ctrl_c_in_export_and_visualize_is_one_line_too(capsys, monkeypatch, module, work):
+@pytest.mark.parametrize("module, work, argv, advice", [
+    ("mae_tnt.export", "export", ["some/checkpoint", "some/out"], "export"),
+    ("mae_tnt.visualize", "visualize", ["some/checkpoint", "some/shards"], "draw the grid"),
+    ("mae_tnt.data.inspect", "inspect_shards", ["some/shards"], "check the shards"),
+    ("mae_tnt.convert_checkpoint", "convert", ["src.pth", "out.safetensors", "--model", "mae_vit_test"], "convert"),
+])
+def test_ctrl_c_in_the_tools_is_one_line_too(capsys, monkeypatch, module, work, argv, advice):
     import importlib
 
     from mae_tnt.cli import INTERRUPTED_EXIT
 
     tool = importlib.import_module(module)
 
-    def interrupted(*args):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tool, work, interrupted)
     with pytest.raises(SystemExit) as done:
-        tool.main(["some/checkpoint", "some/out"])
+        tool.main(argv)
     assert done.value.code == INTERRUPTED_EXIT
-    assert capsys.readouterr().err == "interrupted; run the same command again to resume from the last checkpoint\n"
+    assert capsys.readouterr().err == f"interrupted; run the same command again to {advice}\n"
 
 
 @pytest.mark.parametrize("script", TOOLS, ids=lambda p: p.name)

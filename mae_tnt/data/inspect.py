@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mae_tnt.cli import quiet_on_ctrl_c
 from mae_tnt.data.images import IMAGE_FIELDS, BadImageError, decode
 from mae_tnt.data.info import (
     INFO_NAME,
@@ -152,6 +153,7 @@ def _min_median_max(values: list[int]) -> str:
     return f"min {min(values)} median {statistics.median(values):g} max {max(values)}"
 
 
+@quiet_on_ctrl_c("run the same command again to check the shards")
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point (``tools/inspect_shards.py`` and ``mae-tnt-inspect-shards``)."""
     parser = argparse.ArgumentParser(description="Verify shards against _info.json.",
