@@ -109,8 +109,13 @@ def _check_pretraining_state(checkpoint: Path, state: dict) -> None:
     """Refuse a checkpoint whose state.json does not give the MAE model and data settings the grid needs."""
     if "config" in state and state.get("model", "").startswith("mae_"):
         return
-    what = "names no MAE model" if "model" in state else "is missing: an export or a bare weights file"
-    raise CheckpointError(f"{checkpoint} is not a pretraining checkpoint (its state.json {what}); pass a "
+    if "timm_name" in state:  # described by an export's config.json
+        what = "it is an export, which keeps no decoder"
+    elif "model" in state:
+        what = "its state.json names no MAE model"
+    else:
+        what = "its state.json is missing: an export or a bare weights file"
+    raise CheckpointError(f"{checkpoint} is not a pretraining checkpoint ({what}); pass a "
                           "checkpoints/step_* directory of a pretrain.py run, whose state.json gives the model and "
                           "data settings the grid needs, or name the MAE model of these weights with --model")
 

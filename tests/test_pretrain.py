@@ -188,6 +188,11 @@ def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys
     assert ("(its state.json is missing: an export or a bare weights file); pass a checkpoints/step_* directory of a "
             "pretrain.py run, whose state.json gives the model and data settings the grid needs, or name the MAE model "
             "of these weights with --model") in capsys.readouterr().err
+    from mae_tnt.export import export
+
+    export(tmp_path / "checkpoints" / "step_00000004", tmp_path / "exported", model_name="vit_test_patch8_32")
+    assert visualize_main([str(tmp_path / "exported"), str(shards)]) == 1
+    assert "is not a pretraining checkpoint (it is an export, which keeps no decoder)" in capsys.readouterr().err
 
 
 def test_visualize_shows_weights_without_a_run_given_their_model(shards, tmp_path, capsys):
