@@ -187,7 +187,8 @@ class RunConfig:
     """Optimizer steps between checkpoints (one is always written at the end)."""
     preempt_check_every: int = 10
     """With several processes, optimizer steps between the ranks' agreement on a SIGTERM (one scalar all-reduce);
-    the run saves and exits within this many steps of it, so keep them inside the scheduler's grace period."""
+    the run saves and exits within this many steps of it, so keep them inside the scheduler's grace period (and
+    within 30 s when the SIGTERM also reaches `accelerate launch`, whose agent then kills the ranks)."""
     keep_checkpoints: int = 3
     """Newest checkpoints kept on disk (0 = keep every one)."""
     resume: str = "auto"

@@ -20,7 +20,7 @@ from mae_tnt.models.loading import (
     save_weights,
     without_wrapper_prefixes,
 )
-from mae_tnt.train.checkpoint import check_engine_pickles
+from mae_tnt.train.checkpoint import Checkpoint, ResumeError, check_compatible, check_engine_pickles
 from mae_tnt.train.init import read_source
 
 
@@ -400,3 +400,28 @@ def test_convert_checks_out_and_src_before_reading_even_with_unsafe_pickle(tmp_p
     assert convert_main([str(tmp_path / "missing.pth"), str(tmp_path / "o.safetensors"), "--model",
                          "vit_test_patch8_32", "--unsafe-pickle"]) == 1
     assert capsys.readouterr().err.startswith(f"error: checkpoint {tmp_path / 'missing.pth'} does not exist")
+
+
+@pytest.mark.parametrize("saved_world, saved, message", [
+    (2, {"zero_stage": 2, "precision": "bf16"}, r"holds DeepSpeed shards of 2 processes, which load only on as many: "
+                                               r"launch 2 processes to continue it"),
+    (1, {"zero_stage": 2, "precision": "fp32"}, r"was written by DeepSpeed in fp32, whose optimizer shards load only "
+                                               r"in it: set run.precision=fp32 to continue it"),
+    (1, {"zero_stage": 3, "precision": "bf16"}, r"was written under ZeRO stage 3, which stage 2 cannot read: launch "
+                                               r"with a ZeRO-3 DeepSpeed config to continue it"),
+    (1, {"zero_stage": 1, "precision": "bf16"}, None),  # stages 1 and 2 read each other's shards
+])
+def test_a_deepspeed_checkpoint_resumes_only_in_a_layout_that_can_read_its_shards(tmp_path, saved_world, saved,
+                                                                                   message):
+    """DeepSpeed itself fails with a missing file or an assertion. The world-size refusal also comes before the
+    effective-batch check's advice to adapt optim.accum_steps, which cannot help here."""
+    (tmp_path / "engine").mkdir()
+    config = {"model": {"name": "mae_vit_test"}, "optim": {"accum_steps": 1}}
+    state = {"model": "mae_vit_test", "world_size": saved_world, "plan": {"effective_batch": 8 * saved_world},
+             "deepspeed": saved}
+    now = {"zero_stage": 2, "precision": "bf16"}
+    if message is None:
+        check_compatible(Checkpoint(tmp_path, state), config, effective_batch=8, world_size=1, deepspeed=now)
+        return
+    with pytest.raises(ResumeError, match=message):
+        check_compatible(Checkpoint(tmp_path, state), config, effective_batch=8, world_size=1, deepspeed=now)

@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO through accelerate, one CPU process: save, resume and accumulation match the plain loop exactly,
 and a ZeRO-3 checkpoint exports."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_utils import built_once, free_port, logged_losses
+from run_utils import built_once, free_port, logged_losses, overridden
 from safetensors.torch import load_file
 from shard_utils import write_shards
 
@@ -30,10 +31,10 @@ def accelerate_config(tmp_path: Path, stage: int) -> Path:
 
 
 def run(shards, out, max_steps, config: Path | None, precision: str = "fp32", *extra: str) -> None:
-    args = [str(ROOT / "pretrain.py"), str(ROOT / "recipes/demo_mae_vit.yaml"), f"data.train={shards}",
-            "data.val=null", f"run.output_dir={out}", "data.batch_size=8", "data.num_workers=0", "optim.accum_steps=2",
-            "schedule.epochs=2", "schedule.warmup_epochs=0.5", "run.log_every=1", "run.checkpoint_every=2",
-            f"run.max_steps={max_steps}", f"run.precision={precision}", *extra]
+    args = [str(ROOT / "pretrain.py"), str(ROOT / "recipes/demo_mae_vit.yaml"), *overridden([
+        f"data.train={shards}", "data.val=null", f"run.output_dir={out}", "data.batch_size=8", "data.num_workers=0",
+        "optim.accum_steps=2", "schedule.epochs=2", "schedule.warmup_epochs=0.5", "run.log_every=1",
+        "run.checkpoint_every=2", f"run.max_steps={max_steps}", f"run.precision={precision}"], extra)]
     launcher = [sys.executable]
     if config is not None:
         launcher += ["-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
@@ -71,9 +72,15 @@ def train_then_resume(shards, out: Path, config: Path, precision: str, *extra: s
     assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
 
 
-def test_zero1_bf16_trains_saves_and_resumes(shards, tmp_path):
-    """bf16 under DeepSpeed stores the weights in bf16: inputs, reconstructions and resume must all cope."""
-    train_then_resume(shards, tmp_path / "zero1", accelerate_config(tmp_path, 1), "bf16")
+def test_zero1_bf16_trains_saves_and_resumes_with_another_accumulation(shards, tmp_path):
+    """bf16 under DeepSpeed stores the weights in bf16: inputs, reconstructions and resume must all cope. Resumed at
+    step 3 with 4 half-size micro-batches a step (6 micro-steps so far, not a multiple of 4), step 4 still takes 4:
+    DeepSpeed's load_state brings back accelerate's micro-step count, which decides where a step ends."""
+    config = accelerate_config(tmp_path, 1)
+    train_then_resume(shards, tmp_path / "zero1", config, "bf16")
+    run(shards, tmp_path / "zero1", 4, config, "bf16", "data.batch_size=4", "optim.accum_steps=4")
+    position = json.loads((tmp_path / "zero1/checkpoints/step_00000004/data_rank0.json").read_text())
+    assert position["batches"] == 4  # the new batch size restarted the epoch at step 3
 
 
 @pytest.fixture(scope="module")

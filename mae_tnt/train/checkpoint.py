@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # engine imports this module
     from .loop import Window
 
 LOG_WINDOW_KEY = "log_window"  # in state.json: the open log window's loss sums
+DEEPSPEED_KEY = "deepspeed"  # in state.json: the ZeRO stage and precision a DeepSpeed checkpoint's shards are for
 METRICS_ROWS_KEY = "metrics_rows"  # in state.json: the lines metrics.jsonl held (MetricsLogger.rows)
 
 
@@ -91,6 +92,8 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
         extra_weights: file name -> state dict saved (main process) inside the same atomic directory, e.g. the EMA.
     """
     state = {**state, LOG_WINDOW_KEY: window.loss_totals(accelerator)}
+    if (layout := deepspeed_layout(accelerator)) is not None:
+        state[DEEPSPEED_KEY] = layout
     root = checkpoint_dir(output_dir)
     final = root / f"step_{state['step']:08d}"
     tmp = root / f".tmp-step_{state['step']:08d}"
@@ -208,6 +211,14 @@ def uses_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type.name == "DEEPSPEED"
 
 
+def deepspeed_layout(accelerator) -> dict | None:
+    """The ZeRO stage and precision (as run.precision names it) of a DeepSpeed engine; None without DeepSpeed."""
+    if not uses_deepspeed(accelerator):
+        return None
+    precision = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+    return {"zero_stage": accelerator.state.deepspeed_plugin.zero_stage, "precision": precision}
+
+
 def splits_weights(accelerator) -> bool:
     """ZeRO-3 splits the weights across ranks and every forward gathers them: a forward that one rank runs alone
     waits for the others forever."""
@@ -301,9 +312,10 @@ FRESH = "use another run.output_dir, or run.resume=none to start fresh"
 
 
 def check_compatible(checkpoint: Checkpoint, config: dict, effective_batch: int, world_size: int,
-                     deepspeed: bool) -> None:
+                     deepspeed: dict | None) -> None:
     """Refuse to resume another model's run (or mode's, or optimizer's), a run whose step counts meant another
-    effective batch, or a checkpoint of the other engine (DeepSpeed or not).
+    effective batch, or a checkpoint of the other engine (DeepSpeed or not, `deepspeed` being this launch's
+    `deepspeed_layout`) or of another DeepSpeed layout.
 
     Steps count optimizer updates, so the LR schedule and the epoch of a step both assume the batch they were taken
     with; continuing on another number of processes without adapting `optim.accum_steps` would silently move the run
@@ -323,11 +335,13 @@ def check_compatible(checkpoint: Checkpoint, config: dict, effective_batch: int,
     if saved_optimizer is not None and saved_optimizer != optimizer:
         raise ResumeError(f"{checkpoint.path} was trained with optim.name={saved_optimizer}, whose state does not "
                           f"carry over to optim.name={optimizer}; set it back to continue, or {FRESH}")
-    if (checkpoint.path / "engine").is_dir() != deepspeed:
+    if (checkpoint.path / "engine").is_dir() != (deepspeed is not None):
         written = "without" if deepspeed else "with"
         launch = "without DeepSpeed" if deepspeed else "with the same DeepSpeed accelerate config"
         raise ResumeError(f"{checkpoint.path} was written {written} DeepSpeed: launch {launch} to continue it, or "
                           f"{FRESH}")
+    if deepspeed is not None:
+        _check_deepspeed_layout(checkpoint, world_size, deepspeed)
     saved_batch = checkpoint.state.get("plan", {}).get("effective_batch", effective_batch)
     if saved_batch != effective_batch:
         per_update = effective_batch // config["optim"]["accum_steps"]  # images per micro-step now
@@ -336,6 +350,25 @@ def check_compatible(checkpoint: Checkpoint, config: dict, effective_batch: int,
         raise ResumeError(f"{checkpoint.path} was trained with an effective batch of {saved_batch} "
                           f"({processes}), this launch gives {effective_batch}; "
                           f"its steps and LR schedule assume {saved_batch}: {fix} to continue it, or {FRESH}")
+
+
+def _check_deepspeed_layout(checkpoint: Checkpoint, world_size: int, layout: dict) -> None:
+    """DeepSpeed's optimizer shards load only on as many processes and in the precision they were written with, and
+    ZeRO-3's partitioned weights only under ZeRO-3 (stages 1 and 2 read each other's)."""
+    saved_world = checkpoint.state.get("world_size", world_size)
+    if saved_world != world_size:
+        raise ResumeError(f"{checkpoint.path} holds DeepSpeed shards of {counted(saved_world, 'process')}, which load "
+                          f"only on as many: launch {counted(saved_world, 'process')} to continue it, or {FRESH}")
+    saved = checkpoint.state.get(DEEPSPEED_KEY)
+    if saved is None:  # written before the layout was recorded
+        return
+    if saved["precision"] != layout["precision"]:
+        raise ResumeError(f"{checkpoint.path} was written by DeepSpeed in {saved['precision']}, whose optimizer shards "
+                          f"load only in it: set run.precision={saved['precision']} to continue it, or {FRESH}")
+    if (saved["zero_stage"] == 3) != (layout["zero_stage"] == 3):
+        raise ResumeError(f"{checkpoint.path} was written under ZeRO stage {saved['zero_stage']}, which stage "
+                          f"{layout['zero_stage']} cannot read: launch with a ZeRO-{saved['zero_stage']} DeepSpeed "
+                          f"config to continue it, or {FRESH}")
 
 
 def _batch_fix(state: dict, saved_batch: int, per_update: int, world_size: int) -> str:
@@ -367,9 +400,13 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
     warning (positions of other data or another layout would skip or repeat samples). Checkpoints of `output_dir`
     past the restored step are set aside (`set_aside_later_checkpoints`).
     """
-    check_compatible(checkpoint, config, plan.effective_batch, accelerator.num_processes, uses_deepspeed(accelerator))
+    check_compatible(checkpoint, config, plan.effective_batch, accelerator.num_processes,
+                     deepspeed_layout(accelerator))
     data_state = _load_training_state(accelerator, model, optimizer, checkpoint, config)
     step = checkpoint.state["step"]
+    # accelerate counts micro-steps to find accumulation boundaries, and DeepSpeed's load_state restores the count
+    # of the checkpoint's accumulation: the loop continues at micro-step step x accum_steps of this one.
+    accelerator.step = step * config["optim"]["accum_steps"]
     _note_changed_settings(checkpoint, config, plan, log)
     if LOG_WINDOW_KEY in checkpoint.state:  # absent from checkpoints of earlier versions: the window starts empty
         window.restore_loss_totals(checkpoint.state[LOG_WINDOW_KEY], accelerator.is_main_process)

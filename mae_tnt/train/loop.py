@@ -128,10 +128,12 @@ def raise_if_nonfinite(accelerator, window: Window, out: Path, accum_steps: int)
     """Stop every rank when any saw a non-finite loss since the start; checkpoints stay untouched."""
     bad = int(accelerator.reduce(window.first_bad.clone(), "max").item())
     if bad >= 0:
+        # DeepSpeed's optimizer shards resume only in the precision they were written in
+        precision = "" if uses_deepspeed(accelerator) else " or run.precision=fp32"
         raise NonFiniteLossError(
             f"non-finite loss at micro-step {bad} (optimizer step {bad // accum_steps + 1}); stopping without "
             f"saving. The last good checkpoint in {out / 'checkpoints'} is intact. Try a lower optim.base_lr, "
-            "optim.grad_clip=1.0 or run.precision=fp32, then resume."
+            f"optim.grad_clip=1.0{precision}, then resume."
         )
 
 
