@@ -35,6 +35,7 @@ from torch import nn
 
 from .cli import quiet_on_ctrl_c, report_user_errors
 from .config import file_in_the_way
+from .convert_checkpoint import pooling_note
 from .models import create_model, load_weights
 from .models.loading import (
     EXPORT_CONFIG,
@@ -130,7 +131,7 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
     info["img_size"] = img_size or info["img_size"]
     info["global_pool"] = global_pool or info["global_pool"]
     model = build_checked(info, state_dict)
-    if isinstance(model, TNT) and model.num_classes and not meta and global_pool is None:
+    if pooling_note(model) and not meta and global_pool is None:
         raise CheckpointError("TNT's weights do not show the pooling its head was trained with: pass --global-pool "
                               "token (timm's and the official default) or --global-pool avg (MAE-style fine-tuning)")
     timm_name, timm_kwargs = timm_spec(model, info["model"])

@@ -282,15 +282,13 @@ def read_samples(url: str, start: int = 0, on_break: Callable[[str], None] | Non
 def _report_break(url: str, reason: str, on_break: Callable[[str], None] | None) -> None:
     if on_break is not None:
         on_break(reason)
-    elif warning := break_warning(url, reason):
-        warnings.warn(warning, stacklevel=2)
+    elif not is_local(url):  # a local file is checked, and a truncated one warned about, before it is read
+        warnings.warn(break_warning(url, reason), stacklevel=2)
 
 
-def break_warning(url: str, reason: str, warned_at_start: bool | None = None) -> str | None:
-    """What to tell the user about a shard that broke while read; None when the start of training has warned about
-    it (by default: for any local file, which is checked then)."""
-    warned = is_local(url) if warned_at_start is None else warned_at_start
-    return None if warned else f"{url} broke ({reason}); its samples after the break are skipped"
+def break_warning(url: str, reason: str) -> str:
+    """What to tell the user about a shard that broke while read."""
+    return f"{url} broke ({reason}); its samples after the break are skipped"
 
 
 def _tar_samples(source: str | IO[bytes], start: int) -> Iterator[dict[str, bytes]]:

@@ -305,8 +305,8 @@ class RoleStream:
         """Remember why samples went missing; warn about a break the start of training did not find (a remote or
         `pipe:` shard, a local one it trusted by its size or did not check)."""
         self.last_break = (shard.url, reason)
-        if warning := break_warning(shard.url, reason, warned_at_start=scanned_at_start(shard)):
-            self.breaks.append(f"{warning} and counted (skipped_samples in the metrics)")
+        if not scanned_at_start(shard):
+            self.breaks.append(f"{break_warning(shard.url, reason)} and counted (skipped_samples in the metrics)")
 
 
 def label_of(sample: dict) -> int:
