@@ -604,6 +604,56 @@ def test_auto_precision_follows_the_device_training_runs_on(monkeypatch, gpu, us
     assert auto_precision() == expected
 
 
+def deepspeed_file(monkeypatch, tmp_path, **modes) -> None:
+    """Launch as `accelerate launch` does with a DeepSpeed config file whose sections set `enabled` to `modes`."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}} | {m: {"enabled": v} for m, v in modes.items()}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+
+
+@pytest.mark.parametrize("modes, requested, expected", [
+    ({"bf16": "auto", "fp16": "auto"}, "bf16", "bf16"),  # the bundled files: the recipe decides
+    ({"bf16": "auto", "fp16": "auto"}, "auto", "fp32"),
+    ({}, "fp16", "fp16"),
+    ({"bf16": True, "fp16": False}, "auto", "bf16"),  # the file's explicit choice stands for auto
+    ({"bf16": True}, "bf16", "bf16"),
+    ({"bf16": False, "fp16": "false"}, "fp32", "fp32"),
+])
+def test_a_deepspeed_file_that_agrees_with_run_precision_is_followed(monkeypatch, tmp_path, modes, requested,
+                                                                     expected):
+    from mae_tnt.train.engine import resolve_precision
+    deepspeed_file(monkeypatch, tmp_path, **modes)
+    assert resolve_precision(requested) == expected
+
+
+@pytest.mark.parametrize("modes, requested, setting", [
+    ({"bf16": True}, "fp32", "bf16.enabled=true"),  # accelerate trained in bf16
+    ({"bf16": False}, "bf16", "bf16.enabled=false"),  # accelerate trained in fp32
+    ({"fp16": "true"}, "bf16", "fp16.enabled=true"),  # accelerate's error named `--mixed_precision`
+    ({"bf16": True, "fp16": True}, "auto", "bf16.enabled=true, fp16.enabled=true"),
+])
+def test_a_deepspeed_file_that_contradicts_run_precision_is_refused(monkeypatch, tmp_path, modes, requested,
+                                                                    setting):
+    from mae_tnt.train.engine import resolve_precision
+    deepspeed_file(monkeypatch, tmp_path, **modes)
+    with pytest.raises(ConfigError, match=rf"run.precision={requested}( \(\w+ here\))?, but the DeepSpeed config "
+                                          rf".*ds.json sets {setting}: write \"enabled\": \"auto\""):
+        resolve_precision(requested)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")  # the same file unused: the recipe decides alone
+    assert resolve_precision(requested) in ("fp32", requested)
+
+
+def test_a_deepspeed_file_that_is_not_json_is_named(monkeypatch, tmp_path):
+    from mae_tnt.train.engine import resolve_precision
+    deepspeed_file(monkeypatch, tmp_path)
+    (tmp_path / "ds.json").write_text('{"bf16": {"enabled": true},}')
+    with pytest.raises(ConfigError, match=r"the DeepSpeed config .*ds.json is not valid JSON: .*line 1"):
+        resolve_precision("bf16")
+
+
 @pytest.mark.parametrize("device, deepspeed, expected", [("cuda", False, torch.channels_last),
                                                          ("cuda", True, torch.contiguous_format),
                                                          ("cpu", False, torch.contiguous_format)])

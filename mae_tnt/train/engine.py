@@ -9,6 +9,7 @@ References: facebookresearch/mae `engine_pretrain.train_one_epoch`; accelerate `
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -76,9 +77,7 @@ def seed_step(seed: int, rank: int, micro_step: int) -> None:
 
 
 def build_accelerator(cfg: PretrainConfig) -> Accelerator:
-    precision = cfg.run.precision
-    if precision == "auto":
-        precision = auto_precision()
+    precision = resolve_precision(cfg.run.precision)
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               gradient_accumulation_steps=cfg.optim.accum_steps)
     check_launch(os.environ.get("WORLD_SIZE"), accelerator.num_processes)
@@ -105,6 +104,42 @@ def auto_precision() -> str:
     (ACCELERATE_USE_CPU) trains beside a GPU too."""
     on_gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
     return "bf16" if on_gpu else "fp32"
+
+
+def resolve_precision(requested: str) -> str:
+    """What `run.precision` trains in here; a DeepSpeed config file's `"enabled": true/false` decides `auto`, and
+    one that contradicts an explicit setting is refused: accelerate would silently train in the file's precision
+    (or stop naming a --mixed_precision flag that was never given)."""
+    fixed = deepspeed_file_modes()
+    turned_on = [mode for mode, enabled in fixed.items() if enabled]
+    precision = (turned_on[0] if turned_on else auto_precision()) if requested == "auto" else requested
+    if turned_on not in ([], [precision]) or fixed.get(precision) is False:
+        settings = ", ".join(f"{mode}.enabled={str(enabled).lower()}" for mode, enabled in fixed.items())
+        asked = requested if requested == precision else f"{requested} ({precision} here)"
+        raise ConfigError(f"run.precision={asked}, but the DeepSpeed config "
+                          f"{os.environ['ACCELERATE_DEEPSPEED_CONFIG_FILE']} sets {settings}: write \"enabled\": "
+                          '"auto" in its bf16 and fp16 sections so that the recipe decides (as recipes/deepspeed/'
+                          "*.json do), or set the run.precision it allows")
+    return precision
+
+
+def deepspeed_file_modes() -> dict[str, bool]:
+    """The half precisions (`bf16`, `fp16`) that this launch's DeepSpeed config file turns on or off; those it
+    leaves `"auto"` or does not name are the recipe's to choose."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or not path or not Path(path).is_file():
+        return {}  # no DeepSpeed, or its settings inline in the accelerate config, which follow the recipe
+    try:
+        settings = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"the DeepSpeed config {path} is not valid JSON: {err}") from err
+    fixed = {}
+    for mode in ("bf16", "fp16"):
+        section = settings.get(mode)
+        enabled = str(section.get("enabled", "auto")).lower() if isinstance(section, dict) else "auto"
+        if enabled in ("true", "false"):
+            fixed[mode] = enabled == "true"
+    return fixed
 
 
 def training_precision(accelerator: Accelerator) -> str:
