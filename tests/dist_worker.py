@@ -5,6 +5,7 @@
 
 import hashlib
 import json
+import os
 import sys
 from functools import partial
 from itertools import groupby
@@ -73,6 +74,27 @@ def probe(out: Path, shard_dir: str, overrides: list[str]) -> None:
     write(out, run.rank, {"evaluations": evaluations, "ema": digest(run.ema.module.state_dict().values())})
 
 
+def claim(out: Path) -> None:
+    """Claim the relative run directory `run` from a working directory of each rank's own, as nodes without shared
+    storage would see it; records the refusal and what is left in each working directory."""
+    from mae_tnt.config import ConfigError
+    from mae_tnt.train.run_lock import claim_run_directory
+
+    state = Accelerator()
+    home = out / f"node{state.process_index}"
+    home.mkdir(parents=True, exist_ok=True)
+    started_in = os.getcwd()
+    os.chdir(home)
+    try:
+        claim_run_directory(Path("run"), state)
+        refusal = None
+    except ConfigError as err:
+        refusal = str(err)
+    finally:
+        os.chdir(started_in)
+    write(out, state.process_index, {"refusal": refusal, "left": [path.name for path in home.iterdir()]})
+
+
 def digest(tensors) -> str:
     hashed = hashlib.sha256()
     for tensor in tensors:
@@ -115,6 +137,8 @@ if __name__ == "__main__":
             stream_epoch(rest[0], Path(out))
         elif mode == "knn":
             knn(Path(out), rest[0])
+        elif mode == "claim":
+            claim(Path(out))
         elif mode == "probe":
             probe(Path(out), rest[0], rest[1:])
         else:

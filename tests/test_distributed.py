@@ -60,7 +60,8 @@ def reads(tmp_path_factory):
         write_shards(root / "uneven", [10, 10, 10, 10, 3])
         bundled = [["knn", root / "knn", BUNDLED], ["probe", root / "probe", BUNDLED, *PROBE_ARGS]]
         launch(*chained(["stream", root / "even_out", root / "even"],
-                        ["stream", root / "uneven_out", root / "uneven"], *(bundled if BUNDLED.exists() else [])))
+                        ["stream", root / "uneven_out", root / "uneven"], ["claim", root / "claim"],
+                        *(bundled if BUNDLED.exists() else [])))
 
     return built_once(tmp_path_factory, "dist_reads", build)
 
@@ -107,6 +108,16 @@ def test_ranks_evaluate_and_average_rank_0s_batchnorm_statistics(reads):
     assert [step for step, _ in first["evaluations"]] == [15, 15, 17, 17]
     assert first["evaluations"] == second["evaluations"]
     assert first["ema"] == second["ema"]
+
+
+def test_a_run_directory_that_a_rank_cannot_see_is_refused_on_every_rank(reads):
+    """Each rank resolves the relative run.output_dir in a working directory of its own, as on two nodes that do
+    not share it: rank 1 would write its checkpoint parts where rank 0 never reads them."""
+    for seen in ranks(reads / "claim"):
+        assert re.fullmatch(r"run.output_dir=run is not the same directory for every process: rank 1 on \S+ cannot "
+                            r"see the run that rank 0 claimed there \(pid \d+ on \S+\); .*every node mounts, at an "
+                            r"absolute path", seen["refusal"] or ""), seen
+        assert seen["left"] == []  # the folder rank 0 created for the run is removed again
 
 
 @pytest.fixture(scope="module")

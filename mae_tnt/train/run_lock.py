@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 from ..config import ConfigError
 
@@ -39,13 +39,39 @@ def claim_run_directory(out: Path, accelerator: Accelerator) -> None:
     """Lock `out` for this run (see `released_at_end`).
 
     Raises:
-        ConfigError: on every rank, when another live process holds `out`.
+        ConfigError: on every rank, when another live process holds `out`, or when some process does not see the
+            directory that the main process claimed (nodes without shared storage).
     """
     refusal = _try_lock(Path(out)) if accelerator.is_main_process else None
+    stamp = _stamp(Path(out))
     if accelerator.num_processes > 1:
-        refusal = broadcast_object_list([refusal])[0]  # every rank stops, not only the main one
+        refusal, stamp = broadcast_object_list([refusal, stamp])  # every rank stops, not only the main one
     if refusal is not None:
         raise ConfigError(refusal)
+    if accelerator.num_processes > 1:
+        with given_back_on_failure(out):
+            _require_shared(Path(out), stamp, accelerator)
+
+
+def _stamp(out: Path) -> str | None:
+    """What the lock file that this process holds on `out` says (its pid and host)."""
+    lock = _HELD.get(out.resolve())
+    return None if lock is None else (out / LOCK_NAME).read_text()
+
+
+def _require_shared(out: Path, stamp: str, accelerator: Accelerator) -> None:
+    """Refuse, on every rank, a run directory that some process does not see as the main process wrote it: each
+    writes its part of every checkpoint there and reads it back to resume, so on nodes that do not share the storage
+    (or start in other working directories, for a relative path) the checkpoints would be incomplete."""
+    try:
+        seen = (out / LOCK_NAME).read_text() == stamp
+    except OSError:
+        seen = False
+    blind = gather_object([] if seen else [f"rank {accelerator.process_index} on {socket.gethostname()}"])
+    if blind:
+        raise ConfigError(f"run.output_dir={out} is not the same directory for every process: {', '.join(blind)} "
+                          f"cannot see the run that rank 0 claimed there ({stamp}); every process writes its part of "
+                          "each checkpoint into it, so put it on storage that every node mounts, at an absolute path")
 
 
 @contextmanager
@@ -108,6 +134,7 @@ def _try_lock(out: Path) -> str | None:
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
     lock.flush()
+    os.fsync(lock.fileno())  # on a network file system, other nodes read it (`_require_shared`)
     _HELD[key] = lock
     if created:
         _CREATED.add(key)
