@@ -23,12 +23,15 @@ from torch.cuda import OutOfMemoryError
 from mae_tnt.cli import report_user_errors
 from mae_tnt.config import ConfigError, PretrainConfig, load_config
 from mae_tnt.data.shards import ShardError, read_samples
+from mae_tnt.finetune_config import FinetuneConfig
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
 from mae_tnt.train.engine import Trainer, auto_precision, derive_plan
+from mae_tnt.train.finetune import finetune
 from mae_tnt.train.loop import NonFiniteLossError, TrainingRun
 from mae_tnt.visualize import main as visualize_main
 
 ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "data" / "fashion_mnist"
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -68,6 +71,35 @@ def test_run_writes_the_run_directory_and_lowers_the_loss(shards, tmp_path):
     assert list((tmp_path / "tensorboard").iterdir())
     weights = tmp_path / "checkpoints/step_00000064/model.safetensors"
     assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE((tmp_path / "config.yaml").stat().st_mode)
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+@pytest.mark.parametrize("backbone", sorted(path.stem.removeprefix("demo_mae_")
+                                             for path in (ROOT / "recipes").glob("demo_mae_*.yaml")))
+def test_every_demo_recipe_runs_on_the_bundled_sample_as_written(backbone, tmp_path):
+    """The demo recipes themselves, cut short: the backbone's MAE pretraining (model, augmentation, grids, a
+    checkpoint), then each demo fine-tuning recipe of that backbone (demo_*_{backbone}.yaml) from its checkpoint."""
+    pretrained = tmp_path / "mae"
+    cfg = load_config(PretrainConfig, ROOT / f"recipes/demo_mae_{backbone}.yaml",
+                      [f"run.output_dir={pretrained}", "run.max_steps=3", "run.log_every=1", "run.recon_every=3"])
+    assert Trainer(cfg).train()["steps"] == 3
+    rows = [r for r in metrics(pretrained) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(0 < r["loss"] < 10 for r in rows)
+    for name in ("config.yaml", "recon/step_00000003.png", "checkpoints/step_00000003/model.safetensors"):
+        assert (pretrained / name).exists(), name
+
+    follow_ups = sorted(ROOT.glob(f"recipes/demo_*_{backbone}.yaml"))
+    assert len(follow_ups) > 1, follow_ups
+    for recipe in follow_ups:
+        if recipe.name.startswith("demo_mae_"):
+            continue
+        cfg = load_config(FinetuneConfig, recipe, [f"init={pretrained}", f"run.output_dir={tmp_path / recipe.stem}",
+                                                   "run.max_steps=2", "data.knn_max_train=200"])
+        summary = finetune(cfg)
+        if cfg.mode == "knn":
+            assert 0 <= summary["knn_top1"] <= 100, summary
+        else:
+            assert summary["steps"] == 2 and 0 <= summary["best"]["val_acc1"] <= 100, (recipe.name, summary)
 
 
 def test_the_knn_monitor_runs_at_each_periods_end_and_at_the_last_step_of_a_schedule_that_ends_inside_one():
