@@ -191,8 +191,9 @@ class RunConfig:
     within 30 s when the SIGTERM also reaches `accelerate launch`, whose agent then kills the ranks)."""
     keep_checkpoints: int = 3
     """Newest checkpoints kept on disk (0 = keep every one)."""
-    resume: str = "auto"
-    """`auto` continues from the newest checkpoint in output_dir, `none` starts fresh, or a checkpoint path."""
+    resume: str | None = "auto"
+    """`auto` continues from the newest checkpoint in output_dir, `none` (or null) starts fresh, or a checkpoint
+    path."""
     precision: str = "auto"
     """`auto` (bf16 on GPU, fp32 on CPU), `fp32`, `bf16` or `fp16`."""
     compile: bool = False
@@ -209,6 +210,9 @@ class RunConfig:
     """Allow TF32 matmuls on Ampere and newer GPUs."""
 
     def __post_init__(self) -> None:
+        keyword = str(self.resume).lower()
+        if keyword in ("auto", "none", "null"):  # YAML's null, Python's None and other spellings of the two keywords
+            self.resume = "auto" if keyword == "auto" else "none"
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"run.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if min(self.log_every, self.checkpoint_every, self.preempt_check_every) < 1:

@@ -130,6 +130,10 @@ def test_overrides_are_typed_and_applied(tmp_path):
     assert (cfg.run.output_dir, cfg.data.val, cfg.run.resume, cfg.data.info) == ("no", "2024", "none", None)
     cfg = load_config(PretrainConfig, path, ["data.val=None", "data.info=none", "data.batch_size=1_024"])
     assert (cfg.data.val, cfg.data.info, cfg.data.batch_size) == (None, None, 1024)  # Python's null spelling
+    for spelling, keyword in (("None", "none"), ("null", "none"), ("NONE", "none"), ("", "none"), ("Auto", "auto")):
+        assert load_config(PretrainConfig, path, [f"run.resume={spelling}"]).run.resume == keyword, spelling
+    assert load_config(PretrainConfig, write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n"
+                                                       "run: {resume: null}\n")).run.resume == "none"
 
 
 def test_a_section_override_merges_into_the_recipes_section(tmp_path):
