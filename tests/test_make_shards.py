@@ -907,3 +907,121 @@ def test_an_interrupt_stops_every_encoding_worker_and_workers_leave_ctrl_c_to_th
     assert not started[0].is_alive()
     with ProcessPoolExecutor(1, initializer=convert_module._init_pool_worker, initargs=(None, None, 1)) as pool:
         assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+
+
+def scandir_refusing(monkeypatch, refused: Path) -> None:
+    """os.scandir as for a user without permission to list `refused` (the tests may run as root, who has it)."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == refused:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+@pytest.mark.parametrize("fmt", ["folder", "imagefolder"])
+def test_a_folder_that_cannot_be_listed_stops_the_conversion_naming_it(tmp_path, monkeypatch, capsys, fmt):
+    for name in ("a/1.png", "b/2.png", "b/sub/3.png"):
+        (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / name).write_bytes(encoded(gradient(4, 4), "PNG"))
+    scandir_refusing(monkeypatch, tmp_path / "src" / "b" / "sub")  # os.walk would leave its images out silently
+    assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "out"), "--format", fmt, "--workers", "0"]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'src' / 'b' / 'sub'} cannot be read (Permission denied); "
+                                       "fix its permissions, or move it out of the dataset, and run the same command "
+                                       "again\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_permission_error_while_looking_at_the_source_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "src").mkdir()
+
+    def refused(src):
+        raise PermissionError(errno.EACCES, "Permission denied", str(Path(src) / "sub" / "train-images-idx3-ubyte"))
+
+    monkeypatch.setattr(convert_module, "folder_layout_note", refused)
+    assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'src' / 'sub' / 'train-images-idx3-ubyte'}: Permission "
+                                       "denied; fix its permissions, then run the same command again\n")
+
+
+def test_an_output_inside_the_source_folder_is_refused(tmp_path):
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    (tmp_path / "src" / "cat" / "1.png").write_bytes(encoded(gradient(4, 4), "PNG"))
+    for out in (tmp_path / "src" / "shards", tmp_path / "src"):
+        with pytest.raises(ConversionError, match=r"OUT .* is inside SRC .*, where the next run .* would read the "
+                                                  "shards as part of the dataset; give an OUT outside it"):
+            convert(tmp_path / "src", out, options())
+    assert not (tmp_path / "src" / "shards").exists()
+    (tmp_path / "list.txt").write_text("src/cat/1.png\n")  # a list is not walked: its folder may hold OUT
+    assert convert(tmp_path / "list.txt", tmp_path / "shards", options()).num_samples == 1
+
+
+def test_an_interrupted_list_conversion_resumed_with_edited_labels_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "imgs").mkdir()
+    rows = []
+    for i in range(6):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(encoded(gradient(4 + i, 4), "PNG"))
+        rows.append(f"imgs/{i}.png,{'cat' if i % 2 else 'dog'}")
+    (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    with monkeypatch.context() as patch:
+        patch.setattr(convert_module.ShardWriter, "close_shard", crash_after(shards=1))
+        with pytest.raises(KeyboardInterrupt):
+            convert(tmp_path / "list.csv", tmp_path / "out", options(shard_size=2))
+    swapped = "\n".join(row.replace("cat", "x").replace("dog", "cat").replace("x", "dog") for row in rows)
+    (tmp_path / "list.csv").write_text("path,label\n" + swapped + "\n")  # same paths, same classes, other labels
+    with pytest.raises(ConversionError, match=r"unfinished conversion with other settings \(samples_sha256: "):
+        convert(tmp_path / "list.csv", tmp_path / "out", options(shard_size=2))
+
+
+def test_inspect_accepts_the_images_that_make_shards_accepted_under_a_raised_pixel_limit(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "big.png").write_bytes(encoded(gradient(100, 100), "PNG"))  # 10,000 pixels
+    before = Image.MAX_IMAGE_PIXELS
+    convert(tmp_path / "src", tmp_path / "out", options(max_image_pixels=10_000))
+    assert inspect_main([str(tmp_path / "out"), "--max-image-pixels", "5000"]) == 1
+    assert "over the limit of 5000" in capsys.readouterr().err
+    assert inspect_main([str(tmp_path / "out"), "--max-image-pixels", "10000"]) == 0
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    ([1, 2, 3], "no sample has label 0, so classes 0..3 would include some"),  # numbered from 1
+    ([0, 9], "no sample has label 1, 2, 3, 4, 5 and 3 more, so classes 0..9"),
+])
+def test_integer_labels_that_leave_a_class_without_samples_are_refused_unless_named(tmp_path, labels, message):
+    (tmp_path / "imgs").mkdir()
+    rows = []
+    for i, label in enumerate(labels):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(encoded(gradient(4, 4), "PNG"))
+        rows.append(f"imgs/{i}.png,{label}")
+    (tmp_path / "list.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(SourceError, match=rf"list.csv: {message} .*pass --classes with a name for every id from 0"):
+        convert(tmp_path / "list.csv", tmp_path / "out", options())
+    names = tuple(f"class{i}" for i in range(max(labels) + 1))
+    assert convert(tmp_path / "list.csv", tmp_path / "out", options(classes=names)).classes == list(names)
+
+
+def test_a_list_saved_in_another_encoding_than_utf8_is_named_with_its_line(tmp_path):
+    (tmp_path / "list.csv").write_bytes("path,label\nimgs/a.png,cat\nimgs/café.png,dog\n".encode("cp1252"))
+    with pytest.raises(SourceError, match=r"list.csv:3: byte 0xe9 is not UTF-8; save the list as UTF-8"):
+        convert(tmp_path / "list.csv", tmp_path / "out", options())
+
+
+def test_a_colour_profile_of_another_colour_space_is_not_stored_with_rgb_pixels(tmp_path):
+    (tmp_path / "src").mkdir()
+    cmyk, rgb = Image.new("CMYK", (6, 6), (0, 128, 255, 64)), gradient(6, 6)
+    (tmp_path / "src" / "cmyk.tif").write_bytes(encoded(cmyk, "TIFF", icc_profile=b"a CMYK profile"))
+    (tmp_path / "src" / "rgb.tif").write_bytes(encoded(rgb, "TIFF", icc_profile=b"an RGB profile"))
+    convert(tmp_path / "src", tmp_path / "out", options())
+    stored = {source: Image.open(io.BytesIO(image_of(fields)))
+              for source, fields in by_source(tmp_path / "out").items()}
+    assert "icc_profile" not in stored["cmyk.tif"].info  # decoders warn about a CMYK profile on RGB pixels
+    assert stored["rgb.tif"].info["icc_profile"] == b"an RGB profile"
+
+
+def test_the_progress_bar_counts_skipped_inputs_so_it_ends_full(tmp_path, capsys):
+    write_mixed_folder(tmp_path / "src")  # 7 images, 2 unreadable ones (and a .txt file, not read)
+    convert(tmp_path / "src", tmp_path / "out", options(progress=True))
+    assert "9/9" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]

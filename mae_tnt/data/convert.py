@@ -133,8 +133,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOpti
         ConversionError: ``out`` holds this split from another run, or no input was a readable image.
     """
     fmt = detect_format(src) if options.fmt == "auto" else options.fmt
-    source = open_source(src, fmt, options.split, options.classes)
     out = Path(out)
+    if fmt in ("folder", "imagefolder") and out.resolve().is_relative_to(Path(src).resolve()):
+        raise ConversionError(f"OUT {out} is inside SRC {src}, where the next run (a resume, --overwrite, another "
+                              "split) would read the shards as part of the dataset; give an OUT outside it")
+    source = open_source(src, fmt, options.split, options.classes)
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out} is a file; OUT must be a directory for the shards: give a new or existing one")
     created = not out.exists()
@@ -207,8 +210,9 @@ def shuffled_order(num_samples: int, seed: int) -> list[int]:
 
 def _job_description(src, fmt: str, source: Source, order: list[int], options: ConvertOptions) -> dict:
     """Everything that determines the output; a resumed run must match it exactly."""
-    ids = "\n".join(source.source_id(i) for i in order)
-    digest = hashlib.sha256(ids.encode("utf-8", "surrogateescape")).hexdigest()  # file names need not be UTF-8
+    labels = source.labels  # in the digest too: a list whose labels were edited gives other samples
+    samples = "\n".join(source.source_id(i) + ("" if labels is None else f"\t{int(labels[i])}") for i in order)
+    digest = hashlib.sha256(samples.encode("utf-8", "surrogateescape")).hexdigest()  # names need not be UTF-8
     return {
         "source": str(Path(src).resolve()),
         "format": fmt,
@@ -221,7 +225,7 @@ def _job_description(src, fmt: str, source: Source, order: list[int], options: C
         "limit": options.limit,
         "compress": options.compress,
         "classes": source.classes,
-        "order_sha256": digest,
+        "samples_sha256": digest,
     }
 
 
@@ -231,7 +235,9 @@ def _write_remaining(source: Source, order: list[int], journal: Journal, options
     done, skipped_before = journal.num_samples, len(journal.skipped)
     writer = ShardWriter(journal.path.parent, options.split, first_shard=len(journal.shards), compress=options.compress)
     skips, end = [], journal.next_position  # end: first order position not consumed yet
-    bar = progress_bar(total=target, initial=done, unit="img", desc=options.split, disable=not options.progress)
+    counts_inputs = options.limit is None  # the bar counts inputs read, or with --limit the images kept
+    bar = progress_bar(total=target, initial=journal.next_position if counts_inputs else done, unit="img",
+                       desc=options.split, disable=not options.progress)
     stream = _prepared(source, order, journal.next_position, options)
     try:
         for position, result in stream:
@@ -241,6 +247,7 @@ def _write_remaining(source: Source, order: list[int], journal: Journal, options
             if isinstance(result, dict):
                 skips.append(result)
                 bar.set_postfix(skipped=skipped_before + len(skips))
+                bar.update(counts_inputs)
                 continue
             members = shard_members(f"{options.split}_{done:08d}", result, source.classes)
             if writer.count and _is_full(writer, members, options):
@@ -408,6 +415,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = convert(args.src, args.out, options)
     except (ConversionError, SourceError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except PermissionError as err:  # a folder --format auto looks into, or OUT
+        print(f"error: {err.filename}: {err.strerror}; fix its permissions, then run the same command again",
+              file=sys.stderr)
         return 1
     except OSError as err:
         if (message := disk_full_message(err, "it keeps the finished shards and writes the rest")) is None:

@@ -199,7 +199,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     - 16/32-bit greyscale is scaled from the full 16-bit range to 8 bits (65535 -> 255), not clipped at 255.
     - Alpha (RGBA, LA, PA, or palette/colour-key transparency) is composited over white.
     - Everything else (CMYK, palette, L, 1, YCbCr, ...) uses PIL's conversion; CMYK -> RGB there is
-      R = 255 * (1 - C) * (1 - K) per channel (embedded ICC profiles are not applied).
+      R = 255 * (1 - C) * (1 - K) per channel (embedded ICC profiles are not applied, and a profile of another
+      colour space is dropped, since it would not describe the RGB pixels).
 
     Args:
         img: A loaded PIL image.
@@ -210,11 +211,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     has_alpha = img.mode in ALPHA_MODES or "transparency" in img.info
     if img.mode == "RGB" and not has_alpha:
         return img
-    if img.mode in WIDE_GREY_MODES:
-        img = _wide_grey_to_l(img)
-    if has_alpha:
-        return _composite_over_white(img.convert("RGBA"))
-    return img.convert("RGB")
+    narrow = _wide_grey_to_l(img) if img.mode in WIDE_GREY_MODES else img
+    rgb = _composite_over_white(narrow.convert("RGBA")) if has_alpha else narrow.convert("RGB")
+    if img.mode not in ("RGB", "RGBA"):  # a CMYK or grey colour profile does not describe the RGB pixels
+        rgb.info.pop("icc_profile", None)
+    return rgb
 
 
 def _wide_grey_to_l(img: Image.Image) -> Image.Image:

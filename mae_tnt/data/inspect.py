@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mae_tnt.cli import quiet_on_ctrl_c
-from mae_tnt.data.images import IMAGE_FIELDS, BadImageError, decode
+from mae_tnt.config import DEFAULT_MAX_IMAGE_PIXELS
+from mae_tnt.data.images import IMAGE_FIELDS, BadImageError, decode, pixel_limit
 from mae_tnt.data.info import (
     INFO_NAME,
     ShardError,
@@ -56,8 +57,10 @@ class InspectReport:
     problems: list[str]
 
 
-def inspect_shards(root: str | Path, progress: bool = False) -> InspectReport:
-    """Check every shard listed in ``root/_info.json`` and decode every image (``progress``: a bar per split).
+def inspect_shards(root: str | Path, progress: bool = False,
+                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> InspectReport:
+    """Check every shard listed in ``root/_info.json`` and decode every image (``progress``: a bar per split), with
+    the pixel limit that make_shards applied (``--max-image-pixels``), so that what it accepted passes.
 
     Raises:
         FileNotFoundError: ``_info.json`` is missing.
@@ -68,12 +71,14 @@ def inspect_shards(root: str | Path, progress: bool = False) -> InspectReport:
     classes = info.get("classes", [])
     problems = _leftover_problems(root, info)
     splits = {}
-    for split, entry in info["splits"].items():
-        report = splits[split] = SplitReport(entry["num_samples"], len(entry["filenames"]), split_classes(info, split))
-        with progress_bar(total=entry["num_samples"], unit="img", desc=split, disable=not progress) as bar:
-            for filename, length, size in listed_shards(entry):
-                problems += _inspect_shard(root / filename, length, size, report)
-                bar.update(length)
+    with pixel_limit(max_image_pixels):
+        for split, entry in info["splits"].items():
+            report = splits[split] = SplitReport(entry["num_samples"], len(entry["filenames"]),
+                                                 split_classes(info, split))
+            with progress_bar(total=entry["num_samples"], unit="img", desc=split, disable=not progress) as bar:
+                for filename, length, size in listed_shards(entry):
+                    problems += _inspect_shard(root / filename, length, size, report)
+                    bar.update(length)
     return InspectReport(info.get("name", root.name), classes, splits, problems)
 
 
@@ -159,9 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Verify shards against _info.json.",
                                      formatter_class=HelpWithDefaults)
     parser.add_argument("root", help="shard directory holding _info.json")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="the limit the shards were made with (make_shards --max-image-pixels)")
     args = parser.parse_args(argv)
     try:
-        report = inspect_shards(args.root, progress=True)
+        report = inspect_shards(args.root, progress=True, max_image_pixels=args.max_image_pixels)
     except (FileNotFoundError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

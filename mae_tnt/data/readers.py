@@ -248,7 +248,7 @@ def _walk_files(root: Path) -> tuple[list[str], list[dict]]:
     if not root.is_dir():
         raise SourceError(f"{root} is not a directory")
     found, skipped, walked = [], [], {}
-    for directory, folders, files in os.walk(root, followlinks=True):
+    for directory, folders, files in os.walk(root, followlinks=True, onerror=_unreadable):
         here = Path(directory).relative_to(root).as_posix().removeprefix(".")  # "" for the root itself
         real = os.path.realpath(directory)
         if real in walked:
@@ -262,6 +262,12 @@ def _walk_files(root: Path) -> tuple[list[str], list[dict]]:
         skipped += [{"source": _joined(here, name), "reason": "hidden file"} for name in files if name.startswith(".")]
         found += [_joined(here, name) for name in files if not name.startswith(".")]
     return sorted(found), skipped
+
+
+def _unreadable(err: OSError) -> None:
+    """Stop at a folder that cannot be listed, which os.walk would pass over silently, with all its images."""
+    raise SourceError(f"{err.filename} cannot be read ({err.strerror}); fix its permissions, or move it out of the "
+                      "dataset, and run the same command again")
 
 
 def _joined(folder: str, name: str) -> str:
@@ -321,6 +327,11 @@ def _int_classes(labels: Sequence[int], classes: list[str] | None, where: str) -
     """Class names for integer labels: ``classes`` if it covers them all, else "0".."max"."""
     top = max(labels, default=-1)
     if classes is None:
+        if unused := sorted(set(range(top + 1)) - set(labels)):  # e.g. labels from 1: class 0 would never be seen
+            shown = ", ".join(map(str, unused[:5])) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+            raise SourceError(f"{where}: no sample has label {shown}, so classes 0..{top} would include some that the "
+                              "model never sees; number the classes from 0 without gaps, or pass --classes with a "
+                              "name for every id from 0")
         return [str(i) for i in range(top + 1)]
     if top >= len(classes):
         raise SourceError(f"{where}: label {top} has no name in --classes ({len(classes)} names given)")
@@ -368,9 +379,14 @@ def _list_text(list_file: Path) -> str:
     with what to pass instead."""
     if list_file.is_dir():
         raise SourceError(f"{list_file} is a directory; --format list reads a list file (or leave --format auto)")
+    raw = list_file.read_bytes()
     try:
-        return list_file.read_text(encoding="utf-8-sig")  # -sig: spreadsheets save "CSV UTF-8" with a byte-order mark
-    except UnicodeDecodeError:
+        return raw.decode("utf-8-sig")  # -sig: spreadsheets save "CSV UTF-8" with a byte-order mark
+    except UnicodeDecodeError as err:
+        if b"\0" not in raw[:4096]:  # text in another encoding, e.g. a spreadsheet's "CSV" on Windows (cp1252)
+            line = raw[:err.start].count(b"\n") + 1
+            raise SourceError(f"{list_file}:{line}: byte 0x{raw[err.start]:02x} is not UTF-8; save the list as UTF-8 "
+                              '(a spreadsheet\'s "CSV UTF-8")') from None
         raise SourceError(f"{list_file} is a file but not a text list of image paths; pass the dataset's directory "
                           "(IDX and CIFAR files are read from their folder) or a list file") from None
 
