@@ -258,8 +258,8 @@ def test_arguments_a_builder_refuses_are_a_model_error():
                                          r"remove model.patch_size or set it back to its default\)$"):
         mae_tnt.create_model("sret_test", patch_size=16)
     for name, kwargs, message in [
-        ("mae_tnt_test", dict(num_classes=0), "an MAE model has no classification head: num_classes is for its "
-                                              "classifier"),
+        ("mae_tnt_test", dict(num_classes=0), "num_classes is for a classifier: an MAE model has no head"),
+        ("mae_vit_test", dict(global_pool="avg"), "global_pool is for a classifier"),  # timm drops the final norm
         ("mae_sret_test", dict(decoder_heads=5), "dim should be divisible by num_heads"),  # timm's assertion
         ("tnt_test_patch8_32", dict(num_heads_outer=5), "embed_dim 32 by num_heads_outer 5"),
         ("mae_sret_test", dict(decoder_dim=30), "a 2-D sin-cos position table needs a width divisible by 4, got 30"),

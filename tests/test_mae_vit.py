@@ -109,7 +109,8 @@ def test_loss_ignores_visible_patches(model):
 
 
 def test_reference_initialisation():
-    """MAE's init: xavier-uniform Linear weights (and the flattened patch projection), zero biases, LayerNorm 1/0."""
+    """MAE's init: xavier-uniform Linear weights (and the flattened patch projection), zero Linear biases (the patch
+    projection's keeps Conv2d's uniform default), LayerNorm 1/0."""
     torch.manual_seed(0)
     mae = mae_tnt.create_model("mae_vit_tiny_patch16", decoder_dim=128, decoder_depth=2, decoder_heads=4)
     for name, module in mae.named_modules():
@@ -118,7 +119,11 @@ def test_reference_initialisation():
             bound = (6 / sum(weight.shape)) ** 0.5
             assert weight.abs().max() <= bound and weight.abs().max() > 0.99 * bound, name
             assert weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.05), name
-            assert not module.bias.any(), name
+            if isinstance(module, torch.nn.Linear):
+                assert not module.bias.any(), name
+            else:  # uniform within 1 / sqrt(fan_in), untouched by MAE's initialize_weights
+                fan_in = weight.shape[1]
+                assert module.bias.abs().max() <= fan_in**-0.5 < 2 * module.bias.abs().max(), name
         elif isinstance(module, torch.nn.LayerNorm):
             assert (module.weight == 1).all() and not module.bias.any(), name
     for token in (mae.encoder.cls_token, mae.mask_token):
@@ -196,7 +201,7 @@ def test_backbone_arguments_that_would_fail_later_or_build_another_model_are_ref
     """The API refuses what the config layer refuses in recipes: a string size fails only in a format string, a
     negative class count built a bare encoder (TNT) and a drop-path rate above 1 failed in the forward."""
     if name.startswith("mae_") and "num_classes" in kwargs:
-        message = "an MAE model has no classification head"
+        message = "num_classes is for a classifier: an MAE model has no head"
     with pytest.raises(ModelError, match=message):
         mae_tnt.create_model(name, **kwargs)
 
@@ -265,6 +270,24 @@ def test_an_mae_checkpoint_loads_at_another_image_size(tmp_path, name):
     assert all(torch.equal(loaded.get_parameter(name), fresh.get_parameter(name)) for name in fixed)
     assert torch.equal(loaded.decoder_pred.weight, trained.decoder_pred.weight)
     assert loaded(torch.randn(2, 3, size, size))[0].isfinite()
+
+
+def test_a_learned_position_table_of_another_grid_is_resampled_into_an_mae_not_replaced():
+    """A supervised ViT's learned table (here 8x8) is not a sin-cos one: it is resampled, as the classifier would."""
+    torch.manual_seed(0)
+    mae = mae_tnt.create_model("mae_vit_test")
+    learned = torch.randn(1, 1 + 8 * 8, 32)  # [1, 1 + L, D] at twice the grid
+    adapted = mae.adapt_state_dict({"encoder.pos_embed": learned})["encoder.pos_embed"]
+    classifier = mae_tnt.create_model("vit_test_patch8_32")
+    assert torch.equal(adapted, classifier.adapt_state_dict({"pos_embed": learned})["pos_embed"])
+    assert not torch.allclose(adapted, mae.encoder.pos_embed)
+    sincos = sincos_2d(32, 8, num_prefix_tokens=1).unsqueeze(0)  # [1, 1 + L, D]: rebuilt exactly for the own grid
+    assert torch.equal(mae.adapt_state_dict({"encoder.pos_embed": sincos})["encoder.pos_embed"], mae.encoder.pos_embed)
+
+
+def test_only_the_mae_encoder_keeps_its_position_table_frozen():
+    assert not mae_tnt.create_model("mae_vit_test").encoder.pos_embed.requires_grad
+    assert mae_tnt.create_model("vit_test_patch8_32", num_classes=10).pos_embed.requires_grad  # trained, as in timm
 
 
 def test_unknown_model_suggests():

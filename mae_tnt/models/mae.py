@@ -13,12 +13,14 @@ for the baseline that keeps mask tokens in the encoder.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .layers import LayerNorm, check_images, checkpointed, init_mae_weights, transformer_blocks
 from .masking import masked_mean, normalize_pixels, num_visible, random_masking
-from .pos_embed import sincos_2d
+from .pos_embed import is_sincos_table, sincos_2d
 
 WRAPPER_KEY_PREFIXES = ("decoder_", "mask_token", "encoder_mask_token")
 """State-dict keys owned by the MAE wrapper rather than the encoder (flat official MAE files mix the two)."""
@@ -199,10 +201,19 @@ class MaskedAutoencoder(nn.Module):
 
 
 def rebuilt_fixed_tables(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state_dict` with `module`'s own values for its frozen tensors of another shape: those are the fixed sin-cos
-    position tables, which `module` built exactly for its own grid, where resampling would only approximate them."""
+    """`state_dict` with `module`'s own values for its frozen tables where the checkpoint's is the sin-cos table of
+    another grid: `module` built its own exactly for its grid, where resampling would only approximate it. A learned
+    table of another grid (a supervised ViT's) stays, for the encoder to resample or the key check to refuse."""
     frozen = {name: p for name, p in module.named_parameters() if not p.requires_grad}
-    return {key: frozen[key].detach().clone() if key in frozen and value.shape != frozen[key].shape else value
+
+    def replaceable(key: str, value: torch.Tensor) -> bool:
+        own = frozen.get(key)
+        if own is None or value.shape == own.shape or own.dim() != 3:
+            return False
+        prefix = own.shape[1] - math.isqrt(own.shape[1]) ** 2  # the cls row, if any: P < 2 * grid + 1
+        return is_sincos_table(value, prefix)
+
+    return {key: frozen[key].detach().clone() if replaceable(key, value) else value
             for key, value in state_dict.items()}
 
 
@@ -215,8 +226,8 @@ REFERENCE_DECODER = {"decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16
 def build_mae(encoder_builder, decoder_defaults: dict, *, wrapper=None, **kwargs) -> MaskedAutoencoder:
     """Build `encoder_builder(**encoder kwargs)` and wrap it (`MaskedAutoencoder` unless `wrapper` is given); MAE
     kwargs override `decoder_defaults`."""
-    if "num_classes" in kwargs:  # the encoder builders set it to 0 themselves
-        raise ValueError("an MAE model has no classification head: num_classes is for its classifier (the name "
-                         "without mae_, e.g. vit_base_patch16_224)")
+    if given := [key for key in ("num_classes", "global_pool") if key in kwargs]:  # the encoder builders set them
+        raise ValueError(f"{' and '.join(given)} is for a classifier: an MAE model has no head, and its decoder reads "
+                         "every encoded token; build the classifier (the name without mae_, e.g. vit_base_patch16_224)")
     mae_kwargs = {k: kwargs.pop(k) for k in MAE_KWARGS if k in kwargs}
     return (wrapper or MaskedAutoencoder)(encoder_builder(**kwargs), **{**decoder_defaults, **mae_kwargs})

@@ -9,6 +9,7 @@ References: facebookresearch/mae `util/pos_embed.py`; Vaswani et al. 2017 for th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -38,6 +39,16 @@ def sincos_2d(dim: int, grid: int | tuple[int, int], num_prefix_tokens: int = 0)
     table = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)  # [H*W, dim]
     prefix = torch.zeros(num_prefix_tokens, dim, dtype=table.dtype)
     return torch.cat([prefix, table], dim=0).float()
+
+
+def is_sincos_table(table: torch.Tensor, num_prefix_tokens: int) -> bool:
+    """Whether a [1, P + H*W, D] table is the fixed sin-cos table of its own square grid (a frozen one, which another
+    grid's can replace exactly), rather than a learned one."""
+    tokens = table.shape[1] - num_prefix_tokens
+    grid = math.isqrt(max(tokens, 0))
+    if table.dim() != 3 or grid * grid != tokens or table.shape[2] % 4:
+        return False
+    return torch.allclose(table[0].float(), sincos_2d(table.shape[2], grid, num_prefix_tokens), atol=1e-5)
 
 
 def is_other_grid(pos: torch.Tensor, own: torch.Tensor, grid_dims: tuple[int, ...]) -> bool:

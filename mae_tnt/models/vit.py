@@ -28,12 +28,12 @@ class ViT(VisionTransformer):
         img_size: input resolution; patch_size: the mask unit; num_classes: 0 for a bare encoder.
         global_pool: `token` (cls + final norm, used for pretraining) or `avg` (MAE fine-tuning: fc_norm of the
             mean patch token, as in timm).
-        fixed_pos_embed: keep the sin-cos table frozen (MAE pretraining); fine-tuning trains it.
+        fixed_pos_embed: keep the sin-cos table frozen (MAE pretraining); a classifier trains it, as in timm.
     """
 
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, num_classes: int = 0, global_pool: str = "token",
-                 drop_path_rate: float = 0.0, fixed_pos_embed: bool = True):
+                 drop_path_rate: float = 0.0, fixed_pos_embed: bool = False):
         check_backbone_args(img_size, num_classes, drop_path_rate)
         if img_size % patch_size:  # timm would accept it and fail on the first batch
             raise ValueError(f"ViT needs img_size divisible by patch_size {patch_size} (the mask unit), got {img_size}")
@@ -48,11 +48,11 @@ class ViT(VisionTransformer):
         self._init_mae()
 
     def _init_mae(self) -> None:
-        """MAE init: xavier on the flattened patch projection, normal(0.02) tokens, xavier Linear layers."""
+        """MAE init: xavier on the flattened patch projection (its bias keeps Conv2d's default, as in MAE), normal(0.02)
+        tokens, xavier Linear layers."""
         self.apply(init_mae_weights)
         weight = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))  # [D, 3*p*p], as the Linear it stands for
-        nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=0.02)
 
     def _prefix(self, batch: int) -> torch.Tensor:
@@ -110,7 +110,7 @@ def _vit(size: str, **kwargs) -> ViT:
 
 
 def _mae_vit(size: str, decoder: dict, **kwargs) -> MaskedAutoencoder:
-    return build_mae(lambda **enc: _vit(size, **enc), decoder, **kwargs)
+    return build_mae(lambda **enc: _vit(size, fixed_pos_embed=True, **enc), decoder, **kwargs)
 
 
 @register_model

@@ -127,7 +127,6 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int, load: bool = True, l
             "checkpoint's final norm; model.global_pool=token gives the pretrained feature (as demo_knn_vit.yaml)")
     if report is not None and (note := stale_stem_norm_note(model, report, cfg.model.bn_reestimate_batches)):
         log(note)
-    model.requires_grad_(True)  # fine-tuning trains everything, the fixed sin-cos position table included (MAE)
     if cfg.mode == "linprobe":
         attach_probe_head(model, cfg.model.head_init_std)
     return model
