@@ -118,13 +118,18 @@ def test_a_classifier_converts_to_an_mae_once_its_head_is_left_out_and_the_decod
     assert torch.equal(mae.encoder.blocks[1].mlp.fc2.weight, classifier.blocks[1].mlp.fc2.weight)
 
 
-def test_encoder_checkpoint_loads_into_classifier_with_only_the_head_missing(tmp_path):
+@pytest.mark.parametrize("layout", ["ours", "official flat"])
+def test_encoder_checkpoint_loads_into_classifier_with_only_the_head_missing(tmp_path, layout):
     mae = mae_tnt.create_model("mae_vit_test")
-    torch.save({"model": mae.state_dict()}, tmp_path / "ckpt.pth")
+    weights = mae.state_dict()
+    if layout == "official flat":  # MAE's *_full.pth files: the decoder's keys beside the encoder's, no prefix
+        weights = {key.removeprefix("encoder."): value for key, value in weights.items()}
+    torch.save({"model": weights}, tmp_path / "ckpt.pth")
     classifier = mae_tnt.create_model("vit_test_patch8_32", num_classes=10)
     report = load_weights(classifier, tmp_path / "ckpt.pth", allow_missing=("head.*",))
     assert report.missing == ["head.bias", "head.weight"] and report.unexpected == []
-    assert any(k.startswith("decoder_") for k in report.dropped)
+    assert any(k.startswith("decoder_") for k in report.dropped) and "mask_token" in report.dropped
+    assert torch.equal(classifier.blocks[1].mlp.fc2.weight, mae.encoder.blocks[1].mlp.fc2.weight)
     with pytest.raises(CheckpointError, match="head.weight"):
         load_weights(mae_tnt.create_model("vit_test_patch8_32", num_classes=10), tmp_path / "ckpt.pth")
 

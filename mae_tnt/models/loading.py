@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .mae import MaskedAutoencoder, split_mae_state_dict
+from .mae import WRAPPER_KEY_PREFIXES, MaskedAutoencoder, split_mae_state_dict
 from .pos_embed import recorded_resamples
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
@@ -202,7 +202,8 @@ def load_weights(
     if "head.0.running_mean" not in own:  # a classifier, not a linear probe being resumed
         state_dict = fold_probe_head(state_dict)
     report = LoadReport()
-    if not isinstance(model, MaskedAutoencoder) and any(k.startswith("encoder.") for k in state_dict):
+    if not isinstance(model, MaskedAutoencoder) and any(k.startswith(("encoder.", *WRAPPER_KEY_PREFIXES))
+                                                        for k in state_dict):  # an MAE's, of our or the flat layout
         state_dict, wrapper = split_mae_state_dict(state_dict)
         report.dropped = sorted(wrapper)
     if hasattr(model, "from_official_layout"):  # renamed first, so that resampling is reported under our names
