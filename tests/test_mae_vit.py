@@ -290,9 +290,12 @@ def test_only_the_mae_encoder_keeps_its_position_table_frozen():
     assert mae_tnt.create_model("vit_test_patch8_32", num_classes=10).pos_embed.requires_grad  # trained, as in timm
 
 
-def test_unknown_model_suggests():
-    with pytest.raises(ValueError, match="mae_vit_base_patch16"):
-        mae_tnt.create_model("mae_vit_base_patch_16")
+@pytest.mark.parametrize("name, first", [("mae_vit_base_patch_16", "mae_vit_base_patch16"),
+                                         ("TNT_S_PATCH16_224", "tnt_s_patch16_224"),  # capitals
+                                         ("tnt_s", "tnt_s_patch16_224"), ("vit_b", "vit_base_patch16_224")])  # short
+def test_unknown_model_suggests(name, first):
+    with pytest.raises(ValueError, match=f"unknown model '{name}'. Did you mean {first}[,?]"):
+        mae_tnt.create_model(name)
 
 
 def test_a_grid_of_one_image_shows_its_whole_title_and_no_loss_when_nothing_is_hidden(tmp_path, monkeypatch):

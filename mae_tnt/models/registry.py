@@ -39,8 +39,11 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def close_names(name: str, names) -> list[str]:
-    """Up to three of `names` that look like `name` (a typo's likely intent), closest first."""
-    return difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    """Up to three of `names` that look like `name` (a typo's likely intent): those it begins (`tnt_s` for
+    `tnt_s_patch16_224`) first, then the closest; capitals do not count."""
+    wanted, names = name.lower(), sorted(names)
+    beginning = [known for known in names if known.startswith(wanted)]
+    return list(dict.fromkeys(beginning + difflib.get_close_matches(wanted, names, n=3, cutoff=0.5)))[:3]
 
 
 def classifier_name_for(mae_name: str) -> str:
