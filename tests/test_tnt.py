@@ -9,6 +9,7 @@ from timm.models import group_parameters
 from timm.optim import param_groups_layer_decay
 
 import mae_tnt
+from mae_tnt.models.loading import CheckpointError
 from mae_tnt.models.tnt import OFFICIAL_RENAMES, Attention, WordMaskedAutoencoder
 
 MAE_TEST_KWARGS = dict(img_size=32, norm_pix_loss=True, decoder_dim=32, decoder_depth=1, decoder_heads=2,
@@ -135,6 +136,14 @@ def test_official_checkpoint_converts(tiny_pair):
     assert report.missing == [] and report.unexpected == []
     for key, value in theirs.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("name", ["tnt_s_patch16_224", "mae_tnt_s_patch16"])
+def test_timms_legacy_tnt_layout_is_refused_naming_it(name):
+    legacy = timm.create_model("tnt_s_legacy_patch16_224").state_dict()  # the key check would only list misfits
+    with pytest.raises(CheckpointError, match="this is timm's legacy TNT layout .* use the official TNT "
+                                                      "release or timm's tnt_s_patch16_224"):
+        mae_tnt.load_weights(mae_tnt.create_model(name), legacy)
 
 
 def test_patch_pos_is_resampled_for_another_grid(tiny):

@@ -35,6 +35,7 @@ from .layers import (
     init_trunc_normal_weights,
     trunc_normal_,
 )
+from .loading import CheckpointError
 from .mae import MaskedAutoencoder, build_mae
 from .masking import masked_mean, normalize_pixels, num_visible, random_masking
 from .pos_embed import resample_token_table
@@ -360,7 +361,16 @@ class TNT(nn.Module):
         return convert_official(state_dict) if official else state_dict
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """timm's layout passes through; the official huawei-noah layout is renamed; `patch_pos` follows our grid."""
+        """timm's layout passes through; the official huawei-noah layout is renamed; `patch_pos` follows our grid.
+
+        Raises:
+            CheckpointError: timm's legacy TNT layout, whose projection is another computation, not a renaming.
+        """
+        if "blocks.0.proj.bias" in state_dict and "blocks.0.norm2_proj.weight" not in state_dict:
+            raise CheckpointError("this is timm's legacy TNT layout (tnt_s_legacy_patch16_224: a LayerNorm per word "
+                                  "before the projection, which has a bias, and none after it), a different "
+                                  "computation that no model here builds; use the official TNT release or timm's "
+                                  "tnt_s_patch16_224 / tnt_b_patch16_224 weights")
         state_dict = self.from_official_layout(state_dict)
         return resample_token_table(state_dict, "patch_pos", self.patch_pos, self.grid, num_prefix_tokens=1)
 
