@@ -128,6 +128,9 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
     state_dict, dropped, layout = encoder_weights(raw)
     state_dict = fold_probe_head(state_dict)
     info = describe(meta, model_name, state_dict)
+    if global_pool and meta and info["global_pool"] not in (None, global_pool):  # TNT's keys would not tell
+        raise CheckpointError(f"--global-pool {global_pool} contradicts the pooling {info['global_pool']} that "
+                              f"{checkpoint}'s description records; leave --global-pool out")
     info["img_size"] = img_size or info["img_size"]
     info["global_pool"] = global_pool or info["global_pool"]
     model = build_checked(info, state_dict)
@@ -211,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     ours = f"mae_tnt.create_model({config['model']!r}, checkpoint_path={str(Path(args.out).resolve())!r})"
     if config["timm_call"]:
         print(f"load it in timm with: {config['timm_call']}\nor with: {ours}")
+        if config["mean"] is None:
+            print(f"note: the weights do not record the normalisation they were trained with, so timm's "
+                  f"resolve_data_config gives {config['timm_name']}'s defaults; add mean=... and std=... to the "
+                  "overlay if they differ")
     else:
         print(f"load it with: {ours} (not a timm architecture)")
     return 0

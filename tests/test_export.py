@@ -271,3 +271,31 @@ def test_a_re_export_that_cannot_be_written_keeps_the_earlier_export_whole(tool,
     assert capsys.readouterr().err.splitlines()[-1].startswith(
         f"error: could not write {tmp_path / 'out'} ([Errno 28] No space left on device), with ")
     assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == earlier
+
+
+def test_the_weights_file_of_a_checkpoint_exports_with_the_description_beside_it(tool, tmp_path):
+    ours = create_model("vit_test_patch8_32", num_classes=10, global_pool="avg").eval()
+    best = finetune_checkpoint(tmp_path / "best", ours, "finetune", "avg")
+    config = tool.export(best / "model.safetensors", tmp_path / "out")  # not only the directory: its file too
+    assert (config["kind"], config["mean"], config["step"]) == ("finetune", MEAN_STD["mean"], 9)
+
+
+def test_a_global_pool_that_contradicts_the_recorded_one_is_refused(tool, tmp_path):
+    ours = create_model("tnt_test_patch8_32", num_classes=10, global_pool="avg").eval()
+    state = {"step": 9, "model": "tnt_test_patch8_32", "mode": "finetune", "num_classes": 10,
+             "config": {"model": {"img_size": 32, "global_pool": "avg"}, "data": MEAN_STD}}
+    best = write_checkpoint(tmp_path / "best", ours, state)  # TNT's keys are the same under either pooling
+    with pytest.raises(CheckpointError, match="--global-pool token contradicts the pooling avg that .*best's "
+                                              "description records; leave --global-pool out"):
+        tool.export(best, tmp_path / "out", global_pool="token")
+    assert tool.export(best, tmp_path / "out", global_pool="avg")["global_pool"] == "avg"
+
+
+def test_an_export_without_normalisation_statistics_says_timm_will_use_its_defaults(tool, tmp_path, capsys):
+    torch.save({"model": create_model("vit_test_patch8_32").state_dict()}, tmp_path / "w.pth")
+    assert tool.main([str(tmp_path / "w.pth"), str(tmp_path / "out"), "--model", "vit_test_patch8_32"]) == 0
+    assert ("note: the weights do not record the normalisation they were trained with, so timm's resolve_data_config "
+            "gives vit_base_patch16_224's defaults; add mean=... and std=...") in capsys.readouterr().out
+    pretraining_checkpoint(tmp_path / "ckpt", "mae_vit_test")
+    assert tool.main([str(tmp_path / "ckpt"), str(tmp_path / "described")]) == 0
+    assert "note: the weights do not record" not in capsys.readouterr().out

@@ -50,10 +50,12 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     checkpoint first, with `resolve_checkpoint`, to know which one was read).
 
     Returns:
-        The state dict as saved, and the `state.json` / `config.json` found next to it ({} when there is none).
+        The state dict as saved, and the `state.json` / `config.json` of its checkpoint or export ({} when there is
+        none): of the directory given, or of the one whose `model.safetensors` is given.
     """
     path = Path(path)
-    described = [path / name for name in (STATE_FILE, EXPORT_CONFIG) if path.is_dir() and (path / name).exists()]
+    home = path if path.is_dir() else path.parent if path.name == "model.safetensors" else None
+    described = [home / name for name in (STATE_FILE, EXPORT_CONFIG) if home is not None and (home / name).exists()]
     meta = read_json_object(described[0]) if described else {}
     if meta is None:
         raise CheckpointError(f"{described[0]} is corrupt (not a JSON object): restore it, or pass the weights file "
