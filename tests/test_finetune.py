@@ -32,7 +32,7 @@ from mae_tnt.models.sret import to_official_state_dict
 from mae_tnt.train.augment import BatchAugment, FinetuneTransform, seeded_global_rngs
 from mae_tnt.train.checkpoint import CheckpointWriteError, ResumeError, find_checkpoints
 from mae_tnt.train.engine import Trainer, seed_step
-from mae_tnt.train.finetune import FinetuneRun, build_classifier, build_optimizer, resolve_num_classes
+from mae_tnt.train.finetune import FinetuneRun, build_classifier, build_optimizer, finetune, resolve_num_classes
 from mae_tnt.train.init import load_init
 from mae_tnt.train.loop import NonFiniteLossError
 
@@ -839,15 +839,28 @@ def test_a_failing_stage_of_the_experiment_tool_is_one_error_with_its_last_outpu
     assert capsys.readouterr().err == "error: the kNN stage failed\n"
 
 
+@pytest.mark.parametrize("mode, feature", [("knn", "kNN feature"), ("linprobe", "feature the probe reads")])
 @pytest.mark.parametrize("pool, noted", [("avg", True), ("token", False)])
-def test_knn_with_average_pooling_notes_that_its_feature_norm_is_fresh(tmp_path, pool, noted):
+def test_frozen_features_with_average_pooling_note_that_their_norm_is_fresh(tmp_path, mode, feature, pool, noted):
     write_mae_checkpoint(tmp_path / "ckpt")
-    cfg = load_config(FinetuneConfig, ROOT / "recipes" / "demo_knn_vit.yaml",
+    cfg = load_config(FinetuneConfig, ROOT / "recipes" / f"demo_{mode}_vit.yaml",
                       [f"init={tmp_path / 'ckpt'}", f"model.global_pool={pool}"])
     logged = []
-    build_classifier(cfg, num_classes=0, log=logged.append)
-    assert any(line.startswith("note: with model.global_pool=avg the kNN feature is the mean token through a fresh "
-                               "fc_norm") for line in logged) == noted
+    build_classifier(cfg, num_classes=0 if mode == "knn" else 10, log=logged.append)
+    assert any(line.startswith(f"note: with model.global_pool=avg the {feature} is the mean token through a fresh "
+                               f"fc_norm, not the checkpoint's final norm; model.global_pool=token gives the "
+                               f"pretrained feature (as demo_{mode}_vit.yaml)") for line in logged) == noted
+
+
+def test_a_knn_evaluation_into_a_training_runs_directory_is_refused_before_evaluating(tmp_path):
+    write_mae_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000003")
+    cfg = load_config(FinetuneConfig, ROOT / "recipes" / "demo_knn_vit.yaml",
+                      [f"init={tmp_path / 'run'}", f"run.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=rf"run.output_dir={tmp_path / 'run'} holds a training run "
+                                          r"\(checkpoints/\), which a kNN evaluation would set aside; "
+                                          rf".*run.output_dir={tmp_path}/run_knn"):
+        finetune(cfg)
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["checkpoints"]  # nothing set aside
 
 
 def test_an_init_normalised_otherwise_than_this_run_is_warned_about(tmp_path, export_tool):

@@ -39,6 +39,7 @@ from .augment import BatchAugment, FinetuneTransform, build_criterion, seeded_gl
 from .checkpoint import (
     bare_model,
     best_weights_step,
+    find_checkpoints,
     fresh_directory,
     replace_dir,
     resolve_resume,
@@ -122,9 +123,12 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int, load: bool = True, l
         log(f"init: none, {'evaluating' if cfg.mode == 'knn' else 'training'} a randomly initialised encoder")
     if report is None or "head.weight" in report.missing:
         init_head(model.head, cfg.model.head_init_std)
-    if cfg.mode == "knn" and report is not None and "fc_norm.weight" in report.missing:
-        log("note: with model.global_pool=avg the kNN feature is the mean token through a fresh fc_norm, not the "
-            "checkpoint's final norm; model.global_pool=token gives the pretrained feature (as demo_knn_vit.yaml)")
+    if cfg.mode in ("knn", "linprobe") and report is not None and "fc_norm.weight" in report.missing:
+        # The frozen encoder never trains that norm: it stays at its initial 1 and 0 (MAE issue #186).
+        feature = "kNN feature" if cfg.mode == "knn" else "feature the probe reads"
+        log(f"note: with model.global_pool=avg the {feature} is the mean token through a fresh fc_norm, not the "
+            f"checkpoint's final norm; model.global_pool=token gives the pretrained feature (as demo_{cfg.mode}_vit"
+            ".yaml)")
     if report is not None and (note := stale_stem_norm_note(model, report, cfg.model.bn_reestimate_batches)):
         log(note)
     if cfg.mode == "linprobe":
@@ -422,6 +426,10 @@ def run_knn(cfg: FinetuneConfig) -> dict:
     """Weighted k-NN top-1/top-5 of frozen features: bank from the train split, queries from the val split."""
     acc = build_accelerator(cfg)
     log = main_process_lines(acc.is_main_process)
+    out = Path(cfg.run.output_dir)
+    if find_checkpoints(out):  # an earlier evaluation is set aside below; a training run (often init's) is not
+        raise ConfigError(f"run.output_dir={out} holds a training run (checkpoints/), which a kNN evaluation would set "
+                          f"aside; give the evaluation a directory of its own, e.g. run.output_dir={out}_knn")
     cfg.init = recorded_init(cfg.init)
     require_labeled_shards(cfg.data, "kNN evaluation")  # before the checkpoint is read
     model = build_classifier(cfg, num_classes=0, log=log).to(acc.device).eval()
@@ -433,7 +441,6 @@ def run_knn(cfg: FinetuneConfig) -> dict:
             model, data, img_size=cfg.model.img_size, batch_size=data.eval_batch_size or data.batch_size, k=cfg.knn.k,
             temperature=cfg.knn.temperature, max_train=data.knn_max_train, device=acc.device, rank=acc.process_index,
             world_size=acc.num_processes, gather=acc.gather, verify=True)
-    out = Path(cfg.run.output_dir)
     claim_run_directory(out, acc)  # the run's only writes follow
     with released_at_end(out):
         if acc.is_main_process:
