@@ -232,8 +232,11 @@ def test_init_from_a_globally_pooled_classifier_into_a_token_pooled_model_names_
 ])
 def test_init_from_another_models_checkpoint_names_the_model_that_wrote_it(tmp_path, writer, reader):
     write_mae_checkpoint(tmp_path / "ckpt", name=writer)  # position tables of other layouts are not resampled
-    with pytest.raises(CheckpointError, match=rf"do not fit .*It was written by `{writer}`: model.name and"):
+    fitting = writer.removeprefix("mae_").replace("test", "test_patch8_32" if "sret" not in writer else "test")
+    with pytest.raises(CheckpointError, match=rf"do not fit .*, or set model.name={fitting} \(the checkpoint was "
+                                              rf"written by `{writer}`; model.name and its arguments must build"):
         load_init(classifier(reader), tmp_path / "ckpt")
+    load_init(create_model(fitting, num_classes=10), tmp_path / "ckpt")  # as the message says
 
 
 def test_init_from_an_official_sret_file(tmp_path):
@@ -749,10 +752,11 @@ def test_config_yaml_records_the_checkpoint_init_stood_for_and_a_resume_refuses_
     FinetuneRun(demo_config(tmp_path / "ft", f"init={mae_run}", "run.max_steps=2")).train()
     assert recorded() == str(mae_run / "checkpoints" / "step_00000001")  # the resumed run started from step 1
     for other in (mae_run / "checkpoints" / "step_00000002", None):  # newer weights, or none: another run
+        wanted = re.escape(f"init={other}" if other else "random initialisation (init=null)")
         with pytest.raises(ResumeError, match=rf"run.output_dir holds a run started from init="
                                               rf"{mae_run / 'checkpoints' / 'step_00000001'}, which resuming would "
-                                              rf"continue rather than start from init={other}: to start from "
-                                              rf"{other}, use another run.output_dir, or run.resume=none"):
+                                              rf"continue rather than start from {wanted}: to start from "
+                                              rf"{wanted}, use another run.output_dir, or run.resume=none"):
             FinetuneRun(demo_config(tmp_path / "ft", f"init={other or 'null'}", "run.max_steps=3"))
 
 

@@ -39,6 +39,7 @@ from ..models.loading import (
     resolve_checkpoint,
 )
 from ..models.mae import split_mae_state_dict
+from ..models.registry import ModelError, classifier_name_for
 from ..models.sret import SReT, reestimate_batchnorm
 from .checkpoint import FRESH, ResumeError, check_engine_pickles
 
@@ -114,10 +115,15 @@ def recorded_init(init: str | None, resumed_state: dict | None = None) -> str | 
         return str(resolve_checkpoint(init)) if init else None
     recorded = resumed_state.get("config", {}).get("init", init)
     if not _stands_for(init, recorded):
-        raise ResumeError(f"run.output_dir holds a run started from init={recorded}, which resuming would continue "
-                          f"rather than start from init={init}: to start from {init}, {FRESH}; to continue the "
-                          f"run, pass init={recorded}")
+        wanted = _weights_named(init)
+        raise ResumeError(f"run.output_dir holds a run started from {_weights_named(recorded)}, which resuming would "
+                          f"continue rather than start from {wanted}: to start from {wanted}, {FRESH}; to continue "
+                          f"the run, pass init={recorded or 'null'}")
     return recorded
+
+
+def _weights_named(init: str | None) -> str:
+    return f"init={init}" if init else "random initialisation (init=null)"
 
 
 def _stands_for(init: str | None, recorded: str | None) -> bool:
@@ -144,16 +150,17 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
     # Heads are `head.*` in every accepted layout, so this runs before the model's own key filter (in load_weights).
     state_dict, unfit_head = drop_unfit_head(model, state_dict)
     allow_missing, allow_unexpected = allowed_keys(model)
+    remedy = {} if "model" not in meta else {"remedy": f"set model.name={_classifier_of(meta['model'])} (the "
+                                                       f"checkpoint was written by `{meta['model']}`; model.name and "
+                                                       "its arguments must build the same encoder)"}
     try:
-        report = load_weights(model, state_dict, allow_missing=allow_missing, allow_unexpected=allow_unexpected)
+        report = load_weights(model, state_dict, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
+                              **remedy)
     except CheckpointError as err:
-        if pooling is not None:
-            raise CheckpointError(f"{err}. It was trained with global average pooling: set model.global_pool="
-                                  f"{pooling}") from None
-        if "model" not in meta:
+        if pooling is None:
             raise
-        raise CheckpointError(f"{err}. It was written by `{meta['model']}`: model.name and its arguments must "
-                              "build the same encoder") from None
+        raise CheckpointError(f"{err}. It was trained with global average pooling: set model.global_pool="
+                              f"{pooling}") from None
     report.dropped = dropped + unfit_head
     loaded = len(model.state_dict()) - len(report.missing)  # not the file's count: official files repeat or add some
     shown = f" ({', '.join(report.dropped[:4])}{', ...' if len(report.dropped) > 4 else ''})" if report.dropped else ""
@@ -167,6 +174,14 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
             f"this run uses data.mean {normalization[0]} and data.std {normalization[1]}: set them to the "
             "checkpoint's unless the change is deliberate")
     return report
+
+
+def _classifier_of(name: str) -> str:
+    """The classifier whose encoder model `name` holds (itself for a classifier), or `name` when that is unclear."""
+    try:
+        return classifier_name_for(name)
+    except ModelError:
+        return name
 
 
 def recorded_normalization(meta: dict) -> tuple[list[float], list[float]] | None:
