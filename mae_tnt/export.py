@@ -15,8 +15,9 @@ is checked by loading it into our model with no missing or unexpected key. ViT a
                       **cfg["timm_kwargs"])
 
 loads it (the `num_classes` overlay keeps a fine-tuned head; without it timm drops the head as "adapted"). The tool
-prints this call for the export at hand, and config.json keeps it as `timm_call`. A classifier's config.json also
-names its outputs, `label_names` (from the fine-tuning checkpoint), the top-level key timm reads from a Hub config.
+prints this call for the export at hand, and config.json keeps it as `timm_call`. config.json also holds what timm
+reads from a Hub or local model folder (`architecture`, `model_args`, `pretrained_cfg` and, for a classifier,
+`label_names` from the fine-tuning checkpoint), so `timm.create_model("local-dir:OUT", pretrained=True)` loads it too.
 
 References: timm `_builder.load_pretrained` (`pretrained_cfg_overlay`), DeepSpeed `utils/zero_to_fp32.py`.
 """
@@ -143,6 +144,8 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
               "timm_call": timm_call(timm_name, timm_kwargs, info, out / "model.safetensors"),
               "source": str(checkpoint), "source_layout": layout, "dropped_keys": len(dropped),
               "interpolation": INTERPOLATION, "crop_pct": CROP_PCT}
+    if timm_name is not None:  # what timm.create_model("local-dir:OUT", pretrained=True) reads
+        config.update(architecture=timm_name, model_args=timm_kwargs, pretrained_cfg=timm_pretrained_cfg(info))
     write_export(out, model.state_dict(), config)
     return config
 
@@ -183,10 +186,16 @@ def timm_call(timm_name: str | None, timm_kwargs: dict, info: dict, file: Path) 
     """
     if timm_name is None:
         return None
-    overlay = dict(file=str(file.resolve()), custom_load=False, num_classes=info["num_classes"],
-                   input_size=(3, info["img_size"], info["img_size"]), interpolation=INTERPOLATION, crop_pct=CROP_PCT)
-    overlay.update({key: tuple(info[key]) for key in ("mean", "std") if info[key] is not None})
+    overlay = dict(file=str(file.resolve()), **timm_pretrained_cfg(info))
     return f"timm.create_model({timm_name!r}, pretrained=True, pretrained_cfg_overlay={overlay!r}, **{timm_kwargs!r})"
+
+
+def timm_pretrained_cfg(info: dict) -> dict:
+    """timm's description of the weights: head size and the preprocessing they were trained with (the mean and std
+    where known)."""
+    cfg = dict(custom_load=False, num_classes=info["num_classes"], input_size=(3, info["img_size"], info["img_size"]),
+               interpolation=INTERPOLATION, crop_pct=CROP_PCT)
+    return cfg | {key: tuple(info[key]) for key in ("mean", "std") if info[key] is not None}
 
 
 @quiet_on_ctrl_c("run the same command again to export")

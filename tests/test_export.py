@@ -98,6 +98,10 @@ def test_the_printed_timm_call_loads_a_fine_tuned_classifier_with_its_head(tool,
     preprocessing = timm.data.resolve_data_config({}, model=model)  # what timm users feed the model
     assert preprocessing == {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": tuple(MEAN_STD["mean"]),
                              "std": tuple(MEAN_STD["std"]), "crop_pct": 0.875, "crop_mode": "center"}
+    folder = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()  # as a Hub model's folder
+    torch.testing.assert_close(folder(images), ours(images))
+    from_json = timm.data.resolve_data_config({}, model=folder)  # JSON gives lists where the overlay has tuples
+    assert {key: tuple(v) if isinstance(v, list) else v for key, v in from_json.items()} == preprocessing
 
 
 def test_exporting_a_run_directory_names_the_checkpoint_taken_and_the_best_weights(tool, tmp_path, capsys):
@@ -132,6 +136,8 @@ def test_an_export_exports_again_and_bare_weights_export_as_trained_or_not_at_al
              "img_size": 48, "config": {"model": {"img_size": 48, "global_pool": "avg"}, "data": MEAN_STD}}
     first = tool.export(write_checkpoint(tmp_path / "best", ours, state), tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["label_names"] == names  # timm's Hub key
+    folder = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True)
+    assert folder.pretrained_cfg["label_names"] == names and folder.num_classes == 7
     again = tool.export(tmp_path / "out", tmp_path / "again")  # its config.json describes it
     built = ("model", "kind", "num_classes", "label_names", "img_size", "global_pool", "mean", "std", "timm_call")
     assert {k: again[k] for k in built} == {k: first[k] for k in built} | {"timm_call": again["timm_call"]}
