@@ -44,9 +44,11 @@ def sincos_2d(dim: int, grid: int | tuple[int, int], num_prefix_tokens: int = 0)
 def is_sincos_table(table: torch.Tensor, num_prefix_tokens: int) -> bool:
     """Whether a [1, P + H*W, D] table is the fixed sin-cos table of its own square grid (a frozen one, which another
     grid's can replace exactly), rather than a learned one."""
+    if table.dim() != 3 or table.shape[2] % 4:
+        return False
     tokens = table.shape[1] - num_prefix_tokens
     grid = math.isqrt(max(tokens, 0))
-    if table.dim() != 3 or grid * grid != tokens or table.shape[2] % 4:
+    if grid * grid != tokens:
         return False
     return torch.allclose(table[0].float(), sincos_2d(table.shape[2], grid, num_prefix_tokens), atol=1e-5)
 
