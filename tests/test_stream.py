@@ -244,7 +244,8 @@ def test_a_tar_cut_inside_a_member_yields_the_samples_before_it_and_the_reason(t
 def test_pipe_urls_are_refused_unless_allowed(tmp_path):
     write_shards(tmp_path, [8, 8])
     marker = tmp_path / "ran"
-    for spec in ("pipe:cat /etc/passwd", f"{{pipe:touch {marker},pipe:touch {marker}}}"):  # the second after braces
+    for spec in ("pipe:cat /etc/passwd", f"{{pipe:touch {marker},pipe:touch {marker}}}",  # the second after braces
+                 f"PIPE:touch {marker}", f"Pipe:touch {marker}", f" pipe:touch {marker}"):  # URL schemes ignore case
         with pytest.raises(ShardError, match="data.allow_pipe=true"):
             shards = resolve_shards(spec, info=str(tmp_path), verify=False)
             consume(stream_for(shards, 0, 1, workers=0))

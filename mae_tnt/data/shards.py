@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlparse
 
 import braceexpand
 import webdataset as wds
@@ -76,7 +77,7 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
             with `_info.json`.
         info: a local `_info.json` or its directory giving the sample counts of the URLs in `spec`, in order.
     """
-    if not allow_pipe and any(url.startswith("pipe:") for url in expand(spec)):  # "{pipe:a,b}"
+    if not allow_pipe and any(urlparse(url).scheme == "pipe" for url in expand(spec)):  # as webdataset reads: PIPE:
         raise ShardError(f"refusing to run the shell command in shard URL {spec!r}; set data.allow_pipe=true "
                          "(tools/visualize.py: --allow-pipe) if you trust it")
     path = local_path(spec)
