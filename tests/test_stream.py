@@ -261,6 +261,11 @@ def test_allowed_pipe_urls_stream_with_counts_from_a_local_info_file(tmp_path):
     assert [(s.url, s.num_samples) for s in shards] == [(f"pipe:cat {tmp_path}/train-{i:06d}.tar", 8) for i in range(4)]
     seen = [keys(consume(stream_for(shards, rank, 2, workers=1))) for rank in range(2)]
     assert sorted(seen[0] + seen[1]) == [f"s{i:06d}" for i in range(32)]
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "my_info.json").write_text((tmp_path / "_info.json").read_text())
+    (tmp_path / "copy" / "_info.json").write_text("{}")  # another dataset's: it must not be the one read
+    with pytest.raises(ShardError, match=r"data.info=.*my_info.json is not an _info.json: give the _info.json"):
+        resolve_shards(url, allow_pipe=True, info=str(tmp_path / "copy" / "my_info.json"))
     subset = resolve_shards(f"pipe:cat {tmp_path}/train-{{000003,000001}}.tar", allow_pipe=True, info=str(tmp_path))
     assert [s.num_samples for s in subset] == [8, 8]  # counts found by file name, so a subset works too
 

@@ -118,6 +118,9 @@ def info_directory(spec: str, info: str | None = None) -> Path | None:
     if local_path(spec).is_dir():
         return local_path(spec)
     if info is not None:
+        if Path(info).is_file() and Path(info).name != INFO_NAME:  # its directory's _info.json would be read instead
+            raise ShardError(f"data.info={info} is not an {INFO_NAME}: give the {INFO_NAME} that tools/make_shards.py "
+                             "wrote (or its directory), under that name (tools/visualize.py: --info)")
         return Path(info).parent if Path(info).is_file() else Path(info)
     if is_local(spec):
         folder = local_path(expand(spec)[0]).parent
