@@ -188,6 +188,24 @@ def test_a_shard_damaged_without_changing_its_size_is_named_when_training_meets_
                         r"counted", message) for message in messages), messages
 
 
+@pytest.mark.parametrize("recorded_sizes", [True, False])  # trusted by their size, or scanned at the start
+def test_shards_truncated_or_deleted_during_the_run_are_named_skipped_and_counted(tmp_path, recorded_sizes):
+    write_shards(tmp_path, [8, 8, 8, 8])
+    names = [f"train-{i:06d}.tar" for i in range(4)]
+    sizes = [(tmp_path / name).stat().st_size for name in names] if recorded_sizes else None
+    update_split(tmp_path, "train", names, [8] * 4, shard_bytes=sizes)
+    stream = stream_for(resolve_shards(str(tmp_path)), batch=4)  # intact when resolved
+    truncated, deleted = tmp_path / names[1], tmp_path / names[2]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    deleted.unlink()
+    batches = consume(stream)
+    assert len(batches) == 8 and stream.state.skipped >= 8  # the deleted shard's 8, and the truncated one's rest
+    named = [line for batch in batches for line in batch["breaks"]]
+    for victim in (truncated, deleted):
+        assert any(line.startswith(f"{victim} broke (") and line.endswith("counted (skipped_samples in the metrics)")
+                   for line in named), named
+
+
 def test_a_truncated_shard_is_warned_about_then_skipped_and_counted(tmp_path):
     write_shards(tmp_path, [8, 8, 8, 8])
     victim = tmp_path / "train-000001.tar"

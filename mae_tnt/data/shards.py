@@ -18,7 +18,7 @@ import tarfile
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlparse
@@ -62,6 +62,9 @@ class Shard:
     """The file size `_info.json` records, if any: a local shard of this size is trusted without a header scan."""
     recorded: bool = False
     """A local file counted by the `_info.json` beside it, which the start of training checks (`_verify_counts`)."""
+    warned_broken: bool = False
+    """Resolving the shards found this one broken and warned (`_verify_counts`), so reading it does not warn again.
+    Set then, since what the file looks like later (truncated or deleted during the run) cannot tell."""
 
 
 def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, verify: bool = True,
@@ -98,7 +101,8 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
         raise ShardError(f"{spec!r} lists {counted(len(missing), 'missing shard')}, e.g. {missing[0]}; restore them "
                          "or re-run tools/make_shards.py (tools/inspect_shards.py DIR lists every problem)")
     if verify:
-        _verify_counts([shard for shard in shards if shard.recorded], spec)
+        broken = _verify_counts([shard for shard in shards if shard.recorded], spec)
+        shards = [replace(shard, warned_broken=True) if shard.url in broken else shard for shard in shards]
     return shards
 
 
@@ -208,35 +212,31 @@ def _count_readable(url: str) -> int:
         return readable
 
 
-def _verify_counts(shards: list[Shard], spec: str) -> None:
+def _verify_counts(shards: list[Shard], spec: str) -> set[str]:
     """Fail on a complete shard whose count disagrees with `_info.json` (the data changed under it); warn about a
-    truncated or corrupt one, whose samples after the break are then skipped (and counted, by training).
+    truncated or corrupt one, whose samples after the break are then skipped (and counted, by training). Returns the
+    URLs of the broken ones.
 
     A shard is scanned (its tar headers read) only when its size differs from the one make_shards recorded, or none
     is recorded: a scan costs about 0.2 ms a sample (minutes for ImageNet, on every rank at every start), a size
     check nothing. Damage that keeps the size is met when the shard is read, and counted then.
     """
-    for shard in filter(_needs_scan, shards):
+    broken = set()
+    for shard in shards:
+        if local_path(shard.url).stat().st_size == shard.num_bytes:
+            continue
         try:
             actual = count_tar_samples(local_path(shard.url))
         except InfoError as err:
             _warn_broken(err, "its samples after the break are skipped (training counts them in skipped_samples)")
+            broken.add(shard.url)
             continue
         if actual != shard.num_samples:
             raise ShardError(
                 f"{shard.url} holds {actual} samples but _info.json says {shard.num_samples}; re-run "
                 f"tools/make_shards.py or tools/inspect_shards.py {spec}"
             )
-
-
-def _needs_scan(shard: Shard) -> bool:
-    return local_path(shard.url).stat().st_size != shard.num_bytes
-
-
-def scanned_at_start(shard: Shard) -> bool:
-    """Whether the start of training read this shard's tar headers (`_verify_counts`), and so warned about a break
-    in it then."""
-    return shard.recorded and _needs_scan(shard)
+    return broken
 
 
 def _warn_broken(err: InfoError, consequence: str) -> None:

@@ -41,7 +41,6 @@ from .shards import (
     break_warning,
     is_local,
     read_samples,
-    scanned_at_start,
 )
 from .transforms import stack_images
 
@@ -303,9 +302,9 @@ class RoleStream:
 
     def _note_break(self, shard: Shard, reason: str) -> None:
         """Remember why samples went missing; warn about a break the start of training did not find (a remote or
-        `pipe:` shard, a local one it trusted by its size or did not check)."""
+        `pipe:` shard, a local one it trusted by its size, or one truncated or deleted since)."""
         self.last_break = (shard.url, reason)
-        if not scanned_at_start(shard):
+        if not shard.warned_broken:
             self.breaks.append(f"{break_warning(shard.url, reason)} and counted (skipped_samples in the metrics)")
 
 
