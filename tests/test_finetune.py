@@ -25,7 +25,7 @@ from test_tnt import official_layout as tnt_official_layout
 
 from mae_tnt.config import ConfigError, PretrainConfig, load_config
 from mae_tnt.data.info import ShardError
-from mae_tnt.data.shards import read_samples, resolve_shards
+from mae_tnt.data.shards import StreamError, read_samples, resolve_shards
 from mae_tnt.finetune_config import AugmentConfig, FinetuneConfig
 from mae_tnt.models import CheckpointError, ModelError, create_model
 from mae_tnt.models.sret import to_official_state_dict
@@ -900,3 +900,16 @@ def test_the_demo_comparison_says_where_its_runs_are_and_keeps_its_table(tmp_pat
     assert "| MAE demo checkpoint | 50.00 | 60.00 | 60.00 |" in shown
     assert f"Runs in {tmp_path / 'compare'}: {', '.join(runs)} (" in shown
     assert (tmp_path / "compare" / "results.md").read_text() == shown
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([3, -1, 2], r"sample b in shards/train has no .cls label: fine-tuning needs labeled shards"),
+    ([3, 7, 2], r"sample b in shards/train has label 7, but the head has 5 outputs: set model.num_classes to the "
+                r"shards' class count"),  # cross-entropy would raise an index error, a GPU a device-side assert
+])
+def test_a_training_label_the_head_cannot_learn_is_refused_naming_the_sample(labels, message):
+    run = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(train="shards/train")), num_classes=5)
+    batch = {"labels": torch.tensor(labels), "keys": ["a", "b", "c"]}
+    with pytest.raises(StreamError, match=message):
+        FinetuneRun.check_labels(run, batch)
+    FinetuneRun.check_labels(run, {**batch, "labels": torch.tensor([0, 4, 2])})

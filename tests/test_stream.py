@@ -522,3 +522,23 @@ def test_loader_workers_survive_a_sigterm_that_reaches_them_as_they_start(even, 
     monkeypatch.setattr(BaseProcess, "start", start_then_terminate)
     batches = consume(stream_for(even, workers=2))
     assert len(started) == 2 and sorted(keys(batches)) == sorted(keys(consume(stream_for(even))))
+
+
+def test_a_label_that_is_not_a_class_index_skips_its_sample_in_training_and_evaluation(tmp_path):
+    write_shards(tmp_path, [8, 8])
+    shard = tmp_path / "train-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:  # the same shard with a synset id where the class index belongs
+        for member, data in members:
+            data = b"n01440764" if member.name == "s000002.cls" else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    shards = resolve_shards(str(tmp_path))
+    stream = stream_for(shards, batch=4)
+    batches = consume(stream)
+    assert "s000002" not in keys(batches) and stream.state.skipped >= 1
+    named = [skip for batch in batches for skip in batch["skips"]]
+    assert "s000002 (its .cls b'n01440764' is not a class index (tools/make_shards.py writes those))" in named
+    labels = torch.cat([labels for _, labels in eval_batches(shards, img_size=16, batch_size=4)])
+    assert (labels >= 0).sum() == 15  # evaluation leaves it out too

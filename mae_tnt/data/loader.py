@@ -22,7 +22,7 @@ from ..text import counted
 from .device_decode import DeferredCrop, gpu_decode_available
 from .images import BadImageError, image_bytes, set_max_image_pixels
 from .shards import Shard, ShardError, read_samples, resolve_shards
-from .stream import ShardStream, label_of
+from .stream import BadLabelError, ShardStream, label_of
 from .transforms import eval_resize, stack_images, train_crop
 
 
@@ -138,10 +138,19 @@ def _padded_batch(samples: list[dict], img_size: int, batch_size: int) -> tuple[
     """Exactly `batch_size` rows: the decodable samples, then zero images labeled -1."""
     images = torch.zeros(batch_size, 3, img_size, img_size, dtype=torch.uint8)
     labels = torch.full((batch_size,), -1, dtype=torch.long)
-    decoded = [(image, label_of(sample)) for sample in samples if (image := eval_image(sample, img_size)) is not None]
+    decoded = [row for sample in samples if (row := _eval_row(sample, img_size)) is not None]
     for row, (image, label) in enumerate(decoded):
         images[row], labels[row] = image, label
     return images, labels
+
+
+def _eval_row(sample: dict, img_size: int) -> tuple[torch.Tensor, int] | None:
+    """A sample's evaluation image and label; None when either is unreadable (skipped, as in training)."""
+    image = eval_image(sample, img_size)
+    try:
+        return None if image is None else (image, label_of(sample))
+    except BadLabelError:
+        return None
 
 
 def first_images(shards: list[Shard], count: int, img_size: int) -> torch.Tensor:

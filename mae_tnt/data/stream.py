@@ -197,14 +197,15 @@ class RoleStream:
         while len(images) < self.stream.batch_size:
             index, sample = self._next_raw()
             try:
-                images.append(self._decode(sample, index))
+                image, label = self._decode(sample, index), label_of(sample)
             except BadImageError as err:
                 skipped += 1
                 self._check_not_all_bad(skipped, err)
                 if sample is not None and len(skips) < SKIPS_NAMED:  # a lost sample's shard break is warned about
                     skips.append(f"{sample['__key__']} ({err})")
                 continue
-            labels.append(label_of(sample))
+            images.append(image)
+            labels.append(label)
             keys.append(sample["__key__"])
         # Deferred decoding leaves JPEGs encoded (decoded on the device) among other images decoded here
         stacked = stack_images(images) if all(isinstance(image, torch.Tensor) for image in images) else images
@@ -308,6 +309,17 @@ class RoleStream:
             self.breaks.append(f"{break_warning(shard.url, reason)} and counted (skipped_samples in the metrics)")
 
 
+class BadLabelError(BadImageError):
+    """A `.cls` member that is not a class index: the sample is skipped like an undecodable image."""
+
+
 def label_of(sample: dict) -> int:
+    """The sample's class index; -1 when it has no `.cls`."""
     value = sample.get("cls")
-    return int(value.decode().strip()) if value else -1
+    if not value:
+        return -1
+    try:
+        return int(value.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        raise BadLabelError(f"its .cls {value[:40]!r} is not a class index (tools/make_shards.py writes those)") \
+            from None

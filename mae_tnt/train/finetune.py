@@ -268,8 +268,7 @@ class FinetuneRun(TrainingRun):
             self.unwrapped.head.train()
 
     def micro_step(self, batch: dict, micro: int) -> torch.Tensor:
-        if (batch["labels"] < 0).any():
-            raise StreamError(f"unlabeled samples in {self.cfg.data.train}: fine-tuning needs .cls labels")
+        self.check_labels(batch)
         images = self.device_images(batch["images"])
         labels = batch["labels"].to(self.device, non_blocking=True)
         with seeded_global_rngs(seed_micro_step(self.cfg.seed, self.rank, micro)):
@@ -308,6 +307,18 @@ class FinetuneRun(TrainingRun):
                 self._save_if_due(micro)
         return {"steps": self.step, "history": history, "best": self.best, "output_dir": str(self.out),
                 "preempted": self.preemption.cut_short(self.step, self.plan.stop_step)}
+
+    def check_labels(self, batch: dict) -> None:
+        """Refuse a training batch with a sample the head cannot learn (cross-entropy would fail with an index error,
+        on a GPU a device-side assert), naming it; the labels are still on the host."""
+        labels = batch["labels"]
+        if (labels < 0).any():
+            raise StreamError(f"sample {batch['keys'][int(labels.argmin())]} in {self.cfg.data.train} has no .cls "
+                              "label: fine-tuning needs labeled shards")
+        if int(labels.max()) >= self.num_classes:
+            raise StreamError(f"sample {batch['keys'][int(labels.argmax())]} in {self.cfg.data.train} has label "
+                              f"{int(labels.max())}, but the head has {self.num_classes} outputs: set "
+                              "model.num_classes to the shards' class count")
 
     def _run_batches(self, bar, micro: int) -> int:
         """Micro-steps until the epoch ends, the stop step is reached or a stop is requested; returns `micro`."""
