@@ -58,9 +58,10 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     home = path if path.is_dir() else path.parent if path.name == "model.safetensors" else None
     described = [home / name for name in (STATE_FILE, EXPORT_CONFIG) if home is not None and (home / name).exists()]
     meta = read_json_object(described[0]) if described else {}
-    if meta is None:
+    if meta is None and path.is_dir():
         raise CheckpointError(f"{described[0]} is corrupt (not a JSON object): restore it, or pass the weights file "
                               f"in {path} itself")
+    meta = meta or {}  # a weights file given alone, beside a corrupt description, is read as bare weights
     if path.is_dir() and not (path / "model.safetensors").exists() and (path / "engine").is_dir():
         return gather_zero_checkpoint(path / "engine"), meta
     return read_state_dict(path), meta
