@@ -215,7 +215,9 @@ def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys
     assert visualize_main([str(tmp_path), str(shards)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "is not a pretraining checkpoint (its state.json names no MAE model)" in err
-    weights = tmp_path / "checkpoints" / "step_00000004" / "model.safetensors"
+    assert visualize_main([str(state.parent / "model.safetensors"), str(shards)]) == 1  # described by its state.json
+    assert "is not a pretraining checkpoint (its state.json names no MAE model)" in capsys.readouterr().err
+    weights = shutil.copy(state.parent / "model.safetensors", tmp_path / "bare.safetensors")
     assert visualize_main([str(weights), str(shards)]) == 1
     assert ("(its state.json is missing: an export or a bare weights file); pass a checkpoints/step_* directory of a "
             "pretrain.py run, whose state.json gives the model and data settings the grid needs, or name the MAE model "
