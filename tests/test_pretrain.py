@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -171,6 +172,35 @@ def test_a_run_whose_set_up_fails_after_its_claim_leaves_no_folder_and_frees_the
     assert sorted(path.name for path in out.iterdir()) == [".run.lock", "notes.txt"]  # not created by the run: kept
     with open(out / ".run.lock") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # given up
+
+
+def test_a_forked_child_of_a_run_does_not_keep_its_lock(tmp_path):
+    """DataLoader workers are forked after the claim: one orphaned by a `kill -9` of its run must not hold the lock
+    that the rerun takes."""
+    import fcntl
+    import multiprocessing
+
+    from accelerate import Accelerator
+
+    from mae_tnt.train.run_lock import claim_run_directory, released_at_end
+
+    def worker(started) -> None:
+        started.set()
+        time.sleep(60)
+
+    out, fork = tmp_path / "run", multiprocessing.get_context("fork")
+    started = fork.Event()
+    with released_at_end(out):
+        claim_run_directory(out, Accelerator(cpu=True))
+        child = fork.Process(target=worker, args=(started,))
+        child.start()
+    assert started.wait(30)  # the child runs: the fork's after-child hooks are done
+    try:
+        with open(out / ".run.lock") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the child is alive, and the lock free
+    finally:
+        child.terminate()
+        child.join()
 
 
 def test_a_run_built_but_never_trained_closes_its_lock_at_exit(tmp_path):

@@ -98,6 +98,18 @@ def given_back_on_failure(out: Path) -> Iterator[None]:
         raise
 
 
+def _forget_locks_in_child() -> None:
+    """A forked child (a DataLoader worker) shares its parent's locks; closing its copies lets a lock go with the
+    parent, where an orphaned worker kept it held for seconds after a `kill -9`, refusing the rerun."""
+    for lock in _HELD.values():
+        lock.close()
+    _HELD.clear()
+    _CREATED.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 @atexit.register
 def _release_all() -> None:
     """Close the locks still held at exit (a run built but never trained): the kernel would release them anyway, but
