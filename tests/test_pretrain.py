@@ -458,9 +458,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pa
         return (loss * float("nan") if calls["n"] == 6 else loss), pred, mask
 
     monkeypatch.setattr(trainer.model, "forward", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"micro-step 5 \(optimizer step 6\)"):
-        trainer.train()
+    with pytest.raises(NonFiniteLossError, match=r"micro-step 5 \(optimizer step 6\); stopping without saving. Try "
+                                                 r"a lower optim.base_lr, optim.grad_clip=1.0. The last good "
+                                                 r"checkpoint, .*step_00000004, is intact: the same command resumes"):
+        trainer.train()  # in fp32: no advice to train in fp32
     assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000004"]
+
+    calls["n"] = 0
+    trainer = Trainer(config(shards, tmp_path / "early", "run.checkpoint_every=100", "run.log_every=100"))
+    forward = trainer.model.forward
+    monkeypatch.setattr(trainer.model, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"No checkpoint was written yet: the same command starts afresh"):
+        trainer.train()
 
 
 def test_running_out_of_gpu_memory_is_one_line_naming_the_settings_that_need_less(shards, tmp_path, monkeypatch,

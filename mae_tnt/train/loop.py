@@ -14,7 +14,7 @@ import torch
 
 from ..config import to_dict
 from ..data.transforms import normalize
-from .checkpoint import METRICS_ROWS_KEY, restore_training, uses_deepspeed
+from .checkpoint import METRICS_ROWS_KEY, find_checkpoints, restore_training, uses_deepspeed
 from .metrics import MetricsLogger
 from .schedule import lr_at, set_lr
 
@@ -127,14 +127,17 @@ def close_window(accelerator, window: Window, bar, step: int, epoch: float, lr: 
 def raise_if_nonfinite(accelerator, window: Window, out: Path, accum_steps: int) -> None:
     """Stop every rank when any saw a non-finite loss since the start; checkpoints stay untouched."""
     bad = int(accelerator.reduce(window.first_bad.clone(), "max").item())
-    if bad >= 0:
-        # DeepSpeed's optimizer shards resume only in the precision they were written in
-        precision = "" if uses_deepspeed(accelerator) else " or run.precision=fp32"
-        raise NonFiniteLossError(
-            f"non-finite loss at micro-step {bad} (optimizer step {bad // accum_steps + 1}); stopping without "
-            f"saving. The last good checkpoint in {out / 'checkpoints'} is intact. Try a lower optim.base_lr, "
-            f"optim.grad_clip=1.0{precision}, then resume."
-        )
+    if bad < 0:
+        return
+    # DeepSpeed's optimizer shards resume only in the precision they were written in
+    half = accelerator.mixed_precision != "no" and not uses_deepspeed(accelerator)
+    kept = find_checkpoints(out)
+    then = (f"The last good checkpoint, {kept[0]}, is intact: the same command resumes from it" if kept else
+            "No checkpoint was written yet: the same command starts afresh")
+    raise NonFiniteLossError(
+        f"non-finite loss at micro-step {bad} (optimizer step {bad // accum_steps + 1}); stopping without saving. "
+        f"Try a lower optim.base_lr, optim.grad_clip=1.0{' or run.precision=fp32' if half else ''}. {then}."
+    )
 
 
 class TrainingRun:
