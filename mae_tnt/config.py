@@ -336,9 +336,9 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple
         raw = _parse_yaml(text, source) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: a recipe must be a YAML mapping at the top level")
-    _refuse_repeated_override(overrides)
+    given: dict[str, str] = {}
     for item in overrides:
-        apply_override(cls, raw, item)
+        apply_override(cls, raw, item, given)
     return _build(cls, raw, prefix="", source=source, overrides=tuple(overrides))
 
 
@@ -383,37 +383,40 @@ def _located(source: str, text: str, mark: yaml.Mark | None) -> str:
     return f"{source}:{mark.line + 1}" if mark is not None and "\n" in text else source
 
 
-def _refuse_repeated_override(overrides: list[str] | tuple[str, ...]) -> None:
-    """The same key given twice on the command line is refused rather than silently taking the last value."""
-    given: dict[str, str] = {}
-    for item in overrides:
-        key = item.partition("=")[0]
-        if key in given:
-            raise ConfigError(f"command line: `{key}` is given twice ({given[key]} and {item}); keep one")
-        given[key] = item
+def apply_override(cls: type, raw: dict[str, Any], item: str, given: dict[str, str] | None = None) -> None:
+    """Set `a.b.c=value` in the raw mapping, checking the key and the value's type against the schema of `cls`.
 
-
-def apply_override(cls: type, raw: dict[str, Any], item: str) -> None:
-    """Set `a.b.c=value` in the raw mapping, checking the key against the schema of `cls`.
-
-    A section given as a mapping (`data={batch_size: 32}`) is merged into the recipe's, as if each of its keys were
-    given alone: replacing it would silently reset the keys it does not name to the code's defaults.
+    A section given as a mapping (`data={batch_size: 32}`) is merged into the recipe's, each of its keys checked
+    and set as if given alone: replacing it would silently reset the keys it does not name to the code's defaults.
+    `given` (dotted key -> the override that set it) refuses a key set twice on the command line, however spelled,
+    rather than silently taking the last value.
     """
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.base_lr=1e-4)")
     parts = key.split(".")
     leaf = _check_key_exists(cls, parts, source="command line")
-    value = _override_value(key, text, leaf)
-    if not dataclasses.is_dataclass(leaf):  # a wrong type is the command line's fault, not the recipe's
-        value = _check_type(value, leaf, key, source="command line")
+    _set_override(cls, raw, parts, leaf, _override_value(key, text, leaf), item, {} if given is None else given)
+
+
+def _set_override(cls: type, raw: dict[str, Any], parts: list[str], leaf: Any, value: Any, item: str,
+                  given: dict[str, str]) -> None:
+    key = ".".join(parts)
+    if dataclasses.is_dataclass(leaf):  # a section's mapping: each of its keys as an override of its own
+        for name, member in value.items():
+            member_parts = [*parts, str(name)]
+            member_leaf = _check_key_exists(cls, member_parts, source="command line")
+            _set_override(cls, raw, member_parts, member_leaf, member, item, given)
+        return
+    if key in given:
+        raise ConfigError(f"command line: `{key}` is given twice ({given[key]} and {item}); keep one")
+    given[key] = item
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"command line: cannot set {key!r}: {part!r} is not a section")
-    section = node.get(parts[-1])
-    node[parts[-1]] = _merged(section, value) if isinstance(section, dict) and isinstance(value, dict) else value
+    node[parts[-1]] = _check_type(value, leaf, key, source="command line")  # a wrong type is the command line's
 
 
 def _override_value(key: str, text: str, leaf: Any) -> Any:
@@ -430,14 +433,6 @@ def _override_value(key: str, text: str, leaf: Any) -> Any:
         raise ConfigError(f"command line: {key} is a section, not a value: set its keys one by one (e.g. "
                           f"{key}.{dataclasses.fields(leaf)[0].name}=...), or give a mapping ({key}={{...}})")
     return value
-
-
-def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """`base` with `update`'s keys set, sections merged key by key."""
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merged(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
-    return out
 
 
 def all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -515,11 +510,17 @@ def _build(cls: type, raw: Any, prefix: str, source: str, root: type | None = No
 
 def _value_source(source: str, overrides: tuple[str, ...], prefix: str) -> str:
     """Where a section's values came from: the recipe, plus the command-line overrides that reached the section."""
-    used = [item for item in overrides if item.startswith(prefix)]
+    used = [item for item in overrides if _reaches(item.partition("=")[0], prefix)]
     if not used:
         return source
     typed = f"command line {' '.join(used)}"
     return typed if source == "<defaults>" else f"{source} with {typed}"
+
+
+def _reaches(key: str, prefix: str) -> bool:
+    """Whether an override of `key` sets something in the section `prefix` (`optim.`): a key inside it, or the
+    section itself given as a mapping."""
+    return key.startswith(prefix) or prefix.startswith(key + ".")
 
 
 def _check_type(value: Any, expected: Any, dotted: str, source: str) -> Any:

@@ -141,8 +141,12 @@ def test_a_section_override_merges_into_the_recipes_section(tmp_path):
     cfg = load_config(PretrainConfig, path, ["data={batch_size: 32, train: y}", "model={mask_ratio: 0.5}"])
     assert (cfg.data.train, cfg.data.batch_size, cfg.data.num_workers, cfg.data.mean) == ("y", 32, 1, [0.5] * 3)
     assert (cfg.model.name, cfg.model.mask_ratio) == ("mae_vit_test", 0.5)
-    with pytest.raises(ConfigError, match="unknown config key `data.batchsize`"):
+    with pytest.raises(ConfigError, match="^command line: unknown config key `data.batchsize`"):  # not the recipe's
         load_config(PretrainConfig, path, ["data={batchsize: 32}"])
+    with pytest.raises(ConfigError, match=r"^command line: `optim.accum_steps` must be int, got 2.5"):
+        load_config(PretrainConfig, path, ["optim={accum_steps: 2.5}"])
+    with pytest.raises(ConfigError, match=r"^.*r.yaml with command line model=\{mask_ratio: 1.5\}: .*mask_ratio"):
+        load_config(PretrainConfig, path, ["model={mask_ratio: 1.5}"])  # a section's own check names it too
 
 
 @pytest.mark.parametrize("override, message", [
@@ -219,6 +223,9 @@ def test_a_key_given_twice_is_refused_rather_than_silently_taking_the_last(tmp_p
         load_config(PretrainConfig, path, ["data.batch_size=4", "data.batch_size=8"])
     with pytest.raises(ConfigError, match=r"^override 'data=\{train: y, train: z\}': key `train` is written twice"):
         load_config(PretrainConfig, path, ["data={train: y, train: z}"])
+    for overrides in (["data.batch_size=4", "data={batch_size: 8}"], ["data={batch_size: 8}", "data.batch_size=4"]):
+        with pytest.raises(ConfigError, match=r"^command line: `data.batch_size` is given twice"):  # spelled apart
+            load_config(PretrainConfig, path, overrides)
     with pytest.raises(ConfigError, match="unknown config key `loop`"):  # a cyclic alias is walked once
         load_config(PretrainConfig, write(tmp_path, "loop: &loop [*loop]\nmodel: {name: mae_vit_test}\n"))
 
