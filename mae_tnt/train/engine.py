@@ -86,9 +86,12 @@ def build_accelerator(cfg: PretrainConfig) -> Accelerator:
         print(f"warning: the launcher asks for mixed precision {launched}, but the recipe's run.precision="
               f"{cfg.run.precision} decides: training in {training_precision(accelerator)} (set run.precision="
               f"{launched} to use it)")
-    if accelerator.device.type == "cpu" and precision == "fp16" and accelerator.is_main_process:
-        print("warning: run.precision=fp16 has no effect on CPU, which autocasts to bf16 only: training in fp32 "
-              "(set run.precision=bf16 or fp32)")
+    if accelerator.device.type == "cpu" and precision == "fp16":
+        if accelerator.state.deepspeed_plugin is not None:  # its engine would stop at its first step
+            raise ConfigError("run.precision=fp16: DeepSpeed has no fp16 on CPU; set run.precision=bf16 or fp32")
+        if accelerator.is_main_process:
+            print("warning: run.precision=fp16 has no effect on CPU, which autocasts to bf16 only: training in fp32 "
+                  "(set run.precision=bf16 or fp32)")
     if accelerator.device.type == "cpu":
         # accelerate imports DeepSpeed whenever it is installed (e.g. in unwrap_model); told the device, DeepSpeed
         # skips its GPU probe and the warning that it found none.
@@ -170,10 +173,14 @@ def write_run_config(cfg, out: Path, is_main: bool) -> None:
         save_config(cfg, out / "config.yaml")
 
 
-def configure_deepspeed(accelerator: Accelerator, cfg: PretrainConfig) -> torch.dtype | None:
+def configure_deepspeed(accelerator: Accelerator, cfg: PretrainConfig, model: torch.nn.Module) -> torch.dtype | None:
     """Fill what DeepSpeed cannot infer without a prepared loader; returns the input dtype its engine needs.
 
     DeepSpeed's bf16/fp16 modes store the parameters in half precision, so inputs must be cast (facts §4).
+
+    Raises:
+        ConfigError: a half mode for a model with affine BatchNorm (SReT's stem): DeepSpeed casts its weights but
+            not its running statistics, which torch's batch_norm refuses to mix at the first forward.
     """
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
@@ -188,7 +195,14 @@ def configure_deepspeed(accelerator: Accelerator, cfg: PretrainConfig) -> torch.
                       stacklevel=2)
     ds_config["gradient_clipping"] = clip
     precision = accelerator.mixed_precision
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    batchnorm = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine]
+    if dtype is not None and batchnorm:
+        raise ConfigError(f"{cfg.model.name} has BatchNorm layers, whose weights DeepSpeed's {precision} mode casts "
+                          "but not their running statistics, which torch refuses to mix: train it under DeepSpeed "
+                          f"with run.precision=fp32, or without DeepSpeed, where {precision} autocast keeps them in "
+                          "fp32")
+    return dtype
 
 
 def check_eval_data(cfg: PretrainConfig, log=print) -> None:
@@ -230,7 +244,7 @@ class Trainer(TrainingRun):
                                 fused=cfg.optim.fused)
         if cfg.run.compile:
             model = torch.compile(model)
-        self.input_dtype = configure_deepspeed(self.acc, cfg)
+        self.input_dtype = configure_deepspeed(self.acc, cfg, model)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.step = 0
         self.window = Window(self.acc.device)

@@ -207,7 +207,7 @@ class FinetuneRun(TrainingRun):
         if cfg.model.bn_reestimate_batches and checkpoint is None:
             refit_stem_norms(model, cfg, self.device, self.log)
         optimizer = build_optimizer(model, cfg, self.plan.peak_lr)
-        self.input_dtype = configure_deepspeed(self.acc, cfg)  # DeepSpeed's half modes need half inputs
+        self.input_dtype = configure_deepspeed(self.acc, cfg, model)  # DeepSpeed's half modes need half inputs
         self.model, self.optimizer = self.acc.prepare(torch.compile(model) if cfg.run.compile else model, optimizer)
         self.unwrapped = bare_model(self.acc, self.model)
         self.ema = self._build_ema()
