@@ -120,3 +120,20 @@ def test_precisions_deepspeed_cannot_run_here_are_one_error_line_before_training
     assert result.returncode != 0 and f"error: {message}" in result.stderr, result.stderr[-3000:]
     assert "Traceback" not in result.stderr.split("error: ")[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bf16_fine_tune_keeps_its_best_weights_as_the_fp32_masters(shards, tmp_path):
+    """DeepSpeed's half modes hold 16-bit copies in the module; best/ holds the weights the optimizer updates, those
+    the engine checkpoint of the same step gathers."""
+    args = [str(ROOT / "finetune.py"), str(ROOT / "recipes/demo_finetune_vit.yaml"), f"data.train={shards}",
+            f"data.val={shards}", "data.val_split=train", f"run.output_dir={tmp_path / 'ft'}", "data.batch_size=8",
+            "data.num_workers=0", "run.max_steps=2", "run.precision=bf16"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(accelerate_config(tmp_path, 1)), "--main_process_port", str(free_port())]
+    result = subprocess.run(launcher + args, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    best = load_file(tmp_path / "ft" / "best" / "model.safetensors")
+    gathered = export(tmp_path / "ft" / "checkpoints" / "step_00000002", tmp_path / "export")
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert gathered["step"] == 2 and {value.dtype for value in best.values()} == {torch.float32}
+    assert all(torch.equal(best[key], exported[key]) for key in exported)

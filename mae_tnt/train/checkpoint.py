@@ -69,6 +69,19 @@ class Checkpoint:
     state: dict
 
 
+def master_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights as training keeps them (every rank takes part, as in `get_state_dict`): under DeepSpeed's
+    bf16/fp16 modes the module holds 16-bit copies, and the fp32 masters the optimizer updates are taken instead."""
+    state = accelerator.get_state_dict(model)
+    if not uses_deepspeed(accelerator) or accelerator.mixed_precision == "no":
+        return state
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = bare_model(accelerator, model).named_parameters()
+    masters = {name: safe_get_full_fp32_param(param) for name, param in params}
+    return {key: value if masters.get(key) is None else masters[key].cpu() for key, value in state.items()}
+
+
 def bare_model(accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """The model inside its DDP or DeepSpeed wrapper and torch.compile's, whose state-dict keys are the model's own.
 

@@ -41,6 +41,7 @@ from .checkpoint import (
     best_weights_step,
     find_checkpoints,
     fresh_directory,
+    master_state_dict,
     replace_dir,
     resolve_resume,
     save_checkpoint,
@@ -366,7 +367,7 @@ class FinetuneRun(TrainingRun):
             candidates.append(("ema", metrics["ema_val_acc1"]))
         source, acc1 = max(candidates, key=lambda c: c[1])
         if acc1 > self.best.get("val_acc1", -math.inf):
-            weights = self.acc.get_state_dict(self.model) if source == "model" else self.ema.module.state_dict()
+            weights = master_state_dict(self.acc, self.model) if source == "model" else self.ema.module.state_dict()
             state_dict = without_wrapper_prefixes(weights)  # get_state_dict keeps torch.compile's
             self.best = {"val_acc1": acc1, "step": self.step, "epoch": metrics["epoch"], "weights": source}
             if self.is_main:
