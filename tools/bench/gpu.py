@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import positive_int  # noqa: E402
 from loader import write_jpegs  # noqa: E402
 
 import mae_tnt  # noqa: E402
@@ -68,24 +69,24 @@ def compute_only(name: str, batch: int, steps: int) -> dict:
 
 def pipeline(name: str, batch: int, steps: int, shards: Path, decode: str, workers: int) -> dict:
     """The real training loop; img/s and data-wait fraction of its last log window."""
-    out = Path(tempfile.mkdtemp())
-    overrides = [f"model.name={name}", f"data.train={shards}", "data.val=null", f"data.batch_size={batch}",
-                 f"data.num_workers={workers}", f"data.decode_device={decode}", f"run.output_dir={out}",
-                 f"run.max_steps={steps}", f"run.log_every={steps // 2}", f"run.checkpoint_every={10 * steps}",
-                 "run.resume=none", "schedule.epochs=100", "model.img_size=224"]
-    cfg = load_config(PretrainConfig, ROOT / "recipes/mae_vit_b.yaml", overrides)
     from mae_tnt.train.engine import Trainer
 
-    Trainer(cfg).train()
-    AcceleratorState._reset_state(True)  # the next configuration builds its own Accelerator
-    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as out:
+        overrides = [f"model.name={name}", f"data.train={shards}", "data.val=null", f"data.batch_size={batch}",
+                     f"data.num_workers={workers}", f"data.decode_device={decode}", f"run.output_dir={out}",
+                     f"run.max_steps={steps}", f"run.log_every={max(1, steps // 2)}",
+                     f"run.checkpoint_every={10 * steps}", "run.resume=none", "schedule.epochs=100",
+                     "model.img_size=224"]
+        Trainer(load_config(PretrainConfig, ROOT / "recipes/mae_vit_b.yaml", overrides)).train()
+        AcceleratorState._reset_state(True)  # the next configuration builds its own Accelerator
+        last = json.loads((Path(out) / "metrics.jsonl").read_text().splitlines()[-1])
     return {"img_s": last["img_per_s"], "data_wait": last["data_wait"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
     parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS, help="name:batch pairs")
-    parser.add_argument("--steps", type=int, default=30, help="timed training steps per model")
+    parser.add_argument("--steps", type=positive_int, default=30, help="timed training steps per model")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     parser.add_argument("--images", type=int, default=4096, help="synthetic JPEGs for the pipeline runs")
     parser.add_argument("--skip-pipeline", action="store_true", help="time the models only, not the data pipeline")
@@ -94,12 +95,17 @@ def main() -> None:
         sys.exit("tools/bench/gpu.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, peak {args.peak_tflops} TFLOP/s bf16")
-    shards = None
-    if not args.skip_pipeline:
-        tmp = Path(tempfile.mkdtemp())
-        write_jpegs(tmp / "jpeg", args.images, 500, 375)
-        convert(tmp / "jpeg", tmp / "shards", ConvertOptions(shard_size=256, progress=False))
-        shards = tmp / "shards"
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = None
+        if not args.skip_pipeline:
+            write_jpegs(Path(tmp) / "jpeg", args.images, 500, 375)
+            convert(Path(tmp) / "jpeg", Path(tmp) / "shards", ConvertOptions(shard_size=256, progress=False))
+            shards = Path(tmp) / "shards"
+        print_rows(args, shards)
+
+
+def print_rows(args: argparse.Namespace, shards: Path | None) -> None:
+    """One row per model: compute-only speed, MFU and memory, then the pipeline's speed with each decoder."""
     header = f"{'model':<26}{'batch':>6}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}" \
              f"{'cpu-dec img/s':>14}{'wait':>7}{'gpu-dec img/s':>14}{'wait':>7}"
     rows = [header]

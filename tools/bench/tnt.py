@@ -68,7 +68,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def mae_case(name: str, images: torch.Tensor, ratio: float, model_name: str = "mae_tnt_s_patch16", **kwargs) -> Case:
-    model = mae_tnt.create_model(model_name, **kwargs).to(images.device).train()
+    model = mae_tnt.create_model(model_name, img_size=images.shape[-1], **kwargs).to(images.device).train()
     noise = torch.rand(images.shape[0], model.grid**2, device=images.device)
     return Case(name, model, lambda: model(images, ratio, noise)[0])
 
