@@ -772,11 +772,15 @@ def test_linked_folders_are_read_once_and_hidden_entries_are_listed_not_read(tmp
         {"source": ".git/", "reason": "hidden folder, not read"},
         {"source": "cat/.hidden.png", "reason": "hidden file"},
         {"source": "cat/.ipynb_checkpoints/", "reason": "hidden folder, not read"},
-        {"source": "cat/again/", "reason": "links to bird/, read once"},
-        {"source": "cat/loop/", "reason": "links to cat/, read once"},
+        {"source": "cat/again/", "reason": "the same folder as bird/, read there"},
+        {"source": "cat/loop/", "reason": "the same folder as cat/, read there"},
     ]
     flat = convert(tmp_path / "src" / "bird", tmp_path / "flat", options())  # a linked folder as SRC, unlabeled
     assert flat.num_samples == 2
+    (tmp_path / "src" / "a_bird").symlink_to(tmp_path / "src" / "bird")  # a class folder's alias, read first
+    with pytest.raises(SourceError, match=r"class folder\(s\) bird \(the same folder as a_bird/, read there\) hold "
+                                          "no image"):
+        convert(tmp_path / "src", tmp_path / "aliased", options())
 
 
 def test_an_empty_class_folder_is_refused_unless_the_classes_are_given(tmp_path):

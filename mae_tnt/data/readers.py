@@ -252,7 +252,7 @@ def _walk_files(root: Path) -> tuple[list[str], list[dict]]:
         here = Path(directory).relative_to(root).as_posix().removeprefix(".")  # "" for the root itself
         real = os.path.realpath(directory)
         if real in walked:
-            skipped.append({"source": f"{here}/", "reason": f"links to {walked[real] or root}/, read once"})
+            skipped.append({"source": f"{here}/", "reason": f"the same folder as {walked[real] or root}/, read there"})
             folders[:] = []
             continue
         walked[real] = here
@@ -308,7 +308,9 @@ def read_imagefolder(root: Path, classes: list[str] | None = None) -> FileSource
     if classes is None:
         classes = _visible_folders(root)
         if empty := sorted(set(classes) - set(names)):
-            raise SourceError(f"{root}: class folder(s) {', '.join(empty)} hold no image; remove them, or pass "
+            aliases = {skip["source"].rstrip("/"): skip["reason"] for skip in hidden if "read there" in skip["reason"]}
+            named = [f"{name} ({aliases[name]})" if name in aliases else name for name in empty]
+            raise SourceError(f"{root}: class folder(s) {', '.join(named)} hold no image; remove them, or pass "
                               "--classes to keep them in the class list")
     labels = _label_ids(names, classes, where=str(root))
     return FileSource(root=root, paths=images, labels=labels, classes=classes, rejected=hidden + rejected)
