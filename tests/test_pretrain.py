@@ -876,7 +876,7 @@ def test_the_recipe_sets_deepspeeds_batch_and_clipping_fields_and_a_clipping_it_
                                   mixed_precision="bf16")
     cfg = load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_vit.yaml", ["optim.grad_clip=0.5",
                                                                               "optim.accum_steps=2"])
-    assert configure_deepspeed(accelerator, cfg) == torch.bfloat16
+    assert configure_deepspeed(accelerator, cfg, torch.nn.Linear(2, 2)) == torch.bfloat16
     assert ds_config == {"train_micro_batch_size_per_gpu": cfg.data.batch_size, "gradient_accumulation_steps": 2,
                          "gradient_clipping": 0.5}
     messages = [str(w.message) for w in recwarn]
