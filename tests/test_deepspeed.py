@@ -37,6 +37,11 @@ def run(shards, out, max_steps, config: Path | None, precision: str = "fp32", *e
         f"data.train={shards}", "data.val=null", f"run.output_dir={out}", "data.batch_size=8", "data.num_workers=0",
         "optim.accum_steps=2", "schedule.epochs=2", "schedule.warmup_epochs=0.5", "run.log_every=1",
         "run.checkpoint_every=2", f"run.max_steps={max_steps}", f"run.precision={precision}"], extra)]
+    return launch(config, args, check)
+
+
+def launch(config: Path | None, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    """A script and its arguments, under `accelerate launch --config_file config` (plain Python without one)."""
     launcher = [sys.executable]
     if config is not None:
         launcher += ["-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
@@ -128,10 +133,7 @@ def test_a_bf16_fine_tune_keeps_its_best_weights_as_the_fp32_masters(shards, tmp
     args = [str(ROOT / "finetune.py"), str(ROOT / "recipes/demo_finetune_vit.yaml"), f"data.train={shards}",
             f"data.val={shards}", "data.val_split=train", f"run.output_dir={tmp_path / 'ft'}", "data.batch_size=8",
             "data.num_workers=0", "run.max_steps=2", "run.precision=bf16"]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                str(accelerate_config(tmp_path, 1)), "--main_process_port", str(free_port())]
-    result = subprocess.run(launcher + args, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    launch(accelerate_config(tmp_path, 1), args)
     best = load_file(tmp_path / "ft" / "best" / "model.safetensors")
     gathered = export(tmp_path / "ft" / "checkpoints" / "step_00000002", tmp_path / "export")
     exported = load_file(tmp_path / "export" / "model.safetensors")

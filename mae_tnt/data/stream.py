@@ -33,15 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..text import counted
 from .images import BadImageError, image_bytes
-from .shards import (
-    SampleWarning,
-    Shard,
-    ShardError,
-    StreamError,
-    break_warning,
-    is_local,
-    read_samples,
-)
+from .shards import SampleWarning, Shard, ShardError, StreamError, break_warning, is_local, read_samples
 from .transforms import stack_images
 
 SampleTransform = Callable[[bytes, random.Random], object]

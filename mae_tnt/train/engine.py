@@ -196,8 +196,8 @@ def configure_deepspeed(accelerator: Accelerator, cfg: PretrainConfig, model: to
     ds_config["gradient_clipping"] = clip
     precision = accelerator.mixed_precision
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    batchnorm = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine]
-    if dtype is not None and batchnorm:
+    if dtype is not None and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine
+                                 for m in model.modules()):
         raise ConfigError(f"{cfg.model.name} has BatchNorm layers, whose weights DeepSpeed's {precision} mode casts "
                           "but not their running statistics, which torch refuses to mix: train it under DeepSpeed "
                           f"with run.precision=fp32, or without DeepSpeed, where {precision} autocast keeps them in "
