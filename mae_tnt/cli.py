@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import textwrap
+import threading
 import warnings
 from collections.abc import Callable
 from functools import partial, wraps
@@ -83,17 +85,38 @@ Main = Callable[[list[str] | None], int]
 def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the last checkpoint"
                     ) -> Callable[[Main], Main]:
     """A decorator: `main` ends with `interrupted; {advice}` instead of a traceback on Ctrl-C, which may come at any
-    time: while torch is imported as well as between steps."""
+    time: while torch is imported as well as between steps.
+
+    Python drops a KeyboardInterrupt raised inside a finalizer or weakref callback ("Exception ignored in ..."), while
+    the loader workers, which got the same Ctrl-C, have stopped: the run then fails a moment later on the vanished
+    workers. A Ctrl-C is therefore recorded as it arrives, and an error that follows it is reported as the interrupt.
+    """
 
     def decorate(main: Main) -> Main:
         @wraps(main)
         def main_without_traceback(argv: list[str] | None = None) -> int:
+            received = []
+
+            def on_ctrl_c(signum, frame) -> None:
+                received.append(signum)
+                raise KeyboardInterrupt
+
+            # Signal handlers belong to the main thread; a main run in another (a notebook's) keeps Python's own.
+            in_main_thread = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGINT, on_ctrl_c) if in_main_thread else None
             try:
                 return main(argv)
             except KeyboardInterrupt:
-                if is_local_main_process():  # Ctrl-C reaches every process of the terminal's node
-                    print(f"interrupted; {advice}", file=sys.stderr)
-                raise SystemExit(INTERRUPTED_EXIT) from None
+                pass
+            except Exception:
+                if not received:
+                    raise
+            finally:
+                if in_main_thread:
+                    signal.signal(signal.SIGINT, previous)
+            if is_local_main_process():  # Ctrl-C reaches every process of the terminal's node
+                print(f"interrupted; {advice}", file=sys.stderr)
+            raise SystemExit(INTERRUPTED_EXIT)
 
         return main_without_traceback
 

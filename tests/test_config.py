@@ -383,6 +383,34 @@ def test_ctrl_c_is_explained_once_per_node_even_while_the_recipe_is_read(capsys,
     assert done.value.code == INTERRUPTED_EXIT and capsys.readouterr().err == printed
 
 
+def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_ends_as_an_interrupt(capsys):
+    """Python only prints a KeyboardInterrupt raised inside a finalizer or weakref callback; the loader workers have
+    stopped on the same Ctrl-C, so the run fails on them a moment later: that error is the interrupt."""
+    import os
+    import signal
+
+    from mae_tnt.cli import INTERRUPTED_EXIT, quiet_on_ctrl_c
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # handled here, where Python drops the KeyboardInterrupt
+
+    @quiet_on_ctrl_c("run it again")
+    def main(argv, ctrl_c: bool = True):
+        if ctrl_c:
+            Finalized()  # collected at once
+        raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as done:
+        main([])
+    assert done.value.code == INTERRUPTED_EXIT
+    assert capsys.readouterr().err.endswith("interrupted; run it again\n")
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):  # without a Ctrl-C, the error is the error
+        quiet_on_ctrl_c("run it again")(lambda argv: main.__wrapped__(argv, ctrl_c=False))([])
+
+
 @pytest.mark.parametrize("module, work, argv, advice", [
     ("mae_tnt.export", "export", ["some/checkpoint", "some/out"], "export"),
     ("mae_tnt.visualize", "visualize", ["some/checkpoint", "some/shards"], "draw the grid"),
