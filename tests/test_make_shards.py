@@ -139,6 +139,50 @@ def test_a_16_bit_grey_colour_key_is_transparent_even_where_8_bits_cannot_tell_i
     assert rgb[0, :, 0].tolist() == [255, 255, 128, 1, 0] and (rgb == rgb[..., :1]).all()
 
 
+def tiff_of(pixels: np.ndarray) -> bytes:
+    """A greyscale TIFF of `pixels` ([H, W]; float32 -> mode "F", int32 -> mode "I")."""
+    return encoded(Image.fromarray(pixels), "TIFF")
+
+
+def test_float_greyscale_is_read_as_0_to_1_and_32_bit_integers_as_16_bit():
+    floats = np.array([[0.0, 0.5, 1.0, 0.2]], np.float32)
+    assert np.asarray(decode_rgb(tiff_of(floats)))[0, :, 0].tolist() == [0, 128, 255, 51]  # not clipped to black
+    integers = np.array([[0, 65535, 257]], np.int32)
+    assert np.asarray(decode_rgb(tiff_of(integers)))[0, :, 0].tolist() == [0, 255, 1]
+
+
+@pytest.mark.parametrize("pixels, shown", [
+    (np.array([[0.0, 2.5]], np.float32), "float greyscale with values from 0 to 2.5"),
+    (np.array([[np.nan, 0.5]], np.float32), "float greyscale with values from nan"),
+    (np.array([[-1, 7]], np.int32), "32-bit integer greyscale with values from -1 to 7"),
+    (np.array([[0, 70000]], np.int32), "values from 0 to 70000"),
+])
+def test_wide_greyscale_outside_its_range_is_refused_not_clipped(pixels, shown):
+    with pytest.raises(BadImageError, match=re.escape(shown)):
+        decode_rgb(tiff_of(pixels))
+
+
+def test_converter_and_inspect_report_a_float_image_they_cannot_read(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    (src / "unit.tif").write_bytes(tiff_of(np.full((4, 4), 0.25, np.float32)))
+    (src / "raw.tif").write_bytes(tiff_of(np.full((4, 4), 900.0, np.float32)))
+    convert(src, out, options())
+    assert np.asarray(decode_rgb(image_of(by_source(out)["unit.tif"]))).max() == 64  # 0.25 * 255, rounded
+    [skip] = load_info(out)["splits"]["train"]["skipped"]
+    assert skip["source"] == "raw.tif" and "rescale it to that range" in skip["reason"]
+    # A shard written by other tools may hold the float TIFF itself; training would skip it, so inspect says so.
+    with tarfile.open(out / "train-000000.tar", "a") as tar:
+        data = (src / "raw.tif").read_bytes()
+        member = tarfile.TarInfo("handmade.tif")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    update_split(out, "train", ["train-000000.tar"], [2], classes=[])
+    capsys.readouterr()
+    assert inspect_main([str(out)]) == 1
+    assert "handmade: float greyscale with values from 900 to 900" in capsys.readouterr().err
+
+
 def test_decode_rejects_truncated_images_and_decompression_bombs(monkeypatch):
     png = encoded(gradient(16, 16), "PNG")
     with pytest.raises(BadImageError):

@@ -25,8 +25,9 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-# Modes holding greyscale values wider than 8 bits (16-bit PNG/TIFF open as "I;16*", older Pillow used "I").
-WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# Modes holding greyscale values wider than 8 bits: 16-bit PNG/TIFF ("I;16*"; older Pillow and 32-bit integer TIFF
+# give "I") and 32-bit float TIFF ("F").
+WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 # Modes with an alpha channel; "transparency" in img.info (palette or colour-key tRNS) is handled too.
 ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "PA"})
 WHITE = (255, 255, 255, 255)
@@ -187,7 +188,8 @@ def decode_rgb(data: bytes) -> Image.Image:
         An RGB image (``to_rgb`` applied; calling ``to_rgb`` again returns it unchanged).
 
     Raises:
-        BadImageError: The bytes are not a complete, readable image within the pixel limit.
+        BadImageError: The bytes are not a complete, readable image within the pixel limit, or its values are
+            outside the range its mode is read in (``to_rgb``).
     """
     return to_rgb(decode(data))
 
@@ -196,7 +198,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Convert an image of any mode to 8-bit RGB with the colours a viewer would show.
 
     - RGB without transparency is returned as is (no copy).
-    - 16/32-bit greyscale is scaled from the full 16-bit range to 8 bits (65535 -> 255), not clipped at 255.
+    - 16/32-bit integer greyscale is scaled from the full 16-bit range to 8 bits (65535 -> 255), not clipped at 255;
+      float greyscale from 0-1. Values outside those ranges raise ``BadImageError`` (see ``_wide_grey_to_l``).
     - Alpha (RGBA, LA, PA, or palette/colour-key transparency) is composited over white.
     - Everything else (CMYK, palette, L, 1, YCbCr, ...) uses PIL's conversion; CMYK -> RGB there is
       R = 255 * (1 - C) * (1 - K) per channel (embedded ICC profiles are not applied, and a profile of another
@@ -207,6 +210,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
     Returns:
         The RGB image.
+
+    Raises:
+        BadImageError: Wide greyscale with values outside the range its mode is read in.
     """
     has_alpha = img.mode in ALPHA_MODES or "transparency" in img.info
     if img.mode == "RGB" and not has_alpha:
@@ -219,10 +225,21 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _wide_grey_to_l(img: Image.Image) -> Image.Image:
-    """Scale 16-bit greyscale (or 32-bit "I" holding 16-bit values) to 8-bit "L" with rounding, or to "LA" when a
-    colour key marks the transparent value (read before scaling: several 16-bit values share one 8-bit value)."""
-    wide = np.asarray(img).astype(np.int64)  # [H, W], uint16 (any byte order) or int32
-    scaled = Image.fromarray(((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))  # mode "L"
+    """Scale wide greyscale to 8-bit "L" with rounding, or to "LA" when a colour key marks the transparent value (read
+    before scaling: several 16-bit values share one 8-bit value).
+
+    Integer modes are read as 16-bit (0-65535) and float mode "F" as intensities in 0-1, as scikit-image reads float
+    images. A value outside that range has no defined brightness, so the image is refused rather than clipped: one
+    rule for every image keeps a dataset's images comparable.
+    """
+    wide = np.asarray(img)  # [H, W], uint16 (any byte order), int32 or float32
+    full_scale = 1.0 if img.mode == "F" else 65535
+    low, high = wide.min(), wide.max()
+    if not 0 <= low <= high <= full_scale:  # NaN fails every comparison, so it is refused too
+        kind = "float" if img.mode == "F" else "32-bit integer"
+        raise BadImageError(f"{kind} greyscale with values from {low:g} to {high:g}; {kind} images are read as "
+                            f"0-{full_scale:g}: rescale it to that range, or save it as 8- or 16-bit")
+    scaled = Image.fromarray(np.rint(wide * (255 / full_scale)).astype(np.uint8))  # mode "L"
     if "transparency" not in img.info:
         return scaled
     opaque = Image.fromarray(np.where(wide == img.info["transparency"], 0, 255).astype(np.uint8))  # [H, W] alpha

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mae_tnt.cli import quiet_on_ctrl_c
 from mae_tnt.config import DEFAULT_MAX_IMAGE_PIXELS
-from mae_tnt.data.images import IMAGE_FIELDS, BadImageError, decode, pixel_limit
+from mae_tnt.data.images import IMAGE_FIELDS, BadImageError, decode, pixel_limit, to_rgb
 from mae_tnt.data.info import (
     INFO_NAME,
     ShardError,
@@ -121,6 +121,7 @@ def _inspect_sample(where: str, fields: dict[str, bytes], report: SplitReport) -
         return [f"{where}: expected one image member, found {images or 'none'}"]
     try:
         img = decode(fields[images[0]])
+        to_rgb(img)  # training converts every image so: a value range it refuses is a problem here too
     except BadImageError as err:
         return [f"{where}: {err}"]
     report.formats[img.format] += 1
