@@ -26,7 +26,7 @@ from mae_tnt.config import ConfigError, PretrainConfig, load_config
 from mae_tnt.data.shards import ShardError, read_samples
 from mae_tnt.finetune_config import FinetuneConfig
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
-from mae_tnt.train.engine import Trainer, auto_precision, derive_plan
+from mae_tnt.train.engine import Trainer, auto_precision, derive_plan, seed_step
 from mae_tnt.train.finetune import finetune
 from mae_tnt.train.loop import NonFiniteLossError, TrainingRun
 from mae_tnt.visualize import main as visualize_main
@@ -119,6 +119,20 @@ def test_the_schedule_counts_the_steps_its_epochs_stand_for():
                                                                               "schedule.warmup_epochs=0.07"])
     plan = derive_plan(cfg, num_processes=1, batches_per_epoch=100)  # 0.29 x 100 = 28.999999999999996 in floats
     assert (plan.total_steps, plan.warmup_steps) == (29, 7)
+
+
+def test_step_seeds_are_reproducible_and_no_two_coordinates_share_one():
+    def torch_seed(*coordinates):
+        seed_step(*coordinates)
+        return torch.initial_seed()
+
+    # Shifts that a linear mix of (seed, rank, step) would map onto each other, next to plain neighbours.
+    steps = (*range(4), 7_919, 7_920, 1_000_003)
+    coordinates = [(seed, rank, step) for seed in (0, 1) for rank in range(4) for step in steps]
+    seeds = [torch_seed(*c) for c in coordinates]
+    assert len(set(seeds)) == len(coordinates)
+    assert seeds == [torch_seed(*c) for c in coordinates]
+    assert torch_seed(2**63 - 1, 4095, 10**9) < 2**63
 
 
 def test_img_per_s_leaves_out_the_time_spent_saving_checkpoints(shards, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import parse_flag_from_env
@@ -72,8 +73,13 @@ def whole(count: float) -> int:
 
 
 def seed_step(seed: int, rank: int, micro_step: int) -> None:
-    """All torch randomness of a micro-step, as a pure function of its coordinates."""
-    torch.manual_seed((seed * 1_000_003 + rank * 7_919 + micro_step) % 2**63)
+    """All torch randomness of a micro-step, as a pure function of its coordinates.
+
+    The coordinates are hashed (NumPy's SeedSequence): a linear mix such as seed * a + rank * b + step gives one
+    rank, some thousand steps on, the masks another rank drew earlier.
+    """
+    [hashed] = np.random.SeedSequence([seed, rank, micro_step]).generate_state(1, np.uint64)
+    torch.manual_seed(int(hashed) >> 1)  # below 2**63, as manual_seed needs
 
 
 def build_accelerator(cfg: PretrainConfig) -> Accelerator:
