@@ -1,0 +1,63 @@
+"""Tests of the values training depends on: the LR schedule, per-group LRs and which parameters decay."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mae_tnt.config import load_config
+from mae_tnt.finetune_config import FinetuneConfig
+from mae_tnt.models import create_model
+from mae_tnt.train.finetune import build_classifier, build_optimizer
+from mae_tnt.train.optim import build_adamw
+from mae_tnt.train.schedule import lr_at, set_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+# Parameters no model may decay whatever their shape: class, mask and word-mask tokens and position tables.
+UNDECAYED_NAMES = ("cls_token", "mask_token", "pos_embed", "patch_pos", "pixel_pos")
+
+
+def test_lr_warms_up_linearly_from_zero_then_falls_on_a_half_cosine_to_min_lr():
+    schedule = {"peak_lr": 2.0, "total_steps": 110, "warmup_steps": 10, "min_lr": 0.2}
+    expected = {0: 0.0, 5: 1.0, 10: 2.0, 60: 0.2 + 1.8 * 0.5, 85: 0.2 + 1.8 * 0.5 * (1 + math.cos(math.pi * 0.75)),
+                110: 0.2, 150: 0.2}
+    assert {step: lr_at(step, **schedule) for step in expected} == pytest.approx(expected)
+    assert lr_at(0, peak_lr=2.0, total_steps=10, warmup_steps=0) == 2.0  # no warmup: the peak at once
+
+
+def test_each_group_runs_at_the_lr_times_its_layer_decay_scale():
+    cfg = load_config(FinetuneConfig, None, ["model.name=vit_test_patch8_32", "data.train=x", "optim.layer_decay=0.5"])
+    optimizer = build_optimizer(build_classifier(cfg, num_classes=10), cfg, lr=1.0)
+    set_lr(optimizer, 3.0)
+    assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx(
+        sorted(3.0 * g["lr_scale"] for g in optimizer.param_groups))
+    assert {g["lr"] for g in optimizer.param_groups} >= {3.0, 3.0 * 0.5**3}  # head and stem, depth 2
+
+
+def decay_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+
+
+@pytest.mark.parametrize("name", ["mae_vit_test", "mae_tnt_test", "mae_sret_test", "vit_test_patch8_32",
+                                  "tnt_test_patch8_32", "sret_test"])
+def test_only_weight_matrices_decay_never_norms_biases_tokens_or_position_tables(name):
+    model = create_model(name)
+    decay = decay_by_name(model, build_adamw(model, lr=1.0, weight_decay=0.05, betas=(0.9, 0.95), fused=False))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(decay) == set(trainable)
+    undecayed = {n for n, p in trainable.items() if p.ndim <= 1 or n.endswith(UNDECAYED_NAMES)}
+    assert {n for n, wd in decay.items() if wd == 0.0} == undecayed
+    assert {wd for n, wd in decay.items() if n not in undecayed} == {0.05}
+    assert any(n.endswith(UNDECAYED_NAMES) and trainable[n].ndim > 1 for n in undecayed)  # tokens were in play
+
+
+def test_the_linear_probe_neither_decays_nor_adapts_the_batchnorm_and_bias():
+    cfg = load_config(FinetuneConfig, ROOT / "recipes" / "demo_linprobe_vit.yaml", ["optim.weight_decay=0.1"])
+    model = build_classifier(cfg, num_classes=10)
+    optimizer = build_optimizer(model, cfg, lr=1.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    settings = {names[id(p)]: (g["weight_decay"], g["always_adapt"]) for g in optimizer.param_groups
+                for p in g["params"]}
+    assert settings == {"head.1.weight": (0.1, True), "head.1.bias": (0.0, False)}  # BatchNorm1d(affine=False)
