@@ -1,9 +1,11 @@
 """Checkpoint import and loading: official MAE layouts convert with exact keys; pickles never execute."""
 
+import json
 import os
 import pickle
 import re
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +22,13 @@ from mae_tnt.models.loading import (
     save_weights,
     without_wrapper_prefixes,
 )
-from mae_tnt.train.checkpoint import Checkpoint, ResumeError, check_compatible, check_engine_pickles
+from mae_tnt.train.checkpoint import (
+    Checkpoint,
+    ResumeError,
+    check_compatible,
+    check_engine_pickles,
+    resolve_resume,
+)
 from mae_tnt.train.init import read_source
 
 
@@ -327,6 +335,25 @@ def test_a_deepspeed_checkpoint_naming_other_callables_is_refused_before_deepspe
                                               r"when unpickled, which no checkpoint of ours holds; refusing"):
         read_source(tmp_path)  # init= of a DeepSpeed checkpoint directory
     assert not (tmp_path / "ran").exists()
+
+
+def write_engine_checkpoint(out, step: int) -> Path:
+    """A checkpoint as a DeepSpeed run writes it: state.json and the engine's torch files."""
+    path = out / "checkpoints" / f"step_{step:08d}"
+    (path / "engine" / "pytorch_model").mkdir(parents=True)
+    torch.save({"module": {"w": torch.ones(2)}}, path / "engine" / "pytorch_model" / "mp_rank_00_model_states.pt")
+    (path / "state.json").write_text(json.dumps({"step": step, "model": "mae_vit_test", "config": {}}))
+    return path
+
+
+def test_auto_resume_passes_over_a_deepspeed_checkpoint_with_a_truncated_file_to_the_previous_one(tmp_path):
+    write_engine_checkpoint(tmp_path, 4)
+    weights = write_engine_checkpoint(tmp_path, 8) / "engine" / "pytorch_model" / "mp_rank_00_model_states.pt"
+    weights.write_bytes(weights.read_bytes()[:100])
+    logged = []
+    assert resolve_resume("auto", tmp_path, log=logged.append).path.name == "step_00000004"
+    assert re.fullmatch(r"warning: skipping unusable checkpoint .*step_00000008: .*mp_rank_00_model_states.pt is not "
+                        r"a torch checkpoint file .*; trying the previous one", logged[0])
 
 
 def test_a_corrupt_description_beside_the_weights_is_named(tmp_path):

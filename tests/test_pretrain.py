@@ -558,6 +558,23 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_one(shards, tmp_path, c
     assert [p.name for p in tmp_path.glob("superseded/*/step_*")] == ["step_00000008"]
 
 
+def test_when_no_checkpoint_can_be_read_the_old_run_is_set_aside_and_the_new_one_keeps_its_checkpoints(
+        shards, tmp_path, capsys):
+    Trainer(config(shards, tmp_path, "run.max_steps=8", "run.keep_checkpoints=1")).train()  # only step 8 is kept
+    old_metrics = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "checkpoints/step_00000008/state.json").write_text("{}")
+    AcceleratorState._reset_state(True)
+    Trainer(config(shards, tmp_path, "run.max_steps=6", "run.keep_checkpoints=1")).train()
+    assert "no checkpoint of it could be read, so this run starts afresh: moved the previous run" in (
+        capsys.readouterr().out)
+    # The rotation keeps the highest steps: left in place, the unreadable step 8 would have deleted step 6.
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000006"]
+    (old,) = tmp_path.glob("superseded/*")
+    assert [p.name for p in old.glob("checkpoints/step_*")] == ["step_00000008"]
+    assert (old / "metrics.jsonl").read_text() == old_metrics
+    assert [row["step"] for row in metrics(tmp_path) if "loss" in row] == list(range(1, 7))
+
+
 def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(shards, tmp_path):
     Trainer(config(shards, tmp_path, "run.max_steps=12")).train()  # checkpoints at steps 4, 8 and 12
     AcceleratorState._reset_state(True)

@@ -8,7 +8,7 @@ A checkpoint is a directory `checkpoints/step_{step:08d}/` holding:
 
 It is written to `.tmp-step_*` and renamed once every rank has finished, so a crash mid-write never leaves a
 half-written `step_*`. Resume picks the newest directory whose files all read back; a corrupted one is reported and
-the previous one is used. Checkpoints past the one resumed from, and a fine-tuning run's `best/` if a later step
+the previous one is used (when none reads back, the old run is set aside and a fresh one starts). Checkpoints past the one resumed from, and a fine-tuning run's `best/` if a later step
 wrote it, are moved to `superseded/`, out of the rotation.
 RNG state is not saved because every step's randomness is a pure function of (seed, rank, step): see
 `mae_tnt.train.engine.seed_step`.
@@ -247,7 +247,8 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool
     """The checkpoint to resume from: `auto` (newest readable one, if any), `none`, or an explicit checkpoint or run
     directory (its newest checkpoint).
 
-    With `none`, a run already in `output_dir` is first set aside (`set_aside_previous_run`, by the main process).
+    With `none`, and with `auto` when checkpoints exist but none can be read, a run already in `output_dir` is first
+    set aside (`set_aside_previous_run`, by the main process).
     """
     if resume == "none":
         if is_main:
@@ -260,11 +261,14 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool
                        if kept else "this run has none yet")
             raise ResumeError(f"run.resume={resume} does not exist; {listing}, or run.resume=auto for the newest")
         return read_checkpoint(_explicit_checkpoint(resume))
-    for path in find_checkpoints(output_dir):
+    unusable = find_checkpoints(output_dir)
+    for path in unusable:
         try:
             return read_checkpoint(path)
         except ResumeError as err:
             log(f"warning: skipping unusable checkpoint {path}: {err}; trying the previous one")
+    if unusable and is_main:  # the rotation keeps the highest steps: it would delete the new checkpoints instead
+        set_aside_previous_run(output_dir, log, why="no checkpoint of it could be read, so this run starts afresh")
     return None
 
 
@@ -301,7 +305,12 @@ def read_checkpoint(path: Path) -> Checkpoint:
         except Exception as err:  # noqa: BLE001 - any parse failure means the file is corrupt
             raise ResumeError(f"{path / 'model.safetensors'} is corrupt ({err})") from err
         _check_torch_files(path)
-    elif not (path / "engine").is_dir():
+    elif (path / "engine").is_dir():
+        try:
+            check_engine_pickles(path / "engine")
+        except CheckpointError as err:
+            raise ResumeError(str(err)) from None
+    else:
         raise ResumeError(f"{path} holds no model weights")
     for data_file in path.glob("data_rank*.json"):
         try:
@@ -608,8 +617,7 @@ def this_runs_settings(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 def _load_training_state(accelerator, model, optimizer, checkpoint: Checkpoint, config: dict) -> dict | None:
     """Restore weights, optimizer and scaler in place; returns this rank's data state (None if unknown)."""
     path = checkpoint.path
-    if (path / "engine").is_dir():
-        check_engine_pickles(path / "engine")
+    if (path / "engine").is_dir():  # its pickles were checked by read_checkpoint
         with this_runs_settings(optimizer):
             accelerator.load_state(str(path / "engine"))
     else:
