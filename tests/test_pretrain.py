@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +29,7 @@ from mae_tnt.finetune_config import FinetuneConfig
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
 from mae_tnt.train.engine import Trainer, auto_precision, derive_plan, seed_step
 from mae_tnt.train.finetune import finetune
-from mae_tnt.train.loop import NonFiniteLossError, TrainingRun
+from mae_tnt.train.loop import NonFiniteLossError, TrainingRun, Window, raise_if_nonfinite
 from mae_tnt.visualize import main as visualize_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -484,6 +485,47 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_pa
     monkeypatch.setattr(trainer.model, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"No checkpoint was written yet: the same command starts afresh"):
         trainer.train()
+
+
+class ThreadRanks:
+    """An accelerator for `raise_if_nonfinite` run by one thread per rank: `reduce` all-reduces across the threads."""
+
+    mixed_precision = "no"
+    distributed_type = SimpleNamespace(name="MULTI_CPU")
+
+    def __init__(self, world_size: int):
+        self.barrier = threading.Barrier(world_size)
+        self.tensors: list[torch.Tensor] = []
+
+    def reduce(self, tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        assert reduction == "max"
+        self.tensors.append(tensor)
+        self.barrier.wait()  # every rank's tensor is in
+        reduced = torch.stack(self.tensors).amax(0)
+        self.barrier.wait()  # every rank has read them
+        return reduced
+
+
+def test_the_non_finite_loss_error_names_the_earliest_bad_micro_step_of_any_rank(tmp_path):
+    first_bad = [9, -1, 3]  # per rank; -1: all its losses were finite
+    ranks, errors = ThreadRanks(len(first_bad)), {}
+
+    def rank(index: int) -> None:
+        window = Window(torch.device("cpu"))
+        window.first_bad.fill_(first_bad[index])
+        try:
+            raise_if_nonfinite(ranks, window, tmp_path, accum_steps=2)
+        except NonFiniteLossError as err:
+            errors[index] = str(err)
+
+    threads = [threading.Thread(target=rank, args=(index,)) for index in range(len(first_bad))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(errors) == [0, 1, 2]  # every rank stops, the one whose losses were finite too
+    assert {message.split(";")[0] for message in errors.values()} == {
+        "non-finite loss at micro-step 3 (optimizer step 2)"}
 
 
 def test_running_out_of_gpu_memory_is_one_line_naming_the_settings_that_need_less(shards, tmp_path, monkeypatch,

@@ -8,8 +8,9 @@ A checkpoint is a directory `checkpoints/step_{step:08d}/` holding:
 
 It is written to `.tmp-step_*` and renamed once every rank has finished, so a crash mid-write never leaves a
 half-written `step_*`. Resume picks the newest directory whose files all read back; a corrupted one is reported and
-the previous one is used (when none reads back, the old run is set aside and a fresh one starts). Checkpoints past the one resumed from, and a fine-tuning run's `best/` if a later step
-wrote it, are moved to `superseded/`, out of the rotation.
+the previous one is used (when none reads back, the old run is set aside and a fresh one starts). Checkpoints past
+the one resumed from, and a fine-tuning run's `best/` if a later step wrote it, are moved to `superseded/`, out of
+the rotation.
 RNG state is not saved because every step's randomness is a pure function of (seed, rank, step): see
 `mae_tnt.train.engine.seed_step`.
 

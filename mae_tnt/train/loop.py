@@ -124,11 +124,18 @@ def close_window(accelerator, window: Window, bar, step: int, epoch: float, lr: 
     return metrics
 
 
+ALL_FINITE = -(2**62)
+"""`raise_if_nonfinite`'s value for a rank whose losses are all finite: below any negated micro-step."""
+
+
 def raise_if_nonfinite(accelerator, window: Window, out: Path, accum_steps: int) -> None:
     """Stop every rank when any saw a non-finite loss since the start; checkpoints stay untouched."""
-    bad = int(accelerator.reduce(window.first_bad.clone(), "max").item())
-    if bad < 0:
+    # The earliest rank's first bad micro-step, as the largest of the negated ones (ALL_FINITE from ranks without one).
+    negated = torch.where(window.first_bad >= 0, -window.first_bad, ALL_FINITE)
+    earliest = int(accelerator.reduce(negated, "max").item())
+    if earliest == ALL_FINITE:
         return
+    bad = -earliest
     # DeepSpeed's optimizer shards resume only in the precision they were written in
     half = accelerator.mixed_precision != "no" and not uses_deepspeed(accelerator)
     kept = find_checkpoints(out)
