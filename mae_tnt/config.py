@@ -100,6 +100,7 @@ class DataConfig:
     val: str | None = None
     """Labeled validation shards (directory or URL) for reconstructions and the kNN monitor."""
     val_split: str = "val"
+    """Split of `_info.json` to read when `val` is a directory."""
     batch_size: int = 64
     """Images per device per micro-step."""
     num_workers: int = 4
@@ -107,7 +108,9 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     """RandomResizedCrop area range (MAE: 0.2-1)."""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """Per-channel RGB mean that inputs are normalised with (ImageNet's by default); exports record it for timm."""
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    """Per-channel RGB standard deviation, as `mean`."""
     shuffle_chunk: int = 512
     """Samples read ahead and shuffled together inside each worker (seeded, so resume stays exact)."""
     allow_pipe: bool = False
@@ -139,8 +142,11 @@ class OptimConfig:
     base_lr: float = 1.5e-4
     """Learning rate per 256 images; the absolute LR is base_lr * effective_batch / 256."""
     min_lr: float = 0.0
+    """LR at the end of the half-cosine (absolute, not per 256 images)."""
     weight_decay: float = 0.05
+    """AdamW decoupled weight decay of weight matrices (never of norms, biases, tokens or position tables)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW's (beta1, beta2); MAE pretrains with beta2 = 0.95."""
     accum_steps: int = 1
     """Micro-steps accumulated per optimizer step."""
     grad_clip: float | None = None
@@ -179,6 +185,7 @@ class ScheduleConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"
+    """Run directory: config.yaml, metrics.jsonl, tensorboard/, recon/ and checkpoints/ (README, "run directory")."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (None = the whole schedule)."""
     log_every: int = 20
@@ -192,8 +199,8 @@ class RunConfig:
     keep_checkpoints: int = 3
     """Newest checkpoints kept on disk (0 = keep every one)."""
     resume: str | None = "auto"
-    """`auto` continues from the newest checkpoint in output_dir, `none` (or null) starts fresh, or a checkpoint
-    path."""
+    """`auto` continues from the newest readable checkpoint in output_dir, `none` (or null) starts fresh, or a
+    checkpoint or run directory (its newest checkpoint)."""
     precision: str = "auto"
     """`auto` (bf16 on GPU, fp32 on CPU), `fp32`, `bf16` or `fp16`."""
     compile: bool = False
@@ -239,7 +246,9 @@ class EvalConfig:
     knn_every: float = 0
     """Epochs between online kNN evaluations on data.val (0 = off)."""
     knn_k: int = 20
+    """Neighbours that vote in the kNN monitor."""
     knn_temperature: float = 0.07
+    """Temperature T of the votes, exp(cosine similarity / T) (DINO's weighted kNN)."""
     knn_max_train: int | None = 10_000
     """Train images in the online kNN bank, at most (null = every one); keeps the monitor cheap on big datasets."""
 
@@ -313,6 +322,7 @@ class PretrainConfig:
     run: PretrainRunConfig = field(default_factory=PretrainRunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
+    """Seed of the model's initialisation, the data order and every step's masks (`engine.seed_step`)."""
 
     def __post_init__(self) -> None:
         check_seed(self.seed)

@@ -89,6 +89,7 @@ class AugmentConfig:
     mixup_switch_prob: float = 0.5
     """Probability of CutMix instead of Mixup when both are on."""
     label_smoothing: float = 0.1
+    """Label smoothing of the targets (mixed into Mixup/CutMix's soft targets when those are on)."""
 
     def __post_init__(self) -> None:
         for key in ("reprob", "mixup_prob", "mixup_switch_prob"):
@@ -179,6 +180,7 @@ class FinetuneConfig:
     run: RunConfig = field(default_factory=RunConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     seed: int = 0
+    """Seed of the head's initialisation, the data order and every step's augmentations (`engine.seed_step`)."""
 
     def __post_init__(self) -> None:
         check_seed(self.seed)

@@ -33,7 +33,9 @@ from .train.recon import write_reconstructions
 @quiet_on_ctrl_c("run the same command again to draw the grid")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
-    parser.add_argument("checkpoint", type=Path, help="checkpoints/step_* directory or run directory of a pretraining")
+    parser.add_argument("checkpoint", type=Path,
+                        help="checkpoints/step_* directory or run directory of a pretraining, or a weights file "
+                             "(with --model)")
     parser.add_argument("shards", help="shard directory with _info.json, or a brace URL")
     parser.add_argument("--split", default="val", help="split of SHARDS whose first images are shown")
     parser.add_argument("--info", default=None,
@@ -41,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--allow-pipe", action="store_true", help="allow pipe: SHARDS URLs, which run a shell command")
     parser.add_argument("--out", type=Path, default=None,
                         help="a .png or .jpg file, or a directory for step_N_SPLIT.png; defaults to "
-                             "RUN/recon/step_N_SPLIT.png")
+                             "RUN/recon/step_N_SPLIT.png, or STEM_SPLIT.png beside a weights file")
     parser.add_argument("--count", type=int, default=8, help="images shown (>= 1)")
     parser.add_argument("--mask-ratio", type=float, default=None, help="in [0, 1); defaults to the run's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shown masks")

@@ -384,7 +384,7 @@ class Trainer(TrainingRun):
         if self.grad_norm is not None:
             metrics["grad_norm"] = float(self.grad_norm)
         if torch.cuda.is_available():
-            metrics["max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            metrics["max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.logger.log(metrics)
         return metrics
 

@@ -64,7 +64,8 @@ def compute_only(name: str, batch: int, steps: int) -> dict:
         step()
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
-    return {"step_s": seconds, "flops": counter.get_total_flops(), "peak_gb": torch.cuda.max_memory_allocated() / 2**30}
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    return {"step_s": seconds, "flops": counter.get_total_flops(), "peak_gib": peak_gib}
 
 
 def pipeline(name: str, batch: int, steps: int, shards: Path, decode: str, workers: int) -> dict:
@@ -106,7 +107,7 @@ def main() -> None:
 
 def print_rows(args: argparse.Namespace, shards: Path | None) -> None:
     """One row per model: compute-only speed, MFU and memory, then the pipeline's speed with each decoder."""
-    header = f"{'model':<26}{'batch':>6}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'mem GB':>8}" \
+    header = f"{'model':<26}{'batch':>6}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>8}" \
              f"{'cpu-dec img/s':>14}{'wait':>7}{'gpu-dec img/s':>14}{'wait':>7}"
     rows = [header]
     for spec in args.models:
@@ -114,7 +115,7 @@ def print_rows(args: argparse.Namespace, shards: Path | None) -> None:
         result = compute_only(name, batch, args.steps)
         tflops = result["flops"] / result["step_s"] / 1e12
         row = (f"{name:<26}{batch:>6}{batch / result['step_s']:>9.0f}{tflops:>9.1f}"
-               f"{100 * tflops / args.peak_tflops:>6.1f}%{result['peak_gb']:>8.1f}")
+               f"{100 * tflops / args.peak_tflops:>6.1f}%{result['peak_gib']:>8.1f}")
         if shards is not None:
             for decode in ("cpu", "cuda"):
                 run = pipeline(name, batch, args.steps, shards, decode, os.cpu_count() or 8)
