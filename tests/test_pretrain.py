@@ -4,6 +4,7 @@ import errno
 import importlib.util
 import itertools
 import json
+import math
 import os
 import shutil
 import stat
@@ -67,6 +68,10 @@ def test_run_writes_the_run_directory_and_lowers_the_loss(shards, tmp_path):
     rows = [r for r in metrics(tmp_path) if "loss" in r]
     assert {"step", "epoch", "loss", "lr", "img_per_s", "data_wait"} <= set(rows[0])
     assert sum(r["loss"] for r in rows[-8:]) < sum(r["loss"] for r in rows[:8])
+    # 16 steps per epoch, warmup 8 steps to 1e-3 x 8 / 256, then half-cosine to 0; a row logs its step's LR.
+    peak = 1e-3 * 8 / 256
+    expected = [peak * s / 8 if s < 8 else peak * 0.5 * (1 + math.cos(math.pi * (s - 8) / 56)) for s in range(64)]
+    assert [r["lr"] for r in rows] == pytest.approx(expected, abs=1e-12)
     for name in ("config.yaml", "recon/step_00000064.png", "checkpoints/step_00000064/model.safetensors",
                  "checkpoints/step_00000064/state.json"):
         assert (tmp_path / name).exists(), name
@@ -316,6 +321,22 @@ def test_every_log_row_has_the_gradient_norm_that_clipping_measures_and_measurin
     assert norms["every 3"] == {step: norms["every"][step] for step in (3, 4)}
     weights = [load_file(tmp_path / name / "checkpoints/step_00000004/model.safetensors") for name in runs]
     assert all(torch.equal(weights[0][key], other[key]) for other in weights[1:] for key in weights[0])
+
+
+def test_grad_clip_scales_the_gradients_the_optimizer_applies_down_to_the_limit(shards, tmp_path, monkeypatch):
+    applied = []  # the global gradient norm at every AdamW step
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(optimizer, *args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        applied.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return adamw_step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    Trainer(config(shards, tmp_path, "run.max_steps=3", "run.checkpoint_every=100", "optim.grad_clip=0.01")).train()
+    logged = [row["grad_norm"] for row in metrics(tmp_path) if "loss" in row]
+    assert len(applied) == 3 and min(logged) > 0.1  # the limit bites: the norms before clipping are far above it
+    assert applied == pytest.approx([0.01] * 3, rel=1e-4)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
