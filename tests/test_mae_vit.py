@@ -1,5 +1,6 @@
 """MAE semantics with the ViT encoder, checked against a straightforward reference computation."""
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -128,6 +129,24 @@ def test_reference_initialisation():
             assert (module.weight == 1).all() and not module.bias.any(), name
     for token in (mae.encoder.cls_token, mae.mask_token):
         assert token.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+def mae_reference_table(dim: int, grid: int) -> np.ndarray:
+    """MAE's `get_2d_sincos_pos_embed(dim, grid, cls_token=True)`, as its formula reads, in NumPy float64."""
+    def axis(width: int, positions: np.ndarray) -> np.ndarray:
+        frequencies = 1.0 / 10000 ** (np.arange(width // 2) / (width / 2))
+        angles = np.outer(positions.ravel(), frequencies)  # [grid * grid, width / 2]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    columns, rows = np.meshgrid(np.arange(grid), np.arange(grid))  # MAE passes (w, h): the column coordinate first
+    table = np.concatenate([axis(dim // 2, columns), axis(dim // 2, rows)], axis=1)  # [grid * grid, dim]
+    return np.concatenate([np.zeros((1, dim)), table])
+
+
+@pytest.mark.parametrize("dim, grid", [(8, 3), (768, 14), (512, 14)])
+def test_sincos_table_equals_maes_so_official_weights_stay_interchangeable(dim, grid):
+    np.testing.assert_allclose(sincos_2d(dim, grid, num_prefix_tokens=1).numpy(), mae_reference_table(dim, grid),
+                               rtol=0, atol=1e-7)
 
 
 def test_sincos_table_matches_mae_layout():

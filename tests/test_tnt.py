@@ -261,6 +261,29 @@ def test_only_hidden_words_contribute(word_mae):
     assert (words.grad.abs().sum(-1) > 0).equal(word_mask)
 
 
+def test_a_words_target_is_the_4x4_pixel_block_that_hiding_that_word_hides_from_the_encoder():
+    model = mae_tnt.create_model("mae_tnt_test", word_mask_ratio=0.5, norm_pix_loss=False)
+    x, ids_keep = images(2), torch.tensor([[0, 5, 9, 14], [3, 4, 8, 15]])
+    target = model.word_target(x, ids_keep)  # [B*K, W, 4*4*3]
+    for b, units in enumerate(ids_keep.tolist()):
+        for k, unit in enumerate(units):
+            top, left = (model.unit * i for i in divmod(unit, model.grid))
+            for word in range(4):  # 8-px sentences: 2 x 2 words in raster order
+                row, col = (top + 4 * (word // 2), left + 4 * (word % 2))
+                block = x[b, :, row : row + 4, col : col + 4].permute(1, 2, 0).flatten()  # channel-last
+                torch.testing.assert_close(target[4 * b + k, word], block, rtol=0, atol=0)
+    encoder = model.encoder
+    changed = x.clone()
+    changed.view(2, 3, 4, 8, 4, 8)[:, :, :, :4, :, 4:] += 5  # [B, C, gh, u, gw, u]: word 1 of every sentence
+
+    def words(image, hidden_word):
+        hidden = torch.zeros(8, 4, dtype=torch.bool)
+        hidden[:, hidden_word] = True
+        return encoder.embed_words(encoder.patch_pixels(image, ids_keep), hidden, model.word_mask_token)
+
+    assert torch.equal(words(x, 1), words(changed, 1)) and not torch.equal(words(x, 2), words(changed, 2))
+
+
 def test_hidden_words_are_replaced_and_reach_the_token(word_mae):
     x, noise = images(2), torch.rand(2, word_mae.grid**2)
     word_mae(x, noise=noise)[0].backward()
