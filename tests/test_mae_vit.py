@@ -19,7 +19,7 @@ def model():
     return mae_tnt.create_model("mae_vit_test").eval()
 
 
-def reference_mae_loss(model, images, noise, mask_ratio=0.75):
+def reference_mae_loss(model, images, noise, mask_ratio=0.75, norm_pix=True):
     """The published algorithm written out step by step with the model's weights (facebookresearch/mae)."""
     enc = model.encoder
     batch, num = images.shape[0], model.grid**2
@@ -49,16 +49,20 @@ def reference_mae_loss(model, images, noise, mask_ratio=0.75):
     p = model.unit
     h = images.shape[2] // p
     target = images.reshape(batch, 3, h, p, h, p).permute(0, 2, 4, 3, 5, 1).reshape(batch, h * h, p * p * 3)
-    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
     loss = ((pred - target) ** 2).mean(-1)
     return (loss * mask).sum() / mask.sum(), pred, mask
 
 
-def test_loss_matches_reference(model):
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_loss_matches_reference(norm_pix):
+    torch.manual_seed(0)
+    model = mae_tnt.create_model("mae_vit_test", norm_pix_loss=norm_pix).eval()
     images = torch.randn(3, 3, 32, 32)
     noise = torch.rand(3, model.grid**2)
     loss, pred, mask = model(images, mask_ratio=0.75, noise=noise)
-    ref_loss, ref_pred, ref_mask = reference_mae_loss(model, images, noise)
+    ref_loss, ref_pred, ref_mask = reference_mae_loss(model, images, noise, norm_pix=norm_pix)
     torch.testing.assert_close(mask, ref_mask)
     torch.testing.assert_close(pred, ref_pred, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-5)
@@ -89,7 +93,10 @@ def test_all_visible_equals_full_encoder(model):
     torch.testing.assert_close(model.encoder.forward_visible(images, ids_all), model.encoder.forward_features(images))
 
 
-def test_masked_pixels_do_not_change_encoder_output(model):
+@pytest.mark.parametrize("encoder_mode", ["visible", "mask_tokens"])
+def test_masked_pixels_do_not_change_encoder_output(encoder_mode):
+    torch.manual_seed(0)
+    model = mae_tnt.create_model("mae_vit_test", encoder_mode=encoder_mode).eval()
     images = torch.randn(2, 3, 32, 32)
     noise = torch.rand(2, model.grid**2)
     latent, mask, _ = model.forward_encoder(images, 0.75, noise)
