@@ -1,15 +1,25 @@
 """MAE's training crop on uint8: the JPEG frame-header reader and the crop that every decode path must produce."""
 
 import io
+import math
 import random
+import statistics
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import RandomResizedCrop
 
 from mae_tnt.data.images import BadImageError, decode_rgb, pixel_limit, plain_jpeg_size
-from mae_tnt.data.transforms import normalize, resize_box, sample_crop, stack_images, train_crop
+from mae_tnt.data.transforms import (
+    normalize,
+    random_resized_crop_box,
+    resize_box,
+    sample_crop,
+    stack_images,
+    train_crop,
+)
 
 SCALE = (0.2, 1.0)
 
@@ -112,6 +122,29 @@ def test_a_crop_twice_the_output_size_is_decoded_at_a_reduced_scale_and_stays_cl
         ours = train_crop(data, random.Random(seed), size=12, scale=SCALE)  # crops of 30 px and more: 1/2 or 1/4
         error = (ours.float() - reference_crop(data, random.Random(seed), size=12).float()).abs()  # [3, S, S]
         assert 0 < error.mean() <= 4  # a box off by a pixel costs about 6 (the gradients' steps are 2-3)
+
+
+def test_crops_are_drawn_as_torchvisions_random_resized_crop_draws_them_and_half_are_flipped():
+    draws = 4000
+    rng = random.Random(0)
+    ours = [sample_crop(200, 150, (0.2, 1.0), rng) for _ in range(draws)]
+    torch.manual_seed(0)
+    theirs = [RandomResizedCrop.get_params(torch.zeros(1, 150, 200), [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(draws)]
+    sizes = {"ours": [(right - left, bottom - top) for (left, top, right, bottom), _ in ours],
+             "torchvision": [(w, h) for _, _, h, w in theirs]}  # (width, height)
+    areas = {name: [w * h / 30000 for w, h in pairs] for name, pairs in sizes.items()}
+    aspects = {name: [math.log(w / h) for w, h in pairs] for name, pairs in sizes.items()}
+    for values in (areas, aspects):  # same distribution: means and spreads agree to a few standard errors
+        assert statistics.mean(values["ours"]) == pytest.approx(statistics.mean(values["torchvision"]), abs=0.015)
+        assert statistics.pstdev(values["ours"]) == pytest.approx(statistics.pstdev(values["torchvision"]), abs=0.015)
+    assert all(box[0] >= 0 and box[1] >= 0 and box[2] <= 200 and box[3] <= 150 for box, _ in ours)
+    assert min(areas["ours"]) > 0.19 and max(abs(a) for a in aspects["ours"]) < math.log(4 / 3) + 0.02
+    assert 0.46 < sum(flip for _, flip in ours) / draws < 0.54
+
+
+def test_an_image_no_crop_fits_falls_back_to_the_centre_with_the_aspect_ratio_clamped():
+    assert random_resized_crop_box(1000, 10, (0.9, 1.0), random.Random(0)) == (493, 0, 506, 10)  # 13 = 10 x 4/3
+    assert random_resized_crop_box(10, 1000, (0.9, 1.0), random.Random(0)) == (0, 493, 10, 506)
 
 
 def reference_crop(data: bytes, rng: random.Random, size: int) -> torch.Tensor:
