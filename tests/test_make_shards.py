@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import random
 import re
 import runpy
 import signal
@@ -119,6 +120,21 @@ def test_mixed_folder_keeps_every_readable_image_and_reports_the_rest(tmp_path, 
     assert load_info(out)["classes"] == []
     assert inspect_main([str(out)]) == 0
     assert "train: 100%" in capsys.readouterr().err  # decoding every image takes a while: a bar shows it
+
+
+def test_shards_store_the_samples_in_the_order_the_seeded_shuffle_gives(tmp_path):
+    names = [f"img{i:02d}.png" for i in range(20)]  # a flat folder is read in name order
+    (tmp_path / "src").mkdir()
+    for name in names:
+        (tmp_path / "src" / name).write_bytes(encoded(gradient(4, 4), "PNG"))
+    stored = {}
+    for seed in (0, 1):
+        convert(tmp_path / "src", tmp_path / f"out{seed}", options(seed=seed, shard_size=6))
+        stored[seed] = [json.loads(fields["json"])["source"] for _, fields in read_split(tmp_path / f"out{seed}")]
+        order = list(range(20))
+        random.Random(seed).shuffle(order)  # the documented shuffle: random.Random(seed) over the source order
+        assert stored[seed] == [names[i] for i in order]
+    assert stored[0] != stored[1] and stored[0] != names
 
 
 def test_colours_of_cmyk_16bit_alpha_and_palette_images(tmp_path):
