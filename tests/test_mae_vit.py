@@ -367,3 +367,25 @@ def test_position_tables_are_resampled_as_in_mae_fine_tuning():
     resized = torch.nn.functional.interpolate(grid, size=(7, 7), mode="bicubic", align_corners=False)
     expected = torch.cat([small.pos_embed[:, :1], resized.flatten(2).transpose(1, 2)], dim=1)  # [1, 1 + 49, D]
     torch.testing.assert_close(big.pos_embed, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_a_perfect_prediction_reconstructs_the_image_and_the_masked_row_blanks_exactly_the_hidden_units(norm_pix):
+    from mae_tnt.train.recon import reconstruct
+
+    model = mae_tnt.create_model("mae_vit_test", norm_pix_loss=norm_pix).eval()
+    forward = model.forward
+
+    def perfect(images, noise):  # the model's loss and mask, with the target as the prediction
+        loss, _, mask = forward(images, noise=noise)
+        return loss, model.target(images), mask
+
+    model.forward = perfect
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, model.grid**2)
+    rows = reconstruct(model, images, noise)
+    mask = forward(images, noise=noise)[2]
+    hidden = model.unpatchify(mask[..., None].expand(-1, -1, model.unit**2 * 3))  # [B, 3, H, W], 1 = hidden
+    assert 0 < hidden.mean() < 1
+    torch.testing.assert_close(rows["reconstruction"], images, atol=1e-4, rtol=0)  # un-normalised with the true stats
+    torch.testing.assert_close(rows["reconstruction + visible"], images, atol=1e-4, rtol=0)
+    assert torch.equal(rows["masked"], images * (1 - hidden)) and (rows["masked"][hidden.bool()] == 0).all()
