@@ -674,6 +674,31 @@ def test_ema_weights_are_evaluated_and_checkpointed(tmp_path, one_thread, capsys
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_the_ema_averages_the_weights_of_every_step_and_a_resumed_run_continues_it_exactly(tmp_path, one_thread):
+    run = FinetuneRun(demo_config(tmp_path / "full", "optim.ema_decay=0.5", "run.max_steps=4", "data.val=null"))
+    weights, update = [], run.ema.update
+
+    def recording(model, step):
+        weights.append({key: value.clone() for key, value in model.state_dict().items()})
+        update(model, step=step)
+
+    run.ema.update = recording
+    run.train()
+    expected = weights[0]  # the first update copies the weights, each later one moves halfway to them
+    for later in weights[1:]:
+        expected = {key: 0.5 * expected[key] + 0.5 * later[key] for key in expected}
+    ema = load_file(tmp_path / "full" / "checkpoints" / "step_00000004" / "ema.safetensors")
+    assert len(weights) == 4 and not torch.equal(ema["head.weight"], weights[-1]["head.weight"])
+    for key, value in ema.items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7)
+    for max_steps in (2, 4):  # interrupted at step 2, then continued
+        FinetuneRun(demo_config(tmp_path / "cut", "optim.ema_decay=0.5", f"run.max_steps={max_steps}",
+                                "data.val=null")).train()
+    resumed = load_file(tmp_path / "cut" / "checkpoints" / "step_00000004" / "ema.safetensors")
+    assert all(torch.equal(resumed[key], ema[key]) for key in ema)
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_a_best_model_that_cannot_be_written_is_named_and_leaves_no_partial_copy(tmp_path, one_thread, monkeypatch):
     import mae_tnt.train.finetune as finetune_module
 
