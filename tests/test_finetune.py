@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 from run_utils import overridden
@@ -29,7 +30,7 @@ from mae_tnt.data.shards import StreamError, read_samples, resolve_shards
 from mae_tnt.finetune_config import AugmentConfig, FinetuneConfig
 from mae_tnt.models import CheckpointError, ModelError, create_model
 from mae_tnt.models.sret import to_official_state_dict
-from mae_tnt.train.augment import BatchAugment, FinetuneTransform, seeded_global_rngs
+from mae_tnt.train.augment import BatchAugment, FinetuneTransform, build_criterion, seeded_global_rngs
 from mae_tnt.train.checkpoint import CheckpointWriteError, ResumeError, find_checkpoints
 from mae_tnt.train.engine import Trainer, seed_step
 from mae_tnt.train.finetune import FinetuneRun, build_classifier, build_optimizer, finetune, resolve_num_classes
@@ -312,6 +313,46 @@ def test_batch_augment_is_a_function_of_the_step_seed():
     (a, ta), (b, tb), (c, _) = run(5), run(5), run(6)
     assert torch.equal(a, b) and torch.equal(ta, tb) and not torch.equal(a, c)
     assert ta.shape == (8, 10) and torch.allclose(ta.sum(1), torch.ones(8))  # mixed, smoothed soft targets
+
+
+@pytest.mark.parametrize("settings, soft", [
+    (dict(mixup=0.8, cutmix=1.0, label_smoothing=0.1), True),
+    (dict(mixup=0.0, cutmix=0.0, label_smoothing=0.1), False),
+    (dict(mixup=0.0, cutmix=0.0, label_smoothing=0.0), False),
+])
+def test_the_loss_is_cross_entropy_on_the_targets_the_batch_augmentation_gives(settings, soft):
+    cfg = AugmentConfig(rand_augment=None, reprob=0.0, **settings)
+    torch.manual_seed(0)
+    images, labels, logits = torch.randn(8, 3, 16, 16), torch.arange(8) % 10, torch.randn(8, 10)
+    mixed, targets = BatchAugment(cfg, num_classes=10, device=torch.device("cpu"))(images.clone(), labels)
+    loss = build_criterion(cfg)(logits, targets)
+    if soft:  # mixup: soft targets [B, C] with the smoothing inside, and mixed images
+        assert targets.shape == (8, 10) and not torch.equal(mixed, images)
+        assert targets.sum(-1) == pytest.approx([1.0] * 8) and targets.min() >= 0.1 / 10 - 1e-7  # smoothed
+        expected = -(targets * logits.log_softmax(-1)).sum(-1).mean()
+    else:  # the labels and images as they came, smoothing in the loss
+        assert torch.equal(targets, labels) and torch.equal(mixed, images)
+        expected = F.cross_entropy(logits, labels, label_smoothing=settings["label_smoothing"])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_random_erasing_blanks_one_box_per_image_at_its_probability():
+    cfg = AugmentConfig(rand_augment=None, reprob=1.0, mixup=0.0, cutmix=0.0)
+    images = torch.zeros(4, 3, 32, 32)
+    erased, _ = BatchAugment(cfg, num_classes=10, device=torch.device("cpu"))(images.clone(), torch.arange(4))
+    assert all((image != 0).any() for image in erased)  # every image got its box of random pixels
+    assert all((image == 0).any() for image in erased)  # and kept pixels outside it
+
+
+@pytest.mark.parametrize("mode, std", [("finetune", 0.3), ("linprobe", 0.02)])
+def test_the_head_is_initialised_with_head_init_std_and_drop_path_reaches_the_blocks(mode, std):
+    recipe = "demo_finetune_vit.yaml" if mode == "finetune" else "demo_linprobe_vit.yaml"
+    cfg = load_config(FinetuneConfig, ROOT / "recipes" / recipe, [f"model.head_init_std={std}", "model.drop_path=0.2"])
+    model = build_classifier(cfg, num_classes=1000)
+    linear = model.head if mode == "finetune" else model.head[1]
+    assert linear.weight.std().item() == pytest.approx(std, rel=0.05) and not linear.bias.any()
+    rates = [getattr(block.drop_path1, "drop_prob", 0.0) for block in model.blocks]
+    assert rates == pytest.approx([0.0, 0.2])  # timm's rule: rising linearly with depth to model.drop_path
 
 
 def demo_config(out: Path, *overrides: str, recipe: str = "demo_finetune_vit.yaml") -> FinetuneConfig:
