@@ -71,13 +71,13 @@ def test_zero2_save_resume_and_accumulation_match_the_plain_loop(shards, tmp_pat
         assert [r[column] for r in zero2] == pytest.approx([r[column] for r in plain], rel=1e-6)
 
 
-def train_then_resume(shards, out: Path, config: Path, precision: str, *extra: str) -> None:
-    """Two steps (a checkpoint, a reconstruction image) and a third one after a resume."""
+def train_then_resume(shards, out: Path, config: Path, precision: str, *extra: str, last_step: int = 3) -> None:
+    """Two steps (a checkpoint, a reconstruction image), then a resume up to `last_step`."""
     run(shards, out, 2, config, precision, *extra)
     assert (out / "checkpoints/step_00000002/engine").is_dir() and (out / "recon/step_00000002.png").exists()
-    run(shards, out, 3, config, precision, *extra)
+    run(shards, out, last_step, config, precision, *extra)
     losses = [loss for _, loss, _ in logged_losses(out)]
-    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
+    assert len(losses) == last_step and all(0 < loss < 10 for loss in losses)
 
 
 def test_zero1_bf16_trains_saves_and_resumes_with_another_accumulation(shards, tmp_path):
@@ -96,17 +96,23 @@ def zero3_run(shards, tmp_path_factory) -> Path:
     """A ZeRO-3 run, its blocks recomputed in the backward, trained, saved and resumed: ZeRO-3 gathers the
     partitioned weights as each block runs, recomputation included."""
     def build(root: Path) -> None:
-        train_then_resume(shards, root / "run", accelerate_config(root, 3), "fp32", "run.grad_checkpointing=true")
+        train_then_resume(shards, root / "run", accelerate_config(root, 3), "fp32", "run.grad_checkpointing=true",
+                          last_step=4)
 
     return built_once(tmp_path_factory, "zero3_run", build) / "run"
 
 
-def test_zero3_with_grad_checkpointing_trains_saves_and_resumes(zero3_run):
-    assert [step for step, _, _ in logged_losses(zero3_run)] == [1, 2, 3]
+def test_zero3_with_grad_checkpointing_trains_saves_and_resumes_as_the_plain_loop_would(zero3_run, shards, tmp_path):
+    run(shards, tmp_path / "plain", 4, None, "fp32", "run.grad_checkpointing=true")
+    zero3, plain = logged_losses(zero3_run), logged_losses(tmp_path / "plain")
+    assert [r[0] for r in zero3] == [r[0] for r in plain] == [1, 2, 3, 4]
+    # loss, lr: resumed at step 2, step 3's loss shows the restored weights and step 4's the restored optimizer state
+    for column in (1, 2):
+        assert [r[column] for r in zero3] == pytest.approx([r[column] for r in plain], rel=1e-5)
 
 
 def test_a_zero3_checkpoint_exports_its_gathered_weights(zero3_run, tmp_path):
-    checkpoint = zero3_run / "checkpoints" / "step_00000003"
+    checkpoint = zero3_run / "checkpoints" / "step_00000004"
     assert (checkpoint / "engine").is_dir() and not (checkpoint / "model.safetensors").exists()
     config = export(zero3_run, tmp_path / "out")  # the export loads its result back with no key left over
     assert (config["kind"], config["model"], config["source"]) == ("encoder", "vit_test_patch8_32", str(checkpoint))
