@@ -262,13 +262,15 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool
                        if kept else "this run has none yet")
             raise ResumeError(f"run.resume={resume} does not exist; {listing}, or run.resume=auto for the newest")
         return read_checkpoint(_explicit_checkpoint(resume))
-    unusable = find_checkpoints(output_dir)
-    for path in unusable:
+    checkpoints = find_checkpoints(output_dir)
+    for path in checkpoints:
         try:
             return read_checkpoint(path)
         except ResumeError as err:
             log(f"warning: skipping unusable checkpoint {path}: {err}; trying the previous one")
-    if unusable and is_main:  # the rotation keeps the highest steps: it would delete the new checkpoints instead
+    # None could be read. Left in place, they would be the highest steps, which the rotation keeps: it would delete
+    # the new checkpoints instead, and the next `auto` would fail on them again.
+    if checkpoints and is_main:
         set_aside_previous_run(output_dir, log, why="no checkpoint of it could be read, so this run starts afresh")
     return None
 
