@@ -1,7 +1,7 @@
 """Encoder-agnostic masked autoencoder: masking by mask unit, a light ViT decoder and the norm-pix MSE loss.
 
 The wrapper reads only the encoder contract: `unit` (mask unit in pixels), `grid` (units per side), `embed_dim`,
-`num_prefix_tokens`, `forward_visible(images, ids_keep)`, `no_weight_decay()`, timm's `set_grad_checkpointing(enable)`
+`num_prefix_tokens`, `forward_visible(images, ids_keep)`, timm's `set_grad_checkpointing(enable)`
 and, for the SimMIM-style baseline, `forward_with_mask_tokens(images, mask, mask_token)` (with an optional
 `mask_token_dim`). Everything else about the encoder stays private to it.
 
@@ -103,11 +103,6 @@ class MaskedAutoencoder(nn.Module):
         """Recompute every encoder and decoder block in the backward pass instead of keeping its activations."""
         self.grad_checkpointing = enable
         self.encoder.set_grad_checkpointing(enable)
-
-    def no_weight_decay(self) -> set[str]:
-        encoder_names = {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
-        extra = {"mask_token", "decoder_pos_embed", "encoder_mask_token"}
-        return encoder_names | extra
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, L, u * u * 3], channel-last inside each unit (MAE's target layout)."""

@@ -416,9 +416,6 @@ class WordMaskedAutoencoder(MaskedAutoencoder):
         self.decoder_word_pred.apply(init_mae_weights)
         nn.init.normal_(self.word_mask_token, std=0.02)
 
-    def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"word_mask_token"}
-
     def random_word_mask(self, num_sentences: int, device: torch.device) -> torch.Tensor:
         """[B * K, W] bool, True = hidden word; the same count in every sentence, as MAE does per image."""
         num_words = self.encoder.num_words

@@ -1,7 +1,9 @@
 """Optimizer construction: AdamW with MAE's decay rules, and layer-wise LR decay groups for fine-tuning.
 
 No weight decay on 1-D parameters (norms, biases, LRC scalars) and on every name the model lists in
-`no_weight_decay()` (position, class and mask tokens). Grouping is timm's (`param_groups_weight_decay`,
+`no_weight_decay()`. Classifiers list their position tables and class token, as MAE's fine-tuning exempts them. MAE
+pretraining models list nothing: MAE pretrains with timm's `add_weight_decay` and no skip list, which decays the class
+and mask tokens (its position tables are fixed). Grouping is timm's (`param_groups_weight_decay`,
 `param_groups_layer_decay`), driven by the model's `no_weight_decay` and `group_matcher`.
 """
 
