@@ -282,7 +282,12 @@ class SReT(nn.Module):
             stage.grad_checkpointing = enable
 
     def _init_weights(self) -> None:
-        """DeiT-style init: truncated normal(0.02) for the position map and Linear weights, zero biases, LN 1/0."""
+        """DeiT-style init: truncated normal(0.02) for the position map and Linear weights, zero biases, LN 1/0.
+
+        The official code (PiT's) sets only the LayerNorms and leaves Linear layers at PyTorch's uniform default; the
+        DeiT-style init is the one every backbone here starts from (MAE's reference init for ViT, timm's for TNT), so
+        pretraining compares backbones from like starts. Loaded weights are unaffected.
+        """
         trunc_normal_(self.pos_embed, std=0.02)
         self.apply(init_trunc_normal_weights)
 
