@@ -1,6 +1,6 @@
 """Proof on real data: MAE pretraining vs random initialisation, and TNT vs ViT, on the full Fashion-MNIST.
 
-    python tools/experiment_fashion.py                      # full experiment (about 20 min on 2 CPU cores)
+    python tools/experiment_fashion.py                      # full experiment (8-20 min on 2 CPU cores)
     python tools/experiment_fashion.py demo runs/demo_mae_vit   # `make demo` tail: MAE demo checkpoint vs random init
 
 The full experiment converts Fashion-MNIST (60,000 train / 10,000 test images) to shards if needed, pretrains the
