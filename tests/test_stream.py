@@ -54,11 +54,60 @@ def even(tmp_path):
     return resolve_shards(str(tmp_path))
 
 
-def test_two_ranks_two_workers_are_disjoint_and_cover_the_epoch(even):
-    seen = [keys(consume(stream_for(even, rank, 2, workers=2))) for rank in range(2)]
+@pytest.mark.parametrize("chunk", [4, 3, 5])  # 16 samples per worker: chunks that do and do not divide it
+def test_two_ranks_two_workers_are_disjoint_and_cover_the_epoch(even, chunk):
+    seen = [keys(consume(stream_for(even, rank, 2, workers=2, chunk=chunk))) for rank in range(2)]
     assert not set(seen[0]) & set(seen[1])
     assert len(set(seen[0])) == len(seen[0]) == 32
     assert set(seen[0]) | set(seen[1]) == {f"s{i:06d}" for i in range(64)}
+
+
+def test_each_chunk_is_shuffled_within_itself_and_the_seed_changes_the_order(even):
+    def epoch_keys(seed):
+        return keys(consume(stream_for(even, seed=seed, chunk=8)))
+
+    stream = stream_for(even, chunk=8)
+    sequence = [sample["__key__"] for shard in stream.shard_order(0) for sample in read_samples(shard.url)]
+    start = stream.epoch_offset(0)
+    in_range = [sequence[(start + position) % 64] for position in range(64)]  # one worker's range, unshuffled
+    emitted = epoch_keys(0)
+    chunks = [(emitted[i : i + 8], in_range[i : i + 8]) for i in range(0, 64, 8)]
+    assert all(sorted(out) == sorted(read) for out, read in chunks)  # each chunk holds its 8 samples of the range
+    assert sum(out != read for out, read in chunks) >= 6  # in a shuffled order
+    assert epoch_keys(0) == emitted and epoch_keys(1) != emitted and sorted(epoch_keys(1)) == sorted(emitted)
+    other_seed = stream_for(even, seed=1, chunk=8)  # the seed decides the shard order and the ranges' start too
+    assert other_seed.shard_order(0) != stream.shard_order(0) and other_seed.epoch_offset(0) != start
+
+
+def draw_image(data: bytes, rng) -> torch.Tensor:
+    """A transform whose image is the sample RNG's first draw: [3, 2, 2] filled with it."""
+    return torch.full((3, 2, 2), rng.randrange(256), dtype=torch.uint8)
+
+
+def test_each_sample_draws_its_augmentation_from_its_own_epoch_rank_and_worker(even):
+    def draws(rank, epoch, workers=2):
+        # Chunks of one sample keep every range in stream order: batch b of every worker holds its positions 4b-4b+3.
+        stream = ShardStream(even, batch_size=4, transform=draw_image, seed=0, rank=rank, world_size=2,
+                             num_workers=workers, chunk=1)
+        stream.state.start_epoch(epoch)
+        return [b["images"][:, 0, 0, 0].tolist() for b in consume(stream)]  # per batch, each image's draw
+
+    epoch0 = draws(0, 0)
+    assert epoch0 == draws(0, 0)  # reproducible
+    # Batches at the same positions of other ranks, workers (batches 0 and 1 come from workers 0 and 1) and epochs
+    # draw other crops.
+    assert epoch0[0] != epoch0[1] and epoch0 != draws(1, 0) and epoch0 != draws(0, 1)
+
+
+def test_a_shard_is_opened_once_per_epoch_not_once_per_chunk(even, monkeypatch):
+    from mae_tnt.data import stream as stream_module
+
+    opened = []
+    monkeypatch.setattr(stream_module, "read_samples",
+                        lambda url, *args, **kwargs: opened.append(url) or read_samples(url, *args, **kwargs))
+    consume(stream_for(even, chunk=2))  # 32 chunks over 8 shards
+    # Every shard once, and the one the epoch's range starts inside once more, where the range wraps around to it.
+    assert len(opened) <= len(even) + 1 and set(opened) == {shard.url for shard in even}
 
 
 @pytest.mark.parametrize("processes, cpus, warned", [
