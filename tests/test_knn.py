@@ -13,7 +13,14 @@ from mae_tnt.config import DataConfig
 from mae_tnt.data.loader import eval_batches
 from mae_tnt.data.shards import ShardError, resolve_shards
 from mae_tnt.models import create_model
-from mae_tnt.train.knn import accuracy_counts, knn_accuracy, knn_accuracy_on_shards, knn_scores, topk_text
+from mae_tnt.train.knn import (
+    accuracy_counts,
+    encoder_features,
+    knn_accuracy,
+    knn_accuracy_on_shards,
+    knn_scores,
+    topk_text,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +71,24 @@ def test_knn_accuracy_on_hand_made_features():
     result = knn_accuracy(lambda x: x, train, val, k=3, temperature=0.1)
     assert result == {"knn_top1": pytest.approx(50.0), "knn_train": 3, "knn_val": 2, "knn_k": 3}  # no top-5 of 2
     assert knn_accuracy(lambda x: x, train, val, k=50, temperature=0.1)["knn_k"] == 3  # k capped at the bank
+
+
+def test_neighbours_are_ranked_by_cosine_similarity_not_by_dot_product():
+    # The query points along class 0's feature; class 1's is longer, so a raw dot product would rank it first.
+    train = [(torch.tensor([[1.0, 0.0], [10.0, 10.0]]), torch.tensor([0, 1]))]
+    val = [(torch.tensor([[1.0, 0.1]]), torch.tensor([0]))]
+    assert knn_accuracy(lambda x: x, train, val, k=1, temperature=0.07)["knn_top1"] == 100.0
+
+
+def test_the_knn_feature_is_the_encoders_pre_logits_of_the_images_normalised_with_the_data_statistics():
+    torch.manual_seed(0)
+    encoder = create_model("vit_test_patch8_32", num_classes=0).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    mean, std = [0.2, 0.3, 0.4], [0.5, 0.6, 0.7]
+    pixels = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = encoder.forward_head(encoder.forward_features(pixels), pre_logits=True)
+        torch.testing.assert_close(encoder_features(encoder, mean, std)(images), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_top5_is_reported_above_five_classes_and_with_five_voters_only():
