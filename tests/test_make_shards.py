@@ -19,6 +19,7 @@ import tarfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ import pytest
 from PIL import Image
 
 from mae_tnt.data import convert as convert_module
+from mae_tnt.data import shard_writer
 from mae_tnt.data.convert import ConversionError, ConvertOptions, convert
 from mae_tnt.data.convert import main as make_shards_main
 from mae_tnt.data.images import BadImageError, decode, decode_rgb, set_max_image_pixels
@@ -869,6 +871,48 @@ def test_an_overwrite_refused_for_its_classes_leaves_the_split_it_would_replace(
     with pytest.raises(ShardError, match="already has classes"):
         convert(tmp_path / "b", tmp_path / "out", options(split="val", overwrite=True))
     assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
+
+
+def test_an_overwrite_that_fails_or_is_interrupted_puts_the_split_it_replaces_back(tmp_path, monkeypatch):
+    write_imagefolder(tmp_path / "a", ["cat", "dog"], per_class=3)
+    for split in ("train", "val"):
+        convert(tmp_path / "a", tmp_path / "out", options(split=split, shard_size=2))
+    before = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "x.png").write_bytes(b"not an image")
+    with pytest.raises(ConversionError, match="no readable image"):
+        convert(tmp_path / "unreadable", tmp_path / "out", options(overwrite=True))
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
+    write_imagefolder(tmp_path / "b", ["cat", "dog"], per_class=4)
+    monkeypatch.setattr(convert_module.ShardWriter, "close_shard", crash_after(1))  # Ctrl-C after one new shard
+    with pytest.raises(KeyboardInterrupt):
+        convert(tmp_path / "b", tmp_path / "out", options(overwrite=True, shard_size=2))
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
+
+
+@contextmanager
+def killed_midway(out: Path, split: str):
+    """`replacing_split` as SIGKILL leaves it: the old split set aside, and no handler left to put it back."""
+    shard_writer._set_split_aside(out, split, shard_writer.replaced_split_dir(out, split))  # noqa: SLF001
+    yield
+
+
+def test_an_overwrite_killed_outright_keeps_the_old_split_aside_until_a_rerun_replaces_it(tmp_path, monkeypatch):
+    write_imagefolder(tmp_path / "a", ["cat", "dog"], per_class=3)
+    write_imagefolder(tmp_path / "b", ["cat", "dog"], per_class=4)
+    for split in ("train", "val"):
+        convert(tmp_path / "a", tmp_path / "out", options(split=split, shard_size=2))
+    old_train = sorted((tmp_path / "out").glob("train-*.tar"))
+    with monkeypatch.context() as patch:
+        patch.setattr(convert_module, "replacing_split", killed_midway)
+        patch.setattr(convert_module.ShardWriter, "close_shard", crash_after(1))
+        with pytest.raises(KeyboardInterrupt):
+            convert(tmp_path / "b", tmp_path / "out", options(overwrite=True, shard_size=2))
+    kept = tmp_path / "out" / ".replaced-train"
+    assert sorted(path.name for path in kept.glob("train-*.tar")) == [path.name for path in old_train]
+    assert convert(tmp_path / "b", tmp_path / "out", options(overwrite=True, shard_size=2)).num_samples == 8
+    assert not kept.exists() and load_info(tmp_path / "out")["splits"]["train"]["num_samples"] == 8
+    assert inspect_main([str(tmp_path / "out")]) == 0
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +54,9 @@ from mae_tnt.data.shard_writer import (
     ConversionError,
     Journal,
     ShardWriter,
-    discard_split,
     refuse_a_finished_split,
     remove_stale_shards,
+    replacing_split,
     shard_members,
 )
 from mae_tnt.progress import progress_bar
@@ -172,13 +172,15 @@ def one_conversion_at_a_time(out: Path) -> Iterator[None]:
 
 
 def _convert_into(src, fmt: str, source: Source, out: Path, options: ConvertOptions) -> ConvertSummary:
-    """`convert` once OUT is held: check, shard, record."""
-    if options.overwrite:
-        check_classes(out, options.split, source.classes)  # now, not after hours of converting, and before deleting
-        discard_split(out, options.split)
-    else:
+    """`convert` once OUT is held: check, then shard and record, replacing the split with `--overwrite`."""
+    if not options.overwrite:
         refuse_a_finished_split(out, options.split)  # first: it is the news, whatever the classes
-        check_classes(out, options.split, source.classes)
+    check_classes(out, options.split, source.classes)  # now, not after hours of converting, and before replacing
+    with replacing_split(out, options.split) if options.overwrite else nullcontext():
+        return _shard_and_record(src, fmt, source, out, options)
+
+
+def _shard_and_record(src, fmt: str, source: Source, out: Path, options: ConvertOptions) -> ConvertSummary:
     order = shuffled_order(len(source), options.seed)
     job = _job_description(src, fmt, source, order, options)
     journal = Journal.open(out, options.split, job)

@@ -14,11 +14,23 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mae_tnt.data.encode import EncodedImage
-from mae_tnt.data.info import ShardError, count_tar_samples, journal_path, json_bytes, remove_split, write_json_atomic
+from mae_tnt.data.info import (
+    INFO_NAME,
+    ShardError,
+    count_tar_samples,
+    journal_path,
+    json_bytes,
+    load_info,
+    remove_split,
+    write_json_atomic,
+)
 
 
 class ConversionError(ValueError):
@@ -31,6 +43,60 @@ def discard_split(out: Path, split: str) -> None:
         path.unlink()
     journal_path(out, split).unlink(missing_ok=True)
     remove_split(out, split)
+
+
+def replaced_split_dir(out: Path, split: str) -> Path:
+    """Where `--overwrite` keeps the split it replaces until the new one is complete."""
+    return out / f".replaced-{split}"
+
+
+@contextmanager
+def replacing_split(out: Path, split: str) -> Iterator[None]:
+    """Replace ``split`` without losing it to a conversion that fails: its shards and ``_info.json`` entry wait in
+    `replaced_split_dir` while the new split is written, and are deleted once it is complete. A conversion that fails
+    or is interrupted removes what it wrote and puts the old split back.
+
+    A conversion killed outright (SIGKILL, power loss) leaves the old split there; the next ``--overwrite`` keeps it as
+    the split being replaced, rather than the half-written one in OUT.
+    """
+    kept = replaced_split_dir(out, split)
+    if kept.is_dir():
+        discard_split(out, split)
+    else:
+        _set_split_aside(out, split, kept)
+    try:
+        yield
+    except BaseException:
+        discard_split(out, split)
+        _put_split_back(out, split, kept)
+        raise
+    shutil.rmtree(kept)
+
+
+def _set_split_aside(out: Path, split: str, kept: Path) -> None:
+    tmp = kept.with_name(kept.name + ".tmp")  # renamed when complete: a half-made folder never passes for the split
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    if (out / INFO_NAME).is_file() and split in load_info(out)["splits"]:
+        write_json_atomic(tmp / INFO_NAME, load_info(out))
+    tmp.rename(kept)
+    for path in shard_files(out, split):
+        path.rename(kept / path.name)
+    discard_split(out, split)  # temporary shards, journal and _info.json entry of the split
+
+
+def _put_split_back(out: Path, split: str, kept: Path) -> None:
+    for path in shard_files(kept, split):
+        path.rename(out / path.name)
+    if (kept / INFO_NAME).is_file():  # merged into the present file: other splits may have been converted since
+        old = load_info(kept)
+        info = load_info(out) if (out / INFO_NAME).is_file() else {**old, "splits": {}}
+        present = {**info["splits"], split: old["splits"][split]}
+        order = [*old["splits"], *(name for name in present if name not in old["splits"])]  # the split's old place
+        info["splits"] = {name: present[name] for name in order if name in present}
+        info["classes"] = info.get("classes") or old.get("classes", [])
+        write_json_atomic(out / INFO_NAME, info)
+    shutil.rmtree(kept)
 
 
 def shard_name(split: str, index: int, compress: bool = False) -> str:
