@@ -114,13 +114,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{args.out} is a directory" if blocker is None else f"{blocker} is a file, not a directory"
         print(f"error: {where}; choose another OUT", file=sys.stderr)
         return 1
+    if args.out.exists() and args.out.resolve() == args.src.resolve():
+        print(f"error: OUT {args.out} is SRC, which the conversion would replace; write it to another file",
+              file=sys.stderr)
+        return 1
+    replacing = args.out.exists()
     try:
         report, build_kwargs, note = convert(args.src, args.out, args.model, args.allow_missing,
                                              args.allow_unexpected, args.unsafe_pickle, args.img_size)
     except (CheckpointError, CheckpointWriteError, ModelError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out} for {args.model}: {report.summary()}")
+    print(f"wrote {args.out}{' (replacing the file that was there)' if replacing else ''} for {args.model}: "
+          f"{report.summary()}")
     if report.resampled:
         print(f"resampled the position table to {args.img_size} px (bicubic): {'; '.join(report.resampled)}")
     arguments = "".join(f", {key}={value!r}" for key, value in build_kwargs.items())

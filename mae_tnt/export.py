@@ -134,7 +134,15 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
                               f"{checkpoint}'s description records; leave --global-pool out")
     info["img_size"] = img_size or info["img_size"]
     info["global_pool"] = global_pool or info["global_pool"]
-    model = build_checked(info, state_dict)
+    try:
+        model = build_checked(info, state_dict)
+    except CheckpointError as err:
+        if global_pool is None:
+            raise
+        raise CheckpointError(f"--global-pool {global_pool} builds {info['model']} with other layers than "
+                              f"{checkpoint} holds ({str(err).split(';')[0]}); leave --global-pool out to keep the "
+                              f"pooling it was trained with, and choose the pooling when fine-tuning "
+                              f"(model.global_pool={global_pool})") from None
     if pooling_note(model) and not meta and global_pool is None:
         raise CheckpointError("TNT's weights do not show the pooling its head was trained with: pass --global-pool "
                               "token (timm's and the official default) or --global-pool avg (MAE-style fine-tuning)")
@@ -211,12 +219,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="pooling the weights were trained with (for weights without state.json; needed for a "
                              "TNT classifier, whose weights do not show it)")
     args = parser.parse_args(argv)
+    replacing = (Path(args.out) / "model.safetensors").exists()
     config = report_user_errors(lambda: export(args.checkpoint, args.out, args.model, args.img_size,
                                                args.global_pool))
     if config is None:
         return 1
     print(f"exported {config['kind']} {config['model']} ({config['num_classes']} classes, {config['img_size']} px) "
-          f"from {config['source']} to {args.out}")
+          f"from {config['source']} to {args.out}{', replacing the export that was there' if replacing else ''}")
     best = Path(args.checkpoint) / "best"
     if best.is_dir():  # a run directory stands for its newest checkpoint
         print(f"note: that is the run's newest checkpoint; its best validated weights are in {best}")

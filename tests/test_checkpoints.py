@@ -67,6 +67,18 @@ def test_a_classifier_converts_with_the_head_and_pooling_of_its_source_and_the_p
     torch.testing.assert_close(loaded(images), source(images))
 
 
+def test_a_conversion_refuses_to_write_over_its_source_and_says_when_it_replaces_a_file(tmp_path, capsys):
+    source = tmp_path / "seven.safetensors"
+    save_weights(mae_tnt.create_model("vit_test_patch8_32", num_classes=7).state_dict(), source)
+    data = source.read_bytes()
+    assert convert_main([str(source), str(tmp_path / "." / source.name), "--model", "vit_test_patch8_32"]) == 1
+    assert "is SRC, which the conversion would replace; write it to another file" in capsys.readouterr().err
+    assert source.read_bytes() == data
+    for replacing in (False, True):
+        assert convert_main([str(source), str(tmp_path / "out.safetensors"), "--model", "vit_test_patch8_32"]) == 0
+        assert ("(replacing the file that was there)" in capsys.readouterr().out.splitlines()[0]) == replacing
+
+
 def test_weights_of_another_image_size_convert_only_at_a_size_given_and_load_at_it(tmp_path, capsys):
     source = mae_tnt.create_model("vit_test_patch8_32", num_classes=7, img_size=48).eval()
     torch.save(source.state_dict(), tmp_path / "big.pth")

@@ -72,6 +72,23 @@ def test_pretraining_export_loads_into_timm_vit(tool, tmp_path, caplog):
     assert torch.equal(model.blocks[1].attn.qkv.weight, mae.encoder.blocks[1].attn.qkv.weight)
 
 
+def test_a_pooling_a_pretrained_encoder_was_not_trained_with_is_refused_saying_where_to_choose_it(tool, tmp_path,
+                                                                                                  capsys):
+    ckpt, _ = pretraining_checkpoint(tmp_path / "step_00000007", "mae_vit_test")
+    assert tool.main([str(ckpt), str(tmp_path / "out"), "--global-pool", "avg"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: --global-pool avg builds vit_test_patch8_32 with other layers than {ckpt} holds (")
+    assert error.rstrip().endswith("leave --global-pool out to keep the pooling it was trained with, and choose the "
+                                   "pooling when fine-tuning (model.global_pool=avg)")
+
+
+def test_exporting_over_an_earlier_export_says_it_replaces_it(tool, tmp_path, capsys):
+    ckpt, _ = pretraining_checkpoint(tmp_path / "step_00000007", "mae_vit_test")
+    for replacing in (False, True):
+        assert tool.main([str(ckpt), str(tmp_path / "out")]) == 0
+        assert ("replacing the export that was there" in capsys.readouterr().out.splitlines()[0]) == replacing
+
+
 def test_tnt_export_loads_into_timm_tnt_with_the_same_output(tool, tmp_path):
     ckpt, mae = pretraining_checkpoint(tmp_path / "ckpt", "mae_tnt_test")
     config = tool.export(ckpt, tmp_path / "out")
