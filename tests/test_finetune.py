@@ -885,13 +885,17 @@ def test_checkpoints_and_exports_name_the_heads_classes(tmp_path, one_thread, ex
      "demo runs the demo recipes as they are and takes only --out, --data and --threads, not --finetune-epochs, "
      "--workers (for the experiment)"),
     (["demo", "runs/x"], "runs/x does not exist: give a pretraining run or checkpoint directory"),
+    (["demo", "RUN"], "RUN has no checkpoint yet: let its pretraining run to its first one"),
+    (["demo", "RUN/checkpoints", "--data", "nowhere"], "--data nowhere does not exist: give labeled shards"),
     (["experiment", "runs/x"], "experiment pretrains its own encoders and takes no checkpoint; for the downstream runs "
                                "of runs/x, run: demo runs/x"),
 ])
-def test_the_experiment_tool_refuses_arguments_it_would_ignore_or_could_not_use(capsys, argv, message):
+def test_the_experiment_tool_refuses_arguments_it_would_ignore_or_could_not_use(tmp_path, capsys, argv, message):
+    (tmp_path / "RUN" / "checkpoints").mkdir(parents=True)  # a pretraining stopped before its first checkpoint
+    argv = [arg.replace("RUN", str(tmp_path / "RUN")) for arg in argv]
     with pytest.raises(SystemExit) as done:
         load_tool("experiment_fashion").main(argv)
-    assert done.value.code == 2 and message in capsys.readouterr().err
+    assert done.value.code == 2 and message.replace("RUN", str(tmp_path / "RUN")) in capsys.readouterr().err
 
 
 def test_a_failing_stage_of_the_experiment_tool_is_one_error_with_its_last_output(tmp_path, capsys, monkeypatch):
@@ -953,10 +957,12 @@ def test_the_demo_comparison_says_where_its_runs_are_and_keeps_its_table(tmp_pat
 
     def fake_stage(script, recipe, overrides, out, threads):  # writes what a real run logs last
         stages.append((recipe, out.name))
+        assert f"data.train={ROOT / 'data' / 'fashion_mnist'}" in overrides  # the bundled sample, from any directory
         out.mkdir(parents=True)
         (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "knn_top1": 50.0, "val_acc1": 60.0}) + "\n")
 
     monkeypatch.setattr(tool, "run_stage", fake_stage)
+    monkeypatch.chdir(tmp_path)
     assert tool.main(["demo", str(tmp_path), "--out", str(tmp_path / "compare")]) == 0
     runs = ["mae_knn", "mae_linprobe", "mae_finetune", "random_knn", "random_linprobe", "random_finetune"]
     assert [out for _, out in stages] == runs

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "data" / "fashion_mnist"
+"""The Fashion-MNIST sample in the repository, which the demo comparison reads by default."""
 sys.path.insert(0, str(ROOT))  # works from a checkout without installing
 from mae_tnt.text import HelpWithDefaults  # noqa: E402
 from mae_tnt.train.checkpoint import find_checkpoints  # noqa: E402
@@ -185,7 +187,7 @@ def experiment(out: Path, budget: Budget, shards: Path | None = None) -> str:
     return table + "\n" + footer
 
 
-def demo_compare(pretrain_checkpoint: str | Path, data_dir: str | Path = "data/fashion_mnist",
+def demo_compare(pretrain_checkpoint: str | Path, data_dir: str | Path = BUNDLED,
                  out: str | Path = "runs/demo_compare", threads: int = 1) -> str:
     """kNN, linear-probe and fine-tune the demo MAE checkpoint next to the same runs from random init (about 2 min
     on CPU).
@@ -223,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", nargs="?", help="demo: pretraining run or checkpoint directory")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (experiment: runs/experiment_fashion; demo: runs/demo_compare)")
-    parser.add_argument("--data", default=None, help="labeled shards: demo default data/fashion_mnist; experiment "
-                        "default OUT/shards (converted from the IDX files when missing)")
+    parser.add_argument("--data", default=None, help="labeled shards: demo default the bundled data/fashion_mnist; "
+                        "experiment default OUT/shards (converted from the IDX files when missing)")
     defaults = Budget()
     for name, value in defaults.__dict__.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
@@ -238,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         check_demo_arguments(parser, args, defaults)
     try:
         if args.command == "demo":
-            print(demo_compare(args.checkpoint, args.data or "data/fashion_mnist", args.out or "runs/demo_compare",
-                               args.threads))
+            print(demo_compare(args.checkpoint, args.data or BUNDLED, args.out or "runs/demo_compare", args.threads))
         else:
             budget = Budget(**{name: getattr(args, name) for name in defaults.__dict__})
             print(experiment(args.out or ROOT / "runs" / "experiment_fashion", budget, args.data and Path(args.data)))
@@ -259,9 +260,15 @@ def check_demo_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
     if ignored:
         parser.error(f"demo runs the demo recipes as they are and takes only --out, --data and --threads, not "
                      f"{', '.join(ignored)} (for the experiment)")
-    if not Path(args.checkpoint).exists():
+    run = Path(args.checkpoint)
+    if not run.exists():
         parser.error(f"{args.checkpoint} does not exist: give a pretraining run or checkpoint directory (make demo "
                      "writes runs/demo_mae_vit)")
+    if (run / "checkpoints").is_dir() and not find_checkpoints(run):
+        parser.error(f"{args.checkpoint} has no checkpoint yet: let its pretraining run to its first one, or give "
+                     "a checkpoint directory")
+    if args.data is not None and not Path(args.data).exists():
+        parser.error(f"--data {args.data} does not exist: give labeled shards with train and val splits")
 
 
 if __name__ == "__main__":
