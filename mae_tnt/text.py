@@ -19,6 +19,14 @@ def disk_full_message(err: OSError, retry: str) -> str | None:
     return f"{err}; free some disk space and run the same command again: {retry}"
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int of at least 1, refused with a usage error naming the option otherwise."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 class HelpWithDefaults(argparse.HelpFormatter):
     """The tools' --help: each option's help ends with its default, where it has one to show (not None, a flag's
     False or an empty list)."""

@@ -201,6 +201,25 @@ def test_converter_and_inspect_report_a_float_image_they_cannot_read(tmp_path, c
     assert "handmade: float greyscale with values from 900 to 900" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("tool, argv", [("make_shards", ["SRC", "OUT", "--shard-size", "0"]),
+                                         ("make_shards", ["SRC", "OUT", "--limit", "-2"]),
+                                         ("inspect_shards", ["OUT", "--max-image-pixels", "0"])])
+def test_counts_below_one_are_usage_errors_naming_the_option(capsys, tool, argv):
+    main = make_shards_main if tool == "make_shards" else inspect_main
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    option, value = argv[-2:]
+    assert done.value.code == 2 and f"error: argument {option}: must be at least 1, got {value}" in (
+        capsys.readouterr().err)
+
+
+def test_classes_for_a_list_without_labels_are_refused(tmp_path):
+    (tmp_path / "a.png").write_bytes(encoded(gradient(4, 4), "PNG"))
+    (tmp_path / "list.txt").write_text("a.png\n")
+    with pytest.raises(SourceError, match="list.txt has no label column, so --classes has no labels to name"):
+        convert(tmp_path / "list.txt", tmp_path / "out", options(classes=["cat", "dog"]))
+
+
 def test_decode_rejects_truncated_images_and_decompression_bombs(monkeypatch):
     png = encoded(gradient(16, 16), "PNG")
     with pytest.raises(BadImageError):

@@ -60,7 +60,7 @@ from mae_tnt.data.shard_writer import (
     shard_members,
 )
 from mae_tnt.progress import progress_bar
-from mae_tnt.text import HelpWithDefaults, counted, disk_full_message
+from mae_tnt.text import HelpWithDefaults, counted, disk_full_message, positive_int
 
 LIST_LAYOUT = ("\nA list names one image per line (lines starting with # are comments), or is a CSV or TSV file whose "
                "first line is a header: `path`, or `path,label` (`path<TAB>label`); relative paths are read from the "
@@ -346,15 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out", help="output directory for {split}-NNNNNN.tar and _info.json")
     parser.add_argument("--format", dest="fmt", default="auto", choices=FORMATS, help="source layout")
     parser.add_argument("--split", default="train", help="split name; IDX/CIFAR read train or test files by it")
-    parser.add_argument("--shard-size", type=int, default=1000, help="max samples per shard")
-    parser.add_argument("--shard-bytes", type=int, default=None, help="max payload bytes per shard")
-    parser.add_argument("--max-size", type=int, default=None, help="resize so the longer side is at most PX")
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+    parser.add_argument("--shard-size", type=positive_int, default=1000, help="max samples per shard")
+    parser.add_argument("--shard-bytes", type=positive_int, default=None, help="max payload bytes per shard")
+    parser.add_argument("--max-size", type=positive_int, default=None, help="resize so the longer side is at most PX")
+    parser.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="skip images over this many pixels, as possible decompression bombs (PIL's limit)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="encoding processes (0: none; default: the CPU count, %(default)s here)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
-    parser.add_argument("--limit", type=int, default=None, help="keep the first N readable samples of the shuffle")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="keep the first N readable samples of the shuffle")
     parser.add_argument("--compress", action="store_true", help="write gzip-compressed .tar.gz shards")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace this split if OUT already holds it (otherwise refused, or resumed if unfinished)")

@@ -28,7 +28,7 @@ from mae_tnt.data.info import (
 )
 from mae_tnt.data.shards import read_samples
 from mae_tnt.progress import progress_bar
-from mae_tnt.text import HelpWithDefaults, counted
+from mae_tnt.text import HelpWithDefaults, counted, positive_int
 
 MAX_PRINTED_PROBLEMS = 50
 
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Verify shards against _info.json.",
                                      formatter_class=HelpWithDefaults)
     parser.add_argument("root", help="shard directory holding _info.json")
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+    parser.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="the limit the shards were made with (make_shards --max-image-pixels)")
     args = parser.parse_args(argv)
     try:

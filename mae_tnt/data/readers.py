@@ -363,6 +363,9 @@ def read_list(list_file: Path, classes: list[str] | None = None) -> FileSource:
     paths = [path for _, path, _ in rows]
     names = [label for _, _, label in rows]
     if all(label is None for label in names):
+        if classes:
+            raise SourceError(f"{list_file} has no label column, so --classes has no labels to name: add labels to "
+                              "the list, or leave --classes out")
         return FileSource(root=list_file.parent, paths=paths, rejected=repeats)
     if all(INT_LABEL.fullmatch(label) for label in names):
         labels = [int(label) for label in names]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from mae_tnt.text import HelpWithDefaults  # the scripts put the repository root on sys.path first
+from mae_tnt.text import HelpWithDefaults, positive_int  # the scripts put the repository root on sys.path first
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 """--dtype choices of the benchmarks, named as run.precision names them."""
@@ -31,14 +31,6 @@ def bench_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=positive_int, default=repeats,
                         help="timed repetitions of every case, after one warm-up")
     return parser
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an int of at least 1, refused with a usage error otherwise."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def interleaved_times(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
