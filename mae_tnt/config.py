@@ -340,8 +340,9 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple
         source = str(path)
         try:
             text = Path(path).read_text()
-        except OSError as err:
-            raise ConfigError(f"cannot read the recipe {path} ({err.strerror}): give a YAML file, e.g. "
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) else "not a text file"
+            raise ConfigError(f"cannot read the recipe {path} ({reason}): give a YAML file, e.g. "
                               "recipes/demo_mae_vit.yaml") from None
         raw = _parse_yaml(text, source) or {}
         if not isinstance(raw, dict):

@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--count must be >= 1, got {args.count}")
     if args.mask_ratio is not None and not 0 <= args.mask_ratio < 1:
         parser.error(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
-    if args.out is not None and not args.out.is_dir() and args.out.suffix.lower() not in GRID_SUFFIXES:
+    if args.out is not None and not is_grid_file(args.out) and args.out.suffix and not args.out.is_dir():
         parser.error(f"--out must be a .png or .jpg file or a directory, got {args.out}")
     if args.out is not None and (blocker := file_in_the_way(args.out.parent)):
         parser.error(f"--out {args.out} cannot be written: {blocker} is a file")
@@ -71,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def is_grid_file(out: Path) -> bool:
+    """Whether --out names the grid's file; anything else without a suffix is a directory, created if need be."""
+    return out.suffix.lower() in GRID_SUFFIXES and not out.is_dir()
 
 
 def visualize(args: argparse.Namespace) -> dict:
@@ -93,11 +98,11 @@ def visualize(args: argparse.Namespace) -> dict:
     load_weights(model, raw)
     out = default_output(checkpoint, args.split)
     if args.out is not None:
-        out = args.out / out.name if args.out.is_dir() else args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
+        out = args.out if is_grid_file(args.out) else args.out / out.name
     shards = resolve_shards(args.shards, args.split, allow_pipe=args.allow_pipe, info=args.info,
                             split_key="--split")  # warns about a truncated shard
     images = first_images(shards, args.count, model_cfg["img_size"])
+    out.parent.mkdir(parents=True, exist_ok=True)  # once there is something to draw: a failure leaves no folder
     if len(images) < args.count:
         print(f"note: the {args.split} split has only {len(images)} readable images to show of the {args.count} asked")
     label = f"step {state['step']}" if "step" in state else checkpoint.name

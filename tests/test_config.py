@@ -92,7 +92,8 @@ def test_a_recipe_given_to_the_other_script_names_the_script(capsys, cls, prog, 
     assert done.value.code == 2 and capsys.readouterr().err == f"error: {RECIPES / recipe}: {message}\n"
 
 
-@pytest.mark.parametrize("path, why", [("recipes", "Is a directory"), ("recipes/none.yaml", "No such file")])
+@pytest.mark.parametrize("path, why", [("recipes", "Is a directory"), ("recipes/none.yaml", "No such file"),
+                                       ("data/fashion_mnist/train-000000.tar.gz", "not a text file")])
 def test_a_recipe_path_that_is_no_file_is_one_error_line(capsys, path, why):
     with pytest.raises(SystemExit):
         load_recipe(PretrainConfig, [path], "pretrain.py")

@@ -252,6 +252,10 @@ def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys
     assert "(masked-patch loss n/a, nothing is hidden at mask ratio 0.0)" in printed
     assert visualize_main([str(tmp_path), str(shards), "--count", "2", "--out", str(tmp_path)]) == 0  # a directory
     assert f"wrote {tmp_path / 'step_00000004_val.png'} " in capsys.readouterr().out
+    assert visualize_main([str(tmp_path), str(shards), "--count", "2", "--out", f"{tmp_path / 'new'}/"]) == 0
+    assert f"wrote {tmp_path / 'new' / 'step_00000004_val.png'} " in capsys.readouterr().out  # created for it
+    assert visualize_main([str(tmp_path), str(tmp_path / "no_shards"), "--out", str(tmp_path / "later" / "g.png")]) == 1
+    assert not (tmp_path / "later").exists()  # a failure leaves no folder behind
     (tmp_path / "a_file").write_text("")
     for bad, message in ((["--count", "0"], "--count must be >= 1, got 0"),
                          (["--mask-ratio", "1"], "--mask-ratio must be in [0, 1), got 1.0"),
