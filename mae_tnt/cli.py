@@ -26,7 +26,9 @@ def load_recipe(cls: type, argv: list[str], prog: str):
         print(f"{USAGE.format(prog=prog)}\n\n{textwrap.fill(ABOUT[cls], 116)}\n\n{keys_help(cls)}")
         raise SystemExit(0)
     if not argv or "=" in argv[0]:
-        print(USAGE.format(prog=prog), file=sys.stderr)
+        missing = "the recipe comes first" if argv else "give a recipe"
+        print(f"{USAGE.format(prog=prog)}\nerror: {missing}, e.g. {prog} {EXAMPLE_RECIPE[cls]}"
+              f"{' ' + ' '.join(argv) if argv else ''}", file=sys.stderr)
         raise SystemExit(2)
     try:
         return load_config(cls, argv[0], argv[1:])
@@ -46,6 +48,8 @@ ABOUT = {
                     "classifier of the features.",
 }
 """What each script does, opening its --help."""
+
+EXAMPLE_RECIPE = {PretrainConfig: "recipes/demo_mae_vit.yaml", FinetuneConfig: "recipes/demo_finetune_vit.yaml"}
 
 OTHER_SCRIPT = {PretrainConfig: (FinetuneConfig, "fine-tuning", "finetune.py"),
                 FinetuneConfig: (PretrainConfig, "pretraining", "pretrain.py")}

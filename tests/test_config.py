@@ -75,9 +75,13 @@ def test_help_lists_every_settable_key_and_a_missing_recipe_is_a_usage_error(cls
               if line.startswith("  ") for name in line.split(": ")[1].split(", ")}
     assert {key.removeprefix("top level.") for key in listed} == {
         key for key in all_keys(cls) if not any(other.startswith(f"{key}.") for other in all_keys(cls))}
-    with pytest.raises(SystemExit) as done:
-        load_recipe(cls, ["optim.base_lr=1"], prog)
-    assert done.value.code == 2 and capsys.readouterr().err.startswith(f"usage: {prog}")
+    example = "recipes/demo_mae_vit.yaml" if cls is PretrainConfig else "recipes/demo_finetune_vit.yaml"
+    for argv, error in ((["optim.base_lr=1"], f"the recipe comes first, e.g. {prog} {example} optim.base_lr=1"),
+                        ([], f"give a recipe, e.g. {prog} {example}")):
+        with pytest.raises(SystemExit) as done:
+            load_recipe(cls, argv, prog)
+        usage, line = capsys.readouterr().err.splitlines()
+        assert done.value.code == 2 and usage.startswith(f"usage: {prog}") and line == f"error: {error}"
 
 
 @pytest.mark.parametrize("cls, prog, recipe, message", [

@@ -465,7 +465,8 @@ def test_a_split_the_shards_lack_is_refused_naming_the_key_and_the_splits(tmp_pa
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_a_wrong_init_path_fails_without_leaving_a_run_folder(tmp_path):
-    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / 'missing'} does not exist"):
+    with pytest.raises(CheckpointError, match=f"^init={tmp_path / 'missing'} does not exist: give a pretraining "
+                                              "checkpoint, run directory, export or weights file, or init=null"):
         FinetuneRun(demo_config(tmp_path / "run", f"init={tmp_path / 'missing'}"))
     assert not (tmp_path / "run").exists()
 

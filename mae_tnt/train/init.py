@@ -144,6 +144,9 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
         CheckpointError: for a missing or unexpected key beyond the head / fc_norm / final-norm allowance; the
             message names the keys.
     """
+    if not Path(source).exists():
+        raise CheckpointError(f"init={source} does not exist: give a pretraining checkpoint, run directory, export "
+                              "or weights file, or init=null for a randomly initialised encoder")
     source = resolve_checkpoint(source)  # a run directory: say which of its checkpoints
     raw, meta = read_source(source)
     state_dict, dropped, layout = encoder_weights(raw)
