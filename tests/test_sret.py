@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mae_tnt
 from mae_tnt.models import CheckpointError, load_weights
-from mae_tnt.models.sret import reestimate_batchnorm, split_units, to_official_state_dict
+from mae_tnt.models.sret import SlicedAttention, reestimate_batchnorm, split_units, to_official_state_dict
 
 PUBLISHED_HEADS = {"sret_t": (2, 4, 8), "sret_lt": (2, 4, 8), "sret_s": (3, 6, 12)}
 
@@ -217,6 +217,29 @@ def test_masked_pixels_do_not_change_encoder_output(stem):
     torch.testing.assert_close(outputs[0], outputs[1])
 
 
+@pytest.mark.parametrize("second, slices", [(False, 2), (True, 4)])
+def test_each_token_attends_only_within_its_slice_and_keeps_its_place(second, slices):
+    """Changing token j changes exactly the outputs of its slice, j's own among them: contiguous slices in the first
+    application, a random shuffle's slices in the second, whose order is restored before the output."""
+    torch.manual_seed(0)
+    attention = SlicedAttention(8, num_heads=2, groups1=2, groups2=4).train()
+    x = torch.randn(1, 16, 8)
+    slice_of = {}
+    for j in range(16):
+        changed = x.clone()
+        changed[0, j] += 1.0
+        outputs = []
+        for tokens in (x, changed):
+            torch.manual_seed(1)  # the same shuffle in both passes
+            outputs.append(attention(tokens, second)[0])
+        moved = frozenset((outputs[0] - outputs[1]).abs().amax(-1).gt(1e-6).nonzero().flatten().tolist())
+        assert j in moved and len(moved) == 16 // slices, (j, moved)
+        slice_of[j] = moved
+    assert len(set(slice_of.values())) == slices and all(k in slice_of[j] for k in range(16) for j in slice_of[k])
+    contiguous = {frozenset(range(start, start + 16 // slices)) for start in range(0, 16, 16 // slices)}
+    assert (set(slice_of.values()) == contiguous) != second  # the second application's slices are shuffled
+
+
 def test_drop_path_rates_follow_the_official_assignment():
     """Official SReT: a stage's applications j get rate * j / sum(depth), and its i-th unique block takes the i-th."""
     depth, recursive_num, rate = (4, 10, 6), (2, 5, 3), 0.2
@@ -240,6 +263,12 @@ def test_mae_builder_kwargs_and_shapes(encoder_mode):
     loss.backward()
     assert pred.shape == (2, 9, 32 * 32 * 3) and mask.sum(1).tolist() == [6, 6]
     assert torch.isfinite(loss) and model.encoder.pos_embed.grad is not None
+    blocks = model.decoder_blocks
+    assert (model.decoder_embed.out_features, len(blocks), blocks[0].attn.num_heads) == (16, 2, 4)
+    rates = [getattr(block.drop_path, "drop_prob", 0.0) for stage in model.encoder.stages for block in stage.blocks]
+    assert 0 < max(rates) <= 0.1 and model.encoder.dense_stem  # per-block rates: test_drop_path_rates_follow_...
+    if encoder_mode == "mask_tokens":  # hidden units enter as the learned mask token
+        assert model.encoder_mask_token.grad.abs().sum() > 0
 
 
 def test_short_mae_run_lowers_loss():
