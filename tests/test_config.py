@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from torch.cuda import OutOfMemoryError
 
+import mae_tnt
 from mae_tnt.cli import ABOUT, load_recipe
 from mae_tnt.config import ConfigError, PretrainConfig, all_keys, load_config
 from mae_tnt.data.info import ShardError
@@ -154,6 +155,21 @@ def test_a_section_override_merges_into_the_recipes_section(tmp_path):
         load_config(PretrainConfig, path, ["model={mask_ratio: 1.5}"])  # a section's own check names it too
 
 
+@pytest.mark.parametrize("name, overrides, built", [
+    ("mae_vit_test", ["model.decoder_dim=16", "model.decoder_depth=3", "model.decoder_heads=4", "model.img_size=48",
+                      "model.norm_pix_loss=false", "model.mask_ratio=0.5", "model.drop_path=0.2"],
+     lambda m: (m.decoder_embed.out_features, len(m.decoder_blocks), m.decoder_blocks[0].attn.num_heads,
+                m.grid * m.unit, m.norm_pix_loss, m.mask_ratio,
+                round(m.encoder.blocks[-1].drop_path1.drop_prob, 6)) == (16, 3, 4, 48, False, 0.5, 0.2)),
+    ("mae_tnt_test", ["model.word_mask_ratio=0.5"], lambda m: m.word_mask_ratio == 0.5),
+    ("mae_sret_test", ["model.dense_stem=true", "model.img_size=64"], lambda m: m.encoder.dense_stem),
+])
+def test_every_model_key_reaches_the_model_it_builds(tmp_path, name, overrides, built):
+    path = write(tmp_path, f"model: {{name: {name}}}\ndata: {{train: x}}\n")
+    cfg = load_config(PretrainConfig, path, overrides)
+    assert built(mae_tnt.create_model(cfg.model.name, **cfg.model.build_kwargs()))
+
+
 @pytest.mark.parametrize("override, message", [
     ("data.batch_size=abc", "data.batch_size` must be int"),
     ("optim.betas=0.9,0.95", r"`optim.betas` must be a list, got '0.9,0.95'; write it in brackets, e.g. "
@@ -187,6 +203,13 @@ def test_a_section_override_merges_into_the_recipes_section(tmp_path):
     ("model.decoder_dim=0", r"model.decoder_dim must be in \[1, inf\], got 0"),
     ("seed=99999999999999999999", r"seed must be a whole number from 0 to 2\*\*63 - 1, got 99999999999999999999"),
     ("run.recon_every=-5", r"run.recon_every must be in \[0, inf\], got -5"),
+    ("data.crop_scale=[0.5,1.2]", r"data.crop_scale must be \[low, high\] within \(0, 1\], got \[0.5, 1.2\]"),
+    ("data.crop_scale=[0.8,0.2]", r"data.crop_scale must be \[low, high\] within \(0, 1\], got \[0.8, 0.2\]"),
+    ("data.decode_device=gpu", r"data.decode_device must be 'cpu' or 'cuda', got 'gpu'"),
+    ("optim.accum_steps=0", r"optim.accum_steps must be >= 1"),
+    ("optim.min_lr=-1e-6", r"optim.min_lr and optim.weight_decay >= 0; got 0.00015, -1e-06 and 0.05"),
+    ("run.log_every=0", r"run.log_every, run.checkpoint_every and run.preempt_check_every must be >= 1"),
+    ("run.keep_checkpoints=-1", r"run.keep_checkpoints >= 0, got None and -1"),
     ("model.name=vit_test_patch8_32", r"model.name='vit_test_patch8_32' is not a registered masked autoencoder \(it is "
                                       r"a classifier; the masked autoencoder of its encoder is mae_vit_test\)"),
     ("model.name=mae_vit_tset", r"model.name='mae_vit_tset' is not a registered masked autoencoder \(did you mean "
