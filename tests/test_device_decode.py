@@ -112,6 +112,20 @@ def test_cuda_decode_falls_back_to_the_cpu_without_a_gpu(tmp_path, monkeypatch):
     assert isinstance(next(iter(stream))["images"], torch.Tensor)
 
 
+@pytest.mark.parametrize("device, gpu", [("cpu", True), ("cuda", False), ("cuda", True)])
+def test_the_crop_scale_reaches_the_transform_on_the_cpu_or_deferred_to_the_gpu(monkeypatch, device, gpu):
+    monkeypatch.setattr("mae_tnt.data.loader.gpu_decode_available", lambda: gpu)
+    data = DataConfig(train="x", crop_scale=[0.35, 0.9], decode_device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's warning: tested above
+        transform = mae_transform(data, 24)
+    deferred = device == "cuda" and gpu
+    assert isinstance(transform, DeferredCrop) == deferred
+    size, scale = (transform.size, transform.scale) if deferred else (transform.keywords["size"],
+                                                                          transform.keywords["scale"])
+    assert (size, scale) == (24, (0.35, 0.9))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_decode_matches_the_cpu_path():

@@ -186,6 +186,13 @@ def test_knn_on_shards_shows_the_encoding_of_the_bank_and_queries_on_the_first_r
     assert "kNN" not in capsys.readouterr().err
 
 
+def test_knn_without_validation_shards_is_refused_saying_which_key_to_set(tmp_path):
+    write_shards(tmp_path, [8], split="train", size=32)
+    with pytest.raises(ShardError, match=r"^kNN evaluation needs labeled validation shards: set data.val$"):
+        knn_accuracy_on_shards(create_model("vit_test_patch8_32", num_classes=0), DataConfig(train=str(tmp_path)),
+                               img_size=32, batch_size=8)
+
+
 def test_train_and_val_shards_with_different_class_lists_are_refused_before_encoding(tmp_path):
     write_shards(tmp_path / "a", [8], size=32)
     write_shards(tmp_path / "b", [8], split="val", size=32)
