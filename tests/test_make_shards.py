@@ -912,11 +912,13 @@ def test_an_overwrite_that_fails_or_is_interrupted_puts_the_split_it_replaces_ba
 @contextmanager
 def killed_midway(out: Path, split: str):
     """`replacing_split` as SIGKILL leaves it: the old split set aside, and no handler left to put it back."""
-    shard_writer._set_split_aside(out, split, shard_writer.replaced_split_dir(out, split))  # noqa: SLF001
+    shard_writer._set_split_aside(out, split)  # noqa: SLF001
     yield
 
 
-def test_an_overwrite_killed_outright_keeps_the_old_split_aside_until_a_rerun_replaces_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("rerun_overwrites", [True, False])  # run again as it was, or resumed without --overwrite
+def test_an_overwrite_killed_outright_keeps_the_old_split_aside_until_a_rerun_replaces_it(tmp_path, monkeypatch,
+                                                                                          rerun_overwrites):
     write_imagefolder(tmp_path / "a", ["cat", "dog"], per_class=3)
     write_imagefolder(tmp_path / "b", ["cat", "dog"], per_class=4)
     for split in ("train", "val"):
@@ -929,9 +931,31 @@ def test_an_overwrite_killed_outright_keeps_the_old_split_aside_until_a_rerun_re
             convert(tmp_path / "b", tmp_path / "out", options(overwrite=True, shard_size=2))
     kept = tmp_path / "out" / ".replaced-train"
     assert sorted(path.name for path in kept.glob("train-*.tar")) == [path.name for path in old_train]
-    assert convert(tmp_path / "b", tmp_path / "out", options(overwrite=True, shard_size=2)).num_samples == 8
+    rerun = options(overwrite=rerun_overwrites, shard_size=2)
+    assert convert(tmp_path / "b", tmp_path / "out", rerun).num_samples == 8
     assert not kept.exists() and load_info(tmp_path / "out")["splits"]["train"]["num_samples"] == 8
     assert inspect_main([str(tmp_path / "out")]) == 0
+
+
+@pytest.mark.parametrize("stage", [".tmp", ".back"])
+def test_a_split_half_set_aside_or_half_put_back_by_a_killed_overwrite_is_whole_again(tmp_path, stage):
+    write_imagefolder(tmp_path / "a", ["cat", "dog"], per_class=3)
+    for split in ("train", "val"):
+        convert(tmp_path / "a", tmp_path / "out", options(split=split, shard_size=2))
+    out = tmp_path / "out"
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    if stage == ".back":  # killed while putting back: one shard is back, the rest and the _info.json entry aside
+        shard_writer._set_split_aside(out, "train")  # noqa: SLF001
+        (out / ".replaced-train").rename(out / ".replaced-train.back")
+        (out / ".replaced-train.back" / "train-000000.tar").rename(out / "train-000000.tar")
+    else:  # killed while setting aside: one shard is aside, the rest and the _info.json entry still in OUT
+        (out / ".replaced-train.tmp").mkdir()
+        (out / "train-000001.tar").rename(out / ".replaced-train.tmp" / "train-000001.tar")
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "x.png").write_bytes(b"not an image")
+    with pytest.raises(ConversionError, match="no readable image"):  # finishes the stage first, then fails
+        convert(tmp_path / "unreadable", out, options(overwrite=True))
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,7 @@ from mae_tnt.data.shard_writer import (
     ConversionError,
     Journal,
     ShardWriter,
+    discard_replaced_split,
     refuse_a_finished_split,
     remove_stale_shards,
     replacing_split,
@@ -176,8 +177,12 @@ def _convert_into(src, fmt: str, source: Source, out: Path, options: ConvertOpti
     if not options.overwrite:
         refuse_a_finished_split(out, options.split)  # first: it is the news, whatever the classes
     check_classes(out, options.split, source.classes)  # now, not after hours of converting, and before replacing
-    with replacing_split(out, options.split) if options.overwrite else nullcontext():
-        return _shard_and_record(src, fmt, source, out, options)
+    if options.overwrite:
+        with replacing_split(out, options.split):
+            return _shard_and_record(src, fmt, source, out, options)
+    summary = _shard_and_record(src, fmt, source, out, options)
+    discard_replaced_split(out, options.split)  # an --overwrite killed earlier, whose split this run completed
+    return summary
 
 
 def _shard_and_record(src, fmt: str, source: Source, out: Path, options: ConvertOptions) -> ConvertSummary:

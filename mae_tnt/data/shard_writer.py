@@ -45,9 +45,14 @@ def discard_split(out: Path, split: str) -> None:
     remove_split(out, split)
 
 
-def replaced_split_dir(out: Path, split: str) -> Path:
-    """Where `--overwrite` keeps the split it replaces until the new one is complete."""
-    return out / f".replaced-{split}"
+REPLACEMENT_STAGES = (".tmp", "", ".back", ".done")
+"""Suffixes of `replaced_split_dir` as `replacing_split` moves the old split: being set aside, set aside, being put
+back, being deleted."""
+
+
+def replaced_split_dir(out: Path, split: str, stage: str = "") -> Path:
+    """Where `--overwrite` keeps the split it replaces until the new one is complete (`stage`: REPLACEMENT_STAGES)."""
+    return out / f".replaced-{split}{stage}"
 
 
 @contextmanager
@@ -56,47 +61,70 @@ def replacing_split(out: Path, split: str) -> Iterator[None]:
     `replaced_split_dir` while the new split is written, and are deleted once it is complete. A conversion that fails
     or is interrupted removes what it wrote and puts the old split back.
 
-    A conversion killed outright (SIGKILL, power loss) leaves the old split there; the next ``--overwrite`` keeps it as
-    the split being replaced, rather than the half-written one in OUT.
+    Each stage ends with a rename, so a conversion killed outright (SIGKILL, power loss) leaves a state the next
+    ``--overwrite`` finishes first: a split half set aside or half put back returns to OUT whole, and one set aside
+    whole stays the split being replaced (the new split the killed run half wrote is dropped).
     """
-    kept = replaced_split_dir(out, split)
-    if kept.is_dir():
+    _finish_interrupted_stages(out, split)
+    if replaced_split_dir(out, split).is_dir():
         discard_split(out, split)
     else:
-        _set_split_aside(out, split, kept)
+        _set_split_aside(out, split)
     try:
         yield
     except BaseException:
         discard_split(out, split)
-        _put_split_back(out, split, kept)
+        _put_split_back(out, split)
         raise
-    shutil.rmtree(kept)
+    discard_replaced_split(out, split)
 
 
-def _set_split_aside(out: Path, split: str, kept: Path) -> None:
-    tmp = kept.with_name(kept.name + ".tmp")  # renamed when complete: a half-made folder never passes for the split
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def discard_replaced_split(out: Path, split: str) -> None:
+    """Delete what `replacing_split` kept of ``split``: once a new split is complete, the old one is obsolete."""
+    kept = replaced_split_dir(out, split)
+    if kept.is_dir():  # gone at once, whatever interrupts the deletion
+        kept.rename(replaced_split_dir(out, split, ".done"))
+    for stage in REPLACEMENT_STAGES:
+        shutil.rmtree(replaced_split_dir(out, split, stage), ignore_errors=True)
+
+
+def _finish_interrupted_stages(out: Path, split: str) -> None:
+    setting_aside = replaced_split_dir(out, split, ".tmp")
+    if setting_aside.is_dir():  # the old split's other shards are still in OUT, with its _info.json entry
+        for path in shard_files(setting_aside, split):
+            path.rename(out / path.name)
+        shutil.rmtree(setting_aside)
+    if replaced_split_dir(out, split, ".back").is_dir():
+        _put_split_back(out, split)
+    shutil.rmtree(replaced_split_dir(out, split, ".done"), ignore_errors=True)
+
+
+def _set_split_aside(out: Path, split: str) -> None:
+    setting_aside = replaced_split_dir(out, split, ".tmp")
+    setting_aside.mkdir()
     if (out / INFO_NAME).is_file() and split in load_info(out)["splits"]:
-        write_json_atomic(tmp / INFO_NAME, load_info(out))
-    tmp.rename(kept)
+        write_json_atomic(setting_aside / INFO_NAME, load_info(out))
     for path in shard_files(out, split):
-        path.rename(kept / path.name)
+        path.rename(setting_aside / path.name)
+    setting_aside.rename(replaced_split_dir(out, split))  # the old split is now whole in one place
     discard_split(out, split)  # temporary shards, journal and _info.json entry of the split
 
 
-def _put_split_back(out: Path, split: str, kept: Path) -> None:
-    for path in shard_files(kept, split):
+def _put_split_back(out: Path, split: str) -> None:
+    kept, putting_back = replaced_split_dir(out, split), replaced_split_dir(out, split, ".back")
+    if kept.is_dir():
+        kept.rename(putting_back)
+    for path in shard_files(putting_back, split):
         path.rename(out / path.name)
-    if (kept / INFO_NAME).is_file():  # merged into the present file: other splits may have been converted since
-        old = load_info(kept)
+    if (putting_back / INFO_NAME).is_file():  # merged into the present file: other splits may have changed since
+        old = load_info(putting_back)
         info = load_info(out) if (out / INFO_NAME).is_file() else {**old, "splits": {}}
         present = {**info["splits"], split: old["splits"][split]}
         order = [*old["splits"], *(name for name in present if name not in old["splits"])]  # the split's old place
         info["splits"] = {name: present[name] for name in order if name in present}
         info["classes"] = info.get("classes") or old.get("classes", [])
         write_json_atomic(out / INFO_NAME, info)
-    shutil.rmtree(kept)
+    shutil.rmtree(putting_back)
 
 
 def shard_name(split: str, index: int, compress: bool = False) -> str:
