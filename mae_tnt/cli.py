@@ -91,9 +91,10 @@ def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the
     """A decorator: `main` ends with `interrupted; {advice}` instead of a traceback on Ctrl-C, which may come at any
     time: while torch is imported as well as between steps.
 
-    Python drops a KeyboardInterrupt raised inside a finalizer or weakref callback ("Exception ignored in ..."), while
-    the loader workers, which got the same Ctrl-C, have stopped: the run then fails a moment later on the vanished
-    workers. A Ctrl-C is therefore recorded as it arrives, and an error that follows it is reported as the interrupt.
+    Python drops a KeyboardInterrupt raised inside a finalizer or weakref callback, printing "Exception ignored in ..."
+    with a traceback, while the loader workers, which got the same Ctrl-C, have stopped: the run then fails a moment
+    later on the vanished workers. A Ctrl-C is therefore recorded as it arrives, an error that follows it is reported
+    as the interrupt, and Python's report of the dropped KeyboardInterrupt is left out.
     """
 
     def decorate(main: Main) -> Main:
@@ -105,9 +106,14 @@ def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the
                 received.append(signum)
                 raise KeyboardInterrupt
 
+            def report_unraisable(unraisable) -> None:
+                if not (received and issubclass(unraisable.exc_type, KeyboardInterrupt)):  # not our dropped Ctrl-C
+                    previous_hook(unraisable)
+
             # Signal handlers belong to the main thread; a main run in another (a notebook's) keeps Python's own.
             in_main_thread = threading.current_thread() is threading.main_thread()
             previous = signal.signal(signal.SIGINT, on_ctrl_c) if in_main_thread else None
+            previous_hook, sys.unraisablehook = sys.unraisablehook, report_unraisable
             try:
                 return main(argv)
             except KeyboardInterrupt:
@@ -116,6 +122,7 @@ def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the
                 if not received:
                     raise
             finally:
+                sys.unraisablehook = previous_hook
                 if in_main_thread:
                     signal.signal(signal.SIGINT, previous)
             if is_local_main_process():  # Ctrl-C reaches every process of the terminal's node
