@@ -26,13 +26,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import positive_int  # noqa: E402
 from loader import write_jpegs  # noqa: E402
 
 import mae_tnt  # noqa: E402
 from mae_tnt.config import PretrainConfig, load_config  # noqa: E402
 from mae_tnt.data.convert import ConvertOptions, convert  # noqa: E402
-from mae_tnt.text import HelpWithDefaults  # noqa: E402
+from mae_tnt.text import HelpWithDefaults, positive_int  # noqa: E402
 
 DEFAULT_MODELS = ["mae_vit_base_patch16:256", "mae_vit_small_patch16:512", "mae_tnt_s_patch16:256",
                   "mae_sret_s:256"]

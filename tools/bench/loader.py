@@ -26,12 +26,13 @@ from torch.utils.data import default_collate
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_parser, interleaved_times, medians, paired_ratio, positive_int, print_table  # noqa: E402
+from common import bench_parser, interleaved_times, medians, paired_ratio, print_table  # noqa: E402
 
 from mae_tnt.data.convert import ConvertOptions, convert  # noqa: E402
 from mae_tnt.data.shards import resolve_shards  # noqa: E402
 from mae_tnt.data.stream import ShardStream  # noqa: E402
 from mae_tnt.data.transforms import train_crop  # noqa: E402
+from mae_tnt.text import positive_int  # noqa: E402
 
 
 def write_jpegs(root: Path, count: int, width: int, height: int) -> None:

@@ -19,11 +19,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_parser, interleaved_times, medians, paired_ratio, positive_int, print_table  # noqa: E402
+from common import bench_parser, interleaved_times, medians, paired_ratio, print_table  # noqa: E402
 
 from mae_tnt.data.info import update_split  # noqa: E402
 from mae_tnt.data.shard_writer import ShardWriter  # noqa: E402
 from mae_tnt.data.shards import resolve_shards  # noqa: E402
+from mae_tnt.text import positive_int  # noqa: E402
 
 PAYLOAD = os.urandom(2048)  # stands in for an encoded image; never decoded here
 
