@@ -602,8 +602,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: Pa
             optimizer.load_state_dict(saved)
         except ValueError as err:  # another grouping: layer decay switched on or off, parameters frozen or not
             raise ResumeError(f"{path} holds optimizer state for other parameter groups than this recipe's "
-                              f"({err}); set optim.layer_decay and what the model trains back to continue it, or "
-                              f"{FRESH}") from None
+                              f"({err}); set optim.layer_decay and what the model trains back to continue it (a "
+                              f"pretraining checkpoint from a development build of mae_tnt that did not decay MAE's "
+                              f"class and mask tokens cannot continue), or {FRESH}") from None
 
 
 @contextmanager
