@@ -133,7 +133,8 @@ def knn_accuracy(encoder_forward: Callable[[torch.Tensor], torch.Tensor], train_
 
 
 def encoder_features(encoder: nn.Module, mean: list[float], std: list[float]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 images [B, 3, S, S] -> pooled features [B, D] of a bare encoder (num_classes = 0).
+    """uint8 images [B, 3, S, S] -> pooled features [B, D] of a bare encoder (num_classes = 0, so its forward ends in
+    an identity head).
 
     The feature is the encoder's own pre-logits: the cls token after the final norm for ViT/TNT with token pooling
     (MAE's linear-probe feature), the normed mean token for SReT.
@@ -142,7 +143,8 @@ def encoder_features(encoder: nn.Module, mean: list[float], std: list[float]) ->
     dtype = next(encoder.parameters()).dtype  # half precision under DeepSpeed's bf16/fp16 modes
 
     def forward(images: torch.Tensor) -> torch.Tensor:
-        return encoder.forward_head(encoder.forward_features(normalize(images, mean, std).to(dtype))).float()
+        # Through __call__: ZeRO-3 gathers a module's own partitioned weights (ViT's pos_embed) in its call hooks
+        return encoder(normalize(images, mean, std).to(dtype)).float()
 
     return forward
 
