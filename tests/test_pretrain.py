@@ -21,11 +21,13 @@ from accelerate.state import AcceleratorState
 from run_utils import overridden
 from safetensors import SafetensorError
 from shard_utils import drop_classes, write_shards
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.cuda import OutOfMemoryError
 
 from mae_tnt.cli import report_user_errors
 from mae_tnt.config import ConfigError, PretrainConfig, load_config
 from mae_tnt.data.shards import ShardError, read_samples
+from mae_tnt.data.transforms import normalize
 from mae_tnt.finetune_config import FinetuneConfig
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
 from mae_tnt.train.engine import Trainer, auto_precision, derive_plan, seed_step
@@ -551,6 +553,39 @@ def test_the_non_finite_loss_error_names_the_earliest_bad_micro_step_of_any_rank
     assert sorted(errors) == [0, 1, 2]  # every rank stops, the one whose losses were finite too
     assert {message.split(";")[0] for message in errors.values()} == {
         "non-finite loss at micro-step 3 (optimizer step 2)"}
+
+
+def add_losses(window: Window, losses: list[float], device: torch.device | str = "cpu") -> None:
+    """Add `losses` as micro-steps 1, 2, ... of `window`, their tensors made first (a GPU test times only the adds)."""
+    tensors = [torch.tensor(loss, device=device) for loss in losses]
+    for micro, loss in enumerate(tensors, start=1):
+        window.add(loss, images=4, micro=micro)
+
+
+def test_the_window_sums_the_finite_losses_and_keeps_the_first_bad_micro_step():
+    window = Window(torch.device("cpu"))
+    add_losses(window, [1.0, 2.0, math.nan, 4.0, math.inf])
+    assert (window.loss_sum.item(), window.count.item(), window.images) == (7.0, 5, 20)
+    assert window.first_bad.item() == 2  # 0-based: the nan, not the later inf
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_micro_steps_normalisation_and_loss_bookkeeping_never_wait_for_the_gpu():
+    """The CPU queues the next batch while the GPU still runs this one: a host sync (a tensor built from Python
+    numbers on the GPU is one) would stall it at every micro-step."""
+    device = torch.device("cuda")
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8, device=device)
+    expected = normalize(images, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)  # makes the device constants, once
+    window = Window(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        normalized = normalize(images, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        add_losses(window, [1.0, math.nan], device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(normalized, expected)
+    assert (window.loss_sum.item(), window.first_bad.item()) == (1.0, 1)
 
 
 def test_running_out_of_gpu_memory_is_one_line_naming_the_settings_that_need_less(shards, tmp_path, monkeypatch,

@@ -13,6 +13,7 @@ References: MAE `main_pretrain.py` (RandomResizedCrop(scale 0.2-1, bicubic) + fl
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -172,9 +173,15 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float],
               memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """uint8 [B, 3, H, W] in any layout, on any device -> float32 normalised in `memory_format`, computed where the
     tensor lives."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255  # [1, 3, 1, 1]
-    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255  # [1, 3, 1, 1]
+    mean_t, std_t = (channel_constants(tuple(values), images.device) for values in (mean, std))
     return (images.to(torch.float32, memory_format=memory_format) - mean_t) / std_t
+
+
+@functools.cache
+def channel_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """`values` x 255 as a [1, 3, 1, 1] tensor on `device`, made once: a tensor built from Python numbers on a GPU is
+    a blocking copy, which would make the step wait for the GPU at every micro-batch."""
+    return torch.tensor(values, device=device).view(1, 3, 1, 1) * 255  # [1, 3, 1, 1]
 
 
 def denormalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:

@@ -56,7 +56,8 @@ class Window:
         self.loss_sum += torch.where(finite, loss.float(), 0.0)
         self.count += 1
         newly_bad = (~finite) & (self.first_bad < 0)
-        self.first_bad = torch.where(newly_bad, torch.tensor(micro - 1, device=self.device), self.first_bad)
+        # a Python scalar, not a new device tensor, whose blocking copy would make every micro-step wait for the GPU
+        self.first_bad = torch.where(newly_bad, micro - 1, self.first_bad)
         self.images += images
 
     def loss_totals(self, accelerator) -> dict:
