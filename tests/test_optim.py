@@ -9,8 +9,9 @@ import torch
 from mae_tnt.config import load_config
 from mae_tnt.finetune_config import FinetuneConfig
 from mae_tnt.models import create_model
+from mae_tnt.train.checkpoint import load_optimizer_state, with_this_runs_kernel
 from mae_tnt.train.finetune import build_classifier, build_optimizer
-from mae_tnt.train.optim import build_adamw
+from mae_tnt.train.optim import build_adamw, param_groups
 from mae_tnt.train.schedule import lr_at, set_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +66,38 @@ def test_the_linear_probe_neither_decays_nor_adapts_the_batchnorm_and_bias():
     settings = {names[id(p)]: (g["weight_decay"], g["always_adapt"]) for g in optimizer.param_groups
                 for p in g["params"]}
     assert settings == {"head.1.weight": (0.1, True), "head.1.bias": (0.0, False)}  # BatchNorm1d(affine=False)
+
+
+def trained_adamw(model: torch.nn.Module, fused: bool) -> torch.optim.AdamW:
+    optimizer = build_adamw(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95), fused=fused)
+    model(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    optimizer.step()
+    return optimizer
+
+
+def test_a_resume_loads_the_step_counts_as_this_runs_adamw_kernel_wants_them(tmp_path):
+    """torch places each step count by the saved groups' flags; a checkpoint of the unfused kernel (a CPU run) resumed
+    with the fused one must still get the fused kernel's placement."""
+    model = create_model("vit_test_patch8_32")
+    saved = trained_adamw(model, fused=False).state_dict()
+    resumed = torch.optim.AdamW(param_groups(model, 0.05, None), lr=1e-3, fused=True)  # build_adamw's on a GPU
+    handed = with_this_runs_kernel(saved, resumed)
+    assert [group["fused"] for group in handed["param_groups"]] == [True, True]
+    assert [group["fused"] for group in saved["param_groups"]] == [False, False]  # the checkpoint's copy is untouched
+    load_optimizer_state(resumed, saved, tmp_path)
+    assert all(group["fused"] for group in resumed.param_groups)
+    assert len(resumed.state) == len(list(model.parameters()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_checkpoint_of_the_unfused_adamw_resumes_with_the_fused_kernel_on_a_gpu(tmp_path):
+    model = create_model("vit_test_patch8_32")
+    torch.save(trained_adamw(model, fused=False).state_dict(), tmp_path / "optimizer.pt")  # a CPU run's checkpoint
+    model.cuda()
+    resumed = build_adamw(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95), fused=True)
+    load_optimizer_state(resumed, torch.load(tmp_path / "optimizer.pt", map_location="cpu", weights_only=True),
+                         tmp_path)
+    model(torch.randn(2, 3, 32, 32, device="cuda")).square().mean().backward()
+    resumed.step()  # the fused kernel refused step counts left on the CPU
+    assert all(state["step"].device.type == "cuda" and state["step"].item() == 2 for state in resumed.state.values())

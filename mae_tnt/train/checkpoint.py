@@ -599,12 +599,23 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: Pa
     """Load the moments and step counts of `saved` into `optimizer`, keeping this run's settings."""
     with this_runs_settings(optimizer):
         try:
-            optimizer.load_state_dict(saved)
+            optimizer.load_state_dict(with_this_runs_kernel(saved, optimizer))
         except ValueError as err:  # another grouping: layer decay switched on or off, parameters frozen or not
             raise ResumeError(f"{path} holds optimizer state for other parameter groups than this recipe's "
                               f"({err}); set optim.layer_decay and what the model trains back to continue it (a "
                               f"pretraining checkpoint from a development build of mae_tnt that did not decay MAE's "
                               f"class and mask tokens cannot continue), or {FRESH}") from None
+
+
+def with_this_runs_kernel(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """`saved` with this optimizer's `fused` and `capturable` flags: torch places each loaded step count by the saved
+    groups' flags, and the fused kernel refuses a step count left on the CPU by a checkpoint of the unfused one (a
+    CPU run, or optim.fused=false; pytorch#124133)."""
+    flags = ("fused", "capturable")
+    groups = [{**group, **{flag: built[flag] for flag in flags if flag in built}}
+              # not strict: another group count is load_state_dict's error to report
+              for group, built in zip(saved["param_groups"], optimizer.param_groups, strict=False)]
+    return {**saved, "param_groups": groups + saved["param_groups"][len(groups):]}
 
 
 @contextmanager
