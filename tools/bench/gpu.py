@@ -4,15 +4,17 @@
 
 For each model it runs (1) the compute-only train step (bf16 autocast, fused AdamW, SDPA) on a device-resident batch
 for a fixed number of warm steps, counting FLOPs of one step with `torch.utils.flop_counter`, and (2) the real
-pretraining loop (`mae_tnt.train.engine.Trainer`) on synthetic JPEG shards, once with CPU decoding on all cores and
-once with GPU decoding, reading img/s and the fraction of time spent waiting for data from its metrics. MFU is
-achieved model FLOP/s over the dense bf16 peak (H100/H200 SXM: 989 TFLOP/s). Prints one table.
+pretraining loop (`mae_tnt.train.engine.Trainer`) on synthetic JPEG shards, once with CPU decoding in one loader
+worker per core (at most 32) and once with GPU decoding, reading img/s and the fraction of time spent waiting for data
+from its metrics; the shards hold one epoch of the timed steps. MFU is achieved model FLOP/s over the dense bf16 peak
+(H100/H200 SXM: 989 TFLOP/s). Prints one table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -88,7 +90,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS, help="name:batch pairs")
     parser.add_argument("--steps", type=positive_int, default=30, help="timed training steps per model")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
-    parser.add_argument("--images", type=int, default=4096, help="synthetic JPEGs for the pipeline runs")
+    parser.add_argument("--images", type=positive_int, default=None,
+                        help="synthetic JPEGs for the pipeline runs (default: one epoch covers the timed steps)")
+    parser.add_argument("--workers", type=positive_int, default=min(os.cpu_count() or 8, 32),
+                        help="loader workers of the pipeline runs (one per core, at most 32)")
     parser.add_argument("--skip-pipeline", action="store_true", help="time the models only, not the data pipeline")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -98,10 +103,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shards = None
         if not args.skip_pipeline:
-            write_jpegs(Path(tmp) / "jpeg", args.images, 500, 375)
+            write_jpegs(Path(tmp) / "jpeg", args.images or images_for_one_epoch(args), 500, 375)
             convert(Path(tmp) / "jpeg", Path(tmp) / "shards", ConvertOptions(shard_size=256, progress=False))
             shards = Path(tmp) / "shards"
         print_rows(args, shards)
+
+
+def images_for_one_epoch(args: argparse.Namespace) -> int:
+    """Images enough for one epoch to hold the timed steps at the largest batch, every worker yielding as many
+    batches: a new epoch restarts the loader workers, which would fall inside the measured window."""
+    batch = max(int(spec.split(":")[1]) for spec in args.models)
+    return batch * args.workers * math.ceil((args.steps + 1) / args.workers)
 
 
 def print_rows(args: argparse.Namespace, shards: Path | None) -> None:
@@ -117,7 +129,7 @@ def print_rows(args: argparse.Namespace, shards: Path | None) -> None:
                f"{100 * tflops / args.peak_tflops:>6.1f}%{result['peak_gib']:>8.1f}")
         if shards is not None:
             for decode in ("cpu", "cuda"):
-                run = pipeline(name, batch, args.steps, shards, decode, os.cpu_count() or 8)
+                run = pipeline(name, batch, args.steps, shards, decode, args.workers)
                 row += f"{run['img_s']:>14.0f}{100 * run['data_wait']:>6.1f}%"
         rows.append(row)
         print(row, flush=True)
