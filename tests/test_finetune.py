@@ -867,8 +867,9 @@ def test_a_resume_refuses_another_optimizer_or_other_parameter_groups(tmp_path, 
                                           r"optim.name=lars; set it back to continue"):
         FinetuneRun(demo_config(tmp_path, "optim.name=lars", "optim.layer_decay=null"))
     with pytest.raises(ResumeError, match=r"holds optimizer state for other parameter groups than this recipe's "
-                                          r"\(.*\); set optim.layer_decay and what the model trains back to continue it "
-                                          r"\(a pretraining checkpoint from a development build .* cannot continue\), "
+                                          r"\(.*\); set optim.layer_decay and what the model trains back to continue "
+                                          r"it \(a pretraining checkpoint from a development build .* cannot "
+                                          r"continue\), "
                                           r"or use another run.output_dir"):
         FinetuneRun(demo_config(tmp_path, "optim.layer_decay=null"))
 

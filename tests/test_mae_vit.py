@@ -389,3 +389,17 @@ def test_a_perfect_prediction_reconstructs_the_image_and_the_masked_row_blanks_e
     torch.testing.assert_close(rows["reconstruction"], images, atol=1e-4, rtol=0)  # un-normalised with the true stats
     torch.testing.assert_close(rows["reconstruction + visible"], images, atol=1e-4, rtol=0)
     assert torch.equal(rows["masked"], images * (1 - hidden)) and (rows["masked"][hidden.bool()] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["mae_vit_test", "mae_tnt_test", "mae_sret_test"])
+def test_a_half_precision_mae_encodes_in_its_dtype_and_takes_its_target_from_the_pixels_given(name):
+    """DeepSpeed's bf16 mode holds bf16 weights and runs no autocast: the encoder needs bf16 input, but a norm-pix
+    target of bf16-rounded pixels would be off in flat units (by up to ~1 on Fashion-MNIST)."""
+    torch.manual_seed(0)
+    model = mae_tnt.create_model(name).eval().to(torch.bfloat16)
+    size = model.grid * model.unit
+    images, noise = torch.randn(2, 3, size, size), torch.rand(2, model.grid**2)
+    loss, pred, mask = model(images, noise=noise)
+    assert pred.dtype == torch.bfloat16
+    assert loss == model.forward_loss(images, pred, mask)
+    assert loss != model.forward_loss(images.bfloat16(), pred, mask)

@@ -123,8 +123,13 @@ class MaskedAutoencoder(nn.Module):
     def forward_encoder(
         self, images: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mask and encode. Returns latent [B, P + K, D] (K = L in mask-token mode), mask [B, L], ids_restore [B, L]."""
+        """Mask and encode. Returns latent [B, P + K, D] (K = L in mask-token mode), mask [B, L], ids_restore [B, L].
+
+        The encoder reads the images in its weights' dtype (bf16 under DeepSpeed's bf16 mode, which has no autocast);
+        the loss target stays with the images as given, so norm-pix statistics are not taken from rounded pixels.
+        """
         ids_keep, ids_restore, mask = self.mask_units(images, mask_ratio, noise)
+        images = images.to(next(self.encoder.parameters()).dtype)
         if self.encoder_mode == "mask_tokens":
             return self.encoder.forward_with_mask_tokens(images, mask, self.encoder_mask_token), mask, ids_restore
         return self.encoder.forward_visible(images, ids_keep), mask, ids_restore

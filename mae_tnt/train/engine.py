@@ -182,7 +182,8 @@ def write_run_config(cfg, out: Path, is_main: bool) -> None:
 def configure_deepspeed(accelerator: Accelerator, cfg: PretrainConfig, model: torch.nn.Module) -> torch.dtype | None:
     """Fill what DeepSpeed cannot infer without a prepared loader; returns the input dtype its engine needs.
 
-    DeepSpeed's bf16/fp16 modes store the parameters in half precision, so inputs must be cast (facts §4).
+    DeepSpeed's bf16/fp16 modes store the parameters in half precision, so inputs must be cast (facts §4):
+    fine-tuning casts its batches; an MAE model casts its encoder's input itself and keeps its target's precision.
 
     Raises:
         ConfigError: a half mode for a model with affine BatchNorm (SReT's stem): DeepSpeed casts its weights but
@@ -250,7 +251,7 @@ class Trainer(TrainingRun):
                                 fused=cfg.optim.fused)
         if cfg.run.compile:
             model = torch.compile(model)
-        self.input_dtype = configure_deepspeed(self.acc, cfg, model)
+        configure_deepspeed(self.acc, cfg, model)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.step = 0
         self.window = Window(self.acc.device)
@@ -289,8 +290,6 @@ class Trainer(TrainingRun):
     def micro_step(self, batch: dict, micro: int) -> torch.Tensor:
         images = self.batch_images(batch)
         seed_step(self.cfg.seed, self.acc.process_index, micro)
-        if self.input_dtype is not None:
-            images = images.to(self.input_dtype)
         loss, grad_norm = accumulate_step(
             self.acc, self.model, self.optimizer, lambda: self.model(images, mask_ratio=self.cfg.model.mask_ratio)[0],
             lr=self.lr(self.step), grad_clip=self.cfg.optim.grad_clip, measure_norm=self.log_due(self.step + 1))

@@ -59,8 +59,7 @@ def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Pa
                           seed: int) -> float:
     """Reconstruct a fixed batch with a fixed mask and save the grid to `path` (None: no grid, only the forward),
     titled by `label` (e.g. "step 100"); returns the batch loss."""
-    # DeepSpeed's bf16/fp16 modes keep the weights in half precision: inputs must match them
-    images = normalize(images_uint8, mean, std).to(next(model.parameters()).dtype)
+    images = normalize(images_uint8, mean, std)  # fp32 even for half weights: the model casts its encoder's input
     generator = torch.Generator().manual_seed(seed)
     noise = torch.rand(images.shape[0], model.grid**2, generator=generator).to(images.device)
     with in_mode(model, training=False):
