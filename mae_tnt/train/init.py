@@ -77,7 +77,17 @@ def gather_zero_checkpoint(engine_dir: Path) -> dict[str, torch.Tensor]:
             f"{engine_dir} is a DeepSpeed checkpoint; install DeepSpeed (pip install 'mae_tnt[deepspeed]') to gather "
             "its sharded weights, or run the zero_to_fp32.py script DeepSpeed saved next to it"
         ) from err
-    return get_fp32_state_dict_from_zero_checkpoint(str(engine_dir))
+    return {**unoptimized_weights(engine_dir), **get_fp32_state_dict_from_zero_checkpoint(str(engine_dir))}
+
+
+def unoptimized_weights(engine_dir: Path) -> dict[str, torch.Tensor]:
+    """The module copy a ZeRO-1/2 checkpoint keeps (in the training dtype), as fp32: it holds the parameters the
+    optimizer does not, such as MAE's fixed sin-cos tables, which DeepSpeed's gathering leaves out at ZeRO-1. ZeRO-3
+    keeps no module copy and its gathering includes them."""
+    tag = (engine_dir / "latest").read_text().strip()
+    states = engine_dir / tag / "mp_rank_00_model_states.pt"
+    module = torch.load(states, map_location="cpu", weights_only=True)["module"] if states.exists() else None
+    return {key: value.float() if value.is_floating_point() else value for key, value in (module or {}).items()}
 
 
 def encoder_weights(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], str]:
