@@ -88,15 +88,17 @@ def train_then_resume(shards, out: Path, config: Path, precision: str, *extra: s
     assert len(losses) == last_step and all(0 < loss < 10 for loss in losses)
 
 
-def test_zero1_bf16_trains_saves_and_resumes_with_another_accumulation(shards, tmp_path):
+@pytest.mark.parametrize("stage", [1, 2])  # ZeRO-2's shipped file accumulates gradients in fp32, ZeRO-1's in bf16
+def test_bf16_trains_saves_resumes_with_another_accumulation_and_exports(shards, tmp_path, stage):
     """bf16 under DeepSpeed stores the weights in bf16: inputs, reconstructions and resume must all cope. Resumed at
     step 3 with 4 half-size micro-batches a step (6 micro-steps so far, not a multiple of 4), step 4 still takes 4:
     DeepSpeed's load_state brings back accelerate's micro-step count, which decides where a step ends."""
-    config = accelerate_config(tmp_path, 1)
-    train_then_resume(shards, tmp_path / "zero1", config, "bf16")
-    run(shards, tmp_path / "zero1", 4, config, "bf16", "data.batch_size=4", "optim.accum_steps=4")
-    position = json.loads((tmp_path / "zero1/checkpoints/step_00000004/data_rank0.json").read_text())
+    config, out = accelerate_config(tmp_path, stage), tmp_path / f"zero{stage}"
+    train_then_resume(shards, out, config, "bf16")
+    run(shards, out, 4, config, "bf16", "data.batch_size=4", "optim.accum_steps=4")
+    position = json.loads((out / "checkpoints/step_00000004/data_rank0.json").read_text())
     assert position["batches"] == 4  # the new batch size restarted the epoch at step 3
+    assert export(out, tmp_path / "export")["step"] == 4  # the fp32 masters gathered from the engine checkpoint
 
 
 def zero3_extras(shards) -> tuple[str, ...]:
