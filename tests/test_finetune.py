@@ -481,10 +481,12 @@ def test_a_training_checkpoint_builds_its_model_as_trained_unless_told_otherwise
     assert (model.global_pool, model.num_classes, model.grid * model.unit) == ("avg", 10, 32)
     assert create_model("tnt_test_patch8_32", checkpoint_path=tmp_path / "run", global_pool="token").global_pool \
         == "token"  # the caller's argument wins
-    Trainer(load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_vit.yaml", [
+    Trainer(load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_tnt.yaml", [
         f"run.output_dir={tmp_path / 'mae'}", "run.max_steps=1", "data.num_workers=0", "model.img_size=48",
         "eval.knn_every=0"])).train()
-    assert create_model("mae_vit_test", checkpoint_path=tmp_path / "mae").grid == 6  # 48 px of 8-px patches
+    assert create_model("mae_tnt_test", checkpoint_path=tmp_path / "mae").grid == 6  # 48 px of 8-px patches
+    encoder = create_model("tnt_test_patch8_32", checkpoint_path=tmp_path / "mae")  # TNT's default head: 1000
+    assert (encoder.num_classes, encoder.grid) == (0, 6)
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")

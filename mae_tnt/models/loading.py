@@ -80,12 +80,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def recorded_build_kwargs(path: str | Path, name: str) -> dict:
     """How model `name` is built for the export or training checkpoint at `path`, as its `config.json` or
     `state.json` records: the image size the weights were trained at (whichever model wrote them, e.g. the MAE
-    whose encoder `name` is), and the head size and pooling when `name` wrote them; {} for bare weights."""
+    whose encoder `name` is), and the head size and pooling when `name` wrote them; {} for bare weights. The encoder
+    of a pretraining checkpoint has no head, so `name` gets none (TNT and SReT would otherwise build 1000 classes)."""
     recorded = _export_record(Path(path)) or _checkpoint_record(Path(path))
     if recorded is None:
         return {}
-    keys = BUILD_KEYS if recorded.get("model") == name else ("img_size",)
-    return {key: recorded[key] for key in keys if recorded.get(key) is not None}
+    if recorded.get("model") == name:
+        return {key: recorded[key] for key in BUILD_KEYS if recorded.get(key) is not None}
+    headless = {"num_classes": 0} if recorded.get("num_classes") is None else {}  # pretraining records no classes
+    return {**headless, **({"img_size": recorded["img_size"]} if recorded.get("img_size") is not None else {})}
 
 
 def _export_record(path: Path) -> dict | None:
