@@ -1176,3 +1176,25 @@ def test_the_progress_bar_counts_skipped_inputs_so_it_ends_full(tmp_path, capsys
     write_mixed_folder(tmp_path / "src")  # 7 images, 2 unreadable ones (and a .txt file, not read)
     convert(tmp_path / "src", tmp_path / "out", options(progress=True))
     assert "9/9" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "list"])
+def test_a_class_whose_every_input_is_skipped_is_named_in_a_warning(tmp_path, capsys, layout):
+    """An empty class folder is refused up front; a class emptied by unreadable files shows only after decoding."""
+    write_imagefolder(tmp_path / "src", ["cat", "dog", "fish"], per_class=2)
+    for name in os.listdir(tmp_path / "src" / "fish"):
+        (tmp_path / "src" / "fish" / name).write_bytes(b"")  # zero bytes: unreadable
+    (tmp_path / "src" / "dog" / sorted(os.listdir(tmp_path / "src" / "dog"))[0]).write_bytes(b"")  # one of two
+    source = tmp_path / "src"
+    if layout == "list":
+        rows = [f"{path.relative_to(source)},{path.parent.name}" for path in source.rglob("*.*")]
+        source = source / "files.csv"  # relative paths are read from the list's folder
+        source.write_text("path,label\n" + "\n".join(rows) + "\n")
+    assert make_shards_main([str(source), str(tmp_path / "out"), "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: every input of class fish was skipped, so a classifier trained on these shards has a class it "
+            "never sees") in err
+    assert load_info(tmp_path / "out")["classes"] == ["cat", "dog", "fish"]
+    assert make_shards_main([str(source), str(tmp_path / "out"), "--split", "val", "--workers", "0",
+                             "--limit", "1"]) == 0
+    assert "warning" not in capsys.readouterr().err  # --limit stops early: the classes it left out are not lost

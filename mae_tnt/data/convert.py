@@ -30,7 +30,7 @@ import random
 import re
 import signal
 import sys
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -116,6 +116,8 @@ class ConvertSummary:
     resumed_shards: int
     fmt: str
     classes: list[str]
+    classes_lost: list[str]
+    """Classes that had inputs, every one of them skipped (never judged under --limit, which stops early)."""
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOptions) -> ConvertSummary:
@@ -205,7 +207,20 @@ def _shard_and_record(src, fmt: str, source: Source, out: Path, options: Convert
     update_split(out, options.split, filenames, lengths, classes=classes or None, skipped=skipped,
                  labeled=bool(classes), shard_bytes=[shard["num_bytes"] for shard in journal.shards])
     journal.discard()
-    return ConvertSummary(options.split, sum(lengths), filenames, lengths, skipped, resumed_shards, fmt, classes)
+    lost = classes_lost_to_skips(source, skipped) if options.limit is None else []
+    return ConvertSummary(options.split, sum(lengths), filenames, lengths, skipped, resumed_shards, fmt, classes, lost)
+
+
+def classes_lost_to_skips(source: Source, skipped: list[dict]) -> list[str]:
+    """Names of the classes whose every input is among `skipped` (empty class folders are refused up front)."""
+    skipped_ids = {skip["source"] for skip in skipped}
+    if source.labels is None or not source.classes or not skipped_ids:
+        return []
+    inputs, lost = Counter(), Counter()
+    for index, label in enumerate(source.labels):
+        inputs[int(label)] += 1
+        lost[int(label)] += source.source_id(index) in skipped_ids
+    return [source.classes[label] for label in sorted(inputs) if lost[label] == inputs[label]]
 
 
 def shuffled_order(num_samples: int, seed: int) -> list[int]:
@@ -390,6 +405,11 @@ def _print_summary(summary: ConvertSummary, out: str) -> None:
         print(f"skipped {counted(len(summary.skipped), 'input')} (also listed in {INFO_NAME}):", file=sys.stderr)
         for skip in summary.skipped:
             print(f"  {skip['source']}: {skip['reason']}", file=sys.stderr)
+    if summary.classes_lost:
+        which = "class" if len(summary.classes_lost) == 1 else "classes"
+        print(f"warning: every input of {which} {', '.join(summary.classes_lost)} was skipped, so a classifier "
+              f"trained on these shards has a class it never sees; fix or remove those files, then convert again "
+              f"with --overwrite", file=sys.stderr)
 
 
 def stop_workers() -> None:
