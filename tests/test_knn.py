@@ -3,6 +3,7 @@
 import json
 import math
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from shard_utils import drop_classes, write_shards
 
 from mae_tnt.config import DataConfig
+from mae_tnt.data.info import update_split
 from mae_tnt.data.loader import eval_batches
 from mae_tnt.data.shards import ShardError, resolve_shards
 from mae_tnt.models import create_model
@@ -121,6 +123,24 @@ def test_eval_batches_split_ranks_evenly_and_cover_every_decodable_sample(tmp_pa
     labels = torch.cat([labels for rank in per_rank for _, labels in rank])
     assert sorted(labels[labels >= 0].tolist()) == sorted(i % 10 for i in range(13) if i != 5)
     assert (labels == -1).sum().item() == 4  # 3 padding rows and the undecodable sample
+
+
+def test_an_evaluation_names_a_shard_damaged_without_changing_its_size_and_scores_what_precedes_the_break(tmp_path):
+    """The start trusts a shard of its recorded size unread (bit rot keeps the size); the evaluation meets the break."""
+    write_shards(tmp_path, [8, 8], split="val")
+    names = ["val-000000.tar", "val-000001.tar"]
+    update_split(tmp_path, "val", names, [8, 8], shard_bytes=[(tmp_path / name).stat().st_size for name in names])
+    victim = tmp_path / names[0]
+    data = bytearray(victim.read_bytes())
+    data[data.find(b"s000003.png") + 148] ^= 0x11  # a byte of that member's header checksum
+    victim.write_bytes(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        labels = torch.cat([labels for _, labels in eval_batches(resolve_shards(str(tmp_path), "val"), 16, 4)])
+    assert [str(w.message) for w in caught if "broke" in str(w.message)] == [
+        f"{victim} broke (it ended after 3 of its 8 samples); its samples after the break are skipped"]
+    kept = [*range(3), *range(8, 16)]  # s000003-s000007 are lost with the break
+    assert sorted(labels[labels >= 0].tolist()) == sorted(i % 10 for i in kept)
 
 
 def run_as_ranks(world: int, work) -> list:

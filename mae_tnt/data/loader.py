@@ -21,7 +21,7 @@ from ..config import DataConfig
 from ..text import counted
 from .device_decode import DeferredCrop, gpu_decode_available
 from .images import BadImageError, image_bytes, set_max_image_pixels
-from .shards import Shard, ShardError, read_samples, resolve_shards
+from .shards import Shard, ShardError, break_warning, read_samples, resolve_shards
 from .stream import BadLabelError, ShardStream, label_of
 from .transforms import eval_resize, stack_images, train_crop
 
@@ -164,4 +164,12 @@ def first_images(shards: list[Shard], count: int, img_size: int) -> torch.Tensor
 
 
 def _samples_in_order(shards: list[Shard]) -> Iterator[dict]:
-    return (sample for shard in shards for sample in read_samples(shard.url, expected=shard.num_samples))
+    return (sample for shard in shards
+            for sample in read_samples(shard.url, expected=shard.num_samples, on_break=partial(_warn_of_break, shard)))
+
+
+def _warn_of_break(shard: Shard, reason: str) -> None:
+    """Warn about a break that resolving the shards did not find (damage that kept a local file's size, a remote
+    shard); every rank reads every evaluation sample, so rank 0 says it for all."""
+    if not shard.warned_broken:
+        warnings.warn(break_warning(shard.url, reason), stacklevel=2)

@@ -408,7 +408,7 @@ class FinetuneRun(TrainingRun):
             raise ShardError(f"no labeled sample of {self.cfg.data.val} could be read for validation; see the "
                              "warnings above, and check the shards with tools/inspect_shards.py")
         return {**{f"val_acc{k}": 100 * hit / count for k, hit in zip(ks, hits, strict=True)},
-                "val_loss": loss / count}
+                "val_loss": loss / count, "val_samples": int(count)}
 
     def _write_best(self, state_dict: dict) -> None:
         """`best/`: model.safetensors + state.json, replaced atomically (a temporary directory, then a rename)."""
