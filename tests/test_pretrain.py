@@ -29,7 +29,7 @@ from mae_tnt.config import ConfigError, PretrainConfig, load_config
 from mae_tnt.data.shards import ShardError, read_samples
 from mae_tnt.data.transforms import normalize
 from mae_tnt.finetune_config import FinetuneConfig
-from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
+from mae_tnt.train.checkpoint import ResumeError, _skipped_carried_over, find_checkpoints
 from mae_tnt.train.engine import Trainer, auto_precision, derive_plan, seed_step
 from mae_tnt.train.finetune import finetune
 from mae_tnt.train.loop import NonFiniteLossError, TrainingRun, Window, raise_if_nonfinite
@@ -764,6 +764,27 @@ def test_resume_at_an_epoch_start_in_another_layout_loses_nothing_and_says_nothi
     trainer = Trainer(config(shards, tmp_path, "run.max_steps=20", "data.num_workers=1"))
     assert trainer.step == 16 and trainer.stream.state.epoch == 1
     assert "restarts from its start" not in capsys.readouterr().out
+
+
+def test_resume_after_a_finished_epoch_in_another_layout_starts_the_next_one_and_says_nothing(shards, tmp_path,
+                                                                                               capsys):
+    """The step count falls mid-epoch under the new layout (16 batches = 1 epoch of 15 and 1), but the checkpoint's
+    position says epoch 0 was read to its end."""
+    Trainer(config(shards, tmp_path, "run.max_steps=16")).train()
+    position = json.loads((find_checkpoints(tmp_path)[0] / "data_rank0.json").read_text())
+    assert (position["epoch"], position["batches"]) == (1, 0)
+    AcceleratorState._reset_state(True)
+    trainer = Trainer(config(shards, tmp_path, "run.max_steps=20", "data.num_workers=3"))  # 15 batches an epoch
+    assert trainer.step == 16 and (trainer.stream.state.epoch, trainer.stream.state.batches) == (1, 0)
+    assert "restarts from its start" not in capsys.readouterr().out
+
+
+def test_the_skipped_sample_counts_carry_over_to_another_number_of_processes(tmp_path):
+    for rank, skipped in enumerate([5, 7, 11]):  # a checkpoint of 3 processes
+        (tmp_path / f"data_rank{rank}.json").write_text(json.dumps({"epoch": 0, "batches": 3, "skipped": skipped}))
+    assert [_skipped_carried_over(tmp_path, rank, 2) for rank in range(2)] == [5 + 11, 7]
+    assert _skipped_carried_over(tmp_path, 0, 1) == 23
+    assert [_skipped_carried_over(tmp_path, rank, 4) for rank in range(4)] == [5, 7, 11, 0]
 
 
 def test_a_resume_with_nothing_left_to_train_says_only_that(shards, tmp_path, capsys):

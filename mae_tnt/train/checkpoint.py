@@ -21,6 +21,7 @@ since DeepSpeed's save has barriers: accelerate #1171).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -441,13 +442,35 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
     changes = _layout_changes(checkpoint.state, config, accelerator.num_processes)
     if data_state is not None and not changes:
         return step, StreamState.from_dict(data_state)
-    epoch, into_epoch = divmod(step * config["optim"]["accum_steps"], plan.batches_per_epoch)
+    epoch, into_epoch = _epoch_to_restart(checkpoint, step * config["optim"]["accum_steps"], plan.batches_per_epoch)
     if into_epoch and step < plan.stop_step:  # at an epoch's start nothing is lost; past the end nothing is read
         why = (f"{'; '.join(changes)}: the data position does not carry over to other data or another layout "
                f"(continuing would skip some samples of epoch {epoch})" if changes
                else f"{checkpoint.path} holds no data position")
         log(f"warning: {why}, so epoch {epoch} restarts from its start and the samples it had seen are seen again")
-    return step, StreamState(epoch=epoch)
+    skipped = _skipped_carried_over(checkpoint.path, accelerator.process_index, accelerator.num_processes)
+    return step, StreamState(epoch=epoch, skipped=skipped)
+
+
+def _epoch_to_restart(checkpoint: Checkpoint, batches_done: int, batches_per_epoch: int) -> tuple[int, bool]:
+    """The epoch a position that does not carry over restarts at, and whether that epoch was under way: the saved
+    position's epoch, the next one if it had read all of it (rank 0's, which every rank reads: a new rank has no
+    file of its own); without a position, the one the step count falls in under this layout."""
+    saved = checkpoint.path / "data_rank0.json"
+    if not saved.exists():
+        epoch, into_epoch = divmod(batches_done, batches_per_epoch)
+        return epoch, into_epoch > 0
+    position = json.loads(saved.read_text())
+    finished = position["batches"] >= checkpoint.state.get("plan", {}).get("batches_per_epoch", math.inf)
+    return position["epoch"] + finished, not finished and position["batches"] > 0
+
+
+def _skipped_carried_over(path: Path, rank: int, world_size: int) -> int:
+    """The skipped-sample counts of the checkpoint's ranks that fall to `rank` under `world_size` ranks (saved rank
+    k goes to k mod world_size), so the run's total carries over to another number of processes."""
+    counts = {int(file.stem.removeprefix("data_rank")): json.loads(file.read_text()).get("skipped", 0)
+              for file in path.glob("data_rank*.json")}
+    return sum(count for saved_rank, count in counts.items() if saved_rank % world_size == rank)
 
 
 def _note_changed_settings(checkpoint: Checkpoint, config: dict, plan: Plan, log) -> None:
