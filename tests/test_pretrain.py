@@ -787,6 +787,17 @@ def test_the_skipped_sample_counts_carry_over_to_another_number_of_processes(tmp
     assert [_skipped_carried_over(tmp_path, rank, 4) for rank in range(4)] == [5, 7, 11, 0]
 
 
+def test_each_step_gets_one_reconstruction_grid_even_where_the_recon_period_and_a_checkpoint_meet(shards, tmp_path,
+                                                                                                  monkeypatch):
+    import mae_tnt.train.engine as engine
+
+    labels = []
+    monkeypatch.setattr(engine, "write_reconstructions", lambda *args: labels.append(args[5]))
+    Trainer(config(shards, tmp_path, "run.max_steps=4", "run.recon_every=2", "run.checkpoint_every=2",
+                   "eval.knn_every=0")).train()
+    assert labels == ["step 2", "step 4"]  # step 4: the last step, a recon step, and the final checkpoint
+
+
 def test_a_resume_with_nothing_left_to_train_says_only_that(shards, tmp_path, capsys):
     Trainer(config(shards, tmp_path, "run.max_steps=6")).train()
     capsys.readouterr()

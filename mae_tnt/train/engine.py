@@ -256,6 +256,7 @@ class Trainer(TrainingRun):
         self.step = 0
         self.window = Window(self.acc.device)
         self.grad_norm: torch.Tensor | None = None  # measured at clipped steps and log steps, logged when known
+        self.reconstructed_step = -1  # the stop step is a recon_every step and a checkpoint: one grid for both
         claim_run_directory(self.out, self.acc)  # once the run is known to start: a refused one leaves no folder
         with given_back_on_failure(self.out):  # nor does one whose set-up fails
             checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)  # before any write
@@ -307,9 +308,11 @@ class Trainer(TrainingRun):
         return path
 
     def reconstructions(self) -> None:
-        """The main process writes the grid; under ZeRO-3 every rank runs its forward, which gathers the weights."""
-        if not (self.is_main or splits_weights(self.acc)):
+        """The main process writes the grid, once per step; under ZeRO-3 every rank runs its forward, which gathers
+        the weights."""
+        if self.reconstructed_step == self.step or not (self.is_main or splits_weights(self.acc)):
             return
+        self.reconstructed_step = self.step
         if not hasattr(self, "_recon_images"):
             shards = data_shards(self.cfg.data, "val" if self.cfg.data.val else "train", verify=False)
             self._recon_images = first_images(shards, RECON_IMAGES, self.cfg.model.img_size)
