@@ -836,6 +836,15 @@ def test_a_full_disk_in_make_shards_is_one_line_saying_to_free_space_and_the_rer
     assert sorted(sources) == [f"img{i}.png" for i in range(5)]
 
 
+def test_a_dangling_link_is_skipped_as_one_naming_its_target(tmp_path):
+    write_imagefolder(tmp_path / "src", ["cat"], per_class=1)
+    (tmp_path / "src" / "cat" / "moved.png").symlink_to(tmp_path / "gone.png")
+    summary = convert(tmp_path / "src", tmp_path / "out", options())
+    assert summary.num_samples == 1
+    assert summary.skipped == [{"source": "cat/moved.png",
+                                "reason": f"unreadable file: broken symbolic link to {tmp_path / 'gone.png'}"}]
+
+
 def test_linked_folders_are_read_once_and_hidden_entries_are_listed_not_read(tmp_path):
     write_imagefolder(tmp_path / "elsewhere", ["bird"], per_class=2)
     write_imagefolder(tmp_path / "src", ["cat"], per_class=1)

@@ -7,6 +7,7 @@ files and undecodable bytes become skip records, so the converter can report the
 """
 
 import io
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,13 +41,21 @@ def prepare_sample(source: Source, index: int, max_size: int | None) -> EncodedI
     try:
         record = source.record(index)
     except OSError as err:
-        return {"source": source.source_id(index), "reason": f"unreadable file: {err}"}
+        return {"source": source.source_id(index), "reason": f"unreadable file: {_os_reason(err)}"}
     if isinstance(record.payload, np.ndarray):
         return _encode_array(record, max_size)
     try:
         return _encode_file(record, max_size)
     except BadImageError as err:
         return {"source": record.source, "reason": f"not a readable image: {err}"}
+
+
+def _os_reason(err: OSError) -> str:
+    """Why a file could not be opened; a dangling link is named as one, since `ls` shows the link itself."""
+    path = err.filename
+    if isinstance(path, str) and os.path.islink(path) and not os.path.exists(path):
+        return f"broken symbolic link to {os.readlink(path)}"
+    return str(err)
 
 
 def _encode_file(record: Record, max_size: int | None) -> EncodedImage:
