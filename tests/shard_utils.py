@@ -49,3 +49,16 @@ def drop_classes(root: Path) -> None:
     """Make a shard directory's `_info.json` declare unlabeled data (an empty class list)."""
     info = json.loads((root / "_info.json").read_text())
     (root / "_info.json").write_text(json.dumps({**info, "classes": []}))
+
+
+def write_shards_damaged_at_their_size(root: Path, split: str = "train") -> Path:
+    """Two shards of 8 samples with their sizes recorded, the first damaged without a change of size (bit rot): a
+    byte of sample 3's member header checksum flipped, so the tar breaks there. Returns the damaged shard."""
+    write_shards(root, [8, 8], split=split)
+    names = [f"{split}-000000.tar", f"{split}-000001.tar"]
+    update_split(root, split, names, [8, 8], shard_bytes=[(root / name).stat().st_size for name in names])
+    victim = root / names[0]
+    data = bytearray(victim.read_bytes())
+    data[data.find(b"s000003.png") + 148] ^= 0x11
+    victim.write_bytes(bytes(data))
+    return victim

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from shard_utils import drop_classes, write_shards
+from shard_utils import drop_classes, write_shards, write_shards_damaged_at_their_size
 
 from mae_tnt.config import DataConfig
-from mae_tnt.data.info import update_split
 from mae_tnt.data.loader import eval_batches
 from mae_tnt.data.shards import ShardError, resolve_shards
 from mae_tnt.models import create_model
@@ -127,13 +126,7 @@ def test_eval_batches_split_ranks_evenly_and_cover_every_decodable_sample(tmp_pa
 
 def test_an_evaluation_names_a_shard_damaged_without_changing_its_size_and_scores_what_precedes_the_break(tmp_path):
     """The start trusts a shard of its recorded size unread (bit rot keeps the size); the evaluation meets the break."""
-    write_shards(tmp_path, [8, 8], split="val")
-    names = ["val-000000.tar", "val-000001.tar"]
-    update_split(tmp_path, "val", names, [8, 8], shard_bytes=[(tmp_path / name).stat().st_size for name in names])
-    victim = tmp_path / names[0]
-    data = bytearray(victim.read_bytes())
-    data[data.find(b"s000003.png") + 148] ^= 0x11  # a byte of that member's header checksum
-    victim.write_bytes(bytes(data))
+    victim = write_shards_damaged_at_their_size(tmp_path, "val")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         labels = torch.cat([labels for _, labels in eval_batches(resolve_shards(str(tmp_path), "val"), 16, 4)])

@@ -15,7 +15,7 @@ from multiprocessing.process import BaseProcess
 
 import pytest
 import torch
-from shard_utils import encode_png, write_shards
+from shard_utils import encode_png, write_shards, write_shards_damaged_at_their_size
 
 from mae_tnt.data import shards as shards_module
 from mae_tnt.data.info import ShardError as InfoError
@@ -220,13 +220,7 @@ def test_skipped_samples_are_named_with_their_reason_up_to_a_cap(tmp_path, monke
 
 def test_a_shard_damaged_without_changing_its_size_is_named_when_training_meets_the_break(tmp_path):
     """The start of training trusts a shard of its recorded size without reading it (bit rot keeps the size)."""
-    write_shards(tmp_path, [8, 8])
-    names = ["train-000000.tar", "train-000001.tar"]
-    update_split(tmp_path, "train", names, [8, 8], shard_bytes=[(tmp_path / name).stat().st_size for name in names])
-    victim = tmp_path / names[0]
-    data = bytearray(victim.read_bytes())
-    data[data.find(b"s000003.png") + 148] ^= 0x11  # a byte of that member's header checksum
-    victim.write_bytes(bytes(data))
+    victim = write_shards_damaged_at_their_size(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stream = stream_for(resolve_shards(str(tmp_path)), batch=4)
