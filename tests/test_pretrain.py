@@ -458,6 +458,7 @@ def test_under_zero3_every_rank_runs_the_reconstruction_forward_and_only_the_mai
     forwards = []
     trainer.model.register_forward_hook(lambda *_: forwards.append(trainer.step))
     for trainer.is_main in (False, True):
+        trainer.reconstructed_step = -1  # each rank has a trainer of its own
         trainer.reconstructions()
     assert forwards == [0, 0] if zero3 else [0]
     assert [p.name for p in (tmp_path / "recon").iterdir()] == ["step_00000000.png"]
@@ -812,7 +813,11 @@ def test_resume_with_another_effective_batch_is_refused_with_the_settings_that_f
     Trainer(config(shards, tmp_path, "run.max_steps=20")).train()
     state_file = find_checkpoints(tmp_path)[0] / "state.json"
     state = json.loads(state_file.read_text())
-    state_file.write_text(json.dumps({**state, "world_size": 2, "plan": {**state["plan"], "effective_batch": 16}}))
+    # as written by 2 processes: each read 8 batches an epoch, so step 20 is 4 batches into epoch 2
+    state_file.write_text(json.dumps({**state, "world_size": 2,
+                                      "plan": {**state["plan"], "effective_batch": 16, "batches_per_epoch": 8}}))
+    position = find_checkpoints(tmp_path)[0] / "data_rank0.json"
+    position.write_text(json.dumps({**json.loads(position.read_text()), "epoch": 2, "batches": 4}))
     AcceleratorState._reset_state(True)
     with pytest.raises(ResumeError, match=r"effective batch of 16 \(2 processes\), this launch gives 8.*"
                                           r"set optim.accum_steps=2 to continue it"):
