@@ -166,7 +166,7 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
     """
     from torch.cuda import OutOfMemoryError
 
-    from .data.info import ShardError
+    from .data.info import InfoError
     from .data.shards import StreamError
     from .models.loading import CheckpointError
     from .models.registry import ModelError
@@ -177,7 +177,7 @@ def report_user_errors(run: Callable[[], dict]) -> dict | None:
         with warnings.catch_warnings():
             warnings.showwarning = partial(_show_own_warnings_as_lines, warnings.showwarning, set())
             return run()
-    except (ConfigError, ShardError, CheckpointError, ResumeError, CheckpointWriteError, ModelError,
+    except (ConfigError, InfoError, CheckpointError, ResumeError, CheckpointWriteError, ModelError,
             NonFiniteLossError, FileNotFoundError) as err:
         own = isinstance(err, (StreamError, CheckpointWriteError))
         if own or is_local_main_process():

@@ -13,8 +13,7 @@ from torch.cuda import OutOfMemoryError
 import mae_tnt
 from mae_tnt.cli import ABOUT, load_recipe
 from mae_tnt.config import ConfigError, PretrainConfig, all_keys, load_config
-from mae_tnt.data.info import ShardError
-from mae_tnt.data.shards import StreamError
+from mae_tnt.data.shards import ShardError, StreamError
 from mae_tnt.finetune_config import FinetuneConfig
 from mae_tnt.train.checkpoint import CheckpointWriteError
 

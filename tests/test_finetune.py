@@ -25,8 +25,7 @@ from shard_utils import drop_classes, write_shards
 from test_tnt import official_layout as tnt_official_layout
 
 from mae_tnt.config import ConfigError, PretrainConfig, load_config
-from mae_tnt.data.info import ShardError
-from mae_tnt.data.shards import StreamError, read_samples, resolve_shards
+from mae_tnt.data.shards import ShardError, StreamError, read_samples, resolve_shards
 from mae_tnt.finetune_config import AugmentConfig, FinetuneConfig
 from mae_tnt.models import CheckpointError, ModelError, create_model
 from mae_tnt.models.sret import to_official_state_dict

@@ -31,7 +31,7 @@ from mae_tnt.data import shard_writer
 from mae_tnt.data.convert import ConversionError, ConvertOptions, convert
 from mae_tnt.data.convert import main as make_shards_main
 from mae_tnt.data.images import BadImageError, decode, decode_rgb, set_max_image_pixels
-from mae_tnt.data.info import ShardError, count_tar_samples, load_info, update_split
+from mae_tnt.data.info import InfoError, count_tar_samples, load_info, update_split
 from mae_tnt.data.inspect import main as inspect_main
 from mae_tnt.data.readers import SourceError, detect_format
 from mae_tnt.data.shards import labeled_classes, read_samples
@@ -425,7 +425,7 @@ def test_a_split_with_other_classes_is_refused_before_any_shard_is_written(tmp_p
     write_imagefolder(tmp_path / "a", ["cat", "dog"], per_class=1)
     write_imagefolder(tmp_path / "b", ["cat", "cow", "dog"], per_class=1)
     convert(tmp_path / "a", tmp_path / "out", options())
-    with pytest.raises(ShardError, match="already has classes"):
+    with pytest.raises(InfoError, match="already has classes"):
         convert(tmp_path / "b", tmp_path / "out", options(split="val"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_info.json", "train-000000.tar"]
 
@@ -691,13 +691,13 @@ def test_update_split_is_atomic_and_checks_classes(tmp_path):
     info = load_info(tmp_path)
     assert info["name"] == "toy" and info["classes"] == ["a", "b"] and info["splits"]["val"]["num_samples"] == 3
     assert info["splits"]["train"]["shard_lengths"] == [4]
-    with pytest.raises(ShardError, match="already has classes"):
+    with pytest.raises(InfoError, match="already has classes"):
         update_split(tmp_path, "test", ["t.tar"], [1], classes=["b", "a"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["_info.json"]
     update_split(tmp_path, "val", ["val-000000.tar"], [3], labeled=False)  # unlabeled: its classes do not count
     assert update_split(tmp_path, "train", ["train-000000.tar"], [4], classes=["c", "d"])["classes"] == ["c", "d"]
     (tmp_path / "_info.json").write_text('{"splits": {"train": {"num_samples": 3}}}')
-    with pytest.raises(ShardError, match="_info.json: split 'train' needs"):
+    with pytest.raises(InfoError, match="_info.json: split 'train' needs"):
         load_info(tmp_path)
     with pytest.raises(FileNotFoundError, match="make_shards"):
         load_info(tmp_path / "nowhere")
@@ -716,7 +716,7 @@ def test_count_tar_samples_rejects_truncated_tars(tmp_path):
         end_of_members = last.offset_data + -(-last.size // 512) * 512
     for cut in (len(shard) // 2, end_of_members):  # inside a member, and exactly at a member boundary
         (tmp_path / "cut.tar").write_bytes(shard[:cut])
-        with pytest.raises(ShardError, match="truncated"):
+        with pytest.raises(InfoError, match="truncated"):
             count_tar_samples(tmp_path / "cut.tar")
 
 
@@ -772,7 +772,7 @@ def test_an_unlabeled_split_beside_labeled_ones_stays_unlabeled(tmp_path, capsys
     assert inspect_main([str(tmp_path / "out")]) == 0, capsys.readouterr().err
     assert "unlabeled: 3 samples in 1 shard, unlabeled\n" in capsys.readouterr().out
     assert labeled_classes(str(tmp_path / "out"), None, "train", "data.split", "kNN") == ["cat", "dog"]
-    with pytest.raises(ShardError, match=r"kNN needs labeled shards, but .*/_info.json gives split 'unlabeled' "
+    with pytest.raises(InfoError, match=r"kNN needs labeled shards, but .*/_info.json gives split 'unlabeled' "
                                          r"\(data.split\) no classes; set data.split to a labeled split \(train\)"):
         labeled_classes(str(tmp_path / "out"), None, "unlabeled", "data.split", "kNN")
 
@@ -896,7 +896,7 @@ def test_an_overwrite_refused_for_its_classes_leaves_the_split_it_would_replace(
     for split in ("train", "val"):
         convert(tmp_path / "a", tmp_path / "out", options(split=split))
     before = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
-    with pytest.raises(ShardError, match="already has classes"):
+    with pytest.raises(InfoError, match="already has classes"):
         convert(tmp_path / "b", tmp_path / "out", options(split="val", overwrite=True))
     assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
 

@@ -18,8 +18,7 @@ import torch
 from shard_utils import encode_png, write_shards, write_shards_damaged_at_their_size
 
 from mae_tnt.data import shards as shards_module
-from mae_tnt.data.info import ShardError as InfoError
-from mae_tnt.data.info import count_tar_samples, load_info, update_split
+from mae_tnt.data.info import InfoError, count_tar_samples, load_info, update_split
 from mae_tnt.data.inspect import inspect_shards
 from mae_tnt.data.loader import eval_batches, first_images, make_loader
 from mae_tnt.data.shards import ShardError, read_samples, resolve_shards

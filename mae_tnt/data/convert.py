@@ -41,7 +41,7 @@ from pathlib import Path
 from mae_tnt.config import DEFAULT_MAX_IMAGE_PIXELS
 from mae_tnt.data.encode import EncodedImage, prepare_sample
 from mae_tnt.data.images import pixel_limit, set_max_image_pixels
-from mae_tnt.data.info import INFO_NAME, ShardError, check_classes, update_split
+from mae_tnt.data.info import INFO_NAME, InfoError, check_classes, update_split
 from mae_tnt.data.readers import (
     FORMATS,
     Source,
@@ -441,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.fmt == "auto" and (note := folder_layout_note(args.src)):
             print(f"note: {note}", file=sys.stderr)
         summary = convert(args.src, args.out, options)
-    except (ConversionError, SourceError, ShardError) as err:
+    except (ConversionError, SourceError, InfoError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except PermissionError as err:  # a folder --format auto looks into, or OUT

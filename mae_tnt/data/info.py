@@ -31,7 +31,7 @@ JOURNAL_PREFIX = "_progress_"
 TAR_BLOCK = 512
 
 
-class ShardError(ValueError):
+class InfoError(ValueError):
     """A malformed ``_info.json`` or a damaged shard."""
 
 
@@ -46,7 +46,7 @@ def load_info(root: str | os.PathLike) -> dict:
 
     Raises:
         FileNotFoundError: There is no ``_info.json`` in ``root``.
-        ShardError: The file is not valid JSON or does not have timm's layout.
+        InfoError: The file is not valid JSON or does not have timm's layout.
     """
     path = Path(root) / INFO_NAME
     if Path(root).is_file():
@@ -66,30 +66,30 @@ def load_info(root: str | os.PathLike) -> dict:
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ShardError(f"{path} is not valid JSON ({err}); regenerate it with tools/make_shards.py") from err
+        raise InfoError(f"{path} is not valid JSON ({err}); regenerate it with tools/make_shards.py") from err
     _check_info(info, path)
     return info
 
 
 def _check_info(info: object, path: Path) -> None:
-    """Raise ShardError naming ``path`` unless ``info`` has the timm ``_info.json`` layout."""
+    """Raise InfoError naming ``path`` unless ``info`` has the timm ``_info.json`` layout."""
     if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
-        raise ShardError(f"{path}: expected an object with a 'splits' object")
+        raise InfoError(f"{path}: expected an object with a 'splits' object")
     if not isinstance(info.get("classes", []), list):
-        raise ShardError(f"{path}: 'classes' must be a list of names")
+        raise InfoError(f"{path}: 'classes' must be a list of names")
     for split, entry in info["splits"].items():
         where = f"{path}: split '{split}'"
         if not isinstance(entry, dict) or not {"num_samples", "filenames", "shard_lengths"} <= entry.keys():
-            raise ShardError(f"{where} needs 'num_samples', 'filenames' and 'shard_lengths'")
+            raise InfoError(f"{where} needs 'num_samples', 'filenames' and 'shard_lengths'")
         filenames, lengths = entry["filenames"], entry["shard_lengths"]
         if not _list_of(filenames, str) or not _list_of(lengths, int) or len(filenames) != len(lengths):
-            raise ShardError(f"{where}: 'filenames' and 'shard_lengths' must be lists of equal length, of file names "
+            raise InfoError(f"{where}: 'filenames' and 'shard_lengths' must be lists of equal length, of file names "
                              "and of sample counts")
         if sum(lengths) != entry["num_samples"]:
-            raise ShardError(f"{where}: shard_lengths sum to {sum(lengths)} but num_samples is {entry['num_samples']}")
+            raise InfoError(f"{where}: shard_lengths sum to {sum(lengths)} but num_samples is {entry['num_samples']}")
         if "shard_bytes" in entry and not (_list_of(entry["shard_bytes"], int)
                                            and len(entry["shard_bytes"]) == len(filenames)):
-            raise ShardError(f"{where}: 'shard_bytes' must be a list with one size in bytes per file name")
+            raise InfoError(f"{where}: 'shard_bytes' must be a list with one size in bytes per file name")
 
 
 def _list_of(value: object, kind: type) -> bool:
@@ -127,7 +127,7 @@ def update_split(
         The info dict as written.
 
     Raises:
-        ShardError: ``classes`` differ from the classes of splits already in the file (labels would disagree),
+        InfoError: ``classes`` differ from the classes of splits already in the file (labels would disagree),
             or the existing file is malformed.
     """
     root = Path(root)
@@ -167,7 +167,7 @@ def check_classes(root: str | os.PathLike, split: str, classes: Sequence[str] | 
     """Refuse, before any work, a split whose classes differ from those of the splits already in ``ROOT``.
 
     Raises:
-        ShardError: as ``update_split`` would after the conversion.
+        InfoError: as ``update_split`` would after the conversion.
     """
     root = Path(root)
     if classes and (root / INFO_NAME).is_file():
@@ -179,7 +179,7 @@ def _check_classes(info: dict, root: Path, split: str, classes: Sequence[str]) -
     old_classes = info.get("classes", [])
     others = {name for name in info.get("splits", {}) if name != split and split_classes(info, name)}
     if old_classes and others and list(classes) != old_classes:
-        raise ShardError(
+        raise InfoError(
             f"{root / INFO_NAME} already has classes {old_classes}; split '{split}' has {list(classes)}. Labels "
             "must mean the same in every split: pass the same --classes, or convert it into a separate directory."
         )
@@ -262,7 +262,7 @@ def count_tar_samples(path: str | os.PathLike) -> int:
         Number of samples.
 
     Raises:
-        ShardError: The file is not a tar, or is truncated (a member's data or the end-of-archive block is
+        InfoError: The file is not a tar, or is truncated (a member's data or the end-of-archive block is
             missing); re-create the shard.
     """
     count = 0
@@ -274,8 +274,8 @@ def count_tar_samples(path: str | os.PathLike) -> int:
             tar.fileobj.seek(end_offset)
             end_block = tar.fileobj.read(TAR_BLOCK)
     except (tarfile.TarError, EOFError, zlib.error) as err:  # tarfile does not wrap a damaged .tar.gz's errors here
-        raise ShardError(f"{path}: not a readable tar ({err}); it is truncated or corrupt, re-create it") from err
+        raise InfoError(f"{path}: not a readable tar ({err}); it is truncated or corrupt, re-create it") from err
     # tarfile stops quietly at a header cut short or missing; a complete archive ends with zero blocks.
     if end_block != bytes(TAR_BLOCK):
-        raise ShardError(f"{path}: truncated tar (no end-of-archive block at byte {end_offset}); re-create it")
+        raise InfoError(f"{path}: truncated tar (no end-of-archive block at byte {end_offset}); re-create it")
     return count

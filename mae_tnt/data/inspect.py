@@ -19,7 +19,7 @@ from mae_tnt.config import DEFAULT_MAX_IMAGE_PIXELS
 from mae_tnt.data.images import IMAGE_FIELDS, BadImageError, decode, pixel_limit, to_rgb
 from mae_tnt.data.info import (
     INFO_NAME,
-    ShardError,
+    InfoError,
     count_tar_samples,
     listed_shards,
     load_info,
@@ -64,7 +64,7 @@ def inspect_shards(root: str | Path, progress: bool = False,
 
     Raises:
         FileNotFoundError: ``_info.json`` is missing.
-        ShardError: ``_info.json`` is malformed.
+        InfoError: ``_info.json`` is malformed.
     """
     root = Path(root)
     info = load_info(root)
@@ -102,7 +102,7 @@ def _inspect_shard(path: Path, expected: int, expected_bytes: int | None, report
         return [f"{path}: listed in {INFO_NAME} but missing"]
     try:
         count = count_tar_samples(path)
-    except ShardError as err:
+    except InfoError as err:
         return [str(err)]
     problems = [] if count == expected else [f"{path}: holds {count} samples but {INFO_NAME} says {expected}"]
     if expected_bytes is not None and (size := path.stat().st_size) != expected_bytes:
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = inspect_shards(args.root, progress=True, max_image_pixels=args.max_image_pixels)
-    except (FileNotFoundError, ShardError) as err:
+    except (FileNotFoundError, InfoError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(format_report(report))

@@ -23,7 +23,7 @@ from pathlib import Path
 from mae_tnt.data.encode import EncodedImage
 from mae_tnt.data.info import (
     INFO_NAME,
-    ShardError,
+    InfoError,
     count_tar_samples,
     journal_path,
     json_bytes,
@@ -219,7 +219,7 @@ def _verified_prefix(out: Path, shards: list[dict]) -> list[dict]:
         path = out / shard["filename"]
         try:
             intact = path.is_file() and count_tar_samples(path) == shard["num_samples"]
-        except ShardError:
+        except InfoError:
             intact = False
         if not intact:
             return shards[:index]

@@ -27,14 +27,13 @@ import braceexpand
 import webdataset as wds
 
 from ..text import counted
-from .info import INFO_NAME, count_tar_samples, listed_shards, load_info, sample_members, split_classes
-from .info import ShardError as InfoError
+from .info import INFO_NAME, InfoError, count_tar_samples, listed_shards, load_info, sample_members, split_classes
 
 COMMAND_EXIT_WAIT = 10  # seconds; a command still running then is stopped, and its stream's read error reported
 
 
 class ShardError(InfoError, RuntimeError):
-    """A shard list that cannot be trained on. A subclass of `info.ShardError` (raised by the `_info.json` and tar
+    """A shard list that cannot be trained on. A subclass of `info.InfoError` (raised by the `_info.json` and tar
     checks), so catching that one class catches every shard problem."""
 
 

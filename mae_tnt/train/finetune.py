@@ -27,9 +27,9 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from ..config import ConfigError, to_dict
-from ..data.info import ShardError, write_json_atomic
+from ..data.info import write_json_atomic
 from ..data.loader import build_train_stream, data_shards, eval_batches, make_loader
-from ..data.shards import StreamError, info_directory, labeled_classes
+from ..data.shards import ShardError, StreamError, info_directory, labeled_classes
 from ..data.transforms import normalize
 from ..finetune_config import FinetuneConfig
 from ..models import create_model
