@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import ConfigError, PretrainConfig, UnknownKeyError, all_keys, load_config
 from .finetune_config import FinetuneConfig
+from .progress import is_main_process, write_line
 from .text import counted, disk_full_message
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -219,28 +220,12 @@ def _show_own_warnings_as_lines(show_other: Callable, shown: set[str], message, 
         show_other(message, category, filename, lineno, file, line)
 
 
-def write_line(text: str, file) -> None:
-    """One line of ours, above the progress bar: a plain print would continue the bar's line, which has no newline.
-    Rank 0's `tqdm.write` clears its own bar and redraws it below. The other processes of its node share its
-    terminal but not its bar: they go back to the start of the line and clear it, and rank 0 redraws the bar below
-    at its next update."""
-    from tqdm import tqdm
-
-    shared_terminal = not is_main_process() and getattr(file, "isatty", lambda: False)()
-    tqdm.write(("\r\x1b[K" if shared_terminal else "") + text, file=file)
-
-
 def without_worker_traceback(message: str) -> str:
     """The original message of an error a DataLoader worker raised, which torch re-raises wrapped as
     "Caught E in DataLoader worker process N. Original Traceback ... pkg.E: message"."""
     if "\nOriginal Traceback" not in message:
         return message
     return message.rstrip().splitlines()[-1].split(": ", 1)[-1]
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a launched job (or a plain single process), from the launcher's environment."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def is_local_main_process() -> bool:

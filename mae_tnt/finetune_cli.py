@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .cli import is_main_process, load_recipe, quiet_on_ctrl_c, report_preempted, report_user_errors
+from .cli import load_recipe, quiet_on_ctrl_c, report_preempted, report_user_errors
 from .finetune_config import FinetuneConfig
+from .progress import is_main_process
 from .text import counted
 
 

@@ -8,8 +8,10 @@ log step, still redraws it) and a nested bar shares the first line.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable
+from typing import TextIO
 
 from tqdm import tqdm
 
@@ -27,3 +29,19 @@ def progress_bar(iterable: Iterable | None = None, *, nested: bool = False, **op
         if nested:
             options["position"] = 0  # a second line is reached by moving the cursor, which a file cannot do
     return tqdm(iterable, **options)
+
+
+def write_line(text: str, file: TextIO | None = None) -> None:
+    """One line of ours (stdout unless `file` says otherwise), above the progress bar: a plain print would continue
+    the bar's line, which has no newline. Rank 0's `tqdm.write` clears its own bar and redraws it below. The other
+    processes of its node share its terminal but not its bar: they go back to the start of the line and clear it,
+    and rank 0 redraws the bar below at its next update."""
+    file = sys.stdout if file is None else file
+    shared_terminal = not is_main_process() and getattr(file, "isatty", lambda: False)()
+    tqdm.write(("\r\x1b[K" if shared_terminal else "") + text, file=file)
+    file.flush()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched job (or a plain single process), from the launcher's environment."""
+    return int(os.environ.get("RANK", "0")) == 0

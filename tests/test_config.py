@@ -369,7 +369,7 @@ class Terminal(io.StringIO):
     ("0", Terminal, ""),  # rank 0's own bar: tqdm clears and redraws it
 ])
 def test_a_process_without_the_progress_bar_clears_the_terminal_line_it_writes_on(monkeypatch, rank, stream, start):
-    from mae_tnt.cli import write_line
+    from mae_tnt.progress import write_line
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", rank)

@@ -954,7 +954,8 @@ def test_a_min_lr_above_the_peak_lr_is_refused_before_any_step(shards, tmp_path)
 
 
 def test_a_log_line_clears_the_progress_bar_and_redraws_it_below(capsys):
-    from mae_tnt.train.metrics import step_progress, write_line
+    from mae_tnt.progress import write_line
+    from mae_tnt.train.metrics import step_progress
 
     with step_progress(total=3, initial=0, enabled=True) as bar:
         bar.update(1)

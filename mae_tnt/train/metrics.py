@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..progress import progress_bar
+from ..progress import progress_bar, write_line
 
 NOT_PLOTTED = ("step", "knn_train", "knn_val", "knn_k")
 """Row fields that describe a row (its step, an evaluation's sizes) rather than a curve worth plotting."""
@@ -91,12 +90,6 @@ def row_step(line: str) -> int:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError):
         return -1
-
-
-def write_line(message: str) -> None:
-    """Print a log line above the progress bar: a plain print would continue the bar's line."""
-    tqdm.write(message)
-    sys.stdout.flush()
 
 
 def main_process_lines(is_main: bool) -> Callable[[str], None]:
