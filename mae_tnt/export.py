@@ -37,6 +37,7 @@ from torch import nn
 from .cli import quiet_on_ctrl_c, report_user_errors
 from .config import file_in_the_way
 from .convert_checkpoint import pooling_note
+from .data.transforms import EVAL_CROP_FRACTION
 from .models import create_model, load_weights
 from .models.loading import (
     EXPORT_CONFIG,
@@ -54,8 +55,7 @@ from .text import HelpWithDefaults
 from .train.checkpoint import RETRY_AFTER_FAILED_WRITE, fresh_directory, write_failures_explained
 from .train.init import encoder_weights, read_source
 
-# The evaluation preprocessing of MAE and DeiT: bicubic resize to S / 0.875, centre crop S.
-INTERPOLATION, CROP_PCT = "bicubic", 0.875
+INTERPOLATION = "bicubic"  # of `eval_resize`, as its crop fraction
 DESCRIPTION_KEYS = ("model", "kind", "num_classes", "label_names", "img_size", "global_pool", "mean", "std", "step")
 
 
@@ -151,7 +151,7 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
     config = {**info, "timm_name": timm_name, "timm_kwargs": timm_kwargs,
               "timm_call": timm_call(timm_name, timm_kwargs, info, out / "model.safetensors"),
               "source": str(checkpoint), "source_layout": layout, "dropped_keys": len(dropped),
-              "interpolation": INTERPOLATION, "crop_pct": CROP_PCT}
+              "interpolation": INTERPOLATION, "crop_pct": EVAL_CROP_FRACTION}
     if timm_name is not None:  # what timm.create_model("local-dir:OUT", pretrained=True) reads
         config.update(architecture=timm_name, model_args=timm_kwargs, pretrained_cfg=timm_pretrained_cfg(info))
     write_export(out, model.state_dict(), config)
@@ -202,7 +202,7 @@ def timm_pretrained_cfg(info: dict) -> dict:
     """timm's description of the weights: head size and the preprocessing they were trained with (the mean and std
     where known)."""
     cfg = dict(custom_load=False, num_classes=info["num_classes"], input_size=(3, info["img_size"], info["img_size"]),
-               interpolation=INTERPOLATION, crop_pct=CROP_PCT)
+               interpolation=INTERPOLATION, crop_pct=EVAL_CROP_FRACTION)
     return cfg | {key: tuple(info[key]) for key in ("mean", "std") if info[key] is not None}
 
 

@@ -120,8 +120,13 @@ def resize_box(image: torch.Tensor, box: tuple[int, int, int, int], size: int) -
     return tv_resize(packed, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)[0]
 
 
-def eval_resize(data: bytes, size: int, crop_fraction: float = 0.875) -> torch.Tensor:
-    """Decode + resize the shorter side to floor(size / crop_fraction) + center crop (bicubic) -> uint8 [3, size,
+EVAL_CROP_FRACTION = 0.875
+"""The evaluation preprocessing of MAE and DeiT: bicubic resize of the shorter side to S / 0.875, centre crop S
+(exports record it as timm's `crop_pct`)."""
+
+
+def eval_resize(data: bytes, size: int) -> torch.Tensor:
+    """Decode + resize the shorter side to floor(size / EVAL_CROP_FRACTION) + center crop (bicubic) -> uint8 [3, size,
     size]: timm's evaluation transform (what `resolve_data_config` gives for our exports) to the pixel, with
     torchvision's rounding of the resized size and of the crop offset.
 
@@ -130,7 +135,7 @@ def eval_resize(data: bytes, size: int, crop_fraction: float = 0.875) -> torch.T
     """
     image = decode_rgb(data)
     width, height = image.size
-    resized_short = math.floor(size / crop_fraction)
+    resized_short = math.floor(size / EVAL_CROP_FRACTION)
     if width <= height:
         resized = (resized_short, int(resized_short * height / width))
     else:

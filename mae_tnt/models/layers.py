@@ -70,7 +70,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0):
+def transformer_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float):
     """Pre-norm ViT blocks with qkv bias and LayerNorm eps 1e-6 (MAE's), attention through SDPA, no drop path
     (MAE's decoder)."""
     return nn.ModuleList(

@@ -30,13 +30,12 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def sincos_2d(dim: int, grid: int | tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
-    """Table for a raster-ordered grid: [num_prefix_tokens + H * W, dim] float32, prefix rows zero."""
+def sincos_2d(dim: int, grid: int, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Table for a raster-ordered square grid: [num_prefix_tokens + grid * grid, dim] float32, prefix rows zero."""
     if dim % 4:  # half the width per axis, each half in sin and cos
         raise ValueError(f"a 2-D sin-cos position table needs a width divisible by 4, got {dim}")
-    height, width = (grid, grid) if isinstance(grid, int) else grid
-    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    table = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)  # [H*W, dim]
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    table = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)  # [L, dim]
     prefix = torch.zeros(num_prefix_tokens, dim, dtype=table.dtype)
     return torch.cat([prefix, table], dim=0).float()
 

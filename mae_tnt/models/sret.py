@@ -69,7 +69,7 @@ def token_permutation(num_tokens: int, device: torch.device, training: bool) -> 
     """[N] permutation for random slicing; in training from torch's global RNG, which the loop reseeds per step."""
     if training:
         return torch.randperm(num_tokens, device=device)
-    return fixed_permutation(num_tokens, torch.device(device))
+    return fixed_permutation(num_tokens, device)
 
 
 def split_units(x: torch.Tensor, grid: int) -> torch.Tensor:

@@ -138,10 +138,10 @@ class _ChannelFirstAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v, attn = ctx.saved_tensors
-        grad_v = torch.bmm(grad_out, attn)  # (A^T dO)^T
+        grad_v = torch.bmm(grad_out, attn)  # [G, d, N] = (A^T dO)^T
         grad_attn = torch.bmm(grad_out.mT, v)  # dO V^T: [G, N, N]
         grad_scores = torch._softmax_backward_data(grad_attn, attn, -1, attn.dtype)
-        return torch.bmm(k, grad_scores.mT), torch.bmm(q, grad_scores), grad_v  # (dS K)^T, (dS^T Q)^T
+        return torch.bmm(k, grad_scores.mT), torch.bmm(q, grad_scores), grad_v  # [G, d, N] each: (dS K)^T, (dS^T Q)^T
 
 
 def project_words(owner: nn.Module, words: torch.Tensor, batch: int) -> torch.Tensor:
