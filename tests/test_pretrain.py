@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -31,7 +32,7 @@ from mae_tnt.data.transforms import normalize
 from mae_tnt.finetune_config import FinetuneConfig
 from mae_tnt.train.checkpoint import ResumeError, _skipped_carried_over, find_checkpoints
 from mae_tnt.train.engine import Trainer, auto_precision, derive_plan, seed_step
-from mae_tnt.train.finetune import finetune
+from mae_tnt.train.finetune import FinetuneRun, finetune
 from mae_tnt.train.loop import NonFiniteLossError, TrainingRun, Window, raise_if_nonfinite
 from mae_tnt.visualize import main as visualize_main
 
@@ -1124,3 +1125,16 @@ def test_tensorboard_plots_each_curve_once_per_step_and_records_the_config_a_run
     assert sorted(events.Tags()["scalars"]) == ["epoch", "knn_top1", "loss"]
     assert [(e.step, e.value) for e in events.Scalars("epoch")] == [(4, 1.0), (5, 1.25)]
     assert [e.step for e in events.Tensors("config/text_summary")] == [0, 4]
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_both_runs_open_with_how_the_batch_the_lr_and_the_schedule_follow_from_the_recipe(shards, tmp_path, capsys):
+    Trainer(config(shards, tmp_path / "pretrain", "run.max_steps=1", "optim.accum_steps=2"))
+    assert ("effective batch 16 = 8 per device x 2 accumulation x 1 process in fp32; lr = 0.001 x 16 / 256 = "
+            "6.25e-05; 8 steps/epoch, 16 steps in the schedule, stopping at 1") in capsys.readouterr().out
+    AcceleratorState._reset_state(True)
+    FinetuneRun(load_config(FinetuneConfig, ROOT / "recipes" / "demo_finetune_vit.yaml", [
+        f"run.output_dir={tmp_path / 'finetune'}", "data.num_workers=0", "run.max_steps=1", "optim.layer_decay=0.5"]))
+    assert re.search(r"effective batch \d+ = \d+ per device x 1 accumulation x 1 process in fp32; lr = .* \(adamw, "
+                     r"layer decay 0.5\); [\d.]+ steps/epoch, \d+ steps in the schedule, stopping at 1",
+                     capsys.readouterr().out)

@@ -28,10 +28,17 @@ from ..data.device_decode import decode_batch
 from ..data.loader import build_train_stream, data_shards, first_images, mae_transform, make_loader
 from ..data.shards import ShardError
 from ..models import create_model
-from ..text import counted
 from .checkpoint import Checkpoint, bare_model, resolve_resume, save_checkpoint, splits_weights
 from .knn import knn_accuracy_on_shards, require_labeled_shards, topk_text
-from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, timed
+from .loop import (
+    Preemption,
+    TrainingRun,
+    Window,
+    accumulate_step,
+    raise_if_nonfinite,
+    timed,
+    training_precision,
+)
 from .metrics import main_process_lines, step_progress
 from .optim import build_adamw
 from .recon import write_reconstructions
@@ -151,12 +158,6 @@ def deepspeed_file_modes() -> dict[str, bool]:
     return fixed
 
 
-def training_precision(accelerator: Accelerator) -> str:
-    """What the forward passes run in: fp32, bf16 or fp16 (which autocast on the CPU ignores)."""
-    precision = accelerator.mixed_precision
-    return "fp32" if precision == "no" or (precision == "fp16" and accelerator.device.type == "cpu") else precision
-
-
 def check_launch(launched: str | None, num_processes: int) -> None:
     """Refuse processes that the launcher started together but that each train alone: they would all write the same
     run directory as its only process. accelerate does that on a machine without GPUs, with a DeepSpeed config or
@@ -268,12 +269,7 @@ class Trainer(TrainingRun):
     def _describe_run(self) -> None:
         if self.is_main:
             self.log(f"run directory: {self.out}")
-            self.log(f"effective batch {self.plan.effective_batch} = {self.cfg.data.batch_size} per device x "
-                     f"{self.cfg.optim.accum_steps} accumulation x {counted(self.acc.num_processes, 'process')} "
-                     f"in {training_precision(self.acc)}; "
-                     f"lr = {self.cfg.optim.base_lr:g} x {self.plan.effective_batch} / 256 = {self.plan.peak_lr:.3g}; "
-                     f"{self.plan.steps_per_epoch:g} steps/epoch, {self.plan.total_steps} steps in the schedule, "
-                     f"stopping at {self.plan.stop_step}")
+            self.log(self.plan_line())
 
     def _resume(self, checkpoint: Checkpoint) -> None:
         self.restore(checkpoint)

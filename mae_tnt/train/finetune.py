@@ -54,7 +54,6 @@ from .engine import (
     configure_deepspeed,
     derive_plan,
     seed_step,
-    training_precision,
     write_run_config,
 )
 from .init import (
@@ -232,15 +231,12 @@ class FinetuneRun(TrainingRun):
     def _describe_run(self, trainable: int) -> None:
         if not self.is_main:
             return
-        p, o = self.plan, self.cfg.optim
+        o = self.cfg.optim
         size = f"{trainable / 1e6:.2f} M" if trainable >= 10_000 else f"{trainable}"  # a probe head can be tiny
         self.log(f"{self.cfg.mode} {self.cfg.model.name} ({counted(self.num_classes, 'class')}, {size} parameters "
                  f"trainable) in {self.out}")
         decay = f", layer decay {o.layer_decay:g}" if self.cfg.mode == "finetune" and o.layer_decay else ""
-        self.log(f"effective batch {p.effective_batch} = {self.cfg.data.batch_size} per device x {o.accum_steps} "
-                 f"accumulation x {counted(self.world, 'process')} in {training_precision(self.acc)}; "
-                 f"lr = {o.base_lr:g} x {p.effective_batch} / 256 = {p.peak_lr:.3g} ({o.name}{decay}); "
-                 f"{p.steps_per_epoch:g} steps/epoch, {p.total_steps} steps, stopping at {p.stop_step}")
+        self.log(self.plan_line(f" ({o.name}{decay})"))
 
     def _resume(self, checkpoint) -> None:
         best_written_at = best_weights_step(self.out)  # read before the main process may set `best/` aside

@@ -14,6 +14,7 @@ import torch
 
 from ..config import to_dict
 from ..data.transforms import normalize
+from ..text import counted
 from .checkpoint import METRICS_ROWS_KEY, find_checkpoints, restore_training, uses_deepspeed
 from .metrics import MetricsLogger
 from .schedule import lr_at, set_lr
@@ -148,6 +149,12 @@ def raise_if_nonfinite(accelerator, window: Window, out: Path, accum_steps: int)
     )
 
 
+def training_precision(accelerator) -> str:
+    """What the forward passes run in: fp32, bf16 or fp16 (which autocast on the CPU ignores)."""
+    precision = accelerator.mixed_precision
+    return "fp32" if precision == "no" or (precision == "fp16" and accelerator.device.type == "cpu") else precision
+
+
 class TrainingRun:
     """The bookkeeping that pretraining and fine-tuning share around their own `micro_step`: the LR of a step,
     counting micro-batches and optimizer steps, the epoch boundary, the log window and restoring a checkpoint.
@@ -168,6 +175,14 @@ class TrainingRun:
         """
         wanted = self.cfg.run.channels_last and self.acc.device.type == "cuda"
         return torch.channels_last if wanted and not uses_deepspeed(self.acc) else torch.contiguous_format
+
+    def plan_line(self, optimizer_note: str = "") -> str:
+        """How the batch, the LR and the schedule follow from the recipe and the launch (a run's first lines)."""
+        o, p = self.cfg.optim, self.plan
+        return (f"effective batch {p.effective_batch} = {self.cfg.data.batch_size} per device x {o.accum_steps} "
+                f"accumulation x {counted(self.acc.num_processes, 'process')} in {training_precision(self.acc)}; "
+                f"lr = {o.base_lr:g} x {p.effective_batch} / 256 = {p.peak_lr:.3g}{optimizer_note}; "
+                f"{p.steps_per_epoch:g} steps/epoch, {p.total_steps} steps in the schedule, stopping at {p.stop_step}")
 
     @property
     def epoch(self) -> float:
