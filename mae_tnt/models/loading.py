@@ -66,11 +66,16 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata
     os.chmod(path, 0o666 & ~umask)
 
 
+def step_dirs(folder: Path) -> list[Path]:
+    """The `step_*` checkpoints in `folder`, oldest first (their step numbers are zero-padded to sort by name)."""
+    return sorted(folder.glob("step_*"))
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory stands for its newest checkpoint directory; any other path for itself."""
     path = Path(path)
     if path.is_dir() and (path / "checkpoints").is_dir():
-        steps = sorted((path / "checkpoints").glob("step_*"))
+        steps = step_dirs(path / "checkpoints")
         if not steps:
             raise CheckpointError(f"run directory {path} has no checkpoints yet")
         return steps[-1]

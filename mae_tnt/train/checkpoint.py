@@ -38,7 +38,14 @@ from safetensors.torch import load_file
 
 from ..data.info import write_json_atomic
 from ..data.stream import StreamState
-from ..models.loading import STATE_FILE, CheckpointError, read_state_dict, resolve_checkpoint, save_weights
+from ..models.loading import (
+    STATE_FILE,
+    CheckpointError,
+    read_state_dict,
+    resolve_checkpoint,
+    save_weights,
+    step_dirs,
+)
 from ..text import counted
 from .metrics import row_step
 from .run_lock import LOCK_NAME
@@ -174,7 +181,7 @@ def _free_space(path: Path) -> str:
 
 
 def _rotate(root: Path, keep: int) -> None:
-    for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
+    for old in step_dirs(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -242,7 +249,7 @@ def splits_weights(accelerator) -> bool:
 
 def find_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints, newest first (by step number, never by file time)."""
-    return sorted(checkpoint_dir(output_dir).glob("step_*"), reverse=True)
+    return step_dirs(checkpoint_dir(output_dir))[::-1]
 
 
 def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool = True) -> Checkpoint | None:
@@ -283,7 +290,7 @@ def _explicit_checkpoint(resume: str) -> Path:
     if path.is_file():
         raise ResumeError(f"run.resume={resume} is a file; give the checkpoint directory that holds it "
                           f"({path.parent}) or its run directory")
-    steps = sorted(path.glob("step_*"))
+    steps = step_dirs(path)
     if steps and not (path / STATE_FILE).exists():
         raise ResumeError(f"run.resume={resume} is a folder of checkpoints; give one of them (the newest is "
                           f"{steps[-1]}) or the run directory {path.parent}")
