@@ -469,3 +469,16 @@ def test_a_deepspeed_checkpoint_resumes_only_in_a_layout_that_can_read_its_shard
         return
     with pytest.raises(ResumeError, match=message):
         check_compatible(Checkpoint(tmp_path, state), config, effective_batch=8, world_size=1, deepspeed=now)
+
+
+@pytest.mark.parametrize("saved, message", [
+    ({"epoch": 3, "weights": {"w": torch.zeros(1)}}, r"no state dict found under any of \('model', 'state_dict', "
+                                                     r"'module', 'model_ema'\) \(its top-level keys: epoch, weights\); "
+                                                     r"save the model's state_dict\(\) alone"),
+    ({"model": [torch.zeros(1)]}, r"expected a state dict, got list; save the model's state_dict\(\) rather than "
+                                  r"the model"),
+])
+def test_a_file_without_a_state_dict_says_what_it_holds_and_what_to_save(tmp_path, saved, message):
+    torch.save(saved, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match=message):
+        read_state_dict(tmp_path / "odd.pth")

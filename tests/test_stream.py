@@ -584,3 +584,13 @@ def test_a_label_that_is_not_a_class_index_skips_its_sample_in_training_and_eval
     assert "s000002 (its .cls b'n01440764' is not a class index (tools/make_shards.py writes those))" in named
     labels = torch.cat([labels for _, labels in eval_batches(shards, img_size=16, batch_size=4)])
     assert (labels >= 0).sum() == 15  # evaluation leaves it out too
+
+
+@pytest.mark.parametrize("info, problem", [
+    ({"splits": []}, "expected an object with a 'splits' object"),
+    ({"splits": {}, "classes": "cat,dog"}, "'classes' must be a list of names"),
+])
+def test_an_info_file_of_another_layout_is_refused_saying_how_to_remake_it(tmp_path, info, problem):
+    (tmp_path / "_info.json").write_text(json.dumps(info))
+    with pytest.raises(InfoError, match=f"_info.json: {problem}; regenerate it with tools/make_shards.py"):
+        load_info(tmp_path)

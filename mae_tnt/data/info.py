@@ -74,9 +74,9 @@ def load_info(root: str | os.PathLike) -> dict:
 def _check_info(info: object, path: Path) -> None:
     """Raise InfoError naming ``path`` unless ``info`` has the timm ``_info.json`` layout."""
     if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
-        raise InfoError(f"{path}: expected an object with a 'splits' object")
+        raise InfoError(f"{path}: expected an object with a 'splits' object; regenerate it with tools/make_shards.py")
     if not isinstance(info.get("classes", []), list):
-        raise InfoError(f"{path}: 'classes' must be a list of names")
+        raise InfoError(f"{path}: 'classes' must be a list of names; regenerate it with tools/make_shards.py")
     for split, entry in info["splits"].items():
         where = f"{path}: split '{split}'"
         if not isinstance(entry, dict) or not {"num_samples", "filenames", "shard_lengths"} <= entry.keys():

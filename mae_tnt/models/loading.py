@@ -166,10 +166,13 @@ def unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     while isinstance(obj, dict) and not _is_state_dict(obj):
         inner = next((obj[key] for key in WRAPPER_KEYS if key in obj), None)
         if inner is None:
-            raise CheckpointError(f"{path}: no state dict found under any of {WRAPPER_KEYS}")
+            raise CheckpointError(f"{path}: no state dict found under any of {WRAPPER_KEYS} (its top-level keys: "
+                                  f"{', '.join(map(str, list(obj)[:8]))}); save the model's state_dict() alone, or "
+                                  "load the file yourself and pass the weights")
         obj = inner
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a state dict, got {type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict, got {type(obj).__name__}; save the model's "
+                              "state_dict() rather than the model")
     return without_wrapper_prefixes(obj)
 
 
