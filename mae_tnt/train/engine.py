@@ -258,6 +258,7 @@ class Trainer(TrainingRun):
         self.window = Window(self.acc.device)
         self.grad_norm: torch.Tensor | None = None  # measured at clipped steps and log steps, logged when known
         self.reconstructed_step = -1  # the stop step is a recon_every step and a checkpoint: one grid for both
+        self.recon_images: torch.Tensor | None = None  # read at the first grid: a run may never write one
         claim_run_directory(self.out, self.acc)  # once the run is known to start: a refused one leaves no folder
         with given_back_on_failure(self.out):  # nor does one whose set-up fails
             checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)  # before any write
@@ -309,13 +310,13 @@ class Trainer(TrainingRun):
         if self.reconstructed_step == self.step or not (self.is_main or splits_weights(self.acc)):
             return
         self.reconstructed_step = self.step
-        if not hasattr(self, "_recon_images"):
+        if self.recon_images is None:
             shards = data_shards(self.cfg.data, "val" if self.cfg.data.val else "train", verify=False)
-            self._recon_images = first_images(shards, RECON_IMAGES, self.cfg.model.img_size)
+            self.recon_images = first_images(shards, RECON_IMAGES, self.cfg.model.img_size)
         model = bare_model(self.acc, self.model)
         path = self.out / "recon" / f"step_{self.step:08d}.png" if self.is_main else None
         with self.acc.autocast():
-            write_reconstructions(model, self._recon_images.to(self.acc.device), self.cfg.data.mean,
+            write_reconstructions(model, self.recon_images.to(self.acc.device), self.cfg.data.mean,
                                   self.cfg.data.std, path, f"step {self.step}", self.cfg.seed)
 
     def train(self) -> dict:
