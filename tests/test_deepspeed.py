@@ -13,7 +13,9 @@ from run_utils import built_once, free_port, logged_losses, overridden
 from safetensors.torch import load_file
 from shard_utils import write_shards
 
+import mae_tnt
 from mae_tnt.export import export
+from mae_tnt.models.loading import save_weights
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")  # accelerate needs it whenever DeepSpeed is on
@@ -155,15 +157,22 @@ def test_precisions_deepspeed_cannot_run_here_are_one_error_line_before_training
     assert not (tmp_path / "run").exists()
 
 
-def test_a_bf16_fine_tune_keeps_its_best_weights_as_the_fp32_masters(shards, tmp_path):
-    """DeepSpeed's half modes hold 16-bit copies in the module; best/ holds the weights the optimizer updates, those
-    the engine checkpoint of the same step gathers."""
-    args = [str(ROOT / "finetune.py"), str(ROOT / "recipes/demo_finetune_vit.yaml"), f"data.train={shards}",
+@pytest.mark.parametrize("mode", ["finetune", "linprobe"])
+def test_a_bf16_fine_tune_or_probe_keeps_its_best_weights_as_the_fp32_masters(shards, tmp_path, mode):
+    """DeepSpeed's half modes hold 16-bit copies in the module; best/ and the exports hold the weights the optimizer
+    updates, and a probe's frozen encoder exactly as it was loaded (the engine has no fp32 master of it)."""
+    init = tmp_path / "encoder.safetensors"
+    encoder = mae_tnt.create_model("vit_test_patch8_32", num_classes=0).state_dict()
+    save_weights(encoder, init)
+    args = [str(ROOT / "finetune.py"), str(ROOT / f"recipes/demo_{mode}_vit.yaml"), f"data.train={shards}",
             f"data.val={shards}", "data.val_split=train", f"run.output_dir={tmp_path / 'ft'}", "data.batch_size=8",
-            "data.num_workers=0", "run.max_steps=2", "run.precision=bf16"]
+            "data.num_workers=0", "run.max_steps=2", "run.precision=bf16", f"init={init}"]
     launch(accelerate_config(tmp_path, 1), args)
     best = load_file(tmp_path / "ft" / "best" / "model.safetensors")
     gathered = export(tmp_path / "ft" / "checkpoints" / "step_00000002", tmp_path / "export")
     exported = load_file(tmp_path / "export" / "model.safetensors")
-    assert gathered["step"] == 2 and {value.dtype for value in best.values()} == {torch.float32}
-    assert all(torch.equal(best[key], exported[key]) for key in exported)
+    assert gathered["step"] == 2 and {v.dtype for v in best.values() if v.is_floating_point()} == {torch.float32}
+    compared = exported.keys() & best.keys() if mode == "linprobe" else exported  # a probe's export folds its BN
+    assert compared and all(torch.equal(best[key], exported[key]) for key in compared)
+    if mode == "linprobe":
+        assert all(torch.equal(best[key], encoder[key]) for key in encoder)

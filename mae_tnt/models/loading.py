@@ -30,6 +30,9 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
 WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema")
 EXPORT_CONFIG = "config.json"  # written beside an export's model.safetensors by tools/export.py
 STATE_FILE = "state.json"  # written beside a training checkpoint's model.safetensors
+FROZEN_MASTERS_FILE = "frozen_fp32.safetensors"
+"""Beside a DeepSpeed half-precision checkpoint's `engine/`: the fp32 values of the parameters that do not train (a
+linear probe's encoder), which the engine keeps only as the module's 16-bit copies."""
 BUILD_KEYS = ("num_classes", "img_size", "global_pool")
 """The build arguments that exports and training checkpoints record, so that loading one needs none."""
 PROBE_BN_EPS = 1e-6

@@ -78,9 +78,11 @@ class Checkpoint:
     state: dict
 
 
-def master_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def master_state_dict(accelerator, model: torch.nn.Module,
+                      frozen_masters: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's weights as training keeps them (every rank takes part, as in `get_state_dict`): under DeepSpeed's
-    bf16/fp16 modes the module holds 16-bit copies, and the fp32 masters the optimizer updates are taken instead."""
+    bf16/fp16 modes the module holds 16-bit copies, and the fp32 masters the optimizer updates are taken instead,
+    with `frozen_masters` (`frozen_fp32_copies`) for the parameters it does not update."""
     state = accelerator.get_state_dict(model)
     if not uses_deepspeed(accelerator) or accelerator.mixed_precision == "no":
         return state
@@ -88,7 +90,15 @@ def master_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Te
 
     params = bare_model(accelerator, model).named_parameters()
     masters = {name: safe_get_full_fp32_param(param) for name, param in params}
-    return {key: value if masters.get(key) is None else masters[key].cpu() for key, value in state.items()}
+    masters = {**{name: value for name, value in masters.items() if value is not None}, **(frozen_masters or {})}
+    return {key: masters[key].cpu() if key in masters else value for key, value in state.items()}
+
+
+def frozen_fp32_copies(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 copies (on the CPU) of the parameters that do not train, taken before DeepSpeed's half modes cast the
+    module: the engine keeps fp32 masters only of what its optimizer updates."""
+    return {name: param.detach().float().cpu().clone() for name, param in model.named_parameters()
+            if not param.requires_grad}
 
 
 def bare_model(accelerator, model: torch.nn.Module) -> torch.nn.Module:

@@ -33,7 +33,13 @@ from ..data.shards import ShardError, StreamError, info_directory, labeled_class
 from ..data.transforms import normalize
 from ..finetune_config import FinetuneConfig
 from ..models import create_model
-from ..models.loading import STATE_FILE, read_state_dict, save_weights, without_wrapper_prefixes
+from ..models.loading import (
+    FROZEN_MASTERS_FILE,
+    STATE_FILE,
+    read_state_dict,
+    save_weights,
+    without_wrapper_prefixes,
+)
 from ..text import counted
 from .augment import BatchAugment, FinetuneTransform, build_criterion, seeded_global_rngs
 from .checkpoint import (
@@ -41,6 +47,7 @@ from .checkpoint import (
     best_weights_step,
     find_checkpoints,
     fresh_directory,
+    frozen_fp32_copies,
     master_state_dict,
     replace_dir,
     resolve_resume,
@@ -208,6 +215,8 @@ class FinetuneRun(TrainingRun):
             refit_stem_norms(model, cfg, self.device, self.log)
         optimizer = build_optimizer(model, cfg, self.plan.peak_lr)
         self.input_dtype = configure_deepspeed(self.acc, cfg, model)  # DeepSpeed's half modes need half inputs
+        self.frozen_masters = frozen_fp32_copies(model) if self.input_dtype is not None else {}
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # ZeRO-3 empties them in prepare
         self.model, self.optimizer = self.acc.prepare(torch.compile(model) if cfg.run.compile else model, optimizer)
         self.unwrapped = bare_model(self.acc, self.model)
         self.ema = self._build_ema()
@@ -215,7 +224,7 @@ class FinetuneRun(TrainingRun):
         self.augment = BatchAugment(cfg.augment, self.num_classes, self.device)
         self.val_shards = data_shards(cfg.data, "val") if cfg.data.val else []
         self.step, self.best, self.window = 0, {}, Window(self.device)
-        self._describe_run(sum(p.numel() for p in model.parameters() if p.requires_grad))
+        self._describe_run(trainable)
         if checkpoint is not None:
             self._resume(checkpoint)
         write_run_config(cfg, self.out, self.is_main)
@@ -248,6 +257,9 @@ class FinetuneRun(TrainingRun):
                      f"step {self.step} (val top-1 {self.best['val_acc1']:.2f} at step {self.best['step']}) are gone "
                      "with it, so best/ restarts at the next validation")
             self.best = {}
+        if self.frozen_masters:  # taken from the fresh model, not the checkpoint's; without its file, the module's
+            frozen = checkpoint.path / FROZEN_MASTERS_FILE  # 16-bit copies serve
+            self.frozen_masters = read_state_dict(frozen) if frozen.exists() else {}
         if self.ema is not None:
             if (checkpoint.path / EMA_FILE).exists():
                 self.ema.module.load_state_dict(read_state_dict(checkpoint.path / EMA_FILE))
@@ -363,7 +375,8 @@ class FinetuneRun(TrainingRun):
             candidates.append(("ema", metrics["ema_val_acc1"]))
         source, acc1 = max(candidates, key=lambda c: c[1])
         if acc1 > self.best.get("val_acc1", -math.inf):
-            weights = master_state_dict(self.acc, self.model) if source == "model" else self.ema.module.state_dict()
+            weights = (master_state_dict(self.acc, self.model, self.frozen_masters) if source == "model"
+                       else self.ema.module.state_dict())
             state_dict = without_wrapper_prefixes(weights)  # get_state_dict keeps torch.compile's
             self.best = {"val_acc1": acc1, "step": self.step, "epoch": metrics["epoch"], "weights": source}
             if self.is_main:
@@ -423,7 +436,9 @@ class FinetuneRun(TrainingRun):
                                      plan=self.plan.__dict__)
 
     def save(self) -> Path:
-        extra = {EMA_FILE: self.ema.module.state_dict()} if self.ema is not None else None
+        extra = {EMA_FILE: self.ema.module.state_dict()} if self.ema is not None else {}
+        if self.frozen_masters:
+            extra[FROZEN_MASTERS_FILE] = self.frozen_masters
         path = save_checkpoint(self.acc, self.model, self.optimizer, self._state(), self.stream.state.to_dict(),
                                self.out, self.cfg.run.keep_checkpoints, self.window, extra_weights=extra)
         self.log(f"saved checkpoint {path}")

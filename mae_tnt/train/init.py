@@ -28,6 +28,7 @@ from ..config import ConfigError
 from ..models.layers import trunc_normal_
 from ..models.loading import (
     EXPORT_CONFIG,
+    FROZEN_MASTERS_FILE,
     PROBE_BN_EPS,
     STATE_FILE,
     CheckpointError,
@@ -77,7 +78,9 @@ def gather_zero_checkpoint(engine_dir: Path) -> dict[str, torch.Tensor]:
             f"{engine_dir} is a DeepSpeed checkpoint; install DeepSpeed (pip install 'mae_tnt[deepspeed]') to gather "
             "its sharded weights, or run the zero_to_fp32.py script DeepSpeed saved next to it"
         ) from err
-    return {**unoptimized_weights(engine_dir), **get_fp32_state_dict_from_zero_checkpoint(str(engine_dir))}
+    frozen = engine_dir.parent / FROZEN_MASTERS_FILE  # a half-precision run's untrained parameters, in fp32
+    return {**unoptimized_weights(engine_dir), **get_fp32_state_dict_from_zero_checkpoint(str(engine_dir)),
+            **(read_state_dict(frozen) if frozen.exists() else {})}
 
 
 def unoptimized_weights(engine_dir: Path) -> dict[str, torch.Tensor]:
