@@ -90,6 +90,7 @@ def train_then_resume(shards, out: Path, config: Path, precision: str, *extra: s
     assert len(losses) == last_step and all(0 < loss < 10 for loss in losses)
 
 
+@pytest.mark.timeout(600)  # three DeepSpeed launches and an export; over 300 s on a loaded 2-core machine
 @pytest.mark.parametrize("stage", [1, 2])  # ZeRO-2's shipped file accumulates gradients in fp32, ZeRO-1's in bf16
 def test_bf16_trains_saves_resumes_with_another_accumulation_and_exports(shards, tmp_path, stage):
     """bf16 under DeepSpeed stores the weights in bf16: inputs, reconstructions and resume must all cope. Resumed at
