@@ -4,6 +4,8 @@ A checkpoint is a directory `checkpoints/step_{step:08d}/` holding:
 - `model.safetensors` (unwrapped model weights), `optimizer.pt` and `scaler.pt` (tensors and plain containers only,
   loaded with `weights_only=True`), or the DeepSpeed engine files under DeepSpeed;
 - `data_rank{r}.json`: the stream position of every worker role of rank r;
+- fine-tuning's extra weights: `ema.safetensors` with an EMA, and `frozen_fp32.safetensors` under DeepSpeed's half
+  modes (the untrained parameters, of which the engine keeps only 16-bit copies);
 - `state.json`: step, micro-step, model name, world size and the resolved config, written last.
 
 It is written to `.tmp-step_*` and renamed once every rank has finished, so a crash mid-write never leaves a
