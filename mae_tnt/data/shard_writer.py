@@ -102,8 +102,8 @@ def _finish_interrupted_stages(out: Path, split: str) -> None:
 def _set_split_aside(out: Path, split: str) -> None:
     setting_aside = replaced_split_dir(out, split, ".tmp")
     setting_aside.mkdir()
-    if (out / INFO_NAME).is_file() and split in load_info(out)["splits"]:
-        write_json_atomic(setting_aside / INFO_NAME, load_info(out))
+    if (out / INFO_NAME).is_file() and split in (info := load_info(out))["splits"]:
+        write_json_atomic(setting_aside / INFO_NAME, info)
     for path in shard_files(out, split):
         path.rename(setting_aside / path.name)
     setting_aside.rename(replaced_split_dir(out, split))  # the old split is now whole in one place

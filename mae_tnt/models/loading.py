@@ -93,10 +93,10 @@ def recorded_build_kwargs(path: str | Path, name: str) -> dict:
     recorded = _export_record(Path(path)) or _checkpoint_record(Path(path))
     if recorded is None:
         return {}
-    if recorded.get("model") == name:
-        return {key: recorded[key] for key in BUILD_KEYS if recorded.get(key) is not None}
-    headless = {"num_classes": 0} if recorded.get("num_classes") is None else {}  # pretraining records no classes
-    return {**headless, **({"img_size": recorded["img_size"]} if recorded.get("img_size") is not None else {})}
+    if recorded.get("model") != name:  # another model's weights: only their image size, and no head for an MAE's
+        recorded = {"img_size": recorded.get("img_size"),  # pretraining records no classes
+                    "num_classes": 0 if recorded.get("num_classes") is None else None}
+    return {key: recorded[key] for key in BUILD_KEYS if recorded.get(key) is not None}
 
 
 def _export_record(path: Path) -> dict | None:
