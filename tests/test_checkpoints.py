@@ -22,14 +22,9 @@ from mae_tnt.models.loading import (
     save_weights,
     without_wrapper_prefixes,
 )
-from mae_tnt.train.checkpoint import (
-    Checkpoint,
-    ResumeError,
-    check_compatible,
-    check_engine_pickles,
-    resolve_resume,
-)
+from mae_tnt.train.checkpoint import Checkpoint, ResumeError, check_engine_pickles
 from mae_tnt.train.init import read_source
+from mae_tnt.train.resume import check_compatible, resolve_resume
 
 
 def official_mae_state_dict(with_decoder: bool = True) -> dict:

@@ -9,9 +9,9 @@ import torch
 from mae_tnt.config import load_config
 from mae_tnt.finetune_config import FinetuneConfig
 from mae_tnt.models import create_model
-from mae_tnt.train.checkpoint import load_optimizer_state, with_this_runs_kernel
 from mae_tnt.train.finetune import build_classifier, build_optimizer
 from mae_tnt.train.optim import build_adamw, param_groups
+from mae_tnt.train.resume import load_optimizer_state, with_this_runs_kernel
 from mae_tnt.train.schedule import lr_at, set_lr
 
 ROOT = Path(__file__).resolve().parents[1]

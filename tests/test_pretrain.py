@@ -30,10 +30,12 @@ from mae_tnt.config import ConfigError, PretrainConfig, load_config
 from mae_tnt.data.shards import ShardError, read_samples
 from mae_tnt.data.transforms import normalize
 from mae_tnt.finetune_config import FinetuneConfig
-from mae_tnt.train.checkpoint import ResumeError, _skipped_carried_over, find_checkpoints
-from mae_tnt.train.engine import Trainer, auto_precision, derive_plan, seed_step
+from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
+from mae_tnt.train.engine import Trainer, derive_plan, seed_step
 from mae_tnt.train.finetune import FinetuneRun, finetune
+from mae_tnt.train.launch import auto_precision
 from mae_tnt.train.loop import NonFiniteLossError, TrainingRun, Window, raise_if_nonfinite
+from mae_tnt.train.resume import _skipped_carried_over
 from mae_tnt.visualize import main as visualize_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -868,7 +870,7 @@ def deepspeed_file(monkeypatch, tmp_path, **modes) -> None:
 ])
 def test_a_deepspeed_file_that_agrees_with_run_precision_is_followed(monkeypatch, tmp_path, modes, requested,
                                                                      expected):
-    from mae_tnt.train.engine import resolve_precision
+    from mae_tnt.train.launch import resolve_precision
     deepspeed_file(monkeypatch, tmp_path, **modes)
     assert resolve_precision(requested) == expected
 
@@ -881,7 +883,7 @@ def test_a_deepspeed_file_that_agrees_with_run_precision_is_followed(monkeypatch
 ])
 def test_a_deepspeed_file_that_contradicts_run_precision_is_refused(monkeypatch, tmp_path, modes, requested,
                                                                     setting):
-    from mae_tnt.train.engine import resolve_precision
+    from mae_tnt.train.launch import resolve_precision
     deepspeed_file(monkeypatch, tmp_path, **modes)
     with pytest.raises(ConfigError, match=rf"run.precision={requested}( \(\w+ here\))?, but the DeepSpeed config "
                                           rf".*ds.json sets {setting}: write \"enabled\": \"auto\""):
@@ -891,7 +893,7 @@ def test_a_deepspeed_file_that_contradicts_run_precision_is_refused(monkeypatch,
 
 
 def test_a_deepspeed_file_that_is_not_json_is_named(monkeypatch, tmp_path):
-    from mae_tnt.train.engine import resolve_precision
+    from mae_tnt.train.launch import resolve_precision
     deepspeed_file(monkeypatch, tmp_path)
     (tmp_path / "ds.json").write_text('{"bf16": {"enabled": true},}')
     with pytest.raises(ConfigError, match=r"the DeepSpeed config .*ds.json is not valid JSON: .*line 1"):
@@ -970,7 +972,7 @@ def test_a_log_line_clears_the_progress_bar_and_redraws_it_below(capsys):
     ("false", "there is no GPU for each; to run CPU processes, launch"),  # a multi-GPU config without GPUs
 ])
 def test_processes_launched_together_but_set_up_alone_are_refused_naming_the_cause(monkeypatch, deepspeed, cause):
-    from mae_tnt.train.engine import check_launch
+    from mae_tnt.train.launch import check_launch
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", deepspeed)
     with pytest.raises(ConfigError, match=rf"the launcher started 2 processes, but accelerate set this one up as 1 "
@@ -1000,7 +1002,7 @@ def test_two_optimizer_steps_lower_the_loss_on_a_fixed_batch():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast works on CUDA")
 def test_fp16_on_cpu_is_warned_about_instead_of_silently_training_in_fp32(capsys):
-    from mae_tnt.train.engine import build_accelerator
+    from mae_tnt.train.launch import build_accelerator
 
     cfg = load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_vit.yaml", ["run.precision=fp16"])
     build_accelerator(cfg)
@@ -1040,7 +1042,7 @@ def test_a_ctrl_c_while_the_loader_workers_stop_reaches_the_training_loop():
 @pytest.mark.parametrize("in_file, warned", [("auto", False), (0.5, False), (1.0, True)])
 def test_the_recipe_sets_deepspeeds_batch_and_clipping_fields_and_a_clipping_it_overrides_is_warned_about(
         in_file, warned, recwarn):
-    from mae_tnt.train.engine import configure_deepspeed
+    from mae_tnt.train.launch import configure_deepspeed
 
     ds_config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 7,
                  "gradient_clipping": in_file}

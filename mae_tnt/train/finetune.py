@@ -7,7 +7,8 @@ LARS on a frozen encoder kept in eval mode (MAE #54). kNN needs no training (`ma
 
 Randomness is reproducible without saved RNG state: each sample's augmentation is seeded by the stream; each
 micro-step reseeds torch (drop path, erasing noise) and Python/NumPy (timm's erasing boxes and mixup draws) from
-(seed, rank, micro-step). The engine's pieces are reused: `build_accelerator`, `derive_plan`, `seed_step`, `Window`.
+(seed, rank, micro-step). Pretraining's pieces are reused: `build_accelerator`, `derive_plan`, `seed_step`,
+`TrainingRun` and `Window`.
 
 References: facebookresearch/mae `main_finetune.py`, `engine_finetune.py`, `main_linprobe.py`, `util/lars.py`;
 timm `train.py` (Mixup, RandomErasing, ModelEmaV3, SoftTargetCrossEntropy); accelerate `complete_cv_example.py`.
@@ -44,21 +45,15 @@ from ..text import counted
 from .augment import BatchAugment, FinetuneTransform, build_criterion, seeded_global_rngs
 from .checkpoint import (
     bare_model,
-    best_weights_step,
     find_checkpoints,
     fresh_directory,
     frozen_fp32_copies,
     master_state_dict,
     replace_dir,
-    resolve_resume,
     save_checkpoint,
-    set_aside_previous_run,
-    uses_deepspeed,
     write_failures_explained,
 )
 from .engine import (
-    build_accelerator,
-    configure_deepspeed,
     derive_plan,
     seed_step,
     write_run_config,
@@ -79,10 +74,13 @@ from .knn import (
     shown_eval_batches,
     topk_text,
 )
+from .launch import build_accelerator, configure_deepspeed, uses_deepspeed
 from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, main_process_lines, step_progress
 from .optim import build_adamw
+from .resume import resolve_resume
 from .run_lock import claim_run_directory, given_back_on_failure, released_at_end
+from .superseded import best_weights_step, set_aside_previous_run
 
 EMA_FILE = "ema.safetensors"
 

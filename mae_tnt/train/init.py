@@ -42,7 +42,8 @@ from ..models.loading import (
 from ..models.mae import split_mae_state_dict
 from ..models.registry import ModelError, classifier_name_for
 from ..models.sret import SReT, reestimate_batchnorm
-from .checkpoint import FRESH, ResumeError, check_engine_pickles
+from .checkpoint import ResumeError, check_engine_pickles
+from .resume import FRESH
 
 HEAD_KEYS = ("head.*", "fc_norm.*")
 

@@ -15,8 +15,10 @@ import torch
 from ..config import to_dict
 from ..data.transforms import normalize
 from ..text import counted
-from .checkpoint import METRICS_ROWS_KEY, find_checkpoints, restore_training, uses_deepspeed
+from .checkpoint import METRICS_ROWS_KEY, find_checkpoints
+from .launch import training_precision, uses_deepspeed
 from .metrics import MetricsLogger
+from .resume import restore_training
 from .schedule import lr_at, set_lr
 
 
@@ -147,12 +149,6 @@ def raise_if_nonfinite(accelerator, window: Window, out: Path, accum_steps: int)
         f"non-finite loss at micro-step {bad} (optimizer step {bad // accum_steps + 1}); stopping without saving. "
         f"Try a lower optim.base_lr, optim.grad_clip=1.0{' or run.precision=fp32' if half else ''}. {then}."
     )
-
-
-def training_precision(accelerator) -> str:
-    """What the forward passes run in: fp32, bf16 or fp16 (which autocast on the CPU ignores)."""
-    precision = accelerator.mixed_precision
-    return "fp32" if precision == "no" or (precision == "fp16" and accelerator.device.type == "cpu") else precision
 
 
 class TrainingRun:
