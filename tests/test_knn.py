@@ -113,15 +113,49 @@ def test_accuracy_counts_ignore_padding_and_cap_k():
     assert {k: v.item() for k, v in counts.items()} == {"top1": 1, "top5": 2, "count": 2}
 
 
+def labels_of(batches) -> list[int]:
+    return torch.cat([labels for _, labels in batches]).tolist()
+
+
 def test_eval_batches_split_ranks_evenly_and_cover_every_decodable_sample(tmp_path):
-    write_shards(tmp_path, [7, 6], split="val", corrupt=frozenset({5}))
+    write_shards(tmp_path, [7, 6], split="val", corrupt=frozenset({5}), num_classes=100)  # label = sample id
     shards = resolve_shards(str(tmp_path), "val")
     per_rank = [list(eval_batches(shards, 16, 4, rank, 2)) for rank in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 2  # ceil(ceil(13 / 4) / 2)
     assert all(images.shape == (4, 3, 16, 16) for rank in per_rank for images, _ in rank)
-    labels = torch.cat([labels for rank in per_rank for _, labels in rank])
-    assert sorted(labels[labels >= 0].tolist()) == sorted(i % 10 for i in range(13) if i != 5)
-    assert (labels == -1).sum().item() == 4  # 3 padding rows and the undecodable sample
+    # Rank after rank, the rows are in shard order, as one process reads them; -1 pads the undecodable sample's
+    # batch and the end.
+    assert labels_of(per_rank[0] + per_rank[1]) == labels_of(eval_batches(shards, 16, 4)) == [
+        0, 1, 2, 3, 4, 6, 7, -1, 8, 9, 10, 11, 12, -1, -1, -1]
+
+
+def test_each_rank_reads_only_the_shards_its_batches_lie_in(tmp_path, monkeypatch):
+    import mae_tnt.data.loader as loader
+
+    write_shards(tmp_path, [8, 8, 8, 8], split="val", num_classes=100)
+    shards = resolve_shards(str(tmp_path), "val")
+    opened = []
+    monkeypatch.setattr(loader, "read_samples", lambda url, start, *args, read=loader.read_samples, **kwargs: (
+        opened.append((Path(url).name, start)) or read(url, start, *args, **kwargs)))
+    for rank in range(2):
+        assert labels_of(eval_batches(shards, 16, 4, rank, 2)) == list(range(16 * rank, 16 * rank + 16))
+    assert opened == [("val-000000.tar", 0), ("val-000001.tar", 0), ("val-000002.tar", 0), ("val-000003.tar", 0)]
+    opened.clear()
+    # The first 10 samples, in 3 batches: rank 0 takes two, rank 1 one, of which the last 2 rows are padding.
+    assert [labels_of(eval_batches(shards, 16, 4, rank, 2, max_samples=10)) for rank in range(2)] == [
+        list(range(8)), [8, 9, -1, -1, -1, -1, -1, -1]]
+    assert opened == [("val-000000.tar", 0), ("val-000001.tar", 0)]
+
+
+def test_samples_after_a_break_keep_their_positions_so_every_rank_count_gives_the_same_rows(tmp_path):
+    write_shards_damaged_at_their_size(tmp_path, "val")  # s000003-s000007 of the first shard are lost
+    shards = resolve_shards(str(tmp_path), "val")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = labels_of(eval_batches(shards, 16, 3))
+        two = labels_of([batch for rank in range(2) for batch in eval_batches(shards, 16, 3, rank, 2)])
+    # Batches of 3: [0 1 2] [3 4 5] [6 7 8] ...; a batch's decodable rows come first.
+    assert one == two[: len(one)] == [0, 1, 2, -1, -1, -1, 8, -1, -1, 9, 0, 1, 2, 3, 4, 5, -1, -1]
 
 
 def test_an_evaluation_names_a_shard_damaged_without_changing_its_size_and_scores_what_precedes_the_break(tmp_path):
@@ -161,16 +195,18 @@ def run_as_ranks(world: int, work) -> list:
     return results
 
 
-def test_the_capped_bank_holds_the_first_train_rows_whatever_the_number_of_processes():
-    """Batch i goes to rank i mod 2, so the gathered rows are r0, r2 | r1, r3; the first two in shard order are r0
-    and r1. Only r1 shares the query's class: a bank of r0 and r2 would score 0."""
-    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])  # r0..r3, one per batch
-    labels = torch.tensor([0, 1, 0, 0])
-    train = [[(rows[i : i + 1], labels[i : i + 1]) for i in range(rank, 4, 2)] for rank in range(2)]
-    val = [[(torch.tensor([[0.0, 1.0]]), torch.tensor([1]))], [(torch.zeros(1, 2), torch.tensor([-1]))]]
-    results = run_as_ranks(2, lambda rank, gather: knn_accuracy(lambda x: x, train[rank], val[rank], k=1,
-                                                                 temperature=0.1, gather=gather, max_train=2))
-    assert results[0] == results[1] == {"knn_top1": 100.0, "knn_train": 2, "knn_val": 1, "knn_k": 1}
+def test_the_capped_bank_and_the_accuracy_are_the_same_whatever_the_number_of_processes(tmp_path):
+    write_shards(tmp_path, [16, 16, 8], split="train", size=32)
+    write_shards(tmp_path, [20], split="val", size=32)
+    encoder = create_model("vit_test_patch8_32", num_classes=0)
+    data = DataConfig(train=str(tmp_path), val=str(tmp_path))
+    kwargs = dict(img_size=32, batch_size=4, k=5, max_train=25)
+    alone = knn_accuracy_on_shards(encoder, data, **kwargs)
+    for world in (2, 3):
+        results = run_as_ranks(world, lambda rank, gather, world=world: knn_accuracy_on_shards(
+            encoder, data, **kwargs, rank=rank, world_size=world, gather=gather))
+        assert all(result == alone for result in results)
+    assert alone["knn_train"] == 25
 
 
 def test_knn_on_shards_caps_the_bank_and_restores_train_mode(tmp_path):

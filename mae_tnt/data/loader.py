@@ -12,6 +12,7 @@ import os
 import signal
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from functools import partial
 
 import torch
@@ -21,7 +22,7 @@ from ..config import DataConfig
 from ..text import counted
 from .device_decode import DeferredCrop, gpu_decode_available
 from .images import BadImageError, image_bytes, set_max_image_pixels
-from .shards import Shard, ShardError, break_warning, read_samples, resolve_shards
+from .shards import SampleWarning, Shard, ShardError, break_warning, read_samples, resolve_shards
 from .stream import BadLabelError, ShardStream, label_of
 from .transforms import eval_resize, stack_images, train_crop
 
@@ -107,38 +108,55 @@ def eval_image(sample: dict, img_size: int) -> torch.Tensor | None:
         return None  # skipped, as in training
 
 
-def eval_batches(shards: list[Shard], img_size: int, batch_size: int, rank: int = 0,
-                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(shards: list[Shard], img_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 max_samples: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share of the evaluation samples in shard order: uint8 [B, 3, S, S] and labels [B].
 
-    Batch i of the shard sequence goes to rank i mod world_size. Every rank yields ceil(batches / world_size)
-    full-size batches; rows past the data (or lost to undecodable images) are zeros with label -1.
+    The first `max_samples` samples (all by default) are cut by position into batches, and each rank takes a
+    contiguous run of `eval_batch_count` of them: gathered rank after rank, the rows are in shard order whatever the
+    number of processes, and a rank reads only the shards its batches lie in. Every rank yields as many full-size
+    batches; rows past the data, or lost to undecodable images or to a shard that broke, are zeros with label -1.
     """
-    samples = _samples_in_order(shards)
-    chunks = iter(lambda: list(itertools.islice(samples, batch_size)), [])
-    mine = itertools.islice(chunks, rank, None, world_size)
-    for _ in range(eval_batch_count(shards, batch_size, world_size)):
-        yield _padded_batch(next(mine, []), img_size, batch_size)
+    count = eval_batch_count(shards, batch_size, world_size, max_samples)
+    first = rank * count * batch_size
+    samples = _samples_at(shards, first, min(first + count * batch_size, _samples_used(shards, max_samples)))
+    for _ in range(count):
+        yield _padded_batch(list(itertools.islice(samples, batch_size)), img_size, batch_size)
 
 
-def eval_batch_count(shards: list[Shard], batch_size: int, world_size: int = 1) -> int:
+def eval_batch_count(shards: list[Shard], batch_size: int, world_size: int = 1, max_samples: int | None = None) -> int:
     """How many batches `eval_batches` yields on every rank."""
+    return math.ceil(math.ceil(_samples_used(shards, max_samples) / batch_size) / world_size)
+
+
+def _samples_used(shards: list[Shard], max_samples: int | None) -> int:
     total = sum(shard.num_samples for shard in shards)
-    return math.ceil(math.ceil(total / batch_size) / world_size)
+    return total if max_samples is None else min(total, max_samples)
 
 
-def in_shard_order(gathered: torch.Tensor, world_size: int, batch_size: int) -> torch.Tensor:
-    """Rows of every rank's `eval_batches`, gathered rank after rank, back in shard order: undoes the round-robin, so
-    that what follows (e.g. the first N rows) does not depend on the number of processes."""
-    by_rank = gathered.unflatten(0, (world_size, -1, batch_size))  # [world, batches per rank, B, ...]
-    return by_rank.transpose(0, 1).flatten(0, 2)  # [batches per rank * world * B, ...], global batch i at i * B
+def _samples_at(shards: list[Shard], first: int, last: int) -> Iterator[dict | None]:
+    """The samples at positions [first, last) of the shard sequence, placed by the shards' recorded counts; None for
+    each one a broken shard lost, so that later samples keep their positions."""
+    offset = 0
+    for shard in shards:
+        start, stop = max(first - offset, 0), min(last - offset, shard.num_samples)
+        offset += shard.num_samples
+        if start >= stop:
+            continue
+        on_break = partial(_warn_of_break, shard)
+        with closing(read_samples(shard.url, start, on_break, expected=shard.num_samples)) as samples:
+            read = 0
+            for sample in itertools.islice(samples, stop - start):
+                read += 1
+                yield sample
+        yield from itertools.repeat(None, stop - start - read)
 
 
 def _padded_batch(samples: list[dict], img_size: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exactly `batch_size` rows: the decodable samples, then zero images labeled -1."""
     images = torch.zeros(batch_size, 3, img_size, img_size, dtype=torch.uint8)
     labels = torch.full((batch_size,), -1, dtype=torch.long)
-    decoded = [row for sample in samples if (row := _eval_row(sample, img_size)) is not None]
+    decoded = [row for sample in samples if sample is not None and (row := _eval_row(sample, img_size)) is not None]
     for row, (image, label) in enumerate(decoded):
         images[row], labels[row] = image, label
     return images, labels
@@ -155,7 +173,8 @@ def _eval_row(sample: dict, img_size: int) -> tuple[torch.Tensor, int] | None:
 
 def first_images(shards: list[Shard], count: int, img_size: int) -> torch.Tensor:
     """The first `count` decodable images of a shard set: uint8 [count, 3, S, S]."""
-    decoded = (eval_image(sample, img_size) for sample in _samples_in_order(shards))
+    samples = _samples_at(shards, 0, _samples_used(shards, None))
+    decoded = (eval_image(sample, img_size) for sample in samples if sample is not None)
     images = list(itertools.islice((image for image in decoded if image is not None), count))
     if not images:
         raise ShardError(f"no readable image in {counted(len(shards), 'shard')} from {shards[0].url} on; see the "
@@ -163,13 +182,8 @@ def first_images(shards: list[Shard], count: int, img_size: int) -> torch.Tensor
     return stack_images(images)
 
 
-def _samples_in_order(shards: list[Shard]) -> Iterator[dict]:
-    return (sample for shard in shards
-            for sample in read_samples(shard.url, expected=shard.num_samples, on_break=partial(_warn_of_break, shard)))
-
-
 def _warn_of_break(shard: Shard, reason: str) -> None:
     """Warn about a break that resolving the shards did not find (damage that kept a local file's size, a remote
-    shard); every rank reads every evaluation sample, so rank 0 says it for all."""
+    shard): only the ranks whose evaluation batches lie in the shard read it, so each says it for itself."""
     if not shard.warned_broken:
-        warnings.warn(break_warning(shard.url, reason), stacklevel=2)
+        warnings.warn(break_warning(shard.url, reason), SampleWarning, stacklevel=2)

@@ -16,7 +16,6 @@ timm `train.py` (Mixup, RandomErasing, ModelEmaV3, SoftTargetCrossEntropy); acce
 
 from __future__ import annotations
 
-import itertools
 import math
 from pathlib import Path
 
@@ -172,8 +171,8 @@ def refit_stem_norms(model: nn.Module, cfg: FinetuneConfig, device: torch.device
     batches (the model's mode is kept)."""
     data = cfg.data
     shards = data_shards(data, "train", verify=False)
-    batches = itertools.islice(eval_batches(shards, cfg.model.img_size, data.batch_size),
-                               cfg.model.bn_reestimate_batches)
+    batches = eval_batches(shards, cfg.model.img_size, data.batch_size,
+                           max_samples=cfg.model.bn_reestimate_batches * data.batch_size)
     # Rows labelled -1 pad a batch past the split's end or in place of an undecodable image: zeros, not data
     real = (images[labels >= 0] for images, labels in batches if (labels >= 0).any())
     seen = reestimate_stem_norms(model, (normalize(images.to(device), data.mean, data.std) for images in real))

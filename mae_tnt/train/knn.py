@@ -5,8 +5,8 @@ and every neighbour votes for its class with weight exp(similarity / T). `knn_ac
 that both fine-tuning's kNN mode and pretraining's online monitor (`eval.knn_every`) make.
 
 Evaluation batches (`mae_tnt.data.loader.eval_batches`) are the same in number on every rank (padding rows carry
-label -1 and are ignored), so forward passes that are collectives (DeepSpeed ZeRO-3) never hang, and each rank decodes
-only its own batches.
+label -1 and are ignored), so forward passes that are collectives (DeepSpeed ZeRO-3) never hang; each rank reads and
+decodes only its own contiguous share, and the gathered rows come back in shard order.
 
 References: Caron et al., DINO (arXiv 2104.14294) `eval_knn.py` (k = 20, T = 0.07, weighted voting); Wu et al.,
 "Unsupervised Feature Learning via Non-Parametric Instance Discrimination" (the exp(s / T) weighting).
@@ -14,8 +14,6 @@ References: Caron et al., DINO (arXiv 2104.14294) `eval_knn.py` (k = 20, T = 0.0
 
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DataConfig
-from ..data.loader import data_shards, data_source, eval_batch_count, eval_batches, in_shard_order
+from ..data.loader import data_shards, data_source, eval_batch_count, eval_batches
 from ..data.shards import ShardError, labeled_classes
 from ..data.transforms import normalize
 from ..models.layers import in_mode
@@ -73,9 +71,7 @@ def extract_features(forward: Callable[[torch.Tensor], torch.Tensor], batches: B
         labels.append(batch_labels.to(device))
     feats_t, labels_t = torch.cat(feats), torch.cat(labels)
     if gather is not None and labels:
-        gathered_feats, gathered_labels = gather(feats_t), gather(labels_t)
-        world, rows = len(gathered_labels) // len(labels_t), len(labels[0])
-        feats_t, labels_t = in_shard_order(gathered_feats, world, rows), in_shard_order(gathered_labels, world, rows)
+        feats_t, labels_t = gather(feats_t), gather(labels_t)  # rank after rank: in shard order
     keep = labels_t >= 0
     return feats_t[keep], labels_t[keep]
 
@@ -188,10 +184,8 @@ def knn_accuracy_on_shards(encoder: nn.Module, data: DataConfig, *, img_size: in
 
 def shown_eval_batches(shards: list, img_size: int, batch_size: int, rank: int, world_size: int, desc: str,
                        max_images: int | None = None) -> Batches:
-    """This rank's `eval_batches`, only as many as hold the first `max_images` images, under a progress bar that
+    """This rank's `eval_batches` of the first `max_images` images (all by default), under a progress bar that
     appears when the first batch is asked for (not beside the bank's while that one runs)."""
-    count = eval_batch_count(shards, batch_size, world_size)
-    if max_images is not None:
-        count = min(count, math.ceil(max_images / (batch_size * world_size)))
-    batches = itertools.islice(eval_batches(shards, img_size, batch_size, rank, world_size), count)
+    count = eval_batch_count(shards, batch_size, world_size, max_images)
+    batches = eval_batches(shards, img_size, batch_size, rank, world_size, max_images)
     yield from batch_progress(batches, count, desc, enabled=rank == 0)
