@@ -22,3 +22,16 @@ def test_gpu_benchs_pipeline_shards_hold_one_epoch_of_the_timed_steps_for_every_
     for spec in gpu.DEFAULT_MODELS:
         plan = StreamPlan(images, workers, int(spec.split(":")[1]))
         assert plan.batches_per_worker * workers > steps
+
+
+def test_visible_only_bench_reports_what_the_step_would_take_at_the_full_encoders_rate(capsys):
+    """The visible-only encoder does 4 GMAC in 2 s, half the full one's rate (16 GMAC in 4 s): at that rate it would
+    take 1 s, so the visible-only step would take 2 s instead of 3 s, against the full step's 6 s."""
+    visible_only = pytest.importorskip("visible_only")
+    seconds = {"visible-only": 3.0, "mask tokens in encoder": 6.0, "encoder alone, visible-only": 2.0,
+               "encoder alone, mask tokens": 4.0}
+    macs = {"encoder alone, visible-only": 4.0, "encoder alone, mask tokens": 16.0}
+    visible_only.print_encoder_efficiency(seconds, macs)
+    assert capsys.readouterr().out.splitlines() == [
+        "encoder MACs per second, visible-only / mask tokens: 0.50x",
+        "speedup if the visible-only encoder ran at the full one's rate: 3.00x"]
