@@ -90,33 +90,9 @@ def pooling_note(model: torch.nn.Module) -> str | None:
 
 @quiet_on_ctrl_c("run the same command again to convert")
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
-    parser.add_argument("src", type=Path, help="foreign checkpoint (.pth, .pth.tar, .bin or .safetensors)")
-    parser.add_argument("out", type=Path, help="output .safetensors file")
-    parser.add_argument("--model", required=True, help="registered model name, e.g. mae_vit_base_patch16")
-    parser.add_argument("--allow-missing", nargs="*", default=[], metavar="PATTERN",
-                        help="fnmatch patterns of keys the source may lack (e.g. 'decoder_*' 'mask_token')")
-    parser.add_argument("--allow-unexpected", nargs="*", default=[], metavar="PATTERN",
-                        help="fnmatch patterns of source keys to leave out (e.g. 'encoder.head.*': a classifier's head "
-                             "when converting it to an MAE)")
-    parser.add_argument("--img-size", type=int, default=None,
-                        help="image size in pixels to build the model at: the size SRC was trained at (needed when it "
-                             "is not the model's default), or another one to resample SRC's position table to")
-    parser.add_argument("--unsafe-pickle", action="store_true",
-                        help="allow a full unpickle for legacy files that weights_only loading refuses")
-    args = parser.parse_args(argv)
-    if args.out.suffix != ".safetensors":  # readers tell safetensors from pickles by the name
-        print(f"error: {args.out} must end in .safetensors, the format written; e.g. "
-              f"{args.out.with_suffix('.safetensors')}", file=sys.stderr)
-        return 1
-    blocker = file_in_the_way(args.out.parent)
-    if blocker is not None or args.out.is_dir():
-        where = f"{args.out} is a directory" if blocker is None else f"{blocker} is a file, not a directory"
-        print(f"error: {where}; choose another OUT", file=sys.stderr)
-        return 1
-    if args.out.exists() and args.out.resolve() == args.src.resolve():
-        print(f"error: OUT {args.out} is SRC, which the conversion would replace; write it to another file",
-              file=sys.stderr)
+    args = _parser().parse_args(argv)
+    if (error := _out_error(args.src, args.out)) is not None:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     replacing = args.out.exists()
     try:
@@ -134,6 +110,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     if note:
         print(f"note: {note}")
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
+    parser.add_argument("src", type=Path, help="foreign checkpoint (.pth, .pth.tar, .bin or .safetensors)")
+    parser.add_argument("out", type=Path, help="output .safetensors file")
+    parser.add_argument("--model", required=True, help="registered model name, e.g. mae_vit_base_patch16")
+    parser.add_argument("--allow-missing", nargs="*", default=[], metavar="PATTERN",
+                        help="fnmatch patterns of keys the source may lack (e.g. 'decoder_*' 'mask_token')")
+    parser.add_argument("--allow-unexpected", nargs="*", default=[], metavar="PATTERN",
+                        help="fnmatch patterns of source keys to leave out (e.g. 'encoder.head.*': a classifier's head "
+                             "when converting it to an MAE)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="image size in pixels to build the model at: the size SRC was trained at (needed when it "
+                             "is not the model's default), or another one to resample SRC's position table to")
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help="allow a full unpickle for legacy files that weights_only loading refuses")
+    return parser
+
+
+def _out_error(src: Path, out: Path) -> str | None:
+    """Why OUT cannot be written, if it cannot."""
+    if out.suffix != ".safetensors":  # readers tell safetensors from pickles by the name
+        return f"{out} must end in .safetensors, the format written; e.g. {out.with_suffix('.safetensors')}"
+    blocker = file_in_the_way(out.parent)
+    if blocker is not None or out.is_dir():
+        where = f"{out} is a directory" if blocker is None else f"{blocker} is a file, not a directory"
+        return f"{where}; choose another OUT"
+    if out.exists() and out.resolve() == src.resolve():
+        return f"OUT {out} is SRC, which the conversion would replace; write it to another file"
+    return None
 
 
 if __name__ == "__main__":
