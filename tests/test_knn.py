@@ -11,8 +11,8 @@ import torch
 from shard_utils import drop_classes, write_shards, write_shards_damaged_at_their_size
 
 from mae_tnt.config import DataConfig
-from mae_tnt.data.loader import eval_batches
-from mae_tnt.data.shards import ShardError, resolve_shards
+from mae_tnt.data.loader import eval_batches, first_images
+from mae_tnt.data.shards import SampleWarning, ShardError, resolve_shards
 from mae_tnt.models import create_model
 from mae_tnt.train.knn import (
     accuracy_counts,
@@ -195,9 +195,15 @@ def run_as_ranks(world: int, work) -> list:
     return results
 
 
-def test_the_capped_bank_and_the_accuracy_are_the_same_whatever_the_number_of_processes(tmp_path):
-    write_shards(tmp_path, [16, 16, 8], split="train", size=32)
-    write_shards(tmp_path, [20], split="val", size=32)
+def test_the_capped_bank_holds_the_first_samples_and_scores_alike_whatever_the_number_of_processes(tmp_path,
+                                                                                                 monkeypatch):
+    import mae_tnt.train.knn as knn
+
+    write_shards(tmp_path, [16, 16, 8], split="train", size=32, num_classes=100)  # label = sample id
+    write_shards(tmp_path, [20], split="val", size=32, num_classes=100)
+    banks = []
+    monkeypatch.setattr(knn, "knn_scores", lambda bank, bank_labels, queries, score=knn.knn_scores, **kwargs: (
+        banks.append(bank_labels.tolist()) or score(bank, bank_labels, queries, **kwargs)))
     encoder = create_model("vit_test_patch8_32", num_classes=0)
     data = DataConfig(train=str(tmp_path), val=str(tmp_path))
     kwargs = dict(img_size=32, batch_size=4, k=5, max_train=25)
@@ -206,7 +212,24 @@ def test_the_capped_bank_and_the_accuracy_are_the_same_whatever_the_number_of_pr
         results = run_as_ranks(world, lambda rank, gather, world=world: knn_accuracy_on_shards(
             encoder, data, **kwargs, rank=rank, world_size=world, gather=gather))
         assert all(result == alone for result in results)
-    assert alone["knn_train"] == 25
+    assert banks == [list(range(25))] * 6  # one process, then every rank of two and of three
+
+
+def test_a_break_is_each_ranks_own_warning_only_where_each_rank_reads_its_own_share(tmp_path):
+    """Several ranks' eval batches are theirs alone: each one says what broke under it (with its rank). One process,
+    and the reconstruction images every rank reads alike, speak for all (rank 0 says it)."""
+    write_shards_damaged_at_their_size(tmp_path, "val")
+    shards = resolve_shards(str(tmp_path), "val")
+    reads = {"two ranks": lambda: list(eval_batches(shards, 16, 4, 0, 2)),
+             "one process": lambda: list(eval_batches(shards, 16, 4)),
+             "first images": lambda: first_images(shards, 12, 16)}
+    categories = {}
+    for name, read in reads.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            read()
+        [categories[name]] = [w.category for w in caught if "broke" in str(w.message)]
+    assert categories == {"two ranks": SampleWarning, "one process": UserWarning, "first images": UserWarning}
 
 
 def test_knn_on_shards_caps_the_bank_and_restores_train_mode(tmp_path):

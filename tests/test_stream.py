@@ -371,6 +371,15 @@ def test_a_pipe_command_that_ends_a_shard_early_but_cleanly_is_warned_about(tmp_
         assert sum(batch["skipped"] for batch in consume(stream_for(shards))) >= 4
 
 
+def test_a_shard_that_ends_early_says_how_many_samples_it_held_even_when_read_from_past_its_end(tmp_path):
+    write_shards(tmp_path, [8])  # recorded below as 20 samples
+    url = str(tmp_path / "train-000000.tar")
+    reasons = []
+    assert len(list(read_samples(url, 3, reasons.append, expected=20))) == 5
+    assert list(read_samples(url, 10, reasons.append, expected=20)) == []  # the 8 samples before 10 were never read
+    assert reasons == ["it ended after 8 of its 20 samples", "it ended after at most 10 of its 20 samples"]
+
+
 def test_missing_shard_and_empty_split_fail_clearly(tmp_path):
     write_shards(tmp_path, [4, 4])
     (tmp_path / "train-000001.tar").unlink()

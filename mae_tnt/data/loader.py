@@ -22,7 +22,7 @@ from ..config import DataConfig
 from ..text import counted
 from .device_decode import DeferredCrop, gpu_decode_available
 from .images import BadImageError, image_bytes, set_max_image_pixels
-from .shards import SampleWarning, Shard, ShardError, break_warning, read_samples, resolve_shards
+from .shards import SampleWarning, Shard, ShardError, break_warning, padded, read_samples, resolve_shards
 from .stream import BadLabelError, ShardStream, label_of
 from .transforms import eval_resize, stack_images, train_crop
 
@@ -119,7 +119,10 @@ def eval_batches(shards: list[Shard], img_size: int, batch_size: int, rank: int 
     """
     count = eval_batch_count(shards, batch_size, world_size, max_samples)
     first = rank * count * batch_size
-    samples = _samples_at(shards, first, min(first + count * batch_size, _samples_used(shards, max_samples)))
+    last = min(first + count * batch_size, _samples_used(shards, max_samples))
+    # Each rank reads a share of its own when there are several; one process, or every rank reading alike (the SReT
+    # stem refit), speaks for all.
+    samples = _samples_at(shards, first, last, SampleWarning if world_size > 1 else UserWarning)
     for _ in range(count):
         yield _padded_batch(list(itertools.islice(samples, batch_size)), img_size, batch_size)
 
@@ -134,22 +137,19 @@ def _samples_used(shards: list[Shard], max_samples: int | None) -> int:
     return total if max_samples is None else min(total, max_samples)
 
 
-def _samples_at(shards: list[Shard], first: int, last: int) -> Iterator[dict | None]:
+def _samples_at(shards: list[Shard], first: int, last: int, warning: type[Warning]) -> Iterator[dict | None]:
     """The samples at positions [first, last) of the shard sequence, placed by the shards' recorded counts; None for
-    each one a broken shard lost, so that later samples keep their positions."""
+    each one a broken shard lost, so that later samples keep their positions. A break is warned about as `warning`:
+    a `SampleWarning` when only this rank reads these samples."""
     offset = 0
     for shard in shards:
         start, stop = max(first - offset, 0), min(last - offset, shard.num_samples)
         offset += shard.num_samples
         if start >= stop:
             continue
-        on_break = partial(_warn_of_break, shard)
+        on_break = partial(_warn_of_break, shard, warning)
         with closing(read_samples(shard.url, start, on_break, expected=shard.num_samples)) as samples:
-            read = 0
-            for sample in itertools.islice(samples, stop - start):
-                read += 1
-                yield sample
-        yield from itertools.repeat(None, stop - start - read)
+            yield from padded(samples, stop - start)
 
 
 def _padded_batch(samples: list[dict], img_size: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +173,7 @@ def _eval_row(sample: dict, img_size: int) -> tuple[torch.Tensor, int] | None:
 
 def first_images(shards: list[Shard], count: int, img_size: int) -> torch.Tensor:
     """The first `count` decodable images of a shard set: uint8 [count, 3, S, S]."""
-    samples = _samples_at(shards, 0, _samples_used(shards, None))
+    samples = _samples_at(shards, 0, _samples_used(shards, None), UserWarning)  # every rank reads them alike
     decoded = (eval_image(sample, img_size) for sample in samples if sample is not None)
     images = list(itertools.islice((image for image in decoded if image is not None), count))
     if not images:
@@ -182,8 +182,8 @@ def first_images(shards: list[Shard], count: int, img_size: int) -> torch.Tensor
     return stack_images(images)
 
 
-def _warn_of_break(shard: Shard, reason: str) -> None:
+def _warn_of_break(shard: Shard, warning: type[Warning], reason: str) -> None:
     """Warn about a break that resolving the shards did not find (damage that kept a local file's size, a remote
-    shard): only the ranks whose evaluation batches lie in the shard read it, so each says it for itself."""
+    shard)."""
     if not shard.warned_broken:
-        warnings.warn(break_warning(shard.url, reason), SampleWarning, stacklevel=2)
+        warnings.warn(break_warning(shard.url, reason), warning, stacklevel=2)

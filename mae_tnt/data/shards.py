@@ -12,6 +12,7 @@ References: webdataset 1.0 key rules (key = basename up to the first dot); timm 
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import tarfile
@@ -279,7 +280,17 @@ def read_samples(url: str, start: int = 0, on_break: Callable[[str], None] | Non
         _report_break(url, _break_reason(err, source), on_break)
         return
     if expected is not None and read < expected:
-        _report_break(url, f"it ended after {read} of its {expected} samples", on_break)
+        held = f"{read}" if read > start else f"at most {start}"  # a read from `start` on never saw the earlier ones
+        _report_break(url, f"it ended after {held} of its {expected} samples", on_break)
+
+
+def padded(samples: Iterator[dict], count: int) -> Iterator[dict | None]:
+    """The next `count` of `samples`, then None for each one a tar that broke or ended early did not hold."""
+    read = 0
+    for sample in itertools.islice(samples, count):
+        read += 1
+        yield sample
+    yield from itertools.repeat(None, count - read)
 
 
 def _report_break(url: str, reason: str, on_break: Callable[[str], None] | None) -> None:

@@ -33,7 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..text import counted
 from .images import BadImageError, image_bytes
-from .shards import SampleWarning, Shard, ShardError, StreamError, break_warning, is_local, read_samples
+from .shards import SampleWarning, Shard, ShardError, StreamError, break_warning, is_local, padded, read_samples
 from .transforms import stack_images
 
 SampleTransform = Callable[[bytes, random.Random], object]
@@ -284,14 +284,9 @@ class RoleStream:
         if url != shard.url or next_offset != offset:
             reader = read_samples(shard.url, start=offset, on_break=partial(self._note_break, shard),
                                   expected=shard.num_samples)
-        samples: list[dict | None] = []
-        try:
-            while len(samples) < count:
-                samples.append(next(reader))
-        except StopIteration:  # the tar broke: the rest of this shard is lost
-            reader = iter(())
+        samples = list(padded(reader, count))
         self._reader = (shard.url, offset + count, reader)
-        return samples + [None] * (count - len(samples))
+        return samples
 
     def _note_break(self, shard: Shard, reason: str) -> None:
         """Remember why samples went missing; warn about a break the start of training did not find (a remote or
