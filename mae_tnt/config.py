@@ -144,7 +144,9 @@ class OptimConfig:
     min_lr: float = 0.0
     """LR at the end of the half-cosine (absolute, not per 256 images)."""
     weight_decay: float = 0.05
-    """AdamW decoupled weight decay of weight matrices (never of norms, biases, tokens or position tables)."""
+    """AdamW decoupled weight decay. Never of 1-D parameters (norms, biases, SReT's LRC scalars); fine-tuning also
+    spares what the classifier's `no_weight_decay()` names (class token, position tables), while MAE pretraining
+    decays its class and mask tokens and learned position tables, as MAE does."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW's (beta1, beta2); MAE pretrains with beta2 = 0.95."""
     accum_steps: int = 1
