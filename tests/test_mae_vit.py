@@ -107,6 +107,20 @@ def test_masked_pixels_do_not_change_encoder_output(encoder_mode):
     assert not torch.allclose(model.forward_encoder(images + torch.randn_like(images), 0.75, noise)[0], latent)
 
 
+@pytest.mark.parametrize("name", ["mae_vit_test", "mae_tnt_test", "mae_sret_test"])
+def test_the_mask_token_baseline_puts_its_learned_token_in_place_of_the_hidden_units(name):
+    torch.manual_seed(0)
+    model = mae_tnt.create_model(name, encoder_mode="mask_tokens").eval()
+    size = model.grid * model.unit
+    images, noise = torch.randn(2, 3, size, size), torch.rand(2, model.grid**2)
+    latent = model.forward_encoder(images, 0.75, noise)[0]
+    latent.square().mean().backward()
+    assert model.encoder_mask_token.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.encoder_mask_token.add_(1.0)
+        assert not torch.allclose(model.forward_encoder(images, 0.75, noise)[0], latent)
+
+
 def test_loss_ignores_visible_patches(model):
     images = torch.randn(2, 3, 32, 32)
     noise = torch.rand(2, model.grid**2)

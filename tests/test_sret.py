@@ -14,7 +14,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import mae_tnt
 from mae_tnt.models import CheckpointError, load_weights
-from mae_tnt.models.sret import SlicedAttention, reestimate_batchnorm, split_units, to_official_state_dict
+from mae_tnt.models.sret import (
+    LearnableCoefficient,
+    SlicedAttention,
+    reestimate_batchnorm,
+    split_units,
+    to_official_state_dict,
+)
 
 PUBLISHED_HEADS = {"sret_t": (2, 4, 8), "sret_lt": (2, 4, 8), "sret_s": (3, 6, 12)}
 
@@ -204,6 +210,22 @@ def test_all_visible_equals_full_forward_without_border_padding(dense_stem):
     torch.testing.assert_close(visible, torch.stack([full[b, ids_keep[b]] for b in range(2)]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dense_stem", [False, True])
+def test_each_visible_unit_takes_its_own_position_rows(dense_stem):
+    """Units 8 and 5 visible: raising the position rows of hidden unit 0 changes nothing, unit 8's change the output
+    (a unit placed by its slot, not its index, would read unit 0's rows)."""
+    torch.manual_seed(0)
+    model = mae_tnt.create_model("sret_test", img_size=96, dense_stem=dense_stem).eval()
+    images, ids = torch.randn(1, 3, 96, 96), torch.tensor([[8, 5]])
+    t = model.pos_embed.shape[-1] // model.grid  # stem tokens per unit side
+    with torch.no_grad():
+        before = model.forward_visible(images, ids)
+        model.pos_embed[..., :t, :t] += 5  # unit 0
+        torch.testing.assert_close(model.forward_visible(images, ids), before)
+        model.pos_embed[..., 2 * t : 3 * t, 2 * t : 3 * t] += 5  # unit 8 = row 2, column 2 of the 3 x 3 grid
+        assert not torch.allclose(model.forward_visible(images, ids), before)
+
+
 @pytest.mark.parametrize("stem", [dict(dense_stem=False), dict(dense_stem=True), dict(encoder_mode="mask_tokens")])
 def test_masked_pixels_do_not_change_encoder_output(stem):
     model = mae_tnt.create_model("mae_sret_test", img_size=128, **stem).train()
@@ -301,7 +323,35 @@ def test_position_map_is_resampled_for_another_input_size():
     source = mae_tnt.create_model("sret_test", img_size=64)
     target = mae_tnt.create_model("sret_test", img_size=128)
     load_weights(target, to_official_state_dict(source))
-    assert target.pos_embed.shape[-2:] == (16, 16)
+    expected = F.interpolate(source.pos_embed.detach(), size=(16, 16), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(target.pos_embed.detach(), expected)
+
+
+def test_initialisation_is_deit_style():
+    """Truncated-normal(0.02) Linear weights and position map (timm's truncation is at +-2 absolute, so in effect
+    normal), zero Linear biases, LayerNorm 1/0, and the learnable coefficients at 1."""
+    torch.manual_seed(0)
+    model = mae_tnt.create_model("sret_s", img_size=64)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            assert module.weight.std().item() == pytest.approx(0.02, rel=0.1), name
+            assert not module.bias.any(), name
+        elif isinstance(module, nn.LayerNorm):
+            assert (module.weight == 1).all() and not module.bias.any(), name
+    assert model.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)
+    coefficients = [m.bias for m in model.modules() if isinstance(m, LearnableCoefficient)]
+    assert coefficients and all((bias == 1).all() for bias in coefficients)
+
+
+def test_each_shared_blocks_second_application_slices_in_shuffled_groups(monkeypatch):
+    """The official schedule: a shared block's first application slices the sequence as it comes, its second in
+    random groups (the official `(i + 2) % 4 == 0`); SReT-T applies each of its 10 unique blocks twice."""
+    applications = []
+    forward = SlicedAttention.forward
+    monkeypatch.setattr(SlicedAttention, "forward", lambda self, x, second: (
+        applications.append(second) or forward(self, x, second)))
+    mae_tnt.create_model("sret_t", img_size=64, base_dims=(8, 8, 8)).eval()(torch.randn(1, 3, 64, 64))
+    assert applications == [False, True] * 10
 
 
 def test_reestimate_batchnorm_matches_data_statistics():
