@@ -221,6 +221,22 @@ def test_bad_values_fail(tmp_path, override, message):
         load_config(PretrainConfig, path, [override])
 
 
+BASE_RECIPE = "model: {name: mae_vit_test}\ndata: {train: x}\n"
+
+
+@pytest.mark.parametrize("recipe, overrides, message", [
+    (BASE_RECIPE, ["optim.base_lr"], r"^override 'optim.base_lr' is not of the form key=value \(e.g. optim.base_lr="),
+    (BASE_RECIPE, ["=1"], r"^override '=1' is not of the form key=value"),
+    (BASE_RECIPE + "optim: 3\n", [], r"r.yaml: `optim` must be a mapping, got 3$"),
+    (BASE_RECIPE + "optim: 3\n", ["optim.base_lr=1"], r"^command line: cannot set 'optim.base_lr': 'optim' is not a "
+                                                         r"section$"),
+    ("- a\n", [], r"r.yaml: a recipe must be a YAML mapping at the top level$"),
+])
+def test_a_recipe_or_override_of_the_wrong_shape_is_refused_saying_which(tmp_path, recipe, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, write(tmp_path, recipe), overrides)
+
+
 def test_a_wrong_type_on_the_command_line_is_blamed_on_it_not_on_the_recipe(tmp_path):
     path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
     with pytest.raises(ConfigError, match=r"^command line: `optim.base_lr` must be float, got 'abc'$"):

@@ -85,6 +85,13 @@ def test_run_writes_the_run_directory_and_lowers_the_loss(shards, tmp_path):
     assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE((tmp_path / "config.yaml").stat().st_mode)
 
 
+@pytest.mark.parametrize("keep, kept", [(2, [3, 4]), (0, [1, 2, 3, 4])])
+def test_the_rotation_keeps_the_newest_checkpoints_or_every_one_at_zero(shards, tmp_path, keep, kept):
+    overrides = ["run.max_steps=4", "run.checkpoint_every=1", f"run.keep_checkpoints={keep}"]
+    Trainer(config(shards, tmp_path, *overrides)).train()
+    assert sorted(int(path.name.removeprefix("step_")) for path in find_checkpoints(tmp_path)) == kept
+
+
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 @pytest.mark.parametrize("backbone", sorted(path.stem.removeprefix("demo_mae_")
                                              for path in (ROOT / "recipes").glob("demo_mae_*.yaml")))
