@@ -10,7 +10,7 @@ from timm.optim import param_groups_layer_decay
 
 import mae_tnt
 from mae_tnt.models.loading import CheckpointError
-from mae_tnt.models.tnt import OFFICIAL_RENAMES, Attention, WordMaskedAutoencoder
+from mae_tnt.models.tnt import Attention, WordMaskedAutoencoder
 
 MAE_TEST_KWARGS = dict(img_size=32, norm_pix_loss=True, decoder_dim=32, decoder_depth=1, decoder_heads=2,
                        drop_path_rate=0.0, mask_ratio=0.75, encoder_mode="visible")
@@ -44,12 +44,19 @@ def images(batch=2, size=32):
     return torch.randn(batch, 3, size, size)
 
 
+RELEASED_NAMES = {"patch_pos": "outer_pos", "pixel_pos": "inner_pos", "pixel_embed": "patch_embed",
+                  "norm1_proj": "proj_norm1", "norm2_proj": "proj_norm2", "norm_in": "inner_norm1",
+                  "attn_in": "inner_attn", "norm_mlp_in": "inner_norm2", "mlp_in": "inner_mlp",
+                  "norm_out": "outer_norm1", "attn_out": "outer_attn", "norm_mlp": "outer_norm2", "mlp": "outer_mlp"}
+"""timm's module names -> those of the released TNT files (huawei-noah Efficient-AI-Backbones `tnt_pytorch`), written
+out here rather than taken from the importer's table, so that a misspelt entry there fails the tests."""
+
+
 def official_layout(timm_sd: dict) -> dict:
     """Invert timm's `checkpoint_filter_fn`: official names, `pixel_pos` as [1, W, c], the dead `outer_tokens`."""
-    official_name = {new: old for old, new in OFFICIAL_RENAMES}
     out = {}
     for key, value in timm_sd.items():
-        key = ".".join(official_name.get(part, part) for part in key.split("."))
+        key = ".".join(RELEASED_NAMES.get(part, part) for part in key.split("."))
         if key == "inner_pos":
             value = value.flatten(2).transpose(1, 2)  # [1, c, s, s] -> [1, W, c]
         out[key] = value
@@ -136,6 +143,9 @@ def test_official_checkpoint_converts(tiny_pair):
     assert report.missing == [] and report.unexpected == []
     for key, value in theirs.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+    by_timm = timm.models.tnt.checkpoint_filter_fn(dict(official), theirs)  # timm's own importer agrees
+    assert by_timm.keys() == model.state_dict().keys()
+    assert all(torch.equal(by_timm[key], value) for key, value in model.state_dict().items())
 
 
 @pytest.mark.parametrize("name", ["tnt_s_patch16_224", "mae_tnt_s_patch16"])
