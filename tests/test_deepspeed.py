@@ -90,14 +90,20 @@ def train_then_resume(shards, out: Path, config: Path, precision: str, *extra: s
     assert len(losses) == last_step and all(0 < loss < 10 for loss in losses)
 
 
-@pytest.mark.timeout(600)  # three DeepSpeed launches and an export; over 300 s on a loaded 2-core machine
+@pytest.mark.timeout(900)  # four DeepSpeed launches and an export; over 300 s for three on a loaded 2-core machine
 @pytest.mark.parametrize("stage", [1, 2])  # ZeRO-2's shipped file accumulates gradients in fp32, ZeRO-1's in bf16
 def test_bf16_trains_saves_resumes_with_another_accumulation_and_exports(shards, tmp_path, stage):
-    """bf16 under DeepSpeed stores the weights in bf16: inputs, reconstructions and resume must all cope. Resumed at
-    step 3 with 4 half-size micro-batches a step (6 micro-steps so far, not a multiple of 4), step 4 still takes 4:
-    DeepSpeed's load_state brings back accelerate's micro-step count, which decides where a step ends."""
+    """bf16 under DeepSpeed stores the weights in bf16: inputs, reconstructions and resume must all cope. The resumed
+    step 3 is the uninterrupted run's. Resumed again at step 3 with 4 half-size micro-batches a step (6 micro-steps so
+    far, not a multiple of 4), step 4 still takes 4: DeepSpeed's load_state brings back accelerate's micro-step count,
+    which decides where a step ends."""
     config, out = accelerate_config(tmp_path, stage), tmp_path / f"zero{stage}"
     train_then_resume(shards, out, config, "bf16")
+    run(shards, tmp_path / "straight", 3, config, "bf16")
+    resumed, straight = (logged_losses(path) for path in (out, tmp_path / "straight"))
+    assert [row[0] for row in resumed] == [row[0] for row in straight] == [1, 2, 3]
+    for column in (1, 2):  # loss, lr
+        assert [row[column] for row in resumed] == pytest.approx([row[column] for row in straight], rel=1e-6)
     run(shards, out, 4, config, "bf16", "data.batch_size=4", "optim.accum_steps=4")
     position = json.loads((out / "checkpoints/step_00000004/data_rank0.json").read_text())
     assert position["batches"] == 4  # the new batch size restarted the epoch at step 3
@@ -128,6 +134,13 @@ def test_zero3_trains_evaluates_saves_and_resumes_as_the_plain_loop_would(zero3_
         assert [r[column] for r in zero3["loss"]] == pytest.approx([r[column] for r in plain["loss"]], rel=1e-5)
     assert [r["step"] for r in zero3["knn_top1"]] == [r["step"] for r in plain["knn_top1"]] == [2, 4]
     assert [r["knn_top1"] for r in zero3["knn_top1"]] == pytest.approx([r["knn_top1"] for r in plain["knn_top1"]])
+    # The export gathers the partitioned weights: the encoder the plain loop trained, to fp32 rounding.
+    export(zero3_run, tmp_path / "export")
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    trained = load_file(tmp_path / "plain" / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert exported.keys() == {key.removeprefix("encoder.") for key in trained if key.startswith("encoder.")}
+    for key, value in exported.items():
+        torch.testing.assert_close(value, trained[f"encoder.{key}"], rtol=1e-4, atol=1e-6)
 
 
 def metric_rows(out: Path) -> dict[str, list[dict]]:
