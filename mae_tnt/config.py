@@ -252,7 +252,8 @@ class EvalConfig:
     knn_temperature: float = 0.07
     """Temperature T of the votes, exp(cosine similarity / T) (DINO's weighted kNN)."""
     knn_max_train: int | None = 10_000
-    """Train images in the online kNN bank, at most (null = every one); keeps the monitor cheap on big datasets."""
+    """Train images in the online kNN bank, at most: the split's first N samples in shard order, less any that do not
+    decode (null = every one); keeps the monitor cheap on big datasets."""
 
     def __post_init__(self) -> None:
         check_knn(self.knn_k, self.knn_temperature, "eval.knn_")

@@ -67,7 +67,8 @@ class FinetuneDataConfig(DataConfig):
     eval_batch_size: int | None = None
     """Images per device per evaluation or feature batch; None = data.batch_size."""
     knn_max_train: int | None = None
-    """kNN only: use at most this many train images for the feature bank (None = the whole split)."""
+    """kNN only: the feature bank holds the split's first N samples in shard order, less any that do not decode
+    (None = the whole split)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
