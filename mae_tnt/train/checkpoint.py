@@ -35,12 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..data.info import write_json_atomic
-from ..models.loading import (
-    STATE_FILE,
-    CheckpointError,
-    save_weights,
-    step_dirs,
-)
+from ..models.loading import STATE_FILE, CheckpointError, save_weights, step_dirs
 from .launch import deepspeed_layout, uses_deepspeed
 
 if TYPE_CHECKING:  # engine imports this module

@@ -26,14 +26,7 @@ from ..models import create_model
 from .checkpoint import Checkpoint, bare_model, save_checkpoint
 from .knn import knn_accuracy_on_shards, require_labeled_shards, topk_text
 from .launch import build_accelerator, configure_deepspeed, splits_weights
-from .loop import (
-    Preemption,
-    TrainingRun,
-    Window,
-    accumulate_step,
-    raise_if_nonfinite,
-    timed,
-)
+from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, timed
 from .metrics import main_process_lines, step_progress
 from .optim import build_adamw
 from .recon import write_reconstructions

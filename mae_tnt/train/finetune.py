@@ -52,11 +52,7 @@ from .checkpoint import (
     save_checkpoint,
     write_failures_explained,
 )
-from .engine import (
-    derive_plan,
-    seed_step,
-    write_run_config,
-)
+from .engine import derive_plan, seed_step, write_run_config
 from .init import (
     attach_probe_head,
     init_head,
