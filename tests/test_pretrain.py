@@ -975,7 +975,8 @@ def test_a_log_line_clears_the_progress_bar_and_redraws_it_below(capsys):
 
 
 @pytest.mark.parametrize("deepspeed, cause", [
-    ("true", "on CPU, DeepSpeed runs one process only; launch several"),
+    ("true", "on CPU, DeepSpeed runs one process only: add --num_processes 1 to the launch, or train several CPU "
+             "processes without DeepSpeed"),
     ("false", "there is no GPU for each; to run CPU processes, launch"),  # a multi-GPU config without GPUs
 ])
 def test_processes_launched_together_but_set_up_alone_are_refused_naming_the_cause(monkeypatch, deepspeed, cause):

@@ -95,13 +95,14 @@ def check_launch(launched: str | None, num_processes: int) -> None:
     with a multi-GPU one unless told to use the CPU."""
     if launched is None or int(launched) == num_processes:
         return
+    cpu_processes = "ACCELERATE_USE_CPU=1 accelerate launch --config_file recipes/accelerate/cpu_2proc.yaml ..."
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        cause = "on CPU, DeepSpeed runs one process only; launch several"
+        cause = (f"on CPU, DeepSpeed runs one process only: add --num_processes 1 to the launch, or train several CPU "
+                 f"processes without DeepSpeed with {cpu_processes}")
     else:
-        cause = "there is no GPU for each; to run CPU processes, launch"
+        cause = f"there is no GPU for each; to run CPU processes, launch with {cpu_processes}"
     raise ConfigError(f"the launcher started {launched} processes, but accelerate set this one up as 1 of "
-                      f"{num_processes}, so each would train alone: {cause} with ACCELERATE_USE_CPU=1 accelerate "
-                      "launch --config_file recipes/accelerate/cpu_2proc.yaml ...")
+                      f"{num_processes}, so each would train alone: {cause}")
 
 
 def training_precision(accelerator) -> str:
