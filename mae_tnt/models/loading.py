@@ -220,8 +220,6 @@ def load_weights(
                                                         for k in state_dict):  # an MAE's, of our or the flat layout
         state_dict, wrapper = split_mae_state_dict(state_dict)
         report.dropped = sorted(wrapper)
-    if hasattr(model, "from_official_layout"):  # renamed first, so that resampling is reported under our names
-        state_dict = model.from_official_layout(state_dict)
     if hasattr(model, "adapt_state_dict"):
         with recorded_resamples() as report.resampled:
             state_dict = model.adapt_state_dict(state_dict)

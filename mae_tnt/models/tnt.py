@@ -366,12 +366,12 @@ class TNT(nn.Module):
         Raises:
             CheckpointError: timm's legacy TNT layout, whose projection is another computation, not a renaming.
         """
+        state_dict = self.from_official_layout(state_dict)
         if "blocks.0.proj.bias" in state_dict and "blocks.0.norm2_proj.weight" not in state_dict:
             raise CheckpointError("this is timm's legacy TNT layout (tnt_s_legacy_patch16_224: a LayerNorm per word "
                                   "before the projection, which has a bias, and none after it), a different "
                                   "computation that no model here builds; use the official TNT release or timm's "
                                   "tnt_s_patch16_224 / tnt_b_patch16_224 weights")
-        state_dict = self.from_official_layout(state_dict)
         return resample_token_table(state_dict, "patch_pos", self.patch_pos, self.grid, num_prefix_tokens=1)
 
 
