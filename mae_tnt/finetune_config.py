@@ -66,13 +66,6 @@ class FinetuneDataConfig(DataConfig):
     """RandomResizedCrop area range (MAE fine-tuning and linear probe: 0.08-1)."""
     eval_batch_size: int | None = None
     """Images per device per evaluation or feature batch; None = data.batch_size."""
-    knn_max_train: int | None = None
-    """kNN only: the feature bank holds the split's first N samples in shard order, less any that do not decode
-    (None = the whole split)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_bank_size("data.knn_max_train", self.knn_max_train)
 
 
 @dataclass
@@ -160,9 +153,13 @@ class KnnConfig:
     """Neighbours that vote (DINO: 20)."""
     temperature: float = 0.07
     """Votes are weighted by exp(cosine similarity / temperature)."""
+    max_train: int | None = None
+    """The feature bank holds the train split's first N samples in shard order, less any that do not decode
+    (None = the whole split)."""
 
     def __post_init__(self) -> None:
         check_knn(self.k, self.temperature, "knn.")
+        check_bank_size("knn.max_train", self.max_train)
 
 
 @dataclass

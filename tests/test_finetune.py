@@ -112,7 +112,7 @@ def test_linear_probe_refuses_fine_tuning_augmentation():
     ("augment.mixup=-1", r"augment.mixup must be in \[0, inf\], got -1.0"),
     ("optim.ema_decay=1.5", r"optim.ema_decay must be in \[0, 1\), got 1.5"),
     ("optim.min_lr=inf", r"`optim.min_lr` must be a finite number, got 'inf'"),
-    ("data.knn_max_train=-1", r"data.knn_max_train must be at least 1, or null for every train image, got -1"),
+    ("knn.max_train=-1", r"knn.max_train must be at least 1, or null for every train image, got -1"),
     ("seed=-1", r"seed must be a whole number from 0 to 2\*\*63 - 1, got -1"),
     ("optim.name=lars", r"LARS applies no layer-wise LR decay: set optim.layer_decay=null with optim.name=lars"),
     ("optim.name=sgd", r"optim.name must be one of \('adamw', 'lars'\), got 'sgd'"),

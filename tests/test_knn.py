@@ -285,12 +285,12 @@ def test_knn_mode_of_the_downstream_runner_beats_chance_on_the_bundled_data(tmp_
     from mae_tnt.train.finetune import finetune
 
     cfg = load_config(FinetuneConfig, ROOT / "recipes" / "demo_knn_vit.yaml",
-                      [f"run.output_dir={tmp_path}", "data.knn_max_train=1000"])
+                      [f"run.output_dir={tmp_path}", "knn.max_train=1000"])
     result = finetune(cfg)  # random init: pixels through a random ViT already cluster Fashion-MNIST
     assert result["knn_train"] == 1000 and result["knn_val"] == 500 and result["knn_top1"] > 30.0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["knn_top1"] for row in rows] == [result["knn_top1"]]
-    cfg.data.knn_max_train = 500
+    cfg.knn.max_train = 500
     again = finetune(cfg)  # a second evaluation into the same directory sets the first aside
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(row["knn_train"], row["knn_top1"]) for row in rows] == [(500, again["knn_top1"])]

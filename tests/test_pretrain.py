@@ -113,7 +113,7 @@ def test_every_demo_recipe_runs_on_the_bundled_sample_as_written(backbone, tmp_p
         if recipe.name.startswith("demo_mae_"):
             continue
         cfg = load_config(FinetuneConfig, recipe, [f"init={pretrained}", f"run.output_dir={tmp_path / recipe.stem}",
-                                                   "run.max_steps=2", "data.knn_max_train=200"])
+                                                   "run.max_steps=2", "knn.max_train=200"])
         summary = finetune(cfg)
         if cfg.mode == "knn":
             assert 0 <= summary["knn_top1"] <= 100, summary

@@ -131,7 +131,7 @@ def downstream(arm: Arm, init: Path | None, data: Path, out: Path, budget: Budge
     """kNN, linear probe and fine-tune of one (encoder, init) pair, all recorded in `arm`."""
     common = [f"model.name={ENCODERS[arm.encoder][1]}", f"init={init if init else 'null'}"]
     stages = {
-        "knn": ("demo_knn_vit.yaml", [*data_overrides(data, budget, 500), f"data.knn_max_train={budget.knn_bank}"]),
+        "knn": ("demo_knn_vit.yaml", [*data_overrides(data, budget, 500), f"knn.max_train={budget.knn_bank}"]),
         "linprobe": ("demo_linprobe_vit.yaml", [*data_overrides(data, budget), "optim.base_lr=50",
                                                 *schedule(budget.linprobe_epochs)]),
         "finetune": ("demo_finetune_vit.yaml", [*data_overrides(data, budget), "optim.base_lr=1e-2",

@@ -455,7 +455,7 @@ def run_knn(cfg: FinetuneConfig) -> dict:
     with acc.autocast():
         result = knn_accuracy_on_shards(
             model, data, img_size=cfg.model.img_size, batch_size=data.eval_batch_size or data.batch_size, k=cfg.knn.k,
-            temperature=cfg.knn.temperature, max_train=data.knn_max_train, device=acc.device, rank=acc.process_index,
+            temperature=cfg.knn.temperature, max_train=cfg.knn.max_train, device=acc.device, rank=acc.process_index,
             world_size=acc.num_processes, gather=acc.gather, verify=True)
     claim_run_directory(out, acc)  # the run's only writes follow
     with released_at_end(out):
