@@ -224,12 +224,17 @@ def test_a_wrong_key_fails_with_a_message_naming_it(tmp_path):
     assert "blocks.0.attn.qkv.weight" in str(err.value)  # and the key the model misses
 
 
-def test_init_from_a_globally_pooled_classifier_into_a_token_pooled_model_names_the_setting(tmp_path):
-    save_file(classifier(global_pool="avg").state_dict(), tmp_path / "ft.safetensors")  # fc_norm, no norm
-    with pytest.raises(CheckpointError, match=r"missing: norm.bias, norm.weight.*It was trained with global average "
-                                              r"pooling: set model.global_pool=avg$"):
-        load_init(classifier(global_pool="token", num_classes=0), tmp_path / "ft.safetensors")
-    load_init(classifier(global_pool="avg", num_classes=0), tmp_path / "ft.safetensors")  # as the message says
+@pytest.mark.parametrize("described", [False, True])
+def test_init_from_a_globally_pooled_classifier_into_a_token_pooled_model_names_the_setting(tmp_path, described):
+    """Only the pooling differs, so the advice names it, and not the model that wrote a described checkpoint."""
+    save_file(classifier(global_pool="avg").state_dict(), tmp_path / "model.safetensors")  # fc_norm, no norm
+    if described:
+        (tmp_path / "config.json").write_text(json.dumps({"model": "vit_test_patch8_32"}))
+    with pytest.raises(CheckpointError, match=r"missing: norm.bias, norm.weight\. .*, or set model.global_pool=avg: "
+                                              r"the checkpoint was trained with global average pooling$") as err:
+        load_init(classifier(global_pool="token", num_classes=0), tmp_path / "model.safetensors")
+    assert "model.name" not in str(err.value)
+    load_init(classifier(global_pool="avg", num_classes=0), tmp_path / "model.safetensors")  # as the message says
 
 
 @pytest.mark.parametrize("writer, reader", [

@@ -29,6 +29,7 @@ from ..models.layers import trunc_normal_
 from ..models.loading import (
     EXPORT_CONFIG,
     FROZEN_MASTERS_FILE,
+    POOLINGS,
     PROBE_BN_EPS,
     STATE_FILE,
     CheckpointError,
@@ -168,17 +169,8 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
     # Heads are `head.*` in every accepted layout, so this runs before the model's own key filter (in load_weights).
     state_dict, unfit_head = drop_unfit_head(model, state_dict)
     allow_missing, allow_unexpected = allowed_keys(model)
-    remedy = {} if "model" not in meta else {"remedy": f"set model.name={_classifier_of(meta['model'])} (the "
-                                                       f"checkpoint was written by `{meta['model']}`; model.name and "
-                                                       "its arguments must build the same encoder)"}
-    try:
-        report = load_weights(model, state_dict, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
-                              **remedy)
-    except CheckpointError as err:
-        if pooling is None:
-            raise
-        raise CheckpointError(f"{err}. It was trained with global average pooling: set model.global_pool="
-                              f"{pooling}") from None
+    report = load_weights(model, state_dict, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
+                          **_misfit_remedy(meta, pooling))
     report.dropped = dropped + unfit_head
     loaded = len(model.state_dict()) - len(report.missing)  # not the file's count: official files repeat or add some
     shown = f" ({', '.join(report.dropped[:4])}{', ...' if len(report.dropped) > 4 else ''})" if report.dropped else ""
@@ -192,6 +184,17 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
             f"this run uses data.mean {normalization[0]} and data.std {normalization[1]}: set them to the "
             "checkpoint's unless the change is deliberate")
     return report
+
+
+def _misfit_remedy(meta: dict, pooling: str | None) -> dict[str, str]:
+    """load_weights' closing advice for a misfit: the pooling the checkpoint was trained with, where the model's
+    differs (the misfit's cause: one final norm in place of the other), else the model that wrote it, if recorded."""
+    if pooling is not None:
+        return {"remedy": f"set model.global_pool={pooling}: the checkpoint {POOLINGS[pooling][1]}"}
+    if "model" in meta:
+        return {"remedy": f"set model.name={_classifier_of(meta['model'])} (the checkpoint was written by "
+                          f"`{meta['model']}`; model.name and its arguments must build the same encoder)"}
+    return {}
 
 
 def _classifier_of(name: str) -> str:
