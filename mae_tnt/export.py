@@ -224,10 +224,12 @@ def main(argv: list[str] | None = None) -> int:
                                                args.global_pool))
     if config is None:
         return 1
-    print(f"exported {config['kind']} {config['model']} ({config['num_classes']} classes, {config['img_size']} px) "
+    head = f"{config['num_classes']} classes" if config["num_classes"] else "no head"
+    print(f"exported {config['kind']} {config['model']} ({head}, {config['img_size']} px) "
           f"from {config['source']} to {args.out}{', replacing the export that was there' if replacing else ''}")
-    best = Path(args.checkpoint) / "best"
-    if best.is_dir():  # a run directory stands for its newest checkpoint
+    source = Path(config["source"])
+    best = source.parent.parent / "best"
+    if source != Path(args.checkpoint) and best.is_dir():  # a run directory stood for its newest checkpoint
         print(f"note: that is the run's newest checkpoint; its best validated weights are in {best}")
     ours = f"mae_tnt.create_model({config['model']!r}, checkpoint_path={str(Path(args.out).resolve())!r})"
     if config["timm_call"]:

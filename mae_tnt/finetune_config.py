@@ -168,8 +168,8 @@ class FinetuneConfig:
     """`finetune` (all weights), `linprobe` (frozen encoder, BatchNorm + linear head) or `knn` (no training)."""
     init: str | None = None
     """Weights to start from: a pretraining checkpoint directory, an export, or an official MAE/TNT/SReT file.
-    A run directory stands for its newest checkpoint, which the run's config.yaml records. None = random
-    initialisation (a baseline)."""
+    A run directory, or its checkpoints/ folder, stands for its newest checkpoint, which the run's config.yaml
+    records. None = random initialisation (a baseline)."""
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -122,15 +122,20 @@ def test_the_printed_timm_call_loads_a_fine_tuned_classifier_with_its_head(tool,
     assert {key: tuple(v) if isinstance(v, list) else v for key, v in from_json.items()} == preprocessing
 
 
-def test_exporting_a_run_directory_names_the_checkpoint_taken_and_the_best_weights(tool, tmp_path, capsys):
+@pytest.mark.parametrize("given", ["run", "run/checkpoints"])
+def test_exporting_a_run_directory_names_the_checkpoint_taken_and_the_best_weights(tool, tmp_path, capsys, given):
     ours = create_model("vit_test_patch8_32", num_classes=10, global_pool="avg")
+    finetune_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000008", ours, "finetune", "avg")
     newest = finetune_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000009", ours, "finetune", "avg")
     finetune_checkpoint(tmp_path / "run" / "best", ours, "finetune", "avg")
-    assert tool.main([str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    assert tool.main([str(tmp_path / given), str(tmp_path / "out")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].endswith(f"from {newest} to {tmp_path / 'out'}")
+    assert lines[0] == (f"exported finetune vit_test_patch8_32 (10 classes, 32 px) from {newest} to "
+                        f"{tmp_path / 'out'}")
     best = tmp_path / "run" / "best"
     assert lines[1] == f"note: that is the run's newest checkpoint; its best validated weights are in {best}"
+    assert tool.main([str(newest), str(tmp_path / "again")]) == 0  # named itself: no note
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_create_model_builds_an_export_as_it_was_built_and_names_the_head_size_of_a_misfit(tool, tmp_path):
@@ -241,7 +246,8 @@ def test_deepspeed_checkpoint_without_deepspeed_fails_clearly(tool, tmp_path, mo
 def test_a_model_timm_lacks_gets_only_our_call_printed_and_it_loads(tool, tmp_path, capsys):
     checkpoint, mae = pretraining_checkpoint(tmp_path / "ckpt", "mae_sret_test", img_size=64)
     assert tool.main([str(checkpoint), str(tmp_path / "out")]) == 0
-    last = capsys.readouterr().out.splitlines()[-1]
+    first, *_, last = capsys.readouterr().out.splitlines()
+    assert first == f"exported encoder sret_test (no head, 64 px) from {checkpoint} to {tmp_path / 'out'}"
     call, note = last.removeprefix("load it with: ").split(" (")
     assert note == "not a timm architecture)" and "or with" not in last
     encoder = eval(call, {"mae_tnt": mae_tnt})  # noqa: S307 - the tool's own output

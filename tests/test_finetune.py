@@ -28,6 +28,7 @@ from mae_tnt.config import ConfigError, PretrainConfig, load_config
 from mae_tnt.data.shards import ShardError, StreamError, read_samples, resolve_shards
 from mae_tnt.finetune_config import AugmentConfig, FinetuneConfig
 from mae_tnt.models import CheckpointError, ModelError, create_model
+from mae_tnt.models.loading import resolve_checkpoint
 from mae_tnt.models.sret import to_official_state_dict
 from mae_tnt.train.augment import BatchAugment, FinetuneTransform, build_criterion, seeded_global_rngs
 from mae_tnt.train.checkpoint import CheckpointWriteError, ResumeError, find_checkpoints
@@ -830,13 +831,16 @@ def test_config_yaml_records_the_checkpoint_init_stood_for_and_a_resume_refuses_
     write_mae_checkpoint(mae_run / "checkpoints" / "step_00000002")  # the pretraining run went on meanwhile
     FinetuneRun(demo_config(tmp_path / "ft", f"init={mae_run}", "run.max_steps=2")).train()
     assert recorded() == str(mae_run / "checkpoints" / "step_00000001")  # the resumed run started from step 1
+    FinetuneRun(demo_config(tmp_path / "ft", f"init={mae_run / 'checkpoints'}", "run.max_steps=3")).train()
+    assert recorded() == str(mae_run / "checkpoints" / "step_00000001")  # the run's checkpoints folder names it too
+    assert resolve_checkpoint(mae_run / "checkpoints") == mae_run / "checkpoints" / "step_00000002"
     for other in (mae_run / "checkpoints" / "step_00000002", None):  # newer weights, or none: another run
         wanted = re.escape(f"init={other}" if other else "random initialisation (init=null)")
         with pytest.raises(ResumeError, match=rf"run.output_dir holds a run started from init="
                                               rf"{mae_run / 'checkpoints' / 'step_00000001'}, which resuming would "
                                               rf"continue rather than start from {wanted}: to start from "
                                               rf"{wanted}, use another run.output_dir, or run.resume=none"):
-            FinetuneRun(demo_config(tmp_path / "ft", f"init={other or 'null'}", "run.max_steps=3"))
+            FinetuneRun(demo_config(tmp_path / "ft", f"init={other or 'null'}", "run.max_steps=4"))
 
 
 def test_sret_takes_the_fine_tuning_default_pooling_and_refuses_a_class_token(tmp_path):

@@ -75,14 +75,16 @@ def step_dirs(folder: Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory stands for its newest checkpoint directory; any other path for itself."""
+    """A run directory, or its `checkpoints/` folder, stands for its newest checkpoint directory; any other path for
+    itself."""
     path = Path(path)
-    if path.is_dir() and (path / "checkpoints").is_dir():
+    if (path / "checkpoints").is_dir():
         steps = step_dirs(path / "checkpoints")
         if not steps:
             raise CheckpointError(f"run directory {path} has no checkpoints yet")
         return steps[-1]
-    return path
+    steps = step_dirs(path) if path.is_dir() else []
+    return steps[-1] if steps else path
 
 
 def recorded_build_kwargs(path: str | Path, name: str) -> dict:

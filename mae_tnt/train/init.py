@@ -143,11 +143,12 @@ def _weights_named(init: str | None) -> str:
 
 
 def _stands_for(init: str | None, recorded: str | None) -> bool:
-    """Whether `init` names the recorded weights: the same path, or the run directory they are a checkpoint of."""
+    """Whether `init` names the recorded weights: the same path, or the run directory (or its checkpoints folder)
+    they are a checkpoint of."""
     if init is None or recorded is None:
         return init == recorded
     given, recorded_path = Path(init).resolve(), Path(recorded).resolve()
-    return recorded_path == given or recorded_path.parent == given / "checkpoints"
+    return recorded_path == given or recorded_path.parent in (given, given / "checkpoints")
 
 
 def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] = print,
