@@ -98,7 +98,10 @@ def check_eval_data(cfg: PretrainConfig, log=print) -> None:
     except ShardError as err:
         raise ShardError(f"data.val: {err}") from err
     if cfg.eval.knn_every:
-        require_labeled_shards(data, "the kNN monitor (eval.knn_every; 0 turns it off)")
+        try:
+            require_labeled_shards(data, "the kNN monitor (eval.knn_every)")
+        except ShardError as err:  # unlabeled data is MAE's usual case: the other fix is to go without the monitor
+            raise ShardError(f"{err}; or set eval.knn_every=0 to pretrain without the monitor") from None
 
 
 class Trainer(TrainingRun):
