@@ -129,8 +129,7 @@ class DataConfig:
                               f"{self.batch_size}, {self.shuffle_chunk} and {self.num_workers}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"data.crop_scale must be [low, high] within (0, 1], got {self.crop_scale}")
-        if self.decode_device not in ("cpu", "cuda"):
-            raise ConfigError(f"data.decode_device must be 'cpu' or 'cuda', got {self.decode_device!r}")
+        check_choice("data.decode_device", self.decode_device, ("cpu", "cuda"))
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ConfigError(f"data.mean and data.std need one value per RGB channel (std > 0), got {self.mean} "
                               f"and {self.std}")
@@ -222,8 +221,7 @@ class RunConfig:
         keyword = str(self.resume).lower()
         if keyword in ("auto", "none", "null"):  # YAML's null, Python's None and other spellings of the two keywords
             self.resume = "auto" if keyword == "auto" else "none"
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"run.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        check_choice("run.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         if min(self.log_every, self.checkpoint_every, self.preempt_check_every) < 1:
             raise ConfigError("run.log_every, run.checkpoint_every and run.preempt_check_every must be >= 1")
         if blocker := file_in_the_way(self.output_dir):
@@ -299,6 +297,16 @@ def check_range(key: str, value: float, low: float, high: float = math.inf, boun
     below = value <= high if bounds[1] == "]" else value < high
     if not (above and below):
         raise ConfigError(f"{key} must be in {bounds[0]}{low:g}, {high:g}{bounds[1]}, got {value}")
+
+
+def check_choice(key: str, value: object, choices: tuple) -> None:
+    """Raise a ConfigError naming `key`, its choices and the closest one, unless `value` is one of them."""
+    if value in choices:
+        return
+    names = [str(choice).replace("None", "null") for choice in choices]
+    close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.7)  # 0.5 offered cpu for gpu
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"{key} must be one of {', '.join(names)}, got {value!r}{hint}")
 
 
 def check_knn(k: int, temperature: float, prefix: str) -> None:

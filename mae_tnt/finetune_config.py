@@ -21,6 +21,7 @@ from .config import (
     RunConfig,
     ScheduleConfig,
     check_bank_size,
+    check_choice,
     check_knn,
     check_model_name,
     check_range,
@@ -54,8 +55,7 @@ class ClassifierConfig:
             check_model_name(self.name, masked_autoencoder=False)
         if self.num_classes is not None and self.num_classes < 1:
             raise ConfigError(f"model.num_classes must be >= 1, got {self.num_classes}")
-        if self.global_pool not in (None, "avg", "token"):
-            raise ConfigError(f"model.global_pool must be avg, token or null, got {self.global_pool!r}")
+        check_choice("model.global_pool", self.global_pool, ("avg", "token", None))
         check_range("model.drop_path", self.drop_path, 0, 1, "[)")
         check_range("model.head_init_std", self.head_init_std, 0, bounds="()")
 
@@ -129,8 +129,7 @@ class FinetuneOptimConfig(OptimConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.name not in OPTIMIZERS:
-            raise ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
+        check_choice("optim.name", self.name, OPTIMIZERS)
         if self.layer_decay is not None:
             check_range("optim.layer_decay", self.layer_decay, 0, 1, "(]")
         if self.ema_decay is not None:
@@ -182,8 +181,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
-        if self.mode not in MODES:
-            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        check_choice("mode", self.mode, MODES)
         if self.mode == "linprobe" and self.augment.active:
             raise ConfigError(
                 "the linear probe trains on random-resized crops and flips only: set augment.rand_augment=null "

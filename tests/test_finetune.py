@@ -116,10 +116,10 @@ def test_linear_probe_refuses_fine_tuning_augmentation():
     ("knn.max_train=-1", r"knn.max_train must be at least 1, or null for every train image, got -1"),
     ("seed=-1", r"seed must be a whole number from 0 to 2\*\*63 - 1, got -1"),
     ("optim.name=lars", r"LARS applies no layer-wise LR decay: set optim.layer_decay=null with optim.name=lars"),
-    ("optim.name=sgd", r"optim.name must be one of \('adamw', 'lars'\), got 'sgd'"),
+    ("optim.name=sgd", r"optim.name must be one of adamw, lars, got 'sgd'$"),
     ("model.num_classes=0", r"model.num_classes must be >= 1, got 0"),
-    ("model.global_pool=max", r"model.global_pool must be avg, token or null, got 'max'"),
-    ("mode=probe", r"mode must be one of \('finetune', 'linprobe', 'knn'\), got 'probe'"),
+    ("model.global_pool=max", r"model.global_pool must be one of avg, token, null, got 'max'$"),
+    ("mode=probe", r"mode must be one of finetune, linprobe, knn, got 'probe'; did you mean linprobe\?$"),
     ("data.decode_device=cuda", r"data.decode_device must be cpu for downstream runs: RandAugment works on PIL"),
     ("data.batch_size=7", r"mixup/cutmix pair images in a batch: data.batch_size must be even, got 7"),
 ])
