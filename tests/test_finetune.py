@@ -378,7 +378,8 @@ def test_the_head_is_sized_from_the_shards_and_a_different_size_is_warned_about(
     cfg = demo_config(tmp_path, "model.num_classes=1000")
     assert resolve_num_classes(cfg, logged.append) == 1000
     assert logged == [f"warning: model.num_classes=1000 but {cfg.data.train}/_info.json lists 10 classes; set "
-                      "model.num_classes=null to size the head from the shards"]
+                      "model.num_classes=null to size the head from the shards (the head's last 990 outputs are "
+                      "never a target)"]
     with pytest.raises(ShardError, match="model.num_classes=5 but .* lists 10 classes"):  # labels 5-9: no logit
         resolve_num_classes(demo_config(tmp_path, "model.num_classes=5"))
 

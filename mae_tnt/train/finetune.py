@@ -91,7 +91,8 @@ def resolve_num_classes(cfg: FinetuneConfig, log=print) -> int:
                        f"{len(classes)} classes; set model.num_classes=null to size the head from the shards")
             if cfg.model.num_classes < len(classes):  # labels would index past the head at the first batch
                 raise ShardError(message)
-            log(f"warning: {message}")
+            extra = cfg.model.num_classes - len(classes)  # allowed: labels all fit; those outputs are never a target
+            log(f"warning: {message} (the head's last {extra} outputs are never a target)")
         return cfg.model.num_classes
     if classes is None:
         raise ShardError(f"cannot tell the class count of {cfg.data.train} (no _info.json): set model.num_classes, "
