@@ -234,7 +234,8 @@ class RunConfig:
 @dataclass
 class PretrainRunConfig(RunConfig):
     recon_every: int = 0
-    """Optimizer steps between reconstruction grids (0 = only at checkpoints and the end)."""
+    """Optimizer steps between extra reconstruction grids; grids are also drawn at every checkpoint and at the end
+    (0 = only there)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
