@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from mae_tnt.data import convert as convert_module
@@ -754,6 +755,29 @@ def test_inspect_fails_when_a_shard_size_differs_from_the_recorded_one(tmp_path,
     err = capsys.readouterr().err
     assert f"train-000001.tar: {recorded + 1024} bytes but _info.json records {recorded}" in err
     assert err.endswith("FAILED: 1 problem\n")
+
+
+def test_inspect_prints_the_normalisation_of_the_images_each_weighted_alike(tmp_path, capsys):
+    """A 2x2 red and a 6x6 blue image: per image, R and B are 0 or 1 half the time (mean 0.5, std 0.5); per pixel,
+    red would have mean 0.1."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "red.png").write_bytes(encoded(Image.new("RGB", (2, 2), (255, 0, 0)), "PNG"))
+    (src / "blue.png").write_bytes(encoded(Image.new("RGB", (6, 6), (0, 0, 255)), "PNG"))
+    convert(src, tmp_path / "out", options())
+    assert inspect_main([str(tmp_path / "out")]) == 0
+    assert "  pixels (RGB, 0-1): data.mean=[0.5,0,0.5] data.std=[0.5,0,0.5]\n" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (REPO / "data" / "fashion_mnist").exists(), reason="bundled Fashion-MNIST sample missing")
+def test_the_demo_recipes_normalise_with_the_bundled_sample_s_statistics(capsys):
+    assert inspect_main([str(REPO / "data" / "fashion_mnist")]) == 0
+    train = re.search(r"train: .*\n(?:  .*\n)*?  pixels \(RGB, 0-1\): data.mean=\[(.*)\] data.std=\[(.*)\]\n",
+                      capsys.readouterr().out)
+    measured = [[float(v) for v in train[i].split(",")] for i in (1, 2)]
+    for recipe in REPO.glob("recipes/demo_*.yaml"):
+        data = yaml.safe_load(recipe.read_text())["data"]
+        np.testing.assert_allclose([data["mean"], data["std"]], measured, atol=0.005, err_msg=recipe.name)
 
 
 @pytest.mark.parametrize("labeled_first", [True, False])

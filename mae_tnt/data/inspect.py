@@ -2,8 +2,8 @@
 
 ``inspect_shards(root)`` checks that every listed shard exists, holds exactly ``shard_lengths[i]`` samples and,
 where recorded, has ``shard_bytes[i]`` bytes, and that no temporary file, unfinished-conversion journal or unlisted
-shard is left; it then decodes every image and counts labels, sizes and formats. ``main`` prints the summary and
-exits non-zero on any problem.
+shard is left; it then decodes every image and counts labels, sizes and formats, and measures the RGB statistics
+that ``data.mean`` and ``data.std`` normalise with. ``main`` prints the summary and exits non-zero on any problem.
 """
 
 import argparse
@@ -13,6 +13,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from mae_tnt.cli import quiet_on_ctrl_c
 from mae_tnt.config import DEFAULT_MAX_IMAGE_PIXELS
@@ -31,6 +34,8 @@ from mae_tnt.progress import progress_bar
 from mae_tnt.text import HelpWithDefaults, counted, positive_int
 
 MAX_PRINTED_PROBLEMS = 50
+LEVELS = np.arange(256) / 255
+"""The 0-1 value of each 8-bit level."""
 
 
 @dataclass
@@ -45,6 +50,24 @@ class SplitReport:
     formats: Counter = field(default_factory=Counter)
     widths: list[int] = field(default_factory=list)
     heights: list[int] = field(default_factory=list)
+    mean_sum: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    """Sum over the images of each one's RGB means, on a 0-1 scale."""
+    square_sum: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    """Sum over the images of each one's RGB means of squares."""
+
+    def add_image(self, rgb: Image.Image) -> None:
+        """Count one RGB image in the statistics, through its histograms: exact, and 40x faster than the pixels at
+        500 x 375."""
+        histograms = np.asarray(rgb.histogram(), dtype=np.float64).reshape(3, 256)  # [3, 256]: R, G, B counts
+        frequencies = histograms / (rgb.width * rgb.height)
+        self.mean_sum += frequencies @ LEVELS
+        self.square_sum += frequencies @ np.square(LEVELS)
+
+    def pixel_statistics(self) -> tuple[list[float], list[float]]:
+        """RGB mean and std, each image weighted alike (training takes one crop per image, whatever its size)."""
+        mean = self.mean_sum / len(self.widths)
+        std = np.sqrt(np.maximum(self.square_sum / len(self.widths) - np.square(mean), 0))
+        return [round(float(v), 3) for v in mean], [round(float(v), 3) for v in std]
 
 
 @dataclass
@@ -121,9 +144,10 @@ def _inspect_sample(where: str, fields: dict[str, bytes], report: SplitReport) -
         return [f"{where}: expected one image member, found {images or 'none'}"]
     try:
         img = decode(fields[images[0]])
-        to_rgb(img)  # training converts every image so: a value range it refuses is a problem here too
+        rgb = to_rgb(img)  # training converts every image so: a value range it refuses is a problem here too
     except BadImageError as err:
         return [f"{where}: {err}"]
+    report.add_image(rgb)
     report.formats[img.format] += 1
     report.widths.append(img.width)
     report.heights.append(img.height)
@@ -147,12 +171,19 @@ def format_report(report: InspectReport) -> str:
         if summary.widths:
             lines.append(f"  width  {_min_median_max(summary.widths)}")
             lines.append(f"  height {_min_median_max(summary.heights)}")
+            mean, std = summary.pixel_statistics()
+            lines.append(f"  pixels (RGB, 0-1): data.mean={_listed(mean)} data.std={_listed(std)}")
         lines.append("  formats: " + ", ".join(f"{name} {count}" for name, count in sorted(summary.formats.items())))
         if summary.label_counts:
             names = report.classes or [str(label) for label in range(max(summary.label_counts) + 1)]
             counts = ", ".join(f"{names[label]} {summary.label_counts[label]}" for label in range(len(names)))
             lines.append(f"  classes: {counts}")
     return "\n".join(lines)
+
+
+def _listed(values: list[float]) -> str:
+    """A list as a command-line override writes it, with no spaces."""
+    return f"[{','.join(f'{v:g}' for v in values)}]"
 
 
 def _min_median_max(values: list[int]) -> str:
