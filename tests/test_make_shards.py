@@ -3,6 +3,7 @@
 import errno
 import fcntl
 import gzip
+import hashlib
 import io
 import json
 import multiprocessing
@@ -19,7 +20,7 @@ import tarfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -729,6 +730,54 @@ def two_shards_of_pngs(tmp_path: Path) -> Path:
         (src / f"{i}.png").write_bytes(encoded(gradient(6, 6), "PNG"))
     convert(src, tmp_path / "out", options(shard_size=2))
     return tmp_path / "out"
+
+
+def hash_position(source_id: str) -> float:
+    """Where --subset places an input: its path's SHA-256 as a fraction of [0, 1) (the documented rule)."""
+    return int.from_bytes(hashlib.sha256(source_id.encode()).digest()[:8], "big") / 2**64
+
+
+def test_subsets_cut_one_folder_into_parts_that_share_no_input_whatever_their_seeds(tmp_path):
+    names = [f"img{i:02d}.png" for i in range(30)]
+    (tmp_path / "src").mkdir()
+    for name in names:
+        (tmp_path / "src" / name).write_bytes(encoded(gradient(4, 4), "PNG"))
+    (tmp_path / "src" / "notes.txt").write_text("not an image")
+    convert(tmp_path / "src", tmp_path / "out", options(split="train", subset=(0, 0.7), seed=1))
+    convert(tmp_path / "src", tmp_path / "out", options(split="val", subset=(0.7, 1), seed=2))
+    parts = {split: set(by_source(tmp_path / "out", split)) for split in ("train", "val")}
+    assert parts["train"] == {name for name in names if hash_position(name) < 0.7}
+    assert parts["val"] == set(names) - parts["train"] and parts["val"]
+    splits = load_info(tmp_path / "out")["splits"].values()
+    skipped = [[skip["source"] for skip in entry["skipped"]] for entry in splits]
+    assert sorted(skipped) == [[], ["notes.txt"]]  # a rejected input is listed by the part its path falls in
+
+
+@pytest.mark.parametrize("value, error", [
+    ("0.8", "argument --subset: expected LOW:HIGH such as 0:0.9, got '0.8'"),
+    ("0.8:0.2", "error: subset must be LOW:HIGH with 0 <= LOW < HIGH <= 1, got 0.8:0.2"),
+    ("0:1.5", "error: subset must be LOW:HIGH with 0 <= LOW < HIGH <= 1, got 0:1.5"),
+])
+def test_a_subset_that_is_no_range_within_0_1_is_refused(tmp_path, capsys, value, error):
+    two_shards_of_pngs(tmp_path)
+    with pytest.raises(SystemExit) if ":" not in value else nullcontext():
+        assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "more"), "--subset", value]) == 1
+    assert error in capsys.readouterr().err and not (tmp_path / "more").exists()
+
+
+def test_a_class_left_out_of_a_subset_is_warned_about(tmp_path, capsys):
+    for name in ("cat", "dog"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(12):
+            (tmp_path / "src" / name / f"{i}.png").write_bytes(encoded(gradient(4, 4), "PNG"))
+    (tmp_path / "src" / "fish").mkdir()
+    (tmp_path / "src" / "fish" / "0.png").write_bytes(encoded(gradient(4, 4), "PNG"))
+    fish = hash_position("fish/0.png")
+    part = "0:0.5" if fish >= 0.5 else "0.5:1"  # the half without the only fish
+    assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "0", "--subset", part]) == 0
+    assert ("warning: every input of class fish was skipped or lies outside --subset, so a classifier trained on "
+            "these shards has a class it never sees; fix or remove skipped files or widen the subset") in (
+        capsys.readouterr().err)
 
 
 def test_inspect_fails_when_a_shard_count_disagrees(tmp_path, capsys):

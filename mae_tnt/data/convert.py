@@ -90,6 +90,9 @@ class ConvertOptions:
     """Delete the split's shards, progress journal and ``_info.json`` entry first, instead of refusing or resuming."""
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """Images over this many pixels are skipped as possible decompression bombs (PIL's guard)."""
+    subset: tuple[float, float] | None = None
+    """Keep only the inputs whose id hashes into [low, high) of [0, 1) (`in_subset`): disjoint ranges cut one source
+    into parts that never share an input, such as train and val."""
 
     def __post_init__(self):
         if not SPLIT_NAME.fullmatch(self.split):
@@ -102,6 +105,9 @@ class ConvertOptions:
                 raise ConversionError(f"{name} must be at least 1, got {value}")
         if self.workers < 0:
             raise ConversionError(f"workers must be 0 (in-process) or more, got {self.workers}")
+        if self.subset is not None and not 0 <= self.subset[0] < self.subset[1] <= 1:
+            raise ConversionError(f"subset must be LOW:HIGH with 0 <= LOW < HIGH <= 1, got "
+                                  f"{self.subset[0]:g}:{self.subset[1]:g}")
 
 
 @dataclass
@@ -117,7 +123,9 @@ class ConvertSummary:
     fmt: str
     classes: list[str]
     classes_lost: list[str]
-    """Classes that had inputs, every one of them skipped (never judged under --limit, which stops early)."""
+    """Classes that had inputs but have no sample in the split: every input skipped, or none in the subset (never
+    judged under --limit, which stops early)."""
+    subset: tuple[float, float] | None = None
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOptions) -> ConvertSummary:
@@ -188,12 +196,13 @@ def _convert_into(src, fmt: str, source: Source, out: Path, options: ConvertOpti
 
 
 def _shard_and_record(src, fmt: str, source: Source, out: Path, options: ConvertOptions) -> ConvertSummary:
-    order = shuffled_order(len(source), options.seed)
+    order = [i for i in shuffled_order(len(source), options.seed) if in_subset(source.source_id(i), options.subset)]
     job = _job_description(src, fmt, source, order, options)
     journal = Journal.open(out, options.split, job)
     resumed_shards = len(journal.shards)
     pending_skips = _write_remaining(source, order, journal, options)
-    skipped = sorted(source.rejected + journal.skipped + pending_skips, key=lambda skip: skip["source"])
+    rejected = [skip for skip in source.rejected if in_subset(skip["source"], options.subset)]
+    skipped = sorted(rejected + journal.skipped + pending_skips, key=lambda skip: skip["source"])
     if journal.num_samples == 0:
         journal.discard()
         examples = "".join(f"\n  {skip['source']}: {skip['reason']}" for skip in skipped[:5])
@@ -207,20 +216,29 @@ def _shard_and_record(src, fmt: str, source: Source, out: Path, options: Convert
     update_split(out, options.split, filenames, lengths, classes=classes or None, skipped=skipped,
                  labeled=bool(classes), shard_bytes=[shard["num_bytes"] for shard in journal.shards])
     journal.discard()
-    lost = classes_lost_to_skips(source, skipped) if options.limit is None else []
-    return ConvertSummary(options.split, sum(lengths), filenames, lengths, skipped, resumed_shards, fmt, classes, lost)
+    lost = classes_without_samples(source, order, skipped) if options.limit is None else []
+    return ConvertSummary(options.split, sum(lengths), filenames, lengths, skipped, resumed_shards, fmt, classes, lost,
+                          options.subset)
 
 
-def classes_lost_to_skips(source: Source, skipped: list[dict]) -> list[str]:
-    """Names of the classes whose every input is among `skipped` (empty class folders are refused up front)."""
-    skipped_ids = {skip["source"] for skip in skipped}
-    if source.labels is None or not source.classes or not skipped_ids:
+def classes_without_samples(source: Source, order: list[int], skipped: list[dict]) -> list[str]:
+    """Names of the source's classes that no sample of the split (`order`, less `skipped`) has (empty class
+    folders are refused up front)."""
+    if source.labels is None or not source.classes:
         return []
-    inputs, lost = Counter(), Counter()
-    for index, label in enumerate(source.labels):
-        inputs[int(label)] += 1
-        lost[int(label)] += source.source_id(index) in skipped_ids
-    return [source.classes[label] for label in sorted(inputs) if lost[label] == inputs[label]]
+    skipped_ids = {skip["source"] for skip in skipped}
+    kept = Counter(int(source.labels[i]) for i in order if source.source_id(i) not in skipped_ids)
+    return [source.classes[label] for label in sorted({int(label) for label in source.labels}) if not kept[label]]
+
+
+def in_subset(source_id: str, subset: tuple[float, float] | None) -> bool:
+    """Whether the input `source_id` belongs to `subset` (always without one): its SHA-256, read as a fraction of
+    [0, 1), lies in [low, high). The position depends on the id alone, not on the shuffle's seed or on the other
+    inputs, so conversions of one source with disjoint ranges never share an input."""
+    if subset is None:
+        return True
+    position = int.from_bytes(hashlib.sha256(source_id.encode("utf-8", "surrogateescape")).digest()[:8], "big") / 2**64
+    return subset[0] <= position < subset[1]
 
 
 def shuffled_order(num_samples: int, seed: int) -> list[int]:
@@ -376,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="keep the first N readable samples of the shuffle")
+    parser.add_argument("--subset", type=_parse_subset, default=None,
+                        help="LOW:HIGH, keep only the inputs whose path hashes into [LOW, HIGH) of [0, 1), e.g. "
+                             "--split train --subset 0:0.9 and --split val --subset 0.9:1 cut one folder in two "
+                             "parts that never share an image, whatever --seed")
     parser.add_argument("--compress", action="store_true", help="write gzip-compressed .tar.gz shards")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace this split if OUT already holds it (otherwise refused, or resumed if unfinished)")
@@ -383,6 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes", default=None, help="class names in label order: a file with one per line, or comma-separated"
     )
     return parser
+
+
+def _parse_subset(value: str) -> tuple[float, float]:
+    low, _, high = value.partition(":")
+    try:
+        return float(low), float(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW:HIGH such as 0:0.9, got {value!r}") from None
 
 
 def _parse_classes(value: str | None) -> tuple[str, ...] | None:
@@ -407,9 +437,11 @@ def _print_summary(summary: ConvertSummary, out: str) -> None:
             print(f"  {skip['source']}: {skip['reason']}", file=sys.stderr)
     if summary.classes_lost:
         which = "class" if len(summary.classes_lost) == 1 else "classes"
-        print(f"warning: every input of {which} {', '.join(summary.classes_lost)} was skipped, so a classifier "
-              f"trained on these shards has a class it never sees; fix or remove those files, then convert again "
-              f"with --overwrite", file=sys.stderr)
+        cause, fix = (("was skipped", "fix or remove those files") if summary.subset is None else
+                      ("was skipped or lies outside --subset", "fix or remove skipped files or widen the subset"))
+        print(f"warning: every input of {which} {', '.join(summary.classes_lost)} {cause}, so a classifier trained "
+              f"on these shards has a class it never sees; {fix}, then convert again with --overwrite",
+              file=sys.stderr)
 
 
 def stop_workers() -> None:
@@ -437,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             overwrite=args.overwrite,
             max_image_pixels=args.max_image_pixels,
+            subset=args.subset,
         )
         if args.fmt == "auto" and (note := folder_layout_note(args.src)):
             print(f"note: {note}", file=sys.stderr)
