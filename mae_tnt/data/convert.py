@@ -394,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="keep the first N readable samples of the shuffle")
-    parser.add_argument("--subset", type=_parse_subset, default=None,
-                        help="LOW:HIGH, keep only the inputs whose path hashes into [LOW, HIGH) of [0, 1), e.g. "
+    parser.add_argument("--subset", type=_parse_subset, default=None, metavar="LOW:HIGH",
+                        help="keep only the inputs whose path hashes into [LOW, HIGH) of [0, 1), e.g. "
                              "--split train --subset 0:0.9 and --split val --subset 0.9:1 cut one folder in two "
                              "parts that never share an image, whatever --seed")
     parser.add_argument("--compress", action="store_true", help="write gzip-compressed .tar.gz shards")
