@@ -36,6 +36,7 @@ from mae_tnt.train.finetune import FinetuneRun, finetune
 from mae_tnt.train.launch import auto_precision
 from mae_tnt.train.loop import NonFiniteLossError, TrainingRun, Window, raise_if_nonfinite
 from mae_tnt.train.resume import _skipped_carried_over
+from mae_tnt.train.schedule import lr_at
 from mae_tnt.visualize import main as visualize_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,6 +138,26 @@ def test_the_schedule_counts_the_steps_its_epochs_stand_for():
                                                                               "schedule.warmup_epochs=0.07"])
     plan = derive_plan(cfg, num_processes=1, batches_per_epoch=100)  # 0.29 x 100 = 28.999999999999996 in floats
     assert (plan.total_steps, plan.warmup_steps) == (29, 7)
+
+
+def test_the_lr_scales_with_the_effective_batch_and_warmup_counts_optimizer_steps():
+    """lr = base_lr x batch x accumulation x processes / 256; an epoch of 100 batches accumulated 2 at a time is 50
+    optimizer steps, which the schedule's epochs count."""
+    cfg = load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_vit.yaml", [
+        "data.batch_size=8", "optim.accum_steps=2", "optim.base_lr=1e-3", "schedule.epochs=3",
+        "schedule.warmup_epochs=1", "optim.min_lr=0"])
+    plan = derive_plan(cfg, num_processes=4, batches_per_epoch=100)
+    assert (plan.effective_batch, plan.peak_lr) == (64, pytest.approx(1e-3 * 64 / 256))
+    assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (50, 150, 50)
+
+
+def test_a_min_lr_above_the_peak_lr_is_refused_though_below_base_lr():
+    """With an effective batch of 64 the peak is base_lr / 4: a min_lr of base_lr / 2 would make the cosine rise."""
+    cfg = load_config(PretrainConfig, ROOT / "recipes" / "demo_mae_vit.yaml", [
+        "data.batch_size=32", "optim.accum_steps=1", "optim.base_lr=1e-3", "optim.min_lr=5e-4"])
+    with pytest.raises(ConfigError, match=r"optim.min_lr=0.0005 is above the peak LR 0.00025 \(optim.base_lr x "
+                                          r"effective batch 64 / 256\)"):
+        derive_plan(cfg, num_processes=2, batches_per_epoch=10)
 
 
 def test_step_seeds_are_reproducible_and_no_two_coordinates_share_one():
@@ -371,6 +392,20 @@ def test_resume_continues_with_identical_losses_and_lrs(shards, tmp_path, worker
     assert [r["step"] for r in cut] == [5, 10, 15, 20] and [r["step"] for r in continued] == [5, 10, 14, 15, 20]
     assert [(r["loss"], r["lr"]) for r in cut] == [(r["loss"], r["lr"]) for r in full]
     assert [(r["loss"], r["lr"]) for r in continued if r["step"] != 14] == [(r["loss"], r["lr"]) for r in full]
+
+
+def test_each_step_applies_the_lr_its_metrics_row_logs_and_the_schedule_gives(shards, tmp_path):
+    """The LR the optimizer steps with, not only the one logged: step s (0-based) runs at lr_at(s)."""
+    trainer = Trainer(config(shards, tmp_path, "run.max_steps=6", "optim.accum_steps=2", "optim.min_lr=1e-5"))
+    inner, applied = trainer.optimizer.optimizer, []  # accelerate's wrapper calls the torch optimizer on boundaries
+    step = inner.step
+    inner.step = lambda *args, **kwargs: (applied.append(inner.param_groups[0]["lr"]), step(*args, **kwargs))[1]
+    trainer.train()
+    plan = trainer.plan
+    expected = [lr_at(s, peak_lr=plan.peak_lr, total_steps=plan.total_steps, warmup_steps=plan.warmup_steps,
+                      min_lr=1e-5) for s in range(6)]
+    assert plan.warmup_steps > 1 and len(set(expected)) == 6  # every step's LR differs from its neighbours'
+    assert applied == pytest.approx(expected) and [row["lr"] for row in metrics(tmp_path)] == pytest.approx(expected)
 
 
 def test_unknown_key_fails_before_any_work(tmp_path):
