@@ -41,14 +41,15 @@ def decay_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
     return {names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
 
 
-@pytest.mark.parametrize("name, exempt", [
-    ("mae_vit_test", ()), ("mae_tnt_test", ()), ("mae_sret_test", ()),  # MAE pretraining decays its tokens
-    ("vit_test_patch8_32", CLASSIFIER_UNDECAYED), ("tnt_test_patch8_32", CLASSIFIER_UNDECAYED),
-    ("sret_test", CLASSIFIER_UNDECAYED),
+@pytest.mark.parametrize("name, exempt, layer_decay", [
+    ("mae_vit_test", (), None), ("mae_tnt_test", (), None), ("mae_sret_test", (), None),  # MAE decays its tokens
+    *[(name, CLASSIFIER_UNDECAYED, layer_decay) for name in ("vit_test_patch8_32", "tnt_test_patch8_32", "sret_test")
+      for layer_decay in (None, 0.75)],  # fine-tuning's layer-decay groups keep the exemptions
 ])
-def test_weight_matrices_decay_and_norms_and_biases_never_tokens_and_tables_as_mae_decides(name, exempt):
+def test_weight_matrices_decay_and_norms_and_biases_never_tokens_and_tables_as_mae_decides(name, exempt, layer_decay):
     model = create_model(name)
-    decay = decay_by_name(model, build_adamw(model, lr=1.0, weight_decay=0.05, betas=(0.9, 0.95), fused=False))
+    optimizer = build_adamw(model, lr=1.0, weight_decay=0.05, betas=(0.9, 0.95), fused=False, layer_decay=layer_decay)
+    decay = decay_by_name(model, optimizer)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert set(decay) == set(trainable)
     undecayed = {n for n, p in trainable.items() if p.ndim <= 1 or n.split(".")[-1] in exempt}
