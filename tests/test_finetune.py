@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,15 +22,17 @@ import yaml
 from PIL import Image
 from run_utils import overridden
 from safetensors.torch import load_file, save_file
-from shard_utils import drop_classes, write_shards
+from shard_utils import drop_classes, encode_png, write_shards
 from test_tnt import official_layout as tnt_official_layout
 
 from mae_tnt.config import ConfigError, PretrainConfig, load_config
 from mae_tnt.data.shards import ShardError, StreamError, read_samples, resolve_shards
+from mae_tnt.data.transforms import train_crop
 from mae_tnt.finetune_config import AugmentConfig, FinetuneConfig
 from mae_tnt.models import CheckpointError, ModelError, create_model
 from mae_tnt.models.loading import resolve_checkpoint
 from mae_tnt.models.sret import to_official_state_dict
+from mae_tnt.train import augment as augment_module
 from mae_tnt.train.augment import BatchAugment, FinetuneTransform, build_criterion, seeded_global_rngs
 from mae_tnt.train.checkpoint import CheckpointWriteError, ResumeError, find_checkpoints
 from mae_tnt.train.engine import Trainer, seed_step
@@ -345,6 +348,49 @@ def test_the_loss_is_cross_entropy_on_the_targets_the_batch_augmentation_gives(s
         assert torch.equal(targets, labels) and torch.equal(mixed, images)
         expected = F.cross_entropy(logits, labels, label_smoothing=settings["label_smoothing"])
     torch.testing.assert_close(loss, expected)
+
+
+def test_mixup_and_cutmix_take_their_own_settings():
+    cfg = AugmentConfig(mixup=0.3, cutmix=0.7, mixup_prob=0.6, mixup_switch_prob=0.2, label_smoothing=0.05)
+    mixup = BatchAugment(cfg, num_classes=7, device=torch.device("cpu")).mixup
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.label_smoothing,
+            mixup.num_classes) == (0.3, 0.7, 0.6, 0.2, 0.05, 7)
+
+
+def test_the_global_rngs_are_given_back_as_they_were_after_a_seeded_block():
+    random.seed(5)
+    np.random.seed(5)
+    expected = (random.random(), np.random.rand())
+    random.seed(5)
+    np.random.seed(5)
+    with seeded_global_rngs(1):
+        random.random(), np.random.rand()
+    assert (random.random(), np.random.rand()) == expected
+
+
+def test_every_sample_draws_its_rand_augment_from_its_own_seed(monkeypatch):
+    seeds = []
+    seeded = augment_module.seeded_global_rngs
+    monkeypatch.setattr(augment_module, "seeded_global_rngs", lambda seed: (seeds.append(seed), seeded(seed))[1])
+    transform = FinetuneTransform(16, [0.5, 1.0], "rand-m9-mstd0.5-inc1", [0.5] * 3)
+    data = encode_png(7, size=20)
+    for seed in range(6):
+        transform(data, random.Random(seed))
+    assert len(set(seeds)) == 6
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_a_fine_tuning_step_trains_on_the_augmented_batch_and_the_stream_applies_rand_augment(tmp_path):
+    run = FinetuneRun(demo_config(tmp_path, "run.max_steps=1", "augment.mixup=0.8", "augment.cutmix=1.0",
+                                  "augment.rand_augment=rand-m9-mstd0.5-inc1"))
+    seen, criterion = [], run.criterion
+    run.criterion = lambda logits, targets: (seen.append(targets), criterion(logits, targets))[1]
+    run.train()
+    assert seen[0].shape == (run.cfg.data.batch_size, 10)  # mixup's soft targets, not the labels
+    data = next(read_samples(resolve_shards(str(BUNDLED), "train")[0].url))["png"]
+    crops = [train_crop(data, random.Random(seed), size=32, scale=run.cfg.data.crop_scale) for seed in range(4)]
+    augmented = [run.stream.transform(data, random.Random(seed)) for seed in range(4)]  # the same crops, then ops
+    assert any(not torch.equal(a, c) for a, c in zip(augmented, crops, strict=True))
 
 
 def test_random_erasing_blanks_one_box_per_image_at_its_probability():
