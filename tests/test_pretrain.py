@@ -1157,6 +1157,22 @@ def test_a_run_started_again_before_its_first_checkpoint_hides_the_earlier_curve
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
 
 
+@pytest.mark.parametrize("rows", [2, None])  # None: a checkpoint that did not record the row count
+def test_a_resume_drops_the_half_written_line_a_killed_run_left_in_metrics_jsonl(tmp_path, rows):
+    from mae_tnt.train.metrics import MetricsLogger
+
+    with MetricsLogger(tmp_path, True) as logger:
+        for step in (1, 2):
+            logger.log({"step": step, "loss": 1.0})
+    with open(tmp_path / "metrics.jsonl", "a") as file:  # killed while writing step 3's row
+        file.write('{"step": 3, "lo')
+    with MetricsLogger(tmp_path, True, resume_step=2, resume_rows=rows) as logger:
+        logger.log({"step": 3, "loss": 0.5})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0},
+                                                    {"step": 3, "loss": 0.5}]
+
+
 def test_tensorboard_plots_each_curve_once_per_step_and_records_the_config_a_run_resumed_with(tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     from mae_tnt.train.metrics import MetricsLogger
