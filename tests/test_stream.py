@@ -17,10 +17,11 @@ import pytest
 import torch
 from shard_utils import encode_png, write_shards, write_shards_damaged_at_their_size
 
+from mae_tnt.config import DataConfig
 from mae_tnt.data import shards as shards_module
 from mae_tnt.data.info import InfoError, count_tar_samples, load_info, update_split
 from mae_tnt.data.inspect import inspect_shards
-from mae_tnt.data.loader import eval_batches, first_images, make_loader
+from mae_tnt.data.loader import build_train_stream, eval_batches, first_images, mae_transform, make_loader
 from mae_tnt.data.shards import ShardError, read_samples, resolve_shards
 from mae_tnt.data.stream import ShardStream
 from mae_tnt.data.transforms import eval_resize, train_crop
@@ -96,6 +97,27 @@ def test_each_sample_draws_its_augmentation_from_its_own_epoch_rank_and_worker(e
     # Batches at the same positions of other ranks, workers (batches 0 and 1 come from workers 0 and 1) and epochs
     # draw other crops.
     assert epoch0[0] != epoch0[1] and epoch0 != draws(1, 0) and epoch0 != draws(0, 1)
+
+
+def config_stream(root, rank=0, world=1, chunk=4):
+    data = DataConfig(train=str(root), batch_size=4, num_workers=0, shuffle_chunk=chunk)
+    return build_train_stream(data, mae_transform(data, 16), seed=0, rank=rank, world_size=world)
+
+
+def test_the_streams_built_for_two_ranks_are_disjoint_and_cover_the_epoch(tmp_path):
+    write_shards(tmp_path, [8] * 8)
+    seen = [keys(consume(config_stream(tmp_path, rank, 2))) for rank in range(2)]
+    assert len(set(seen[0])) == len(seen[0]) == len(set(seen[1])) == 32 and not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) == {f"s{i:06d}" for i in range(64)}
+
+
+def test_the_built_stream_shuffles_in_chunks_of_data_shuffle_chunk(tmp_path):
+    write_shards(tmp_path, [8] * 8)
+    shards = resolve_shards(str(tmp_path))
+    orders = {chunk: keys(consume(config_stream(tmp_path, chunk=chunk))) for chunk in (1, 8)}
+    assert orders[1] != orders[8]  # the chunk shows in the order: the default 512 would shuffle all 64 as one
+    for chunk, order in orders.items():
+        assert order == keys(consume(stream_for(shards, chunk=chunk)))
 
 
 def test_a_shard_is_opened_once_per_epoch_not_once_per_chunk(even, monkeypatch):
