@@ -23,7 +23,7 @@ from mae_tnt.data.info import InfoError, count_tar_samples, load_info, update_sp
 from mae_tnt.data.inspect import inspect_shards
 from mae_tnt.data.loader import build_train_stream, eval_batches, first_images, mae_transform, make_loader
 from mae_tnt.data.shards import ShardError, read_samples, resolve_shards
-from mae_tnt.data.stream import ShardStream
+from mae_tnt.data.stream import ShardStream, StreamState
 from mae_tnt.data.transforms import eval_resize, train_crop
 
 
@@ -201,6 +201,22 @@ def test_resume_mid_epoch_reproduces_the_exact_batches(even, workers, stop_after
     assert keys(part + rest) == keys(full)
     for a, b in zip(part + rest, full, strict=True):
         assert torch.equal(a["images"], b["images"])  # augmentation is a function of the sample, not of history
+
+
+def test_a_stream_state_comes_back_whole_from_json():
+    state = StreamState(epoch=3, batches=5, positions={0: 12, 1: 8}, next_role=1, skipped=2)
+    assert StreamState.from_dict(json.loads(json.dumps(state.to_dict()))) == state  # checkpoints store it as JSON
+
+
+def test_resume_from_a_state_saved_as_json_reproduces_the_exact_batches(even):
+    """Three batches of two workers stop with worker 1 next: a restored `next_role` of 0 would replay worker 0's."""
+    full = consume(stream_for(even, workers=2))
+    first = stream_for(even, workers=2)
+    part = consume(first, limit=3)
+    assert first.state.next_role == 1
+    resumed = stream_for(even, workers=2)
+    resumed.state = StreamState.from_dict(json.loads(json.dumps(first.state.to_dict())))
+    assert keys(part + consume(resumed)) == keys(full)
 
 
 def test_resume_does_not_decode_skipped_samples(even, monkeypatch):
