@@ -174,6 +174,33 @@ def test_epochs_reshuffle_but_are_reproducible(even):
     assert sorted(epoch_keys(0)) == sorted(epoch_keys(1))
 
 
+def epoch_keys_of(shards, epoch, chunk):
+    stream = stream_for(shards, chunk=chunk)
+    stream.state.start_epoch(epoch)
+    return keys(consume(stream))
+
+
+def test_each_epoch_reads_the_shards_in_an_order_of_its_own(even):
+    """The epoch's offset alone only rotates the sample sequence; the shard shuffle must be seeded by the epoch too."""
+    # Chunks of one sample: the single worker emits its range, the whole sequence from the offset on, unshuffled.
+    epoch0, epoch1 = (epoch_keys_of(even, epoch, chunk=1) for epoch in (0, 1))
+    assert epoch_keys_of(even, 0, chunk=1) == epoch0 and sorted(epoch1) == sorted(epoch0)
+    assert epoch1 not in [epoch0[i:] + epoch0[:i] for i in range(64)]  # not one shard sequence, started elsewhere
+
+
+def test_each_epoch_shuffles_its_chunks_with_a_permutation_of_its_own(even):
+    """A chunk permutation seeded without the epoch would repeat every epoch at the same range positions."""
+
+    def permutation(epoch):
+        where = {key: position for position, key in enumerate(epoch_keys_of(even, epoch, chunk=1))}  # range order
+        return [where[key] for key in epoch_keys_of(even, epoch, chunk=8)]  # range position of each emitted sample
+
+    epoch0 = permutation(0)
+    assert permutation(0) == epoch0 and epoch0 != list(range(64))
+    assert all(sorted(epoch0[i : i + 8]) == list(range(i, i + 8)) for i in range(0, 64, 8))  # shuffled within chunks
+    assert permutation(1) != epoch0
+
+
 def test_the_samples_left_over_change_every_epoch_even_in_one_shard(tmp_path):
     # 25 samples, 2 workers of 3 batches of 4: one sample is left over each epoch; a fixed cut would always drop s24.
     write_shards(tmp_path, [25])
