@@ -142,6 +142,15 @@ def test_crops_are_drawn_as_torchvisions_random_resized_crop_draws_them_and_half
     assert 0.46 < sum(flip for _, flip in ours) / draws < 0.54
 
 
+def test_crop_areas_stay_within_a_crop_scale_whose_upper_bound_is_below_one():
+    """data.crop_scale bounds the area from above too: (0.1, 0.3) never crops more than 30% of the image."""
+    rng = random.Random(0)
+    areas = [(right - left) * (bottom - top) / 30000 for (left, top, right, bottom), _ in
+             (sample_crop(200, 150, (0.1, 0.3), rng) for _ in range(1000))]
+    # Rounding each side to whole pixels moves the area by well under 0.01 of a 200 x 150 image.
+    assert 0.09 < min(areas) < 0.11 and 0.29 < max(areas) < 0.31
+
+
 def test_an_image_no_crop_fits_falls_back_to_the_centre_with_the_aspect_ratio_clamped():
     assert random_resized_crop_box(1000, 10, (0.9, 1.0), random.Random(0)) == (493, 0, 506, 10)  # 13 = 10 x 4/3
     assert random_resized_crop_box(10, 1000, (0.9, 1.0), random.Random(0)) == (0, 493, 10, 506)
