@@ -290,6 +290,35 @@ def test_interrupted_conversion_resumes_without_duplicates_or_losses(tmp_path, m
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(summary.filenames + ["_info.json"])
 
 
+def interrupted(src: Path, out: Path, monkeypatch, after: int, **settings) -> None:
+    """Run a conversion that an interruption stops once it has closed ``after`` more shards."""
+    with monkeypatch.context() as patch:
+        patch.setattr(convert_module.ShardWriter, "close_shard", crash_after(shards=after))
+        with pytest.raises(KeyboardInterrupt):
+            convert(src, out, options(**settings))
+
+
+def test_a_conversion_interrupted_twice_resumes_without_duplicates_or_losses(tmp_path, monkeypatch):
+    """The second resume continues from the positions the first resume recorded, so those must count from where it
+    started, not from 0 (in-process encoding, workers=0, numbers them itself)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(14):
+        (src / f"img{i:02d}.png").write_bytes(encoded(gradient(4 + i, 5), "PNG"))
+    (src / "bad.png").write_bytes(b"broken")
+    reference = convert(src, tmp_path / "reference", options(shard_size=3))
+    for _ in range(2):  # shards 0-1, then 2-3; the last of the 5 shards is left to the final run
+        interrupted(src, tmp_path / "out", monkeypatch, after=2, shard_size=3)
+
+    summary = convert(src, tmp_path / "out", options(shard_size=3))
+    assert summary.resumed_shards == 4 and summary.filenames == reference.filenames
+    sources = [json.loads(fields["json"])["source"] for _, fields in read_split(tmp_path / "out")]
+    assert sorted(sources) == sorted(f"img{i:02d}.png" for i in range(14))  # each exactly once
+    assert [skip["source"] for skip in summary.skipped] == ["bad.png"]
+    for name in summary.filenames:  # byte-identical to an uninterrupted run
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
+
+
 # Run by the tests below in a process of their own: if the pool hangs, only that process is killed.
 CONVERT_UNDER_A_SIGTERM_IGNORING_CALLER = """
 import multiprocessing, os, signal, sys
