@@ -319,6 +319,26 @@ def test_a_conversion_interrupted_twice_resumes_without_duplicates_or_losses(tmp
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
 
 
+@pytest.mark.parametrize("setting, value", [
+    ("max_size", 8),  # would mix resized and full-size images in one split
+    ("shard_size", 4),
+    ("shard_bytes", 10_000),
+    ("max_image_pixels", 100_000),
+    ("limit", 5),
+    ("compress", True),
+])
+def test_resuming_with_another_output_setting_is_refused_naming_it(tmp_path, monkeypatch, setting, value):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"img{i}.png").write_bytes(encoded(gradient(10 + i, 12), "PNG"))
+    interrupted(src, tmp_path / "out", monkeypatch, after=1, shard_size=3)
+    old = getattr(options(shard_size=3), setting)
+    with pytest.raises(ConversionError, match=re.escape(f"other settings ({setting}: {old!r} -> {value!r})")):
+        convert(src, tmp_path / "out", options(**{"shard_size": 3, setting: value}))
+    assert convert(src, tmp_path / "out", options(shard_size=3)).resumed_shards == 1  # the original one finishes
+
+
 # Run by the tests below in a process of their own: if the pool hangs, only that process is killed.
 CONVERT_UNDER_A_SIGTERM_IGNORING_CALLER = """
 import multiprocessing, os, signal, sys
