@@ -405,6 +405,44 @@ def test_a_perfect_prediction_reconstructs_the_image_and_the_masked_row_blanks_e
     assert torch.equal(rows["masked"], images * (1 - hidden)) and (rows["masked"][hidden.bool()] == 0).all()
 
 
+def test_the_reconstruction_row_with_visible_patches_pastes_the_prediction_only_where_hidden():
+    from mae_tnt.train.recon import reconstruct
+
+    model = mae_tnt.create_model("mae_vit_test", norm_pix_loss=False).eval()
+    forward = model.forward
+
+    def blank(images, noise):  # predicts 0 everywhere, so the pasted row shows which units it took from where
+        loss, pred, mask = forward(images, noise=noise)
+        return loss, torch.zeros_like(pred), mask
+
+    model.forward = blank
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, model.grid**2)
+    rows = reconstruct(model, images, noise)
+    assert torch.equal(rows["reconstruction"], torch.zeros_like(images))
+    assert torch.equal(rows["reconstruction + visible"], rows["masked"])  # visible units kept, hidden ones predicted
+
+
+def test_grids_show_each_image_upright_enlarged_and_in_its_own_colours(tmp_path):
+    """A 32-px image, reddish on its left half and bluish on its right, normalised: the tile is enlarged 3x to 96 px,
+    denormalised back to its colours, and not transposed (the red half stays on the left)."""
+    from PIL import Image
+
+    from mae_tnt.data.transforms import normalize
+    from mae_tnt.train.recon import save_grid
+
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    image = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    image[0, :, :, :16] = torch.tensor([200, 60, 0], dtype=torch.uint8).view(3, 1, 1)  # mid-range: no clamping
+    image[0, :, :, 16:] = torch.tensor([0, 100, 150], dtype=torch.uint8).view(3, 1, 1)
+    save_grid({"original": normalize(image, mean, std)}, mean, std, tmp_path / "grid.png", "title")
+    grid = Image.open(tmp_path / "grid.png").convert("RGB")
+    left, header = 150, 18  # the row label's width and the title's height
+    assert grid.height == header + 96 + 2
+    pixel = {(x, y): grid.getpixel((left + x, header + y)) for x, y in ((10, 80), (47, 50), (48, 50), (90, 5))}
+    red, blue = (200, 60, 0), (0, 100, 150)
+    assert pixel == {(10, 80): red, (47, 50): red, (48, 50): blue, (90, 5): blue}
+
+
 @pytest.mark.parametrize("name", ["mae_vit_test", "mae_tnt_test", "mae_sret_test"])
 def test_a_half_precision_mae_encodes_in_its_dtype_and_takes_its_target_from_the_pixels_given(name):
     """DeepSpeed's bf16 mode holds bf16 weights and runs no autocast: the encoder needs bf16 input, but a norm-pix
