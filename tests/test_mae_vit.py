@@ -405,6 +405,16 @@ def test_a_perfect_prediction_reconstructs_the_image_and_the_masked_row_blanks_e
     assert torch.equal(rows["masked"], images * (1 - hidden)) and (rows["masked"][hidden.bool()] == 0).all()
 
 
+def test_every_grid_of_a_run_hides_the_same_units_so_that_grids_of_different_steps_compare():
+    from mae_tnt.train.recon import write_reconstructions
+
+    model = mae_tnt.create_model("mae_vit_test")
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    losses = [write_reconstructions(model, images, [0.5] * 3, [0.5] * 3, None, label="", seed=seed)
+              for seed in (7, 7, 8)]
+    assert losses[0] == losses[1] != losses[2]
+
+
 def test_the_reconstruction_row_with_visible_patches_pastes_the_prediction_only_where_hidden():
     from mae_tnt.train.recon import reconstruct
 
