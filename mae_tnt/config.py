@@ -22,6 +22,8 @@ from typing import Any, Union
 
 import yaml
 
+from .text import close_names
+
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 """PIL's own decompression-bomb limit (the size where it raises rather than warns); make_shards uses it too."""
 
@@ -201,7 +203,7 @@ class RunConfig:
     """Newest checkpoints kept on disk (0 = keep every one)."""
     resume: str | None = "auto"
     """`auto` continues from the newest readable checkpoint in output_dir, `none` (or null) starts fresh, or a
-    checkpoint or run directory (its newest checkpoint)."""
+    checkpoint, a run directory or its checkpoints/ folder (their newest checkpoint)."""
     precision: str = "auto"
     """`auto` (bf16 on GPU, fp32 on CPU), `fp32`, `bf16` or `fp16`."""
     compile: bool = False
@@ -272,7 +274,7 @@ def file_in_the_way(directory: str | Path) -> Path | None:
 def check_model_name(name: str, masked_autoencoder: bool) -> None:
     """Refuse a `model.name` that is not a registered model of the kind the run trains (pretraining: an mae_* masked
     autoencoder; fine-tuning: a classifier) before any work, suggesting the names it may have meant."""
-    from .models.registry import classifier_name_for, close_names, list_models  # imports torch: only when checked
+    from .models.registry import classifier_name_for, list_models  # imports torch: only when checked
 
     names, mae_names = list_models(), list_models("mae_*")
     wanted = mae_names if masked_autoencoder else [n for n in names if n not in mae_names]
@@ -301,12 +303,12 @@ def check_range(key: str, value: float, low: float, high: float = math.inf, boun
 
 
 def check_choice(key: str, value: object, choices: tuple) -> None:
-    """Raise a ConfigError naming `key`, its choices and the closest one, unless `value` is one of them."""
+    """Raise a ConfigError naming `key`, its choices and the closest ones, unless `value` is one of them."""
     if value in choices:
         return
     names = [str(choice).replace("None", "null") for choice in choices]
-    close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.7)  # 0.5 offered cpu for gpu
-    hint = f"; did you mean {close[0]}?" if close else ""
+    close = close_names(str(value), names)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
     raise ConfigError(f"{key} must be one of {', '.join(names)}, got {value!r}{hint}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 
 
@@ -38,3 +39,11 @@ class HelpWithDefaults(argparse.HelpFormatter):
         if action.option_strings and not unset and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
+
+
+def close_names(name: str, names) -> list[str]:
+    """Up to three of `names` that look like `name` (a typo's likely intent): those it begins (`tnt_s` for
+    `tnt_s_patch16_224`) first, then the closest; capitals do not count."""
+    wanted, names = name.lower(), sorted(names)
+    beginning = [known for known in names if known.startswith(wanted)]
+    return list(dict.fromkeys(beginning + difflib.get_close_matches(wanted, names, n=3, cutoff=0.5)))[:3]

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from shard_utils import drop_classes, encode_png, write_shards
 from test_tnt import official_layout as tnt_official_layout
 
-from mae_tnt.config import ConfigError, PretrainConfig, load_config
+from mae_tnt.config import ConfigError, PretrainConfig, UnknownKeyError, load_config
 from mae_tnt.data.shards import ShardError, StreamError, read_samples, resolve_shards
 from mae_tnt.data.transforms import train_crop
 from mae_tnt.finetune_config import AugmentConfig, FinetuneConfig
@@ -37,7 +37,7 @@ from mae_tnt.train.augment import BatchAugment, FinetuneTransform, build_criteri
 from mae_tnt.train.checkpoint import CheckpointWriteError, ResumeError, find_checkpoints
 from mae_tnt.train.engine import Trainer, seed_step
 from mae_tnt.train.finetune import FinetuneRun, build_classifier, build_optimizer, finetune, resolve_num_classes
-from mae_tnt.train.init import load_init
+from mae_tnt.train.init import load_init, recorded_init
 from mae_tnt.train.loop import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def test_linear_probe_refuses_fine_tuning_augmentation():
     ("optim.name=sgd", r"optim.name must be one of adamw, lars, got 'sgd'$"),
     ("model.num_classes=0", r"model.num_classes must be >= 1, got 0"),
     ("model.global_pool=max", r"model.global_pool must be one of avg, token, null, got 'max'$"),
-    ("mode=probe", r"mode must be one of finetune, linprobe, knn, got 'probe'; did you mean linprobe\?$"),
+    ("mode=lin", r"mode must be one of finetune, linprobe, knn, got 'lin'; did you mean linprobe\?$"),
     ("data.decode_device=cuda", r"data.decode_device must be cpu for downstream runs: RandAugment works on PIL"),
     ("data.batch_size=7", r"mixup/cutmix pair images in a batch: data.batch_size must be even, got 7"),
 ])
@@ -230,14 +230,15 @@ def test_a_wrong_key_fails_with_a_message_naming_it(tmp_path):
 
 @pytest.mark.parametrize("described", [False, True])
 def test_init_from_a_globally_pooled_classifier_into_a_token_pooled_model_names_the_setting(tmp_path, described):
-    """Only the pooling differs, so the advice names it, and not the model that wrote a described checkpoint."""
+    """Only the pooling differs: the advice names it first, and the model that wrote a described checkpoint only as
+    the next thing to try (it is the model already built here)."""
     save_file(classifier(global_pool="avg").state_dict(), tmp_path / "model.safetensors")  # fc_norm, no norm
     if described:
         (tmp_path / "config.json").write_text(json.dumps({"model": "vit_test_patch8_32"}))
+    writer = "; if keys still misfit, also set model.name=vit_test_patch8_32 .*" if described else ""
     with pytest.raises(CheckpointError, match=r"missing: norm.bias, norm.weight\. .*, or set model.global_pool=avg: "
-                                              r"the checkpoint was trained with global average pooling$") as err:
+                                              rf"the checkpoint was trained with global average pooling{writer}$"):
         load_init(classifier(global_pool="token", num_classes=0), tmp_path / "model.safetensors")
-    assert "model.name" not in str(err.value)
     load_init(classifier(global_pool="avg", num_classes=0), tmp_path / "model.safetensors")  # as the message says
 
 
@@ -888,6 +889,34 @@ def test_config_yaml_records_the_checkpoint_init_stood_for_and_a_resume_refuses_
                                               rf"continue rather than start from {wanted}: to start from "
                                               rf"{wanted}, use another run.output_dir, or run.resume=none"):
             FinetuneRun(demo_config(tmp_path / "ft", f"init={other or 'null'}", "run.max_steps=4"))
+
+
+def test_only_a_run_or_its_checkpoints_folder_stands_for_its_newest_checkpoint(tmp_path):
+    """Other folders of step_* entries (grids, set-aside continuations) are paths like any other."""
+    run = tmp_path / "run"
+    for step in (2, 4):
+        (run / "checkpoints" / f"step_0000000{step}").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000009.txt").write_text("a file, not a checkpoint")
+    (run / "recon").mkdir()
+    (run / "recon" / "step_00000004.png").write_bytes(b"")
+    (run / "superseded" / "t" / "step_00000009").mkdir(parents=True)
+    newest = run / "checkpoints" / "step_00000004"
+    assert resolve_checkpoint(run) == resolve_checkpoint(run / "checkpoints") == newest
+    for other in (run / "recon", run / "superseded" / "t", newest):
+        assert resolve_checkpoint(other) == other
+    (tmp_path / "new" / "checkpoints").mkdir(parents=True)
+    for empty in (tmp_path / "new", tmp_path / "new" / "checkpoints"):
+        with pytest.raises(CheckpointError, match=f"run directory {tmp_path / 'new'} has no checkpoints yet"):
+            resolve_checkpoint(empty)
+    for given in (run, run / "checkpoints"):  # both name the checkpoint a resumed run started from
+        assert recorded_init(str(given), {"config": {"init": str(newest)}}) == str(newest)
+    with pytest.raises(ResumeError, match="started from init=.*best, which resuming would continue"):
+        recorded_init(str(run), {"config": {"init": str(run / "best")}})  # the run stands for its newest, not best/
+
+
+def test_the_knn_bank_caps_former_key_points_to_knn_max_train():
+    with pytest.raises(UnknownKeyError, match=r"unknown config key `data.knn_max_train`; did you mean `knn.max_train`"):
+        load_config(FinetuneConfig, ROOT / "recipes" / "demo_knn_vit.yaml", ["data.knn_max_train=5"])
 
 
 def test_sret_takes_the_fine_tuning_default_pooling_and_refuses_a_class_token(tmp_path):

@@ -814,6 +814,26 @@ def test_a_subset_that_is_no_range_within_0_1_is_refused(tmp_path, capsys, value
     assert error in capsys.readouterr().err and not (tmp_path / "more").exists()
 
 
+def test_a_subset_of_idx_data_is_refused_since_its_split_picks_the_files(tmp_path, capsys):
+    (tmp_path / "idx").mkdir()
+    for prefix in ("train", "t10k"):
+        write_idx(tmp_path / "idx" / f"{prefix}-images-idx3-ubyte.gz", np.zeros((4, 5, 5), dtype=np.uint8))
+        write_idx(tmp_path / "idx" / f"{prefix}-labels-idx1-ubyte.gz", np.arange(4) % 2)
+    assert make_shards_main([str(tmp_path / "idx"), str(tmp_path / "out"), "--split", "val", "--subset", "0.9:1"]) == 1
+    assert ("error: --subset cuts one set of inputs into parts, but IDX data is read by --split (train reads the "
+            "training files, val and test the test files)") in capsys.readouterr().err
+
+
+def test_resuming_with_another_subset_is_refused_naming_it(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"img{i:02d}.png").write_bytes(encoded(gradient(4 + i, 5), "PNG"))
+    interrupted(src, tmp_path / "out", monkeypatch, after=1, shard_size=2, subset=(0, 0.9))
+    with pytest.raises(ConversionError, match=re.escape("other settings (subset: [0, 0.9] -> [0, 0.5]")):
+        convert(src, tmp_path / "out", options(shard_size=2, subset=(0, 0.5)))
+
+
 def test_a_class_left_out_of_a_subset_is_warned_about(tmp_path, capsys):
     for name in ("cat", "dog"):
         (tmp_path / "src" / name).mkdir(parents=True)
@@ -864,7 +884,8 @@ def test_inspect_prints_the_normalisation_of_the_images_each_weighted_alike(tmp_
     (src / "blue.png").write_bytes(encoded(Image.new("RGB", (6, 6), (0, 0, 255)), "PNG"))
     convert(src, tmp_path / "out", options())
     assert inspect_main([str(tmp_path / "out")]) == 0
-    assert "  pixels (RGB, 0-1): data.mean=[0.5,0,0.5] data.std=[0.5,0,0.5]\n" in capsys.readouterr().out
+    # Green is 0 everywhere: its std of 0 is printed as 0.001, the smallest data.std takes.
+    assert "  pixels (RGB, 0-1): data.mean=[0.5,0,0.5] data.std=[0.5,0.001,0.5]\n" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not (REPO / "data" / "fashion_mnist").exists(), reason="bundled Fashion-MNIST sample missing")

@@ -148,6 +148,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, options: ConvertOpti
     if fmt in ("folder", "imagefolder") and out.resolve().is_relative_to(Path(src).resolve()):
         raise ConversionError(f"OUT {out} is inside SRC {src}, where the next run (a resume, --overwrite, another "
                               "split) would read the shards as part of the dataset; give an OUT outside it")
+    if options.subset is not None and fmt in ("idx", "cifar"):  # --split picks the release's files there
+        raise ConversionError(f"--subset cuts one set of inputs into parts, but {fmt.upper()} data is read by --split "
+                              "(train reads the training files, val and test the test files), so a val subset would "
+                              "come from the test files; convert --split train and --split test instead")
     source = open_source(src, fmt, options.split, options.classes)
     if out.exists() and not out.is_dir():
         raise ConversionError(f"{out} is a file; OUT must be a directory for the shards: give a new or existing one")
@@ -264,6 +268,7 @@ def _job_description(src, fmt: str, source: Source, order: list[int], options: C
         "max_image_pixels": options.max_image_pixels,
         "limit": options.limit,
         "compress": options.compress,
+        "subset": None if options.subset is None else list(options.subset),  # as JSON holds it
         "classes": source.classes,
         "samples_sha256": digest,
     }
@@ -395,9 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="keep the first N readable samples of the shuffle")
     parser.add_argument("--subset", type=_parse_subset, default=None, metavar="LOW:HIGH",
-                        help="keep only the inputs whose path hashes into [LOW, HIGH) of [0, 1), e.g. "
-                             "--split train --subset 0:0.9 and --split val --subset 0.9:1 cut one folder in two "
-                             "parts that never share an image, whatever --seed")
+                        help="keep only the inputs whose path (as the folder or list gives it) hashes into "
+                             "[LOW, HIGH) of [0, 1), e.g. --split train --subset 0:0.9 and --split val --subset 0.9:1 "
+                             "cut one folder in two parts that never share an input, whatever --seed (not for IDX or "
+                             "CIFAR data, whose --split picks the files)")
     parser.add_argument("--compress", action="store_true", help="write gzip-compressed .tar.gz shards")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace this split if OUT already holds it (otherwise refused, or resumed if unfinished)")

@@ -67,7 +67,8 @@ class SplitReport:
         """RGB mean and std, each image weighted alike (training takes one crop per image, whatever its size)."""
         mean = self.mean_sum / len(self.widths)
         std = np.sqrt(np.maximum(self.square_sum / len(self.widths) - np.square(mean), 0))
-        return [round(float(v), 3) for v in mean], [round(float(v), 3) for v in std]
+        # A constant channel has std 0, which data.std refuses (it divides): print the smallest it takes.
+        return [round(float(v), 3) for v in mean], [max(round(float(v), 3), 0.001) for v in std]
 
 
 @dataclass

@@ -70,21 +70,22 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, metadata
 
 
 def step_dirs(folder: Path) -> list[Path]:
-    """The `step_*` checkpoints in `folder`, oldest first (their step numbers are zero-padded to sort by name)."""
-    return sorted(folder.glob("step_*"))
+    """The `step_*` checkpoint directories in `folder`, oldest first (their step numbers are zero-padded to sort by
+    name)."""
+    return sorted(path for path in folder.glob("step_*") if path.is_dir())
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory, or its `checkpoints/` folder, stands for its newest checkpoint directory; any other path for
     itself."""
     path = Path(path)
-    if (path / "checkpoints").is_dir():
-        steps = step_dirs(path / "checkpoints")
-        if not steps:
-            raise CheckpointError(f"run directory {path} has no checkpoints yet")
-        return steps[-1]
-    steps = step_dirs(path) if path.is_dir() else []
-    return steps[-1] if steps else path
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if folder.name != "checkpoints" or not folder.is_dir():
+        return path
+    steps = step_dirs(folder)
+    if not steps:
+        raise CheckpointError(f"run directory {folder.parent} has no checkpoints yet")
+    return steps[-1]
 
 
 def recorded_build_kwargs(path: str | Path, name: str) -> dict:

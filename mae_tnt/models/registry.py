@@ -8,13 +8,14 @@ References: timm `_registry.py` (register/create/list), with a hard error on dup
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 from torch import nn
+
+from ..text import close_names
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 UNKNOWN_ARGUMENT = re.compile(r"unexpected keyword argument '(\w+)'")  # how Python words a builder's TypeError
@@ -36,14 +37,6 @@ def register_model(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module
 def list_models(pattern: str = "*") -> list[str]:
     """Sorted names of the registered models matching an `fnmatch` pattern, e.g. `mae_tnt_*`."""
     return sorted(name for name in _BUILDERS if fnmatch.fnmatch(name, pattern))
-
-
-def close_names(name: str, names) -> list[str]:
-    """Up to three of `names` that look like `name` (a typo's likely intent): those it begins (`tnt_s` for
-    `tnt_s_patch16_224`) first, then the closest; capitals do not count."""
-    wanted, names = name.lower(), sorted(names)
-    beginning = [known for known in names if known.startswith(wanted)]
-    return list(dict.fromkeys(beginning + difflib.get_close_matches(wanted, names, n=3, cutoff=0.5)))[:3]
 
 
 def classifier_name_for(mae_name: str) -> str:

@@ -148,7 +148,8 @@ def _stands_for(init: str | None, recorded: str | None) -> bool:
     if init is None or recorded is None:
         return init == recorded
     given, recorded_path = Path(init).resolve(), Path(recorded).resolve()
-    return recorded_path == given or recorded_path.parent in (given, given / "checkpoints")
+    folder = given if given.name == "checkpoints" else given / "checkpoints"
+    return recorded_path == given or recorded_path.parent == folder
 
 
 def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] = print,
@@ -189,13 +190,13 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
 
 def _misfit_remedy(meta: dict, pooling: str | None) -> dict[str, str]:
     """load_weights' closing advice for a misfit: the pooling the checkpoint was trained with, where the model's
-    differs (the misfit's cause: one final norm in place of the other), else the model that wrote it, if recorded."""
-    if pooling is not None:
-        return {"remedy": f"set model.global_pool={pooling}: the checkpoint {POOLINGS[pooling][1]}"}
-    if "model" in meta:
-        return {"remedy": f"set model.name={_classifier_of(meta['model'])} (the checkpoint was written by "
-                          f"`{meta['model']}`; model.name and its arguments must build the same encoder)"}
-    return {}
+    differs (one final norm in place of the other, the likely cause), then the model that wrote it, if recorded."""
+    writer = (f"set model.name={_classifier_of(meta['model'])} (the checkpoint was written by `{meta['model']}`; "
+              "model.name and its arguments must build the same encoder)") if "model" in meta else None
+    if pooling is None:
+        return {"remedy": writer} if writer else {}
+    advice = f"set model.global_pool={pooling}: the checkpoint {POOLINGS[pooling][1]}"
+    return {"remedy": f"{advice}{f'; if keys still misfit, also {writer}' if writer else ''}"}
 
 
 def _classifier_of(name: str) -> str:
