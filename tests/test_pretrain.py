@@ -752,6 +752,11 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(shards, t
     AcceleratorState._reset_state(True)
     newest = Trainer(config(shards, tmp_path, f"run.resume={tmp_path / 'checkpoints'}", "run.max_steps=6"))
     assert newest.step == 6  # the run's checkpoints folder stands for its newest, as the run directory does
+    AcceleratorState._reset_state(True)
+    set_aside = sorted(tmp_path.glob("superseded/*"))[-1]  # a continuation set aside: not this run's checkpoints
+    with pytest.raises(ResumeError, match=rf"superseded/.* is a folder of checkpoints; give one of them \(the newest "
+                                          rf"is .*{set_aside.name}/step_00000012\)"):
+        Trainer(config(shards, tmp_path, f"run.resume={set_aside}"))
 
 
 def test_a_fresh_start_in_a_used_run_directory_sets_the_old_run_aside(shards, tmp_path, capsys):

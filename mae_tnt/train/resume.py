@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..data.stream import StreamState
-from ..models.loading import read_state_dict, resolve_checkpoint
+from ..models.loading import STATE_FILE, read_state_dict, resolve_checkpoint, step_dirs
 from ..text import counted
 from .checkpoint import (
     DEEPSPEED_KEY,
@@ -77,12 +77,16 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool
 
 def _explicit_checkpoint(resume: str) -> Path:
     """The checkpoint directory that an existing run.resume path stands for (a run directory or its checkpoints
-    folder: the newest); a file is refused with the path to give instead, rather than read as a checkpoint that lacks
-    its state.json."""
+    folder: the newest); a file, or another folder of checkpoints (a set-aside continuation in superseded/), is
+    refused with the path to give instead, rather than read as a checkpoint that lacks its state.json."""
     path = resolve_checkpoint(resume)
     if path.is_file():
         raise ResumeError(f"run.resume={resume} is a file; give the checkpoint directory that holds it "
                           f"({path.parent}) or its run directory")
+    steps = step_dirs(path)
+    if steps and not (path / STATE_FILE).exists():
+        raise ResumeError(f"run.resume={resume} is a folder of checkpoints; give one of them (the newest is "
+                          f"{steps[-1]})")
     return path
 
 
