@@ -34,8 +34,8 @@ from mae_tnt.progress import progress_bar
 from mae_tnt.text import HelpWithDefaults, counted, positive_int
 
 MAX_PRINTED_PROBLEMS = 50
-LEVELS = np.arange(256) / 255
-"""The 0-1 value of each 8-bit level."""
+LEVEL_MOMENTS = np.stack([np.arange(256) / 255, np.square(np.arange(256) / 255)], axis=1)  # [256, 2]
+"""Each 8-bit level's 0-1 value and its square: a histogram times these gives the mean and the mean square."""
 
 
 @dataclass
@@ -59,9 +59,9 @@ class SplitReport:
         """Count one RGB image in the statistics, through its histograms: exact, and 40x faster than the pixels at
         500 x 375."""
         histograms = np.asarray(rgb.histogram(), dtype=np.float64).reshape(3, 256)  # [3, 256]: R, G, B counts
-        frequencies = histograms / (rgb.width * rgb.height)
-        self.mean_sum += frequencies @ LEVELS
-        self.square_sum += frequencies @ np.square(LEVELS)
+        mean, square = (histograms @ LEVEL_MOMENTS / (rgb.width * rgb.height)).T  # [3, 2] -> two [3]
+        self.mean_sum += mean
+        self.square_sum += square
 
     def pixel_statistics(self) -> tuple[list[float], list[float]]:
         """RGB mean and std, each image weighted alike (training takes one crop per image, whatever its size)."""
