@@ -208,6 +208,17 @@ def test_a_file_that_is_no_checkpoint_is_called_so_not_a_pickle(tmp_path, conten
     assert "pickle" not in str(refused.value)
 
 
+def test_a_file_of_a_run_directory_that_is_no_checkpoint_points_to_the_run(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("model:\n  name: mae_vit_test\n")
+    with pytest.raises(CheckpointError, match=r"config.yaml: it is no PyTorch checkpoint .*directory \(.*run is a run "
+                                              r"directory: pass it\)$"):
+        read_state_dict(tmp_path / "run" / "config.yaml")
+    (tmp_path / "notes.yaml").write_text("a: 1\n")
+    with pytest.raises(CheckpointError, match=r"notes.yaml: it is no PyTorch checkpoint .*directory$"):
+        read_state_dict(tmp_path / "notes.yaml")
+
+
 def test_a_run_directory_resolves_to_its_newest_checkpoint(tmp_path):
     model = mae_tnt.create_model("mae_vit_test")
     for step, scale in (("step_00000001", 0.0), ("step_00000002", 1.0)):

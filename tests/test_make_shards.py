@@ -1011,7 +1011,7 @@ def test_linked_folders_are_read_once_and_hidden_entries_are_listed_not_read(tmp
     flat = convert(tmp_path / "src" / "bird", tmp_path / "flat", options())  # a linked folder as SRC, unlabeled
     assert flat.num_samples == 2
     (tmp_path / "src" / "a_bird").symlink_to(tmp_path / "src" / "bird")  # a class folder's alias, read first
-    with pytest.raises(SourceError, match=r"class folder\(s\) bird \(the same folder as a_bird/, read there\) hold "
+    with pytest.raises(SourceError, match=r"class folder\(s\) bird/ \(the same folder as a_bird/, read there\) hold "
                                           "no image"):
         convert(tmp_path / "src", tmp_path / "aliased", options())
 
@@ -1019,7 +1019,7 @@ def test_linked_folders_are_read_once_and_hidden_entries_are_listed_not_read(tmp
 def test_an_empty_class_folder_is_refused_unless_the_classes_are_given(tmp_path):
     write_imagefolder(tmp_path / "src", ["cat", "dog"], per_class=1)
     (tmp_path / "src" / "cow").mkdir()
-    with pytest.raises(SourceError, match=r"class folder\(s\) cow hold no image; remove them, or pass --classes"):
+    with pytest.raises(SourceError, match=r"class folder\(s\) cow/ hold no image; remove them, or pass --classes"):
         convert(tmp_path / "src", tmp_path / "out", options())
     assert convert(tmp_path / "src", tmp_path / "out", options(classes=("cat", "cow", "dog"))).num_samples == 2
 

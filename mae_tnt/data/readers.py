@@ -309,7 +309,7 @@ def read_imagefolder(root: Path, classes: list[str] | None = None) -> FileSource
         classes = _visible_folders(root)
         if empty := sorted(set(classes) - set(names)):
             aliases = {skip["source"].rstrip("/"): skip["reason"] for skip in hidden if "read there" in skip["reason"]}
-            named = [f"{name} ({aliases[name]})" if name in aliases else name for name in empty]
+            named = [f"{name}/ ({aliases[name]})" if name in aliases else f"{name}/" for name in empty]
             raise SourceError(f"{root}: class folder(s) {', '.join(named)} hold no image; remove them, or pass "
                               "--classes to keep them in the class list")
     labels = _label_ids(names, classes, where=str(root))

@@ -158,8 +158,9 @@ def read_state_dict(path: str | Path, pickle_advice: str = CONVERT_ADVICE) -> di
     except Exception as err:  # noqa: BLE001 - any decoding failure means an unusable file
         reason = f"{type(err).__name__}: {_load_failure_reason(err)}"
         if not _looks_like_torch_file(path):
+            run_hint = f" ({path.parent} is a run directory: pass it)" if (path.parent / "checkpoints").is_dir() else ""
             raise CheckpointError(f"cannot read {path}: it is no PyTorch checkpoint ({reason}); pass a weights file "
-                                  "(.safetensors, .pth, .pt) or a checkpoint directory") from err
+                                  f"(.safetensors, .pth, .pt) or a checkpoint directory{run_hint}") from err
         if not _refused_as_unsafe(err):  # a truncated zip or pickle fails the same way when fully unpickled
             raise CheckpointError(f"cannot read {path}: it is truncated or corrupt ({reason}); write or download it "
                                   "again") from err
