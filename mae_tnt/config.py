@@ -367,6 +367,12 @@ def load_config(cls: type, path: str | Path | None, overrides: list[str] | tuple
     return _build(cls, raw, prefix="", source=source, overrides=tuple(overrides))
 
 
+def config_section(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
+    """A config section rebuilt from its saved form (e.g. `model` in a checkpoint's state.json), checked as a
+    recipe's is; `prefix` (`model.`) names its keys in errors."""
+    return _build(cls, raw, prefix=prefix, source=source)
+
+
 def _parse_yaml(text: str, source: str) -> Any:
     """`yaml.safe_load`, with a syntax error or a repeated key as a ConfigError naming the file (or override) and
     line."""

@@ -24,7 +24,7 @@ from .config import ModelConfig, file_in_the_way
 from .data.loader import first_images
 from .data.shards import resolve_shards
 from .models import create_model, load_weights
-from .models.loading import CheckpointError, resolve_checkpoint
+from .models.loading import CheckpointError, recorded_build_kwargs, resolve_checkpoint
 from .text import HelpWithDefaults
 from .train.init import read_source
 from .train.recon import write_reconstructions
@@ -83,30 +83,29 @@ def visualize(args: argparse.Namespace) -> dict:
     raw, state = read_source(checkpoint)
     if args.model is None:
         _check_pretraining_state(checkpoint, state)
+        build = recorded_build_kwargs(checkpoint, state["model"])  # every model.* setting of the run
+        mean, std = state["config"]["data"]["mean"], state["config"]["data"]["std"]
     elif "config" in state:
         raise CheckpointError(f"{checkpoint} is a run's checkpoint, whose state.json names its model "
                               f"({state.get('model')}) and data settings; drop --model")
     else:  # MAE's own settings, on ImageNet statistics
-        state = {"model": args.model, "config": {
-            "model": {"img_size": args.img_size or ModelConfig.img_size, "mask_ratio": ModelConfig.mask_ratio,
-                      "norm_pix_loss": args.norm_pix is not False},
-            "data": {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}}}
-    model_cfg, data_cfg = state["config"]["model"], state["config"]["data"]
-    ratio = args.mask_ratio if args.mask_ratio is not None else model_cfg["mask_ratio"]
-    model = create_model(state["model"], img_size=model_cfg["img_size"], norm_pix_loss=model_cfg["norm_pix_loss"],
-                         mask_ratio=ratio)
+        build = {"img_size": args.img_size or ModelConfig.img_size, "mask_ratio": ModelConfig.mask_ratio,
+                 "norm_pix_loss": args.norm_pix is not False}
+        state, mean, std = {"model": args.model}, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    ratio = args.mask_ratio if args.mask_ratio is not None else build["mask_ratio"]
+    model = create_model(state["model"], **{**build, "mask_ratio": ratio})
     load_weights(model, raw)
     out = default_output(checkpoint, args.split)
     if args.out is not None:
         out = args.out if is_grid_file(args.out) else args.out / out.name
     shards = resolve_shards(args.shards, args.split, allow_pipe=args.allow_pipe, info=args.info,
                             split_key="--split")  # warns about a truncated shard
-    images = first_images(shards, args.count, model_cfg["img_size"])
+    images = first_images(shards, args.count, build["img_size"])
     out.parent.mkdir(parents=True, exist_ok=True)  # once there is something to draw: a failure leaves no folder
     if len(images) < args.count:
         print(f"note: the {args.split} split has only {len(images)} readable images to show of the {args.count} asked")
     label = f"step {state['step']}" if "step" in state else checkpoint.name
-    loss = write_reconstructions(model, images, data_cfg["mean"], data_cfg["std"], out, label, args.seed)
+    loss = write_reconstructions(model, images, mean, std, out, label, args.seed)
     shown = f"{loss:.4f}" if ratio > 0 else "n/a, nothing is hidden"
     print(f"wrote {out} (masked-patch loss {shown} at mask ratio {ratio})")
     return {"out": out, "loss": loss}

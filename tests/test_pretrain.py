@@ -1,5 +1,6 @@
 """The pretraining loop: run directory, exact resume, early config errors, non-finite loss, checkpoint safety."""
 
+import dataclasses
 import errno
 import importlib.util
 import itertools
@@ -21,12 +22,14 @@ import torch
 from accelerate.state import AcceleratorState
 from run_utils import overridden
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 from shard_utils import drop_classes, write_shards
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.cuda import OutOfMemoryError
 
+import mae_tnt
 from mae_tnt.cli import report_user_errors
-from mae_tnt.config import ConfigError, PretrainConfig, load_config
+from mae_tnt.config import ConfigError, ModelConfig, PretrainConfig, load_config
 from mae_tnt.data.shards import ShardError, read_samples
 from mae_tnt.data.transforms import normalize
 from mae_tnt.finetune_config import FinetuneConfig
@@ -329,6 +332,30 @@ def test_visualize_shows_weights_without_a_run_given_their_model(shards, tmp_pat
     with pytest.raises(SystemExit):
         visualize_main([str(tmp_path / "run"), str(shards), "--img-size", "32"])
     assert "--img-size and --[no-]norm-pix describe weights named with --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, settings", [
+    ("mae_tnt_test", {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2, "word_mask_ratio": 0.5}),
+    ("mae_sret_test", {"dense_stem": True, "mask_ratio": 0.5}),
+])
+def test_a_run_checkpoint_rebuilds_its_mae_with_every_model_setting_for_visualize_and_create_model(
+        shards, tmp_path, capsys, name, settings):
+    model_config = ModelConfig(name=name, img_size=64, **settings)
+    written = mae_tnt.create_model(name, **model_config.build_kwargs())
+    folder = tmp_path / "checkpoints" / "step_00000001"
+    folder.mkdir(parents=True)
+    save_file(written.state_dict(), folder / "model.safetensors")
+    data = {"mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD)}
+    (folder / "state.json").write_text(json.dumps({"step": 1, "model": name, "config": {
+        "model": dataclasses.asdict(model_config), "data": data}}))
+    rebuilt = mae_tnt.create_model(name, checkpoint_path=tmp_path)
+    assert type(rebuilt) is type(written)  # word masking has a model of its own
+    shapes = [{key: value.shape for key, value in model.state_dict().items()} for model in (rebuilt, written)]
+    assert shapes[0] == shapes[1]
+    assert rebuilt.mask_ratio == settings.get("mask_ratio", 0.75)
+    assert getattr(rebuilt.encoder, "dense_stem", False) == settings.get("dense_stem", False)
+    assert visualize_main([str(tmp_path), str(shards), "--count", "2"]) == 0, capsys.readouterr().err
+    assert f"at mask ratio {rebuilt.mask_ratio})" in capsys.readouterr().out
 
 
 def test_a_truncated_val_shard_is_warned_about_by_pretraining_and_by_visualize(shards, tmp_path, capsys):

@@ -91,14 +91,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def recorded_build_kwargs(path: str | Path, name: str) -> dict:
     """How model `name` is built for the export or training checkpoint at `path`, as its `config.json` or
     `state.json` records: the image size the weights were trained at (whichever model wrote them, e.g. the MAE
-    whose encoder `name` is), and the head size and pooling when `name` wrote them; {} for bare weights. The encoder
-    of a pretraining checkpoint has no head, so `name` gets none (TNT and SReT would otherwise build 1000 classes)."""
+    whose encoder `name` is), and, when `name` wrote them, the head size and pooling, or every `model.*` setting
+    of a pretraining run (decoder size, word masking, ...); {} for bare weights. The encoder of a pretraining
+    checkpoint has no head, so `name` gets none (TNT and SReT would otherwise build 1000 classes)."""
     recorded = _export_record(Path(path)) or _checkpoint_record(Path(path))
     if recorded is None:
         return {}
     if recorded.get("model") != name:  # another model's weights: only their image size, and no head for an MAE's
         recorded = {"img_size": recorded.get("img_size"),  # pretraining records no classes
                     "num_classes": 0 if recorded.get("num_classes") is None else None}
+    elif "pretraining" in recorded:
+        return recorded["pretraining"]
     return {key: recorded[key] for key in BUILD_KEYS if recorded.get(key) is not None}
 
 
@@ -109,17 +112,25 @@ def _export_record(path: Path) -> dict | None:
 
 
 def _checkpoint_record(path: Path) -> dict | None:
-    """The model, head size, image size and pooling of a training checkpoint (or run directory), or None."""
+    """The model, head size, image size and pooling of a training checkpoint (or run directory), with the build
+    arguments of a pretraining run's MAE under `pretraining`; None without a readable `state.json`."""
     try:
         path = resolve_checkpoint(path)
     except CheckpointError:
         return None
-    state = read_json_object((path if path.is_dir() else path.parent) / STATE_FILE)
+    state_path = (path if path.is_dir() else path.parent) / STATE_FILE
+    state = read_json_object(state_path)
     if state is None or not isinstance(state.get("config"), dict):
         return None
     model_config = state["config"].get("model") or {}
-    return {"model": state.get("model"), "num_classes": state.get("num_classes"),
-            "img_size": model_config.get("img_size"), "global_pool": model_config.get("global_pool")}
+    record = {"model": state.get("model"), "num_classes": state.get("num_classes"),
+              "img_size": model_config.get("img_size"), "global_pool": model_config.get("global_pool")}
+    if str(record["model"]).startswith("mae_"):
+        from ..config import ModelConfig, config_section  # the recipe's own mapping to build arguments
+
+        settings = {"name": record["model"], **model_config}
+        record["pretraining"] = config_section(ModelConfig, settings, "model.", str(state_path)).build_kwargs()
+    return record
 
 
 def read_json_object(path: Path) -> dict | None:
