@@ -58,8 +58,8 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
         checkpoint_path: optional weights to load with an exact key check: a training checkpoint directory, an
             export (`model.safetensors`), or a file written by `tools/convert_checkpoint.py`. An export or a training
             checkpoint also gives the `img_size` its weights were trained at and, when written by `name`, the
-            `num_classes` and `global_pool` it was built with (an encoder loaded from a pretraining checkpoint gets
-            num_classes=0), unless kwargs set them.
+            `num_classes` and `global_pool` it was built with, or a pretraining run's every `model.*` setting (an
+            encoder loaded from a pretraining checkpoint gets num_classes=0), unless kwargs set them.
     """
     if checkpoint_path is not None:
         from .loading import recorded_build_kwargs
