@@ -213,7 +213,8 @@ class RunConfig:
     batches or models, for one more forward pass of the blocks (1.25-1.3x the step time on CPU,
     tools/bench/grad_checkpointing.py)."""
     fused_attn: bool = True
-    """Attention through `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU)."""
+    """Attention through `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU); false: plain
+    matmuls in every backbone."""
     channels_last: bool = True
     """On GPU, keep 4-D activations channels-last (speeds up SReT's conv stem; no effect on CPU or under DeepSpeed)."""
     tf32: bool = True

@@ -358,6 +358,31 @@ def test_a_run_checkpoint_rebuilds_its_mae_with_every_model_setting_for_visualiz
     assert f"at mask ratio {rebuilt.mask_ratio})" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", ["mae_vit_test", "mae_tnt_test", "mae_sret_test", "tnt_test_patch8_32", "sret_test"])
+def test_run_fused_attn_false_keeps_every_attention_of_every_backbone_off_sdpa(monkeypatch, name):
+    from timm.layers import set_fused_attn, use_fused_attn
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(1) or sdpa(*args, **kwargs))
+    images = torch.randn(2, 3, 64, 64)
+    outputs = {}
+    was_fused = use_fused_attn()
+    try:
+        for fused in (True, False):
+            set_fused_attn(fused)  # what the trainers do with run.fused_attn before building the model
+            torch.manual_seed(0)
+            model = mae_tnt.create_model(name, img_size=64).eval()
+            calls.clear()
+            torch.manual_seed(1)  # the same mask
+            outputs[fused] = model(images)[0] if name.startswith("mae_") else model(images)
+            assert bool(calls) == fused, f"{len(calls)} SDPA calls with fused_attn={fused}"
+    finally:
+        set_fused_attn(was_fused)
+    torch.testing.assert_close(outputs[False], outputs[True], rtol=1e-5, atol=1e-5)
+
+
 def test_a_truncated_val_shard_is_warned_about_by_pretraining_and_by_visualize(shards, tmp_path, capsys):
     broken = tmp_path / "shards"
     shutil.copytree(shards, broken)

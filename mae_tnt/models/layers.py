@@ -10,8 +10,9 @@ from contextlib import contextmanager
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed, trunc_normal_, use_fused_attn
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -22,13 +23,26 @@ __all__ = [
     "DropPath",
     "LayerNorm",
     "Mlp",
+    "attention",
     "checkpointed",
     "init_mae_weights",
     "init_trunc_normal_weights",
     "resample_abs_pos_embed",
     "transformer_blocks",
     "trunc_normal_",
+    "use_fused_attn",
 ]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool, scale: float | None = None
+              ) -> torch.Tensor:
+    """softmax(q k^T scale) v over [..., N, d] operands (scale: d^-0.5 by default): through SDPA when `fused`, else
+    in plain matmuls. Modules take `fused` from timm's `use_fused_attn()` when built, as timm's attention does, so
+    that `run.fused_attn=false` (timm's `set_fused_attn`) reaches every attention."""
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v  # [..., N, N] scores -> [..., N, d]
 
 
 def check_images(images: torch.Tensor, grid: int, unit: int) -> None:

@@ -35,12 +35,14 @@ from .layers import (
     DropPath,
     LayerNorm,
     Mlp,
+    attention,
     check_backbone_args,
     check_images,
     checkpointed,
     in_mode,
     init_trunc_normal_weights,
     trunc_normal_,
+    use_fused_attn,
 )
 from .loading import CheckpointError
 from .mae import MaskedAutoencoder, build_mae
@@ -103,6 +105,7 @@ class SlicedAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.groups = (groups1, groups2)
+        self.fused_attn = use_fused_attn()  # run.fused_attn=false turns SDPA off, as in timm's attention
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
@@ -117,7 +120,7 @@ class SlicedAttention(nn.Module):
             x = x[:, permutation]  # [B, N, C] shuffled
         qkv = self.qkv(x).reshape(b * groups, n // groups, 3, self.num_heads, c // self.num_heads)  # [BG, N/G, 3, H, d]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [BG, H, N/G, d]
-        x = F.scaled_dot_product_attention(q, k, v)  # [BG, H, N/G, d]
+        x = attention(q, k, v, self.fused_attn)  # [BG, H, N/G, d]
         x = x.transpose(1, 2).reshape(b, n, c)  # [B, N, C]
         if permutation is not None:
             x = x[:, permutation.argsort()]  # back to the input order

@@ -28,12 +28,14 @@ from torch import nn
 from .layers import (
     DropPath,
     Mlp,
+    attention,
     check_backbone_args,
     check_images,
     checkpointed,
     init_mae_weights,
     init_trunc_normal_weights,
     trunc_normal_,
+    use_fused_attn,
 )
 from .loading import CheckpointError
 from .mae import MaskedAutoencoder, build_mae
@@ -75,6 +77,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, narrow_heads: bool = False):
         super().__init__()
         self.num_heads, self.head_dim, self.narrow_heads = num_heads, dim // num_heads, narrow_heads
+        self.fused_attn = use_fused_attn()  # run.fused_attn=false turns SDPA off, as in timm's attention
         self.qk = nn.Linear(dim, 2 * dim, bias=False)
         self.v = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim)
@@ -88,7 +91,7 @@ class Attention(nn.Module):
         """[B, N, C] -> [B, N, C]."""
         if self.narrow_heads and x.device.type == "cpu":
             return self._attend_channel_first(x)
-        return self._attend(x, fused=not self.narrow_heads)
+        return self._attend(x, fused=self.fused_attn and not self.narrow_heads)
 
     def _attend(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
         """[B, N, C] -> [B, N, C] through SDPA (`fused`) or explicit batched matmuls.
@@ -99,10 +102,7 @@ class Attention(nn.Module):
         b, n, c = x.shape
         qkv = F.linear(x, self.qkv_weight()).view(b, n, 3, self.num_heads, self.head_dim)  # [B, N, 3, H, d]
         q, k, v = qkv.transpose(1, 3).unbind(2)  # 3 x [B, H, N, d], strided views (no copy); q is pre-scaled
-        if fused:
-            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # [B, H, N, d]
-        else:
-            out = (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v  # [B, H, N, N] scores -> [B, H, N, d]
+        out = attention(q, k, v, fused, scale=1.0)  # [B, H, N, d]
         return self.proj(out.transpose(1, 2).reshape(b, n, c))  # [B, N, C]
 
     def _attend_channel_first(self, x: torch.Tensor) -> torch.Tensor:
