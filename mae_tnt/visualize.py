@@ -25,6 +25,7 @@ from .data.loader import first_images
 from .data.shards import resolve_shards
 from .models import create_model, load_weights
 from .models.loading import CheckpointError, recorded_build_kwargs, resolve_checkpoint
+from .models.masking import rounded_mask_ratio
 from .text import HelpWithDefaults
 from .train.init import read_source
 from .train.recon import write_reconstructions
@@ -107,7 +108,8 @@ def visualize(args: argparse.Namespace) -> dict:
     label = f"step {state['step']}" if "step" in state else checkpoint.name
     loss = write_reconstructions(model, images, mean, std, out, label, args.seed)
     shown = f"{loss:.4f}" if ratio > 0 else "n/a, nothing is hidden"
-    print(f"wrote {out} (masked-patch loss {shown} at mask ratio {ratio})")
+    rounded = rounded_mask_ratio(model.grid**2, ratio) if ratio > 0 else None
+    print(f"wrote {out} (masked-patch loss {shown} at mask ratio {ratio}{f': {rounded}' if rounded else ''})")
     return {"out": out, "loss": loss}
 
 

@@ -334,12 +334,12 @@ def test_visualize_shows_weights_without_a_run_given_their_model(shards, tmp_pat
     assert "--img-size and --[no-]norm-pix describe weights named with --model" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name, settings", [
-    ("mae_tnt_test", {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2, "word_mask_ratio": 0.5}),
-    ("mae_sret_test", {"dense_stem": True, "mask_ratio": 0.5}),
+@pytest.mark.parametrize("name, settings, at_0_9", [
+    ("mae_tnt_test", {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2, "word_mask_ratio": 0.5}, ""),
+    ("mae_sret_test", {"dense_stem": True, "mask_ratio": 0.5}, ": 3 of 4 units hidden (0.75)"),  # 32-px units
 ])
 def test_a_run_checkpoint_rebuilds_its_mae_with_every_model_setting_for_visualize_and_create_model(
-        shards, tmp_path, capsys, name, settings):
+        shards, tmp_path, capsys, name, settings, at_0_9):
     model_config = ModelConfig(name=name, img_size=64, **settings)
     written = mae_tnt.create_model(name, **model_config.build_kwargs())
     folder = tmp_path / "checkpoints" / "step_00000001"
@@ -356,6 +356,19 @@ def test_a_run_checkpoint_rebuilds_its_mae_with_every_model_setting_for_visualiz
     assert getattr(rebuilt.encoder, "dense_stem", False) == settings.get("dense_stem", False)
     assert visualize_main([str(tmp_path), str(shards), "--count", "2"]) == 0, capsys.readouterr().err
     assert f"at mask ratio {rebuilt.mask_ratio})" in capsys.readouterr().out
+    assert visualize_main([str(tmp_path), str(shards), "--count", "2", "--mask-ratio", "0.9"]) == 0
+    assert f"at mask ratio 0.9{at_0_9})" in capsys.readouterr().out  # the units a grid hides, where they round
+
+
+def test_a_mask_ratio_that_whole_units_round_is_noted_with_the_units_hidden(shards, tmp_path, capsys):
+    Trainer(config(shards, tmp_path / "sret", "model.name=mae_sret_test", "model.img_size=64", "model.mask_ratio=0.9"))
+    assert ("note: model.mask_ratio=0.9 hides whole 32-px units: 3 of 4 units hidden (0.75) at 64 px; a larger "
+            "model.img_size gives finer steps") in capsys.readouterr().out
+    Trainer(config(shards, tmp_path / "vit", "model.mask_ratio=0.9"))  # 16 units of 8 px: one stays visible
+    assert "note: model.mask_ratio=0.9 hides whole 8-px units: 15 of 16 units hidden (0.938) at 32 px" in \
+        capsys.readouterr().out
+    Trainer(config(shards, tmp_path / "fine", "model.mask_ratio=0.75"))
+    assert "hides whole" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["mae_vit_test", "mae_tnt_test", "mae_sret_test", "tnt_test_patch8_32", "sret_test"])

@@ -16,6 +16,15 @@ def num_visible(num_units: int, mask_ratio: float) -> int:
     return max(1, int(num_units * (1 - mask_ratio)))
 
 
+def rounded_mask_ratio(num_units: int, mask_ratio: float) -> str | None:
+    """The units hidden at `mask_ratio`, e.g. "3 of 4 units hidden (0.75)", when whole units move the ratio by more
+    than 0.01 (few units: SReT's 32-px ones, small images); else None."""
+    hidden = num_units - num_visible(num_units, mask_ratio)
+    if abs(hidden / num_units - mask_ratio) <= 0.01:
+        return None
+    return f"{hidden} of {num_units} units hidden ({hidden / num_units:.3g})"
+
+
 def random_masking(noise: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Turn per-unit noise into a mask.
 

@@ -23,6 +23,7 @@ from ..data.device_decode import decode_batch
 from ..data.loader import build_train_stream, data_shards, first_images, mae_transform, make_loader
 from ..data.shards import ShardError
 from ..models import create_model
+from ..models.masking import rounded_mask_ratio
 from .checkpoint import Checkpoint, bare_model, save_checkpoint
 from .knn import knn_accuracy_on_shards, require_labeled_shards, topk_text
 from .launch import build_accelerator, configure_deepspeed, splits_weights
@@ -120,6 +121,9 @@ class Trainer(TrainingRun):
         set_fused_attn(cfg.run.fused_attn)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank and every run of this recipe
         model = create_model(cfg.model.name, **cfg.model.build_kwargs())
+        if rounded := rounded_mask_ratio(model.grid**2, cfg.model.mask_ratio):
+            self.log(f"note: model.mask_ratio={cfg.model.mask_ratio} hides whole {model.unit}-px units: {rounded} at "
+                     f"{cfg.model.img_size} px; a larger model.img_size gives finer steps")
         model.set_grad_checkpointing(cfg.run.grad_checkpointing)
         model = model.to(memory_format=self.memory_format)
         optimizer = build_adamw(model.to(self.acc.device), lr=self.plan.peak_lr,
