@@ -753,10 +753,19 @@ def test_tnt_and_sret_demo_recipes_fine_tune_from_an_mae_checkpoint(tmp_path, on
     assert summary["steps"] == 2 and 0.0 <= summary["best"]["val_acc1"] <= 100.0
 
 
-@pytest.mark.parametrize("batches, noted", [(0, True), (10, False)])
-def test_sret_from_an_mae_checkpoint_without_norm_refit_gets_a_note(tmp_path, capsys, batches, noted):
+@pytest.mark.parametrize("batches, source, noted", [
+    (0, "ckpt", True), (10, "ckpt", False), (0, "export", True), (0, "finetuned", False),
+])
+def test_sret_from_an_mae_checkpoint_or_its_export_without_norm_refit_gets_a_note(tmp_path, capsys, batches, source,
+                                                                                    noted):
+    from mae_tnt.export import export
+
     write_mae_checkpoint(tmp_path / "ckpt", "mae_sret_test")
-    cfg = demo_config(tmp_path / "run", f"init={tmp_path / 'ckpt'}", f"model.bn_reestimate_batches={batches}",
+    export(tmp_path / "ckpt", tmp_path / "export", model_name="sret_test")  # the encoder, decoder left out
+    finetuned = tmp_path / "finetuned" / "model.safetensors"  # a fine-tune's weights: statistics of whole images
+    finetuned.parent.mkdir()
+    save_file(classifier("sret_test").state_dict(), finetuned)
+    cfg = demo_config(tmp_path / "run", f"init={tmp_path / source}", f"model.bn_reestimate_batches={batches}",
                       recipe="demo_finetune_sret.yaml")
     build_classifier(cfg, num_classes=10)
     note = "note: the stem BatchNorm statistics come from MAE pretraining, which showed the stem 32-px crops"

@@ -51,6 +51,8 @@ class LoadReport:
     """Keys deliberately left out, e.g. the decoder when an MAE checkpoint initialises a classifier."""
     resampled: list[str] = field(default_factory=list)
     """`key [old shape] -> [new shape]` of the tables the model's `adapt_state_dict` resampled to its grid."""
+    layout: str = ""
+    """The checkpoint layout the weights came in, where the caller knows it (`train.init.load_init`)."""
 
     def summary(self) -> str:
         return (f"missing [{_by_module(self.missing)}], unexpected [{_by_module(self.unexpected)}], "

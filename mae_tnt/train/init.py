@@ -95,12 +95,16 @@ def unoptimized_weights(engine_dir: Path) -> dict[str, torch.Tensor]:
     return {key: value.float() if value.is_floating_point() else value for key, value in (module or {}).items()}
 
 
+MAE_LAYOUTS = ("MAE checkpoint (encoder.* kept)", "flat MAE checkpoint with decoder")
+"""`encoder_weights`' names of the layouts that hold a pretrained MAE: ours, and the official one."""
+
+
 def encoder_weights(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], str]:
     """The encoder (or classifier) part of any accepted layout, the keys left out, and the layout's name."""
     kept, wrapper = split_mae_state_dict(state_dict)
     if any(key.startswith("encoder.") for key in state_dict):
-        return kept, sorted(wrapper), "MAE checkpoint (encoder.* kept)"
-    return kept, sorted(wrapper), "flat MAE checkpoint with decoder" if wrapper else "encoder/classifier weights"
+        return kept, sorted(wrapper), MAE_LAYOUTS[0]
+    return kept, sorted(wrapper), MAE_LAYOUTS[1] if wrapper else "encoder/classifier weights"
 
 
 def drop_unfit_head(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list]:
@@ -174,6 +178,7 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
     report = load_weights(model, state_dict, allow_missing=allow_missing, allow_unexpected=allow_unexpected,
                           **_misfit_remedy(meta, pooling))
     report.dropped = dropped + unfit_head
+    report.layout = meta.get("source_layout", layout)  # an export's: the layout it was exported from
     loaded = len(model.state_dict()) - len(report.missing)  # not the file's count: official files repeat or add some
     shown = f" ({', '.join(report.dropped[:4])}{', ...' if len(report.dropped) > 4 else ''})" if report.dropped else ""
     log(f"init from {source} [{layout}]: {loaded} tensors loaded; missing {report.missing}; "
@@ -244,10 +249,9 @@ def attach_probe_head(model: nn.Module, std: float = 0.01) -> nn.Sequential:
 
 
 def stale_stem_norm_note(model: nn.Module, report: LoadReport, reestimate_batches: int) -> str | None:
-    """A note for SReT loaded from an MAE checkpoint without re-estimation: its stem BatchNorm statistics fit the
-    32-px crops pretraining showed it, not whole images (`reestimate_stem_norms`)."""
-    from_mae = any(key.startswith("decoder") for key in report.dropped)
-    if not isinstance(model, SReT) or not from_mae or reestimate_batches:
+    """A note for SReT loaded from an MAE checkpoint (or an export of its encoder) without re-estimation: its stem
+    BatchNorm statistics fit the 32-px crops pretraining showed it, not whole images (`reestimate_stem_norms`)."""
+    if not isinstance(model, SReT) or report.layout not in MAE_LAYOUTS or reestimate_batches:
         return None
     return ("note: the stem BatchNorm statistics come from MAE pretraining, which showed the stem 32-px crops; "
             "model.bn_reestimate_batches=100 refits them on whole train images first")
