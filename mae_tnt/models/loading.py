@@ -218,7 +218,7 @@ def load_weights(
     source: str | Path | dict[str, torch.Tensor],
     allow_missing: tuple[str, ...] = (),
     allow_unexpected: tuple[str, ...] = (),
-    remedy: str = "convert it with tools/convert_checkpoint.py",
+    remedy: str | None = None,
 ) -> LoadReport:
     """Load weights into `model` and assert the exact missing/unexpected key sets.
 
@@ -226,7 +226,8 @@ def load_weights(
         source: a path (see `read_state_dict`) or a state dict.
         allow_missing: fnmatch patterns of keys the checkpoint may lack (e.g. `head.*` when fine-tuning).
         allow_unexpected: fnmatch patterns of checkpoint keys the model may ignore.
-        remedy: the error's last advice, after the model name or build arguments that would fit.
+        remedy: the error's last advice, after the model name or build arguments that would fit; by default,
+            converting the checkpoint where no build argument fits it.
     """
     state_dict = source if isinstance(source, dict) else read_state_dict(source)
     own = model.state_dict()
@@ -276,7 +277,7 @@ def fold_probe_head(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def _refuse(model: nn.Module, missing: list[str], unexpected: list[str], reshaped: list[str],
-            build_hint: str | None, remedy: str) -> typing.NoReturn:
+            build_hint: str | None, remedy: str | None) -> typing.NoReturn:
     """A CheckpointError short enough to read, since a wrong model misfits hundreds of keys.
 
     Keys are grouped by top-level module (`decoder_blocks.* (16)`, the form `--allow-missing` takes; groups of up
@@ -286,9 +287,11 @@ def _refuse(model: nn.Module, missing: list[str], unexpected: list[str], reshape
              f"{len(unexpected)} unexpected: {_by_module(unexpected)}" if unexpected else "",
              f"{len(reshaped)} of another shape: {', '.join(reshaped[:2])}{' and more' if len(reshaped) > 2 else ''}"
              if reshaped else ""]
-    hint = build_hint or "Check that the model name matches the checkpoint"
+    if build_hint is None:  # the keys themselves are foreign: another model, or a layout to convert
+        remedy = remedy or "convert it with tools/convert_checkpoint.py"
+    advice = build_hint or "Check that the model name matches the checkpoint"
     raise CheckpointError(f"checkpoint keys do not fit {type(model).__name__}: {'; '.join(filter(None, parts))}. "
-                          f"{hint}, or {remedy}")
+                          f"{advice}{f', or {remedy}' if remedy else ''}")
 
 
 POOLINGS = {"avg": ("fc_norm", "was trained with global average pooling"),
