@@ -259,6 +259,19 @@ def test_word_loss_is_added_and_repeats_under_a_seed(word_mae):
     assert torch.equal(word_mae(x, noise=noise)[0], loss)
 
 
+@pytest.mark.parametrize("word_mask_ratio", [0.0, 0.5])
+def test_a_grid_title_says_when_its_loss_holds_the_word_term(tmp_path, monkeypatch, word_mask_ratio):
+    from mae_tnt.train import recon
+
+    titles = []
+    monkeypatch.setattr(recon, "save_grid", lambda *args: titles.append(args[-1]))
+    model = mae_tnt.create_model("mae_tnt_test", word_mask_ratio=word_mask_ratio)
+    recon.write_reconstructions(model, torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8), [0.5] * 3,
+                                [0.5] * 3, tmp_path / "grid.png", label="step 1", seed=0)
+    assert titles[0].startswith("step 1, loss ")
+    assert (" (hidden sentences + hidden words)" in titles[0]) == bool(word_mask_ratio)
+
+
 def test_word_mask_counts_and_polarity():
     word_mae = mae_tnt.create_model("mae_tnt_test", word_mask_ratio=0.75)
     word_mask = word_mae.random_word_mask(10, torch.device("cpu"))

@@ -67,6 +67,8 @@ def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Pa
     note = " (norm-pix: un-normalised with the true patch statistics, display only)" if model.norm_pix_loss else ""
     loss = rows["loss"].item()
     shown = f"{loss:.4f}" if model.mask_ratio > 0 else "n/a (nothing hidden)"
+    if getattr(model, "word_mask_ratio", 0):  # TNT's word masking adds its term; the rows show sentences only
+        shown += " (hidden sentences + hidden words)"
     if path is not None:
         save_grid(rows, mean, std, path, f"{label}, loss {shown}{note}")
     return loss
