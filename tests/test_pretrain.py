@@ -355,7 +355,8 @@ def test_a_run_checkpoint_rebuilds_its_mae_with_every_model_setting_for_visualiz
     assert rebuilt.mask_ratio == settings.get("mask_ratio", 0.75)
     assert getattr(rebuilt.encoder, "dense_stem", False) == settings.get("dense_stem", False)
     assert visualize_main([str(tmp_path), str(shards), "--count", "2"]) == 0, capsys.readouterr().err
-    assert f"at mask ratio {rebuilt.mask_ratio})" in capsys.readouterr().out
+    words = " (hidden sentences + hidden words)" if "word_mask_ratio" in settings else ""
+    assert f"{words} at mask ratio {rebuilt.mask_ratio})" in capsys.readouterr().out
     assert visualize_main([str(tmp_path), str(shards), "--count", "2", "--mask-ratio", "0.9"]) == 0
     assert f"at mask ratio 0.9{at_0_9})" in capsys.readouterr().out  # the units a grid hides, where they round
 

@@ -55,6 +55,12 @@ def save_grid(rows: dict[str, torch.Tensor], mean: list[float], std: list[float]
     canvas.save(path)
 
 
+def loss_terms(model) -> str:
+    """What an MAE's loss sums beyond the hidden units, to show beside it: TNT's word masking adds the hidden words'
+    term (the grid's rows show sentences only)."""
+    return " (hidden sentences + hidden words)" if getattr(model, "word_mask_ratio", 0) else ""
+
+
 def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Path | None, label: str,
                           seed: int) -> float:
     """Reconstruct a fixed batch with a fixed mask and save the grid to `path` (None: no grid, only the forward),
@@ -66,9 +72,7 @@ def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Pa
         rows = reconstruct(model, images, noise)
     note = " (norm-pix: un-normalised with the true patch statistics, display only)" if model.norm_pix_loss else ""
     loss = rows["loss"].item()
-    shown = f"{loss:.4f}" if model.mask_ratio > 0 else "n/a (nothing hidden)"
-    if getattr(model, "word_mask_ratio", 0):  # TNT's word masking adds its term; the rows show sentences only
-        shown += " (hidden sentences + hidden words)"
+    shown = f"{loss:.4f}{loss_terms(model)}" if model.mask_ratio > 0 else "n/a (nothing hidden)"
     if path is not None:
         save_grid(rows, mean, std, path, f"{label}, loss {shown}{note}")
     return loss
