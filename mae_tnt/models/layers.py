@@ -42,7 +42,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool, sc
     if fused:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v  # [..., N, N] scores -> [..., N, d]
+    if scale != 1.0:  # TNT's q comes pre-scaled (scale 1): no pass over it on that hot path
+        q = q * scale
+    return (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v  # [..., N, N] scores -> [..., N, d]
 
 
 def check_images(images: torch.Tensor, grid: int, unit: int) -> None:
