@@ -24,7 +24,7 @@ from .config import ModelConfig, file_in_the_way
 from .data.loader import first_images
 from .data.shards import resolve_shards
 from .models import create_model, load_weights
-from .models.loading import CheckpointError, recorded_build_kwargs, resolve_checkpoint
+from .models.loading import CheckpointError, pretraining_build_kwargs, resolve_checkpoint
 from .models.masking import rounded_mask_ratio
 from .text import HelpWithDefaults
 from .train.init import read_source
@@ -84,7 +84,7 @@ def visualize(args: argparse.Namespace) -> dict:
     raw, state = read_source(checkpoint)
     if args.model is None:
         _check_pretraining_state(checkpoint, state)
-        build = recorded_build_kwargs(checkpoint, state["model"])  # every model.* setting of the run
+        build = pretraining_build_kwargs(state, str(checkpoint))  # every model.* setting of the run
         mean, std = state["config"]["data"]["mean"], state["config"]["data"]["std"]
     elif "config" in state:
         raise CheckpointError(f"{checkpoint} is a run's checkpoint, whose state.json names its model "

@@ -128,11 +128,17 @@ def _checkpoint_record(path: Path) -> dict | None:
     record = {"model": state.get("model"), "num_classes": state.get("num_classes"),
               "img_size": model_config.get("img_size"), "global_pool": model_config.get("global_pool")}
     if str(record["model"]).startswith("mae_"):
-        from ..config import ModelConfig, config_section  # the recipe's own mapping to build arguments
-
-        settings = {"name": record["model"], **model_config}
-        record["pretraining"] = config_section(ModelConfig, settings, "model.", str(state_path)).build_kwargs()
+        record["pretraining"] = pretraining_build_kwargs(state, str(state_path))
     return record
+
+
+def pretraining_build_kwargs(state: dict, source: str) -> dict:
+    """`create_model`'s arguments for the MAE of a pretraining checkpoint, from its `state.json` (read from
+    `source`): every `model.*` setting of the run, checked as a recipe's are."""
+    from ..config import ModelConfig, config_section  # the recipe's own mapping to build arguments
+
+    settings = {"name": state["model"], **(state["config"].get("model") or {})}
+    return config_section(ModelConfig, settings, "model.", source).build_kwargs()
 
 
 def read_json_object(path: Path) -> dict | None:
