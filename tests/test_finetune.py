@@ -701,14 +701,26 @@ def test_a_validation_logged_after_the_checkpoint_of_its_step_is_logged_once_whe
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
-def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_in_eval_mode(tmp_path, one_thread, capsys):
-    write_mae_checkpoint(tmp_path / "ckpt")
-    run = FinetuneRun(demo_config(tmp_path / "probe", f"init={tmp_path / 'ckpt'}", "run.max_steps=3",
+@pytest.mark.parametrize("mae_name, overrides", [
+    ("mae_vit_test", []),
+    # The README's overrides that probe the SReT demo encoder: its stem BatchNorm is refit once, then stays frozen
+    ("mae_sret_test", ["model.name=sret_test", "model.img_size=64", "model.global_pool=null",
+                       "model.bn_reestimate_batches=2"]),
+])
+def test_linear_probe_trains_only_the_head_and_keeps_the_encoder_in_eval_mode(tmp_path, one_thread, capsys, mae_name,
+                                                                            overrides):
+    mae_state = write_mae_checkpoint(tmp_path / "ckpt", mae_name)
+    run = FinetuneRun(demo_config(tmp_path / "probe", f"init={tmp_path / 'ckpt'}", "run.max_steps=3", *overrides,
                                   recipe="demo_linprobe_vit.yaml"))
-    assert "linprobe vit_test_patch8_32 (10 classes, 330 parameters trainable)" in capsys.readouterr().out
+    name = run.cfg.model.name
+    out = capsys.readouterr().out
+    assert f"linprobe {name} (10 classes, 330 parameters trainable)" in out and "note:" not in out
+    if name == "sret_test":
+        refit = run.unwrapped.patch_embed.bn1.running_mean
+        assert not torch.equal(refit, mae_state["encoder.patch_embed.bn1.running_mean"])
     before = {k: v.clone() for k, v in run.unwrapped.state_dict().items()}
     run.set_train_mode()
-    assert not run.unwrapped.blocks.training and run.unwrapped.head.training
+    assert not run.unwrapped.patch_embed.training and run.unwrapped.head.training
     run.train()
     after = run.unwrapped.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
