@@ -14,11 +14,12 @@ from shard_utils import encode_png, write_shards
 
 from mae_tnt.config import DataConfig
 from mae_tnt.data.device_decode import DeferredCrop, EncodedCrop, decode_batch
+from mae_tnt.data.images import decode_rgb
 from mae_tnt.data.info import update_split
 from mae_tnt.data.loader import build_train_stream, mae_transform
 from mae_tnt.data.shards import StreamError, resolve_shards
 from mae_tnt.data.stream import ShardStream
-from mae_tnt.data.transforms import decode_jpeg, train_crop
+from mae_tnt.data.transforms import decode_jpeg, resize_box, to_tensor, train_crop
 
 
 def jpeg(seed: int, size=(64, 56), subsampling: int = 2) -> bytes:
@@ -62,6 +63,16 @@ def test_corrupt_jpeg_data_is_dropped_and_counted():
     assert images.shape[0] == 2 and dropped == 1
     with pytest.raises(StreamError, match="none of the 2 JPEGs of a batch decodes; .* data.decode_device=cpu"):
         decode_batch([bad, bad], 48, torch.device("cpu"))
+
+
+def test_a_damaged_jpeg_that_pil_reads_is_decoded_as_on_the_cpu_path_not_dropped():
+    transform = DeferredCrop(48, (0.2, 1.0))
+    data = jpeg(2)
+    damaged = data[: len(data) // 2] + bytes(len(data) - len(data) // 2)  # libjpeg-turbo and nvJPEG refuse it, PIL not
+    items = [transform(data, random.Random(i)) for i, data in enumerate([jpeg(0), damaged])]
+    images, dropped = decode_batch(items, 48, torch.device("cpu"))
+    expected = resize_box(to_tensor(decode_rgb(damaged)), items[1].box, 48)  # PIL's pixels, the device's resize
+    assert dropped == 0 and torch.equal(images[1], expected.flip(-1) if items[1].flip else expected)
 
 
 def test_a_batch_mixing_jpegs_and_other_images_decodes_as_on_the_cpu_path(tmp_path):

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .images import plain_jpeg_size
+from .images import BadImageError, plain_jpeg_size
 from .shards import StreamError
 from .stream import INSPECT_ADVICE
-from .transforms import decode_jpeg, resize_box, sample_crop, stack_images, train_crop
+from .transforms import decode_jpeg, decode_whole, resize_box, sample_crop, stack_images, train_crop
 
 if decode_jpeg is not None:
     from torchvision.io import ImageReadMode
@@ -61,18 +61,18 @@ def decode_batch(items: list, size: int, device: torch.device) -> tuple[torch.Te
     """Items from `DeferredCrop` (any mix) -> (uint8 [B', 3, S, S] on `device`, number of JPEGs dropped).
 
     When the batched call fails, the batch is decoded one image at a time, each on the CPU if the device refuses it
-    (nvJPEG does not take every valid JPEG); the images that neither decodes are dropped (B' < B) and counted, so one
-    bad file never stops a run.
+    (nvJPEG does not take every valid JPEG, nor some damaged ones that PIL reads); the images that neither decodes are
+    dropped (B' < B) and counted, so one bad file never stops a run.
 
     Raises:
         StreamError: every image of the batch was dropped, so there is nothing to train on.
     """
-    encoded = [torch.frombuffer(bytearray(item.data), dtype=torch.uint8) for item in items
-               if isinstance(item, EncodedCrop)]
+    jpegs = [item.data for item in items if isinstance(item, EncodedCrop)]
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
     try:
         decoded = iter(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device) if encoded else [])
     except RuntimeError:
-        decoded = iter([_decode_one(data, device) for data in encoded])
+        decoded = iter([_decode_one(data, device) for data in jpegs])
     images = []
     for item in items:
         if not isinstance(item, EncodedCrop):
@@ -86,11 +86,13 @@ def decode_batch(items: list, size: int, device: torch.device) -> tuple[torch.Te
     return stack_images(images), len(items) - len(images)
 
 
-def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    """The image on `device`, decoded there or else on the CPU; None when neither can decode it."""
-    for where in dict.fromkeys((torch.device(device), torch.device("cpu"))):
-        try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=where).to(device)
-        except RuntimeError:
-            continue
-    return None
+def _decode_one(data: bytes, device: torch.device) -> torch.Tensor | None:
+    """The image on `device`, decoded there or else on the CPU as the CPU path decodes it; None when neither can."""
+    try:
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    try:
+        return decode_whole(data).to(device)
+    except BadImageError:
+        return None

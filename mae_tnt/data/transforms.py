@@ -16,14 +16,13 @@ from __future__ import annotations
 import functools
 import math
 import random
-import re
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import BadImageError, decode_rgb, load_image, open_image, plain_jpeg_size, to_rgb
+from .images import decode_rgb, load_image, open_image, plain_jpeg_size, to_rgb
 
 # torchvision comes with timm. Its 0.29 release deprecated these decoders for TorchCodec: once they are removed (or
 # without torchvision) every image takes the PIL path, slower but the same augmentation.
@@ -33,10 +32,6 @@ try:
     from torchvision.transforms.v2.functional import resize as tv_resize
 except ImportError:  # pragma: no cover
     decode_jpeg = None
-
-
-# torchvision prefixes its errors with the C++ function and source line: "decode_jpeg, /path/decode_jpeg.cpp:171, ".
-SOURCE_LOCATION = re.compile(r"^.*?\.(?:cpp|cu|h):\d+, ")
 
 
 def random_resized_crop_box(
@@ -86,8 +81,8 @@ def train_crop(data: bytes, rng: random.Random, *, size: int, scale: tuple[float
     image = None if jpeg_size else open_image(data)
     box, flip = sample_crop(*(jpeg_size or image.size), scale, rng)
     small_crop = min(box[2] - box[0], box[3] - box[1]) < 2 * size
-    if jpeg_size and small_crop and decode_jpeg is not None:
-        out = resize_box(_decode_jpeg_tensor(data), box, size)
+    if jpeg_size and small_crop and (decoded := decode_jpeg_tensor(data)) is not None:
+        out = resize_box(decoded, box, size)
     else:
         out = _pil_crop(image or open_image(data), box, size)
     return out.flip(-1) if flip else out
@@ -99,12 +94,26 @@ def _pil_crop(image: Image.Image, box: tuple[int, int, int, int], size: int) -> 
     return to_tensor(to_rgb(load_image(image)).resize((size, size), Image.BICUBIC, box=box))
 
 
-def _decode_jpeg_tensor(data: bytes) -> torch.Tensor:
+def decode_jpeg_tensor(data: bytes) -> torch.Tensor | None:
+    """libjpeg-turbo's decode -> uint8 [3, H, W]; None when torchvision is missing or refuses the file. The callers
+    then decode with PIL: it reads some damaged JPEGs that libjpeg-turbo refuses (zeroed data), and it is what
+    the converter validated with, so whether an image trains never depends on the crop drawn or the decoder."""
+    if decode_jpeg is None:
+        return None
     try:
         return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as err:
-        reason = SOURCE_LOCATION.sub("", str(err).strip().split("\n")[0])  # the skip reason users read
-        raise BadImageError(f"corrupt JPEG data: {reason}") from err
+    except RuntimeError:
+        return None
+
+
+def decode_whole(data: bytes) -> torch.Tensor:
+    """The whole image -> uint8 [3, H, W]: libjpeg-turbo where it takes the file, else PIL (`decode_jpeg_tensor`).
+
+    Raises:
+        BadImageError: PIL cannot read it either.
+    """
+    image = decode_jpeg_tensor(data)
+    return image if image is not None else to_tensor(decode_rgb(data))
 
 
 def resize_box(image: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
