@@ -531,6 +531,27 @@ def test_a_wrong_init_path_fails_without_leaving_a_run_folder(tmp_path):
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+@pytest.mark.parametrize("resume", ["auto", "none"])
+def test_a_fresh_start_moves_nothing_before_its_init_is_known_good(tmp_path, one_thread, resume):
+    """A run set aside for an init that then fails, or for an init inside it, would be a run lost to a typo."""
+    pretraining = tmp_path / "mae"
+    write_mae_checkpoint(pretraining / "checkpoints" / "step_00000001")
+    (pretraining / "metrics.jsonl").write_text('{"step": 1}\n')
+    def listing() -> list[str]:
+        return sorted(str(path) for path in pretraining.rglob("*") if path.name != ".run.lock")
+
+    before = listing()
+    init = pretraining / "checkpoints" / "step_00000001"
+    with pytest.raises(ConfigError, match=rf"^init={init} lies inside run.output_dir={pretraining}, the run that "
+                                          r"this finetune run would resume or, with run.resume=none, set aside; give "
+                                          rf"it a directory of its own, e.g. run.output_dir={pretraining}_finetune$"):
+        FinetuneRun(demo_config(pretraining, f"init={init}", f"run.resume={resume}"))
+    with pytest.raises(CheckpointError, match=r"^init=.*typo does not exist"):
+        FinetuneRun(demo_config(pretraining, f"init={tmp_path / 'typo'}", f"run.resume={resume}"))
+    assert listing() == before
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_a_training_checkpoint_builds_its_model_as_trained_unless_told_otherwise(tmp_path, one_thread,
                                                                                   fresh_accelerate_state):
     """TNT's weights do not show its pooling: without the checkpoint's record it would load into token pooling."""

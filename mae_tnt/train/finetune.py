@@ -177,6 +177,16 @@ def refit_stem_norms(model: nn.Module, cfg: FinetuneConfig, device: torch.device
         f"(model.bn_reestimate_batches={cfg.model.bn_reestimate_batches})")
 
 
+def refuse_init_inside_output_dir(cfg: FinetuneConfig) -> None:
+    """An init inside run.output_dir (outside its superseded/) is the run this one would resume or set aside."""
+    out = Path(cfg.run.output_dir).resolve()
+    init = Path(cfg.init).resolve() if cfg.init else None
+    if init is not None and init.is_relative_to(out) and not init.is_relative_to(out / "superseded"):
+        raise ConfigError(f"init={cfg.init} lies inside run.output_dir={cfg.run.output_dir}, the run that this "
+                          f"{cfg.mode} run would resume or, with run.resume=none, set aside; give it a directory of "
+                          f"its own, e.g. run.output_dir={cfg.run.output_dir.rstrip('/')}_{cfg.mode}")
+
+
 class FinetuneRun(TrainingRun):
     """Owns the state of one fine-tuning or linear-probe run."""
 
@@ -193,13 +203,15 @@ class FinetuneRun(TrainingRun):
         self.class_names = head_class_names(cfg, self.num_classes)
         if cfg.data.val:
             require_labeled_shards(cfg.data, f"{cfg.mode} validation")
+        refuse_init_inside_output_dir(cfg)
         claim_run_directory(self.out, self.acc)  # once the run is known to start: a refused one leaves no folder
         with given_back_on_failure(self.out):  # nor does one whose set-up fails, e.g. on a wrong init path
             self._set_up(cfg)
 
     def _set_up(self, cfg: FinetuneConfig) -> None:
         """Everything that follows the claim on the run directory: resume or init, model, optimizer, evaluation."""
-        checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main)
+        checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main,
+                                    check_fresh_start=lambda: recorded_init(cfg.init))  # a wrong init moves nothing
         cfg.init = recorded_init(cfg.init, checkpoint.state if checkpoint else None)
         set_fused_attn(cfg.run.fused_attn)
         model = build_classifier(cfg, self.num_classes, load=checkpoint is None, log=self.log)
@@ -447,8 +459,8 @@ def run_knn(cfg: FinetuneConfig) -> dict:
     if find_checkpoints(out):  # an earlier evaluation is set aside below; a training run (often init's) is not
         raise ConfigError(f"run.output_dir={out} holds a training run (checkpoints/), which a kNN evaluation would set "
                           f"aside; give the evaluation a directory of its own, e.g. run.output_dir={out}_knn")
+    require_labeled_shards(cfg.data, "kNN evaluation")  # before the checkpoint is looked for
     cfg.init = recorded_init(cfg.init)
-    require_labeled_shards(cfg.data, "kNN evaluation")  # before the checkpoint is read
     model = build_classifier(cfg, num_classes=0, log=log).to(acc.device).eval()
     if cfg.model.bn_reestimate_batches:
         refit_stem_norms(model, cfg, acc.device, log)

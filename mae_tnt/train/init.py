@@ -129,10 +129,11 @@ def recorded_init(init: str | None, resumed_state: dict | None = None) -> str | 
     the one it started from, though the pretraining run may have saved newer ones since.
 
     Raises:
+        CheckpointError: a fresh run's `init` does not exist (`init_source`).
         ResumeError: when the resumed run started from other weights than `init`, which it would silently ignore.
     """
     if resumed_state is None:
-        return str(resolve_checkpoint(init)) if init else None
+        return str(init_source(init)) if init else None
     recorded = resumed_state.get("config", {}).get("init", init)
     if not _stands_for(init, recorded):
         wanted = _weights_named(init)
@@ -156,6 +157,18 @@ def _stands_for(init: str | None, recorded: str | None) -> bool:
     return recorded_path == given or recorded_path.parent == folder
 
 
+def init_source(init: str | Path) -> Path:
+    """The weights `init` names: itself, or a run directory's newest checkpoint (`resolve_checkpoint`).
+
+    Raises:
+        CheckpointError: `init` does not exist, or names a run without checkpoints.
+    """
+    if not Path(init).exists():
+        raise CheckpointError(f"init={init} does not exist: give a pretraining checkpoint, run directory, export "
+                              "or weights file, or init=null for a randomly initialised encoder")
+    return resolve_checkpoint(init)
+
+
 def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] = print,
               normalization: tuple[list[float], list[float]] | None = None) -> LoadReport:
     """Load `source` into `model` (a classifier or bare encoder) and print the exact key report; warn when the
@@ -165,10 +178,7 @@ def load_init(model: nn.Module, source: str | Path, log: Callable[[str], None] =
         CheckpointError: for a missing or unexpected key beyond the head / fc_norm / final-norm allowance; the
             message names the keys.
     """
-    if not Path(source).exists():
-        raise CheckpointError(f"init={source} does not exist: give a pretraining checkpoint, run directory, export "
-                              "or weights file, or init=null for a randomly initialised encoder")
-    source = resolve_checkpoint(source)  # a run directory: say which of its checkpoints
+    source = init_source(source)  # a run directory: say which of its checkpoints
     raw, meta = read_source(source)
     state_dict, dropped, layout = encoder_weights(raw)
     pooling = fitting_build_kwargs(model, state_dict).get("global_pool")  # before the unfit fc_norm is dropped

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,14 +44,17 @@ if TYPE_CHECKING:  # engine imports this module
 FRESH = "use another run.output_dir, or run.resume=none to start fresh"
 
 
-def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool = True) -> Checkpoint | None:
+def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool = True,
+                   check_fresh_start: Callable[[], object] = lambda: None) -> Checkpoint | None:
     """The checkpoint to resume from: `auto` (newest readable one, if any), `none`, or an explicit checkpoint or run
     directory (its newest checkpoint).
 
     With `none`, and with `auto` when checkpoints exist but none can be read, a run already in `output_dir` is first
-    set aside (`set_aside_previous_run`, by the main process).
+    set aside (`set_aside_previous_run`, by the main process), once `check_fresh_start` (on every process: it raises
+    what would stop the fresh start, e.g. a wrong init path) has passed.
     """
     if resume == "none":
+        check_fresh_start()
         if is_main:
             set_aside_previous_run(output_dir, log)
         return None
@@ -70,6 +73,7 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool
             log(f"warning: skipping unusable checkpoint {path}: {err}; trying the previous one")
     # None could be read. Left in place, they would be the highest steps, which the rotation keeps: it would delete
     # the new checkpoints instead, and the next `auto` would fail on them again.
+    check_fresh_start()
     if checkpoints and is_main:
         set_aside_previous_run(output_dir, log, why="no checkpoint of it could be read, so this run starts afresh")
     return None
