@@ -406,15 +406,22 @@ def test_info_counts_go_to_urls_by_file_name_else_by_position(tmp_path):
         resolve_shards("https://host/part-{0..1}", info=str(tmp_path), verify=False)
 
 
-def test_a_failing_pipe_command_is_named_with_its_status_in_the_warning_and_the_error(tmp_path):
+def test_a_failing_pipe_command_is_named_with_its_status_in_the_warning_and_the_error(tmp_path, monkeypatch):
+    from mae_tnt.data import stream as stream_module
+
     write_shards(tmp_path, [8, 8])
     url = f"pipe:cat {tmp_path}/gone-{{000000..000001}}.tar"  # the command fails: there are no such files
     shards = resolve_shards(url, allow_pipe=True, info=str(tmp_path))
-    with pytest.raises(ShardError, match=r"no readable image in 17 consecutive samples \(last error: sample lost "
-                                         r"to pipe:cat .*, which broke \(its command exited with status 1\)\); "
+    reads = []
+    monkeypatch.setattr(stream_module, "read_samples", lambda url, **kw: reads.append(url) or read_samples(url, **kw))
+    # It gives up after three failed reads, not after an epoch's worth of lost samples: each can take curl a minute
+    with pytest.raises(ShardError, match=r"^3 remote shard reads in a row gave no sample, the last from pipe:cat "
+                                         r".*gone-00000[01].tar, which broke \(its command exited with status 1\); "
                                          r"read the URLs yourself to see why they fail \(run a pipe: URL's command "
                                          r"in a shell\)$"):
         consume(stream_for(shards))
+    assert len(reads) == 3
+    monkeypatch.undo()
     (tmp_path / "train-000000.tar").rename(tmp_path / "gone-000000.tar")  # one of the two commands works now
     with pytest.warns(UserWarning, match=r"pipe:cat .*gone-000001.tar broke \(its command exited with status 1\); "
                                          r"its samples after the break are skipped and counted"):

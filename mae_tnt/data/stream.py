@@ -41,6 +41,11 @@ SampleTransform = Callable[[bytes, random.Random], object]
 `device_decode`); must be picklable (loader workers)."""
 
 INSPECT_ADVICE = "check the shards with tools/inspect_shards.py"
+REMOTE_ADVICE = "read the URLs yourself to see why they fail (run a pipe: URL's command in a shell)"
+FAILED_OPENS = 3
+"""Remote or `pipe:` shard reads in a row that may give no sample before the stream gives up: a wrong host, bucket
+or command fails every shard, and each failed read can take a minute of retries (curl's), so waiting for a whole
+epoch of lost samples could take days."""
 SKIPS_NAMED = 20  # skipped samples a run names, with the reason; one bad shard could otherwise flood the log
 
 
@@ -183,6 +188,7 @@ class RoleStream:
         self._reader: tuple[str, int, Iterator[dict]] = ("", -1, iter(()))
         self.last_break: tuple[str, str] | None = None  # (url, reason) of the last shard that broke: why samples went
         self.breaks: list[str] = []  # shards that broke since the last batch, to warn about (`_note_break`)
+        self.failed_opens = 0  # remote shard reads in a row that gave no sample (`_check_remote_reads`)
 
     def next_batch(self) -> dict:
         images, labels, keys, skips, skipped = [], [], [], [], 0
@@ -217,7 +223,7 @@ class RoleStream:
             return f"{INSPECT_ADVICE}, and data.max_image_pixels if the images are very large"
         if self.last_break is None or is_local(self.last_break[0]):
             return INSPECT_ADVICE
-        return "read the URLs yourself to see why they fail (run a pipe: URL's command in a shell)"
+        return REMOTE_ADVICE
 
     def _lost_to(self) -> str:
         if self.last_break is None:
@@ -281,12 +287,22 @@ class RoleStream:
         even from a non-seekable stream.
         """
         url, next_offset, reader = self._reader
-        if url != shard.url or next_offset != offset:
+        opened = url != shard.url or next_offset != offset
+        if opened:
             reader = read_samples(shard.url, start=offset, on_break=partial(self._note_break, shard),
                                   expected=shard.num_samples)
         samples = list(padded(reader, count))
         self._reader = (shard.url, offset + count, reader)
+        if opened and not is_local(shard.url):
+            self._check_remote_reads(gave_samples=any(sample is not None for sample in samples))
         return samples
+
+    def _check_remote_reads(self, gave_samples: bool) -> None:
+        """Give up after `FAILED_OPENS` remote reads in a row without a sample, naming the last failure."""
+        self.failed_opens = 0 if gave_samples else self.failed_opens + 1
+        if self.failed_opens == FAILED_OPENS:
+            raise StreamError(f"{FAILED_OPENS} remote shard reads in a row gave no sample, the last from "
+                              f"{self._lost_to()}; {REMOTE_ADVICE}")
 
     def _note_break(self, shard: Shard, reason: str) -> None:
         """Remember why samples went missing; warn about a break the start of training did not find (a remote or
