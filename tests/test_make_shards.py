@@ -126,6 +126,14 @@ def test_mixed_folder_keeps_every_readable_image_and_reports_the_rest(tmp_path, 
     assert "train: 100%" in capsys.readouterr().err  # decoding every image takes a while: a bar shows it
 
 
+def test_jpegs_under_every_common_extension_are_read_from_folders(tmp_path):
+    for name in ("a.jpg", "b.JPEG", "c.jpe", "d.jfif"):  # .jfif: what some browsers save JPEGs as
+        (tmp_path / "src").mkdir(exist_ok=True)
+        (tmp_path / "src" / name).write_bytes(encoded(gradient(6, 4), "JPEG"))
+    assert convert(tmp_path / "src", tmp_path / "out", options()).num_samples == 4
+    assert load_info(tmp_path / "out")["splits"]["train"]["skipped"] == []
+
+
 def test_shards_store_the_samples_in_the_order_the_seeded_shuffle_gives(tmp_path):
     names = [f"img{i:02d}.png" for i in range(20)]  # a flat folder is read in name order
     (tmp_path / "src").mkdir()
@@ -476,9 +484,15 @@ def test_a_split_with_other_classes_is_refused_before_any_shard_is_written(tmp_p
     write_imagefolder(tmp_path / "a", ["cat", "dog"], per_class=1)
     write_imagefolder(tmp_path / "b", ["cat", "cow", "dog"], per_class=1)
     convert(tmp_path / "a", tmp_path / "out", options())
-    with pytest.raises(InfoError, match="already has classes"):
+    with pytest.raises(InfoError, match=r"already has classes \['cat', 'dog'\]; split 'val' has \['cat', 'cow', "
+                                        r"'dog'\]\. Labels must mean the same in every split: pass --classes "
+                                        r"cat,dog, or convert it into a separate directory\.$"):
         convert(tmp_path / "b", tmp_path / "out", options(split="val"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_info.json", "train-000000.tar"]
+    write_imagefolder(tmp_path / "c", ["cat"], per_class=1)  # a split missing a class takes the full list
+    with pytest.raises(InfoError, match=r"split 'val' has \['cat'\]\. .* pass --classes cat,dog, or"):
+        convert(tmp_path / "c", tmp_path / "out", options(split="val"))
+    assert convert(tmp_path / "c", tmp_path / "out", options(split="val", classes=("cat", "dog"))).num_samples == 1
 
 
 def test_a_mistyped_classes_file_is_an_error_not_one_class_name(tmp_path, capsys):
@@ -736,6 +750,12 @@ def test_cifar_batches(tmp_path, meta_name, meta, batches, label_key, python3_by
     convert(tmp_path, tmp_path / "told", options(fmt="cifar"))
 
 
+def test_class_names_with_commas_are_given_back_as_a_file_in_the_advice(tmp_path):
+    update_split(tmp_path, "train", ["train-000000.tar"], [2], classes=["red, green", "blue"])
+    with pytest.raises(InfoError, match=r"pass --classes FILE with those classes, one per line in that order, or"):
+        update_split(tmp_path, "val", ["val-000000.tar"], [1], classes=["blue"])
+
+
 def test_update_split_is_atomic_and_checks_classes(tmp_path):
     update_split(tmp_path, "train", ["train-000000.tar"], [4], classes=["a", "b"], name="toy")
     update_split(tmp_path, "val", ["val-000000.tar", "val-000001.tar"], [2, 1])
@@ -744,6 +764,7 @@ def test_update_split_is_atomic_and_checks_classes(tmp_path):
     assert info["splits"]["train"]["shard_lengths"] == [4]
     with pytest.raises(InfoError, match="already has classes"):
         update_split(tmp_path, "test", ["t.tar"], [1], classes=["b", "a"])
+
     assert sorted(p.name for p in tmp_path.iterdir()) == ["_info.json"]
     update_split(tmp_path, "val", ["val-000000.tar"], [3], labeled=False)  # unlabeled: its classes do not count
     assert update_split(tmp_path, "train", ["train-000000.tar"], [4], classes=["c", "d"])["classes"] == ["c", "d"]

@@ -384,8 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert an image dataset into webdataset shards plus _info.json.",
         formatter_class=HelpWithDefaults,
     )
-    parser.add_argument("src", help="dataset directory, or a list file (paths, or CSV or TSV with a path[,label] "
-                                    "header line; relative paths are read from the list's directory)")
+    parser.add_argument("src", help="dataset directory, or a list file (paths, # comment lines allowed; or CSV or "
+                                    "TSV with a path[,label] header line; relative paths are read from the list's "
+                                    "directory)")
     parser.add_argument("out", help="output directory for {split}-NNNNNN.tar and _info.json")
     parser.add_argument("--format", dest="fmt", default="auto", choices=FORMATS, help="source layout")
     parser.add_argument("--split", default="train", help="split name; IDX/CIFAR read train or test files by it")

@@ -174,6 +174,14 @@ def check_classes(root: str | os.PathLike, split: str, classes: Sequence[str] | 
         _check_classes(load_info(root), root, split, classes)
 
 
+def _classes_option(classes: Sequence[str]) -> str:
+    """The make_shards option that gives a split these classes, in this order."""
+    listed = ",".join(classes)
+    if len(listed) <= 200 and not any("," in name for name in classes):
+        return f"--classes {listed}"
+    return "--classes FILE with those classes, one per line in that order"
+
+
 def _check_classes(info: dict, root: Path, split: str, classes: Sequence[str]) -> None:
     """Compare with the classes of the other labeled splits: a split that replaces the only one may bring its own."""
     old_classes = info.get("classes", [])
@@ -181,7 +189,8 @@ def _check_classes(info: dict, root: Path, split: str, classes: Sequence[str]) -
     if old_classes and others and list(classes) != old_classes:
         raise InfoError(
             f"{root / INFO_NAME} already has classes {old_classes}; split '{split}' has {list(classes)}. Labels "
-            "must mean the same in every split: pass the same --classes, or convert it into a separate directory."
+            f"must mean the same in every split: pass {_classes_option(old_classes)}, or convert it into a separate "
+            "directory."
         )
 
 
