@@ -43,6 +43,7 @@ from .models.loading import (
     EXPORT_CONFIG,
     STATE_FILE,
     CheckpointError,
+    export_record,
     fold_probe_head,
     resolve_checkpoint,
     save_weights,
@@ -172,8 +173,8 @@ def write_export(out: Path, state_dict: dict[str, torch.Tensor], config: dict) -
 
 
 def check_export_directory(out: Path, given: Path, checkpoint: Path) -> None:
-    """Refuse an OUT that would overwrite the training run it exports (its checkpoint files share the export's names),
-    or that a file keeps from being created."""
+    """Refuse an OUT that would overwrite the training run it exports (its checkpoint files share the export's names)
+    or files of the export's names that are not an earlier export, or that a file keeps from being created."""
     if blocker := file_in_the_way(out):
         raise CheckpointError(f"the export goes into the directory {out}, but {blocker} is a file; choose another OUT")
     holds_training = (out / STATE_FILE).exists() or (out / "checkpoints").is_dir()
@@ -182,6 +183,10 @@ def check_export_directory(out: Path, given: Path, checkpoint: Path) -> None:
     if holds_training or is_source:
         raise CheckpointError(f"{out} holds a training run, a checkpoint or the weights to export, which the export "
                               "would overwrite; export into a new directory, e.g. exports/NAME")
+    others = [name for name in ("model.safetensors", EXPORT_CONFIG) if (out / name).exists()]
+    if others and export_record(out) is None:  # an earlier export of ours is replaced, anything else kept
+        raise CheckpointError(f"{out} holds {' and '.join(others)} that tools/export.py did not write, which the "
+                              "export would overwrite; export into a new directory, e.g. exports/NAME")
 
 
 def timm_call(timm_name: str | None, timm_kwargs: dict, info: dict, file: Path) -> str | None:

@@ -283,6 +283,21 @@ def test_an_export_never_overwrites_the_run_checkpoint_or_weights_it_exports(too
     assert tool.export(tmp_path / "run", tmp_path / "exports" / "vit")["kind"] == "encoder"  # a new directory is fine
 
 
+@pytest.mark.parametrize("files", [{"config.json": '{"architectures": ["BertModel"]}'}, {"model.safetensors": "x"},
+                                   {"config.json": "not json", "model.safetensors": "x"}])
+def test_an_export_never_overwrites_files_it_did_not_write(tool, tmp_path, files):
+    checkpoint, _ = pretraining_checkpoint(tmp_path / "step_00000005", "mae_vit_test")
+    out = tmp_path / "hub_model"
+    out.mkdir()
+    for name, text in files.items():
+        (out / name).write_text(text)
+    names = " and ".join(name for name in ("model.safetensors", "config.json") if name in files)
+    with pytest.raises(CheckpointError, match=rf"^{out} holds {names} that tools/export.py did not write, which the "
+                                              r"export would overwrite; export into a new directory"):
+        tool.export(checkpoint, out)
+    assert {path.name: path.read_text() for path in out.iterdir()} == files
+
+
 def test_a_re_export_that_cannot_be_written_keeps_the_earlier_export_whole(tool, tmp_path, monkeypatch, capsys):
     """Both files are written aside before either replaces the earlier pair: a full disk halfway leaves no new
     weights beside the old description, and no partial files taking the space."""

@@ -96,7 +96,7 @@ def recorded_build_kwargs(path: str | Path, name: str) -> dict:
     whose encoder `name` is), and, when `name` wrote them, the head size and pooling, or every `model.*` setting
     of a pretraining run (decoder size, word masking, ...); {} for bare weights. The encoder of a pretraining
     checkpoint has no head, so `name` gets none (TNT and SReT would otherwise build 1000 classes)."""
-    recorded = _export_record(Path(path)) or _checkpoint_record(Path(path))
+    recorded = export_record(Path(path)) or _checkpoint_record(Path(path))
     if recorded is None:
         return {}
     if recorded.get("model") != name:  # another model's weights: only their image size, and no head for an MAE's
@@ -107,7 +107,7 @@ def recorded_build_kwargs(path: str | Path, name: str) -> dict:
     return {key: recorded[key] for key in BUILD_KEYS if recorded.get(key) is not None}
 
 
-def _export_record(path: Path) -> dict | None:
+def export_record(path: Path) -> dict | None:
     """An export's `config.json` (written by tools/export.py, hence its `timm_name`), or None."""
     config = read_json_object((path if path.is_dir() else path.parent) / EXPORT_CONFIG)
     return config if config is not None and "timm_name" in config else None
