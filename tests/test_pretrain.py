@@ -810,7 +810,8 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(shards, t
     assert Trainer(config(shards, tmp_path, "run.max_steps=6")).step == 6  # auto: this continuation, not step 12
     AcceleratorState._reset_state(True)
     with pytest.raises(ResumeError, match=r"run.resume=.*step_00000012 does not exist; this run's are step_00000006, "
-                                          r"step_00000004 in .*checkpoints: give one's path, or run.resume=auto"):
+                                          r"step_00000004 in .*checkpoints: give one's path, run.resume=auto for "
+                                          r"the newest, or run.resume=none to start afresh$"):
         Trainer(config(shards, tmp_path, f"run.resume={tmp_path / 'checkpoints' / 'step_00000012'}"))
     with pytest.raises(ResumeError, match=r"model.safetensors is a file; give the checkpoint directory that holds it "
                                           r"\(.*step_00000006\) or its run directory"):

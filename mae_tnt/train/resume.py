@@ -63,7 +63,8 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool
             kept = find_checkpoints(output_dir)
             listing = (f"this run's are {', '.join(path.name for path in kept)} in {kept[0].parent}: give one's path"
                        if kept else "this run has none yet")
-            raise ResumeError(f"run.resume={resume} does not exist; {listing}, or run.resume=auto for the newest")
+            raise ResumeError(f"run.resume={resume} does not exist; {listing}, run.resume=auto for the newest, or "
+                              "run.resume=none to start afresh")
         return read_checkpoint(_explicit_checkpoint(resume))
     checkpoints = find_checkpoints(output_dir)
     for path in checkpoints:
