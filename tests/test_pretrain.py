@@ -602,6 +602,23 @@ def test_the_knn_monitor_without_val_shards_is_warned_about(shards, tmp_path, ca
     assert "eval.knn_every is set but data.val is null" in capsys.readouterr().out
 
 
+def test_val_shards_of_another_directory_than_the_train_shards_get_a_note(shards, tmp_path):
+    """A demo recipe run on one's own data.train would otherwise show the bundled data in every grid, unremarked."""
+    from mae_tnt.train.engine import check_eval_data
+
+    other = tmp_path / "other"
+    write_shards(other, [16], split="val", size=20)
+    for val, knn, noted in ((other, 1, " and the kNN monitor"), (other, 0, ""), (shards, 1, None)):
+        logged = []
+        check_eval_data(config(shards, tmp_path / "run", f"data.val={val}", f"eval.knn_every={knn}"), logged.append)
+        expected = [] if noted is None else [
+            f"note: data.val={other} is another shard directory than data.train's ({shards}): the reconstruction "
+            f"grids{noted} use its images; if it is a recipe's default, set data.val to held-out shards of your "
+            "data (and data.mean and data.std to their statistics), or data.val=null to draw the grids from "
+            "data.train"]
+        assert logged == expected
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
     trainer = Trainer(config(shards, tmp_path, "run.checkpoint_every=4", "run.log_every=100"))
     forward = trainer.model.forward

@@ -21,7 +21,7 @@ from timm.layers import set_fused_attn
 from ..config import ConfigError, PretrainConfig, save_config, to_dict
 from ..data.device_decode import decode_batch
 from ..data.loader import build_train_stream, data_shards, first_images, mae_transform, make_loader
-from ..data.shards import ShardError
+from ..data.shards import ShardError, info_directory
 from ..models import create_model
 from ..models.masking import rounded_mask_ratio
 from .checkpoint import Checkpoint, bare_model, save_checkpoint
@@ -98,6 +98,13 @@ def check_eval_data(cfg: PretrainConfig, log=print) -> None:
         data_shards(data, "val")  # a broken shard is warned about now, not when evaluations read it
     except ShardError as err:
         raise ShardError(f"data.val: {err}") from err
+    train_dir, val_dir = info_directory(data.train, data.info), info_directory(data.val, data.info)
+    if train_dir is not None and val_dir is not None and train_dir.resolve() != val_dir.resolve():
+        # Most often a demo recipe's bundled data.val left beside the user's own data.train
+        uses = "the reconstruction grids" + (" and the kNN monitor" if cfg.eval.knn_every else "")
+        log(f"note: data.val={data.val} is another shard directory than data.train's ({train_dir}): {uses} use its "
+            "images; if it is a recipe's default, set data.val to held-out shards of your data (and data.mean and "
+            "data.std to their statistics), or data.val=null to draw the grids from data.train")
     if cfg.eval.knn_every:
         try:
             require_labeled_shards(data, "the kNN monitor (eval.knn_every)")
