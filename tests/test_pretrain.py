@@ -699,6 +699,31 @@ def test_the_window_sums_the_finite_losses_and_keeps_the_first_bad_micro_step():
     assert window.first_bad.item() == 2  # 0-based: the nan, not the later inf
 
 
+def test_each_rank_reopens_its_own_log_window_so_a_resumed_row_sums_as_the_uninterrupted_one():
+    """Float32 sums depend on their order: rank 0 holding every rank's total put the 2-process row 2e-7 apart."""
+    windows = [Window(torch.device("cpu")) for _ in range(2)]
+    add_losses(windows[0], [0.1, 16777216.0])
+    add_losses(windows[1], [0.3])
+
+    class TwoRanks:  # what accelerate's gather returns: every rank's tensor, concatenated along dim 0
+        @staticmethod
+        def gather(_):
+            return torch.cat([torch.stack([window.loss_sum, window.count])[None] for window in windows])
+
+    saved = json.loads(json.dumps(windows[0].loss_totals(TwoRanks())))  # through state.json
+    for rank, window in enumerate(windows):
+        reopened = Window(torch.device("cpu"))
+        reopened.restore_loss_totals(saved, rank, world_size=2)
+        assert torch.equal(reopened.loss_sum, window.loss_sum) and torch.equal(reopened.count, window.count)
+    for totals in (saved, {"loss_sum": 3.5, "count": 3}):  # another process count, or an earlier version's total
+        reopened = [Window(torch.device("cpu")) for _ in range(3)]
+        for rank, window in enumerate(reopened):
+            window.restore_loss_totals(totals, rank, world_size=3)
+        assert [window.count.item() for window in reopened] == [3, 0, 0]
+        assert [window.loss_sum.item() for window in reopened[1:]] == [0, 0]
+        assert reopened[0].loss_sum.item() == pytest.approx(sum(totals.get("loss_sums", [3.5])))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_micro_steps_normalisation_and_loss_bookkeeping_never_wait_for_the_gpu():

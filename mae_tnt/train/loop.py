@@ -64,19 +64,24 @@ class Window:
         self.images += images
 
     def loss_totals(self, accelerator) -> dict:
-        """The loss sum and count of the open window over all ranks (a collective: every rank calls it).
+        """Every rank's loss sum and count of the open window (a collective: every rank calls it).
 
         A checkpoint keeps them, so the first log row after a resume off a log step averages the same micro-steps
-        as in the uninterrupted run, not only those after the resume.
+        as in the uninterrupted run, not only those after the resume, and sums them in the same order.
         """
-        return {"loss_sum": accelerator.reduce(self.loss_sum.clone(), "sum").item(),
-                "count": int(accelerator.reduce(self.count.clone(), "sum").item())}
+        totals = accelerator.gather(torch.stack([self.loss_sum, self.count])[None])  # [processes, 2]
+        return {"loss_sums": totals[:, 0].tolist(), "counts": [int(count) for count in totals[:, 1].tolist()]}
 
-    def restore_loss_totals(self, totals: dict, is_main: bool) -> None:
-        """Reopen a checkpoint's window: on rank 0 only, since `close_window` sums the ranks."""
-        if is_main:
-            self.loss_sum.fill_(totals["loss_sum"])
-            self.count.fill_(totals["count"])
+    def restore_loss_totals(self, totals: dict, rank: int, world_size: int) -> None:
+        """Reopen a checkpoint's window: each rank its own sums. From another number of processes (or a checkpoint
+        of an earlier version, which kept only the total) rank 0 takes the total, as `close_window` sums the ranks."""
+        sums, counts = totals.get("loss_sums", [totals.get("loss_sum")]), totals.get("counts", [totals.get("count")])
+        if len(sums) == world_size:
+            own_sum, own_count = sums[rank], counts[rank]
+        else:
+            own_sum, own_count = (sum(sums), sum(counts)) if rank == 0 else (0.0, 0)
+        self.loss_sum.fill_(own_sum)
+        self.count.fill_(own_count)
 
 
 @contextmanager

@@ -193,7 +193,8 @@ def restore_training(accelerator, model, optimizer, checkpoint: Checkpoint, *, c
     accelerator.step = step * config["optim"]["accum_steps"]
     _note_changed_settings(checkpoint, config, plan, log)
     if LOG_WINDOW_KEY in checkpoint.state:  # absent from checkpoints of earlier versions: the window starts empty
-        window.restore_loss_totals(checkpoint.state[LOG_WINDOW_KEY], accelerator.is_main_process)
+        window.restore_loss_totals(checkpoint.state[LOG_WINDOW_KEY], accelerator.process_index,
+                                   accelerator.num_processes)
     accelerator.wait_for_everyone()  # every rank has read its checkpoint before any directory moves
     if accelerator.is_main_process:
         set_aside_later_checkpoints(output_dir, step, log)
