@@ -179,9 +179,10 @@ def refit_stem_norms(model: nn.Module, cfg: FinetuneConfig, device: torch.device
 
 def refuse_init_inside_output_dir(cfg: FinetuneConfig) -> None:
     """An init inside run.output_dir (outside its superseded/) is the run this one would resume or set aside."""
-    out = Path(cfg.run.output_dir).resolve()
-    init = Path(cfg.init).resolve() if cfg.init else None
-    if init is not None and init.is_relative_to(out) and not init.is_relative_to(out / "superseded"):
+    if not cfg.init:
+        return
+    out, init = Path(cfg.run.output_dir).resolve(), Path(cfg.init).resolve()
+    if init.is_relative_to(out) and not init.is_relative_to(out / "superseded"):
         raise ConfigError(f"init={cfg.init} lies inside run.output_dir={cfg.run.output_dir}, the run that this "
                           f"{cfg.mode} run would resume or, with run.resume=none, set aside; give it a directory of "
                           f"its own, e.g. run.output_dir={cfg.run.output_dir.rstrip('/')}_{cfg.mode}")
