@@ -1018,6 +1018,26 @@ def test_checkpoints_and_exports_name_the_heads_classes(tmp_path, one_thread, ex
     assert FinetuneRun(demo_config(tmp_path / "wide", "model.num_classes=12")).class_names is None  # not the head's
 
 
+def test_resuming_from_weights_alone_says_what_continues_the_run_and_what_starts_from_them(tmp_path, one_thread,
+                                                                                          export_tool):
+    """best/ and an export hold no optimizer state or data position: refused before anything is written, naming
+    the run.resume that continues the run and the init= that starts a new one from the weights."""
+    run = tmp_path / "run"
+    FinetuneRun(demo_config(run, "run.max_steps=1")).train()  # validates at its stop step, which writes best/
+    export_tool.export(run, tmp_path / "export")
+    expected = {run / "best": rf"is the best weights of the fine-tuning run {run}, weights without the optimizer "
+                              rf"state and data position a resume needs: give run.resume={run} to continue that run "
+                              rf"from its newest checkpoint, or init={run / 'best'} to fine-tune",
+                tmp_path / "export": rf"is an export \(tools/export.py\), weights without .* give the directory of "
+                                     rf"the run it came from, or one of its checkpoints \(step_\*\), to continue "
+                                     rf"that run, or init={tmp_path / 'export'} to fine-tune from these weights"}
+    for weights, message in expected.items():
+        with pytest.raises(ResumeError, match=rf"^run.resume={weights} {message}"):
+            FinetuneRun(demo_config(tmp_path / "new", f"run.resume={weights}"))
+        assert not (tmp_path / "new").exists()
+        assert FinetuneRun(demo_config(tmp_path / "from", f"init={weights}", "run.resume=none")).step == 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["demo", "runs/x", "--finetune-epochs", "1", "--workers", "2"],
      "demo runs the demo recipes as they are and takes only --out, --data and --threads, not --finetune-epochs, "

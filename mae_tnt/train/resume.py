@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..data.stream import StreamState
-from ..models.loading import STATE_FILE, read_state_dict, resolve_checkpoint, step_dirs
+from ..models.loading import STATE_FILE, export_record, read_state_dict, resolve_checkpoint, step_dirs
 from ..text import counted
 from .checkpoint import (
     DEEPSPEED_KEY,
@@ -82,9 +82,12 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool
 
 def _explicit_checkpoint(resume: str) -> Path:
     """The checkpoint directory that an existing run.resume path stands for (a run directory or its checkpoints
-    folder: the newest); a file, or another folder of checkpoints (a set-aside continuation in superseded/), is
-    refused with the path to give instead, rather than read as a checkpoint that lacks its state.json."""
+    folder: the newest); a file, weights alone (an export, `best/`), or another folder of checkpoints (a set-aside
+    continuation in superseded/), is refused with the path to give instead, rather than read as a checkpoint that
+    lacks its state.json or optimizer state."""
     path = resolve_checkpoint(resume)
+    if advice := _weights_only(path, resume):
+        raise ResumeError(advice)
     if path.is_file():
         raise ResumeError(f"run.resume={resume} is a file; give the checkpoint directory that holds it "
                           f"({path.parent}) or its run directory")
@@ -93,6 +96,23 @@ def _explicit_checkpoint(resume: str) -> Path:
         raise ResumeError(f"run.resume={resume} is a folder of checkpoints; give one of them (the newest is "
                           f"{steps[-1]})")
     return path
+
+
+def _weights_only(path: Path, resume: str) -> str | None:
+    """Why `path`, weights alone (an export, or a fine-tuning run's `best/`), cannot be resumed from, with what to
+    give instead; None for any other path."""
+    if not path.is_dir() or (path / "optimizer.pt").exists() or (path / "engine").is_dir():
+        return None
+    if path.name == "best" and (path.parent / "checkpoints").is_dir():
+        what = f"the best weights of the fine-tuning run {path.parent}"
+        instead = f"run.resume={path.parent} to continue that run from its newest checkpoint"
+    elif export_record(path) is not None:
+        what = "an export (tools/export.py)"
+        instead = "the directory of the run it came from, or one of its checkpoints (step_*), to continue that run"
+    else:
+        return None
+    return (f"run.resume={resume} is {what}, weights without the optimizer state and data position a resume needs: "
+            f"give {instead}, or init={resume} to fine-tune from these weights in a new run")
 
 
 def check_compatible(checkpoint: Checkpoint, config: dict, effective_batch: int, world_size: int,
