@@ -71,11 +71,18 @@ def check_images(images: torch.Tensor, grid: int, unit: int) -> None:
     raise ValueError(f"expected {size}x{size} images, got {h}x{w}{advice}")
 
 
-def check_backbone_args(img_size: object, num_classes: object, drop_path_rate: object) -> None:
+def check_backbone_args(img_size: object, num_classes: object, drop_path_rate: object, *, family: str,
+                        mask_unit: int) -> None:
     """Refuse arguments that would build a model which fails later or quietly differs from the one asked for (the
-    config layer refuses the same values in recipes, naming their keys)."""
+    config layer refuses the same values in recipes, naming their keys); an image size must hold a whole number of
+    the `family`'s mask units (`mask_unit` px), and the error names the nearest sizes that do."""
     if not _is_int(img_size) or img_size < 1:
         raise ValueError(f"img_size must be a positive int, got {img_size!r}")
+    if img_size % mask_unit:
+        below = img_size // mask_unit * mask_unit
+        nearest = " or ".join(f"img_size={size}" for size in (below, below + mask_unit) if size)
+        raise ValueError(f"{family} needs img_size divisible by its mask unit of {mask_unit} px, got {img_size}: use "
+                         f"{nearest}")
     if not _is_int(num_classes) or num_classes < 0:
         raise ValueError(f"num_classes must be an int >= 0 (0 for a bare encoder), got {num_classes!r}")
     if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, int | float) or not 0 <= drop_path_rate < 1:

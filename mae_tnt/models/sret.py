@@ -254,9 +254,7 @@ class SReT(nn.Module):
                  num_classes: int = 1000, drop_path_rate: float = 0.0, dense_stem: bool = False,
                  global_pool: str = "avg"):
         super().__init__()
-        check_backbone_args(img_size, num_classes, drop_path_rate)
-        if img_size % UNIT:
-            raise ValueError(f"SReT needs img_size divisible by its {UNIT}-px mask unit, got {img_size}")
+        check_backbone_args(img_size, num_classes, drop_path_rate, family="SReT", mask_unit=UNIT)
         if global_pool != "avg":
             raise ValueError(f"SReT averages its tokens and has no class token: global_pool must be 'avg', got "
                              f"{global_pool!r}")

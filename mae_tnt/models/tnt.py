@@ -213,9 +213,9 @@ class TNT(nn.Module):
                  depth: int = 12, num_heads_inner: int = 4, num_heads_outer: int = 6, mlp_ratio: float = 4.0,
                  num_classes: int = 1000, global_pool: str = "token", drop_path_rate: float = 0.0):
         super().__init__()
-        check_backbone_args(img_size, num_classes, drop_path_rate)
-        if img_size % patch_size or patch_size % WORD_STRIDE:
-            raise ValueError(f"img_size {img_size} must divide by patch_size {patch_size}, which must divide by 4")
+        if patch_size % WORD_STRIDE:
+            raise ValueError(f"TNT needs patch_size divisible by its word stride {WORD_STRIDE}, got {patch_size}")
+        check_backbone_args(img_size, num_classes, drop_path_rate, family="TNT", mask_unit=patch_size)
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         if inner_dim % num_heads_inner or embed_dim % num_heads_outer:

@@ -34,9 +34,8 @@ class ViT(VisionTransformer):
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, num_classes: int = 0, global_pool: str = "token",
                  drop_path_rate: float = 0.0, fixed_pos_embed: bool = False):
-        check_backbone_args(img_size, num_classes, drop_path_rate)
-        if img_size % patch_size:  # timm would accept it and fail on the first batch
-            raise ValueError(f"ViT needs img_size divisible by patch_size {patch_size} (the mask unit), got {img_size}")
+        # timm would accept an img_size that is no multiple of patch_size and fail on the first batch
+        check_backbone_args(img_size, num_classes, drop_path_rate, family="ViT", mask_unit=patch_size)
         super().__init__(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=num_classes,
                          global_pool=global_pool, drop_path_rate=drop_path_rate, norm_layer=LayerNorm)
