@@ -332,6 +332,23 @@ def test_a_truncated_safetensors_file_is_named_as_such(tmp_path):
         read_state_dict(tmp_path / "w.safetensors")
 
 
+def test_an_unreadable_checkpoint_of_a_run_names_the_previous_one(tmp_path):
+    """A run directory stands for its newest checkpoint (init=, tools/export.py, tools/visualize.py): when that one
+    cannot be read, the error names the one before it, which `run.resume=auto` would have fallen back to."""
+    steps = [tmp_path / "run" / "checkpoints" / f"step_0000000{step}" for step in (2, 4)]
+    for step in steps:
+        step.mkdir(parents=True)
+        save_weights({"w": torch.zeros(64)}, step / "model.safetensors")
+    for step in steps:
+        (step / "model.safetensors").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match=rf"cannot read {steps[1]}/model.safetensors: not a complete safetensors "
+                                              rf"file \(.*\); give the run's previous checkpoint, {steps[0]}, instead "
+                                              r"\(or write the file again\)$"):
+        read_state_dict(tmp_path / "run")
+    with pytest.raises(CheckpointError, match=r"write or download it again$"):  # the first has none before it
+        read_state_dict(steps[0])
+
+
 class RunsCode:
     """Pickles into a call of os.system, as a malicious file would."""
 

@@ -168,8 +168,8 @@ def read_state_dict(path: str | Path, pickle_advice: str = CONVERT_ADVICE) -> di
         try:
             return without_wrapper_prefixes(load_file(str(path)))
         except Exception as err:  # noqa: BLE001 - any decoding failure means an unusable file
-            raise CheckpointError(f"cannot read {path}: not a complete safetensors file ({err}); write or download "
-                                  "it again") from err
+            raise CheckpointError(f"cannot read {path}: not a complete safetensors file ({err}); "
+                                  f"{_repair_advice(path)}") from err
     try:
         with warnings.catch_warnings():  # torch asks to report pickle protocols it reads fine; users cannot act on it
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -181,11 +181,21 @@ def read_state_dict(path: str | Path, pickle_advice: str = CONVERT_ADVICE) -> di
             raise CheckpointError(f"cannot read {path}: it is no PyTorch checkpoint ({reason}); pass a weights file "
                                   f"(.safetensors, .pth, .pt) or a checkpoint directory{run_hint}") from err
         if not _refused_as_unsafe(err):  # a truncated zip or pickle fails the same way when fully unpickled
-            raise CheckpointError(f"cannot read {path}: it is truncated or corrupt ({reason}); write or download it "
-                                  "again") from err
+            raise CheckpointError(f"cannot read {path}: it is truncated or corrupt ({reason}); "
+                                  f"{_repair_advice(path)}") from err
         raise CheckpointError(f"cannot read {path} safely ({reason}). Only tensors and plain containers are accepted: "
                               f"{pickle_advice} for a legacy pickle you trust") from err
     return unwrap_state_dict(obj, path)
+
+
+def _repair_advice(weights: Path) -> str:
+    """What to do about an unreadable weights file: use the previous checkpoint of its run, where there is one."""
+    checkpoint = weights.parent
+    in_run = checkpoint.parent.name == "checkpoints"
+    earlier = [step for step in step_dirs(checkpoint.parent) if step.name < checkpoint.name] if in_run else []
+    if earlier:
+        return f"give the run's previous checkpoint, {earlier[-1]}, instead (or write the file again)"
+    return "write or download it again"
 
 
 def unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
