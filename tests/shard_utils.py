@@ -24,8 +24,8 @@ def encode_png(sample_id: int, size: int = 16) -> bytes:
 
 def write_shards(root: Path, sizes: list[int], split: str = "train", corrupt: frozenset[int] = frozenset(),
                  size: int = 16, num_classes: int = 10) -> list[int]:
-    """Write shards with `sizes` samples each (ids 0..N-1, label id % num_classes); ids in `corrupt` get garbage
-    bytes."""
+    """Write shards with `sizes` samples each (ids 0..N-1, label id % num_classes, made "from" img/ID.png as
+    make_shards records it); ids in `corrupt` get garbage bytes."""
     root.mkdir(parents=True, exist_ok=True)
     names, sample_id = [], 0
     for shard_index, count in enumerate(sizes):
@@ -34,7 +34,7 @@ def write_shards(root: Path, sizes: list[int], split: str = "train", corrupt: fr
             for _ in range(count):
                 payload = b"not an image" if sample_id in corrupt else encode_png(sample_id, size)
                 fields = {"png": payload, "cls": str(sample_id % num_classes).encode(),
-                          "json": json.dumps({"id": sample_id}).encode()}
+                          "json": json.dumps({"id": sample_id, "source": f"img/{sample_id}.png"}).encode()}
                 for field, data in fields.items():
                     info = tarfile.TarInfo(f"s{sample_id:06d}.{field}")
                     info.size = len(data)

@@ -168,7 +168,8 @@ def test_the_logged_skip_count_sums_every_ranks_skips(runs):
     rows = [json.loads(line) for line in (runs / "skips" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["skipped_samples"] == first["skipped"] + second["skipped"]
     for rank, skipped in enumerate((first["skipped"], second["skipped"])):  # each rank names the samples it lost
-        named = re.findall(rf"warning \(rank {rank} of 2\): skipped sample s\d{{6}} \(", stderr)
+        named = re.findall(rf"warning \(rank {rank} of 2\): skipped sample \S+\.tar:s\d{{6}} "
+                           r"\(made from img/\d+\.png\): ", stderr)
         assert len(named) == skipped, stderr[-3000:]
 
 

@@ -261,8 +261,11 @@ def test_resume_does_not_decode_skipped_samples(even, monkeypatch):
 def test_corrupt_images_are_skipped_counted_and_batches_stay_full(tmp_path):
     write_shards(tmp_path, [8, 8, 8, 8], corrupt=frozenset({3, 17}))
     stream = stream_for(resolve_shards(str(tmp_path)), batch=4)
-    with pytest.warns(UserWarning, match=r"skipped sample s0000(03|17) \(unknown image format\)"):
+    with pytest.warns(UserWarning) as caught:
         batches = consume(stream)
+    named = {str(w.message) for w in caught if str(w.message).startswith("skipped sample ")}
+    assert named == {f"skipped sample {tmp_path}/train-000000.tar:s000003 (made from img/3.png): unknown image format",
+                     f"skipped sample {tmp_path}/train-000002.tar:s000017 (made from img/17.png): unknown image format"}
     assert all(len(b["keys"]) == 4 for b in batches)
     assert stream.state.skipped == 2
     assert {"s000003", "s000017"}.isdisjoint(keys(batches))
@@ -278,7 +281,8 @@ def test_skipped_samples_are_named_with_their_reason_up_to_a_cap(tmp_path, monke
         consume(stream)
     named = [str(w.message) for w in caught if str(w.message).startswith("skipped sample ")]
     assert stream.state.skipped == 3 and len(named) == 2
-    assert all(re.match(r"skipped sample s0000(03|17|20) \(.+\)", message) for message in named)
+    assert all(re.match(r"skipped sample \S+/train-00000[02]\.tar:s0000(03|17|20) \(made from img/(3|17|20)\.png\): .+",
+                        message) for message in named)
     assert named[-1].endswith("; further skips are only counted (skipped_samples in the metrics)")
 
 
@@ -595,7 +599,8 @@ def test_truncated_jpeg_inside_a_shard_is_skipped(tmp_path):
         tar.addfile(info, io.BytesIO(broken))
     update_split(tmp_path, "train", ["train-000000.tar", "train-000001.tar"], [9, 7], [str(i) for i in range(10)])
     stream = stream_for(resolve_shards(str(tmp_path)), batch=4)
-    with pytest.warns(UserWarning, match=r"skipped sample s999999 \(OSError: Truncated File Read\)"):
+    # Its shard was not written by make_shards: no .json says which file the sample was made from
+    with pytest.warns(UserWarning, match=r"skipped sample \S+/train-000000\.tar:s999999: OSError: Truncated Fil"):
         seen = keys(consume(stream))
     assert stream.state.skipped == 1 and len(seen) == 16
     assert "s999999" not in seen and len(set(seen)) == 15  # the refill borrows one sample from the next range
@@ -662,7 +667,8 @@ def test_a_label_that_is_not_a_class_index_skips_its_sample_in_training_and_eval
     batches = consume(stream)
     assert "s000002" not in keys(batches) and stream.state.skipped >= 1
     named = [skip for batch in batches for skip in batch["skips"]]
-    assert "s000002 (its .cls b'n01440764' is not a class index (tools/make_shards.py writes those))" in named
+    assert named == [f"{shard}:s000002 (made from img/2.png): its .cls b'n01440764' is not a class index "
+                     "(tools/make_shards.py writes those)"]
     labels = torch.cat([labels for _, labels in eval_batches(shards, img_size=16, batch_size=4)])
     assert (labels >= 0).sum() == 15  # evaluation leaves it out too
 

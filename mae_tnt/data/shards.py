@@ -13,6 +13,7 @@ References: webdataset 1.0 key rules (key = basename up to the first dot); timm 
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import subprocess
 import tarfile
@@ -291,6 +292,22 @@ def padded(samples: Iterator[dict], count: int) -> Iterator[dict | None]:
         read += 1
         yield sample
     yield from itertools.repeat(None, count - read)
+
+
+def sample_name(url: str, sample: dict) -> str:
+    """"SHARD:KEY", and the file make_shards made the sample from when its `.json` records one: what a user needs to
+    find, fix or remove a sample that could not be used."""
+    name = f"{url}:{sample['__key__']}"
+    source = _recorded_source(sample.get("json"))
+    return f"{name} (made from {source})" if source else name
+
+
+def _recorded_source(meta: bytes | None) -> str | None:
+    try:
+        source = json.loads(meta)["source"]
+    except (TypeError, ValueError, KeyError):  # no .json, not JSON, or no source: another tool wrote the shard
+        return None
+    return source if isinstance(source, str) else None
 
 
 def _report_break(url: str, reason: str, on_break: Callable[[str], None] | None) -> None:

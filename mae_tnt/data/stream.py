@@ -33,7 +33,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..text import counted
 from .images import BadImageError, image_bytes
-from .shards import SampleWarning, Shard, ShardError, StreamError, break_warning, is_local, padded, read_samples
+from .shards import (
+    SampleWarning,
+    Shard,
+    ShardError,
+    StreamError,
+    break_warning,
+    is_local,
+    padded,
+    read_samples,
+    sample_name,
+)
 from .transforms import stack_images
 
 SampleTransform = Callable[[bytes, random.Random], object]
@@ -200,7 +210,7 @@ class RoleStream:
                 skipped += 1
                 self._check_not_all_bad(skipped, err)
                 if sample is not None and len(skips) < SKIPS_NAMED:  # a lost sample's shard break is warned about
-                    skips.append(f"{sample['__key__']} ({err})")
+                    skips.append(f"{sample_name(sample['__url__'], sample)}: {err}")
                 continue
             images.append(image)
             labels.append(label)
@@ -236,7 +246,7 @@ class RoleStream:
             raise LostSampleError(f"sample lost to {self._lost_to()}")
         data = image_bytes(sample)
         if data is None:
-            raise BadImageError(f"sample {sample['__key__']} has no image field")
+            raise BadImageError("it has no image member")
         rng = random.Random(f"{self.stream.seed}-{self.epoch}-{self.global_role}-{index}")
         return self.stream.transform(data, rng)
 
@@ -292,6 +302,9 @@ class RoleStream:
             reader = read_samples(shard.url, start=offset, on_break=partial(self._note_break, shard),
                                   expected=shard.num_samples)
         samples = list(padded(reader, count))
+        for sample in samples:
+            if sample is not None:
+                sample["__url__"] = shard.url  # names the shard of a sample that is skipped
         self._reader = (shard.url, offset + count, reader)
         if opened and not is_local(shard.url):
             self._check_remote_reads(gave_samples=any(sample is not None for sample in samples))
