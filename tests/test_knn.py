@@ -10,6 +10,7 @@ import pytest
 import torch
 from shard_utils import drop_classes, write_shards, write_shards_damaged_at_their_size
 
+from mae_tnt.cli import PACKAGE_DIR
 from mae_tnt.config import DataConfig
 from mae_tnt.data.loader import eval_batches, first_images
 from mae_tnt.data.shards import SampleWarning, ShardError, resolve_shards
@@ -127,6 +128,19 @@ def test_eval_batches_split_ranks_evenly_and_cover_every_decodable_sample(tmp_pa
     # batch and the end.
     assert labels_of(per_rank[0] + per_rank[1]) == labels_of(eval_batches(shards, 16, 4)) == [
         0, 1, 2, 3, 4, 6, 7, -1, 8, 9, 10, 11, 12, -1, -1, -1]
+
+
+def test_an_evaluation_names_the_first_samples_it_left_out_and_counts_the_rest(tmp_path):
+    write_shards(tmp_path, [8], split="val", corrupt=frozenset({1, 2, 3, 4, 6}))
+    with pytest.warns(UserWarning) as caught:
+        labels = labels_of(eval_batches(resolve_shards(str(tmp_path), "val"), 16, 4))
+    assert labels == [0, -1, -1, -1, 5, 7, -1, -1]  # each batch: its usable rows, then padding
+    named = "; ".join(f"{tmp_path}/val-000000.tar:s00000{i} (made from img/{i}.png): unknown image format"
+                      for i in (1, 2, 3))
+    assert [str(w.message) for w in caught] == [
+        f"evaluation left out 5 unreadable samples: {named}; and 2 more (tools/inspect_shards.py lists every one)"]
+    # Given by the package, not by the loop that iterates, so the command line shows it as one `warning:` line
+    assert Path(caught[0].filename).is_relative_to(PACKAGE_DIR)
 
 
 def test_each_rank_reads_only_the_shards_its_batches_lie_in(tmp_path, monkeypatch):

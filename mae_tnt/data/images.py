@@ -50,9 +50,16 @@ IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm"
 """Shard member extensions that hold an encoded image, in order of preference when a sample has several."""
 
 
-def image_bytes(sample: dict) -> bytes | None:
-    """The encoded image of a raw shard sample ({field: bytes}), or None when it has none."""
-    return next((sample[field] for field in IMAGE_FIELDS if field in sample), None)
+def image_bytes(sample: dict) -> bytes:
+    """The encoded image of a raw shard sample ({field: bytes}).
+
+    Raises:
+        BadImageError: the sample has no image member; it is skipped like an undecodable image.
+    """
+    data = next((sample[field] for field in IMAGE_FIELDS if field in sample), None)
+    if data is None:
+        raise BadImageError("it has no image member")
+    return data
 
 
 PIL_PIXELS = re.compile(r"\((\d+) pixels\)")

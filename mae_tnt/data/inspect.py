@@ -134,7 +134,7 @@ def _inspect_shard(path: Path, expected: int, expected_bytes: int | None, report
         problems.append(f"{path}: {size} bytes but {INFO_NAME} records {expected_bytes}; the file changed after "
                         "make_shards wrote it: re-run tools/make_shards.py into a new directory")
     for fields in read_samples(str(path)):
-        problems += _inspect_sample(sample_name(str(path), fields), fields, report)
+        problems += _inspect_sample(sample_name(fields), fields, report)
     return problems
 
 

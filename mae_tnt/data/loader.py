@@ -22,9 +22,11 @@ from ..config import DataConfig
 from ..text import counted
 from .device_decode import DeferredCrop, gpu_decode_available
 from .images import BadImageError, image_bytes, set_max_image_pixels
-from .shards import SampleWarning, Shard, ShardError, break_warning, padded, read_samples, resolve_shards
-from .stream import BadLabelError, ShardStream, label_of
+from .shards import SampleWarning, Shard, ShardError, break_warning, padded, read_samples, resolve_shards, sample_name
+from .stream import ShardStream, label_of
 from .transforms import eval_resize, stack_images, train_crop
+
+EVAL_SKIPS_NAMED = 3  # unreadable samples an evaluation's warning names; it says how many more it left out
 
 
 def build_train_stream(data: DataConfig, transform: Callable, *, seed: int, rank: int,
@@ -101,9 +103,8 @@ def _ignore_sigterm(worker_id: int) -> None:
 
 def eval_image(sample: dict, img_size: int) -> torch.Tensor | None:
     """A sample's image resized and center-cropped, uint8 [3, S, S]; None when it has none or it cannot be decoded."""
-    data = image_bytes(sample)
     try:
-        return None if data is None else eval_resize(data, img_size)
+        return eval_resize(image_bytes(sample), img_size)
     except BadImageError:
         return None  # skipped, as in training
 
@@ -122,9 +123,13 @@ def eval_batches(shards: list[Shard], img_size: int, batch_size: int, rank: int 
     last = min(first + count * batch_size, _samples_used(shards, max_samples))
     # Each rank reads a share of its own when there are several; one process, or every rank reading alike (the SReT
     # stem refit), speaks for all.
-    samples = _samples_at(shards, first, last, SampleWarning if world_size > 1 else UserWarning)
+    warning = SampleWarning if world_size > 1 else UserWarning
+    samples = _samples_at(shards, first, last, warning)
+    unreadable: list[str] = []
     for _ in range(count):
-        yield _padded_batch(list(itertools.islice(samples, batch_size)), img_size, batch_size)
+        yield _padded_batch(list(itertools.islice(samples, batch_size)), img_size, batch_size, unreadable)
+    if unreadable:
+        warnings.warn(_left_out(unreadable), warning, stacklevel=1)  # ours, not the caller's: one `warning:` line
 
 
 def eval_batch_count(shards: list[Shard], batch_size: int, world_size: int = 1, max_samples: int | None = None) -> int:
@@ -152,23 +157,31 @@ def _samples_at(shards: list[Shard], first: int, last: int, warning: type[Warnin
             yield from padded(samples, stop - start)
 
 
-def _padded_batch(samples: list[dict], img_size: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exactly `batch_size` rows: the decodable samples, then zero images labeled -1."""
+def _padded_batch(samples: list[dict | None], img_size: int, batch_size: int,
+                  unreadable: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly `batch_size` rows: the usable samples, then zero images labeled -1. A sample whose image or label
+    cannot be read is skipped, as in training, and named in `unreadable`."""
     images = torch.zeros(batch_size, 3, img_size, img_size, dtype=torch.uint8)
     labels = torch.full((batch_size,), -1, dtype=torch.long)
-    decoded = [row for sample in samples if sample is not None and (row := _eval_row(sample, img_size)) is not None]
-    for row, (image, label) in enumerate(decoded):
-        images[row], labels[row] = image, label
+    row = 0
+    for sample in samples:
+        if sample is None:  # lost to a shard break, which is warned about where it broke
+            continue
+        try:
+            images[row], labels[row] = eval_resize(image_bytes(sample), img_size), label_of(sample)
+        except BadImageError as err:  # a BadLabelError too
+            unreadable.append(f"{sample_name(sample)}: {err}")
+            continue
+        row += 1
     return images, labels
 
 
-def _eval_row(sample: dict, img_size: int) -> tuple[torch.Tensor, int] | None:
-    """A sample's evaluation image and label; None when either is unreadable (skipped, as in training)."""
-    image = eval_image(sample, img_size)
-    try:
-        return None if image is None else (image, label_of(sample))
-    except BadLabelError:
-        return None
+def _left_out(unreadable: list[str]) -> str:
+    """One warning for the samples an evaluation left out, naming the first few."""
+    named = "; ".join(unreadable[:EVAL_SKIPS_NAMED])
+    more = f"; and {len(unreadable) - EVAL_SKIPS_NAMED} more" if len(unreadable) > EVAL_SKIPS_NAMED else ""
+    return (f"evaluation left out {counted(len(unreadable), 'unreadable sample')}: {named}{more} "
+            "(tools/inspect_shards.py lists every one)")
 
 
 def first_images(shards: list[Shard], count: int, img_size: int) -> torch.Tensor:

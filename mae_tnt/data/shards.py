@@ -263,7 +263,7 @@ def local_path(url: str) -> Path:
 
 def read_samples(url: str, start: int = 0, on_break: Callable[[str], None] | None = None,
                  expected: int | None = None) -> Iterator[dict[str, bytes]]:
-    """Raw samples of one tar from sample index `start` on: {"__key__": key, field: bytes, ...}.
+    """Raw samples of one tar from sample index `start` on: {"__key__": key, "__url__": url, field: bytes, ...}.
 
     A truncated or corrupt tar (or a remote stream that breaks, or a `pipe:` command that fails) ends where it
     breaks; the callers know from the shard's sample count how many samples were lost, and count them as skipped.
@@ -276,6 +276,7 @@ def read_samples(url: str, start: int = 0, on_break: Callable[[str], None] | Non
     try:
         for sample in _tar_samples(source, start):
             read += 1
+            sample["__url__"] = url  # webdataset's name for it: where a sample that cannot be used is
             yield sample
     except (tarfile.ReadError, OSError, EOFError, zlib.error) as err:  # zlib: a damaged .tar.gz (`_member_data`)
         _report_break(url, _break_reason(err, source), on_break)
@@ -294,10 +295,10 @@ def padded(samples: Iterator[dict], count: int) -> Iterator[dict | None]:
     yield from itertools.repeat(None, count - read)
 
 
-def sample_name(url: str, sample: dict) -> str:
-    """"SHARD:KEY", and the file make_shards made the sample from when its `.json` records one: what a user needs to
-    find, fix or remove a sample that could not be used."""
-    name = f"{url}:{sample['__key__']}"
+def sample_name(sample: dict) -> str:
+    """"SHARD:KEY" of a sample from `read_samples`, and the file make_shards made it from when its `.json` records
+    one: what a user needs to find, fix or remove a sample that could not be used."""
+    name = f"{sample['__url__']}:{sample['__key__']}"
     source = _recorded_source(sample.get("json"))
     return f"{name} (made from {source})" if source else name
 

@@ -210,7 +210,7 @@ class RoleStream:
                 skipped += 1
                 self._check_not_all_bad(skipped, err)
                 if sample is not None and len(skips) < SKIPS_NAMED:  # a lost sample's shard break is warned about
-                    skips.append(f"{sample_name(sample['__url__'], sample)}: {err}")
+                    skips.append(f"{sample_name(sample)}: {err}")
                 continue
             images.append(image)
             labels.append(label)
@@ -245,8 +245,6 @@ class RoleStream:
         if sample is None:
             raise LostSampleError(f"sample lost to {self._lost_to()}")
         data = image_bytes(sample)
-        if data is None:
-            raise BadImageError("it has no image member")
         rng = random.Random(f"{self.stream.seed}-{self.epoch}-{self.global_role}-{index}")
         return self.stream.transform(data, rng)
 
@@ -302,9 +300,6 @@ class RoleStream:
             reader = read_samples(shard.url, start=offset, on_break=partial(self._note_break, shard),
                                   expected=shard.num_samples)
         samples = list(padded(reader, count))
-        for sample in samples:
-            if sample is not None:
-                sample["__url__"] = shard.url  # names the shard of a sample that is skipped
         self._reader = (shard.url, offset + count, reader)
         if opened and not is_local(shard.url):
             self._check_remote_reads(gave_samples=any(sample is not None for sample in samples))
