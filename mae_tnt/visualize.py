@@ -28,7 +28,7 @@ from .models.loading import CheckpointError, pretraining_build_kwargs, resolve_c
 from .models.masking import rounded_mask_ratio
 from .text import HelpWithDefaults
 from .train.init import read_source
-from .train.recon import loss_terms, write_reconstructions
+from .train.recon import shown_loss, write_reconstructions
 
 
 @quiet_on_ctrl_c("run the same command again to draw the grid")
@@ -107,9 +107,9 @@ def visualize(args: argparse.Namespace) -> dict:
         print(f"note: the {args.split} split has only {len(images)} readable images to show of the {args.count} asked")
     label = f"step {state['step']}" if "step" in state else checkpoint.name
     loss = write_reconstructions(model, images, mean, std, out, label, args.seed)
-    shown = f"{loss:.4f}{loss_terms(model)}" if ratio > 0 else "n/a, nothing is hidden"
     rounded = rounded_mask_ratio(model.grid**2, ratio) if ratio > 0 else None
-    print(f"wrote {out} (masked-patch loss {shown} at mask ratio {ratio}{f': {rounded}' if rounded else ''})")
+    print(f"wrote {out} (masked-patch loss {shown_loss(model, loss)} at mask ratio {ratio}"
+          f"{f': {rounded}' if rounded else ''})")
     return {"out": out, "loss": loss}
 
 

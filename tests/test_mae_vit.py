@@ -364,7 +364,7 @@ def test_a_grid_of_one_image_shows_its_whole_title_and_no_loss_when_nothing_is_h
     model = mae_tnt.create_model("mae_vit_test", mask_ratio=0.0)
     images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     recon.write_reconstructions(model, images, [0.5] * 3, [0.5] * 3, tmp_path / "grid.png", label="step 3", seed=0)
-    assert titles[0].startswith("step 3, loss n/a (nothing hidden) (norm-pix")
+    assert titles[0].startswith("step 3, loss n/a, nothing is hidden (norm-pix")
     width = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(titles[0])
     assert Image.open(tmp_path / "grid.png").width >= width
 

@@ -55,10 +55,12 @@ def save_grid(rows: dict[str, torch.Tensor], mean: list[float], std: list[float]
     canvas.save(path)
 
 
-def loss_terms(model) -> str:
-    """What an MAE's loss sums beyond the hidden units, to show beside it: TNT's word masking adds the hidden words'
-    term (the grid's rows show sentences only)."""
-    return " (hidden sentences + hidden words)" if getattr(model, "word_mask_ratio", 0) else ""
+def shown_loss(model, loss: float) -> str:
+    """An MAE's loss as the grid title and visualize show it: n/a when nothing is hidden, and with what it sums
+    beyond the hidden units (TNT's word masking adds the hidden words' term; the grid's rows show sentences only)."""
+    if model.mask_ratio == 0:
+        return "n/a, nothing is hidden"
+    return f"{loss:.4f}" + (" (hidden sentences + hidden words)" if getattr(model, "word_mask_ratio", 0) else "")
 
 
 def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Path | None, label: str,
@@ -72,7 +74,6 @@ def write_reconstructions(model, images_uint8: torch.Tensor, mean, std, path: Pa
         rows = reconstruct(model, images, noise)
     note = " (norm-pix: un-normalised with the true patch statistics, display only)" if model.norm_pix_loss else ""
     loss = rows["loss"].item()
-    shown = f"{loss:.4f}{loss_terms(model)}" if model.mask_ratio > 0 else "n/a (nothing hidden)"
     if path is not None:
-        save_grid(rows, mean, std, path, f"{label}, loss {shown}{note}")
+        save_grid(rows, mean, std, path, f"{label}, loss {shown_loss(model, loss)}{note}")
     return loss
