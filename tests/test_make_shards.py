@@ -1353,6 +1353,14 @@ def test_the_progress_bar_counts_skipped_inputs_so_it_ends_full(tmp_path, capsys
     assert "9/9" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
 
 
+def test_a_source_with_no_input_shows_no_empty_progress_bar_before_its_error(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("not an image")
+    with pytest.raises(ConversionError, match=r"no readable image in \S+ \(1 input skipped\)"):
+        convert(tmp_path / "src", tmp_path / "out", options(progress=True))
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("layout", ["imagefolder", "list"])
 def test_a_class_whose_every_input_is_skipped_is_named_in_a_warning(tmp_path, capsys, layout):
     """An empty class folder is refused up front; a class emptied by unreadable files shows only after decoding."""

@@ -282,7 +282,7 @@ def _write_remaining(source: Source, order: list[int], journal: Journal, options
     skips, end = [], journal.next_position  # end: first order position not consumed yet
     counts_inputs = options.limit is None  # the bar counts inputs read, or with --limit the images kept
     bar = progress_bar(total=target, initial=journal.next_position if counts_inputs else done, unit="img",
-                       desc=options.split, disable=not options.progress)
+                       desc=options.split, disable=not options.progress or not order)  # none: the error says so
     stream = _prepared(source, order, journal.next_position, options)
     try:
         for position, result in stream:
