@@ -896,6 +896,21 @@ def test_inspect_fails_when_a_shard_size_differs_from_the_recorded_one(tmp_path,
     assert err.endswith("FAILED: 1 problem\n")
 
 
+def test_inspect_checks_the_samples_before_a_truncated_shards_break_as_training_uses_them(tmp_path, capsys):
+    from mae_tnt.data.inspect import inspect_shards
+
+    out = two_shards_of_pngs(tmp_path)
+    shard = out / "train-000001.tar"
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    second = next(member for member in members if member.name.split(".")[0] != members[0].name.split(".")[0])
+    shard.write_bytes(shard.read_bytes()[: second.offset_data + 10])  # cut inside the second sample's data
+    report = inspect_shards(out)
+    assert report.problems == [f"{shard}: not a readable tar (unexpected end of data); it is truncated or corrupt, "
+                               "re-create it (until then, training uses the 1 of its 2 samples before the break)"]
+    assert report.splits["train"].formats == {"PNG": 3}  # the first shard's 2, and the one before the break
+
+
 def test_inspect_prints_the_normalisation_of_the_images_each_weighted_alike(tmp_path, capsys):
     """A 2x2 red and a 6x6 blue image: per image, R and B are 0 or 1 half the time (mean 0.5, std 0.5); per pixel,
     red would have mean 0.1."""

@@ -126,16 +126,25 @@ def _inspect_shard(path: Path, expected: int, expected_bytes: int | None, report
         return [f"{path}: listed in {INFO_NAME} but missing"]
     try:
         count = count_tar_samples(path)
-    except InfoError as err:
-        return [str(err)]
+    except InfoError as err:  # a break: training still uses the samples before it, so they are checked too
+        read, problems = _inspect_samples(path, report)
+        return [f"{err} (until then, training uses the {read} of its {expected} samples before the break)",
+                *problems]
     problems = [] if count == expected else [f"{path}: holds {count} samples but {INFO_NAME} says {expected}"]
     if expected_bytes is not None and (size := path.stat().st_size) != expected_bytes:
         # Training trusts a shard of the recorded size without reading it, and re-reads every other one at each start.
         problems.append(f"{path}: {size} bytes but {INFO_NAME} records {expected_bytes}; the file changed after "
                         "make_shards wrote it: re-run tools/make_shards.py into a new directory")
+    return problems + _inspect_samples(path, report)[1]
+
+
+def _inspect_samples(path: Path, report: SplitReport) -> tuple[int, list[str]]:
+    """(samples read, their problems) of a shard, up to its break if it has one."""
+    read, problems = 0, []
     for fields in read_samples(str(path)):
+        read += 1
         problems += _inspect_sample(sample_name(fields), fields, report)
-    return problems
+    return read, problems
 
 
 def _inspect_sample(where: str, fields: dict[str, bytes], report: SplitReport) -> list[str]:
