@@ -959,6 +959,26 @@ def test_each_step_gets_one_reconstruction_grid_even_where_the_recon_period_and_
     assert labels == ["step 2", "step 4"]  # step 4: the last step, a recon step, and the final checkpoint
 
 
+def test_a_run_stopped_while_drawing_a_checkpoints_grid_draws_it_when_resumed(shards, tmp_path, monkeypatch):
+    import mae_tnt.train.recon as recon
+
+    draw = recon.save_grid
+
+    def stopped_at_step_4(rows, mean, std, path, title):
+        if title.startswith("step 4,"):
+            raise RuntimeError("killed")  # as a SIGKILL would stop it, with nothing saved on the way out
+        draw(rows, mean, std, path, title)
+
+    monkeypatch.setattr(recon, "save_grid", stopped_at_step_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        Trainer(config(shards, tmp_path, "run.max_steps=4", "run.checkpoint_every=2")).train()
+    assert [path.name for path in find_checkpoints(tmp_path)] == ["step_00000002"]  # the grid comes first
+    monkeypatch.setattr(recon, "save_grid", draw)
+    AcceleratorState._reset_state(True)
+    assert Trainer(config(shards, tmp_path, "run.max_steps=4", "run.checkpoint_every=2")).train()["steps"] == 4
+    assert sorted(path.name for path in (tmp_path / "recon").iterdir()) == ["step_00000002.png", "step_00000004.png"]
+
+
 def test_a_resume_with_nothing_left_to_train_says_only_that(shards, tmp_path, capsys):
     Trainer(config(shards, tmp_path, "run.max_steps=6")).train()
     capsys.readouterr()

@@ -182,12 +182,14 @@ class Trainer(TrainingRun):
         return loss
 
     def save(self) -> Path:
+        # The grid first: a run stopped between the two resumes from the previous checkpoint and draws it again,
+        # where a checkpoint written first would be resumed from without its grid ever being drawn.
+        self.reconstructions()
         state = self.checkpoint_state(model=self.cfg.model.name, world_size=self.acc.num_processes,
                                       config=to_dict(self.cfg), plan=self.plan.__dict__)
         path = save_checkpoint(self.acc, self.model, self.optimizer, state, self.stream.state.to_dict(), self.out,
                                self.cfg.run.keep_checkpoints, self.window)
         self.log(f"saved checkpoint {path}")
-        self.reconstructions()
         return path
 
     def reconstructions(self) -> None:
