@@ -264,6 +264,12 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, state)
 
 
+def holds_training_state(path: Path) -> bool:
+    """Whether a directory holds the optimizer state a resume needs, as `save_checkpoint` writes it: optimizer.pt, or
+    a DeepSpeed engine's directory."""
+    return (path / "optimizer.pt").exists() or (path / "engine").is_dir()
+
+
 def _check_torch_files(path: Path) -> None:
     """The optimizer and scaler files are zip archives (`torch.save`): a truncated one has lost its central
     directory at the end, which is checked without reading the (large) optimizer state."""

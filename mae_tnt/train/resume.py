@@ -32,6 +32,7 @@ from .checkpoint import (
     ResumeError,
     bare_model,
     find_checkpoints,
+    holds_training_state,
     read_checkpoint,
 )
 from .launch import deepspeed_layout
@@ -101,7 +102,7 @@ def _explicit_checkpoint(resume: str) -> Path:
 def _weights_only(path: Path, resume: str) -> str | None:
     """Why `path`, weights alone (an export, or a fine-tuning run's `best/`), cannot be resumed from, with what to
     give instead; None for any other path."""
-    if not path.is_dir() or (path / "optimizer.pt").exists() or (path / "engine").is_dir():
+    if not path.is_dir() or holds_training_state(path):
         return None
     if path.name == "best" and (path.parent / "checkpoints").is_dir():
         what = f"the best weights of the fine-tuning run {path.parent}"
