@@ -1,11 +1,13 @@
-"""Helpers for tests that launch real runs: a free port, overrides on top of a base set, the logged losses, and
-directories that one launch fills for several tests."""
+"""Helpers for tests that launch real runs: launching with a time limit, a free port, overrides on top of a base set,
+the logged losses, and directories that one launch fills for several tests."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +15,37 @@ import pytest
 from filelock import FileLock
 
 from mae_tnt.train.checkpoint import fresh_directory
+
+STACKS_SHOWN = 12000
+"""Characters of a hung launch's stderr that its failure shows: the stacks of two ranks and their loader workers."""
+
+
+def run_launch(command: list[str], *, env: dict, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True)` for a launcher that starts processes of its own
+    (accelerate's ranks). One that outlives `timeout` fails the test with the Python stack of every process it
+    started, since a hang between ranks is rare and leaves nothing else to go on; no process outlives the call,
+    where `subprocess.run` would kill the launcher alone and leave its ranks waiting on each other."""
+    process = subprocess.Popen(command, env={**env, "PYTHONFAULTHANDLER": "1"}, cwd=cwd, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _signal_session(process, signal.SIGABRT)  # faulthandler prints each process's stack as it dies
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            _signal_session(process, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command[:4])} ... still ran after {timeout:.0f} s, so it was aborted; where each of "
+                    f"its processes was:\n{stderr[-STACKS_SHOWN:]}", pytrace=False)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def _signal_session(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)  # the launcher's session: its ranks and their DataLoader workers
+    except ProcessLookupError:  # every one of them has already exited
+        pass
 
 
 def free_port() -> int:

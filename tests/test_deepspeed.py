@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_utils import built_once, free_port, logged_losses, overridden
+from run_utils import built_once, free_port, logged_losses, overridden, run_launch
 from safetensors.torch import load_file
 from shard_utils import write_shards
 
@@ -56,7 +56,7 @@ def launch(config: Path | None, args: list[str], check: bool = True) -> subproce
     if config is not None:
         launcher += ["-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
                      str(free_port())]
-    result = subprocess.run(launcher + args, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    result = run_launch(launcher + args, env=ENV, cwd=ROOT, timeout=400)
     assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

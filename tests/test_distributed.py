@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from dist_worker import JOB_SEPARATOR, KNN_ARGS
-from run_utils import built_once, free_port, logged_losses, overridden
+from run_utils import built_once, free_port, logged_losses, overridden, run_launch
 from shard_utils import write_shards
 
 from mae_tnt.config import DataConfig
@@ -37,7 +37,7 @@ def launch_command(*args) -> list[str]:
 
 def launch(*args, timeout=240) -> str:
     """Run dist_worker.py on two ranks; returns their stderr."""
-    result = subprocess.run(launch_command(*args), env=ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    result = run_launch(launch_command(*args), env=ENV, cwd=ROOT, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stderr
 
