@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from filelock import FileLock
 
 from mae_tnt.train.checkpoint import fresh_directory
 
-STACKS_SHOWN = 12000
+STACKS_SHOWN = 20000
 """Characters of a hung launch's stderr that its failure shows: the stacks of two ranks and their loader workers."""
 
 
@@ -24,28 +25,88 @@ def run_launch(command: list[str], *, env: dict, cwd: Path, timeout: float) -> s
     """`subprocess.run(command, capture_output=True, text=True)` for a launcher that starts processes of its own
     (accelerate's ranks). One that outlives `timeout` fails the test with the Python stack of every process it
     started, since a hang between ranks is rare and leaves nothing else to go on; no process outlives the call,
-    where `subprocess.run` would kill the launcher alone and leave its ranks waiting on each other."""
+    where `subprocess.run` would kill the launcher alone and leave its ranks running."""
     process = subprocess.Popen(command, env={**env, "PYTHONFAULTHANDLER": "1"}, cwd=cwd, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _signal_session(process, signal.SIGABRT)  # faulthandler prints each process's stack as it dies
-        try:
-            stdout, stderr = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            _signal_session(process, signal.SIGKILL)
-            stdout, stderr = process.communicate()
+        _abort_tree(process.pid)
+        stdout, stderr = process.communicate()
+        stacks = "\n".join(line for line in stderr.splitlines() if not line.startswith("Extension modules:"))
         pytest.fail(f"{' '.join(command[:4])} ... still ran after {timeout:.0f} s, so it was aborted; where each of "
-                    f"its processes was:\n{stderr[-STACKS_SHOWN:]}", pytrace=False)
+                    f"its processes was:\n{stacks[-STACKS_SHOWN:]}", pytrace=False)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def _signal_session(process: subprocess.Popen, signum: int) -> None:
+def _abort_tree(launcher: int) -> None:
+    """Abort the processes `launcher` started one at a time, each printing its stack (faulthandler) alone, since
+    their writes to the shared stderr would interleave; then kill whatever is left of their sessions. The launcher is
+    stopped first, so that it does not stop the other ranks when one dies; the ranks are found by parentage, since
+    torch's launcher starts each in a session of its own."""
+    _send(launcher, signal.SIGSTOP)
+    tree = _descendants(launcher)
+    for pid, _ in tree:  # ranks before their DataLoader workers, which exit on their own once their rank is gone
+        _send(pid, signal.SIGABRT)
+        stops_running(pid, within=10)
+    sessions = {launcher, *(session for _, session in tree)}  # start_new_session=True: the launcher leads its own
+    for pid, _, session in _live_processes():
+        if session in sessions:
+            _send(pid, signal.SIGKILL)
+
+
+def _send(pid: int, signum: int) -> None:
     try:
-        os.killpg(process.pid, signum)  # the launcher's session: its ranks and their DataLoader workers
-    except ProcessLookupError:  # every one of them has already exited
+        os.kill(pid, signum)
+    except ProcessLookupError:  # it has exited meanwhile
         pass
+
+
+def _live_processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, session) of every process that has not exited (Linux: read from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, parent, _, session = stat.read_text().rpartition(")")[2].split()[:4]  # fields after the name
+        except OSError:  # it has exited meanwhile
+            continue
+        if state != "Z":
+            found.append((int(stat.parent.name), int(parent), int(session)))
+    return found
+
+
+def _descendants(root: int) -> list[tuple[int, int]]:
+    """(pid, session) of the live processes that `root` started and of theirs, parents first."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for pid, parent, session in _live_processes():
+        children.setdefault(parent, []).append((pid, session))
+    found: list[tuple[int, int]] = []
+    queue = [root]
+    while queue:
+        started = children.get(queue.pop(0), [])
+        found += started
+        queue += [pid for pid, _ in started]
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, which only waits for its parent to collect it, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def stops_running(pid: int, within: float) -> bool:
+    """Whether `pid` stops running within `within` seconds: a killed process closes its files, which ends a
+    launch's output, a moment before it has exited."""
+    deadline = time.monotonic() + within
+    while running(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def free_port() -> int:

@@ -6,36 +6,48 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from run_utils import run_launch
+from run_utils import run_launch, stops_running
 
-# A launcher whose child waits forever in a named function, as a rank waits on a collective that never comes (8 s
-# leave a loaded machine time to start both).
-HANGING_LAUNCHER = textwrap.dedent("""
+# A launcher, a rank and its loader worker, the rank in a session of its own as torch's launcher starts it, waiting
+# forever as a rank waits on a collective that never comes. They are files, so that the failure names their functions
+# only in their stacks (a `-c` script would show its source in the command).
+LAUNCHER = textwrap.dedent("""
     import subprocess, sys
-    child = subprocess.Popen([sys.executable, "-c", "import time\\ndef waits_on_its_peer(): time.sleep(600)\\n"
-                              "print('started', flush=True)\\nwaits_on_its_peer()"], stdout=subprocess.PIPE)
-    child.stdout.readline()
-    open("child.pid", "w").write(str(child.pid))
-    child.wait()
+    rank = subprocess.Popen([sys.executable, "rank.py"], start_new_session=True)
+    rank.wait()
 """)
-
-
-def running(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, which only waits for its parent to collect it, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+RANK = textwrap.dedent("""
+    import os, subprocess, sys, time
+    def waits_on_its_peer():
+        time.sleep(600)
+    worker = subprocess.Popen([sys.executable, "worker.py"], stdout=subprocess.PIPE)
+    worker.stdout.readline()
+    with open("pids.tmp", "w") as pids:
+        pids.write(f"{os.getpid()} {worker.pid}")
+    os.replace("pids.tmp", "pids")
+    waits_on_its_peer()
+""")
+WORKER = textwrap.dedent("""
+    import time
+    def loads_a_batch():
+        time.sleep(600)
+    print("started", flush=True)
+    loads_a_batch()
+""")
+TIMEOUT = 10
+"""Seconds to the abort: time for three interpreters to start on a machine the rest of the suite keeps busy."""
 
 
 def test_a_hung_launch_fails_with_each_process_stack_and_leaves_no_process(tmp_path):
+    for name, script in [("launcher.py", LAUNCHER), ("rank.py", RANK), ("worker.py", WORKER)]:
+        (tmp_path / name).write_text(script)
     with pytest.raises(pytest.fail.Exception) as failure:
-        run_launch([sys.executable, "-c", HANGING_LAUNCHER], env=dict(os.environ), cwd=tmp_path, timeout=8)
+        run_launch([sys.executable, "launcher.py"], env=dict(os.environ), cwd=tmp_path, timeout=TIMEOUT)
     message = str(failure.value)
-    assert "still ran after 8 s, so it was aborted" in message
-    assert "in waits_on_its_peer" in message and "child.wait()" in message  # the child's stack, the launcher's
-    assert not running(int((tmp_path / "child.pid").read_text()))
+    assert f"still ran after {TIMEOUT} s, so it was aborted" in message
+    assert "in waits_on_its_peer" in message and "in loads_a_batch" in message  # faulthandler's frame lines
+    for pid in map(int, (tmp_path / "pids").read_text().split()):
+        assert stops_running(pid, within=10)
 
 
 def test_a_launch_that_ends_gives_its_return_code_and_output(tmp_path):
