@@ -66,13 +66,19 @@ def _live_processes() -> list[tuple[int, int, int]]:
     """(pid, parent pid, session) of every process that has not exited (Linux: read from /proc)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, parent, _, session = stat.read_text().rpartition(")")[2].split()[:4]  # fields after the name
-        except OSError:  # it has exited meanwhile
-            continue
-        if state != "Z":
-            found.append((int(stat.parent.name), int(parent), int(session)))
+        fields = _stat_fields(stat)
+        if fields is not None and fields[0] != "Z":
+            found.append((int(stat.parent.name), int(fields[1]), int(fields[3])))
     return found
+
+
+def _stat_fields(stat: Path) -> list[str] | None:
+    """A /proc/PID/stat's fields after the command name (state, parent pid, group, session, ...); None once the
+    process is gone."""
+    try:
+        return stat.read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
 
 
 def _descendants(root: int) -> list[tuple[int, int]]:
@@ -89,20 +95,17 @@ def _descendants(root: int) -> list[tuple[int, int]]:
     return found
 
 
-def running(pid: int) -> bool:
+def _running(pid: int) -> bool:
     """Whether `pid` runs (a zombie, which only waits for its parent to collect it, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return fields is not None and fields[0] != "Z"
 
 
 def stops_running(pid: int, within: float) -> bool:
     """Whether `pid` stops running within `within` seconds: a killed process closes its files, which ends a
     launch's output, a moment before it has exited."""
     deadline = time.monotonic() + within
-    while running(pid):
+    while _running(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)

@@ -3,7 +3,6 @@
 import os
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from run_utils import run_launch, stops_running
@@ -52,5 +51,5 @@ def test_a_hung_launch_fails_with_each_process_stack_and_leaves_no_process(tmp_p
 
 def test_a_launch_that_ends_gives_its_return_code_and_output(tmp_path):
     done = run_launch([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], env=dict(os.environ),
-                      cwd=Path(tmp_path), timeout=60)
+                      cwd=tmp_path, timeout=60)
     assert (done.returncode, done.stdout) == (3, "out\n")
