@@ -13,13 +13,13 @@ not take are left out; either must be allowed explicitly.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_file, temporary_name
 from .cli import quiet_on_ctrl_c
 from .config import file_in_the_way
 from .models import create_model, load_weights, read_state_dict
@@ -69,11 +69,9 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
         raise CheckpointError(f"{src}'s position table is for another image size than {model_name}'s default "
                               f"({'; '.join(report.resampled)}): pass --img-size with the size SRC was trained at (or "
                               "the size to resample it to)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")  # a failed write leaves an earlier OUT as it was
-    with write_failures_explained(tmp, out, RETRY_AFTER_FAILED_WRITE):
+    # a failed write leaves an earlier OUT as it was
+    with write_failures_explained(temporary_name(out), out, RETRY_AFTER_FAILED_WRITE), atomic_file(out) as tmp:
         save_weights(model.state_dict(), tmp, metadata={"model": model_name})
-        os.replace(tmp, out)
     if hasattr(model, "num_classes"):  # a classifier: its head size is always named in the call that loads it
         build_kwargs = {"num_classes": model.num_classes, **build_kwargs}
     return report, build_kwargs, pooling_note(model)

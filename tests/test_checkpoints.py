@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 
 import mae_tnt
+from mae_tnt.atomic import atomic_file
 from mae_tnt.convert_checkpoint import main as convert_main
 from mae_tnt.models import ModelError
 from mae_tnt.models.loading import (
@@ -34,6 +35,18 @@ def official_mae_state_dict(with_decoder: bool = True) -> dict:
     if not with_decoder:
         flat = {k: v for k, v in flat.items() if not k.startswith(("decoder_", "mask_token"))}
     return flat
+
+
+def test_an_atomic_write_replaces_the_file_whole_or_leaves_it_as_it_was(tmp_path):
+    final = tmp_path / "sub" / "grid.png"
+    with atomic_file(final) as tmp:
+        assert tmp.parent == final.parent and tmp.suffix == ".png" and tmp != final
+        tmp.write_bytes(b"old")
+        assert not final.exists()  # nothing shows before the block ends
+    with pytest.raises(OSError, match="disk full"), atomic_file(final) as tmp:
+        tmp.write_bytes(b"half of the n")
+        raise OSError("disk full")
+    assert final.read_bytes() == b"old" and sorted(final.parent.iterdir()) == [final]
 
 
 def test_official_full_mae_converts_and_loads_exactly(tmp_path):

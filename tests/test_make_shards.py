@@ -883,6 +883,18 @@ def test_inspect_fails_when_a_shard_count_disagrees(tmp_path, capsys):
                                        f"made by tools/make_shards.py that holds _info.json ({tmp_path / 'out'})\n")
 
 
+def test_inspect_reports_the_temporary_files_of_interrupted_writes(tmp_path, capsys):
+    two_shards_of_pngs(tmp_path)
+    out = tmp_path / "out"
+    (out / "train-000002.tar.tmp").write_bytes(b"a shard being written")
+    (out / ".tmp-_info.json").write_text("{")
+    assert inspect_main([str(out)]) == 1
+    err = capsys.readouterr().err
+    for name in ("train-000002.tar.tmp", ".tmp-_info.json"):
+        assert f"{out / name}: temporary file left by an interrupted write" in err
+    assert err.endswith("FAILED: 2 problems\n")
+
+
 def test_inspect_fails_when_a_shard_size_differs_from_the_recorded_one(tmp_path, capsys):
     """A shard rewritten after conversion, still whole: training would re-read its headers at every start."""
     two_shards_of_pngs(tmp_path)

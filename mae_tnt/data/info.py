@@ -26,6 +26,8 @@ import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ..atomic import atomic_file
+
 INFO_NAME = "_info.json"
 JOURNAL_PREFIX = "_progress_"
 TAR_BLOCK = 512
@@ -224,14 +226,9 @@ def json_bytes(obj: object, indent: int | None = None) -> bytes:
 
 
 def write_json_atomic(path: Path, obj: object) -> None:
-    """Write ``obj`` as JSON via a ``.tmp`` file and ``os.replace``, so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(json_bytes(obj, indent=2) + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON; readers never see a partial file."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(json_bytes(obj, indent=2) + b"\n")
 
 
 def sample_key(member_name: str) -> str | None:

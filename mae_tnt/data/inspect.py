@@ -109,7 +109,8 @@ def inspect_shards(root: str | Path, progress: bool = False,
 def _leftover_problems(root: Path, info: dict) -> list[str]:
     """Temporary files, unfinished-conversion journals and tars that no split lists."""
     listed = {name for entry in info["splits"].values() for name in entry["filenames"]}
-    problems = [f"{path}: temporary file left by an interrupted write" for path in sorted(root.glob("*.tmp"))]
+    temporary = sorted({*root.glob("*.tmp"), *root.glob(".tmp-*")})  # a shard's, `_info.json`'s or a journal's
+    problems = [f"{path}: temporary file left by an interrupted write" for path in temporary]
     problems += [
         f"{path}: unfinished conversion; re-run the make_shards command that wrote it"
         for path in unfinished_journals(root)

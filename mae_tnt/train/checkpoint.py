@@ -21,7 +21,6 @@ since DeepSpeed's save has barriers: accelerate #1171).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import zipfile
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ..atomic import replace_dir, temporary_name
 from ..data.info import write_json_atomic
 from ..models.loading import STATE_FILE, CheckpointError, save_weights, step_dirs
 from .launch import deepspeed_layout, uses_deepspeed
@@ -115,7 +115,7 @@ def save_checkpoint(accelerator, model, optimizer, state: dict, data_state: dict
         state[DEEPSPEED_KEY] = layout
     root = checkpoint_dir(output_dir)
     final = root / f"step_{state['step']:08d}"
-    tmp = root / f".tmp-step_{state['step']:08d}"
+    tmp = temporary_name(final)
     if accelerator.is_main_process:
         with write_failures_explained(tmp, final):
             fresh_directory(tmp)
@@ -180,21 +180,6 @@ def _free_space(path: Path) -> str:
 def _rotate(root: Path, keep: int) -> None:
     for old in step_dirs(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Put the complete directory `tmp` in place of `final`, durably: readers see the old one or the new one."""
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 DEEPSPEED_PICKLE_GLOBALS = frozenset({

@@ -26,6 +26,7 @@ from timm.optim import Lars
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from ..atomic import replace_dir, temporary_name
 from ..config import ConfigError, to_dict
 from ..data.info import write_json_atomic
 from ..data.loader import build_train_stream, data_shards, eval_batches, make_loader
@@ -48,7 +49,6 @@ from .checkpoint import (
     fresh_directory,
     frozen_fp32_copies,
     master_state_dict,
-    replace_dir,
     save_checkpoint,
     write_failures_explained,
 )
@@ -428,7 +428,8 @@ class FinetuneRun(TrainingRun):
 
     def _write_best(self, state_dict: dict) -> None:
         """`best/`: model.safetensors + state.json, replaced atomically (a temporary directory, then a rename)."""
-        best, tmp = self.out / "best", self.out / ".tmp-best"
+        best = self.out / "best"
+        tmp = temporary_name(best)
         with write_failures_explained(tmp, best):
             fresh_directory(tmp)
             save_weights(state_dict, tmp / "model.safetensors")

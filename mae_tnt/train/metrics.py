@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..atomic import atomic_file
 from ..progress import progress_bar, write_line
 
 NOT_PLOTTED = ("step", "knn_train", "knn_val", "knn_k")
@@ -56,9 +57,8 @@ class MetricsLogger:
             return
         kept = [line for line in self.path.read_text().splitlines() if 0 <= row_step(line) <= step][:rows]
         self.rows = len(kept)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        with atomic_file(self.path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
 
     def log(self, metrics: dict) -> None:
         if not self.enabled:

@@ -7,13 +7,13 @@ for display only (MAE issues #174, #190) and its title says so.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..atomic import atomic_file
 from ..data.transforms import denormalize, normalize
 from ..models.layers import in_mode
 from ..models.masking import pixel_stats
@@ -52,10 +52,8 @@ def save_grid(rows: dict[str, torch.Tensor], mean: list[float], std: list[float]
         for col in range(batch):
             array = (images[col].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # [H, W, 3]
             canvas.paste(Image.fromarray(array), (label_w + col * (width + 2), top))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # a run stopped while saving leaves no half-written grid
-    canvas.save(tmp)  # in the format of the suffix
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:  # a run stopped while saving leaves no half-written grid
+        canvas.save(tmp)  # in the format of the suffix
 
 
 def shown_loss(model, loss: float) -> str:

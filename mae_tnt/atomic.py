@@ -1,0 +1,51 @@
+"""Replacing files and directories so that readers, and a run stopped mid-write, see the old one or the new one whole.
+
+Everything is written under `temporary_name(final)` beside its final path, then renamed over it: a rename within one
+directory is atomic on POSIX file systems. The data and the rename are flushed to disk, so a power cut cannot leave the
+new name pointing at a file whose data never reached it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def temporary_name(final: Path) -> Path:
+    """Where `final` is written before it replaces the old one: hidden, in the same directory, with the same suffix
+    (PIL picks an image's format from it)."""
+    return final.with_name(f".tmp-{final.name}")
+
+
+@contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield the temporary path to write; once the block returns, it replaces `final`. A block that raises leaves
+    `final` as it was and removes the partial file."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(final)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(final.parent)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the complete directory `tmp` in place of `final` (removing an older one) and flush the rename to disk."""
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
