@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,17 +26,19 @@ def run_launch(command: list[str], *, env: dict, cwd: Path, timeout: float) -> s
     """`subprocess.run(command, capture_output=True, text=True)` for a launcher that starts processes of its own
     (accelerate's ranks). One that outlives `timeout` fails the test with the Python stack of every process it
     started, since a hang between ranks is rare and leaves nothing else to go on; no process outlives the call,
-    where `subprocess.run` would kill the launcher alone and leave its ranks running."""
-    process = subprocess.Popen(command, env={**env, "PYTHONFAULTHANDLER": "1"}, cwd=cwd, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _abort_tree(process.pid)
-        stdout, stderr = process.communicate()
-        stacks = "\n".join(line for line in stderr.splitlines() if not line.startswith("Extension modules:"))
-        pytest.fail(f"{' '.join(command[:4])} ... still ran after {timeout:.0f} s, so it was aborted; where each of "
-                    f"its processes was:\n{stacks[-STACKS_SHOWN:]}", pytrace=False)
+    where `subprocess.run` would kill the launcher alone and leave its ranks running. Its temporary files (torch's
+    launcher leaves a `torchelastic_*` log directory behind every launch) go into a directory removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="launch-") as scratch:
+        process = subprocess.Popen(command, env={**env, "PYTHONFAULTHANDLER": "1", "TMPDIR": scratch}, cwd=cwd,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _abort_tree(process.pid)
+            stdout, stderr = process.communicate()
+            stacks = "\n".join(line for line in stderr.splitlines() if not line.startswith("Extension modules:"))
+            pytest.fail(f"{' '.join(command[:4])} ... still ran after {timeout:.0f} s, so it was aborted; where each "
+                        f"of its processes was:\n{stacks[-STACKS_SHOWN:]}", pytrace=False)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 

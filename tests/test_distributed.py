@@ -179,7 +179,8 @@ def test_sigterm_to_both_ranks_saves_within_the_check_interval_not_the_log_inter
     # only an agreed check step can stop the run, never its end; log and checkpoint steps lie beyond the signal too.
     args = overridden(train_args(shards, out, 5000), ["data.batch_size=2", "schedule.epochs=100", "run.log_every=6000",
                                                       "run.checkpoint_every=6000", "run.preempt_check_every=2"])
-    process = subprocess.Popen(launch_command(*args), env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+    env = {**ENV, "TMPDIR": str(tmp_path)}  # for torch's launcher's log directory, which it leaves behind
+    process = subprocess.Popen(launch_command(*args), env=env, cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 180
     while not list(out.glob("tensorboard/*")) and process.poll() is None and time.time() < deadline:

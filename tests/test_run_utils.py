@@ -3,6 +3,7 @@
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from run_utils import run_launch, stops_running
@@ -49,7 +50,9 @@ def test_a_hung_launch_fails_with_each_process_stack_and_leaves_no_process(tmp_p
         assert stops_running(pid, within=10)
 
 
-def test_a_launch_that_ends_gives_its_return_code_and_output(tmp_path):
-    done = run_launch([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], env=dict(os.environ),
-                      cwd=tmp_path, timeout=60)
-    assert (done.returncode, done.stdout) == (3, "out\n")
+def test_a_launch_that_ends_gives_its_return_code_and_output_and_leaves_no_temporary_file(tmp_path):
+    script = "import sys, tempfile; print(tempfile.mkdtemp(prefix='torchelastic_')); sys.exit(3)"
+    done = run_launch([sys.executable, "-c", script], env=dict(os.environ), cwd=tmp_path, timeout=60)
+    assert done.returncode == 3
+    made = Path(done.stdout.strip())
+    assert made.name.startswith("torchelastic_") and not made.exists() and not made.parent.exists()
