@@ -98,6 +98,11 @@ def _descendants(root: int) -> list[tuple[int, int]]:
     return found
 
 
+def descendants(root: int) -> list[int]:
+    """The live processes that `root` started, and theirs."""
+    return [pid for pid, _ in _descendants(root)]
+
+
 def _running(pid: int) -> bool:
     """Whether `pid` runs (a zombie, which only waits for its parent to collect it, does not)."""
     fields = _stat_fields(Path(f"/proc/{pid}/stat"))

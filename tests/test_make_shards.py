@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from run_utils import descendants, stops_running
 
 from mae_tnt.data import convert as convert_module
 from mae_tnt.data import shard_writer
@@ -388,6 +389,28 @@ def test_a_failing_conversion_stops_its_workers_under_a_caller_that_handles_sigt
     command = [sys.executable, "-c", CONVERT_UNDER_A_SIGTERM_IGNORING_CALLER, str(src), str(tmp_path / "out"), failure]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.stdout == f"raised: {message}\n", result.stderr
+
+
+def test_workers_of_a_conversion_killed_alone_exit_so_that_the_same_command_finishes_it(tmp_path):
+    """The OOM killer or a `kill PID` ends the main process alone: its forked workers, which share its lock on OUT,
+    waited on their task queue forever, and the command run again waited for them."""
+    (tmp_path / "idx").mkdir()
+    count = 20000  # work for a few seconds, so that the workers are caught while they encode
+    write_idx(tmp_path / "idx" / "train-images-idx3-ubyte.gz", np.zeros((count, 8, 8)))
+    write_idx(tmp_path / "idx" / "train-labels-idx1-ubyte.gz", np.zeros(count))
+    command = [sys.executable, str(REPO / "tools" / "make_shards.py"), str(tmp_path / "idx"), str(tmp_path / "out"),
+               "--workers", "2"]
+    main = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    while len(workers) < 2 and main.poll() is None:
+        workers = descendants(main.pid)
+    main.kill()
+    main.wait()
+    assert len(workers) == 2
+    assert all(stops_running(pid, within=10) for pid in workers)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert load_info(tmp_path / "out")["splits"]["train"]["num_samples"] == count
 
 
 def test_a_corrupt_record_of_an_unfinished_conversion_is_named_with_the_way_out(tmp_path):

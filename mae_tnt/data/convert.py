@@ -30,6 +30,8 @@ import random
 import re
 import signal
 import sys
+import threading
+import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -335,7 +337,22 @@ def _init_pool_worker(source: Source, max_size: int | None, max_pixels: int) -> 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Ctrl-C reaches the whole process group: the main process alone stops the pool, without a worker traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent()
     _init_worker(source, max_size, max_pixels)
+
+
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """End this process once its parent is gone. A conversion killed alone (the OOM killer, a `kill PID`) left its
+    forked workers waiting on their task queue forever, holding OUT's lock, so that the run of the same command that
+    should finish the job waited for them."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:  # an orphan is handed to another parent
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _prepare_index(index: int) -> EncodedImage | dict:
