@@ -1186,7 +1186,10 @@ def test_a_split_half_set_aside_or_half_put_back_by_a_killed_overwrite_is_whole_
     (lambda batch: {**batch, "labels": batch["labels"][:3]}, "data_batch_1 has 4 images but 3 labels"),
     (lambda batch: {**batch, "labels": [0, 1, 2, 1]}, "data_batch_1: label 2 names none of the 2 classes"),
     (lambda batch: {**batch, "data": batch["data"][:, :1000]}, r"data_batch_1: 'data' has shape \[4, 1000\], not"),
-], ids=["more-labels", "fewer-labels", "label-out-of-range", "not-32x32-rgb"])
+    (lambda batch: {**batch, "data": batch["data"] / 255}, "data_batch_1: 'data' holds float64 values, not the uint8"),
+    (lambda batch: {**batch, "data": batch["data"].astype(np.int64) + 200},
+     "data_batch_1: 'data' holds int64 values, not the uint8"),
+], ids=["more-labels", "fewer-labels", "label-out-of-range", "not-32x32-rgb", "float-pixels", "int64-pixels"])
 def test_a_cifar_batch_that_does_not_add_up_is_refused_naming_the_file(tmp_path, change, message):
     batch = {"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 1, 0]}
     for name, content in (("batches.meta", {"label_names": ["cat", "dog"]}), ("test_batch", batch),

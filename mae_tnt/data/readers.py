@@ -588,7 +588,9 @@ def read_cifar(root: Path, split: str) -> ArraySource:
 
 def _cifar_batch(batch: dict, path: Path, labels_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """A batch's pixels, uint8 [N, 3 * 32 * 32] channel-major, and its N labels, each naming one of the classes."""
-    data = np.asarray(_cifar_field(batch, "data", path), dtype=np.uint8)
+    data = np.asarray(_cifar_field(batch, "data", path))
+    if data.dtype != np.uint8:  # a cast would wrap values above 255 and blacken floats in [0, 1]
+        raise SourceError(f"{path}: 'data' holds {data.dtype} values, not the uint8 pixels (0-255) of a CIFAR batch")
     labels = np.asarray(_cifar_field(batch, labels_key, path), dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise SourceError(f"{path}: 'data' has shape {list(data.shape)}, not [N, 3072] (32x32 RGB images)")
