@@ -1314,10 +1314,10 @@ def test_a_folder_that_cannot_be_listed_stops_the_conversion_naming_it(tmp_path,
 def test_a_permission_error_while_looking_at_the_source_is_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "src").mkdir()
 
-    def refused(src):
+    def refused(src, fmt):
         raise PermissionError(errno.EACCES, "Permission denied", str(Path(src) / "sub" / "train-images-idx3-ubyte"))
 
-    monkeypatch.setattr(convert_module, "folder_layout_note", refused)
+    monkeypatch.setattr(convert_module, "layout_note", refused)
     assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err == (f"error: {tmp_path / 'src' / 'sub' / 'train-images-idx3-ubyte'}: Permission "
                                        "denied; fix its permissions, then run the same command again\n")
@@ -1386,6 +1386,61 @@ def test_a_list_saved_in_another_encoding_than_utf8_is_named_with_its_line(tmp_p
     (tmp_path / "list.csv").write_bytes("path,label\nimgs/a.png,cat\nimgs/café.png,dog\n".encode("cp1252"))
     with pytest.raises(SourceError, match=r"list.csv:3: byte 0xe9 is not UTF-8; save the list as UTF-8"):
         convert(tmp_path / "list.csv", tmp_path / "out", options())
+    (tmp_path / "list.txt").write_bytes("imgs/a.png\r\n".encode("utf-16"))  # PowerShell 5's `>`: NUL bytes, a mark
+    with pytest.raises(SourceError, match=r"list.txt is UTF-16 text .*; save the list as UTF-8"):
+        convert(tmp_path / "list.txt", tmp_path / "out", options())
+
+
+@pytest.mark.parametrize(("content", "error"), [
+    ("café\ndog\n".encode("cp1252"), r"classes.txt:1: byte 0xe9 is not UTF-8; save the class names as UTF-8"),
+    ("cat\ndog\n".encode("utf-16"), r"classes.txt is UTF-16 text .*; save the class names as UTF-8"),
+], ids=["cp1252", "utf-16"])
+def test_a_classes_file_in_another_encoding_than_utf8_is_one_line_saying_how_to_save_it(tmp_path, capsys, content,
+                                                                                          error):
+    write_imagefolder(tmp_path / "src", ["cat", "dog"], per_class=1)
+    (tmp_path / "classes.txt").write_bytes(content)
+    args = [str(tmp_path / "src"), str(tmp_path / "out"), "--workers", "0", "--classes", str(tmp_path / "classes.txt")]
+    assert make_shards_main(args) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"error: .*{error}.*\n", err) and not (tmp_path / "out").exists()
+
+
+def test_a_semicolon_separated_list_reads_its_labels(tmp_path):
+    """Spreadsheets where the comma is the decimal separator save CSV with semicolons."""
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.png", "b,2.png"):
+        (tmp_path / "imgs" / name).write_bytes(encoded(gradient(4, 4), "PNG"))
+    (tmp_path / "list.csv").write_text("path;label\nimgs/a.png;cat\nimgs/b,2.png;dog\n")
+    convert(tmp_path / "list.csv", tmp_path / "out", options())
+    assert {s: int(f["cls"]) for s, f in by_source(tmp_path / "out").items()} == {"imgs/a.png": 0, "imgs/b,2.png": 1}
+
+
+def test_a_list_whose_labels_are_under_another_column_name_is_pointed_out_before_converting(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(encoded(gradient(4, 4), "PNG"))
+    (tmp_path / "list.csv").write_text("path,class,width\na.png,cat,4\n")
+    assert make_shards_main([str(tmp_path / "list.csv"), str(tmp_path / "out"), "--workers", "0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"note: {tmp_path / 'list.csv'} has no `label` column, so its images are "
+                                   "converted unlabeled and its column(s) class, width are not read; to keep labels, "
+                                   "name their column `label`\n")
+    assert "(list, unlabeled)" in captured.out
+    (tmp_path / "labeled.csv").write_text("path,label,width\na.png,cat,4\n")
+    assert make_shards_main([str(tmp_path / "labeled.csv"), str(tmp_path / "labeled"), "--workers", "0"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_integer_labels_that_the_classes_name_are_class_names(tmp_path):
+    """A 3-versus-7 subset, or classes named by year, from a list: folders `3/` and `7/` convert too."""
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "imgs" / name).write_bytes(encoded(gradient(4, 4), "PNG"))
+    (tmp_path / "list.csv").write_text("path,label\nimgs/a.png,7\nimgs/b.png,3\n")
+    with pytest.raises(SourceError, match=r"no sample has label 0, 1, 2, 4, 5 and 1 more, .*; if the labels are class "
+                                          r"names rather than ids, name every one with --classes 3,7$"):
+        convert(tmp_path / "list.csv", tmp_path / "ids", options())
+    convert(tmp_path / "list.csv", tmp_path / "named", options(classes=("3", "7")))
+    assert load_info(tmp_path / "named")["classes"] == ["3", "7"]
+    assert {s: int(f["cls"]) for s, f in by_source(tmp_path / "named").items()} == {"imgs/a.png": 1, "imgs/b.png": 0}
 
 
 def test_a_colour_profile_of_another_colour_space_is_not_stored_with_rgb_pixels(tmp_path):

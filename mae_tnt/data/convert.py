@@ -49,8 +49,9 @@ from mae_tnt.data.readers import (
     Source,
     SourceError,
     detect_format,
-    folder_layout_note,
+    layout_note,
     open_source,
+    utf8_text,
 )
 from mae_tnt.data.shard_writer import (
     ConversionError,
@@ -66,8 +67,8 @@ from mae_tnt.progress import progress_bar
 from mae_tnt.text import HelpWithDefaults, counted, disk_full_message, positive_int
 
 LIST_LAYOUT = ("\nA list names one image per line (lines starting with # are comments), or is a CSV or TSV file whose "
-               "first line is a header: `path`, or `path,label` (`path<TAB>label`); relative paths are read from the "
-               "list's directory")
+               "first line is a header: `path`, or `path,label` (`path;label`, `path<TAB>label`); relative paths are "
+               "read from the list's directory. Integer labels are class ids, unless --classes lists them all as names")
 CHUNK = 16  # samples per worker task: large enough to amortise the inter-process transfer, small for even load
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -446,7 +447,7 @@ def _parse_classes(value: str | None) -> tuple[str, ...] | None:
     if not path.is_file() and "," not in value and ("/" in value or path.suffix):
         raise ConversionError(f"--classes {value!r} looks like a file, but there is none; give an existing file with "
                               "one name per line, or the names separated by commas")
-    names = path.read_text(encoding="utf-8-sig").splitlines() if path.is_file() else value.split(",")
+    names = utf8_text(path, "the class names").splitlines() if path.is_file() else value.split(",")
     return tuple(name.strip() for name in names if name.strip())
 
 
@@ -495,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_image_pixels=args.max_image_pixels,
             subset=args.subset,
         )
-        if args.fmt == "auto" and (note := folder_layout_note(args.src)):
+        if note := layout_note(args.src, args.fmt):
             print(f"note: {note}", file=sys.stderr)
         summary = convert(args.src, args.out, options)
     except (ConversionError, SourceError, InfoError) as err:

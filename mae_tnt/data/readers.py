@@ -24,6 +24,7 @@ References:
     torchvision ``datasets.ImageFolder`` (sorted class folders).
 """
 
+import codecs
 import csv
 import gzip
 import os
@@ -198,10 +199,33 @@ def _release_format(folder: Path) -> str | None:
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
 
 
-def folder_layout_note(src: str | os.PathLike) -> str | None:
+def layout_note(src: str | os.PathLike, fmt: str) -> str | None:
+    """What SRC holds that its reading leaves out or may have misread, said before a conversion that could take
+    hours; None when nothing."""
+    src = Path(src)
+    if src.is_file():
+        return _unread_columns_note(src) if fmt in ("auto", "list") else None
+    return _folder_layout_note(src) if fmt == "auto" else None
+
+
+def _unread_columns_note(list_file: Path) -> str | None:
+    """The columns of a CSV or TSV list without a `label` column: labels under another name (`class`, `target`) would
+    be lost without a word."""
+    with open(list_file, encoding="utf-8-sig", errors="replace") as file:
+        header = next((line for line in file if line.strip()), "")
+    if not _has_csv_header(header):
+        return None
+    columns = [name.strip() for name in next(csv.reader([header], delimiter=_delimiter(header)))]
+    unread = [name for name in columns[1:] if name]
+    if not unread or "label" in (name.lower() for name in unread):
+        return None
+    return (f"{list_file} has no `label` column, so its images are converted unlabeled and its column(s) "
+            f"{', '.join(unread)} are not read; to keep labels, name their column `label`")
+
+
+def _folder_layout_note(src: Path) -> str | None:
     """Why `--format auto` may have misread a directory: sub-folders of images next to images at its top level (one
     stray file there is enough to turn the labels off), or sub-folders named like splits (read as classes)."""
-    src = Path(src)
     if not src.is_dir() or detect_format(src) not in ("folder", "imagefolder"):
         return None
     releases = [(src / name, fmt) for name in _visible_folders(src) if (fmt := _release_format(src / name))]
@@ -325,29 +349,37 @@ def _label_ids(names: list[str], classes: list[str], where: str) -> list[int]:
     return [index[name] for name in names]
 
 
-def _int_classes(labels: Sequence[int], classes: list[str] | None, where: str) -> list[str]:
-    """Class names for integer labels: ``classes`` if it covers them all, else "0".."max"."""
+def _int_classes(labels: Sequence[int], classes: list[str] | None, where: str, names_hint: str = "") -> list[str]:
+    """Class names for integer labels: ``classes`` if it covers them all, else "0".."max". `names_hint` ends the
+    error of labels that leave ids out or lie beyond ``classes``: what to do if the labels are names."""
     top = max(labels, default=-1)
     if classes is None:
         if unused := sorted(set(range(top + 1)) - set(labels)):  # e.g. labels from 1: class 0 would never be seen
             shown = ", ".join(map(str, unused[:5])) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
             raise SourceError(f"{where}: no sample has label {shown}, so classes 0..{top} would include some that the "
                               "model never sees; number the classes from 0 without gaps, or pass --classes with a "
-                              "name for every id from 0")
+                              f"name for every id from 0{names_hint}")
         return [str(i) for i in range(top + 1)]
     if top >= len(classes):
-        raise SourceError(f"{where}: label {top} has no name in --classes ({len(classes)} names given)")
+        raise SourceError(f"{where}: label {top} has no name in --classes ({len(classes)} names given){names_hint}")
     return classes
 
 
 INT_LABEL = re.compile(r"-?[0-9]+")
 
 
+def _names_hint(labels: list[str]) -> str:
+    """How to have integer labels read as class names ("3" and "7" of a 3-versus-7 subset, years)."""
+    distinct = sorted(set(labels), key=int)
+    given = ",".join(distinct) if len(distinct) <= 10 else "FILE (one name per line)"
+    return f"; if the labels are class names rather than ids, name every one with --classes {given}"
+
+
 def read_list(list_file: Path, classes: list[str] | None = None) -> FileSource:
     """A list file: plain paths, one per line (``#`` comments allowed), or CSV / TSV with a ``path[,label]`` header.
 
-    Integer labels are used as ids (named by ``classes``, else "0".."max"); other labels are class names,
-    indexed in sorted order unless ``classes`` fixes the order.
+    Integer labels are used as ids (named by ``classes``, else "0".."max") unless ``classes`` lists every label;
+    other labels are class names, indexed in sorted order unless ``classes`` fixes the order.
     """
     text = _list_text(list_file)
     if not _has_csv_header(text):
@@ -367,12 +399,13 @@ def read_list(list_file: Path, classes: list[str] | None = None) -> FileSource:
             raise SourceError(f"{list_file} has no label column, so --classes has no labels to name: add labels to "
                               "the list, or leave --classes out")
         return FileSource(root=list_file.parent, paths=paths, rejected=repeats)
-    if all(INT_LABEL.fullmatch(label) for label in names):
+    named = classes is not None and set(names) <= set(classes)  # "3" and "7" listed by --classes 3,7 are names
+    if not named and all(INT_LABEL.fullmatch(label) for label in names):
         labels = [int(label) for label in names]
         if min(labels) < 0:
             raise SourceError(f"{list_file}: label {min(labels)} is negative; labels are class ids from 0 or class "
                               "names")
-        classes = _int_classes(labels, classes, where=str(list_file))
+        classes = _int_classes(labels, classes, where=str(list_file), names_hint=_names_hint(names))
     else:
         classes = sorted(set(names)) if classes is None else classes
         labels = _label_ids(names, classes, where=str(list_file))
@@ -384,16 +417,30 @@ def _list_text(list_file: Path) -> str:
     with what to pass instead."""
     if list_file.is_dir():
         raise SourceError(f"{list_file} is a directory; --format list reads a list file (or leave --format auto)")
-    raw = list_file.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")  # -sig: spreadsheets save "CSV UTF-8" with a byte-order mark
-    except UnicodeDecodeError as err:
-        if b"\0" not in raw[:4096]:  # text in another encoding, e.g. a spreadsheet's "CSV" on Windows (cp1252)
-            line = raw[:err.start].count(b"\n") + 1
-            raise SourceError(f"{list_file}:{line}: byte 0x{raw[err.start]:02x} is not UTF-8; save the list as UTF-8 "
-                              '(a spreadsheet\'s "CSV UTF-8")') from None
+    with open(list_file, "rb") as file:
+        start = file.read(4096)
+    if b"\0" in start and not start.startswith(UTF16_BOMS):
         raise SourceError(f"{list_file} is a file but not a text list of image paths; pass the dataset's directory "
-                          "(IDX and CIFAR files are read from their folder) or a list file") from None
+                          "(IDX and CIFAR files are read from their folder) or a list file")
+    return utf8_text(list_file, "the list")
+
+
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def utf8_text(path: Path, what: str) -> str:
+    """The text of a UTF-8 file, without the byte-order mark that spreadsheets put before "CSV UTF-8"; text in another
+    encoding is refused, saying how to save `what` instead."""
+    raw = path.read_bytes()
+    if raw.startswith(UTF16_BOMS):
+        raise SourceError(f'{path} is UTF-16 text (as Windows PowerShell\'s > and a spreadsheet\'s "Unicode Text" '
+                          f'write it); save {what} as UTF-8')
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:  # e.g. a spreadsheet's "CSV" on Windows (cp1252)
+        line = raw[:err.start].count(b"\n") + 1
+        raise SourceError(f"{path}:{line}: byte 0x{raw[err.start]:02x} is not UTF-8; save {what} as UTF-8 (a "
+                          'spreadsheet\'s "CSV UTF-8")') from None
 
 
 def _without_repeats(rows: list[tuple[int, str, str | None]], list_file: Path) -> tuple[list, list[dict]]:
@@ -419,8 +466,10 @@ def _first_line(text: str) -> str:
 
 
 def _delimiter(text: str) -> str:
-    """Tab for a tab-separated list (a header `path<TAB>label`), else comma."""
-    return "\t" if "\t" in _first_line(text) else ","
+    """Tab for a tab-separated list (a header `path<TAB>label`), semicolon for a header `path;label` (spreadsheets
+    write CSV so where the comma is the decimal separator), else comma."""
+    header = _first_line(text)
+    return "\t" if "\t" in header else ";" if ";" in header and "," not in header else ","
 
 
 def _has_csv_header(text: str) -> bool:
