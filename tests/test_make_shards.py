@@ -1022,14 +1022,25 @@ def test_compressed_shards_are_reproducible_and_stream(tmp_path):
     assert inspect_shards(tmp_path / "a").problems == []
 
 
-def test_ctrl_c_in_make_shards_is_one_line_saying_how_to_finish(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_in_make_shards_is_one_line_saying_what_running_it_again_does(tmp_path, monkeypatch, capsys):
     (tmp_path / "src").mkdir()
     for i in range(4):
         (tmp_path / "src" / f"img{i}.png").write_bytes(encoded(gradient(4, 4), "PNG"))
-    monkeypatch.setattr(convert_module.ShardWriter, "close_shard", crash_after(shards=1))
-    assert make_shards_main([str(tmp_path / "src"), str(tmp_path / "out"), "--shard-size", "2"]) == 130
-    err = capsys.readouterr().err
-    assert "interrupted; run the same command again to finish the conversion" in err and "Traceback" not in err
+    argv = [str(tmp_path / "src"), str(tmp_path / "out"), "--shard-size", "2"]
+    with monkeypatch.context() as patch:
+        patch.setattr(convert_module.ShardWriter, "close_shard", crash_after(shards=1))
+        assert make_shards_main(argv) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == ("interrupted; run the same command again: it keeps the "
+                                                        "finished shards and writes the rest")
+    assert make_shards_main(argv) == 0
+    before = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
+    with monkeypatch.context() as patch:  # an --overwrite puts the split it replaces back
+        patch.setattr(convert_module.ShardWriter, "close_shard", crash_after(shards=1))
+        assert make_shards_main(argv + ["--overwrite"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "interrupted; run the same command again: it converts the split anew (OUT holds its earlier train split until "
+        "the new one is complete)")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
 
 
 def test_a_full_disk_in_make_shards_is_one_line_saying_to_free_space_and_the_rerun_finishes(tmp_path, monkeypatch,

@@ -451,6 +451,14 @@ def _parse_classes(value: str | None) -> tuple[str, ...] | None:
     return tuple(name.strip() for name in names if name.strip())
 
 
+def _rerun_effect(args: argparse.Namespace) -> str:
+    """What running a failed or interrupted conversion's command again does: `--overwrite` put the split it was
+    replacing back, so it starts over."""
+    if args.overwrite:
+        return f"it converts the split anew (OUT holds its earlier {args.split} split until the new one is complete)"
+    return "it keeps the finished shards and writes the rest"
+
+
 def _print_summary(summary: ConvertSummary, out: str) -> None:
     resumed = f", {summary.resumed_shards} kept from an interrupted run" if summary.resumed_shards else ""
     labels = counted(len(summary.classes), "class") if summary.classes else "unlabeled"
@@ -507,14 +515,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except OSError as err:
-        if (message := disk_full_message(err, "it keeps the finished shards and writes the rest")) is None:
+        if (message := disk_full_message(err, _rerun_effect(args))) is None:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         stop_workers()
-        print("interrupted; run the same command again to finish the conversion (finished shards are kept)",
-              file=sys.stderr)
+        print(f"interrupted; run the same command again: {_rerun_effect(args)}", file=sys.stderr)
         return 130
     _print_summary(summary, args.out)
     return 0
