@@ -735,6 +735,10 @@ def test_idx_files_and_a_later_split_keep_the_first(tmp_path):
     assert make_shards_main([str(tmp_path), str(tmp_path / "bad"), "--split", "val", "--classes", "a"]) == 1
     with pytest.raises(SourceError, match=r"IDX data has splits \['test', 'train', 'val'\], not 'Train'"):
         convert(tmp_path, tmp_path / "typo", options(split="Train"))
+    for split in ("train", "val"):  # into the IDX folder itself: the second split found the first one's _info.json
+        assert make_shards_main([str(tmp_path), str(tmp_path), "--split", split, "--workers", "0"]) == 0
+    assert {name: entry["num_samples"] for name, entry in load_info(tmp_path)["splits"].items()} == {"train": 7,
+                                                                                                     "val": 3}
 
 
 @pytest.mark.parametrize(

@@ -173,11 +173,11 @@ def detect_format(src: str | os.PathLike) -> str:
         return "list"
     if not src.is_dir():
         raise SourceError(f"{src} does not exist; give a dataset directory or a list file")
+    if release := _release_format(src):  # its files are read by name: shards written beside them do not matter
+        return release
     if (src / INFO_NAME).is_file():  # read as a folder, its tars and JSON would all be skipped as non-images
         raise SourceError(f"{src} holds shards already ({INFO_NAME}): train on them as data.train={src}, or check "
                           "them with tools/inspect_shards.py; SRC is the dataset the shards are made from")
-    if release := _release_format(src):
-        return release
     has_dirs, top_images = _top_level(src)
     return "imagefolder" if has_dirs and not top_images else "folder"
 
