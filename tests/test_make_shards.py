@@ -606,6 +606,19 @@ def test_max_size_resizes_large_images_and_passes_the_rest_through_byte_identica
     assert bmp.size == (8, 6) and np.array_equal(np.asarray(bmp), np.asarray(gradient(8, 6)))
 
 
+def test_a_folder_scan_reads_every_photo_format_pillow_decodes_and_stores_it_as_png(tmp_path):
+    (tmp_path / "src").mkdir()
+    image = gradient(8, 6)
+    for name, fmt in (("a.avif", "AVIF"), ("b.jp2", "JPEG2000"), ("c.j2k", "JPEG2000"), ("d.tga", "TGA"),
+                      ("e.WEBP", "WEBP")):
+        (tmp_path / "src" / name).write_bytes(encoded(image, fmt))
+    summary = convert(tmp_path / "src", tmp_path / "out", options())
+    assert (summary.num_samples, summary.skipped) == (5, [])
+    samples = by_source(tmp_path / "out")
+    assert all(decode(fields["png"]).size == (8, 6) for fields in samples.values())
+    assert np.array_equal(np.asarray(decode(samples["d.tga"]["png"])), np.asarray(image))  # a lossless source
+
+
 def test_imagefolder_labels_and_class_map(tmp_path):
     src = tmp_path / "src"
     for path in ("dog/b.png", "cat/a.png", "dog/puppies/c.jpg", "bird/d.png"):

@@ -43,7 +43,8 @@ from .info import INFO_NAME
 
 FORMATS = ("auto", "imagefolder", "folder", "list", "idx", "cifar")
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm",
+     ".avif", ".jp2", ".j2k", ".tga"}
 )
 # MNIST-style file prefixes per output split.
 RELEASE_PARTS = {"train": "train", "val": "test", "test": "test"}
