@@ -126,9 +126,8 @@ class DataConfig:
     """`cpu`, or `cuda` to decode JPEGs in batches on the GPU (falls back to CPU when unavailable)."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_chunk < 1:
-            raise ConfigError(f"data.batch_size and data.shuffle_chunk must be >= 1 and data.num_workers >= 0, got "
-                              f"{self.batch_size}, {self.shuffle_chunk} and {self.num_workers}")
+        for key, low in (("batch_size", 1), ("shuffle_chunk", 1), ("num_workers", 0)):
+            check_range(f"data.{key}", getattr(self, key), low)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"data.crop_scale must be [low, high] within (0, 1], got {self.crop_scale}")
         check_choice("data.decode_device", self.decode_device, ("cpu", "cuda"))
@@ -158,11 +157,10 @@ class OptimConfig:
     """Fused AdamW kernel when the device supports it."""
 
     def __post_init__(self) -> None:
-        if self.accum_steps < 1:
-            raise ConfigError("optim.accum_steps must be >= 1")
-        if not self.base_lr > 0 or self.min_lr < 0 or self.weight_decay < 0:
-            raise ConfigError(f"optim.base_lr must be > 0, optim.min_lr and optim.weight_decay >= 0; got "
-                              f"{self.base_lr}, {self.min_lr} and {self.weight_decay}")
+        check_range("optim.accum_steps", self.accum_steps, 1)
+        check_range("optim.base_lr", self.base_lr, 0, bounds="(]")
+        check_range("optim.min_lr", self.min_lr, 0)
+        check_range("optim.weight_decay", self.weight_decay, 0)
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ConfigError(f"optim.betas must be two values in [0, 1), got {self.betas}")
         if self.grad_clip is not None:  # a negative norm would flip every gradient
@@ -225,13 +223,13 @@ class RunConfig:
         if keyword in ("auto", "none", "null"):  # YAML's null, Python's None and other spellings of the two keywords
             self.resume = "auto" if keyword == "auto" else "none"
         check_choice("run.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        if min(self.log_every, self.checkpoint_every, self.preempt_check_every) < 1:
-            raise ConfigError("run.log_every, run.checkpoint_every and run.preempt_check_every must be >= 1")
+        for key in ("log_every", "checkpoint_every", "preempt_check_every"):
+            check_range(f"run.{key}", getattr(self, key), 1)
         if blocker := file_in_the_way(self.output_dir):
             raise ConfigError(f"run.output_dir={self.output_dir} cannot be a directory: {blocker} is a file")
-        if self.max_steps is not None and self.max_steps < 1 or self.keep_checkpoints < 0:
-            raise ConfigError(f"run.max_steps must be >= 1 or null and run.keep_checkpoints >= 0, got "
-                              f"{self.max_steps} and {self.keep_checkpoints}")
+        if self.max_steps is not None:
+            check_range("run.max_steps", self.max_steps, 1)
+        check_range("run.keep_checkpoints", self.keep_checkpoints, 0)
 
 
 @dataclass
@@ -314,8 +312,8 @@ def check_choice(key: str, value: object, choices: tuple) -> None:
 
 
 def check_knn(k: int, temperature: float, prefix: str) -> None:
-    if k < 1 or not temperature > 0:
-        raise ConfigError(f"{prefix}k must be >= 1 and {prefix}temperature > 0, got {k} and {temperature}")
+    check_range(f"{prefix}k", k, 1)
+    check_range(f"{prefix}temperature", temperature, 0, bounds="(]")
 
 
 def check_bank_size(key: str, value: int | None) -> None:

@@ -107,8 +107,8 @@ def test_linear_probe_refuses_fine_tuning_augmentation():
 
 @pytest.mark.parametrize("override, message", [
     ("augment.rand_augment=bogus", "augment.rand_augment='bogus' is not a timm RandAugment spec such as 'rand-m9-"),
-    ("knn.k=0", r"knn.k must be >= 1 and knn.temperature > 0, got 0"),
-    ("knn.temperature=-1", r"knn.k must be >= 1 and knn.temperature > 0, got 20 and -1.0"),
+    ("knn.k=0", r"knn.k must be in \[1, inf\], got 0"),
+    ("knn.temperature=-1", r"knn.temperature must be in \(0, inf\], got -1.0"),
     ("model.drop_path=1.5", r"model.drop_path must be in \[0, 1\), got 1.5"),
     ("model.head_init_std=-1", r"model.head_init_std must be in \(0, inf\), got -1.0"),
     ("augment.label_smoothing=1.5", r"augment.label_smoothing must be in \[0, 1\), got 1.5"),
