@@ -26,7 +26,7 @@ def load_recipe(cls: type, argv: list[str], prog: str):
     if {"-h", "--help"} & set(argv):
         print(f"{USAGE.format(prog=prog)}\n\n{textwrap.fill(ABOUT[cls], 116)}\n\n{keys_help(cls)}")
         raise SystemExit(0)
-    if not argv or "=" in argv[0]:
+    if not argv or "=" in argv[0] and not Path(argv[0]).is_file():  # a run's config.yaml under lr=1e-4/ is a recipe
         missing = "the recipe comes first" if argv else "give a recipe"
         print(f"{USAGE.format(prog=prog)}\nerror: {missing}, e.g. {prog} {EXAMPLE_RECIPE[cls]}"
               f"{' ' + ' '.join(argv) if argv else ''}", file=sys.stderr)
@@ -57,9 +57,10 @@ OTHER_SCRIPT = {PretrainConfig: (FinetuneConfig, "fine-tuning", "finetune.py"),
 
 
 def _other_script_hint(cls: type, err: ConfigError) -> str | None:
-    """A key unknown here but known to the other script most likely means its recipe was given to this one."""
+    """A recipe key unknown here but known to the other script most likely means its recipe was given to this one
+    (an override of such a key is a slip of the command line, which the plain error answers with the closest key)."""
     other, kind, script = OTHER_SCRIPT[cls]
-    if isinstance(err, UnknownKeyError) and err.key in all_keys(other):
+    if isinstance(err, UnknownKeyError) and err.source != "command line" and err.key in all_keys(other):
         return f"{err.source}: `{err.key}` is a {kind} key; is this a {kind} recipe? Run it with {script}"
     return None
 
@@ -87,8 +88,8 @@ INTERRUPTED_EXIT = 128 + 2  # likewise for Ctrl-C (SIGINT)
 Main = Callable[[list[str] | None], int]
 
 
-def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the last checkpoint"
-                    ) -> Callable[[Main], Main]:
+def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the last checkpoint (or to start "
+                                   "over if none was written yet)") -> Callable[[Main], Main]:
     """A decorator: `main` ends with `interrupted; {advice}` instead of a traceback on Ctrl-C, which may come at any
     time: while torch is imported as well as between steps.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -126,6 +127,7 @@ class DataConfig:
     """`cpu`, or `cuda` to decode JPEGs in batches on the GPU (falls back to CPU when unavailable)."""
 
     def __post_init__(self) -> None:
+        self.train, self.val, self.info = map(home_expanded, (self.train, self.val, self.info))
         for key, low in (("batch_size", 1), ("shuffle_chunk", 1), ("num_workers", 0)):
             check_range(f"data.{key}", getattr(self, key), low)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -219,6 +221,7 @@ class RunConfig:
     """Allow TF32 matmuls on Ampere and newer GPUs."""
 
     def __post_init__(self) -> None:
+        self.output_dir, self.resume = home_expanded(self.output_dir), home_expanded(self.resume)
         keyword = str(self.resume).lower()
         if keyword in ("auto", "none", "null"):  # YAML's null, Python's None and other spellings of the two keywords
             self.resume = "auto" if keyword == "auto" else "none"
@@ -259,6 +262,12 @@ class EvalConfig:
         check_knn(self.knn_k, self.knn_temperature, "eval.knn_")
         check_range("eval.knn_every", self.knn_every, 0)
         check_bank_size("eval.knn_max_train", self.knn_max_train)
+
+
+def home_expanded(path: str | None) -> str | None:
+    """`path` with a leading `~` expanded as a shell would: recipes, quoted words and zsh's `key=~/x` leave it to us,
+    and a literal `~` folder in the working directory would look like the home directory in every message."""
+    return os.path.expanduser(path) if path else path
 
 
 def file_in_the_way(directory: str | Path) -> Path | None:
@@ -451,11 +460,14 @@ def _set_override(cls: type, raw: dict[str, Any], parts: list[str], leaf: Any, v
 
 def _override_value(key: str, text: str, leaf: Any) -> Any:
     """The value an override's text gives the key `key` of type `leaf`."""
-    value = _parse_yaml(text, f"override {key + '=' + text!r}") if text else None
+    if not text.strip():  # an unset shell variable (`run.resume=$CKPT`): taken for null, it would start afresh
+        raise ConfigError(f"command line: {key}= has no value (an unset shell variable?); give one, or {key}=null "
+                          "for none")
     allowed = (leaf, *typing.get_args(leaf))
+    if type(None) in allowed and text in ("None", "none"):
+        return None  # a Python user's null: no path, name or number is spelled so
+    value = _parse_yaml(text, f"override {key + '=' + text!r}")
     if str in allowed:
-        if type(None) in allowed and text in ("None", "none"):
-            return None  # a Python user's null: no path or name is spelled so
         return value if value is None or isinstance(value, str) else text  # run.output_dir=2024 is a name
     if isinstance(value, int) and not isinstance(value, bool) and not DECIMAL_INTEGER.fullmatch(text.strip()):
         raise ConfigError(f"command line: write {key} as a decimal number, not {text!r} (which YAML reads as {value})")
@@ -487,12 +499,13 @@ def save_config(config: Any, path: str | Path) -> None:
 
 
 def _check_key_exists(cls: type, parts: list[str], source: str) -> Any:
-    """The type of the dotted key's field; an unknown key raises, naming it."""
+    """The type of the dotted key's field; an unknown key raises, naming it whole (`eval.knn_k`, whose words find
+    `knn.k`, rather than its unknown section `eval`)."""
     node = cls
     for depth, part in enumerate(parts):
         names = {f.name for f in dataclasses.fields(node)}
         if part not in names:
-            _unknown_key(cls, ".".join(parts[: depth + 1]), source)
+            _unknown_key(cls, ".".join(parts), source)
         node = _field_types(node)[part]
         if depth < len(parts) - 1 and not dataclasses.is_dataclass(node):
             _unknown_key(cls, ".".join(parts), source)
@@ -500,9 +513,19 @@ def _check_key_exists(cls: type, parts: list[str], source: str) -> Any:
 
 
 def _unknown_key(cls: type, dotted: str, source: str) -> typing.NoReturn:
-    close = difflib.get_close_matches(dotted, all_keys(cls), n=1, cutoff=0.5)
-    hint = f"; did you mean `{close[0]}`?" if close else ""
+    close = _meant_keys(dotted, all_keys(cls))
+    hint = f"; did you mean {' or '.join(f'`{key}`' for key in close)}?" if close else ""
     raise UnknownKeyError(f"{source}: unknown config key `{dotted}`{hint}", dotted, source)
+
+
+def _meant_keys(dotted: str, keys: list[str]) -> list[str]:
+    """Up to three keys that `dotted` may have meant: those whose words include all of its name's, closest first
+    (`optim.lr`: optim.base_lr, optim.min_lr; `optim.clip_grad`: optim.grad_clip; `eval.knn_k`: knn.k), else the
+    closest spelling (`data.trian`: data.train). The spelling alone led `optim.lr` to optim.min_lr, the final LR."""
+    words = set(dotted.rpartition(".")[2].split("_"))
+    sharing = [key for key in keys if words <= set(re.split(r"[._]", key))]
+    ranked = sorted(sharing, key=lambda key: -difflib.SequenceMatcher(None, dotted, key).ratio())
+    return ranked[:3] or difflib.get_close_matches(dotted, keys, n=1, cutoff=0.5)
 
 
 def _field_types(cls: type) -> dict[str, Any]:

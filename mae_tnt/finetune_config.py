@@ -26,6 +26,7 @@ from .config import (
     check_model_name,
     check_range,
     check_seed,
+    home_expanded,
 )
 
 MODES = ("finetune", "linprobe", "knn")
@@ -180,6 +181,7 @@ class FinetuneConfig:
     """Seed of the head's initialisation, the data order and every step's augmentations (`engine.seed_step`)."""
 
     def __post_init__(self) -> None:
+        self.init = home_expanded(self.init)
         check_seed(self.seed)
         check_choice("mode", self.mode, MODES)
         if self.mode == "linprobe" and self.augment.active:

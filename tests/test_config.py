@@ -40,9 +40,23 @@ def write(tmp_path, text):
 
 def test_unknown_key_names_the_key_and_suggests(tmp_path):
     path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\noptim: {lr: 1.0}\n")
-    with pytest.raises(ConfigError, match=r"unknown config key `optim.lr`.*did you mean `optim\.\w*lr`") as err:
+    with pytest.raises(ConfigError, match=r"unknown config key `optim.lr`; did you mean `optim.min_lr` or "
+                                          r"`optim.base_lr`\?$") as err:  # the spelling alone named min_lr only
         load_config(PretrainConfig, path)
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("cls, override, meant", [
+    (PretrainConfig, "optim.clip_grad=1", "`optim.grad_clip`"),  # the words of a key, in another order
+    (PretrainConfig, "lr=1e-4", "`optim.min_lr` or `optim.base_lr`"),  # in the wrong section
+    (PretrainConfig, "data.trian=x", "`data.train`"),  # a typo
+    (FinetuneConfig, "dta.batch_size=8", "`data.batch_size` or `data.eval_batch_size`"),  # a typo of the section
+])
+def test_an_unknown_key_suggests_the_keys_named_with_its_words(tmp_path, cls, override, meant):
+    recipe = write(tmp_path, "model: {name: vit_test_patch8_32}\ndata: {train: x}\n")
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"^command line: unknown config key `{key}`; did you mean {meant}\?$"):
+        load_config(cls, recipe, [override])
 
 
 @pytest.mark.parametrize("recipe, typo, section", [
@@ -96,6 +110,27 @@ def test_a_recipe_given_to_the_other_script_names_the_script(capsys, cls, prog, 
     assert done.value.code == 2 and capsys.readouterr().err == f"error: {RECIPES / recipe}: {message}\n"
 
 
+@pytest.mark.parametrize("cls, prog, recipe, override, message", [
+    (PretrainConfig, "pretrain.py", "demo_mae_vit.yaml", "init=/x", "unknown config key `init`"),
+    (FinetuneConfig, "finetune.py", "demo_finetune_vit.yaml", "eval.knn_k=5",
+     "unknown config key `eval.knn_k`; did you mean `knn.k`?"),
+])
+def test_an_override_of_the_other_scripts_key_gets_the_plain_unknown_key_error(capsys, cls, prog, recipe, override,
+                                                                               message):
+    """The recipe is the right one: the other script's advice would send a good recipe to the wrong script."""
+    with pytest.raises(SystemExit):
+        load_recipe(cls, [str(RECIPES / recipe), override], prog)
+    assert capsys.readouterr().err == f"error: command line: {message}\n"
+
+
+def test_a_recipe_whose_path_holds_an_equals_sign_is_read_as_the_recipe(tmp_path):
+    """A run directory named after a setting (`lr=1e-4/`) holds a config.yaml that reproduces the run."""
+    (tmp_path / "lr=1e-4").mkdir()
+    recipe = tmp_path / "lr=1e-4" / "config.yaml"
+    recipe.write_text("model: {name: mae_vit_test}\ndata: {train: x}\n")
+    assert load_recipe(PretrainConfig, [str(recipe), "seed=3"], "pretrain.py").seed == 3
+
+
 @pytest.mark.parametrize("path, why", [("recipes", "Is a directory"), ("recipes/none.yaml", "No such file"),
                                        ("data/fashion_mnist/train-000000.tar.gz", "not a text file")])
 def test_a_recipe_path_that_is_no_file_is_one_error_line(capsys, path, why):
@@ -135,10 +170,35 @@ def test_overrides_are_typed_and_applied(tmp_path):
     assert (cfg.run.output_dir, cfg.data.val, cfg.run.resume, cfg.data.info) == ("no", "2024", "none", None)
     cfg = load_config(PretrainConfig, path, ["data.val=None", "data.info=none", "data.batch_size=1_024"])
     assert (cfg.data.val, cfg.data.info, cfg.data.batch_size) == (None, None, 1024)  # Python's null spelling
-    for spelling, keyword in (("None", "none"), ("null", "none"), ("NONE", "none"), ("", "none"), ("Auto", "auto")):
+    for spelling, keyword in (("None", "none"), ("null", "none"), ("NONE", "none"), ("Auto", "auto")):
         assert load_config(PretrainConfig, path, [f"run.resume={spelling}"]).run.resume == keyword, spelling
     assert load_config(PretrainConfig, write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n"
                                                        "run: {resume: null}\n")).run.resume == "none"
+    cfg = load_config(PretrainConfig, path, ["run.max_steps=None", "optim.grad_clip=none"])  # optional numbers too
+    assert (cfg.run.max_steps, cfg.optim.grad_clip) == (None, None)
+
+
+@pytest.mark.parametrize("override", ["run.resume=", "data.val=", "run.max_steps= "])
+def test_an_override_without_a_value_is_refused_not_taken_for_null(tmp_path, override):
+    """`run.resume=$CKPT` with CKPT unset: null would set the run aside and start afresh, or fine-tune from random
+    weights (`init=`)."""
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"^command line: {key}= has no value \(an unset shell variable\?\); give "
+                                          rf"one, or {key}=null for none$"):
+        load_config(PretrainConfig, write(tmp_path, BASE_RECIPE), [override])
+
+
+def test_paths_starting_with_a_tilde_are_in_the_home_directory(tmp_path, monkeypatch):
+    """Recipes and quoted words leave `~` to us: a literal `~` folder in the working directory looked like home."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    recipe = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: ~/shards, val: ~/val}\n"
+                             "run: {output_dir: ~/runs/a, resume: ~/runs/b/checkpoints}\n")
+    cfg = load_config(PretrainConfig, recipe, ["data.info=~/info"])
+    home = tmp_path / "home"
+    assert (cfg.data.train, cfg.data.val, cfg.data.info) == (f"{home}/shards", f"{home}/val", f"{home}/info")
+    assert (cfg.run.output_dir, cfg.run.resume) == (f"{home}/runs/a", f"{home}/runs/b/checkpoints")
+    finetune = write(tmp_path, "model: {name: vit_test_patch8_32}\ndata: {train: x}\ninit: ~/runs/a\n")
+    assert load_config(FinetuneConfig, finetune).init == f"{home}/runs/a"
 
 
 def test_a_section_override_merges_into_the_recipes_section(tmp_path):
@@ -411,7 +471,8 @@ def test_a_recipe_error_is_printed_by_the_first_process_of_each_node(capsys, mon
 
 
 @pytest.mark.parametrize("local_rank, printed", [
-    ("0", "interrupted; run the same command again to resume from the last checkpoint\n"), ("1", "")])
+    ("0", "interrupted; run the same command again to resume from the last checkpoint (or to start over if none was "
+          "written yet)\n"), ("1", "")])
 @pytest.mark.parametrize("script, recipe", [("pretrain", "demo_mae_vit.yaml"), ("finetune", "demo_finetune_vit.yaml")])
 def test_ctrl_c_is_explained_once_per_node_even_while_the_recipe_is_read(capsys, monkeypatch, script, recipe,
                                                                          local_rank, printed):
