@@ -463,6 +463,9 @@ def test_missing_shard_and_empty_split_fail_clearly(tmp_path):
         resolve_shards(str(tmp_path))
     with pytest.raises(ShardError, match=r"wildcards are not expanded: write train-\{000000..000009\}.tar"):
         resolve_shards(f"{tmp_path}/train-*.tar")
+    with pytest.raises(ShardError, match=rf"_info.json is a file but not a .tar shard: give the shard directory made "
+                                         rf"by tools/make_shards.py \({tmp_path} holds _info.json\), or a brace"):
+        resolve_shards(f"{tmp_path}/_info.json")
     with pytest.raises(ShardError, match="no split 'val'"):
         resolve_shards(str(tmp_path), split="val")
     update_split(tmp_path, "empty", [], [])

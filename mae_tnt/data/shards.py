@@ -89,6 +89,11 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
         wildcard = " (wildcards are not expanded: write train-{000000..000009}.tar)" if set("*?") & set(spec) else ""
         raise ShardError(f"{spec} does not exist: give a shard directory made by tools/make_shards.py, or a brace "
                          f"pattern of .tar files{wildcard}")
+    if is_local(spec) and path.is_file() and not path.name.endswith((".tar", ".tar.gz", ".tgz")):
+        # read as a shard, its bytes were reported as a damaged tar of 0 samples
+        directory = f" ({path.parent} holds {INFO_NAME})" if (path.parent / INFO_NAME).is_file() else ""
+        raise ShardError(f"{spec} is a file but not a .tar shard: give the shard directory made by "
+                         f"tools/make_shards.py{directory}, or a brace pattern of .tar files")
     if path.is_dir():
         shards = _from_info(path, split, split_key)
     elif info is not None:
