@@ -903,12 +903,14 @@ def test_resume_with_another_data_layout_restarts_the_epoch_in_progress(shards, 
            "seen again" in capsys.readouterr().out
 
 
-def test_a_resume_with_another_mask_ratio_says_the_loss_may_jump(shards, tmp_path, capsys):
+def test_a_resume_with_another_mask_ratio_or_normalisation_says_the_loss_may_jump(shards, tmp_path, capsys):
     Trainer(config(shards, tmp_path, "run.max_steps=2")).train()
     AcceleratorState._reset_state(True)
-    assert Trainer(config(shards, tmp_path, "run.max_steps=4", "model.mask_ratio=0.5")).step == 2
-    assert ("note: model.mask_ratio 0.75 -> 0.5 since step_00000002: training goes on under the new setting from "
-            "this step on, so the loss may jump") in capsys.readouterr().out
+    assert Trainer(config(shards, tmp_path, "run.max_steps=4", "model.mask_ratio=0.5", "data.mean=[0.5,0.5,0.5]",
+                          "data.crop_scale=[0.2,1]")).step == 2
+    assert ("note: model.mask_ratio 0.75 -> 0.5; data.mean [0.286, 0.286, 0.286] -> [0.5, 0.5, 0.5]; data.crop_scale "
+            "[0.5, 1.0] -> [0.2, 1.0] since step_00000002: training goes on under the new setting from this step on, "
+            "so the loss may jump") in capsys.readouterr().out
 
 
 def test_a_resume_whose_layout_changes_the_step_counts_says_the_lr_follows_them(shards, tmp_path, capsys):

@@ -254,8 +254,8 @@ def _skipped_carried_over(path: Path, rank: int, world_size: int) -> int:
 
 
 def _note_changed_settings(checkpoint: Checkpoint, config: dict, plan: Plan, log) -> None:
-    """Say what the resumed run does differently from the checkpoint's: its stop step, LR schedule or model
-    settings (those that change weight shapes cannot load, so they never get here)."""
+    """Say what the resumed run does differently from the checkpoint's: its stop step, LR schedule, model settings
+    (those that change weight shapes cannot load, so they never get here) or the preparation of its inputs."""
     name, saved_config = checkpoint.path.name, checkpoint.state.get("config", {})
     if checkpoint.state["step"] >= plan.stop_step:
         log(f"note: {name} is at or past this run's last step {plan.stop_step} (run.max_steps, schedule.epochs): "
@@ -268,7 +268,7 @@ def _note_changed_settings(checkpoint: Checkpoint, config: dict, plan: Plan, log
     optim_changes = _config_changes(saved_config, config, OPTIM_KEYS)
     if optim_changes:
         log(f"note: {'; '.join(optim_changes)} since {name}: the new settings apply from this step on")
-    model_changes = _model_changes(saved_config, config)
+    model_changes = _model_changes(saved_config, config) + _input_changes(saved_config, config)
     if model_changes:
         log(f"note: {'; '.join(model_changes)} since {name}: training goes on under the new setting from this step "
             "on, so the loss may jump")
@@ -300,6 +300,15 @@ def _layout_changes(state: dict, config: dict, world_size: int) -> list[str]:
 
 def _model_changes(saved_config: dict, config: dict) -> list[str]:
     return _config_changes(saved_config, config, [("model", key) for key in saved_config.get("model", {})])
+
+
+INPUT_KEYS = (("data", "mean"), ("data", "std"), ("data", "crop_scale"))
+"""How the images are prepared, besides fine-tuning's `augment` section: the model sees other inputs."""
+
+
+def _input_changes(saved_config: dict, config: dict) -> list[str]:
+    augment = [("augment", key) for key in saved_config.get("augment", {})]
+    return _config_changes(saved_config, config, [*INPUT_KEYS, *augment])
 
 
 def _config_changes(saved_config: dict, config: dict, paths) -> list[str]:
