@@ -982,10 +982,14 @@ def test_a_resume_with_a_longer_schedule_says_the_lr_follows_the_new_one(tmp_pat
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_a_resume_with_other_augmentations_says_the_loss_may_jump(tmp_path, one_thread, capsys):
     FinetuneRun(demo_config(tmp_path, "run.max_steps=1", "data.val=null")).train()
+    trained_with = (tmp_path / "config.yaml").read_text()
+    FinetuneRun(demo_config(tmp_path, "run.max_steps=1", "data.val=null", "augment.reprob=0.5"))
+    assert (tmp_path / "config.yaml").read_text() == trained_with  # nothing left to train: no step used 0.5
     capsys.readouterr()
     FinetuneRun(demo_config(tmp_path, "run.max_steps=2", "data.val=null", "augment.reprob=0.5"))
     assert ("note: augment.reprob 0.25 -> 0.5 since step_00000001: training goes on under the new setting from this "
             "step on, so the loss may jump") in capsys.readouterr().out
+    assert "reprob: 0.5" in (tmp_path / "config.yaml").read_text()
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")

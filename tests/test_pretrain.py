@@ -981,14 +981,16 @@ def test_a_run_stopped_while_drawing_a_checkpoints_grid_draws_it_when_resumed(sh
     assert sorted(path.name for path in (tmp_path / "recon").iterdir()) == ["step_00000002.png", "step_00000004.png"]
 
 
-def test_a_resume_with_nothing_left_to_train_says_only_that(shards, tmp_path, capsys):
+def test_a_resume_with_nothing_left_to_train_says_only_that_and_keeps_the_runs_config(shards, tmp_path, capsys):
     Trainer(config(shards, tmp_path, "run.max_steps=6")).train()
+    trained_with = (tmp_path / "config.yaml").read_text()
     capsys.readouterr()
     AcceleratorState._reset_state(True)
-    summary = Trainer(config(shards, tmp_path, "run.max_steps=4", "data.num_workers=1")).train()
+    summary = Trainer(config(shards, tmp_path, "run.max_steps=4", "data.num_workers=1", "optim.base_lr=1")).train()
     out, err = capsys.readouterr()
     assert summary["steps"] == 6 and "nothing is left to train" in out
     assert "restarts from its start" not in out and "step [" not in err  # no epoch restart, no progress bar
+    assert (tmp_path / "config.yaml").read_text() == trained_with  # no step was trained with base_lr=1
 
 
 def test_resume_with_another_effective_batch_is_refused_with_the_settings_that_fix_it(shards, tmp_path):

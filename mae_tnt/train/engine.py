@@ -79,9 +79,10 @@ def seed_step(seed: int, rank: int, micro_step: int) -> None:
     torch.manual_seed(int(hashed) >> 1)  # below 2**63, as manual_seed needs
 
 
-def write_run_config(cfg, out: Path, is_main: bool) -> None:
-    """The run's config.yaml, written once a resume has been accepted: a refused one leaves the directory as it was."""
-    if is_main:
+def write_run_config(cfg, out: Path, is_main: bool, left_to_train: bool = True) -> None:
+    """The run's config.yaml, written once a resume has been accepted: a refused one leaves the directory as it was,
+    and so does one with nothing `left_to_train`, whose settings no checkpoint was trained with."""
+    if is_main and left_to_train:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
 
@@ -151,7 +152,7 @@ class Trainer(TrainingRun):
             self._describe_run()
             if checkpoint is not None:
                 self._resume(checkpoint)
-            write_run_config(cfg, self.out, self.is_main)
+            write_run_config(cfg, self.out, self.is_main, left_to_train=self.step < self.plan.stop_step)
 
     def _describe_run(self) -> None:
         if self.is_main:
