@@ -835,6 +835,12 @@ def test_when_no_checkpoint_can_be_read_the_old_run_is_set_aside_and_the_new_one
 def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(shards, tmp_path):
     Trainer(config(shards, tmp_path, "run.max_steps=12")).train()  # checkpoints at steps 4, 8 and 12
     AcceleratorState._reset_state(True)
+    # TensorBoard reads event files in name order: the second they were created, the host, the process, then a
+    # per-process count compared as text ("10" before "9"), so a second writer of this process in the same second
+    # could be read first (in the full suite it was). A resumed run, a process started seconds later, is read in order.
+    start = int(time.time())
+    while int(time.time()) == start:
+        time.sleep(0.01)
     earlier = tmp_path / "checkpoints" / "step_00000004"
     Trainer(config(shards, tmp_path, f"run.resume={earlier}", "run.checkpoint_every=2", "run.max_steps=6")).train()
     assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000006", "step_00000004"]
