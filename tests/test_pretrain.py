@@ -832,15 +832,20 @@ def test_when_no_checkpoint_can_be_read_the_old_run_is_set_aside_and_the_new_one
     assert [row["step"] for row in metrics(tmp_path) if "loss" in row] == list(range(1, 7))
 
 
-def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(shards, tmp_path):
-    Trainer(config(shards, tmp_path, "run.max_steps=12")).train()  # checkpoints at steps 4, 8 and 12
-    AcceleratorState._reset_state(True)
-    # TensorBoard reads event files in name order: the second they were created, the host, the process, then a
-    # per-process count compared as text ("10" before "9"), so a second writer of this process in the same second
-    # could be read first (in the full suite it was). A resumed run, a process started seconds later, is read in order.
+def wait_for_the_next_second() -> None:
+    """Before a second TensorBoard writer in this process. TensorBoard reads event files in name order: the second
+    they were created, the host, the process, then a per-process count compared as text ("10" before "9"), so a
+    second writer of one process in the same second could be read first (in a full suite it was). A resumed run, a
+    process started seconds later, is read in order."""
     start = int(time.time())
     while int(time.time()) == start:
         time.sleep(0.01)
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(shards, tmp_path):
+    Trainer(config(shards, tmp_path, "run.max_steps=12")).train()  # checkpoints at steps 4, 8 and 12
+    AcceleratorState._reset_state(True)
+    wait_for_the_next_second()
     earlier = tmp_path / "checkpoints" / "step_00000004"
     Trainer(config(shards, tmp_path, f"run.resume={earlier}", "run.checkpoint_every=2", "run.max_steps=6")).train()
     assert [p.name for p in find_checkpoints(tmp_path)] == ["step_00000006", "step_00000004"]
@@ -1293,6 +1298,7 @@ def test_a_run_started_again_before_its_first_checkpoint_hides_the_earlier_curve
     with MetricsLogger(tmp_path, True) as logger:  # killed before its first checkpoint
         for step in (1, 2, 3):
             logger.log({"step": step, "loss": 1.0})
+    wait_for_the_next_second()
     with MetricsLogger(tmp_path, True) as logger:  # the same command again: nothing to resume
         logger.log({"step": 1, "loss": 0.5})
     events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
@@ -1324,6 +1330,7 @@ def test_tensorboard_plots_each_curve_once_per_step_and_records_the_config_a_run
     with MetricsLogger(tmp_path, True, {"seed": 0}) as logger:
         logger.log({"step": 4, "epoch": 1.0, "loss": 0.5})
         logger.log({"step": 4, "epoch": 1.0, "knn_top1": 50.0, "knn_train": 10, "knn_val": 5, "knn_k": 3})
+    wait_for_the_next_second()
     with MetricsLogger(tmp_path, True, {"seed": 1}, resume_step=4) as logger:
         logger.log({"step": 5, "epoch": 1.25, "loss": 0.4})
     events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
