@@ -279,7 +279,7 @@ def file_in_the_way(directory: str | Path) -> Path | None:
     return None
 
 
-def check_model_name(name: str, masked_autoencoder: bool) -> None:
+def check_model_name(name: str, masked_autoencoder: bool, key: str = "model.name") -> None:
     """Refuse a `model.name` that is not a registered model of the kind the run trains (pretraining: an mae_* masked
     autoencoder; fine-tuning: a classifier) before any work, suggesting the names it may have meant."""
     from .models.registry import classifier_name_for, list_models  # imports torch: only when checked
@@ -297,7 +297,7 @@ def check_model_name(name: str, masked_autoencoder: bool) -> None:
         close = close_names(name, wanted)
         advice = f"did you mean {', '.join(close)}?" if close else "no registered name is close"
     kind, pattern = ("masked autoencoder", "'mae_*'") if masked_autoencoder else ("classifier", "")
-    raise ConfigError(f"model.name={name!r} is not a registered {kind} ({advice}); list them with python -c "
+    raise ConfigError(f"{key}={name!r} is not a registered {kind} ({advice}); list them with python -c "
                       f"\"import mae_tnt; print(mae_tnt.list_models({pattern}))\"")
 
 

@@ -5,9 +5,10 @@
 
 CKPT is a pretraining checkpoint directory, or a run directory for its newest checkpoint (its `state.json` names
 the model and the data statistics). Weights without one, such as an official MAE checkpoint (with its decoder)
-converted by tools/convert_checkpoint.py, need --model (and --img-size, --no-norm-pix where they differ from
-MAE's 224 px and norm-pix targets); they are shown on images normalised with the ImageNet statistics, as MAE's
-were. The grid goes to the run's `recon/` folder (beside a weights file) unless `--out` says otherwise.
+converted by tools/convert_checkpoint.py, need --model (and --img-size, --no-norm-pix where they differ from the
+model's own size, 224 px for MAE's, and norm-pix targets); they are shown on images normalised with the ImageNet
+statistics, as MAE's were. The grid goes to the run's `recon/` folder (beside a weights file) unless `--out` says
+otherwise.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .cli import quiet_on_ctrl_c, report_user_errors
-from .config import ModelConfig, file_in_the_way
+from .config import ModelConfig, check_model_name, file_in_the_way
 from .data.loader import first_images
 from .data.shards import resolve_shards
 from .models import create_model, load_weights
@@ -51,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default=None,
                         help="MAE model of weights that come without a run's state.json (e.g. mae_vit_large_patch16)")
     parser.add_argument("--img-size", type=int, default=None,
-                        help=f"with --model: the image size in pixels the weights were pretrained at (default: "
-                             f"{ModelConfig.img_size}, MAE's)")
+                        help="with --model: the image size in pixels the weights were pretrained at (default: the "
+                             "model's own, 224 for MAE's)")
     parser.add_argument("--norm-pix", action=argparse.BooleanOptionalAction, default=None,
                         help="with --model: whether the weights were trained on norm-pix targets (default: yes, as "
                              "MAE's defaults)")
@@ -82,26 +83,31 @@ def is_grid_file(out: Path) -> bool:
 def visualize(args: argparse.Namespace) -> dict:
     checkpoint = resolve_checkpoint(args.checkpoint)
     raw, state = read_source(checkpoint)
-    if args.model is None:
-        _check_pretraining_state(checkpoint, state)
+    if state:  # a run's state.json or an export's config.json, which name their model
+        _check_pretraining_state(checkpoint, state, args.model)
         build = pretraining_build_kwargs(state, str(checkpoint))  # every model.* setting of the run
         mean, std = state["config"]["data"]["mean"], state["config"]["data"]["std"]
-    elif "config" in state:
-        raise CheckpointError(f"{checkpoint} is a run's checkpoint, whose state.json names its model "
-                              f"({state.get('model')}) and data settings; drop --model")
-    else:  # MAE's own settings, on ImageNet statistics
-        build = {"img_size": args.img_size or ModelConfig.img_size, "mask_ratio": ModelConfig.mask_ratio,
-                 "norm_pix_loss": args.norm_pix is not False}
+    elif args.model is None:
+        raise CheckpointError(f"{checkpoint} comes without a run's state.json: name the MAE model of these weights "
+                              "with --model (and --img-size, --no-norm-pix where they differ from its defaults)")
+    else:  # MAE's own settings, on ImageNet statistics, at the model's own size unless told
+        check_model_name(args.model, masked_autoencoder=True, key="--model")
+        build = {"mask_ratio": ModelConfig.mask_ratio, "norm_pix_loss": args.norm_pix is not False,
+                 **({"img_size": args.img_size} if args.img_size else {})}
         state, mean, std = {"model": args.model}, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     ratio = args.mask_ratio if args.mask_ratio is not None else build["mask_ratio"]
     model = create_model(state["model"], **{**build, "mask_ratio": ratio})
-    load_weights(model, raw)
+    report = load_weights(model, raw)
+    if report.resampled and args.model is not None and args.img_size is None:  # as create_model refuses to guess
+        raise CheckpointError(f"{checkpoint}'s position table is for another image size than {args.model}'s "
+                              f"{model.grid * model.unit} px ({'; '.join(report.resampled)}): pass --img-size with "
+                              "the size the weights were pretrained at")
     out = default_output(checkpoint, args.split)
     if args.out is not None:
         out = args.out if is_grid_file(args.out) else args.out / out.name
     shards = resolve_shards(args.shards, args.split, allow_pipe=args.allow_pipe, info=args.info,
                             split_key="--split")  # warns about a truncated shard
-    images = first_images(shards, args.count, build["img_size"])
+    images = first_images(shards, args.count, model.grid * model.unit)
     out.parent.mkdir(parents=True, exist_ok=True)  # once there is something to draw: a failure leaves no folder
     if len(images) < args.count:
         print(f"note: the {args.split} split has only {len(images)} readable images to show of the {args.count} asked")
@@ -113,19 +119,20 @@ def visualize(args: argparse.Namespace) -> dict:
     return {"out": out, "loss": loss}
 
 
-def _check_pretraining_state(checkpoint: Path, state: dict) -> None:
-    """Refuse a checkpoint whose state.json does not give the MAE model and data settings the grid needs."""
-    if "config" in state and state.get("model", "").startswith("mae_"):
-        return
+def _check_pretraining_state(checkpoint: Path, state: dict, given_model: str | None) -> None:
+    """Refuse a described checkpoint that holds no MAE (an export, a classifier), or one named with --model too."""
+    pretraining = "pass the pretraining run's directory (or one of its checkpoints/step_* directories)"
     if "timm_name" in state:  # described by an export's config.json
-        what = "it is an export, which keeps no decoder"
-    elif "model" in state:
-        what = "its state.json names no MAE model"
-    else:
-        what = "its state.json is missing: an export or a bare weights file"
-    raise CheckpointError(f"{checkpoint} is not a pretraining checkpoint ({what}); pass a "
-                          "checkpoints/step_* directory of a pretrain.py run, whose state.json gives the model and "
-                          "data settings the grid needs, or name the MAE model of these weights with --model")
+        raise CheckpointError(f"{checkpoint} is an export, which keeps no decoder to reconstruct with; {pretraining}")
+    model = state.get("model", "")
+    if not model.startswith("mae_") or "config" not in state:
+        init = state.get("config", {}).get("init")
+        started = f": it started from {init}" if init else ""
+        raise CheckpointError(f"{checkpoint} holds the classifier {model or '(unnamed)'}, which has no decoder to "
+                              f"reconstruct with; {pretraining}{started}")
+    if given_model is not None:
+        raise CheckpointError(f"{checkpoint} is a run's checkpoint, whose state.json names its model ({model}) and "
+                              "data settings; drop --model")
 
 
 def default_output(checkpoint: Path, split: str) -> Path:

@@ -301,22 +301,27 @@ def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys
             visualize_main([str(tmp_path), str(shards), *bad])
         assert message in capsys.readouterr().err
     state = tmp_path / "checkpoints" / "step_00000004" / "state.json"
-    state.write_text(json.dumps({**json.loads(state.read_text()), "model": "vit_test_patch8_32"}))
-    assert visualize_main([str(tmp_path), str(shards)]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "is not a pretraining checkpoint (its state.json names no MAE model)" in err
-    assert visualize_main([str(state.parent / "model.safetensors"), str(shards)]) == 1  # described by its state.json
-    assert "is not a pretraining checkpoint (its state.json names no MAE model)" in capsys.readouterr().err
     weights = shutil.copy(state.parent / "model.safetensors", tmp_path / "bare.safetensors")
     assert visualize_main([str(weights), str(shards)]) == 1
-    assert ("(its state.json is missing: an export or a bare weights file); pass a checkpoints/step_* directory of a "
-            "pretrain.py run, whose state.json gives the model and data settings the grid needs, or name the MAE model "
-            "of these weights with --model") in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"error: {weights} comes without a run's state.json: name the MAE model of "
+                                       "these weights with --model (and --img-size, --no-norm-pix where they differ "
+                                       "from its defaults)\n")
     from mae_tnt.export import export
 
     export(tmp_path / "checkpoints" / "step_00000004", tmp_path / "exported", model_name="vit_test_patch8_32")
-    assert visualize_main([str(tmp_path / "exported"), str(shards)]) == 1
-    assert "is not a pretraining checkpoint (it is an export, which keeps no decoder)" in capsys.readouterr().err
+    pretraining = "pass the pretraining run's directory (or one of its checkpoints/step_* directories)"
+    for given in ([], ["--model", "mae_vit_test"]):  # --model does not make an export an MAE
+        assert visualize_main([str(tmp_path / "exported"), str(shards), *given]) == 1
+        assert capsys.readouterr().err == (f"error: {tmp_path / 'exported'} is an export, which keeps no decoder to "
+                                           f"reconstruct with; {pretraining}\n")
+    # A fine-tuning checkpoint, which records the pretraining it started from.
+    state.write_text(json.dumps({**json.loads(state.read_text()), "model": "vit_test_patch8_32",
+                                 "config": {"init": "runs/pretrain"}}))
+    for given in ([], ["--model", "mae_vit_test"]):
+        for checkpoint in (tmp_path, state.parent / "model.safetensors"):  # a run; weights beside their state.json
+            assert visualize_main([str(checkpoint), str(shards), *given]) == 1
+            assert capsys.readouterr().err.endswith(f"holds the classifier vit_test_patch8_32, which has no decoder to "
+                                                    f"reconstruct with; {pretraining}: it started from runs/pretrain\n")
 
 
 def test_visualize_shows_weights_without_a_run_given_their_model(shards, tmp_path, capsys):
@@ -327,6 +332,19 @@ def test_visualize_shows_weights_without_a_run_given_their_model(shards, tmp_pat
                            "--no-norm-pix"]) == 0
     grid = tmp_path / "mae_weights_val.png"
     assert grid.stat().st_size > 0 and f"wrote {grid} (masked-patch loss" in capsys.readouterr().out
+    assert visualize_main([str(weights), str(shards), "--model", "mae_vit_test", "--count", "2"]) == 0  # its 32 px
+    capsys.readouterr()
+    larger = tmp_path / "tnt_64px.safetensors"  # a learned position table of another size: never resampled unasked
+    save_file(mae_tnt.create_model("mae_tnt_test", img_size=64).state_dict(), larger)
+    tnt = [str(larger), str(shards), "--model", "mae_tnt_test", "--count", "2"]
+    assert visualize_main(tnt) == 1
+    assert (f"error: {larger}'s position table is for another image size than mae_tnt_test's 32 px (patch_pos [1, 65, "
+            "32] -> [1, 17, 32]): pass --img-size with the size the weights were pretrained at"
+            ) in capsys.readouterr().err
+    assert visualize_main([*tnt, "--img-size", "64"]) == 0
+    assert visualize_main([str(weights), str(shards), "--model", "vit_test_patch8_32"]) == 1
+    assert ("--model='vit_test_patch8_32' is not a registered masked autoencoder (it is a classifier; the masked "
+            "autoencoder of its encoder is mae_vit_test)") in capsys.readouterr().err
     assert visualize_main([str(tmp_path / "run"), str(shards), "--model", "mae_vit_test"]) == 1
     assert "whose state.json names its model (mae_vit_test) and data settings; drop --model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
