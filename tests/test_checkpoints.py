@@ -412,6 +412,18 @@ def test_a_corrupt_description_beside_the_weights_is_named(tmp_path):
                                               r"weights file in .* itself"):
         read_source(tmp_path)
     assert read_source(tmp_path / "model.safetensors")[1] == {}  # as the message says
+    with pytest.raises(CheckpointError, match=r"state.json is corrupt \(not a JSON object\)"):  # not a key mismatch
+        mae_tnt.create_model("vit_test_patch8_32", checkpoint_path=tmp_path)  # or settings dropped without a word
+    assert mae_tnt.create_model("vit_test_patch8_32", checkpoint_path=tmp_path / "model.safetensors") is not None
+
+
+def test_an_mae_checkpoint_given_to_another_mae_names_the_model_it_holds(tmp_path):
+    save_weights(mae_tnt.create_model("mae_vit_test").state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "state.json").write_text(json.dumps({"model": "mae_vit_test", "step": 1, "config": {"model": {}}}))
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path} holds the weights of mae_vit_test, not of mae_tnt_test: "
+                                              r"build mae_vit_test, which its description records$"):
+        mae_tnt.create_model("mae_tnt_test", checkpoint_path=tmp_path)
+    assert mae_tnt.create_model("vit_test_patch8_32", checkpoint_path=tmp_path).num_classes == 0  # its encoder
 
 
 @pytest.mark.parametrize("legacy", [False, True])

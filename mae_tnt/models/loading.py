@@ -99,6 +99,9 @@ def recorded_build_kwargs(path: str | Path, name: str) -> dict:
     recorded = export_record(Path(path)) or _checkpoint_record(Path(path))
     if recorded is None:
         return {}
+    if recorded.get("model") != name and name.startswith("mae_"):  # only the encoder goes into another model
+        raise CheckpointError(f"{path} holds the weights of {recorded.get('model')}, not of {name}: build "
+                              f"{recorded.get('model')}, which its description records")
     if recorded.get("model") != name:  # another model's weights: only their image size, and no head for an MAE's
         recorded = {"img_size": recorded.get("img_size"),  # pretraining records no classes
                     "num_classes": 0 if recorded.get("num_classes") is None else None}
@@ -122,6 +125,8 @@ def _checkpoint_record(path: Path) -> dict | None:
         return None
     state_path = (path if path.is_dir() else path.parent) / STATE_FILE
     state = read_json_object(state_path)
+    if state is None and state_path.exists() and path.is_dir():  # its settings would be dropped without a word
+        raise corrupt_description(state_path, path)
     if state is None or not isinstance(state.get("config"), dict):
         return None
     model_config = state["config"].get("model") or {}
@@ -139,6 +144,13 @@ def pretraining_build_kwargs(state: dict, source: str) -> dict:
 
     settings = {"name": state["model"], **(state["config"].get("model") or {})}
     return config_section(ModelConfig, settings, "model.", source).build_kwargs()
+
+
+def corrupt_description(description: Path, checkpoint: Path) -> CheckpointError:
+    """The error for a checkpoint directory whose state.json or config.json cannot be read (a weights file given
+    alone, beside it, is read as bare weights)."""
+    return CheckpointError(f"{description} is corrupt (not a JSON object): restore it, or pass the weights file in "
+                           f"{checkpoint} itself")
 
 
 def read_json_object(path: Path) -> dict | None:

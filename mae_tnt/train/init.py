@@ -34,6 +34,7 @@ from ..models.loading import (
     STATE_FILE,
     CheckpointError,
     LoadReport,
+    corrupt_description,
     fitting_build_kwargs,
     load_weights,
     read_json_object,
@@ -62,8 +63,7 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     described = [home / name for name in (STATE_FILE, EXPORT_CONFIG) if home is not None and (home / name).exists()]
     meta = read_json_object(described[0]) if described else {}
     if meta is None and path.is_dir():
-        raise CheckpointError(f"{described[0]} is corrupt (not a JSON object): restore it, or pass the weights file "
-                              f"in {path} itself")
+        raise corrupt_description(described[0], path)
     meta = meta or {}  # a weights file given alone, beside a corrupt description, is read as bare weights
     if path.is_dir() and not (path / "model.safetensors").exists() and (path / "engine").is_dir():
         return gather_zero_checkpoint(path / "engine"), meta
