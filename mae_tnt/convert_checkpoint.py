@@ -6,8 +6,8 @@
 The layout is recognised by the target model's `adapt_state_dict` (its family's checkpoint filter): flat official
 MAE keys, the huawei-noah TNT names, SReT's duplicated recursive blocks, or timm's keys. A classifier is built with
 the head size of the source (none for an encoder's weights). The result loads with the `mae_tnt.create_model` call
-the tool prints. Keys the source lacks keep the model's fresh initialisation and are listed, and keys the model does
-not take are left out; either must be allowed explicitly.
+the tool prints. Keys the source lacks keep the model's fresh initialisation (from a fixed seed, so the same file is
+written every time) and are listed, and keys the model does not take are left out; either must be allowed explicitly.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .models import create_model, load_weights, read_state_dict
 from .models.loading import CheckpointError, fitting_build_kwargs, fold_probe_head, save_weights, unwrap_state_dict
 from .models.registry import ModelError
 from .models.tnt import TNT
-from .text import HelpWithDefaults
+from .text import HelpWithDefaults, counted
 from .train.checkpoint import RETRY_AFTER_FAILED_WRITE, CheckpointWriteError, write_failures_explained
 
 
@@ -54,11 +54,11 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
             size to write (resampling loses information, so it is never done unasked).
     """
     sized = {"img_size": img_size} if img_size is not None else {}
-    model = create_model(model_name, **sized)  # an unknown name fails before a long read
+    model = _seeded_model(model_name, **sized)  # an unknown name fails before a long read
     state_dict = fold_probe_head(read_foreign_checkpoint(src, unsafe_pickle))  # a probe's head counts the classes
     fitting = fitting_build_kwargs(model, state_dict)  # head size and pooling only, never the image size
     if fitting:  # a classifier of another head or pooling
-        model = create_model(model_name, **sized, **fitting)
+        model = _seeded_model(model_name, **sized, **fitting)
     build_kwargs = {**sized, **fitting}
     report = load_weights(model, state_dict, allow_missing=tuple(allow_missing),
                           allow_unexpected=tuple(allow_unexpected),
@@ -75,6 +75,14 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
     if hasattr(model, "num_classes"):  # a classifier: its head size is always named in the call that loads it
         build_kwargs = {"num_classes": model.num_classes, **build_kwargs}
     return report, build_kwargs, pooling_note(model)
+
+
+def _seeded_model(model_name: str, **kwargs) -> torch.nn.Module:
+    """The model, initialised from a fixed seed: the keys SRC lacks keep that initialisation, so a conversion writes
+    the same file every time. The caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return create_model(model_name, **kwargs)
 
 
 def pooling_note(model: torch.nn.Module) -> str | None:
@@ -101,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"wrote {args.out}{' (replacing the file that was there)' if replacing else ''} for {args.model}: "
           f"{report.summary()}")
+    if report.missing:
+        print(f"note: the {counted(len(report.missing), 'key')} SRC lacks hold a fresh initialisation, the same in "
+              "every conversion: they were never trained (a reconstruction through an untrained decoder shows noise)")
     if report.resampled:
         print(f"resampled the position table to {args.img_size} px (bicubic): {'; '.join(report.resampled)}")
     arguments = "".join(f", {key}={value!r}" for key, value in build_kwargs.items())

@@ -125,6 +125,12 @@ def test_official_encoder_only_mae_needs_the_decoder_allowed(tmp_path, capsys):
     assert "decoder_pred.weight" in err
     assert "pass the groups of keys the source was saved without to --allow-missing" in err
     assert convert_main(args + ["--allow-missing", "decoder_*", "mask_token"]) == 0
+    assert ("note: the 20 keys SRC lacks hold a fresh initialisation, the same in every conversion: they were never "
+            "trained (a reconstruction through an untrained decoder shows noise)") in capsys.readouterr().out
+    first = (tmp_path / "o.safetensors").read_bytes()
+    torch.rand(3)  # another random state: the file does not depend on it
+    assert convert_main(args + ["--allow-missing", "decoder_*", "mask_token"]) == 0
+    assert (tmp_path / "o.safetensors").read_bytes() == first
 
 
 def test_a_classifier_converts_to_an_mae_once_its_head_is_left_out_and_the_decoder_allowed(tmp_path, capsys):
