@@ -129,8 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-missing", nargs="*", default=[], metavar="PATTERN",
                         help="fnmatch patterns of keys the source may lack (e.g. 'decoder_*' 'mask_token')")
     parser.add_argument("--allow-unexpected", nargs="*", default=[], metavar="PATTERN",
-                        help="fnmatch patterns of source keys to leave out (e.g. 'encoder.head.*': a classifier's head "
-                             "when converting it to an MAE)")
+                        help="fnmatch patterns of SRC's keys to leave out, named as the model names them (e.g. "
+                             "'encoder.head.*': a classifier's head when converting it to an MAE)")
     parser.add_argument("--img-size", type=int, default=None,
                         help="image size in pixels to build the model at: the size SRC was trained at (needed when it "
                              "is not the model's default), or another one to resample SRC's position table to")

@@ -481,3 +481,10 @@ def test_a_half_precision_mae_encodes_in_its_dtype_and_takes_its_target_from_the
     assert pred.dtype == torch.bfloat16
     assert loss == model.forward_loss(images, pred, mask)
     assert loss != model.forward_loss(images.bfloat16(), pred, mask)
+
+
+def test_list_models_filters_by_pattern_and_lists_every_model_for_none_or_an_empty_one():
+    every = mae_tnt.list_models()
+    assert "mae_vit_test" in every and "vit_test_patch8_32" in every
+    assert mae_tnt.list_models("") == mae_tnt.list_models(None) == every  # as timm's list_models gives
+    assert mae_tnt.list_models("mae_vit_*") == [name for name in every if name.startswith("mae_vit_")]

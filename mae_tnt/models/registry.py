@@ -34,9 +34,10 @@ def register_model(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module
     return builder
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Sorted names of the registered models matching an `fnmatch` pattern, e.g. `mae_tnt_*`."""
-    return sorted(name for name in _BUILDERS if fnmatch.fnmatch(name, pattern))
+def list_models(pattern: str | None = "*") -> list[str]:
+    """Sorted names of the registered models matching an `fnmatch` pattern, e.g. `mae_tnt_*`; every one for an empty
+    pattern or None, as timm's `list_models` gives."""
+    return sorted(name for name in _BUILDERS if fnmatch.fnmatch(name, pattern or "*"))
 
 
 def classifier_name_for(mae_name: str) -> str:
