@@ -25,7 +25,7 @@ from .config import ModelConfig, check_model_name, file_in_the_way
 from .data.loader import first_images
 from .data.shards import resolve_shards
 from .models import create_model, load_weights
-from .models.loading import CheckpointError, pretraining_build_kwargs, resolve_checkpoint
+from .models.loading import STATE_FILE, CheckpointError, pretraining_build_kwargs, resolve_checkpoint
 from .models.masking import rounded_mask_ratio
 from .text import HelpWithDefaults
 from .train.init import read_source
@@ -137,7 +137,9 @@ def _check_pretraining_state(checkpoint: Path, state: dict, given_model: str | N
 
 def default_output(checkpoint: Path, split: str) -> Path:
     """RUN/recon/step_N_SPLIT.png beside the grids the run wrote itself (the checkpoint's folder for a lone one, the
-    weights file's for weights)."""
+    weights file's for weights; a checkpoint's own model.safetensors stands for the checkpoint)."""
+    if checkpoint.name == "model.safetensors" and (checkpoint.parent / STATE_FILE).is_file():
+        checkpoint = checkpoint.parent
     if checkpoint.is_file():
         return checkpoint.with_name(f"{checkpoint.stem}_{split}.png")
     run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint

@@ -278,6 +278,10 @@ def test_visualize_writes_a_checkpoints_reconstructions(shards, tmp_path, capsys
     assert out.stat().st_size > 0 and f"wrote {out}" in capsys.readouterr().out
     assert visualize_main([str(tmp_path), str(shards), "--count", "4"]) == 0  # a run directory: its newest checkpoint
     assert (tmp_path / "recon" / "step_00000004_val.png").stat().st_size > 0
+    (tmp_path / "recon" / "step_00000004_val.png").unlink()
+    weights = tmp_path / "checkpoints" / "step_00000004" / "model.safetensors"  # stands for its checkpoint
+    assert visualize_main([str(weights), str(shards), "--count", "4"]) == 0
+    assert (tmp_path / "recon" / "step_00000004_val.png").stat().st_size > 0
     pipe = f"pipe:cat {shards}/val-000000.tar"  # counted by --info, as data.info counts it in training
     assert visualize_main([str(tmp_path), pipe, "--count", "2"]) == 1
     assert "set data.allow_pipe=true (tools/visualize.py: --allow-pipe) if you trust it" in capsys.readouterr().err
