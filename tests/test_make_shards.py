@@ -413,6 +413,29 @@ def test_workers_of_a_conversion_killed_alone_exit_so_that_the_same_command_fini
     assert load_info(tmp_path / "out")["splits"]["train"]["num_samples"] == count
 
 
+ORPHANED_BEFORE_WATCHING = """
+import os, sys, time
+from mae_tnt.data.convert import exit_with_parent
+parent = os.getpid()
+if os.fork() == 0:  # a worker whose parent is killed before the worker starts watching it
+    time.sleep(0.5)
+    with open(sys.argv[1] + ".tmp", "w") as file:
+        file.write(str(os.getpid()))
+    os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+    exit_with_parent(parent)
+    time.sleep(60)
+"""
+
+
+def test_a_worker_whose_parent_went_before_it_started_watching_exits_at_once(tmp_path):
+    subprocess.run([sys.executable, "-c", ORPHANED_BEFORE_WATCHING, str(tmp_path / "pid")], check=True, cwd=REPO,
+                   timeout=60)  # returns at once: the parent is gone
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "pid").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stops_running(int((tmp_path / "pid").read_text()), within=10)
+
+
 def test_a_corrupt_record_of_an_unfinished_conversion_is_named_with_the_way_out(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.png").write_bytes(encoded(gradient(4, 4), "PNG"))
@@ -1310,7 +1333,8 @@ def test_an_interrupt_stops_every_encoding_worker_and_workers_leave_ctrl_c_to_th
     monkeypatch.setattr(convert_module, "convert", interrupted_while_starting_workers)
     assert make_shards_main([str(tmp_path), str(tmp_path / "out")]) == 130
     assert not started[0].is_alive()
-    with ProcessPoolExecutor(1, initializer=convert_module._init_pool_worker, initargs=(None, None, 1)) as pool:
+    with ProcessPoolExecutor(1, initializer=convert_module._init_pool_worker, initargs=(os.getpid(), None, None, 1)
+                             ) as pool:
         assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
 
 

@@ -332,21 +332,20 @@ def _init_worker(source: Source, max_size: int | None, max_pixels: int) -> None:
     _worker_source, _worker_max_size = source, max_size
 
 
-def _init_pool_worker(source: Source, max_size: int | None, max_pixels: int) -> None:
+def _init_pool_worker(owner: int, source: Source, max_size: int | None, max_pixels: int) -> None:
     # When one worker dies, the pool ends the others with SIGTERM; a handler forked from the caller (a training run's
     # preemption flag, a notebook's) would keep them alive, and the pool would wait for them forever.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Ctrl-C reaches the whole process group: the main process alone stops the pool, without a worker traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    exit_with_parent()
+    exit_with_parent(owner)
     _init_worker(source, max_size, max_pixels)
 
 
-def exit_with_parent(poll_s: float = 0.5) -> None:
-    """End this process once its parent is gone. A conversion killed alone (the OOM killer, a `kill PID`) left its
-    forked workers waiting on their task queue forever, holding OUT's lock, so that the run of the same command that
-    should finish the job waited for them."""
-    parent = os.getppid()
+def exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
+    """End this process, forked by `parent`, once `parent` is gone (at once if it went before this call). A
+    conversion killed alone (the OOM killer, a `kill PID`) left its workers waiting on their task queue forever,
+    holding OUT's lock, so that the run of the same command that should finish the job waited for them."""
 
     def watch() -> None:
         while os.getppid() == parent:  # an orphan is handed to another parent
@@ -378,8 +377,11 @@ def _prepared(source: Source, order: list[int], start: int, options: ConvertOpti
             yield from enumerate(map(_prepare_index, indices), start)
         return
     chunks = (indices[i : i + CHUNK] for i in range(0, len(indices), CHUNK))
-    pool = ProcessPoolExecutor(options.workers, initializer=_init_pool_worker,
-                               initargs=(source, options.max_size, options.max_image_pixels))
+    # Forked on every Python (3.14 would use a fork server): the workers share the source the main process read, and
+    # their parent is the main process, which they watch.
+    pool = ProcessPoolExecutor(options.workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_init_pool_worker,
+                               initargs=(os.getpid(), source, options.max_size, options.max_image_pixels))
     try:
         in_flight = deque(pool.submit(_prepare_chunk, chunk) for chunk in itertools.islice(chunks, 2 * options.workers))
         position = start
