@@ -1232,6 +1232,16 @@ def test_a_split_half_set_aside_or_half_put_back_by_a_killed_overwrite_is_whole_
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
 
 
+def test_a_cifar_batch_whose_labels_are_numpy_scalars_converts(tmp_path):
+    """A batch built by hand with `list(labels_array)` pickles each label as a numpy scalar."""
+    images = np.random.default_rng(2).integers(0, 256, (3, 3072), dtype=np.uint8)
+    batch = {"data": images, "labels": list(np.array([1, 0, 1]))}
+    for name, content in (("batches.meta", {"label_names": ["cat", "dog"]}), ("data_batch_1", batch)):
+        (tmp_path / name).write_bytes(pickle.dumps(content))
+    convert(tmp_path, tmp_path / "out", options())
+    assert sorted(int(fields["cls"]) for fields in by_source(tmp_path / "out").values()) == [0, 1, 1]
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (lambda batch: {**batch, "labels": batch["labels"] + [0, 1]}, "data_batch_1 has 4 images but 6 labels"),
     (lambda batch: {**batch, "labels": batch["labels"][:3]}, "data_batch_1 has 4 images but 3 labels"),

@@ -574,9 +574,11 @@ def _cifar_layout(root: Path) -> tuple[str, str, str, str, str] | None:
 CIFAR_PICKLE_GLOBALS = {
     (module, name)
     for package in ("numpy.core", "numpy._core")  # numpy 1 and numpy 2 name the same functions
-    for module, name in ((f"{package}.multiarray", "_reconstruct"), (f"{package}.numeric", "_frombuffer"))
+    for module, name in ((f"{package}.multiarray", "_reconstruct"), (f"{package}.numeric", "_frombuffer"),
+                         (f"{package}.multiarray", "scalar"))
 } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
-"""What a CIFAR batch pickle may call: numpy's array rebuilders, and the bytes decoder of protocol-2 pickles."""
+"""What a CIFAR batch pickle may call: numpy's array and scalar rebuilders (labels saved as `list(array)` are numpy
+scalars), and the bytes decoder of protocol-2 pickles."""
 
 
 class _CifarUnpickler(pickle.Unpickler):
