@@ -45,6 +45,7 @@ from .models.loading import (
     CheckpointError,
     export_record,
     fold_probe_head,
+    refuse_resampled,
     resolve_checkpoint,
     save_weights,
     shown_build_kwargs,
@@ -111,11 +112,7 @@ def build_checked(info: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     kwargs = {"num_classes": info["num_classes"]}
     kwargs.update({k: info[k] for k in ("img_size", "global_pool") if info[k] is not None})
     model = create_model(info["model"], **kwargs)
-    report = load_weights(model, state_dict)
-    if report.resampled:
-        raise CheckpointError(f"the weights' position table is for another image size than {info['model']} at "
-                              f"{model.grid * model.unit} px ({'; '.join(report.resampled)}); pass --img-size with "
-                              "the size they were trained at")
+    refuse_resampled(load_weights(model, state_dict), model, info["model"])
     return model
 
 

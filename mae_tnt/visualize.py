@@ -25,7 +25,13 @@ from .config import ModelConfig, check_model_name, file_in_the_way
 from .data.loader import first_images
 from .data.shards import resolve_shards
 from .models import create_model, load_weights
-from .models.loading import STATE_FILE, CheckpointError, pretraining_build_kwargs, resolve_checkpoint
+from .models.loading import (
+    STATE_FILE,
+    CheckpointError,
+    pretraining_build_kwargs,
+    refuse_resampled,
+    resolve_checkpoint,
+)
 from .models.masking import rounded_mask_ratio
 from .text import HelpWithDefaults
 from .train.init import read_source
@@ -98,10 +104,8 @@ def visualize(args: argparse.Namespace) -> dict:
     ratio = args.mask_ratio if args.mask_ratio is not None else build["mask_ratio"]
     model = create_model(state["model"], **{**build, "mask_ratio": ratio})
     report = load_weights(model, raw)
-    if report.resampled and args.model is not None and args.img_size is None:  # as create_model refuses to guess
-        raise CheckpointError(f"{checkpoint}'s position table is for another image size than {args.model}'s "
-                              f"{model.grid * model.unit} px ({'; '.join(report.resampled)}): pass --img-size with "
-                              "the size the weights were pretrained at")
+    if args.model is not None and args.img_size is None:  # a run's checkpoint is built at its own size
+        refuse_resampled(report, model, args.model)
     out = default_output(checkpoint, args.split)
     if args.out is not None:
         out = args.out if is_grid_file(args.out) else args.out / out.name

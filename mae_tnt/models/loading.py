@@ -99,10 +99,10 @@ def recorded_build_kwargs(path: str | Path, name: str) -> dict:
     recorded = export_record(Path(path)) or _checkpoint_record(Path(path))
     if recorded is None:
         return {}
-    if recorded.get("model") != name and name.startswith("mae_"):  # only the encoder goes into another model
-        raise CheckpointError(f"{path} holds the weights of {recorded.get('model')}, not of {name}: build "
-                              f"{recorded.get('model')}, which its description records")
     if recorded.get("model") != name:  # another model's weights: only their image size, and no head for an MAE's
+        if name.startswith("mae_"):  # only the encoder goes into another model
+            raise CheckpointError(f"{path} holds the weights of {recorded.get('model')}, not of {name}: build "
+                                  f"{recorded.get('model')}, which its description records")
         recorded = {"img_size": recorded.get("img_size"),  # pretraining records no classes
                     "num_classes": 0 if recorded.get("num_classes") is None else None}
     elif "pretraining" in recorded:
@@ -144,6 +144,15 @@ def pretraining_build_kwargs(state: dict, source: str) -> dict:
 
     settings = {"name": state["model"], **(state["config"].get("model") or {})}
     return config_section(ModelConfig, settings, "model.", source).build_kwargs()
+
+
+def refuse_resampled(report: LoadReport, model: nn.Module, name: str) -> None:
+    """Refuse weights whose learned position table was resampled to `model`'s grid: the tools show and export weights
+    as they were trained, at the size given with --img-size."""
+    if report.resampled:
+        raise CheckpointError(f"the weights' position table is for another image size than {name} at "
+                              f"{model.grid * model.unit} px ({'; '.join(report.resampled)}); pass --img-size with "
+                              "the size they were trained at")
 
 
 def corrupt_description(description: Path, checkpoint: Path) -> CheckpointError:
