@@ -381,6 +381,23 @@ def test_pipe_urls_are_refused_unless_allowed(tmp_path):
     assert not marker.exists()
 
 
+def test_an_info_file_naming_shards_outside_its_directory_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    monkeypatch.chdir(tmp_path)  # the directory `.`: joined to it, a pipe: name stays a pipe: URL
+    def list_shard(name):
+        entry = {"num_samples": 1, "filenames": [name], "shard_lengths": [1]}
+        (tmp_path / "_info.json").write_text(json.dumps({"splits": {"train": entry}}))
+
+    for name in (f"pipe:touch {marker}", f"PIPE:touch {marker}", str(tmp_path / "elsewhere.tar"), "../up.tar"):
+        list_shard(name)
+        with pytest.raises(InfoError, match=rf"shard file name '{re.escape(name)}' is not a path inside \."):
+            consume(stream_for(resolve_shards(".", verify=False), 0, 1, workers=0))
+    assert not marker.exists()
+    write_shards(tmp_path / "sub", [1])
+    list_shard("sub/train-000000.tar")  # a sub-folder is inside
+    assert [s.url for s in resolve_shards(".", verify=False)] == ["sub/train-000000.tar"]
+
+
 def test_allowed_pipe_urls_stream_with_counts_from_a_local_info_file(tmp_path):
     write_shards(tmp_path, [8, 8, 8, 8])
     url = f"pipe:cat {tmp_path}/train-{{000000..000003}}.tar"

@@ -24,7 +24,7 @@ import os
 import tarfile
 import zlib
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..atomic import atomic_file
 
@@ -87,11 +87,21 @@ def _check_info(info: object, path: Path) -> None:
         if not _list_of(filenames, str) or not _list_of(lengths, int) or len(filenames) != len(lengths):
             raise InfoError(f"{where}: 'filenames' and 'shard_lengths' must be lists of equal length, of file names "
                              "and of sample counts")
+        if odd := [name for name in filenames if not _inside_directory(name)]:
+            raise InfoError(f"{where}: shard file name {odd[0]!r} is not a path inside {path.parent} (no URL, no "
+                            "absolute path, no '..'); regenerate it with tools/make_shards.py")
         if sum(lengths) != entry["num_samples"]:
             raise InfoError(f"{where}: shard_lengths sum to {sum(lengths)} but num_samples is {entry['num_samples']}")
         if "shard_bytes" in entry and not (_list_of(entry["shard_bytes"], int)
                                            and len(entry["shard_bytes"]) == len(filenames)):
             raise InfoError(f"{where}: 'shard_bytes' must be a list with one size in bytes per file name")
+
+
+def _inside_directory(name: str) -> bool:
+    """A relative path with no `..` and no URL scheme: joined to the directory `.`, `pipe:CMD` would be run as a
+    shell command, and `/x.tar` or `../x.tar` would read files the directory does not hold."""
+    parts = PurePosixPath(name).parts
+    return bool(parts) and not PurePosixPath(name).is_absolute() and ".." not in parts and ":" not in parts[0]
 
 
 def _list_of(value: object, kind: type) -> bool:
