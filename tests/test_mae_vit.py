@@ -121,6 +121,20 @@ def test_the_mask_token_baseline_puts_its_learned_token_in_place_of_the_hidden_u
         assert not torch.allclose(model.forward_encoder(images, 0.75, noise)[0], latent)
 
 
+@pytest.mark.parametrize("options", [dict(encoder_mode="visible"), dict(encoder_mode="mask_tokens")])
+@pytest.mark.parametrize("name", ["mae_vit_test", "mae_tnt_test", "mae_sret_test"])
+def test_every_trained_parameter_gets_a_gradient_as_ddp_requires(name, options):
+    model = mae_tnt.create_model(name, **options)
+    size = model.grid * model.unit
+    model(torch.randn(2, 3, size, size))[0].backward()
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+
+
+def test_word_masking_trains_every_parameter_too():
+    test_every_trained_parameter_gets_a_gradient_as_ddp_requires("mae_tnt_test", dict(word_mask_ratio=0.3))
+
+
 def test_loss_ignores_visible_patches(model):
     images = torch.randn(2, 3, 32, 32)
     noise = torch.rand(2, model.grid**2)

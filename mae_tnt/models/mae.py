@@ -81,7 +81,8 @@ class MaskedAutoencoder(nn.Module):
             self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, token_dim))
 
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        if encoder_mode == "visible":  # hidden units enter at the decoder; unused, DDP would wait for its gradient
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         # Fixed sin-cos table, saved in the state dict as in MAE but never trained.
         table = sincos_2d(decoder_dim, self.grid, self.num_prefix_tokens)  # [P + L, Dd]
         self.decoder_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)  # [1, P + L, Dd]
@@ -95,9 +96,8 @@ class MaskedAutoencoder(nn.Module):
         for name, module in self.named_modules():
             if name.startswith("decoder_"):
                 module.apply(init_mae_weights)
-        nn.init.normal_(self.mask_token, std=0.02)
-        if self.encoder_mode == "mask_tokens":
-            nn.init.normal_(self.encoder_mask_token, std=0.02)
+        mask_token = self.mask_token if self.encoder_mode == "visible" else self.encoder_mask_token
+        nn.init.normal_(mask_token, std=0.02)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every encoder and decoder block in the backward pass instead of keeping its activations."""
