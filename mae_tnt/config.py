@@ -148,7 +148,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     """AdamW decoupled weight decay. Never of 1-D parameters (norms, biases, SReT's LRC scalars); fine-tuning also
     spares what the classifier's `no_weight_decay()` names (class token, position tables), while MAE pretraining
-    decays its class and mask tokens and learned position tables, as MAE does."""
+    decays its class and mask tokens, as MAE does, and spares only learned position tables (TNT's, SReT's)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW's (beta1, beta2); MAE pretrains with beta2 = 0.95."""
     accum_steps: int = 1

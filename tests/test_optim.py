@@ -17,6 +17,8 @@ from mae_tnt.train.schedule import lr_at, set_lr
 ROOT = Path(__file__).resolve().parents[1]
 # What classifiers exempt from weight decay beyond 1-D parameters: class tokens and position tables (MAE fine-tuning).
 CLASSIFIER_UNDECAYED = ("cls_token", "pos_embed", "patch_pos", "pixel_pos")
+# MAE pretraining decays its class and mask tokens as MAE does, and exempts the learned position tables (TNT's, SReT's).
+MAE_UNDECAYED = ("pos_embed", "patch_pos", "pixel_pos")
 
 
 def test_lr_warms_up_linearly_from_zero_then_falls_on_a_half_cosine_to_min_lr():
@@ -42,7 +44,7 @@ def decay_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
 
 
 @pytest.mark.parametrize("name, exempt, layer_decay", [
-    ("mae_vit_test", (), None), ("mae_tnt_test", (), None), ("mae_sret_test", (), None),  # MAE decays its tokens
+    *[(name, MAE_UNDECAYED, None) for name in ("mae_vit_test", "mae_tnt_test", "mae_sret_test")],
     *[(name, CLASSIFIER_UNDECAYED, layer_decay) for name in ("vit_test_patch8_32", "tnt_test_patch8_32", "sret_test")
       for layer_decay in (None, 0.75)],  # fine-tuning's layer-decay groups keep the exemptions
 ])
@@ -55,8 +57,10 @@ def test_weight_matrices_decay_and_norms_and_biases_never_tokens_and_tables_as_m
     undecayed = {n for n, p in trainable.items() if p.ndim <= 1 or n.split(".")[-1] in exempt}
     assert {n for n, wd in decay.items() if wd == 0.0} == undecayed
     assert {wd for n, wd in decay.items() if n not in undecayed} == {0.05}
-    tokens = {n for n, p in trainable.items() if p.ndim > 1 and n.endswith(("token", *CLASSIFIER_UNDECAYED))}
-    assert tokens and tokens & undecayed == (tokens if exempt else set())  # tokens and tables: decayed in pretraining
+    tokens = {n for n, p in trainable.items() if p.ndim > 1 and n.endswith("token")}
+    assert (tokens <= undecayed if "cls_token" in exempt else not tokens & undecayed)
+    tables = {n for n, p in trainable.items() if n.split(".")[-1] in MAE_UNDECAYED}
+    assert tables <= undecayed and (tables or name.startswith("mae_vit"))  # ViT's MAE table is fixed, not trained
 
 
 def test_the_linear_probe_neither_decays_nor_adapts_the_batchnorm_and_bias():

@@ -39,6 +39,10 @@ def split_mae_state_dict(state_dict: StateDict) -> tuple[StateDict, StateDict]:
     return {k: v for k, v in state_dict.items() if k not in wrapper}, wrapper
 
 
+POSITION_TABLES = ("pos_embed", "patch_pos", "pixel_pos")
+"""The encoders' position tables, by name: ViT's and SReT's `pos_embed`, TNT's sentence and word tables."""
+
+
 class MaskedAutoencoder(nn.Module):
     """MAE around any encoder that follows the contract above.
 
@@ -98,6 +102,12 @@ class MaskedAutoencoder(nn.Module):
                 module.apply(init_mae_weights)
         mask_token = self.mask_token if self.encoder_mode == "visible" else self.encoder_mask_token
         nn.init.normal_(mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """The encoder's learned position tables (TNT's, SReT's): every reference that learns them exempts them, and
+        MAE's own are fixed. The class and mask tokens decay, as in MAE (timm's `add_weight_decay`, no skip list)."""
+        listed = self.encoder.no_weight_decay() if hasattr(self.encoder, "no_weight_decay") else set()
+        return {f"encoder.{name}" for name in listed if name in POSITION_TABLES}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every encoder and decoder block in the backward pass instead of keeping its activations."""

@@ -2,9 +2,9 @@
 
 No weight decay on 1-D parameters (norms, biases, LRC scalars) and on every name the model lists in
 `no_weight_decay()`. Classifiers list their position tables and class token, as MAE's fine-tuning exempts them. MAE
-pretraining models list nothing: MAE pretrains with timm's `add_weight_decay` and no skip list, which decays the class
-and mask tokens (its position tables are fixed). Grouping is timm's (`param_groups_weight_decay`,
-`param_groups_layer_decay`), driven by the model's `no_weight_decay` and `group_matcher`.
+pretraining models list only the encoder's learned position tables (TNT's, SReT's; MAE's own are fixed): MAE pretrains
+with timm's `add_weight_decay` and no skip list, which decays the class and mask tokens. Grouping is timm's
+(`param_groups_weight_decay`, `param_groups_layer_decay`), driven by the model's `no_weight_decay` and `group_matcher`.
 """
 
 from __future__ import annotations

@@ -343,7 +343,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: Pa
             raise ResumeError(f"{path} holds optimizer state for other parameter groups than this recipe's "
                               f"({err}); set optim.layer_decay and what the model trains back to continue it (a "
                               f"pretraining checkpoint from a development build of mae_tnt that did not decay MAE's "
-                              f"class and mask tokens cannot continue), or {FRESH}") from None
+                              f"class and mask tokens, or that decayed TNT's or SReT's position tables, cannot "
+                              f"continue), or {FRESH}") from None
 
 
 def with_this_runs_kernel(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
