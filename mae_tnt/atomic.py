@@ -37,10 +37,43 @@ def atomic_file(final: Path) -> Iterator[Path]:
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
-    """Put the complete directory `tmp` in place of `final` (removing an older one) and flush the rename to disk."""
-    shutil.rmtree(final, ignore_errors=True)
+    """Put the complete directory `tmp` in place of `final`, both flushed to disk.
+
+    A directory cannot be renamed over a non-empty one, so an older `final` is renamed aside first and removed
+    last: a run stopped between the two renames leaves it whole under `aside_name(final)`, which `restore_aside`
+    (called here, and by the run that continues) puts back.
+    """
+    sync_tree(tmp)
+    restore_aside(final)
+    aside = aside_name(final)
+    shutil.rmtree(aside, ignore_errors=True)  # left by a run stopped after both renames: `final` is whole
+    if final.exists():
+        os.replace(final, aside)
     os.replace(tmp, final)
     _fsync(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def aside_name(final: Path) -> Path:
+    """Where `replace_dir` keeps the directory it replaces until the new one is in place."""
+    return final.with_name(f".old-{final.name}")
+
+
+def restore_aside(final: Path) -> None:
+    """Put back the older `final` that a `replace_dir` stopped between its renames left aside."""
+    if not final.exists() and aside_name(final).is_dir():
+        try:
+            os.replace(aside_name(final), final)
+        except FileNotFoundError:  # another process put it back first
+            pass
+
+
+def sync_tree(root: Path) -> None:
+    """Flush every file and directory under `root` to disk (torch and safetensors do not)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
 
 
 def _fsync(path: Path) -> None:

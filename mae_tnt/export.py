@@ -34,6 +34,7 @@ import timm
 import torch
 from torch import nn
 
+from .atomic import sync_tree
 from .cli import quiet_on_ctrl_c, report_user_errors
 from .config import file_in_the_way
 from .convert_checkpoint import pooling_note
@@ -164,6 +165,7 @@ def write_export(out: Path, state_dict: dict[str, torch.Tensor], config: dict) -
         fresh_directory(tmp)
         save_weights(state_dict, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=1))
+        sync_tree(tmp)
         for name in ("model.safetensors", EXPORT_CONFIG):
             os.replace(tmp / name, out / name)
         tmp.rmdir()

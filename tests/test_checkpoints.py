@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import torch
 from safetensors import SafetensorError
 
 import mae_tnt
-from mae_tnt.atomic import atomic_file
+import mae_tnt.atomic
+from mae_tnt.atomic import aside_name, atomic_file, replace_dir, restore_aside
 from mae_tnt.convert_checkpoint import main as convert_main
 from mae_tnt.models import ModelError
 from mae_tnt.models.loading import (
@@ -47,6 +49,35 @@ def test_an_atomic_write_replaces_the_file_whole_or_leaves_it_as_it_was(tmp_path
         tmp.write_bytes(b"half of the n")
         raise OSError("disk full")
     assert final.read_bytes() == b"old" and sorted(final.parent.iterdir()) == [final]
+
+
+def directory_with(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "model.safetensors").write_text(text)
+    return path
+
+
+def test_a_directory_replace_stopped_between_its_renames_keeps_the_old_one_whole_to_put_back(tmp_path, monkeypatch):
+    final = directory_with(tmp_path / "best", "old")
+    renames, replace = [], os.replace
+
+    def stopped_at_the_second(src, dst):
+        renames.append(Path(dst).name)
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(mae_tnt.atomic.os, "replace", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(directory_with(tmp_path / ".tmp-best", "new"), final)
+    monkeypatch.setattr(mae_tnt.atomic.os, "replace", replace)
+    assert renames == [aside_name(final).name, "best"] and not final.exists()
+    restore_aside(final)
+    assert (final / "model.safetensors").read_text() == "old" and not aside_name(final).exists()
+    shutil.rmtree(tmp_path / ".tmp-best")  # the next write starts afresh (checkpoint.fresh_directory)
+    replace_dir(directory_with(tmp_path / ".tmp-best", "new"), final)
+    assert (final / "model.safetensors").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
 
 
 def test_official_full_mae_converts_and_loads_exactly(tmp_path):

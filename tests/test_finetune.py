@@ -6,6 +6,7 @@ import errno
 import importlib.util
 import itertools
 import json
+import os
 import pickle
 import random
 import re
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from shard_utils import drop_classes, encode_png, write_shards
 from test_tnt import official_layout as tnt_official_layout
 
+from mae_tnt.atomic import aside_name
 from mae_tnt.config import ConfigError, PretrainConfig, UnknownKeyError, load_config
 from mae_tnt.data.shards import ShardError, StreamError, read_samples, resolve_shards
 from mae_tnt.data.transforms import train_crop
@@ -39,6 +41,7 @@ from mae_tnt.train.engine import Trainer, seed_step
 from mae_tnt.train.finetune import FinetuneRun, build_classifier, build_optimizer, finetune, resolve_num_classes
 from mae_tnt.train.init import load_init, recorded_init
 from mae_tnt.train.loop import NonFiniteLossError
+from mae_tnt.train.superseded import best_weights_step
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "data" / "fashion_mnist"
@@ -856,6 +859,15 @@ def test_a_best_model_that_cannot_be_written_is_named_and_leaves_no_partial_copy
     with pytest.raises(CheckpointWriteError, match=rf"^could not write {best} \(\[Errno 28\] No space left on device"):
         FinetuneRun(demo_config(tmp_path, "run.max_steps=2")).train()
     assert not (tmp_path / ".tmp-best").exists() and not (tmp_path / "best").exists()
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_the_run_that_continues_puts_back_a_best_model_left_aside_by_a_stop_while_it_was_replaced(tmp_path,
+                                                                                                  one_thread):
+    FinetuneRun(demo_config(tmp_path, "run.max_steps=2")).train()
+    os.replace(tmp_path / "best", aside_name(tmp_path / "best"))  # stopped between replace_dir's renames
+    FinetuneRun(demo_config(tmp_path, "run.max_steps=2"))
+    assert best_weights_step(tmp_path) == 2 and not aside_name(tmp_path / "best").exists()
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")

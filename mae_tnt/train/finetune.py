@@ -26,7 +26,7 @@ from timm.optim import Lars
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from ..atomic import replace_dir, temporary_name
+from ..atomic import replace_dir, restore_aside, temporary_name
 from ..config import ConfigError, to_dict
 from ..data.info import write_json_atomic
 from ..data.loader import build_train_stream, data_shards, eval_batches, make_loader
@@ -211,6 +211,8 @@ class FinetuneRun(TrainingRun):
 
     def _set_up(self, cfg: FinetuneConfig) -> None:
         """Everything that follows the claim on the run directory: resume or init, model, optimizer, evaluation."""
+        if self.is_main:  # before anything reads best/ or sets the run aside
+            restore_aside(self.out / "best")
         checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main,
                                     check_fresh_start=lambda: recorded_init(cfg.init))  # a wrong init moves nothing
         cfg.init = recorded_init(cfg.init, checkpoint.state if checkpoint else None)
