@@ -35,3 +35,10 @@ def test_visible_only_bench_reports_what_the_step_would_take_at_the_full_encoder
     assert capsys.readouterr().out.splitlines() == [
         "encoder MACs per second, visible-only / mask tokens: 0.50x",
         "speedup if the visible-only encoder ran at the full one's rate: 3.00x"]
+
+
+def test_the_visible_only_bench_gives_both_models_the_same_weights_and_prints_the_ratio_last(monkeypatch, capsys):
+    visible_only = pytest.importorskip("visible_only")
+    monkeypatch.setattr(sys, "argv", ["visible_only.py", "--model", "mae_vit_test", "--batch", "2", "--repeats", "1"])
+    visible_only.main()  # asserts that the weights load across with only the mask tokens left out
+    assert capsys.readouterr().out.splitlines()[-1].startswith("speedup visible-only vs mask tokens: ")

@@ -43,7 +43,9 @@ def main() -> None:
     torch.manual_seed(0)
     visible = mae_tnt.create_model(args.model, mask_ratio=args.mask_ratio)
     full = mae_tnt.create_model(args.model, mask_ratio=args.mask_ratio, encoder_mode="mask_tokens")
-    full.load_state_dict(visible.state_dict(), strict=False)  # identical weights; only the mask token is extra
+    # identical weights: each model has its own mask token, where the hidden patches enter it
+    keys = full.load_state_dict(visible.state_dict(), strict=False)
+    assert (keys.missing_keys, keys.unexpected_keys) == (["encoder_mask_token"], ["mask_token"]), keys
     size = visible.grid * visible.unit
     images = torch.randn(args.batch, 3, size, size)
     cases = [Case("visible-only", visible, lambda: visible(images)[0]),
