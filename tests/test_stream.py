@@ -21,6 +21,7 @@ from mae_tnt.config import DataConfig
 from mae_tnt.data import shards as shards_module
 from mae_tnt.data.info import InfoError, count_tar_samples, load_info, update_split
 from mae_tnt.data.inspect import inspect_shards
+from mae_tnt.data.inspect import main as inspect_main
 from mae_tnt.data.loader import build_train_stream, eval_batches, first_images, mae_transform, make_loader
 from mae_tnt.data.shards import ShardError, read_samples, resolve_shards
 from mae_tnt.data.stream import ShardStream, StreamState
@@ -672,14 +673,16 @@ def test_loader_workers_survive_a_sigterm_that_reaches_them_as_they_start(even, 
     assert len(started) == 2 and sorted(keys(batches)) == sorted(keys(consume(stream_for(even))))
 
 
-def test_a_label_that_is_not_a_class_index_skips_its_sample_in_training_and_evaluation(tmp_path):
+@pytest.mark.parametrize("label", [b"n01440764", b"-1", b"+3"])  # a synset id; int() takes the others
+def test_a_label_that_is_not_a_class_index_skips_its_sample_in_training_evaluation_and_inspection(tmp_path, label,
+                                                                                                  capsys):
     write_shards(tmp_path, [8, 8])
     shard = tmp_path / "train-000000.tar"
     with tarfile.open(shard) as tar:
         members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
     with tarfile.open(shard, "w") as tar:  # the same shard with a synset id where the class index belongs
         for member, data in members:
-            data = b"n01440764" if member.name == "s000002.cls" else data
+            data = label if member.name == "s000002.cls" else data
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
     shards = resolve_shards(str(tmp_path))
@@ -687,12 +690,14 @@ def test_a_label_that_is_not_a_class_index_skips_its_sample_in_training_and_eval
     batches = consume(stream)
     assert "s000002" not in keys(batches) and stream.state.skipped >= 1
     named = [skip for batch in batches for skip in batch["skips"]]
-    assert named == [f"{shard}:s000002 (made from img/2.png): its .cls b'n01440764' is not a class index "
-                     "(tools/make_shards.py writes those)"]
+    problem = f"its .cls {label!r} is not a class index (tools/make_shards.py writes those)"
+    assert named == [f"{shard}:s000002 (made from img/2.png): {problem}"]
     with pytest.warns(UserWarning, match=r"evaluation left out 1 unreadable sample: \S+/train-000000\.tar:s000002 "
-                                         r"\(made from img/2\.png\): its \.cls b'n01440764' is not a class index"):
+                                         rf"\(made from img/2\.png\): {re.escape(problem)}"):
         labels = torch.cat([labels for _, labels in eval_batches(shards, img_size=16, batch_size=4)])
     assert (labels >= 0).sum() == 15  # evaluation leaves it out too
+    assert inspect_main([str(tmp_path)]) == 1
+    assert f"{shard}:s000002 (made from img/2.png): {problem}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("info, problem", [

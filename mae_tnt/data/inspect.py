@@ -30,6 +30,7 @@ from mae_tnt.data.info import (
     unfinished_journals,
 )
 from mae_tnt.data.shards import read_samples, sample_name
+from mae_tnt.data.stream import BadLabelError, label_of
 from mae_tnt.progress import progress_bar
 from mae_tnt.text import HelpWithDefaults, counted, positive_int
 
@@ -163,12 +164,15 @@ def _inspect_sample(where: str, fields: dict[str, bytes], report: SplitReport) -
     report.widths.append(img.width)
     report.heights.append(img.height)
     classes = report.classes
-    if "cls" not in fields:
+    try:
+        label = label_of(fields)  # as training reads it
+    except BadLabelError as err:
+        return [f"{where}: {err}"]
+    if label < 0:
         return [f"{where}: no .cls label although the split is labeled"] if classes else []
-    label = fields["cls"].decode("ascii", errors="replace").strip()
-    if not label.isdigit() or (classes and int(label) >= len(classes)):
-        return [f"{where}: label {label!r} is not an index into the {len(classes)} classes"]
-    report.label_counts[int(label)] += 1
+    if classes and label >= len(classes):
+        return [f"{where}: label {label} is not an index into the {len(classes)} classes"]
+    report.label_counts[label] += 1
     return []
 
 

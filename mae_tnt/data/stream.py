@@ -329,8 +329,6 @@ def label_of(sample: dict) -> int:
     value = sample.get("cls")
     if not value:
         return -1
-    try:
-        return int(value.decode().strip())
-    except (UnicodeDecodeError, ValueError):
-        raise BadLabelError(f"its .cls {value[:40]!r} is not a class index (tools/make_shards.py writes those)") \
-            from None
+    if not value.strip().isdigit():  # ASCII digits alone: int() would also take b"-1", read as no label, or b"+3"
+        raise BadLabelError(f"its .cls {value[:40]!r} is not a class index (tools/make_shards.py writes those)")
+    return int(value)
