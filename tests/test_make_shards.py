@@ -37,7 +37,7 @@ from mae_tnt.data.images import BadImageError, decode, decode_rgb, set_max_image
 from mae_tnt.data.info import InfoError, count_tar_samples, load_info, update_split
 from mae_tnt.data.inspect import main as inspect_main
 from mae_tnt.data.readers import SourceError, detect_format
-from mae_tnt.data.shards import labeled_classes, read_samples
+from mae_tnt.data.shards import ShardError, labeled_classes, read_samples, resolve_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -1192,7 +1192,7 @@ def killed_midway(out: Path, split: str):
 
 @pytest.mark.parametrize("rerun_overwrites", [True, False])  # run again as it was, or resumed without --overwrite
 def test_an_overwrite_killed_outright_keeps_the_old_split_aside_until_a_rerun_replaces_it(tmp_path, monkeypatch,
-                                                                                          rerun_overwrites):
+                                                                                          rerun_overwrites, capsys):
     write_imagefolder(tmp_path / "a", ["cat", "dog"], per_class=3)
     write_imagefolder(tmp_path / "b", ["cat", "dog"], per_class=4)
     for split in ("train", "val"):
@@ -1205,6 +1205,20 @@ def test_an_overwrite_killed_outright_keeps_the_old_split_aside_until_a_rerun_re
             convert(tmp_path / "b", tmp_path / "out", options(overwrite=True, shard_size=2))
     kept = tmp_path / "out" / ".replaced-train"
     assert sorted(path.name for path in kept.glob("train-*.tar")) == [path.name for path in old_train]
+    # training is told to finish the conversion, not to train on the split that is there (val)
+    with pytest.raises(ShardError, match=r"^the conversion of split 'train' into \S+ was interrupted "
+                                         r"\(_progress_train.json records it\); re-run tools/make_shards.py with the "
+                                         r"same arguments to finish it$"):
+        resolve_shards(str(tmp_path / "out"))
+    journal = (tmp_path / "out" / "_progress_train.json").read_bytes()
+    (tmp_path / "out" / "_progress_train.json").unlink()  # as if killed before its first shard
+    with pytest.raises(ShardError, match=rf"^an interrupted tools/make_shards.py --overwrite of split 'train' left it "
+                                         rf"aside in {re.escape(str(kept))}; re-run that command to finish it$"):
+        resolve_shards(str(tmp_path / "out"))
+    assert inspect_main([str(tmp_path / "out")]) == 1
+    assert (f"{kept}: a split set aside by an interrupted make_shards --overwrite; re-run that command to finish it"
+            in capsys.readouterr().err)
+    (tmp_path / "out" / "_progress_train.json").write_bytes(journal)
     rerun = options(overwrite=rerun_overwrites, shard_size=2)
     assert convert(tmp_path / "b", tmp_path / "out", rerun).num_samples == 8
     assert not kept.exists() and load_info(tmp_path / "out")["splits"]["train"]["num_samples"] == 8

@@ -228,6 +228,30 @@ def unfinished_journals(root: str | os.PathLike) -> list[Path]:
     return sorted(Path(root).glob(f"{JOURNAL_PREFIX}*.json"))
 
 
+REPLACED_PREFIX = ".replaced-"
+REPLACEMENT_STAGES = (".tmp", "", ".back", ".done")
+"""Suffixes of `replaced_split_dir` as `shard_writer.replacing_split` moves the old split: being set aside, set
+aside, being put back, being deleted."""
+
+
+def replaced_split_dir(out: Path, split: str, stage: str = "") -> Path:
+    """Where `make_shards --overwrite` keeps the split it replaces until the new one is complete (`stage`: one of
+    REPLACEMENT_STAGES)."""
+    return out / f"{REPLACED_PREFIX}{split}{stage}"
+
+
+def unfinished_conversion(root: Path, split: str) -> str | None:
+    """What an interrupted make_shards left of `split` in `root` (its progress journal, or the earlier split an
+    `--overwrite` set aside), with what finishes it; None when nothing is left."""
+    if (journal := journal_path(root, split)).is_file():
+        return (f"the conversion of split {split!r} into {root} was interrupted ({journal.name} records it); re-run "
+                "tools/make_shards.py with the same arguments to finish it")
+    if aside := [path for stage in REPLACEMENT_STAGES if (path := replaced_split_dir(root, split, stage)).is_dir()]:
+        return (f"an interrupted tools/make_shards.py --overwrite of split {split!r} left it aside in {aside[0]}; "
+                "re-run that command to finish it")
+    return None
+
+
 def json_bytes(obj: object, indent: int | None = None) -> bytes:
     """``obj`` as UTF-8 JSON. A file name that is not valid UTF-8 reaches Python holding lone surrogates, which UTF-8
     cannot encode; each becomes the JSON escape ``\\udcXX``, which `json.loads` reads back to the same name (and

@@ -22,6 +22,7 @@ from mae_tnt.config import DEFAULT_MAX_IMAGE_PIXELS
 from mae_tnt.data.images import IMAGE_FIELDS, BadImageError, decode, pixel_limit, to_rgb
 from mae_tnt.data.info import (
     INFO_NAME,
+    REPLACED_PREFIX,
     InfoError,
     count_tar_samples,
     listed_shards,
@@ -116,6 +117,8 @@ def _leftover_problems(root: Path, info: dict) -> list[str]:
         f"{path}: unfinished conversion; re-run the make_shards command that wrote it"
         for path in unfinished_journals(root)
     ]
+    problems += [f"{path}: a split set aside by an interrupted make_shards --overwrite; re-run that command to "
+                 "finish it" for path in sorted(root.glob(f"{REPLACED_PREFIX}*"))]
     shards = [path for pattern in ("*.tar", "*.tar.gz") for path in sorted(root.glob(pattern))]
     problems += [f"{path}: shard not listed in {INFO_NAME}" for path in shards if path.name not in listed]
     return problems

@@ -23,12 +23,14 @@ from pathlib import Path
 from mae_tnt.data.encode import EncodedImage
 from mae_tnt.data.info import (
     INFO_NAME,
+    REPLACEMENT_STAGES,
     InfoError,
     count_tar_samples,
     journal_path,
     json_bytes,
     load_info,
     remove_split,
+    replaced_split_dir,
     write_json_atomic,
 )
 
@@ -43,16 +45,6 @@ def discard_split(out: Path, split: str) -> None:
         path.unlink()
     journal_path(out, split).unlink(missing_ok=True)
     remove_split(out, split)
-
-
-REPLACEMENT_STAGES = (".tmp", "", ".back", ".done")
-"""Suffixes of `replaced_split_dir` as `replacing_split` moves the old split: being set aside, set aside, being put
-back, being deleted."""
-
-
-def replaced_split_dir(out: Path, split: str, stage: str = "") -> Path:
-    """Where `--overwrite` keeps the split it replaces until the new one is complete (`stage`: REPLACEMENT_STAGES)."""
-    return out / f".replaced-{split}{stage}"
 
 
 @contextmanager

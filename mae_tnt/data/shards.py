@@ -29,7 +29,16 @@ import braceexpand
 import webdataset as wds
 
 from ..text import counted
-from .info import INFO_NAME, InfoError, count_tar_samples, listed_shards, load_info, sample_members, split_classes
+from .info import (
+    INFO_NAME,
+    InfoError,
+    count_tar_samples,
+    listed_shards,
+    load_info,
+    sample_members,
+    split_classes,
+    unfinished_conversion,
+)
 
 COMMAND_EXIT_WAIT = 10  # seconds; a command still running then is stopped, and its stream's read error reported
 
@@ -50,6 +59,8 @@ class SampleWarning(UserWarning):
 
 
 def missing_split(root: Path, info: dict, split: str, split_key: str) -> str:
+    if unfinished := unfinished_conversion(root, split):  # not another split: the one asked for is coming
+        return unfinished
     if not (splits := sorted(info.get("splits", {}))):
         return f"{root}/_info.json lists no split; make the shards with tools/make_shards.py --split {split}"
     return f"{root}/_info.json has no split {split!r}; it has {', '.join(splits)}: set {split_key} to one of them"
