@@ -120,7 +120,8 @@ class FinetuneOptimConfig(OptimConfig):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW betas (MAE fine-tuning keeps PyTorch's defaults)."""
     layer_decay: float | None = 0.75
-    """Layer-wise LR decay: group i of n = depth + 1 gets decay^(n - i) (None = off)."""
+    """Layer-wise LR decay of fine-tuning with AdamW: group i of n = depth + 1 gets decay^(n - i) (None = off). The
+    linear probe trains its head alone, so it applies none, whatever this says."""
     momentum: float = 0.9
     """LARS momentum."""
     trust_coeff: float = 0.001
