@@ -685,6 +685,26 @@ def test_resuming_from_before_the_best_weights_sets_them_aside_with_the_later_ch
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_continuing_another_runs_checkpoint_sets_the_run_in_this_directory_aside_whole(tmp_path, one_thread, capsys):
+    """Its metrics rows and best/ are no past of the continuation: keeping as many rows as the other run had dropped
+    the rest, and the best record of the other run named weights this directory does not hold."""
+    FinetuneRun(demo_config(tmp_path / "a", "run.max_steps=31")).train()  # validates at the end of epoch 1
+    FinetuneRun(demo_config(tmp_path / "b", "run.max_steps=20", "run.log_every=1")).train()
+    rows_of_b = (tmp_path / "b" / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    continued = FinetuneRun(demo_config(tmp_path / "b", "run.max_steps=36", f"run.resume={tmp_path / 'a'}"))
+    (aside,) = (tmp_path / "b").glob("superseded/*")
+    assert (aside / "metrics.jsonl").read_text() == rows_of_b and best_weights_step(aside) == 20
+    shown = capsys.readouterr().out
+    assert (f"warning: run.resume={tmp_path / 'a'} continues another run: moved the previous run in {tmp_path / 'b'} "
+            f"to {aside}") in shown
+    assert f"at step 31) are in {tmp_path / 'a' / 'best'}; this run's best/ starts at its next validation" in shown
+    continued.train()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps and min(steps) > 31 and best_weights_step(tmp_path / "b") == 36
+
+
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
 def test_an_epoch_that_ends_inside_an_accumulation_is_checkpointed_where_a_resume_is_exact(tmp_path, one_thread):
     """31 batches per epoch at 2 per optimizer step: epoch 1 ends a batch into step 16, so its checkpoint is step 16,
     not step 15 with a half-accumulated gradient that resuming would lose (and then accumulate out of step)."""

@@ -73,7 +73,7 @@ from .launch import build_accelerator, configure_deepspeed, uses_deepspeed
 from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, timed
 from .metrics import MetricsLogger, main_process_lines, step_progress
 from .optim import build_adamw
-from .resume import resolve_resume
+from .resume import of_another_run, resolve_resume
 from .run_lock import claim_run_directory, given_back_on_failure, released_at_end
 from .superseded import best_weights_step, set_aside_previous_run
 
@@ -260,6 +260,11 @@ class FinetuneRun(TrainingRun):
         best_written_at = best_weights_step(self.out)  # read before the main process may set `best/` aside
         self.restore(checkpoint)
         self.best = checkpoint.state.get("best", self.best)
+        if of_another_run(checkpoint, self.out) and "weights" in self.best:
+            self.log(f"note: the best weights so far (val top-1 {self.best['val_acc1']:.2f} at step "
+                     f"{self.best['step']}) are in {checkpoint.path.parent.parent / 'best'}; this run's best/ starts "
+                     "at its next validation")
+            self.best = {}
         if best_written_at is not None and best_written_at > self.step and "weights" in self.best:
             # A later step of the continuation set aside replaced the weights this record describes.
             self.log(f"warning: best/ held step {best_written_at}, past this continuation; the best weights up to "

@@ -31,6 +31,7 @@ from .checkpoint import (
     Checkpoint,
     ResumeError,
     bare_model,
+    checkpoint_dir,
     find_checkpoints,
     holds_training_state,
     read_checkpoint,
@@ -66,7 +67,10 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool
                        if kept else "this run has none yet")
             raise ResumeError(f"run.resume={resume} does not exist; {listing}, run.resume=auto for the newest, or "
                               "run.resume=none to start afresh")
-        return read_checkpoint(_explicit_checkpoint(resume))
+        checkpoint = read_checkpoint(_explicit_checkpoint(resume))
+        if is_main and of_another_run(checkpoint, output_dir):  # its metrics and best/ are not this run's past
+            set_aside_previous_run(output_dir, log, why=f"run.resume={resume} continues another run")
+        return checkpoint
     checkpoints = find_checkpoints(output_dir)
     for path in checkpoints:
         try:
@@ -79,6 +83,11 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool
     if checkpoints and is_main:
         set_aside_previous_run(output_dir, log, why="no checkpoint of it could be read, so this run starts afresh")
     return None
+
+
+def of_another_run(checkpoint: Checkpoint, output_dir: str | Path) -> bool:
+    """`checkpoint` is not one of `output_dir`'s own (`OUTPUT_DIR/checkpoints/step_*`)."""
+    return checkpoint.path.resolve().parent != checkpoint_dir(output_dir).resolve()
 
 
 def _explicit_checkpoint(resume: str) -> Path:
