@@ -599,7 +599,8 @@ def test_resume_refuses_a_pretraining_checkpoint_pointing_to_init_and_a_run_of_a
     write_mae_checkpoint(tmp_path / "mae")
     torch.save({}, tmp_path / "mae" / "optimizer.pt")
     with pytest.raises(ResumeError, match=r"written by model 'mae_vit_test' but this recipe builds "
-                                          r"'vit_test_patch8_32'; .*pass it as init=.*mae$"):
+                                          r"'vit_test_patch8_32'; .*start a new run from it: init=\S+/mae with "
+                                          r"a run.output_dir of its own \(and run.resume=auto\)$"):
         FinetuneRun(demo_config(tmp_path / "run", f"run.resume={tmp_path / 'mae'}"))
     FinetuneRun(demo_config(tmp_path / "run", "run.max_steps=1", "data.val=null")).train()
     with pytest.raises(ResumeError, match=r"written with mode=finetune but this recipe runs mode=linprobe"):

@@ -137,8 +137,9 @@ def check_compatible(checkpoint: Checkpoint, config: dict, effective_batch: int,
     """
     saved, model_name = checkpoint.state.get("model"), config["model"]["name"]
     if saved != model_name:
-        init = (f"; to fine-tune from this pretraining checkpoint, pass it as init={checkpoint.path}"
-                if str(saved).startswith("mae_") and "mode" in config else "")
+        pretrained = str(saved).startswith("mae_") and "mode" in config
+        init = (f"; to fine-tune from this pretraining checkpoint, start a new run from it: init={checkpoint.path} "
+                "with a run.output_dir of its own (and run.resume=auto)" if pretrained else "")
         raise ResumeError(f"{checkpoint.path} was written by model {saved!r} but this recipe builds {model_name!r}; "
                           f"{FRESH}{init}")
     if checkpoint.state.get("mode") != config.get("mode"):
