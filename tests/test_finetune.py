@@ -1141,6 +1141,18 @@ def test_a_knn_evaluation_into_a_training_runs_directory_is_refused_before_evalu
     assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["checkpoints"]  # nothing set aside
 
 
+@pytest.mark.skipif(not BUNDLED.exists(), reason="bundled Fashion-MNIST sample missing")
+def test_a_training_run_into_a_knn_evaluations_directory_sets_the_evaluation_aside(tmp_path, one_thread, capsys):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "config.yaml").write_text("mode: knn\n")  # what run_knn writes, in short
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "knn_top1": 50.0}\n')
+    FinetuneRun(demo_config(tmp_path, "run.max_steps=2", "data.val=null")).train()
+    (aside,) = (tmp_path / "superseded").iterdir()
+    assert (aside / "config.yaml").read_text() == "mode: knn\n" and "knn_top1" in (aside / "metrics.jsonl").read_text()
+    assert "knn" not in (tmp_path / "metrics.jsonl").read_text()
+    assert f"warning: {tmp_path} holds a kNN evaluation, not a run to continue: moved" in capsys.readouterr().out
+
+
 def test_an_init_normalised_otherwise_than_this_run_is_warned_about(tmp_path, export_tool):
     write_mae_checkpoint(tmp_path / "ckpt")
     export_tool.export(tmp_path / "ckpt", tmp_path / "export")

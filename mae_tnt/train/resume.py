@@ -37,7 +37,7 @@ from .checkpoint import (
     read_checkpoint,
 )
 from .launch import deepspeed_layout
-from .superseded import set_aside_later_checkpoints, set_aside_previous_run
+from .superseded import holds_a_knn_evaluation, set_aside_later_checkpoints, set_aside_previous_run
 
 if TYPE_CHECKING:  # engine imports this module
     from .engine import Plan
@@ -82,6 +82,8 @@ def resolve_resume(resume: str, output_dir: str | Path, log=print, is_main: bool
     check_fresh_start()
     if checkpoints and is_main:
         set_aside_previous_run(output_dir, log, why="no checkpoint of it could be read, so this run starts afresh")
+    elif is_main and holds_a_knn_evaluation(output_dir):  # its config.yaml and row would pass for this run's
+        set_aside_previous_run(output_dir, log, why=f"{output_dir} holds a kNN evaluation, not a run to continue")
     return None
 
 

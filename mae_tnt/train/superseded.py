@@ -8,6 +8,8 @@ import os
 import time
 from pathlib import Path
 
+import yaml
+
 from ..models.loading import STATE_FILE
 from .checkpoint import find_checkpoints
 from .metrics import row_step
@@ -36,6 +38,14 @@ def set_aside_later_checkpoints(output_dir: str | Path, step: int, log=print) ->
         _copy_later_metrics(Path(output_dir) / "metrics.jsonl", step, target / "metrics.jsonl")
         log(f"warning: this run continues from step {step}; moved what later steps wrote ("
             f"{', '.join(path.name for path in later)}), with their reconstruction grids and metrics rows, to {target}")
+
+
+def holds_a_knn_evaluation(output_dir: str | Path) -> bool:
+    """`output_dir` holds what `finetune.run_knn` writes: a config.yaml of mode knn (and one metrics row)."""
+    try:
+        return yaml.safe_load((Path(output_dir) / "config.yaml").read_text()).get("mode") == "knn"
+    except (OSError, yaml.YAMLError, AttributeError):  # no file, not YAML, not a mapping
+        return False
 
 
 def best_weights_step(output_dir: str | Path) -> int | None:
