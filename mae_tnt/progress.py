@@ -1,9 +1,10 @@
 """Progress bars that read well both in a terminal and in a log file.
 
 In a terminal, tqdm redraws its bars in place. Written to a file (a cluster job's log), the same redraws become
-carriage-return frames ten times a second, and a nested bar's cursor moves become `ESC[A` codes. So when stderr is
-not a terminal, a bar's own updates redraw it at most every `LOG_FILE_INTERVAL` seconds (a `set_postfix`, as at a
-log step, still redraws it) and a nested bar shares the first line.
+carriage-return frames ten times a second, all on one line with the lines printed between them, and a nested bar's
+cursor moves become `ESC[A` codes. So when stderr is not a terminal, a bar's own updates redraw it at most every
+`LOG_FILE_INTERVAL` seconds (a `set_postfix`, as at a log step, still redraws it), each redraw is a line of its own,
+and a nested bar draws no second line.
 """
 
 from __future__ import annotations
@@ -28,7 +29,23 @@ def progress_bar(iterable: Iterable | None = None, *, nested: bool = False, **op
         options.setdefault("mininterval", LOG_FILE_INTERVAL)
         if nested:
             options["position"] = 0  # a second line is reached by moving the cursor, which a file cannot do
+        options.setdefault("file", FramePerLine(sys.stderr))
     return tqdm(iterable, **options)
+
+
+class FramePerLine:
+    """A log file as tqdm's output: each frame of a bar (`\r` + text + padding) becomes a line of its own, and the
+    blank frames that clear a bar are dropped, so `grep` and `tail` read the log line by line."""
+
+    def __init__(self, file: TextIO):
+        self.file = file
+
+    def write(self, text: str) -> None:
+        if frame := text.replace("\r", "").strip():
+            self.file.write(frame + "\n")
+
+    def __getattr__(self, name: str):  # flush, encoding (tqdm draws unicode bars where it may), ...
+        return getattr(self.file, name)
 
 
 def write_line(text: str, file: TextIO | None = None) -> None:
