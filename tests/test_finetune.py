@@ -674,8 +674,10 @@ def test_resuming_from_before_the_best_weights_sets_them_aside_with_the_later_ch
     (aside,) = tmp_path.glob("superseded/*")
     assert sorted(p.name for p in aside.iterdir()) == ["best", "metrics.jsonl", "step_00000062"]
     assert cut.best == {}  # not the record of step 31, which a worse validation would have kept without best/
+    shown = capsys.readouterr().out
     assert (f"warning: best/ held step 62, past this continuation; the best weights up to step 48 (val top-1 "
-            f"{epoch_1['val_acc1']:.2f} at step 31) are gone with it" in capsys.readouterr().out)
+            f"{epoch_1['val_acc1']:.2f} at step 31) are gone with it" in shown)
+    assert "moved what later steps wrote (step_00000062, best), with their metrics rows, to" in shown  # no grids
     cut.train()  # the stop validates
     assert json.loads((tmp_path / "best" / "state.json").read_text())["step"] == cut.best["step"] == 56
 

@@ -864,7 +864,7 @@ def wait_for_the_next_second() -> None:
         time.sleep(0.01)
 
 
-def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(shards, tmp_path):
+def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(shards, tmp_path, capsys):
     Trainer(config(shards, tmp_path, "run.max_steps=12")).train()  # checkpoints at steps 4, 8 and 12
     AcceleratorState._reset_state(True)
     wait_for_the_next_second()
@@ -874,6 +874,8 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(shards, t
     assert sorted(p.name for p in tmp_path.glob("superseded/*/step_*")) == ["step_00000008", "step_00000012"]
     assert sorted(p.name for p in (tmp_path / "recon").iterdir()) == ["step_00000004.png", "step_00000006.png"]
     assert sorted(p.name for p in tmp_path.glob("superseded/*/recon/*")) == ["step_00000008.png", "step_00000012.png"]
+    assert ("moved what later steps wrote (step_00000012, step_00000008), with their reconstruction grids and metrics "
+            "rows, to") in capsys.readouterr().out
     (old_rows,) = tmp_path.glob("superseded/*/metrics.jsonl")
     assert [json.loads(line)["step"] for line in old_rows.read_text().splitlines()] == list(range(5, 13))
     if importlib.util.find_spec("tensorboard"):  # the later continuation's events are hidden, as in metrics.jsonl

@@ -36,8 +36,9 @@ def set_aside_later_checkpoints(output_dir: str | Path, step: int, log=print) ->
             for grid in grids:
                 os.replace(grid, target / "recon" / grid.name)
         _copy_later_metrics(Path(output_dir) / "metrics.jsonl", step, target / "metrics.jsonl")
+        grids_too = " reconstruction grids and" if grids else ""
         log(f"warning: this run continues from step {step}; moved what later steps wrote ("
-            f"{', '.join(path.name for path in later)}), with their reconstruction grids and metrics rows, to {target}")
+            f"{', '.join(path.name for path in later)}), with their{grids_too} metrics rows, to {target}")
 
 
 def holds_a_knn_evaluation(output_dir: str | Path) -> bool:
