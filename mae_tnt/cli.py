@@ -117,7 +117,13 @@ def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the
             previous = signal.signal(signal.SIGINT, on_ctrl_c) if in_main_thread else None
             previous_hook, sys.unraisablehook = sys.unraisablehook, report_unraisable
             try:
-                return main(argv)
+                try:
+                    return main(argv)
+                finally:  # here, where a reader gone is caught, rather than at exit (after --help too)
+                    sys.stdout.flush()
+            except BrokenPipeError:  # the reader of the output is gone (`| head -1`): stop quietly, as cat does
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes again at exit
+                return 1
             except KeyboardInterrupt:
                 pass
             except Exception:

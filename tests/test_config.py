@@ -4,10 +4,12 @@ import argparse
 import errno
 import io
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from shard_utils import write_shards
 from torch.cuda import OutOfMemoryError
 
 import mae_tnt
@@ -593,3 +595,13 @@ def run_as_module(module: str, capsys) -> None:
         with pytest.raises(SystemExit) as exit_info:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: "), module
+
+
+def test_a_tool_whose_reader_has_gone_stops_quietly(tmp_path):
+    """`tool | head -1`: the reader closes the pipe before the tool writes (here before it has even started)."""
+    write_shards(tmp_path, [4])
+    argv = [sys.executable, "tools/inspect_shards.py", str(tmp_path)]
+    tool = subprocess.Popen(argv, cwd=RECIPES.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tool.stdout.close()
+    stderr = tool.communicate(timeout=120)[1].decode()
+    assert tool.returncode == 1 and "Error" not in stderr and "Exception" not in stderr, stderr
