@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
@@ -13,6 +14,7 @@ from functools import partial, wraps
 from pathlib import Path
 
 from .config import ConfigError, PretrainConfig, UnknownKeyError, all_keys, load_config
+from .ctrl_c import DEFERRING, PENDING, raise_if_pending
 from .finetune_config import FinetuneConfig
 from .progress import is_main_process, write_line
 from .text import counted, disk_full_message
@@ -94,9 +96,15 @@ def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the
     time: while torch is imported as well as between steps.
 
     Python drops a KeyboardInterrupt raised inside a finalizer or weakref callback, printing "Exception ignored in ..."
-    with a traceback, while the loader workers, which got the same Ctrl-C, have stopped: the run then fails a moment
-    later on the vanished workers. A Ctrl-C is therefore recorded as it arrives, an error that follows it is reported
-    as the interrupt, and Python's report of the dropped KeyboardInterrupt is left out.
+    with a traceback, while the loader workers, which got the same Ctrl-C, may have stopped: the run then fails a
+    moment later on the vanished workers, or goes on. A Ctrl-C is therefore recorded as it arrives, an error that
+    follows it is reported as the interrupt, Python's report of the dropped KeyboardInterrupt is left out, and the
+    drop is kept in `ctrl_c.PENDING` for the training loop, or the end of `main`, to raise (as is a Ctrl-C inside a
+    `ctrl_c.deferred()` block).
+
+    Loader workers ignore the SIGTERM that multiprocessing ends its children with at exit
+    (`loader._ignore_stop_signals`), and it would wait for any left running forever, so an interrupted command kills
+    the children it still has.
     """
 
     def decorate(main: Main) -> Main:
@@ -106,10 +114,15 @@ def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the
 
             def on_ctrl_c(signum, frame) -> None:
                 received.append(signum)
-                raise KeyboardInterrupt
+                if DEFERRING.is_set():
+                    PENDING.set()
+                else:
+                    raise KeyboardInterrupt
 
             def report_unraisable(unraisable) -> None:
-                if not (received and issubclass(unraisable.exc_type, KeyboardInterrupt)):  # not our dropped Ctrl-C
+                if received and issubclass(unraisable.exc_type, KeyboardInterrupt):  # our dropped Ctrl-C
+                    PENDING.set()
+                else:
                     previous_hook(unraisable)
 
             # Signal handlers belong to the main thread; a main run in another (a notebook's) keeps Python's own.
@@ -118,7 +131,9 @@ def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the
             previous_hook, sys.unraisablehook = sys.unraisablehook, report_unraisable
             try:
                 try:
-                    return main(argv)
+                    status = main(argv)
+                    raise_if_pending()
+                    return status
                 finally:  # here, where a reader gone is caught, rather than at exit (after --help too)
                     sys.stdout.flush()
             except BrokenPipeError:  # the reader of the output is gone (`| head -1`): stop quietly, as cat does
@@ -131,8 +146,11 @@ def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the
                     raise
             finally:
                 sys.unraisablehook = previous_hook
+                PENDING.clear()  # a notebook's next run starts without it
                 if in_main_thread:
                     signal.signal(signal.SIGINT, previous)
+            if in_main_thread:
+                kill_children()
             if is_local_main_process():  # Ctrl-C reaches every process of the terminal's node
                 print(f"interrupted; {advice}", file=sys.stderr)
             raise SystemExit(INTERRUPTED_EXIT)
@@ -140,6 +158,15 @@ def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the
         return main_without_traceback
 
     return decorate
+
+
+def kill_children() -> None:
+    """Kill this process's multiprocessing children, without torch's SIGCHLD handler reporting each as a loader
+    worker that failed."""
+    if children := multiprocessing.active_children():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in children:
+            child.kill()
 
 
 @quiet_on_ctrl_c()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from shard_utils import write_shards
 from torch.cuda import OutOfMemoryError
 
@@ -522,6 +523,67 @@ def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_ends_as_an_interrupt(ca
     assert signal.getsignal(signal.SIGINT) is before and sys.unraisablehook == reported.append
     with pytest.raises(RuntimeError, match="exited unexpectedly"):  # without a Ctrl-C, the error is the error
         quiet_on_ctrl_c("run it again")(lambda argv: main.__wrapped__(argv, ctrl_c=False))([])
+
+
+@pytest.mark.parametrize("then", ["trains on", "returns", "held back"])
+def test_a_ctrl_c_that_python_drops_with_no_error_after_it_still_stops_the_run(capsys, monkeypatch, then):
+    """Dropped while the loader of the last epoch was collected, say: the loop raises it at its next batch, and a
+    command that ends first ends as interrupted. So does one held back while a loader started its workers."""
+    import os
+    import signal
+
+    from mae_tnt.cli import INTERRUPTED_EXIT, quiet_on_ctrl_c
+    from mae_tnt.ctrl_c import PENDING, deferred
+    from mae_tnt.train.loop import Window, timed
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trained, set_up = [], []
+
+    @quiet_on_ctrl_c("run it again")
+    def main(argv):
+        if then == "held back":
+            with deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                set_up.append("whole")
+        else:
+            Finalized()
+        if then != "returns":
+            with timed(range(3), Window(torch.device("cpu"))) as batches:
+                trained.extend(batches)
+        return 0
+
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: None)
+    with pytest.raises(SystemExit) as done:
+        main([])
+    assert done.value.code == INTERRUPTED_EXIT and trained == [] and not PENDING.is_set()
+    assert set_up == (["whole"] if then == "held back" else [])
+    assert capsys.readouterr().err.endswith("interrupted; run it again\n")
+
+
+def test_an_interrupted_command_kills_its_children_which_may_ignore_the_sigterm_of_exit(monkeypatch):
+    """Loader workers that a Ctrl-C caught starting are left to exit, where multiprocessing would wait for them."""
+    import multiprocessing
+    import signal
+    import time
+
+    from mae_tnt.cli import INTERRUPTED_EXIT, quiet_on_ctrl_c
+
+    children = []
+
+    @quiet_on_ctrl_c("run it again")
+    def main(argv):
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,), daemon=True)
+        child.start()
+        children.append(child)
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as done:
+        main([])
+    children[0].join(timeout=10)
+    assert done.value.code == INTERRUPTED_EXIT and children[0].exitcode == -signal.SIGKILL
 
 
 @pytest.mark.parametrize("module, work, argv, advice", [

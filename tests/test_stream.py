@@ -658,15 +658,17 @@ def test_evaluation_images_are_timms_evaluation_transform(size, portrait):
     assert torch.equal(ours, expected)
 
 
-def test_loader_workers_survive_a_sigterm_that_reaches_them_as_they_start(even, monkeypatch):
-    """A scheduler's SIGTERM to the process group can land between a worker's start and its worker_init_fn."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_loader_workers_survive_a_stop_signal_that_reaches_them_as_they_start(even, monkeypatch, signum):
+    """A scheduler's SIGTERM, or a Ctrl-C, to the process group can land between a worker's start and its
+    worker_init_fn; the main process ends its workers itself."""
     started = []
     start = BaseProcess.start
 
     def start_then_terminate(process):
         start(process)
         started.append(process.pid)
-        os.kill(process.pid, signal.SIGTERM)
+        os.kill(process.pid, signum)
 
     monkeypatch.setattr(BaseProcess, "start", start_then_terminate)
     batches = consume(stream_for(even, workers=2))

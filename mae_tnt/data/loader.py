@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import DataConfig
+from ..ctrl_c import deferred
 from ..text import counted
 from .device_decode import DeferredCrop, gpu_decode_available
 from .images import BadImageError, image_bytes, set_max_image_pixels
@@ -63,8 +64,8 @@ def mae_transform(data: DataConfig, img_size: int) -> Callable:
 def make_loader(stream: ShardStream, pin_memory: bool = False) -> DataLoader:
     """A fresh loader for the stream's current state (workers are not persistent: each epoch restarts them)."""
     _warn_if_workers_outnumber_cpus(stream.num_workers)
-    return _SigtermSafeLoader(stream, batch_size=None, num_workers=stream.num_workers, pin_memory=pin_memory,
-                              prefetch_factor=4 if stream.num_workers else None, worker_init_fn=_ignore_sigterm)
+    return _SignalSafeLoader(stream, batch_size=None, num_workers=stream.num_workers, pin_memory=pin_memory,
+                             prefetch_factor=4 if stream.num_workers else None, worker_init_fn=_ignore_stop_signals)
 
 
 def _warn_if_workers_outnumber_cpus(workers: int) -> None:
@@ -79,26 +80,34 @@ def _warn_if_workers_outnumber_cpus(workers: int) -> None:
                       "resuming restarts the epoch in progress, since the data order depends on it)", stacklevel=2)
 
 
-class _SigtermSafeLoader(DataLoader):
-    """Schedulers (SLURM, Kubernetes) send SIGTERM to the whole process group. A worker that died of it would make
-    the main process raise before it could save its preemption checkpoint, so workers ignore it (the main process
-    ends them itself). They start with SIGTERM blocked, which they inherit, until they ignore it: one sent while a
-    worker is still starting would kill it otherwise. The main process gets a signal held meanwhile right after."""
+class _SignalSafeLoader(DataLoader):
+    """Schedulers (SLURM, Kubernetes) send SIGTERM to the whole process group, and a terminal's Ctrl-C sends SIGINT
+    to it. A worker that died of SIGTERM would make the main process raise before it could save its preemption
+    checkpoint, and one that got Ctrl-C's KeyboardInterrupt prints its traceback, so workers ignore both (the main
+    process ends them itself). They start with both blocked, which they inherit, until they ignore them: one sent
+    while a worker is still starting would reach it otherwise. The main process gets a signal held meanwhile right
+    after, and a Ctrl-C is held back (`ctrl_c.deferred`) until the iterator is whole: a KeyboardInterrupt in the
+    middle of its set-up leaves workers that nothing shuts down."""
 
     def check_worker_number_rationality(self) -> None:
         """torch's check, replaced by `_warn_if_workers_outnumber_cpus`."""
 
     def __iter__(self):
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
-            return super().__iter__()  # starts the workers
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        with deferred():
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                return super().__iter__()  # starts the workers
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def eval_image(sample: dict, img_size: int) -> torch.Tensor | None:

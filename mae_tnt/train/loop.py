@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import to_dict
+from ..ctrl_c import raise_if_pending
 from ..data.transforms import normalize
 from ..text import counted
 from .checkpoint import METRICS_ROWS_KEY, find_checkpoints
@@ -90,8 +91,9 @@ def timed(batches: Iterable, window: Window) -> Iterator[Iterator]:
     the block ends, however it ends.
 
     Left to interpreter exit, torch skips that, and multiprocessing then waits forever for workers that ignore its
-    SIGTERM (`_ignore_sigterm`). A context rather than a generator's `finally`: a generator left by `break` is
-    closed when it is collected, where a Ctrl-C during the shutdown is printed as "Exception ignored" and lost.
+    SIGTERM (`loader._ignore_stop_signals`). A context rather than a generator's `finally`: a generator left by
+    `break` is closed when it is collected, where a Ctrl-C during the shutdown is printed as "Exception ignored" and
+    lost.
     """
     iterator = iter(batches)
     try:
@@ -104,6 +106,7 @@ def timed(batches: Iterable, window: Window) -> Iterator[Iterator]:
 
 def _waited_for(iterator: Iterator, window: Window) -> Iterator:
     while True:
+        raise_if_pending()  # a Ctrl-C held back while the loader started, or dropped in a finalizer
         start = time.perf_counter()
         batch = next(iterator, None)
         window.data_time += time.perf_counter() - start
