@@ -263,7 +263,7 @@ def test_knn_on_shards_shows_the_encoding_of_the_bank_and_queries_on_the_first_r
     data = DataConfig(train=str(tmp_path), val=str(tmp_path), batch_size=8)
     encoder = create_model("vit_test_patch8_32", num_classes=0)
     knn_accuracy_on_shards(encoder, data, img_size=32, batch_size=8, k=5, max_train=20)
-    shown = [line.strip() for line in capsys.readouterr().err.split("\r")]
+    shown = [line.strip() for line in capsys.readouterr().err.splitlines()]  # a frame per line: capsys is no terminal
     bank, queries = ([line for line in shown if line.startswith(name)] for name in ("kNN bank:", "kNN queries:"))
     assert bank and all("/3 [" in line for line in bank)  # the 3 batches that hold the first 20 images
     assert queries and all("/3 [" in line for line in queries)  # 20 images in batches of 8

@@ -1172,9 +1172,11 @@ def test_a_min_lr_above_the_peak_lr_is_refused_before_any_step(shards, tmp_path)
         Trainer(config(shards, tmp_path, "optim.min_lr=0.01"))
 
 
-def test_a_log_line_clears_the_progress_bar_and_redraws_it_below(capsys):
+def test_a_log_line_clears_the_progress_bar_and_redraws_it_below(capsys, monkeypatch):
     from mae_tnt.progress import write_line
     from mae_tnt.train.metrics import step_progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # in a log file, each redraw is a line: nothing to clear
 
     with step_progress(total=3, initial=0, enabled=True) as bar:
         bar.update(1)
