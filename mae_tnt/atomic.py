@@ -60,12 +60,10 @@ def aside_name(final: Path) -> Path:
 
 
 def restore_aside(final: Path) -> None:
-    """Put back the older `final` that a `replace_dir` stopped between its renames left aside."""
+    """Put back the older `final` that a `replace_dir` stopped between its renames left aside (main process only, as
+    `replace_dir`)."""
     if not final.exists() and aside_name(final).is_dir():
-        try:
-            os.replace(aside_name(final), final)
-        except FileNotFoundError:  # another process put it back first
-            pass
+        os.replace(aside_name(final), final)
 
 
 def sync_tree(root: Path) -> None:

@@ -106,8 +106,7 @@ class MaskedAutoencoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """The encoder's learned position tables (TNT's, SReT's): every reference that learns them exempts them, and
         MAE's own are fixed. The class and mask tokens decay, as in MAE (timm's `add_weight_decay`, no skip list)."""
-        listed = self.encoder.no_weight_decay() if hasattr(self.encoder, "no_weight_decay") else set()
-        return {f"encoder.{name}" for name in listed if name in POSITION_TABLES}
+        return {f"encoder.{name}" for name in self.encoder.no_weight_decay() if name in POSITION_TABLES}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every encoder and decoder block in the backward pass instead of keeping its activations."""
