@@ -9,7 +9,8 @@ import sys
 import textwrap
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial, wraps
 from pathlib import Path
 
@@ -110,46 +111,23 @@ def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the
     def decorate(main: Main) -> Main:
         @wraps(main)
         def main_without_traceback(argv: list[str] | None = None) -> int:
-            received = []
-
-            def on_ctrl_c(signum, frame) -> None:
-                received.append(signum)
-                if DEFERRING.is_set():
-                    PENDING.set()
-                else:
-                    raise KeyboardInterrupt
-
-            def report_unraisable(unraisable) -> None:
-                if received and issubclass(unraisable.exc_type, KeyboardInterrupt):  # our dropped Ctrl-C
-                    PENDING.set()
-                else:
-                    previous_hook(unraisable)
-
-            # Signal handlers belong to the main thread; a main run in another (a notebook's) keeps Python's own.
-            in_main_thread = threading.current_thread() is threading.main_thread()
-            previous = signal.signal(signal.SIGINT, on_ctrl_c) if in_main_thread else None
-            previous_hook, sys.unraisablehook = sys.unraisablehook, report_unraisable
-            try:
+            with _ctrl_c_recorded() as received:
                 try:
-                    status = main(argv)
-                    raise_if_pending()
-                    return status
-                finally:  # here, where a reader gone is caught, rather than at exit (after --help too)
-                    sys.stdout.flush()
-            except BrokenPipeError:  # the reader of the output is gone (`| head -1`): stop quietly, as cat does
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes again at exit
-                return 1
-            except KeyboardInterrupt:
-                pass
-            except Exception:
-                if not received:
-                    raise
-            finally:
-                sys.unraisablehook = previous_hook
-                PENDING.clear()  # a notebook's next run starts without it
-                if in_main_thread:
-                    signal.signal(signal.SIGINT, previous)
-            if in_main_thread:
+                    try:
+                        status = main(argv)
+                        raise_if_pending()
+                        return status
+                    finally:  # here, where a reader gone is caught, rather than at exit (after --help too)
+                        sys.stdout.flush()
+                except BrokenPipeError:  # the reader of the output is gone (`| head -1`): stop quietly, as cat does
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes again at exit
+                    return 1
+                except KeyboardInterrupt:
+                    pass
+                except Exception:
+                    if not received:
+                        raise
+            if threading.current_thread() is threading.main_thread():
                 kill_children()
             if is_local_main_process():  # Ctrl-C reaches every process of the terminal's node
                 print(f"interrupted; {advice}", file=sys.stderr)
@@ -158,6 +136,38 @@ def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the
         return main_without_traceback
 
     return decorate
+
+
+@contextmanager
+def _ctrl_c_recorded() -> Iterator[list[int]]:
+    """Within: a Ctrl-C raises KeyboardInterrupt (or sets `PENDING` inside `ctrl_c.deferred()`), is recorded in the
+    list yielded, and one that Python drops (inside a finalizer) sets `PENDING` without a report."""
+    received: list[int] = []
+
+    def on_ctrl_c(signum, frame) -> None:
+        received.append(signum)
+        if DEFERRING.is_set():
+            PENDING.set()
+        else:
+            raise KeyboardInterrupt
+
+    def report_unraisable(unraisable) -> None:
+        if received and issubclass(unraisable.exc_type, KeyboardInterrupt):  # our dropped Ctrl-C
+            PENDING.set()
+        else:
+            previous_hook(unraisable)
+
+    # Signal handlers belong to the main thread; a main run in another (a notebook's) keeps Python's own.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_ctrl_c) if in_main_thread else None
+    previous_hook, sys.unraisablehook = sys.unraisablehook, report_unraisable
+    try:
+        yield received
+    finally:
+        sys.unraisablehook = previous_hook
+        PENDING.clear()  # a notebook's next run starts without it
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def kill_children() -> None:
