@@ -497,6 +497,14 @@ def test_a_half_precision_mae_encodes_in_its_dtype_and_takes_its_target_from_the
     assert loss != model.forward_loss(images.bfloat16(), pred, mask)
 
 
+def test_a_half_precision_word_masking_mae_encodes_in_its_dtype_too():
+    torch.manual_seed(0)
+    model = mae_tnt.create_model("mae_tnt_test", word_mask_ratio=0.5).eval().to(torch.bfloat16)
+    loss, pred, _ = model(torch.randn(2, 3, 32, 32))  # fp32 pixels, as the loop hands them over
+    assert pred.dtype == torch.bfloat16
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
 def test_list_models_filters_by_pattern_and_lists_every_model_for_none_or_an_empty_one():
     every = mae_tnt.list_models()
     assert "mae_vit_test" in every and "vit_test_patch8_32" in every

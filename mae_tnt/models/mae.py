@@ -134,14 +134,18 @@ class MaskedAutoencoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask and encode. Returns latent [B, P + K, D] (K = L in mask-token mode), mask [B, L], ids_restore [B, L].
 
-        The encoder reads the images in its weights' dtype (bf16 under DeepSpeed's bf16 mode, which has no autocast);
-        the loss target stays with the images as given, so norm-pix statistics are not taken from rounded pixels.
+        The loss target stays with the images as given (see `encoder_input`).
         """
         ids_keep, ids_restore, mask = self.mask_units(images, mask_ratio, noise)
-        images = images.to(next(self.encoder.parameters()).dtype)
+        images = self.encoder_input(images)
         if self.encoder_mode == "mask_tokens":
             return self.encoder.forward_with_mask_tokens(images, mask, self.encoder_mask_token), mask, ids_restore
         return self.encoder.forward_visible(images, ids_keep), mask, ids_restore
+
+    def encoder_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The images in the encoder's weights' dtype: bf16 under DeepSpeed's bf16 mode, which has no autocast. The
+        loss targets are taken from the images as given, so norm-pix statistics do not come from rounded pixels."""
+        return images.to(next(self.encoder.parameters()).dtype)
 
     def mask_units(self, images: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

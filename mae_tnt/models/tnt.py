@@ -444,7 +444,9 @@ class WordMaskedAutoencoder(MaskedAutoencoder):
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         ids_keep, ids_restore, mask = self.mask_units(images, ratio, noise)
         word_mask = self.random_word_mask(ids_keep.numel(), images.device)  # [B*K, W]
-        latent, words = self.encoder.forward_visible_words(images, ids_keep, word_mask, self.word_mask_token)
+        latent, words = self.encoder.forward_visible_words(
+            self.encoder_input(images), ids_keep, word_mask, self.word_mask_token
+        )
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(images, pred, mask) + self.word_loss(images, ids_keep, words, word_mask)
         return loss, pred, mask
