@@ -1110,6 +1110,16 @@ def test_a_dangling_link_is_skipped_as_one_naming_its_target(tmp_path):
                                 "reason": f"unreadable file: broken symbolic link to {tmp_path / 'gone.png'}"}]
 
 
+@pytest.mark.timeout(30)  # reading the pipe would wait for a writer forever
+def test_a_named_pipe_named_like_an_image_is_skipped_not_read(tmp_path):
+    write_imagefolder(tmp_path / "src", ["cat"], per_class=1)
+    os.mkfifo(tmp_path / "src" / "cat" / "pipe.png")
+    summary = convert(tmp_path / "src", tmp_path / "out", options())
+    assert summary.num_samples == 1
+    assert summary.skipped == [{"source": "cat/pipe.png", "reason": "unreadable file: [Errno 22] not a regular file "
+                                                                    "(a named pipe, socket or device)"}]
+
+
 def test_linked_folders_are_read_once_and_hidden_entries_are_listed_not_read(tmp_path):
     write_imagefolder(tmp_path / "elsewhere", ["bird"], per_class=2)
     write_imagefolder(tmp_path / "src", ["cat"], per_class=1)

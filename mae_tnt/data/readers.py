@@ -26,10 +26,12 @@ References:
 
 import codecs
 import csv
+import errno
 import gzip
 import os
 import pickle
 import re
+import stat
 import struct
 import zlib
 from collections.abc import Sequence
@@ -83,9 +85,12 @@ class FileSource:
         return self.paths[index]
 
     def record(self, index: int) -> Record:
-        """Read the file's bytes (raises OSError when it is missing or unreadable)."""
+        """Read the file's bytes (raises OSError when it is missing, unreadable or no regular file)."""
         label = None if self.labels is None else self.labels[index]
-        return Record(self.paths[index], (self.root / self.paths[index]).read_bytes(), label)
+        path = self.root / self.paths[index]
+        if not stat.S_ISREG(path.stat().st_mode):  # a named pipe waits for a writer forever, a device never ends
+            raise OSError(errno.EINVAL, "not a regular file (a named pipe, socket or device)")
+        return Record(self.paths[index], path.read_bytes(), label)
 
 
 @dataclass
