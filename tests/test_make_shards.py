@@ -22,12 +22,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from unittest.mock import Mock
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 from run_utils import descendants, stops_running
+from shard_utils import encode_png
 
 from mae_tnt.data import convert as convert_module
 from mae_tnt.data import shard_writer
@@ -35,6 +37,7 @@ from mae_tnt.data.convert import ConversionError, ConvertOptions, convert
 from mae_tnt.data.convert import main as make_shards_main
 from mae_tnt.data.images import BadImageError, decode, decode_rgb, set_max_image_pixels
 from mae_tnt.data.info import InfoError, count_tar_samples, load_info, update_split
+from mae_tnt.data.inspect import inspect_shards
 from mae_tnt.data.inspect import main as inspect_main
 from mae_tnt.data.readers import SourceError, detect_format
 from mae_tnt.data.shards import ShardError, labeled_classes, read_samples, resolve_shards
@@ -1043,12 +1046,6 @@ def test_tool_wrappers_exit_with_the_status_of_main(tmp_path, monkeypatch):
 
 
 def test_compressed_shards_are_reproducible_and_stream(tmp_path):
-    from shard_utils import encode_png
-
-    from mae_tnt.data.convert import ConvertOptions, convert
-    from mae_tnt.data.inspect import inspect_shards
-    from mae_tnt.data.shards import resolve_shards
-
     src = tmp_path / "src"
     src.mkdir()
     for i in range(12):
@@ -1078,7 +1075,7 @@ def test_ctrl_c_in_make_shards_is_one_line_saying_what_running_it_again_does(tmp
         patch.setattr(convert_module.ShardWriter, "close_shard", crash_after(shards=1))
         assert make_shards_main(argv + ["--overwrite"]) == 130
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "interrupted; run the same command again: it converts the split anew (OUT holds its earlier train split until "
+        "interrupted; run the same command again: it converts the split anew (what OUT held of split train stays until "
         "the new one is complete)")
     assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
 
@@ -1099,6 +1096,24 @@ def test_a_full_disk_in_make_shards_is_one_line_saying_to_free_space_and_the_rer
     assert make_shards_main(argv) == 0
     sources = [json.loads(fields["json"])["source"] for _, fields in read_split(tmp_path / "out")]
     assert sorted(sources) == [f"img{i}.png" for i in range(5)]
+
+
+def test_a_shard_renamed_but_never_recorded_is_deleted_before_the_rerun_writes_anything(tmp_path, monkeypatch):
+    """A full disk between a shard's rename and its journal entry: the rerun rewrites that shard and needs its space."""
+    write_imagefolder(tmp_path / "src", ["cat", "dog"], per_class=2)
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(shard_writer.Journal, "add", Mock(side_effect=OSError(errno.ENOSPC, "No space left on device")))
+        with pytest.raises(OSError, match="No space"):
+            convert(tmp_path / "src", out, options(shard_size=2))
+    assert (out / "train-000000.tar").is_file()
+    with monkeypatch.context() as patch:
+        patch.setattr(convert_module.ShardWriter, "close_shard", crash_after(0))
+        with pytest.raises(KeyboardInterrupt):
+            convert(tmp_path / "src", out, options(shard_size=2))
+    assert shard_writer.shard_files(out, "train") == []
+    assert convert(tmp_path / "src", out, options(shard_size=2)).num_samples == 4
+    assert inspect_shards(out).problems == []
 
 
 def test_a_dangling_link_is_skipped_as_one_naming_its_target(tmp_path):
@@ -1191,6 +1206,22 @@ def test_an_overwrite_that_fails_or_is_interrupted_puts_the_split_it_replaces_ba
     with pytest.raises(KeyboardInterrupt):
         convert(tmp_path / "b", tmp_path / "out", options(overwrite=True, shard_size=2))
     assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
+
+
+def test_an_overwrite_interrupted_over_an_unfinished_conversion_leaves_it_resumable(tmp_path, monkeypatch):
+    write_imagefolder(tmp_path / "a", ["cat", "dog"], per_class=3)
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(convert_module.ShardWriter, "close_shard", crash_after(1))
+        with pytest.raises(KeyboardInterrupt):
+            convert(tmp_path / "a", out, options(shard_size=2))
+        finished = {path.name: path.read_bytes() for path in out.iterdir() if not path.name.endswith(".tmp")}
+        assert "_progress_train.json" in finished
+        with pytest.raises(KeyboardInterrupt):
+            convert(tmp_path / "a", out, options(shard_size=2, overwrite=True))
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == finished
+    summary = convert(tmp_path / "a", out, options(shard_size=2))  # without --overwrite: it resumes
+    assert (summary.num_samples, summary.resumed_shards) == (6, 1)
 
 
 @contextmanager

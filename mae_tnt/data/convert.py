@@ -59,7 +59,6 @@ from mae_tnt.data.shard_writer import (
     ShardWriter,
     discard_replaced_split,
     refuse_a_finished_split,
-    remove_stale_shards,
     replacing_split,
     shard_members,
 )
@@ -218,7 +217,6 @@ def _shard_and_record(src, fmt: str, source: Source, out: Path, options: Convert
                               f"{layout}")
     filenames = [shard["filename"] for shard in journal.shards]
     lengths = [shard["num_samples"] for shard in journal.shards]
-    remove_stale_shards(out, options.split, keep=set(filenames))
     classes = list(source.classes or [])
     update_split(out, options.split, filenames, lengths, classes=classes or None, skipped=skipped,
                  labeled=bool(classes), shard_bytes=[shard["num_bytes"] for shard in journal.shards])
@@ -457,7 +455,7 @@ def _rerun_effect(args: argparse.Namespace) -> str:
     """What running a failed or interrupted conversion's command again does: `--overwrite` put the split it was
     replacing back, so it starts over."""
     if args.overwrite:
-        return f"it converts the split anew (OUT holds its earlier {args.split} split until the new one is complete)"
+        return f"it converts the split anew (what OUT held of split {args.split} stays until the new one is complete)"
     return "it keeps the finished shards and writes the rest"
 
 

@@ -49,9 +49,9 @@ def discard_split(out: Path, split: str) -> None:
 
 @contextmanager
 def replacing_split(out: Path, split: str) -> Iterator[None]:
-    """Replace ``split`` without losing it to a conversion that fails: its shards and ``_info.json`` entry wait in
-    `replaced_split_dir` while the new split is written, and are deleted once it is complete. A conversion that fails
-    or is interrupted removes what it wrote and puts the old split back.
+    """Replace ``split`` without losing it to a conversion that fails: its shards and ``_info.json`` entry (or an
+    unfinished conversion's journal) wait in `replaced_split_dir` while the new split is written, and are deleted once
+    it is complete. A conversion that fails or is interrupted removes what it wrote and puts the old split back.
 
     Each stage ends with a rename, so a conversion killed outright (SIGKILL, power loss) leaves a state the next
     ``--overwrite`` finishes first: a split half set aside or half put back returns to OUT whole, and one set aside
@@ -83,7 +83,7 @@ def discard_replaced_split(out: Path, split: str) -> None:
 def _finish_interrupted_stages(out: Path, split: str) -> None:
     setting_aside = replaced_split_dir(out, split, ".tmp")
     if setting_aside.is_dir():  # the old split's other shards are still in OUT, with its _info.json entry
-        for path in shard_files(setting_aside, split):
+        for path in _split_files(setting_aside, split):
             path.rename(out / path.name)
         shutil.rmtree(setting_aside)
     if replaced_split_dir(out, split, ".back").is_dir():
@@ -96,17 +96,17 @@ def _set_split_aside(out: Path, split: str) -> None:
     setting_aside.mkdir()
     if (out / INFO_NAME).is_file() and split in (info := load_info(out))["splits"]:
         write_json_atomic(setting_aside / INFO_NAME, info)
-    for path in shard_files(out, split):
+    for path in _split_files(out, split):
         path.rename(setting_aside / path.name)
     setting_aside.rename(replaced_split_dir(out, split))  # the old split is now whole in one place
-    discard_split(out, split)  # temporary shards, journal and _info.json entry of the split
+    discard_split(out, split)  # temporary shards and _info.json entry of the split
 
 
 def _put_split_back(out: Path, split: str) -> None:
     kept, putting_back = replaced_split_dir(out, split), replaced_split_dir(out, split, ".back")
     if kept.is_dir():
         kept.rename(putting_back)
-    for path in shard_files(putting_back, split):
+    for path in _split_files(putting_back, split):
         path.rename(out / path.name)
     if (putting_back / INFO_NAME).is_file():  # merged into the present file: other splits may have changed since
         old = load_info(putting_back)
@@ -117,6 +117,13 @@ def _put_split_back(out: Path, split: str) -> None:
         info["classes"] = info.get("classes") or old.get("classes", [])
         write_json_atomic(out / INFO_NAME, info)
     shutil.rmtree(putting_back)
+
+
+def _split_files(folder: Path, split: str) -> list[Path]:
+    """What `replacing_split` moves of ``split``: its finished shards and, for an unfinished conversion, its journal
+    (put back with them, the conversion resumes as before)."""
+    journal = journal_path(folder, split)
+    return shard_files(folder, split) + ([journal] if journal.is_file() else [])
 
 
 def shard_name(split: str, index: int, compress: bool = False) -> str:
@@ -154,7 +161,9 @@ class Journal:
         for leftover in shard_files(out, split, temporary=True):
             leftover.unlink()
         shards = cls._recorded_shards(path, job) if path.is_file() else []
-        # Saved before any shard is renamed into place, so a shard without a journal is never ours.
+        # Renamed into place but never recorded (the run stopped in between): rewritten by this run, so its space is
+        # freed first. Saved before any shard is renamed into place, so a shard without a journal is never ours.
+        remove_stale_shards(out, split, keep={shard["filename"] for shard in shards})
         journal = cls(path, job, shards)
         journal._save()
         return journal
