@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 import mae_tnt
 import mae_tnt.atomic
@@ -25,7 +26,7 @@ from mae_tnt.models.loading import (
     save_weights,
     without_wrapper_prefixes,
 )
-from mae_tnt.train.checkpoint import Checkpoint, ResumeError, check_engine_pickles
+from mae_tnt.train.checkpoint import Checkpoint, ResumeError, check_engine_pickles, read_checkpoint
 from mae_tnt.train.init import read_source
 from mae_tnt.train.resume import check_compatible, resolve_resume
 
@@ -420,6 +421,52 @@ def test_a_deepspeed_checkpoint_naming_other_callables_is_refused_before_deepspe
     with pytest.raises(CheckpointError, match=r"zero_pp_rank_0_mp_rank_00_optim_states.pt would run (posix|os)\.system "
                                               r"when unpickled, which no checkpoint of ours holds; refusing"):
         read_source(tmp_path)  # init= of a DeepSpeed checkpoint directory
+    assert not (tmp_path / "ran").exists()
+
+
+def hostile_engine(tmp_path: Path) -> tuple[Path, Path]:
+    """An engine whose `latest` names `pytorch_model`, and a folder outside it holding a pickle that runs code."""
+    engine = tmp_path / "run" / "engine"
+    (engine / "pytorch_model").mkdir(parents=True)
+    (engine / "latest").write_text("pytorch_model")
+    torch.save({"module": {"w": torch.ones(2)}}, engine / "pytorch_model" / "mp_rank_00_model_states.pt")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    torch.save({"module": RunsCode(tmp_path / "ran")}, outside / "mp_rank_00_model_states.pt")
+    return engine, outside
+
+
+@pytest.mark.parametrize("escape", ["linked folder", "linked file", "absolute tag", "relative tag"])
+def test_a_deepspeed_checkpoint_leading_deepspeed_outside_its_engine_folder_is_refused(tmp_path, escape):
+    """The pickles are checked inside `engine/`; DeepSpeed reads the folder `latest` names, through any link."""
+    engine, outside = hostile_engine(tmp_path)
+    check_engine_pickles(engine)  # as written, it passes
+    if escape == "linked folder":
+        shutil.rmtree(engine / "pytorch_model")
+        (engine / "pytorch_model").symlink_to(outside)
+    elif escape == "linked file":
+        (engine / "pytorch_model" / "mp_rank_00_model_states.pt").unlink()
+        (engine / "pytorch_model" / "mp_rank_00_model_states.pt").symlink_to(outside / "mp_rank_00_model_states.pt")
+    else:
+        (engine / "latest").write_text(str(outside) if escape == "absolute tag" else "../../elsewhere")
+    refusal = "is a symbolic link, which no checkpoint of ours holds" if "linked" in escape else "which is no folder of"
+    with pytest.raises(CheckpointError, match=refusal):
+        read_source(tmp_path / "run")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_checkpoint_file_torch_cannot_scan_or_an_optimizer_naming_callables_is_an_unusable_checkpoint(tmp_path):
+    path = tmp_path / "step_00000002"
+    (path / "engine").mkdir(parents=True)
+    (path / "state.json").write_text(json.dumps({"step": 2, "model": "mae_vit_test", "config": {}}))
+    torch.save({"module": {}}, path / "engine" / "mp_rank_00_model_states.pt", pickle_protocol=4)
+    with pytest.raises(ResumeError, match="mp_rank_00_model_states.pt is not a torch checkpoint file"):
+        read_checkpoint(path)
+    shutil.rmtree(path / "engine")
+    save_file({"w": torch.ones(2)}, path / "model.safetensors")
+    torch.save({"state": RunsCode(tmp_path / "ran")}, path / "optimizer.pt")
+    with pytest.raises(ResumeError, match=r"optimizer.pt would run (posix|os)\.system when unpickled"):
+        read_checkpoint(path)
     assert not (tmp_path / "ran").exists()
 
 

@@ -21,6 +21,7 @@ since DeepSpeed's save has barriers: accelerate #1171).
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import zipfile
 from collections.abc import Iterator
@@ -192,18 +193,41 @@ and numpy arrays (accelerate's saved RNG states)."""
 
 
 def check_engine_pickles(engine_dir: Path) -> None:
-    """Refuse a DeepSpeed checkpoint whose files name any callable beyond tensors and `DEEPSPEED_PICKLE_GLOBALS`.
+    """Refuse a DeepSpeed checkpoint whose files name any callable beyond tensors and `DEEPSPEED_PICKLE_GLOBALS`, or
+    that leads DeepSpeed to files outside `engine_dir` (a symbolic link, or a `latest` tag naming another folder).
 
     DeepSpeed and accelerate unpickle these files without restriction (`weights_only=False`); a pickle can only run
     code through a callable it names, so once every name is known to be harmless, their load is as safe as a
     weights-only one.
     """
+    files = []
     for path in sorted(engine_dir.rglob("*")):
-        if not path.is_file() or path.suffix not in (".pt", ".pkl", ".bin"):
-            continue
+        if path.is_symlink():  # rglob does not look behind it, DeepSpeed would read what it leads to
+            raise CheckpointError(f"{path} is a symbolic link, which no checkpoint of ours holds; refusing to read "
+                                  "the checkpoint. Copy the files it leads to in its place")
+        if path.is_file() and path.suffix in (".pt", ".pkl", ".bin"):
+            files.append(path)
+    if (engine_dir / "latest").exists():
+        engine_tag(engine_dir)
+    check_pickles(files, allowed=DEEPSPEED_PICKLE_GLOBALS)
+
+
+def engine_tag(engine_dir: Path) -> str:
+    """The folder of `engine_dir` that its `latest` file names, where DeepSpeed reads the weights from."""
+    tag = (engine_dir / "latest").read_text(errors="replace").strip()
+    if tag in ("", ".", "..") or Path(tag).name != tag or not (engine_dir / tag).is_dir():
+        raise CheckpointError(f"{engine_dir / 'latest'} names {tag!r}, which is no folder of {engine_dir}; refusing "
+                              "to read the checkpoint. Use a checkpoint written by this project")
+    return tag
+
+
+def check_pickles(paths: list[Path], allowed: frozenset[str] = frozenset()) -> None:
+    """Refuse torch files whose pickles name callables beyond torch's weights-only set and `allowed`; only the
+    pickles are read, not the tensors."""
+    for path in paths:
         try:
-            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - DEEPSPEED_PICKLE_GLOBALS
-        except (RuntimeError, ValueError, OSError, zipfile.BadZipFile) as err:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed
+        except (RuntimeError, ValueError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
             raise CheckpointError(f"{path} is not a torch checkpoint file ({err}); resume from another checkpoint "
                                   "of the run") from None
         if unsafe:
@@ -263,3 +287,7 @@ def _check_torch_files(path: Path) -> None:
     for name in ("optimizer.pt", "scaler.pt"):
         if (path / name).exists() and not zipfile.is_zipfile(path / name):
             raise ResumeError(f"{path / name} is corrupt (truncated or not written by torch.save)")
+    try:  # refused when loaded too, with torch's advice to load it without the check
+        check_pickles([path / name for name in ("optimizer.pt", "scaler.pt") if (path / name).exists()])
+    except CheckpointError as err:
+        raise ResumeError(str(err)) from None

@@ -44,7 +44,7 @@ from ..models.loading import (
 from ..models.mae import split_mae_state_dict
 from ..models.registry import ModelError, classifier_name_for
 from ..models.sret import SReT, reestimate_batchnorm
-from .checkpoint import ResumeError, check_engine_pickles
+from .checkpoint import ResumeError, check_engine_pickles, engine_tag
 from .resume import FRESH
 
 HEAD_KEYS = ("head.*", "fc_norm.*")
@@ -89,8 +89,7 @@ def unoptimized_weights(engine_dir: Path) -> dict[str, torch.Tensor]:
     """The module copy a ZeRO-1/2 checkpoint keeps (in the training dtype), as fp32: it holds the parameters the
     optimizer does not, such as MAE's fixed sin-cos tables, which DeepSpeed's gathering leaves out at ZeRO-1. ZeRO-3
     keeps no module copy and its gathering includes them."""
-    tag = (engine_dir / "latest").read_text().strip()
-    states = engine_dir / tag / "mp_rank_00_model_states.pt"
+    states = engine_dir / engine_tag(engine_dir) / "mp_rank_00_model_states.pt"
     module = torch.load(states, map_location="cpu", weights_only=True)["module"] if states.exists() else None
     return {key: value.float() if value.is_floating_point() else value for key, value in (module or {}).items()}
 
