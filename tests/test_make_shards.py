@@ -754,6 +754,14 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
 
 
+def test_idx_dims_whose_product_passes_2_to_the_64_are_a_header_that_disagrees_with_its_data(tmp_path):
+    header = struct.pack(">HBB", 0, 0x08, 3) + struct.pack(">3I", 2**31, 2**31, 4)  # 2**64 values: np.prod gives 0
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(header)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(2))
+    with pytest.raises(SourceError, match=r"header says \(2147483648, 2147483648, 4\) but holds 0 values"):
+        convert(tmp_path, tmp_path / "out", options())
+
+
 def test_idx_files_and_a_later_split_keep_the_first(tmp_path):
     rng = np.random.default_rng(0)
     splits = {"train": rng.integers(0, 256, (7, 5, 4)), "t10k": rng.integers(0, 256, (3, 5, 4))}

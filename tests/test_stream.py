@@ -675,7 +675,39 @@ def test_loader_workers_survive_a_stop_signal_that_reaches_them_as_they_start(ev
     assert len(started) == 2 and sorted(keys(batches)) == sorted(keys(consume(stream_for(even))))
 
 
-@pytest.mark.parametrize("label", [b"n01440764", b"-1", b"+3"])  # a synset id; int() takes the others
+@pytest.mark.parametrize("compress", [False, True], ids=["tar", "tar.gz"])
+def test_a_member_header_claiming_a_terabyte_is_a_break_not_an_allocation(tmp_path, compress):
+    """A damaged header: the bytes it claims are checked against the file (plain tar) or the pixel limit."""
+    write_shards(tmp_path, [2])
+    intact = (tmp_path / "train-000000.tar").read_bytes()
+    with tarfile.open(tmp_path / "train-000000.tar") as tar:
+        last = tar.getmembers()[-1]  # the second sample's json
+    claim = tarfile.TarInfo(last.name)
+    claim.size = 2**40
+    damaged = intact[:last.offset] + claim.tobuf(tarfile.GNU_FORMAT) + bytes(4096)
+    shard = tmp_path / ("damaged.tar.gz" if compress else "damaged.tar")
+    shard.write_bytes(gzip.compress(damaged) if compress else damaged)
+    breaks = []
+    samples = list(read_samples(str(shard), on_break=breaks.append))
+    assert [sample["__key__"] for sample in samples] == ["s000000"]
+    assert breaks == [f"member {last.name} claims {2**40} bytes, more than any image within the pixel limit "
+                      "(data.max_image_pixels) takes" if compress else "unexpected end of data"]
+
+
+def test_an_info_file_counting_more_samples_than_a_shard_of_its_size_holds_is_refused(tmp_path):
+    """Trusted by its recorded size, such a count had training count lost samples one by one, for ever."""
+    write_shards(tmp_path, [3])
+    info = json.loads((tmp_path / "_info.json").read_text())
+    info["splits"]["train"]["shard_bytes"] = [(tmp_path / "train-000000.tar").stat().st_size]
+    info["splits"]["train"]["shard_lengths"], info["splits"]["train"]["num_samples"] = [10**12], 10**12
+    (tmp_path / "_info.json").write_text(json.dumps(info))
+    with pytest.raises(InfoError, match=r"shard train-000000.tar is said to hold 1000000000000 samples in \d+ "
+                                        r"bytes, more than a tar of that size can; regenerate it"):
+        resolve_shards(str(tmp_path))
+
+
+# a synset id; int() takes the next two, and refuses the last with a ValueError of its own
+@pytest.mark.parametrize("label", [b"n01440764", b"-1", b"+3", b"1" * 5000], ids=["synset", "-1", "+3", "5000 digits"])
 def test_a_label_that_is_not_a_class_index_skips_its_sample_in_training_evaluation_and_inspection(tmp_path, label,
                                                                                                   capsys):
     write_shards(tmp_path, [8, 8])
@@ -692,7 +724,7 @@ def test_a_label_that_is_not_a_class_index_skips_its_sample_in_training_evaluati
     batches = consume(stream)
     assert "s000002" not in keys(batches) and stream.state.skipped >= 1
     named = [skip for batch in batches for skip in batch["skips"]]
-    problem = f"its .cls {label!r} is not a class index (tools/make_shards.py writes those)"
+    problem = f"its .cls {label[:40]!r} is not a class index (tools/make_shards.py writes those)"
     assert named == [f"{shard}:s000002 (made from img/2.png): {problem}"]
     with pytest.warns(UserWarning, match=r"evaluation left out 1 unreadable sample: \S+/train-000000\.tar:s000002 "
                                          rf"\(made from img/2\.png\): {re.escape(problem)}"):

@@ -84,7 +84,8 @@ def _check_info(info: object, path: Path) -> None:
         if not isinstance(entry, dict) or not {"num_samples", "filenames", "shard_lengths"} <= entry.keys():
             raise InfoError(f"{where} needs 'num_samples', 'filenames' and 'shard_lengths'")
         filenames, lengths = entry["filenames"], entry["shard_lengths"]
-        if not _list_of(filenames, str) or not _list_of(lengths, int) or len(filenames) != len(lengths):
+        if (not _list_of(filenames, str) or not _list_of(lengths, int) or len(filenames) != len(lengths)
+                or min(lengths, default=0) < 0):
             raise InfoError(f"{where}: 'filenames' and 'shard_lengths' must be lists of equal length, of file names "
                              "and of sample counts")
         if odd := [name for name in filenames if not _inside_directory(name)]:
@@ -95,6 +96,21 @@ def _check_info(info: object, path: Path) -> None:
         if "shard_bytes" in entry and not (_list_of(entry["shard_bytes"], int)
                                            and len(entry["shard_bytes"]) == len(filenames)):
             raise InfoError(f"{where}: 'shard_bytes' must be a list with one size in bytes per file name")
+        if "shard_bytes" in entry and (crowded := _more_samples_than_fit(entry)):
+            raise InfoError(f"{where}: {crowded}; regenerate it with tools/make_shards.py")
+
+
+def _more_samples_than_fit(entry: dict) -> str | None:
+    """The first shard said to hold more samples than a tar of its recorded size can: each sample takes a 512-byte
+    header at least, and gzip shrinks data at most 1032-fold. Trusted by its size, such a count would have training
+    count one lost sample after another for as long as it claims (minutes to forever)."""
+    for name, count, size in zip(entry["filenames"], entry["shard_lengths"], entry["shard_bytes"], strict=True):
+        if count * TAR_BLOCK > size * (MAX_GZIP_RATIO if name.endswith(".gz") else 1):
+            return f"shard {name} is said to hold {count} samples in {size} bytes, more than a tar of that size can"
+    return None
+
+
+MAX_GZIP_RATIO = 1032
 
 
 def _inside_directory(name: str) -> bool:

@@ -28,6 +28,7 @@ import codecs
 import csv
 import errno
 import gzip
+import math
 import os
 import pickle
 import re
@@ -554,7 +555,7 @@ def _read_idx_array(path: Path, ndim: int) -> np.ndarray:
     header_size = 4 + 4 * ndim
     dims = struct.unpack(f">{ndim}I", raw[4:header_size])
     data = np.frombuffer(raw, dtype=np.uint8, offset=header_size)
-    if data.size != int(np.prod(dims)):
+    if data.size != math.prod(dims):  # Python ints: np.prod wraps around at 2**64
         raise SourceError(f"{path}: header says {dims} but holds {data.size} values; download it again")
     return data.reshape(dims)  # [N, H, W] images or [N] labels
 

@@ -12,8 +12,10 @@ References: webdataset 1.0 key rules (key = basename up to the first dot); timm 
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import os
 import re
 import subprocess
 import tarfile
@@ -27,7 +29,9 @@ from urllib.parse import urlparse
 
 import braceexpand
 import webdataset as wds
+from PIL import Image
 
+from ..config import DEFAULT_MAX_IMAGE_PIXELS
 from ..text import counted
 from .info import (
     INFO_NAME,
@@ -356,7 +360,11 @@ def _tar_samples(source: str | IO[bytes], start: int) -> Iterator[dict[str, byte
 
 def _member_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     """A member's bytes, read from the archive directly: a third of the cost of `extractfile`, which wraps every
-    member in two file objects. Sparse members (GNU tar's holes) need its map."""
+    member in two file objects. Sparse members (GNU tar's holes) need its map.
+
+    The size a header claims is checked before anything is allocated: a damaged header may claim gigabytes.
+    """
+    _check_member_size(tar, member)
     if member.sparse is not None:
         return tar.extractfile(member).read()
     tar.fileobj.seek(member.offset_data)  # a stream only moves forward: it is there already
@@ -364,6 +372,23 @@ def _member_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     if len(data) != member.size:
         raise tarfile.ReadError("unexpected end of data")
     return data
+
+
+def _check_member_size(tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+    """Raise ReadError (a break) for a member larger than the bytes left in a plain local tar, or than
+    `max_member_bytes`."""
+    if isinstance(tar.fileobj, io.BufferedReader):  # a plain local tar; a stream or a .tar.gz has no known size
+        if member.offset_data + member.size > os.fstat(tar.fileobj.fileno()).st_size:
+            raise tarfile.ReadError("unexpected end of data")
+    if member.size > max_member_bytes():
+        raise tarfile.ReadError(f"member {member.name} claims {member.size} bytes, more than any image within the "
+                                "pixel limit (data.max_image_pixels) takes")
+
+
+def max_member_bytes() -> int:
+    """The largest member read: an image at the pixel limit stored raw in 16-bit RGBA, plus 16 MiB of metadata (the
+    bomb guard refuses any image that needs more)."""
+    return (Image.MAX_IMAGE_PIXELS or DEFAULT_MAX_IMAGE_PIXELS) * 8 + 2**24
 
 
 def _open_tar(source: str | IO[bytes]) -> tarfile.TarFile:

@@ -320,6 +320,9 @@ class RoleStream:
             self.breaks.append(f"{break_warning(shard.url, reason)} and counted (skipped_samples in the metrics)")
 
 
+MAX_LABEL_DIGITS = 18
+
+
 class BadLabelError(BadImageError):
     """A `.cls` member that is not a class index: the sample is skipped like an undecodable image."""
 
@@ -329,6 +332,8 @@ def label_of(sample: dict) -> int:
     value = sample.get("cls")
     if not value:
         return -1
-    if not value.strip().isdigit():  # ASCII digits alone: int() would also take b"-1", read as no label, or b"+3"
+    # ASCII digits alone: int() would also take b"-1", read as no label, or b"+3"; and few of them, since int() refuses
+    # over 4300 (no class index is that long)
+    if not value.strip().isdigit() or len(value.strip()) > MAX_LABEL_DIGITS:
         raise BadLabelError(f"its .cls {value[:40]!r} is not a class index (tools/make_shards.py writes those)")
     return int(value)
