@@ -23,7 +23,7 @@ from typing import Any, Union
 
 import yaml
 
-from .text import close_names
+from .text import close_names, shown
 
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 """PIL's own decompression-bomb limit (the size where it raises rather than warns); make_shards uses it too."""
@@ -536,7 +536,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str, root: type | None = No
            overrides: tuple[str, ...] = ()) -> Any:
     root = root or cls
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: `{prefix.rstrip('.') or '<root>'}` must be a mapping, got {raw!r}")
+        raise ConfigError(f"{source}: `{prefix.rstrip('.') or '<root>'}` must be a mapping, got {shown(raw)}")
     types_ = _field_types(cls)
     for name in raw:  # first: a misspelled section would otherwise surface as its required keys being missing
         if name not in types_:
@@ -594,7 +594,7 @@ def _check_type(value: Any, expected: Any, dotted: str, source: str) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(expected)
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: `{dotted}` must be a list, got {value!r}; write it in brackets, e.g. "
+            raise ConfigError(f"{source}: `{dotted}` must be a list, got {shown(value)}; write it in brackets, e.g. "
                               f"{dotted}=[0.9,0.95] on the command line")
         return [_check_type(v, item_type, f"{dotted}[{i}]", source) for i, v in enumerate(value)]
     if expected is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
@@ -604,10 +604,10 @@ def _check_type(value: Any, expected: Any, dotted: str, source: str) -> Any:
             pass  # not a number: the type check below names it
         else:
             if not math.isfinite(number):  # nan would train silently into nan weights
-                raise ConfigError(f"{source}: `{dotted}` must be a finite number, got {value!r}")
+                raise ConfigError(f"{source}: `{dotted}` must be a finite number, got {shown(value)}")
             return number
     if isinstance(value, bool) and expected is not bool:
-        raise ConfigError(f"{source}: `{dotted}` must be {expected.__name__}, got {value!r}")
+        raise ConfigError(f"{source}: `{dotted}` must be {expected.__name__}, got {shown(value)}")
     if not isinstance(value, expected):
-        raise ConfigError(f"{source}: `{dotted}` must be {expected.__name__}, got {value!r}")
+        raise ConfigError(f"{source}: `{dotted}` must be {expected.__name__}, got {shown(value)}")
     return value

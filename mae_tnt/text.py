@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import errno
+import reprlib
 
 
 def counted(count: int, noun: str) -> str:
@@ -18,6 +19,16 @@ def disk_full_message(err: OSError, retry: str) -> str | None:
     if err.errno not in (errno.ENOSPC, errno.EDQUOT):
         return None
     return f"{err}; free some disk space and run the same command again: {retry}"
+
+
+_SHORT = reprlib.Repr()  # keyword arguments only from Python 3.12 on
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 6, 6, 80, 80
+
+
+def shown(value: object) -> str:
+    """`repr(value)` cut short: a recipe's YAML aliases can nest a few lines into billions of values, which a full
+    repr in an error message would spell out until memory runs out."""
+    return _SHORT.repr(value)
 
 
 def positive_int(text: str) -> int:
