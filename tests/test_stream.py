@@ -382,6 +382,18 @@ def test_pipe_urls_are_refused_unless_allowed(tmp_path):
     assert not marker.exists()
 
 
+def test_a_url_that_webdatasets_rewrite_rules_turn_into_a_pipe_is_refused_unless_allowed(tmp_path, monkeypatch):
+    write_shards(tmp_path, [4])
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("GOPEN_REWRITE", f"http://mirror.invalid/=pipe:touch {marker} && cat {tmp_path}/")
+    url = "http://mirror.invalid/train-000000.tar"
+    with pytest.raises(ShardError, match="data.allow_pipe=true"):
+        resolve_shards(url, info=str(tmp_path))
+    assert not marker.exists()
+    assert len(consume(stream_for(resolve_shards(url, info=str(tmp_path), allow_pipe=True), 0, 1, workers=0))) > 0
+    assert marker.exists()  # allowed, the rewritten command ran
+
+
 def test_an_info_file_naming_shards_outside_its_directory_is_refused_before_anything_runs(tmp_path, monkeypatch):
     marker = tmp_path / "ran"
     monkeypatch.chdir(tmp_path)  # the directory `.`: joined to it, a pipe: name stays a pipe: URL

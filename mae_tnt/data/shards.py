@@ -30,6 +30,7 @@ from urllib.parse import urlparse
 import braceexpand
 import webdataset as wds
 from PIL import Image
+from webdataset.gopen import rewrite_url
 
 from ..config import DEFAULT_MAX_IMAGE_PIXELS
 from ..text import counted
@@ -96,9 +97,7 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
             with `_info.json`.
         info: a local `_info.json` or its directory giving the sample counts of the URLs in `spec`, in order.
     """
-    if not allow_pipe and any(urlparse(url).scheme == "pipe" for url in expand(spec)):  # as webdataset reads: PIPE:
-        raise ShardError(f"refusing to run the shell command in shard URL {spec!r}; set data.allow_pipe=true "
-                         "(tools/visualize.py: --allow-pipe) if you trust it")
+    _refuse_commands(expand(spec), spec, allow_pipe)  # before any is read, as a pattern's counts would be
     path = local_path(spec)
     if is_local(spec) and "{" not in spec and not path.exists():
         wildcard = " (wildcards are not expanded: write train-{000000..000009}.tar)" if set("*?") & set(spec) else ""
@@ -121,10 +120,19 @@ def resolve_shards(spec: str, split: str = "train", allow_pipe: bool = False, ve
     if missing:
         raise ShardError(f"{spec!r} lists {counted(len(missing), 'missing shard')}, e.g. {missing[0]}; restore them "
                          "or re-run tools/make_shards.py (tools/inspect_shards.py DIR lists every problem)")
+    _refuse_commands([shard.url for shard in shards], spec, allow_pipe)
     if verify:
         broken = _verify_counts([shard for shard in shards if shard.recorded], spec)
         shards = [replace(shard, warned_broken=True) if shard.url in broken else shard for shard in shards]
     return shards
+
+
+def _refuse_commands(urls: list[str], spec: str, allow_pipe: bool) -> None:
+    """Refuse `pipe:` URLs, which run a shell command, unless allowed: as webdataset will open them, after the
+    rewrites the GOPEN_REWRITE environment variable asks for, and whatever the case (`PIPE:`)."""
+    if not allow_pipe and any(urlparse(url if is_local(url) else rewrite_url(url)).scheme == "pipe" for url in urls):
+        raise ShardError(f"refusing to run the shell command in shard URL {spec!r}; set data.allow_pipe=true "
+                         "(tools/visualize.py: --allow-pipe) if you trust it")
 
 
 def expand(spec: str) -> list[str]:
