@@ -505,6 +505,16 @@ def test_a_half_precision_word_masking_mae_encodes_in_its_dtype_too():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("name", ["mae_vit_test", "mae_tnt_test", "mae_sret_test"])
+def test_an_encoder_argument_given_to_an_mae_builds_its_encoder(name):
+    """`mlp_ratio` is the encoder's; the decoder keeps MAE's 4 (it once went to the decoder alone)."""
+    default, changed = mae_tnt.create_model(name), mae_tnt.create_model(name, mlp_ratio=3.0)
+    def hidden_widths(model, part):
+        return {m.out_features for n, m in model.named_modules() if n.startswith(part) and n.endswith("mlp.fc1")}
+    assert hidden_widths(changed, "decoder") == hidden_widths(default, "decoder")
+    assert hidden_widths(changed, "encoder") != hidden_widths(default, "encoder")
+
+
 def test_list_models_filters_by_pattern_and_lists_every_model_for_none_or_an_empty_one():
     every = mae_tnt.list_models()
     assert "mae_vit_test" in every and "vit_test_patch8_32" in every

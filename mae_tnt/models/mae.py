@@ -64,7 +64,6 @@ class MaskedAutoencoder(nn.Module):
         decoder_dim: int = 512,
         decoder_depth: int = 8,
         decoder_heads: int = 16,
-        mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
         mask_ratio: float = 0.75,
         encoder_mode: str = "visible",
@@ -90,7 +89,7 @@ class MaskedAutoencoder(nn.Module):
         # Fixed sin-cos table, saved in the state dict as in MAE but never trained.
         table = sincos_2d(decoder_dim, self.grid, self.num_prefix_tokens)  # [P + L, Dd]
         self.decoder_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)  # [1, P + L, Dd]
-        self.decoder_blocks = transformer_blocks(decoder_dim, decoder_depth, decoder_heads, mlp_ratio)
+        self.decoder_blocks = transformer_blocks(decoder_dim, decoder_depth, decoder_heads, mlp_ratio=4.0)  # MAE's
         self.decoder_norm = LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, self.unit**2 * 3)
         self.grad_checkpointing = False
@@ -231,7 +230,7 @@ def rebuilt_fixed_tables(module: nn.Module, state_dict: dict[str, torch.Tensor])
 
 
 MAE_KWARGS = (
-    "decoder_dim", "decoder_depth", "decoder_heads", "mlp_ratio", "norm_pix_loss", "mask_ratio", "encoder_mode"
+    "decoder_dim", "decoder_depth", "decoder_heads", "norm_pix_loss", "mask_ratio", "encoder_mode"
 )
 REFERENCE_DECODER = {"decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16}
 
