@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .layers import LayerNorm, check_images, checkpointed, init_mae_weights, transformer_blocks
-from .masking import masked_mean, normalize_pixels, num_visible, random_masking
+from .masking import gather_units, masked_mean, normalize_pixels, num_visible, random_masking
 from .pos_embed import is_sincos_table, sincos_2d
 
 WRAPPER_KEY_PREFIXES = ("decoder_", "mask_token", "encoder_mask_token")
@@ -167,8 +167,7 @@ class MaskedAutoencoder(nn.Module):
         if self.encoder_mode == "visible":
             num_hidden = ids_restore.shape[1] - units.shape[1]
             units = torch.cat([units, self.mask_token.expand(x.shape[0], num_hidden, -1)], dim=1)  # [B, L, Dd]
-            index = ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2])  # [B, L, Dd]
-            units = torch.gather(units, dim=1, index=index)  # unshuffle to raster order
+            units = gather_units(units, ids_restore)  # [B, L, Dd] unshuffled to raster order
         x = torch.cat([prefix, units], dim=1) + self.decoder_pos_embed  # [B, P + L, Dd]
         for block in self.decoder_blocks:
             x = checkpointed(block, x, enabled=self.grad_checkpointing)

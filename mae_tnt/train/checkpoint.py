@@ -6,7 +6,9 @@ A checkpoint is a directory `checkpoints/step_{step:08d}/` holding:
 - `data_rank{r}.json`: the stream position of every worker role of rank r;
 - fine-tuning's extra weights: `ema.safetensors` with an EMA, and `frozen_fp32.safetensors` under DeepSpeed's half
   modes (the untrained parameters, of which the engine keeps only 16-bit copies);
-- `state.json`: step, micro-step, model name, world size and the resolved config, written last.
+- `state.json`, written last: the step, model name, world size, resolved config and schedule plan, the metrics rows
+  written so far and the loss window's totals (which a resume keeps), the DeepSpeed layout under DeepSpeed, and for
+  fine-tuning the mode, classes, image size and best result so far.
 
 It is written to `.tmp-step_*` and renamed once every rank has finished, so a crash mid-write never leaves a
 half-written `step_*`. `read_checkpoint` checks that every file reads back; `mae_tnt.train.resume` picks the

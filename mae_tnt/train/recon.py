@@ -21,7 +21,7 @@ from ..models.masking import pixel_stats
 
 @torch.no_grad()
 def reconstruct(model, images: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
-    """uint8-normalised images [B, 3, H, W] -> display rows in [0, 1]: original, masked, recon, recon+visible."""
+    """Normalised float images [B, 3, H, W] -> display rows in [0, 1]: original, masked, recon, recon+visible."""
     loss, pred, mask = model(images, noise=noise)
     if model.norm_pix_loss:
         mean, std = pixel_stats(model.patchify(images.float()))  # [B, L, 1] each
