@@ -23,7 +23,14 @@ from .atomic import atomic_file, temporary_name
 from .cli import quiet_on_ctrl_c
 from .config import file_in_the_way
 from .models import create_model, load_weights, read_state_dict
-from .models.loading import CheckpointError, fitting_build_kwargs, fold_probe_head, save_weights, unwrap_state_dict
+from .models.loading import (
+    CheckpointError,
+    fitting_build_kwargs,
+    fold_probe_head,
+    refuse_resampled,
+    save_weights,
+    unwrap_state_dict,
+)
 from .models.registry import ModelError
 from .models.tnt import TNT
 from .text import HelpWithDefaults, counted
@@ -65,10 +72,8 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
                           remedy="pass the groups of keys the source was saved without to --allow-missing (e.g. "
                                  "--allow-missing 'decoder_*' 'mask_token'), and of keys to leave out to "
                                  "--allow-unexpected (e.g. a classifier's head: --allow-unexpected 'encoder.head.*')")
-    if report.resampled and img_size is None:
-        raise CheckpointError(f"{src}'s position table is for another image size than {model_name}'s default "
-                              f"({'; '.join(report.resampled)}): pass --img-size with the size SRC was trained at (or "
-                              "the size to resample it to)")
+    if img_size is None:
+        refuse_resampled(report, str(src), model_name, "--img-size")
     # a failed write leaves an earlier OUT as it was
     with write_failures_explained(temporary_name(out), out, RETRY_AFTER_FAILED_WRITE), atomic_file(out) as tmp:
         save_weights(model.state_dict(), tmp, metadata={"model": model_name})

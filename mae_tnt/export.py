@@ -113,7 +113,8 @@ def build_checked(info: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     kwargs = {"num_classes": info["num_classes"]}
     kwargs.update({k: info[k] for k in ("img_size", "global_pool") if info[k] is not None})
     model = create_model(info["model"], **kwargs)
-    refuse_resampled(load_weights(model, state_dict), model, info["model"])
+    refuse_resampled(load_weights(model, state_dict), "the weights", f"{info['model']} at {model.grid * model.unit} px",
+                     "--img-size", resampling_allowed=False)
     return model
 
 

@@ -105,7 +105,8 @@ def visualize(args: argparse.Namespace) -> dict:
     model = create_model(state["model"], **{**build, "mask_ratio": ratio})
     report = load_weights(model, raw)
     if args.model is not None and args.img_size is None:  # a run's checkpoint is built at its own size
-        refuse_resampled(report, model, args.model)
+        refuse_resampled(report, "the weights", f"{args.model} at {model.grid * model.unit} px", "--img-size",
+                         resampling_allowed=False)
     out = default_output(checkpoint, args.split)
     if args.out is not None:
         out = args.out if is_grid_file(args.out) else args.out / out.name

@@ -124,8 +124,9 @@ def test_weights_of_another_image_size_convert_only_at_a_size_given_and_load_at_
     torch.save(source.state_dict(), tmp_path / "big.pth")
     args = [str(tmp_path / "big.pth"), str(tmp_path / "big.safetensors"), "--model", "vit_test_patch8_32"]
     assert convert_main(args) == 1  # rather than resampled silently to the default 32 px
-    assert ("position table is for another image size than vit_test_patch8_32's default (pos_embed [1, 37, 32] -> "
-            "[1, 17, 32]): pass --img-size") in capsys.readouterr().err
+    assert (f"the position table of {tmp_path / 'big.pth'} is for another image size than that of vit_test_patch8_32 "
+            "(pos_embed [1, 37, 32] -> [1, 17, 32]): pass --img-size with the size it was trained at (or the size to "
+            "resample it to)") in capsys.readouterr().err
     assert convert_main(args + ["--img-size", "48"]) == 0
     printed = capsys.readouterr().out.splitlines()[-1]
     assert printed.endswith("num_classes=7, img_size=48)")

@@ -146,13 +146,16 @@ def pretraining_build_kwargs(state: dict, source: str) -> dict:
     return config_section(ModelConfig, settings, "model.", source).build_kwargs()
 
 
-def refuse_resampled(report: LoadReport, model: nn.Module, name: str) -> None:
-    """Refuse weights whose learned position table was resampled to `model`'s grid: the tools show and export weights
-    as they were trained, at the size given with --img-size."""
+def refuse_resampled(report: LoadReport, source: str, name: str, size_setting: str, *,
+                     resampling_allowed: bool = True) -> None:
+    """Refuse weights (from `source`) whose learned position table `load_weights` resampled to `name`'s grid:
+    resampling loses information, so it is done only at a size given with `size_setting`, or never where
+    `resampling_allowed` is false (the tools show and export weights as they were trained)."""
     if report.resampled:
-        raise CheckpointError(f"the weights' position table is for another image size than {name} at "
-                              f"{model.grid * model.unit} px ({'; '.join(report.resampled)}); pass --img-size with "
-                              "the size they were trained at")
+        alternative = " (or the size to resample it to)" if resampling_allowed else ""
+        raise CheckpointError(f"the position table of {source} is for another image size than that of {name} "
+                              f"({'; '.join(report.resampled)}): pass {size_setting} with the size it was trained "
+                              f"at{alternative}")
 
 
 def corrupt_description(description: Path, checkpoint: Path) -> CheckpointError:

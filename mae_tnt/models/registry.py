@@ -80,11 +80,9 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
                              f"{unknown[1]} or set it back to its default)") from err
         raise ModelError(f"cannot build {name} with {kwargs}: {err}") from err
     if checkpoint_path is not None:
-        from .loading import CheckpointError, load_weights
+        from .loading import load_weights, refuse_resampled
 
         report = load_weights(model, checkpoint_path)
-        if report.resampled and "img_size" not in kwargs:  # resampling loses information: never done unasked
-            raise CheckpointError(f"{checkpoint_path} holds position tables for another image size than {name}'s "
-                                  f"default ({'; '.join(report.resampled)}): pass img_size= the size it was trained "
-                                  "at (or the size to resample it to)")
+        if "img_size" not in kwargs:
+            refuse_resampled(report, str(checkpoint_path), name, "img_size=")
     return model
