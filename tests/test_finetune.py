@@ -951,8 +951,10 @@ def test_config_yaml_records_the_checkpoint_init_stood_for_and_a_resume_refuses_
     def recorded() -> str:
         return yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())["init"]
 
-    FinetuneRun(demo_config(tmp_path / "ft", f"init={mae_run}", "run.max_steps=1")).train()
+    given = demo_config(tmp_path / "ft", f"init={mae_run}", "run.max_steps=1")
+    FinetuneRun(given).train()
     assert recorded() == str(mae_run / "checkpoints" / "step_00000001")
+    assert given.init == str(mae_run)  # the caller's config is not rewritten (a notebook may run it again)
     write_mae_checkpoint(mae_run / "checkpoints" / "step_00000002")  # the pretraining run went on meanwhile
     FinetuneRun(demo_config(tmp_path / "ft", f"init={mae_run}", "run.max_steps=2")).train()
     assert recorded() == str(mae_run / "checkpoints" / "step_00000001")  # the resumed run started from step 1

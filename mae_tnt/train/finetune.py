@@ -17,6 +17,7 @@ timm `train.py` (Mixup, RandomErasing, ModelEmaV3, SoftTargetCrossEntropy); acce
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -215,7 +216,8 @@ class FinetuneRun(TrainingRun):
             restore_aside(self.out / "best")
         checkpoint = resolve_resume(cfg.run.resume, self.out, self.log, self.is_main,
                                     check_fresh_start=lambda: recorded_init(cfg.init))  # a wrong init moves nothing
-        cfg.init = recorded_init(cfg.init, checkpoint.state if checkpoint else None)
+        # The checkpoint actually read, for config.yaml and the checkpoints; the caller's config stays as given.
+        self.cfg = cfg = replace(cfg, init=recorded_init(cfg.init, checkpoint.state if checkpoint else None))
         set_fused_attn(cfg.run.fused_attn)
         model = build_classifier(cfg, self.num_classes, load=checkpoint is None, log=self.log)
         model.set_grad_checkpointing(cfg.run.grad_checkpointing)
@@ -469,7 +471,7 @@ def run_knn(cfg: FinetuneConfig) -> dict:
         raise ConfigError(f"run.output_dir={out} holds a training run (checkpoints/), which a kNN evaluation would set "
                           f"aside; give the evaluation a directory of its own, e.g. run.output_dir={out}_knn")
     require_labeled_shards(cfg.data, "kNN evaluation")  # before the checkpoint is looked for
-    cfg.init = recorded_init(cfg.init)
+    cfg = replace(cfg, init=recorded_init(cfg.init))
     model = build_classifier(cfg, num_classes=0, log=log).to(acc.device).eval()
     if cfg.model.bn_reestimate_batches:
         refit_stem_norms(model, cfg, acc.device, log)
