@@ -42,3 +42,13 @@ def test_the_visible_only_bench_gives_both_models_the_same_weights_and_prints_th
     monkeypatch.setattr(sys, "argv", ["visible_only.py", "--model", "mae_vit_test", "--batch", "2", "--repeats", "1"])
     visible_only.main()  # asserts that the weights load across with only the mask tokens left out
     assert capsys.readouterr().out.splitlines()[-1].startswith("speedup visible-only vs mask tokens: ")
+
+
+def test_interleaved_times_reverses_the_order_of_the_cases_every_other_repetition():
+    """Running first, or after a given case, must not favour the same case in every repetition."""
+    common = pytest.importorskip("common")
+    calls = []
+    times = common.interleaved_times({name: (lambda name=name: calls.append(name)) for name in "abc"}, repeats=3,
+                                     warmup=1)
+    assert calls == [*"abc", *"abc", *"cba", *"abc"]  # the warm-up, then the three repetitions
+    assert {name: len(values) for name, values in times.items()} == {"a": 3, "b": 3, "c": 3}

@@ -1,8 +1,9 @@
 """Shared benchmark helpers: interleaved timing, paired ratios and MAC counts, because this machine is noisy.
 
-Cases are timed in turn within every repetition, so a slow spell of the shared machine hits all of them alike. A
-speed-up is then reported as the median of the per-repetition ratios (each pair was timed back to back) together
-with their range, which says how far one run can be trusted.
+Cases are timed in turn within every repetition, so a slow spell of the shared machine hits all of them alike, in
+the reverse order every other repetition, so that running first or after a given case (allocator, cache and thread
+state) does not always favour the same one. A speed-up is then reported as the median of the per-repetition ratios
+(each pair timed within one repetition) together with their range, which says how far one run can be trusted.
 """
 
 from __future__ import annotations
@@ -35,13 +36,15 @@ def bench_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
 
 def interleaved_times(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
                       clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-    """Seconds of every timed call of each case, alternating the cases within each repetition."""
+    """Seconds of every timed call of each case, alternating the cases within each repetition (in reverse order every
+    other repetition)."""
     for _ in range(warmup):
         for run in cases.values():
             run()
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, run in cases.items():
+    for repetition in range(repeats):
+        order = list(cases.items())
+        for name, run in order[::-1] if repetition % 2 else order:
             start = clock()
             run()
             times[name].append(clock() - start)
@@ -54,7 +57,7 @@ def medians(times: dict[str, list[float]]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Ratio:
-    """A ratio of two cases' times: median and range over the repetitions, each pair timed back to back."""
+    """A ratio of two cases' times: median and range over the repetitions, each pair timed in one repetition."""
 
     median: float
     low: float

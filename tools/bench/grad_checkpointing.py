@@ -74,6 +74,15 @@ def memory_in_use(device: torch.device) -> int:
     return _status_kib("VmRSS") * 1024
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak figure afresh, so that what ran before (building, the first step) is not counted."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the present resident set
+
+
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -94,9 +103,7 @@ def child(args: argparse.Namespace) -> None:
     model, loss = build(args)
     model.set_grad_checkpointing(SETTINGS[args.child])
     loss().backward()  # allocates the gradients, which the next step accumulates into
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     before = memory_in_use(device)
     loss().backward()
     if device.type == "cuda":

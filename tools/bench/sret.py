@@ -2,8 +2,8 @@
 
 Prints, in one run, encoder and forward MACs per image (FlopCounterMode FLOPs / 2: matmuls, convs, attention) and the
 median train-step time (forward + backward) of each case. Repetitions are interleaved across cases, so load on a
-shared machine hits every case alike; ratios come last, step-time ratios as the median of the back-to-back pairs'
-ratios with their range.
+shared machine hits every case alike; ratios come last, step-time ratios as the median of the ratios of the pairs
+timed in one repetition, with their range.
 
     OMP_NUM_THREADS=2 python tools/bench/sret.py                       # CPU, batch 8 at 224
     python tools/bench/sret.py --device cuda --dtype bf16 --batch 64 --repeats 20

@@ -4,7 +4,7 @@ Default mode prints, in one run, the median train-step time (forward + backward,
 image of: timm `tnt_s_patch16_224`, our `tnt_s_patch16_224` (same weights), timm `vit_small_patch16_224` (DeiT-S),
 and MAE-TNT-S with the visible-only encoder vs every sentence in the encoder (`encoder_mode="mask_tokens"`).
 Repetitions are interleaved across cases, so load on a shared machine hits every case alike; the key ratios come last,
-each the median of the back-to-back pairs' ratios with their range.
+each the median of the ratios of the pairs timed in one repetition, with their range.
 
 `--decoders` instead compares decoder sizes for `mae_tnt_s_patch16` (`--model` for another size): encoder and decoder
 MACs per image and the step time of the whole MAE and of its encoder alone.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -60,11 +61,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype (fp32: none)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                        help="wall: perf_counter; cpu: this process's CPU time (steadier on a loaded CPU machine)")
+                        help="wall: perf_counter; cpu: this process's CPU time (steadier on a loaded CPU machine; "
+                             "one thread on the CPU only)")
     parser.add_argument("--decoders", action="store_true", help="compare MAE-TNT decoder sizes instead")
     parser.add_argument("--model", default="mae_tnt_s_patch16", help="MAE-TNT model for --decoders")
     parser.add_argument("--parts", action="store_true", help="time one TNT-S block part by part instead")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.clock == "cpu" and (torch.device(args.device).type != "cpu" or torch.get_num_threads() > 1):
+        # CPU time adds up every thread's, spin-waits included, and says nothing of a GPU's time
+        parser.error("--clock cpu measures one CPU thread: run with OMP_NUM_THREADS=1 and --device cpu")
+    return args
 
 
 def mae_case(name: str, images: torch.Tensor, ratio: float, model_name: str = "mae_tnt_s_patch16", **kwargs) -> Case:
@@ -109,17 +115,25 @@ def part_cases(images: torch.Tensor) -> list[Case]:
     words = torch.randn(batch * 196, 16, 24, device=images.device, requires_grad=True)  # [B*K, W, c]
     tokens = torch.randn(batch, 197, 384, device=images.device, requires_grad=True)  # [B, 1+K, D]
 
+    def fresh(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """`loss_fn` with the inputs' gradients dropped first: leaves outside the model, they would accumulate."""
+        def run() -> torch.Tensor:
+            words.grad = tokens.grad = None
+            return loss_fn()
+        return run
+
     def outer() -> torch.Tensor:
         x = tokens + block.attn_out(block.norm_out(tokens))
         return (x + block.mlp(block.norm_mlp(x))).mean()
 
     return [
-        Case("inner attention (LN, attn, add)", block, lambda: (words + block.attn_in(block.norm_in(words))).mean()),
-        Case("inner MLP (LN, MLP, add)", block, lambda: (words + block.mlp_in(block.norm_mlp_in(words))).mean()),
-        Case("words -> sentence projection", block, lambda: project_words(block, words, batch).mean()),
-        Case("outer transformer", block, outer),
-        Case("TNT-S block", block, lambda: sum(out.mean() for out in block(words, tokens))),
-        Case("DeiT-S block", vit_block, lambda: vit_block(tokens).mean()),
+        Case("inner attention (LN, attn, add)", block,
+             fresh(lambda: (words + block.attn_in(block.norm_in(words))).mean())),
+        Case("inner MLP (LN, MLP, add)", block, fresh(lambda: (words + block.mlp_in(block.norm_mlp_in(words))).mean())),
+        Case("words -> sentence projection", block, fresh(lambda: project_words(block, words, batch).mean())),
+        Case("outer transformer", block, fresh(outer)),
+        Case("TNT-S block", block, fresh(lambda: sum(out.mean() for out in block(words, tokens)))),
+        Case("DeiT-S block", vit_block, fresh(lambda: vit_block(tokens).mean())),
     ]
 
 
