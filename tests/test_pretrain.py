@@ -708,9 +708,9 @@ def test_the_non_finite_loss_error_names_the_earliest_bad_micro_step_of_any_rank
 
 
 def add_losses(window: Window, losses: list[float], device: torch.device | str = "cpu") -> None:
-    """Add `losses` as micro-steps 1, 2, ... of `window`, their tensors made first (a GPU test times only the adds)."""
+    """Add `losses` as micro-steps 0, 1, ... of `window`, their tensors made first (a GPU test times only the adds)."""
     tensors = [torch.tensor(loss, device=device) for loss in losses]
-    for micro, loss in enumerate(tensors, start=1):
+    for micro, loss in enumerate(tensors):
         window.add(loss, images=4, micro=micro)
 
 

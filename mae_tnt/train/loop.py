@@ -55,13 +55,13 @@ class Window:
             self.start += time.perf_counter() - start
 
     def add(self, loss: torch.Tensor, images: int, micro: int) -> None:
-        """Add the loss of micro-step `micro - 1` (0-based); remember the first non-finite one."""
+        """Add the loss of micro-step `micro` (0-based); remember the first non-finite one."""
         finite = torch.isfinite(loss)
         self.loss_sum += torch.where(finite, loss.float(), 0.0)
         self.count += 1
         newly_bad = (~finite) & (self.first_bad < 0)
         # a Python scalar, not a new device tensor, whose blocking copy would make every micro-step wait for the GPU
-        self.first_bad = torch.where(newly_bad, micro - 1, self.first_bad)
+        self.first_bad = torch.where(newly_bad, micro, self.first_bad)
         self.images += images
 
     def loss_totals(self, accelerator) -> dict:
@@ -207,7 +207,7 @@ class TrainingRun:
         the stream state, the log window and, after an optimizer step, `step` and the bar. Returns `micro + 1`."""
         loss = self.micro_step(batch, micro)
         self.stream.state.record(batch, self.stream.num_workers)
-        self.window.add(loss, len(batch["images"]), micro + 1)
+        self.window.add(loss, len(batch["images"]), micro)
         if self.acc.sync_gradients:
             self.step += 1
             bar.update(1)
