@@ -53,6 +53,13 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
+def upsample_grid_mask(mask: torch.Tensor, grid: int, factor: int) -> torch.Tensor:
+    """One flag per cell of a square grid -> one per pixel (or token) of each cell: [N, g * g] -> [N, g*f, g*f]."""
+    n = mask.shape[0]
+    cells = mask.reshape(n, grid, 1, grid, 1).expand(n, grid, factor, grid, factor)  # [N, g, f, g, f]
+    return cells.reshape(n, grid * factor, grid * factor)  # [N, g*f, g*f]
+
+
 def gather_units(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Select units along dim 1: [B, L, *rest] -> [B, K, *rest]."""
     index = ids.reshape(*ids.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])  # [B, K, *rest]

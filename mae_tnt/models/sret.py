@@ -46,7 +46,7 @@ from .layers import (
 )
 from .loading import CheckpointError
 from .mae import MaskedAutoencoder, build_mae
-from .masking import gather_units
+from .masking import gather_units, upsample_grid_mask
 from .pos_embed import is_other_grid, note_resampled
 from .registry import register_model
 
@@ -377,9 +377,8 @@ class SReT(nn.Module):
     def _hide_pixels(self, images: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] with the units where `visible` [B, L] is 0 zeroed: the stem's overlapping 3x3
         convolutions (and its batch statistics) would otherwise carry hidden pixels into visible tokens."""
-        b, g, u = images.shape[0], self.grid, self.unit
-        pixels = visible.to(images.dtype).reshape(b, 1, g, 1, g, 1).expand(b, 1, g, u, g, u)  # [B, 1, g, u, g, u]
-        return images * pixels.reshape(b, 1, g * u, g * u)  # [B, 3, H, W]
+        pixels = upsample_grid_mask(visible.to(images.dtype), self.grid, self.unit)  # [B, H, W]
+        return images * pixels.unsqueeze(1)  # [B, 3, H, W]
 
     def forward_with_mask_tokens(self, images: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor):
         """SimMIM-style baseline: hidden units' stem tokens become `mask_token` [1, 1, C0] on the full grid, their
@@ -391,7 +390,7 @@ class SReT(nn.Module):
         x = self.patch_embed(self._hide_pixels(images, 1 - mask))  # [B, C0, h, w]
         b, c, h, w = x.shape
         g, t = self.grid, h // self.grid
-        hidden = mask.bool().reshape(b, g, 1, g, 1).expand(b, g, t, g, t).reshape(b, h * w, 1)  # [B, h*w, 1]
+        hidden = upsample_grid_mask(mask.bool(), g, t).reshape(b, h * w, 1)  # [B, h*w, 1]
         x = x.flatten(2).transpose(1, 2)  # [B, h*w, C0]
         pos = self.pos_embed.flatten(2).transpose(1, 2)  # [1, h*w, C0]
         x = torch.where(hidden, mask_token.to(x.dtype), x) + pos

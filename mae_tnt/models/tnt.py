@@ -39,7 +39,7 @@ from .layers import (
 )
 from .loading import CheckpointError
 from .mae import MaskedAutoencoder, build_mae
-from .masking import masked_mean, normalize_pixels, num_visible, random_masking
+from .masking import masked_mean, normalize_pixels, num_visible, random_masking, upsample_grid_mask
 from .pos_embed import resample_token_table
 from .registry import register_model
 
@@ -278,10 +278,8 @@ class TNT(nn.Module):
         replaced by `word_mask_token` [1, 1, c] before `pixel_pos`, so the token still learns where it sits.
         """
         if word_mask is not None:
-            s = self.unit // WORD_STRIDE
-            hidden_px = word_mask.view(-1, s, 1, s, 1, 1)  # [B', s, 1, s, 1, 1]: one flag per word
-            hidden_px = hidden_px.expand(-1, s, WORD_STRIDE, s, WORD_STRIDE, 1)  # [B', s, 4, s, 4, 1]
-            patches = patches.masked_fill(hidden_px.reshape(-1, self.unit, self.unit, 1), 0)  # [B', u, u, C]
+            hidden_px = upsample_grid_mask(word_mask, self.unit // WORD_STRIDE, WORD_STRIDE)  # [B', u, u]
+            patches = patches.masked_fill(hidden_px.unsqueeze(-1), 0)  # [B', u, u, C]
         words = self.pixel_embed(patches)  # [B', W, c]
         if word_mask is not None:
             words = torch.where(word_mask.unsqueeze(-1), word_mask_token.to(words.dtype), words)  # mask [B', W, 1]
