@@ -1,9 +1,10 @@
 """Encoder-agnostic masked autoencoder: masking by mask unit, a light ViT decoder and the norm-pix MSE loss.
 
 The wrapper reads only the encoder contract: `unit` (mask unit in pixels), `grid` (units per side), `embed_dim`,
-`num_prefix_tokens`, `forward_visible(images, ids_keep)`, timm's `set_grad_checkpointing(enable)`
-and, for the SimMIM-style baseline, `forward_with_mask_tokens(images, mask, mask_token)` (with an optional
-`mask_token_dim`). Everything else about the encoder stays private to it.
+`num_prefix_tokens`, `forward_visible(images, ids_keep)`, timm's `set_grad_checkpointing(enable)` and
+`no_weight_decay()` (its tokens named `*_token`), and, for the SimMIM-style baseline,
+`forward_with_mask_tokens(images, mask, mask_token)` (with an optional `mask_token_dim`). Everything else about the
+encoder stays private to it.
 
 References: He et al., "Masked Autoencoders Are Scalable Vision Learners" (arXiv 2111.06377);
 facebookresearch/mae `models_mae.py` (semantics reproduced exactly: noise + argsort masking, sin-cos decoder
@@ -37,10 +38,6 @@ def split_mae_state_dict(state_dict: StateDict) -> tuple[StateDict, StateDict]:
         return encoder, {k: v for k, v in state_dict.items() if not k.startswith("encoder.")}
     wrapper = {k: v for k, v in state_dict.items() if k.startswith(WRAPPER_KEY_PREFIXES)}
     return {k: v for k, v in state_dict.items() if k not in wrapper}, wrapper
-
-
-POSITION_TABLES = ("pos_embed", "patch_pos", "pixel_pos")
-"""The encoders' position tables, by name: ViT's and SReT's `pos_embed`, TNT's sentence and word tables."""
 
 
 class MaskedAutoencoder(nn.Module):
@@ -103,9 +100,10 @@ class MaskedAutoencoder(nn.Module):
         nn.init.normal_(mask_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
-        """The encoder's learned position tables (TNT's, SReT's): every reference that learns them exempts them, and
-        MAE's own are fixed. The class and mask tokens decay, as in MAE (timm's `add_weight_decay`, no skip list)."""
-        return {f"encoder.{name}" for name in self.encoder.no_weight_decay() if name in POSITION_TABLES}
+        """What the encoder exempts but its tokens: its learned position tables (TNT's, SReT's), which every reference
+        that learns them exempts (MAE's own are fixed). The class and mask tokens decay, as in MAE (timm's
+        `add_weight_decay`, no skip list)."""
+        return {f"encoder.{name}" for name in self.encoder.no_weight_decay() if not name.endswith("_token")}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every encoder and decoder block in the backward pass instead of keeping its activations."""
