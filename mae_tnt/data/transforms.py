@@ -34,12 +34,16 @@ except ImportError:  # pragma: no cover
     decode_jpeg = None
 
 
+ASPECT_RATIOS = (3 / 4, 4 / 3)
+"""The crops' range of width / height, torchvision's RandomResizedCrop default (MAE keeps it)."""
+
+
 def random_resized_crop_box(
-    width: int, height: int, scale: tuple[float, float], rng: random.Random, ratio=(3 / 4, 4 / 3)
+    width: int, height: int, scale: tuple[float, float], rng: random.Random
 ) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop sampling: (left, top, right, bottom) in pixels."""
     area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    log_ratio = (math.log(ASPECT_RATIOS[0]), math.log(ASPECT_RATIOS[1]))
     for _ in range(10):
         target_area = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(*log_ratio))
@@ -48,16 +52,17 @@ def random_resized_crop_box(
         if 0 < w <= width and 0 < h <= height:
             left, top = rng.randint(0, width - w), rng.randint(0, height - h)
             return left, top, left + w, top + h
-    return _center_box(width, height, ratio)
+    return _center_box(width, height)
 
 
-def _center_box(width: int, height: int, ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """Fallback of torchvision: the central crop with the aspect ratio clamped to `ratio`."""
+def _center_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """Fallback of torchvision: the central crop with the aspect ratio clamped to `ASPECT_RATIOS`."""
+    low, high = ASPECT_RATIOS
     in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        w, h = round(height * ratio[1]), height
+    if in_ratio < low:
+        w, h = width, round(width / low)
+    elif in_ratio > high:
+        w, h = round(height * high), height
     else:
         w, h = width, height
     left, top = (width - w) // 2, (height - h) // 2
