@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import tarfile
 import warnings
 from functools import partial
@@ -704,6 +705,34 @@ def test_a_member_header_claiming_a_terabyte_is_a_break_not_an_allocation(tmp_pa
     assert [sample["__key__"] for sample in samples] == ["s000000"]
     assert breaks == [f"member {last.name} claims {2**40} bytes, more than any image within the pixel limit "
                       "(data.max_image_pixels) takes" if compress else "unexpected end of data"]
+
+
+@pytest.mark.parametrize(("name", "fits"), [("a.tar", False), ("a.tar.gz", True), ("a.tgz", True)])
+def test_a_compressed_shard_may_hold_more_samples_than_512_bytes_each(tmp_path, name, fits):
+    """400 tiny images gzip to 12903 bytes, about 32 per sample (make_shards --compress)."""
+    entry = {"num_samples": 400, "filenames": [name], "shard_lengths": [400], "shard_bytes": [12903]}
+    (tmp_path / "_info.json").write_text(json.dumps({"splits": {"train": entry}}))
+    if fits:
+        assert load_info(tmp_path)["splits"]["train"]["num_samples"] == 400
+    else:
+        with pytest.raises(InfoError, match="more than a tar of that size can"):
+            load_info(tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar writes the sparse member")
+def test_a_sparse_member_of_a_plain_tar_reads_whole(tmp_path):
+    """It stores less than its size: the check against the bytes left in the file must not take it for a cut."""
+    member = tmp_path / "s000000.bin"
+    with open(member, "wb") as file:
+        file.write(b"head")
+        file.seek(3 * 2**20)  # a hole of 3 MiB
+        file.write(b"tail")
+    subprocess.run(["tar", "--sparse", "--format=gnu", "-cf", "shard.tar", member.name], cwd=tmp_path, check=True)
+    assert (tmp_path / "shard.tar").stat().st_size < 2**20
+    breaks = []
+    samples = list(read_samples(str(tmp_path / "shard.tar"), on_break=breaks.append))
+    assert breaks == [] and [len(sample["bin"]) for sample in samples] == [member.stat().st_size]
+    assert samples[0]["bin"].startswith(b"head") and samples[0]["bin"].endswith(b"tail")
 
 
 def test_an_info_file_counting_more_samples_than_a_shard_of_its_size_holds_is_refused(tmp_path):

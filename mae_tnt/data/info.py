@@ -105,7 +105,7 @@ def _more_samples_than_fit(entry: dict) -> str | None:
     header at least, and gzip shrinks data at most 1032-fold. Trusted by its size, such a count would have training
     count one lost sample after another for as long as it claims (minutes to forever)."""
     for name, count, size in zip(entry["filenames"], entry["shard_lengths"], entry["shard_bytes"], strict=True):
-        if count * TAR_BLOCK > size * (MAX_GZIP_RATIO if name.endswith(".gz") else 1):
+        if count * TAR_BLOCK > size * (MAX_GZIP_RATIO if name.endswith((".gz", ".tgz")) else 1):
             return f"shard {name} is said to hold {count} samples in {size} bytes, more than a tar of that size can"
     return None
 

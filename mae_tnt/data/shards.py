@@ -385,7 +385,8 @@ def _member_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 def _check_member_size(tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
     """Raise ReadError (a break) for a member larger than the bytes left in a plain local tar, or than
     `max_member_bytes`."""
-    if isinstance(tar.fileobj, io.BufferedReader):  # a plain local tar; a stream or a .tar.gz has no known size
+    # A plain local tar; a stream or a .tar.gz has no known size, and a sparse member stores less than its size
+    if isinstance(tar.fileobj, io.BufferedReader) and member.sparse is None:
         if member.offset_data + member.size > os.fstat(tar.fileobj.fileno()).st_size:
             raise tarfile.ReadError("unexpected end of data")
     if member.size > max_member_bytes():
