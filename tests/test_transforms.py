@@ -194,3 +194,12 @@ def test_a_batch_is_stacked_channels_last_and_normalised_into_the_layout_asked_f
         normalised = normalize(batch, mean, std, memory_format)
         assert normalised.dtype == torch.float32 and normalised.is_contiguous(memory_format=memory_format)
         torch.testing.assert_close(normalised, expected)
+
+
+def test_normalize_never_changes_the_tensor_it_is_given():
+    """It works in place on its float copy; a float input of the asked layout would otherwise be that copy."""
+    images = torch.rand(2, 3, 4, 4) * 255
+    given = images.clone()
+    out = normalize(images, [0.5] * 3, [0.25] * 3)
+    assert torch.equal(images, given)
+    assert torch.allclose(out, (given / 255 - 0.5) / 0.25, atol=1e-5)
