@@ -73,7 +73,7 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
                                  "--allow-missing 'decoder_*' 'mask_token'), and of keys to leave out to "
                                  "--allow-unexpected (e.g. a classifier's head: --allow-unexpected 'encoder.head.*')")
     if img_size is None:
-        refuse_resampled(report, str(src), model_name, "--img-size")
+        refuse_resampled(report, str(src), f"{model_name}'s default", "--img-size")
     # a failed write leaves an earlier OUT as it was
     with write_failures_explained(temporary_name(out), out, RETRY_AFTER_FAILED_WRITE), atomic_file(out) as tmp:
         save_weights(model.state_dict(), tmp, metadata={"model": model_name})

@@ -124,9 +124,9 @@ def test_weights_of_another_image_size_convert_only_at_a_size_given_and_load_at_
     torch.save(source.state_dict(), tmp_path / "big.pth")
     args = [str(tmp_path / "big.pth"), str(tmp_path / "big.safetensors"), "--model", "vit_test_patch8_32"]
     assert convert_main(args) == 1  # rather than resampled silently to the default 32 px
-    assert (f"the position table of {tmp_path / 'big.pth'} is for another image size than that of vit_test_patch8_32 "
-            "(pos_embed [1, 37, 32] -> [1, 17, 32]): pass --img-size with the size it was trained at (or the size to "
-            "resample it to)") in capsys.readouterr().err
+    assert (f"the position table of {tmp_path / 'big.pth'} is for another image size than vit_test_patch8_32's "
+            "default (pos_embed [1, 37, 32] -> [1, 17, 32]): pass --img-size the size it was trained at (or the size "
+            "to resample it to)") in capsys.readouterr().err
     assert convert_main(args + ["--img-size", "48"]) == 0
     printed = capsys.readouterr().out.splitlines()[-1]
     assert printed.endswith("num_classes=7, img_size=48)")
@@ -461,7 +461,7 @@ def test_a_checkpoint_file_torch_cannot_scan_or_an_optimizer_naming_callables_is
     (path / "engine").mkdir(parents=True)
     (path / "state.json").write_text(json.dumps({"step": 2, "model": "mae_vit_test", "config": {}}))
     torch.save({"module": {}}, path / "engine" / "mp_rank_00_model_states.pt", pickle_protocol=4)
-    with pytest.raises(ResumeError, match="mp_rank_00_model_states.pt is not a torch checkpoint file"):
+    with pytest.raises(ResumeError, match="mp_rank_00_model_states.pt cannot be checked as a torch checkpoint file"):
         read_checkpoint(path)
     shutil.rmtree(path / "engine")
     save_file({"w": torch.ones(2)}, path / "model.safetensors")
@@ -486,8 +486,8 @@ def test_auto_resume_passes_over_a_deepspeed_checkpoint_with_a_truncated_file_to
     weights.write_bytes(weights.read_bytes()[:100])
     logged = []
     assert resolve_resume("auto", tmp_path, log=logged.append).path.name == "step_00000004"
-    assert re.fullmatch(r"warning: skipping unusable checkpoint .*step_00000008: .*mp_rank_00_model_states.pt is not "
-                        r"a torch checkpoint file .*; trying the previous one", logged[0])
+    assert re.fullmatch(r"warning: skipping unusable checkpoint .*step_00000008: .*mp_rank_00_model_states.pt cannot "
+                        r"be checked as a torch checkpoint file .*; trying the previous one", logged[0])
 
 
 def test_a_corrupt_description_beside_the_weights_is_named(tmp_path):

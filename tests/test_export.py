@@ -173,7 +173,7 @@ def test_an_export_exports_again_and_bare_weights_export_as_trained_or_not_at_al
     assert_same_tensors(bare, tmp_path / "bare" / "model.safetensors")
 
     torch.save({"model": ours.state_dict()}, tmp_path / "bare48.pth")  # another size than the default 32
-    with pytest.raises(CheckpointError, match=r"another image size than that of vit_test_patch8_32 at 32 px "
+    with pytest.raises(CheckpointError, match=r"another image size than vit_test_patch8_32 at 32 px "
                                               r"\(pos_embed \[1, 37, 32\] -> \[1, 17, 32\]\): pass --img-size"):
         tool.export(tmp_path / "bare48.pth", tmp_path / "bare48", model_name="vit_test_patch8_32")
     config = tool.export(tmp_path / "bare48.pth", tmp_path / "bare48", model_name="vit_test_patch8_32", img_size=48)

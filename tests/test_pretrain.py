@@ -342,9 +342,9 @@ def test_visualize_shows_weights_without_a_run_given_their_model(shards, tmp_pat
     save_file(mae_tnt.create_model("mae_tnt_test", img_size=64).state_dict(), larger)
     tnt = [str(larger), str(shards), "--model", "mae_tnt_test", "--count", "2"]
     assert visualize_main(tnt) == 1
-    assert capsys.readouterr().err == ("error: the position table of the weights is for another image size than that "
-                                       "of mae_tnt_test at 32 px (patch_pos [1, 65, 32] -> [1, 17, 32]): pass "
-                                       "--img-size with the size it was trained at\n")
+    assert capsys.readouterr().err == ("error: the position table of the weights is for another image size than "
+                                       "mae_tnt_test at 32 px (patch_pos [1, 65, 32] -> [1, 17, 32]): pass "
+                                       "--img-size the size it was trained at\n")
     assert visualize_main([*tnt, "--img-size", "64"]) == 0
     assert visualize_main([str(weights), str(shards), "--model", "vit_test_patch8_32"]) == 1
     assert ("--model='vit_test_patch8_32' is not a registered masked autoencoder (it is a classifier; the masked "

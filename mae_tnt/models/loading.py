@@ -146,15 +146,16 @@ def pretraining_build_kwargs(state: dict, source: str) -> dict:
     return config_section(ModelConfig, settings, "model.", source).build_kwargs()
 
 
-def refuse_resampled(report: LoadReport, source: str, name: str, size_setting: str, *,
+def refuse_resampled(report: LoadReport, source: str, built: str, size_setting: str, *,
                      resampling_allowed: bool = True) -> None:
-    """Refuse weights (from `source`) whose learned position table `load_weights` resampled to `name`'s grid:
-    resampling loses information, so it is done only at a size given with `size_setting`, or never where
-    `resampling_allowed` is false (the tools show and export weights as they were trained)."""
+    """Refuse weights (from `source`) whose learned position table `load_weights` resampled to the grid of the model
+    `built` (e.g. "vit_base_patch16_224's default"): resampling loses information, so it is done only at a size given
+    with `size_setting`, or never where `resampling_allowed` is false (the tools show and export weights as they were
+    trained)."""
     if report.resampled:
         alternative = " (or the size to resample it to)" if resampling_allowed else ""
-        raise CheckpointError(f"the position table of {source} is for another image size than that of {name} "
-                              f"({'; '.join(report.resampled)}): pass {size_setting} with the size it was trained "
+        raise CheckpointError(f"the position table of {source} is for another image size than {built} "
+                              f"({'; '.join(report.resampled)}): pass {size_setting} the size it was trained "
                               f"at{alternative}")
 
 

@@ -84,5 +84,5 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
 
         report = load_weights(model, checkpoint_path)
         if "img_size" not in kwargs:
-            refuse_resampled(report, str(checkpoint_path), name, "img_size=")
+            refuse_resampled(report, str(checkpoint_path), f"{name}'s default", "img_size=")
     return model

@@ -230,8 +230,8 @@ def check_pickles(paths: list[Path], allowed: frozenset[str] = frozenset()) -> N
         try:
             unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed
         except (RuntimeError, ValueError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
-            raise CheckpointError(f"{path} is not a torch checkpoint file ({err}); resume from another checkpoint "
-                                  "of the run") from None
+            raise CheckpointError(f"{path} cannot be checked as a torch checkpoint file ({err}); resume from another "
+                                  "checkpoint of the run") from None
         if unsafe:
             raise CheckpointError(f"{path} would run {', '.join(sorted(unsafe))} when unpickled, which no checkpoint "
                                   "of ours holds; refusing to read it. Use a checkpoint written by this project")
