@@ -353,6 +353,7 @@ def break_warning(url: str, reason: str) -> str:
 
 def _tar_samples(source: str | IO[bytes], start: int) -> Iterator[dict[str, bytes]]:
     with _open_tar(source) as tar:
+        limits = MemberLimits.of(tar)
         sample = {}
         for index, key, member in sample_members(tar):
             if index < start:  # earlier payloads are never read: a seekable tar just skips them
@@ -361,6 +362,7 @@ def _tar_samples(source: str | IO[bytes], start: int) -> Iterator[dict[str, byte
                 if sample:
                     yield sample
                 sample = {"__key__": key}
+            limits.check(member)
             sample[member.name[len(key) + 1 :].lower()] = _member_data(tar, member)
         if sample:
             yield sample
@@ -368,11 +370,7 @@ def _tar_samples(source: str | IO[bytes], start: int) -> Iterator[dict[str, byte
 
 def _member_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     """A member's bytes, read from the archive directly: a third of the cost of `extractfile`, which wraps every
-    member in two file objects. Sparse members (GNU tar's holes) need its map.
-
-    The size a header claims is checked before anything is allocated: a damaged header may claim gigabytes.
-    """
-    _check_member_size(tar, member)
+    member in two file objects. Sparse members (GNU tar's holes) need its map."""
     if member.sparse is not None:
         return tar.extractfile(member).read()
     tar.fileobj.seek(member.offset_data)  # a stream only moves forward: it is there already
@@ -382,16 +380,28 @@ def _member_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
     return data
 
 
-def _check_member_size(tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
-    """Raise ReadError (a break) for a member larger than the bytes left in a plain local tar, or than
-    `max_member_bytes`."""
-    # A plain local tar; a stream or a .tar.gz has no known size, and a sparse member stores less than its size
-    if isinstance(tar.fileobj, io.BufferedReader) and member.sparse is None:
-        if member.offset_data + member.size > os.fstat(tar.fileobj.fileno()).st_size:
+@dataclass(frozen=True)
+class MemberLimits:
+    """What one tar's members may claim, checked before anything is allocated (a damaged header may claim
+    gigabytes): no more than the bytes a plain local tar holds, nor than `max_member_bytes`."""
+
+    file_size: int | None  # None for a stream or a .tar.gz, whose size is not known
+    max_bytes: int
+
+    @classmethod
+    def of(cls, tar: tarfile.TarFile) -> MemberLimits:
+        """Taken once per tar, not per member."""
+        plain = isinstance(tar.fileobj, io.BufferedReader)
+        return cls(os.fstat(tar.fileobj.fileno()).st_size if plain else None, max_member_bytes())
+
+    def check(self, member: tarfile.TarInfo) -> None:
+        """Raise ReadError (a break) for a member that claims too much."""
+        stored = member.size if member.sparse is None else 0  # a sparse member stores less than its size
+        if self.file_size is not None and member.offset_data + stored > self.file_size:
             raise tarfile.ReadError("unexpected end of data")
-    if member.size > max_member_bytes():
-        raise tarfile.ReadError(f"member {member.name} claims {member.size} bytes, more than any image within the "
-                                "pixel limit (data.max_image_pixels) takes")
+        if member.size > self.max_bytes:
+            raise tarfile.ReadError(f"member {member.name} claims {member.size} bytes, more than any image within "
+                                    "the pixel limit (data.max_image_pixels) takes")
 
 
 def max_member_bytes() -> int:
