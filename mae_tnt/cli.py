@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import signal
 import sys
 import textwrap
 import threading
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial, wraps
 from pathlib import Path
 
 from .config import ConfigError, PretrainConfig, UnknownKeyError, all_keys, load_config
-from .ctrl_c import DEFERRING, PENDING, raise_if_pending
+from .ctrl_c import kill_children, raise_if_pending, recorded
 from .finetune_config import FinetuneConfig
 from .progress import is_main_process, write_line
 from .text import counted, disk_full_message
@@ -111,7 +108,7 @@ def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the
     def decorate(main: Main) -> Main:
         @wraps(main)
         def main_without_traceback(argv: list[str] | None = None) -> int:
-            with _ctrl_c_recorded() as received:
+            with recorded() as received:
                 try:
                     try:
                         status = main(argv)
@@ -136,47 +133,6 @@ def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the
         return main_without_traceback
 
     return decorate
-
-
-@contextmanager
-def _ctrl_c_recorded() -> Iterator[list[int]]:
-    """Within: a Ctrl-C raises KeyboardInterrupt (or sets `PENDING` inside `ctrl_c.deferred()`), is recorded in the
-    list yielded, and one that Python drops (inside a finalizer) sets `PENDING` without a report."""
-    received: list[int] = []
-
-    def on_ctrl_c(signum, frame) -> None:
-        received.append(signum)
-        if DEFERRING.is_set():
-            PENDING.set()
-        else:
-            raise KeyboardInterrupt
-
-    def report_unraisable(unraisable) -> None:
-        if received and issubclass(unraisable.exc_type, KeyboardInterrupt):  # our dropped Ctrl-C
-            PENDING.set()
-        else:
-            previous_hook(unraisable)
-
-    # Signal handlers belong to the main thread; a main run in another (a notebook's) keeps Python's own.
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_ctrl_c) if in_main_thread else None
-    previous_hook, sys.unraisablehook = sys.unraisablehook, report_unraisable
-    try:
-        yield received
-    finally:
-        sys.unraisablehook = previous_hook
-        PENDING.clear()  # a notebook's next run starts without it
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous)
-
-
-def kill_children() -> None:
-    """Kill this process's multiprocessing children, without torch's SIGCHLD handler reporting each as a loader
-    worker that failed."""
-    if children := multiprocessing.active_children():
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        for child in children:
-            child.kill()
 
 
 @quiet_on_ctrl_c()
