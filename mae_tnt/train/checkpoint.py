@@ -241,6 +241,7 @@ def find_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints, newest first (by step number, never by file time)."""
     return step_dirs(checkpoint_dir(output_dir))[::-1]
 
+
 STATE_KEYS = ("step", "model", "config")
 """What every checkpoint's state.json says: resuming reads the step and checks the model and config against it."""
 
@@ -254,19 +255,10 @@ def read_checkpoint(path: Path) -> Checkpoint:
     lacking = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
     if lacking:
         raise ResumeError(f"{path / STATE_FILE} is corrupt: it lacks {', '.join(lacking)}")
-    if (path / "model.safetensors").exists():
-        try:
-            load_file(path / "model.safetensors")
-        except Exception as err:  # noqa: BLE001 - any parse failure means the file is corrupt
-            raise ResumeError(f"{path / 'model.safetensors'} is corrupt ({err})") from err
-        _check_torch_files(path)
-    elif (path / "engine").is_dir():
-        try:
-            check_engine_pickles(path / "engine")
-        except CheckpointError as err:
-            raise ResumeError(str(err)) from None
-    else:
-        raise ResumeError(f"{path} holds no model weights")
+    try:
+        _check_weight_files(path)
+    except CheckpointError as err:  # a pickle refused: the checkpoint is unusable, and auto-resume passes over it
+        raise ResumeError(str(err)) from None
     for data_file in path.glob("data_rank*.json"):
         try:
             json.loads(data_file.read_text())
@@ -281,6 +273,20 @@ def holds_training_state(path: Path) -> bool:
     return (path / "optimizer.pt").exists() or (path / "engine").is_dir()
 
 
+def _check_weight_files(path: Path) -> None:
+    """The weights parse, and the torch files' pickles name nothing but tensors and known state classes."""
+    if (path / "model.safetensors").exists():
+        try:
+            load_file(path / "model.safetensors")
+        except Exception as err:  # noqa: BLE001 - any parse failure means the file is corrupt
+            raise ResumeError(f"{path / 'model.safetensors'} is corrupt ({err})") from err
+        _check_torch_files(path)
+    elif (path / "engine").is_dir():
+        check_engine_pickles(path / "engine")
+    else:
+        raise ResumeError(f"{path} holds no model weights")
+
+
 def _check_torch_files(path: Path) -> None:
     """The optimizer and scaler files are zip archives (`torch.save`): a truncated one has lost its central
     directory at the end, which is checked without reading the (large) optimizer state."""
@@ -289,7 +295,5 @@ def _check_torch_files(path: Path) -> None:
     for name in ("optimizer.pt", "scaler.pt"):
         if (path / name).exists() and not zipfile.is_zipfile(path / name):
             raise ResumeError(f"{path / name} is corrupt (truncated or not written by torch.save)")
-    try:  # refused when loaded too, with torch's advice to load it without the check
-        check_pickles([path / name for name in ("optimizer.pt", "scaler.pt") if (path / name).exists()])
-    except CheckpointError as err:
-        raise ResumeError(str(err)) from None
+    # refused when loaded too, with torch's advice to load it without the check
+    check_pickles([path / name for name in ("optimizer.pt", "scaler.pt") if (path / name).exists()])
