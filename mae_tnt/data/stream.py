@@ -334,6 +334,7 @@ def label_of(sample: dict) -> int:
         return -1
     # ASCII digits alone: int() would also take b"-1", read as no label, or b"+3"; and few of them, since int() refuses
     # over 4300 (no class index is that long)
-    if not value.strip().isdigit() or len(value.strip()) > MAX_LABEL_DIGITS:
+    digits = value.strip()
+    if not digits.isdigit() or len(digits) > MAX_LABEL_DIGITS:
         raise BadLabelError(f"its .cls {value[:40]!r} is not a class index (tools/make_shards.py writes those)")
-    return int(value)
+    return int(digits)
