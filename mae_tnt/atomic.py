@@ -2,11 +2,13 @@
 
 Everything is written under `temporary_name(final)` beside its final path, then renamed over it: a rename within one
 directory is atomic on POSIX file systems. The data and the rename are flushed to disk, so a power cut cannot leave the
-new name pointing at a file whose data never reached it.
+new name pointing at a file whose data never reached it. `write_json_atomic` writes JSON this way (`json_bytes`
+keeps any file name it holds), and `file_in_the_way` finds what would keep an output directory from being created.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -72,6 +74,28 @@ def sync_tree(root: Path) -> None:
         for name in files:
             _fsync(Path(folder) / name)
         _fsync(Path(folder))
+
+
+def file_in_the_way(directory: str | Path) -> Path | None:
+    """The file at `directory` or at one of its parents, which would keep it from being created; None if none."""
+    path = Path(directory).absolute()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def json_bytes(obj: object, indent: int | None = None) -> bytes:
+    """``obj`` as UTF-8 JSON. A file name that is not valid UTF-8 reaches Python holding lone surrogates, which UTF-8
+    cannot encode; each becomes the JSON escape ``\\udcXX``, which `json.loads` reads back to the same name (and
+    `os.fsencode` to the file's bytes)."""
+    return json.dumps(obj, indent=indent, ensure_ascii=False).encode("utf-8", "backslashreplace")
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    """Write ``obj`` as JSON; readers never see a partial file."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(json_bytes(obj, indent=2) + b"\n")
 
 
 def _fsync(path: Path) -> None:

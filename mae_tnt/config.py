@@ -23,6 +23,7 @@ from typing import Any, Union
 
 import yaml
 
+from .atomic import file_in_the_way
 from .text import close_names, shown
 
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
@@ -268,15 +269,6 @@ def home_expanded(path: str | None) -> str | None:
     """`path` with a leading `~` expanded as a shell would: recipes, quoted words and zsh's `key=~/x` leave it to us,
     and a literal `~` folder in the working directory would look like the home directory in every message."""
     return os.path.expanduser(path) if path else path
-
-
-def file_in_the_way(directory: str | Path) -> Path | None:
-    """The file at `directory` or at one of its parents, which would keep it from being created; None if none."""
-    path = Path(directory).absolute()
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return None if candidate.is_dir() else candidate
-    return None
 
 
 def check_model_name(name: str, masked_autoencoder: bool, key: str = "model.name") -> None:

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_file, temporary_name
+from .atomic import atomic_file, file_in_the_way, temporary_name
 from .cli import quiet_on_ctrl_c
-from .config import file_in_the_way
 from .models import create_model, load_weights, read_state_dict
 from .models.loading import (
     CheckpointError,

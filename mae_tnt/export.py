@@ -34,9 +34,8 @@ import timm
 import torch
 from torch import nn
 
-from .atomic import sync_tree
+from .atomic import file_in_the_way, sync_tree
 from .cli import quiet_on_ctrl_c, report_user_errors
-from .config import file_in_the_way
 from .convert_checkpoint import pooling_note
 from .data.transforms import EVAL_CROP_FRACTION
 from .models import create_model, load_weights

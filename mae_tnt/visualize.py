@@ -20,8 +20,9 @@ from pathlib import Path
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from .atomic import file_in_the_way
 from .cli import quiet_on_ctrl_c, report_user_errors
-from .config import ModelConfig, check_model_name, file_in_the_way
+from .config import ModelConfig, check_model_name
 from .data.loader import first_images
 from .data.shards import resolve_shards
 from .models import create_model, load_weights

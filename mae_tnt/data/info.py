@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
-from ..atomic import atomic_file
+from ..atomic import write_json_atomic
 
 INFO_NAME = "_info.json"
 JOURNAL_PREFIX = "_progress_"
@@ -266,19 +266,6 @@ def unfinished_conversion(root: Path, split: str) -> str | None:
         return (f"an interrupted tools/make_shards.py --overwrite of split {split!r} left it aside in {aside[0]}; "
                 "re-run that command to finish it")
     return None
-
-
-def json_bytes(obj: object, indent: int | None = None) -> bytes:
-    """``obj`` as UTF-8 JSON. A file name that is not valid UTF-8 reaches Python holding lone surrogates, which UTF-8
-    cannot encode; each becomes the JSON escape ``\\udcXX``, which `json.loads` reads back to the same name (and
-    `os.fsencode` to the file's bytes)."""
-    return json.dumps(obj, indent=indent, ensure_ascii=False).encode("utf-8", "backslashreplace")
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    """Write ``obj`` as JSON; readers never see a partial file."""
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(json_bytes(obj, indent=2) + b"\n")
 
 
 def sample_key(member_name: str) -> str | None:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mae_tnt.atomic import json_bytes, write_json_atomic
 from mae_tnt.data.encode import EncodedImage
 from mae_tnt.data.info import (
     INFO_NAME,
@@ -27,11 +28,9 @@ from mae_tnt.data.info import (
     InfoError,
     count_tar_samples,
     journal_path,
-    json_bytes,
     load_info,
     remove_split,
     replaced_split_dir,
-    write_json_atomic,
 )
 
 

@@ -36,8 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..atomic import replace_dir, temporary_name
-from ..data.info import write_json_atomic
+from ..atomic import replace_dir, temporary_name, write_json_atomic
 from ..models.loading import STATE_FILE, CheckpointError, save_weights, step_dirs
 from .launch import deepspeed_layout, uses_deepspeed
 

@@ -27,9 +27,8 @@ from timm.optim import Lars
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from ..atomic import replace_dir, restore_aside, temporary_name
+from ..atomic import replace_dir, restore_aside, temporary_name, write_json_atomic
 from ..config import ConfigError, to_dict
-from ..data.info import write_json_atomic
 from ..data.loader import build_train_stream, data_shards, eval_batches, make_loader
 from ..data.shards import ShardError, StreamError, info_directory, labeled_classes
 from ..data.transforms import normalize
