@@ -137,24 +137,35 @@ def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the
 
 @quiet_on_ctrl_c()
 def run_pretrain(argv: list[str]) -> int:
-    cfg = load_recipe(PretrainConfig, argv, "pretrain.py")
+    return run_recipe(PretrainConfig, argv, "pretrain.py", _pretrain, _pretrain_done_line)
+
+
+def _pretrain(cfg: PretrainConfig) -> dict:
     from .train.engine import pretrain  # heavy imports only once the config is valid
 
-    summary = report_user_errors(lambda: pretrain(cfg))
+    return pretrain(cfg)
+
+
+def _pretrain_done_line(summary: dict, cfg: PretrainConfig) -> str:
+    return f"done: {counted(summary['steps'], 'step')}; outputs in {summary['output_dir']}"
+
+
+def run_recipe(cls: type, argv: list[str], prog: str, train: Callable[[object], dict],
+               done_line: Callable[[dict, object], str]) -> int:
+    """`prog RECIPE.yaml [key=value ...]`: the config of class `cls`, `train(cfg)`'s run, and its closing line
+    (`done_line(summary, cfg)`) from the main process; the exit status says how the run ended."""
+    cfg = load_recipe(cls, argv, prog)
+    summary = report_user_errors(lambda: train(cfg))
     if summary is None:
         return 1
-    if summary["preempted"]:
-        return report_preempted(summary)
+    if summary.get("preempted"):
+        if is_main_process():
+            print(f"stopped early by SIGTERM after step {summary['steps']}, with a checkpoint in "
+                  f"{summary['output_dir']}; run the same command again to resume", file=sys.stderr)
+        return PREEMPTED_EXIT
     if is_main_process():
-        print(f"done: {counted(summary['steps'], 'step')}; outputs in {summary['output_dir']}")
+        print(done_line(summary, cfg))
     return 0
-
-
-def report_preempted(summary: dict) -> int:
-    if is_main_process():
-        print(f"stopped early by SIGTERM after step {summary['steps']}, with a checkpoint in "
-              f"{summary['output_dir']}; run the same command again to resume", file=sys.stderr)
-    return PREEMPTED_EXIT
 
 
 def report_user_errors(run: Callable[[], dict]) -> dict | None:

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-from .cli import load_recipe, quiet_on_ctrl_c, report_preempted, report_user_errors
+from .cli import quiet_on_ctrl_c, run_recipe
 from .finetune_config import FinetuneConfig
-from .progress import is_main_process
 from .text import counted
 
 
 @quiet_on_ctrl_c()
 def run_finetune(argv: list[str]) -> int:
-    cfg = load_recipe(FinetuneConfig, argv, "finetune.py")
+    return run_recipe(FinetuneConfig, argv, "finetune.py", _finetune, summary_line)
+
+
+def _finetune(cfg: FinetuneConfig) -> dict:
     from .train.finetune import finetune  # heavy imports only once the config is valid
 
-    summary = report_user_errors(lambda: finetune(cfg))
-    if summary is None:
-        return 1
-    if summary.get("preempted"):
-        return report_preempted(summary)
-    if not is_main_process():
-        return 0
-    print(summary_line(summary, cfg))
-    return 0
+    return finetune(cfg)
 
 
 def summary_line(summary: dict, cfg: FinetuneConfig) -> str:
