@@ -3,7 +3,7 @@
 A recipe is YAML loaded into nested dataclasses. Unknown keys, wrong types and missing required fields are errors
 that name the dotted key and the file, with a close-match suggestion. Overrides (`optim.base_lr=1e-4`) are parsed with
 `yaml.safe_load` and checked just as strictly. Derived values (effective batch, absolute LR) are never written back:
-see `mae_tnt.train.engine.derive_plan`.
+see `mae_tnt.train.schedule.derive_plan`.
 
 References: nanoGPT `configurator.py` (reject unknown keys), litgpt `args.py` (dataclass checks in `__post_init__`).
 """
@@ -336,7 +336,7 @@ class PretrainConfig:
     run: PretrainRunConfig = field(default_factory=PretrainRunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
-    """Seed of the model's initialisation, the data order and every step's masks (`engine.seed_step`)."""
+    """Seed of the model's initialisation, the data order and every step's masks (`loop.seed_step`)."""
 
     def __post_init__(self) -> None:
         check_seed(self.seed)

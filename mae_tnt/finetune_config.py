@@ -179,7 +179,7 @@ class FinetuneConfig:
     run: RunConfig = field(default_factory=RunConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     seed: int = 0
-    """Seed of the head's initialisation, the data order and every step's augmentations (`engine.seed_step`)."""
+    """Seed of the head's initialisation, the data order and every step's augmentations (`loop.seed_step`)."""
 
     def __post_init__(self) -> None:
         self.init = home_expanded(self.init)

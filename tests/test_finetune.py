@@ -37,10 +37,10 @@ from mae_tnt.models.sret import to_official_state_dict
 from mae_tnt.train import augment as augment_module
 from mae_tnt.train.augment import BatchAugment, FinetuneTransform, build_criterion, seeded_global_rngs
 from mae_tnt.train.checkpoint import CheckpointWriteError, ResumeError, find_checkpoints
-from mae_tnt.train.engine import Trainer, seed_step
+from mae_tnt.train.engine import Trainer
 from mae_tnt.train.finetune import FinetuneRun, build_classifier, build_optimizer, finetune, resolve_num_classes
 from mae_tnt.train.init import load_init, recorded_init
-from mae_tnt.train.loop import NonFiniteLossError
+from mae_tnt.train.loop import NonFiniteLossError, seed_step
 from mae_tnt.train.superseded import best_weights_step
 
 ROOT = Path(__file__).resolve().parents[1]

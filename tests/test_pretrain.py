@@ -34,12 +34,12 @@ from mae_tnt.data.shards import ShardError, read_samples
 from mae_tnt.data.transforms import normalize
 from mae_tnt.finetune_config import FinetuneConfig
 from mae_tnt.train.checkpoint import ResumeError, find_checkpoints
-from mae_tnt.train.engine import Trainer, derive_plan, seed_step
+from mae_tnt.train.engine import Trainer
 from mae_tnt.train.finetune import FinetuneRun, finetune
 from mae_tnt.train.launch import auto_precision
-from mae_tnt.train.loop import NonFiniteLossError, TrainingRun, Window, raise_if_nonfinite
+from mae_tnt.train.loop import NonFiniteLossError, TrainingRun, Window, raise_if_nonfinite, seed_step
 from mae_tnt.train.resume import _skipped_carried_over
-from mae_tnt.train.schedule import lr_at
+from mae_tnt.train.schedule import derive_plan, lr_at
 from mae_tnt.visualize import main as visualize_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ It is written to `.tmp-step_*` and renamed once every rank has finished, so a cr
 half-written `step_*`. `read_checkpoint` checks that every file reads back; `mae_tnt.train.resume` picks the
 checkpoint to continue from and restores it.
 RNG state is not saved because every step's randomness is a pure function of (seed, rank, step): see
-`mae_tnt.train.engine.seed_step`.
+`mae_tnt.train.loop.seed_step`.
 
 References: nanoGPT (checkpoints that store their own config); accelerate `save_state` (called on every rank,
 since DeepSpeed's save has barriers: accelerate #1171).

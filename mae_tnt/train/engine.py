@@ -9,16 +9,13 @@ References: facebookresearch/mae `engine_pretrain.train_one_epoch`; accelerate `
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from timm.layers import set_fused_attn
 
-from ..config import ConfigError, PretrainConfig, save_config, to_dict
+from ..config import PretrainConfig, to_dict
 from ..data.device_decode import decode_batch
 from ..data.loader import build_train_stream, data_shards, first_images, mae_transform, make_loader
 from ..data.shards import ShardError, info_directory
@@ -27,64 +24,24 @@ from ..models.masking import rounded_mask_ratio
 from .checkpoint import Checkpoint, bare_model, save_checkpoint
 from .knn import knn_accuracy_on_shards, require_labeled_shards, topk_text
 from .launch import build_accelerator, configure_deepspeed, splits_weights
-from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, timed
+from .loop import (
+    Preemption,
+    TrainingRun,
+    Window,
+    accumulate_step,
+    raise_if_nonfinite,
+    seed_step,
+    timed,
+    write_run_config,
+)
 from .metrics import main_process_lines, step_progress
 from .optim import build_adamw
 from .recon import write_reconstructions
 from .resume import resolve_resume
 from .run_lock import claim_run_directory, given_back_on_failure, released_at_end
+from .schedule import derive_plan, whole
 
 RECON_IMAGES = 8
-
-
-@dataclass
-class Plan:
-    """Values derived once from the config and the data; logged and saved, never written back into the config."""
-
-    effective_batch: int
-    peak_lr: float
-    batches_per_epoch: int
-    steps_per_epoch: float
-    total_steps: int
-    warmup_steps: int
-    stop_step: int
-
-
-def derive_plan(cfg: PretrainConfig, num_processes: int, batches_per_epoch: int) -> Plan:
-    effective = cfg.data.batch_size * cfg.optim.accum_steps * num_processes
-    steps_per_epoch = batches_per_epoch / cfg.optim.accum_steps
-    total = max(1, whole(cfg.schedule.epochs * steps_per_epoch))
-    stop = min(total, cfg.run.max_steps) if cfg.run.max_steps else total
-    peak_lr = cfg.optim.base_lr * effective / 256
-    if cfg.optim.min_lr > peak_lr:  # the cosine would raise the LR after warmup
-        raise ConfigError(f"optim.min_lr={cfg.optim.min_lr:g} is above the peak LR {peak_lr:.3g} (optim.base_lr x "
-                          f"effective batch {effective} / 256): the LR would rise after warmup; lower optim.min_lr")
-    return Plan(effective, peak_lr, batches_per_epoch, steps_per_epoch, total,
-                whole(cfg.schedule.warmup_epochs * steps_per_epoch), stop)
-
-
-def whole(count: float) -> int:
-    """The whole part of a count of steps or periods, computed in floats: 0.29 epochs x 100 steps gives
-    28.999999999999996, which stands for 29."""
-    return math.floor(round(count, 9))
-
-
-def seed_step(seed: int, rank: int, micro_step: int) -> None:
-    """All torch randomness of a micro-step, as a pure function of its coordinates.
-
-    The coordinates are hashed (NumPy's SeedSequence): a linear mix such as seed * a + rank * b + step gives one
-    rank, some thousand steps on, the masks another rank drew earlier.
-    """
-    [hashed] = np.random.SeedSequence([seed, rank, micro_step]).generate_state(1, np.uint64)
-    torch.manual_seed(int(hashed) >> 1)  # below 2**63, as manual_seed needs
-
-
-def write_run_config(cfg, out: Path, is_main: bool, left_to_train: bool = True) -> None:
-    """The run's config.yaml, written once a resume has been accepted: a refused one leaves the directory as it was,
-    and so does one with nothing `left_to_train`, whose settings no checkpoint was trained with."""
-    if is_main and left_to_train:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
 
 
 def check_eval_data(cfg: PretrainConfig, log=print) -> None:

@@ -7,7 +7,7 @@ LARS on a frozen encoder kept in eval mode (MAE #54). kNN needs no training (`ma
 
 Randomness is reproducible without saved RNG state: each sample's augmentation is seeded by the stream; each
 micro-step reseeds torch (drop path, erasing noise) and Python/NumPy (timm's erasing boxes and mixup draws) from
-(seed, rank, micro-step). Pretraining's pieces are reused: `build_accelerator`, `derive_plan`, `seed_step`,
+(seed, rank, micro-step). The pieces shared with pretraining: `build_accelerator`, `derive_plan`, `seed_step`,
 `TrainingRun` and `Window`.
 
 References: facebookresearch/mae `main_finetune.py`, `engine_finetune.py`, `main_linprobe.py`, `util/lars.py`;
@@ -52,7 +52,6 @@ from .checkpoint import (
     save_checkpoint,
     write_failures_explained,
 )
-from .engine import derive_plan, seed_step, write_run_config
 from .init import (
     attach_probe_head,
     init_head,
@@ -70,11 +69,21 @@ from .knn import (
     topk_text,
 )
 from .launch import build_accelerator, configure_deepspeed, uses_deepspeed
-from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, timed
+from .loop import (
+    Preemption,
+    TrainingRun,
+    Window,
+    accumulate_step,
+    raise_if_nonfinite,
+    seed_step,
+    timed,
+    write_run_config,
+)
 from .metrics import MetricsLogger, main_process_lines, step_progress
 from .optim import build_adamw
 from .resume import of_another_run, resolve_resume
 from .run_lock import claim_run_directory, given_back_on_failure, released_at_end
+from .schedule import derive_plan
 from .superseded import best_weights_step, set_aside_previous_run
 
 EMA_FILE = "ema.safetensors"

@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..config import to_dict
+from ..config import save_config, to_dict
 from ..ctrl_c import raise_if_pending
 from ..data.transforms import normalize
 from ..text import counted
@@ -21,6 +22,24 @@ from .launch import training_precision, uses_deepspeed
 from .metrics import MetricsLogger
 from .resume import restore_training
 from .schedule import lr_at, set_lr
+
+
+def seed_step(seed: int, rank: int, micro_step: int) -> None:
+    """All torch randomness of a micro-step, as a pure function of its coordinates.
+
+    The coordinates are hashed (NumPy's SeedSequence): a linear mix such as seed * a + rank * b + step gives one
+    rank, some thousand steps on, the masks another rank drew earlier.
+    """
+    [hashed] = np.random.SeedSequence([seed, rank, micro_step]).generate_state(1, np.uint64)
+    torch.manual_seed(int(hashed) >> 1)  # below 2**63, as manual_seed needs
+
+
+def write_run_config(cfg, out: Path, is_main: bool, left_to_train: bool = True) -> None:
+    """The run's config.yaml, written once a resume has been accepted: a refused one leaves the directory as it was,
+    and so does one with nothing `left_to_train`, whose settings no checkpoint was trained with."""
+    if is_main and left_to_train:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -37,10 +37,10 @@ from .checkpoint import (
     read_checkpoint,
 )
 from .launch import deepspeed_layout
+from .schedule import Plan
 from .superseded import holds_a_knn_evaluation, set_aside_later_checkpoints, set_aside_previous_run
 
-if TYPE_CHECKING:  # engine imports this module
-    from .engine import Plan
+if TYPE_CHECKING:  # loop imports this module
     from .loop import Window
 
 FRESH = "use another run.output_dir, or run.resume=none to start fresh"
