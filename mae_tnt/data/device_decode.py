@@ -19,10 +19,16 @@ import torch
 from .images import BadImageError, plain_jpeg_size
 from .shards import StreamError
 from .stream import INSPECT_ADVICE
-from .transforms import decode_jpeg, decode_whole, resize_box, sample_crop, stack_images, train_crop
-
-if decode_jpeg is not None:
-    from torchvision.io import ImageReadMode
+from .transforms import (
+    decode_jpeg,
+    decode_jpeg_tensor,
+    decode_jpegs,
+    decode_whole,
+    resize_box,
+    sample_crop,
+    stack_images,
+    train_crop,
+)
 
 
 @dataclass
@@ -68,9 +74,8 @@ def decode_batch(items: list, size: int, device: torch.device) -> tuple[torch.Te
         StreamError: every image of the batch was dropped, so there is nothing to train on.
     """
     jpegs = [item.data for item in items if isinstance(item, EncodedCrop)]
-    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
     try:
-        decoded = iter(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device) if encoded else [])
+        decoded = iter(decode_jpegs(jpegs, device))
     except RuntimeError:
         decoded = iter([_decode_one(data, device) for data in jpegs])
     images = []
@@ -88,10 +93,8 @@ def decode_batch(items: list, size: int, device: torch.device) -> tuple[torch.Te
 
 def _decode_one(data: bytes, device: torch.device) -> torch.Tensor | None:
     """The image on `device`, decoded there or else on the CPU as the CPU path decodes it; None when neither can."""
-    try:
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        pass
+    if (image := decode_jpeg_tensor(data, device)) is not None:
+        return image
     try:
         return decode_whole(data).to(device)
     except BadImageError:

@@ -99,16 +99,27 @@ def _pil_crop(image: Image.Image, box: tuple[int, int, int, int], size: int) -> 
     return to_tensor(to_rgb(load_image(image)).resize((size, size), Image.BICUBIC, box=box))
 
 
-def decode_jpeg_tensor(data: bytes) -> torch.Tensor | None:
-    """libjpeg-turbo's decode -> uint8 [3, H, W]; None when torchvision is missing or refuses the file. The callers
-    then decode with PIL: it reads some damaged JPEGs that libjpeg-turbo refuses (zeroed data), and it is what
-    the converter validated with, so whether an image trains never depends on the crop drawn or the decoder."""
+def decode_jpeg_tensor(data: bytes, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """torchvision's decode on `device` (libjpeg-turbo, or nvJPEG on a GPU) -> uint8 [3, H, W]; None when torchvision
+    is missing or refuses the file. The callers then decode with PIL: it reads some damaged JPEGs that libjpeg-turbo
+    refuses (zeroed data), and it is what the converter validated with, so whether an image trains never depends on
+    the crop drawn or the decoder."""
     if decode_jpeg is None:
         return None
     try:
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return decode_jpegs([data], device)[0]
     except RuntimeError:
         return None
+
+
+def decode_jpegs(jpegs: list[bytes], device: torch.device | str) -> list[torch.Tensor]:
+    """torchvision's decode of a list of JPEGs in one call (batched by nvJPEG on a GPU) -> uint8 [3, H, W] each.
+
+    Raises:
+        RuntimeError: the decoder refuses one of them.
+    """
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]  # writable copies, as it needs
+    return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device) if encoded else []
 
 
 def decode_whole(data: bytes) -> torch.Tensor:
