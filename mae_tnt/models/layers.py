@@ -1,6 +1,9 @@
-"""The one place where timm's building blocks enter the project, plus the MAE weight initialisation.
+"""The one place where timm's layers enter our models, plus what every backbone shares: attention, the input check,
+cutting images into units and the MAE weight initialisation.
 
 Wrapping third-party layers here means a timm API change is fixed once (MAE's `qk_scale` pin shows the failure).
+`vit.py` subclasses timm's whole `VisionTransformer`, so that its keys are timm's by construction; training takes
+timm's optimisers, augmentations and EMA directly (`train/`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ __all__ = [
     "Mlp",
     "attention",
     "checkpointed",
+    "image_units",
     "init_mae_weights",
     "init_trunc_normal_weights",
     "resample_abs_pos_embed",
@@ -69,6 +73,18 @@ def check_images(images: torch.Tensor, grid: int, unit: int) -> None:
         advice = (f"; build the model with img_size={h} (a checkpoint loads at any size: its position tables are "
                   "resampled)")
     raise ValueError(f"expected {size}x{size} images, got {h}x{w}{advice}")
+
+
+def image_units(images: torch.Tensor, grid: int, unit: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Cut images [B, C, H, W] into the units of a grid x grid raster, channels last: -> [B, K, u, u, C], the units
+    `ids` [B, K] only (K = L = grid^2 when None). One copy, of the units kept: masked pixels are never read."""
+    b, c = images.shape[:2]
+    check_images(images, grid, unit)
+    x = images.reshape(b, c, grid, unit, grid, unit).permute(0, 2, 4, 3, 5, 1)  # [B, gh, gw, u, u, C] (view)
+    if ids is None:
+        return x.reshape(b, grid * grid, unit, unit, c)  # [B, L, u, u, C]
+    batch = torch.arange(b, device=images.device).unsqueeze(1)  # [B, 1]
+    return x[batch, ids // grid, ids % grid]  # [B, K, u, u, C]
 
 
 def check_backbone_args(img_size: object, num_classes: object, drop_path_rate: object, *, family: str,

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import LayerNorm, check_images, checkpointed, init_mae_weights, transformer_blocks
+from .layers import LayerNorm, check_images, checkpointed, image_units, init_mae_weights, transformer_blocks
 from .masking import gather_units, masked_mean, normalize_pixels, num_visible, random_masking
 from .pos_embed import is_sincos_table, sincos_2d
 
@@ -112,12 +112,7 @@ class MaskedAutoencoder(nn.Module):
 
     def patchify(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, L, u * u * 3], channel-last inside each unit (MAE's target layout)."""
-        b, c, h, w = images.shape
-        u = self.unit
-        check_images(images, self.grid, u)
-        x = images.reshape(b, c, h // u, u, w // u, u)  # [B, C, gh, u, gw, u]
-        x = torch.einsum("bchpwq->bhwpqc", x)  # [B, gh, gw, u, u, C]
-        return x.reshape(b, (h // u) * (w // u), u * u * c)  # [B, L, u*u*C]
+        return image_units(images, self.grid, self.unit).flatten(2)  # [B, L, u*u*C]
 
     def unpatchify(self, units: torch.Tensor) -> torch.Tensor:
         """[B, L, u * u * 3] -> [B, 3, H, W]."""

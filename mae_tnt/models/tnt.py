@@ -30,8 +30,8 @@ from .layers import (
     Mlp,
     attention,
     check_backbone_args,
-    check_images,
     checkpointed,
+    image_units,
     init_mae_weights,
     init_trunc_normal_weights,
     trunc_normal_,
@@ -260,14 +260,7 @@ class TNT(nn.Module):
 
         Only the kept patches are copied, so masked pixels never reach the pixel embedding.
         """
-        b, c = images.shape[:2]
-        g, u = self.grid, self.unit
-        check_images(images, g, u)
-        x = images.reshape(b, c, g, u, g, u).permute(0, 2, 4, 3, 5, 1)  # [B, gh, gw, u, u, C] (view)
-        if ids_keep is not None:
-            batch = torch.arange(b, device=images.device).unsqueeze(1)  # [B, 1]
-            x = x[batch, ids_keep // g, ids_keep % g]  # [B, K, u, u, C]: gathers the visible patches only
-        return x.reshape(-1, u, u, c)  # [B*K, u, u, C]
+        return image_units(images, self.grid, self.unit, ids_keep).flatten(0, 1)  # [B*K, u, u, C]
 
     def embed_words(self, patches: torch.Tensor, word_mask: torch.Tensor | None = None,
                     word_mask_token: torch.Tensor | None = None) -> torch.Tensor:
