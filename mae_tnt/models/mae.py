@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from .layers import LayerNorm, check_images, checkpointed, image_units, init_mae_weights, transformer_blocks
-from .masking import gather_units, masked_mean, normalize_pixels, num_visible, random_masking
+from .masking import gather_units, num_visible, random_masking
+from .pixel_loss import masked_mean, normalize_pixels
 from .pos_embed import is_sincos_table, sincos_2d
 
 WRAPPER_KEY_PREFIXES = ("decoder_", "mask_token", "encoder_mask_token")

@@ -46,13 +46,6 @@ def random_masking(noise: torch.Tensor, num_keep: int) -> tuple[torch.Tensor, to
     return ids_keep, ids_restore, mask
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `mask` is 1 (both [B, L]); 0 when nothing is hidden, e.g. at mask_ratio=0, where the
-    reference divides 0 by 0 and returns NaN."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1)
-
-
 def upsample_grid_mask(mask: torch.Tensor, grid: int, factor: int) -> torch.Tensor:
     """One flag per cell of a square grid -> one per pixel (or token) of each cell: [N, g * g] -> [N, g*f, g*f]."""
     n = mask.shape[0]
@@ -64,15 +57,3 @@ def gather_units(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Select units along dim 1: [B, L, *rest] -> [B, K, *rest]."""
     index = ids.reshape(*ids.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])  # [B, K, *rest]
     return torch.gather(x, dim=1, index=index)
-
-
-def pixel_stats(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation over the last dim, [..., 1] each: MAE's norm-pix statistics of every unit (the
-    unbiased variance, plus 1e-6 so that a flat unit does not divide by zero)."""
-    return pixels.mean(dim=-1, keepdim=True), (pixels.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
-
-
-def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """Each unit's pixels [..., P] normalised by its own `pixel_stats` (the norm-pix target)."""
-    mean, std = pixel_stats(pixels)
-    return (pixels - mean) / std

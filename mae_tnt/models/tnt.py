@@ -39,7 +39,8 @@ from .layers import (
 )
 from .loading import CheckpointError
 from .mae import MaskedAutoencoder, build_mae
-from .masking import masked_mean, normalize_pixels, num_visible, random_masking, upsample_grid_mask
+from .masking import num_visible, random_masking, upsample_grid_mask
+from .pixel_loss import masked_mean, normalize_pixels
 from .pos_embed import resample_token_table
 from .registry import register_model
 

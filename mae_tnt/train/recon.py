@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..atomic import atomic_file
 from ..data.transforms import denormalize, normalize
 from ..models.layers import in_mode
-from ..models.masking import pixel_stats
+from ..models.pixel_loss import pixel_stats
 
 
 @torch.no_grad()
