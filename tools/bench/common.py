@@ -34,6 +34,18 @@ def bench_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
     return parser
 
 
+def add_step_options(parser: argparse.ArgumentParser, batch: int, mask_ratio_help: str | None = None,
+                     devices: bool = True) -> None:
+    """The options of the train-step benchmarks: --batch, --mask-ratio for those with MAE cases (`mask_ratio_help`
+    saying what it hides), and --device/--dtype for those that also run on a GPU."""
+    parser.add_argument("--batch", type=positive_int, default=batch, help="images per step")
+    if mask_ratio_help is not None:
+        parser.add_argument("--mask-ratio", type=float, default=0.75, help=mask_ratio_help)
+    if devices:
+        parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+        parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype (fp32: none)")
+
+
 def interleaved_times(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
                       clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Seconds of every timed call of each case, alternating the cases within each repetition (in reverse order every

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     DTYPES,
+    add_step_options,
     autocast_for,
     bench_parser,
     interleaved_times,
@@ -43,9 +44,7 @@ SETTINGS = {"plain": False, "grad checkpointing": True}
 def parse_args() -> argparse.Namespace:
     parser = bench_parser(__doc__, repeats=3)
     parser.add_argument("--model", default="mae_vit_base_patch16", help="MAE model")
-    parser.add_argument("--batch", type=int, default=8, help="images per step")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype (fp32: none)")
+    add_step_options(parser, batch=8)
     parser.add_argument("--child", choices=list(SETTINGS), help=argparse.SUPPRESS)  # internal: one measurement
     return parser.parse_args()
 

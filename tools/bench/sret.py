@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     DTYPES,
     Case,
+    add_step_options,
     autocast_for,
     bench_parser,
     classifier_case,
@@ -41,12 +42,8 @@ import mae_tnt  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     parser = bench_parser(__doc__, repeats=3)
-    parser.add_argument("--batch", type=int, default=8, help="images per step")
+    add_step_options(parser, batch=8, mask_ratio_help="MAE's; the SReT recipes use 0.6")
     parser.add_argument("--img-size", type=int, default=224, help="input resolution in pixels")
-    parser.add_argument("--mask-ratio", type=float, default=0.75, help="MAE's; the SReT recipes use 0.6")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
-                        help="autocast dtype for the forward (fp32: none)")
     return parser.parse_args()
 
 

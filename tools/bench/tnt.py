@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     DTYPES,
     Case,
+    add_step_options,
     autocast_for,
     bench_parser,
     classifier_case,
@@ -56,10 +57,7 @@ DECODERS = ((8, 512, 16), (4, 512, 16), (4, 384, 12), (2, 384, 12), (4, 256, 8),
 
 def parse_args() -> argparse.Namespace:
     parser = bench_parser(__doc__, repeats=5)
-    parser.add_argument("--batch", type=int, default=16, help="images per step")
-    parser.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of sentences hidden (MAE cases)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="autocast dtype (fp32: none)")
+    add_step_options(parser, batch=16, mask_ratio_help="fraction of sentences hidden (MAE cases)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                         help="wall: perf_counter; cpu: this process's CPU time (steadier on a loaded CPU machine; "
                              "one thread on the CPU only)")

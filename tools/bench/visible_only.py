@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     Case,
+    add_step_options,
     bench_parser,
     gmacs_per_image,
     interleaved_times,
@@ -36,8 +37,7 @@ import mae_tnt  # noqa: E402
 def main() -> None:
     parser = bench_parser(__doc__, repeats=5)
     parser.add_argument("--model", default="mae_vit_base_patch16", help="MAE model to time")
-    parser.add_argument("--batch", type=int, default=8, help="images per step")
-    parser.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches hidden")
+    add_step_options(parser, batch=8, mask_ratio_help="fraction of patches hidden", devices=False)
     parser.add_argument("--encoders", action="store_true", help="also time the two encoders alone")
     args = parser.parse_args()
     torch.manual_seed(0)
