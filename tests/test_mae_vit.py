@@ -263,12 +263,15 @@ def test_backbone_arguments_that_would_fail_later_or_build_another_model_are_ref
 @pytest.mark.parametrize("name, unit", [("vit_test_patch8_32", 8), ("mae_tnt_test", 8), ("tnt_s_patch16_224", 16),
                                         ("mae_vit_base_patch16", 16), ("sret_test", 32), ("mae_sret_test", 32)])
 def test_an_image_size_that_is_no_multiple_of_the_mask_unit_names_the_nearest_that_are(name, unit):
+    """Only sizes of two units or more are named: an MAE refuses one unit, which leaves nothing to hide."""
     family = next(word for word in ("ViT", "TNT", "SReT") if word.lower() in name)
     message = f"{family} needs img_size divisible by its mask unit of {unit} px, got"
     with pytest.raises(ModelError, match=f"{message} {3 * unit + 3}: use img_size={3 * unit} or img_size={4 * unit}$"):
         mae_tnt.create_model(name, img_size=3 * unit + 3)
-    with pytest.raises(ModelError, match=f"{message} {unit - 1}: use img_size={unit}$"):  # no size of 0 px
-        mae_tnt.create_model(name, img_size=unit - 1)
+    for size in (unit - 1, unit + unit // 2):  # below one unit, and between one and two
+        with pytest.raises(ModelError, match=f"{message} {size}: use img_size={2 * unit}$"):
+            mae_tnt.create_model(name, img_size=size)
+    assert mae_tnt.create_model(name, img_size=2 * unit).grid == 2  # the size named builds
 
 
 def test_a_tnt_sentence_that_is_no_whole_number_of_words_is_refused():

@@ -96,7 +96,9 @@ def check_backbone_args(img_size: object, num_classes: object, drop_path_rate: o
         raise ValueError(f"img_size must be a positive int, got {img_size!r}")
     if img_size % mask_unit:
         below = img_size // mask_unit * mask_unit
-        nearest = " or ".join(f"img_size={size}" for size in (below, below + mask_unit) if size)
+        # Sizes of two units or more only: an MAE refuses one (nothing to hide), and no classifier needs it suggested
+        sizes = sorted({max(size, 2 * mask_unit) for size in (below, below + mask_unit)})
+        nearest = " or ".join(f"img_size={size}" for size in sizes)
         raise ValueError(f"{family} needs img_size divisible by its mask unit of {mask_unit} px, got {img_size}: use "
                          f"{nearest}")
     if not _is_int(num_classes) or num_classes < 0:
