@@ -546,20 +546,29 @@ def _build(cls: type, raw: Any, prefix: str, source: str, root: type | None = No
     try:
         built = cls(**values)
     except ConfigError as err:
-        raise ConfigError(f"{_value_source(source, overrides, prefix)}: {err}") from None
+        raise ConfigError(f"{_value_source(source, overrides, prefix, str(err))}: {err}") from None
     for f in dataclasses.fields(built):
         if getattr(built, f.name) == MISSING_VALUE:
             raise ConfigError(f"{source}: required key `{prefix + f.name}` is missing")
     return built
 
 
-def _value_source(source: str, overrides: tuple[str, ...], prefix: str) -> str:
-    """Where a section's values came from: the recipe, plus the command-line overrides that reached the section."""
+def _value_source(source: str, overrides: tuple[str, ...], prefix: str, message: str) -> str:
+    """Where the values a section's check refused (`message`) came from: the recipe, plus the command-line overrides
+    that reached the section. Every override reaches the top level, whose checks (`seed`, `mode`, and some across
+    sections) name the keys they concern: there, only the overrides of keys the message names, if it names any."""
     used = [item for item in overrides if _reaches(item.partition("=")[0], prefix)]
+    if not prefix:
+        used = [item for item in used if _names(message, item.partition("=")[0])] or used
     if not used:
         return source
     typed = f"command line {' '.join(used)}"
     return typed if source == "<defaults>" else f"{source} with {typed}"
+
+
+def _names(message: str, key: str) -> bool:
+    """Whether `message` names `key` (`seed`, `data.batch_size`) as a whole, not as part of another key."""
+    return re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", message) is not None
 
 
 def _reaches(key: str, prefix: str) -> bool:

@@ -187,7 +187,7 @@ class FinetuneConfig:
         check_choice("mode", self.mode, MODES)
         if self.mode == "linprobe" and self.augment.active:
             raise ConfigError(
-                "the linear probe trains on random-resized crops and flips only: set augment.rand_augment=null "
+                "mode=linprobe trains on random-resized crops and flips only: set augment.rand_augment=null "
                 "augment.reprob=0 augment.mixup=0 augment.cutmix=0 augment.label_smoothing=0 (see "
                 "recipes/linprobe_vit_b.yaml)"
             )

@@ -323,6 +323,17 @@ def test_a_bad_value_names_the_overrides_that_reached_its_section(tmp_path):
         load_config(PretrainConfig, None, ["model.name=mae_vit_test", "data.train=x", "model.mask_ratio=0"])
 
 
+def test_a_top_level_check_names_only_the_overrides_of_the_keys_it_concerns(tmp_path):
+    """Every override reaches the top level: its checks list those their message names, not the whole command line."""
+    path = write(tmp_path, "model: {name: mae_vit_test}\ndata: {train: x}\n")
+    with pytest.raises(ConfigError, match=rf"^{path} with command line seed=-1: seed must be"):
+        load_config(PretrainConfig, path, ["optim.base_lr=1e-4", "seed=-1", "run.log_every=5"])
+    with pytest.raises(ConfigError, match=r"^recipes/demo_finetune_vit.yaml with command line mode=linprobe "
+                                          r"augment.reprob=0.25: mode=linprobe trains on random-resized crops"):
+        load_config(FinetuneConfig, "recipes/demo_finetune_vit.yaml",
+                    ["seed=3", "mode=linprobe", "augment.reprob=0.25", "data.batch_size=4"])
+
+
 def test_a_key_given_twice_is_refused_rather_than_silently_taking_the_last(tmp_path):
     path = write(tmp_path, "model: {name: mae_vit_test}\ndata:\n  train: x\n  batch_size: 4\n  batch_size: 8\n")
     with pytest.raises(ConfigError, match=rf"^{path}:5: key `batch_size` is written twice in the same mapping"):
