@@ -1540,7 +1540,8 @@ def test_a_semicolon_separated_list_reads_its_labels(tmp_path):
     assert {s: int(f["cls"]) for s, f in by_source(tmp_path / "out").items()} == {"imgs/a.png": 0, "imgs/b,2.png": 1}
 
 
-def test_a_list_whose_labels_are_under_another_column_name_is_pointed_out_before_converting(tmp_path, capsys):
+def test_a_list_whose_labels_are_under_another_column_name_or_with_columns_not_read_is_pointed_out_before_converting(
+        tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(encoded(gradient(4, 4), "PNG"))
     (tmp_path / "list.csv").write_text("path,class,width\na.png,cat,4\n")
     assert make_shards_main([str(tmp_path / "list.csv"), str(tmp_path / "out"), "--workers", "0"]) == 0
@@ -1549,8 +1550,12 @@ def test_a_list_whose_labels_are_under_another_column_name_is_pointed_out_before
                                    "converted unlabeled and its column(s) class, width are not read; to keep labels, "
                                    "name their column `label`\n")
     assert "(list, unlabeled)" in captured.out
-    (tmp_path / "labeled.csv").write_text("path,label,width\na.png,cat,4\n")
+    (tmp_path / "labeled.csv").write_text("path,label,split\na.png,cat,val\n")  # a split column selects nothing
     assert make_shards_main([str(tmp_path / "labeled.csv"), str(tmp_path / "labeled"), "--workers", "0"]) == 0
+    assert capsys.readouterr().err.startswith(f"note: {tmp_path / 'labeled.csv'}: its column(s) split are not read "
+                                              "(only `path` and `label` are); every row is converted\n")
+    (tmp_path / "plain.csv").write_text("path,Label\na.png,cat\n")
+    assert make_shards_main([str(tmp_path / "plain.csv"), str(tmp_path / "plain"), "--workers", "0"]) == 0
     assert "note:" not in capsys.readouterr().err
 
 

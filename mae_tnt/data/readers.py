@@ -216,16 +216,19 @@ def layout_note(src: str | os.PathLike, fmt: str) -> str | None:
 
 
 def _unread_columns_note(list_file: Path) -> str | None:
-    """The columns of a CSV or TSV list without a `label` column: labels under another name (`class`, `target`) would
-    be lost without a word."""
+    """The columns of a CSV or TSV list that are not read: labels under another name (`class`, `target`) would be
+    lost without a word, and a `split` column does not choose the rows converted."""
     with open(list_file, encoding="utf-8-sig", errors="replace") as file:
         header = next((line for line in file if line.strip()), "")
     if not _has_csv_header(header):
         return None
     columns = [name.strip() for name in next(csv.reader([header], delimiter=_delimiter(header)))]
-    unread = [name for name in columns[1:] if name]
-    if not unread or "label" in (name.lower() for name in unread):
+    unread = [name for name in columns[1:] if name and name.lower() != "label"]
+    if not unread:
         return None
+    if len(unread) < len([name for name in columns[1:] if name]):  # a label column is there
+        return (f"{list_file}: its column(s) {', '.join(unread)} are not read (only `path` and `label` are); every "
+                "row is converted")
     return (f"{list_file} has no `label` column, so its images are converted unlabeled and its column(s) "
             f"{', '.join(unread)} are not read; to keep labels, name their column `label`")
 
