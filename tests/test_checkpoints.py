@@ -659,3 +659,11 @@ def test_fine_tuning_init_builds_from_its_recipe_so_a_forged_description_sizes_n
     report = load_init(mae_tnt.create_model("vit_test_patch8_32", num_classes=10), tmp_path, log=lambda line: None)
     assert report.missing == ["head.bias", "head.weight"]
 
+
+@pytest.mark.parametrize("name", mae_tnt.list_models())
+def test_every_registered_model_builds_on_the_meta_device_without_allocating(name):
+    """`refuse_oversized_build` sizes the model a checkpoint describes on the meta device, which allocates nothing
+    only while every parameter and buffer is made there: one made from numpy or on the CPU would be real."""
+    with torch.device("meta"):
+        model = mae_tnt.create_model(name)
+    assert {tensor.device.type for tensor in model.state_dict().values()} == {"meta"}
