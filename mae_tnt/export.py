@@ -45,6 +45,7 @@ from .models.loading import (
     CheckpointError,
     export_record,
     fold_probe_head,
+    refuse_oversized_build,
     refuse_resampled,
     resolve_checkpoint,
     save_weights,
@@ -106,12 +107,16 @@ def describe(meta: dict, model_name: str | None, state_dict: dict[str, torch.Ten
             "mean": data_cfg.get("mean"), "std": data_cfg.get("std"), "step": meta.get("step")}
 
 
+def build_kwargs(info: dict) -> dict:
+    """`create_model`'s arguments for `info`: its head size, and its image size and pooling where known."""
+    known = {key: info[key] for key in ("img_size", "global_pool") if info[key] is not None}
+    return {"num_classes": info["num_classes"], **known}
+
+
 def build_checked(info: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """Our model for `info`, loaded from `state_dict` with no key left over on either side, and no position table
     resampled: an export keeps the weights as they were trained."""
-    kwargs = {"num_classes": info["num_classes"]}
-    kwargs.update({k: info[k] for k in ("img_size", "global_pool") if info[k] is not None})
-    model = create_model(info["model"], **kwargs)
+    model = create_model(info["model"], **build_kwargs(info))
     refuse_resampled(load_weights(model, state_dict), "the weights", f"{info['model']} at {model.grid * model.unit} px",
                      "--img-size", resampling_allowed=False)
     return model
@@ -133,6 +138,10 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
                               f"{checkpoint}'s description records; leave --global-pool out")
     info["img_size"] = img_size or info["img_size"]
     info["global_pool"] = global_pool or info["global_pool"]
+    if meta:  # the description sizes the model, which must not outgrow the weights it is for
+        refuse_oversized_build(info["model"], build_kwargs(info), state_dict, checkpoint,
+                               "restore it, or copy the weights out of it and describe them with --model, "
+                               "--img-size and --global-pool")
     try:
         model = build_checked(info, state_dict)
     except CheckpointError as err:

@@ -30,6 +30,7 @@ from .models.loading import (
     STATE_FILE,
     CheckpointError,
     pretraining_build_kwargs,
+    refuse_oversized_build,
     refuse_resampled,
     resolve_checkpoint,
 )
@@ -93,6 +94,8 @@ def visualize(args: argparse.Namespace) -> dict:
     if state:  # a run's state.json or an export's config.json, which name their model
         _check_pretraining_state(checkpoint, state, args.model)
         build = pretraining_build_kwargs(state, str(checkpoint))  # every model.* setting of the run
+        refuse_oversized_build(state["model"], build, raw, checkpoint, "restore it, or copy the weights out of it "
+                               "and describe them with --model (and --img-size, --no-norm-pix)")
         mean, std = state["config"]["data"]["mean"], state["config"]["data"]["std"]
     elif args.model is None:
         raise CheckpointError(f"{checkpoint} comes without a run's state.json: name the MAE model of these weights "

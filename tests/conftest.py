@@ -1,9 +1,10 @@
-"""Fixtures shared by the test modules that run training in this process."""
+"""Fixtures shared by the test modules, most of them for those that run training in this process."""
 
 import signal
 import threading
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState, GradientState
 
 
@@ -31,3 +32,22 @@ def runs_leave_no_process_state_behind():
     yield
     assert signal.getsignal(signal.SIGTERM) is handler, "the test left a SIGTERM handler installed"
     assert not tensorboard_writer_threads(), "the test left a TensorBoard writer open"
+
+
+@pytest.fixture
+def forbid_real_builds(monkeypatch):
+    """A call that lets registered models be built on the meta device only from then on: a build that would allocate
+    fails the test instead, such as one that a forged checkpoint description sizes at many GB."""
+    from mae_tnt.models import registry
+
+    def on_meta_only(name, builder):
+        def build(**kwargs):
+            if torch.get_default_device().type != "meta":
+                pytest.fail(f"{name} was built on {torch.get_default_device()} with {kwargs}")
+            return builder(**kwargs)
+        return build
+
+    def forbid():
+        monkeypatch.setattr(registry, "_BUILDERS", {name: on_meta_only(name, builder)
+                                                    for name, builder in registry._BUILDERS.items()})
+    return forbid

@@ -27,8 +27,9 @@ from mae_tnt.models.loading import (
     without_wrapper_prefixes,
 )
 from mae_tnt.train.checkpoint import Checkpoint, ResumeError, check_engine_pickles, read_checkpoint
-from mae_tnt.train.init import read_source
+from mae_tnt.train.init import load_init, read_source
 from mae_tnt.train.resume import check_compatible, resolve_resume
+from mae_tnt.visualize import main as visualize_main
 
 
 def official_mae_state_dict(with_decoder: bool = True) -> dict:
@@ -616,3 +617,53 @@ def test_a_file_without_a_state_dict_says_what_it_holds_and_what_to_save(tmp_pat
     torch.save(saved, tmp_path / "odd.pth")
     with pytest.raises(CheckpointError, match=message):
         read_state_dict(tmp_path / "odd.pth")
+
+
+def forged_pretraining_checkpoint(path: Path, **forged) -> Path:
+    """A checkpoint of mae_vit_test (52,960 elements in 50 tensors) whose state.json records the `forged` settings."""
+    save_weights(mae_tnt.create_model("mae_vit_test").state_dict(), path / "model.safetensors")
+    config = {"model": {"img_size": 32, **forged}, "data": {"mean": [0.5] * 3, "std": [0.25] * 3}}
+    (path / "state.json").write_text(json.dumps({"model": "mae_vit_test", "step": 1, "config": config}))
+    return path
+
+
+@pytest.mark.parametrize("key, value", [("img_size", 65536), ("decoder_dim", 10**5), ("decoder_depth", 10**5)])
+def test_a_description_that_builds_far_more_than_its_weights_is_refused_before_anything_is_built(
+        tmp_path, capsys, forbid_real_builds, key, value):
+    """Built for real, 65536 px would take 4.3e9 elements and a decoder 10^5 wide 1.2e11, before the weights' shapes
+    are compared; 10^5 blocks would take minutes and GBs even on the meta device, so the sizing stops early."""
+    forged_pretraining_checkpoint(tmp_path, **{key: value})
+    forbid_real_builds()
+    refusal = (rf"the state.json of {re.escape(str(tmp_path))} builds mae_vit_test with .*{key}={value}\b.*, which "
+               r"holds over 4 times the 52,960 elements or 50 tensors of its weights: it is corrupt or describes "
+               r"other weights; restore it")
+    with pytest.raises(CheckpointError, match=rf"^{refusal}, or pass .*{key}.* to create_model yourself$"):
+        mae_tnt.create_model("mae_vit_test", checkpoint_path=tmp_path)
+    assert visualize_main([str(tmp_path), str(tmp_path / "shards")]) == 1
+    assert re.fullmatch(rf"error: {refusal}, or copy the weights out of it and describe them with --model \(and "
+                        r"--img-size, --no-norm-pix\)\n", capsys.readouterr().err)
+    if key == "img_size":  # the only setting the encoder takes from its MAE's description
+        with pytest.raises(CheckpointError, match=r"builds vit_test_patch8_32 with num_classes=0, img_size=65536, "):
+            mae_tnt.create_model("vit_test_patch8_32", checkpoint_path=tmp_path)
+
+
+def test_the_callers_own_arguments_are_not_held_to_the_description_and_tables_may_grow_to_them(tmp_path):
+    forged_pretraining_checkpoint(tmp_path, img_size=65536)
+    assert mae_tnt.create_model("mae_vit_test", checkpoint_path=tmp_path, img_size=32).grid == 4  # overrides it
+    forged_pretraining_checkpoint(tmp_path)  # honest: the encoder's num_classes=0 still comes from it
+    assert mae_tnt.create_model("vit_test_patch8_32", checkpoint_path=tmp_path, img_size=128).grid == 16  # resampled
+
+
+def test_fine_tuning_init_builds_from_its_recipe_so_a_forged_description_sizes_nothing(tmp_path):
+    forged_pretraining_checkpoint(tmp_path, img_size=65536, decoder_depth=10**5)
+    report = load_init(mae_tnt.create_model("vit_test_patch8_32", num_classes=10), tmp_path, log=lambda line: None)
+    assert report.missing == ["head.bias", "head.weight"]
+
+
+@pytest.mark.parametrize("name", mae_tnt.list_models())
+def test_every_registered_model_builds_on_the_meta_device_without_allocating(name):
+    """`refuse_oversized_build` sizes the model a checkpoint describes on the meta device, which allocates nothing
+    only while every parameter and buffer is made there: one made from numpy or on the CPU would be real."""
+    with torch.device("meta"):
+        model = mae_tnt.create_model(name)
+    assert {tensor.device.type for tensor in model.state_dict().values()} == {"meta"}

@@ -5,6 +5,7 @@ import errno
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -334,6 +335,43 @@ def test_a_global_pool_that_contradicts_the_recorded_one_is_refused(tool, tmp_pa
                                               "description records; leave --global-pool out"):
         tool.export(best, tmp_path / "out", global_pool="token")
     assert tool.export(best, tmp_path / "out", global_pool="avg")["global_pool"] == "avg"
+
+
+def forge(description: Path, edit: Callable[[dict], None]) -> None:
+    """Apply `edit` to the JSON object in `description` (a state.json or an export's config.json)."""
+    recorded = json.loads(description.read_text())
+    edit(recorded)
+    description.write_text(json.dumps(recorded))
+
+
+def test_a_description_that_builds_far_more_than_its_weights_is_refused_before_export_builds_it(
+        tool, tmp_path, forbid_real_builds):
+    """The model that a description sizes is built on the meta device first (every real build fails this test)."""
+    pretraining, _ = pretraining_checkpoint(tmp_path / "ckpt", "mae_vit_test")
+    forge(pretraining / "state.json", lambda state: state["config"]["model"].update(img_size=65536))
+    classifier = create_model("vit_test_patch8_32", num_classes=10)
+    best = finetune_checkpoint(tmp_path / "best", classifier, "finetune", "token")
+    forge(best / "state.json", lambda state: state.update(num_classes=10**9))
+    tool.export(finetune_checkpoint(tmp_path / "fine", classifier, "finetune", "token"), tmp_path / "out")
+    forge(tmp_path / "out" / "config.json", lambda config: config.update(img_size=65536))
+    forbid_real_builds()
+    advice = "restore it, or copy the weights out of it and describe them with --model, --img-size and --global-pool"
+    with pytest.raises(CheckpointError, match=rf"^the state.json of {pretraining} builds vit_test_patch8_32 with "
+                                              r"num_classes=0, img_size=65536, which holds over 4 times the 32,224 "
+                                              rf"elements or 30 tensors of its weights: .*; {advice}$"):
+        tool.export(pretraining, tmp_path / "forged")
+    for build in (lambda: tool.export(best, tmp_path / "forged"),
+                  lambda: create_model("vit_test_patch8_32", checkpoint_path=best)):
+        with pytest.raises(CheckpointError, match=r"builds vit_test_patch8_32 with num_classes=1000000000, "):
+            build()
+    with pytest.raises(CheckpointError, match=rf"^the config.json of {tmp_path / 'out'} builds vit_test_patch8_32 "
+                                              r"with num_classes=10, img_size=65536, global_pool='token', which .*; "
+                                              r"restore it, or pass global_pool, img_size, num_classes to "
+                                              r"create_model yourself$"):
+        create_model("vit_test_patch8_32", checkpoint_path=tmp_path / "out")
+    with pytest.raises(CheckpointError, match=rf"^the config.json of {tmp_path / 'out'} builds .*; {advice}$"):
+        tool.export(tmp_path / "out", tmp_path / "forged")
+    assert not (tmp_path / "forged").exists()
 
 
 def test_an_export_without_normalisation_statistics_says_timm_will_use_its_defaults(tool, tmp_path, capsys):

@@ -2,7 +2,9 @@
 
 Files are read with safetensors or `torch.load(weights_only=True)`, never as arbitrary pickles. Every load runs the
 model's `adapt_state_dict` (its family's checkpoint filter), then `load_state_dict(strict=False)`, then compares the
-missing and unexpected keys with what the caller allows and raises when they differ.
+missing and unexpected keys with what the caller allows and raises when they differ. The model that a checkpoint's
+description (state.json, an export's config.json) builds is checked against its weights first, so that a corrupt or
+forged one cannot take many GB before the weights' shapes are compared (`refuse_oversized_build`).
 
 References: facebookresearch/mae `main_finetune.py` (asserting the exact missing set); timm `checkpoint_filter_fn`.
 """
@@ -14,17 +16,25 @@ import json
 import os
 import pickle
 import re
+import threading
 import typing
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from .mae import WRAPPER_KEY_PREFIXES, MaskedAutoencoder, split_mae_state_dict
 from .pos_embed import recorded_resamples
+from .registry import create_model
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
 WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema")
@@ -37,6 +47,14 @@ BUILD_KEYS = ("num_classes", "img_size", "global_pool")
 """The build arguments that exports and training checkpoints record, so that loading one needs none."""
 PROBE_BN_EPS = 1e-6
 """eps of the linear probe's parameter-free BatchNorm (MAE's); loading folds a probe head with it."""
+RECORDED_BUILD_LIMIT = 4
+"""How many times the elements, and the tensors, of its weights the model that a checkpoint's description builds may
+hold (the parameters and buffers it builds are counted, whether the file holds them or not). An honest description
+builds at most the model that wrote the weights (or the encoder part of an MAE's), plus what a caller adds: a fresh
+head and fc_norm (with 1000 classes, twice the elements of the 32-wide test encoders) and position tables resampled to
+a larger image. 4 leaves room for both, while a corrupt or forged description (img_size 65536, a decoder 10^5 wide)
+takes at most a few times the memory that reading the weights took; the tensor count stops one of 10^5 small blocks,
+whose module objects alone would fill the memory."""
 
 
 class CheckpointError(RuntimeError):
@@ -135,6 +153,53 @@ def _checkpoint_record(path: Path) -> dict | None:
     if str(record["model"]).startswith("mae_"):
         record["pretraining"] = pretraining_build_kwargs(state, str(state_path))
     return record
+
+
+def refuse_oversized_build(name: str, kwargs: dict, weights: dict[str, torch.Tensor], source: str | Path,
+                           remedy: str) -> None:
+    """Refuse model `name` built with `kwargs`, which the description of `source` sets, when it holds more than
+    RECORDED_BUILD_LIMIT times the elements or tensors of `weights`; `remedy` says what to do instead.
+
+    It is built on the meta device, which allocates no storage, and stops at the first parameter or buffer past the
+    limit, so that neither one huge table nor a million small blocks is ever built.
+    """
+    elements, tensors = sum(value.numel() for value in weights.values()), len(weights)
+    try:
+        with torch.device("meta"), _registrations_limited(RECORDED_BUILD_LIMIT * elements,
+                                                           RECORDED_BUILD_LIMIT * tensors):
+            create_model(name, **kwargs)
+    except _Oversized:
+        described = EXPORT_CONFIG if export_record(Path(source)) is not None else STATE_FILE
+        settings = ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
+        raise CheckpointError(f"the {described} of {source} builds {name} with {settings}, which holds over "
+                              f"{RECORDED_BUILD_LIMIT} times the {elements:,} elements or {tensors} tensors of its "
+                              f"weights: it is corrupt or describes other weights; {remedy}") from None
+
+
+class _Oversized(Exception):
+    """A build registered more parameter and buffer elements, or tensors, than `_registrations_limited` allows."""
+
+
+@contextmanager
+def _registrations_limited(elements: int, tensors: int) -> Iterator[None]:
+    """Raise _Oversized from the registration, in this thread, of the parameter or buffer that brings the modules
+    built inside the block past `elements` elements or `tensors` tensors."""
+    thread, held = threading.get_ident(), {"elements": 0, "tensors": 0}
+
+    def count(module: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+        if tensor is None or threading.get_ident() != thread:  # another thread's modules are not this build's
+            return
+        held["elements"] += tensor.numel()
+        held["tensors"] += 1
+        if held["elements"] > elements or held["tensors"] > tensors:
+            raise _Oversized
+
+    hooks = [register_module_parameter_registration_hook(count), register_module_buffer_registration_hook(count)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def pretraining_build_kwargs(state: dict, source: str) -> dict:

@@ -60,18 +60,42 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
             export (`model.safetensors`), or a file written by `tools/convert_checkpoint.py`. An export or a training
             checkpoint also gives the `img_size` its weights were trained at and, when written by `name`, the
             `num_classes` and `global_pool` it was built with, or a pretraining run's every `model.*` setting (an
-            encoder loaded from a pretraining checkpoint gets num_classes=0), unless kwargs set them.
+            encoder loaded from a pretraining checkpoint gets num_classes=0), unless kwargs set them. A description
+            that builds a model far larger than its weights is refused before the model is built
+            (`loading.refuse_oversized_build`).
     """
-    if checkpoint_path is not None:
-        from .loading import recorded_build_kwargs
-
-        kwargs = {**recorded_build_kwargs(checkpoint_path, name), **kwargs}
     if name not in _BUILDERS:
         close = close_names(name, _BUILDERS)
         hint = f" Did you mean {', '.join(close)}?" if close else " See mae_tnt.list_models()."
         raise ModelError(f"unknown model {name!r}.{hint}")
+    if checkpoint_path is None:
+        return _build(name, kwargs)
+    from .loading import (
+        load_weights,
+        read_state_dict,
+        recorded_build_kwargs,
+        refuse_oversized_build,
+        refuse_resampled,
+    )
+
+    recorded = recorded_build_kwargs(checkpoint_path, name)
+    untrusted = sorted(recorded.keys() - kwargs.keys())  # the caller's own arguments are theirs to size
+    kwargs = {**recorded, **kwargs}
+    weights = read_state_dict(checkpoint_path)
+    if untrusted:
+        refuse_oversized_build(name, kwargs, weights, checkpoint_path,
+                               f"restore it, or pass {', '.join(untrusted)} to create_model yourself")
+    model = _build(name, kwargs)
+    report = load_weights(model, weights)
+    if "img_size" not in kwargs:
+        refuse_resampled(report, str(checkpoint_path), f"{name}'s default", "img_size=")
+    return model
+
+
+def _build(name: str, kwargs: dict) -> nn.Module:
+    """Registered model `name` built with `kwargs`, whose refusal by its builder is a ModelError."""
     try:
-        model = _BUILDERS[name](**kwargs)
+        return _BUILDERS[name](**kwargs)
     # E.g. an image size the patch size does not divide; timm asserts that heads divide a width.
     except (TypeError, ValueError, AssertionError) as err:
         unknown = UNKNOWN_ARGUMENT.search(str(err))
@@ -79,10 +103,3 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
             raise ModelError(f"{name} takes no argument {unknown[1]!r}: leave it out (in a recipe, remove model."
                              f"{unknown[1]} or set it back to its default)") from err
         raise ModelError(f"cannot build {name} with {kwargs}: {err}") from err
-    if checkpoint_path is not None:
-        from .loading import load_weights, refuse_resampled
-
-        report = load_weights(model, checkpoint_path)
-        if "img_size" not in kwargs:
-            refuse_resampled(report, str(checkpoint_path), f"{name}'s default", "img_size=")
-    return model
