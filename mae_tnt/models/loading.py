@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -33,6 +34,11 @@ STATE_FILE = "state.json"  # written beside a training checkpoint's model.safete
 FROZEN_MASTERS_FILE = "frozen_fp32.safetensors"
 """Beside a DeepSpeed half-precision checkpoint's `engine/`: the fp32 values of the parameters that do not train (a
 linear probe's encoder), which the engine keeps only as the module's 16-bit copies."""
+EXPORT_ID = "export_id"
+"""A random id tools/export.py writes into both files of an export, config.json and the weights' metadata. They are
+replaced one after the other (OUT may hold other files, so the folder is not swapped whole): a run stopped between
+the two leaves one export's weights beside another's description (image size, classes, pooling, normalisation),
+which readers of an export refuse on seeing two ids."""
 BUILD_KEYS = ("num_classes", "img_size", "global_pool")
 """The build arguments that exports and training checkpoints record, so that loading one needs none."""
 PROBE_BN_EPS = 1e-6
@@ -111,9 +117,44 @@ def recorded_build_kwargs(path: str | Path, name: str) -> dict:
 
 
 def export_record(path: Path) -> dict | None:
-    """An export's `config.json` (written by tools/export.py, hence its `timm_name`), or None."""
+    """An export's `config.json` (written by tools/export.py, hence its `timm_name`), or None; checked to describe
+    the weights beside it (`check_export_pair`)."""
+    config = export_description(path)
+    if config is not None:
+        check_export_pair(config, path)
+    return config
+
+
+def export_description(path: Path) -> dict | None:
+    """`export_record` unchecked, to tell an export apart (an export replaces an interrupted one's files)."""
     config = read_json_object((path if path.is_dir() else path.parent) / EXPORT_CONFIG)
     return config if config is not None and "timm_name" in config else None
+
+
+def check_export_pair(config: dict, path: Path) -> None:
+    """Refuse an export's `config.json` beside weights of another export (see `EXPORT_ID`): those of the export
+    directory `path`, or the weights file `path`.
+
+    Exports written before the id carry it in neither file and load as before: refusing them would break every
+    existing export over a crash between two renames. One file with an id and one without is a new export stopped
+    halfway over an older one, and is refused.
+    """
+    weights = path if path.is_file() else path / WEIGHT_FILES[0]
+    metadata = safetensors_metadata(weights)
+    if metadata is not None and metadata.get(EXPORT_ID) != config.get(EXPORT_ID):
+        raise CheckpointError(f"{weights} and the {EXPORT_CONFIG} beside it come from different exports (an export "
+                              f"was stopped between replacing the one and the other): export again into "
+                              f"{weights.parent}")
+
+
+def safetensors_metadata(path: Path) -> dict[str, str] | None:
+    """The metadata in a safetensors file's header ({} for none); None for another or an unreadable file, which
+    reading its weights reports."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return file.metadata() or {}
+    except Exception:  # noqa: BLE001 - any decoding failure means no header to read
+        return None
 
 
 def _checkpoint_record(path: Path) -> dict | None:
