@@ -27,6 +27,8 @@ from .models.loading import (
     CheckpointError,
     fitting_build_kwargs,
     fold_probe_head,
+    head_outputs,
+    recorded_pooling,
     refuse_resampled,
     save_weights,
     unwrap_state_dict,
@@ -53,8 +55,8 @@ def read_foreign_checkpoint(path: Path, unsafe_pickle: bool) -> dict[str, torch.
 def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] = (),
             allow_unexpected: Sequence[str] = (), unsafe_pickle: bool = False, img_size: int | None = None):
     """Write SRC's weights as `model_name`'s (at `img_size`, else the model's default); a classifier gets the head
-    size (0: none, for an encoder) and pooling of SRC. Returns the load report, the build arguments of the model
-    written, and a note on what they may miss.
+    size (0: none, for an encoder) and pooling of SRC (its keys' or, for TNT, our export's or checkpoint's record).
+    Returns the load report, the build arguments of the model written, and a note on what they may miss.
 
     Raises:
         CheckpointError: SRC's position table is for another image size and `img_size` was not given to say which
@@ -63,8 +65,9 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
     sized = {"img_size": img_size} if img_size is not None else {}
     model = _seeded_model(model_name, **sized)  # an unknown name fails before a long read
     state_dict = fold_probe_head(read_foreign_checkpoint(src, unsafe_pickle))  # a probe's head counts the classes
-    fitting = fitting_build_kwargs(model, state_dict)  # head size and pooling only, never the image size
-    if fitting:  # a classifier of another head or pooling
+    recorded = _recorded_head_pooling(src, model, state_dict)
+    fitting = {**recorded, **fitting_build_kwargs(model, state_dict)}  # head size and pooling, never the image size
+    if any(getattr(model, key) != value for key, value in fitting.items()):  # a classifier of another head or pooling
         model = _seeded_model(model_name, **sized, **fitting)
     build_kwargs = {**sized, **fitting}
     report = load_weights(model, state_dict, allow_missing=tuple(allow_missing),
@@ -79,7 +82,14 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
         save_weights(model.state_dict(), tmp, metadata={"model": model_name})
     if hasattr(model, "num_classes"):  # a classifier: its head size is always named in the call that loads it
         build_kwargs = {"num_classes": model.num_classes, **build_kwargs}
-    return report, build_kwargs, pooling_note(model)
+    return report, build_kwargs, None if recorded else pooling_note(model)
+
+
+def _recorded_head_pooling(src: Path, model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict:
+    """The pooling that SRC's head was trained with, as our export or training checkpoint records it (TNT's weights do
+    not show it), for a classifier `model`; {} for foreign weights, an encoder's or an MAE."""
+    pooling = recorded_pooling(src) if head_outputs(state_dict) and hasattr(model, "global_pool") else None
+    return {"global_pool": pooling} if pooling else {}
 
 
 def _seeded_model(model_name: str, **kwargs) -> torch.nn.Module:

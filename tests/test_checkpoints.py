@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import mae_tnt
 import mae_tnt.atomic
+import mae_tnt.export
 from mae_tnt.atomic import aside_name, atomic_file, replace_dir, restore_aside
 from mae_tnt.convert_checkpoint import main as convert_main
 from mae_tnt.models import ModelError
@@ -147,6 +148,26 @@ def test_a_tnt_classifier_converts_with_a_note_that_its_pooling_is_not_in_its_we
     assert printed[-2].endswith("num_classes=7)")
     assert printed[-1] == ("note: TNT's weights do not show its pooling: the call uses the class token (timm's and "
                            "the official default); add global_pool='avg' if SRC was trained with average pooling")
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "export"])
+def test_a_tnt_classifier_of_ours_converts_with_the_pooling_its_description_records(tmp_path, capsys, source):
+    trained = mae_tnt.create_model("tnt_test_patch8_32", num_classes=7, global_pool="avg").eval()
+    checkpoint = tmp_path / "best"
+    checkpoint.mkdir()
+    save_weights(trained.state_dict(), checkpoint / "model.safetensors")
+    (checkpoint / "state.json").write_text(json.dumps({"model": "tnt_test_patch8_32", "mode": "finetune",
+                                                       "num_classes": 7, "config": {"model": {"global_pool": "avg"}}}))
+    if source == "export":
+        mae_tnt.export.export(checkpoint, tmp_path / "export")
+    out = tmp_path / "tnt.safetensors"
+    assert convert_main([str(tmp_path / ("best" if source == "checkpoint" else "export")), str(out), "--model",
+                         "tnt_test_patch8_32"]) == 0
+    printed = capsys.readouterr().out.splitlines()[-1]  # no note: the pooling is known
+    assert printed.endswith("num_classes=7, global_pool='avg')")
+    loaded = eval(printed.removeprefix("load it with: "), {"mae_tnt": mae_tnt}).eval()  # noqa: S307 - our own output
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(images), trained(images))
 
 
 def test_official_encoder_only_mae_needs_the_decoder_allowed(tmp_path, capsys):

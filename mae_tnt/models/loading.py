@@ -178,6 +178,13 @@ def _checkpoint_record(path: Path) -> dict | None:
     return record
 
 
+def recorded_pooling(path: str | Path) -> str | None:
+    """The global_pool an export's `config.json` or a training checkpoint's `state.json` records; None for bare
+    weights (TNT's keys do not show it)."""
+    recorded = export_record(Path(path)) or _checkpoint_record(Path(path))
+    return recorded.get("global_pool") if recorded else None
+
+
 def pretraining_build_kwargs(state: dict, source: str) -> dict:
     """`create_model`'s arguments for the MAE of a pretraining checkpoint, from its `state.json` (read from
     `source`): every `model.*` setting of the run, checked as a recipe's are."""
