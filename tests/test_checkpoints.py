@@ -198,12 +198,38 @@ def test_a_classifier_converts_to_an_mae_once_its_head_is_left_out_and_the_decod
     assert "of keys to leave out to --allow-unexpected (e.g. a classifier's head: --allow-unexpected " \
            "'encoder.head.*')" in err
     assert convert_main(args + ["--allow-unexpected", "encoder.head.*"]) == 0
-    assert capsys.readouterr().out.startswith(
+    printed = capsys.readouterr().out
+    assert printed.startswith(
         f"wrote {tmp_path / 'mae.safetensors'} for mae_vit_test: missing [decoder_blocks.* (12), decoder_embed.bias, "
         "decoder_embed.weight, decoder_norm.bias, decoder_norm.weight, decoder_pos_embed, decoder_pred.bias, "
         "decoder_pred.weight, mask_token], unexpected [encoder.head.bias, encoder.head.weight], dropped 0 keys")
-    mae = mae_tnt.create_model("mae_vit_test", checkpoint_path=tmp_path / "mae.safetensors")
-    assert torch.equal(mae.encoder.blocks[1].mlp.fc2.weight, classifier.blocks[1].mlp.fc2.weight)
+    loaded = {"mae_tnt": mae_tnt}
+    with pytest.warns(UserWarning, match="never trained"):  # the decoder: allowed missing by the printed call
+        exec(printed.splitlines()[-1].removeprefix("load it with: "), loaded)  # noqa: S102 - our own output
+    assert torch.equal(loaded["model"].encoder.blocks[1].mlp.fc2.weight, classifier.blocks[1].mlp.fc2.weight)
+
+
+def test_keys_a_conversion_initialised_fresh_load_as_missing_so_an_untrained_decoder_never_passes_for_trained(
+        tmp_path, capsys):
+    torch.save({"model": official_mae_state_dict(with_decoder=False)}, tmp_path / "enc.pth")
+    out = tmp_path / "mae.safetensors"
+    assert convert_main([str(tmp_path / "enc.pth"), str(out), "--model", "mae_vit_test", "--allow-missing",
+                         "decoder_*", "mask_token"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "load it with: model = mae_tnt.create_model('mae_vit_test'); mae_tnt.load_weights(model, "
+        f"'{out}', allow_missing=('decoder_*', 'mask_token'))")
+    warning = (rf"^{out} holds 20 keys that were never trained \(decoder_blocks\.\* \(12\), decoder_embed\.bias, "
+               r".*mask_token\): tools/convert_checkpoint.py gave them a fresh initialisation, so they are read as "
+               r"missing; train them, or allow them missing where a fresh initialisation will do")
+    with pytest.warns(UserWarning, match=warning), pytest.raises(CheckpointError, match="20 missing: decoder_blocks"):
+        mae_tnt.create_model("mae_vit_test", checkpoint_path=out)  # as it would without them
+    torch.manual_seed(1)  # not the conversion's seed
+    mae = mae_tnt.create_model("mae_vit_test")
+    own = mae.decoder_pred.weight.clone()
+    with pytest.warns(UserWarning, match=warning):
+        report = load_weights(mae, out, allow_missing=("decoder_*", "mask_token"))
+    assert len(report.missing) == 20 and "decoder_pred.weight" in report.missing and "mask_token" in report.missing
+    assert torch.equal(mae.decoder_pred.weight, own)  # the file's fresh values are not taken for trained ones
 
 
 @pytest.mark.parametrize("layout", ["ours", "official flat"])

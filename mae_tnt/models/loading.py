@@ -39,6 +39,10 @@ EXPORT_ID = "export_id"
 replaced one after the other (OUT may hold other files, so the folder is not swapped whole): a run stopped between
 the two leaves one export's weights beside another's description (image size, classes, pooling, normalisation),
 which readers of an export refuse on seeing two ids."""
+UNTRAINED_KEYS = "untrained_keys"
+"""safetensors metadata of tools/convert_checkpoint.py: the JSON list of the keys SRC lacked, which hold a fresh
+initialisation. Reading the file leaves them out, so that loading finds them missing and applies the same exact-key
+rules as to a file without them: an untrained decoder or head must not pass for a pretrained one."""
 BUILD_KEYS = ("num_classes", "img_size", "global_pool")
 """The build arguments that exports and training checkpoints record, so that loading one needs none."""
 PROBE_BN_EPS = 1e-6
@@ -239,10 +243,11 @@ def read_state_dict(path: str | Path, pickle_advice: str = CONVERT_ADVICE) -> di
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         try:
-            return without_wrapper_prefixes(load_file(str(path)))
+            tensors = load_file(str(path))
         except Exception as err:  # noqa: BLE001 - any decoding failure means an unusable file
             raise CheckpointError(f"cannot read {path}: not a complete safetensors file ({err}); "
                                   f"{_repair_advice(path)}") from err
+        return without_wrapper_prefixes(_without_untrained(tensors, path))
     try:
         with warnings.catch_warnings():  # torch asks to report pickle protocols it reads fine; users cannot act on it
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -259,6 +264,20 @@ def read_state_dict(path: str | Path, pickle_advice: str = CONVERT_ADVICE) -> di
         raise CheckpointError(f"cannot read {path} safely ({reason}). Only tensors and plain containers are accepted: "
                               f"{pickle_advice} for a legacy pickle you trust") from err
     return unwrap_state_dict(obj, path)
+
+
+def _without_untrained(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """`tensors` without the keys the file at `path` marks as never trained (`UNTRAINED_KEYS`), with a warning
+    naming them."""
+    untrained = json.loads((safetensors_metadata(path) or {}).get(UNTRAINED_KEYS, "[]"))
+    if not untrained:
+        return tensors
+    warnings.warn(f"{path} holds {len(untrained)} keys that were never trained ({_by_module(untrained)}): "
+                  "tools/convert_checkpoint.py gave them a fresh initialisation, so they are read as missing; train "
+                  "them, or allow them missing where a fresh initialisation will do (load_weights(..., "
+                  "allow_missing=...))", stacklevel=1)  # ours, not the caller's: one `warning:` line in the tools
+    left_out = set(untrained)
+    return {key: value for key, value in tensors.items() if key not in left_out}
 
 
 def _repair_advice(weights: Path) -> str:
