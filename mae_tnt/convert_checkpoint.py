@@ -7,7 +7,8 @@ The layout is recognised by the target model's `adapt_state_dict` (its family's 
 MAE keys, the huawei-noah TNT names, SReT's duplicated recursive blocks, or timm's keys. A classifier is built with
 the head size of the source (none for an encoder's weights). The result loads with the `mae_tnt.create_model` call
 the tool prints. Keys the source lacks keep the model's fresh initialisation (from a fixed seed, so the same file is
-written every time) and are listed, and keys the model does not take are left out; either must be allowed explicitly.
+written every time), are listed, and are named in OUT's metadata, so that loading OUT finds them missing as if OUT
+lacked them; keys the model does not take are left out. Either must be allowed explicitly.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from .cli import quiet_on_ctrl_c
 from .models import create_model, load_weights, read_state_dict
 from .models.loading import (
     CheckpointError,
+    conversion_metadata,
     fitting_build_kwargs,
     fold_probe_head,
+    head_outputs,
+    recorded_pooling,
     refuse_resampled,
     save_weights,
     unwrap_state_dict,
@@ -52,8 +56,8 @@ def read_foreign_checkpoint(path: Path, unsafe_pickle: bool) -> dict[str, torch.
 def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] = (),
             allow_unexpected: Sequence[str] = (), unsafe_pickle: bool = False, img_size: int | None = None):
     """Write SRC's weights as `model_name`'s (at `img_size`, else the model's default); a classifier gets the head
-    size (0: none, for an encoder) and pooling of SRC. Returns the load report, the build arguments of the model
-    written, and a note on what they may miss.
+    size (0: none, for an encoder) and pooling of SRC (its keys' or, for TNT, our export's or checkpoint's record).
+    Returns the load report, the build arguments of the model written, and a note on what they may miss.
 
     Raises:
         CheckpointError: SRC's position table is for another image size and `img_size` was not given to say which
@@ -62,8 +66,9 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
     sized = {"img_size": img_size} if img_size is not None else {}
     model = _seeded_model(model_name, **sized)  # an unknown name fails before a long read
     state_dict = fold_probe_head(read_foreign_checkpoint(src, unsafe_pickle))  # a probe's head counts the classes
-    fitting = fitting_build_kwargs(model, state_dict)  # head size and pooling only, never the image size
-    if fitting:  # a classifier of another head or pooling
+    recorded = _recorded_head_pooling(src, model, state_dict)
+    fitting = {**recorded, **fitting_build_kwargs(model, state_dict)}  # head size and pooling, never the image size
+    if any(getattr(model, key) != value for key, value in fitting.items()):  # a classifier of another head or pooling
         model = _seeded_model(model_name, **sized, **fitting)
     build_kwargs = {**sized, **fitting}
     report = load_weights(model, state_dict, allow_missing=tuple(allow_missing),
@@ -75,10 +80,17 @@ def convert(src: Path, out: Path, model_name: str, allow_missing: Sequence[str] 
         refuse_resampled(report, str(src), f"{model_name}'s default", "--img-size")
     # a failed write leaves an earlier OUT as it was
     with write_failures_explained(temporary_name(out), out, RETRY_AFTER_FAILED_WRITE), atomic_file(out) as tmp:
-        save_weights(model.state_dict(), tmp, metadata={"model": model_name})
+        save_weights(model.state_dict(), tmp, metadata=conversion_metadata(model_name, report.missing))
     if hasattr(model, "num_classes"):  # a classifier: its head size is always named in the call that loads it
         build_kwargs = {"num_classes": model.num_classes, **build_kwargs}
-    return report, build_kwargs, pooling_note(model)
+    return report, build_kwargs, None if recorded else pooling_note(model)
+
+
+def _recorded_head_pooling(src: Path, model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> dict:
+    """The pooling that SRC's head was trained with, as our export or training checkpoint records it (TNT's weights do
+    not show it), for a classifier `model`; {} for foreign weights, an encoder's or an MAE."""
+    pooling = recorded_pooling(src) if head_outputs(state_dict) and hasattr(model, "global_pool") else None
+    return {"global_pool": pooling} if pooling else {}
 
 
 def _seeded_model(model_name: str, **kwargs) -> torch.nn.Module:
@@ -115,14 +127,25 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{report.summary()}")
     if report.missing:
         print(f"note: the {counted(len(report.missing), 'key')} SRC lacks hold a fresh initialisation, the same in "
-              "every conversion: they were never trained (a reconstruction through an untrained decoder shows noise)")
+              "every conversion: they were never trained (a reconstruction through an untrained decoder shows noise), "
+              "and OUT names them so that loading it reads them as missing")
     if report.resampled:
         print(f"resampled the position table to {args.img_size} px (bicubic): {'; '.join(report.resampled)}")
-    arguments = "".join(f", {key}={value!r}" for key, value in build_kwargs.items())
-    print(f"load it with: mae_tnt.create_model({args.model!r}, checkpoint_path={str(args.out)!r}{arguments})")
+    print(f"load it with: {_loading_call(args.model, args.out, build_kwargs, report.missing, args.allow_missing)}")
     if note:
         print(f"note: {note}")
     return 0
+
+
+def _loading_call(model_name: str, out: Path, build_kwargs: dict, missing: list[str],
+                  allow_missing: Sequence[str]) -> str:
+    """The Python that loads OUT: `create_model`, or, where OUT holds untrained keys, which loading reads as missing
+    and create_model refuses, `load_weights` allowing them as the conversion did."""
+    arguments = "".join(f", {key}={value!r}" for key, value in build_kwargs.items())
+    if missing:
+        return (f"model = mae_tnt.create_model({model_name!r}{arguments}); mae_tnt.load_weights(model, {str(out)!r}, "
+                f"allow_missing={tuple(allow_missing)!r})")
+    return f"mae_tnt.create_model({model_name!r}, checkpoint_path={str(out)!r}{arguments})"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import timm
@@ -41,9 +42,10 @@ from .data.transforms import EVAL_CROP_FRACTION
 from .models import create_model, load_weights
 from .models.loading import (
     EXPORT_CONFIG,
+    EXPORT_ID,
     STATE_FILE,
     CheckpointError,
-    export_record,
+    export_description,
     fold_probe_head,
     refuse_oversized_build,
     refuse_resampled,
@@ -168,12 +170,13 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
 
 def write_export(out: Path, state_dict: dict[str, torch.Tensor], config: dict) -> None:
     """OUT/model.safetensors and OUT/config.json, both written before either replaces an earlier export's: a write
-    that fails (a full disk) leaves no weights beside the description of others."""
-    tmp = out / ".tmp-export"
+    that fails (a full disk) leaves no weights beside the description of others. A run stopped between the two
+    replaces does, and the id both files share (`EXPORT_ID`) makes readers refuse that pair."""
+    tmp, pair = out / ".tmp-export", uuid.uuid4().hex
     with write_failures_explained(tmp, out, RETRY_AFTER_FAILED_WRITE):
         fresh_directory(tmp)
-        save_weights(state_dict, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=1))
+        save_weights(state_dict, tmp / "model.safetensors", metadata={"format": "pt", EXPORT_ID: pair})
+        (tmp / EXPORT_CONFIG).write_text(json.dumps({**config, EXPORT_ID: pair}, indent=1))
         sync_tree(tmp)
         for name in ("model.safetensors", EXPORT_CONFIG):
             os.replace(tmp / name, out / name)
@@ -192,7 +195,7 @@ def check_export_directory(out: Path, given: Path, checkpoint: Path) -> None:
         raise CheckpointError(f"{out} holds a training run, a checkpoint or the weights to export, which the export "
                               "would overwrite; export into a new directory, e.g. exports/NAME")
     others = [name for name in ("model.safetensors", EXPORT_CONFIG) if (out / name).exists()]
-    if others and export_record(out) is None:  # an earlier export of ours is replaced, anything else kept
+    if others and export_description(out) is None:  # an earlier export of ours, even a mismatched pair, is replaced
         raise CheckpointError(f"{out} holds {' and '.join(others)} that tools/export.py did not write, which the "
                               "export would overwrite; export into a new directory, e.g. exports/NAME")
 

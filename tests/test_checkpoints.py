@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import mae_tnt
 import mae_tnt.atomic
+import mae_tnt.export
 from mae_tnt.atomic import aside_name, atomic_file, replace_dir, restore_aside
 from mae_tnt.convert_checkpoint import main as convert_main
 from mae_tnt.models import ModelError
@@ -150,6 +151,26 @@ def test_a_tnt_classifier_converts_with_a_note_that_its_pooling_is_not_in_its_we
                            "the official default); add global_pool='avg' if SRC was trained with average pooling")
 
 
+@pytest.mark.parametrize("source", ["checkpoint", "export"])
+def test_a_tnt_classifier_of_ours_converts_with_the_pooling_its_description_records(tmp_path, capsys, source):
+    trained = mae_tnt.create_model("tnt_test_patch8_32", num_classes=7, global_pool="avg").eval()
+    checkpoint = tmp_path / "best"
+    checkpoint.mkdir()
+    save_weights(trained.state_dict(), checkpoint / "model.safetensors")
+    (checkpoint / "state.json").write_text(json.dumps({"model": "tnt_test_patch8_32", "mode": "finetune",
+                                                       "num_classes": 7, "config": {"model": {"global_pool": "avg"}}}))
+    if source == "export":
+        mae_tnt.export.export(checkpoint, tmp_path / "export")
+    out = tmp_path / "tnt.safetensors"
+    assert convert_main([str(tmp_path / ("best" if source == "checkpoint" else "export")), str(out), "--model",
+                         "tnt_test_patch8_32"]) == 0
+    printed = capsys.readouterr().out.splitlines()[-1]  # no note: the pooling is known
+    assert printed.endswith("num_classes=7, global_pool='avg')")
+    loaded = eval(printed.removeprefix("load it with: "), {"mae_tnt": mae_tnt}).eval()  # noqa: S307 - our own output
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(images), trained(images))
+
+
 def test_official_encoder_only_mae_needs_the_decoder_allowed(tmp_path, capsys):
     torch.save({"model": official_mae_state_dict(with_decoder=False)}, tmp_path / "enc.pth")
     args = [str(tmp_path / "enc.pth"), str(tmp_path / "o.safetensors"), "--model", "mae_vit_test"]
@@ -178,12 +199,46 @@ def test_a_classifier_converts_to_an_mae_once_its_head_is_left_out_and_the_decod
     assert "of keys to leave out to --allow-unexpected (e.g. a classifier's head: --allow-unexpected " \
            "'encoder.head.*')" in err
     assert convert_main(args + ["--allow-unexpected", "encoder.head.*"]) == 0
-    assert capsys.readouterr().out.startswith(
+    printed = capsys.readouterr().out
+    assert printed.startswith(
         f"wrote {tmp_path / 'mae.safetensors'} for mae_vit_test: missing [decoder_blocks.* (12), decoder_embed.bias, "
         "decoder_embed.weight, decoder_norm.bias, decoder_norm.weight, decoder_pos_embed, decoder_pred.bias, "
         "decoder_pred.weight, mask_token], unexpected [encoder.head.bias, encoder.head.weight], dropped 0 keys")
-    mae = mae_tnt.create_model("mae_vit_test", checkpoint_path=tmp_path / "mae.safetensors")
-    assert torch.equal(mae.encoder.blocks[1].mlp.fc2.weight, classifier.blocks[1].mlp.fc2.weight)
+    loaded = {"mae_tnt": mae_tnt}
+    with pytest.warns(UserWarning, match="never trained"):  # the decoder: allowed missing by the printed call
+        exec(printed.splitlines()[-1].removeprefix("load it with: "), loaded)  # noqa: S102 - our own output
+    assert torch.equal(loaded["model"].encoder.blocks[1].mlp.fc2.weight, classifier.blocks[1].mlp.fc2.weight)
+
+
+def test_keys_a_conversion_initialised_fresh_load_as_missing_so_an_untrained_decoder_never_passes_for_trained(
+        tmp_path, capsys):
+    torch.save({"model": official_mae_state_dict(with_decoder=False)}, tmp_path / "enc.pth")
+    out = tmp_path / "mae.safetensors"
+    assert convert_main([str(tmp_path / "enc.pth"), str(out), "--model", "mae_vit_test", "--allow-missing",
+                         "decoder_*", "mask_token"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "load it with: model = mae_tnt.create_model('mae_vit_test'); mae_tnt.load_weights(model, "
+        f"'{out}', allow_missing=('decoder_*', 'mask_token'))")
+    warning = (rf"^{out} holds 20 keys that were never trained \(decoder_blocks\.\* \(12\), decoder_embed\.bias, "
+               r".*mask_token\): tools/convert_checkpoint.py gave them a fresh initialisation, so they are read as "
+               r"missing; train them, or allow them missing where a fresh initialisation will do")
+    with pytest.warns(UserWarning, match=warning), pytest.raises(CheckpointError, match="20 missing: decoder_blocks"):
+        mae_tnt.create_model("mae_vit_test", checkpoint_path=out)  # as it would without them
+    torch.manual_seed(1)  # not the conversion's seed
+    mae = mae_tnt.create_model("mae_vit_test")
+    own = mae.decoder_pred.weight.clone()
+    with pytest.warns(UserWarning, match=warning):
+        report = load_weights(mae, out, allow_missing=("decoder_*", "mask_token"))
+    assert len(report.missing) == 20 and "decoder_pred.weight" in report.missing and "mask_token" in report.missing
+    assert torch.equal(mae.decoder_pred.weight, own)  # the file's fresh values are not taken for trained ones
+
+
+@pytest.mark.parametrize("mark", ["not json", '{"untrained_keys": "decoder_pred.weight"}', '{"model": "x"}', "[1]"])
+def test_a_converted_file_whose_untrained_mark_is_corrupt_is_refused_rather_than_read_as_all_trained(tmp_path, mark):
+    save_file(mae_tnt.create_model("mae_vit_test").state_dict(), tmp_path / "w.safetensors",
+              metadata={"mae_tnt_conversion": mark})
+    with pytest.raises(CheckpointError, match=r"w.safetensors: its mae_tnt_conversion metadata is corrupt; convert "):
+        read_state_dict(tmp_path / "w.safetensors")
 
 
 @pytest.mark.parametrize("layout", ["ours", "official flat"])

@@ -4,6 +4,7 @@ heads, and fail clearly on DeepSpeed checkpoints without DeepSpeed (tests/test_d
 import errno
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import mae_tnt
 from mae_tnt.models import CheckpointError, create_model, load_weights
-from mae_tnt.train.init import attach_probe_head
+from mae_tnt.train.init import attach_probe_head, load_init
 
 MEAN_STD = {"mean": [0.3, 0.4, 0.45], "std": [0.2, 0.25, 0.3]}  # unlike any timm default
 
@@ -382,3 +383,59 @@ def test_an_export_without_normalisation_statistics_says_timm_will_use_its_defau
     pretraining_checkpoint(tmp_path / "ckpt", "mae_vit_test")
     assert tool.main([str(tmp_path / "ckpt"), str(tmp_path / "described")]) == 0
     assert "note: the weights do not record" not in capsys.readouterr().out
+
+
+def tnt_classifier_checkpoint(path: Path, pool: str) -> Path:
+    """A fine-tuned TNT's checkpoint: its keys are the same under either pooling, only state.json tells."""
+    state = {"step": 9, "model": "tnt_test_patch8_32", "mode": "finetune", "num_classes": 10,
+             "config": {"model": {"img_size": 32, "global_pool": pool}, "data": MEAN_STD}}
+    return write_checkpoint(path, create_model("tnt_test_patch8_32", num_classes=10, global_pool=pool), state)
+
+
+def test_an_export_stopped_between_its_two_replaces_is_refused_by_every_reader_until_exported_again(tool, tmp_path,
+                                                                                                    monkeypatch):
+    """The weights replace the earlier export's before config.json does: a run killed in between leaves the weights
+    of an average-pooled classifier beside a class-token one's description, which would load silently."""
+    out = tmp_path / "out"
+    tool.export(tnt_classifier_checkpoint(tmp_path / "token", "token"), out)
+    averaged = tnt_classifier_checkpoint(tmp_path / "avg", "avg")
+    replace = os.replace
+
+    def killed_after_the_first(src, dst):
+        replace(src, dst)
+        raise KeyboardInterrupt  # SIGKILL or a power cut would leave the same two files
+
+    monkeypatch.setattr(tool.os, "replace", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        tool.export(averaged, out)
+    monkeypatch.undo()
+    refusal = (rf"^{out / 'model.safetensors'} and the config.json beside it come from different exports \(an "
+               rf"export was stopped between replacing the one and the other\): export again into {out}$")
+    readers = (lambda: create_model("tnt_test_patch8_32", checkpoint_path=out),
+               lambda: load_init(create_model("tnt_test_patch8_32", num_classes=10), out),
+               lambda: tool.export(out / "model.safetensors", tmp_path / "again"))
+    for reader in readers:
+        with pytest.raises(CheckpointError, match=refusal):
+            reader()
+    tool.export(averaged, out)  # the interrupted pair is replaced, as any earlier export
+    assert create_model("tnt_test_patch8_32", checkpoint_path=out).global_pool == "avg"
+
+
+def rewrite_without_export_id(out: Path, files: tuple[str, ...]) -> None:
+    """`files` of an export as tools/export.py wrote them before it recorded an id in both."""
+    if "model.safetensors" in files:
+        save_file(load_file(out / "model.safetensors"), out / "model.safetensors", metadata={"format": "pt"})
+    if "config.json" in files:
+        config = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "export_id"}))
+
+
+def test_an_export_older_than_its_id_loads_and_a_new_pair_stopped_over_one_is_refused(tool, tmp_path):
+    ckpt, _ = pretraining_checkpoint(tmp_path / "ckpt", "mae_vit_test", img_size=48)
+    tool.export(ckpt, tmp_path / "out")
+    rewrite_without_export_id(tmp_path / "out", ("model.safetensors", "config.json"))
+    assert create_model("vit_test_patch8_32", checkpoint_path=tmp_path / "out").grid == 6  # 48 px, as recorded
+    tool.export(ckpt, tmp_path / "new")
+    rewrite_without_export_id(tmp_path / "new", ("config.json",))  # new weights beside an older export's description
+    with pytest.raises(CheckpointError, match="come from different exports"):
+        create_model("vit_test_patch8_32", checkpoint_path=tmp_path / "new")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.modules.module import (
@@ -43,6 +44,17 @@ STATE_FILE = "state.json"  # written beside a training checkpoint's model.safete
 FROZEN_MASTERS_FILE = "frozen_fp32.safetensors"
 """Beside a DeepSpeed half-precision checkpoint's `engine/`: the fp32 values of the parameters that do not train (a
 linear probe's encoder), which the engine keeps only as the module's 16-bit copies."""
+EXPORT_ID = "export_id"
+"""A random id tools/export.py writes into both files of an export, config.json and the weights' metadata. They are
+replaced one after the other (OUT may hold other files, so the folder is not swapped whole): a run stopped between
+the two leaves one export's weights beside another's description (image size, classes, pooling, normalisation),
+which readers of an export refuse on seeing two ids."""
+CONVERSION_METADATA = "mae_tnt_conversion"
+"""The one safetensors metadata entry of a tools/convert_checkpoint.py file: JSON of the `model` converted to and its
+`untrained_keys`, those SRC lacked, which hold a fresh initialisation. Reading the file leaves them out, so that
+loading finds them missing and applies the same exact-key rules as to a file without them: an untrained decoder or
+head must not pass for a pretrained one. One entry, as safetensors writes several in a random order, and the same
+conversion must write the same file."""
 BUILD_KEYS = ("num_classes", "img_size", "global_pool")
 """The build arguments that exports and training checkpoints record, so that loading one needs none."""
 PROBE_BN_EPS = 1e-6
@@ -129,9 +141,44 @@ def recorded_build_kwargs(path: str | Path, name: str) -> dict:
 
 
 def export_record(path: Path) -> dict | None:
-    """An export's `config.json` (written by tools/export.py, hence its `timm_name`), or None."""
+    """An export's `config.json` (written by tools/export.py, hence its `timm_name`), or None; checked to describe
+    the weights beside it (`check_export_pair`)."""
+    config = export_description(path)
+    if config is not None:
+        check_export_pair(config, path)
+    return config
+
+
+def export_description(path: Path) -> dict | None:
+    """`export_record` unchecked, to tell an export apart (an export replaces an interrupted one's files)."""
     config = read_json_object((path if path.is_dir() else path.parent) / EXPORT_CONFIG)
     return config if config is not None and "timm_name" in config else None
+
+
+def check_export_pair(config: dict, path: Path) -> None:
+    """Refuse an export's `config.json` beside weights of another export (see `EXPORT_ID`): those of the export
+    directory `path`, or the weights file `path`.
+
+    Exports written before the id carry it in neither file and load as before: refusing them would break every
+    existing export over a crash between two renames. One file with an id and one without is a new export stopped
+    halfway over an older one, and is refused.
+    """
+    weights = path if path.is_file() else path / WEIGHT_FILES[0]
+    metadata = safetensors_metadata(weights)
+    if metadata is not None and metadata.get(EXPORT_ID) != config.get(EXPORT_ID):
+        raise CheckpointError(f"{weights} and the {EXPORT_CONFIG} beside it come from different exports (an export "
+                              f"was stopped between replacing the one and the other): export again into "
+                              f"{weights.parent}")
+
+
+def safetensors_metadata(path: Path) -> dict[str, str] | None:
+    """The metadata in a safetensors file's header ({} for none); None for another or an unreadable file, which
+    reading its weights reports."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return file.metadata() or {}
+    except Exception:  # noqa: BLE001 - any decoding failure means no header to read
+        return None
 
 
 def _checkpoint_record(path: Path) -> dict | None:
@@ -153,6 +200,13 @@ def _checkpoint_record(path: Path) -> dict | None:
     if str(record["model"]).startswith("mae_"):
         record["pretraining"] = pretraining_build_kwargs(state, str(state_path))
     return record
+
+
+def recorded_pooling(path: str | Path) -> str | None:
+    """The global_pool an export's `config.json` or a training checkpoint's `state.json` records; None for bare
+    weights (TNT's keys do not show it)."""
+    recorded = export_record(Path(path)) or _checkpoint_record(Path(path))
+    return recorded.get("global_pool") if recorded else None
 
 
 def refuse_oversized_build(name: str, kwargs: dict, weights: dict[str, torch.Tensor], source: str | Path,
@@ -256,10 +310,11 @@ def read_state_dict(path: str | Path, pickle_advice: str = CONVERT_ADVICE) -> di
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         try:
-            return without_wrapper_prefixes(load_file(str(path)))
+            tensors = load_file(str(path))
         except Exception as err:  # noqa: BLE001 - any decoding failure means an unusable file
             raise CheckpointError(f"cannot read {path}: not a complete safetensors file ({err}); "
                                   f"{_repair_advice(path)}") from err
+        return without_wrapper_prefixes(_without_untrained(tensors, path))
     try:
         with warnings.catch_warnings():  # torch asks to report pickle protocols it reads fine; users cannot act on it
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -276,6 +331,44 @@ def read_state_dict(path: str | Path, pickle_advice: str = CONVERT_ADVICE) -> di
         raise CheckpointError(f"cannot read {path} safely ({reason}). Only tensors and plain containers are accepted: "
                               f"{pickle_advice} for a legacy pickle you trust") from err
     return unwrap_state_dict(obj, path)
+
+
+def conversion_metadata(model_name: str, untrained: list[str]) -> dict[str, str]:
+    """The safetensors metadata of a converted file (see `CONVERSION_METADATA`)."""
+    return {CONVERSION_METADATA: json.dumps({"model": model_name, "untrained_keys": untrained}, sort_keys=True)}
+
+
+def _without_untrained(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """`tensors` without the keys the file at `path` marks as never trained (`CONVERSION_METADATA`), with a warning
+    naming them."""
+    untrained = _untrained_keys(path)
+    if not untrained:
+        return tensors
+    warnings.warn(f"{path} holds {len(untrained)} keys that were never trained ({_by_module(untrained)}): "
+                  "tools/convert_checkpoint.py gave them a fresh initialisation, so they are read as missing; train "
+                  "them, or allow them missing where a fresh initialisation will do (load_weights(..., "
+                  "allow_missing=...))", stacklevel=1)  # ours, not the caller's: one `warning:` line in the tools
+    left_out = set(untrained)
+    return {key: value for key, value in tensors.items() if key not in left_out}
+
+
+def _untrained_keys(path: Path) -> list[str]:
+    """The keys a converted file at `path` marks as never trained; [] for any other file.
+
+    Raises:
+        CheckpointError: the mark is there but is not a list of key names.
+    """
+    mark = (safetensors_metadata(path) or {}).get(CONVERSION_METADATA)
+    if mark is None:
+        return []
+    try:
+        untrained = json.loads(mark)["untrained_keys"]
+    except (ValueError, TypeError, KeyError):
+        untrained = None
+    if not isinstance(untrained, list) or not all(isinstance(key, str) for key in untrained):
+        raise CheckpointError(f"cannot read {path}: its {CONVERSION_METADATA} metadata is corrupt; convert its source "
+                              "again with tools/convert_checkpoint.py")
+    return untrained
 
 
 def _repair_advice(weights: Path) -> str:

@@ -34,6 +34,7 @@ from ..models.loading import (
     STATE_FILE,
     CheckpointError,
     LoadReport,
+    check_export_pair,
     corrupt_description,
     fitting_build_kwargs,
     load_weights,
@@ -65,6 +66,8 @@ def read_source(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if meta is None and path.is_dir():
         raise corrupt_description(described[0], path)
     meta = meta or {}  # a weights file given alone, beside a corrupt description, is read as bare weights
+    if "timm_name" in meta:  # an export's config.json, which must describe these weights
+        check_export_pair(meta, path)
     if path.is_dir() and not (path / "model.safetensors").exists() and (path / "engine").is_dir():
         return gather_zero_checkpoint(path / "engine"), meta
     return read_state_dict(path), meta
