@@ -7,8 +7,8 @@ The layout is recognised by the target model's `adapt_state_dict` (its family's 
 MAE keys, the huawei-noah TNT names, SReT's duplicated recursive blocks, or timm's keys. A classifier is built with
 the head size of the source (none for an encoder's weights). The result loads with the `mae_tnt.create_model` call
 the tool prints. Keys the source lacks keep the model's fresh initialisation (from a fixed seed, so the same file is
-written every time), are listed, and are named in OUT's metadata, so that loading OUT finds them missing as if OUT
-lacked them; keys the model does not take are left out. Either must be allowed explicitly.
+written every time), are listed, and are named in OUT's metadata (tools/visualize.py refuses a decoder that never
+trained); keys the model does not take are left out. Either must be allowed explicitly.
 """
 
 from __future__ import annotations
@@ -127,25 +127,15 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{report.summary()}")
     if report.missing:
         print(f"note: the {counted(len(report.missing), 'key')} SRC lacks hold a fresh initialisation, the same in "
-              "every conversion: they were never trained (a reconstruction through an untrained decoder shows noise), "
-              "and OUT names them so that loading it reads them as missing")
+              "every conversion: they were never trained, as OUT's metadata records (tools/visualize.py refuses to "
+              "draw a reconstruction through an untrained decoder, which shows noise)")
     if report.resampled:
         print(f"resampled the position table to {args.img_size} px (bicubic): {'; '.join(report.resampled)}")
-    print(f"load it with: {_loading_call(args.model, args.out, build_kwargs, report.missing, args.allow_missing)}")
+    arguments = "".join(f", {key}={value!r}" for key, value in build_kwargs.items())
+    print(f"load it with: mae_tnt.create_model({args.model!r}, checkpoint_path={str(args.out)!r}{arguments})")
     if note:
         print(f"note: {note}")
     return 0
-
-
-def _loading_call(model_name: str, out: Path, build_kwargs: dict, missing: list[str],
-                  allow_missing: Sequence[str]) -> str:
-    """The Python that loads OUT: `create_model`, or, where OUT holds untrained keys, which loading reads as missing
-    and create_model refuses, `load_weights` allowing them as the conversion did."""
-    arguments = "".join(f", {key}={value!r}" for key, value in build_kwargs.items())
-    if missing:
-        return (f"model = mae_tnt.create_model({model_name!r}{arguments}); mae_tnt.load_weights(model, {str(out)!r}, "
-                f"allow_missing={tuple(allow_missing)!r})")
-    return f"mae_tnt.create_model({model_name!r}, checkpoint_path={str(out)!r}{arguments})"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-import uuid
 from pathlib import Path
 
 import timm
@@ -42,8 +41,8 @@ from .data.transforms import EVAL_CROP_FRACTION
 from .models import create_model, load_weights
 from .models.loading import (
     EXPORT_CONFIG,
-    EXPORT_ID,
     STATE_FILE,
+    WEIGHTS_DIGEST,
     CheckpointError,
     export_description,
     fold_probe_head,
@@ -52,6 +51,7 @@ from .models.loading import (
     resolve_checkpoint,
     save_weights,
     shown_build_kwargs,
+    weights_digest,
 )
 from .models.registry import classifier_name_for
 from .models.tnt import TNT
@@ -171,14 +171,16 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
 def write_export(out: Path, state_dict: dict[str, torch.Tensor], config: dict) -> None:
     """OUT/model.safetensors and OUT/config.json, both written before either replaces an earlier export's: a write
     that fails (a full disk) leaves no weights beside the description of others. A run stopped between the two
-    replaces does, and the id both files share (`EXPORT_ID`) makes readers refuse that pair."""
-    tmp, pair = out / ".tmp-export", uuid.uuid4().hex
+    replaces does, and the digest of the weights that config.json records (`WEIGHTS_DIGEST`), replaced first, makes
+    readers refuse that pair."""
+    tmp = out / ".tmp-export"
     with write_failures_explained(tmp, out, RETRY_AFTER_FAILED_WRITE):
         fresh_directory(tmp)
-        save_weights(state_dict, tmp / "model.safetensors", metadata={"format": "pt", EXPORT_ID: pair})
-        (tmp / EXPORT_CONFIG).write_text(json.dumps({**config, EXPORT_ID: pair}, indent=1))
+        save_weights(state_dict, tmp / "model.safetensors", metadata={"format": "pt"})
+        digest = weights_digest(tmp / "model.safetensors")
+        (tmp / EXPORT_CONFIG).write_text(json.dumps({**config, WEIGHTS_DIGEST: digest}, indent=1))
         sync_tree(tmp)
-        for name in ("model.safetensors", EXPORT_CONFIG):
+        for name in (EXPORT_CONFIG, "model.safetensors"):
             os.replace(tmp / name, out / name)
         tmp.rmdir()
 

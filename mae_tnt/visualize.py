@@ -29,13 +29,15 @@ from .models import create_model, load_weights
 from .models.loading import (
     STATE_FILE,
     CheckpointError,
+    by_module,
     pretraining_build_kwargs,
     refuse_oversized_build,
     refuse_resampled,
     resolve_checkpoint,
+    untrained_keys,
 )
 from .models.masking import rounded_mask_ratio
-from .text import HelpWithDefaults
+from .text import HelpWithDefaults, counted
 from .train.init import read_source
 from .train.recon import shown_loss, write_reconstructions
 
@@ -102,6 +104,7 @@ def visualize(args: argparse.Namespace) -> dict:
                               "with --model (and --img-size, --no-norm-pix where they differ from its defaults)")
     else:  # MAE's own settings, on ImageNet statistics, at the model's own size unless told
         check_model_name(args.model, masked_autoencoder=True, key="--model")
+        refuse_untrained(checkpoint)
         build = {"mask_ratio": ModelConfig.mask_ratio, "norm_pix_loss": args.norm_pix is not False,
                  **({"img_size": args.img_size} if args.img_size else {})}
         state, mean, std = {"model": args.model}, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -126,6 +129,16 @@ def visualize(args: argparse.Namespace) -> dict:
     print(f"wrote {out} (masked-patch loss {shown_loss(model, loss)} at mask ratio {ratio}"
           f"{f': {rounded}' if rounded else ''})")
     return {"out": out, "loss": loss}
+
+
+def refuse_untrained(weights: Path) -> None:
+    """Refuse a file tools/convert_checkpoint.py wrote with keys its source lacked: a decoder (or encoder part) that
+    never trained reconstructs noise, which would look like a failed pretraining."""
+    if untrained := untrained_keys(weights):
+        raise CheckpointError(f"{weights} holds {counted(len(untrained), 'key')} that never trained "
+                              f"({by_module(untrained)}): tools/convert_checkpoint.py initialised them fresh, as its "
+                              "source lacked them, so the reconstruction would show noise; draw the grid from weights "
+                              "with a trained decoder (an official MAE *_full.pth converts with its own)")
 
 
 def _check_pretraining_state(checkpoint: Path, state: dict, given_model: str | None) -> None:

@@ -6,6 +6,7 @@ import pickle
 import re
 import shutil
 import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from mae_tnt.models.loading import (
     load_weights,
     read_state_dict,
     save_weights,
+    untrained_keys,
     without_wrapper_prefixes,
 )
 from mae_tnt.train.checkpoint import Checkpoint, ResumeError, check_engine_pickles, read_checkpoint
@@ -181,7 +183,8 @@ def test_official_encoder_only_mae_needs_the_decoder_allowed(tmp_path, capsys):
     assert "pass the groups of keys the source was saved without to --allow-missing" in err
     assert convert_main(args + ["--allow-missing", "decoder_*", "mask_token"]) == 0
     assert ("note: the 20 keys SRC lacks hold a fresh initialisation, the same in every conversion: they were never "
-            "trained (a reconstruction through an untrained decoder shows noise)") in capsys.readouterr().out
+            "trained, as OUT's metadata records (tools/visualize.py refuses to draw a reconstruction through an "
+            "untrained decoder, which shows noise)") in capsys.readouterr().out
     first = (tmp_path / "o.safetensors").read_bytes()
     torch.rand(3)  # another random state: the file does not depend on it
     assert convert_main(args + ["--allow-missing", "decoder_*", "mask_token"]) == 0
@@ -205,32 +208,29 @@ def test_a_classifier_converts_to_an_mae_once_its_head_is_left_out_and_the_decod
         "decoder_embed.weight, decoder_norm.bias, decoder_norm.weight, decoder_pos_embed, decoder_pred.bias, "
         "decoder_pred.weight, mask_token], unexpected [encoder.head.bias, encoder.head.weight], dropped 0 keys")
     loaded = {"mae_tnt": mae_tnt}
-    with pytest.warns(UserWarning, match="never trained"):  # the decoder: allowed missing by the printed call
-        exec(printed.splitlines()[-1].removeprefix("load it with: "), loaded)  # noqa: S102 - our own output
+    exec(f"model = {printed.splitlines()[-1].removeprefix('load it with: ')}", loaded)  # noqa: S102 - our own output
     assert torch.equal(loaded["model"].encoder.blocks[1].mlp.fc2.weight, classifier.blocks[1].mlp.fc2.weight)
 
 
-def test_keys_a_conversion_initialised_fresh_load_as_missing_so_an_untrained_decoder_never_passes_for_trained(
-        tmp_path, capsys):
+def test_keys_a_conversion_initialised_fresh_are_recorded_and_visualize_refuses_an_untrained_decoder(tmp_path, capsys):
     torch.save({"model": official_mae_state_dict(with_decoder=False)}, tmp_path / "enc.pth")
     out = tmp_path / "mae.safetensors"
     assert convert_main([str(tmp_path / "enc.pth"), str(out), "--model", "mae_vit_test", "--allow-missing",
                          "decoder_*", "mask_token"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
-        "load it with: model = mae_tnt.create_model('mae_vit_test'); mae_tnt.load_weights(model, "
-        f"'{out}', allow_missing=('decoder_*', 'mask_token'))")
-    warning = (rf"^{out} holds 20 keys that were never trained \(decoder_blocks\.\* \(12\), decoder_embed\.bias, "
-               r".*mask_token\): tools/convert_checkpoint.py gave them a fresh initialisation, so they are read as "
-               r"missing; train them, or allow them missing where a fresh initialisation will do")
-    with pytest.warns(UserWarning, match=warning), pytest.raises(CheckpointError, match="20 missing: decoder_blocks"):
-        mae_tnt.create_model("mae_vit_test", checkpoint_path=out)  # as it would without them
-    torch.manual_seed(1)  # not the conversion's seed
-    mae = mae_tnt.create_model("mae_vit_test")
-    own = mae.decoder_pred.weight.clone()
-    with pytest.warns(UserWarning, match=warning):
-        report = load_weights(mae, out, allow_missing=("decoder_*", "mask_token"))
-    assert len(report.missing) == 20 and "decoder_pred.weight" in report.missing and "mask_token" in report.missing
-    assert torch.equal(mae.decoder_pred.weight, own)  # the file's fresh values are not taken for trained ones
+        f"load it with: mae_tnt.create_model('mae_vit_test', checkpoint_path='{out}')")
+    assert len(untrained_keys(out)) == 20 and "decoder_pred.weight" in untrained_keys(out) and "mask_token" in \
+        untrained_keys(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loading it, and fine-tuning from it, say nothing of the decoder
+        mae_tnt.create_model("mae_vit_test", checkpoint_path=out)
+        load_init(mae_tnt.create_model("vit_test_patch8_32", num_classes=10), out, log=lambda line: None)
+    assert visualize_main([str(out), str(tmp_path / "shards"), "--model", "mae_vit_test"]) == 1
+    assert re.fullmatch(rf"error: {re.escape(str(out))} holds 20 keys that never trained \(decoder_blocks\.\* \(12\), "
+                        r"decoder_embed\.bias, .*mask_token\): tools/convert_checkpoint.py initialised them fresh, as "
+                        r"its source lacked them, so the reconstruction would show noise; draw the grid from weights "
+                        r"with a trained decoder \(an official MAE \*_full.pth converts with its own\)\n",
+                        capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("mark", ["not json", '{"untrained_keys": "decoder_pred.weight"}', '{"model": "x"}', "[1]"])
@@ -238,7 +238,7 @@ def test_a_converted_file_whose_untrained_mark_is_corrupt_is_refused_rather_than
     save_file(mae_tnt.create_model("mae_vit_test").state_dict(), tmp_path / "w.safetensors",
               metadata={"mae_tnt_conversion": mark})
     with pytest.raises(CheckpointError, match=r"w.safetensors: its mae_tnt_conversion metadata is corrupt; convert "):
-        read_state_dict(tmp_path / "w.safetensors")
+        untrained_keys(tmp_path / "w.safetensors")
 
 
 @pytest.mark.parametrize("layout", ["ours", "official flat"])

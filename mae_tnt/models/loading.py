@@ -12,10 +12,12 @@ References: facebookresearch/mae `main_finetune.py` (asserting the exact missing
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import pickle
 import re
+import struct
 import threading
 import typing
 import warnings
@@ -44,17 +46,20 @@ STATE_FILE = "state.json"  # written beside a training checkpoint's model.safete
 FROZEN_MASTERS_FILE = "frozen_fp32.safetensors"
 """Beside a DeepSpeed half-precision checkpoint's `engine/`: the fp32 values of the parameters that do not train (a
 linear probe's encoder), which the engine keeps only as the module's 16-bit copies."""
-EXPORT_ID = "export_id"
-"""A random id tools/export.py writes into both files of an export, config.json and the weights' metadata. They are
-replaced one after the other (OUT may hold other files, so the folder is not swapped whole): a run stopped between
-the two leaves one export's weights beside another's description (image size, classes, pooling, normalisation),
-which readers of an export refuse on seeing two ids."""
+WEIGHTS_DIGEST = "weights_digest"
+"""The key of an export's config.json that holds the `weights_digest` of the model.safetensors it describes.
+tools/export.py replaces config.json first, then the weights (OUT may hold other files, so the folder is not swapped
+whole): a run stopped between the two leaves a new description (image size, classes, pooling, normalisation) beside
+the earlier weights, which readers of an export refuse on seeing another digest. A digest of the weights rather than
+an id written into both files keeps the weights file what the same export always writes, byte for byte."""
+DIGEST_SPAN = 4096
+"""Bytes that `weights_digest` reads at each end of every tensor."""
 CONVERSION_METADATA = "mae_tnt_conversion"
 """The one safetensors metadata entry of a tools/convert_checkpoint.py file: JSON of the `model` converted to and its
-`untrained_keys`, those SRC lacked, which hold a fresh initialisation. Reading the file leaves them out, so that
-loading finds them missing and applies the same exact-key rules as to a file without them: an untrained decoder or
-head must not pass for a pretrained one. One entry, as safetensors writes several in a random order, and the same
-conversion must write the same file."""
+`untrained_keys`, those SRC lacked, which hold a fresh initialisation (`untrained_keys(path)`). The file loads as
+any other, where a fresh decoder or head does no harm (fine-tuning drops the decoder and may replace the head), and
+tools/visualize.py refuses it, since an untrained decoder draws noise. One entry, as safetensors writes several in a
+random order, and the same conversion must write the same file."""
 BUILD_KEYS = ("num_classes", "img_size", "global_pool")
 """The build arguments that exports and training checkpoints record, so that loading one needs none."""
 PROBE_BN_EPS = 1e-6
@@ -85,7 +90,7 @@ class LoadReport:
     """The checkpoint layout the weights came in, where the caller knows it (`train.init.load_init`)."""
 
     def summary(self) -> str:
-        return (f"missing [{_by_module(self.missing)}], unexpected [{_by_module(self.unexpected)}], "
+        return (f"missing [{by_module(self.missing)}], unexpected [{by_module(self.unexpected)}], "
                 f"dropped {len(self.dropped)} keys")
 
 
@@ -156,19 +161,36 @@ def export_description(path: Path) -> dict | None:
 
 
 def check_export_pair(config: dict, path: Path) -> None:
-    """Refuse an export's `config.json` beside weights of another export (see `EXPORT_ID`): those of the export
-    directory `path`, or the weights file `path`.
-
-    Exports written before the id carry it in neither file and load as before: refusing them would break every
-    existing export over a crash between two renames. One file with an id and one without is a new export stopped
-    halfway over an older one, and is refused.
-    """
+    """Refuse an export's `config.json` beside weights it does not describe (see `WEIGHTS_DIGEST`): those of the
+    export directory `path`, or the weights file `path`. Exports written before the digest load as before: refusing
+    them would break every existing export over a crash between two renames."""
     weights = path if path.is_file() else path / WEIGHT_FILES[0]
-    metadata = safetensors_metadata(weights)
-    if metadata is not None and metadata.get(EXPORT_ID) != config.get(EXPORT_ID):
+    recorded = config.get(WEIGHTS_DIGEST)
+    if recorded is not None and weights_digest(weights) not in (recorded, None):  # None: reading it reports why
         raise CheckpointError(f"{weights} and the {EXPORT_CONFIG} beside it come from different exports (an export "
                               f"was stopped between replacing the one and the other): export again into "
                               f"{weights.parent}")
+
+
+def weights_digest(path: Path) -> str | None:
+    """A fingerprint of the safetensors file at `path`, read without loading it: its tensors' names, dtypes and
+    shapes, and the first and last DIGEST_SPAN bytes of each; None for another or an unreadable file. The weights of
+    two trainings differ in every tensor that trained, so a few KiB of each tell them apart."""
+    digest = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            entries = json.loads(file.read(length))
+            for name in sorted(key for key in entries if key != "__metadata__"):
+                entry = entries[name]
+                start, end = entry["data_offsets"]  # from the first byte after the header
+                digest.update(json.dumps([name, entry["dtype"], entry["shape"]]).encode())
+                for offset in (start, max(start, end - DIGEST_SPAN)):
+                    file.seek(8 + length + offset)
+                    digest.update(file.read(min(DIGEST_SPAN, end - offset)))
+    except (OSError, ValueError, KeyError, TypeError, struct.error):  # a file that is not safetensors, or damaged
+        return None
+    return digest.hexdigest()
 
 
 def safetensors_metadata(path: Path) -> dict[str, str] | None:
@@ -314,7 +336,7 @@ def read_state_dict(path: str | Path, pickle_advice: str = CONVERT_ADVICE) -> di
         except Exception as err:  # noqa: BLE001 - any decoding failure means an unusable file
             raise CheckpointError(f"cannot read {path}: not a complete safetensors file ({err}); "
                                   f"{_repair_advice(path)}") from err
-        return without_wrapper_prefixes(_without_untrained(tensors, path))
+        return without_wrapper_prefixes(tensors)
     try:
         with warnings.catch_warnings():  # torch asks to report pickle protocols it reads fine; users cannot act on it
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -338,22 +360,8 @@ def conversion_metadata(model_name: str, untrained: list[str]) -> dict[str, str]
     return {CONVERSION_METADATA: json.dumps({"model": model_name, "untrained_keys": untrained}, sort_keys=True)}
 
 
-def _without_untrained(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """`tensors` without the keys the file at `path` marks as never trained (`CONVERSION_METADATA`), with a warning
-    naming them."""
-    untrained = _untrained_keys(path)
-    if not untrained:
-        return tensors
-    warnings.warn(f"{path} holds {len(untrained)} keys that were never trained ({_by_module(untrained)}): "
-                  "tools/convert_checkpoint.py gave them a fresh initialisation, so they are read as missing; train "
-                  "them, or allow them missing where a fresh initialisation will do (load_weights(..., "
-                  "allow_missing=...))", stacklevel=1)  # ours, not the caller's: one `warning:` line in the tools
-    left_out = set(untrained)
-    return {key: value for key, value in tensors.items() if key not in left_out}
-
-
-def _untrained_keys(path: Path) -> list[str]:
-    """The keys a converted file at `path` marks as never trained; [] for any other file.
+def untrained_keys(path: Path) -> list[str]:
+    """The keys a converted file at `path` marks as never trained; [] for any other file or a directory.
 
     Raises:
         CheckpointError: the mark is there but is not a list of key names.
@@ -482,8 +490,8 @@ def _refuse(model: nn.Module, missing: list[str], unexpected: list[str], reshape
     Keys are grouped by top-level module (`decoder_blocks.* (16)`, the form `--allow-missing` takes; groups of up
     to three are listed), and shape misfits show two examples.
     """
-    parts = [f"{len(missing)} missing: {_by_module(missing)}" if missing else "",
-             f"{len(unexpected)} unexpected: {_by_module(unexpected)}" if unexpected else "",
+    parts = [f"{len(missing)} missing: {by_module(missing)}" if missing else "",
+             f"{len(unexpected)} unexpected: {by_module(unexpected)}" if unexpected else "",
              f"{len(reshaped)} of another shape: {', '.join(reshaped[:2])}{' and more' if len(reshaped) > 2 else ''}"
              if reshaped else ""]
     if build_hint is None:  # the keys themselves are foreign: another model, or a layout to convert
@@ -579,7 +587,7 @@ def _has_module(state_dict: dict[str, torch.Tensor], name: str) -> bool:
     return any(key.startswith(f"{name}.") for key in state_dict)
 
 
-def _by_module(keys: list[str]) -> str:
+def by_module(keys: list[str]) -> str:
     groups: dict[str, list[str]] = {}
     for key in keys:
         groups.setdefault(key.split(".")[0], []).append(key)
