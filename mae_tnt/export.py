@@ -44,13 +44,13 @@ from .models.loading import (
     STATE_FILE,
     WEIGHTS_DIGEST,
     CheckpointError,
-    export_description,
     fold_probe_head,
     refuse_oversized_build,
     refuse_resampled,
     resolve_checkpoint,
     save_weights,
     shown_build_kwargs,
+    unchecked_export_record,
     weights_digest,
 )
 from .models.registry import classifier_name_for
@@ -143,7 +143,9 @@ def export(checkpoint: str | Path, out: str | Path, model_name: str | None = Non
     if meta:  # the description sizes the model, which must not outgrow the weights it is for
         refuse_oversized_build(info["model"], build_kwargs(info), state_dict, checkpoint,
                                "restore it, or copy the weights out of it and describe them with --model, "
-                               "--img-size and --global-pool")
+                               "--img-size and --global-pool",
+                               given=[key for key, value in (("img_size", img_size), ("global_pool", global_pool))
+                                      if value])
     try:
         model = build_checked(info, state_dict)
     except CheckpointError as err:
@@ -197,7 +199,7 @@ def check_export_directory(out: Path, given: Path, checkpoint: Path) -> None:
         raise CheckpointError(f"{out} holds a training run, a checkpoint or the weights to export, which the export "
                               "would overwrite; export into a new directory, e.g. exports/NAME")
     others = [name for name in ("model.safetensors", EXPORT_CONFIG) if (out / name).exists()]
-    if others and export_description(out) is None:  # an earlier export of ours, even a mismatched pair, is replaced
+    if others and unchecked_export_record(out) is None:  # an earlier export of ours, even a torn pair, is replaced
         raise CheckpointError(f"{out} holds {' and '.join(others)} that tools/export.py did not write, which the "
                               "export would overwrite; export into a new directory, e.g. exports/NAME")
 

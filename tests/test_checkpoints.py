@@ -6,6 +6,7 @@ import pickle
 import re
 import shutil
 import stat
+import threading
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from mae_tnt.convert_checkpoint import main as convert_main
 from mae_tnt.models import ModelError
 from mae_tnt.models.loading import (
     CheckpointError,
+    _builds_over,
     load_weights,
     read_state_dict,
     save_weights,
@@ -713,6 +715,55 @@ def test_fine_tuning_init_builds_from_its_recipe_so_a_forged_description_sizes_n
     forged_pretraining_checkpoint(tmp_path, img_size=65536, decoder_depth=10**5)
     report = load_init(mae_tnt.create_model("vit_test_patch8_32", num_classes=10), tmp_path, log=lambda line: None)
     assert report.missing == ["head.bias", "head.weight"]
+
+
+def test_weights_of_another_model_than_the_one_named_say_to_check_the_name_not_that_the_description_is_corrupt(
+        tmp_path):
+    forged_pretraining_checkpoint(tmp_path)  # an honest mae_vit_test checkpoint
+    with pytest.raises(CheckpointError, match=rf"^vit_small_patch16_224 holds over 4 times the 52,960 elements or 50 "
+                                              rf"tensors of its weights in {re.escape(str(tmp_path))}: they are "
+                                              r"another model's weights; check the model name$"):
+        mae_tnt.create_model("vit_small_patch16_224", checkpoint_path=tmp_path)
+
+
+@pytest.mark.parametrize("state, refusal", [
+    ({"model": "tnt_test_patch8_32", "config": {"model": [1]}}, r"state.json is corrupt \(its config's model section "
+                                                                 r"is no mapping\): restore it"),
+    ({"model": "mae_tnt_test", "config": {"model": {"img_size": "big"}}},
+     r"state.json: `model.img_size` must be int, got 'big'; the checkpoint's description is corrupt: restore it")])
+def test_a_checkpoint_whose_description_is_corrupt_is_one_error_line_of_every_tool(tmp_path, capsys, state, refusal):
+    classifier = mae_tnt.create_model("tnt_test_patch8_32", num_classes=10)
+    save_weights(classifier.state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    assert convert_main([str(tmp_path), str(tmp_path / "out.safetensors"), "--model", "tnt_test_patch8_32"]) == 1
+    assert re.fullmatch(rf"error: {re.escape(str(tmp_path))}/{refusal}\n", capsys.readouterr().err)
+    with pytest.raises(CheckpointError, match=refusal):
+        mae_tnt.create_model("tnt_test_patch8_32", checkpoint_path=tmp_path)
+
+
+def test_models_sized_in_several_threads_at_once_are_each_held_to_their_own_limit():
+    """Each thread's build is charged to its own budget, by hooks installed once: threads that added and removed
+    hooks of their own changed the table another thread's registration was iterating over."""
+    results, errors = {"small": set(), "large": set()}, []
+
+    def size(label: str, elements: int) -> None:
+        try:
+            for _ in range(30):
+                results[label].add(_builds_over("vit_test_patch8_32", {}, elements, 10**6))
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    def build_plain_modules() -> None:
+        for _ in range(300):
+            torch.nn.Linear(2, 2)
+
+    threads = [threading.Thread(target=size, args=("small", 1000)),
+               threading.Thread(target=size, args=("large", 10**9)), threading.Thread(target=build_plain_modules)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and results == {"small": {True}, "large": {False}}
 
 
 @pytest.mark.parametrize("name", mae_tnt.list_models())

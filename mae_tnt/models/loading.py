@@ -21,8 +21,7 @@ import struct
 import threading
 import typing
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,7 +130,7 @@ def recorded_build_kwargs(path: str | Path, name: str) -> dict:
     whose encoder `name` is), and, when `name` wrote them, the head size and pooling, or every `model.*` setting
     of a pretraining run (decoder size, word masking, ...); {} for bare weights. The encoder of a pretraining
     checkpoint has no head, so `name` gets none (TNT and SReT would otherwise build 1000 classes)."""
-    recorded = export_record(Path(path)) or _checkpoint_record(Path(path))
+    recorded = description_record(path)
     if recorded is None:
         return {}
     if recorded.get("model") != name:  # another model's weights: only their image size, and no head for an MAE's
@@ -145,16 +144,22 @@ def recorded_build_kwargs(path: str | Path, name: str) -> dict:
     return {key: recorded[key] for key in BUILD_KEYS if recorded.get(key) is not None}
 
 
+def description_record(path: str | Path) -> dict | None:
+    """What the export's `config.json` or the training checkpoint's `state.json` at `path` records; None for bare
+    weights."""
+    return export_record(Path(path)) or _checkpoint_record(Path(path))
+
+
 def export_record(path: Path) -> dict | None:
     """An export's `config.json` (written by tools/export.py, hence its `timm_name`), or None; checked to describe
     the weights beside it (`check_export_pair`)."""
-    config = export_description(path)
+    config = unchecked_export_record(path)
     if config is not None:
         check_export_pair(config, path)
     return config
 
 
-def export_description(path: Path) -> dict | None:
+def unchecked_export_record(path: Path) -> dict | None:
     """`export_record` unchecked, to tell an export apart (an export replaces an interrupted one's files)."""
     config = read_json_object((path if path.is_dir() else path.parent) / EXPORT_CONFIG)
     return config if config is not None and "timm_name" in config else None
@@ -217,6 +222,8 @@ def _checkpoint_record(path: Path) -> dict | None:
     if state is None or not isinstance(state.get("config"), dict):
         return None
     model_config = state["config"].get("model") or {}
+    if not isinstance(model_config, dict):
+        raise CheckpointError(f"{state_path} is corrupt (its config's model section is no mapping): restore it")
     record = {"model": state.get("model"), "num_classes": state.get("num_classes"),
               "img_size": model_config.get("img_size"), "global_pool": model_config.get("global_pool")}
     if str(record["model"]).startswith("mae_"):
@@ -227,64 +234,92 @@ def _checkpoint_record(path: Path) -> dict | None:
 def recorded_pooling(path: str | Path) -> str | None:
     """The global_pool an export's `config.json` or a training checkpoint's `state.json` records; None for bare
     weights (TNT's keys do not show it)."""
-    recorded = export_record(Path(path)) or _checkpoint_record(Path(path))
+    recorded = description_record(path)
     return recorded.get("global_pool") if recorded else None
 
 
 def refuse_oversized_build(name: str, kwargs: dict, weights: dict[str, torch.Tensor], source: str | Path,
-                           remedy: str) -> None:
-    """Refuse model `name` built with `kwargs`, which the description of `source` sets, when it holds more than
-    RECORDED_BUILD_LIMIT times the elements or tensors of `weights`; `remedy` says what to do instead.
+                           remedy: str, given: Iterable[str] = ()) -> None:
+    """Refuse model `name` built with `kwargs`, which the description of `source` sets but for the keys the caller
+    `given`, when it holds more than RECORDED_BUILD_LIMIT times the elements or tensors of `weights`; `remedy` says
+    what to do instead. When the caller's arguments alone build too much, the weights are another model's, and the
+    error says to check the name rather than blame the description.
 
     It is built on the meta device, which allocates no storage, and stops at the first parameter or buffer past the
     limit, so that neither one huge table nor a million small blocks is ever built.
     """
     elements, tensors = sum(value.numel() for value in weights.values()), len(weights)
+    if not _builds_over(name, kwargs, RECORDED_BUILD_LIMIT * elements, RECORDED_BUILD_LIMIT * tensors):
+        return
+    sizes = f"over {RECORDED_BUILD_LIMIT} times the {elements:,} elements or {tensors} tensors of its weights"
+    own = {key: kwargs[key] for key in given if key in kwargs}
+    if _builds_over(name, own, RECORDED_BUILD_LIMIT * elements, RECORDED_BUILD_LIMIT * tensors):
+        raise CheckpointError(f"{name} holds {sizes} in {source}: they are another model's weights; check the model "
+                              "name")
+    described = EXPORT_CONFIG if unchecked_export_record(Path(source)) is not None else STATE_FILE
+    settings = ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
+    raise CheckpointError(f"the {described} of {source} builds {name} with {settings}, which holds {sizes}: it is "
+                          f"corrupt or describes other weights; {remedy}")
+
+
+def _builds_over(name: str, kwargs: dict, elements: int, tensors: int) -> bool:
+    """Whether model `name` built with `kwargs` holds more than `elements` elements or `tensors` tensors, found on the
+    meta device by counting parameters and buffers as they are registered, and stopping at the first one over."""
+    _install_registration_counter()
+    _BUDGET.left = [elements, tensors]
     try:
-        with torch.device("meta"), _registrations_limited(RECORDED_BUILD_LIMIT * elements,
-                                                           RECORDED_BUILD_LIMIT * tensors):
+        with torch.device("meta"):
             create_model(name, **kwargs)
     except _Oversized:
-        described = EXPORT_CONFIG if export_record(Path(source)) is not None else STATE_FILE
-        settings = ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
-        raise CheckpointError(f"the {described} of {source} builds {name} with {settings}, which holds over "
-                              f"{RECORDED_BUILD_LIMIT} times the {elements:,} elements or {tensors} tensors of its "
-                              f"weights: it is corrupt or describes other weights; {remedy}") from None
+        return True
+    finally:
+        _BUDGET.left = None
+    return False
 
 
 class _Oversized(Exception):
-    """A build registered more parameter and buffer elements, or tensors, than `_registrations_limited` allows."""
+    """A build registered more parameter and buffer elements, or tensors, than `_BUDGET` allows."""
 
 
-@contextmanager
-def _registrations_limited(elements: int, tensors: int) -> Iterator[None]:
-    """Raise _Oversized from the registration, in this thread, of the parameter or buffer that brings the modules
-    built inside the block past `elements` elements or `tensors` tensors."""
-    thread, held = threading.get_ident(), {"elements": 0, "tensors": 0}
+_BUDGET = threading.local()
+"""`left`: [elements, tensors] that the build sized in this thread may still register; None (or unset) for none."""
+_COUNTER_LOCK = threading.Lock()
+_COUNTER_INSTALLED = []
 
-    def count(module: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
-        if tensor is None or threading.get_ident() != thread:  # another thread's modules are not this build's
-            return
-        held["elements"] += tensor.numel()
-        held["tensors"] += 1
-        if held["elements"] > elements or held["tensors"] > tensors:
-            raise _Oversized
 
-    hooks = [register_module_parameter_registration_hook(count), register_module_buffer_registration_hook(count)]
-    try:
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
+def _install_registration_counter() -> None:
+    """Install, once in the process, torch's global hooks that charge every parameter and buffer registered to the
+    registering thread's `_BUDGET`. They stay: removing them while another thread registers a tensor would change
+    the hook table that thread is iterating over."""
+    with _COUNTER_LOCK:
+        if not _COUNTER_INSTALLED:
+            register_module_parameter_registration_hook(_charge_registration)
+            register_module_buffer_registration_hook(_charge_registration)
+            _COUNTER_INSTALLED.append(True)
+
+
+def _charge_registration(module: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+    left = getattr(_BUDGET, "left", None)
+    if left is None or tensor is None:  # no sizing in this thread, or a buffer slot set to None
+        return
+    left[0] -= tensor.numel()
+    left[1] -= 1
+    if left[0] < 0 or left[1] < 0:
+        raise _Oversized
 
 
 def pretraining_build_kwargs(state: dict, source: str) -> dict:
     """`create_model`'s arguments for the MAE of a pretraining checkpoint, from its `state.json` (read from
     `source`): every `model.*` setting of the run, checked as a recipe's are."""
-    from ..config import ModelConfig, config_section  # the recipe's own mapping to build arguments
+    from ..config import ConfigError, ModelConfig, config_section  # the recipe's own mapping to build arguments
 
-    settings = {"name": state["model"], **(state["config"].get("model") or {})}
-    return config_section(ModelConfig, settings, "model.", source).build_kwargs()
+    model = state["config"].get("model") or {}
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{source} is corrupt (its config's model section is no mapping): restore it")
+    try:
+        return config_section(ModelConfig, {"name": state["model"], **model}, "model.", source).build_kwargs()
+    except ConfigError as err:  # a checkpoint's description, not the user's recipe
+        raise CheckpointError(f"{err}; the checkpoint's description is corrupt: restore it") from None
 
 
 def refuse_resampled(report: LoadReport, source: str, built: str, size_setting: str, *,

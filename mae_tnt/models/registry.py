@@ -84,7 +84,8 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
     weights = read_state_dict(checkpoint_path)
     if untrusted:
         refuse_oversized_build(name, kwargs, weights, checkpoint_path,
-                               f"restore it, or pass {', '.join(untrusted)} to create_model yourself")
+                               f"restore it, or pass {', '.join(untrusted)} to create_model yourself",
+                               given=kwargs.keys() - set(untrusted))
     model = _build(name, kwargs)
     report = load_weights(model, weights)
     if "img_size" not in kwargs:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..data.stream import StreamState
-from ..models.loading import STATE_FILE, export_description, read_state_dict, resolve_checkpoint, step_dirs
+from ..models.loading import STATE_FILE, read_state_dict, resolve_checkpoint, step_dirs, unchecked_export_record
 from ..text import counted
 from .checkpoint import (
     DEEPSPEED_KEY,
@@ -118,7 +118,7 @@ def _weights_only(path: Path, resume: str) -> str | None:
     if path.name == "best" and (path.parent / "checkpoints").is_dir():
         what = f"the best weights of the fine-tuning run {path.parent}"
         instead = f"run.resume={path.parent} to continue that run from its newest checkpoint"
-    elif export_description(path) is not None:
+    elif unchecked_export_record(path) is not None:
         what = "an export (tools/export.py)"
         instead = "the directory of the run it came from, or one of its checkpoints (step_*), to continue that run"
     else:
