@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable
 from functools import partial, wraps
 from pathlib import Path
+from typing import TypeVar
 
 from .config import ConfigError, PretrainConfig, UnknownKeyError, all_keys, load_config
 from .ctrl_c import kill_children, raise_if_pending, recorded
@@ -86,6 +87,7 @@ INTERRUPTED_EXIT = 128 + 2  # likewise for Ctrl-C (SIGINT)
 
 
 Main = Callable[[list[str] | None], int]
+Config = TypeVar("Config", PretrainConfig, FinetuneConfig)
 
 
 def quiet_on_ctrl_c(advice: str = "run the same command again to resume from the last checkpoint (or to start "
@@ -150,8 +152,8 @@ def _pretrain_done_line(summary: dict, cfg: PretrainConfig) -> str:
     return f"done: {counted(summary['steps'], 'step')}; outputs in {summary['output_dir']}"
 
 
-def run_recipe(cls: type, argv: list[str], prog: str, train: Callable[[object], dict],
-               done_line: Callable[[dict, object], str]) -> int:
+def run_recipe(cls: type[Config], argv: list[str], prog: str, train: Callable[[Config], dict],
+               done_line: Callable[[dict, Config], str]) -> int:
     """`prog RECIPE.yaml [key=value ...]`: the config of class `cls`, `train(cfg)`'s run, and its closing line
     (`done_line(summary, cfg)`) from the main process; the exit status says how the run ended."""
     cfg = load_recipe(cls, argv, prog)

@@ -1,5 +1,6 @@
-"""Pieces shared by the pretraining and fine-tuning loops: the per-batch bookkeeping of a run, device-side log
-windows, data-wait timing, the non-finite loss guard and SIGTERM handling that all ranks agree on."""
+"""Pieces shared by the pretraining and fine-tuning loops: the per-micro-step seeding, the run's config.yaml, the
+per-batch bookkeeping of a run, device-side log windows, data-wait timing, the non-finite loss guard and SIGTERM
+handling that all ranks agree on."""
 
 from __future__ import annotations
 

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..config import ConfigError, PretrainConfig
+from ..config import ConfigError
+
+if TYPE_CHECKING:  # annotations only
+    from ..config import PretrainConfig
+    from ..finetune_config import FinetuneConfig
 
 
 def lr_at(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0) -> float:
@@ -41,7 +46,13 @@ class Plan:
     stop_step: int
 
 
-def derive_plan(cfg: PretrainConfig, num_processes: int, batches_per_epoch: int) -> Plan:
+def derive_plan(cfg: PretrainConfig | FinetuneConfig, num_processes: int, batches_per_epoch: int) -> Plan:
+    """The run's step plan from its config's data, optim, schedule and run sections (pretraining's or fine-tuning's)
+    and the data: `batches_per_epoch` per process, over `num_processes` processes.
+
+    Raises:
+        ConfigError: optim.min_lr is above the peak LR, which the cosine would then raise towards.
+    """
     effective = cfg.data.batch_size * cfg.optim.accum_steps * num_processes
     steps_per_epoch = batches_per_epoch / cfg.optim.accum_steps
     total = max(1, whole(cfg.schedule.epochs * steps_per_epoch))
