@@ -717,6 +717,27 @@ def test_fine_tuning_init_builds_from_its_recipe_so_a_forged_description_sizes_n
     assert report.missing == ["head.bias", "head.weight"]
 
 
+def test_a_recorded_image_size_that_differs_from_the_weights_is_refused_not_resampled_to(tmp_path):
+    """Resampling is done at a size the caller asks for; a description recording another size than the weights' is
+    corrupt (the MAE's own tables are fixed sin-cos ones, built for any size, so only the classifier resamples)."""
+    forged_pretraining_checkpoint(tmp_path, img_size=64)  # weights of 32 px
+    with pytest.raises(CheckpointError, match=r"than vit_test_patch8_32 at the 64 px its description records "
+                                              r"\(pos_embed \[1, 17, 32\] -> \[1, 65, 32\]\): pass img_size= "):
+        mae_tnt.create_model("vit_test_patch8_32", checkpoint_path=tmp_path)
+    assert mae_tnt.create_model("vit_test_patch8_32", checkpoint_path=tmp_path, img_size=64).grid == 8  # asked for
+
+
+def test_an_export_whose_config_json_is_truncated_is_refused_by_create_model_as_by_the_tools(tmp_path):
+    classifier = mae_tnt.create_model("vit_test_patch8_32", num_classes=10)
+    mae_tnt.export.write_export(tmp_path, classifier.state_dict(), {"timm_name": "vit_base_patch16_224"})
+    (tmp_path / "config.json").write_text((tmp_path / "config.json").read_text()[:20])
+    refusal = rf"^{re.escape(str(tmp_path / 'config.json'))} is corrupt \(not a JSON object\): restore it"
+    for load in (lambda: mae_tnt.create_model("vit_test_patch8_32", checkpoint_path=tmp_path, num_classes=10),
+                 lambda: read_source(tmp_path)):
+        with pytest.raises(CheckpointError, match=refusal):
+            load()
+
+
 def test_weights_of_another_model_than_the_one_named_say_to_check_the_name_not_that_the_description_is_corrupt(
         tmp_path):
     forged_pretraining_checkpoint(tmp_path)  # an honest mae_vit_test checkpoint

@@ -146,8 +146,12 @@ def recorded_build_kwargs(path: str | Path, name: str) -> dict:
 
 def description_record(path: str | Path) -> dict | None:
     """What the export's `config.json` or the training checkpoint's `state.json` at `path` records; None for bare
-    weights."""
-    return export_record(Path(path)) or _checkpoint_record(Path(path))
+    weights. A directory's unreadable config.json is refused, as `_checkpoint_record` refuses its state.json: its
+    settings would be dropped without a word."""
+    path, config = Path(path), Path(path) / EXPORT_CONFIG
+    if path.is_dir() and config.exists() and read_json_object(config) is None:
+        raise corrupt_description(config, path)
+    return export_record(path) or _checkpoint_record(path)
 
 
 def export_record(path: Path) -> dict | None:

@@ -80,16 +80,17 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
 
     recorded = recorded_build_kwargs(checkpoint_path, name)
     untrusted = sorted(recorded.keys() - kwargs.keys())  # the caller's own arguments are theirs to size
-    kwargs = {**recorded, **kwargs}
+    given, kwargs = kwargs, {**recorded, **kwargs}
     weights = read_state_dict(checkpoint_path)
     if untrusted:
         refuse_oversized_build(name, kwargs, weights, checkpoint_path,
-                               f"restore it, or pass {', '.join(untrusted)} to create_model yourself",
-                               given=kwargs.keys() - set(untrusted))
+                               f"restore it, or pass {', '.join(untrusted)} to create_model yourself", given=given)
     model = _build(name, kwargs)
     report = load_weights(model, weights)
-    if "img_size" not in kwargs:
-        refuse_resampled(report, str(checkpoint_path), f"{name}'s default", "img_size=")
+    if "img_size" not in given:  # a recorded size that differs from the weights' is a corrupt record, not a request
+        built = f"{name} at the {kwargs['img_size']} px its description records" if "img_size" in kwargs else \
+            f"{name}'s default"
+        refuse_resampled(report, str(checkpoint_path), built, "img_size=")
     return model
 
 
