@@ -111,9 +111,13 @@ def visualize(args: argparse.Namespace) -> dict:
     ratio = args.mask_ratio if args.mask_ratio is not None else build["mask_ratio"]
     model = create_model(state["model"], **{**build, "mask_ratio": ratio})
     report = load_weights(model, raw)
-    if args.img_size is None:  # a run's state.json records its size: one that differs from the weights' is corrupt
-        refuse_resampled(report, "the weights", f"{state['model']} at {model.grid * model.unit} px", "--img-size",
+    if args.model is not None and args.img_size is None:  # a run's checkpoint is built at its own size
+        refuse_resampled(report, "the weights", f"{args.model} at {model.grid * model.unit} px", "--img-size",
                          resampling_allowed=False)
+    elif args.model is None and report.resampled:  # what a corrupt state.json, not the user, asked for
+        raise CheckpointError(f"the state.json of {checkpoint} records img_size={model.grid * model.unit}, another "
+                              f"size than its weights' position table ({'; '.join(report.resampled)}): it is "
+                              "corrupt; restore it")
     out = default_output(checkpoint, args.split)
     if args.out is not None:
         out = args.out if is_grid_file(args.out) else args.out / out.name

@@ -676,11 +676,12 @@ def test_a_file_without_a_state_dict_says_what_it_holds_and_what_to_save(tmp_pat
         read_state_dict(tmp_path / "odd.pth")
 
 
-def forged_pretraining_checkpoint(path: Path, **forged) -> Path:
-    """A checkpoint of mae_vit_test (52,960 elements in 50 tensors) whose state.json records the `forged` settings."""
-    save_weights(mae_tnt.create_model("mae_vit_test").state_dict(), path / "model.safetensors")
+def forged_pretraining_checkpoint(path: Path, model: str = "mae_vit_test", **forged) -> Path:
+    """A 32-px checkpoint of `model` (mae_vit_test: 52,960 elements in 50 tensors) whose state.json records the
+    `forged` settings."""
+    save_weights(mae_tnt.create_model(model).state_dict(), path / "model.safetensors")
     config = {"model": {"img_size": 32, **forged}, "data": {"mean": [0.5] * 3, "std": [0.25] * 3}}
-    (path / "state.json").write_text(json.dumps({"model": "mae_vit_test", "step": 1, "config": config}))
+    (path / "state.json").write_text(json.dumps({"model": model, "step": 1, "config": config}))
     return path
 
 
@@ -725,6 +726,15 @@ def test_a_recorded_image_size_that_differs_from_the_weights_is_refused_not_resa
                                               r"\(pos_embed \[1, 17, 32\] -> \[1, 65, 32\]\): pass img_size= "):
         mae_tnt.create_model("vit_test_patch8_32", checkpoint_path=tmp_path)
     assert mae_tnt.create_model("vit_test_patch8_32", checkpoint_path=tmp_path, img_size=64).grid == 8  # asked for
+
+
+def test_visualize_refuses_a_run_whose_state_json_records_another_size_than_its_learned_position_table(tmp_path,
+                                                                                                         capsys):
+    forged_pretraining_checkpoint(tmp_path, "mae_tnt_test", img_size=64)  # TNT learns its patch_pos
+    assert visualize_main([str(tmp_path), "data/fashion_mnist"]) == 1
+    assert capsys.readouterr().err == (f"error: the state.json of {tmp_path} records img_size=64, another size than "
+                                       "its weights' position table (patch_pos [1, 17, 32] -> [1, 65, 32]): it is "
+                                       "corrupt; restore it\n")
 
 
 def test_an_export_whose_config_json_is_truncated_is_refused_by_create_model_as_by_the_tools(tmp_path):
