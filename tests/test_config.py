@@ -14,7 +14,7 @@ from shard_utils import write_shards
 from torch.cuda import OutOfMemoryError
 
 import mae_tnt
-from mae_tnt.cli import ABOUT, load_recipe
+from mae_tnt.cli import ABOUT, PREEMPTED_EXIT, load_recipe, run_recipe
 from mae_tnt.config import ConfigError, PretrainConfig, all_keys, load_config
 from mae_tnt.data.shards import ShardError, StreamError
 from mae_tnt.finetune_config import FinetuneConfig
@@ -503,6 +503,21 @@ def test_ctrl_c_is_explained_once_per_node_even_while_the_recipe_is_read(capsys,
     with pytest.raises(SystemExit) as done:
         {"pretrain": run_pretrain, "finetune": run_finetune}[script]([f"recipes/{recipe}"])
     assert done.value.code == INTERRUPTED_EXIT and capsys.readouterr().err == printed
+
+
+@pytest.mark.parametrize("cls, recipe", [(PretrainConfig, "recipes/demo_mae_vit.yaml"),
+                                         (FinetuneConfig, "recipes/demo_finetune_vit.yaml")])
+def test_a_run_ends_with_its_closing_line_or_as_preempted_with_the_status_a_shell_reports(capsys, cls, recipe):
+    """One flow serves both scripts: a finished run prints its closing line and exits 0; one that SIGTERM stopped
+    says how to resume and exits 143, so that `a && b` chains do not take it for finished."""
+    def run(summary):
+        return run_recipe(cls, [recipe], "x.py", lambda cfg: summary, lambda summary, cfg: f"done: {cfg.seed}")
+
+    assert run({"preempted": False, "steps": 3, "output_dir": "runs/x"}) == 0
+    assert capsys.readouterr().out == "done: 0\n"
+    assert run({"preempted": True, "steps": 3, "output_dir": "runs/x"}) == PREEMPTED_EXIT == 143
+    assert capsys.readouterr().err == ("stopped early by SIGTERM after step 3, with a checkpoint in runs/x; run the "
+                                       "same command again to resume\n")
 
 
 def test_a_ctrl_c_that_python_drops_in_a_finalizer_still_ends_as_an_interrupt(capsys, monkeypatch):
