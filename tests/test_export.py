@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import mae_tnt
 from mae_tnt.models import CheckpointError, create_model, load_weights
+from mae_tnt.models.loading import weights_digest
 from mae_tnt.train.init import attach_probe_head, load_init
 
 MEAN_STD = {"mean": [0.3, 0.4, 0.45], "std": [0.2, 0.25, 0.3]}  # unlike any timm default
@@ -432,3 +433,9 @@ def test_an_export_older_than_its_weights_digest_loads_and_the_same_export_write
     del config["weights_digest"]  # as tools/export.py wrote it before recording the digest
     (tmp_path / "out" / "config.json").write_text(json.dumps(config))
     assert create_model("vit_test_patch8_32", checkpoint_path=tmp_path / "out").grid == 6  # 48 px, as recorded
+
+
+@pytest.mark.parametrize("header", [(2**62).to_bytes(8, "little"), b"\x05\0\0\0\0\0\0\0[1,2]", b"\x02\0"])
+def test_the_weights_digest_of_a_damaged_file_is_none_without_reading_what_its_header_claims(tmp_path, header):
+    (tmp_path / "w.safetensors").write_bytes(header)
+    assert weights_digest(tmp_path / "w.safetensors") is None

@@ -189,6 +189,8 @@ def weights_digest(path: Path) -> str | None:
     try:
         with open(path, "rb") as file:
             (length,) = struct.unpack("<Q", file.read(8))
+            if length > os.fstat(file.fileno()).st_size - 8:  # a damaged or hostile length: read() would allocate it
+                return None
             entries = json.loads(file.read(length))
             for name in sorted(key for key in entries if key != "__metadata__"):
                 entry = entries[name]
