@@ -24,16 +24,7 @@ from ..models.masking import rounded_mask_ratio
 from .checkpoint import Checkpoint, bare_model, save_checkpoint
 from .knn import knn_accuracy_on_shards, require_labeled_shards, topk_text
 from .launch import build_accelerator, configure_deepspeed, splits_weights
-from .loop import (
-    Preemption,
-    TrainingRun,
-    Window,
-    accumulate_step,
-    raise_if_nonfinite,
-    seed_step,
-    timed,
-    write_run_config,
-)
+from .loop import Preemption, TrainingRun, Window, accumulate_step, raise_if_nonfinite, seed_step, timed
 from .metrics import main_process_lines, step_progress
 from .optim import build_adamw
 from .recon import write_reconstructions
@@ -109,7 +100,7 @@ class Trainer(TrainingRun):
             self._describe_run()
             if checkpoint is not None:
                 self._resume(checkpoint)
-            write_run_config(cfg, self.out, self.is_main, left_to_train=self.step < self.plan.stop_step)
+            self.write_config()
 
     def _describe_run(self) -> None:
         if self.is_main:

@@ -246,7 +246,7 @@ class FinetuneRun(TrainingRun):
         self._describe_run(trainable)
         if checkpoint is not None:
             self._resume(checkpoint)
-        write_run_config(cfg, self.out, self.is_main, left_to_train=self.step < self.plan.stop_step)
+        self.write_config()
 
     def _build_ema(self) -> ModelEmaV3 | None:
         if not self.cfg.optim.ema_decay:

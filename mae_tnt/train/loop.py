@@ -269,6 +269,10 @@ class TrainingRun:
             output_dir=self.out, window=self.window, log=self.log)
         self.resumed_rows = checkpoint.state.get(METRICS_ROWS_KEY)
 
+    def write_config(self) -> None:
+        """The run's config.yaml, once the checkpoint to resume from is accepted (`write_run_config`)."""
+        write_run_config(self.cfg, self.out, self.is_main, left_to_train=self.step < self.plan.stop_step)
+
     def open_metrics(self) -> MetricsLogger:
         """The run's metrics writer (a `with` block), holding the rows of the checkpoint it continues from."""
         return MetricsLogger(self.out, self.is_main, to_dict(self.cfg), resume_step=self.step,
