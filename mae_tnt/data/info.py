@@ -31,6 +31,7 @@ from ..atomic import write_json_atomic
 INFO_NAME = "_info.json"
 JOURNAL_PREFIX = "_progress_"
 TAR_BLOCK = 512
+MAX_GZIP_RATIO = 1032  # the most deflate can shrink data (runs of one byte)
 
 
 class InfoError(ValueError):
@@ -108,9 +109,6 @@ def _more_samples_than_fit(entry: dict) -> str | None:
         if count * TAR_BLOCK > size * (MAX_GZIP_RATIO if name.endswith((".gz", ".tgz")) else 1):
             return f"shard {name} is said to hold {count} samples in {size} bytes, more than a tar of that size can"
     return None
-
-
-MAX_GZIP_RATIO = 1032
 
 
 def _inside_directory(name: str) -> bool:

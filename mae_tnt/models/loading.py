@@ -227,9 +227,7 @@ def _checkpoint_record(path: Path) -> dict | None:
         raise corrupt_description(state_path, path)
     if state is None or not isinstance(state.get("config"), dict):
         return None
-    model_config = state["config"].get("model") or {}
-    if not isinstance(model_config, dict):
-        raise CheckpointError(f"{state_path} is corrupt (its config's model section is no mapping): restore it")
+    model_config = _model_section(state, state_path)
     record = {"model": state.get("model"), "num_classes": state.get("num_classes"),
               "img_size": model_config.get("img_size"), "global_pool": model_config.get("global_pool")}
     if str(record["model"]).startswith("mae_"):
@@ -319,13 +317,19 @@ def pretraining_build_kwargs(state: dict, source: str) -> dict:
     `source`): every `model.*` setting of the run, checked as a recipe's are."""
     from ..config import ConfigError, ModelConfig, config_section  # the recipe's own mapping to build arguments
 
+    settings = {"name": state["model"], **_model_section(state, source)}
+    try:
+        return config_section(ModelConfig, settings, "model.", source).build_kwargs()
+    except ConfigError as err:  # a checkpoint's description, not the user's recipe
+        raise CheckpointError(f"{err}; the checkpoint's description is corrupt: restore it") from None
+
+
+def _model_section(state: dict, source: str | Path) -> dict:
+    """The `model` section of a checkpoint's `state.json` (read from `source`) config ({} for none)."""
     model = state["config"].get("model") or {}
     if not isinstance(model, dict):
         raise CheckpointError(f"{source} is corrupt (its config's model section is no mapping): restore it")
-    try:
-        return config_section(ModelConfig, {"name": state["model"], **model}, "model.", source).build_kwargs()
-    except ConfigError as err:  # a checkpoint's description, not the user's recipe
-        raise CheckpointError(f"{err}; the checkpoint's description is corrupt: restore it") from None
+    return model
 
 
 def refuse_resampled(report: LoadReport, source: str, built: str, size_setting: str, *,
@@ -373,11 +377,10 @@ def read_state_dict(path: str | Path, pickle_advice: str = CONVERT_ADVICE) -> di
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         try:
-            tensors = load_file(str(path))
+            return without_wrapper_prefixes(load_file(str(path)))
         except Exception as err:  # noqa: BLE001 - any decoding failure means an unusable file
             raise CheckpointError(f"cannot read {path}: not a complete safetensors file ({err}); "
                                   f"{_repair_advice(path)}") from err
-        return without_wrapper_prefixes(tensors)
     try:
         with warnings.catch_warnings():  # torch asks to report pickle protocols it reads fine; users cannot act on it
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -88,8 +88,8 @@ def create_model(name: str, checkpoint_path: str | Path | None = None, **kwargs)
     model = _build(name, kwargs)
     report = load_weights(model, weights)
     if "img_size" not in given:  # a recorded size that differs from the weights' is a corrupt record, not a request
-        built = f"{name} at the {kwargs['img_size']} px its description records" if "img_size" in kwargs else \
-            f"{name}'s default"
+        recorded_size = kwargs.get("img_size")
+        built = f"{name} at the {recorded_size} px its description records" if recorded_size else f"{name}'s default"
         refuse_resampled(report, str(checkpoint_path), built, "img_size=")
     return model
 
